@@ -1,0 +1,203 @@
+//! Tokenizers: a fast deterministic built-in one, and HuggingFace `tokenizer.json` files.
+//!
+//! The built-in tokenizer splits text into pieces and maps each piece to an id by hashing it, so
+//! ids are stable across processes, versions and machines with no vocabulary file:
+//! - a run of alphanumeric characters, together with one ASCII space directly before it, is one
+//!   piece (like GPT-2's `Ġword`), cut every [`MAX_PIECE_CHARS`] characters;
+//! - every other character (punctuation, newline, a space not followed by a word) is one piece.
+//!
+//! Pieces never span a boundary that depends on text further right, except a word that is still
+//! being typed, so equal text prefixes give equal token prefixes, and concatenating texts that
+//! each start with a space-led word concatenates their token sequences: the property the
+//! benchmark relies on to turn shared trace blocks into shared token prefixes.
+//! id = `FIRST_PIECE_ID + piece_hash(piece) mod (VOCAB_SIZE - FIRST_PIECE_ID)`.
+
+use thiserror::Error;
+
+/// Ids below this are reserved (special tokens of real vocabularies live there).
+pub const FIRST_PIECE_ID: u32 = 1_000;
+/// Size of the built-in id space; the size of Llama 3's vocabulary, so ids look realistic.
+pub const VOCAB_SIZE: u32 = 128_256;
+/// Longest piece, in characters: long alphanumeric runs (hashes, base64) become several tokens,
+/// as they do in BPE vocabularies.
+pub const MAX_PIECE_CHARS: usize = 16;
+
+/// Errors loading a tokenizer.
+#[derive(Debug, Error)]
+pub enum TokenizerError {
+    /// The HuggingFace `tokenizer.json` could not be parsed.
+    #[error("invalid tokenizer.json: {message}")]
+    InvalidHfTokenizer {
+        /// What the `tokenizers` crate reported.
+        message: String,
+    },
+    /// The HuggingFace tokenizer failed on an input.
+    #[error("tokenizer failed: {message}")]
+    EncodeFailed {
+        /// What the `tokenizers` crate reported.
+        message: String,
+    },
+}
+
+/// The deterministic built-in tokenizer described in the module docs.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BuiltinTokenizer;
+
+fn piece_id(piece: &str) -> u32 {
+    let h = piece_hash(piece.as_bytes());
+    FIRST_PIECE_ID + (h % u64::from(VOCAB_SIZE - FIRST_PIECE_ID)) as u32
+}
+
+/// A small FNV-1a–style 64-bit mix. Hand-written rather than pulling a hash crate into every
+/// user of this crate: ids must never change, so the function is pinned here with test vectors.
+fn piece_hash(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    // Final avalanche (splitmix64) so nearby pieces spread over the id space.
+    h ^= h >> 30;
+    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h ^= h >> 27;
+    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
+}
+
+impl BuiltinTokenizer {
+    /// Splits `text` into pieces (see module docs) and calls `f` on each.
+    pub fn for_each_piece<'t>(text: &'t str, mut f: impl FnMut(&'t str)) {
+        let mut it = text.char_indices().peekable();
+        while let Some((start, c)) = it.next() {
+            let word_follows = |it: &mut std::iter::Peekable<std::str::CharIndices<'_>>| {
+                it.peek().is_some_and(|&(_, n)| n.is_alphanumeric())
+            };
+            if c.is_alphanumeric() || (c == ' ' && word_follows(&mut it)) {
+                let mut chars = 1;
+                let mut end = start + c.len_utf8();
+                while let Some(&(i, n)) = it.peek() {
+                    if !n.is_alphanumeric() || chars == MAX_PIECE_CHARS {
+                        break;
+                    }
+                    chars += 1;
+                    end = i + n.len_utf8();
+                    it.next();
+                }
+                f(&text[start..end]);
+            } else {
+                f(&text[start..start + c.len_utf8()]);
+            }
+        }
+    }
+
+    /// Token ids of `text`.
+    pub fn encode(&self, text: &str) -> Vec<u32> {
+        let mut out = Vec::with_capacity(text.len() / 4 + 1);
+        Self::for_each_piece(text, |p| out.push(piece_id(p)));
+        out
+    }
+
+    /// Number of tokens in `text`, without allocating.
+    pub fn count(&self, text: &str) -> usize {
+        let mut n = 0;
+        Self::for_each_piece(text, |_| n += 1);
+        n
+    }
+}
+
+/// A HuggingFace tokenizer loaded from the bytes of a `tokenizer.json`.
+pub struct HfTokenizer {
+    inner: tokenizers::Tokenizer,
+}
+
+impl std::fmt::Debug for HfTokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HfTokenizer").finish_non_exhaustive()
+    }
+}
+
+impl HfTokenizer {
+    /// Parses a `tokenizer.json` (the caller reads the file: this crate does no I/O).
+    pub fn from_bytes(json: &[u8]) -> Result<Self, TokenizerError> {
+        tokenizers::Tokenizer::from_bytes(json)
+            .map(|inner| Self { inner })
+            .map_err(|e| TokenizerError::InvalidHfTokenizer {
+                message: e.to_string(),
+            })
+    }
+
+    /// Token ids of `text`, with the tokenizer's special tokens (BOS) added as vLLM does.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
+        self.inner
+            .encode(text, true)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| TokenizerError::EncodeFailed {
+                message: e.to_string(),
+            })
+    }
+}
+
+/// Either tokenizer, chosen by configuration.
+#[derive(Debug)]
+pub enum Tokenizer {
+    /// The built-in deterministic tokenizer.
+    Builtin(BuiltinTokenizer),
+    /// A HuggingFace tokenizer.
+    Hf(Box<HfTokenizer>),
+}
+
+impl Default for Tokenizer {
+    fn default() -> Self {
+        Tokenizer::Builtin(BuiltinTokenizer)
+    }
+}
+
+impl Tokenizer {
+    /// Token ids of `text`.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
+        match self {
+            Tokenizer::Builtin(t) => Ok(t.encode(text)),
+            Tokenizer::Hf(t) => t.encode(text),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn pieces_follow_the_documented_rules() {
+        let mut pieces = vec![];
+        BuiltinTokenizer::for_each_piece("Hello, world!\n  two", |p| pieces.push(p));
+        assert_eq!(pieces, ["Hello", ",", " world", "!", "\n", " ", " two"]);
+        let mut long = vec![];
+        BuiltinTokenizer::for_each_piece(&"a".repeat(40), |p| long.push(p.len()));
+        assert_eq!(long, [16, 16, 8]);
+    }
+
+    #[test]
+    fn ids_are_pinned() {
+        // Changing these breaks every stored trace and cache key: the ids are part of the format.
+        let t = BuiltinTokenizer;
+        assert_eq!(t.encode("Hello world"), t.encode("Hello world"));
+        assert_eq!(t.encode("Hello world"), [120602, 113574]);
+    }
+
+    proptest! {
+        #[test]
+        fn space_led_texts_concatenate(a in "( [a-z0-9]{1,20}){1,20}", b in "( [a-z0-9]{1,20}){1,20}") {
+            let t = BuiltinTokenizer;
+            let joined = t.encode(&format!("{a}{b}"));
+            prop_assert_eq!(joined, [t.encode(&a), t.encode(&b)].concat());
+        }
+
+        #[test]
+        fn count_matches_encode(s in "\\PC{0,200}") {
+            let t = BuiltinTokenizer;
+            prop_assert_eq!(t.count(&s), t.encode(&s).len());
+            prop_assert!(t.encode(&s).iter().all(|&id| (FIRST_PIECE_ID..VOCAB_SIZE).contains(&id)));
+        }
+    }
+}
