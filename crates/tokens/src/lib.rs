@@ -13,4 +13,4 @@ mod tokenizer;
 
 pub use chat::{ChatMessage, render_chat};
 pub use hash::{BlockHash, BlockHasher, ExtraKeys, hash_block, none_hash};
-pub use tokenizer::{BuiltinTokenizer, HfTokenizer, Tokenizer, TokenizerError};
+pub use tokenizer::{BuiltinTokenizer, HfTokenizer, Tokenizer, TokenizerError, piece_id};

@@ -43,7 +43,9 @@ pub enum TokenizerError {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct BuiltinTokenizer;
 
-fn piece_id(piece: &str) -> u32 {
+/// The id the built-in tokenizer gives `piece` when `piece` is a single piece (see module docs).
+/// Lets generators produce token ids for text they build word by word without re-splitting it.
+pub fn piece_id(piece: &str) -> u32 {
     let h = piece_hash(piece.as_bytes());
     FIRST_PIECE_ID + (h % u64::from(VOCAB_SIZE - FIRST_PIECE_ID)) as u32
 }
