@@ -1,1 +1,178 @@
-//! placeholder
+//! A deterministic model of one vLLM-V1-like inference engine (paged KV cache with prefix
+//! caching, continuous batching with chunked prefill, preemption by recompute, a linear step-time
+//! model), used by the simulator server (real clock) and the benchmark (virtual clock).
+//!
+//! It is a pure state machine: no I/O, no async, no wall clock and no unseeded randomness. Time
+//! comes in as `now_us` and leaves as timestamps on outputs, so a discrete-event benchmark that
+//! replays the same trace gets bit-identical results, and the same model can sit behind a real
+//! HTTP server. The rules follow vLLM V1's `Scheduler` and `KVCacheManager`/`BlockPool` closely,
+//! because a router tuned against an engine that behaves differently would be tuned to the wrong
+//! thing. Design decisions, and where they differ from vLLM:
+//!
+//! - **Blocks are hashed into the prefix index when they are scheduled, events are published at
+//!   the end of the step.** vLLM registers a request's full blocks inside `allocate_slots` (before
+//!   the forward pass) so a request admitted later in the same step already hits them, and
+//!   publishes the step's KV events after the step's outputs are processed. We do both the same
+//!   way; outputs and events of a step carry its end time.
+//! - **Preemption takes the tail of the running list** (the most recently admitted request), as
+//!   vLLM's FCFS policy does: it has the least work invested, so recomputing it wastes the least,
+//!   and the oldest requests keep making progress, which bounds starvation. A preempted request
+//!   frees its blocks (full ones stay cached, so its recompute is often a cache hit), restarts
+//!   from zero and goes to the front of the waiting queue. In a step with a preemption no waiting
+//!   request is admitted (vLLM's rule: the memory was just shown to be short).
+//! - **Cached-but-unreferenced blocks count as free** in `kv_usage`, as in vLLM's
+//!   `kv_cache_usage_perc`: they are reclaimable at once by eviction, so counting them as used
+//!   would report a full cache on any engine that has run long enough and hide real pressure.
+//! - **Freed blocks join the LRU queue tail-first** (a request's blocks are freed in reverse), so
+//!   a prompt's unique suffix is evicted before the shared prefix it hangs from.
+//! - **At least one prompt token is always computed**: the cache-hit length is capped at
+//!   `num_tokens - 1` (vLLM needs the last position's logits to sample).
+//! - **One indexed block per hash key.** When two requests compute the same block (possible only
+//!   when neither could hit the other), vLLM indexes both and later emits a `BlockRemoved` per
+//!   copy; we index the first and leave the second unhashed, so the event stream stays a
+//!   consistent set for the router's index. Both still appear in `BlockStored` (idempotent).
+//! - **Evictions of one allocation are batched** into one `BlockRemoved` (vLLM emits one per
+//!   block; the wire format carries a list either way and routers treat them the same).
+//! - **`cached_tokens` in usage is the prefix hit at the first admission** (vLLM sets
+//!   `num_cached_tokens` once); prefix-cache query/hit counters are counted at every admission
+//!   that succeeds, including re-admissions after preemption.
+//! - **`reset_prefix_cache` always clears the whole index** (vLLM refuses while blocks are in
+//!   use); dropping the hashes of in-use blocks too keeps the `AllBlocksCleared` event truthful.
+//! - **A step starts when the previous one ends, or when a request arrives at an idle engine**;
+//!   a request arriving mid-step waits for the next step, like vLLM's busy loop.
+//!
+//! Time is only ever a parameter: nothing here calls `Instant::now` or `SystemTime::now` (a unit
+//! test greps the sources to keep it so).
+#![deny(missing_docs)]
+
+mod config;
+mod engine;
+mod error;
+mod kv;
+mod stats;
+
+pub use config::{
+    A100_NUM_GPU_BLOCKS, DEFAULT_BLOCK_SIZE, DEFAULT_MAX_MODEL_LEN, DEFAULT_MAX_NUM_BATCHED_TOKENS,
+    DEFAULT_MAX_NUM_SEQS, DEFAULT_OUTPUT_VOCAB_LEN, EngineConfig, H100_NUM_GPU_BLOCKS, StepModel,
+    default_output_vocab, default_output_words,
+};
+pub use engine::Engine;
+pub use error::EngineError;
+pub use stats::{E2E_BUCKETS_S, EngineStats, Histogram, ITL_BUCKETS_S, TTFT_BUCKETS_S};
+
+/// Caller-chosen request id, unique among live requests of one engine.
+pub type RequestId = u64;
+
+/// One generation request as the engine sees it (already tokenized).
+#[derive(Clone, Debug)]
+pub struct EngineRequest {
+    /// Unique among this engine's live requests.
+    pub id: RequestId,
+    /// Prompt token ids (non-empty).
+    pub prompt_tokens: Vec<u32>,
+    /// Generate exactly this many tokens, then finish with `Length`.
+    pub max_tokens: u32,
+    /// LoRA adapter; hashed into every block.
+    pub lora_name: Option<String>,
+    /// Cache-isolation salt; hashed into the first block.
+    pub cache_salt: Option<String>,
+    /// Optional full-block hashes of prompt_tokens computed by the caller with the same seed,
+    /// block size and extra keys (BlockHasher). When Some, the engine uses them instead of hashing
+    /// again (the benchmark hashes once for router and engine).
+    pub block_hashes: Option<std::sync::Arc<[kvgate_tokens::BlockHash]>>,
+}
+
+/// Why a request finished.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    /// Generated `max_tokens` tokens.
+    Length,
+    /// Aborted by the caller.
+    Abort,
+}
+
+/// Token accounting of a finished request (the OpenAI `usage` object).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Prompt length.
+    pub prompt_tokens: u32,
+    /// Tokens generated.
+    pub completion_tokens: u32,
+    /// Prompt tokens served from the prefix cache at first admission.
+    pub cached_tokens: u32,
+}
+
+/// Something the engine produced, stamped with the simulated time it happened.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Output {
+    /// A generated token; index 0 is the first token (emitted at the end of the step that
+    /// completes the prefill).
+    Token {
+        /// Request.
+        id: RequestId,
+        /// End of the step that produced it, microseconds.
+        at_us: u64,
+        /// Token id (from `output_vocab`).
+        token: u32,
+        /// Position among the request's output tokens.
+        index: u32,
+    },
+    /// The request is done; no more outputs follow for it.
+    Finished {
+        /// Request.
+        id: RequestId,
+        /// When, microseconds.
+        at_us: u64,
+        /// Why.
+        reason: FinishReason,
+        /// Token accounting.
+        usage: Usage,
+    },
+}
+
+/// A KV-cache event as vLLM publishes it (the `medium` is always GPU here).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KvEvent {
+    /// Blocks were added to the prefix cache; `block_hashes` is a chain.
+    BlockStored {
+        /// Keys (low 64 bits) of the stored blocks, in chain order.
+        block_hashes: Vec<u64>,
+        /// Key of the block before the first stored one; None at the start of a prompt.
+        parent_block_hash: Option<u64>,
+        /// The stored blocks' tokens, concatenated.
+        token_ids: Vec<u32>,
+        /// Tokens per block.
+        block_size: u32,
+        /// LoRA adapter of the request.
+        lora_name: Option<String>,
+    },
+    /// Blocks were evicted from the prefix cache.
+    BlockRemoved {
+        /// Keys of the evicted blocks.
+        block_hashes: Vec<u64>,
+    },
+    /// The whole prefix cache was dropped.
+    AllBlocksCleared,
+}
+
+#[cfg(test)]
+mod purity {
+    /// Time must come in as a parameter; a wall-clock read anywhere in the crate would make the
+    /// discrete-event benchmark nondeterministic.
+    #[test]
+    fn sources_never_read_the_wall_clock() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let banned = [
+            concat!("Instant", "::now"),
+            concat!("SystemTime", "::now"),
+            concat!("thread_", "rng"),
+        ];
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let text = std::fs::read_to_string(&path).unwrap();
+            for b in banned {
+                assert!(!text.contains(b), "{} uses {b}", path.display());
+            }
+        }
+    }
+}

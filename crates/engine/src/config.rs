@@ -1,0 +1,229 @@
+//! Engine configuration, the step-time model and the default output vocabulary.
+
+use std::sync::OnceLock;
+
+use kvgate_tokens::BuiltinTokenizer;
+
+use crate::EngineError;
+
+/// Linear step-time model: `step_us = beta0 + beta1 * prefill_tokens + beta2 * decode_tokens`.
+///
+/// The shape and the published coefficients come from inference-sim ("BLIS"), fitted on vLLM
+/// 0.8.x serving Llama-3.1-8B at TP1. A step is one forward pass over the whole batch, so its
+/// cost is a fixed launch/sampling overhead plus a per-token term for each kind of token.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepModel {
+    /// Fixed cost of one engine step, microseconds.
+    pub beta0_us: f64,
+    /// Marginal cost of one prefill token in a step, microseconds.
+    pub beta1_us_per_prefill_token: f64,
+    /// Marginal cost of one decode token (one running sequence) in a step, microseconds.
+    pub beta2_us_per_decode_token: f64,
+}
+
+impl StepModel {
+    /// Llama-3.1-8B, TP1, H100 (BLIS defaults).
+    pub const H100_LLAMA31_8B: StepModel = StepModel {
+        beta0_us: 5752.7,
+        beta1_us_per_prefill_token: 17.25,
+        beta2_us_per_decode_token: 6.00,
+    };
+    /// Llama-3.1-8B, TP1, A100-80GB (BLIS defaults).
+    pub const A100_LLAMA31_8B: StepModel = StepModel {
+        beta0_us: 16441.5,
+        beta1_us_per_prefill_token: 47.84,
+        beta2_us_per_decode_token: 18.21,
+    };
+
+    /// Duration of a step with these token counts, rounded to whole microseconds and never below
+    /// one microsecond (a zero-length step would let the simulated clock stall).
+    pub fn step_us(&self, prefill_tokens: u64, decode_tokens: u64) -> u64 {
+        let us = self.beta0_us
+            + self.beta1_us_per_prefill_token * prefill_tokens as f64
+            + self.beta2_us_per_decode_token * decode_tokens as f64;
+        // `as` saturates for out-of-range floats; validate() keeps coefficients finite.
+        (us.round() as u64).max(1)
+    }
+}
+
+/// Configuration of one simulated engine (the vLLM flags of the same names).
+#[derive(Clone, Debug, PartialEq)]
+pub struct EngineConfig {
+    /// Tokens per KV block (vLLM `--block-size`, default 16).
+    pub block_size: usize,
+    /// KV blocks in GPU memory, including the one null block vLLM reserves.
+    pub num_gpu_blocks: usize,
+    /// Most sequences in a batch (vLLM `--max-num-seqs`).
+    pub max_num_seqs: usize,
+    /// Token budget of one step (vLLM `--max-num-batched-tokens`).
+    pub max_num_batched_tokens: usize,
+    /// Longest prompt + output accepted (vLLM `--max-model-len`).
+    pub max_model_len: usize,
+    /// Step-time model.
+    pub step: StepModel,
+    /// Seed of the block-hash chain (PYTHONHASHSEED equivalent).
+    pub hash_seed: String,
+    /// Automatic prefix caching on/off.
+    pub enable_prefix_caching: bool,
+    /// Token ids generated outputs are drawn from, deterministically per request id and index.
+    pub output_vocab: Vec<u32>,
+    /// Seed mixed into the output-token choice.
+    pub output_seed: u64,
+}
+
+/// vLLM's default `--block-size` on CUDA.
+pub const DEFAULT_BLOCK_SIZE: usize = 16;
+/// KV blocks vLLM 0.8.x allocates for Llama-3.1-8B on an 80 GB H100 at the default
+/// `gpu_memory_utilization` 0.9 (BLIS / inference-sim profile): 29,205 × 16 tokens × 128 KiB/token
+/// ≈ 57 GiB.
+pub const H100_NUM_GPU_BLOCKS: usize = 29_205;
+/// KV blocks for the same model on an A100-80GB. The A100-80GB has the same 80 GB of HBM as the
+/// H100-80GB and the model's weights and activation peak are the same, so the KV pool left at
+/// `gpu_memory_utilization` 0.9 is the same size; only the speed (the step model) differs.
+pub const A100_NUM_GPU_BLOCKS: usize = 29_205;
+/// vLLM's default `--max-num-seqs` for online serving on datacenter GPUs.
+pub const DEFAULT_MAX_NUM_SEQS: usize = 256;
+/// vLLM V1's default `--max-num-batched-tokens` for online serving on H100/A100.
+pub const DEFAULT_MAX_NUM_BATCHED_TOKENS: usize = 8192;
+/// Llama-3.1's context length.
+pub const DEFAULT_MAX_MODEL_LEN: usize = 131_072;
+/// Number of words in [`default_output_words`]: enough variety that generated text does not look
+/// like a loop, small enough to build in microseconds.
+pub const DEFAULT_OUTPUT_VOCAB_LEN: usize = 1024;
+
+impl EngineConfig {
+    /// Llama-3.1-8B on one H100-80GB with vLLM defaults.
+    pub fn h100() -> Self {
+        Self {
+            block_size: DEFAULT_BLOCK_SIZE,
+            num_gpu_blocks: H100_NUM_GPU_BLOCKS,
+            max_num_seqs: DEFAULT_MAX_NUM_SEQS,
+            max_num_batched_tokens: DEFAULT_MAX_NUM_BATCHED_TOKENS,
+            max_model_len: DEFAULT_MAX_MODEL_LEN,
+            step: StepModel::H100_LLAMA31_8B,
+            hash_seed: "0".to_owned(),
+            enable_prefix_caching: true,
+            output_vocab: default_output_vocab().to_vec(),
+            output_seed: 0,
+        }
+    }
+
+    /// Llama-3.1-8B on one A100-80GB with vLLM defaults.
+    pub fn a100() -> Self {
+        Self {
+            num_gpu_blocks: A100_NUM_GPU_BLOCKS,
+            step: StepModel::A100_LLAMA31_8B,
+            ..Self::h100()
+        }
+    }
+
+    /// Checks every field; the engine refuses to start on an invalid config.
+    pub fn validate(&self) -> Result<(), EngineError> {
+        let bad = |field: &'static str, reason: &'static str| {
+            Err(EngineError::InvalidConfig { field, reason })
+        };
+        if self.block_size == 0 {
+            return bad("block_size", "must be positive");
+        }
+        if self.block_size > u32::MAX as usize {
+            return bad("block_size", "must fit in 32 bits");
+        }
+        if self.num_gpu_blocks < 2 {
+            return bad(
+                "num_gpu_blocks",
+                "must be at least 2 (one is the reserved null block)",
+            );
+        }
+        if self.num_gpu_blocks >= u32::MAX as usize {
+            return bad("num_gpu_blocks", "must fit in 32 bits");
+        }
+        if self.max_num_seqs == 0 {
+            return bad("max_num_seqs", "must be positive");
+        }
+        if self.max_num_batched_tokens == 0 {
+            return bad("max_num_batched_tokens", "must be positive");
+        }
+        if self.max_model_len < 2 {
+            return bad(
+                "max_model_len",
+                "must be at least 2 (one prompt and one output token)",
+            );
+        }
+        for (field, v) in [
+            ("step.beta0_us", self.step.beta0_us),
+            (
+                "step.beta1_us_per_prefill_token",
+                self.step.beta1_us_per_prefill_token,
+            ),
+            (
+                "step.beta2_us_per_decode_token",
+                self.step.beta2_us_per_decode_token,
+            ),
+        ] {
+            if !v.is_finite() || v < 0.0 {
+                return bad(field, "must be finite and non-negative");
+            }
+        }
+        if self.output_vocab.is_empty() {
+            return bad("output_vocab", "must not be empty");
+        }
+        Ok(())
+    }
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self::h100()
+    }
+}
+
+/// Onsets of the pseudo-words (consonants that read naturally before a vowel).
+const ONSETS: [&str; 16] = [
+    "b", "c", "d", "f", "g", "l", "m", "n", "p", "r", "s", "t", "v", "qu", "st", "tr",
+];
+/// Nuclei of the pseudo-words.
+const VOWELS: [&str; 5] = ["a", "e", "i", "o", "u"];
+
+fn words_and_ids() -> &'static (Vec<String>, Vec<u32>) {
+    static CELL: OnceLock<(Vec<String>, Vec<u32>)> = OnceLock::new();
+    CELL.get_or_init(|| {
+        let tok = BuiltinTokenizer;
+        let syllables: Vec<String> = ONSETS
+            .iter()
+            .flat_map(|o| VOWELS.iter().map(move |v| format!("{o}{v}")))
+            .collect();
+        let mut words = Vec::with_capacity(DEFAULT_OUTPUT_VOCAB_LEN);
+        let mut ids = Vec::with_capacity(DEFAULT_OUTPUT_VOCAB_LEN);
+        let mut seen = std::collections::HashSet::with_capacity(DEFAULT_OUTPUT_VOCAB_LEN * 2);
+        // Two-syllable words (80 × 80 = 6400 candidates) in a fixed order; a word whose id
+        // collides with an earlier word's (the built-in tokenizer hashes pieces) is skipped, so
+        // every word is exactly one token and distinct words are distinct ids.
+        'outer: for a in &syllables {
+            for b in &syllables {
+                let word = format!(" {a}{b}");
+                let enc = tok.encode(&word);
+                if enc.len() == 1 && seen.insert(enc[0]) {
+                    words.push(word);
+                    ids.push(enc[0]);
+                    if words.len() == DEFAULT_OUTPUT_VOCAB_LEN {
+                        break 'outer;
+                    }
+                }
+            }
+        }
+        (words, ids)
+    })
+}
+
+/// The default output words: [`DEFAULT_OUTPUT_VOCAB_LEN`] space-led pseudo-words (" bado",
+/// " lemi", ...), each exactly one [`BuiltinTokenizer`] token with a distinct id. Concatenating
+/// any sequence of them and re-tokenizing gives back the same ids, so a simulator can render
+/// generated ids as text.
+pub fn default_output_words() -> Vec<String> {
+    words_and_ids().0.clone()
+}
+
+/// The token ids of [`default_output_words`], in the same order (the default `output_vocab`).
+pub fn default_output_vocab() -> &'static [u32] {
+    &words_and_ids().1
+}
