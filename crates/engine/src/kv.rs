@@ -113,7 +113,7 @@ impl BlockPool {
 
     /// Fraction of blocks referenced by some request (vLLM's `get_usage`).
     pub(crate) fn usage(&self) -> f64 {
-        1.0 - self.num_free as f64 / self.blocks.len() as f64
+        (self.blocks.len() - self.num_free) as f64 / self.blocks.len() as f64
     }
 
     /// The cached block holding `key`, if any.
