@@ -1,1 +1,171 @@
-//! placeholder
+//! A vLLM-compatible engine simulator: N simulated engines in one process, each serving the
+//! OpenAI API over HTTP, vLLM's `/metrics`, and vLLM's KV-cache events over ZeroMQ, so a router
+//! can be developed, tested and benchmarked against a fleet without GPUs.
+//!
+//! Design decisions:
+//! - **One actor per engine.** Each engine's [`kvgate_engine::Engine`] (a pure, deterministic
+//!   state machine) is owned by one tokio task. HTTP handlers talk to it only through a command
+//!   channel (submit, abort, snapshot), so the engine needs no lock, and per-request output
+//!   channels carry tokens back. The actor sleeps until the engine's next step ends, completes
+//!   due steps one at a time, and publishes each step's KV events as one batch, as vLLM does.
+//! - **Time scale.** Simulated µs = real elapsed µs × `time_scale`: at 10, a 5.75 ms H100
+//!   decode step takes 0.575 ms of wall time. Latencies reported by the engine (`/metrics`
+//!   histograms) are in simulated seconds; what an HTTP client measures is wall time. Tokio's
+//!   timer has millisecond resolution, so at high scales several steps complete per wake-up
+//!   (each still its own KV-event batch).
+//! - **Crash = drop everything.** Killing an engine (or a crash fault) cancels one token that
+//!   the accept loop, every connection task, the actor and the ZMQ publisher all watch: the
+//!   listener closes, in-flight streams are cut mid-body, engine state is lost, ZMQ ports close.
+//!   Connections are served by our own accept loop (hyper-util) rather than `axum::serve`,
+//!   because the latter drains connections gracefully and a crash must not.
+//! - **KV events** are framed as vLLM's `ZmqEventPublisher` frames them ([`kv`] module), with a
+//!   bounded replay ring buffer of [`config::DEFAULT_REPLAY_BUFFER_BATCHES`] batches per engine
+//!   by default (vLLM keeps 10,000; a smaller ring bounds memory when dozens of engines share a
+//!   process).
+//! - **Faults** ([`fault`] module) are deterministic given a seed and request order.
+//! - **Ports.** Engine `i` of `N` serves HTTP on `port + i`, publishes KV events on
+//!   `tcp://127.0.0.1:(zmq_port + i)` and answers replay on `tcp://127.0.0.1:(zmq_port + N + i)`;
+//!   a base port of 0 gives every socket an ephemeral port.
+//! - **Output text.** Generated token ids come from `kvgate_engine::default_output_vocab()`; each
+//!   maps to one word of `default_output_words()`, a single built-in-tokenizer token, so
+//!   re-tokenizing the output text reproduces the ids.
+//!
+//! The YAML file given by `--config` overrides settings per engine:
+//!
+//! ```yaml
+//! engines:            # entry i applies to engine i; missing entries use the flags
+//!   - gpu: a100       # h100 | a100 preset
+//!     betas: [16441.5, 47.84, 18.21]   # step µs = b0 + b1·prefill tokens + b2·decode tokens
+//!     num_gpu_blocks: 4096
+//!     max_num_seqs: 128
+//!     faults: { error_rate: 0.1, error_status: 429, kv_drop_rate: 0.05 }
+//! ```
+#![deny(missing_docs)]
+
+mod actor;
+pub mod config;
+pub mod fault;
+mod fleet;
+mod http;
+pub mod kv;
+mod metrics;
+
+use std::path::PathBuf;
+
+pub use config::{EngineSpec, FleetConfig, GpuPreset, KvEncoding, SimArgs};
+pub use fault::FaultConfig;
+pub use fleet::{EngineInfo, Fleet, start_fleet};
+pub use http::{DEFAULT_CHAT_MAX_TOKENS, DEFAULT_COMPLETION_MAX_TOKENS};
+pub use kvgate_engine::EngineStats;
+
+/// Why the simulator could not start or answer.
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    /// A configuration value is out of range.
+    #[error("invalid simulator config: {field}: {reason}")]
+    InvalidConfig {
+        /// The offending setting.
+        field: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// An engine's model configuration was refused by the engine model.
+    #[error("invalid configuration for engine {index}")]
+    InvalidEngineConfig {
+        /// Engine index.
+        index: usize,
+        /// The engine model's complaint.
+        #[source]
+        source: kvgate_engine::EngineError,
+    },
+    /// A file named by a flag could not be read.
+    #[error("cannot read {path}")]
+    ReadFile {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The YAML config file is malformed.
+    #[error("cannot parse config file {path}")]
+    ParseConfig {
+        /// The file.
+        path: PathBuf,
+        /// The parser's error.
+        #[source]
+        source: serde_norway::Error,
+    },
+    /// The tokenizer file is not a valid HuggingFace tokenizer.
+    #[error("cannot load tokenizer")]
+    Tokenizer(#[from] kvgate_tokens::TokenizerError),
+    /// An HTTP port could not be bound.
+    #[error("cannot bind HTTP listener on {addr}")]
+    Bind {
+        /// The address.
+        addr: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A ZMQ socket could not be bound.
+    #[error("cannot bind ZMQ socket on {endpoint}")]
+    ZmqBind {
+        /// The endpoint.
+        endpoint: String,
+        /// The ZMQ error.
+        #[source]
+        source: zeromq::ZmqError,
+    },
+    /// No engine has this index.
+    #[error("no engine {index} (the fleet has {engines})")]
+    NoSuchEngine {
+        /// The index asked for.
+        index: usize,
+        /// Fleet size.
+        engines: usize,
+    },
+    /// The engine was killed or crashed.
+    #[error("engine {index} is not running")]
+    EngineDown {
+        /// Engine index.
+        index: usize,
+    },
+    /// Waiting for ctrl-c failed.
+    #[error("cannot listen for ctrl-c")]
+    Signal(#[source] std::io::Error),
+}
+
+/// Runs `kvgate sim`: starts the fleet, prints every engine's addresses, serves until ctrl-c.
+pub async fn run(args: SimArgs) -> Result<(), SimError> {
+    let cfg = args.to_fleet_config()?;
+    let fleet = start_fleet(cfg).await?;
+    if args.print_json {
+        let engines: Vec<serde_json::Value> = fleet
+            .engines
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                serde_json::json!({
+                    "index": i,
+                    "http": e.http_addr.to_string(),
+                    "kv_pub": e.kv_pub_endpoint,
+                    "kv_replay": e.kv_replay_endpoint,
+                    "kv_topic": e.kv_topic,
+                    "model": e.model,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::json!({ "engines": engines }));
+    } else {
+        for (i, e) in fleet.engines.iter().enumerate() {
+            println!(
+                "engine {i}: http://{} kv-events {} replay {} topic {}",
+                e.http_addr, e.kv_pub_endpoint, e.kv_replay_endpoint, e.kv_topic
+            );
+        }
+    }
+    tokio::signal::ctrl_c().await.map_err(SimError::Signal)?;
+    fleet.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,208 @@
+//! The engine actor: one task per simulated engine owns its [`Engine`] and drives it in real
+//! time.
+//!
+//! Everything that touches the engine goes through the actor's command channel, so the engine
+//! needs no lock and steps happen in one place. The actor sleeps until the engine's next step
+//! ends (`next_wakeup_us`, converted to wall-clock time through the time scale), completes the
+//! due steps one at a time, routes each step's token outputs to the request's channel, and hands
+//! each step's KV events to the publisher as one batch, as vLLM publishes one batch per step.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use kvgate_engine::{Engine, EngineError, EngineRequest, EngineStats, Output, RequestId};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::kv::Batch;
+
+/// Maps simulated engine time to wall-clock time: simulated µs = real elapsed µs × scale.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct SimClock {
+    start: Instant,
+    scale: f64,
+}
+
+impl SimClock {
+    pub fn new(scale: f64) -> Self {
+        Self {
+            start: Instant::now(),
+            scale,
+        }
+    }
+
+    /// Simulated microseconds since start.
+    pub fn now_us(&self) -> u64 {
+        (self.start.elapsed().as_secs_f64() * 1e6 * self.scale) as u64
+    }
+
+    /// The wall-clock instant at which simulated time reaches `sim_us`.
+    pub fn instant_at(&self, sim_us: u64) -> Instant {
+        self.start + Duration::from_secs_f64(sim_us as f64 / 1e6 / self.scale)
+    }
+}
+
+/// Per-adapter request counts, for `vllm:lora_requests_info`.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct LoraCounts {
+    pub running: BTreeMap<String, u32>,
+    pub waiting: BTreeMap<String, u32>,
+}
+
+/// What `/metrics` and [`crate::Fleet::stats`] read.
+#[derive(Clone, Debug)]
+pub(crate) struct Snapshot {
+    pub stats: EngineStats,
+    pub lora: LoraCounts,
+}
+
+pub(crate) enum Command {
+    Submit {
+        req: EngineRequest,
+        outputs: mpsc::UnboundedSender<Output>,
+        admitted: oneshot::Sender<Result<(), EngineError>>,
+    },
+    Abort {
+        id: RequestId,
+    },
+    Snapshot {
+        reply: oneshot::Sender<Snapshot>,
+    },
+}
+
+struct Live {
+    outputs: mpsc::UnboundedSender<Output>,
+    lora: Option<String>,
+    started: bool,
+}
+
+pub(crate) struct Actor {
+    pub engine: Engine,
+    pub clock: SimClock,
+    pub kv: mpsc::UnboundedSender<Batch>,
+}
+
+fn unix_now_s() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+impl Actor {
+    /// Runs until `stop` fires or every command sender is gone.
+    pub async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Command>, stop: CancellationToken) {
+        let mut live: HashMap<RequestId, Live> = HashMap::new();
+        let mut outs: Vec<Output> = Vec::new();
+        loop {
+            self.step_due(&mut live, &mut outs);
+            let wake = self
+                .engine
+                .next_wakeup_us()
+                .map(|w| tokio::time::Instant::from_std(self.clock.instant_at(w)));
+            tokio::select! {
+                biased;
+                () = stop.cancelled() => return,
+                cmd = rx.recv() => {
+                    let Some(cmd) = cmd else { return };
+                    self.handle(cmd, &mut live);
+                }
+                () = async {
+                    match wake {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                } => {}
+            }
+        }
+    }
+
+    fn handle(&mut self, cmd: Command, live: &mut HashMap<RequestId, Live>) {
+        let now = self.clock.now_us();
+        match cmd {
+            Command::Submit {
+                req,
+                outputs,
+                admitted,
+            } => {
+                let id = req.id;
+                let lora = req.lora_name.clone();
+                let res = self.engine.add_request(now, req);
+                if res.is_ok() {
+                    live.insert(
+                        id,
+                        Live {
+                            outputs,
+                            lora,
+                            started: false,
+                        },
+                    );
+                }
+                let _ = admitted.send(res);
+            }
+            Command::Abort { id } => {
+                self.engine.abort(now, id);
+            }
+            Command::Snapshot { reply } => {
+                let mut lora = LoraCounts::default();
+                for l in live.values() {
+                    if let Some(name) = &l.lora {
+                        let map = if l.started {
+                            &mut lora.running
+                        } else {
+                            &mut lora.waiting
+                        };
+                        *map.entry(name.clone()).or_default() += 1;
+                    }
+                }
+                let _ = reply.send(Snapshot {
+                    stats: self.engine.stats(),
+                    lora,
+                });
+            }
+        }
+        self.flush_kv();
+    }
+
+    /// Completes every step that has ended by now, one step at a time so each step's KV events
+    /// form one batch.
+    fn step_due(&mut self, live: &mut HashMap<RequestId, Live>, outs: &mut Vec<Output>) {
+        let now = self.clock.now_us();
+        while let Some(w) = self.engine.next_wakeup_us().filter(|&w| w <= now) {
+            self.engine.advance(w, outs);
+            self.route(live, outs);
+            self.flush_kv();
+        }
+        // Aborts complete without a step: their Finished output arrives on any advance.
+        self.engine.advance(now, outs);
+        self.route(live, outs);
+        self.flush_kv();
+    }
+
+    fn route(&mut self, live: &mut HashMap<RequestId, Live>, outs: &mut Vec<Output>) {
+        for o in outs.drain(..) {
+            match &o {
+                Output::Token { id, .. } => {
+                    if let Some(l) = live.get_mut(id) {
+                        l.started = true;
+                        let _ = l.outputs.send(o);
+                    }
+                }
+                Output::Finished { id, .. } => {
+                    if let Some(l) = live.remove(id) {
+                        let _ = l.outputs.send(o);
+                    }
+                }
+            }
+        }
+    }
+
+    fn flush_kv(&mut self) {
+        let events = self.engine.take_kv_events();
+        if !events.is_empty() {
+            let _ = self.kv.send(Batch {
+                ts: unix_now_s(),
+                events,
+            });
+        }
+    }
+}

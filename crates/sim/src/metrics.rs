@@ -1,0 +1,210 @@
+//! `/metrics` in Prometheus text format (0.0.4), with vLLM v1's metric names, help strings and
+//! labels (`model_name`, `engine`), written the way Python's `prometheus_client` writes them:
+//! counters are declared with their `_total` name, values are floats (`1.0`), and histograms
+//! expose cumulative `_bucket{le=...}` series ending at `+Inf`, then `_sum` and `_count`.
+
+use std::fmt::Write;
+
+use kvgate_engine::Histogram;
+
+use crate::actor::Snapshot;
+use crate::http::EngineShared;
+
+/// Formats a sample value as `prometheus_client` does: integers keep a `.0`.
+fn num(v: f64) -> String {
+    if v.is_infinite() {
+        return if v > 0.0 { "+Inf" } else { "-Inf" }.to_owned();
+    }
+    if v.fract() == 0.0 && v.abs() < 1e15 {
+        format!("{v:.1}")
+    } else {
+        format!("{v}")
+    }
+}
+
+fn escape(v: &str) -> String {
+    v.replace('\\', r"\\")
+        .replace('"', "\\\"")
+        .replace('\n', r"\n")
+}
+
+struct Writer {
+    out: String,
+    base: String,
+}
+
+impl Writer {
+    fn header(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.out, "# HELP {name} {help}");
+        let _ = writeln!(self.out, "# TYPE {name} {kind}");
+    }
+
+    fn sample(&mut self, name: &str, extra: &[(&str, &str)], v: f64) {
+        let _ = write!(self.out, "{name}{{{}", self.base);
+        for (k, val) in extra {
+            let _ = write!(self.out, ",{k}=\"{}\"", escape(val));
+        }
+        let _ = writeln!(self.out, "}} {}", num(v));
+    }
+
+    fn gauge(&mut self, name: &str, help: &str, v: f64) {
+        self.header(name, "gauge", help);
+        self.sample(name, &[], v);
+    }
+
+    fn counter(&mut self, name: &str, help: &str, v: u64) {
+        self.header(name, "counter", help);
+        self.sample(name, &[], v as f64);
+    }
+
+    fn histogram(&mut self, name: &str, help: &str, h: &Histogram) {
+        self.header(name, "histogram", help);
+        let bucket = format!("{name}_bucket");
+        let cumulative = h.cumulative();
+        for (i, c) in cumulative.iter().enumerate() {
+            let le = h.bounds_s.get(i).map_or("+Inf".to_owned(), |&b| num(b));
+            self.sample(&bucket, &[("le", &le)], *c as f64);
+        }
+        self.sample(&format!("{name}_count"), &[], h.count as f64);
+        self.sample(&format!("{name}_sum"), &[], h.sum_s);
+    }
+}
+
+/// Renders one engine's metrics.
+pub(crate) fn render(s: &EngineShared, snap: &Snapshot) -> String {
+    let st = &snap.stats;
+    let mut w = Writer {
+        out: String::with_capacity(8 * 1024),
+        base: format!("model_name=\"{}\",engine=\"0\"", escape(&s.model)),
+    };
+    w.gauge(
+        "vllm:num_requests_running",
+        "Number of requests in model execution batches.",
+        f64::from(st.running),
+    );
+    w.gauge(
+        "vllm:num_requests_waiting",
+        "Number of requests waiting to be processed.",
+        f64::from(st.waiting),
+    );
+    w.gauge(
+        "vllm:kv_cache_usage_perc",
+        "KV-cache usage. 1 means 100 percent usage.",
+        st.kv_usage,
+    );
+    w.counter(
+        "vllm:prefix_cache_queries_total",
+        "Prefix cache queries, in terms of number of queried tokens.",
+        st.prefix_cache_queries_tokens,
+    );
+    w.counter(
+        "vllm:prefix_cache_hits_total",
+        "Prefix cache hits, in terms of number of cached tokens.",
+        st.prefix_cache_hits_tokens,
+    );
+    w.counter(
+        "vllm:num_preemptions_total",
+        "Cumulative number of preemption from the engine.",
+        st.preemptions_total,
+    );
+    w.counter(
+        "vllm:prompt_tokens_total",
+        "Number of prefill tokens processed.",
+        st.prompt_tokens_total,
+    );
+    w.counter(
+        "vllm:generation_tokens_total",
+        "Number of generation tokens processed.",
+        st.generation_tokens_total,
+    );
+    w.header(
+        "vllm:request_success_total",
+        "counter",
+        "Count of successfully processed requests.",
+    );
+    // The simulated engine has no stop strings, so every completed request ends by length.
+    for (reason, v) in [
+        ("stop", 0),
+        ("length", st.finished_length),
+        ("abort", st.finished_abort),
+    ] {
+        w.sample(
+            "vllm:request_success_total",
+            &[("finished_reason", reason)],
+            v as f64,
+        );
+    }
+    w.histogram(
+        "vllm:time_to_first_token_seconds",
+        "Histogram of time to first token in seconds.",
+        &st.ttft,
+    );
+    w.histogram(
+        "vllm:inter_token_latency_seconds",
+        "Histogram of inter-token latency in seconds.",
+        &st.itl,
+    );
+    w.histogram(
+        "vllm:e2e_request_latency_seconds",
+        "Histogram of e2e request latency in seconds.",
+        &st.e2e,
+    );
+    w.header(
+        "vllm:cache_config_info",
+        "gauge",
+        "Information of the LLMEngine CacheConfig",
+    );
+    let c = &s.config;
+    let caching = if c.enable_prefix_caching {
+        "True"
+    } else {
+        "False"
+    };
+    w.sample(
+        "vllm:cache_config_info",
+        &[
+            ("block_size", &st.block_size.to_string()),
+            ("cache_dtype", "auto"),
+            ("enable_prefix_caching", caching),
+            ("gpu_memory_utilization", "0.9"),
+            ("num_cpu_blocks", "None"),
+            ("num_gpu_blocks", &st.num_gpu_blocks.to_string()),
+            ("prefix_caching_hash_algo", "sha256_cbor"),
+        ],
+        1.0,
+    );
+    if !s.adapters.is_empty() {
+        let join = |m: &std::collections::BTreeMap<String, u32>| {
+            m.keys().cloned().collect::<Vec<_>>().join(",")
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        let name = "vllm:lora_requests_info";
+        w.header(name, "gauge", "Running stats on lora requests.");
+        // vLLM writes this family without model_name/engine labels.
+        let _ = writeln!(
+            w.out,
+            "{name}{{max_lora=\"{}\",running_lora_adapters=\"{}\",waiting_lora_adapters=\"{}\"}} {}",
+            s.adapters.len(),
+            escape(&join(&snap.lora.running)),
+            escape(&join(&snap.lora.waiting)),
+            num(now)
+        );
+    }
+    w.out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::num;
+
+    #[test]
+    fn numbers_look_like_prometheus_client() {
+        assert_eq!(num(1.0), "1.0");
+        assert_eq!(num(0.001), "0.001");
+        assert_eq!(num(2560.0), "2560.0");
+        assert_eq!(num(f64::INFINITY), "+Inf");
+        assert_eq!(num(0.25), "0.25");
+    }
+}
