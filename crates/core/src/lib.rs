@@ -6,7 +6,38 @@
 //! lets the HTTP gateway, the Envoy endpoint picker and the discrete-event benchmark run the very
 //! same policy code. Wire formats never reach this crate: adapters in `kvgate-signals` and the
 //! data planes translate them into the types of [`observe`] and [`endpoint`].
+//!
+//! Map of the crate, each module documenting its design decisions:
+//! * [`router`]: the [`Router`] object and the host rules every policy shares (eligibility,
+//!   last resorts, shedding, address-ordered candidates, booking).
+//! * [`index`]: the prefix index (precise from KV events, approximate from decisions; layout,
+//!   eviction, trust).
+//! * [`estimate`]: dead-reckoned load per endpoint and its reconciliation with scraped samples;
+//!   online calibration.
+//! * [`cost`]: the kvgate TTFT model and the KV cliff.
+//! * [`plugins`]: filter/scorer/picker roles, the baselines (and what each follows), and the
+//!   anti-herding softmax picker.
+//! * [`config`]: presets, tuning constants (each default explained) and YAML formats.
 #![deny(missing_docs)]
 
+pub mod config;
+pub mod cost;
 pub mod endpoint;
+pub mod error;
+pub mod estimate;
+pub mod index;
 pub mod observe;
+pub mod plugins;
+pub mod request;
+pub mod router;
+
+pub use config::{FilterKind, PickerKind, ProfileConfig, RouterConfig, ScorerKind, Tuning};
+pub use endpoint::{EndpointId, EndpointSpec, EndpointState, EngineKind, Role, Tier};
+pub use error::{CoreError, RouteError};
+pub use estimate::LoadEstimate;
+pub use observe::{KvEvent, KvEventBatch, MetricsSample};
+pub use request::{
+    Decision, DecisionReason, FailureKind, OracleView, Outcome, Phase, PromptKeys, RoutingRequest,
+    TrueLoad,
+};
+pub use router::{EndpointView, Router, SeqCheck};

@@ -1,0 +1,866 @@
+//! Router configuration: the scheduling pipeline (filters → scorers → picker, per profile) and
+//! the tuning constants, built from a policy name or a YAML document.
+//!
+//! Two YAML shapes are accepted:
+//! * kvgate's own: `policy: <preset name>` plus optional `tuning: {field: value}` overrides.
+//! * The Gateway API Inference Extension `EndpointPickerConfig` (`apiVersion`, `kind`,
+//!   `plugins: [{type, name?, parameters?}]`, `schedulingProfiles: [{name, plugins: [{pluginRef,
+//!   weight?}]}]`), as-is, with an optional kvgate `tuning` block. Plugin types known to the
+//!   reference picker (`queue-scorer`, `kv-cache-utilization-scorer`, `prefix-cache-scorer`,
+//!   `lora-affinity-scorer`, `max-score-picker`, `random-picker`, `weighted-random-picker`,
+//!   `single-profile-handler`, llm-d's `prefill-filter`/`decode-filter`) and kvgate's own
+//!   (`kvgate-cost-scorer`, `softmax-picker`, `dynamo-cost-scorer`, `dynamo-picker`,
+//!   `oracle-scorer`, `round-robin-picker`, `power-of-two-picker`, `least-request-picker`,
+//!   `sglang-cache-aware-picker`, `role-filter`, `lora-affinity-filter`, `draining-filter`,
+//!   `subset-filter`) are accepted; any other type is a typed error naming it.
+//!
+//! Parsing goes raw (serde) → validated ([`RouterConfig::validate`]) → typed plugin kinds, so a
+//! router is never built from a config it would misinterpret.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::cost::HardwarePrior;
+use crate::error::CoreError;
+
+/// Policy names accepted by [`RouterConfig::for_policy`].
+pub const POLICY_NAMES: &str = "kvgate, gie-default, sglang-cache-aware, dynamo, round-robin, random, least-request, power-of-two, oracle";
+
+/// Filters: keep or drop candidates.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FilterKind {
+    /// Keep endpoints whose role serves the request's phase.
+    Role,
+    /// Prefer endpoints with the request's adapter loaded, then ones with room to load it.
+    LoraAffinity,
+    /// Keep draining endpoints only if nothing else is left.
+    Draining,
+    /// Keep only the request's subset, if it has one.
+    Subset,
+}
+
+/// Scorers: one finite number per candidate, higher is better.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ScorerKind {
+    /// GIE queue-scorer: `(max − q) / (max − min)` over scraped waiting queues, 1 if all equal.
+    Queue,
+    /// GIE kv-cache-utilization-scorer: `1 − scraped KV usage`.
+    KvCacheUtilization,
+    /// GIE prefix-cache-scorer: matched blocks / prompt blocks, on the router's approximate
+    /// index (its own decisions), at most `max_prefix_blocks` blocks considered.
+    PrefixCache {
+        /// GIE `maxPrefixBlocksToMatch` (256).
+        max_prefix_blocks: u32,
+    },
+    /// GIE lora-affinity-scorer: 1 if the adapter is active, 0.8 if there is room to load it,
+    /// 0.6 if it is already waiting to load, else 0.
+    LoraAffinity,
+    /// kvgate: `−predicted TTFT` in milliseconds (see [`crate::cost`]).
+    KvgateCost,
+    /// Dynamo KV router: `−(overlap_weight · prefill blocks + decode blocks)`.
+    DynamoCost {
+        /// `--kv-overlap-score-weight` (1.0).
+        overlap_weight: f64,
+    },
+    /// Oracle: `−predicted TTFT` from the simulator's true state.
+    Oracle,
+}
+
+/// Pickers: choose one candidate.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PickerKind {
+    /// Highest total score; ties broken uniformly at random (GIE max-score-picker).
+    MaxScore,
+    /// Uniformly random (GIE random-picker).
+    Random,
+    /// Probability proportional to total score (GIE weighted-random-picker).
+    WeightedRandom,
+    /// kvgate: softmax over relative score gaps, temperature widening with signal age, plus
+    /// the hot-prefix spill rule.
+    Softmax,
+    /// Dynamo: temperature 0 → lowest cost (random ties); > 0 → softmax over normalised costs.
+    Dynamo {
+        /// `--router-temperature` (0.0).
+        temperature: f64,
+    },
+    /// Rotate through candidates in address order.
+    RoundRobin,
+    /// Two distinct random candidates, the less loaded wins.
+    PowerOfTwo,
+    /// Fewest requests in flight (own count + scraped).
+    LeastRequest,
+    /// SGLang cache_aware.
+    SglangCacheAware {
+        /// Minimum match ratio to follow the cache (0.3 here; see module docs of plugins).
+        cache_threshold: f64,
+        /// Absolute load gap that, with the relative one, declares imbalance (64).
+        balance_abs_threshold: u32,
+        /// Relative load ratio that, with the absolute one, declares imbalance (1.5).
+        balance_rel_threshold: f64,
+    },
+}
+
+/// One scheduling profile.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ProfileConfig {
+    /// Name; `prefill` / `decode` profiles serve those phases, the first profile the rest.
+    pub name: String,
+    /// Filters in order.
+    pub filters: Vec<FilterKind>,
+    /// Scorers with weights.
+    pub scorers: Vec<(ScorerKind, f64)>,
+    /// The picker.
+    pub picker: PickerKind,
+}
+
+/// Tuning constants. Every default is explained on its field.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Tuning {
+    /// KV use after admission above which the cost model penalises an endpoint. 0.9: vLLM
+    /// starts preempting when free blocks run out, and the published cliff is at ~85–90%; the
+    /// estimate already includes the request's own blocks, so 0.9 leaves one request's worth.
+    pub kv_cliff_fraction: f64,
+    /// TTFT multiplier slope past the cliff (×(1 + 10·over)). 10: at the halfway point between
+    /// the cliff and full, an endpoint needs a 6× shorter queue to win, i.e. steep, not absolute.
+    pub kv_cliff_steepness: f64,
+    /// Additive cost at full overshoot, µs. 1 s: order of a preempted request's recompute.
+    pub kv_cliff_preemption_cost_us: u64,
+    /// Fraction of prefill still paid for a prefix held only in CPU/disk tiers. 0.3: a 16-token
+    /// block of an 8B model is ~2 MiB, ~80 µs over PCIe vs ~280 µs to recompute on H100.
+    pub offload_hit_cost_fraction: f64,
+    /// Softmax temperature with fresh signals, relative to the best cost. 0.05: a candidate 5%
+    /// worse than the best is e⁻¹ as likely; near-ties are shared, clear losers almost never win.
+    pub softmax_base_temperature: f64,
+    /// Temperature added per second of the oldest signal's age beyond `signal_fresh_us`. 0.5:
+    /// with signals 2 s stale, a candidate 100% worse is still e⁻¹ as likely: spread a burst
+    /// instead of trusting a view that old (anti-herding).
+    pub softmax_temperature_per_s: f64,
+    /// Cap of the temperature. 2.0: even with very stale signals the cost still orders choices.
+    pub softmax_max_temperature: f64,
+    /// Signal age treated as fresh, µs. 200 ms: two default scrape intervals (100 ms) of delay
+    /// are normal operation, not staleness.
+    pub signal_fresh_us: u64,
+    /// Queue wait on the best prefix holder above which the hot-prefix rule may spill, µs.
+    /// 500 ms: half a second of queueing costs more than recomputing a typical 1–4k-token
+    /// shared prefix (20–70 ms on H100) on another endpoint.
+    pub hot_prefix_wait_us: u64,
+    /// Fraction of requests the hot-prefix rule spills to non-holders once triggered. 0.2:
+    /// enough to make a second holder within a few requests, small enough to keep most of the
+    /// holder's cache benefit.
+    pub hot_prefix_spill_fraction: f64,
+    /// Approximate entries per endpoint before LRU eviction, blocks. 31,250: GIE's
+    /// `lruCapacityPerServer` (≈ 500k tokens, the KV capacity of a large pod).
+    pub approx_capacity_blocks: usize,
+    /// Approximate entries expire after this, µs; `None`: never. 120 s: Dynamo's approximate
+    /// indexer TTL; longer guesses are mostly evicted by then under load.
+    pub approx_ttl_us: Option<u64>,
+    /// For endpoints with trusted events, approximate entries younger than this still count, µs.
+    /// 2 s: covers queueing + prefill of a dispatched request before its `BlockStored` arrives.
+    pub approx_grace_us: u64,
+    /// Precise entries per endpoint above which its event view is declared broken. 2²¹ ≈ 2M
+    /// blocks: 70× an H100's GPU blocks, room for large CPU/disk offload tiers.
+    pub precise_capacity_blocks: usize,
+    /// Prompt blocks recorded per booking (approximate index), blocks. 8,192 = 128k tokens at 16.
+    pub max_booked_blocks: usize,
+    /// A candidate is saturated when its estimated waiting queue reaches this. 5: the GIE
+    /// saturation detector's `queueDepthThreshold`.
+    pub shed_queue_threshold: u32,
+    /// Mean prompt tokens assumed for foreign waiting requests before any are seen. 1,024.
+    pub default_prompt_tokens: u32,
+    /// Output tokens assumed when `max_tokens` is absent; also caps expected output at 4×. 256.
+    pub default_output_tokens: u32,
+    /// EWMA weight of a new calibration observation. 0.1: ~10 requests of memory, enough to
+    /// follow a change in load mix within seconds without chasing single outliers.
+    pub calibration_alpha: f64,
+    /// Lower clamp of calibrated speed factors. 0.2.
+    pub calibration_min_factor: f64,
+    /// Upper clamp of calibrated speed factors. 5.0: beyond that the prior is wrong, not slow.
+    pub calibration_max_factor: f64,
+    /// Base penalty after a failure, µs (doubles per consecutive failure). 1 s.
+    pub failure_penalty_us: u64,
+    /// Maximum penalty, µs. 30 s: long enough to ride out a restart, short enough to re-probe.
+    pub max_failure_penalty_us: u64,
+    /// Consecutive scrape failures after which an endpoint is treated like a penalised one. 3.
+    pub scrape_failure_limit: u32,
+    /// Cost added per unit of `relative_cost`, µs. 1 ms: breaks ties toward cheaper hardware
+    /// without overriding any real latency difference.
+    pub relative_cost_tiebreak_us: u64,
+    /// Fallback endpoints returned with a decision. 2.
+    pub max_fallbacks: usize,
+    /// Hardware priors by `hardware_class`.
+    pub hardware: BTreeMap<String, HardwarePrior>,
+    /// Class used for endpoints whose class is empty or unknown. `h100`.
+    pub default_hardware_class: String,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Self {
+            kv_cliff_fraction: 0.9,
+            kv_cliff_steepness: 10.0,
+            kv_cliff_preemption_cost_us: 1_000_000,
+            offload_hit_cost_fraction: 0.3,
+            softmax_base_temperature: 0.05,
+            softmax_temperature_per_s: 0.5,
+            softmax_max_temperature: 2.0,
+            signal_fresh_us: 200_000,
+            hot_prefix_wait_us: 500_000,
+            hot_prefix_spill_fraction: 0.2,
+            approx_capacity_blocks: 31_250,
+            approx_ttl_us: Some(120_000_000),
+            approx_grace_us: 2_000_000,
+            precise_capacity_blocks: 1 << 21,
+            max_booked_blocks: 8192,
+            shed_queue_threshold: 5,
+            default_prompt_tokens: 1024,
+            default_output_tokens: 256,
+            calibration_alpha: 0.1,
+            calibration_min_factor: 0.2,
+            calibration_max_factor: 5.0,
+            failure_penalty_us: 1_000_000,
+            max_failure_penalty_us: 30_000_000,
+            scrape_failure_limit: 3,
+            relative_cost_tiebreak_us: 1_000,
+            max_fallbacks: 2,
+            hardware: BTreeMap::from([
+                ("h100".to_string(), HardwarePrior::H100_LLAMA31_8B),
+                ("a100".to_string(), HardwarePrior::A100_LLAMA31_8B),
+            ]),
+            default_hardware_class: "h100".to_string(),
+        }
+    }
+}
+
+impl Tuning {
+    /// The prior for a hardware class (falls back to the default class, then H100).
+    pub fn prior(&self, class: &str) -> HardwarePrior {
+        self.hardware
+            .get(class)
+            .or_else(|| self.hardware.get(&self.default_hardware_class))
+            .copied()
+            .unwrap_or(HardwarePrior::H100_LLAMA31_8B)
+    }
+}
+
+/// A complete router configuration.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RouterConfig {
+    /// Name of the policy (preset name, or `custom` for a pipeline from YAML).
+    pub policy: String,
+    /// Scheduling profiles; the first one serves aggregated requests.
+    pub profiles: Vec<ProfileConfig>,
+    /// Tuning constants.
+    pub tuning: Tuning,
+}
+
+fn single(
+    name: &str,
+    filters: Vec<FilterKind>,
+    scorers: Vec<(ScorerKind, f64)>,
+    picker: PickerKind,
+) -> Vec<ProfileConfig> {
+    vec![ProfileConfig {
+        name: name.to_string(),
+        filters,
+        scorers,
+        picker,
+    }]
+}
+
+/// SGLang router's defaults as this project fixes them (see the plugins module docs).
+pub const SGLANG_CACHE_THRESHOLD: f64 = 0.3;
+/// SGLang `balance_abs_threshold`.
+pub const SGLANG_BALANCE_ABS_THRESHOLD: u32 = 64;
+/// SGLang `balance_rel_threshold`.
+pub const SGLANG_BALANCE_REL_THRESHOLD: f64 = 1.5;
+/// GIE prefix plugin `maxPrefixBlocksToMatch`.
+pub const GIE_MAX_PREFIX_BLOCKS: u32 = 256;
+
+impl RouterConfig {
+    /// The preset for a policy name (see [`POLICY_NAMES`]).
+    pub fn for_policy(name: &str) -> Result<Self, CoreError> {
+        use FilterKind as F;
+        use PickerKind as P;
+        use ScorerKind as S;
+        let mut tuning = Tuning::default();
+        let profiles = match name {
+            "kvgate" => single(
+                "default",
+                vec![F::LoraAffinity],
+                vec![(S::KvgateCost, 1.0)],
+                P::Softmax,
+            ),
+            "gie-default" | "gie" => {
+                // GIE's prefix plugin: LRU per server, no TTL.
+                tuning.approx_ttl_us = None;
+                single(
+                    "default",
+                    vec![],
+                    vec![
+                        (S::Queue, 2.0),
+                        (S::KvCacheUtilization, 2.0),
+                        (
+                            S::PrefixCache {
+                                max_prefix_blocks: GIE_MAX_PREFIX_BLOCKS,
+                            },
+                            3.0,
+                        ),
+                    ],
+                    P::MaxScore,
+                )
+            }
+            "sglang-cache-aware" | "sglang" => {
+                // SGLang's tree evicts by size (max_tree_size 2^26 chars ≈ 1M 64-byte blocks)
+                // on a timer, not by age.
+                tuning.approx_ttl_us = None;
+                tuning.approx_capacity_blocks = 1 << 20;
+                single(
+                    "default",
+                    vec![],
+                    vec![],
+                    P::SglangCacheAware {
+                        cache_threshold: SGLANG_CACHE_THRESHOLD,
+                        balance_abs_threshold: SGLANG_BALANCE_ABS_THRESHOLD,
+                        balance_rel_threshold: SGLANG_BALANCE_REL_THRESHOLD,
+                    },
+                )
+            }
+            "dynamo" => single(
+                "default",
+                vec![],
+                vec![(
+                    S::DynamoCost {
+                        overlap_weight: 1.0,
+                    },
+                    1.0,
+                )],
+                P::Dynamo { temperature: 0.0 },
+            ),
+            "round-robin" => single("default", vec![], vec![], P::RoundRobin),
+            "random" => single("default", vec![], vec![], P::Random),
+            "least-request" => single("default", vec![], vec![], P::LeastRequest),
+            "power-of-two" => single("default", vec![], vec![], P::PowerOfTwo),
+            "oracle" => single("default", vec![], vec![(S::Oracle, 1.0)], P::MaxScore),
+            _ => {
+                return Err(CoreError::UnknownPolicy {
+                    name: name.to_string(),
+                    known: POLICY_NAMES,
+                });
+            }
+        };
+        let cfg = Self {
+            policy: name.to_string(),
+            profiles,
+            tuning,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks ranges and shape.
+    pub fn validate(&self) -> Result<(), CoreError> {
+        if self.profiles.is_empty() {
+            return Err(CoreError::NoProfile);
+        }
+        let t = &self.tuning;
+        let check = |field: &'static str, v: f64, lo: f64, hi: f64, expected: &'static str| {
+            if v.is_finite() && v >= lo && v <= hi {
+                Ok(())
+            } else {
+                Err(CoreError::OutOfRange {
+                    field,
+                    value: v,
+                    expected,
+                })
+            }
+        };
+        check(
+            "kv_cliff_fraction",
+            t.kv_cliff_fraction,
+            0.01,
+            0.999,
+            "0.01..=0.999",
+        )?;
+        check(
+            "kv_cliff_steepness",
+            t.kv_cliff_steepness,
+            0.0,
+            1e6,
+            "0..=1e6",
+        )?;
+        check(
+            "offload_hit_cost_fraction",
+            t.offload_hit_cost_fraction,
+            0.0,
+            1.0,
+            "0..=1",
+        )?;
+        check(
+            "softmax_base_temperature",
+            t.softmax_base_temperature,
+            0.0,
+            100.0,
+            "0..=100",
+        )?;
+        check(
+            "softmax_temperature_per_s",
+            t.softmax_temperature_per_s,
+            0.0,
+            100.0,
+            "0..=100",
+        )?;
+        check(
+            "softmax_max_temperature",
+            t.softmax_max_temperature,
+            0.0,
+            100.0,
+            "0..=100",
+        )?;
+        check(
+            "hot_prefix_spill_fraction",
+            t.hot_prefix_spill_fraction,
+            0.0,
+            1.0,
+            "0..=1",
+        )?;
+        check("calibration_alpha", t.calibration_alpha, 0.0, 1.0, "0..=1")?;
+        check(
+            "calibration_min_factor",
+            t.calibration_min_factor,
+            1e-3,
+            1.0,
+            "0.001..=1",
+        )?;
+        check(
+            "calibration_max_factor",
+            t.calibration_max_factor,
+            1.0,
+            1e3,
+            "1..=1000",
+        )?;
+        check(
+            "approx_capacity_blocks",
+            t.approx_capacity_blocks as f64,
+            1.0,
+            f64::MAX,
+            ">= 1",
+        )?;
+        check(
+            "precise_capacity_blocks",
+            t.precise_capacity_blocks as f64,
+            1.0,
+            f64::MAX,
+            ">= 1",
+        )?;
+        for prior in t.hardware.values() {
+            check(
+                "hardware.prefill_us_per_token",
+                prior.prefill_us_per_token,
+                1e-6,
+                1e9,
+                "> 0",
+            )?;
+            check(
+                "hardware.step_base_us",
+                prior.step_base_us,
+                0.0,
+                1e12,
+                ">= 0",
+            )?;
+            check(
+                "hardware.decode_us_per_token",
+                prior.decode_us_per_token,
+                0.0,
+                1e12,
+                ">= 0",
+            )?;
+        }
+        for p in &self.profiles {
+            for (s, w) in &p.scorers {
+                check("scorer weight", *w, 0.0, 1e6, "0..=1e6")?;
+                if let ScorerKind::DynamoCost { overlap_weight } = s {
+                    check("overlap_weight", *overlap_weight, 0.0, 1e6, "0..=1e6")?;
+                }
+            }
+            match &p.picker {
+                PickerKind::Dynamo { temperature } => {
+                    check("temperature", *temperature, 0.0, 1e6, "0..=1e6")?
+                }
+                PickerKind::SglangCacheAware {
+                    cache_threshold,
+                    balance_rel_threshold,
+                    ..
+                } => {
+                    check("cache_threshold", *cache_threshold, 0.0, 1.0, "0..=1")?;
+                    check(
+                        "balance_rel_threshold",
+                        *balance_rel_threshold,
+                        1.0,
+                        1e6,
+                        ">= 1",
+                    )?;
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Parses kvgate's YAML or a GIE `EndpointPickerConfig`.
+    pub fn from_yaml(text: &str) -> Result<Self, CoreError> {
+        let doc: serde_norway::Value =
+            serde_norway::from_str(text).map_err(|source| CoreError::Yaml { source })?;
+        let is_gie = doc.get("plugins").is_some() || doc.get("schedulingProfiles").is_some();
+        let cfg = if is_gie {
+            let raw: RawPickerConfig =
+                serde_norway::from_value(doc).map_err(|source| CoreError::Yaml { source })?;
+            raw.into_config()?
+        } else {
+            let raw: RawKvgateConfig =
+                serde_norway::from_value(doc).map_err(|source| CoreError::Yaml { source })?;
+            let mut cfg = Self::for_policy(raw.policy.as_deref().unwrap_or("kvgate"))?;
+            if let Some(t) = raw.tuning {
+                cfg.tuning = merge_tuning(cfg.tuning, t)?;
+            }
+            cfg
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+/// Applies YAML overrides onto a preset's tuning (fields absent from the YAML keep the preset's
+/// values, which may differ from `Tuning::default()`).
+fn merge_tuning(base: Tuning, overrides: serde_norway::Value) -> Result<Tuning, CoreError> {
+    let mut merged = serde_norway::to_value(&base).map_err(|source| CoreError::Yaml { source })?;
+    if let (serde_norway::Value::Mapping(m), serde_norway::Value::Mapping(o)) =
+        (&mut merged, overrides)
+    {
+        for (k, v) in o {
+            m.insert(k, v);
+        }
+    }
+    serde_norway::from_value(merged).map_err(|source| CoreError::Yaml { source })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKvgateConfig {
+    policy: Option<String>,
+    tuning: Option<serde_norway::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawPickerConfig {
+    #[serde(default)]
+    plugins: Vec<RawPlugin>,
+    #[serde(default)]
+    scheduling_profiles: Vec<RawProfile>,
+    #[serde(default)]
+    tuning: Option<serde_norway::Value>,
+}
+
+#[derive(Deserialize)]
+struct RawPlugin {
+    #[serde(rename = "type")]
+    plugin_type: String,
+    name: Option<String>,
+    #[serde(default)]
+    parameters: Option<serde_norway::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawProfile {
+    name: String,
+    #[serde(default)]
+    plugins: Vec<RawPluginRef>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawPluginRef {
+    plugin_ref: String,
+    weight: Option<f64>,
+}
+
+enum Plugin {
+    Filter(FilterKind),
+    Scorer(ScorerKind),
+    Picker(PickerKind),
+    /// Profile handlers and other plugins with no effect on a single-profile pick.
+    Ignored,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct PrefixParams {
+    max_prefix_blocks_to_match: Option<u32>,
+    lru_capacity_per_server: Option<usize>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct DynamoParams {
+    overlap_score_weight: Option<f64>,
+    temperature: Option<f64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct SglangParams {
+    cache_threshold: Option<f64>,
+    balance_abs_threshold: Option<u32>,
+    balance_rel_threshold: Option<f64>,
+}
+
+fn params<T: for<'de> Deserialize<'de> + Default>(
+    name: &str,
+    p: &Option<serde_norway::Value>,
+) -> Result<T, CoreError> {
+    match p {
+        None | Some(serde_norway::Value::Null) => Ok(T::default()),
+        Some(v) => {
+            serde_norway::from_value(v.clone()).map_err(|source| CoreError::PluginParameters {
+                plugin: name.to_string(),
+                source,
+            })
+        }
+    }
+}
+
+impl RawPickerConfig {
+    fn into_config(self) -> Result<RouterConfig, CoreError> {
+        let mut tuning = Tuning::default();
+        let mut by_name: BTreeMap<String, Plugin> = BTreeMap::new();
+        let mut ttl_off = false;
+        for p in &self.plugins {
+            let name = p.name.clone().unwrap_or_else(|| p.plugin_type.clone());
+            let plugin = match p.plugin_type.as_str() {
+                "queue-scorer" => Plugin::Scorer(ScorerKind::Queue),
+                "kv-cache-utilization-scorer" | "kv-cache-scorer" => {
+                    Plugin::Scorer(ScorerKind::KvCacheUtilization)
+                }
+                "prefix-cache-scorer" => {
+                    let pp: PrefixParams = params(&name, &p.parameters)?;
+                    if let Some(c) = pp.lru_capacity_per_server {
+                        tuning.approx_capacity_blocks = c;
+                    }
+                    ttl_off = true;
+                    Plugin::Scorer(ScorerKind::PrefixCache {
+                        max_prefix_blocks: pp
+                            .max_prefix_blocks_to_match
+                            .unwrap_or(GIE_MAX_PREFIX_BLOCKS),
+                    })
+                }
+                "lora-affinity-scorer" => Plugin::Scorer(ScorerKind::LoraAffinity),
+                "kvgate-cost-scorer" => Plugin::Scorer(ScorerKind::KvgateCost),
+                "dynamo-cost-scorer" => {
+                    let dp: DynamoParams = params(&name, &p.parameters)?;
+                    Plugin::Scorer(ScorerKind::DynamoCost {
+                        overlap_weight: dp.overlap_score_weight.unwrap_or(1.0),
+                    })
+                }
+                "oracle-scorer" => Plugin::Scorer(ScorerKind::Oracle),
+                "max-score-picker" => Plugin::Picker(PickerKind::MaxScore),
+                "random-picker" => Plugin::Picker(PickerKind::Random),
+                "weighted-random-picker" => Plugin::Picker(PickerKind::WeightedRandom),
+                "softmax-picker" => Plugin::Picker(PickerKind::Softmax),
+                "dynamo-picker" => {
+                    let dp: DynamoParams = params(&name, &p.parameters)?;
+                    Plugin::Picker(PickerKind::Dynamo {
+                        temperature: dp.temperature.unwrap_or(0.0),
+                    })
+                }
+                "round-robin-picker" => Plugin::Picker(PickerKind::RoundRobin),
+                "power-of-two-picker" => Plugin::Picker(PickerKind::PowerOfTwo),
+                "least-request-picker" => Plugin::Picker(PickerKind::LeastRequest),
+                "sglang-cache-aware-picker" => {
+                    let sp: SglangParams = params(&name, &p.parameters)?;
+                    Plugin::Picker(PickerKind::SglangCacheAware {
+                        cache_threshold: sp.cache_threshold.unwrap_or(SGLANG_CACHE_THRESHOLD),
+                        balance_abs_threshold: sp
+                            .balance_abs_threshold
+                            .unwrap_or(SGLANG_BALANCE_ABS_THRESHOLD),
+                        balance_rel_threshold: sp
+                            .balance_rel_threshold
+                            .unwrap_or(SGLANG_BALANCE_REL_THRESHOLD),
+                    })
+                }
+                "role-filter" | "prefill-filter" | "decode-filter" => {
+                    Plugin::Filter(FilterKind::Role)
+                }
+                "lora-affinity-filter" => Plugin::Filter(FilterKind::LoraAffinity),
+                "draining-filter" => Plugin::Filter(FilterKind::Draining),
+                "subset-filter" => Plugin::Filter(FilterKind::Subset),
+                "single-profile-handler" => Plugin::Ignored,
+                other => {
+                    return Err(CoreError::UnknownPluginType {
+                        plugin_type: other.to_string(),
+                    });
+                }
+            };
+            by_name.insert(name, plugin);
+        }
+        if ttl_off {
+            tuning.approx_ttl_us = None;
+        }
+        if let Some(t) = self.tuning {
+            tuning = merge_tuning(tuning, t)?;
+        }
+        if self.scheduling_profiles.is_empty() {
+            return Err(CoreError::NoProfile);
+        }
+        let mut profiles = Vec::new();
+        for rp in &self.scheduling_profiles {
+            let mut filters = Vec::new();
+            let mut scorers = Vec::new();
+            let mut pickers = Vec::new();
+            for r in &rp.plugins {
+                let plugin =
+                    by_name
+                        .get(&r.plugin_ref)
+                        .ok_or_else(|| CoreError::UnknownPluginRef {
+                            profile: rp.name.clone(),
+                            plugin_ref: r.plugin_ref.clone(),
+                        })?;
+                match plugin {
+                    Plugin::Filter(f) => filters.push(f.clone()),
+                    // GIE's default scorer weight is 1.
+                    Plugin::Scorer(s) => scorers.push((s.clone(), r.weight.unwrap_or(1.0))),
+                    Plugin::Picker(p) => pickers.push(p.clone()),
+                    Plugin::Ignored => {}
+                }
+            }
+            // GIE's profiles default to max-score when no picker is referenced.
+            let picker = match pickers.len() {
+                0 => PickerKind::MaxScore,
+                1 => pickers.remove(0),
+                n => {
+                    return Err(CoreError::PickerCount {
+                        profile: rp.name.clone(),
+                        count: n,
+                    });
+                }
+            };
+            profiles.push(ProfileConfig {
+                name: rp.name.clone(),
+                filters,
+                scorers,
+                picker,
+            });
+        }
+        Ok(RouterConfig {
+            policy: "custom".to_string(),
+            profiles,
+            tuning,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_policy_name_builds() {
+        for name in POLICY_NAMES.split(", ") {
+            RouterConfig::for_policy(name).unwrap();
+        }
+        assert!(matches!(
+            RouterConfig::for_policy("nope"),
+            Err(CoreError::UnknownPolicy { .. })
+        ));
+    }
+
+    #[test]
+    fn gie_default_config_parses_with_weights() {
+        let yaml = r#"
+apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: single-profile-handler
+- type: queue-scorer
+- type: kv-cache-utilization-scorer
+- type: prefix-cache-scorer
+  parameters:
+    maxPrefixBlocksToMatch: 128
+    lruCapacityPerServer: 1000
+- type: max-score-picker
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: queue-scorer
+    weight: 2
+  - pluginRef: kv-cache-utilization-scorer
+    weight: 2
+  - pluginRef: prefix-cache-scorer
+    weight: 3
+  - pluginRef: max-score-picker
+"#;
+        let cfg = RouterConfig::from_yaml(yaml).unwrap();
+        let p = &cfg.profiles[0];
+        assert_eq!(p.picker, PickerKind::MaxScore);
+        assert_eq!(
+            p.scorers,
+            vec![
+                (ScorerKind::Queue, 2.0),
+                (ScorerKind::KvCacheUtilization, 2.0),
+                (
+                    ScorerKind::PrefixCache {
+                        max_prefix_blocks: 128
+                    },
+                    3.0
+                )
+            ]
+        );
+        assert_eq!(cfg.tuning.approx_capacity_blocks, 1000);
+        assert_eq!(cfg.tuning.approx_ttl_us, None);
+    }
+
+    #[test]
+    fn unknown_plugin_type_is_named() {
+        let yaml =
+            "plugins:\n- type: magic-scorer\nschedulingProfiles:\n- name: d\n  plugins: []\n";
+        match RouterConfig::from_yaml(yaml) {
+            Err(CoreError::UnknownPluginType { plugin_type }) => {
+                assert_eq!(plugin_type, "magic-scorer")
+            }
+            other => panic!("{other:?}"),
+        }
+        let yaml = "plugins:\n- type: queue-scorer\nschedulingProfiles:\n- name: d\n  plugins:\n  - pluginRef: nope\n";
+        assert!(matches!(
+            RouterConfig::from_yaml(yaml),
+            Err(CoreError::UnknownPluginRef { .. })
+        ));
+    }
+
+    #[test]
+    fn kvgate_yaml_overrides_tuning_and_validates() {
+        let cfg =
+            RouterConfig::from_yaml("policy: dynamo\ntuning:\n  kv_cliff_fraction: 0.8\n").unwrap();
+        assert_eq!(cfg.policy, "dynamo");
+        assert_eq!(cfg.tuning.kv_cliff_fraction, 0.8);
+        assert!(matches!(
+            RouterConfig::from_yaml("tuning:\n  kv_cliff_fraction: 1.5\n"),
+            Err(CoreError::OutOfRange {
+                field: "kv_cliff_fraction",
+                ..
+            })
+        ));
+        assert!(matches!(
+            RouterConfig::from_yaml("tuning:\n  no_such_knob: 1\n"),
+            Err(CoreError::Yaml { .. })
+        ));
+        // A preset's own tuning survives partial overrides.
+        let cfg =
+            RouterConfig::from_yaml("policy: gie-default\ntuning:\n  max_fallbacks: 1\n").unwrap();
+        assert_eq!(cfg.tuning.approx_ttl_us, None);
+    }
+}

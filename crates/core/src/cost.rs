@@ -1,0 +1,200 @@
+//! The kvgate cost model: predicted time to first token on an endpoint, in microseconds.
+//!
+//! `TTFT = queue wait + own prefill`, where both are the step-time model of a vLLM-like engine
+//! (`step = β0 + β1·prefill tokens + β2·decode tokens`, chunked prefill of at most
+//! `max_batched_tokens` per step) applied to the prefill tokens ahead of the request and to the
+//! request's own uncached tokens, with the endpoint's running decodes riding along in every step.
+//! The result is multiplied by the endpoint's calibrated speed factor. Uncached tokens are the
+//! prompt minus its matched prefix; a prefix held only in CPU or disk tiers still costs
+//! [`crate::Tuning::offload_hit_cost_fraction`] of its prefill (the transfer).
+//!
+//! The KV cliff: if the endpoint's estimated KV use after admitting this request would exceed
+//! `kv_cliff_fraction`, the TTFT is multiplied by `1 + kv_cliff_steepness · over` and
+//! `kv_cliff_preemption_cost_us · over` is added, with `over = (use − cliff) / (1 − cliff)`.
+//! Steep, so a pod about to preempt is avoided while any other pod has room, but finite, so a
+//! fleet that is uniformly full still routes by the rest of the cost.
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::Tuning;
+use crate::estimate::LoadEstimate;
+
+/// Step-time coefficients and capacity of a hardware class (priors before calibration).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HardwarePrior {
+    /// β0: fixed cost of one engine step, µs.
+    pub step_base_us: f64,
+    /// β1: cost per prefill token in a step, µs.
+    pub prefill_us_per_token: f64,
+    /// β2: cost per decode token (running sequence) in a step, µs.
+    pub decode_us_per_token: f64,
+    /// KV capacity in blocks when the engine does not report it.
+    pub kv_capacity_blocks: u64,
+    /// Tokens per engine step (vLLM `max_num_batched_tokens`).
+    pub max_batched_tokens: u32,
+}
+
+impl HardwarePrior {
+    /// Llama-3.1-8B, TP1, vLLM 0.8.x on H100 (inference-sim "BLIS" coefficients), 29,205 KV
+    /// blocks, vLLM's default 8,192-token step budget.
+    pub const H100_LLAMA31_8B: Self = Self {
+        step_base_us: 5752.7,
+        prefill_us_per_token: 17.25,
+        decode_us_per_token: 6.00,
+        kv_capacity_blocks: 29_205,
+        max_batched_tokens: 8192,
+    };
+
+    /// The same model on A100-80GB (BLIS coefficients); KV capacity assumed as on H100 (same
+    /// memory size).
+    pub const A100_LLAMA31_8B: Self = Self {
+        step_base_us: 16441.5,
+        prefill_us_per_token: 47.84,
+        decode_us_per_token: 18.21,
+        kv_capacity_blocks: 29_205,
+        max_batched_tokens: 8192,
+    };
+
+    /// Time to prefill `tokens` with `running` decodes in every step, µs (speed factor 1).
+    pub fn prefill_time_us(&self, tokens: f64, running: f64) -> f64 {
+        if tokens <= 0.0 {
+            return 0.0;
+        }
+        let steps = (tokens / f64::from(self.max_batched_tokens.max(1)))
+            .ceil()
+            .max(1.0);
+        steps * (self.step_base_us + self.decode_us_per_token * running)
+            + self.prefill_us_per_token * tokens
+    }
+
+    /// One decode step with `running` sequences, µs (the TPOT prior).
+    pub fn decode_step_us(&self, running: f64) -> f64 {
+        self.step_base_us + self.decode_us_per_token * running.max(1.0)
+    }
+}
+
+/// The parts of a kvgate cost, for explanations and for the hot-prefix rule.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct CostBreakdown {
+    /// Predicted wait for the prefill work ahead, µs.
+    pub queue_wait_us: f64,
+    /// Predicted own prefill, µs.
+    pub prefill_us: f64,
+    /// Estimated KV use after admitting the request.
+    pub kv_after: f64,
+    /// Cliff penalty included in `ttft_us`, µs.
+    pub cliff_penalty_us: f64,
+    /// Total predicted TTFT including penalties, µs.
+    pub ttft_us: f64,
+    /// Same, at speed factor 1 and without penalties (what calibration compares against).
+    pub raw_ttft_us: f64,
+}
+
+/// Uncached prompt tokens given a match (`blocks` any tier, `gpu_blocks` on GPU).
+pub fn uncached_tokens(
+    prompt_tokens: u32,
+    block_size: u32,
+    blocks: u32,
+    gpu_blocks: u32,
+    tuning: &Tuning,
+) -> f64 {
+    let prompt = f64::from(prompt_tokens);
+    let bs = f64::from(block_size);
+    let gpu = (f64::from(gpu_blocks) * bs).min(prompt);
+    let other = (f64::from(blocks.saturating_sub(gpu_blocks)) * bs).min(prompt - gpu);
+    // An engine always computes at least the last prompt token.
+    (prompt - gpu - other + other * tuning.offload_hit_cost_fraction).max(prompt.min(1.0))
+}
+
+/// KV blocks a request adds when admitted: its uncached prompt plus its expected output.
+pub fn new_kv_blocks(
+    uncached_tokens: f64,
+    max_tokens: Option<u32>,
+    block_size: u32,
+    tuning: &Tuning,
+) -> u64 {
+    let out = f64::from(
+        max_tokens
+            .unwrap_or(tuning.default_output_tokens)
+            .min(tuning.default_output_tokens.saturating_mul(4)),
+    );
+    ((uncached_tokens + out) / f64::from(block_size.max(1))).ceil() as u64
+}
+
+/// The kvgate cost of sending a request with `uncached` tokens and `new_blocks` KV blocks to an
+/// endpoint with estimate `est`, hardware `prior` and calibrated `speed`.
+pub fn kvgate_cost(
+    prior: &HardwarePrior,
+    est: &LoadEstimate,
+    speed: f64,
+    uncached: f64,
+    new_blocks: u64,
+    relative_cost: f64,
+    tuning: &Tuning,
+) -> CostBreakdown {
+    let running = f64::from(est.running);
+    let queued = est.queued_prefill_tokens as f64;
+    let total_raw = prior.prefill_time_us(queued + uncached, running);
+    let queue_raw = prior.prefill_time_us(queued, running);
+    let cap = est.kv_capacity_blocks.max(1) as f64;
+    let kv_after = (est.kv_blocks + new_blocks) as f64 / cap;
+    let cliff = tuning.kv_cliff_fraction;
+    let over = ((kv_after - cliff) / (1.0 - cliff)).max(0.0);
+    let base = total_raw * speed;
+    let cliff_penalty_us =
+        base * tuning.kv_cliff_steepness * over + tuning.kv_cliff_preemption_cost_us as f64 * over;
+    let tiebreak = relative_cost.max(0.0) * tuning.relative_cost_tiebreak_us as f64;
+    CostBreakdown {
+        queue_wait_us: queue_raw * speed,
+        prefill_us: (total_raw - queue_raw) * speed,
+        kv_after,
+        cliff_penalty_us,
+        ttft_us: base + cliff_penalty_us + tiebreak,
+        raw_ttft_us: total_raw,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefill_time_follows_the_step_model() {
+        let p = HardwarePrior::H100_LLAMA31_8B;
+        assert_eq!(p.prefill_time_us(0.0, 10.0), 0.0);
+        let one_step = p.prefill_time_us(1000.0, 0.0);
+        assert!((one_step - (5752.7 + 17250.0)).abs() < 1e-6);
+        let two_steps = p.prefill_time_us(9000.0, 4.0);
+        assert!((two_steps - (2.0 * (5752.7 + 24.0) + 17.25 * 9000.0)).abs() < 1e-6);
+    }
+
+    #[test]
+    fn cliff_is_steep_but_finite() {
+        let t = Tuning::default();
+        let p = HardwarePrior::H100_LLAMA31_8B;
+        let mut est = LoadEstimate {
+            kv_capacity_blocks: 1000,
+            kv_blocks: 500,
+            ..Default::default()
+        };
+        let calm = kvgate_cost(&p, &est, 1.0, 1000.0, 10, 0.0, &t);
+        assert_eq!(calm.cliff_penalty_us, 0.0);
+        est.kv_blocks = 950;
+        let full = kvgate_cost(&p, &est, 1.0, 1000.0, 10, 0.0, &t);
+        assert!(full.ttft_us > 5.0 * calm.ttft_us && full.ttft_us.is_finite());
+    }
+
+    #[test]
+    fn cached_prefix_reduces_uncached_tokens() {
+        let t = Tuning::default();
+        assert_eq!(uncached_tokens(100, 16, 0, 0, &t), 100.0);
+        assert_eq!(uncached_tokens(100, 16, 6, 6, &t), 4.0);
+        assert_eq!(
+            uncached_tokens(96, 16, 6, 6, &t),
+            1.0,
+            "at least one token is computed"
+        );
+        let offloaded = uncached_tokens(100, 16, 6, 0, &t);
+        assert!(offloaded > 4.0 && offloaded < 100.0);
+    }
+}

@@ -1,0 +1,366 @@
+//! Load estimator: the last scraped sample of an endpoint plus this router's own accounting of
+//! what it dispatched since (dead reckoning), and the per-endpoint calibration of the cost model.
+//!
+//! ## Reconciliation
+//! A sample taken at `T` already contains every request this router booked at or before `T`.
+//! When a sample arrives the estimator records how many of its *own* requests were waiting
+//! (booked, no first token), running (first token, not finished) and how many KV blocks they held
+//! at `T`; the rest of the sample is *foreign* work (other routers, direct clients) and is kept
+//! fixed until the next sample. The estimate is then `own now + foreign at T`. So a booking
+//! counts at once, a first token moves a request from waiting to running at once, a finish
+//! releases it at once, and none of them is double-counted against the sample. Requests that
+//! finished after `T` but before the sample arrived are remembered until a sample newer than
+//! their finish arrives, so they are not miscounted as foreign.
+//!
+//! Foreign waiting requests are converted to prefill tokens with the mean prompt length this
+//! router has seen on the endpoint (prior [`crate::Tuning::default_prompt_tokens`]).
+//!
+//! ## Calibration
+//! The cost model (see [`crate::cost`]) predicts TTFT from hardware priors. Each first token
+//! compares the observed TTFT with the prediction made at booking (at speed 1) and updates an
+//! EWMA *speed factor*; each finish with a measured TPOT does the same for decode. Factors are
+//! clamped so one outlier (a stalled stream) cannot swing routing.
+
+use std::collections::{HashMap, VecDeque};
+
+use crate::endpoint::EndpointId;
+use crate::observe::MetricsSample;
+
+/// Finishes remembered per endpoint while no newer sample has arrived. 65,536 covers minutes of
+/// completions at thousands per second; past it the oldest are dropped (at worst a few finished
+/// requests count as foreign load until the next sample).
+const RECENT_FINISHED_CAP: usize = 65_536;
+
+/// One booked request, as the estimator tracks it.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Booking {
+    pub ep: EndpointId,
+    pub booked_at_us: u64,
+    pub prompt_tokens: u32,
+    pub uncached_tokens: u32,
+    pub kv_blocks: u64,
+    pub first_token_at_us: Option<u64>,
+    /// Predicted TTFT at booking, at speed factor 1 (for calibration).
+    pub predicted_raw_ttft_us: f64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Finished {
+    booked_at_us: u64,
+    first_token_at_us: Option<u64>,
+    finished_at_us: u64,
+    kv_blocks: u64,
+}
+
+/// What the router believes an endpoint's load is right now.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct LoadEstimate {
+    /// Requests waiting (own unstarted + foreign waiting at the last sample).
+    pub waiting: u32,
+    /// Requests running.
+    pub running: u32,
+    /// Prefill tokens queued ahead of a new request.
+    pub queued_prefill_tokens: u64,
+    /// KV blocks in use.
+    pub kv_blocks: u64,
+    /// KV capacity in blocks (sample, else hardware prior).
+    pub kv_capacity_blocks: u64,
+    /// This router's requests in flight there.
+    pub own_in_flight: u32,
+    /// Age of the scraped part, µs; `None` if never scraped.
+    pub sample_age_us: Option<u64>,
+    /// Raw scraped waiting count (GIE's queue scorer reads this, not the estimate).
+    pub scraped_waiting: u32,
+    /// Raw scraped KV usage, if any.
+    pub scraped_kv_usage: Option<f64>,
+}
+
+impl LoadEstimate {
+    /// KV usage in `[0, ∞)` (can exceed 1 when bookings overshoot).
+    pub fn kv_usage(&self) -> f64 {
+        if self.kv_capacity_blocks == 0 {
+            0.0
+        } else {
+            self.kv_blocks as f64 / self.kv_capacity_blocks as f64
+        }
+    }
+}
+
+/// Per-endpoint estimator state.
+#[derive(Clone, Debug)]
+pub(crate) struct EndpointLoad {
+    sample: Option<(MetricsSample, u64)>,
+    pub in_flight: HashMap<u64, Booking>,
+    own_unstarted: u32,
+    own_unstarted_tokens: u64,
+    own_started: u32,
+    own_blocks: u64,
+    at_sample_unstarted: u32,
+    at_sample_started: u32,
+    at_sample_blocks: u64,
+    recent_finished: VecDeque<Finished>,
+    pub mean_prompt_tokens: f64,
+    pub prefill_speed: f64,
+    pub decode_speed: f64,
+}
+
+/// EWMA and clamp settings of calibration.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct CalibrationParams {
+    pub alpha: f64,
+    pub min_factor: f64,
+    pub max_factor: f64,
+}
+
+impl EndpointLoad {
+    pub fn new(default_prompt_tokens: f64) -> Self {
+        Self {
+            sample: None,
+            in_flight: HashMap::new(),
+            own_unstarted: 0,
+            own_unstarted_tokens: 0,
+            own_started: 0,
+            own_blocks: 0,
+            at_sample_unstarted: 0,
+            at_sample_started: 0,
+            at_sample_blocks: 0,
+            recent_finished: VecDeque::new(),
+            mean_prompt_tokens: default_prompt_tokens,
+            prefill_speed: 1.0,
+            decode_speed: 1.0,
+        }
+    }
+
+    /// This router's own queued prefill tokens and active KV blocks on the endpoint.
+    pub fn own(&self) -> (u64, u64) {
+        (self.own_unstarted_tokens, self.own_blocks)
+    }
+
+    pub fn sample(&self) -> Option<&(MetricsSample, u64)> {
+        self.sample.as_ref()
+    }
+
+    /// Takes a fresher sample; older or equal-time samples are ignored (returns false).
+    pub fn observe(&mut self, taken_at_us: u64, sample: &MetricsSample) -> bool {
+        if self.sample.as_ref().is_some_and(|(_, t)| *t >= taken_at_us) {
+            return false;
+        }
+        let t = taken_at_us;
+        let (mut unstarted, mut started, mut blocks) = (0u32, 0u32, 0u64);
+        for b in self.in_flight.values().filter(|b| b.booked_at_us <= t) {
+            blocks += b.kv_blocks;
+            match b.first_token_at_us {
+                Some(f) if f <= t => started += 1,
+                _ => unstarted += 1,
+            }
+        }
+        self.recent_finished.retain(|f| f.finished_at_us > t);
+        for f in self.recent_finished.iter().filter(|f| f.booked_at_us <= t) {
+            blocks += f.kv_blocks;
+            match f.first_token_at_us {
+                Some(ft) if ft <= t => started += 1,
+                _ => unstarted += 1,
+            }
+        }
+        self.at_sample_unstarted = unstarted;
+        self.at_sample_started = started;
+        self.at_sample_blocks = blocks;
+        self.sample = Some((sample.clone(), t));
+        true
+    }
+
+    pub fn book(&mut self, req_id: u64, b: Booking, alpha: f64) {
+        self.own_unstarted += 1;
+        self.own_unstarted_tokens += u64::from(b.uncached_tokens);
+        self.own_blocks += b.kv_blocks;
+        self.mean_prompt_tokens += alpha * (f64::from(b.uncached_tokens) - self.mean_prompt_tokens);
+        if let Some(old) = self.in_flight.insert(req_id, b) {
+            // A reused id: forget the old booking's contribution.
+            self.unaccount(&old);
+        }
+    }
+
+    fn unaccount(&mut self, b: &Booking) {
+        if b.first_token_at_us.is_some() {
+            self.own_started = self.own_started.saturating_sub(1);
+        } else {
+            self.own_unstarted = self.own_unstarted.saturating_sub(1);
+            self.own_unstarted_tokens = self
+                .own_unstarted_tokens
+                .saturating_sub(u64::from(b.uncached_tokens));
+        }
+        self.own_blocks = self.own_blocks.saturating_sub(b.kv_blocks);
+    }
+
+    /// Marks the first token; returns (observed TTFT, predicted raw TTFT) for calibration.
+    pub fn first_token(&mut self, req_id: u64, now_us: u64) -> Option<(f64, f64)> {
+        let b = self.in_flight.get_mut(&req_id)?;
+        if b.first_token_at_us.is_some() {
+            return None;
+        }
+        b.first_token_at_us = Some(now_us);
+        let obs = now_us.saturating_sub(b.booked_at_us) as f64;
+        let raw = b.predicted_raw_ttft_us;
+        let tokens = u64::from(b.uncached_tokens);
+        self.own_unstarted = self.own_unstarted.saturating_sub(1);
+        self.own_unstarted_tokens = self.own_unstarted_tokens.saturating_sub(tokens);
+        self.own_started += 1;
+        Some((obs, raw))
+    }
+
+    /// Releases a booking (finish or failure).
+    pub fn release(&mut self, req_id: u64, now_us: u64) -> Option<Booking> {
+        let b = self.in_flight.remove(&req_id)?;
+        self.unaccount(&b);
+        // A later sample taken before this finish still contains the request; remember it until
+        // a sample newer than the finish prunes it. Bounded in case samples stop.
+        self.recent_finished.push_back(Finished {
+            booked_at_us: b.booked_at_us,
+            first_token_at_us: b.first_token_at_us,
+            finished_at_us: now_us,
+            kv_blocks: b.kv_blocks,
+        });
+        if self.recent_finished.len() > RECENT_FINISHED_CAP {
+            self.recent_finished.pop_front();
+        }
+        Some(b)
+    }
+
+    pub fn calibrate(factor: &mut f64, observed: f64, predicted: f64, p: CalibrationParams) {
+        if observed > 0.0 && predicted > 0.0 && observed.is_finite() && predicted.is_finite() {
+            let r = (observed / predicted).clamp(p.min_factor, p.max_factor);
+            *factor += p.alpha * (r - *factor);
+            *factor = factor.clamp(p.min_factor, p.max_factor);
+        }
+    }
+
+    pub fn estimate(&self, now_us: u64, default_capacity_blocks: u64) -> LoadEstimate {
+        let (
+            foreign_waiting,
+            foreign_running,
+            foreign_blocks,
+            cap,
+            age,
+            scraped_waiting,
+            scraped_kv,
+        ) = match &self.sample {
+            Some((s, t)) => {
+                let cap = s
+                    .kv_capacity_blocks
+                    .filter(|c| *c > 0)
+                    .unwrap_or(default_capacity_blocks);
+                let used = s.kv_usage.map_or(0.0, |u| u.clamp(0.0, 1.0) * cap as f64) as u64;
+                (
+                    s.waiting.saturating_sub(self.at_sample_unstarted),
+                    s.running.saturating_sub(self.at_sample_started),
+                    used.saturating_sub(self.at_sample_blocks),
+                    cap,
+                    Some(now_us.saturating_sub(*t)),
+                    s.waiting,
+                    s.kv_usage,
+                )
+            }
+            None => (0, 0, 0, default_capacity_blocks, None, 0, None),
+        };
+        LoadEstimate {
+            waiting: self.own_unstarted + foreign_waiting,
+            running: self.own_started + foreign_running,
+            queued_prefill_tokens: self.own_unstarted_tokens
+                + (f64::from(foreign_waiting) * self.mean_prompt_tokens) as u64,
+            kv_blocks: self.own_blocks + foreign_blocks,
+            kv_capacity_blocks: cap,
+            own_in_flight: self.in_flight.len() as u32,
+            sample_age_us: age,
+            scraped_waiting,
+            scraped_kv_usage: scraped_kv,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn booking(at: u64, tokens: u32, blocks: u64) -> Booking {
+        Booking {
+            ep: EndpointId(0),
+            booked_at_us: at,
+            prompt_tokens: tokens,
+            uncached_tokens: tokens,
+            kv_blocks: blocks,
+            first_token_at_us: None,
+            predicted_raw_ttft_us: 1000.0,
+        }
+    }
+
+    fn sample(waiting: u32, running: u32, kv: f64) -> MetricsSample {
+        MetricsSample {
+            waiting,
+            running,
+            kv_usage: Some(kv),
+            kv_capacity_blocks: Some(1000),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn bookings_count_at_once_and_are_not_double_counted() {
+        let mut l = EndpointLoad::new(100.0);
+        l.book(1, booking(10, 500, 40), 0.0);
+        l.book(2, booking(20, 300, 20), 0.0);
+        let e = l.estimate(25, 1000);
+        assert_eq!(
+            (e.waiting, e.running, e.queued_prefill_tokens, e.kv_blocks),
+            (2, 0, 800, 60)
+        );
+        assert_eq!(e.sample_age_us, None);
+        // Request 1 starts at 30; a sample taken at 35 sees it running, 2 waiting, plus one
+        // foreign waiting request and 100 foreign blocks.
+        l.first_token(1, 30);
+        assert!(l.observe(35, &sample(2, 1, 0.16)));
+        let e = l.estimate(40, 1000);
+        assert_eq!(
+            (e.waiting, e.running),
+            (2, 1),
+            "one own + one foreign waiting"
+        );
+        assert_eq!(
+            e.queued_prefill_tokens,
+            300 + 100,
+            "foreign converted at the mean prompt"
+        );
+        assert_eq!(e.kv_blocks, 160);
+        assert_eq!(e.sample_age_us, Some(5));
+        // A booking after the sample adds on top; finishing an old one subtracts.
+        l.book(3, booking(41, 200, 10), 0.0);
+        l.release(1, 42);
+        let e = l.estimate(43, 1000);
+        assert_eq!((e.waiting, e.running, e.kv_blocks), (3, 0, 130));
+        // A fresher sample that still shows request 1 (taken before its finish) is reconciled
+        // against the remembered finish: request 1 is not counted as foreign.
+        assert!(l.observe(41, &sample(3, 1, 0.17)));
+        let e = l.estimate(44, 1000);
+        assert_eq!((e.waiting, e.running), (3, 0));
+        assert_eq!(e.kv_blocks, 130);
+        // Stale samples are ignored.
+        assert!(!l.observe(40, &sample(50, 50, 0.9)));
+    }
+
+    #[test]
+    fn calibration_moves_towards_observed_and_is_clamped() {
+        let p = CalibrationParams {
+            alpha: 0.5,
+            min_factor: 0.2,
+            max_factor: 5.0,
+        };
+        let mut f = 1.0;
+        EndpointLoad::calibrate(&mut f, 2000.0, 1000.0, p);
+        assert!((f - 1.5).abs() < 1e-9);
+        for _ in 0..100 {
+            EndpointLoad::calibrate(&mut f, 1e12, 1.0, p);
+        }
+        assert!((f - 5.0).abs() < 1e-9);
+        EndpointLoad::calibrate(&mut f, f64::NAN, 1.0, p);
+        assert!((f - 5.0).abs() < 1e-9);
+    }
+}

@@ -1,0 +1,919 @@
+//! The prefix index: which endpoints hold which prompt blocks, from two sources.
+//!
+//! * **Precise** entries come from the engines' KV events (`BlockStored` / `BlockRemoved` /
+//!   `AllBlocksCleared`), one bit per tier (GPU, CPU, disk).
+//! * **Approximate** entries come from the router's own decisions: booking a request onto an
+//!   endpoint records the request's keys there with a timestamp. They expire after a TTL and are
+//!   capped per endpoint with least-recently-touched eviction.
+//!
+//! Per endpoint the index knows whether its events can be trusted (flowing and gap-free). A
+//! trusted endpoint is matched on precise entries, plus approximate entries younger than a short
+//! *grace* window: those bridge the time between dispatching a request and the engine publishing
+//! `BlockStored` for it, so a burst of same-prefix requests keeps co-locating. An untrusted
+//! endpoint is matched on approximate entries only.
+//!
+//! ## Layout and why
+//! One hash map from block key to a small set of holders, each holder `(endpoint, tier bits,
+//! approximate timestamp)` in 16 bytes. Most keys have one holder, which is stored inline
+//! (`Holders::One`) so the common case costs no second allocation. A query walks the request's
+//! key chain once: at block `i` only endpoints that matched blocks `0..i` can advance, so the walk
+//! stops at the first block no remaining endpoint holds, and costs `O(Σ holders of the matched
+//! blocks)` map probes. Keys are already uniformly distributed hashes, so the map uses a cheap
+//! fixed multiply-fold hasher (deterministic iteration, no SipHash cost).
+//!
+//! ## Memory bound and eviction
+//! * Approximate entries: at most `approx_capacity_blocks` per endpoint. Eviction is least
+//!   recently *touched* (a booking re-touches every block of its prompt), implemented as an
+//!   append-only log of `(key, stamp)` popped from the front; a popped record only evicts if the
+//!   holder still carries that stamp (otherwise it was re-touched later). The log is compacted
+//!   when it grows past twice the live entries. LRU because the engines evict LRU among
+//!   unreferenced blocks, so the router's guess ages the way the engine's cache does; the TTL
+//!   additionally forgets entries the engine has most likely evicted under other routers' load.
+//! * Precise entries: the engine's own evictions (`BlockRemoved`) keep them at the engine's
+//!   capacity. `precise_capacity_blocks` per endpoint is only a guard against lost removals: if
+//!   it is exceeded the endpoint's view is evidently wrong, so its precise entries are dropped
+//!   and it is marked untrusted until a resync (rather than evicting arbitrary blocks and
+//!   silently keeping a wrong view).
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasher, Hasher};
+
+use crate::endpoint::{EndpointId, Tier};
+
+const GPU: u8 = 1;
+const CPU: u8 = 2;
+const DISK: u8 = 4;
+const TIERS: u8 = GPU | CPU | DISK;
+const APPROX: u8 = 8;
+
+fn tier_bit(t: Tier) -> u8 {
+    match t {
+        Tier::Gpu => GPU,
+        Tier::Cpu => CPU,
+        Tier::Disk => DISK,
+    }
+}
+
+/// Multiply-fold hasher for keys that are already uniform 64-bit hashes.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.write_u64(u64::from(*b));
+        }
+    }
+    fn write_u64(&mut self, k: u64) {
+        // Folded 128-bit multiply by an odd constant: mixes high and low bits into both halves.
+        let m = u128::from(k ^ self.0) * 0x9E37_79B9_7F4A_7C15_u128;
+        self.0 = (m as u64) ^ ((m >> 64) as u64);
+    }
+    fn write_u32(&mut self, k: u32) {
+        self.write_u64(u64::from(k));
+    }
+}
+
+/// Builds [`KeyHasher`]s.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct KeyHasherBuilder;
+
+impl BuildHasher for KeyHasherBuilder {
+    type Hasher = KeyHasher;
+    fn build_hasher(&self) -> KeyHasher {
+        KeyHasher::default()
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Holder {
+    approx_stamp_us: u64,
+    ep: u32,
+    flags: u8,
+}
+
+#[derive(Clone, Debug)]
+enum Holders {
+    One(Holder),
+    Many(Vec<Holder>),
+}
+
+impl Holders {
+    fn as_slice(&self) -> &[Holder] {
+        match self {
+            Self::One(h) => std::slice::from_ref(h),
+            Self::Many(v) => v,
+        }
+    }
+    fn find_mut(&mut self, ep: u32) -> Option<&mut Holder> {
+        match self {
+            Self::One(h) => (h.ep == ep).then_some(h),
+            Self::Many(v) => v.iter_mut().find(|h| h.ep == ep),
+        }
+    }
+    fn find(&self, ep: u32) -> Option<&Holder> {
+        self.as_slice().iter().find(|h| h.ep == ep)
+    }
+    fn push(&mut self, h: Holder) {
+        match self {
+            Self::One(first) => *self = Self::Many(vec![*first, h]),
+            Self::Many(v) => v.push(h),
+        }
+    }
+    /// Drops holders with no flags left; returns whether any holder remains.
+    fn prune(&mut self) -> bool {
+        match self {
+            Self::One(h) => h.flags != 0,
+            Self::Many(v) => {
+                v.retain(|h| h.flags != 0);
+                match v.len() {
+                    0 => false,
+                    1 => {
+                        *self = Self::One(v[0]);
+                        true
+                    }
+                    _ => true,
+                }
+            }
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+struct EpIndex {
+    trusted: bool,
+    precise_entries: usize,
+    approx_live: usize,
+    approx_log: VecDeque<(u64, u64)>,
+    last_stamp_us: u64,
+}
+
+/// Which entries a query may use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PrefixSource {
+    /// Precise entries for trusted endpoints, approximate for the rest (kvgate, Dynamo).
+    Best,
+    /// Approximate entries only, for every endpoint (GIE's and SGLang's own trees).
+    ApproxOnly,
+}
+
+/// A prefix query.
+#[derive(Clone, Copy, Debug)]
+pub struct PrefixQuery<'a> {
+    /// The request's precise chain, if it has one.
+    pub precise: Option<&'a [u64]>,
+    /// The request's approximate chain.
+    pub approx: &'a [u64],
+    /// Query time.
+    pub now_us: u64,
+    /// Which entries to use.
+    pub source: PrefixSource,
+}
+
+/// Longest matched prefix per endpoint, indexed by `EndpointId.0`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PrefixMatches {
+    /// Consecutive matched blocks from the start of the prompt, any tier.
+    pub blocks: Vec<u32>,
+    /// Consecutive matched blocks from the start that are on GPU (approximate entries count as
+    /// GPU: they describe work just dispatched there).
+    pub gpu_blocks: Vec<u32>,
+}
+
+impl PrefixMatches {
+    /// Matched blocks for `id` (0 if unknown).
+    pub fn blocks(&self, id: EndpointId) -> u32 {
+        self.blocks.get(id.0 as usize).copied().unwrap_or(0)
+    }
+    /// Matched GPU blocks for `id` (0 if unknown).
+    pub fn gpu_blocks(&self, id: EndpointId) -> u32 {
+        self.gpu_blocks.get(id.0 as usize).copied().unwrap_or(0)
+    }
+}
+
+/// Tuning of the index.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct IndexConfig {
+    /// Approximate entries per endpoint before LRU eviction.
+    pub approx_capacity_blocks: usize,
+    /// Approximate entries older than this are ignored and purged; `None`: never expire.
+    pub approx_ttl_us: Option<u64>,
+    /// For trusted endpoints, approximate entries younger than this still count (dispatch →
+    /// `BlockStored` lag).
+    pub approx_grace_us: u64,
+    /// Precise entries per endpoint above which the endpoint's event view is declared broken.
+    pub precise_capacity_blocks: usize,
+}
+
+/// Memory accounting of the index (see [`PrefixIndex::memory`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IndexMemory {
+    /// Distinct block keys.
+    pub keys: usize,
+    /// (block, endpoint) holder entries.
+    pub entries: usize,
+    /// Heap bytes of the index's containers, from their capacities and element layouts.
+    pub heap_bytes: usize,
+}
+
+/// Result of applying an endpoint's precise events.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ApplyOutcome {
+    /// Applied.
+    Applied,
+    /// The endpoint exceeded `precise_capacity_blocks`: its precise entries were dropped and it
+    /// is now untrusted.
+    Overflowed,
+}
+
+/// The prefix index. See the module docs.
+#[derive(Clone)]
+pub struct PrefixIndex {
+    cfg: IndexConfig,
+    blocks: HashMap<u64, Holders, KeyHasherBuilder>,
+    eps: Vec<Option<EpIndex>>,
+}
+
+impl std::fmt::Debug for PrefixIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PrefixIndex")
+            .field("cfg", &self.cfg)
+            .field("keys", &self.blocks.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PrefixIndex {
+    /// An empty index.
+    pub fn new(cfg: IndexConfig) -> Self {
+        Self {
+            cfg,
+            blocks: HashMap::default(),
+            eps: Vec::new(),
+        }
+    }
+
+    /// The index's tuning.
+    pub fn config(&self) -> &IndexConfig {
+        &self.cfg
+    }
+
+    fn ep_mut(&mut self, id: EndpointId) -> &mut EpIndex {
+        let i = id.0 as usize;
+        if self.eps.len() <= i {
+            self.eps.resize_with(i + 1, || None);
+        }
+        self.eps[i].get_or_insert_with(EpIndex::default)
+    }
+
+    fn ep(&self, id: u32) -> Option<&EpIndex> {
+        self.eps.get(id as usize).and_then(Option::as_ref)
+    }
+
+    /// Whether `id`'s events are trusted.
+    pub fn is_trusted(&self, id: EndpointId) -> bool {
+        self.ep(id.0).is_some_and(|e| e.trusted)
+    }
+
+    /// Marks `id`'s events trusted or not.
+    pub fn set_trusted(&mut self, id: EndpointId, trusted: bool) {
+        self.ep_mut(id).trusted = trusted;
+    }
+
+    /// Live approximate entries of `id` (SGLang's "tree size" of a tenant, in blocks).
+    pub fn approx_entries(&self, id: EndpointId) -> usize {
+        self.ep(id.0).map_or(0, |e| e.approx_live)
+    }
+
+    /// Live precise entries of `id`.
+    pub fn precise_entries(&self, id: EndpointId) -> usize {
+        self.ep(id.0).map_or(0, |e| e.precise_entries)
+    }
+
+    /// Records that `id` holds `keys` in `tier` (a `BlockStored`).
+    pub fn store(&mut self, id: EndpointId, keys: &[u64], tier: Tier) -> ApplyOutcome {
+        let bit = tier_bit(tier);
+        let mut added = 0usize;
+        for &key in keys {
+            match self.blocks.entry(key) {
+                std::collections::hash_map::Entry::Occupied(mut o) => {
+                    match o.get_mut().find_mut(id.0) {
+                        Some(h) => {
+                            if h.flags & TIERS == 0 {
+                                added += 1;
+                            }
+                            h.flags |= bit;
+                        }
+                        None => {
+                            o.get_mut().push(Holder {
+                                approx_stamp_us: 0,
+                                ep: id.0,
+                                flags: bit,
+                            });
+                            added += 1;
+                        }
+                    }
+                }
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(Holders::One(Holder {
+                        approx_stamp_us: 0,
+                        ep: id.0,
+                        flags: bit,
+                    }));
+                    added += 1;
+                }
+            }
+        }
+        let cap = self.cfg.precise_capacity_blocks;
+        let ep = self.ep_mut(id);
+        ep.precise_entries += added;
+        if ep.precise_entries > cap {
+            self.clear_precise(id);
+            self.ep_mut(id).trusted = false;
+            return ApplyOutcome::Overflowed;
+        }
+        ApplyOutcome::Applied
+    }
+
+    /// Records that `id` evicted `keys` from `tier` (a `BlockRemoved`).
+    pub fn remove(&mut self, id: EndpointId, keys: &[u64], tier: Tier) {
+        let bit = tier_bit(tier);
+        let mut removed = 0usize;
+        for key in keys {
+            let Some(hs) = self.blocks.get_mut(key) else {
+                continue;
+            };
+            let Some(h) = hs.find_mut(id.0) else {
+                continue;
+            };
+            let had = h.flags & TIERS != 0;
+            h.flags &= !bit;
+            if had && h.flags & TIERS == 0 {
+                removed += 1;
+            }
+            if h.flags == 0 && !hs.prune() {
+                self.blocks.remove(key);
+            }
+        }
+        let ep = self.ep_mut(id);
+        ep.precise_entries = ep.precise_entries.saturating_sub(removed);
+    }
+
+    /// Drops every precise entry of `id` (an `AllBlocksCleared`, or a broken view). A full scan:
+    /// clears are rare (engine reset), and a per-endpoint key list would double the memory.
+    pub fn clear_precise(&mut self, id: EndpointId) {
+        self.blocks.retain(|_, hs| {
+            if let Some(h) = hs.find_mut(id.0) {
+                h.flags &= !TIERS;
+            }
+            hs.prune()
+        });
+        self.ep_mut(id).precise_entries = 0;
+    }
+
+    /// Records the router's own decision: `id` will hold `keys` from `now_us` on.
+    pub fn touch_approx(&mut self, id: EndpointId, keys: &[u64], now_us: u64) {
+        if keys.is_empty() {
+            return;
+        }
+        let ep = self.ep_mut(id);
+        // Strictly increasing per endpoint, so a log record identifies one touch exactly.
+        let stamp = now_us.max(ep.last_stamp_us + 1);
+        ep.last_stamp_us = stamp;
+        let mut added = 0usize;
+        for &key in keys {
+            let hs = self.blocks.entry(key).or_insert_with(|| {
+                Holders::One(Holder {
+                    approx_stamp_us: 0,
+                    ep: id.0,
+                    flags: 0,
+                })
+            });
+            match hs.find_mut(id.0) {
+                Some(h) => {
+                    if h.flags & APPROX == 0 {
+                        added += 1;
+                    }
+                    h.flags |= APPROX;
+                    h.approx_stamp_us = stamp;
+                }
+                None => {
+                    hs.push(Holder {
+                        approx_stamp_us: stamp,
+                        ep: id.0,
+                        flags: APPROX,
+                    });
+                    added += 1;
+                }
+            }
+        }
+        let ep = self.ep_mut(id);
+        ep.approx_live += added;
+        ep.approx_log.extend(keys.iter().map(|&k| (k, stamp)));
+        let cap = self.cfg.approx_capacity_blocks;
+        while self.ep_mut(id).approx_live > cap {
+            let Some((key, s)) = self.ep_mut(id).approx_log.pop_front() else {
+                break;
+            };
+            self.evict_approx(id, key, s);
+        }
+        self.maybe_compact(id);
+    }
+
+    /// Evicts the approximate entry `(key, id)` if it still carries `stamp`.
+    fn evict_approx(&mut self, id: EndpointId, key: u64, stamp: u64) {
+        let Some(hs) = self.blocks.get_mut(&key) else {
+            return;
+        };
+        let Some(h) = hs.find_mut(id.0) else {
+            return;
+        };
+        if h.flags & APPROX == 0 || h.approx_stamp_us != stamp {
+            return;
+        }
+        h.flags &= !APPROX;
+        if h.flags == 0 && !hs.prune() {
+            self.blocks.remove(&key);
+        }
+        let ep = self.ep_mut(id);
+        ep.approx_live = ep.approx_live.saturating_sub(1);
+    }
+
+    fn maybe_compact(&mut self, id: EndpointId) {
+        let ep = self.ep_mut(id);
+        if ep.approx_log.len() <= 2 * ep.approx_live + 1024 {
+            return;
+        }
+        let log = std::mem::take(&mut ep.approx_log);
+        let blocks = &self.blocks;
+        let kept: VecDeque<(u64, u64)> = log
+            .into_iter()
+            .filter(|&(key, s)| {
+                blocks
+                    .get(&key)
+                    .and_then(|hs| hs.find(id.0))
+                    .is_some_and(|h| h.flags & APPROX != 0 && h.approx_stamp_us == s)
+            })
+            .collect();
+        self.ep_mut(id).approx_log = kept;
+    }
+
+    /// Purges approximate entries of `id` older than the TTL at `now_us`.
+    pub fn expire_approx(&mut self, id: EndpointId, now_us: u64) {
+        let Some(ttl) = self.cfg.approx_ttl_us else {
+            return;
+        };
+        loop {
+            let ep = self.ep_mut(id);
+            match ep.approx_log.front() {
+                Some(&(key, s)) if now_us.saturating_sub(s) > ttl => {
+                    ep.approx_log.pop_front();
+                    self.evict_approx(id, key, s);
+                }
+                _ => break,
+            }
+        }
+    }
+
+    /// Forgets `id` entirely.
+    pub fn remove_endpoint(&mut self, id: EndpointId) {
+        self.blocks.retain(|_, hs| {
+            if let Some(h) = hs.find_mut(id.0) {
+                h.flags = 0;
+            }
+            hs.prune()
+        });
+        if let Some(slot) = self.eps.get_mut(id.0 as usize) {
+            *slot = None;
+        }
+    }
+
+    fn approx_fresh(&self, h: &Holder, now_us: u64, max_age_us: Option<u64>) -> bool {
+        h.flags & APPROX != 0
+            && max_age_us.is_none_or(|a| now_us.saturating_sub(h.approx_stamp_us) <= a)
+    }
+
+    /// Walks `chain`, advancing endpoints for which `accept` says the holder counts (and whether
+    /// it counts as GPU).
+    fn walk(
+        &self,
+        chain: &[u64],
+        blocks: &mut [u32],
+        gpu: &mut [u32],
+        accept: impl Fn(&Holder) -> Option<bool>,
+    ) {
+        for (i, key) in chain.iter().enumerate() {
+            let i = i as u32;
+            let Some(hs) = self.blocks.get(key) else {
+                break;
+            };
+            let mut advanced = false;
+            for h in hs.as_slice() {
+                let e = h.ep as usize;
+                if e >= blocks.len() || blocks[e] != i {
+                    continue;
+                }
+                if let Some(on_gpu) = accept(h) {
+                    blocks[e] = i + 1;
+                    if on_gpu && gpu[e] == i {
+                        gpu[e] = i + 1;
+                    }
+                    advanced = true;
+                }
+            }
+            if !advanced {
+                break;
+            }
+        }
+    }
+
+    /// Longest consecutive matched prefix per endpoint.
+    pub fn longest_prefixes(&self, q: &PrefixQuery<'_>) -> PrefixMatches {
+        let n = self.eps.len();
+        let mut out = PrefixMatches {
+            blocks: vec![0; n],
+            gpu_blocks: vec![0; n],
+        };
+        let now = q.now_us;
+        let ttl = self.cfg.approx_ttl_us;
+        let grace = Some(self.cfg.approx_grace_us);
+        let trusted = |ep: u32| self.ep(ep).is_some_and(|e| e.trusted);
+        let approx_any = |h: &Holder| self.approx_fresh(h, now, ttl).then_some(true);
+        let precise = match (q.source, q.precise) {
+            (PrefixSource::Best, Some(p)) => p,
+            _ => {
+                self.walk(q.approx, &mut out.blocks, &mut out.gpu_blocks, approx_any);
+                return out;
+            }
+        };
+        let trusted_accept = |h: &Holder| {
+            if h.flags & TIERS != 0 {
+                Some(h.flags & GPU != 0)
+            } else {
+                None
+            }
+        };
+        if precise == q.approx {
+            self.walk(precise, &mut out.blocks, &mut out.gpu_blocks, |h| {
+                if trusted(h.ep) {
+                    trusted_accept(h).or_else(|| self.approx_fresh(h, now, grace).then_some(true))
+                } else {
+                    approx_any(h)
+                }
+            });
+            return out;
+        }
+        // Two chains: precise entries on the precise chain for trusted endpoints; approximate
+        // entries on the approximate chain (all for untrusted, the grace window for trusted).
+        self.walk(precise, &mut out.blocks, &mut out.gpu_blocks, |h| {
+            if trusted(h.ep) {
+                trusted_accept(h)
+            } else {
+                None
+            }
+        });
+        let mut b2 = vec![0; n];
+        let mut g2 = vec![0; n];
+        self.walk(q.approx, &mut b2, &mut g2, |h| {
+            let window = if trusted(h.ep) { grace } else { ttl };
+            self.approx_fresh(h, now, window).then_some(true)
+        });
+        for i in 0..n {
+            if b2[i] > out.blocks[i] {
+                out.blocks[i] = b2[i];
+            }
+            out.gpu_blocks[i] = out.gpu_blocks[i].max(g2[i]);
+        }
+        out
+    }
+
+    /// Counts keys, holder entries and heap bytes. Heap bytes are computed from the containers'
+    /// capacities and element layouts: hashbrown allocates `buckets × (entry + 1 control byte)
+    /// + 16` with `buckets` the next power of two ≥ `capacity × 8 / 7`; inline single holders
+    /// cost nothing extra; `Vec`/`VecDeque` cost `capacity × element`.
+    pub fn memory(&self) -> IndexMemory {
+        fn table_bytes(capacity: usize, entry: usize) -> usize {
+            if capacity == 0 {
+                return 0;
+            }
+            let buckets = if capacity < 8 {
+                if capacity < 4 { 4 } else { 8 }
+            } else {
+                (capacity * 8 / 7).next_power_of_two()
+            };
+            buckets * (entry + 1) + 16
+        }
+        let mut m = IndexMemory {
+            keys: self.blocks.len(),
+            entries: 0,
+            heap_bytes: table_bytes(
+                self.blocks.capacity(),
+                std::mem::size_of::<(u64, Holders)>(),
+            ),
+        };
+        for hs in self.blocks.values() {
+            m.entries += hs.as_slice().len();
+            if let Holders::Many(v) = hs {
+                m.heap_bytes += v.capacity() * std::mem::size_of::<Holder>();
+            }
+        }
+        m.heap_bytes += self.eps.capacity() * std::mem::size_of::<Option<EpIndex>>();
+        for ep in self.eps.iter().flatten() {
+            m.heap_bytes += ep.approx_log.capacity() * std::mem::size_of::<(u64, u64)>();
+        }
+        m
+    }
+
+    /// Size in bytes of one holder record and of one map slot (key + inline holder set).
+    pub fn layout_sizes() -> (usize, usize) {
+        (
+            std::mem::size_of::<Holder>(),
+            std::mem::size_of::<(u64, Holders)>(),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn cfg() -> IndexConfig {
+        IndexConfig {
+            approx_capacity_blocks: 1_000_000,
+            approx_ttl_us: Some(1_000),
+            approx_grace_us: 100,
+            precise_capacity_blocks: 1_000_000,
+        }
+    }
+
+    /// Brute-force model: sets of facts, matched by scanning.
+    #[derive(Default)]
+    struct Reference {
+        precise: BTreeSet<(u64, u32, u8)>,
+        approx: BTreeMap<(u64, u32), u64>,
+        trusted: BTreeSet<u32>,
+        last_stamp: BTreeMap<u32, u64>,
+    }
+
+    impl Reference {
+        fn holds(&self, key: u64, ep: u32, now: u64, c: &IndexConfig) -> Option<bool> {
+            let tiers: Vec<u8> = [GPU, CPU, DISK]
+                .into_iter()
+                .filter(|t| self.precise.contains(&(key, ep, *t)))
+                .collect();
+            let approx_age = self.approx.get(&(key, ep)).map(|s| now.saturating_sub(*s));
+            if self.trusted.contains(&ep) {
+                if !tiers.is_empty() {
+                    return Some(tiers.contains(&GPU));
+                }
+                approx_age.filter(|a| *a <= c.approx_grace_us).map(|_| true)
+            } else {
+                approx_age
+                    .filter(|a| c.approx_ttl_us.is_none_or(|t| *a <= t))
+                    .map(|_| true)
+            }
+        }
+
+        fn matches(&self, chain: &[u64], eps: u32, now: u64, c: &IndexConfig) -> Vec<(u32, u32)> {
+            (0..eps)
+                .map(|ep| {
+                    let mut blocks = 0;
+                    let mut gpu = 0;
+                    let mut gpu_run = true;
+                    for &k in chain {
+                        match self.holds(k, ep, now, c) {
+                            Some(g) => {
+                                blocks += 1;
+                                gpu_run &= g;
+                                if gpu_run {
+                                    gpu += 1;
+                                }
+                            }
+                            None => break,
+                        }
+                    }
+                    (blocks, gpu)
+                })
+                .collect()
+        }
+    }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Store(u32, Vec<u64>, u8),
+        Remove(u32, Vec<u64>, u8),
+        Clear(u32),
+        Touch(u32, Vec<u64>),
+        Trust(u32, bool),
+        Advance(u64),
+    }
+
+    fn tier_of(t: u8) -> Tier {
+        match t {
+            0 => Tier::Gpu,
+            1 => Tier::Cpu,
+            _ => Tier::Disk,
+        }
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        // Keys from a tiny alphabet so chains overlap often.
+        let keys = prop::collection::vec(0u64..12, 1..6);
+        prop_oneof![
+            4 => (0u32..4, keys.clone(), 0u8..3).prop_map(|(e, k, t)| Op::Store(e, k, t)),
+            2 => (0u32..4, keys.clone(), 0u8..3).prop_map(|(e, k, t)| Op::Remove(e, k, t)),
+            1 => (0u32..4).prop_map(Op::Clear),
+            3 => (0u32..4, keys).prop_map(|(e, k)| Op::Touch(e, k)),
+            1 => (0u32..4, any::<bool>()).prop_map(|(e, t)| Op::Trust(e, t)),
+            2 => (0u64..400).prop_map(Op::Advance),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn index_matches_brute_force(ops in prop::collection::vec(op(), 1..60),
+                                     chain in prop::collection::vec(0u64..12, 0..8),
+                                     approx_chain in prop::collection::vec(0u64..12, 0..8),
+                                     two_chains in any::<bool>()) {
+            let c = cfg();
+            let mut idx = PrefixIndex::new(c);
+            let mut r = Reference::default();
+            let mut now = 0u64;
+            for e in 0..4 {
+                idx.set_trusted(EndpointId(e), false);
+            }
+            for op in ops {
+                match op {
+                    Op::Store(e, k, t) => {
+                        idx.store(EndpointId(e), &k, tier_of(t));
+                        for key in k { r.precise.insert((key, e, 1 << t)); }
+                    }
+                    Op::Remove(e, k, t) => {
+                        idx.remove(EndpointId(e), &k, tier_of(t));
+                        for key in k { r.precise.remove(&(key, e, 1 << t)); }
+                    }
+                    Op::Clear(e) => {
+                        idx.clear_precise(EndpointId(e));
+                        r.precise.retain(|x| x.1 != e);
+                    }
+                    Op::Touch(e, k) => {
+                        idx.touch_approx(EndpointId(e), &k, now);
+                        // Stamps are strictly increasing per endpoint (same rule as the index).
+                        let last = r.last_stamp.entry(e).or_insert(0);
+                        let stamp = now.max(*last + 1);
+                        *last = stamp;
+                        for key in k { r.approx.insert((key, e), stamp); }
+                    }
+                    Op::Trust(e, t) => {
+                        idx.set_trusted(EndpointId(e), t);
+                        if t { r.trusted.insert(e); } else { r.trusted.remove(&e); }
+                    }
+                    Op::Advance(d) => {
+                        now += d;
+                        for e in 0..4 { idx.expire_approx(EndpointId(e), now); }
+                    }
+                }
+            }
+            let precise = chain.clone();
+            let approx = if two_chains { approx_chain.clone() } else { chain.clone() };
+            let got = idx.longest_prefixes(&PrefixQuery {
+                precise: Some(&precise), approx: &approx, now_us: now, source: PrefixSource::Best,
+            });
+            for ep in 0..4u32 {
+                let want = if two_chains {
+                    // Trusted: max of precise-chain (precise only) and approx-chain (grace);
+                    // untrusted: approx chain only.
+                    let mut pr = Reference { precise: r.precise.clone(), trusted: r.trusted.clone(), ..Default::default() };
+                    let a = if r.trusted.contains(&ep) { pr.matches(&precise, 4, now, &c)[ep as usize] } else { (0, 0) };
+                    pr.precise.clear();
+                    pr.approx = r.approx.clone();
+                    let b = pr.matches(&approx, 4, now, &c)[ep as usize];
+                    (a.0.max(b.0), a.1.max(b.1))
+                } else {
+                    r.matches(&precise, 4, now, &c)[ep as usize]
+                };
+                prop_assert_eq!((got.blocks(EndpointId(ep)), got.gpu_blocks(EndpointId(ep))), want,
+                    "endpoint {}", ep);
+            }
+            // Approx-only source ignores precise entries and trust.
+            let got = idx.longest_prefixes(&PrefixQuery {
+                precise: Some(&precise), approx: &approx, now_us: now, source: PrefixSource::ApproxOnly,
+            });
+            let ar = Reference { approx: r.approx.clone(), ..Default::default() };
+            for ep in 0..4u32 {
+                prop_assert_eq!(got.blocks(EndpointId(ep)), ar.matches(&approx, 4, now, &c)[ep as usize].0);
+            }
+            // Precise-entry counts agree with the reference.
+            for ep in 0..4u32 {
+                let want = r.precise.iter().filter(|x| x.1 == ep).map(|x| x.0).collect::<BTreeSet<_>>().len();
+                prop_assert_eq!(idx.precise_entries(EndpointId(ep)), want);
+            }
+        }
+    }
+
+    #[test]
+    fn approx_capacity_evicts_least_recently_touched() {
+        let mut idx = PrefixIndex::new(IndexConfig {
+            approx_capacity_blocks: 3,
+            approx_ttl_us: None,
+            ..cfg()
+        });
+        let e = EndpointId(0);
+        idx.touch_approx(e, &[1, 2], 10);
+        idx.touch_approx(e, &[3], 20);
+        idx.touch_approx(e, &[1], 30); // 1 refreshed: 2 is now the oldest
+        idx.touch_approx(e, &[4], 40);
+        assert_eq!(idx.approx_entries(e), 3);
+        let q = |chain: &[u64]| {
+            idx.longest_prefixes(&PrefixQuery {
+                precise: None,
+                approx: chain,
+                now_us: 50,
+                source: PrefixSource::ApproxOnly,
+            })
+            .blocks(e)
+        };
+        assert_eq!(q(&[1]), 1);
+        assert_eq!(q(&[2]), 0, "2 was least recently touched");
+        assert_eq!(q(&[3]), 1);
+        assert_eq!(q(&[4]), 1);
+    }
+
+    #[test]
+    fn approx_ttl_expires_on_read_and_on_purge() {
+        let mut idx = PrefixIndex::new(cfg());
+        let e = EndpointId(1);
+        idx.touch_approx(e, &[7, 8], 0);
+        let q = |idx: &PrefixIndex, now| {
+            idx.longest_prefixes(&PrefixQuery {
+                precise: None,
+                approx: &[7, 8],
+                now_us: now,
+                source: PrefixSource::ApproxOnly,
+            })
+            .blocks(e)
+        };
+        assert_eq!(q(&idx, 1_000), 2);
+        assert_eq!(q(&idx, 1_002), 0, "older than the TTL");
+        idx.expire_approx(e, 1_002);
+        assert_eq!(idx.approx_entries(e), 0);
+        assert_eq!(idx.memory().keys, 0, "expired keys are freed");
+    }
+
+    #[test]
+    fn precise_overflow_drops_view_and_untrusts() {
+        let mut idx = PrefixIndex::new(IndexConfig {
+            precise_capacity_blocks: 4,
+            ..cfg()
+        });
+        let e = EndpointId(0);
+        idx.set_trusted(e, true);
+        assert_eq!(idx.store(e, &[1, 2, 3], Tier::Gpu), ApplyOutcome::Applied);
+        assert_eq!(
+            idx.store(e, &[1, 2, 3], Tier::Cpu),
+            ApplyOutcome::Applied,
+            "same blocks, new tier"
+        );
+        assert_eq!(idx.store(e, &[4, 5], Tier::Gpu), ApplyOutcome::Overflowed);
+        assert!(!idx.is_trusted(e));
+        assert_eq!(idx.precise_entries(e), 0);
+        assert_eq!(idx.memory().keys, 0);
+    }
+
+    #[test]
+    fn compaction_keeps_log_bounded() {
+        let mut idx = PrefixIndex::new(cfg());
+        let e = EndpointId(0);
+        for t in 0..10_000u64 {
+            idx.touch_approx(e, &[1, 2, 3], t);
+        }
+        assert_eq!(idx.approx_entries(e), 3);
+        assert!(idx.eps[0].as_ref().unwrap().approx_log.len() <= 2 * 3 + 1024 + 3);
+    }
+
+    #[test]
+    fn memory_per_entry_is_reported() {
+        let mut idx = PrefixIndex::new(cfg());
+        for e in 0..4u32 {
+            let keys: Vec<u64> = (0..10_000u64)
+                .map(|k| k * 7919 + u64::from(e) * 1_000_003)
+                .collect();
+            idx.store(EndpointId(e), &keys, Tier::Gpu);
+        }
+        let m = idx.memory();
+        assert_eq!(m.entries, 40_000);
+        let per = m.heap_bytes as f64 / m.entries as f64;
+        let (holder, slot) = PrefixIndex::layout_sizes();
+        println!(
+            "index memory: {per:.1} bytes per (block, endpoint) entry (holder {holder} B, slot {slot} B)"
+        );
+        assert!(per > slot as f64 && per < 4.0 * slot as f64, "{per}");
+    }
+}

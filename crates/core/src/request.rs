@@ -1,0 +1,286 @@
+//! What a routing call is about: the request as the router sees it, its prefix keys, the decision
+//! returned, and what the caller reports back afterwards.
+
+use kvgate_tokens::{BlockHasher, ExtraKeys};
+use xxhash_rust::xxh3::xxh3_64_with_seed;
+
+use crate::endpoint::EndpointId;
+
+/// Bytes per approximate block when only text is known. 64: the Gateway API Inference Extension's
+/// prefix plugin hashes 64-character chunks, which at ~4 bytes per token is one 16-token vLLM
+/// block, so approximate and precise matches count in comparable units.
+pub const APPROX_CHUNK_BYTES: usize = 64;
+
+/// Bytes per token assumed when converting text chunks into token blocks. 4 is the usual figure
+/// for English under BPE tokenizers of the Llama/GPT families.
+pub const APPROX_BYTES_PER_TOKEN: usize = 4;
+
+/// Which phase of a (possibly disaggregated) request this routing call is for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Phase {
+    /// The whole request on one aggregated engine.
+    #[default]
+    Aggregated,
+    /// The prefill leg of a disaggregated request.
+    Prefill,
+    /// The decode leg of a disaggregated request.
+    Decode,
+}
+
+/// A prompt's block keys: what the prefix index is queried with.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PromptKeys {
+    /// Tokens per block of `precise` (and, approximately, of `approx`).
+    pub block_size: u32,
+    /// vLLM's chained block keys (from [`BlockHasher`]), when the request was tokenized with the
+    /// engines' tokenizer and hash seed; matched against KV events.
+    pub precise: Option<Vec<u64>>,
+    /// Router-only chained keys, matched against the router's own past decisions.
+    pub approx: Vec<u64>,
+}
+
+impl PromptKeys {
+    /// Keys from token ids: vLLM's precise chain, reused as the approximate chain (one hashing
+    /// pass, and approximate matches then count real blocks).
+    pub fn precise(tokens: &[u32], hasher: &BlockHasher, extra: ExtraKeys<'_>) -> Self {
+        let keys = hasher.keys(tokens, extra);
+        Self {
+            block_size: hasher.block_size() as u32,
+            approx: keys.clone(),
+            precise: Some(keys),
+        }
+    }
+
+    /// Approximate keys from raw prompt bytes (no tokenizer): chained xxh3 over
+    /// [`APPROX_CHUNK_BYTES`]-byte chunks, rooted at `scope` (model and adapter name, so different
+    /// models never share entries). Only full chunks are hashed, as engines only cache full blocks.
+    pub fn approximate(bytes: &[u8], scope: &str) -> Self {
+        let mut parent = xxh3_64_with_seed(scope.as_bytes(), 0);
+        let approx = bytes
+            .chunks_exact(APPROX_CHUNK_BYTES)
+            .map(|chunk| {
+                parent = xxh3_64_with_seed(chunk, parent);
+                parent
+            })
+            .collect();
+        Self {
+            block_size: (APPROX_CHUNK_BYTES / APPROX_BYTES_PER_TOKEN) as u32,
+            precise: None,
+            approx,
+        }
+    }
+
+    /// Approximate keys from token ids: chained xxh3 over `block_size`-token blocks. Cheap (no
+    /// SHA-256) and independent of the engines' hash seed; used when precise keys are not wanted.
+    /// A `block_size` of 0 yields no keys.
+    pub fn approximate_from_tokens(tokens: &[u32], block_size: u32) -> Self {
+        let mut approx = Vec::new();
+        if block_size > 0 {
+            let mut parent = 0u64;
+            let mut buf = Vec::with_capacity(block_size as usize * 4);
+            approx.reserve(tokens.len() / block_size as usize);
+            for block in tokens.chunks_exact(block_size as usize) {
+                buf.clear();
+                for t in block {
+                    buf.extend_from_slice(&t.to_le_bytes());
+                }
+                parent = xxh3_64_with_seed(&buf, parent);
+                approx.push(parent);
+            }
+        }
+        Self {
+            block_size,
+            precise: None,
+            approx,
+        }
+    }
+
+    /// Number of full blocks in the prompt (the longer of the two chains).
+    pub fn num_blocks(&self) -> usize {
+        self.precise
+            .as_ref()
+            .map_or(0, Vec::len)
+            .max(self.approx.len())
+    }
+}
+
+/// One request to route.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RoutingRequest {
+    /// Caller's request id; the same id is used in `book`, `on_first_token`, `on_finish`.
+    pub id: u64,
+    /// Base model name.
+    pub model: String,
+    /// LoRA adapter, if the request addresses one.
+    pub lora: Option<String>,
+    /// Prompt length in tokens (estimated if no tokenizer ran).
+    pub prompt_tokens: u32,
+    /// Prefix keys.
+    pub keys: PromptKeys,
+    /// Output limit, if given.
+    pub max_tokens: Option<u32>,
+    /// Priority; `< 0` is sheddable.
+    pub priority: i32,
+    /// Session (conversation) id, if the client sent one.
+    pub session_id: Option<String>,
+    /// Restrict the choice to these endpoints (Envoy's subset hint).
+    pub subset: Option<Vec<EndpointId>>,
+    /// Which leg of the request this is.
+    pub phase: Phase,
+}
+
+impl RoutingRequest {
+    /// An aggregated, priority-0 request for `model` with no adapter, session or subset.
+    pub fn new(id: u64, model: impl Into<String>, prompt_tokens: u32, keys: PromptKeys) -> Self {
+        Self {
+            id,
+            model: model.into(),
+            lora: None,
+            prompt_tokens,
+            keys,
+            max_tokens: None,
+            priority: 0,
+            session_id: None,
+            subset: None,
+            phase: Phase::Aggregated,
+        }
+    }
+}
+
+/// Why the primary endpoint was chosen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DecisionReason {
+    /// The best cost was driven by a cached prefix on the chosen endpoint.
+    PrefixHit,
+    /// Lowest predicted cost without a prefix hit.
+    LeastCost,
+    /// The hot-prefix rule sent this request to a non-holder to grow the set of holders.
+    HotPrefixSpill,
+    /// Highest weighted score (GIE max-score picker).
+    MaxScore,
+    /// Weighted random draw over scores.
+    WeightedRandom,
+    /// Uniformly random.
+    Random,
+    /// Next in rotation.
+    RoundRobin,
+    /// Fewest requests in flight.
+    LeastRequest,
+    /// Better of two random candidates.
+    PowerOfTwo,
+    /// SGLang cache_aware: prefix match above the cache threshold.
+    CacheAffinity,
+    /// SGLang cache_aware: load imbalanced, shortest queue chosen.
+    Balance,
+    /// SGLang cache_aware: no good match, endpoint with the smallest approximate tree chosen.
+    SmallestCache,
+    /// Oracle: lowest true predicted TTFT.
+    Oracle,
+    /// Only one candidate was eligible.
+    OnlyCandidate,
+    /// Every eligible endpoint was draining; one of them got the request as a last resort.
+    DrainingOnly,
+}
+
+/// The answer to [`crate::Router::pick`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct Decision {
+    /// Where to send the request.
+    pub primary: EndpointId,
+    /// Where to retry, in order, if the primary fails before the first byte.
+    pub fallbacks: Vec<EndpointId>,
+    /// Why.
+    pub reason: DecisionReason,
+    /// Prefix blocks the index believes `primary` holds for this request.
+    pub matched_blocks: u32,
+    /// The cost model's predicted time to first token on `primary`, when computed.
+    pub predicted_ttft_us: Option<u64>,
+}
+
+/// What the caller learnt when a request finished.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Outcome {
+    /// Tokens generated.
+    pub output_tokens: u32,
+    /// Prompt tokens served from the engine's prefix cache (`usage.prompt_tokens_details`).
+    pub cached_tokens: Option<u32>,
+    /// Mean time per output token, µs, if measured.
+    pub tpot_us: Option<u64>,
+}
+
+/// How a request failed, which decides how long its endpoint is penalised.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FailureKind {
+    /// Could not connect.
+    Connect,
+    /// No response in time.
+    Timeout,
+    /// The endpoint said it is overloaded (429/503).
+    Overloaded,
+    /// Any other server-side error (5xx, broken stream).
+    ServerError,
+    /// The client went away: not the endpoint's fault, no penalty.
+    Cancelled,
+}
+
+/// True engine state, as only a simulator can know it.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct TrueLoad {
+    /// Prefill tokens queued or in progress ahead of a new request.
+    pub queued_prefill_tokens: u64,
+    /// Requests running.
+    pub running: u32,
+    /// Requests waiting.
+    pub waiting: u32,
+    /// KV-cache use in `[0, 1]`.
+    pub kv_usage: f64,
+    /// Tokens of this request's prompt the engine holds in its prefix cache right now.
+    pub cached_prefix_tokens: u32,
+}
+
+/// Read access to true engine state for the oracle policy (simulation only).
+pub trait OracleView {
+    /// True state of endpoint `id` as it concerns `req`.
+    fn true_load(&self, id: EndpointId, req: &RoutingRequest) -> TrueLoad;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn approximate_keys_chain_and_skip_partial_chunk() {
+        let text = vec![b'a'; APPROX_CHUNK_BYTES * 3 + 10];
+        let k = PromptKeys::approximate(&text, "m");
+        assert_eq!(k.approx.len(), 3);
+        assert_ne!(k.approx[0], k.approx[1], "same chunk, different parent");
+        let other_scope = PromptKeys::approximate(&text, "m2");
+        assert_ne!(k.approx[0], other_scope.approx[0]);
+        assert_eq!(k.block_size, 16);
+    }
+
+    #[test]
+    fn precise_keys_match_the_hasher() {
+        let h = BlockHasher::new("0", 4);
+        let toks: Vec<u32> = (0..10).collect();
+        let k = PromptKeys::precise(&toks, &h, ExtraKeys::default());
+        assert_eq!(
+            k.precise.as_deref(),
+            Some(&h.keys(&toks, ExtraKeys::default())[..])
+        );
+        assert_eq!(k.num_blocks(), 2);
+    }
+
+    #[test]
+    fn token_keys_depend_on_prefix() {
+        let a = PromptKeys::approximate_from_tokens(&[1, 2, 3, 4], 2);
+        let b = PromptKeys::approximate_from_tokens(&[9, 2, 3, 4], 2);
+        assert_eq!(a.approx.len(), 2);
+        assert_ne!(a.approx[1], b.approx[1]);
+        assert!(
+            PromptKeys::approximate_from_tokens(&[1, 2], 0)
+                .approx
+                .is_empty()
+        );
+    }
+}

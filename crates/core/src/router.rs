@@ -1,0 +1,805 @@
+//! The [`Router`]: membership, observations, decisions and bookkeeping in one synchronous object.
+//!
+//! Host rules applied to every policy (so every baseline is compared on the same footing):
+//! * Eligibility: the endpoint serves the model, can serve the adapter (listed in its spec or
+//!   reported loaded/waiting), its role serves the phase, it is in the request's subset, and it
+//!   is not gone.
+//! * Last resorts: draining endpoints, and endpoints penalised after failures or repeated scrape
+//!   failures, are candidates only when no other eligible endpoint exists.
+//! * Shedding: a request with priority < 0 is rejected with [`RouteError::Shed`] when every
+//!   candidate is saturated: estimated waiting ≥ `shed_queue_threshold` (GIE's saturation
+//!   detector uses queue depth 5) or estimated KV use ≥ the cliff. Non-negative priorities are
+//!   never shed.
+//! * Candidates are always considered in address order, so results do not depend on the order
+//!   in which endpoints were added, and a seeded RNG gives the same answer every time.
+//! * Fallbacks are the next best by total score (address order among equals).
+
+use std::collections::{BTreeMap, HashMap};
+
+use rand::RngCore;
+
+use crate::config::{RouterConfig, ScorerKind, Tuning};
+use crate::cost::{self, HardwarePrior};
+use crate::endpoint::{EndpointId, EndpointSpec, EndpointState};
+use crate::error::{CoreError, RouteError};
+use crate::estimate::{Booking, CalibrationParams, EndpointLoad, LoadEstimate};
+use crate::index::{IndexConfig, IndexMemory, PrefixIndex, PrefixQuery, PrefixSource};
+use crate::observe::{KvEvent, KvEventBatch, MetricsSample};
+use crate::plugins::{self, Candidate, Filter, Needs, PickContext, Picker, Scorer};
+use crate::request::{
+    Decision, DecisionReason, FailureKind, OracleView, Outcome, Phase, RoutingRequest,
+};
+
+/// Result of checking a KV event batch's sequence number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SeqCheck {
+    /// The expected next batch; applied.
+    InOrder,
+    /// Batches were lost between `expected` and `got`; the batch was applied, the endpoint is
+    /// untrusted (approximate matching) until [`Router::kv_resynced`]. Replay from `expected`.
+    Gap {
+        /// First missing sequence number.
+        expected: u64,
+        /// Sequence number received.
+        got: u64,
+    },
+    /// A batch inside a recorded gap, delivered by replay; applied.
+    Replayed,
+    /// Already seen (duplicate) or from an unknown endpoint; ignored.
+    Stale,
+}
+
+#[derive(Clone, Debug, Default)]
+struct KvStream {
+    expected: Option<u64>,
+    gap: Option<(u64, u64)>,
+    last_event_at_us: Option<u64>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    spec: EndpointSpec,
+    state: EndpointState,
+    added_at_us: u64,
+    load: EndpointLoad,
+    kv: KvStream,
+    scrape_failures: u32,
+    last_scrape_failure_at_us: Option<u64>,
+    consecutive_failures: u32,
+    penalised_until_us: u64,
+    prior: HardwarePrior,
+}
+
+struct Profile {
+    name: String,
+    filters: Vec<Box<dyn Filter>>,
+    scorers: Vec<(Box<dyn Scorer>, f64)>,
+    picker: Box<dyn Picker>,
+    needs: Needs,
+    oracle: bool,
+}
+
+impl std::fmt::Debug for Profile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Profile")
+            .field("name", &self.name)
+            .field("filters", &self.filters)
+            .field("scorers", &self.scorers)
+            .field("picker", &self.picker)
+            .finish()
+    }
+}
+
+/// What gateway metrics show about one endpoint.
+#[derive(Clone, Debug)]
+pub struct EndpointView<'a> {
+    /// Id.
+    pub id: EndpointId,
+    /// `host:port`.
+    pub address: &'a str,
+    /// Spec.
+    pub spec: &'a EndpointSpec,
+    /// State.
+    pub state: EndpointState,
+    /// When the latest metrics sample was taken, µs.
+    pub sample_taken_at_us: Option<u64>,
+    /// When the latest KV event batch arrived, µs.
+    pub last_kv_event_at_us: Option<u64>,
+    /// Whether its KV events are trusted.
+    pub events_trusted: bool,
+    /// Load estimate as of the router's latest known time.
+    pub estimate: LoadEstimate,
+    /// Calibrated prefill speed factor (1 = hardware prior).
+    pub prefill_speed: f64,
+    /// Calibrated decode speed factor.
+    pub decode_speed: f64,
+    /// Consecutive scrape failures.
+    pub scrape_failures: u32,
+    /// Penalised (last resort) until this time, µs.
+    pub penalised_until_us: u64,
+    /// Precise prefix entries held.
+    pub precise_blocks: usize,
+    /// Approximate prefix entries held.
+    pub approx_blocks: usize,
+}
+
+/// The routing core. See the crate and module docs.
+#[derive(Debug)]
+pub struct Router {
+    policy: String,
+    tuning: Tuning,
+    profiles: Vec<Profile>,
+    slots: Vec<Option<Entry>>,
+    by_address: HashMap<String, EndpointId>,
+    /// Live endpoints in address order.
+    order: BTreeMap<String, EndpointId>,
+    index: PrefixIndex,
+    bookings: HashMap<u64, EndpointId>,
+    rotation: u64,
+    clock_us: u64,
+}
+
+impl Router {
+    /// Builds a router from a validated config.
+    pub fn new(cfg: RouterConfig) -> Result<Self, CoreError> {
+        cfg.validate()?;
+        let profiles = cfg
+            .profiles
+            .iter()
+            .map(|p| {
+                let filters: Vec<Box<dyn Filter>> =
+                    p.filters.iter().map(plugins::build_filter).collect();
+                let scorers: Vec<(Box<dyn Scorer>, f64)> = p
+                    .scorers
+                    .iter()
+                    .map(|(k, w)| (plugins::build_scorer(k), *w))
+                    .collect();
+                let picker = plugins::build_picker(&p.picker);
+                let mut needs = picker.needs();
+                for f in &filters {
+                    needs = needs.union(f.needs());
+                }
+                for (s, _) in &scorers {
+                    needs = needs.union(s.needs());
+                }
+                Profile {
+                    name: p.name.clone(),
+                    oracle: p.scorers.iter().any(|(k, _)| *k == ScorerKind::Oracle),
+                    filters,
+                    scorers,
+                    picker,
+                    needs,
+                }
+            })
+            .collect();
+        let t = &cfg.tuning;
+        let index = PrefixIndex::new(IndexConfig {
+            approx_capacity_blocks: t.approx_capacity_blocks,
+            approx_ttl_us: t.approx_ttl_us,
+            approx_grace_us: t.approx_grace_us,
+            precise_capacity_blocks: t.precise_capacity_blocks,
+        });
+        Ok(Self {
+            policy: cfg.policy,
+            tuning: cfg.tuning,
+            profiles,
+            slots: Vec::new(),
+            by_address: HashMap::new(),
+            order: BTreeMap::new(),
+            index,
+            bookings: HashMap::new(),
+            rotation: 0,
+            clock_us: 0,
+        })
+    }
+
+    /// Policy name.
+    pub fn policy(&self) -> &str {
+        &self.policy
+    }
+
+    /// Tuning in effect.
+    pub fn tuning(&self) -> &Tuning {
+        &self.tuning
+    }
+
+    fn tick(&mut self, now_us: u64) {
+        self.clock_us = self.clock_us.max(now_us);
+    }
+
+    fn entry(&self, id: EndpointId) -> Option<&Entry> {
+        self.slots.get(id.0 as usize).and_then(Option::as_ref)
+    }
+
+    fn entry_mut(&mut self, id: EndpointId) -> Option<&mut Entry> {
+        self.slots.get_mut(id.0 as usize).and_then(Option::as_mut)
+    }
+
+    // ------------------------------------------------------------ membership
+
+    /// Adds an endpoint. Adding an address that is already present updates its spec, makes it
+    /// ready again and returns its existing id (membership sources may repeat themselves).
+    pub fn add_endpoint(&mut self, now_us: u64, spec: EndpointSpec) -> EndpointId {
+        self.tick(now_us);
+        if let Some(&id) = self.by_address.get(&spec.address) {
+            let prior = self.tuning.prior(&spec.hardware_class);
+            if let Some(e) = self.entry_mut(id) {
+                e.spec = spec;
+                e.state = EndpointState::Ready;
+                e.prior = prior;
+            }
+            return id;
+        }
+        let id = EndpointId(self.slots.len() as u32);
+        let prior = self.tuning.prior(&spec.hardware_class);
+        self.by_address.insert(spec.address.clone(), id);
+        self.order.insert(spec.address.clone(), id);
+        self.slots.push(Some(Entry {
+            spec,
+            state: EndpointState::Ready,
+            added_at_us: now_us,
+            load: EndpointLoad::new(f64::from(self.tuning.default_prompt_tokens)),
+            kv: KvStream::default(),
+            scrape_failures: 0,
+            last_scrape_failure_at_us: None,
+            consecutive_failures: 0,
+            penalised_until_us: 0,
+            prior,
+        }));
+        self.index.set_trusted(id, false);
+        id
+    }
+
+    /// Replaces an endpoint's spec (address changes are re-keyed).
+    pub fn update_endpoint(&mut self, id: EndpointId, spec: EndpointSpec) -> Result<(), CoreError> {
+        let prior = self.tuning.prior(&spec.hardware_class);
+        let e = self
+            .slots
+            .get_mut(id.0 as usize)
+            .and_then(Option::as_mut)
+            .filter(|e| e.state != EndpointState::Gone)
+            .ok_or(CoreError::UnknownEndpoint { id })?;
+        let old = std::mem::replace(&mut e.spec, spec);
+        e.prior = prior;
+        if old.address != e.spec.address {
+            let new = e.spec.address.clone();
+            self.by_address.remove(&old.address);
+            self.order.remove(&old.address);
+            self.by_address.insert(new.clone(), id);
+            self.order.insert(new, id);
+        }
+        Ok(())
+    }
+
+    /// Starts draining: the endpoint gets new requests only as a last resort.
+    pub fn drain_endpoint(&mut self, now_us: u64, id: EndpointId) -> Result<(), CoreError> {
+        self.tick(now_us);
+        let e = self
+            .entry_mut(id)
+            .filter(|e| e.state != EndpointState::Gone)
+            .ok_or(CoreError::UnknownEndpoint { id })?;
+        e.state = EndpointState::Draining;
+        Ok(())
+    }
+
+    /// Removes an endpoint: it is never picked again; its bookings are released as they finish.
+    pub fn remove_endpoint(&mut self, id: EndpointId) -> Result<(), CoreError> {
+        let e = self
+            .entry_mut(id)
+            .filter(|e| e.state != EndpointState::Gone)
+            .ok_or(CoreError::UnknownEndpoint { id })?;
+        e.state = EndpointState::Gone;
+        let address = e.spec.address.clone();
+        let idle = e.load.in_flight.is_empty();
+        self.by_address.remove(&address);
+        self.order.remove(&address);
+        self.index.remove_endpoint(id);
+        if idle {
+            self.slots[id.0 as usize] = None;
+        }
+        Ok(())
+    }
+
+    /// The id of the endpoint at `address`, if present.
+    pub fn endpoint_id(&self, address: &str) -> Option<EndpointId> {
+        self.by_address.get(address).copied()
+    }
+
+    // ------------------------------------------------------------ observations
+
+    /// A metrics sample taken at `taken_at_us`. Older samples than the current one are ignored.
+    pub fn observe_metrics(&mut self, id: EndpointId, taken_at_us: u64, sample: &MetricsSample) {
+        self.tick(taken_at_us);
+        if let Some(e) = self.entry_mut(id)
+            && e.load.observe(taken_at_us, sample)
+        {
+            e.scrape_failures = 0;
+        }
+    }
+
+    /// A scrape of `id` failed at `now_us`.
+    pub fn observe_scrape_failure(&mut self, id: EndpointId, now_us: u64) {
+        self.tick(now_us);
+        if let Some(e) = self.entry_mut(id) {
+            e.scrape_failures = e.scrape_failures.saturating_add(1);
+            e.last_scrape_failure_at_us = Some(now_us);
+        }
+    }
+
+    /// A batch of KV events from `id`. See [`SeqCheck`] for what happens on gaps.
+    pub fn observe_kv_batch(
+        &mut self,
+        id: EndpointId,
+        now_us: u64,
+        batch: &KvEventBatch,
+    ) -> SeqCheck {
+        self.tick(now_us);
+        let Some(e) = self.slots.get_mut(id.0 as usize).and_then(Option::as_mut) else {
+            return SeqCheck::Stale;
+        };
+        if e.state == EndpointState::Gone {
+            return SeqCheck::Stale;
+        }
+        let seq = batch.seq;
+        let check = match e.kv.expected {
+            None if seq == 0 => SeqCheck::InOrder,
+            None => SeqCheck::Gap {
+                expected: 0,
+                got: seq,
+            },
+            Some(x) if seq == x => SeqCheck::InOrder,
+            Some(x) if seq > x => SeqCheck::Gap {
+                expected: x,
+                got: seq,
+            },
+            Some(_) => match e.kv.gap {
+                Some((from, to)) if seq >= from && seq < to => SeqCheck::Replayed,
+                _ => SeqCheck::Stale,
+            },
+        };
+        match check {
+            SeqCheck::Stale => return check,
+            SeqCheck::InOrder => {
+                if e.kv.expected.is_none() {
+                    // The stream starts at sequence 0: we have seen everything.
+                    self.index.set_trusted(id, true);
+                }
+                e.kv.expected = Some(seq + 1);
+            }
+            SeqCheck::Gap { expected, got } => {
+                e.kv.gap = Some(match e.kv.gap {
+                    Some((from, _)) => (from.min(expected), got),
+                    None => (expected, got),
+                });
+                e.kv.expected = Some(got + 1);
+                self.index.set_trusted(id, false);
+            }
+            SeqCheck::Replayed => {}
+        }
+        e.kv.last_event_at_us = Some(now_us);
+        for ev in &batch.events {
+            match ev {
+                KvEvent::BlockStored {
+                    block_hashes, tier, ..
+                } => {
+                    // Overflow untrusts the endpoint inside the index.
+                    self.index.store(id, block_hashes, *tier);
+                }
+                KvEvent::BlockRemoved { block_hashes, tier } => {
+                    self.index.remove(id, block_hashes, *tier)
+                }
+                KvEvent::AllBlocksCleared => self.index.clear_precise(id),
+            }
+        }
+        check
+    }
+
+    /// Replay after a gap succeeded: `id`'s events are trusted again.
+    pub fn kv_resynced(&mut self, id: EndpointId, now_us: u64) {
+        self.tick(now_us);
+        if let Some(e) = self.entry_mut(id) {
+            e.kv.gap = None;
+            self.index.set_trusted(id, true);
+        }
+    }
+
+    /// The KV event stream of `id` broke (disconnect): untrusted until resync; the next batch
+    /// starts a new sequence.
+    pub fn kv_stream_lost(&mut self, id: EndpointId, now_us: u64) {
+        self.tick(now_us);
+        if let Some(e) = self.entry_mut(id) {
+            e.kv.expected = None;
+            e.kv.gap = None;
+            self.index.set_trusted(id, false);
+        }
+    }
+
+    // ------------------------------------------------------------ decisions
+
+    fn profile_for(&self, phase: Phase) -> &Profile {
+        let want = match phase {
+            Phase::Prefill => Some("prefill"),
+            Phase::Decode => Some("decode"),
+            Phase::Aggregated => None,
+        };
+        want.and_then(|w| self.profiles.iter().find(|p| p.name == w))
+            .unwrap_or(&self.profiles[0])
+    }
+
+    fn eligible(&self, e: &Entry, id: EndpointId, req: &RoutingRequest) -> bool {
+        e.state != EndpointState::Gone
+            && plugins::role_serves(e.spec.role, req.phase)
+            && req.subset.as_ref().is_none_or(|s| s.contains(&id))
+            && req.lora.as_ref().is_none_or(|l| {
+                e.spec.lora_adapters.contains(l)
+                    || e.load.sample().is_some_and(|(s, _)| {
+                        s.running_lora_adapters.contains(l) || s.waiting_lora_adapters.contains(l)
+                    })
+            })
+    }
+
+    fn penalised(&self, e: &Entry, now_us: u64) -> bool {
+        e.penalised_until_us > now_us || e.scrape_failures >= self.tuning.scrape_failure_limit
+    }
+
+    /// Chooses an endpoint for `req`. No side effects: call [`Router::book`] with the decision
+    /// once the request is actually sent.
+    pub fn pick(
+        &self,
+        now_us: u64,
+        req: &RoutingRequest,
+        rng: &mut dyn RngCore,
+        oracle: Option<&dyn OracleView>,
+    ) -> Result<Decision, RouteError> {
+        let profile = self.profile_for(req.phase);
+        if profile.needs.oracle && oracle.is_none() {
+            return Err(RouteError::NoOracle);
+        }
+        // Eligibility, in address order.
+        let mut model_known = false;
+        let mut ids: Vec<(EndpointId, &Entry)> = Vec::new();
+        for &id in self.order.values() {
+            let Some(e) = self.entry(id) else { continue };
+            if !e.spec.models.contains(&req.model) {
+                continue;
+            }
+            model_known = true;
+            if self.eligible(e, id, req) {
+                ids.push((id, e));
+            }
+        }
+        if !model_known {
+            return Err(RouteError::UnknownModel {
+                model: req.model.clone(),
+            });
+        }
+        if ids.is_empty() {
+            return Err(RouteError::NoEndpoints {
+                model: req.model.clone(),
+            });
+        }
+        // Last resorts: keep the best class present (ready & healthy > ready & penalised >
+        // draining).
+        let class = |e: &Entry| match (e.state, self.penalised(e, now_us)) {
+            (EndpointState::Ready, false) => 0,
+            (EndpointState::Ready, true) => 1,
+            _ => 2,
+        };
+        let best_class = ids.iter().map(|(_, e)| class(e)).min().unwrap_or(0);
+        ids.retain(|(_, e)| class(e) == best_class);
+        let all_draining = best_class == 2;
+
+        let needs = profile.needs;
+        let t = &self.tuning;
+        let prefix = needs.prefix.then(|| {
+            self.index.longest_prefixes(&PrefixQuery {
+                precise: req.keys.precise.as_deref(),
+                approx: &req.keys.approx,
+                now_us,
+                source: PrefixSource::Best,
+            })
+        });
+        let approx_prefix = needs.approx_prefix.then(|| {
+            self.index.longest_prefixes(&PrefixQuery {
+                precise: None,
+                approx: &req.keys.approx,
+                now_us,
+                source: PrefixSource::ApproxOnly,
+            })
+        });
+        let mut max_age = 0u64;
+        let mut cands: Vec<Candidate<'_>> = Vec::with_capacity(ids.len());
+        for &(id, e) in &ids {
+            let estimate = e.load.estimate(now_us, e.prior.kv_capacity_blocks);
+            let age = estimate
+                .sample_age_us
+                .unwrap_or(now_us.saturating_sub(e.added_at_us));
+            max_age = max_age.max(age);
+            let (own_prefill_tokens, own_kv_blocks) = e.load.own();
+            let (matched_blocks, matched_gpu_blocks) = prefix
+                .as_ref()
+                .map_or((0, 0), |p| (p.blocks(id), p.gpu_blocks(id)));
+            let cost = needs.cost.then(|| {
+                let uncached = cost::uncached_tokens(
+                    req.prompt_tokens,
+                    req.keys.block_size,
+                    matched_blocks,
+                    matched_gpu_blocks,
+                    t,
+                );
+                let new_blocks =
+                    cost::new_kv_blocks(uncached, req.max_tokens, req.keys.block_size, t);
+                cost::kvgate_cost(
+                    &e.prior,
+                    &estimate,
+                    e.load.prefill_speed,
+                    uncached,
+                    new_blocks,
+                    e.spec.relative_cost,
+                    t,
+                )
+            });
+            cands.push(Candidate {
+                id,
+                spec: &e.spec,
+                state: e.state,
+                sample: e.load.sample().map(|(s, _)| s),
+                estimate,
+                own_prefill_tokens,
+                own_kv_blocks,
+                prior: e.prior,
+                prefill_speed: e.load.prefill_speed,
+                matched_blocks,
+                matched_gpu_blocks,
+                approx_matched_blocks: approx_prefix.as_ref().map_or(0, |p| p.blocks(id)),
+                approx_tree_blocks: self.index.approx_entries(id),
+                cost,
+                oracle: oracle.map(|o| o.true_load(id, req)),
+            });
+        }
+        let ctx = PickContext {
+            now_us,
+            req,
+            tuning: t,
+            max_signal_age_us: max_age,
+            rotation: self.rotation,
+        };
+        if req.priority < 0 {
+            let saturated = |c: &Candidate<'_>| {
+                c.estimate.waiting >= t.shed_queue_threshold
+                    || c.estimate.kv_usage() >= t.kv_cliff_fraction
+            };
+            if cands.iter().all(saturated) {
+                return Err(RouteError::Shed {
+                    priority: req.priority,
+                });
+            }
+        }
+        // Filters.
+        let mut keep = vec![true; cands.len()];
+        for f in &profile.filters {
+            f.filter(&ctx, &cands, &mut keep);
+            if !keep.iter().any(|k| *k) {
+                return Err(RouteError::NoEndpoints {
+                    model: req.model.clone(),
+                });
+            }
+        }
+        if keep.iter().any(|k| !*k) {
+            let mut it = keep.iter();
+            cands.retain(|_| *it.next().unwrap_or(&false));
+        }
+        // Scorers.
+        let mut total = vec![0.0; cands.len()];
+        let mut buf = vec![0.0; cands.len()];
+        for (s, w) in &profile.scorers {
+            s.score(&ctx, &cands, &mut buf);
+            for (i, v) in buf.iter().enumerate() {
+                if !v.is_finite() {
+                    return Err(RouteError::NonFiniteScore {
+                        scorer: s.name().to_string(),
+                        endpoint: cands[i].id,
+                    });
+                }
+                total[i] += w * v;
+            }
+        }
+        let pick = profile.picker.pick(&ctx, &cands, &total, rng)?;
+        if pick.index >= cands.len() {
+            return Err(RouteError::BadPick {
+                picker: profile.picker.name().to_string(),
+                index: pick.index,
+                len: cands.len(),
+            });
+        }
+        let chosen = &cands[pick.index];
+        let reason = if all_draining {
+            DecisionReason::DrainingOnly
+        } else if cands.len() == 1 {
+            DecisionReason::OnlyCandidate
+        } else if profile.oracle {
+            DecisionReason::Oracle
+        } else {
+            pick.reason
+        };
+        let mut rest: Vec<usize> = (0..cands.len()).filter(|&i| i != pick.index).collect();
+        rest.sort_by(|&a, &b| total[b].total_cmp(&total[a]).then(a.cmp(&b)));
+        let predicted_ttft_us = match (chosen.cost, chosen.oracle) {
+            (Some(c), _) => Some(c.ttft_us as u64),
+            (None, Some(o)) => Some(plugins::oracle_ttft_us(&ctx, chosen, &o) as u64),
+            _ => None,
+        };
+        Ok(Decision {
+            primary: chosen.id,
+            fallbacks: rest
+                .into_iter()
+                .take(t.max_fallbacks)
+                .map(|i| cands[i].id)
+                .collect(),
+            reason,
+            matched_blocks: chosen.matched_blocks.max(chosen.approx_matched_blocks),
+            predicted_ttft_us,
+        })
+    }
+
+    /// Books `req` onto `decision.primary`: counts it into the estimate at once and records
+    /// approximate prefix entries. Booking the same request id again (a retry on a fallback)
+    /// moves the booking.
+    pub fn book(&mut self, now_us: u64, req: &RoutingRequest, decision: &Decision) {
+        self.tick(now_us);
+        if let Some(prev) = self.bookings.remove(&req.id) {
+            self.release(prev, req.id, now_us);
+        }
+        let id = decision.primary;
+        let t = &self.tuning;
+        let Some(e) = self.slots.get(id.0 as usize).and_then(Option::as_ref) else {
+            return;
+        };
+        if e.state == EndpointState::Gone {
+            return;
+        }
+        let m = self.index.longest_prefixes(&PrefixQuery {
+            precise: req.keys.precise.as_deref(),
+            approx: &req.keys.approx,
+            now_us,
+            source: PrefixSource::Best,
+        });
+        let uncached = cost::uncached_tokens(
+            req.prompt_tokens,
+            req.keys.block_size,
+            m.blocks(id),
+            m.gpu_blocks(id),
+            t,
+        );
+        let new_blocks = cost::new_kv_blocks(uncached, req.max_tokens, req.keys.block_size, t);
+        let est = e.load.estimate(now_us, e.prior.kv_capacity_blocks);
+        let raw = cost::kvgate_cost(&e.prior, &est, 1.0, uncached, new_blocks, 0.0, t).raw_ttft_us;
+        let booking = Booking {
+            ep: id,
+            booked_at_us: now_us,
+            prompt_tokens: req.prompt_tokens,
+            uncached_tokens: uncached as u32,
+            kv_blocks: new_blocks,
+            first_token_at_us: None,
+            predicted_raw_ttft_us: raw,
+        };
+        let alpha = t.calibration_alpha;
+        let max_blocks = t.max_booked_blocks;
+        if let Some(e) = self.entry_mut(id) {
+            e.load.book(req.id, booking, alpha);
+        }
+        self.bookings.insert(req.id, id);
+        self.index.expire_approx(id, now_us);
+        let keys = &req.keys.approx[..req.keys.approx.len().min(max_blocks)];
+        self.index.touch_approx(id, keys, now_us);
+        self.rotation = self.rotation.wrapping_add(1);
+    }
+
+    fn calibration(&self) -> CalibrationParams {
+        CalibrationParams {
+            alpha: self.tuning.calibration_alpha,
+            min_factor: self.tuning.calibration_min_factor,
+            max_factor: self.tuning.calibration_max_factor,
+        }
+    }
+
+    /// The first token of `req_id` arrived: the request moves from queued to running, and the
+    /// endpoint's prefill speed is calibrated.
+    pub fn on_first_token(&mut self, req_id: u64, now_us: u64) {
+        self.tick(now_us);
+        let p = self.calibration();
+        let Some(&id) = self.bookings.get(&req_id) else {
+            return;
+        };
+        if let Some(e) = self.entry_mut(id)
+            && let Some((obs, raw)) = e.load.first_token(req_id, now_us)
+        {
+            EndpointLoad::calibrate(&mut e.load.prefill_speed, obs, raw, p);
+        }
+    }
+
+    fn release(&mut self, id: EndpointId, req_id: u64, now_us: u64) -> Option<Booking> {
+        let e = self.slots.get_mut(id.0 as usize).and_then(Option::as_mut)?;
+        let b = e.load.release(req_id, now_us);
+        if e.state == EndpointState::Gone && e.load.in_flight.is_empty() {
+            self.slots[id.0 as usize] = None;
+        }
+        b
+    }
+
+    /// `req_id` finished: releases its booking and calibrates decode speed from its TPOT.
+    pub fn on_finish(&mut self, req_id: u64, now_us: u64, outcome: &Outcome) {
+        self.tick(now_us);
+        let p = self.calibration();
+        let Some(id) = self.bookings.remove(&req_id) else {
+            return;
+        };
+        if let Some(e) = self.entry_mut(id) {
+            e.consecutive_failures = 0;
+            if let Some(tpot) = outcome.tpot_us {
+                let est = e.load.estimate(now_us, e.prior.kv_capacity_blocks);
+                let raw = e.prior.decode_step_us(f64::from(est.running));
+                EndpointLoad::calibrate(&mut e.load.decode_speed, tpot as f64, raw, p);
+            }
+        }
+        self.release(id, req_id, now_us);
+    }
+
+    /// `req_id` failed: releases its booking and penalises the endpoint (exponential backoff,
+    /// capped) unless the client cancelled.
+    pub fn on_failure(&mut self, req_id: u64, now_us: u64, kind: FailureKind) {
+        self.tick(now_us);
+        let Some(id) = self.bookings.remove(&req_id) else {
+            return;
+        };
+        let (base, max) = (
+            self.tuning.failure_penalty_us,
+            self.tuning.max_failure_penalty_us,
+        );
+        if kind != FailureKind::Cancelled
+            && let Some(e) = self.entry_mut(id)
+        {
+            e.consecutive_failures = e.consecutive_failures.saturating_add(1);
+            let shift = (e.consecutive_failures - 1).min(20);
+            let penalty = base.saturating_mul(1u64 << shift).min(max);
+            e.penalised_until_us = now_us.saturating_add(penalty);
+        }
+        self.release(id, req_id, now_us);
+    }
+
+    // ------------------------------------------------------------ introspection
+
+    /// Every live endpoint (not gone), in address order, as of the latest time the router saw.
+    pub fn endpoints(&self) -> impl Iterator<Item = EndpointView<'_>> {
+        let now = self.clock_us;
+        self.order.values().filter_map(move |&id| {
+            let e = self.entry(id)?;
+            Some(EndpointView {
+                id,
+                address: &e.spec.address,
+                spec: &e.spec,
+                state: e.state,
+                sample_taken_at_us: e.load.sample().map(|(_, t)| *t),
+                last_kv_event_at_us: e.kv.last_event_at_us,
+                events_trusted: self.index.is_trusted(id),
+                estimate: e.load.estimate(now, e.prior.kv_capacity_blocks),
+                prefill_speed: e.load.prefill_speed,
+                decode_speed: e.load.decode_speed,
+                scrape_failures: e.scrape_failures,
+                penalised_until_us: e.penalised_until_us,
+                precise_blocks: self.index.precise_entries(id),
+                approx_blocks: self.index.approx_entries(id),
+            })
+        })
+    }
+
+    /// Requests currently booked.
+    pub fn in_flight(&self) -> usize {
+        self.bookings.len()
+    }
+
+    /// Memory accounting of the prefix index.
+    pub fn index_memory(&self) -> IndexMemory {
+        self.index.memory()
+    }
+}
