@@ -190,6 +190,10 @@ impl Engine {
     /// prompt, zero max_tokens, prompt + max_tokens > max_model_len, a request needing more
     /// blocks than the whole cache, precomputed hashes of the wrong length.
     pub fn add_request(&mut self, now_us: u64, req: EngineRequest) -> Result<(), EngineError> {
+        // Bring the engine up to now first: a request finished by a step that already ended is
+        // no longer a duplicate, and a new request can never join a step that started before it
+        // arrived.
+        self.complete_due_steps(now_us);
         let id = req.id;
         if self.requests.contains_key(&id) {
             return Err(EngineError::DuplicateRequest { id });
@@ -238,10 +242,6 @@ impl Engine {
             };
             Arc::from(self.hasher.hashes(&req.prompt_tokens, extra))
         };
-
-        // Bring the engine up to now first, so the request can never join a step that started
-        // before it arrived.
-        self.complete_due_steps(now_us);
 
         let mut tokens = req.prompt_tokens;
         tokens.reserve_exact(req.max_tokens as usize);
