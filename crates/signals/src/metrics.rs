@@ -1,0 +1,443 @@
+//! Metrics adapters: one Prometheus `/metrics` body in, one normalised [`MetricsSample`] out.
+//!
+//! The body is parsed with a real Prometheus text (0.0.4) parser, `openmetrics-parser`, rather
+//! than line regexes: engines emit `# HELP`/`# TYPE` lines, histograms, info gauges with many
+//! labels and escaped label values, and a regex that gets one of those wrong silently yields a
+//! wrong load figure. That parser accepts `:` in metric names (`vllm:num_requests_running`);
+//! the tests pin this, because several parsers drop such names without a word.
+//!
+//! Two properties of the parser shape the rules here:
+//! - It rejects the whole body when any family is malformed (for instance a histogram without a
+//!   `+Inf` bucket). We keep that: a body that is not valid exposition text is evidence of a
+//!   broken or truncated scrape, and the router is better served by a `ScrapeFailed` (the
+//!   previous sample ages) than by numbers read from half a document.
+//! - Its grammar requires every sample line to end in a newline. Every engine ends its body
+//!   with one, so a body whose last line lacks it was cut off in transit; we report that as
+//!   [`MetricsError::Truncated`] before parsing, since a cut inside a number (`12` → `1`) would
+//!   otherwise parse as a plausible but wrong value.
+//!
+//! Data-parallel engines (vLLM with `--data-parallel-size`, one `engine` label value per rank)
+//! expose one series per rank. The endpoint is one routing target, so request counts, token
+//! counters and KV capacities are summed over series, while KV usage (a fraction) is averaged,
+//! which equals the pooled usage when ranks have equal capacity (the normal DP layout). The same
+//! rule applies to any other label that splits a gauge into several series.
+
+use std::collections::HashMap;
+
+use kvgate_core::endpoint::EngineKind;
+use kvgate_core::observe::MetricsSample;
+use openmetrics_parser::prometheus::parse_prometheus;
+use openmetrics_parser::{MetricsExposition, PrometheusType, PrometheusValue};
+
+/// Largest accepted KV usage. Engines report a fraction in `[0, 1]`; float rounding in the
+/// engine (used / total computed in f32) can overshoot 1 by a hair, which we clamp. Anything
+/// beyond this tolerance is a unit mix-up (a percentage) and is rejected rather than guessed at.
+const KV_USAGE_MAX_TOLERATED: f64 = 1.0 + 1e-6;
+
+/// Why a metrics body could not be turned into a [`MetricsSample`].
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum MetricsError {
+    /// The body's last line has no terminating newline: the response was cut off.
+    #[error("metrics body is truncated (last line has no newline)")]
+    Truncated,
+    /// The body is not valid Prometheus text exposition format.
+    #[error("metrics body is not valid Prometheus text: {reason}")]
+    Syntax {
+        /// The parser's description of the first problem it found.
+        reason: String,
+    },
+    /// A gauge the router cannot do without is absent.
+    #[error("required metric `{name}` is missing")]
+    MissingMetric {
+        /// Metric name as the engine spells it.
+        name: &'static str,
+    },
+    /// A metric had a value that cannot mean what the metric says (NaN, negative count, usage > 1).
+    #[error("metric `{name}` has invalid value {value}")]
+    InvalidValue {
+        /// Metric name as the engine spells it.
+        name: &'static str,
+        /// The offending value.
+        value: f64,
+    },
+    /// A metric we read as a number was exposed as a histogram or summary.
+    #[error("metric `{name}` is a histogram or summary, expected a gauge or counter")]
+    WrongType {
+        /// Metric name as the engine spells it.
+        name: &'static str,
+    },
+}
+
+/// Parses a `/metrics` body from an engine of `kind` into a normalised sample.
+///
+/// Required: the running and waiting request gauges of that engine. Everything else is optional
+/// and left `None`/empty when absent. Unknown metrics are ignored.
+pub fn parse_metrics(kind: EngineKind, body: &str) -> Result<MetricsSample, MetricsError> {
+    let exposition = Exposition::parse(body)?;
+    match kind {
+        EngineKind::Vllm => parse_vllm(&exposition),
+        EngineKind::Sglang => parse_sglang(&exposition),
+        EngineKind::TrtLlm => parse_trtllm(&exposition),
+        EngineKind::LlamaCpp => parse_llamacpp(&exposition),
+    }
+}
+
+/// Static facts a vLLM-compatible `/metrics` body reveals: used by discovery, which must work
+/// even before the engine has published its first load gauges.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct VllmInfo {
+    pub block_size: Option<u32>,
+    pub num_gpu_blocks: Option<u64>,
+    pub running_lora_adapters: Vec<String>,
+    pub waiting_lora_adapters: Vec<String>,
+    pub max_lora: Option<u32>,
+}
+
+/// Reads only the info gauges (`cache_config_info`, `lora_requests_info`) of a vLLM body.
+pub(crate) fn parse_vllm_info(body: &str) -> Result<VllmInfo, MetricsError> {
+    let exposition = Exposition::parse(body)?;
+    Ok(vllm_info(&exposition))
+}
+
+/// A parsed body, with the lookups the adapters need.
+struct Exposition {
+    inner: MetricsExposition<PrometheusType, PrometheusValue>,
+}
+
+impl Exposition {
+    fn parse(body: &str) -> Result<Self, MetricsError> {
+        if !body.is_empty() && !body.ends_with('\n') {
+            return Err(MetricsError::Truncated);
+        }
+        let delimited = delimit_untyped(body);
+        let inner = parse_prometheus(&delimited).map_err(|e| MetricsError::Syntax {
+            reason: format!("{e:?}"),
+        })?;
+        Ok(Self { inner })
+    }
+
+    /// Every series of `name` as `(labels, value)`, or `None` if the family is absent.
+    fn series(&self, name: &'static str) -> Result<Option<Vec<Series>>, MetricsError> {
+        let Some(family) = self.inner.families.get(name) else {
+            return Ok(None);
+        };
+        let mut out = Vec::new();
+        for sample in family.iter_samples() {
+            let value = match &sample.value {
+                PrometheusValue::Gauge(n) | PrometheusValue::Unknown(n) => n.as_f64(),
+                PrometheusValue::Counter(c) => c.value.as_f64(),
+                PrometheusValue::Histogram(_) | PrometheusValue::Summary(_) => {
+                    return Err(MetricsError::WrongType { name });
+                }
+            };
+            let labels = match sample.get_labelset() {
+                Ok(set) => set
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect::<HashMap<_, _>>(),
+                Err(_) => HashMap::new(),
+            };
+            out.push(Series { labels, value });
+        }
+        Ok(Some(out))
+    }
+
+    /// Sum over series of a count-like metric (non-negative, finite).
+    fn sum(&self, name: &'static str) -> Result<Option<f64>, MetricsError> {
+        let Some(series) = self.series(name)? else {
+            return Ok(None);
+        };
+        if series.is_empty() {
+            return Ok(None);
+        }
+        let mut total = 0.0;
+        for s in &series {
+            if !s.value.is_finite() || s.value < 0.0 {
+                return Err(MetricsError::InvalidValue {
+                    name,
+                    value: s.value,
+                });
+            }
+            total += s.value;
+        }
+        Ok(Some(total))
+    }
+
+    /// The first name of `names` that is present, summed.
+    fn sum_any(&self, names: &[&'static str]) -> Result<Option<f64>, MetricsError> {
+        for name in names {
+            if let Some(v) = self.sum(name)? {
+                return Ok(Some(v));
+            }
+        }
+        Ok(None)
+    }
+
+    /// A required request-count gauge, summed over series and rounded to a whole count.
+    fn count(&self, name: &'static str) -> Result<u32, MetricsError> {
+        let total = self
+            .sum(name)?
+            .ok_or(MetricsError::MissingMetric { name })?;
+        // Multiprocess gauges can be averaged into fractions; the nearest whole count is the
+        // honest reading. Saturate instead of wrapping on absurd values.
+        Ok(total.round().min(f64::from(u32::MAX)) as u32)
+    }
+
+    /// Mean over series of a fraction in `[0, 1]`.
+    fn fraction(&self, name: &'static str) -> Result<Option<f64>, MetricsError> {
+        let Some(series) = self.series(name)? else {
+            return Ok(None);
+        };
+        if series.is_empty() {
+            return Ok(None);
+        }
+        let mut total = 0.0;
+        for s in &series {
+            if !s.value.is_finite() || s.value < 0.0 || s.value > KV_USAGE_MAX_TOLERATED {
+                return Err(MetricsError::InvalidValue {
+                    name,
+                    value: s.value,
+                });
+            }
+            total += s.value.min(1.0);
+        }
+        Ok(Some(total / series.len() as f64))
+    }
+}
+
+/// Works around a grouping quirk of `openmetrics-parser` 0.5: its grammar reads every run of
+/// samples that has no `# HELP`/`# TYPE` line as *one* family, and then rejects the body because
+/// the names in that family differ (`a 1\nb 2\n` fails). The text format allows such untyped
+/// samples, and hand-written exporters and minimal engine builds do emit them, so before parsing
+/// we give each run of same-named samples that is not covered by a preceding descriptor its own
+/// `# TYPE <name> untyped` line. Existing lines are never altered, so a body the parser accepts
+/// parses to the same families; a body that was malformed stays malformed.
+fn delimit_untyped(body: &str) -> std::borrow::Cow<'_, str> {
+    let mut out = String::new();
+    let mut family: Option<&str> = None;
+    let mut changed = false;
+    let mut copied_up_to = 0;
+    let mut offset = 0;
+    for line in body.split_inclusive('\n') {
+        let start = offset;
+        offset += line.len();
+        let trimmed = line.trim_end_matches(['\n', '\r']);
+        if let Some(rest) = trimmed.strip_prefix("# ") {
+            let mut words = rest.split(' ');
+            if matches!(words.next(), Some("HELP" | "TYPE")) {
+                family = words.next();
+            }
+            continue;
+        }
+        if trimmed.is_empty() || trimmed.starts_with('#') || trimmed.starts_with('{') {
+            continue;
+        }
+        let name_end = trimmed.find(['{', ' ', '\t']).unwrap_or(trimmed.len());
+        let name = &trimmed[..name_end];
+        if family.is_some_and(|f| belongs_to(name, f)) {
+            continue;
+        }
+        out.push_str(&body[copied_up_to..start]);
+        out.push_str("# TYPE ");
+        out.push_str(name);
+        out.push_str(" untyped\n");
+        copied_up_to = start;
+        family = Some(name);
+        changed = true;
+    }
+    if !changed {
+        return std::borrow::Cow::Borrowed(body);
+    }
+    out.push_str(&body[copied_up_to..]);
+    std::borrow::Cow::Owned(out)
+}
+
+/// Whether a sample called `name` is part of the family `family` (histogram and summary
+/// samples carry suffixes).
+fn belongs_to(name: &str, family: &str) -> bool {
+    match name.strip_prefix(family) {
+        Some("") => true,
+        Some(suffix) => matches!(suffix, "_bucket" | "_sum" | "_count"),
+        None => false,
+    }
+}
+
+struct Series {
+    labels: HashMap<String, String>,
+    value: f64,
+}
+
+impl Series {
+    fn label(&self, name: &str) -> Option<&str> {
+        self.labels.get(name).map(String::as_str)
+    }
+}
+
+fn parse_vllm(e: &Exposition) -> Result<MetricsSample, MetricsError> {
+    let running = e.count("vllm:num_requests_running")?;
+    let waiting = e.count("vllm:num_requests_waiting")?;
+    // `gpu_cache_usage_perc` was renamed `kv_cache_usage_perc` (same 0..1 meaning); during the
+    // deprecation window both are exported with equal values, so prefer the new name.
+    let kv_usage = match e.fraction("vllm:kv_cache_usage_perc")? {
+        Some(v) => Some(v),
+        None => e.fraction("vllm:gpu_cache_usage_perc")?,
+    };
+    let info = vllm_info(e);
+    Ok(MetricsSample {
+        running,
+        waiting,
+        kv_usage,
+        block_size: info.block_size,
+        kv_capacity_blocks: info.num_gpu_blocks,
+        running_lora_adapters: info.running_lora_adapters,
+        waiting_lora_adapters: info.waiting_lora_adapters,
+        max_lora: info.max_lora,
+        prefix_cache_queries_tokens: e.sum_any(&[
+            "vllm:prefix_cache_queries_total",
+            "vllm:gpu_prefix_cache_queries_total",
+        ])?,
+        prefix_cache_hits_tokens: e.sum_any(&[
+            "vllm:prefix_cache_hits_total",
+            "vllm:gpu_prefix_cache_hits_total",
+        ])?,
+        preemptions_total: e.sum("vllm:num_preemptions_total")?,
+        prompt_tokens_total: e.sum("vllm:prompt_tokens_total")?,
+        generation_tokens_total: e.sum("vllm:generation_tokens_total")?,
+    })
+}
+
+/// Reads vLLM's info gauges. Malformed label values make a field `None` instead of failing the
+/// scrape: they are static facts that discovery or the next scrape can supply, while the load
+/// gauges of the same body are still worth having.
+fn vllm_info(e: &Exposition) -> VllmInfo {
+    let mut info = VllmInfo::default();
+
+    // `cache_config_info` has one series per engine (DP rank); every rank runs the same cache
+    // config, so block size comes from the lowest rank and capacities add up. Before the KV
+    // cache is profiled `num_gpu_blocks` reads "None": such ranks contribute nothing.
+    if let Ok(Some(mut series)) = e.series("vllm:cache_config_info") {
+        series.sort_by_key(engine_rank);
+        info.block_size = series
+            .iter()
+            .find_map(|s| s.label("block_size").and_then(|v| v.parse::<u32>().ok()));
+        let blocks: Vec<u64> = series
+            .iter()
+            .filter_map(|s| {
+                s.label("num_gpu_blocks")
+                    .and_then(|v| v.parse::<u64>().ok())
+            })
+            .collect();
+        if !blocks.is_empty() {
+            info.num_gpu_blocks = Some(blocks.iter().fold(0u64, |a, b| a.saturating_add(*b)));
+        }
+    }
+
+    // `lora_requests_info` gets a fresh series (new label values) whenever the adapter sets
+    // change, and old series are never removed; the value is the Unix time the series was last
+    // set, so the series with the largest value is the current state.
+    if let Ok(Some(series)) = e.series("vllm:lora_requests_info") {
+        let newest = series
+            .iter()
+            .filter(|s| s.value.is_finite())
+            .max_by(|a, b| a.value.total_cmp(&b.value));
+        if let Some(s) = newest {
+            info.running_lora_adapters = split_adapters(s.label("running_lora_adapters"));
+            info.waiting_lora_adapters = split_adapters(s.label("waiting_lora_adapters"));
+            info.max_lora = s.label("max_lora").and_then(|v| v.parse::<u32>().ok());
+        }
+    }
+    info
+}
+
+/// Numeric `engine` label for ordering DP ranks; series without one sort first.
+fn engine_rank(s: &Series) -> (u64, String) {
+    let raw = s.label("engine").unwrap_or_default();
+    (raw.parse::<u64>().unwrap_or(0), raw.to_owned())
+}
+
+/// vLLM joins adapter names with `,`; the empty string means none.
+fn split_adapters(joined: Option<&str>) -> Vec<String> {
+    joined
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+fn parse_sglang(e: &Exposition) -> Result<MetricsSample, MetricsError> {
+    let running = e.count("sglang:num_running_reqs")?;
+    let waiting = e.count("sglang:num_queue_reqs")?;
+    let kv_usage = e.fraction("sglang:token_usage")?;
+    // SGLang reports its prefix-cache hit rate only as a ratio, which `MetricsSample` has no
+    // field for (it carries cumulative token counters). It is still validated, so a broken
+    // value surfaces as a scrape error rather than being silently accepted.
+    e.fraction("sglang:cache_hit_rate")?;
+    Ok(MetricsSample {
+        running,
+        waiting,
+        kv_usage,
+        prompt_tokens_total: e.sum("sglang:prompt_tokens_total")?,
+        generation_tokens_total: e.sum("sglang:generation_tokens_total")?,
+        ..MetricsSample::default()
+    })
+}
+
+fn parse_trtllm(e: &Exposition) -> Result<MetricsSample, MetricsError> {
+    let running = e.count("trtllm_num_requests_running")?;
+    let waiting = e.count("trtllm_num_requests_waiting")?;
+    let kv_usage = e.fraction("trtllm_kv_cache_utilization")?;
+    let block_size = e
+        .sum("trtllm_kv_cache_tokens_per_block")?
+        .filter(|v| *v >= 1.0 && *v <= f64::from(u32::MAX))
+        .map(|v| v.round() as u32);
+    Ok(MetricsSample {
+        running,
+        waiting,
+        kv_usage,
+        block_size,
+        ..MetricsSample::default()
+    })
+}
+
+fn parse_llamacpp(e: &Exposition) -> Result<MetricsSample, MetricsError> {
+    let running = e.count("llamacpp:requests_processing")?;
+    let waiting = e.count("llamacpp:requests_deferred")?;
+    Ok(MetricsSample {
+        running,
+        waiting,
+        // Only some llama-server builds export it; absent is normal.
+        kv_usage: e.fraction("llamacpp:kv_cache_usage_ratio")?,
+        prompt_tokens_total: e.sum("llamacpp:prompt_tokens_total")?,
+        generation_tokens_total: e.sum("llamacpp:tokens_predicted_total")?,
+        ..MetricsSample::default()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::borrow::Cow;
+
+    #[test]
+    fn fully_described_bodies_are_passed_through_untouched() {
+        let body = include_str!("../tests/fixtures/vllm.txt");
+        assert!(matches!(delimit_untyped(body), Cow::Borrowed(_)));
+    }
+
+    #[test]
+    fn untyped_runs_get_their_own_descriptor() {
+        let body = "a 1\na 2\nb{x=\"1\"} 3\n# TYPE c gauge\nc 4\nd 5\n";
+        assert_eq!(
+            delimit_untyped(body),
+            "# TYPE a untyped\na 1\na 2\n# TYPE b untyped\nb{x=\"1\"} 3\n# TYPE c gauge\nc 4\n# TYPE d untyped\nd 5\n"
+        );
+    }
+
+    #[test]
+    fn histogram_suffixes_stay_in_their_family() {
+        let body = "# TYPE h histogram\nh_bucket{le=\"+Inf\"} 1\nh_sum 2\nh_count 1\n";
+        assert!(matches!(delimit_untyped(body), Cow::Borrowed(_)));
+    }
+}

@@ -1,0 +1,209 @@
+//! The metrics scraper: one tokio task per endpoint, polling `/metrics` and sending
+//! [`Observation::Metrics`] or [`Observation::ScrapeFailed`] to the router.
+//!
+//! **Why `taken_at_us` is the response arrival time.** The router dead-reckons load: it adds the
+//! requests it dispatched after a sample was taken to that sample. The true instant is when the
+//! engine rendered the body, which lies between our request and the arrival of the response and
+//! cannot be observed. Arrival is the instant our knowledge became complete, it is monotonic per
+//! endpoint (a later sample never looks older), and for an in-cluster scrape the render-to-arrival
+//! delay is well under a millisecond, far below the 100 ms scrape interval, so the few requests
+//! the router may count twice or miss in that window are noise next to the sample's own age. We
+//! stamp when the response head arrives: engines render the whole body before sending headers,
+//! so reading a large body afterwards should not make the sample look newer than it is.
+//!
+//! **Why failures are observations, not log lines.** A pod whose `/metrics` times out is usually
+//! a pod in trouble; the router needs to know that its view of it is ageing, and the data plane
+//! may count failures for health. The loop itself never stops on an error; it stops only when
+//! the router drops the receiving end of the channel or the task is aborted.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kvgate_core::endpoint::EngineKind;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::MissedTickBehavior;
+
+use crate::clock::Clock;
+use crate::metrics::{MetricsError, parse_metrics};
+use crate::observation::{EndpointKey, Observation};
+
+/// Default scrape period. vLLM refreshes its scheduler gauges every engine step (tens of ms), so
+/// 100 ms keeps the sample age, which the router's confidence decays with, to about one tenth of
+/// a typical TTFT, at a cost of ten small HTTP requests per second per pod.
+pub const DEFAULT_SCRAPE_INTERVAL_MS: u64 = 100;
+
+/// Default budget for one whole scrape (connect, headers, body). A healthy engine answers in a
+/// few milliseconds; one second is long enough to ride out a GC pause or a busy event loop and
+/// short enough that ten consecutive intervals do not pile up behind one dead pod.
+pub const DEFAULT_SCRAPE_TIMEOUT_MS: u64 = 1_000;
+
+/// Largest body accepted. A vLLM body with every histogram and several LoRA series is a few
+/// hundred KiB; 8 MiB bounds the memory a misbehaving endpoint can make us allocate per scrape.
+pub const MAX_METRICS_BODY_BYTES: usize = 8 * 1024 * 1024;
+
+/// What to scrape and how often.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScrapeConfig {
+    /// Full URL of the metrics page, e.g. `http://10.0.0.7:8000/metrics`.
+    pub url: String,
+    /// Which metric names to read.
+    pub kind: EngineKind,
+    /// Period between scrape starts, in milliseconds.
+    pub interval_ms: u64,
+    /// Budget for one scrape, in milliseconds.
+    pub timeout_ms: u64,
+}
+
+impl ScrapeConfig {
+    /// Defaults for interval and timeout.
+    pub fn new(url: impl Into<String>, kind: EngineKind) -> Self {
+        Self {
+            url: url.into(),
+            kind,
+            interval_ms: DEFAULT_SCRAPE_INTERVAL_MS,
+            timeout_ms: DEFAULT_SCRAPE_TIMEOUT_MS,
+        }
+    }
+}
+
+/// Why one scrape produced no sample.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ScrapeError {
+    /// No complete response within the budget.
+    #[error("scrape timed out after {timeout_ms} ms")]
+    Timeout {
+        /// The budget that ran out.
+        timeout_ms: u64,
+    },
+    /// The server answered with a non-success status.
+    #[error("HTTP status {status}")]
+    HttpStatus {
+        /// The status code.
+        status: u16,
+    },
+    /// Connecting or reading failed (refused, reset, DNS, invalid URL).
+    #[error("transport error: {source}")]
+    Transport {
+        /// The HTTP client's error (shared so observations stay cloneable).
+        #[source]
+        source: Arc<reqwest::Error>,
+    },
+    /// The body exceeded [`MAX_METRICS_BODY_BYTES`].
+    #[error("metrics body larger than {limit_bytes} bytes")]
+    BodyTooLarge {
+        /// The limit.
+        limit_bytes: usize,
+    },
+    /// The body is not UTF-8 text.
+    #[error("metrics body is not UTF-8")]
+    NotUtf8,
+    /// The body is text but not a usable metrics page.
+    #[error("metrics body rejected: {0}")]
+    Parse(#[from] MetricsError),
+}
+
+impl ScrapeError {
+    /// Whether the next scrape may well succeed (network trouble) as opposed to a page that
+    /// will keep failing until someone fixes the configuration or the engine.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Timeout { .. } | Self::Transport { .. } => true,
+            Self::HttpStatus { status } => *status >= 500 || *status == 429,
+            Self::BodyTooLarge { .. } | Self::NotUtf8 | Self::Parse(_) => false,
+        }
+    }
+}
+
+/// Starts scraping `cfg.url` every `cfg.interval_ms`, sending results for `endpoint` on `tx`.
+///
+/// Must be called within a tokio runtime. The task ends when `tx`'s receiver is dropped; abort
+/// the handle to stop it earlier.
+pub fn spawn_scraper(
+    cfg: ScrapeConfig,
+    endpoint: EndpointKey,
+    clock: Arc<dyn Clock>,
+    tx: mpsc::Sender<Observation>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        // Scrapes go straight to pod addresses: a system-wide HTTP proxy would add latency and
+        // a shared point of failure to every sample, so proxy settings from the environment are
+        // ignored.
+        let client = match reqwest::Client::builder().no_proxy().build() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(%endpoint, error = %e, "cannot build HTTP client; scraper not started");
+                return;
+            }
+        };
+        let mut ticker = tokio::time::interval(Duration::from_millis(cfg.interval_ms.max(1)));
+        // A slow scrape delays the next one instead of triggering a burst to catch up.
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            let observation = match scrape_once(&client, &cfg, clock.as_ref()).await {
+                Ok((taken_at_us, sample)) => Observation::Metrics {
+                    endpoint: endpoint.clone(),
+                    taken_at_us,
+                    sample,
+                },
+                Err(error) => {
+                    tracing::debug!(%endpoint, %error, "scrape failed");
+                    Observation::ScrapeFailed {
+                        endpoint: endpoint.clone(),
+                        at_us: clock.now_us(),
+                        error,
+                    }
+                }
+            };
+            if tx.send(observation).await.is_err() {
+                return;
+            }
+        }
+    })
+}
+
+/// One scrape under the configured budget: `(taken_at_us, sample)`.
+async fn scrape_once(
+    client: &reqwest::Client,
+    cfg: &ScrapeConfig,
+    clock: &dyn Clock,
+) -> Result<(u64, kvgate_core::observe::MetricsSample), ScrapeError> {
+    let budget = Duration::from_millis(cfg.timeout_ms);
+    let (taken_at_us, body) = tokio::time::timeout(budget, fetch(client, &cfg.url, clock))
+        .await
+        .map_err(|_| ScrapeError::Timeout {
+            timeout_ms: cfg.timeout_ms,
+        })??;
+    let text = std::str::from_utf8(&body).map_err(|_| ScrapeError::NotUtf8)?;
+    Ok((taken_at_us, parse_metrics(cfg.kind, text)?))
+}
+
+/// GETs `url` and returns the arrival time of the response head and the (bounded) body.
+pub(crate) async fn fetch(
+    client: &reqwest::Client,
+    url: &str,
+    clock: &dyn Clock,
+) -> Result<(u64, Vec<u8>), ScrapeError> {
+    let transport = |e: reqwest::Error| ScrapeError::Transport {
+        source: Arc::new(e),
+    };
+    let mut response = client.get(url).send().await.map_err(transport)?;
+    let arrived_us = clock.now_us();
+    let status = response.status();
+    if !status.is_success() {
+        return Err(ScrapeError::HttpStatus {
+            status: status.as_u16(),
+        });
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(transport)? {
+        if body.len() + chunk.len() > MAX_METRICS_BODY_BYTES {
+            return Err(ScrapeError::BodyTooLarge {
+                limit_bytes: MAX_METRICS_BODY_BYTES,
+            });
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok((arrived_us, body))
+}
