@@ -1,0 +1,645 @@
+//! Gateway configuration: the YAML file and command-line flags, parsed raw (serde), merged (flags
+//! win), then validated into a typed [`GatewayConfig`] (ripgrep's low-args/high-args split).
+//!
+//! ```yaml
+//! port: 8080              # OpenAI API
+//! admin_port: 9090        # /metrics, /health, /ready
+//! policy: kvgate          # a kvgate-core policy name, or give `router:` instead
+//! # router: { ... }       # inline kvgate router config or an EndpointPickerConfig (plugins/schedulingProfiles)
+//! endpoints:
+//!   - url: http://10.0.0.7:8000
+//!     kv_events: tcp://10.0.0.7:5557     # optional: precise prefix tracking
+//!     kv_replay: tcp://10.0.0.7:5558     # optional: fill sequence gaps
+//!     models: [meta-llama/Llama-3.1-8B-Instruct]   # optional: otherwise learned from /v1/models
+//! scrape: { interval_ms: 100, timeout_ms: 1000 }
+//! kv_events: { block_size: 16, hash_seed: "0" }
+//! limits: { max_body_bytes: 33554432, header_read_timeout_ms: 10000, body_read_timeout_ms: 30000,
+//!           idle_timeout_ms: 60000, upstream_connect_timeout_ms: 2000 }
+//! retry: { max_attempts: 3 }
+//! priority: { objectives: { premium: 10, batch: -1 } }
+//! tokenizer: { hf_tokenizer_json: /models/llama/tokenizer.json }
+//! ```
+//!
+//! Only `endpoints` is re-read when the file changes (see [`crate::control`]); everything else
+//! needs a restart, because listeners, timeouts and the policy are fixed at start-up.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use kvgate_core::endpoint::{EngineKind, Role};
+use serde::Deserialize;
+
+use crate::GatewayError;
+
+/// Default OpenAI API port: the conventional alternative HTTP port, clear of vLLM's 8000 (and of
+/// `kvgate sim`'s default engine ports) so a gateway and engines can share a host.
+pub const DEFAULT_PORT: u16 = 8080;
+
+/// Default admin port (metrics, health): Prometheus' customary exporter range, apart from the
+/// API port so scraping and probes never compete with client traffic or get exposed with it.
+pub const DEFAULT_ADMIN_PORT: u16 = 9090;
+
+/// Largest request body accepted, in bytes. A 128k-token prompt is about 0.5 MiB of JSON; 32 MiB
+/// leaves room for base64 images in chat content while bounding the memory one client can pin.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
+
+/// Time a client has to send the complete request head, in ms. Real clients send it in one
+/// packet; 10 s tolerates a congested mobile link and defeats slowloris (dribbled headers).
+pub const DEFAULT_HEADER_READ_TIMEOUT_MS: u64 = 10_000;
+
+/// Time a client has to send the complete body once the head arrived, in ms. 30 s is enough for
+/// 32 MiB at ~1 MB/s; a client slower than that is holding a body buffer hostage.
+pub const DEFAULT_BODY_READ_TIMEOUT_MS: u64 = 30_000;
+
+/// A keep-alive connection with no request in flight is closed after this long, in ms. 60 s is
+/// longer than common client pool idle times (the OpenAI SDK's httpx uses 5 s), so well-behaved
+/// clients close first, and short enough that idle sockets do not accumulate.
+pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 60_000;
+
+/// Budget for a TCP connect to an engine, in ms. In-cluster connects take well under 1 ms and a
+/// refused port fails at once; 2 s only catches black-holed pods, after which the retry goes on.
+pub const DEFAULT_UPSTREAM_CONNECT_TIMEOUT_MS: u64 = 2_000;
+
+/// Attempts per request (first try plus retries on other endpoints) when an engine refuses the
+/// connection or answers 5xx/429 before the first byte. Three: a second pod usually succeeds,
+/// and more attempts mostly multiply load during a fleet-wide overload.
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+
+/// How often the config file's modification time is checked for changes, in ms. Endpoint lists
+/// change at human (or controller) pace; one second keeps reloads prompt at negligible cost.
+pub const CONFIG_POLL_INTERVAL_MS: u64 = 1_000;
+
+/// vLLM's default KV block size in tokens, used until an engine reports its own via
+/// `vllm:cache_config_info{block_size}`.
+pub const DEFAULT_BLOCK_SIZE: u32 = 16;
+
+/// Hash seed (`PYTHONHASHSEED`) assumed for vLLM's sha256_cbor block hashes: the value the
+/// precise-prefix-routing guides tell operators to set. Engines do not report it, so a fleet with
+/// another seed must say so in `kv_events.hash_seed`.
+pub const DEFAULT_HASH_SEED: &str = "0";
+
+/// Default policy: kvgate's own cost-based scheduler.
+pub const DEFAULT_POLICY: &str = "kvgate";
+
+/// Header clients use to name their inference objective (priority), as in the Gateway API
+/// Inference Extension.
+pub const OBJECTIVE_HEADER: &str = "x-gateway-inference-objective";
+
+/// Header carrying a conversation id; a tie-breaker for routing, never an override.
+pub const SESSION_HEADER: &str = "x-session-id";
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    host: Option<String>,
+    port: Option<u16>,
+    admin_port: Option<u16>,
+    policy: Option<String>,
+    router: Option<serde_norway::Value>,
+    #[serde(default)]
+    endpoints: Vec<RawEndpoint>,
+    #[serde(default)]
+    scrape: RawScrape,
+    #[serde(default)]
+    kv_events: RawKvEvents,
+    #[serde(default)]
+    limits: RawLimits,
+    #[serde(default)]
+    retry: RawRetry,
+    #[serde(default)]
+    priority: RawPriority,
+    #[serde(default)]
+    tokenizer: RawTokenizer,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEndpoint {
+    url: String,
+    kv_events: Option<String>,
+    kv_replay: Option<String>,
+    #[serde(default)]
+    models: Vec<String>,
+    #[serde(default)]
+    lora_adapters: Vec<String>,
+    #[serde(default)]
+    role: Role,
+    #[serde(default)]
+    engine: EngineKind,
+    #[serde(default)]
+    hardware_class: String,
+    relative_cost: Option<f64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawScrape {
+    interval_ms: Option<u64>,
+    timeout_ms: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKvEvents {
+    block_size: Option<u32>,
+    hash_seed: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_body_bytes: Option<usize>,
+    header_read_timeout_ms: Option<u64>,
+    body_read_timeout_ms: Option<u64>,
+    idle_timeout_ms: Option<u64>,
+    upstream_connect_timeout_ms: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRetry {
+    max_attempts: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPriority {
+    #[serde(default)]
+    objectives: BTreeMap<String, i32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTokenizer {
+    hf_tokenizer_json: Option<PathBuf>,
+}
+
+/// Which routing policy to run.
+#[derive(Clone, Debug, PartialEq)]
+pub enum PolicyChoice {
+    /// A named kvgate-core policy with its defaults.
+    Named(String),
+    /// A YAML router config (kvgate's own or an `EndpointPickerConfig`), as text.
+    Yaml(String),
+}
+
+/// One model server to route to.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EndpointConfig {
+    /// `host:port`: the endpoint's identity in the router and what the gateway connects to.
+    pub address: String,
+    /// ZMQ PUB endpoint of its KV events, if subscribed.
+    pub kv_events: Option<String>,
+    /// ZMQ ROUTER endpoint for replaying lost KV-event batches.
+    pub kv_replay: Option<String>,
+    /// Base models it serves; empty = learn from `/v1/models`.
+    pub models: Vec<String>,
+    /// LoRA adapters it serves, besides those listed by `/v1/models`.
+    pub lora_adapters: Vec<String>,
+    /// Phases served.
+    pub role: Role,
+    /// Engine kind (metric names).
+    pub engine: EngineKind,
+    /// Hardware class label shared with the router's calibration.
+    pub hardware_class: String,
+    /// Relative cost of work on this endpoint.
+    pub relative_cost: f64,
+}
+
+impl EndpointConfig {
+    /// `http://host:port`.
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.address)
+    }
+}
+
+/// Listener, body and connection limits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest accepted request body, bytes (larger → 413).
+    pub max_body_bytes: usize,
+    /// Budget for the request head, ms.
+    pub header_read_timeout_ms: u64,
+    /// Budget for the request body, ms (exceeded → 408).
+    pub body_read_timeout_ms: u64,
+    /// Idle keep-alive connections are closed after this, ms.
+    pub idle_timeout_ms: u64,
+    /// Budget for connecting to an engine, ms.
+    pub upstream_connect_timeout_ms: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            header_read_timeout_ms: DEFAULT_HEADER_READ_TIMEOUT_MS,
+            body_read_timeout_ms: DEFAULT_BODY_READ_TIMEOUT_MS,
+            idle_timeout_ms: DEFAULT_IDLE_TIMEOUT_MS,
+            upstream_connect_timeout_ms: DEFAULT_UPSTREAM_CONNECT_TIMEOUT_MS,
+        }
+    }
+}
+
+/// The validated gateway configuration.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GatewayConfig {
+    /// Address both listeners bind to.
+    pub host: String,
+    /// OpenAI API port (0 = ephemeral).
+    pub port: u16,
+    /// Admin port (0 = ephemeral).
+    pub admin_port: u16,
+    /// Routing policy.
+    pub policy: PolicyChoice,
+    /// Static endpoint list.
+    pub endpoints: Vec<EndpointConfig>,
+    /// Metrics scrape period, ms.
+    pub scrape_interval_ms: u64,
+    /// Budget of one scrape, ms.
+    pub scrape_timeout_ms: u64,
+    /// Block size used for prompt keys until engines report theirs.
+    pub block_size: u32,
+    /// Hash seed of the engines' block hashes.
+    pub hash_seed: String,
+    /// Connection and body limits.
+    pub limits: Limits,
+    /// Attempts per request (≥ 1).
+    pub max_attempts: u32,
+    /// Objective name → priority.
+    pub objectives: BTreeMap<String, i32>,
+    /// HuggingFace `tokenizer.json` to tokenise with instead of the built-in tokenizer.
+    pub hf_tokenizer_json: Option<PathBuf>,
+    /// The file this came from, if any (watched for endpoint changes).
+    pub source: Option<PathBuf>,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            host: "0.0.0.0".into(),
+            port: DEFAULT_PORT,
+            admin_port: DEFAULT_ADMIN_PORT,
+            policy: PolicyChoice::Named(DEFAULT_POLICY.into()),
+            endpoints: Vec::new(),
+            scrape_interval_ms: kvgate_signals::scrape::DEFAULT_SCRAPE_INTERVAL_MS,
+            scrape_timeout_ms: kvgate_signals::scrape::DEFAULT_SCRAPE_TIMEOUT_MS,
+            block_size: DEFAULT_BLOCK_SIZE,
+            hash_seed: DEFAULT_HASH_SEED.into(),
+            limits: Limits::default(),
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
+            objectives: BTreeMap::new(),
+            hf_tokenizer_json: None,
+            source: None,
+        }
+    }
+}
+
+/// Values given on the command line; `None`/empty = not given (the file or the default applies).
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    /// `--host`.
+    pub host: Option<String>,
+    /// `--port`.
+    pub port: Option<u16>,
+    /// `--admin-port`.
+    pub admin_port: Option<u16>,
+    /// `--endpoint` (replaces the file's list when non-empty).
+    pub endpoints: Vec<String>,
+    /// `--kv-events`, paired with `endpoints` by position.
+    pub kv_events: Vec<String>,
+    /// `--kv-replay`, paired with `endpoints` by position.
+    pub kv_replay: Vec<String>,
+    /// `--model`: models every flag-given endpoint serves (else learned).
+    pub models: Vec<String>,
+    /// `--policy`.
+    pub policy: Option<String>,
+    /// `--scrape-interval-ms`.
+    pub scrape_interval_ms: Option<u64>,
+    /// `--max-body-bytes`.
+    pub max_body_bytes: Option<usize>,
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> GatewayError {
+    GatewayError::InvalidConfig {
+        field,
+        reason: reason.into(),
+    }
+}
+
+/// `host:port` from `http://host:port[/]` (or a bare `host:port`).
+pub fn endpoint_address(url: &str) -> Result<String, GatewayError> {
+    let rest = if let Some(r) = url.strip_prefix("http://") {
+        r
+    } else if url.contains("://") {
+        return Err(invalid(
+            "endpoints.url",
+            format!("{url:?}: only http:// endpoints are supported"),
+        ));
+    } else {
+        url
+    };
+    let addr = rest.trim_end_matches('/');
+    if addr.contains('/') {
+        return Err(invalid(
+            "endpoints.url",
+            format!("{url:?}: give the server's base URL without a path"),
+        ));
+    }
+    let Some((host, port)) = addr.rsplit_once(':') else {
+        return Err(invalid("endpoints.url", format!("{url:?}: missing port")));
+    };
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        return Err(invalid(
+            "endpoints.url",
+            format!("{url:?}: expected host:port"),
+        ));
+    }
+    Ok(addr.to_owned())
+}
+
+impl GatewayConfig {
+    /// Reads the file (if any), applies the flags, validates.
+    pub fn load(path: Option<&Path>, flags: &Overrides) -> Result<Self, GatewayError> {
+        let raw = match path {
+            Some(p) => {
+                let text =
+                    std::fs::read_to_string(p).map_err(|source| GatewayError::ReadConfig {
+                        path: p.to_owned(),
+                        source,
+                    })?;
+                parse_raw(&text, p)?
+            }
+            None => RawConfig::default(),
+        };
+        let mut cfg = Self::from_raw(raw, flags)?;
+        cfg.source = path.map(Path::to_owned);
+        Ok(cfg)
+    }
+
+    /// Parses a YAML document (no flags applied); for tests and embedders.
+    pub fn from_yaml(text: &str) -> Result<Self, GatewayError> {
+        Self::from_raw(
+            parse_raw(text, Path::new("<inline>"))?,
+            &Overrides::default(),
+        )
+    }
+
+    fn from_raw(raw: RawConfig, flags: &Overrides) -> Result<Self, GatewayError> {
+        let d = Self::default();
+        let policy = match (flags.policy.clone(), raw.policy, raw.router) {
+            (Some(name), _, _) => PolicyChoice::Named(name),
+            (None, Some(_), Some(_)) => {
+                return Err(invalid(
+                    "policy",
+                    "give either `policy` or `router`, not both",
+                ));
+            }
+            (None, Some(name), None) => PolicyChoice::Named(name),
+            (None, None, Some(v)) => PolicyChoice::Yaml(
+                serde_norway::to_string(&v).map_err(|e| invalid("router", e.to_string()))?,
+            ),
+            (None, None, None) => d.policy,
+        };
+        let endpoints = if flags.endpoints.is_empty() {
+            if !flags.kv_events.is_empty() || !flags.kv_replay.is_empty() {
+                return Err(invalid(
+                    "kv_events",
+                    "--kv-events/--kv-replay need --endpoint",
+                ));
+            }
+            raw.endpoints
+                .into_iter()
+                .map(endpoint_from_raw)
+                .collect::<Result<Vec<_>, _>>()?
+        } else {
+            if flags.kv_events.len() > flags.endpoints.len()
+                || flags.kv_replay.len() > flags.endpoints.len()
+            {
+                return Err(invalid(
+                    "kv_events",
+                    "more --kv-events/--kv-replay than --endpoint (they pair by position)",
+                ));
+            }
+            flags
+                .endpoints
+                .iter()
+                .enumerate()
+                .map(|(i, url)| {
+                    endpoint_from_raw(RawEndpoint {
+                        url: url.clone(),
+                        kv_events: flags.kv_events.get(i).cloned().filter(|s| !s.is_empty()),
+                        kv_replay: flags.kv_replay.get(i).cloned().filter(|s| !s.is_empty()),
+                        models: flags.models.clone(),
+                        ..RawEndpoint::default()
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?
+        };
+        let mut seen = std::collections::HashSet::new();
+        for e in &endpoints {
+            if !seen.insert(e.address.clone()) {
+                return Err(invalid(
+                    "endpoints",
+                    format!("{} is listed twice", e.address),
+                ));
+            }
+        }
+        let limits = Limits {
+            max_body_bytes: flags
+                .max_body_bytes
+                .or(raw.limits.max_body_bytes)
+                .unwrap_or(d.limits.max_body_bytes),
+            header_read_timeout_ms: raw
+                .limits
+                .header_read_timeout_ms
+                .unwrap_or(d.limits.header_read_timeout_ms),
+            body_read_timeout_ms: raw
+                .limits
+                .body_read_timeout_ms
+                .unwrap_or(d.limits.body_read_timeout_ms),
+            idle_timeout_ms: raw
+                .limits
+                .idle_timeout_ms
+                .unwrap_or(d.limits.idle_timeout_ms),
+            upstream_connect_timeout_ms: raw
+                .limits
+                .upstream_connect_timeout_ms
+                .unwrap_or(d.limits.upstream_connect_timeout_ms),
+        };
+        for (field, v) in [
+            (
+                "limits.header_read_timeout_ms",
+                limits.header_read_timeout_ms,
+            ),
+            ("limits.body_read_timeout_ms", limits.body_read_timeout_ms),
+            ("limits.idle_timeout_ms", limits.idle_timeout_ms),
+            (
+                "limits.upstream_connect_timeout_ms",
+                limits.upstream_connect_timeout_ms,
+            ),
+        ] {
+            if v == 0 {
+                return Err(invalid(field, "must be positive"));
+            }
+        }
+        if limits.max_body_bytes == 0 {
+            return Err(invalid("limits.max_body_bytes", "must be positive"));
+        }
+        let scrape_interval_ms = flags
+            .scrape_interval_ms
+            .or(raw.scrape.interval_ms)
+            .unwrap_or(d.scrape_interval_ms);
+        if scrape_interval_ms == 0 {
+            return Err(invalid("scrape.interval_ms", "must be positive"));
+        }
+        let scrape_timeout_ms = raw.scrape.timeout_ms.unwrap_or(d.scrape_timeout_ms);
+        if scrape_timeout_ms == 0 {
+            return Err(invalid("scrape.timeout_ms", "must be positive"));
+        }
+        let block_size = raw.kv_events.block_size.unwrap_or(d.block_size);
+        if block_size == 0 {
+            return Err(invalid("kv_events.block_size", "must be positive"));
+        }
+        let max_attempts = raw.retry.max_attempts.unwrap_or(d.max_attempts);
+        if max_attempts == 0 {
+            return Err(invalid("retry.max_attempts", "must be at least 1"));
+        }
+        Ok(Self {
+            host: flags.host.clone().or(raw.host).unwrap_or(d.host),
+            port: flags.port.or(raw.port).unwrap_or(d.port),
+            admin_port: flags.admin_port.or(raw.admin_port).unwrap_or(d.admin_port),
+            policy,
+            endpoints,
+            scrape_interval_ms,
+            scrape_timeout_ms,
+            block_size,
+            hash_seed: raw.kv_events.hash_seed.unwrap_or(d.hash_seed),
+            limits,
+            max_attempts,
+            objectives: raw.priority.objectives,
+            hf_tokenizer_json: raw.tokenizer.hf_tokenizer_json,
+            source: None,
+        })
+    }
+}
+
+fn parse_raw(text: &str, path: &Path) -> Result<RawConfig, GatewayError> {
+    if text.trim().is_empty() {
+        return Ok(RawConfig::default());
+    }
+    serde_norway::from_str(text).map_err(|source| GatewayError::ParseConfig {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn endpoint_from_raw(r: RawEndpoint) -> Result<EndpointConfig, GatewayError> {
+    let address = endpoint_address(&r.url)?;
+    for (field, v) in [
+        ("endpoints.kv_events", &r.kv_events),
+        ("endpoints.kv_replay", &r.kv_replay),
+    ] {
+        if let Some(v) = v
+            && !v.starts_with("tcp://")
+        {
+            return Err(invalid(field, format!("{v:?}: expected tcp://host:port")));
+        }
+    }
+    if r.kv_replay.is_some() && r.kv_events.is_none() {
+        return Err(invalid(
+            "endpoints.kv_replay",
+            format!("{}: kv_replay needs kv_events", r.url),
+        ));
+    }
+    let relative_cost = r.relative_cost.unwrap_or(1.0);
+    if !(relative_cost.is_finite() && relative_cost > 0.0) {
+        return Err(invalid(
+            "endpoints.relative_cost",
+            "must be a positive number",
+        ));
+    }
+    Ok(EndpointConfig {
+        address,
+        kv_events: r.kv_events,
+        kv_replay: r.kv_replay,
+        models: r.models,
+        lora_adapters: r.lora_adapters,
+        role: r.role,
+        engine: r.engine,
+        hardware_class: r.hardware_class,
+        relative_cost,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_file_parses() {
+        let c = GatewayConfig::from_yaml(
+            r#"
+port: 1234
+admin_port: 0
+policy: round-robin
+endpoints:
+  - url: http://127.0.0.1:8000/
+    kv_events: tcp://127.0.0.1:5557
+    kv_replay: tcp://127.0.0.1:5558
+  - url: 127.0.0.1:8001
+    models: [m]
+    engine: sglang
+scrape: { interval_ms: 50 }
+retry: { max_attempts: 2 }
+priority: { objectives: { batch: -1 } }
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.port, 1234);
+        assert_eq!(c.endpoints[0].address, "127.0.0.1:8000");
+        assert_eq!(
+            c.endpoints[0].kv_replay.as_deref(),
+            Some("tcp://127.0.0.1:5558")
+        );
+        assert_eq!(c.endpoints[1].engine, EngineKind::Sglang);
+        assert_eq!(c.scrape_interval_ms, 50);
+        assert_eq!(c.objectives["batch"], -1);
+        assert_eq!(c.policy, PolicyChoice::Named("round-robin".into()));
+    }
+
+    #[test]
+    fn flags_win_and_pair_kv_events_by_position() {
+        let flags = Overrides {
+            port: Some(7),
+            endpoints: vec!["http://a:1".into(), "http://b:2".into()],
+            kv_events: vec!["tcp://a:9".into()],
+            ..Overrides::default()
+        };
+        let raw: RawConfig =
+            serde_norway::from_str("port: 5\nendpoints: [{url: 'http://c:3'}]").unwrap();
+        let c = GatewayConfig::from_raw(raw, &flags).unwrap();
+        assert_eq!(c.port, 7);
+        assert_eq!(c.endpoints.len(), 2);
+        assert_eq!(c.endpoints[0].kv_events.as_deref(), Some("tcp://a:9"));
+        assert_eq!(c.endpoints[1].kv_events, None);
+    }
+
+    #[test]
+    fn bad_values_are_typed_errors() {
+        for bad in [
+            "endpoints: [{url: 'https://a:1'}]",
+            "endpoints: [{url: 'http://a'}]",
+            "endpoints: [{url: 'http://a:1'}, {url: 'a:1'}]",
+            "endpoints: [{url: 'http://a:1', kv_events: 'a:2'}]",
+            "retry: { max_attempts: 0 }",
+            "scrape: { interval_ms: 0 }",
+            "nonsense: 1",
+            "policy: x\nrouter: {}",
+        ] {
+            assert!(
+                GatewayConfig::from_yaml(bad).is_err(),
+                "{bad} should be refused"
+            );
+        }
+    }
+}

@@ -1,0 +1,297 @@
+//! `kvgate serve`: an OpenAI-compatible HTTP gateway that routes every request with the
+//! `kvgate-core` router and streams the engine's answer back untouched.
+//!
+//! Why it is built this way:
+//! - **The data plane only does I/O.** Routing decisions, load estimates and the prefix index
+//!   live in the pure core; this crate parses requests ([`openai`]), turns them into routing
+//!   requests and applies signal observations ([`control`]), and proxies ([`proxy`]) over its own
+//!   hyper accept loop ([`server`]), which is where connection timeouts live. `config`, `control`
+//!   and `openai` are public so the Envoy endpoint picker reuses them unchanged.
+//! - **Bytes pass through.** Request bodies are forwarded as received and response frames are
+//!   relayed as they arrive; the gateway reads what it needs (usage, timing) on the side, so a
+//!   stream through the gateway is byte-for-byte the engine's stream.
+//! - **Failures are decided before the first byte.** Refused connections, 5xx and 429 are retried
+//!   on the core's fallbacks while nothing has been sent to the client; after that, a broken
+//!   stream ends with an OpenAI error event (see [`proxy`] for the policy and bounds).
+//! - **Signals age, endpoints are not dropped.** A pod whose metrics or events stop keeps its
+//!   place; the core discounts its stale view. Endpoints leave only through membership (config
+//!   reload), and then drain.
+#![deny(missing_docs)]
+
+pub mod config;
+pub mod control;
+pub mod metrics;
+pub mod openai;
+pub mod proxy;
+pub mod server;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{CONFIG_POLL_INTERVAL_MS, GatewayConfig, Overrides};
+use crate::control::Control;
+use crate::metrics::GatewayMetrics;
+use crate::proxy::App;
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// A configuration value is invalid.
+    #[error("invalid gateway config: {field}: {reason}")]
+    InvalidConfig {
+        /// The setting.
+        field: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A file could not be read.
+    #[error("cannot read {path}")]
+    ReadConfig {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The config file is not valid YAML for the gateway.
+    #[error("cannot parse config file {path}")]
+    ParseConfig {
+        /// The file.
+        path: PathBuf,
+        /// The parser's error.
+        #[source]
+        source: serde_norway::Error,
+    },
+    /// The router refused its configuration (unknown policy, bad plugin config).
+    #[error("router configuration")]
+    Router(#[source] kvgate_core::CoreError),
+    /// The configured HuggingFace tokenizer could not be loaded.
+    #[error("tokenizer")]
+    Tokenizer(#[source] kvgate_tokens::TokenizerError),
+    /// A listener could not be bound.
+    #[error("cannot bind {addr}")]
+    Bind {
+        /// The address.
+        addr: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Waiting for ctrl-c failed.
+    #[error("cannot listen for ctrl-c")]
+    Signal(#[source] std::io::Error),
+}
+
+/// Flags of `kvgate serve`. Flags win over the config file; `--kv-events` and `--kv-replay`
+/// pair with `--endpoint` by position.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct ServeArgs {
+    /// YAML config file (endpoints are reloaded when it changes).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Address to bind both listeners to [default: 0.0.0.0].
+    #[arg(long)]
+    pub host: Option<String>,
+    /// OpenAI API port [default: 8080].
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// Admin port: /metrics, /health, /ready [default: 9090].
+    #[arg(long)]
+    pub admin_port: Option<u16>,
+    /// Model server base URL, e.g. http://10.0.0.7:8000 (repeat for more).
+    #[arg(long = "endpoint")]
+    pub endpoints: Vec<String>,
+    /// KV-event ZMQ PUB endpoint of the endpoint at the same position (tcp://host:port).
+    #[arg(long = "kv-events")]
+    pub kv_events: Vec<String>,
+    /// KV-event replay (ZMQ ROUTER) endpoint of the endpoint at the same position.
+    #[arg(long = "kv-replay")]
+    pub kv_replay: Vec<String>,
+    /// Models served by the --endpoint servers (default: learned from their /v1/models).
+    #[arg(long = "model")]
+    pub models: Vec<String>,
+    /// Routing policy: kvgate, gie-default, sglang-cache-aware, dynamo, round-robin, random,
+    /// least-request, power-of-two [default: kvgate].
+    #[arg(long)]
+    pub policy: Option<String>,
+    /// Metrics scrape interval per endpoint, ms [default: 100].
+    #[arg(long)]
+    pub scrape_interval_ms: Option<u64>,
+    /// Largest request body accepted, bytes [default: 33554432].
+    #[arg(long)]
+    pub max_body_bytes: Option<usize>,
+}
+
+impl ServeArgs {
+    fn overrides(&self) -> Overrides {
+        Overrides {
+            host: self.host.clone(),
+            port: self.port,
+            admin_port: self.admin_port,
+            endpoints: self.endpoints.clone(),
+            kv_events: self.kv_events.clone(),
+            kv_replay: self.kv_replay.clone(),
+            models: self.models.clone(),
+            policy: self.policy.clone(),
+            scrape_interval_ms: self.scrape_interval_ms,
+            max_body_bytes: self.max_body_bytes,
+        }
+    }
+}
+
+/// A running gateway.
+pub struct Gateway {
+    /// Where the OpenAI API listens.
+    pub api_addr: SocketAddr,
+    /// Where `/metrics`, `/health`, `/ready` listen.
+    pub admin_addr: SocketAddr,
+    /// Routing state (for embedding and tests).
+    pub control: Arc<Control>,
+    stop: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway")
+            .field("api_addr", &self.api_addr)
+            .field("admin_addr", &self.admin_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl Gateway {
+    /// Binds both listeners, adds the configured endpoints and starts serving. `flags` are
+    /// re-applied on every config reload (so flag-given endpoints stay fixed).
+    pub async fn start(cfg: GatewayConfig, flags: Overrides) -> Result<Self, GatewayError> {
+        let metrics = Arc::new(GatewayMetrics::new());
+        let control = Control::start(&cfg, metrics)?;
+        control.set_endpoints(&cfg.endpoints);
+        let app = App::new(control.clone(), cfg.limits, cfg.max_attempts);
+        let bind = |port: u16| {
+            let addr = format!("{}:{port}", cfg.host);
+            async move {
+                TcpListener::bind(&addr)
+                    .await
+                    .map_err(|source| GatewayError::Bind { addr, source })
+            }
+        };
+        let api = bind(cfg.port).await?;
+        let admin = bind(cfg.admin_port).await?;
+        let local = |l: &TcpListener| {
+            l.local_addr().map_err(|source| GatewayError::Bind {
+                addr: cfg.host.clone(),
+                source,
+            })
+        };
+        let (api_addr, admin_addr) = (local(&api)?, local(&admin)?);
+        let stop = CancellationToken::new();
+        let mut tasks = vec![
+            tokio::spawn(server::serve(
+                api,
+                proxy::api_router(app.clone()),
+                cfg.limits,
+                stop.clone(),
+            )),
+            tokio::spawn(server::serve(
+                admin,
+                proxy::admin_router(app),
+                cfg.limits,
+                stop.clone(),
+            )),
+        ];
+        if let Some(path) = cfg.source.clone() {
+            tasks.push(tokio::spawn(watch_config(
+                path,
+                flags,
+                control.clone(),
+                stop.clone(),
+            )));
+        }
+        tracing::info!(%api_addr, %admin_addr, endpoints = cfg.endpoints.len(), "kvgate gateway listening");
+        Ok(Self {
+            api_addr,
+            admin_addr,
+            control,
+            stop,
+            tasks,
+        })
+    }
+
+    /// Stops accepting, lets in-flight requests finish, and returns when both listeners closed.
+    pub async fn shutdown(mut self) {
+        self.stop.cancel();
+        for t in self.tasks.drain(..) {
+            let _ = t.await;
+        }
+    }
+}
+
+fn modified(path: &std::path::Path) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+/// Polls the config file and applies endpoint changes; a file that fails to parse is logged
+/// and ignored (the running set stays as it was).
+async fn watch_config(
+    path: PathBuf,
+    flags: Overrides,
+    control: Arc<Control>,
+    stop: CancellationToken,
+) {
+    let mut last = modified(&path);
+    let mut tick = tokio::time::interval(Duration::from_millis(CONFIG_POLL_INTERVAL_MS));
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = modified(&path);
+        if now == last {
+            continue;
+        }
+        last = now;
+        match GatewayConfig::load(Some(&path), &flags) {
+            Ok(cfg) => {
+                tracing::info!(path = %path.display(), endpoints = cfg.endpoints.len(), "config changed; applying endpoints");
+                control.set_endpoints(&cfg.endpoints);
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "config changed but is invalid; keeping the running endpoints")
+            }
+        }
+    }
+}
+
+/// Runs `kvgate serve` until ctrl-c.
+pub async fn run(args: ServeArgs) -> Result<(), GatewayError> {
+    let flags = args.overrides();
+    let cfg = GatewayConfig::load(args.config.as_deref(), &flags)?;
+    if cfg.endpoints.is_empty() {
+        tracing::warn!(
+            "no endpoints configured: every request will get 503 until the config file lists some"
+        );
+    }
+    let gw = Gateway::start(cfg, flags).await?;
+    tokio::signal::ctrl_c()
+        .await
+        .map_err(GatewayError::Signal)?;
+    tracing::info!("shutting down");
+    gw.shutdown().await;
+    Ok(())
+}

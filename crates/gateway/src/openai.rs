@@ -1,0 +1,597 @@
+//! OpenAI request parsing and validation, and the OpenAI error shape.
+//!
+//! The gateway forwards the client's body bytes unchanged (so engines see exactly what the client
+//! sent and streams stay byte-for-byte); it parses only what routing needs: the model, the prompt
+//! (to tokenise and hash), the output limit, `stream` and `stream_options.include_usage`, and
+//! `cache_salt`. Validation rejects what every OpenAI server would reject (not JSON, not an
+//! object, missing or mistyped `model`, `messages`, `prompt`, `input`) so that a bad request costs
+//! one JSON parse and never reaches an engine; anything subtler (sampling parameters, tool
+//! schemas) is left for the engine to judge, whose error is passed through as is.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::Value;
+
+/// Which OpenAI API a request addresses; decided by the path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ApiKind {
+    /// `POST /v1/chat/completions`.
+    Chat,
+    /// `POST /v1/completions`.
+    Completions,
+    /// `POST /v1/embeddings`.
+    Embeddings,
+    /// `POST /v1/responses`.
+    Responses,
+}
+
+impl ApiKind {
+    /// The upstream path of this API.
+    pub fn path(self) -> &'static str {
+        match self {
+            Self::Chat => "/v1/chat/completions",
+            Self::Completions => "/v1/completions",
+            Self::Embeddings => "/v1/embeddings",
+            Self::Responses => "/v1/responses",
+        }
+    }
+
+    /// The API for a request path (`/v1/...`, as Envoy's `:path`), ignoring any query string.
+    pub fn from_path(path: &str) -> Option<Self> {
+        let path = path.split('?').next().unwrap_or(path);
+        [
+            Self::Chat,
+            Self::Completions,
+            Self::Embeddings,
+            Self::Responses,
+        ]
+        .into_iter()
+        .find(|k| path.ends_with(k.path()))
+    }
+
+    /// Short label for metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Chat => "chat",
+            Self::Completions => "completions",
+            Self::Embeddings => "embeddings",
+            Self::Responses => "responses",
+        }
+    }
+}
+
+/// One chat message, reduced to what the chat template reads.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Message {
+    /// `system`, `user`, `assistant`, `tool`, ...
+    pub role: String,
+    /// Text content (text parts concatenated; non-text parts skipped).
+    pub content: String,
+}
+
+/// What the prompt of a request is, as routing needs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Prompt {
+    /// Chat messages, to be rendered with the chat template.
+    Messages(Vec<Message>),
+    /// Plain text (completions, embeddings, responses).
+    Text(String),
+    /// Token ids given by the client (completions, embeddings).
+    Tokens(Vec<u32>),
+}
+
+/// The parts of an OpenAI request body that routing uses.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParsedRequest {
+    /// Which API.
+    pub api: ApiKind,
+    /// `model` as sent: a base model or a LoRA adapter name.
+    pub model: String,
+    /// The prompt.
+    pub prompt: Prompt,
+    /// `max_completion_tokens`, else `max_tokens` (`max_output_tokens` for responses).
+    pub max_tokens: Option<u32>,
+    /// `stream: true`.
+    pub stream: bool,
+    /// `stream_options.include_usage: true`.
+    pub include_usage: bool,
+    /// vLLM's `cache_salt` (isolates prefix-cache entries; part of the first block's hash).
+    pub cache_salt: Option<String>,
+}
+
+/// A request the gateway refuses or could not serve, rendered in the OpenAI error shape
+/// `{"error": {"message", "type", "param", "code"}}` with the HTTP status as `code`.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{status}: {message}")]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Human-readable explanation.
+    pub message: String,
+    /// The offending request field, if one is to blame.
+    pub param: Option<&'static str>,
+}
+
+impl ApiError {
+    /// An error with no `param`.
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            param: None,
+        }
+    }
+
+    /// A 400 blaming `param`.
+    pub fn bad_param(param: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+            param: Some(param),
+        }
+    }
+
+    /// The OpenAI `type` for this status (the names the OpenAI SDKs map statuses to).
+    pub fn error_type(&self) -> &'static str {
+        match self.status {
+            StatusCode::BAD_REQUEST => "BadRequestError",
+            StatusCode::NOT_FOUND => "NotFoundError",
+            StatusCode::PAYLOAD_TOO_LARGE => "RequestTooLargeError",
+            StatusCode::REQUEST_TIMEOUT => "RequestTimeoutError",
+            StatusCode::TOO_MANY_REQUESTS => "RateLimitError",
+            StatusCode::SERVICE_UNAVAILABLE => "ServiceUnavailableError",
+            StatusCode::BAD_GATEWAY => "BadGatewayError",
+            _ => "InternalServerError",
+        }
+    }
+
+    /// The JSON body.
+    pub fn body(&self) -> Value {
+        serde_json::json!({
+            "error": {
+                "message": self.message,
+                "type": self.error_type(),
+                "param": self.param,
+                "code": self.status.as_u16(),
+            }
+        })
+    }
+
+    /// The body as one SSE event (`data: {...}\n\n`), for errors after a stream has started.
+    pub fn sse_event(&self) -> Vec<u8> {
+        let mut out = b"data: ".to_vec();
+        out.extend_from_slice(self.body().to_string().as_bytes());
+        out.extend_from_slice(b"\n\n");
+        out
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, axum::Json(self.body())).into_response()
+    }
+}
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
+fn optional_u32(
+    obj: &serde_json::Map<String, Value>,
+    key: &'static str,
+) -> Result<Option<u32>, ApiError> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => match n.as_u64() {
+            Some(v) => Ok(Some(u32::try_from(v).unwrap_or(u32::MAX))),
+            None => Err(ApiError::bad_param(
+                key,
+                format!("`{key}` must be a non-negative integer, got {n}"),
+            )),
+        },
+        Some(other) => Err(ApiError::bad_param(
+            key,
+            format!("`{key}` must be an integer, got {}", type_name(other)),
+        )),
+    }
+}
+
+fn optional_bool(
+    obj: &serde_json::Map<String, Value>,
+    key: &'static str,
+) -> Result<bool, ApiError> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(other) => Err(ApiError::bad_param(
+            key,
+            format!("`{key}` must be a boolean, got {}", type_name(other)),
+        )),
+    }
+}
+
+/// Text of a message `content`: a string, or an array of parts whose `text` parts are joined.
+fn content_text(v: &Value, param: &'static str) -> Result<String, ApiError> {
+    match v {
+        Value::Null => Ok(String::new()),
+        Value::String(s) => Ok(s.clone()),
+        Value::Array(parts) => {
+            let mut out = String::new();
+            for p in parts {
+                match p {
+                    Value::Object(o) => {
+                        if let Some(Value::String(t)) = o.get("text") {
+                            out.push_str(t);
+                        }
+                    }
+                    Value::String(s) => out.push_str(s),
+                    other => {
+                        return Err(ApiError::bad_param(
+                            param,
+                            format!("content parts must be objects, got {}", type_name(other)),
+                        ));
+                    }
+                }
+            }
+            Ok(out)
+        }
+        other => Err(ApiError::bad_param(
+            param,
+            format!(
+                "`content` must be a string or an array, got {}",
+                type_name(other)
+            ),
+        )),
+    }
+}
+
+fn messages(v: &Value, param: &'static str) -> Result<Vec<Message>, ApiError> {
+    let Value::Array(items) = v else {
+        return Err(ApiError::bad_param(
+            param,
+            format!("`{param}` must be an array, got {}", type_name(v)),
+        ));
+    };
+    let mut out = Vec::with_capacity(items.len());
+    for m in items {
+        let Value::Object(o) = m else {
+            return Err(ApiError::bad_param(
+                param,
+                format!("each message must be an object, got {}", type_name(m)),
+            ));
+        };
+        let role = match o.get("role") {
+            Some(Value::String(r)) => r.clone(),
+            // The Responses API allows items without a role (e.g. function-call outputs).
+            None if param == "input" => String::from("user"),
+            _ => {
+                return Err(ApiError::bad_param(
+                    param,
+                    "each message needs a string `role`",
+                ));
+            }
+        };
+        let content = content_text(o.get("content").unwrap_or(&Value::Null), param)?;
+        out.push(Message { role, content });
+    }
+    Ok(out)
+}
+
+fn token_ids(items: &[Value]) -> Option<Vec<u32>> {
+    items
+        .iter()
+        .map(|t| t.as_u64().and_then(|t| u32::try_from(t).ok()))
+        .collect()
+}
+
+/// A completions `prompt` or embeddings `input`: string, array of strings, token ids, or an
+/// array of token-id arrays. Batches are routed by their first element (one engine serves the
+/// whole batch, and batch members usually share a prefix).
+fn text_or_tokens(v: &Value, param: &'static str) -> Result<Prompt, ApiError> {
+    let bad = |what: &str| ApiError::bad_param(param, format!("`{param}` {what}"));
+    match v {
+        Value::String(s) => Ok(Prompt::Text(s.clone())),
+        Value::Array(items) if items.is_empty() => Err(bad("must not be empty")),
+        Value::Array(items) => match &items[0] {
+            Value::String(_) => {
+                let mut texts = items.iter().map(Value::as_str);
+                let first = texts.next().flatten().unwrap_or_default().to_owned();
+                if texts.any(|t| t.is_none()) {
+                    return Err(bad("must not mix strings and other types"));
+                }
+                Ok(Prompt::Text(first))
+            }
+            Value::Number(_) => token_ids(items)
+                .map(Prompt::Tokens)
+                .ok_or_else(|| bad("token ids must be non-negative 32-bit integers")),
+            Value::Array(first) => {
+                if items.iter().any(|i| !i.is_array()) {
+                    return Err(bad("must not mix token arrays and other types"));
+                }
+                token_ids(first)
+                    .map(Prompt::Tokens)
+                    .ok_or_else(|| bad("token ids must be non-negative 32-bit integers"))
+            }
+            other => Err(bad(&format!(
+                "must be a string or an array of strings or token ids, got an array of {}",
+                type_name(other)
+            ))),
+        },
+        other => Err(bad(&format!(
+            "must be a string or an array, got {}",
+            type_name(other)
+        ))),
+    }
+}
+
+/// Parses and validates the body of a request to `api`.
+pub fn parse_request(api: ApiKind, body: &[u8]) -> Result<ParsedRequest, ApiError> {
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}")))?;
+    let Value::Object(obj) = &v else {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("request body must be a JSON object, got {}", type_name(&v)),
+        ));
+    };
+    let model = match obj.get("model") {
+        Some(Value::String(m)) if !m.is_empty() => m.clone(),
+        Some(Value::String(_)) => {
+            return Err(ApiError::bad_param("model", "`model` must not be empty"));
+        }
+        None | Some(Value::Null) => {
+            return Err(ApiError::bad_param(
+                "model",
+                "missing required field `model`",
+            ));
+        }
+        Some(other) => {
+            return Err(ApiError::bad_param(
+                "model",
+                format!("`model` must be a string, got {}", type_name(other)),
+            ));
+        }
+    };
+    let required = |key: &'static str| {
+        obj.get(key)
+            .filter(|v| !v.is_null())
+            .ok_or_else(|| ApiError::bad_param(key, format!("missing required field `{key}`")))
+    };
+    let prompt = match api {
+        ApiKind::Chat => {
+            let m = messages(required("messages")?, "messages")?;
+            if m.is_empty() {
+                return Err(ApiError::bad_param(
+                    "messages",
+                    "`messages` must not be empty",
+                ));
+            }
+            Prompt::Messages(m)
+        }
+        ApiKind::Completions => text_or_tokens(required("prompt")?, "prompt")?,
+        ApiKind::Embeddings => text_or_tokens(required("input")?, "input")?,
+        ApiKind::Responses => {
+            let input = required("input")?;
+            let mut msgs = Vec::new();
+            if let Some(Value::String(i)) = obj.get("instructions") {
+                msgs.push(Message {
+                    role: "system".into(),
+                    content: i.clone(),
+                });
+            }
+            match input {
+                Value::String(s) => msgs.push(Message {
+                    role: "user".into(),
+                    content: s.clone(),
+                }),
+                other => msgs.extend(messages(other, "input")?),
+            }
+            Prompt::Messages(msgs)
+        }
+    };
+    let max_tokens = match api {
+        ApiKind::Chat => {
+            optional_u32(obj, "max_completion_tokens")?.or(optional_u32(obj, "max_tokens")?)
+        }
+        ApiKind::Completions => optional_u32(obj, "max_tokens")?,
+        ApiKind::Responses => optional_u32(obj, "max_output_tokens")?,
+        ApiKind::Embeddings => Some(0),
+    };
+    let stream = optional_bool(obj, "stream")?;
+    let include_usage = match obj.get("stream_options") {
+        None | Some(Value::Null) => false,
+        Some(Value::Object(o)) => optional_bool(o, "include_usage")?,
+        Some(other) => {
+            return Err(ApiError::bad_param(
+                "stream_options",
+                format!(
+                    "`stream_options` must be an object, got {}",
+                    type_name(other)
+                ),
+            ));
+        }
+    };
+    let cache_salt = match obj.get("cache_salt") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(other) => {
+            return Err(ApiError::bad_param(
+                "cache_salt",
+                format!("`cache_salt` must be a string, got {}", type_name(other)),
+            ));
+        }
+    };
+    Ok(ParsedRequest {
+        api,
+        model,
+        prompt,
+        max_tokens,
+        stream,
+        include_usage,
+        cache_salt,
+    })
+}
+
+/// Usage figures read from a response body or the final SSE usage chunk.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// `usage.prompt_tokens`.
+    pub prompt_tokens: Option<u32>,
+    /// `usage.completion_tokens`.
+    pub completion_tokens: Option<u32>,
+    /// `usage.prompt_tokens_details.cached_tokens`.
+    pub cached_tokens: Option<u32>,
+}
+
+/// Reads `usage` from a JSON object (a full response or one stream chunk); `None` if it has none.
+pub fn usage_of(json: &[u8]) -> Option<Usage> {
+    let v: Value = serde_json::from_slice(json).ok()?;
+    let u = v.get("usage")?.as_object()?;
+    let num = |v: Option<&Value>| {
+        v.and_then(Value::as_u64)
+            .and_then(|n| u32::try_from(n).ok())
+    };
+    Some(Usage {
+        prompt_tokens: num(u.get("prompt_tokens").or_else(|| u.get("input_tokens"))),
+        completion_tokens: num(u
+            .get("completion_tokens")
+            .or_else(|| u.get("output_tokens"))),
+        cached_tokens: num(u
+            .get("prompt_tokens_details")
+            .or_else(|| u.get("input_tokens_details"))
+            .and_then(|d| d.get("cached_tokens"))),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(api: ApiKind, body: &str) -> ApiError {
+        parse_request(api, body.as_bytes()).unwrap_err()
+    }
+
+    #[test]
+    fn chat_request_parses() {
+        let r = parse_request(
+            ApiKind::Chat,
+            br#"{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"hi"}]}],
+                "stream":true,"stream_options":{"include_usage":true},"max_tokens":5,"cache_salt":"s"}"#,
+        )
+        .unwrap();
+        assert_eq!(r.model, "m");
+        assert_eq!(
+            r.prompt,
+            Prompt::Messages(vec![Message {
+                role: "user".into(),
+                content: "hi".into()
+            }])
+        );
+        assert!(r.stream && r.include_usage);
+        assert_eq!(r.max_tokens, Some(5));
+        assert_eq!(r.cache_salt.as_deref(), Some("s"));
+    }
+
+    #[test]
+    fn bad_inputs_are_400_with_param() {
+        assert_eq!(
+            err(ApiKind::Chat, "{not json").status,
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(err(ApiKind::Chat, "[1]").param, None);
+        assert_eq!(
+            err(ApiKind::Chat, r#"{"messages":[]}"#).param,
+            Some("model")
+        );
+        assert_eq!(
+            err(ApiKind::Chat, r#"{"model":3,"messages":[]}"#).param,
+            Some("model")
+        );
+        assert_eq!(
+            err(ApiKind::Chat, r#"{"model":"m"}"#).param,
+            Some("messages")
+        );
+        assert_eq!(
+            err(ApiKind::Chat, r#"{"model":"m","messages":"x"}"#).param,
+            Some("messages")
+        );
+        assert_eq!(
+            err(ApiKind::Completions, r#"{"model":"m"}"#).param,
+            Some("prompt")
+        );
+        assert_eq!(
+            err(ApiKind::Completions, r#"{"model":"m","prompt":5}"#).param,
+            Some("prompt")
+        );
+        assert_eq!(
+            err(
+                ApiKind::Completions,
+                r#"{"model":"m","prompt":"x","max_tokens":"a"}"#
+            )
+            .param,
+            Some("max_tokens")
+        );
+        assert_eq!(
+            err(
+                ApiKind::Completions,
+                r#"{"model":"m","prompt":"x","stream":"yes"}"#
+            )
+            .param,
+            Some("stream")
+        );
+        assert_eq!(
+            err(ApiKind::Embeddings, r#"{"model":"m"}"#).param,
+            Some("input")
+        );
+    }
+
+    #[test]
+    fn completions_prompt_shapes() {
+        let p = |s: &str| {
+            parse_request(ApiKind::Completions, s.as_bytes())
+                .unwrap()
+                .prompt
+        };
+        assert_eq!(p(r#"{"model":"m","prompt":"a"}"#), Prompt::Text("a".into()));
+        assert_eq!(
+            p(r#"{"model":"m","prompt":["a","b"]}"#),
+            Prompt::Text("a".into())
+        );
+        assert_eq!(
+            p(r#"{"model":"m","prompt":[1,2]}"#),
+            Prompt::Tokens(vec![1, 2])
+        );
+        assert_eq!(
+            p(r#"{"model":"m","prompt":[[3],[4]]}"#),
+            Prompt::Tokens(vec![3])
+        );
+    }
+
+    #[test]
+    fn error_shape_is_openai() {
+        let e = ApiError::bad_param("model", "x");
+        let b = e.body();
+        assert_eq!(b["error"]["code"], 400);
+        assert_eq!(b["error"]["param"], "model");
+        assert_eq!(b["error"]["type"], "BadRequestError");
+        assert!(e.sse_event().starts_with(b"data: {"));
+    }
+
+    #[test]
+    fn usage_is_read_from_chunks() {
+        let u = usage_of(
+            br#"{"choices":[],"usage":{"prompt_tokens":10,"completion_tokens":3,"prompt_tokens_details":{"cached_tokens":8}}}"#,
+        )
+        .unwrap();
+        assert_eq!(u.cached_tokens, Some(8));
+        assert_eq!(u.completion_tokens, Some(3));
+        assert!(usage_of(br#"{"choices":[],"usage":null}"#).is_none());
+    }
+}

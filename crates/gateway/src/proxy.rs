@@ -1,0 +1,819 @@
+//! The HTTP data plane: reads and validates a request, asks [`Control`] where to send it, sends
+//! it (retrying on another endpoint when the first one fails before answering), and streams the
+//! answer back while measuring it.
+//!
+//! **Retry policy.** An attempt is retried on the next of the decision's fallbacks (endpoints
+//! the core ranked after the primary, never one already tried) when the engine refused or
+//! dropped the connection, the connect timed out ([`crate::config::DEFAULT_UPSTREAM_CONNECT_TIMEOUT_MS`]),
+//! or it answered 5xx or 429 — all before a single response byte reached the client, so a retry
+//! is invisible to it. At most `retry.max_attempts` attempts ([`crate::config::DEFAULT_MAX_ATTEMPTS`])
+//! are made. Each failed attempt is reported to the core with its [`FailureKind`], which
+//! penalises that endpoint for later picks. When every attempt fails, the last engine error
+//! response is passed through as is, or a 502 if no engine answered at all. Once the response
+//! head has been forwarded nothing is retried: a stream that breaks gets an OpenAI error event
+//! (`data: {"error": ...}`) and `data: [DONE]`, so SDKs see a clean end and an error, and the
+//! failure is counted and reported to the core.
+//!
+//! **Pass-through.** The request body is forwarded byte for byte (the gateway never rewrites
+//! it, and does not inject `stream_options.include_usage`: a client that did not ask for usage
+//! gets none, and its TPOT is then computed from counted SSE events). Response bodies are relayed
+//! frame by frame as they arrive from the engine, with no buffering; only a copy of the last few
+//! KiB of a stream (or of a non-streaming body up to [`USAGE_WINDOW_BYTES`]) is kept to read
+//! `usage` at the end. Only an allow-list of request headers is forwarded: routing headers a
+//! client might send (`x-gateway-destination-endpoint` and the like) are dropped, and the gateway
+//! only ever connects to configured endpoints.
+//!
+//! **TTFT and TPOT.** TTFT is measured from the moment the gateway has the request head to the
+//! first body frame of a successful streaming response (vLLM sends the first chunk when the
+//! first token exists), so it includes retries and queueing, as a client sees it. TPOT is
+//! `(last frame − first frame) / (completion tokens − 1)`, with completion tokens from the final
+//! usage chunk when present, else the number of SSE `data:` events carrying tokens. Both go to
+//! the metrics histograms and, through `on_first_token`/`on_finish`, to the core's calibration.
+//! Non-streaming responses report no TTFT (the engine answers only when done).
+//!
+//! **Cancellation.** Dropping a request (the client went away) drops the upstream response
+//! future or body, which closes the upstream connection at once; vLLM (and `kvgate sim`) abort
+//! the request when its connection closes. The in-flight guard reports it to the core as
+//! [`FailureKind::Cancelled`], which carries no penalty.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Frame, Incoming, SizeHint};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use kvgate_core::RouteError;
+use kvgate_core::request::{Decision, DecisionReason, FailureKind, Outcome, RoutingRequest};
+use serde_json::Value;
+
+use crate::config::{Limits, OBJECTIVE_HEADER, SESSION_HEADER};
+use crate::control::{Control, Target};
+use crate::metrics::{
+    DecisionLabels, EndpointLabels, GatewayMetrics, RequestLabels, RetryLabels, UpstreamErrorLabels,
+};
+use crate::openai::{ApiError, ApiKind, parse_request, usage_of};
+
+/// Bytes of a response kept to read `usage` from at the end: the tail of a stream (the usage
+/// chunk is the last event before `[DONE]`, a few hundred bytes) or a whole non-streaming body
+/// (a long completion is tens of KiB). Larger non-streaming bodies simply report no usage.
+pub const USAGE_WINDOW_BYTES: usize = 256 * 1024;
+
+/// Tail of a stream kept for the usage chunk: comfortably more than one usage chunk plus
+/// `[DONE]`, small enough that copying it per frame costs nothing measurable.
+const STREAM_TAIL_BYTES: usize = 4 * 1024;
+
+/// Budget for one endpoint's `/v1/models` during aggregation: the list is served from memory,
+/// so a slow answer means a sick engine, which must not stall the client's listing.
+const MODELS_TIMEOUT_MS: u64 = 2_000;
+
+/// Request headers forwarded to engines; everything else (hop-by-hop, routing hints such as
+/// `x-gateway-destination-endpoint`, cookies) stays at the gateway.
+const FORWARDED_REQUEST_HEADERS: [HeaderName; 6] = [
+    header::AUTHORIZATION,
+    header::ACCEPT,
+    header::USER_AGENT,
+    HeaderName::from_static("x-request-id"),
+    HeaderName::from_static("traceparent"),
+    HeaderName::from_static("tracestate"),
+];
+
+/// Response headers relayed to clients.
+const FORWARDED_RESPONSE_HEADERS: [HeaderName; 3] = [
+    header::CONTENT_TYPE,
+    header::CACHE_CONTROL,
+    HeaderName::from_static("x-request-id"),
+];
+
+/// Response header naming the endpoint that served the request (for operators and tests).
+pub const ENDPOINT_RESPONSE_HEADER: &str = "x-kvgate-endpoint";
+
+/// Shared state of the HTTP handlers.
+pub struct App {
+    /// Routing state.
+    pub control: Arc<Control>,
+    /// Metrics.
+    pub metrics: Arc<GatewayMetrics>,
+    /// Limits.
+    pub limits: Limits,
+    /// Attempts per request.
+    pub max_attempts: u32,
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl App {
+    /// Builds the handlers' state with a pooled HTTP/1.1 client to the engines.
+    pub fn new(control: Arc<Control>, limits: Limits, max_attempts: u32) -> Arc<Self> {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(Duration::from_millis(
+            limits.upstream_connect_timeout_ms,
+        )));
+        connector.set_nodelay(true);
+        let client = Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector);
+        Arc::new(Self {
+            metrics: control.metrics.clone(),
+            control,
+            limits,
+            max_attempts,
+            client,
+        })
+    }
+}
+
+/// The OpenAI API router (plus `/health` and `/ready`).
+pub fn api_router(app: Arc<App>) -> axum::Router {
+    use axum::routing::{get, post};
+    axum::Router::new()
+        .route(
+            "/v1/chat/completions",
+            post(|s, r| handle(s, ApiKind::Chat, r)),
+        )
+        .route(
+            "/v1/completions",
+            post(|s, r| handle(s, ApiKind::Completions, r)),
+        )
+        .route(
+            "/v1/embeddings",
+            post(|s, r| handle(s, ApiKind::Embeddings, r)),
+        )
+        .route(
+            "/v1/responses",
+            post(|s, r| handle(s, ApiKind::Responses, r)),
+        )
+        .route("/v1/models", get(models))
+        .route("/health", get(|| async { StatusCode::OK }))
+        .route("/ready", get(ready))
+        .fallback(|uri: Uri| async move {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("no route for {}", uri.path()),
+            )
+            .into_response()
+        })
+        .with_state(app)
+}
+
+/// The admin router: `/metrics`, `/health`, `/ready`.
+pub fn admin_router(app: Arc<App>) -> axum::Router {
+    use axum::routing::get;
+    axum::Router::new()
+        .route("/metrics", get(metrics))
+        .route("/health", get(|| async { StatusCode::OK }))
+        .route("/ready", get(ready))
+        .with_state(app)
+}
+
+async fn ready(State(app): State<Arc<App>>) -> Response {
+    if app.control.is_ready() {
+        (StatusCode::OK, "ready").into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no endpoint discovered yet",
+        )
+            .into_response()
+    }
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> Response {
+    app.control.refresh_gauges();
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        app.metrics.encode(),
+    )
+        .into_response()
+}
+
+fn count(metrics: &GatewayMetrics, api: &'static str, status: StatusCode) {
+    metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            api,
+            status: status.as_u16(),
+        })
+        .inc();
+}
+
+async fn models(State(app): State<Arc<App>>) -> Response {
+    let lists = futures::future::join_all(app.control.endpoint_addresses().into_iter().map(|a| {
+        let app = app.clone();
+        async move {
+            tokio::time::timeout(
+                Duration::from_millis(MODELS_TIMEOUT_MS),
+                fetch_models(&app, &a),
+            )
+            .await
+        }
+    }))
+    .await;
+    let mut seen = std::collections::BTreeMap::new();
+    let mut any = false;
+    for list in lists.into_iter().filter_map(|r| r.ok().flatten()) {
+        any = true;
+        for card in list {
+            if let Some(id) = card.get("id").and_then(Value::as_str) {
+                seen.entry(id.to_owned()).or_insert(card);
+            }
+        }
+    }
+    let resp = if any {
+        axum::Json(
+            serde_json::json!({"object": "list", "data": seen.into_values().collect::<Vec<_>>()}),
+        )
+        .into_response()
+    } else {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no endpoint answered /v1/models",
+        )
+        .into_response()
+    };
+    count(&app.metrics, "models", resp.status());
+    resp
+}
+
+async fn fetch_models(app: &App, address: &str) -> Option<Vec<Value>> {
+    let req = hyper::Request::get(format!("http://{address}/v1/models"))
+        .body(Full::new(Bytes::new()))
+        .ok()?;
+    let resp = app.client.request(req).await.ok()?;
+    if !resp.status().is_success() {
+        return None;
+    }
+    let body = Limited::new(resp.into_body(), USAGE_WINDOW_BYTES)
+        .collect()
+        .await
+        .ok()?
+        .to_bytes();
+    let v: Value = serde_json::from_slice(&body).ok()?;
+    v.get("data")?.as_array().cloned()
+}
+
+async fn handle(State(app): State<Arc<App>>, api: ApiKind, req: Request) -> Response {
+    let t0 = Instant::now();
+    let resp = match serve(&app, api, req, t0).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    };
+    count(&app.metrics, api.label(), resp.status());
+    resp
+}
+
+async fn read_body(body: Body, headers: &HeaderMap, limits: &Limits) -> Result<Bytes, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "request body exceeds the limit of {} bytes",
+                limits.max_body_bytes
+            ),
+        )
+    };
+    if let Some(len) = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        && len > limits.max_body_bytes as u64
+    {
+        return Err(too_large());
+    }
+    let read = Limited::new(body, limits.max_body_bytes).collect();
+    match tokio::time::timeout(Duration::from_millis(limits.body_read_timeout_ms), read).await {
+        Err(_) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "request body not received within {} ms",
+                limits.body_read_timeout_ms
+            ),
+        )),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Ok(Err(e)) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("cannot read request body: {e}"),
+        )),
+    }
+}
+
+fn route_error(e: &RouteError) -> ApiError {
+    let status = match e {
+        RouteError::UnknownModel { .. } => StatusCode::NOT_FOUND,
+        RouteError::NoEndpoints { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        RouteError::Shed { .. } => StatusCode::TOO_MANY_REQUESTS,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    ApiError {
+        status,
+        message: e.to_string(),
+        param: matches!(e, RouteError::UnknownModel { .. }).then_some("model"),
+    }
+}
+
+/// Snake-case label of a decision reason.
+pub fn reason_label(r: DecisionReason) -> &'static str {
+    match r {
+        DecisionReason::PrefixHit => "prefix_hit",
+        DecisionReason::LeastCost => "least_cost",
+        DecisionReason::HotPrefixSpill => "hot_prefix_spill",
+        DecisionReason::MaxScore => "max_score",
+        DecisionReason::WeightedRandom => "weighted_random",
+        DecisionReason::Random => "random",
+        DecisionReason::RoundRobin => "round_robin",
+        DecisionReason::LeastRequest => "least_request",
+        DecisionReason::PowerOfTwo => "power_of_two",
+        DecisionReason::CacheAffinity => "cache_affinity",
+        DecisionReason::Balance => "balance",
+        DecisionReason::SmallestCache => "smallest_cache",
+        DecisionReason::Oracle => "oracle",
+        DecisionReason::OnlyCandidate => "only_candidate",
+        DecisionReason::DrainingOnly => "draining_only",
+    }
+}
+
+/// A request booked on one endpoint: keeps the endpoint's in-flight count and the core's
+/// bookkeeping right however the request ends (including being dropped mid-way).
+struct InFlight {
+    control: Arc<Control>,
+    req_id: u64,
+    target: Target,
+    done: bool,
+}
+
+impl InFlight {
+    fn new(control: Arc<Control>, req_id: u64, target: Target) -> Self {
+        target.in_flight.fetch_add(1, Ordering::AcqRel);
+        Self {
+            control,
+            req_id,
+            target,
+            done: false,
+        }
+    }
+
+    fn fail(mut self, kind: FailureKind) {
+        self.done = true;
+        self.control.on_failure(self.req_id, kind);
+    }
+
+    fn finish(mut self, outcome: &Outcome) {
+        self.done = true;
+        self.control.on_finish(self.req_id, outcome);
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.target.in_flight.fetch_sub(1, Ordering::AcqRel);
+        if !self.done {
+            self.control.metrics.client_cancellations.inc();
+            self.control.on_failure(self.req_id, FailureKind::Cancelled);
+        }
+    }
+}
+
+enum AttemptError {
+    Connect,
+    Timeout,
+}
+
+async fn send(
+    app: &App,
+    target: &Target,
+    api: ApiKind,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Result<hyper::Response<Incoming>, AttemptError> {
+    let mut req = hyper::Request::builder().method(Method::POST).uri(format!(
+        "http://{}{}",
+        target.address,
+        api.path()
+    ));
+    if let Some(h) = req.headers_mut() {
+        for name in &FORWARDED_REQUEST_HEADERS {
+            for v in headers.get_all(name) {
+                h.append(name.clone(), v.clone());
+            }
+        }
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+    }
+    let req = req
+        .body(Full::new(body))
+        .map_err(|_| AttemptError::Connect)?;
+    app.client.request(req).await.map_err(|e| {
+        let timeout = std::error::Error::source(&e)
+            .and_then(|s| s.downcast_ref::<std::io::Error>())
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut);
+        if timeout {
+            AttemptError::Timeout
+        } else {
+            AttemptError::Connect
+        }
+    })
+}
+
+fn upstream_error(metrics: &GatewayMetrics, endpoint: &str, kind: &'static str) {
+    metrics
+        .upstream_errors
+        .get_or_create(&UpstreamErrorLabels {
+            endpoint: endpoint.to_owned(),
+            kind,
+        })
+        .inc();
+}
+
+async fn serve(
+    app: &Arc<App>,
+    api: ApiKind,
+    req: Request,
+    t0: Instant,
+) -> Result<Response, ApiError> {
+    let (parts, body) = req.into_parts();
+    let body = read_body(body, &parts.headers, &app.limits).await?;
+    let parsed = parse_request(api, &body)?;
+    let header_str = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok());
+    let mut rr = app
+        .control
+        .routing_request(
+            &parsed,
+            header_str(OBJECTIVE_HEADER),
+            header_str(SESSION_HEADER),
+        )
+        .ok_or_else(|| ApiError {
+            status: StatusCode::NOT_FOUND,
+            message: format!("The model `{}` does not exist.", parsed.model),
+            param: Some("model"),
+        })?;
+    let (decision, mut target) = app.control.pick(&rr).map_err(|e| route_error(&e))?;
+    app.metrics
+        .decisions
+        .get_or_create(&DecisionLabels {
+            endpoint: target.address.to_string(),
+            reason: reason_label(decision.reason).to_owned(),
+        })
+        .inc();
+    let mut tried = vec![decision.primary];
+    let mut attempt = 1;
+    loop {
+        let guard = InFlight::new(app.control.clone(), rr.id, target.clone());
+        let result = send(app, &target, api, &parts.headers, body.clone()).await;
+        let (cause, kind) = match &result {
+            Ok(resp) if resp.status().is_server_error() => ("status_5xx", FailureKind::ServerError),
+            Ok(resp) if resp.status() == StatusCode::TOO_MANY_REQUESTS => {
+                ("status_429", FailureKind::Overloaded)
+            }
+            Ok(_) => {
+                return Ok(respond(
+                    app,
+                    result.ok().expect("matched Ok"),
+                    guard,
+                    &parsed,
+                    t0,
+                ));
+            }
+            Err(AttemptError::Connect) => ("connect", FailureKind::Connect),
+            Err(AttemptError::Timeout) => ("timeout", FailureKind::Timeout),
+        };
+        upstream_error(&app.metrics, &target.address, cause);
+        let next = (attempt < app.max_attempts)
+            .then(|| next_fallback(app, &mut rr, &decision, &mut tried))
+            .flatten();
+        match (next, result) {
+            (Some(t), _) => {
+                guard.fail(kind);
+                app.metrics
+                    .retries
+                    .get_or_create(&RetryLabels { cause })
+                    .inc();
+                app.metrics
+                    .decisions
+                    .get_or_create(&DecisionLabels {
+                        endpoint: t.address.to_string(),
+                        reason: "retry".to_owned(),
+                    })
+                    .inc();
+                tracing::debug!(from = %target.address, to = %t.address, cause, "retrying on another endpoint");
+                target = t;
+                attempt += 1;
+            }
+            (None, Ok(resp)) => {
+                // Out of attempts: the engine's own error (OpenAI-shaped) is the best answer.
+                guard.fail(kind);
+                return Ok(relay_plain(resp, &target));
+            }
+            (None, Err(_)) => {
+                guard.fail(kind);
+                return Err(ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    format!("no endpoint could be reached after {attempt} attempt(s)"),
+                ));
+            }
+        }
+    }
+}
+
+/// Books the next untried fallback (under a fresh request id); `None` when none is left.
+fn next_fallback(
+    app: &App,
+    rr: &mut RoutingRequest,
+    decision: &Decision,
+    tried: &mut Vec<kvgate_core::endpoint::EndpointId>,
+) -> Option<Target> {
+    for &id in &decision.fallbacks {
+        if tried.contains(&id) {
+            continue;
+        }
+        tried.push(id);
+        rr.id = app.control.next_request_id();
+        if let Some(t) = app.control.book_fallback(rr, decision, id) {
+            return Some(t);
+        }
+    }
+    None
+}
+
+fn response_head(
+    status: StatusCode,
+    upstream: &HeaderMap,
+    target: &Target,
+) -> axum::http::response::Builder {
+    let mut b = Response::builder().status(status);
+    if let Some(h) = b.headers_mut() {
+        for name in &FORWARDED_RESPONSE_HEADERS {
+            if let Some(v) = upstream.get(name) {
+                h.insert(name.clone(), v.clone());
+            }
+        }
+        if let Ok(v) = HeaderValue::from_str(&target.address) {
+            h.insert(HeaderName::from_static(ENDPOINT_RESPONSE_HEADER), v);
+        }
+    }
+    b
+}
+
+fn relay_plain(resp: hyper::Response<Incoming>, target: &Target) -> Response {
+    let (parts, body) = resp.into_parts();
+    response_head(parts.status, &parts.headers, target)
+        .body(Body::new(body))
+        .unwrap_or_else(|_| StatusCode::BAD_GATEWAY.into_response())
+}
+
+fn respond(
+    app: &Arc<App>,
+    resp: hyper::Response<Incoming>,
+    guard: InFlight,
+    parsed: &crate::openai::ParsedRequest,
+    t0: Instant,
+) -> Response {
+    let (parts, body) = resp.into_parts();
+    let sse = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    let endpoint = guard.target.address.to_string();
+    let metered = Metered {
+        inner: body,
+        guard: Some(guard),
+        metrics: app.metrics.clone(),
+        endpoint: EndpointLabels { endpoint },
+        sse,
+        chat: parsed.api == crate::openai::ApiKind::Chat,
+        t0,
+        first_at: None,
+        last_at: None,
+        events: 0,
+        window: Vec::new(),
+        window_overflow: false,
+        ended: false,
+    };
+    response_head(
+        parts.status,
+        &parts.headers,
+        &metered.guard.as_ref().expect("set above").target,
+    )
+    .body(Body::new(metered))
+    .unwrap_or_else(|_| StatusCode::BAD_GATEWAY.into_response())
+}
+
+/// The upstream response body, relayed frame by frame, measured on the way.
+struct Metered {
+    inner: Incoming,
+    guard: Option<InFlight>,
+    metrics: Arc<GatewayMetrics>,
+    endpoint: EndpointLabels,
+    sse: bool,
+    chat: bool,
+    t0: Instant,
+    first_at: Option<Instant>,
+    last_at: Option<Instant>,
+    /// SSE `data:` events seen (including the role chunk, usage chunk and `[DONE]`).
+    events: u32,
+    window: Vec<u8>,
+    window_overflow: bool,
+    /// The body is over (after a mid-stream error event).
+    ended: bool,
+}
+
+fn count_events(data: &[u8]) -> u32 {
+    let needle = b"data:";
+    let mut n = 0;
+    let mut at_line_start = true;
+    let mut i = 0;
+    while i < data.len() {
+        if at_line_start && data[i..].starts_with(needle) {
+            n += 1;
+        }
+        at_line_start = data[i] == b'\n';
+        i += 1;
+    }
+    n
+}
+
+impl Metered {
+    fn on_data(&mut self, data: &Bytes) {
+        let now = Instant::now();
+        if self.first_at.is_none() && !data.is_empty() {
+            self.first_at = Some(now);
+            if self.sse {
+                self.metrics
+                    .ttft_seconds
+                    .get_or_create(&self.endpoint)
+                    .observe(now.duration_since(self.t0).as_secs_f64());
+                if let Some(g) = &self.guard {
+                    g.control.on_first_token(g.req_id);
+                }
+            }
+        }
+        if self.sse {
+            self.last_at = Some(now);
+            self.events += count_events(data);
+            self.window.extend_from_slice(data);
+            if self.window.len() > STREAM_TAIL_BYTES * 2 {
+                let cut = self.window.len() - STREAM_TAIL_BYTES;
+                self.window.drain(..cut);
+            }
+        } else if !self.window_overflow {
+            if self.window.len() + data.len() > USAGE_WINDOW_BYTES {
+                self.window_overflow = true;
+                self.window = Vec::new();
+            } else {
+                self.window.extend_from_slice(data);
+            }
+        }
+    }
+
+    fn stream_usage(&self) -> Option<crate::openai::Usage> {
+        let text = &self.window;
+        // Walk events from the end; the usage chunk is the last JSON event with a `usage` object.
+        let mut end = text.len();
+        while end > 0 {
+            let start = text[..end]
+                .windows(6)
+                .rposition(|w| w == b"data: " || w == b"\ndata:")
+                .unwrap_or(0);
+            let event = &text[start..end];
+            if let Some(json_at) = event.iter().position(|&b| b == b'{') {
+                let json = &event[json_at..];
+                let json_end = json
+                    .iter()
+                    .rposition(|&b| b == b'}')
+                    .map_or(json.len(), |e| e + 1);
+                if let Some(u) = usage_of(&json[..json_end]) {
+                    return Some(u);
+                }
+            }
+            if start == 0 {
+                break;
+            }
+            end = start;
+        }
+        None
+    }
+
+    fn finish(&mut self) {
+        let Some(guard) = self.guard.take() else {
+            return;
+        };
+        let usage = if self.sse {
+            self.stream_usage()
+        } else if self.window_overflow {
+            None
+        } else {
+            usage_of(&self.window)
+        };
+        let usage = usage.unwrap_or_default();
+        // Events that carry no generated token: `[DONE]`, the chat role chunk, the usage chunk.
+        let overhead = 1 + u32::from(self.chat) + u32::from(usage.completion_tokens.is_some());
+        let output_tokens = usage
+            .completion_tokens
+            .unwrap_or_else(|| self.events.saturating_sub(overhead));
+        let tpot_us = match (self.sse, self.first_at, self.last_at) {
+            (true, Some(first), Some(last)) if output_tokens > 1 => {
+                let per = last.duration_since(first) / (output_tokens - 1);
+                self.metrics
+                    .tpot_seconds
+                    .get_or_create(&self.endpoint)
+                    .observe(per.as_secs_f64());
+                Some(u64::try_from(per.as_micros()).unwrap_or(u64::MAX))
+            }
+            _ => None,
+        };
+        if let (Some(p), Some(c)) = (usage.prompt_tokens, usage.cached_tokens) {
+            self.metrics.observe_usage(p, c);
+        }
+        guard.finish(&Outcome {
+            output_tokens,
+            cached_tokens: usage.cached_tokens,
+            tpot_us,
+        });
+    }
+
+    fn fail_mid_stream(&mut self, error: &hyper::Error) -> Option<Bytes> {
+        let guard = self.guard.take()?;
+        upstream_error(&self.metrics, &self.endpoint.endpoint, "mid_stream");
+        tracing::warn!(endpoint = %self.endpoint.endpoint, %error, "upstream failed mid-response");
+        guard.fail(FailureKind::ServerError);
+        if !self.sse {
+            return None;
+        }
+        let err = ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            format!("the model server failed mid-stream: {error}"),
+        );
+        let mut out = err.sse_event();
+        out.extend_from_slice(b"data: [DONE]\n\n");
+        Some(Bytes::from(out))
+    }
+}
+
+impl hyper::body::Body for Metered {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        if this.ended {
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(d) = frame.data_ref() {
+                    this.on_data(d);
+                }
+                // hyper stops polling once the body says it has ended, so account now.
+                if this.inner.is_end_stream() {
+                    this.finish();
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => match this.fail_mid_stream(&e) {
+                Some(event) => {
+                    this.ended = true;
+                    Poll::Ready(Some(Ok(Frame::data(event))))
+                }
+                None => Poll::Ready(Some(Err(e))),
+            },
+            Poll::Ready(None) => {
+                this.finish();
+                Poll::Ready(None)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended || (self.guard.is_none() && self.inner.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_are_counted_at_line_starts() {
+        assert_eq!(count_events(b"data: {}\n\ndata: [DONE]\n\n"), 2);
+        assert_eq!(count_events(b"x data: y\n"), 0);
+    }
+}

@@ -1,0 +1,690 @@
+//! Process-level tests of `kvgate serve`: a real gateway on loopback ephemeral ports in front of
+//! `kvgate sim` engines started by each test, spoken to over real sockets.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use kvgate_engine::EngineConfig;
+use kvgate_gateway::Gateway;
+use kvgate_gateway::config::{EndpointConfig, GatewayConfig, Overrides};
+use kvgate_sim::{EngineSpec, FaultConfig, Fleet, FleetConfig, start_fleet};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const MODEL: &str = "meta-llama/Llama-3.1-8B-Instruct";
+
+/// Polls `f` until it returns true; fails the test after `within`.
+async fn eventually<F, Fut>(what: &str, within: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if f().await {
+            return;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn fleet_with(n: usize, time_scale: f64, tweak: impl Fn(usize, &mut EngineSpec)) -> Fleet {
+    let mut cfg = FleetConfig::homogeneous(n, EngineConfig::h100());
+    cfg.time_scale = time_scale;
+    for (i, e) in cfg.engines.iter_mut().enumerate() {
+        tweak(i, e);
+    }
+    start_fleet(cfg).await.expect("fleet starts")
+}
+
+async fn fleet(n: usize, time_scale: f64) -> Fleet {
+    fleet_with(n, time_scale, |_, _| {}).await
+}
+
+fn endpoint(address: String) -> EndpointConfig {
+    let mut cfg =
+        GatewayConfig::from_yaml(&format!("endpoints: [{{url: 'http://{address}'}}]")).unwrap();
+    cfg.endpoints.remove(0)
+}
+
+fn endpoints_of(f: &Fleet, kv_events: bool) -> Vec<EndpointConfig> {
+    f.engines
+        .iter()
+        .map(|e| {
+            let mut ep = endpoint(e.http_addr.to_string());
+            if kv_events {
+                ep.kv_events = Some(e.kv_pub_endpoint.clone());
+                ep.kv_replay = Some(e.kv_replay_endpoint.clone());
+            }
+            ep
+        })
+        .collect()
+}
+
+fn base_config(endpoints: Vec<EndpointConfig>) -> GatewayConfig {
+    GatewayConfig {
+        host: "127.0.0.1".into(),
+        port: 0,
+        admin_port: 0,
+        endpoints,
+        scrape_interval_ms: 50,
+        ..GatewayConfig::default()
+    }
+}
+
+async fn gateway(cfg: GatewayConfig) -> Gateway {
+    let want = cfg.endpoints.iter().filter(|e| e.models.is_empty()).count();
+    let gw = Gateway::start(cfg, Overrides::default())
+        .await
+        .expect("gateway starts");
+    let control = gw.control.clone();
+    eventually("endpoints discovered", Duration::from_secs(10), || {
+        let c = control.clone();
+        async move { c.ready_endpoints() >= want }
+    })
+    .await;
+    gw
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder().no_proxy().build().unwrap()
+}
+
+fn url(gw: &Gateway, path: &str) -> String {
+    format!("http://{}{path}", gw.api_addr)
+}
+
+fn chat(content: &str, max_tokens: u32, stream: bool) -> Value {
+    json!({
+        "model": MODEL,
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": max_tokens,
+        "stream": stream,
+        "stream_options": if stream { json!({"include_usage": true}) } else { Value::Null },
+    })
+}
+
+async fn admin_metrics(gw: &Gateway) -> String {
+    client()
+        .get(format!("http://{}/metrics", gw.admin_addr))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+fn metric_sum(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn non_streaming_round_trips_and_health() {
+    let f = fleet(2, 50.0).await;
+    let gw = gateway(base_config(endpoints_of(&f, false))).await;
+    let c = client();
+    let r = c
+        .post(url(&gw, "/v1/chat/completions"))
+        .json(&chat("hello there", 8, false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().contains_key("x-kvgate-endpoint"));
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["usage"]["completion_tokens"], 8);
+
+    let r = c
+        .post(url(&gw, "/v1/completions"))
+        .json(&json!({"model": MODEL, "prompt": "once upon a time", "max_tokens": 5}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["usage"]["completion_tokens"], 5);
+
+    let models: Value = c
+        .get(url(&gw, "/v1/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["id"].as_str())
+        .collect();
+    assert_eq!(ids, vec![MODEL], "two engines, one model: listed once");
+    for path in ["/health", "/ready"] {
+        assert_eq!(c.get(url(&gw, path)).send().await.unwrap().status(), 200);
+        let admin = format!("http://{}{path}", gw.admin_addr);
+        assert_eq!(c.get(admin).send().await.unwrap().status(), 200);
+    }
+    let m = admin_metrics(&gw).await;
+    assert!(
+        m.contains(r#"kvgate_gateway_requests_total{api="chat",status="200"} 1"#),
+        "{m}"
+    );
+    assert!(m.contains("kvgate_gateway_decisions_total{"), "{m}");
+    eventually("signal ages exported", Duration::from_secs(5), || {
+        let gw = &gw;
+        async move {
+            admin_metrics(gw)
+                .await
+                .contains(r#"kvgate_gateway_signal_age_seconds{endpoint="#)
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn streaming_is_byte_for_byte_the_engine_stream() {
+    let body = chat("tell me a story about routers", 24, true);
+    let c = client();
+    // Two identical fresh single-engine fleets: the same request gets the same id and tokens on
+    // both, so the gateway's stream (from one) must equal a direct stream (from the other).
+    // `created` is in whole seconds; a second boundary between the two requests is retried.
+    let direct_fleet = fleet(1, 50.0).await;
+    let gw_fleet = fleet(1, 50.0).await;
+    let gw = gateway(base_config(endpoints_of(&gw_fleet, false))).await;
+    let mut last = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        let direct = c
+            .post(format!(
+                "http://{}/v1/chat/completions",
+                direct_fleet.engines[0].http_addr
+            ))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let direct = direct.bytes().await.unwrap().to_vec();
+        let mut r = c
+            .post(url(&gw, "/v1/chat/completions"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(
+            r.headers()["content-type"],
+            "text/event-stream; charset=utf-8"
+        );
+        let mut through = Vec::new();
+        let mut frames = 0;
+        while let Some(chunk) = r.chunk().await.unwrap() {
+            frames += 1;
+            through.extend_from_slice(&chunk);
+        }
+        assert!(frames > 1, "relayed as it streams, not in one buffer");
+        if direct == through {
+            let text = String::from_utf8(through).unwrap();
+            assert!(text.ends_with("data: [DONE]\n\n"));
+            assert!(text.contains(r#""cached_tokens""#));
+            let m = admin_metrics(&gw).await;
+            assert!(
+                metric_sum(&m, "kvgate_gateway_ttft_seconds_count") >= 1.0,
+                "{m}"
+            );
+            assert!(
+                metric_sum(&m, "kvgate_gateway_tpot_seconds_count") >= 1.0,
+                "{m}"
+            );
+            assert!(m.contains("kvgate_gateway_prompt_tokens_total"), "{m}");
+            return;
+        }
+        last = (direct, through);
+    }
+    panic!(
+        "streams differ:\ndirect:  {}\ngateway: {}",
+        String::from_utf8_lossy(&last.0),
+        String::from_utf8_lossy(&last.1)
+    );
+}
+
+#[tokio::test]
+async fn repeated_long_prefix_lands_on_the_pod_that_holds_it() {
+    let f = fleet(4, 50.0).await;
+    let gw = gateway(base_config(endpoints_of(&f, true))).await;
+    let c = client();
+    let prefix: String = (0..1500)
+        .map(|i| format!(" w{}", i * 7919 % 100_003))
+        .collect();
+    let ask = |suffix: &str| chat(&format!("{prefix} {suffix}"), 4, false);
+    let first = c
+        .post(url(&gw, "/v1/chat/completions"))
+        .json(&ask("first"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 200);
+    let holder = first.headers()["x-kvgate-endpoint"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    first.bytes().await.unwrap();
+    for i in 0..6 {
+        let r = c
+            .post(url(&gw, "/v1/chat/completions"))
+            .json(&ask(&format!("follow-up {i}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(
+            r.headers()["x-kvgate-endpoint"].to_str().unwrap(),
+            holder,
+            "request {i}"
+        );
+        let v: Value = r.json().await.unwrap();
+        let cached = v["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap();
+        assert!(
+            cached >= 1000,
+            "the prefix was served from cache, got {cached} cached tokens"
+        );
+    }
+    let m = admin_metrics(&gw).await;
+    assert!(m.contains(r#"reason="prefix_hit""#), "{m}");
+}
+
+#[tokio::test]
+async fn lora_adapter_routes_only_to_endpoints_serving_it() {
+    let plain = fleet(2, 50.0).await;
+    let mut cfg = FleetConfig::homogeneous(1, EngineConfig::h100());
+    cfg.time_scale = 50.0;
+    cfg.lora_adapters = vec!["sql-lora".into()];
+    let lora = start_fleet(cfg).await.unwrap();
+    let mut eps = endpoints_of(&plain, false);
+    eps.extend(endpoints_of(&lora, false));
+    let gw = gateway(base_config(eps)).await;
+    let c = client();
+    let want = lora.engines[0].http_addr.to_string();
+    for i in 0..6 {
+        let mut body = chat(&format!("select {i}"), 2, false);
+        body["model"] = json!("sql-lora");
+        let r = c
+            .post(url(&gw, "/v1/chat/completions"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["x-kvgate-endpoint"].to_str().unwrap(), want);
+    }
+}
+
+#[tokio::test]
+async fn refused_and_failing_endpoints_are_retried_without_losing_requests() {
+    let refused = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let f = fleet_with(2, 50.0, |i, e| {
+        if i == 0 {
+            e.faults = FaultConfig {
+                error_rate: 1.0,
+                error_status: 500,
+                ..FaultConfig::default()
+            };
+        }
+    })
+    .await;
+    let mut eps = vec![endpoint(refused)];
+    eps[0].models = vec![MODEL.into()];
+    eps.extend(endpoints_of(&f, false));
+    let gw = gateway(base_config(eps)).await;
+    let c = client();
+    let good = f.engines[1].http_addr.to_string();
+    let mut tasks = Vec::new();
+    for i in 0..24 {
+        let c = c.clone();
+        let u = url(&gw, "/v1/chat/completions");
+        let stream = i % 2 == 0;
+        tasks.push(tokio::spawn(async move {
+            let r = c
+                .post(u)
+                .json(&chat(&format!("q{i}"), 3, stream))
+                .send()
+                .await
+                .unwrap();
+            let status = r.status();
+            let ep = r.headers()["x-kvgate-endpoint"]
+                .to_str()
+                .unwrap()
+                .to_owned();
+            r.bytes().await.unwrap();
+            (status, ep)
+        }));
+    }
+    for t in tasks {
+        let (status, ep) = t.await.unwrap();
+        assert_eq!(status, 200);
+        assert_eq!(ep, good);
+    }
+    let m = admin_metrics(&gw).await;
+    assert!(metric_sum(&m, "kvgate_gateway_retries_total") >= 1.0, "{m}");
+    assert!(
+        m.contains(r#"kind="connect""#) || m.contains(r#"kind="status_5xx""#),
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn engine_killed_mid_stream_gets_an_error_event_and_a_clean_end() {
+    let f = fleet(2, 1.0).await;
+    let gw = gateway(base_config(endpoints_of(&f, false))).await;
+    let mut r = client()
+        .post(url(&gw, "/v1/chat/completions"))
+        .json(&chat("a long answer please", 5000, true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let ep = r.headers()["x-kvgate-endpoint"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let victim = f
+        .engines
+        .iter()
+        .position(|e| e.http_addr.to_string() == ep)
+        .unwrap();
+    let mut body = r.chunk().await.unwrap().unwrap().to_vec();
+    f.kill(victim).await.unwrap();
+    while let Some(chunk) = r
+        .chunk()
+        .await
+        .expect("the stream ends cleanly, not with a transport error")
+    {
+        body.extend_from_slice(&chunk);
+    }
+    let text = String::from_utf8(body).unwrap();
+    assert!(text.contains(r#"data: {"error":"#), "{text}");
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    let m = admin_metrics(&gw).await;
+    assert!(m.contains(r#"kind="mid_stream""#), "{m}");
+}
+
+#[tokio::test]
+async fn client_disconnect_cancels_the_upstream_request() {
+    let f = fleet(1, 1.0).await;
+    let gw = gateway(base_config(endpoints_of(&f, false))).await;
+    let mut r = client()
+        .post(url(&gw, "/v1/chat/completions"))
+        .json(&chat("keep talking", 5000, true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    r.chunk().await.unwrap().unwrap();
+    assert_eq!(f.stats(0).await.unwrap().running, 1);
+    drop(r);
+    eventually("engine stops decoding", Duration::from_secs(5), || {
+        let f = &f;
+        async move { f.stats(0).await.unwrap().running == 0 }
+    })
+    .await;
+    assert_eq!(f.stats(0).await.unwrap().finished_abort, 1);
+    let m = admin_metrics(&gw).await;
+    assert!(
+        metric_sum(&m, "kvgate_gateway_client_cancellations_total") >= 1.0,
+        "{m}"
+    );
+}
+
+async fn status_and_error(resp: reqwest::Response) -> (u16, Value) {
+    let s = resp.status().as_u16();
+    let v: Value = resp.json().await.unwrap_or(Value::Null);
+    (s, v)
+}
+
+#[tokio::test]
+async fn bad_inputs_get_openai_errors_with_the_right_status() {
+    let f = fleet(1, 50.0).await;
+    let mut eps = endpoints_of(&f, false);
+    // An endpoint that serves a model only as a prefill pod: the model is known, nobody is
+    // eligible for an aggregated request → 503.
+    let mut prefill = endpoint("127.0.0.1:9".into());
+    prefill.models = vec!["prefill-only".into()];
+    prefill.role = kvgate_core::Role::Prefill;
+    eps.push(prefill);
+    let mut cfg = base_config(eps);
+    cfg.limits.max_body_bytes = 64 * 1024;
+    let gw = gateway(cfg).await;
+    let c = client();
+    let post = |path: &str, body: String| {
+        c.post(url(&gw, path))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    let cases: Vec<(&str, String, u16, Option<&str>)> = vec![
+        ("/v1/chat/completions", "{not json".into(), 400, None),
+        (
+            "/v1/chat/completions",
+            r#"{"messages":[{"role":"user","content":"x"}]}"#.into(),
+            400,
+            Some("model"),
+        ),
+        (
+            "/v1/chat/completions",
+            format!(r#"{{"model":"{MODEL}"}}"#),
+            400,
+            Some("messages"),
+        ),
+        (
+            "/v1/chat/completions",
+            format!(r#"{{"model":"{MODEL}","messages":"x"}}"#),
+            400,
+            Some("messages"),
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"model":7,"messages":[]}"#.into(),
+            400,
+            Some("model"),
+        ),
+        (
+            "/v1/completions",
+            format!(r#"{{"model":"{MODEL}"}}"#),
+            400,
+            Some("prompt"),
+        ),
+        (
+            "/v1/completions",
+            format!(r#"{{"model":"{MODEL}","prompt":"x","max_tokens":"many"}}"#),
+            400,
+            Some("max_tokens"),
+        ),
+        (
+            "/v1/embeddings",
+            format!(r#"{{"model":"{MODEL}"}}"#),
+            400,
+            Some("input"),
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"model":"nope","messages":[{"role":"user","content":"x"}]}"#.into(),
+            404,
+            Some("model"),
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"model":"prefill-only","messages":[{"role":"user","content":"x"}]}"#.into(),
+            503,
+            None,
+        ),
+        (
+            "/v1/completions",
+            format!(
+                r#"{{"model":"{MODEL}","prompt":"{}"}}"#,
+                "a".repeat(100 * 1024)
+            ),
+            413,
+            None,
+        ),
+    ];
+    for (path, body, want, param) in cases {
+        let (status, v) = status_and_error(post(path, body.clone()).await.unwrap()).await;
+        let shown = &body[..body.len().min(80)];
+        assert_eq!(status, want, "{path} {shown}: {v}");
+        assert_eq!(v["error"]["code"], want, "{v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{v}"
+        );
+        assert!(v["error"]["type"].is_string(), "{v}");
+        if let Some(p) = param {
+            assert_eq!(v["error"]["param"], p, "{path} {shown}");
+        }
+    }
+    // Routing headers from clients are ignored: only configured endpoints are ever used.
+    let r = c
+        .post(url(&gw, "/v1/chat/completions"))
+        .header("x-gateway-destination-endpoint", "127.0.0.1:1")
+        .json(&chat("hi", 2, false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()["x-kvgate-endpoint"].to_str().unwrap(),
+        f.engines[0].http_addr.to_string()
+    );
+}
+
+#[tokio::test]
+async fn sheddable_requests_get_429_when_the_pool_is_saturated() {
+    let f = fleet_with(1, 1.0, |_, e| e.engine.max_num_seqs = 1).await;
+    let mut cfg = base_config(endpoints_of(&f, false));
+    cfg.objectives.insert("batch".into(), -1);
+    let gw = gateway(cfg).await;
+    let c = client();
+    let mut held = Vec::new();
+    for i in 0..7 {
+        let r = c
+            .post(url(&gw, "/v1/chat/completions"))
+            .json(&chat(&format!("long {i}"), 5000, true))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        held.push(r);
+    }
+    eventually(
+        "engine queue seen as saturated",
+        Duration::from_secs(5),
+        || {
+            let f = &f;
+            async move { f.stats(0).await.unwrap().waiting >= 6 }
+        },
+    )
+    .await;
+    for objective in ["batch", "-1"] {
+        let (status, v) = status_and_error(
+            c.post(url(&gw, "/v1/chat/completions"))
+                .header("x-gateway-inference-objective", objective)
+                .json(&chat("can wait", 2, false))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, 429, "{objective}: {v}");
+        assert_eq!(v["error"]["code"], 429);
+    }
+    drop(held);
+}
+
+#[tokio::test]
+async fn slowloris_headers_time_out() {
+    let f = fleet(1, 50.0).await;
+    let mut cfg = base_config(endpoints_of(&f, false));
+    cfg.limits.header_read_timeout_ms = 300;
+    let gw = gateway(cfg).await;
+    let mut sock = tokio::net::TcpStream::connect(gw.api_addr).await.unwrap();
+    sock.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut buf = [0u8; 1024];
+    // The server must close the connection (read returns EOF, possibly after a 408) on its own.
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match sock.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "connection still open after 5 s");
+    assert!(started.elapsed() >= Duration::from_millis(250));
+}
+
+#[tokio::test]
+async fn config_file_changes_add_and_drain_endpoints() {
+    let a = fleet(1, 50.0).await;
+    let b = fleet(1, 50.0).await;
+    let (a_addr, b_addr) = (
+        a.engines[0].http_addr.to_string(),
+        b.engines[0].http_addr.to_string(),
+    );
+    let path =
+        std::env::temp_dir().join(format!("kvgate-gateway-reload-{}.yaml", std::process::id()));
+    let write = |addrs: &[&str]| {
+        let list: Vec<String> = addrs
+            .iter()
+            .map(|a| format!("  - url: http://{a}\n"))
+            .collect();
+        std::fs::write(
+            &path,
+            format!(
+                "host: 127.0.0.1\nport: 0\nadmin_port: 0\nendpoints:\n{}",
+                list.concat()
+            ),
+        )
+        .unwrap();
+    };
+    write(&[&a_addr]);
+    let cfg = GatewayConfig::load(Some(&path), &Overrides::default()).unwrap();
+    let gw = gateway(cfg).await;
+    assert_eq!(gw.control.endpoint_addresses(), vec![a_addr.clone()]);
+    // Make sure the new file gets a newer modification time than the first on coarse clocks.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    write(&[&b_addr]);
+    let control = gw.control.clone();
+    eventually(
+        "reload swaps the endpoints",
+        Duration::from_secs(10),
+        || {
+            let c = control.clone();
+            let b = b_addr.clone();
+            async move { c.endpoint_addresses() == vec![b] && c.ready_endpoints() == 1 }
+        },
+    )
+    .await;
+    let r = client()
+        .post(url(&gw, "/v1/chat/completions"))
+        .json(&chat("hi", 2, false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-kvgate-endpoint"].to_str().unwrap(), b_addr);
+    let _ = std::fs::remove_file(&path);
+}
