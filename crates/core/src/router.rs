@@ -193,6 +193,37 @@ impl Router {
         })
     }
 
+    /// Replaces (or adds) the profile `name` with a pipeline of caller-supplied plugins, for
+    /// policies beyond the built-in kinds. The host's rules (eligibility, last resorts,
+    /// shedding, finite scores) still apply.
+    pub fn set_custom_profile(
+        &mut self,
+        name: &str,
+        filters: Vec<Box<dyn Filter>>,
+        scorers: Vec<(Box<dyn Scorer>, f64)>,
+        picker: Box<dyn Picker>,
+    ) {
+        let mut needs = picker.needs();
+        for f in &filters {
+            needs = needs.union(f.needs());
+        }
+        for (s, _) in &scorers {
+            needs = needs.union(s.needs());
+        }
+        let profile = Profile {
+            name: name.to_string(),
+            filters,
+            scorers,
+            picker,
+            needs,
+            oracle: false,
+        };
+        match self.profiles.iter_mut().find(|p| p.name == name) {
+            Some(p) => *p = profile,
+            None => self.profiles.push(profile),
+        }
+    }
+
     /// Policy name.
     pub fn policy(&self) -> &str {
         &self.policy

@@ -1,0 +1,858 @@
+//! Router-level properties and behaviours, across every built-in policy.
+
+use std::collections::BTreeMap;
+
+use kvgate_core::config::POLICY_NAMES;
+use kvgate_core::plugins::{Candidate, MaxScorePicker, PickContext, Scorer};
+use kvgate_core::{
+    DecisionReason, EndpointId, EndpointSpec, EndpointState, FailureKind, KvEvent, KvEventBatch,
+    MetricsSample, OracleView, Outcome, Phase, PromptKeys, Role, RouteError, Router, RouterConfig,
+    RoutingRequest, SeqCheck, Tier, TrueLoad,
+};
+use proptest::prelude::*;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+fn policies() -> Vec<&'static str> {
+    POLICY_NAMES.split(", ").collect()
+}
+
+/// An oracle that derives true state from the endpoint id (deterministic).
+struct FakeOracle;
+impl OracleView for FakeOracle {
+    fn true_load(&self, id: EndpointId, _: &RoutingRequest) -> TrueLoad {
+        TrueLoad {
+            queued_prefill_tokens: u64::from(id.0 % 3) * 1000,
+            running: id.0 % 5,
+            waiting: id.0 % 2,
+            kv_usage: 0.1,
+            cached_prefix_tokens: (id.0 % 4) * 16,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct EpDesc {
+    model: u8,
+    loras: Vec<u8>,
+    role: u8,
+    state: u8, // 0 ready, 1 draining, 2 removed
+    waiting: u32,
+    kv: f64,
+    holds: usize,
+}
+
+fn ep_desc() -> impl Strategy<Value = EpDesc> {
+    (
+        0u8..2,
+        prop::collection::vec(0u8..3, 0..3),
+        0u8..3,
+        prop_oneof![6 => Just(0u8), 2 => Just(1u8), 1 => Just(2u8)],
+        0u32..10,
+        0.0f64..1.0,
+        0usize..8,
+    )
+        .prop_map(|(model, loras, role, state, waiting, kv, holds)| EpDesc {
+            model,
+            loras,
+            role,
+            state,
+            waiting,
+            kv,
+            holds,
+        })
+}
+
+#[derive(Clone, Debug)]
+struct ReqDesc {
+    model: u8,
+    lora: Option<u8>,
+    phase: u8,
+    subset: Option<Vec<usize>>,
+    blocks: usize,
+}
+
+fn req_desc() -> impl Strategy<Value = ReqDesc> {
+    (
+        0u8..3,
+        prop::option::of(0u8..3),
+        0u8..3,
+        prop::option::of(prop::collection::vec(0usize..8, 0..5)),
+        0usize..8,
+    )
+        .prop_map(|(model, lora, phase, subset, blocks)| ReqDesc {
+            model,
+            lora,
+            phase,
+            subset,
+            blocks,
+        })
+}
+
+fn chain(n: usize) -> Vec<u64> {
+    (0..n as u64).map(|i| 1000 + i).collect()
+}
+
+fn role(r: u8) -> Role {
+    [Role::Both, Role::Prefill, Role::Decode][r as usize]
+}
+
+fn phase(p: u8) -> Phase {
+    [Phase::Aggregated, Phase::Prefill, Phase::Decode][p as usize]
+}
+
+/// Builds a router over `eps`, adding them in `order`; returns ids by desc index.
+fn build(policy: &str, eps: &[EpDesc], order: &[usize]) -> (Router, Vec<EndpointId>) {
+    let mut r = Router::new(RouterConfig::for_policy(policy).unwrap()).unwrap();
+    let mut ids = vec![EndpointId(u32::MAX); eps.len()];
+    for &i in order {
+        let d = &eps[i];
+        let mut spec = EndpointSpec::new(format!("10.0.0.{i}:8000"), format!("m{}", d.model));
+        spec.lora_adapters = d.loras.iter().map(|l| format!("a{l}")).collect();
+        spec.role = role(d.role);
+        ids[i] = r.add_endpoint(0, spec);
+    }
+    for &i in order {
+        let d = &eps[i];
+        let id = ids[i];
+        r.observe_metrics(
+            id,
+            10,
+            &MetricsSample {
+                waiting: d.waiting,
+                running: 1,
+                kv_usage: Some(d.kv),
+                ..Default::default()
+            },
+        );
+        let batch = KvEventBatch {
+            seq: 0,
+            ts: 0.0,
+            events: vec![KvEvent::BlockStored {
+                block_hashes: chain(d.holds),
+                parent: None,
+                token_ids: vec![],
+                block_size: 16,
+                lora_name: None,
+                tier: Tier::Gpu,
+            }],
+            data_parallel_rank: None,
+        };
+        r.observe_kv_batch(id, 10, &batch);
+        match d.state {
+            1 => r.drain_endpoint(10, id).unwrap(),
+            2 => r.remove_endpoint(id).unwrap(),
+            _ => {}
+        }
+    }
+    (r, ids)
+}
+
+fn request(d: &ReqDesc, ids: &[EndpointId], id: u64) -> RoutingRequest {
+    let keys = chain(d.blocks);
+    let mut req = RoutingRequest::new(
+        id,
+        format!("m{}", d.model),
+        d.blocks as u32 * 16 + 5,
+        PromptKeys {
+            block_size: 16,
+            precise: Some(keys.clone()),
+            approx: keys,
+        },
+    );
+    req.lora = d.lora.map(|l| format!("a{l}"));
+    req.phase = phase(d.phase);
+    req.subset = d.subset.as_ref().map(|s| {
+        s.iter()
+            .filter(|&&i| i < ids.len())
+            .map(|&i| ids[i])
+            .collect()
+    });
+    req
+}
+
+/// Brute-force eligibility of endpoint `i` (ignoring the draining last-resort rule).
+fn eligible(e: &EpDesc, i: usize, d: &ReqDesc, ids: &[EndpointId], req: &RoutingRequest) -> bool {
+    e.state != 2
+        && e.model == d.model
+        && d.lora.is_none_or(|l| e.loras.contains(&l))
+        && matches!(
+            (role(e.role), req.phase),
+            (Role::Both, _) | (Role::Prefill, Phase::Prefill) | (Role::Decode, Phase::Decode)
+        )
+        && req.subset.as_ref().is_none_or(|s| s.contains(&ids[i]))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn every_policy_returns_only_eligible_endpoints(
+        eps in prop::collection::vec(ep_desc(), 1..8),
+        reqs in prop::collection::vec(req_desc(), 1..6),
+        seed in any::<u64>(),
+    ) {
+        let order: Vec<usize> = (0..eps.len()).collect();
+        for policy in policies() {
+            let (mut r, ids) = build(policy, &eps, &order);
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            for (n, d) in reqs.iter().enumerate() {
+                let req = request(d, &ids, n as u64);
+                let ok: Vec<usize> = (0..eps.len()).filter(|&i| eligible(&eps[i], i, d, &ids, &req)).collect();
+                let any_ready = ok.iter().any(|&i| eps[i].state == 0);
+                let got = r.pick(20 + n as u64, &req, &mut rng, Some(&FakeOracle));
+                match got {
+                    Ok(dec) => {
+                        let i = ids.iter().position(|&x| x == dec.primary).unwrap();
+                        prop_assert!(ok.contains(&i), "{policy}: picked ineligible {i}");
+                        if any_ready {
+                            prop_assert_eq!(eps[i].state, 0, "{} picked a draining endpoint while a ready one existed", policy);
+                        } else {
+                            prop_assert_eq!(dec.reason, DecisionReason::DrainingOnly);
+                        }
+                        for f in &dec.fallbacks {
+                            let j = ids.iter().position(|x| x == f).unwrap();
+                            prop_assert!(ok.contains(&j) && *f != dec.primary);
+                        }
+                        r.book(20 + n as u64, &req, &dec);
+                    }
+                    Err(RouteError::UnknownModel { .. }) => {
+                        // Unknown = no endpoint that is still a member serves the model.
+                        prop_assert!(eps.iter().all(|e| e.model != d.model || e.state == 2), "{policy}");
+                    }
+                    Err(RouteError::NoEndpoints { .. }) => prop_assert!(ok.is_empty(), "{policy}: {ok:?}"),
+                    Err(e) => prop_assert!(false, "{policy}: unexpected {e:?}"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn insertion_order_does_not_change_decisions(
+        eps in prop::collection::vec(ep_desc(), 1..8),
+        reqs in prop::collection::vec(req_desc(), 1..6),
+        perm_seed in any::<u64>(),
+        seed in any::<u64>(),
+    ) {
+        use rand::seq::SliceRandom;
+        let forward: Vec<usize> = (0..eps.len()).collect();
+        let mut shuffled = forward.clone();
+        shuffled.shuffle(&mut ChaCha8Rng::seed_from_u64(perm_seed));
+        for policy in policies() {
+            let (mut a, ida) = build(policy, &eps, &forward);
+            let (mut b, idb) = build(policy, &eps, &shuffled);
+            let mut ra = ChaCha8Rng::seed_from_u64(seed);
+            let mut rb = ChaCha8Rng::seed_from_u64(seed);
+            // The fake oracle keys on ids; give the oracle a view by address instead.
+            for (n, d) in reqs.iter().enumerate() {
+                let qa = request(d, &ida, n as u64);
+                let qb = request(d, &idb, n as u64);
+                let oa = ByAddress(&ida);
+                let ob = ByAddress(&idb);
+                let da = a.pick(30, &qa, &mut ra, Some(&oa));
+                let db = b.pick(30, &qb, &mut rb, Some(&ob));
+                match (da, db) {
+                    (Ok(x), Ok(y)) => {
+                        let ia = ida.iter().position(|&i| i == x.primary);
+                        let ib = idb.iter().position(|&i| i == y.primary);
+                        prop_assert_eq!(ia, ib, "{}", policy);
+                        prop_assert_eq!(x.reason, y.reason);
+                        a.book(30, &qa, &x);
+                        b.book(30, &qb, &y);
+                    }
+                    (Err(x), Err(y)) => prop_assert_eq!(
+                        std::mem::discriminant(&x), std::mem::discriminant(&y)),
+                    (x, y) => prop_assert!(false, "{policy}: {x:?} vs {y:?}"),
+                }
+            }
+        }
+    }
+}
+
+/// Oracle whose answers depend on the endpoint's position in the description list, not its id.
+struct ByAddress<'a>(&'a [EndpointId]);
+impl OracleView for ByAddress<'_> {
+    fn true_load(&self, id: EndpointId, req: &RoutingRequest) -> TrueLoad {
+        let i = self.0.iter().position(|&x| x == id).unwrap() as u32;
+        FakeOracle.true_load(EndpointId(i), req)
+    }
+}
+
+fn fleet(policy: &str, n: usize) -> (Router, Vec<EndpointId>) {
+    let mut r = Router::new(RouterConfig::for_policy(policy).unwrap()).unwrap();
+    let ids = (0..n)
+        .map(|i| r.add_endpoint(0, EndpointSpec::new(format!("e{i:03}"), "m")))
+        .collect();
+    (r, ids)
+}
+
+fn req(id: u64, keys: Vec<u64>) -> RoutingRequest {
+    let n = keys.len() as u32;
+    RoutingRequest::new(
+        id,
+        "m",
+        n * 16,
+        PromptKeys {
+            block_size: 16,
+            precise: Some(keys.clone()),
+            approx: keys,
+        },
+    )
+}
+
+fn stored(seq: u64, keys: Vec<u64>) -> KvEventBatch {
+    KvEventBatch {
+        seq,
+        ts: 0.0,
+        events: vec![KvEvent::BlockStored {
+            block_hashes: keys,
+            parent: None,
+            token_ids: vec![],
+            block_size: 16,
+            lora_name: None,
+            tier: Tier::Gpu,
+        }],
+        data_parallel_rank: None,
+    }
+}
+
+#[test]
+fn a_fixed_seed_gives_a_fixed_sequence() {
+    for policy in policies() {
+        let run = |seed: u64| {
+            let (mut r, ids) = fleet(policy, 6);
+            for (i, id) in ids.iter().enumerate() {
+                r.observe_metrics(
+                    *id,
+                    1,
+                    &MetricsSample {
+                        waiting: i as u32 % 3,
+                        ..Default::default()
+                    },
+                );
+            }
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            let mut out = Vec::new();
+            for n in 0..50u64 {
+                let q = req(n, (0..(n % 7)).map(|k| k + n % 3 * 100).collect());
+                let d = r.pick(100 + n, &q, &mut rng, Some(&FakeOracle)).unwrap();
+                r.book(100 + n, &q, &d);
+                if n % 4 == 0 {
+                    r.on_first_token(n, 150 + n);
+                }
+                out.push(d.primary);
+            }
+            out
+        };
+        assert_eq!(run(7), run(7), "{policy}");
+    }
+}
+
+#[test]
+fn kvgate_follows_the_prefix_when_loads_are_equal() {
+    let (mut r, ids) = fleet("kvgate", 4);
+    let keys: Vec<u64> = (0..64).collect();
+    assert_eq!(
+        r.observe_kv_batch(ids[2], 5, &stored(0, keys.clone())),
+        SeqCheck::InOrder
+    );
+    for id in &ids {
+        r.observe_metrics(*id, 5, &MetricsSample::default());
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    let d = r.pick(10, &req(1, keys), &mut rng, None).unwrap();
+    assert_eq!(d.primary, ids[2]);
+    assert_eq!(d.reason, DecisionReason::PrefixHit);
+    assert_eq!(d.matched_blocks, 64);
+    assert!(d.predicted_ttft_us.is_some());
+}
+
+#[test]
+fn bookings_count_at_once_so_a_burst_spreads() {
+    let (mut r, ids) = fleet("kvgate", 4);
+    for id in &ids {
+        r.observe_metrics(*id, 0, &MetricsSample::default());
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let mut counts = BTreeMap::new();
+    // 40 distinct 2k-token prompts at the same instant: without booking every one would go to
+    // the same endpoint.
+    for n in 0..40u64 {
+        let q = req(n, (0..128).map(|k| k + n * 1000).collect());
+        let d = r.pick(1, &q, &mut rng, None).unwrap();
+        r.book(1, &q, &d);
+        *counts.entry(d.primary).or_insert(0) += 1;
+    }
+    assert_eq!(counts.len(), 4);
+    assert!(counts.values().all(|c| (5..=15).contains(c)), "{counts:?}");
+}
+
+#[test]
+fn hot_prefix_spills_to_a_second_holder_when_the_holder_is_saturated() {
+    let (mut r, ids) = fleet("kvgate", 3);
+    let shared: Vec<u64> = (0..8).collect(); // 128-token shared prefix
+    r.observe_kv_batch(ids[0], 0, &stored(0, shared.clone()));
+    // The holder has a long queue (its prefill queue alone is > 0.5 s).
+    r.observe_metrics(
+        ids[0],
+        0,
+        &MetricsSample {
+            waiting: 40,
+            running: 8,
+            ..Default::default()
+        },
+    );
+    for id in &ids[1..] {
+        r.observe_metrics(*id, 0, &MetricsSample::default());
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(9);
+    let mut spilled = 0;
+    for n in 0..200u64 {
+        let mut keys = shared.clone();
+        keys.push(10_000 + n);
+        let d = r.pick(1, &req(n, keys), &mut rng, None).unwrap();
+        if d.reason == DecisionReason::HotPrefixSpill {
+            assert_ne!(d.primary, ids[0]);
+            spilled += 1;
+        }
+    }
+    assert!((20..=70).contains(&spilled), "spilled {spilled} of 200");
+}
+
+#[test]
+fn stale_signals_widen_the_choice() {
+    let pick_counts = |age_us: u64| {
+        let (mut r, ids) = fleet("kvgate", 2);
+        // Endpoint 0 looks 30% cheaper (shorter queue).
+        r.observe_metrics(
+            ids[0],
+            0,
+            &MetricsSample {
+                waiting: 7,
+                ..Default::default()
+            },
+        );
+        r.observe_metrics(
+            ids[1],
+            0,
+            &MetricsSample {
+                waiting: 10,
+                ..Default::default()
+            },
+        );
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let mut second = 0;
+        for n in 0..400u64 {
+            let d = r
+                .pick(
+                    age_us,
+                    &req(n, (0..4).map(|k| k + 1_000 * n).collect()),
+                    &mut rng,
+                    None,
+                )
+                .unwrap();
+            if d.primary == ids[1] {
+                second += 1;
+            }
+        }
+        second
+    };
+    let fresh = pick_counts(50_000);
+    let stale = pick_counts(5_000_000);
+    assert!(fresh < 20, "fresh signals: nearly argmin, got {fresh}/400");
+    assert!(stale > 100, "5 s stale: near-best share, got {stale}/400");
+}
+
+#[test]
+fn sheddable_requests_are_rejected_only_when_saturated() {
+    let (mut r, ids) = fleet("kvgate", 2);
+    for id in &ids {
+        r.observe_metrics(
+            *id,
+            0,
+            &MetricsSample {
+                waiting: 2,
+                ..Default::default()
+            },
+        );
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let mut q = req(1, vec![1, 2]);
+    q.priority = -1;
+    assert!(r.pick(1, &q, &mut rng, None).is_ok());
+    for id in &ids {
+        r.observe_metrics(
+            *id,
+            2,
+            &MetricsSample {
+                waiting: 5,
+                ..Default::default()
+            },
+        );
+    }
+    assert_eq!(
+        r.pick(3, &q, &mut rng, None),
+        Err(RouteError::Shed { priority: -1 })
+    );
+    q.priority = 0;
+    assert!(
+        r.pick(3, &q, &mut rng, None).is_ok(),
+        "non-negative priority is never shed"
+    );
+    // KV at the cliff also saturates.
+    r.observe_metrics(
+        ids[0],
+        4,
+        &MetricsSample {
+            kv_usage: Some(0.95),
+            ..Default::default()
+        },
+    );
+    q.priority = -5;
+    assert_eq!(
+        r.pick(5, &q, &mut rng, None),
+        Err(RouteError::Shed { priority: -5 })
+    );
+}
+
+#[test]
+fn kv_sequence_gaps_untrust_until_resync() {
+    let (mut r, ids) = fleet("dynamo", 2);
+    let e = ids[0];
+    let trusted = |r: &Router| r.endpoints().find(|v| v.id == e).unwrap().events_trusted;
+    assert!(!trusted(&r), "no events yet");
+    assert_eq!(
+        r.observe_kv_batch(e, 1, &stored(0, vec![1])),
+        SeqCheck::InOrder
+    );
+    assert!(trusted(&r));
+    assert_eq!(
+        r.observe_kv_batch(e, 2, &stored(1, vec![2])),
+        SeqCheck::InOrder
+    );
+    assert_eq!(
+        r.observe_kv_batch(e, 3, &stored(4, vec![5])),
+        SeqCheck::Gap {
+            expected: 2,
+            got: 4
+        }
+    );
+    assert!(!trusted(&r));
+    assert_eq!(
+        r.observe_kv_batch(e, 4, &stored(2, vec![3])),
+        SeqCheck::Replayed
+    );
+    assert_eq!(
+        r.observe_kv_batch(e, 4, &stored(1, vec![9])),
+        SeqCheck::Stale
+    );
+    assert_eq!(
+        r.observe_kv_batch(e, 5, &stored(5, vec![6])),
+        SeqCheck::InOrder
+    );
+    assert!(
+        !trusted(&r),
+        "in-order batches after a gap do not restore trust"
+    );
+    r.kv_resynced(e, 6);
+    assert!(trusted(&r));
+    assert_eq!(r.endpoints().find(|v| v.id == e).unwrap().precise_blocks, 5);
+    // A stream starting mid-sequence is a gap from 0.
+    assert_eq!(
+        r.observe_kv_batch(ids[1], 7, &stored(9, vec![1])),
+        SeqCheck::Gap {
+            expected: 0,
+            got: 9
+        }
+    );
+}
+
+#[test]
+fn untrusted_endpoints_match_on_approximate_entries() {
+    let (mut r, ids) = fleet("kvgate", 2);
+    let keys: Vec<u64> = (0..16).collect();
+    // Endpoint 1 has no event stream; the router booked this prefix there.
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let q = req(1, keys.clone());
+    let d = kvgate_core::Decision {
+        primary: ids[1],
+        fallbacks: vec![],
+        reason: DecisionReason::LeastCost,
+        matched_blocks: 0,
+        predicted_ttft_us: None,
+    };
+    r.book(1, &q, &d);
+    r.on_finish(1, 2, &Outcome::default());
+    let d = r.pick(3, &req(2, keys), &mut rng, None).unwrap();
+    assert_eq!(d.primary, ids[1]);
+    assert_eq!(d.matched_blocks, 16);
+}
+
+#[test]
+fn failures_penalise_for_a_while() {
+    let (mut r, ids) = fleet("round-robin", 2);
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let q = req(1, vec![]);
+    let d = r.pick(0, &q, &mut rng, None).unwrap();
+    r.book(0, &q, &d);
+    r.on_failure(1, 10, FailureKind::Connect);
+    let bad = d.primary;
+    for n in 0..6u64 {
+        let q = req(10 + n, vec![]);
+        let d = r.pick(20 + n, &q, &mut rng, None).unwrap();
+        assert_ne!(
+            d.primary, bad,
+            "penalised endpoint avoided while another exists"
+        );
+        r.book(20 + n, &q, &d);
+    }
+    // After the penalty it is back in rotation.
+    let later = 10 + r.tuning().failure_penalty_us + 1;
+    let picks: Vec<_> = (0..4u64)
+        .map(|n| {
+            let q = req(100 + n, vec![]);
+            let d = r.pick(later, &q, &mut rng, None).unwrap();
+            r.book(later, &q, &d);
+            d.primary
+        })
+        .collect();
+    assert!(picks.contains(&bad));
+    assert!(ids.contains(&bad));
+}
+
+#[test]
+fn round_robin_rotates_in_address_order() {
+    let (mut r, ids) = fleet("round-robin", 3);
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let seq: Vec<_> = (0..6u64)
+        .map(|n| {
+            let q = req(n, vec![]);
+            let d = r.pick(0, &q, &mut rng, None).unwrap();
+            r.book(0, &q, &d);
+            d.primary
+        })
+        .collect();
+    assert_eq!(seq, [ids[0], ids[1], ids[2], ids[0], ids[1], ids[2]]);
+}
+
+#[test]
+fn sglang_balances_when_imbalanced_and_follows_cache_otherwise() {
+    let (mut r, ids) = fleet("sglang-cache-aware", 2);
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let prefix: Vec<u64> = (0..10).collect();
+    // First request: nothing cached, smallest tree (tie) → either; book it.
+    let q = req(0, prefix.clone());
+    let first = r.pick(0, &q, &mut rng, None).unwrap();
+    assert_eq!(first.reason, DecisionReason::SmallestCache);
+    r.book(0, &q, &first);
+    // Same prefix again: match ratio 1 > 0.3 → same endpoint.
+    let q = req(1, prefix.clone());
+    let d = r.pick(1, &q, &mut rng, None).unwrap();
+    assert_eq!(
+        (d.primary, d.reason),
+        (first.primary, DecisionReason::CacheAffinity)
+    );
+    // Pile 70 in-flight requests onto it: 70 − 0 > 64 and 70 > 1.5·0 → balance.
+    for n in 0..70u64 {
+        r.book(2, &req(100 + n, prefix.clone()), &d);
+    }
+    let d2 = r.pick(3, &req(2, prefix.clone()), &mut rng, None).unwrap();
+    assert_eq!(d2.reason, DecisionReason::Balance);
+    assert_ne!(d2.primary, first.primary);
+    assert!(ids.contains(&d2.primary));
+}
+
+#[test]
+fn dynamo_takes_the_lowest_logit() {
+    let (mut r, ids) = fleet("dynamo", 2);
+    let keys: Vec<u64> = (0..32).collect();
+    r.observe_kv_batch(ids[1], 0, &stored(0, keys[..16].to_vec()));
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let d = r.pick(1, &req(1, keys.clone()), &mut rng, None).unwrap();
+    assert_eq!(d.primary, ids[1], "16 cached blocks: logit 32 vs 64");
+    // Load endpoint 1 with 40 active 32-block requests of its own: its decode blocks dominate.
+    for n in 0..40u64 {
+        r.book(
+            2,
+            &req(100 + n, (0..32).map(|k| k + 10_000 * (n + 1)).collect()),
+            &d,
+        );
+    }
+    let d = r.pick(3, &req(2, keys), &mut rng, None).unwrap();
+    assert_eq!(d.primary, ids[0]);
+}
+
+#[test]
+fn gie_default_prefers_short_queues_and_prefix() {
+    let (mut r, ids) = fleet("gie-default", 3);
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    r.observe_metrics(
+        ids[0],
+        0,
+        &MetricsSample {
+            waiting: 0,
+            kv_usage: Some(0.5),
+            ..Default::default()
+        },
+    );
+    r.observe_metrics(
+        ids[1],
+        0,
+        &MetricsSample {
+            waiting: 4,
+            kv_usage: Some(0.1),
+            ..Default::default()
+        },
+    );
+    r.observe_metrics(
+        ids[2],
+        0,
+        &MetricsSample {
+            waiting: 8,
+            kv_usage: Some(0.1),
+            ..Default::default()
+        },
+    );
+    // Scores: e0 = 2·1 + 2·0.5 = 3; e1 = 2·0.5 + 2·0.9 = 2.8; e2 = 0 + 1.8.
+    let d = r.pick(1, &req(1, vec![]), &mut rng, None).unwrap();
+    assert_eq!((d.primary, d.reason), (ids[0], DecisionReason::MaxScore));
+    assert_eq!(d.fallbacks, vec![ids[1], ids[2]]);
+    // A full prefix match (its own approximate index) adds 3 to e2: 4.8 wins.
+    let keys: Vec<u64> = (0..8).collect();
+    let q = req(2, keys.clone());
+    let forced = kvgate_core::Decision {
+        primary: ids[2],
+        ..d
+    };
+    r.book(2, &q, &forced);
+    let d = r.pick(3, &req(3, keys), &mut rng, None).unwrap();
+    assert_eq!(d.primary, ids[2]);
+}
+
+#[test]
+fn oracle_needs_a_view_and_rejects_non_finite_costs() {
+    let (r, _) = fleet("oracle", 2);
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    assert_eq!(
+        r.pick(0, &req(1, vec![]), &mut rng, None),
+        Err(RouteError::NoOracle)
+    );
+    struct NanOracle;
+    impl OracleView for NanOracle {
+        fn true_load(&self, _: EndpointId, _: &RoutingRequest) -> TrueLoad {
+            TrueLoad {
+                kv_usage: f64::INFINITY,
+                ..Default::default()
+            }
+        }
+    }
+    assert!(matches!(
+        r.pick(0, &req(1, vec![]), &mut rng, Some(&NanOracle)),
+        Err(RouteError::NonFiniteScore { .. })
+    ));
+    let d = r
+        .pick(0, &req(1, vec![]), &mut rng, Some(&FakeOracle))
+        .unwrap();
+    assert_eq!(d.reason, DecisionReason::Oracle);
+    assert_eq!(
+        d.primary,
+        EndpointId(0),
+        "id 0 has no queue and nothing running"
+    );
+}
+
+#[derive(Debug)]
+struct Bad(f64);
+impl Scorer for Bad {
+    fn name(&self) -> &str {
+        "bad"
+    }
+    fn score(&self, _: &PickContext<'_>, c: &[Candidate<'_>], out: &mut [f64]) {
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = if i + 1 == c.len() { self.0 } else { 1.0 };
+        }
+    }
+}
+
+#[test]
+fn non_finite_scores_from_custom_plugins_are_rejected() {
+    for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+        let (mut r, ids) = fleet("kvgate", 3);
+        r.set_custom_profile(
+            "default",
+            vec![],
+            vec![(Box::new(Bad(bad)), 1.0)],
+            Box::new(MaxScorePicker),
+        );
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        match r.pick(0, &req(1, vec![]), &mut rng, None) {
+            Err(RouteError::NonFiniteScore { scorer, endpoint }) => {
+                assert_eq!(scorer, "bad");
+                assert_eq!(endpoint, ids[2]);
+            }
+            other => panic!("{bad}: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn membership_changes() {
+    let (mut r, ids) = fleet("least-request", 2);
+    assert_eq!(r.endpoint_id("e001"), Some(ids[1]));
+    let mut spec = EndpointSpec::new("e001-new", "m");
+    spec.relative_cost = 2.0;
+    r.update_endpoint(ids[1], spec).unwrap();
+    assert_eq!(r.endpoint_id("e001"), None);
+    assert_eq!(r.endpoint_id("e001-new"), Some(ids[1]));
+    // Re-adding an address is idempotent.
+    assert_eq!(r.add_endpoint(0, EndpointSpec::new("e000", "m")), ids[0]);
+    // Removal with a request in flight: gone from views, released when it finishes.
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let q = req(1, vec![]);
+    let d = r.pick(0, &q, &mut rng, None).unwrap();
+    r.book(0, &q, &d);
+    r.remove_endpoint(d.primary).unwrap();
+    assert!(r.endpoints().all(|v| v.id != d.primary));
+    assert!(r.remove_endpoint(d.primary).is_err());
+    assert_eq!(r.in_flight(), 1);
+    r.on_finish(1, 5, &Outcome::default());
+    assert_eq!(r.in_flight(), 0);
+    assert!(r.endpoints().all(|v| v.state == EndpointState::Ready));
+    assert!(matches!(
+        r.drain_endpoint(0, EndpointId(99)),
+        Err(kvgate_core::CoreError::UnknownEndpoint { .. })
+    ));
+}
+
+#[test]
+fn calibration_learns_a_slower_endpoint() {
+    let (mut r, ids) = fleet("kvgate", 1);
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    for n in 0..50u64 {
+        let t0 = n * 10_000_000;
+        let q = req(n, (0..64).map(|k| k + n * 1000).collect());
+        let d = r.pick(t0, &q, &mut rng, None).unwrap();
+        r.book(t0, &q, &d);
+        // The real endpoint takes 3× the predicted TTFT.
+        let predicted = d.predicted_ttft_us.unwrap();
+        let speed = r.endpoints().next().unwrap().prefill_speed;
+        let raw = predicted as f64 / speed;
+        r.on_first_token(n, t0 + (3.0 * raw) as u64);
+        r.on_finish(
+            n,
+            t0 + (3.0 * raw) as u64 + 1000,
+            &Outcome {
+                output_tokens: 10,
+                tpot_us: Some(12_000),
+                ..Default::default()
+            },
+        );
+    }
+    let v = r.endpoints().find(|v| v.id == ids[0]).unwrap();
+    assert!((v.prefill_speed - 3.0).abs() < 0.2, "{}", v.prefill_speed);
+    assert!(
+        v.decode_speed > 1.5,
+        "12 ms TPOT vs a ~5.8 ms prior: {}",
+        v.decode_speed
+    );
+}
