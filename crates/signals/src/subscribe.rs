@@ -239,6 +239,9 @@ impl Worker {
         received_at_us: u64,
     ) -> Result<(), Closed> {
         match self.tracker.observe(seq) {
+            // Joining a running publisher: everything before `seq` is unknown to the router.
+            // The replay buffer may still reach back to 0, which gives a complete view.
+            SeqOutcome::First if seq > 0 => self.recover(0, seq).await?,
             SeqOutcome::First | SeqOutcome::InOrder => {}
             SeqOutcome::Stale { expected, got } => {
                 self.stats.stale.fetch_add(1, Ordering::Relaxed);
@@ -387,8 +390,6 @@ async fn replay(
         .map_err(|_| ReplayError::BadReply { frames: 0 })?;
         dealer.send(request).await?;
         let mut batches = Vec::new();
-        let mut next = from;
-        let mut broken = false;
         loop {
             let frames = dealer.recv().await?.into_vec();
             let (seq_frame, payload) = match frames.as_slice() {
@@ -402,24 +403,22 @@ async fn replay(
                 }
             };
             let seq = decode_seq(seq_frame)?;
-            if seq == REPLAY_END_SEQ {
+            let next = from + batches.len() as u64;
+            // Replies come in ascending order: the end marker, anything at or past `to` (which
+            // the live stream carries) or a hole means nothing more is useful. Returning at once
+            // drops the socket; the server's remaining sends to it are discarded by ZMQ, which
+            // matters when joining a long-running publisher whose buffer starts far past `from`.
+            if seq == REPLAY_END_SEQ || seq >= to || seq > next {
                 return Ok(batches);
             }
-            if broken || seq != next || seq >= to {
-                // Outside the wanted window, or past a hole: keep draining to the end marker.
-                if seq >= from && seq < to && seq != next {
-                    broken = true;
-                }
+            if seq < next {
                 continue;
             }
             match decode_event_batch(seq, payload) {
-                Ok(batch) => {
-                    batches.push(batch);
-                    next += 1;
-                }
+                Ok(batch) => batches.push(batch),
                 Err(error) => {
                     tracing::warn!(seq, %error, "replayed KV batch does not decode");
-                    broken = true;
+                    return Ok(batches);
                 }
             }
         }

@@ -212,3 +212,32 @@ async fn subscriber_waits_for_a_publisher_that_is_not_up_yet() {
     assert!(rx.try_recv().is_err());
     sub.abort();
 }
+
+#[tokio::test]
+async fn joining_a_running_publisher_replays_its_history() {
+    // Batches 0..3 went out before we subscribed; the replay buffer still holds them.
+    let p = publisher(&["--preroll", "3", "--count", "2"]);
+    let (mut rx, sub) = start(&p, true);
+    for seq in 0..3 {
+        assert_eq!(batch(&next(&mut rx).await), (seq, 1000 + seq));
+    }
+    assert!(matches!(
+        next(&mut rx).await,
+        Observation::KvResynced { .. }
+    ));
+    assert_eq!(batch(&next(&mut rx).await), (3, 1003));
+    assert_eq!(batch(&next(&mut rx).await), (4, 1004));
+    sub.abort();
+}
+
+#[tokio::test]
+async fn joining_without_replay_reports_the_unknown_history() {
+    let p = publisher(&["--preroll", "3", "--count", "1", "--no-replay"]);
+    let (mut rx, sub) = start(&p, false);
+    match next(&mut rx).await {
+        Observation::KvGap { expected, got, .. } => assert_eq!((expected, got), (0, 3)),
+        other => panic!("expected a gap, got {other:?}"),
+    }
+    assert_eq!(batch(&next(&mut rx).await), (3, 1003));
+    sub.abort();
+}

@@ -14,6 +14,8 @@ Test-harness differences from vLLM, on purpose:
   "slow joiner" race from the tests;
 * `--drop SEQ` keeps a batch in the replay buffer but never publishes it, to
   force a gap; `--garbage SEQ` publishes undecodable bytes under that number;
+* `--preroll N` publishes N batches before any subscriber is there (so a
+  subscriber joins mid-stream and must replay from 0 to see everything);
 * `--restart N` closes the socket after the batches, rebinds the same port and
   publishes N more batches numbered from 0, as a restarted engine would.
 
@@ -74,9 +76,8 @@ def service_replay(router, buffer):
         router.send_multipart([ident, b"", END_SEQ, b""])
 
 
-def publish_run(xpub, router, topic, count, inc, drop, garbage, gap_s):
-    buffer = []
-    for seq in range(count):
+def publish_run(xpub, router, topic, seqs, inc, drop, garbage, gap_s, buffer):
+    for seq in seqs:
         buf = payload(seq, inc)
         buffer.append((seq, buf))
         if seq in garbage:
@@ -97,6 +98,7 @@ def main():
     ap.add_argument("--garbage", type=int, action="append", default=[])
     ap.add_argument("--no-replay", action="store_true")
     ap.add_argument("--restart", type=int, default=0)
+    ap.add_argument("--preroll", type=int, default=0)
     ap.add_argument("--topic", default="kv@127.0.0.1:8000@test-model")
     ap.add_argument("--gap-s", type=float, default=0.02)
     ap.add_argument("--linger-s", type=float, default=30.0)
@@ -113,12 +115,15 @@ def main():
         router.setsockopt(zmq.LINGER, 0)
         rport = router.bind_to_random_port("tcp://127.0.0.1")
         replay = f"tcp://127.0.0.1:{rport}"
-    print(json.dumps({"pub": f"tcp://127.0.0.1:{port}", "replay": replay}), flush=True)
-
     topic = args.topic.encode()
+    buffer = []
+    # Batches published before anyone subscribed: lost on PUB, still in the replay buffer.
+    # Done before the endpoints are printed, so no subscriber can be connected yet.
+    publish_run(xpub, router, topic, range(args.preroll), 0, set(), set(), 0, buffer)
+    print(json.dumps({"pub": f"tcp://127.0.0.1:{port}", "replay": replay}), flush=True)
     wait_for_subscriber(xpub, 15)
-    buffer = publish_run(xpub, router, topic, args.count, 0, set(args.drop),
-                         set(args.garbage), args.gap_s)
+    publish_run(xpub, router, topic, range(args.preroll, args.preroll + args.count), 0,
+                set(args.drop), set(args.garbage), args.gap_s, buffer)
 
     if args.restart:
         xpub.close(linger=0)
@@ -132,7 +137,9 @@ def main():
             except zmq.ZMQError:
                 time.sleep(0.1)
         wait_for_subscriber(xpub, 15)
-        buffer = publish_run(xpub, router, topic, args.restart, 1, set(), set(), args.gap_s)
+        buffer = []
+        publish_run(xpub, router, topic, range(args.restart), 1, set(), set(), args.gap_s,
+                    buffer)
 
     # Keep answering replays until the test closes our stdin or the linger time passes.
     deadline = time.time() + args.linger_s
