@@ -1,0 +1,415 @@
+//! OpenAI/vLLM HTTP conformance of the simulator, over real sockets.
+
+mod common;
+
+use common::{SseData, client, eventually, fleet, parse_sse};
+use futures::StreamExt;
+use kvgate_tokens::BuiltinTokenizer;
+use serde_json::{Value, json};
+
+fn url(f: &kvgate_sim::Fleet, i: usize, path: &str) -> String {
+    format!("http://{}{path}", f.engines[i].http_addr)
+}
+
+#[tokio::test]
+async fn chat_stream_is_framed_like_vllm_with_final_usage_chunk() {
+    let f = fleet(1, |_| {}).await;
+    let body = client()
+        .post(url(&f, 0, "/v1/chat/completions"))
+        .json(&json!({
+            "model": kvgate_sim::config::DEFAULT_MODEL,
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "hello"}, {"type": "text", "text": " there"}]}],
+            "max_tokens": 5,
+            "stream": true,
+            "stream_options": {"include_usage": true},
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(body.status(), 200);
+    assert!(
+        body.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    let events = parse_sse(&body.text().await.unwrap());
+    assert_eq!(events.last(), Some(&SseData::Done));
+    let json: Vec<&Value> = events
+        .iter()
+        .filter_map(|e| match e {
+            SseData::Json(v) => Some(v),
+            SseData::Done => None,
+        })
+        .collect();
+    // role chunk + 5 token chunks + usage chunk
+    assert_eq!(json.len(), 7, "{json:#?}");
+    assert_eq!(json[0]["choices"][0]["delta"]["role"], "assistant");
+    assert!(
+        json.iter()
+            .all(|c| c["object"] == "chat.completion.chunk" && c["id"] == json[0]["id"])
+    );
+    let content = &json[1..6];
+    for (k, c) in content.iter().enumerate() {
+        let fin = &c["choices"][0]["finish_reason"];
+        if k == 4 {
+            assert_eq!(fin, "length");
+        } else {
+            assert!(fin.is_null());
+        }
+    }
+    let text: String = content
+        .iter()
+        .map(|c| c["choices"][0]["delta"]["content"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        BuiltinTokenizer.encode(&text).len(),
+        5,
+        "one token per word"
+    );
+    let usage_chunk = json[6];
+    assert_eq!(usage_chunk["choices"], json!([]));
+    let prompt = BuiltinTokenizer
+        .encode("<|user|>\nhello there\n<|assistant|>\n")
+        .len();
+    assert_eq!(usage_chunk["usage"]["prompt_tokens"], prompt);
+    assert_eq!(usage_chunk["usage"]["completion_tokens"], 5);
+    assert_eq!(usage_chunk["usage"]["total_tokens"], prompt + 5);
+    assert!(usage_chunk["usage"]["prompt_tokens_details"]["cached_tokens"].is_u64());
+    f.shutdown().await;
+}
+
+#[tokio::test]
+async fn completion_stream_without_usage_ends_with_done() {
+    let f = fleet(1, |_| {}).await;
+    let text = client()
+        .post(url(&f, 0, "/v1/completions"))
+        .json(&json!({"prompt": [1001, 1002, 1003], "max_tokens": 3, "stream": true}))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let events = parse_sse(&text);
+    assert_eq!(events.len(), 4);
+    assert_eq!(events[3], SseData::Done);
+    let SseData::Json(last) = &events[2] else {
+        panic!()
+    };
+    assert_eq!(last["object"], "text_completion");
+    assert_eq!(last["choices"][0]["finish_reason"], "length");
+    assert!(last.get("usage").is_none());
+    f.shutdown().await;
+}
+
+#[tokio::test]
+async fn non_streaming_round_trip_reports_cached_tokens() {
+    let f = fleet(1, |_| {}).await;
+    let prompt = "The quick brown fox jumps over the lazy dog ".repeat(20);
+    let ask = || async {
+        client()
+            .post(url(&f, 0, "/v1/completions"))
+            .json(&json!({"prompt": prompt, "max_tokens": 4}))
+            .send()
+            .await
+            .unwrap()
+            .json::<Value>()
+            .await
+            .unwrap()
+    };
+    let first = ask().await;
+    assert_eq!(first["object"], "text_completion");
+    assert_eq!(first["choices"][0]["finish_reason"], "length");
+    let n_prompt = BuiltinTokenizer.encode(&prompt).len();
+    assert_eq!(first["usage"]["prompt_tokens"], n_prompt);
+    assert_eq!(first["usage"]["completion_tokens"], 4);
+    assert_eq!(first["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    let text = first["choices"][0]["text"].as_str().unwrap();
+    assert_eq!(BuiltinTokenizer.encode(text).len(), 4);
+    let second = ask().await;
+    let cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(
+        cached,
+        (n_prompt as u64 / 16) * 16,
+        "every full block is a hit"
+    );
+
+    // Default max_tokens for completions is vLLM's 16.
+    let d: Value = client()
+        .post(url(&f, 0, "/v1/completions"))
+        .json(&json!({"prompt": "hi"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(d["usage"]["completion_tokens"], 16);
+
+    let chat: Value = client()
+        .post(url(&f, 0, "/v1/chat/completions"))
+        .json(&json!({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 2}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(chat["object"], "chat.completion");
+    assert_eq!(chat["choices"][0]["message"]["role"], "assistant");
+    assert_eq!(chat["usage"]["completion_tokens"], 2);
+    f.shutdown().await;
+}
+
+#[tokio::test]
+async fn models_tokenize_and_errors_have_vllm_shapes() {
+    let f = fleet(1, |c| c.lora_adapters = vec!["sql".into()]).await;
+    let base = kvgate_sim::config::DEFAULT_MODEL;
+    let models: Value = client()
+        .get(url(&f, 0, "/v1/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(models["object"], "list");
+    let data = models["data"].as_array().unwrap();
+    assert_eq!(data.len(), 2);
+    assert_eq!(data[0]["id"], base);
+    assert_eq!(data[0]["owned_by"], "vllm");
+    assert!(data[0]["parent"].is_null());
+    assert!(data[0]["max_model_len"].is_u64());
+    assert_eq!(data[1]["id"], "sql");
+    assert_eq!(data[1]["parent"], base);
+
+    let tok: Value = client()
+        .post(url(&f, 0, "/tokenize"))
+        .json(&json!({"prompt": "Hello world"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(tok["tokens"], json!([120602, 113574]));
+    assert_eq!(tok["count"], 2);
+    assert!(tok["max_model_len"].is_u64());
+    let tok_chat: Value = client()
+        .post(url(&f, 0, "/tokenize"))
+        .json(&json!({"model": "sql", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        tok_chat["count"],
+        BuiltinTokenizer
+            .encode("<|user|>\nhi\n<|assistant|>\n")
+            .len()
+    );
+
+    // LoRA adapter accepted as a model.
+    let ok = client()
+        .post(url(&f, 0, "/v1/completions"))
+        .json(&json!({"model": "sql", "prompt": "x", "max_tokens": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+
+    let cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
+        (
+            "/v1/completions",
+            b"{not json".to_vec(),
+            400,
+            "BadRequestError",
+        ),
+        (
+            "/v1/completions",
+            br#"{"prompt": 5}"#.to_vec(),
+            400,
+            "BadRequestError",
+        ),
+        (
+            "/v1/chat/completions",
+            br#"{"model": "x"}"#.to_vec(),
+            400,
+            "BadRequestError",
+        ),
+        (
+            "/v1/completions",
+            br#"{"prompt": "a", "max_tokens": 0}"#.to_vec(),
+            400,
+            "BadRequestError",
+        ),
+        (
+            "/v1/completions",
+            br#"{"prompt": "a", "max_tokens": 200000}"#.to_vec(),
+            400,
+            "BadRequestError",
+        ),
+        (
+            "/v1/chat/completions",
+            br#"{"model": "nope", "messages": [{"role": "user", "content": "a"}]}"#.to_vec(),
+            404,
+            "NotFoundError",
+        ),
+        (
+            "/tokenize",
+            br#"{"model": "nope", "prompt": "a"}"#.to_vec(),
+            404,
+            "NotFoundError",
+        ),
+    ];
+    for (path, body, status, kind) in cases {
+        let r = client()
+            .post(url(&f, 0, path))
+            .header("content-type", "application/json")
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status().as_u16(),
+            status,
+            "{path} {}",
+            String::from_utf8_lossy(&body)
+        );
+        let e: Value = r.json().await.unwrap();
+        assert_eq!(e["error"]["type"], kind, "{e}");
+        assert_eq!(e["error"]["code"], status);
+        assert!(e["error"]["param"].is_null());
+        assert!(
+            e["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty())
+        );
+    }
+    let h = client().get(url(&f, 0, "/health")).send().await.unwrap();
+    assert_eq!(h.status(), 200);
+    f.shutdown().await;
+}
+
+#[tokio::test]
+async fn client_disconnect_aborts_the_request_in_the_engine() {
+    let f = fleet(1, |_| {}).await;
+    let resp = client()
+        .post(url(&f, 0, "/v1/completions"))
+        .json(&json!({"prompt": "tell me a long story", "max_tokens": 100000, "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    let mut body = resp.bytes_stream();
+    let first = body.next().await.unwrap().unwrap();
+    assert!(first.starts_with(b"data: "));
+    assert_eq!(f.stats(0).await.unwrap().running, 1);
+    drop(body);
+    eventually("the aborted request leaves the engine", || async {
+        let s = f.stats(0).await.unwrap();
+        s.running == 0 && s.finished_abort == 1
+    })
+    .await;
+    f.shutdown().await;
+}
+
+#[tokio::test]
+async fn injected_errors_and_slow_start_answer_before_any_byte() {
+    for status in [500u16, 429] {
+        let f = fleet(1, |c| {
+            c.engines[0].faults.error_rate = 1.0;
+            c.engines[0].faults.error_status = status;
+        })
+        .await;
+        let r = client()
+            .post(url(&f, 0, "/v1/completions"))
+            .json(&json!({"prompt": "a", "max_tokens": 1, "stream": true}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), status);
+        let e: Value = r.json().await.unwrap();
+        assert_eq!(e["error"]["code"], status);
+        assert_eq!(f.stats(0).await.unwrap().prompt_tokens_total, 0);
+        f.shutdown().await;
+    }
+    let f = fleet(1, |c| c.engines[0].faults.slow_start_s = 60.0).await;
+    let h = client().get(url(&f, 0, "/health")).send().await.unwrap();
+    assert_eq!(h.status(), 503);
+    let r = client()
+        .post(url(&f, 0, "/v1/completions"))
+        .json(&json!({"prompt": "a", "max_tokens": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    f.shutdown().await;
+}
+
+#[tokio::test]
+async fn crash_after_n_requests_closes_the_port_and_cuts_streams() {
+    let f = fleet(1, |c| c.engines[0].faults.crash_after_requests = Some(2)).await;
+    let ok = client()
+        .post(url(&f, 0, "/v1/completions"))
+        .json(&json!({"prompt": "a", "max_tokens": 2}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    // Request 2: a long stream that is still running when request 3 crashes the engine.
+    let long = client()
+        .post(url(&f, 0, "/v1/completions"))
+        .json(&json!({"prompt": "a", "max_tokens": 100000, "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    let mut long = long.bytes_stream();
+    assert!(long.next().await.unwrap().is_ok());
+    let third = client()
+        .post(url(&f, 0, "/v1/completions"))
+        .json(&json!({"prompt": "a", "max_tokens": 2}))
+        .send()
+        .await;
+    assert!(third.is_err(), "request 3 gets no response: {third:?}");
+    let mut cut = false;
+    while let Some(chunk) = long.next().await {
+        if chunk.is_err() {
+            cut = true;
+            break;
+        }
+    }
+    let text_done = cut;
+    assert!(text_done, "the in-flight stream was cut, not completed");
+    assert!(!f.is_alive(0));
+    assert!(f.stats(0).await.is_err());
+    let addr = f.engines[0].http_addr;
+    eventually("the port is closed", || async move {
+        tokio::net::TcpStream::connect(addr).await.is_err()
+    })
+    .await;
+    f.shutdown().await;
+}
+
+#[tokio::test]
+async fn kill_drops_an_engine_and_leaves_the_others() {
+    let f = fleet(2, |_| {}).await;
+    f.kill(0).await.unwrap();
+    assert!(
+        tokio::net::TcpStream::connect(f.engines[0].http_addr)
+            .await
+            .is_err()
+    );
+    let r = client()
+        .post(url(&f, 1, "/v1/completions"))
+        .json(&json!({"prompt": "a", "max_tokens": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    f.shutdown().await;
+}
