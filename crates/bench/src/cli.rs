@@ -1,0 +1,415 @@
+//! `kvgate bench` and `kvgate demo`: flags, workload selection, running and reporting.
+
+use std::io::BufReader;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use kvgate_engine::EngineConfig;
+
+use crate::BenchError;
+use crate::des::{DesConfig, PolicyRun, run_policy};
+use crate::report::{PolicyReport, Report, Slo, write_charts};
+use crate::trace::parse_trace;
+use crate::workload::{
+    MultiTurnConfig, ReplayOptions, SharedPrefixConfig, Workload, from_trace, merge, multi_turn,
+    shared_prefix,
+};
+
+/// Every policy `kvgate bench` knows, in report order.
+pub const ALL_POLICIES: &[&str] = &[
+    "kvgate",
+    "gie-default",
+    "sglang-cache-aware",
+    "dynamo",
+    "round-robin",
+    "random",
+    "least-request",
+    "power-of-two",
+    "oracle",
+];
+
+/// GPU preset of the simulated fleet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Gpu {
+    /// Llama-3.1-8B on H100 (DESIGN.md coefficients).
+    H100,
+    /// Llama-3.1-8B on A100-80GB.
+    A100,
+    /// Half H100, half A100: a heterogeneous fleet.
+    Mixed,
+}
+
+/// Built-in synthetic workloads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Synthetic {
+    /// inference-perf's shared-prefix workload.
+    SharedPrefix,
+    /// Multi-turn chat sessions.
+    MultiTurn,
+}
+
+/// Flags shared by `bench` and `demo`.
+#[derive(Args, Clone, Debug)]
+pub struct FleetArgs {
+    /// Simulated engines.
+    #[arg(long, default_value_t = 8)]
+    pub engines: usize,
+    /// GPU preset of the engines.
+    #[arg(long, value_enum, default_value_t = Gpu::H100)]
+    pub gpu: Gpu,
+    /// Override KV capacity per engine, in blocks of 16 tokens.
+    #[arg(long)]
+    pub num_gpu_blocks: Option<usize>,
+    /// Metrics sampling interval, ms.
+    #[arg(long, default_value_t = 100)]
+    pub scrape_interval_ms: u64,
+    /// Delay before a metrics sample reaches the router, ms.
+    #[arg(long, default_value_t = 20)]
+    pub metrics_delay_ms: u64,
+    /// Delay before KV events reach the router, ms.
+    #[arg(long, default_value_t = 10)]
+    pub kv_event_delay_ms: u64,
+    /// Seed for the router and the synthetic workloads.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Goodput SLO on time to first token, ms.
+    #[arg(long, default_value_t = 2000.0)]
+    pub slo_ttft_ms: f64,
+    /// Goodput SLO on time per output token, ms.
+    #[arg(long, default_value_t = 100.0)]
+    pub slo_tpot_ms: f64,
+    /// Hide the progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// `kvgate bench`: compare policies on one workload.
+#[derive(Args, Clone, Debug)]
+pub struct BenchArgs {
+    /// Mooncake-format trace (JSONL with timestamp, input_length, output_length, hash_ids).
+    #[arg(long, conflicts_with = "workload")]
+    pub trace: Option<PathBuf>,
+    /// A built-in synthetic workload instead of a trace.
+    #[arg(long, value_enum)]
+    pub workload: Option<Synthetic>,
+    /// Comma-separated policies (see README); `all` for every one.
+    #[arg(long, default_value = "all")]
+    pub policies: String,
+    /// Replay only the first K requests.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Replay only the first T seconds of the trace.
+    #[arg(long)]
+    pub max_seconds: Option<f64>,
+    /// Divide trace inter-arrival times by X (raises the load).
+    #[arg(long, default_value_t = 1.0)]
+    pub speedup: f64,
+    /// Arrival rate for synthetic workloads, requests (or sessions) per second.
+    #[arg(long, default_value_t = 20.0)]
+    pub rate: f64,
+    /// Live mode: send the workload over HTTP to this OpenAI-compatible base URL instead of
+    /// simulating (e.g. `http://127.0.0.1:8080` for `kvgate serve`).
+    #[arg(long)]
+    pub live: Option<String>,
+    /// Model name sent in live mode.
+    #[arg(long, default_value = "llama-3.1-8b")]
+    pub model: String,
+    /// Write the JSON report here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Write charts (SVG and PNG) into this directory.
+    #[arg(long)]
+    pub charts: Option<PathBuf>,
+    /// Fleet and signal settings.
+    #[command(flatten)]
+    pub fleet: FleetArgs,
+}
+
+/// `kvgate demo`: a one-minute comparison on a built-in workload.
+#[derive(Args, Clone, Debug)]
+pub struct DemoArgs {
+    /// Where to write the report and charts.
+    #[arg(long, default_value = "kvgate-report")]
+    pub out: PathBuf,
+    /// Fleet and signal settings.
+    #[command(flatten)]
+    pub fleet: FleetArgs,
+}
+
+fn des_config(f: &FleetArgs) -> Result<DesConfig, BenchError> {
+    if f.engines == 0 {
+        return Err(BenchError::NoEngines);
+    }
+    let mut engines = Vec::with_capacity(f.engines);
+    for i in 0..f.engines {
+        let mut e = match (f.gpu, i % 2) {
+            (Gpu::H100, _) | (Gpu::Mixed, 0) => EngineConfig::h100(),
+            _ => EngineConfig::a100(),
+        };
+        if let Some(b) = f.num_gpu_blocks {
+            e.num_gpu_blocks = b;
+        }
+        engines.push(e);
+    }
+    let mut cfg = DesConfig::homogeneous(f.engines, EngineConfig::h100());
+    cfg.engines = engines;
+    cfg.scrape_interval_ms = f.scrape_interval_ms;
+    cfg.metrics_delay_ms = f.metrics_delay_ms;
+    cfg.kv_event_delay_ms = f.kv_event_delay_ms;
+    cfg.seed = f.seed;
+    Ok(cfg)
+}
+
+/// Parses `--policies`.
+pub fn parse_policies(s: &str) -> Vec<String> {
+    if s.trim() == "all" {
+        return ALL_POLICIES.iter().map(|p| p.to_string()).collect();
+    }
+    s.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// Runs every policy on `workload` and builds the report; runs are returned for charts.
+pub fn compare(
+    workload: &Workload,
+    policies: &[String],
+    cfg: &DesConfig,
+    slo: Slo,
+    quiet: bool,
+) -> Result<(Report, Vec<PolicyRun>), BenchError> {
+    if workload.requests.is_empty() {
+        return Err(BenchError::EmptyWorkload);
+    }
+    let mut runs = Vec::with_capacity(policies.len());
+    let total = workload.requests.len() as u64;
+    for policy in policies {
+        let bar = if quiet {
+            ProgressBar::hidden()
+        } else {
+            ProgressBar::new(total)
+        };
+        bar.set_style(
+            ProgressStyle::with_template("{prefix:>20} [{bar:40}] {pos}/{len} requests {elapsed}")
+                .expect("valid template")
+                .progress_chars("=> "),
+        );
+        bar.set_prefix(policy.clone());
+        let started = Instant::now();
+        let run = run_policy(workload, policy, cfg, Some(&|n| bar.set_position(n)))?;
+        bar.finish_and_clear();
+        if !quiet {
+            eprintln!(
+                "{policy:>20} done in {:.1} s",
+                started.elapsed().as_secs_f64()
+            );
+        }
+        runs.push(run);
+    }
+    let report = Report {
+        workload: workload.name.clone(),
+        requests: workload.requests.len(),
+        engines: cfg.engines.len(),
+        slo,
+        policies: runs
+            .iter()
+            .map(|r| PolicyReport::from_run(r, slo))
+            .collect(),
+    };
+    Ok((report, runs))
+}
+
+fn slo(f: &FleetArgs) -> Slo {
+    Slo {
+        ttft_ms: f.slo_ttft_ms,
+        tpot_ms: f.slo_tpot_ms,
+    }
+}
+
+/// `kvgate bench`.
+pub fn bench(args: &BenchArgs) -> Result<Report, BenchError> {
+    if !(args.speedup.is_finite() && args.speedup > 0.0) {
+        return Err(BenchError::InvalidArgument("--speedup must be positive"));
+    }
+    if !(args.rate.is_finite() && args.rate > 0.0) {
+        return Err(BenchError::InvalidArgument("--rate must be positive"));
+    }
+    let opts = ReplayOptions {
+        speedup: args.speedup,
+        limit: args.limit,
+        max_seconds: args.max_seconds,
+    };
+    let mut workload = match (&args.trace, args.workload) {
+        (Some(path), _) => {
+            let file = std::fs::File::open(path).map_err(|source| BenchError::Open {
+                path: path.clone(),
+                source,
+            })?;
+            let records = parse_trace(BufReader::new(file))?;
+            from_trace(&path.display().to_string(), &records, opts)
+        }
+        (None, Some(Synthetic::MultiTurn)) => multi_turn(
+            MultiTurnConfig {
+                sessions: 200,
+                turns: 5,
+                system_prompt_len: 2000,
+                user_len: 200,
+                output_len: 200,
+                session_rate_per_s: args.rate,
+                think_time_s: 5.0,
+            },
+            args.fleet.seed,
+        ),
+        (None, _) => shared_prefix(
+            SharedPrefixConfig {
+                num_groups: 32,
+                num_prompts_per_group: 64,
+                system_prompt_len: 4000,
+                question_len: 200,
+                output_len: 200,
+                rate_per_s: args.rate,
+            },
+            args.fleet.seed,
+        ),
+    };
+    if args.trace.is_none()
+        && let Some(n) = args.limit
+    {
+        workload.requests.truncate(n);
+    }
+    let (report, runs) = if let Some(url) = &args.live {
+        live(&workload, url, &args.model, slo(&args.fleet))?
+    } else {
+        let cfg = des_config(&args.fleet)?;
+        let policies = parse_policies(&args.policies);
+        compare(
+            &workload,
+            &policies,
+            &cfg,
+            slo(&args.fleet),
+            args.fleet.quiet,
+        )?
+    };
+    println!("{}", report.table());
+    if let Some(path) = &args.json {
+        report.write_json(path)?;
+        println!("JSON report: {}", path.display());
+    }
+    if let Some(dir) = &args.charts {
+        let files = write_charts(dir, &runs)?;
+        println!(
+            "charts: {}",
+            files
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    Ok(report)
+}
+
+fn live(
+    workload: &Workload,
+    url: &str,
+    model: &str,
+    slo: Slo,
+) -> Result<(Report, Vec<PolicyRun>), BenchError> {
+    if workload.requests.is_empty() {
+        return Err(BenchError::EmptyWorkload);
+    }
+    let cfg = crate::live::LiveConfig {
+        base_url: url.to_string(),
+        model: model.to_string(),
+        timeout: std::time::Duration::from_secs(600),
+        label: format!("live {url}"),
+    };
+    let rt = tokio::runtime::Runtime::new().map_err(|source| BenchError::Write {
+        path: PathBuf::from("<tokio runtime>"),
+        source,
+    })?;
+    let live = rt.block_on(crate::live::run_live(workload, &cfg));
+    for e in live.errors.iter().take(5) {
+        eprintln!("live request failed: {e}");
+    }
+    let mut row = PolicyReport::from_run(&live.run, slo);
+    let itl_ms: Vec<f64> = live.itl_us.iter().map(|&u| u as f64 / 1000.0).collect();
+    row.tpot_ms = crate::stats::Summary::of(&itl_ms);
+    let report = Report {
+        workload: workload.name.clone(),
+        requests: workload.requests.len(),
+        engines: 0,
+        slo,
+        policies: vec![row],
+    };
+    Ok((report, vec![live.run]))
+}
+
+/// The demo's built-in workload: RAG-style shared system prompts mixed with multi-turn chats,
+/// at a load where routing decides the tail.
+pub fn demo_workload(seed: u64) -> Workload {
+    let sp = shared_prefix(
+        SharedPrefixConfig {
+            num_groups: 24,
+            num_prompts_per_group: 40,
+            system_prompt_len: 6000,
+            question_len: 300,
+            output_len: 150,
+            rate_per_s: 16.0,
+        },
+        seed,
+    );
+    let mt = multi_turn(
+        MultiTurnConfig {
+            sessions: 120,
+            turns: 4,
+            system_prompt_len: 1500,
+            user_len: 400,
+            output_len: 200,
+            session_rate_per_s: 2.0,
+            think_time_s: 8.0,
+        },
+        seed.wrapping_add(1),
+    );
+    merge(
+        "demo: 24 shared 6k-token system prompts x 40 questions at 16 req/s, plus 120 four-turn chats",
+        vec![sp, mt],
+    )
+}
+
+/// `kvgate demo`.
+pub fn demo(args: &DemoArgs) -> Result<Report, BenchError> {
+    let workload = demo_workload(args.fleet.seed);
+    let cfg = des_config(&args.fleet)?;
+    let policies: Vec<String> = ALL_POLICIES.iter().map(|p| p.to_string()).collect();
+    println!(
+        "kvgate demo: {} simulated engines, {} requests, {} policies on identical work\n",
+        cfg.engines.len(),
+        workload.requests.len(),
+        policies.len()
+    );
+    let (report, runs) = compare(
+        &workload,
+        &policies,
+        &cfg,
+        slo(&args.fleet),
+        args.fleet.quiet,
+    )?;
+    println!("{}", report.table());
+    std::fs::create_dir_all(&args.out).map_err(|source| BenchError::Write {
+        path: args.out.clone(),
+        source,
+    })?;
+    let json = args.out.join("report.json");
+    report.write_json(&json)?;
+    let files = write_charts(&args.out, &runs)?;
+    println!("report: {}", json.display());
+    for f in files {
+        println!("chart:  {}", f.display());
+    }
+    Ok(report)
+}

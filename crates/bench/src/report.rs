@@ -1,0 +1,481 @@
+//! Reports: per-policy figures as a table, as JSON, and as charts (SVG and PNG).
+//!
+//! Definitions (all from the requests' own timestamps):
+//! - TTFT = first token − arrival; TPOT = (finish − first token) / (output tokens − 1), for
+//!   requests with at least two output tokens; end-to-end = finish − arrival.
+//! - Output tokens/s = all generated tokens ÷ (last finish − first arrival).
+//! - Goodput = requests meeting both SLOs (TTFT ≤ `slo_ttft_ms`, TPOT ≤ `slo_tpot_ms`) per second
+//!   of the same span, and as a fraction of all requests (rejections count as misses).
+//! - Hit ratio = cached prompt tokens ÷ prompt tokens (what `usage.prompt_tokens_details.cached_tokens`
+//!   reports).
+//! - Load balance = max ÷ mean over endpoints of uncached prompt tokens prefilled.
+
+use std::path::{Path, PathBuf};
+
+use plotters::prelude::*;
+use serde::Serialize;
+
+use crate::BenchError;
+use crate::des::PolicyRun;
+use crate::stats::{Summary, percentile};
+
+/// Service-level objective used for goodput.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Slo {
+    /// Time to first token bound, ms.
+    pub ttft_ms: f64,
+    /// Time per output token bound, ms.
+    pub tpot_ms: f64,
+}
+
+impl Default for Slo {
+    /// 2 s TTFT and 100 ms TPOT: interactive chat targets that leave room for long prompts.
+    fn default() -> Self {
+        Self {
+            ttft_ms: 2_000.0,
+            tpot_ms: 100.0,
+        }
+    }
+}
+
+/// Goodput figures.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct Goodput {
+    /// Requests meeting the SLO per second.
+    pub requests_per_s: f64,
+    /// Fraction of all requests meeting the SLO.
+    pub fraction: f64,
+}
+
+/// Load-balance figures.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct LoadBalance {
+    /// max ÷ mean of uncached prompt tokens per endpoint (1.0 = perfectly even).
+    pub max_over_mean_prefill_tokens: f64,
+    /// Uncached prompt tokens per endpoint.
+    pub prefill_tokens_per_endpoint: Vec<u64>,
+    /// Requests per endpoint.
+    pub requests_per_endpoint: Vec<u64>,
+}
+
+/// One policy's row of the report.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct PolicyReport {
+    /// Policy name.
+    pub policy: String,
+    /// Requests completed.
+    pub completed: usize,
+    /// Requests rejected by the router.
+    pub rejected: usize,
+    /// Time to first token, ms.
+    pub ttft_ms: Summary,
+    /// Time per output token, ms.
+    pub tpot_ms: Summary,
+    /// End-to-end latency, ms.
+    pub e2e_ms: Summary,
+    /// Generated tokens per second over the run.
+    pub output_tokens_per_s: f64,
+    /// Goodput under the report's SLO.
+    pub goodput: Goodput,
+    /// Cached prompt tokens ÷ prompt tokens.
+    pub hit_ratio: f64,
+    /// Engine preemptions.
+    pub preemptions: u64,
+    /// Spread of work across endpoints.
+    pub load_balance: LoadBalance,
+}
+
+/// The whole comparison.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Report {
+    /// Workload description.
+    pub workload: String,
+    /// Requests in the workload.
+    pub requests: usize,
+    /// Endpoints in the fleet.
+    pub engines: usize,
+    /// SLO used for goodput.
+    pub slo: Slo,
+    /// One entry per policy, in the order run.
+    pub policies: Vec<PolicyReport>,
+}
+
+impl PolicyReport {
+    /// Computes the figures of one run.
+    pub fn from_run(run: &PolicyRun, slo: Slo) -> Self {
+        let done: Vec<_> = run.requests.iter().filter(|r| r.finish_us > 0).collect();
+        let ms = |us: u64| us as f64 / 1000.0;
+        let ttft: Vec<f64> = done
+            .iter()
+            .map(|r| ms(r.first_token_us - r.arrival_us))
+            .collect();
+        let tpot_of = |r: &crate::des::RequestRecord| {
+            (r.output_tokens > 1)
+                .then(|| ms(r.finish_us - r.first_token_us) / f64::from(r.output_tokens - 1))
+        };
+        let tpot: Vec<f64> = done.iter().filter_map(|r| tpot_of(r)).collect();
+        let e2e: Vec<f64> = done
+            .iter()
+            .map(|r| ms(r.finish_us - r.arrival_us))
+            .collect();
+        let start = run.requests.iter().map(|r| r.arrival_us).min().unwrap_or(0);
+        let span_s = (run.makespan_us.saturating_sub(start)) as f64 / 1e6;
+        let per_s = |x: f64| if span_s > 0.0 { x / span_s } else { 0.0 };
+        let out_tokens: u64 = done.iter().map(|r| u64::from(r.output_tokens)).sum();
+        let good = done
+            .iter()
+            .filter(|r| {
+                ms(r.first_token_us - r.arrival_us) <= slo.ttft_ms
+                    && tpot_of(r).is_none_or(|t| t <= slo.tpot_ms)
+            })
+            .count();
+        let prompt: u64 = done.iter().map(|r| u64::from(r.prompt_tokens)).sum();
+        let cached: u64 = done.iter().map(|r| u64::from(r.cached_tokens)).sum();
+        let loads = &run.prefill_tokens_per_engine;
+        let mean = loads.iter().sum::<u64>() as f64 / loads.len().max(1) as f64;
+        let max = loads.iter().copied().max().unwrap_or(0) as f64;
+        Self {
+            policy: run.policy.clone(),
+            completed: done.len(),
+            rejected: run.requests.iter().filter(|r| r.rejected).count(),
+            ttft_ms: Summary::of(&ttft),
+            tpot_ms: Summary::of(&tpot),
+            e2e_ms: Summary::of(&e2e),
+            output_tokens_per_s: per_s(out_tokens as f64),
+            goodput: Goodput {
+                requests_per_s: per_s(good as f64),
+                fraction: good as f64 / run.requests.len().max(1) as f64,
+            },
+            hit_ratio: if prompt > 0 {
+                cached as f64 / prompt as f64
+            } else {
+                0.0
+            },
+            preemptions: run.preemptions,
+            load_balance: LoadBalance {
+                max_over_mean_prefill_tokens: if mean > 0.0 { max / mean } else { 0.0 },
+                prefill_tokens_per_endpoint: loads.clone(),
+                requests_per_endpoint: run.requests_per_engine.clone(),
+            },
+        }
+    }
+}
+
+impl Report {
+    /// A plain-text table, one row per policy.
+    pub fn table(&self) -> String {
+        let mut s = format!(
+            "workload: {} ({} requests, {} endpoints)\n",
+            self.workload, self.requests, self.engines
+        );
+        s.push_str(&format!(
+            "{:<20} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9} {:>7} {:>8} {:>7} {:>6} {:>5}\n",
+            "policy",
+            "ttft mean",
+            "ttft p50",
+            "ttft p90",
+            "ttft p99",
+            "tpot p50",
+            "tpot p99",
+            "out tok/s",
+            "goodput",
+            "hit",
+            "preempt",
+            "imbal",
+            "rej"
+        ));
+        s.push_str(&format!(
+            "{:<20} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9} {:>7} {:>8} {:>7} {:>6} {:>5}\n",
+            "", "ms", "ms", "ms", "ms", "ms", "ms", "", "(SLO)", "ratio", "", "max/µ", ""
+        ));
+        for p in &self.policies {
+            s.push_str(&format!(
+                "{:<20} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>8.2} {:>8.2} {:>9.0} {:>6.1}% {:>8.3} {:>7} {:>6.2} {:>5}\n",
+                p.policy,
+                p.ttft_ms.mean,
+                p.ttft_ms.p50,
+                p.ttft_ms.p90,
+                p.ttft_ms.p99,
+                p.tpot_ms.p50,
+                p.tpot_ms.p99,
+                p.output_tokens_per_s,
+                p.goodput.fraction * 100.0,
+                p.hit_ratio,
+                p.preemptions,
+                p.load_balance.max_over_mean_prefill_tokens,
+                p.rejected
+            ));
+        }
+        s.push_str(&format!(
+            "goodput SLO: TTFT <= {} ms and TPOT <= {} ms\n",
+            self.slo.ttft_ms, self.slo.tpot_ms
+        ));
+        s
+    }
+
+    /// Writes the report as pretty JSON.
+    pub fn write_json(&self, path: &Path) -> Result<(), BenchError> {
+        let text = serde_json::to_string_pretty(self).expect("report serialises");
+        std::fs::write(path, text).map_err(|source| BenchError::Write {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+}
+
+const PALETTE: [RGBColor; 9] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+    RGBColor(23, 190, 207),
+];
+
+fn chart_err(path: &Path, e: impl std::fmt::Display) -> BenchError {
+    BenchError::Chart {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    }
+}
+
+/// Draws the three charts (TTFT CDF, TTFT over time, per-endpoint load) as SVG and PNG into
+/// `dir`, returning the files written.
+pub fn write_charts(dir: &Path, runs: &[PolicyRun]) -> Result<Vec<PathBuf>, BenchError> {
+    std::fs::create_dir_all(dir).map_err(|source| BenchError::Write {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let mut written = Vec::new();
+    for name in ["ttft_cdf", "ttft_over_time", "endpoint_load"] {
+        let svg = dir.join(format!("{name}.svg"));
+        {
+            let root = SVGBackend::new(&svg, (1000, 600)).into_drawing_area();
+            draw_named(name, &root, runs).map_err(|e| chart_err(&svg, e))?;
+            root.present().map_err(|e| chart_err(&svg, e))?;
+        }
+        written.push(svg);
+        let png = dir.join(format!("{name}.png"));
+        {
+            let root = BitMapBackend::new(&png, (1000, 600)).into_drawing_area();
+            draw_named(name, &root, runs).map_err(|e| chart_err(&png, e))?;
+            root.present().map_err(|e| chart_err(&png, e))?;
+        }
+        written.push(png);
+    }
+    Ok(written)
+}
+
+type DrawResult = Result<(), Box<dyn std::error::Error>>;
+
+fn draw_named<DB: DrawingBackend>(
+    name: &str,
+    root: &DrawingArea<DB, plotters::coord::Shift>,
+    runs: &[PolicyRun],
+) -> DrawResult
+where
+    DB::ErrorType: 'static,
+{
+    match name {
+        "ttft_cdf" => draw_cdf(root, runs),
+        "ttft_over_time" => draw_over_time(root, runs),
+        _ => draw_load(root, runs),
+    }
+}
+
+fn ttfts_ms(run: &PolicyRun) -> Vec<f64> {
+    let mut v: Vec<f64> = run
+        .requests
+        .iter()
+        .filter(|r| r.finish_us > 0)
+        .map(|r| (r.first_token_us - r.arrival_us) as f64 / 1000.0)
+        .collect();
+    v.sort_by(f64::total_cmp);
+    v
+}
+
+fn draw_cdf<DB: DrawingBackend>(
+    root: &DrawingArea<DB, plotters::coord::Shift>,
+    runs: &[PolicyRun],
+) -> DrawResult
+where
+    DB::ErrorType: 'static,
+{
+    root.fill(&WHITE)?;
+    let all: Vec<Vec<f64>> = runs.iter().map(ttfts_ms).collect();
+    // Clip the x axis at the largest p99.5 so one policy's extreme tail does not flatten the rest.
+    let x_max = all
+        .iter()
+        .filter_map(|v| percentile(v, 99.5))
+        .fold(1.0f64, f64::max);
+    let x_min = all
+        .iter()
+        .filter_map(|v| v.first().copied())
+        .fold(f64::INFINITY, f64::min)
+        .clamp(0.1, x_max / 2.0);
+    let mut chart = ChartBuilder::on(root)
+        .caption("TTFT CDF per policy (log x)", ("sans-serif", 24))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(50)
+        .build_cartesian_2d((x_min..x_max).log_scale(), 0.0..1.0)?;
+    chart
+        .configure_mesh()
+        .x_desc("time to first token (ms)")
+        .y_desc("fraction of requests")
+        .draw()?;
+    for (i, (run, v)) in runs.iter().zip(&all).enumerate() {
+        let color = PALETTE[i % PALETTE.len()];
+        let n = v.len().max(1) as f64;
+        let step = (v.len() / 400).max(1);
+        let pts: Vec<(f64, f64)> = v
+            .iter()
+            .enumerate()
+            .step_by(step)
+            .map(|(k, &x)| (x.clamp(x_min, x_max), (k + 1) as f64 / n))
+            .collect();
+        chart
+            .draw_series(LineSeries::new(pts, color.stroke_width(2)))?
+            .label(run.policy.clone())
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()?;
+    Ok(())
+}
+
+fn draw_over_time<DB: DrawingBackend>(
+    root: &DrawingArea<DB, plotters::coord::Shift>,
+    runs: &[PolicyRun],
+) -> DrawResult
+where
+    DB::ErrorType: 'static,
+{
+    root.fill(&WHITE)?;
+    let end_s = runs
+        .iter()
+        .flat_map(|r| r.requests.iter().map(|q| q.arrival_us))
+        .max()
+        .unwrap_or(0) as f64
+        / 1e6;
+    let buckets = 60usize;
+    let width = (end_s / buckets as f64).max(1e-3);
+    let series: Vec<Vec<(f64, f64)>> = runs
+        .iter()
+        .map(|run| {
+            let mut per: Vec<Vec<f64>> = vec![Vec::new(); buckets + 1];
+            for r in run.requests.iter().filter(|r| r.finish_us > 0) {
+                let b = ((r.arrival_us as f64 / 1e6) / width) as usize;
+                per[b.min(buckets)].push((r.first_token_us - r.arrival_us) as f64 / 1000.0);
+            }
+            per.iter_mut()
+                .enumerate()
+                .filter(|(_, v)| !v.is_empty())
+                .map(|(b, v)| {
+                    v.sort_by(f64::total_cmp);
+                    ((b as f64 + 0.5) * width, percentile(v, 90.0).unwrap_or(0.0))
+                })
+                .collect()
+        })
+        .collect();
+    let y_max = series.iter().flatten().map(|p| p.1).fold(1.0f64, f64::max) * 1.05;
+    let mut chart = ChartBuilder::on(root)
+        .caption("TTFT p90 over time (by arrival)", ("sans-serif", 24))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0.0..end_s.max(1e-3), 0.0..y_max)?;
+    chart
+        .configure_mesh()
+        .x_desc("arrival time (s)")
+        .y_desc("TTFT p90 (ms)")
+        .draw()?;
+    for (i, (run, pts)) in runs.iter().zip(series).enumerate() {
+        let color = PALETTE[i % PALETTE.len()];
+        chart
+            .draw_series(LineSeries::new(pts, color.stroke_width(2)))?
+            .label(run.policy.clone())
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()?;
+    Ok(())
+}
+
+fn draw_load<DB: DrawingBackend>(
+    root: &DrawingArea<DB, plotters::coord::Shift>,
+    runs: &[PolicyRun],
+) -> DrawResult
+where
+    DB::ErrorType: 'static,
+{
+    root.fill(&WHITE)?;
+    let endpoints = runs
+        .iter()
+        .map(|r| r.prefill_tokens_per_engine.len())
+        .max()
+        .unwrap_or(0);
+    let y_max = runs
+        .iter()
+        .flat_map(|r| r.prefill_tokens_per_engine.iter().copied())
+        .max()
+        .unwrap_or(1)
+        .max(1) as f64
+        / 1e6
+        * 1.1;
+    let groups = runs.len().max(1) as f64;
+    let mut chart = ChartBuilder::on(root)
+        .caption(
+            "Uncached prompt tokens prefilled per endpoint",
+            ("sans-serif", 24),
+        )
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0.0..endpoints as f64, 0.0..y_max)?;
+    chart
+        .configure_mesh()
+        .x_desc("endpoint")
+        .y_desc("million tokens")
+        .x_labels(endpoints.min(32))
+        .x_label_formatter(&|x| format!("{}", x.floor() as usize))
+        .draw()?;
+    for (i, run) in runs.iter().enumerate() {
+        let color = PALETTE[i % PALETTE.len()];
+        let w = 0.8 / groups;
+        chart
+            .draw_series(
+                run.prefill_tokens_per_engine
+                    .iter()
+                    .enumerate()
+                    .map(|(e, &t)| {
+                        let x0 = e as f64 + 0.1 + i as f64 * w;
+                        Rectangle::new([(x0, 0.0), (x0 + w, t as f64 / 1e6)], color.filled())
+                    }),
+            )?
+            .label(run.policy.clone())
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 15, y + 5)], color.filled()));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()?;
+    Ok(())
+}
