@@ -2,7 +2,9 @@
 //! into a typed [`FleetConfig`] (ripgrep's low-args/high-args split).
 //!
 //! Precedence: flags set the fleet-wide defaults; entry `i` of the YAML file's `engines:` list
-//! overrides them for engine `i` only (GPU preset, step coefficients, KV size, faults).
+//! overrides them for engine `i` only (GPU preset, step coefficients, KV size, faults). An
+//! entry's `faults:` map replaces the flag-given faults of that engine as a whole (fields it
+//! omits are off), so a per-engine fault profile never inherits surprises from the flags.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
@@ -405,5 +407,103 @@ impl SimArgs {
         };
         cfg.validate()?;
         Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        sim: SimArgs,
+    }
+
+    fn args(extra: &[&str]) -> SimArgs {
+        Cli::try_parse_from(["kvgate-sim"].iter().chain(extra))
+            .expect("flags parse")
+            .sim
+    }
+
+    #[test]
+    fn flags_set_fleet_defaults_and_the_file_overrides_per_engine() {
+        let dir = std::env::temp_dir().join(format!("kvgate-sim-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("sim.yaml");
+        std::fs::write(
+            &file,
+            "engines:\n  - {}\n  - gpu: a100\n    betas: [1.0, 2.0, 3.0]\n    num_gpu_blocks: 64\n    faults: { error_rate: 0.5, error_status: 429 }\n",
+        )
+        .unwrap();
+        let a = args(&[
+            "--engines",
+            "3",
+            "--port",
+            "0",
+            "--zmq-port",
+            "0",
+            "--hash-seed",
+            "42",
+            "--max-num-seqs",
+            "8",
+            "--lora-adapters",
+            "a,b",
+            "--kv-encoding",
+            "map",
+            "--error-rate",
+            "0.1",
+            "--config",
+            file.to_str().unwrap(),
+        ]);
+        let cfg = a.to_fleet_config().unwrap();
+        assert_eq!(cfg.engines.len(), 3);
+        assert_eq!(cfg.lora_adapters, ["a", "b"]);
+        assert_eq!(cfg.kv_encoding, KvEncoding::Map);
+        assert!(cfg.engines.iter().all(|e| e.engine.hash_seed == "42"));
+        assert!(cfg.engines.iter().all(|e| e.engine.max_num_seqs == 8));
+        assert_eq!(cfg.engines[0].engine.step, StepModel::H100_LLAMA31_8B);
+        assert_eq!(cfg.engines[0].faults.error_rate, 0.1);
+        assert_eq!(cfg.engines[1].engine.num_gpu_blocks, 64);
+        assert_eq!(cfg.engines[1].engine.step.beta1_us_per_prefill_token, 2.0);
+        assert_eq!(cfg.engines[1].faults.error_status, 429);
+        assert_eq!(cfg.engines[1].faults.error_rate, 0.5);
+        assert_eq!(cfg.engines[2].faults.error_rate, 0.1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn bad_settings_are_typed_errors() {
+        let bad = |extra: &[&str]| args(extra).to_fleet_config().unwrap_err();
+        assert!(matches!(
+            bad(&["--time-scale", "0"]),
+            SimError::InvalidConfig {
+                field: "time_scale",
+                ..
+            }
+        ));
+        assert!(matches!(
+            bad(&["--error-status", "418"]),
+            SimError::InvalidConfig {
+                field: "faults",
+                ..
+            }
+        ));
+        assert!(matches!(
+            bad(&["--engines", "10", "--port", "65530"]),
+            SimError::InvalidConfig {
+                field: "http_port",
+                ..
+            }
+        ));
+        assert!(matches!(
+            bad(&["--config", "/nonexistent/sim.yaml"]),
+            SimError::ReadFile { .. }
+        ));
+        assert!(matches!(
+            bad(&["--block-size", "0"]),
+            SimError::InvalidEngineConfig { index: 0, .. }
+        ));
     }
 }

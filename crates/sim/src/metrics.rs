@@ -1,7 +1,11 @@
 //! `/metrics` in Prometheus text format (0.0.4), with vLLM v1's metric names, help strings and
 //! labels (`model_name`, `engine`), written the way Python's `prometheus_client` writes them:
 //! counters are declared with their `_total` name, values are floats (`1.0`), and histograms
-//! expose cumulative `_bucket{le=...}` series ending at `+Inf`, then `_sum` and `_count`.
+//! expose cumulative `_bucket{le=...}` series ending at `+Inf`, then `_count` and `_sum`.
+//! `prometheus_client`'s `_created` series are left out (no router reads them).
+//! `vllm:lora_requests_info` is written only when adapters are configured; its `max_lora` is
+//! the number of configured adapters (the engine model has no adapter-slot limit, so all fit),
+//! and an adapter counts as running from its first token, waiting before it.
 
 use std::fmt::Write;
 

@@ -413,3 +413,17 @@ async fn kill_drops_an_engine_and_leaves_the_others() {
     assert_eq!(r.status(), 200);
     f.shutdown().await;
 }
+
+#[tokio::test]
+async fn crash_at_time_closes_the_port() {
+    let f = fleet(1, |c| c.engines[0].faults.crash_at_s = Some(0.2)).await;
+    let r = client().get(url(&f, 0, "/health")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let addr = f.engines[0].http_addr;
+    eventually("the engine crashes on schedule", || async move {
+        tokio::net::TcpStream::connect(addr).await.is_err()
+    })
+    .await;
+    assert!(!f.is_alive(0));
+    f.shutdown().await;
+}

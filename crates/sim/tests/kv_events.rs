@@ -308,47 +308,61 @@ async fn python_checker_recomputes_hash_chains() {
             c.lora_adapters = vec!["sql".into()];
         })
         .await;
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/check_kv_events.py");
-        let mut child = tokio::process::Command::new("python3")
-            .arg(script)
-            .args(["--endpoint", &f.engines[0].kv_pub_endpoint])
-            .args(["--replay", &f.engines[0].kv_replay_endpoint])
-            .args(["--topic", &f.engines[0].kv_topic])
-            .args([
-                "--seed",
-                "0",
-                "--min-blocks",
-                "9",
-                "--expect-encoding",
-                name,
-            ])
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("python3 runs");
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let ready = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
-            .await
-            .expect("checker starts")
-            .unwrap();
-        assert_eq!(ready.as_deref(), Some("READY"));
+        // A second checker with the wrong seed must fail: proof the check can fail.
+        let (mut good, mut good_out) = spawn_checker(&f, "0", name).await;
+        let (mut wrong, mut wrong_out) = spawn_checker(&f, "1", name).await;
         // Shared prefixes (parents published in earlier batches), a LoRA chain, and enough
         // blocks (4 + 2 new + 3 = 9) for --min-blocks; the checker stops once it has seen them.
         let base = prompt(5, 64);
         completion(&f, base.clone(), None).await;
         completion(&f, [base.clone(), prompt(6, 40)].concat(), None).await;
         completion(&f, prompt(7, 50), Some("sql")).await;
-        let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
-            .await
-            .expect("checker finishes")
-            .unwrap();
-        let summary = lines.next_line().await.unwrap().unwrap_or_default();
+        let (status, summary) = finish_checker(&mut good, &mut good_out).await;
         assert!(status.success(), "checker failed: {summary}");
         let v: serde_json::Value = serde_json::from_str(&summary).unwrap();
         assert_eq!(v["ok"], true);
         assert!(v["blocks_checked"].as_u64().unwrap() >= 9, "{summary}");
+        let (status, summary) = finish_checker(&mut wrong, &mut wrong_out).await;
+        assert!(!status.success(), "a wrong seed must not verify: {summary}");
+        assert!(summary.contains("recomputed"), "{summary}");
         f.shutdown().await;
     }
+}
+
+type Lines = tokio::io::Lines<BufReader<tokio::process::ChildStdout>>;
+
+async fn spawn_checker(f: &Fleet, seed: &str, encoding: &str) -> (tokio::process::Child, Lines) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/check_kv_events.py");
+    let mut child = tokio::process::Command::new("python3")
+        .arg(script)
+        .args(["--endpoint", &f.engines[0].kv_pub_endpoint])
+        .args(["--replay", &f.engines[0].kv_replay_endpoint])
+        .args(["--topic", &f.engines[0].kv_topic])
+        .args(["--seed", seed, "--min-blocks", "9"])
+        .args(["--expect-encoding", encoding])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("python3 runs");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let ready = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+        .await
+        .expect("checker starts")
+        .unwrap();
+    assert_eq!(ready.as_deref(), Some("READY"));
+    (child, lines)
+}
+
+async fn finish_checker(
+    child: &mut tokio::process::Child,
+    lines: &mut Lines,
+) -> (std::process::ExitStatus, String) {
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("checker finishes")
+        .unwrap();
+    let summary = lines.next_line().await.unwrap().unwrap_or_default();
+    (status, summary)
 }
 
 #[tokio::test]

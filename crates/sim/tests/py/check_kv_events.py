@@ -108,6 +108,7 @@ def main():
     batches = {}
     replayed = False
     deadline = time.time() + args.timeout
+    last_replay = time.time()
     stored_blocks = 0
     while time.time() < deadline:
         if sub.poll(100):
@@ -119,12 +120,16 @@ def main():
                 fail(f"topic {topic!r} != {args.topic!r}")
             if len(seq_b) != 8:
                 fail("sequence frame is not 8 bytes")
-            seq = int.from_bytes(seq_b, "big")
-            batches[seq] = payload
-            if not replayed and seq > 0:
-                for s, p in replay(ctx, args.replay, 0, 5.0).items():
-                    batches.setdefault(s, p)
-                replayed = True
+            batches[int.from_bytes(seq_b, "big")] = payload
+        # Batches published before the subscription took effect (ZMQ's slow joiner) or lost
+        # are fetched by replay: at once when a gap shows, else after a quiet half second.
+        seqs = sorted(batches)
+        gap = bool(seqs) and seqs != list(range(seqs[-1] + 1))
+        if gap or time.time() - last_replay > 0.5:
+            for s, p in replay(ctx, args.replay, 0, 5.0).items():
+                batches.setdefault(s, p)
+            replayed = True
+            last_replay = time.time()
         stored_blocks = 0
         for p in batches.values():
             _, _, events, _ = batch_parts(msgpack.unpackb(p, raw=False))
