@@ -427,3 +427,29 @@ async fn crash_at_time_closes_the_port() {
     assert!(!f.is_alive(0));
     f.shutdown().await;
 }
+
+#[tokio::test]
+async fn non_streaming_client_disconnect_aborts_too() {
+    use tokio::io::AsyncWriteExt;
+    let f = fleet(1, |_| {}).await;
+    let body = r#"{"prompt": "a long one", "max_tokens": 100000}"#;
+    let mut sock = tokio::net::TcpStream::connect(f.engines[0].http_addr)
+        .await
+        .unwrap();
+    let req = format!(
+        "POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    sock.write_all(req.as_bytes()).await.unwrap();
+    eventually("the request runs", || async {
+        f.stats(0).await.unwrap().running == 1
+    })
+    .await;
+    drop(sock);
+    eventually("the abandoned request is aborted", || async {
+        let s = f.stats(0).await.unwrap();
+        s.running == 0 && s.finished_abort == 1
+    })
+    .await;
+    f.shutdown().await;
+}
