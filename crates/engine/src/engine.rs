@@ -59,7 +59,7 @@ impl Req {
 
     fn usage(&self) -> Usage {
         Usage {
-            prompt_tokens: self.prompt_len as u32,
+            prompt_tokens: u32::try_from(self.prompt_len).unwrap_or(u32::MAX),
             completion_tokens: self.generated,
             cached_tokens: self.cached_tokens.unwrap_or(0),
         }
@@ -399,6 +399,23 @@ impl Engine {
         self.pool.num_free()
     }
 
+    /// Distinct LoRA adapters of the running and of the waiting requests, each sorted (the
+    /// `running_lora_adapters` / `waiting_lora_adapters` labels of `vllm:lora_requests_info`).
+    pub fn lora_adapters(&self) -> (Vec<String>, Vec<String>) {
+        let collect = |ids: &mut dyn Iterator<Item = &RequestId>| {
+            let mut names: Vec<String> = ids
+                .filter_map(|id| self.requests[id].lora_name.clone())
+                .collect();
+            names.sort_unstable();
+            names.dedup();
+            names
+        };
+        (
+            collect(&mut self.running.iter()),
+            collect(&mut self.waiting.iter()),
+        )
+    }
+
     /// Blocks currently registered in the prefix index.
     pub fn cached_blocks(&self) -> usize {
         self.pool.num_cached()
@@ -648,10 +665,10 @@ impl Engine {
             self.generation_tokens_total += 1;
             if r.first_token_us.is_none() {
                 r.first_token_us = Some(at_us);
-                self.ttft.observe_us(at_us - r.arrival_us);
+                self.ttft.observe_us(at_us.saturating_sub(r.arrival_us));
                 self.prompt_tokens_total += r.prompt_len as u64;
             } else {
-                self.itl.observe_us(at_us - r.last_token_us);
+                self.itl.observe_us(at_us.saturating_sub(r.last_token_us));
             }
             r.last_token_us = at_us;
             r.generated += 1;
@@ -659,7 +676,7 @@ impl Engine {
                 let r = self.requests.remove(&s.id).expect("just looked up");
                 self.pool.free_reversed(&r.blocks);
                 self.finished_length += 1;
-                self.e2e.observe_us(at_us - r.arrival_us);
+                self.e2e.observe_us(at_us.saturating_sub(r.arrival_us));
                 self.pending.push(Output::Finished {
                     id: s.id,
                     at_us,

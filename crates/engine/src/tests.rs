@@ -585,6 +585,29 @@ fn prefix_caching_off_never_hits_or_publishes() {
 }
 
 #[test]
+fn lora_adapters_are_listed_per_queue() {
+    let mut cfg = small_cfg(64);
+    cfg.max_num_seqs = 2;
+    let mut e = Engine::new(cfg).unwrap();
+    for (id, lora) in [(1, Some("b")), (2, Some("a")), (3, None), (4, Some("c"))] {
+        let r = EngineRequest {
+            lora_name: lora.map(str::to_owned),
+            ..req(id, prompt(id as u32, 20), 3)
+        };
+        e.add_request(0, r).unwrap();
+    }
+    // Request 1 started a step alone; the others wait for it to end.
+    let (running, waiting) = e.lora_adapters();
+    assert_eq!(running, vec!["b".to_owned()]);
+    assert_eq!(waiting, vec!["a".to_owned(), "c".to_owned()]);
+    let mut out = Vec::new();
+    e.advance(e.next_wakeup_us().unwrap(), &mut out);
+    assert_eq!(e.lora_adapters().0, vec!["a".to_owned(), "b".to_owned()]);
+    drain(&mut e);
+    assert_eq!(e.lora_adapters(), (vec![], vec![]));
+}
+
+#[test]
 fn idle_usage_counts_only_the_null_block() {
     let e = Engine::new(small_cfg(100)).unwrap();
     let s = e.stats();
