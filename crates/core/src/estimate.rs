@@ -250,9 +250,18 @@ impl EndpointLoad {
                     .filter(|c| *c > 0)
                     .unwrap_or(default_capacity_blocks);
                 let used = s.kv_usage.map_or(0.0, |u| u.clamp(0.0, 1.0) * cap as f64) as u64;
+                // Our unstarted requests may be prefilling, which engines report as running:
+                // foreign work is the sample's total minus ours, and foreign waiting is what of
+                // the waiting queue ours cannot explain.
+                let ours = self.at_sample_unstarted + self.at_sample_started;
+                let foreign_total = (s.waiting + s.running).saturating_sub(ours);
+                let foreign_waiting = s
+                    .waiting
+                    .saturating_sub(self.at_sample_unstarted)
+                    .min(foreign_total);
                 (
-                    s.waiting.saturating_sub(self.at_sample_unstarted),
-                    s.running.saturating_sub(self.at_sample_started),
+                    foreign_waiting,
+                    foreign_total - foreign_waiting,
                     used.saturating_sub(self.at_sample_blocks),
                     cap,
                     Some(now_us.saturating_sub(*t)),

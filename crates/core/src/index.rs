@@ -144,7 +144,6 @@ impl Holders {
 
 #[derive(Clone, Debug, Default)]
 struct EpIndex {
-    trusted: bool,
     precise_entries: usize,
     approx_live: usize,
     approx_log: VecDeque<(u64, u64)>,
@@ -235,6 +234,9 @@ pub struct PrefixIndex {
     cfg: IndexConfig,
     blocks: HashMap<u64, Holders, KeyHasherBuilder>,
     eps: Vec<Option<EpIndex>>,
+    /// Trust per endpoint, dense (the walk reads it per holder; keeping it out of `EpIndex`
+    /// keeps those reads in one cache line per 64 endpoints).
+    trust: Vec<bool>,
 }
 
 impl std::fmt::Debug for PrefixIndex {
@@ -253,6 +255,7 @@ impl PrefixIndex {
             cfg,
             blocks: HashMap::default(),
             eps: Vec::new(),
+            trust: Vec::new(),
         }
     }
 
@@ -275,12 +278,17 @@ impl PrefixIndex {
 
     /// Whether `id`'s events are trusted.
     pub fn is_trusted(&self, id: EndpointId) -> bool {
-        self.ep(id.0).is_some_and(|e| e.trusted)
+        self.trust.get(id.0 as usize).copied().unwrap_or(false)
     }
 
     /// Marks `id`'s events trusted or not.
     pub fn set_trusted(&mut self, id: EndpointId, trusted: bool) {
-        self.ep_mut(id).trusted = trusted;
+        self.ep_mut(id);
+        let i = id.0 as usize;
+        if self.trust.len() <= i {
+            self.trust.resize(i + 1, false);
+        }
+        self.trust[i] = trusted;
     }
 
     /// Live approximate entries of `id` (SGLang's "tree size" of a tenant, in blocks).
@@ -332,7 +340,7 @@ impl PrefixIndex {
         ep.precise_entries += added;
         if ep.precise_entries > cap {
             self.clear_precise(id);
-            self.ep_mut(id).trusted = false;
+            self.set_trusted(id, false);
             return ApplyOutcome::Overflowed;
         }
         ApplyOutcome::Applied
@@ -489,6 +497,9 @@ impl PrefixIndex {
         if let Some(slot) = self.eps.get_mut(id.0 as usize) {
             *slot = None;
         }
+        if let Some(t) = self.trust.get_mut(id.0 as usize) {
+            *t = false;
+        }
     }
 
     fn approx_fresh(&self, h: &Holder, now_us: u64, max_age_us: Option<u64>) -> bool {
@@ -498,6 +509,12 @@ impl PrefixIndex {
 
     /// Walks `chain`, advancing endpoints for which `accept` says the holder counts (and whether
     /// it counts as GPU).
+    ///
+    /// Run skipping: a long shared prefix usually has the very same holder records (same
+    /// endpoints, tiers and stamp) on every block. When a block's holder slice equals the
+    /// previous one and every holder advanced there, every holder advances here too, so the walk
+    /// only counts the run and applies it once when the slice changes: one slice comparison per
+    /// block instead of one visit per holder per block.
     fn walk(
         &self,
         chain: &[u64],
@@ -505,13 +522,38 @@ impl PrefixIndex {
         gpu: &mut [u32],
         accept: impl Fn(&Holder) -> Option<bool>,
     ) {
+        let flush = |run: &mut Option<(&[Holder], u32)>, blocks: &mut [u32], gpu: &mut [u32]| {
+            if let Some((prev, pending)) = run.take()
+                && pending > 0
+            {
+                for h in prev {
+                    let e = h.ep as usize;
+                    if let Some(on_gpu) = accept(h) {
+                        let kept = gpu[e] == blocks[e];
+                        blocks[e] += pending;
+                        if on_gpu && kept {
+                            gpu[e] += pending;
+                        }
+                    }
+                }
+            }
+        };
+        let mut run: Option<(&[Holder], u32)> = None;
         for (i, key) in chain.iter().enumerate() {
             let i = i as u32;
             let Some(hs) = self.blocks.get(key) else {
                 break;
             };
-            let mut advanced = false;
-            for h in hs.as_slice() {
+            let slice = hs.as_slice();
+            if let Some((prev, pending)) = &mut run
+                && *prev == slice
+            {
+                *pending += 1;
+                continue;
+            }
+            flush(&mut run, blocks, gpu);
+            let mut advanced = 0usize;
+            for h in slice {
                 let e = h.ep as usize;
                 if e >= blocks.len() || blocks[e] != i {
                     continue;
@@ -521,13 +563,17 @@ impl PrefixIndex {
                     if on_gpu && gpu[e] == i {
                         gpu[e] = i + 1;
                     }
-                    advanced = true;
+                    advanced += 1;
                 }
             }
-            if !advanced {
+            if advanced == 0 {
                 break;
             }
+            if advanced == slice.len() {
+                run = Some((slice, 0));
+            }
         }
+        flush(&mut run, blocks, gpu);
     }
 
     /// Longest consecutive matched prefix per endpoint.
@@ -540,7 +586,8 @@ impl PrefixIndex {
         let now = q.now_us;
         let ttl = self.cfg.approx_ttl_us;
         let grace = Some(self.cfg.approx_grace_us);
-        let trusted = |ep: u32| self.ep(ep).is_some_and(|e| e.trusted);
+        let trust = &self.trust;
+        let trusted = |ep: u32| trust.get(ep as usize).copied().unwrap_or(false);
         let approx_any = |h: &Holder| self.approx_fresh(h, now, ttl).then_some(true);
         let precise = match (q.source, q.precise) {
             (PrefixSource::Best, Some(p)) => p,

@@ -674,11 +674,15 @@ impl Picker for SoftmaxPicker {
             }
         };
         // Hot-prefix rule.
-        let holder = argmax_random_ties(
-            0..cands.len(),
-            |i| f64::from(cands[i].matched_blocks) + scores[i].atan() / 4.0, // score breaks ties
-            rng,
-        );
+        // The best holder: most matched blocks, best score among equals.
+        let holder = (0..cands.len()).fold(None, |best: Option<usize>, i| match best {
+            Some(b)
+                if (cands[b].matched_blocks, scores[b]) >= (cands[i].matched_blocks, scores[i]) =>
+            {
+                Some(b)
+            }
+            _ => Some(i),
+        });
         if let Some(h) = holder {
             let held = cands[h].matched_blocks;
             let wait = cands[h].cost.map_or(0.0, |c| c.queue_wait_us);

@@ -585,7 +585,11 @@ impl Router {
                 approx_matched_blocks: approx_prefix.as_ref().map_or(0, |p| p.blocks(id)),
                 approx_tree_blocks: self.index.approx_entries(id),
                 cost,
-                oracle: oracle.map(|o| o.true_load(id, req)),
+                oracle: if needs.oracle {
+                    oracle.map(|o| o.true_load(id, req))
+                } else {
+                    None
+                },
             });
         }
         let ctx = PickContext {
@@ -653,8 +657,21 @@ impl Router {
         } else {
             pick.reason
         };
-        let mut rest: Vec<usize> = (0..cands.len()).filter(|&i| i != pick.index).collect();
-        rest.sort_by(|&a, &b| total[b].total_cmp(&total[a]).then(a.cmp(&b)));
+        // Top `max_fallbacks` by score (address order among equals): a partial selection, as
+        // sorting a thousand candidates would cost more than the rest of the pick.
+        let mut rest: Vec<usize> = Vec::with_capacity(t.max_fallbacks);
+        for _ in 0..t.max_fallbacks {
+            let next = (0..cands.len())
+                .filter(|&i| i != pick.index && !rest.contains(&i))
+                .fold(None, |best: Option<usize>, i| match best {
+                    Some(b) if total[b] >= total[i] => Some(b),
+                    _ => Some(i),
+                });
+            match next {
+                Some(i) => rest.push(i),
+                None => break,
+            }
+        }
         let predicted_ttft_us = match (chosen.cost, chosen.oracle) {
             (Some(c), _) => Some(c.ttft_us as u64),
             (None, Some(o)) => Some(plugins::oracle_ttft_us(&ctx, chosen, &o) as u64),

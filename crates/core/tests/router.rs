@@ -856,3 +856,45 @@ fn calibration_learns_a_slower_endpoint() {
         v.decode_speed
     );
 }
+
+#[test]
+fn router_can_be_shared_across_threads() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Router>();
+}
+
+#[test]
+fn estimate_reconciles_with_samples_through_the_router() {
+    let (mut r, ids) = fleet("least-request", 1);
+    let e = ids[0];
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let est = |r: &Router| r.endpoints().next().unwrap().estimate;
+    for n in 0..3u64 {
+        let q = req(n, vec![]);
+        let d = r.pick(10, &q, &mut rng, None).unwrap();
+        r.book(10, &q, &d);
+    }
+    assert_eq!(
+        (est(&r).waiting, est(&r).running),
+        (3, 0),
+        "bookings count at once"
+    );
+    r.on_first_token(0, 20);
+    assert_eq!((est(&r).waiting, est(&r).running), (2, 1));
+    // A sample taken at 25: 3 waiting, 2 running. Ours are 2 unstarted + 1 started; the
+    // sample's total (5) minus ours (3) is foreign, and ours explain as much of the waiting
+    // queue as they can (2 of 3), so 1 foreign waiting + 1 foreign running.
+    r.observe_metrics(e, 25, &MetricsSample { waiting: 3, running: 2, ..Default::default() });
+    let v = est(&r);
+    assert_eq!((v.waiting, v.running), (3, 2), "nothing double-counted, nothing lost");
+    assert_eq!(v.sample_age_us, Some(0));
+    r.on_first_token(1, 26);
+    assert_eq!((est(&r).waiting, est(&r).running), (2, 3));
+    r.on_finish(0, 30, &Outcome::default());
+    assert_eq!(est(&r).running, 2);
+    // Work booked after the sample adds on top of it.
+    let q = req(9, vec![]);
+    let d = r.pick(31, &q, &mut rng, None).unwrap();
+    r.book(31, &q, &d);
+    assert_eq!(est(&r).waiting, 3);
+}

@@ -1,0 +1,258 @@
+//! Decision latency, block hashing, KV-event ingest and index memory of the routing core.
+//!
+//! `cargo bench -p kvgate-core -- --warm-up-time 1 --measurement-time 3`
+
+use std::hint::black_box;
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use kvgate_core::{
+    EndpointId, EndpointSpec, KvEvent, KvEventBatch, MetricsSample, PromptKeys, Router, RouterConfig,
+    RoutingRequest, Tier,
+};
+use kvgate_tokens::{BlockHasher, ExtraKeys};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+const BLOCK: u32 = 16;
+
+fn stored(seq: u64, keys: Vec<u64>) -> KvEventBatch {
+    KvEventBatch {
+        seq,
+        ts: 0.0,
+        events: vec![KvEvent::BlockStored {
+            block_hashes: keys,
+            parent: None,
+            token_ids: vec![],
+            block_size: BLOCK,
+            lora_name: None,
+            tier: Tier::Gpu,
+        }],
+        data_parallel_rank: None,
+    }
+}
+
+/// A fleet of `n` endpoints, each with a scraped sample and ~2,000 cached blocks (20 private
+/// 100-block conversations), and a shared "system prompt" chain of `shared_blocks` blocks held
+/// by every tenth endpoint. Returns the router and the shared chain.
+fn fleet(policy: &str, n: usize, shared_blocks: usize) -> (Router, Vec<u64>) {
+    let mut rng = ChaCha8Rng::seed_from_u64(42);
+    let mut r = Router::new(RouterConfig::for_policy(policy).unwrap()).unwrap();
+    let shared: Vec<u64> = (0..shared_blocks).map(|_| rng.random()).collect();
+    for i in 0..n {
+        let id = r.add_endpoint(0, EndpointSpec::new(format!("10.0.{}.{}:8000", i / 256, i % 256), "m"));
+        r.observe_metrics(
+            id,
+            1_000,
+            &MetricsSample {
+                waiting: rng.random_range(0..4),
+                running: rng.random_range(0..32),
+                kv_usage: Some(rng.random_range(0.1..0.8)),
+                ..Default::default()
+            },
+        );
+        let mut seq = 0;
+        if i % 10 == 0 {
+            r.observe_kv_batch(id, 1_000, &stored(seq, shared.clone()));
+            seq += 1;
+        }
+        for _ in 0..20 {
+            let conv: Vec<u64> = (0..100).map(|_| rng.random()).collect();
+            r.observe_kv_batch(id, 1_000, &stored(seq, conv));
+            seq += 1;
+        }
+    }
+    (r, shared)
+}
+
+fn request(tokens: u32, shared: &[u64], rng: &mut ChaCha8Rng) -> RoutingRequest {
+    let blocks = (tokens / BLOCK) as usize;
+    // Half the prompt is the shared prefix, the rest unique.
+    let mut keys: Vec<u64> = shared[..(blocks / 2).min(shared.len())].to_vec();
+    while keys.len() < blocks {
+        keys.push(rng.random());
+    }
+    RoutingRequest::new(
+        1,
+        "m",
+        tokens,
+        PromptKeys {
+            block_size: BLOCK,
+            precise: Some(keys.clone()),
+            approx: keys,
+        },
+    )
+}
+
+fn bench_pick(c: &mut Criterion) {
+    let mut g = c.benchmark_group("pick_kvgate");
+    g.throughput(Throughput::Elements(1));
+    for &n in &[10usize, 100, 1000] {
+        for &tokens in &[1024u32, 32 * 1024] {
+            let (r, shared) = fleet("kvgate", n, 1024);
+            let mut rng = ChaCha8Rng::seed_from_u64(7);
+            let req = request(tokens, &shared, &mut rng);
+            g.bench_with_input(BenchmarkId::new(format!("{n}ep"), tokens), &req, |b, req| {
+                b.iter(|| black_box(r.pick(2_000, req, &mut rng, None).unwrap()))
+            });
+        }
+    }
+    g.finish();
+
+    let mut g = c.benchmark_group("pick_by_policy_100ep_1k");
+    g.throughput(Throughput::Elements(1));
+    for policy in [
+        "kvgate",
+        "gie-default",
+        "sglang-cache-aware",
+        "dynamo",
+        "round-robin",
+        "random",
+        "least-request",
+        "power-of-two",
+    ] {
+        let (mut r, shared) = fleet(policy, 100, 1024);
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        // Give the approximate index something to match too.
+        for k in 0..200u64 {
+            let mut q = request(1024, &shared, &mut rng);
+            q.id = k;
+            let d = r.pick(1_500, &q, &mut rng, None).unwrap();
+            r.book(1_500, &q, &d);
+        }
+        let req = request(1024, &shared, &mut rng);
+        g.bench_function(BenchmarkId::from_parameter(policy), |b| {
+            b.iter(|| black_box(r.pick(2_000, &req, &mut rng, None).unwrap()))
+        });
+    }
+    g.finish();
+}
+
+fn bench_book(c: &mut Criterion) {
+    let mut g = c.benchmark_group("pick_and_book_kvgate_100ep");
+    g.throughput(Throughput::Elements(1));
+    for &tokens in &[1024u32, 32 * 1024] {
+        let (mut r, shared) = fleet("kvgate", 100, 1024);
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        let mut id = 0u64;
+        let mut now = 2_000u64;
+        let req = request(tokens, &shared, &mut rng);
+        g.bench_with_input(BenchmarkId::from_parameter(tokens), &req, |b, req| {
+            b.iter(|| {
+                id += 1;
+                now += 10;
+                let mut q = req.clone();
+                q.id = id;
+                let d = r.pick(now, &q, &mut rng, None).unwrap();
+                r.book(now, &q, &d);
+                r.on_first_token(id, now + 5);
+                r.on_finish(id, now + 6, &Default::default());
+            })
+        });
+    }
+    g.finish();
+}
+
+fn bench_hashing(c: &mut Criterion) {
+    let mut g = c.benchmark_group("prompt_keys");
+    let hasher = BlockHasher::new("0", BLOCK as usize);
+    for &tokens in &[1024usize, 32 * 1024] {
+        let toks: Vec<u32> = (0..tokens as u32).map(|t| t.wrapping_mul(2_654_435_761) % 128_000).collect();
+        g.throughput(Throughput::Elements(tokens as u64));
+        g.bench_with_input(BenchmarkId::new("precise_sha256_cbor", tokens), &toks, |b, t| {
+            b.iter(|| black_box(PromptKeys::precise(t, &hasher, ExtraKeys::default())))
+        });
+        g.bench_with_input(BenchmarkId::new("approx_xxh3_tokens", tokens), &toks, |b, t| {
+            b.iter(|| black_box(PromptKeys::approximate_from_tokens(t, BLOCK)))
+        });
+        let text = vec![b'x'; tokens * 4];
+        g.bench_with_input(BenchmarkId::new("approx_xxh3_bytes", tokens), &text, |b, t| {
+            b.iter(|| black_box(PromptKeys::approximate(t, "m")))
+        });
+    }
+    g.finish();
+}
+
+fn bench_ingest(c: &mut Criterion) {
+    let mut g = c.benchmark_group("kv_event_ingest");
+    for &blocks_per_event in &[16usize, 256] {
+        // Steady state: each iteration stores a fresh chain and removes the one stored
+        // `window` iterations ago, so the index stays at a constant size (≈ a full H100 cache
+        // on each of 10 endpoints) and every event touches real entries.
+        let mut r = Router::new(RouterConfig::for_policy("kvgate").unwrap()).unwrap();
+        let ids: Vec<EndpointId> = (0..10)
+            .map(|i| r.add_endpoint(0, EndpointSpec::new(format!("e{i}"), "m")))
+            .collect();
+        let window = 29_205 / blocks_per_event;
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let mut ring: Vec<Vec<Vec<u64>>> = vec![Vec::new(); ids.len()];
+        let mut seq = vec![0u64; ids.len()];
+        let mut i = 0usize;
+        let mut step = |r: &mut Router| {
+            let e = i % ids.len();
+            i += 1;
+            let keys: Vec<u64> = (0..blocks_per_event).map(|_| rng.random()).collect();
+            let mut events = vec![KvEvent::BlockStored {
+                block_hashes: keys.clone(),
+                parent: None,
+                token_ids: vec![],
+                block_size: BLOCK,
+                lora_name: None,
+                tier: Tier::Gpu,
+            }];
+            ring[e].push(keys);
+            if ring[e].len() > window {
+                let old = ring[e].remove(0);
+                events.push(KvEvent::BlockRemoved {
+                    block_hashes: old,
+                    tier: Tier::Gpu,
+                });
+            }
+            let batch = KvEventBatch {
+                seq: seq[e],
+                ts: 0.0,
+                events,
+                data_parallel_rank: None,
+            };
+            seq[e] += 1;
+            r.observe_kv_batch(ids[e], 1, &batch);
+        };
+        for _ in 0..window * ids.len() {
+            step(&mut r);
+        }
+        // Each iteration applies one store and one remove of `blocks_per_event` blocks.
+        g.throughput(Throughput::Elements(2 * blocks_per_event as u64));
+        g.bench_function(BenchmarkId::new("store_and_remove", blocks_per_event), |b| {
+            b.iter(|| step(&mut r))
+        });
+        let m = r.index_memory();
+        println!(
+            "index after ingest ({blocks_per_event}/event): {} keys, {} (block, endpoint) entries, {} heap bytes, {:.1} bytes/entry",
+            m.keys,
+            m.entries,
+            m.heap_bytes,
+            m.heap_bytes as f64 / m.entries.max(1) as f64
+        );
+    }
+    g.finish();
+}
+
+fn report_memory(_: &mut Criterion) {
+    // Entries shared by several endpoints (a hot prefix held by 10 of 100) cost less per entry
+    // than unique ones; report both shapes.
+    for (label, policy, n, shared) in [("unique blocks", "kvgate", 100usize, 0usize), ("with hot prefix", "kvgate", 100, 1024)] {
+        let (r, _) = fleet(policy, n, shared.max(1));
+        let m = r.index_memory();
+        println!(
+            "index memory ({label}, {n} endpoints): {} keys, {} entries, {} bytes, {:.1} bytes per (block, endpoint) entry",
+            m.keys,
+            m.entries,
+            m.heap_bytes,
+            m.heap_bytes as f64 / m.entries.max(1) as f64
+        );
+    }
+    let (holder, slot) = kvgate_core::index::PrefixIndex::layout_sizes();
+    println!("index layout: holder {holder} B, map slot (key + inline holder set) {slot} B + 1 control byte");
+}
+
+criterion_group!(benches, report_memory, bench_pick, bench_book, bench_hashing, bench_ingest);
+criterion_main!(benches);
