@@ -95,47 +95,90 @@ struct Holder {
     flags: u8,
 }
 
+/// The holders of one block key. `Many` keeps a header record at index 0 (endpoint
+/// [`HEADER_EP`], never a real id) whose `approx_stamp_us` field holds an order-independent
+/// fingerprint of the real holders after it; the walk compares fingerprints to detect runs of
+/// blocks with identical holders in O(1). Every mutation ends in [`Holders::prune`] (or `push`),
+/// which refreshes the fingerprint.
 #[derive(Clone, Debug)]
 enum Holders {
     One(Holder),
     Many(Vec<Holder>),
 }
 
+/// Endpoint field of the `Many` header record. Endpoint ids are allocated densely from 0, so
+/// this value is never a real endpoint.
+const HEADER_EP: u32 = u32::MAX;
+
+fn holder_fingerprint(hs: &[Holder]) -> u64 {
+    hs.iter().fold(0u64, |acc, h| {
+        let x = ((u64::from(h.ep) << 8) | u64::from(h.flags)) ^ h.approx_stamp_us.rotate_left(32);
+        let m = u128::from(x ^ 0x243F_6A88_85A3_08D3) * 0x9E37_79B9_7F4A_7C15_u128;
+        acc ^ ((m as u64) ^ ((m >> 64) as u64))
+    })
+}
+
 impl Holders {
     fn as_slice(&self) -> &[Holder] {
         match self {
             Self::One(h) => std::slice::from_ref(h),
-            Self::Many(v) => v,
+            Self::Many(v) => &v[1..],
         }
     }
     fn find_mut(&mut self, ep: u32) -> Option<&mut Holder> {
         match self {
             Self::One(h) => (h.ep == ep).then_some(h),
-            Self::Many(v) => v.iter_mut().find(|h| h.ep == ep),
+            Self::Many(v) => v[1..].iter_mut().find(|h| h.ep == ep),
         }
     }
     fn find(&self, ep: u32) -> Option<&Holder> {
         self.as_slice().iter().find(|h| h.ep == ep)
     }
     fn push(&mut self, h: Holder) {
+        let header = Holder {
+            approx_stamp_us: 0,
+            ep: HEADER_EP,
+            flags: 0,
+        };
         match self {
-            Self::One(first) => *self = Self::Many(vec![*first, h]),
+            Self::One(first) => *self = Self::Many(vec![header, *first, h]),
             Self::Many(v) => v.push(h),
         }
+        self.refresh();
     }
-    /// Drops holders with no flags left; returns whether any holder remains.
+    fn refresh(&mut self) {
+        if let Self::Many(v) = self {
+            v[0].approx_stamp_us = holder_fingerprint(&v[1..]);
+        }
+    }
+    /// Whether `self` and `other` hold the same records (exact for `One`, by fingerprint for
+    /// `Many`: equal sets have equal fingerprints; unequal ones collide with probability 2⁻⁶⁴).
+    fn same_holders(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Self::One(a), Self::One(b)) => a == b,
+            (Self::Many(a), Self::Many(b)) => {
+                a.len() == b.len() && a[0].approx_stamp_us == b[0].approx_stamp_us
+            }
+            _ => false,
+        }
+    }
+    /// Drops holders with no flags left and refreshes the fingerprint; returns whether any
+    /// holder remains.
     fn prune(&mut self) -> bool {
         match self {
             Self::One(h) => h.flags != 0,
             Self::Many(v) => {
-                v.retain(|h| h.flags != 0);
+                v.retain(|h| h.ep == HEADER_EP || h.flags != 0);
                 match v.len() {
-                    0 => false,
-                    1 => {
-                        *self = Self::One(v[0]);
+                    1 => false,
+                    2 => {
+                        *self = Self::One(v[1]);
                         true
                     }
-                    _ => true,
+                    _ => {
+                        v[0].approx_stamp_us = holder_fingerprint(&v[1..]);
+                        true
+                    }
                 }
             }
         }
@@ -308,15 +351,17 @@ impl PrefixIndex {
         for &key in keys {
             match self.blocks.entry(key) {
                 std::collections::hash_map::Entry::Occupied(mut o) => {
-                    match o.get_mut().find_mut(id.0) {
+                    let hs = o.get_mut();
+                    match hs.find_mut(id.0) {
                         Some(h) => {
                             if h.flags & TIERS == 0 {
                                 added += 1;
                             }
                             h.flags |= bit;
+                            hs.refresh();
                         }
                         None => {
-                            o.get_mut().push(Holder {
+                            hs.push(Holder {
                                 approx_stamp_us: 0,
                                 ep: id.0,
                                 flags: bit,
@@ -362,7 +407,7 @@ impl PrefixIndex {
             if had && h.flags & TIERS == 0 {
                 removed += 1;
             }
-            if h.flags == 0 && !hs.prune() {
+            if !hs.prune() {
                 self.blocks.remove(key);
             }
         }
@@ -407,6 +452,7 @@ impl PrefixIndex {
                     }
                     h.flags |= APPROX;
                     h.approx_stamp_us = stamp;
+                    hs.refresh();
                 }
                 None => {
                     hs.push(Holder {
@@ -443,7 +489,7 @@ impl PrefixIndex {
             return;
         }
         h.flags &= !APPROX;
-        if h.flags == 0 && !hs.prune() {
+        if !hs.prune() {
             self.blocks.remove(&key);
         }
         let ep = self.ep_mut(id);
@@ -511,10 +557,10 @@ impl PrefixIndex {
     /// it counts as GPU).
     ///
     /// Run skipping: a long shared prefix usually has the very same holder records (same
-    /// endpoints, tiers and stamp) on every block. When a block's holder slice equals the
-    /// previous one and every holder advanced there, every holder advances here too, so the walk
-    /// only counts the run and applies it once when the slice changes: one slice comparison per
-    /// block instead of one visit per holder per block.
+    /// endpoints, tiers and stamp) on every block. When a block's holders equal the previous
+    /// block's (fingerprint compare) and every holder advanced there, every holder advances here
+    /// too, so the walk only counts the run and applies it once when the holders change: O(1)
+    /// per block instead of one visit per holder per block.
     fn walk(
         &self,
         chain: &[u64],
@@ -522,11 +568,11 @@ impl PrefixIndex {
         gpu: &mut [u32],
         accept: impl Fn(&Holder) -> Option<bool>,
     ) {
-        let flush = |run: &mut Option<(&[Holder], u32)>, blocks: &mut [u32], gpu: &mut [u32]| {
+        let flush = |run: &mut Option<(&Holders, u32)>, blocks: &mut [u32], gpu: &mut [u32]| {
             if let Some((prev, pending)) = run.take()
                 && pending > 0
             {
-                for h in prev {
+                for h in prev.as_slice() {
                     let e = h.ep as usize;
                     if let Some(on_gpu) = accept(h) {
                         let kept = gpu[e] == blocks[e];
@@ -538,20 +584,20 @@ impl PrefixIndex {
                 }
             }
         };
-        let mut run: Option<(&[Holder], u32)> = None;
+        let mut run: Option<(&Holders, u32)> = None;
         for (i, key) in chain.iter().enumerate() {
             let i = i as u32;
             let Some(hs) = self.blocks.get(key) else {
                 break;
             };
-            let slice = hs.as_slice();
             if let Some((prev, pending)) = &mut run
-                && *prev == slice
+                && prev.same_holders(hs)
             {
                 *pending += 1;
                 continue;
             }
             flush(&mut run, blocks, gpu);
+            let slice = hs.as_slice();
             let mut advanced = 0usize;
             for h in slice {
                 let e = h.ep as usize;
@@ -570,7 +616,7 @@ impl PrefixIndex {
                 break;
             }
             if advanced == slice.len() {
-                run = Some((slice, 0));
+                run = Some((hs, 0));
             }
         }
         flush(&mut run, blocks, gpu);

@@ -100,7 +100,7 @@ pub struct Candidate<'a> {
     /// This router's own active KV blocks there (Dynamo's tracked active blocks).
     pub own_kv_blocks: u64,
     /// Hardware prior.
-    pub prior: HardwarePrior,
+    pub prior: &'a HardwarePrior,
     /// Calibrated prefill speed factor.
     pub prefill_speed: f64,
     /// Matched prefix blocks, best source (0 unless `Needs::prefix`).
@@ -711,7 +711,15 @@ impl Picker for SoftmaxPicker {
         }
         // Gaps relative to the best score; 1 ms floor keeps near-zero costs from exploding.
         let scale = best.abs().max(1.0) * temp;
-        let w: Vec<f64> = scores.iter().map(|s| ((s - best) / scale).exp()).collect();
+        // Weights below e⁻⁴⁰ are zero for any practical purpose; skipping their `exp` keeps a
+        // thousand-candidate pick cheap.
+        let w: Vec<f64> = scores
+            .iter()
+            .map(|s| {
+                let x = (s - best) / scale;
+                if x < -40.0 { 0.0 } else { x.exp() }
+            })
+            .collect();
         let index = sample_weighted(&w, rng);
         Ok(Pick {
             index,

@@ -578,7 +578,7 @@ impl Router {
                 estimate,
                 own_prefill_tokens,
                 own_kv_blocks,
-                prior: e.prior,
+                prior: &e.prior,
                 prefill_speed: e.load.prefill_speed,
                 matched_blocks,
                 matched_gpu_blocks,
