@@ -11,7 +11,7 @@ use crate::EngineError;
 /// The shape and the published coefficients come from inference-sim ("BLIS"), fitted on vLLM
 /// 0.8.x serving Llama-3.1-8B at TP1. A step is one forward pass over the whole batch, so its
 /// cost is a fixed launch/sampling overhead plus a per-token term for each kind of token.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct StepModel {
     /// Fixed cost of one engine step, microseconds.
     pub beta0_us: f64,
@@ -46,8 +46,11 @@ impl StepModel {
     }
 }
 
-/// Configuration of one simulated engine (the vLLM flags of the same names).
-#[derive(Clone, Debug, PartialEq)]
+/// Configuration of one simulated engine (the vLLM flags of the same names). Deserializing fills
+/// missing fields from [`EngineConfig::h100`]; call [`EngineConfig::validate`] (or
+/// [`crate::Engine::new`], which does) before use.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct EngineConfig {
     /// Tokens per KV block (vLLM `--block-size`, default 16).
     pub block_size: usize,

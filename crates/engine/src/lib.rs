@@ -82,8 +82,9 @@ pub struct EngineRequest {
     pub block_hashes: Option<std::sync::Arc<[kvgate_tokens::BlockHash]>>,
 }
 
-/// Why a request finished.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Why a request finished (serialized as OpenAI's `finish_reason` strings).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum FinishReason {
     /// Generated `max_tokens` tokens.
     Length,
@@ -92,7 +93,7 @@ pub enum FinishReason {
 }
 
 /// Token accounting of a finished request (the OpenAI `usage` object).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Usage {
     /// Prompt length.
     pub prompt_tokens: u32,
