@@ -490,6 +490,9 @@ fn cache_pressure_preempts_the_newest_running_request() {
         s.prefix_cache_queries_tokens > 80,
         "re-admission is queried again"
     );
+    // The prompts are distinct, so every hit is request 2 finding full blocks it left cached
+    // when it was preempted.
+    assert!(s.prefix_cache_hits_tokens > 0);
 }
 
 #[test]

@@ -1,0 +1,732 @@
+//! The shared routing state of a data plane: the core [`Router`] behind one lock, the endpoint
+//! membership with each endpoint's signal tasks, the task that applies signal observations, and
+//! the conversion of an OpenAI request into a [`RoutingRequest`].
+//!
+//! Reused by the Envoy endpoint picker, so nothing here knows about HTTP proxying.
+//!
+//! **Locking.** The router is a plain `std::sync::Mutex<Router>` (with the RNG it picks with),
+//! never held across an `.await`. Every core call is synchronous and takes microseconds (the
+//! prefix lookup is a hash walk over the prompt's blocks; scoring is a loop over endpoints), so a
+//! mutex is cheaper than any lock-free scheme would be worth, and it gives what routing needs:
+//! `pick` and `book` run under one acquisition, so two concurrent requests always see each
+//! other's bookings (the anti-herding rule "count each decision at once"). Tokenising and block
+//! hashing, the only per-request work that grows with prompt length, run before the lock is
+//! taken. The observation task drains every queued observation under a single acquisition, so a
+//! burst of KV events costs one lock round-trip, not one per batch. Membership (address → id,
+//! signal tasks, in-flight counts) lives in a separate `RwLock`, read on every request and
+//! written only when endpoints join or leave.
+//!
+//! **Signals.** Each endpoint gets a `kvgate-signals` metrics scraper and, when configured, a
+//! KV-event subscriber (with replay); both send [`Observation`]s to one channel. An endpoint
+//! whose signals stop is not removed: the core ages its view (confidence decays with signal
+//! age) and failed scrapes are reported to it. Block size and KV capacity come from the engines'
+//! `vllm:cache_config_info` (discovery, then every scrape); the hash seed cannot be learned and
+//! is configured (default `"0"`).
+//!
+//! **Membership.** Endpoints are added at once with what the config says, then discovered in the
+//! background (`/v1/models`, `/metrics`), retried with backoff until the engine answers; the
+//! discovered models and adapters update the endpoint. Removed endpoints are drained (no new
+//! requests unless nothing else can serve) and released once their last in-flight request ends.
+//!
+//! **Fork note.** This is `kvgate_gateway::control` verbatim (import paths aside) plus the two
+//! lookups the endpoint picker needs and the gateway does not expose: [`Control::endpoint_ids`]
+//! (Envoy's subset hint names endpoints by address, the core filters by id) and
+//! [`Control::address_of`] (fallback endpoints are written as addresses). Once the gateway's
+//! `Control` gains them, delete this file and use `kvgate_gateway::control` (`diff` against the
+//! gateway's file shows exactly these additions).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use kvgate_core::endpoint::{EndpointId, EndpointSpec};
+use kvgate_core::request::{Decision, FailureKind, Outcome, PromptKeys, RoutingRequest};
+use kvgate_core::{RouteError, Router, RouterConfig, SeqCheck};
+use kvgate_signals::clock::{Clock, MonotonicClock};
+use kvgate_signals::discover::{EndpointFacts, discover};
+use kvgate_signals::observation::Observation;
+use kvgate_signals::scrape::{ScrapeConfig, spawn_scraper};
+use kvgate_signals::subscribe::{KvSubscribeConfig, spawn_kv_subscriber};
+use kvgate_tokens::{BlockHasher, ChatMessage, ExtraKeys, HfTokenizer, Tokenizer, render_chat};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use tokio::sync::mpsc;
+use tokio::task::AbortHandle;
+
+use kvgate_gateway::GatewayError;
+use kvgate_gateway::config::{EndpointConfig, GatewayConfig, PolicyChoice};
+use kvgate_gateway::metrics::{EndpointLabels, GatewayMetrics, SignalLabels};
+use kvgate_gateway::openai::{ParsedRequest, Prompt};
+
+/// Capacity of the observation channel. At a 100 ms scrape interval and a KV batch per engine
+/// step (~5-50 ms), 100 engines produce a few thousand observations per second; 8,192 absorbs a
+/// stall of the applying task of a second or more before the signal loops block (they then
+/// simply wait: observations are never dropped here).
+pub const OBSERVATION_CHANNEL_CAPACITY: usize = 8_192;
+
+/// Most observations applied under one lock acquisition, so a flood of events cannot hold the
+/// router lock long enough to delay picks (each applies in microseconds: 256 ≈ well under 1 ms).
+pub const MAX_OBSERVATIONS_PER_LOCK: usize = 256;
+
+/// First and last delay between discovery attempts of an endpoint that does not answer yet, ms.
+/// Doubling from 200 ms finds a starting engine within a fraction of a second of it coming up;
+/// the 5 s ceiling bounds the cost of a dead address to one small request per 5 s.
+const DISCOVERY_BACKOFF_MIN_MS: u64 = 200;
+const DISCOVERY_BACKOFF_MAX_MS: u64 = 5_000;
+
+/// How often drained endpoints are checked for their last in-flight request to finish, ms.
+const DRAIN_REAP_INTERVAL_MS: u64 = 500;
+
+/// One endpoint as the data plane tracks it.
+#[derive(Debug)]
+pub struct Member {
+    /// Router handle.
+    pub id: EndpointId,
+    /// Configuration it was added with.
+    pub config: EndpointConfig,
+    /// What discovery learnt, once it has.
+    pub facts: Option<EndpointFacts>,
+    /// Whether it was removed from the config and is finishing in-flight work.
+    pub draining: bool,
+    /// Requests in flight to it through this data plane.
+    pub in_flight: Arc<AtomicU64>,
+    /// When its last metrics sample arrived (clock µs; 0 = never).
+    pub last_metrics_us: Arc<AtomicU64>,
+    /// When its last KV-event batch arrived (clock µs; 0 = never).
+    pub last_kv_us: Arc<AtomicU64>,
+    tasks: Vec<AbortHandle>,
+}
+
+impl Member {
+    /// Every base model and adapter it serves (configured and discovered).
+    fn spec(&self) -> EndpointSpec {
+        let mut models = self.config.models.clone();
+        let mut adapters = self.config.lora_adapters.clone();
+        if let Some(f) = &self.facts {
+            models.extend(f.models.iter().cloned());
+            adapters.extend(f.lora_adapters.iter().cloned());
+        }
+        models.sort();
+        models.dedup();
+        adapters.sort();
+        adapters.dedup();
+        EndpointSpec {
+            address: self.config.address.clone(),
+            models,
+            lora_adapters: adapters,
+            role: self.config.role,
+            engine: self.config.engine,
+            hardware_class: self.config.hardware_class.clone(),
+            relative_cost: self.config.relative_cost,
+        }
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Members {
+    by_address: HashMap<String, Member>,
+    address_of: HashMap<EndpointId, Arc<str>>,
+}
+
+struct RouterState {
+    router: Router,
+    rng: ChaCha8Rng,
+}
+
+/// Where to send one attempt of a request.
+#[derive(Clone, Debug)]
+pub struct Target {
+    /// Router handle.
+    pub id: EndpointId,
+    /// `host:port`.
+    pub address: Arc<str>,
+    /// In-flight counter of that endpoint (the caller increments and decrements it).
+    pub in_flight: Arc<AtomicU64>,
+}
+
+/// The shared routing state (see the module docs).
+pub struct Control {
+    state: Mutex<RouterState>,
+    members: RwLock<Members>,
+    clock: Arc<MonotonicClock>,
+    tokenizer: Tokenizer,
+    hash_seed: String,
+    hasher: RwLock<BlockHasher>,
+    objectives: BTreeMap<String, i32>,
+    scrape_interval_ms: u64,
+    scrape_timeout_ms: u64,
+    obs_tx: mpsc::Sender<Observation>,
+    next_request_id: AtomicU64,
+    /// The gateway's metrics.
+    pub metrics: Arc<GatewayMetrics>,
+}
+
+impl std::fmt::Debug for Control {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Control").finish_non_exhaustive()
+    }
+}
+
+fn router_config(policy: &PolicyChoice) -> Result<RouterConfig, GatewayError> {
+    match policy {
+        PolicyChoice::Named(name) => RouterConfig::for_policy(name),
+        PolicyChoice::Yaml(text) => RouterConfig::from_yaml(text),
+    }
+    .map_err(GatewayError::Router)
+}
+
+impl Control {
+    /// Builds the control state and starts the observation task; endpoints are added with
+    /// [`Control::set_endpoints`]. Must be called within a tokio runtime.
+    pub fn start(
+        cfg: &GatewayConfig,
+        metrics: Arc<GatewayMetrics>,
+    ) -> Result<Arc<Self>, GatewayError> {
+        let router = Router::new(router_config(&cfg.policy)?).map_err(GatewayError::Router)?;
+        let tokenizer = match &cfg.hf_tokenizer_json {
+            None => Tokenizer::default(),
+            Some(path) => {
+                let bytes = std::fs::read(path).map_err(|source| GatewayError::ReadConfig {
+                    path: path.clone(),
+                    source,
+                })?;
+                Tokenizer::Hf(Box::new(
+                    HfTokenizer::from_bytes(&bytes).map_err(GatewayError::Tokenizer)?,
+                ))
+            }
+        };
+        let (obs_tx, obs_rx) = mpsc::channel(OBSERVATION_CHANNEL_CAPACITY);
+        let control = Arc::new(Self {
+            state: Mutex::new(RouterState {
+                router,
+                // Seeded from the OS: replicas of the gateway must not make identical random
+                // choices (that would be herding by construction).
+                rng: ChaCha8Rng::from_os_rng(),
+            }),
+            members: RwLock::new(Members::default()),
+            clock: Arc::new(MonotonicClock::new()),
+            tokenizer,
+            hash_seed: cfg.hash_seed.clone(),
+            hasher: RwLock::new(BlockHasher::new(&cfg.hash_seed, cfg.block_size as usize)),
+            objectives: cfg.objectives.clone(),
+            scrape_interval_ms: cfg.scrape_interval_ms,
+            scrape_timeout_ms: cfg.scrape_timeout_ms,
+            obs_tx,
+            next_request_id: AtomicU64::new(1),
+            metrics,
+        });
+        tokio::spawn(Self::apply_observations(Arc::downgrade(&control), obs_rx));
+        tokio::spawn(Self::reap_drained(Arc::downgrade(&control)));
+        Ok(control)
+    }
+
+    /// Microseconds on the clock shared with the signal loops.
+    pub fn now_us(&self) -> u64 {
+        self.clock.now_us()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, RouterState> {
+        // A panic while holding the lock would be a bug in the core; the state is still the
+        // best we have, so keep serving rather than poisoning every later request.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn members_read(&self) -> std::sync::RwLockReadGuard<'_, Members> {
+        self.members.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn members_write(&self) -> std::sync::RwLockWriteGuard<'_, Members> {
+        self.members.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A fresh request id for the core's bookkeeping.
+    pub fn next_request_id(&self) -> u64 {
+        self.next_request_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Makes the endpoint set equal to `wanted`: new addresses join (and start discovery and
+    /// signal tasks), changed ones are updated, missing ones are drained.
+    pub fn set_endpoints(self: &Arc<Self>, wanted: &[EndpointConfig]) {
+        let now = self.now_us();
+        let mut m = self.members_write();
+        let mut st = self.lock();
+        for cfg in wanted {
+            if let Some(member) = m.by_address.get_mut(&cfg.address) {
+                let was_draining = member.draining;
+                member.draining = false;
+                if member.config != *cfg || was_draining {
+                    member.config = cfg.clone();
+                    if let Err(e) = st.router.update_endpoint(member.id, member.spec()) {
+                        tracing::warn!(endpoint = %cfg.address, error = %e, "cannot update endpoint");
+                    }
+                }
+                continue;
+            }
+            let mut member = Member {
+                id: EndpointId(0),
+                config: cfg.clone(),
+                facts: None,
+                draining: false,
+                in_flight: Arc::new(AtomicU64::new(0)),
+                last_metrics_us: Arc::new(AtomicU64::new(0)),
+                last_kv_us: Arc::new(AtomicU64::new(0)),
+                tasks: Vec::new(),
+            };
+            member.id = st.router.add_endpoint(now, member.spec());
+            member.tasks = self.spawn_signals(cfg);
+            member.tasks.push(
+                tokio::spawn(Self::discover_loop(
+                    Arc::downgrade(self),
+                    cfg.address.clone(),
+                ))
+                .abort_handle(),
+            );
+            tracing::info!(endpoint = %cfg.address, id = member.id.0, "endpoint joined");
+            m.address_of
+                .insert(member.id, Arc::from(cfg.address.as_str()));
+            m.by_address.insert(cfg.address.clone(), member);
+        }
+        let gone: Vec<String> = m
+            .by_address
+            .keys()
+            .filter(|a| !wanted.iter().any(|w| &w.address == *a))
+            .cloned()
+            .collect();
+        for address in gone {
+            if let Some(member) = m.by_address.get_mut(&address)
+                && !member.draining
+            {
+                member.draining = true;
+                if let Err(e) = st.router.drain_endpoint(now, member.id) {
+                    tracing::warn!(endpoint = %address, error = %e, "cannot drain endpoint");
+                }
+                tracing::info!(endpoint = %address, "endpoint draining");
+            }
+        }
+    }
+
+    fn spawn_signals(&self, cfg: &EndpointConfig) -> Vec<AbortHandle> {
+        let clock: Arc<dyn Clock> = self.clock.clone();
+        let mut scrape = ScrapeConfig::new(format!("{}/metrics", cfg.base_url()), cfg.engine);
+        scrape.interval_ms = self.scrape_interval_ms;
+        scrape.timeout_ms = self.scrape_timeout_ms;
+        let mut tasks = vec![
+            spawn_scraper(
+                scrape,
+                cfg.address.clone(),
+                clock.clone(),
+                self.obs_tx.clone(),
+            )
+            .abort_handle(),
+        ];
+        if let Some(pub_endpoint) = &cfg.kv_events {
+            let mut kv = KvSubscribeConfig::new(pub_endpoint.clone());
+            kv.replay_endpoint = cfg.kv_replay.clone();
+            let sub = spawn_kv_subscriber(kv, cfg.address.clone(), clock, self.obs_tx.clone());
+            tasks.push(sub.handle.abort_handle());
+        }
+        tasks
+    }
+
+    async fn discover_loop(control: std::sync::Weak<Self>, address: String) {
+        let mut delay_ms = DISCOVERY_BACKOFF_MIN_MS;
+        loop {
+            let result = discover(&format!("http://{address}")).await;
+            let Some(control) = control.upgrade() else {
+                return;
+            };
+            match result {
+                Ok(facts) => {
+                    control.learn_block_size(facts.block_size);
+                    let mut m = control.members_write();
+                    let Some(member) = m.by_address.get_mut(&address) else {
+                        return;
+                    };
+                    member.facts = Some(facts);
+                    let spec = member.spec();
+                    tracing::info!(endpoint = %address, models = ?spec.models, adapters = ?spec.lora_adapters, "endpoint discovered");
+                    let id = member.id;
+                    if let Err(e) = control.lock().router.update_endpoint(id, spec) {
+                        tracing::warn!(endpoint = %address, error = %e, "cannot update endpoint");
+                    }
+                    return;
+                }
+                Err(e) => {
+                    tracing::debug!(endpoint = %address, error = %e, "discovery failed; will retry");
+                }
+            }
+            drop(control);
+            tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+            delay_ms = (delay_ms * 2).min(DISCOVERY_BACKOFF_MAX_MS);
+        }
+    }
+
+    async fn reap_drained(control: std::sync::Weak<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(DRAIN_REAP_INTERVAL_MS));
+        loop {
+            tick.tick().await;
+            let Some(control) = control.upgrade() else {
+                return;
+            };
+            let mut m = control.members_write();
+            let done: Vec<String> = m
+                .by_address
+                .iter()
+                .filter(|(_, mb)| mb.draining && mb.in_flight.load(Ordering::Acquire) == 0)
+                .map(|(a, _)| a.clone())
+                .collect();
+            for address in done {
+                if let Some(member) = m.by_address.remove(&address) {
+                    m.address_of.remove(&member.id);
+                    if let Err(e) = control.lock().router.remove_endpoint(member.id) {
+                        tracing::warn!(endpoint = %address, error = %e, "cannot remove endpoint");
+                    }
+                    tracing::info!(endpoint = %address, "endpoint removed");
+                }
+            }
+        }
+    }
+
+    /// Adopts an engine-reported block size for prompt keys (first report wins a change).
+    fn learn_block_size(&self, block_size: Option<u32>) {
+        let Some(bs) = block_size.filter(|b| *b > 0) else {
+            return;
+        };
+        let current = self
+            .hasher
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .block_size();
+        if current != bs as usize {
+            tracing::info!(
+                block_size = bs,
+                "using the engines' KV block size for prompt keys"
+            );
+            *self.hasher.write().unwrap_or_else(|p| p.into_inner()) =
+                BlockHasher::new(&self.hash_seed, bs as usize);
+        }
+    }
+
+    async fn apply_observations(
+        control: std::sync::Weak<Self>,
+        mut rx: mpsc::Receiver<Observation>,
+    ) {
+        let mut batch = Vec::with_capacity(MAX_OBSERVATIONS_PER_LOCK);
+        while rx.recv_many(&mut batch, MAX_OBSERVATIONS_PER_LOCK).await > 0 {
+            let Some(control) = control.upgrade() else {
+                return;
+            };
+            control.apply(&batch);
+            batch.clear();
+        }
+    }
+
+    /// Applies observations to the router (one lock acquisition for all of them).
+    pub fn apply(&self, observations: &[Observation]) {
+        let now = self.now_us();
+        let resolved: Vec<(EndpointId, &Observation)> = {
+            let m = self.members_read();
+            observations
+                .iter()
+                .filter_map(|o| {
+                    let member = m.by_address.get(o.endpoint())?;
+                    match o {
+                        Observation::Metrics { .. } => {
+                            member.last_metrics_us.store(now, Ordering::Relaxed)
+                        }
+                        Observation::KvBatch { .. } => {
+                            member.last_kv_us.store(now, Ordering::Relaxed)
+                        }
+                        _ => {}
+                    }
+                    Some((member.id, o))
+                })
+                .collect()
+        };
+        for (_, o) in &resolved {
+            if let Observation::Metrics { sample, .. } = o {
+                self.learn_block_size(sample.block_size);
+            }
+        }
+        let mut st = self.lock();
+        for (id, o) in resolved {
+            match o {
+                Observation::Metrics {
+                    taken_at_us,
+                    sample,
+                    ..
+                } => {
+                    st.router.observe_metrics(id, *taken_at_us, sample);
+                }
+                Observation::ScrapeFailed { at_us, .. } => {
+                    st.router.observe_scrape_failure(id, *at_us)
+                }
+                Observation::KvBatch {
+                    received_at_us,
+                    batch,
+                    ..
+                } => {
+                    if let SeqCheck::Gap { expected, got } =
+                        st.router.observe_kv_batch(id, *received_at_us, batch)
+                    {
+                        tracing::debug!(endpoint = ?id, expected, got, "KV events lost; approximate until resync");
+                    }
+                }
+                // Lost for good: the core already untrusted the endpoint when the next batch
+                // jumped the sequence; it stays on approximate matching until a resync.
+                Observation::KvGap { expected, got, .. } => {
+                    tracing::info!(endpoint = ?id, expected, got, "KV events lost; approximate prefix tracking for this endpoint");
+                }
+                Observation::KvResynced { .. } => st.router.kv_resynced(id, now),
+                // A new publisher numbers from 0 again; the core restarts the sequence.
+                Observation::KvPublisherRestarted { at_us, .. } => {
+                    st.router.kv_stream_lost(id, *at_us)
+                }
+            }
+        }
+    }
+
+    /// Refreshes the per-endpoint gauges (signal ages, in-flight) before `/metrics` renders.
+    pub fn refresh_gauges(&self) {
+        let now = self.now_us();
+        let m = self.members_read();
+        for (address, member) in &m.by_address {
+            for (signal, at) in [
+                ("metrics", &member.last_metrics_us),
+                ("kv_events", &member.last_kv_us),
+            ] {
+                let at = at.load(Ordering::Relaxed);
+                if at == 0 {
+                    continue;
+                }
+                self.metrics
+                    .signal_age_seconds
+                    .get_or_create(&SignalLabels {
+                        endpoint: address.clone(),
+                        signal,
+                    })
+                    .set(now.saturating_sub(at) as f64 / 1e6);
+            }
+            self.metrics
+                .in_flight
+                .get_or_create(&EndpointLabels {
+                    endpoint: address.clone(),
+                })
+                .set(i64::try_from(member.in_flight.load(Ordering::Relaxed)).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// Whether some endpoint is ready to serve: discovered (or configured with models) and not
+    /// draining.
+    pub fn is_ready(&self) -> bool {
+        self.ready_endpoints() > 0
+    }
+
+    /// Number of endpoints that know their models and are not draining.
+    pub fn ready_endpoints(&self) -> usize {
+        self.members_read()
+            .by_address
+            .values()
+            .filter(|m| !m.draining && !m.spec().models.is_empty())
+            .count()
+    }
+
+    /// Base URLs of every endpoint not draining (for `/v1/models` aggregation).
+    pub fn endpoint_addresses(&self) -> Vec<String> {
+        self.members_read()
+            .by_address
+            .values()
+            .filter(|m| !m.draining)
+            .map(|m| m.config.address.clone())
+            .collect()
+    }
+
+    /// Resolves `model` as sent by a client: `(base model, adapter)`, or `None` if no endpoint
+    /// serves it.
+    pub fn resolve_model(&self, model: &str) -> Option<(String, Option<String>)> {
+        let m = self.members_read();
+        let mut adapter_base = None;
+        for member in m.by_address.values() {
+            let spec = member.spec();
+            if spec.models.iter().any(|x| x == model) {
+                return Some((model.to_owned(), None));
+            }
+            if adapter_base.is_none() && spec.lora_adapters.iter().any(|x| x == model) {
+                adapter_base = spec.models.first().cloned();
+            }
+        }
+        adapter_base.map(|base| (base, Some(model.to_owned())))
+    }
+
+    /// Priority from the objective header value: an integer, or a configured objective name
+    /// (unknown names get the default priority 0).
+    pub fn priority_of(&self, objective: Option<&str>) -> i32 {
+        let Some(o) = objective.map(str::trim).filter(|o| !o.is_empty()) else {
+            return 0;
+        };
+        o.parse::<i32>()
+            .ok()
+            .or_else(|| self.objectives.get(o).copied())
+            .unwrap_or(0)
+    }
+
+    /// Token ids of a prompt as the engines will see them (built-in or HF tokenizer, built-in
+    /// chat template); `None` if the tokenizer failed.
+    pub fn tokenize(&self, prompt: &Prompt) -> Option<Vec<u32>> {
+        match prompt {
+            Prompt::Tokens(t) => Some(t.clone()),
+            Prompt::Text(t) => self.tokenizer.encode(t).ok(),
+            Prompt::Messages(msgs) => {
+                let chat: Vec<ChatMessage<'_>> = msgs
+                    .iter()
+                    .map(|m| ChatMessage {
+                        role: &m.role,
+                        content: &m.content,
+                    })
+                    .collect();
+                self.tokenizer.encode(&render_chat(&chat)).ok()
+            }
+        }
+    }
+
+    /// Turns a parsed OpenAI request into a routing request: resolves model/adapter, tokenises,
+    /// hashes the prompt into vLLM block keys. `None` when no endpoint serves the model.
+    pub fn routing_request(
+        &self,
+        parsed: &ParsedRequest,
+        objective: Option<&str>,
+        session_id: Option<&str>,
+    ) -> Option<RoutingRequest> {
+        let (model, lora) = self.resolve_model(&parsed.model)?;
+        let extra = ExtraKeys {
+            lora_name: lora.as_deref(),
+            cache_salt: parsed.cache_salt.as_deref(),
+        };
+        let (prompt_tokens, keys) = match self.tokenize(&parsed.prompt) {
+            Some(tokens) => {
+                let hasher = self.hasher.read().unwrap_or_else(|p| p.into_inner());
+                (tokens.len(), PromptKeys::precise(&tokens, &hasher, extra))
+            }
+            None => {
+                let text = match &parsed.prompt {
+                    Prompt::Text(t) => t.clone(),
+                    Prompt::Messages(m) => m.iter().map(|m| m.content.as_str()).collect(),
+                    Prompt::Tokens(_) => String::new(),
+                };
+                let scope = format!("{model}/{}", lora.as_deref().unwrap_or(""));
+                (
+                    text.len() / kvgate_core::request::APPROX_BYTES_PER_TOKEN,
+                    PromptKeys::approximate(text.as_bytes(), &scope),
+                )
+            }
+        };
+        let mut req = RoutingRequest::new(
+            self.next_request_id(),
+            model,
+            u32::try_from(prompt_tokens).unwrap_or(u32::MAX),
+            keys,
+        );
+        req.lora = lora;
+        req.max_tokens = parsed.max_tokens;
+        req.priority = self.priority_of(objective);
+        req.session_id = session_id.map(str::to_owned);
+        Some(req)
+    }
+
+    fn target(&self, id: EndpointId) -> Option<Target> {
+        let m = self.members_read();
+        let address = m.address_of.get(&id)?.clone();
+        let in_flight = m.by_address.get(&*address)?.in_flight.clone();
+        Some(Target {
+            id,
+            address,
+            in_flight,
+        })
+    }
+
+    /// Router ids of the endpoints at `addresses` (`host:port`); unknown addresses are skipped.
+    pub fn endpoint_ids<'a>(
+        &self,
+        addresses: impl IntoIterator<Item = &'a str>,
+    ) -> Vec<EndpointId> {
+        let m = self.members_read();
+        addresses
+            .into_iter()
+            .filter_map(|a| m.by_address.get(a).map(|member| member.id))
+            .collect()
+    }
+
+    /// The `host:port` of endpoint `id`, if it is still a member.
+    pub fn address_of(&self, id: EndpointId) -> Option<Arc<str>> {
+        self.members_read().address_of.get(&id).cloned()
+    }
+
+    /// Picks and books at once (one lock acquisition); returns the decision and the primary's
+    /// target.
+    pub fn pick(&self, req: &RoutingRequest) -> Result<(Decision, Target), RouteError> {
+        let now = self.now_us();
+        let decision = {
+            let mut st = self.lock();
+            let RouterState { router, rng } = &mut *st;
+            let d = router.pick(now, req, rng, None)?;
+            router.book(now, req, &d);
+            d
+        };
+        match self.target(decision.primary) {
+            Some(t) => Ok((decision, t)),
+            // Removed between pick and lookup: release the booking and report no endpoint.
+            None => {
+                self.on_failure(req.id, FailureKind::Cancelled);
+                Err(RouteError::NoEndpoints {
+                    model: req.model.clone(),
+                })
+            }
+        }
+    }
+
+    /// Books `req` (under a fresh id) on a fallback endpoint after an earlier attempt failed.
+    pub fn book_fallback(
+        &self,
+        req: &RoutingRequest,
+        prior: &Decision,
+        endpoint: EndpointId,
+    ) -> Option<Target> {
+        let target = self.target(endpoint)?;
+        let d = Decision {
+            primary: endpoint,
+            fallbacks: Vec::new(),
+            reason: prior.reason,
+            matched_blocks: 0,
+            predicted_ttft_us: None,
+        };
+        self.lock().router.book(self.now_us(), req, &d);
+        Some(target)
+    }
+
+    /// Reports the first streamed token of request `req_id`.
+    pub fn on_first_token(&self, req_id: u64) {
+        let now = self.now_us();
+        self.lock().router.on_first_token(req_id, now);
+    }
+
+    /// Reports a finished request.
+    pub fn on_finish(&self, req_id: u64, outcome: &Outcome) {
+        let now = self.now_us();
+        self.lock().router.on_finish(req_id, now, outcome);
+    }
+
+    /// Reports a failed attempt (the core penalises the endpoint by `kind`).
+    pub fn on_failure(&self, req_id: u64, kind: FailureKind) {
+        let now = self.now_us();
+        self.lock().router.on_failure(req_id, now, kind);
+    }
+}

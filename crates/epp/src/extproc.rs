@@ -1,0 +1,901 @@
+//! The `envoy.service.ext_proc.v3.ExternalProcessor` service: one state machine per ext_proc
+//! stream (one stream per HTTP request), speaking the Gateway API Inference Extension
+//! endpoint-picker protocol.
+//!
+//! **Per-stream state machine.** Envoy (request/response header mode `SEND`, body mode
+//! `FULL_DUPLEX_STREAMED`, trailers `SEND`) sends, in order: request headers, request body chunks,
+//! optional request trailers, then response headers, response body chunks, optional response
+//! trailers. [`StreamState`] walks `Headers → Body → Routed → Responding → Done`:
+//! - *Request headers* are recorded (`:path`, `x-request-id`, `x-gateway-inference-objective`,
+//!   `x-gateway-model-name-rewrite`, `x-session-id`, and the subset hint from the filter metadata
+//!   `envoy.lb.subset_hint` / `x-gateway-destination-endpoint-subset`, a comma-separated string or
+//!   a list). Nothing is answered yet: in full-duplex mode the headers answer must carry the routing
+//!   decision, which needs the body. A request without a body (`end_of_stream` on the headers,
+//!   e.g. `GET /v1/models`) is sent to a ready endpoint at once, round-robin.
+//! - *Body chunks* are buffered until `end_of_stream` (or until request trailers arrive, which also
+//!   end the body). Then the body is parsed as the OpenAI API named by the `:path` suffix, the model
+//!   is rewritten if asked, the core picks and books, and the picker answers, in this order: the
+//!   request-headers response (header mutation `x-gateway-destination-endpoint`, `content-length`
+//!   of the body it re-sends, `clear_route_cache: true`, and the same endpoint value in dynamic
+//!   metadata `envoy.lb`), then the body as streamed body mutations of at most
+//!   [`BODY_CHUNK_BYTES`] each (the last one carries `end_of_stream` unless trailers follow), then a
+//!   trailers response if trailers came. Paths that are not an inference API are routed like
+//!   body-less requests and their body re-sent untouched.
+//! - *Response headers* give the status and the endpoint that actually served (dynamic metadata
+//!   `envoy.lb` / `x-gateway-destination-endpoint-served`, else the response header of that name;
+//!   if it is one of the fallbacks, the booking moves there). A 5xx or 429 ends the booking as a
+//!   failure the core penalises, as the HTTP gateway does.
+//! - *Response body chunks* are measured ([`crate::meter`]: TTFT, TPOT, usage) and echoed back
+//!   unchanged (model name rewritten back to the client's name when a rewrite was applied); the
+//!   end of the body (or response trailers) finishes the booking with the measured outcome.
+//! - If Envoy closes the stream early (client gone, upstream reset), dropping the state releases
+//!   the booking as cancelled, which carries no penalty.
+//!
+//! **Buffering limits.** The request body is held in memory once (plus the re-chunked copy in
+//! flight); it is capped at `limits.max_body_bytes` of the config (32 MiB by default, shared with
+//! `kvgate serve`), beyond which the client gets an immediate 413. Response bodies are never
+//! buffered: each chunk is answered as it arrives, only a 4 KiB tail is kept for `usage` (a
+//! non-streaming body is copied up to 256 KiB for the same reason).
+//!
+//! **Malformed input.** A body that is not valid JSON for the API, lacks `model` or the prompt
+//! field, or mistypes them gets an immediate 400 in the OpenAI error shape
+//! (`{"error": {"message", "type", "param", "code"}}`, `content-type: application/json`), exactly
+//! what `kvgate serve` answers. An unknown model is 404; no ready endpoint (none configured or
+//! discovered, none left in the subset hint) is 503; a sheddable request (objective priority < 0)
+//! meeting a saturated pool is 429. Messages out of protocol order (a body before headers, a
+//! second set of request headers) end the stream with a gRPC `FAILED_PRECONDITION`, which Envoy
+//! turns into a 500 unless its filter fails open.
+//!
+//! **Fallbacks.** The core ranks fallbacks after the primary. The protocol allows writing them
+//! after it (`ip:port,ip:port`), but Envoy's `ORIGINAL_DST` cluster, which the reference
+//! deployment uses, only parses a single address and answers 503 to a list; so the picker writes
+//! the primary alone unless `--fallbacks N` asks for up to N more (for proxies whose load balancer
+//! understands lists, such as Envoy's `override_host` policy).
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+use envoy_types::pb::envoy::config::core::v3::header_value_option::HeaderAppendAction;
+use envoy_types::pb::envoy::config::core::v3::{HeaderValue, HeaderValueOption, Metadata};
+use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
+use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessor;
+use envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request as Req;
+use envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response as Resp;
+use envoy_types::pb::envoy::service::ext_proc::v3::{
+    BodyMutation, BodyResponse, CommonResponse, HeaderMutation, HeadersResponse, HttpBody,
+    HttpHeaders, ImmediateResponse, ProcessingRequest, ProcessingResponse, StreamedBodyResponse,
+    TrailersResponse, body_mutation,
+};
+use envoy_types::pb::envoy::r#type::v3::HttpStatus;
+use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
+use futures::Stream;
+use kvgate_core::RouteError;
+use kvgate_core::endpoint::EndpointId;
+use kvgate_core::request::{Decision, FailureKind, RoutingRequest};
+use kvgate_gateway::config::{OBJECTIVE_HEADER, SESSION_HEADER};
+use kvgate_gateway::metrics::{DecisionLabels, EndpointLabels, RequestLabels};
+use kvgate_gateway::openai::{ApiError, ApiKind, parse_request};
+use kvgate_gateway::proxy::reason_label;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::control::{Control, Target};
+use crate::meter::ResponseMeter;
+use crate::metrics::{EppMetrics, StatusLabels};
+
+/// Largest body chunk sent back to Envoy, bytes: the reference picker's limit, kept below
+/// Envoy's 64 KiB default per-stream buffer so one mutation never exceeds it.
+pub const BODY_CHUNK_BYTES: usize = 62_000;
+
+/// Responses queued per stream before the stream task waits for Envoy to read: a routed request
+/// answers with one headers message plus one per 62 KB body chunk, so 32 covers ~2 MB bodies
+/// without a wait while bounding memory per stream.
+const RESPONSE_CHANNEL_CAPACITY: usize = 32;
+
+/// Header (and `envoy.lb` metadata key) carrying the chosen endpoint(s).
+pub const DESTINATION_ENDPOINT: &str = "x-gateway-destination-endpoint";
+/// Dynamic-metadata namespace of the destination.
+pub const DESTINATION_NAMESPACE: &str = "envoy.lb";
+/// Filter-metadata namespace of the subset hint.
+pub const SUBSET_NAMESPACE: &str = "envoy.lb.subset_hint";
+/// Key of the subset hint.
+pub const SUBSET_KEY: &str = "x-gateway-destination-endpoint-subset";
+/// Key (metadata) and header naming the endpoint that served the request.
+pub const SERVED_ENDPOINT: &str = "x-gateway-destination-endpoint-served";
+/// Header asking the picker to send the request under another model name.
+pub const MODEL_REWRITE_HEADER: &str = "x-gateway-model-name-rewrite";
+
+/// Settings of the ext_proc service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PickerSettings {
+    /// Largest request body buffered, bytes (larger → immediate 413).
+    pub max_body_bytes: usize,
+    /// Fallback endpoints written after the primary (0 = primary only; see the module docs).
+    pub fallbacks: usize,
+}
+
+struct Shared {
+    control: Arc<Control>,
+    metrics: Arc<EppMetrics>,
+    settings: PickerSettings,
+    round_robin: AtomicUsize,
+}
+
+/// The ext_proc service (cheap to clone; all state is shared).
+#[derive(Clone)]
+pub struct Picker {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Picker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Picker")
+            .field("settings", &self.shared.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Picker {
+    /// A picker routing with `control`.
+    pub fn new(control: Arc<Control>, metrics: Arc<EppMetrics>, settings: PickerSettings) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                control,
+                metrics,
+                settings,
+                round_robin: AtomicUsize::new(0),
+            }),
+        }
+    }
+
+    /// A fresh per-stream state machine (what [`ExternalProcessor::process`] runs per stream).
+    pub fn stream(&self) -> StreamState {
+        StreamState::new(self.shared.clone())
+    }
+}
+
+#[tonic::async_trait]
+impl ExternalProcessor for Picker {
+    type ProcessStream =
+        Pin<Box<dyn Stream<Item = Result<ProcessingResponse, Status>> + Send + 'static>>;
+
+    async fn process(
+        &self,
+        request: Request<Streaming<ProcessingRequest>>,
+    ) -> Result<Response<Self::ProcessStream>, Status> {
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(RESPONSE_CHANNEL_CAPACITY);
+        let mut state = self.stream();
+        self.shared.metrics.streams.inc();
+        tokio::spawn(async move {
+            loop {
+                let msg = match inbound.message().await {
+                    Ok(Some(m)) => m,
+                    Ok(None) => break,
+                    Err(status) => {
+                        tracing::debug!(%status, "ext_proc stream ended by the proxy");
+                        break;
+                    }
+                };
+                match state.handle(msg, Instant::now()) {
+                    Ok(step) => {
+                        for r in step.responses {
+                            if tx.send(Ok(r)).await.is_err() {
+                                return;
+                            }
+                        }
+                        if step.close {
+                            return;
+                        }
+                    }
+                    Err(status) => {
+                        tracing::warn!(%status, "ext_proc protocol violation");
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// What the stream answers to one message.
+#[derive(Debug, Default)]
+pub struct Step {
+    /// Messages to send to Envoy, in order.
+    pub responses: Vec<ProcessingResponse>,
+    /// The exchange is over (an immediate response was sent): close the stream.
+    pub close: bool,
+}
+
+impl Step {
+    fn none() -> Self {
+        Self::default()
+    }
+
+    fn one(r: ProcessingResponse) -> Self {
+        Self {
+            responses: vec![r],
+            close: false,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Headers,
+    Body,
+    Routed,
+    Responding,
+    Done,
+}
+
+/// What the request headers said.
+#[derive(Debug, Default)]
+struct RequestInfo {
+    path: String,
+    request_id: Option<String>,
+    objective: Option<String>,
+    session: Option<String>,
+    model_rewrite: Option<String>,
+    /// `Some` when the proxy sent a subset hint (even an empty one: then nothing may be picked).
+    subset: Option<Vec<String>>,
+}
+
+/// A request booked on an endpoint: keeps the endpoint's in-flight count and the core's
+/// bookkeeping right however the stream ends.
+struct Booking {
+    control: Arc<Control>,
+    rr: RoutingRequest,
+    decision: Decision,
+    target: Target,
+    done: bool,
+}
+
+impl Booking {
+    fn new(control: Arc<Control>, rr: RoutingRequest, decision: Decision, target: Target) -> Self {
+        target.in_flight.fetch_add(1, Ordering::AcqRel);
+        Self {
+            control,
+            rr,
+            decision,
+            target,
+            done: false,
+        }
+    }
+
+    fn fail(&mut self, kind: FailureKind) {
+        if !std::mem::replace(&mut self.done, true) {
+            self.control.on_failure(self.rr.id, kind);
+        }
+    }
+
+    /// Moves the booking to fallback `id` (the proxy served the request there).
+    fn move_to(&mut self, id: EndpointId) {
+        // The proxy gave up on the primary before the response: count it as a connect failure.
+        self.fail(FailureKind::Connect);
+        self.rr.id = self.control.next_request_id();
+        if let Some(t) = self.control.book_fallback(&self.rr, &self.decision, id) {
+            self.target.in_flight.fetch_sub(1, Ordering::AcqRel);
+            t.in_flight.fetch_add(1, Ordering::AcqRel);
+            self.target = t;
+            self.done = false;
+        }
+    }
+}
+
+impl Drop for Booking {
+    fn drop(&mut self) {
+        self.target.in_flight.fetch_sub(1, Ordering::AcqRel);
+        if !self.done {
+            self.control.on_failure(self.rr.id, FailureKind::Cancelled);
+        }
+    }
+}
+
+/// The state of one ext_proc stream (see the module docs).
+pub struct StreamState {
+    shared: Arc<Shared>,
+    phase: Phase,
+    full_duplex: bool,
+    t0: Instant,
+    info: RequestInfo,
+    api: Option<ApiKind>,
+    body: Vec<u8>,
+    booking: Option<Booking>,
+    /// `(client's model, model sent upstream)` when the model was rewritten.
+    rewrite: Option<(String, String)>,
+    meter: Option<ResponseMeter>,
+    status: u16,
+}
+
+impl std::fmt::Debug for StreamState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamState")
+            .field("phase", &self.phase)
+            .finish_non_exhaustive()
+    }
+}
+
+fn header_value(h: &HeaderValue) -> String {
+    if h.raw_value.is_empty() {
+        h.value.clone()
+    } else {
+        String::from_utf8_lossy(&h.raw_value).into_owned()
+    }
+}
+
+fn set_header(key: &str, value: &str) -> HeaderValueOption {
+    HeaderValueOption {
+        header: Some(HeaderValue {
+            key: key.to_owned(),
+            raw_value: value.as_bytes().to_vec(),
+            ..HeaderValue::default()
+        }),
+        append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
+        ..HeaderValueOption::default()
+    }
+}
+
+fn string_value(s: &str) -> Value {
+    Value {
+        kind: Some(Kind::StringValue(s.to_owned())),
+    }
+}
+
+/// Addresses from a subset-hint value: a comma-separated string or a list of such strings.
+fn subset_addresses(v: &Value, out: &mut Vec<String>) {
+    match &v.kind {
+        Some(Kind::StringValue(s)) => out.extend(
+            s.split(',')
+                .map(str::trim)
+                .filter(|a| !a.is_empty())
+                .map(str::to_owned),
+        ),
+        Some(Kind::ListValue(l)) => {
+            for item in &l.values {
+                subset_addresses(item, out);
+            }
+        }
+        _ => {}
+    }
+}
+
+fn subset_hint(md: Option<&Metadata>) -> Option<Vec<String>> {
+    let v = md?
+        .filter_metadata
+        .get(SUBSET_NAMESPACE)?
+        .fields
+        .get(SUBSET_KEY)?;
+    let mut out = Vec::new();
+    subset_addresses(v, &mut out);
+    Some(out)
+}
+
+fn lb_metadata_string(md: Option<&Metadata>, key: &str) -> Option<String> {
+    match &md?
+        .filter_metadata
+        .get(DESTINATION_NAMESPACE)?
+        .fields
+        .get(key)?
+        .kind
+    {
+        Some(Kind::StringValue(s)) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+/// Chunks `body` into streamed body mutations; the last carries `end_of_stream` when `eos`.
+fn body_chunks(body: &[u8], eos: bool, request: bool) -> Vec<ProcessingResponse> {
+    let wrap = |chunk: &[u8], end: bool| {
+        let common = CommonResponse {
+            body_mutation: Some(BodyMutation {
+                mutation: Some(body_mutation::Mutation::StreamedResponse(
+                    StreamedBodyResponse {
+                        body: chunk.to_vec(),
+                        end_of_stream: end,
+                        ..StreamedBodyResponse::default()
+                    },
+                )),
+            }),
+            ..CommonResponse::default()
+        };
+        let br = BodyResponse {
+            response: Some(common),
+        };
+        ProcessingResponse {
+            response: Some(if request {
+                Resp::RequestBody(br)
+            } else {
+                Resp::ResponseBody(br)
+            }),
+            ..ProcessingResponse::default()
+        }
+    };
+    if body.is_empty() {
+        return vec![wrap(body, eos)];
+    }
+    let n = body.len().div_ceil(BODY_CHUNK_BYTES);
+    body.chunks(BODY_CHUNK_BYTES)
+        .enumerate()
+        .map(|(i, c)| wrap(c, eos && i + 1 == n))
+        .collect()
+}
+
+/// Replaces the top-level `model` of a JSON body.
+fn rewrite_model(body: &[u8], model: &str) -> Result<Vec<u8>, ApiError> {
+    let mut v: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
+        ApiError::new(
+            tonic::codegen::http::StatusCode::BAD_REQUEST,
+            format!("invalid JSON body: {e}"),
+        )
+    })?;
+    if let Some(obj) = v.as_object_mut() {
+        obj.insert("model".into(), serde_json::Value::String(model.to_owned()));
+    }
+    serde_json::to_vec(&v).map_err(|e| {
+        ApiError::new(
+            tonic::codegen::http::StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot re-encode the body: {e}"),
+        )
+    })
+}
+
+/// Replaces `"model":"from"` (with or without a space after the colon) by `to` in a response
+/// chunk, so clients see the name they asked for.
+fn rewrite_model_back(chunk: &[u8], from: &str, to: &str) -> Vec<u8> {
+    let mut out = chunk.to_vec();
+    for sep in [":", ": "] {
+        let old = format!("\"model\"{sep}\"{from}\"");
+        let new = format!("\"model\"{sep}\"{to}\"");
+        out = replace_all(&out, old.as_bytes(), new.as_bytes());
+    }
+    out
+}
+
+fn replace_all(hay: &[u8], old: &[u8], new: &[u8]) -> Vec<u8> {
+    if old.is_empty() || hay.len() < old.len() {
+        return hay.to_vec();
+    }
+    let mut out = Vec::with_capacity(hay.len());
+    let mut i = 0;
+    while i < hay.len() {
+        if hay[i..].starts_with(old) {
+            out.extend_from_slice(new);
+            i += old.len();
+        } else {
+            out.push(hay[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
+fn route_error_status(e: &RouteError) -> ApiError {
+    use tonic::codegen::http::StatusCode;
+    let status = match e {
+        RouteError::UnknownModel { .. } => StatusCode::NOT_FOUND,
+        RouteError::NoEndpoints { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        RouteError::Shed { .. } => StatusCode::TOO_MANY_REQUESTS,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    ApiError {
+        status,
+        message: e.to_string(),
+        param: matches!(e, RouteError::UnknownModel { .. }).then_some("model"),
+    }
+}
+
+impl StreamState {
+    fn new(shared: Arc<Shared>) -> Self {
+        Self {
+            shared,
+            phase: Phase::Headers,
+            full_duplex: true,
+            t0: Instant::now(),
+            info: RequestInfo::default(),
+            api: None,
+            body: Vec::new(),
+            booking: None,
+            rewrite: None,
+            meter: None,
+            status: 0,
+        }
+    }
+
+    fn api_label(&self) -> &'static str {
+        self.api.map_or("other", ApiKind::label)
+    }
+
+    /// Advances the state machine by one message received at `now`.
+    pub fn handle(&mut self, msg: ProcessingRequest, now: Instant) -> Result<Step, Status> {
+        if let Some(pc) = &msg.protocol_config {
+            self.full_duplex = pc.request_body_mode == BodySendMode::FullDuplexStreamed as i32;
+        }
+        match msg.request {
+            Some(Req::RequestHeaders(h)) => {
+                self.on_request_headers(h, msg.metadata_context.as_ref(), now)
+            }
+            Some(Req::RequestBody(b)) => self.on_request_body(b),
+            Some(Req::RequestTrailers(_)) => self.on_request_trailers(),
+            Some(Req::ResponseHeaders(h)) => {
+                Ok(self.on_response_headers(h, msg.metadata_context.as_ref()))
+            }
+            Some(Req::ResponseBody(b)) => Ok(self.on_response_body(b, now)),
+            Some(Req::ResponseTrailers(_)) => Ok(self.on_response_trailers()),
+            None => Ok(Step::none()),
+        }
+    }
+
+    fn out_of_order(&self, what: &str) -> Status {
+        Status::failed_precondition(format!(
+            "ext_proc message out of order: {what} in phase {:?}",
+            self.phase
+        ))
+    }
+
+    fn on_request_headers(
+        &mut self,
+        h: HttpHeaders,
+        md: Option<&Metadata>,
+        now: Instant,
+    ) -> Result<Step, Status> {
+        if self.phase != Phase::Headers {
+            return Err(self.out_of_order("request headers"));
+        }
+        if !self.full_duplex {
+            return Err(Status::failed_precondition(
+                "kvgate epp needs request_body_mode FULL_DUPLEX_STREAMED (as the reference Envoy config sets)",
+            ));
+        }
+        self.t0 = now;
+        for hv in h.headers.iter().flat_map(|m| m.headers.iter()) {
+            let key = hv.key.to_ascii_lowercase();
+            let slot = match key.as_str() {
+                ":path" => {
+                    self.info.path = header_value(hv);
+                    continue;
+                }
+                "x-request-id" => &mut self.info.request_id,
+                k if k == OBJECTIVE_HEADER => &mut self.info.objective,
+                k if k == SESSION_HEADER => &mut self.info.session,
+                k if k == MODEL_REWRITE_HEADER => &mut self.info.model_rewrite,
+                _ => continue,
+            };
+            *slot = Some(header_value(hv)).filter(|v| !v.trim().is_empty());
+        }
+        self.info.subset = subset_hint(md);
+        self.api = ApiKind::from_path(&self.info.path);
+        if h.end_of_stream {
+            return Ok(self.route_without_body(None, false));
+        }
+        self.phase = Phase::Body;
+        Ok(Step::none())
+    }
+
+    fn on_request_body(&mut self, b: HttpBody) -> Result<Step, Status> {
+        if self.phase != Phase::Body {
+            return Err(self.out_of_order("request body"));
+        }
+        let limit = self.shared.settings.max_body_bytes;
+        if self.body.len() + b.body.len() > limit {
+            return Ok(self.immediate(&ApiError::new(
+                tonic::codegen::http::StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body exceeds the limit of {limit} bytes"),
+            )));
+        }
+        self.body.extend_from_slice(&b.body);
+        if b.end_of_stream {
+            return Ok(self.route(true));
+        }
+        Ok(Step::none())
+    }
+
+    fn on_request_trailers(&mut self) -> Result<Step, Status> {
+        let mut step = match self.phase {
+            Phase::Body => self.route(false),
+            Phase::Routed => Step::none(),
+            _ => return Err(self.out_of_order("request trailers")),
+        };
+        if !step.close {
+            step.responses.push(ProcessingResponse {
+                response: Some(Resp::RequestTrailers(TrailersResponse::default())),
+                ..ProcessingResponse::default()
+            });
+        }
+        Ok(step)
+    }
+
+    /// An immediate response in the OpenAI error shape; ends the exchange.
+    fn immediate(&mut self, e: &ApiError) -> Step {
+        let status = e.status.as_u16();
+        self.shared
+            .metrics
+            .immediate_responses
+            .get_or_create(&StatusLabels { status })
+            .inc();
+        self.count(status);
+        self.phase = Phase::Done;
+        tracing::debug!(status, message = %e.message, request_id = ?self.info.request_id, "answering without routing");
+        Step {
+            responses: vec![ProcessingResponse {
+                response: Some(Resp::ImmediateResponse(ImmediateResponse {
+                    status: Some(HttpStatus {
+                        code: i32::from(status),
+                    }),
+                    headers: Some(HeaderMutation {
+                        set_headers: vec![set_header("content-type", "application/json")],
+                        ..HeaderMutation::default()
+                    }),
+                    body: e.body().to_string().into_bytes(),
+                    details: format!("kvgate_epp_{status}"),
+                    ..ImmediateResponse::default()
+                })),
+                ..ProcessingResponse::default()
+            }],
+            close: true,
+        }
+    }
+
+    fn count(&self, status: u16) {
+        self.shared
+            .metrics
+            .gateway
+            .requests
+            .get_or_create(&RequestLabels {
+                api: self.api_label(),
+                status,
+            })
+            .inc();
+    }
+
+    /// The request-headers answer carrying `destination` (and the body's new length).
+    fn headers_response(&self, destination: &str, body_len: Option<usize>) -> ProcessingResponse {
+        let mut set = vec![set_header(DESTINATION_ENDPOINT, destination)];
+        if let Some(len) = body_len {
+            set.push(set_header("content-length", &len.to_string()));
+        }
+        let mut lb = Struct::default();
+        lb.fields
+            .insert(DESTINATION_ENDPOINT.to_owned(), string_value(destination));
+        let mut md = Struct::default();
+        md.fields.insert(
+            DESTINATION_NAMESPACE.to_owned(),
+            Value {
+                kind: Some(Kind::StructValue(lb)),
+            },
+        );
+        ProcessingResponse {
+            response: Some(Resp::RequestHeaders(HeadersResponse {
+                response: Some(CommonResponse {
+                    header_mutation: Some(HeaderMutation {
+                        set_headers: set,
+                        // Never let a client-sent "served" header reach the response phase.
+                        remove_headers: vec![SERVED_ENDPOINT.to_owned()],
+                    }),
+                    clear_route_cache: true,
+                    ..CommonResponse::default()
+                }),
+            })),
+            dynamic_metadata: Some(md),
+            ..ProcessingResponse::default()
+        }
+    }
+
+    /// Routes a request the core has no use for (no body, or not an inference API) to a ready
+    /// endpoint, round-robin within the subset hint; `body` is re-sent as is.
+    fn route_without_body(&mut self, body: Option<Vec<u8>>, eos: bool) -> Step {
+        let mut addrs = self.shared.control.endpoint_addresses();
+        if let Some(subset) = &self.info.subset {
+            addrs.retain(|a| subset.contains(a));
+        }
+        if addrs.is_empty() {
+            return self.immediate(&ApiError::new(
+                tonic::codegen::http::StatusCode::SERVICE_UNAVAILABLE,
+                "no ready endpoint",
+            ));
+        }
+        addrs.sort();
+        let i = self.shared.round_robin.fetch_add(1, Ordering::Relaxed) % addrs.len();
+        self.phase = Phase::Routed;
+        let mut responses = vec![self.headers_response(&addrs[i], body.as_ref().map(Vec::len))];
+        if let Some(b) = body {
+            responses.extend(body_chunks(&b, eos, true));
+        }
+        Step {
+            responses,
+            close: false,
+        }
+    }
+
+    /// The body is complete: parse, pick, book, answer (see the module docs).
+    fn route(&mut self, eos: bool) -> Step {
+        let started = Instant::now();
+        let mut body = std::mem::take(&mut self.body);
+        let Some(api) = self.api else {
+            return self.route_without_body(Some(body), eos);
+        };
+        let mut parsed = match parse_request(api, &body) {
+            Ok(p) => p,
+            Err(e) => return self.immediate(&e),
+        };
+        if let Some(to) = self.info.model_rewrite.clone()
+            && to != parsed.model
+        {
+            body = match rewrite_model(&body, &to) {
+                Ok(b) => b,
+                Err(e) => return self.immediate(&e),
+            };
+            self.rewrite = Some((std::mem::replace(&mut parsed.model, to.clone()), to));
+        }
+        let control = self.shared.control.clone();
+        let Some(mut rr) = control.routing_request(
+            &parsed,
+            self.info.objective.as_deref(),
+            self.info.session.as_deref(),
+        ) else {
+            let e = if control.ready_endpoints() == 0 {
+                ApiError::new(
+                    tonic::codegen::http::StatusCode::SERVICE_UNAVAILABLE,
+                    "no ready endpoint",
+                )
+            } else {
+                ApiError {
+                    status: tonic::codegen::http::StatusCode::NOT_FOUND,
+                    message: format!("The model `{}` does not exist.", parsed.model),
+                    param: Some("model"),
+                }
+            };
+            return self.immediate(&e);
+        };
+        if let Some(subset) = &self.info.subset {
+            rr.subset = Some(control.endpoint_ids(subset.iter().map(String::as_str)));
+        }
+        let (decision, target) = match control.pick(&rr) {
+            Ok(x) => x,
+            Err(e) => return self.immediate(&route_error_status(&e)),
+        };
+        let mut destination = target.address.to_string();
+        for &id in decision
+            .fallbacks
+            .iter()
+            .take(self.shared.settings.fallbacks)
+        {
+            if let Some(a) = control.address_of(id) {
+                destination.push(',');
+                destination.push_str(&a);
+            }
+        }
+        let gw = &self.shared.metrics.gateway;
+        gw.decisions
+            .get_or_create(&DecisionLabels {
+                endpoint: target.address.to_string(),
+                reason: reason_label(decision.reason).to_owned(),
+            })
+            .inc();
+        tracing::debug!(request_id = ?self.info.request_id, endpoint = %destination, reason = reason_label(decision.reason), "routed");
+        self.booking = Some(Booking::new(control, rr, decision, target));
+        self.phase = Phase::Routed;
+        let mut responses = vec![self.headers_response(&destination, Some(body.len()))];
+        responses.extend(body_chunks(&body, eos, true));
+        self.shared
+            .metrics
+            .decision_seconds
+            .observe(started.elapsed().as_secs_f64());
+        Step {
+            responses,
+            close: false,
+        }
+    }
+
+    fn on_response_headers(&mut self, h: HttpHeaders, md: Option<&Metadata>) -> Step {
+        let mut status = 0u16;
+        let mut sse = false;
+        let mut served = lb_metadata_string(md, SERVED_ENDPOINT);
+        for hv in h.headers.iter().flat_map(|m| m.headers.iter()) {
+            match hv.key.to_ascii_lowercase().as_str() {
+                ":status" => status = header_value(hv).trim().parse().unwrap_or(0),
+                "content-type" => sse = header_value(hv).starts_with("text/event-stream"),
+                SERVED_ENDPOINT if served.is_none() => served = Some(header_value(hv)),
+                _ => {}
+            }
+        }
+        self.status = status;
+        self.count(status);
+        self.phase = Phase::Responding;
+        if let Some(b) = &mut self.booking {
+            if let Some(served) = served.as_deref().map(str::trim)
+                && served != &*b.target.address
+                && let Some(&id) = b
+                    .decision
+                    .fallbacks
+                    .iter()
+                    .find(|&&id| b.control.address_of(id).as_deref() == Some(served))
+            {
+                b.move_to(id);
+            }
+            let failure = match status {
+                429 => Some(FailureKind::Overloaded),
+                s if s >= 500 => Some(FailureKind::ServerError),
+                _ => None,
+            };
+            if let Some(kind) = failure {
+                b.fail(kind);
+            } else {
+                self.meter = Some(ResponseMeter::new(sse, self.api == Some(ApiKind::Chat)));
+            }
+        }
+        let step = Step::one(ProcessingResponse {
+            response: Some(Resp::ResponseHeaders(HeadersResponse::default())),
+            ..ProcessingResponse::default()
+        });
+        if h.end_of_stream {
+            self.finish();
+        }
+        step
+    }
+
+    fn on_response_body(&mut self, b: HttpBody, now: Instant) -> Step {
+        if let Some(m) = &mut self.meter
+            && m.on_chunk(&b.body, now)
+            && let Some(booking) = &self.booking
+        {
+            booking.control.on_first_token(booking.rr.id);
+            self.shared
+                .metrics
+                .gateway
+                .ttft_seconds
+                .get_or_create(&EndpointLabels {
+                    endpoint: booking.target.address.to_string(),
+                })
+                .observe(now.duration_since(self.t0).as_secs_f64());
+        }
+        let body = match &self.rewrite {
+            Some((client, upstream)) => rewrite_model_back(&b.body, upstream, client),
+            None => b.body,
+        };
+        if b.end_of_stream {
+            self.finish();
+        }
+        Step {
+            responses: body_chunks(&body, b.end_of_stream, false),
+            close: false,
+        }
+    }
+
+    fn on_response_trailers(&mut self) -> Step {
+        self.finish();
+        Step::one(ProcessingResponse {
+            response: Some(Resp::ResponseTrailers(TrailersResponse::default())),
+            ..ProcessingResponse::default()
+        })
+    }
+
+    /// The response is complete: report the outcome to the core and the metrics.
+    fn finish(&mut self) {
+        self.phase = Phase::Done;
+        let (Some(meter), Some(b)) = (self.meter.take(), self.booking.as_mut()) else {
+            return;
+        };
+        if b.done {
+            return;
+        }
+        let m = meter.finish();
+        let labels = EndpointLabels {
+            endpoint: b.target.address.to_string(),
+        };
+        let gw = &self.shared.metrics.gateway;
+        if let Some(t) = m.tpot_seconds {
+            gw.tpot_seconds.get_or_create(&labels).observe(t);
+        }
+        if let (Some(p), Some(c)) = (m.usage.prompt_tokens, m.usage.cached_tokens) {
+            gw.observe_usage(p, c);
+        }
+        b.done = true;
+        b.control.on_finish(b.rr.id, &m.outcome);
+    }
+}

@@ -1,0 +1,440 @@
+//! `kvgate epp`: an Envoy `ext_proc` server that picks the model-server pod for every request with
+//! the `kvgate-core` router, speaking the Gateway API Inference Extension endpoint-picker protocol
+//! so it drops in where the reference picker runs (Envoy Gateway, kgateway, Istio, GKE Gateway).
+//!
+//! Why it is built this way:
+//! - **One routing brain, two data planes.** The picker shares everything but the wire with
+//!   `kvgate serve`: the YAML config ([`kvgate_gateway::config`], with `EndpointPickerConfig`
+//!   accepted), OpenAI parsing and errors ([`kvgate_gateway::openai`]), the routing state and its
+//!   signal tasks ([`control`], a fork of the gateway's with two lookups added; see its docs), and
+//!   the response measurements ([`meter`]) that calibrate the core. A policy measured behind the
+//!   gateway or in simulation is the policy Envoy gets.
+//! - **Envoy moves the bytes, the picker decides.** [`extproc`] holds one small synchronous state
+//!   machine per ext_proc stream; the gRPC task only shuttles messages, so the protocol logic is
+//!   tested message by message without sockets. Request bodies are buffered only until the
+//!   decision (the protocol needs the body before answering the headers); responses stream
+//!   through chunk by chunk.
+//! - **Membership through one door.** Static endpoints (config or `--endpoint`) and Kubernetes
+//!   discovery ([`k8s`]: an `InferencePool` and its pods, watched with kube-rs) both end in
+//!   [`control::Control::set_endpoints`], so a terminating pod drains exactly like an endpoint
+//!   removed from the config: no new requests unless nothing else can serve, in-flight ones finish.
+//! - **Three listeners, as the reference picker has them**: ext_proc gRPC (9002), gRPC health
+//!   `grpc.health.v1` (9003, SERVING once the endpoint set is known), Prometheus metrics (9090).
+#![deny(missing_docs)]
+
+pub mod control;
+pub mod extproc;
+pub mod k8s;
+pub mod meter;
+pub mod metrics;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessorServer;
+use kvgate_gateway::GatewayError;
+use kvgate_gateway::config::{GatewayConfig, Overrides, PolicyChoice};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic_health::ServingStatus;
+
+use crate::control::Control;
+use crate::extproc::{Picker, PickerSettings};
+use crate::metrics::EppMetrics;
+
+/// Default ext_proc port: the reference endpoint picker's `--grpc-port`.
+pub const DEFAULT_GRPC_PORT: u16 = 9002;
+/// Default gRPC health port: the reference picker's `--grpc-health-port`.
+pub const DEFAULT_GRPC_HEALTH_PORT: u16 = 9003;
+/// Default Prometheus port: the reference picker's `--metrics-port`.
+pub const DEFAULT_METRICS_PORT: u16 = 9090;
+
+/// The ext_proc service name, as health checks (Envoy's `grpc_health_check`) ask for it.
+pub const EXT_PROC_SERVICE: &str = "envoy.service.ext_proc.v3.ExternalProcessor";
+
+/// Why the picker could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum EppError {
+    /// The configuration (file or flags) is invalid, or the router refused it.
+    #[error("configuration")]
+    Config(#[source] GatewayError),
+    /// Flags that contradict each other.
+    #[error("invalid flags: {0}")]
+    Flags(&'static str),
+    /// A listener could not be bound.
+    #[error("cannot bind {addr}")]
+    Bind {
+        /// The address.
+        addr: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The Kubernetes client could not be configured.
+    #[error("kubernetes client")]
+    Kube(#[source] k8s::DiscoveryError),
+    /// Waiting for ctrl-c failed.
+    #[error("cannot listen for ctrl-c")]
+    Signal(#[source] std::io::Error),
+}
+
+/// Flags of `kvgate epp`. Flags win over the config file.
+#[derive(Clone, Debug, clap::Args)]
+pub struct EppArgs {
+    /// YAML config file: the same format as `kvgate serve`, or a bare `EndpointPickerConfig`.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Address to bind the three listeners to [default: 0.0.0.0].
+    #[arg(long)]
+    pub host: Option<String>,
+    /// ext_proc gRPC port (Envoy connects here).
+    #[arg(long, default_value_t = DEFAULT_GRPC_PORT)]
+    pub grpc_port: u16,
+    /// gRPC health (`grpc.health.v1`) port.
+    #[arg(long, default_value_t = DEFAULT_GRPC_HEALTH_PORT)]
+    pub grpc_health_port: u16,
+    /// Prometheus metrics port (`/metrics`).
+    #[arg(long, default_value_t = DEFAULT_METRICS_PORT)]
+    pub metrics_port: u16,
+    /// Model server `ip:port` (or http://ip:port) to route to (repeat for more); not with --pool-name.
+    #[arg(long = "endpoint")]
+    pub endpoints: Vec<String>,
+    /// KV-event ZMQ PUB endpoint of the --endpoint at the same position (tcp://host:port).
+    #[arg(long = "kv-events")]
+    pub kv_events: Vec<String>,
+    /// KV-event replay (ZMQ ROUTER) endpoint of the --endpoint at the same position.
+    #[arg(long = "kv-replay")]
+    pub kv_replay: Vec<String>,
+    /// Models served by the endpoints (default: learned from their /v1/models).
+    #[arg(long = "model")]
+    pub models: Vec<String>,
+    /// Routing policy (kvgate, gie-default, sglang-cache-aware, dynamo, round-robin, ...).
+    #[arg(long)]
+    pub policy: Option<String>,
+    /// Metrics scrape interval per endpoint, ms [default: 100].
+    #[arg(long)]
+    pub scrape_interval_ms: Option<u64>,
+    /// Largest request body buffered, bytes [default: 33554432].
+    #[arg(long)]
+    pub max_body_bytes: Option<usize>,
+    /// Fallback endpoints written after the primary in x-gateway-destination-endpoint. Keep 0
+    /// with an ORIGINAL_DST cluster (it parses one address only).
+    #[arg(long, default_value_t = 0)]
+    pub fallbacks: usize,
+    /// Name of the InferencePool to serve (Kubernetes discovery).
+    #[arg(long)]
+    pub pool_name: Option<String>,
+    /// Namespace of the InferencePool [default: $NAMESPACE, else "default"].
+    #[arg(long)]
+    pub pool_namespace: Option<String>,
+    /// API group of the InferencePool.
+    #[arg(long, default_value = k8s::DEFAULT_POOL_GROUP)]
+    pub pool_group: String,
+    /// kubeconfig file (default: in-cluster config, else $KUBECONFIG / ~/.kube/config).
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+    /// Port of each pod's KV-event ZMQ publisher (Kubernetes discovery; optional).
+    #[arg(long)]
+    pub pod_kv_events_port: Option<u16>,
+    /// Port of each pod's KV-event replay socket (Kubernetes discovery; optional).
+    #[arg(long)]
+    pub pod_kv_replay_port: Option<u16>,
+}
+
+impl Default for EppArgs {
+    fn default() -> Self {
+        Self {
+            config: None,
+            host: None,
+            grpc_port: DEFAULT_GRPC_PORT,
+            grpc_health_port: DEFAULT_GRPC_HEALTH_PORT,
+            metrics_port: DEFAULT_METRICS_PORT,
+            endpoints: Vec::new(),
+            kv_events: Vec::new(),
+            kv_replay: Vec::new(),
+            models: Vec::new(),
+            policy: None,
+            scrape_interval_ms: None,
+            max_body_bytes: None,
+            fallbacks: 0,
+            pool_name: None,
+            pool_namespace: None,
+            pool_group: k8s::DEFAULT_POOL_GROUP.to_owned(),
+            kubeconfig: None,
+            pod_kv_events_port: None,
+            pod_kv_replay_port: None,
+        }
+    }
+}
+
+impl EppArgs {
+    fn overrides(&self) -> Overrides {
+        Overrides {
+            host: self.host.clone(),
+            endpoints: self.endpoints.clone(),
+            kv_events: self.kv_events.clone(),
+            kv_replay: self.kv_replay.clone(),
+            models: self.models.clone(),
+            policy: self.policy.clone(),
+            scrape_interval_ms: self.scrape_interval_ms,
+            max_body_bytes: self.max_body_bytes,
+            ..Overrides::default()
+        }
+    }
+
+    /// The gateway configuration these flags (and the file) describe. A file whose top-level
+    /// `kind` is `EndpointPickerConfig` is taken as the routing policy, everything else from flags.
+    pub fn load_config(&self) -> Result<GatewayConfig, EppError> {
+        let flags = self.overrides();
+        let Some(path) = &self.config else {
+            return GatewayConfig::load(None, &flags).map_err(EppError::Config);
+        };
+        let text = std::fs::read_to_string(path).map_err(|source| {
+            EppError::Config(GatewayError::ReadConfig {
+                path: path.clone(),
+                source,
+            })
+        })?;
+        let bare_picker_config = serde_norway::from_str::<serde_norway::Value>(&text)
+            .ok()
+            .and_then(|v| v.get("kind").and_then(|k| k.as_str().map(str::to_owned)))
+            .is_some_and(|k| k == "EndpointPickerConfig");
+        if bare_picker_config {
+            let mut cfg = GatewayConfig::load(None, &flags).map_err(EppError::Config)?;
+            if flags.policy.is_none() {
+                cfg.policy = PolicyChoice::Yaml(text);
+            }
+            return Ok(cfg);
+        }
+        GatewayConfig::load(Some(path), &flags).map_err(EppError::Config)
+    }
+}
+
+/// A running endpoint picker.
+pub struct Epp {
+    /// ext_proc gRPC address.
+    pub grpc_addr: SocketAddr,
+    /// gRPC health address.
+    pub health_addr: SocketAddr,
+    /// Prometheus metrics address.
+    pub metrics_addr: SocketAddr,
+    /// Routing state (for embedding and tests).
+    pub control: Arc<Control>,
+    /// Metrics.
+    pub metrics: Arc<EppMetrics>,
+    stop: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Epp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Epp")
+            .field("grpc_addr", &self.grpc_addr)
+            .field("health_addr", &self.health_addr)
+            .field("metrics_addr", &self.metrics_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Epp {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+async fn bind(host: &str, port: u16) -> Result<TcpListener, EppError> {
+    let addr = format!("{host}:{port}");
+    TcpListener::bind(&addr)
+        .await
+        .map_err(|source| EppError::Bind { addr, source })
+}
+
+fn local(l: &TcpListener) -> Result<SocketAddr, EppError> {
+    l.local_addr().map_err(|source| EppError::Bind {
+        addr: "listener".into(),
+        source,
+    })
+}
+
+impl Epp {
+    /// Binds the three listeners, starts discovery (static endpoints or the InferencePool) and
+    /// serves until dropped or shut down.
+    pub async fn start(args: &EppArgs) -> Result<Self, EppError> {
+        let cfg = args.load_config()?;
+        let pool = match (&args.pool_name, cfg.endpoints.is_empty()) {
+            (Some(_), false) => {
+                return Err(EppError::Flags(
+                    "give either static endpoints (--endpoint or the config file) or --pool-name, not both",
+                ));
+            }
+            (Some(name), true) => Some(k8s::PoolRef {
+                name: name.clone(),
+                namespace: args
+                    .pool_namespace
+                    .clone()
+                    .or_else(|| std::env::var("NAMESPACE").ok())
+                    .unwrap_or_else(|| "default".into()),
+                group: args.pool_group.clone(),
+            }),
+            (None, _) => None,
+        };
+        let metrics = Arc::new(EppMetrics::new());
+        let control = Control::start(&cfg, metrics.gateway.clone()).map_err(EppError::Config)?;
+        let grpc = bind(&cfg.host, args.grpc_port).await?;
+        let health = bind(&cfg.host, args.grpc_health_port).await?;
+        let prom = bind(&cfg.host, args.metrics_port).await?;
+        let (grpc_addr, health_addr, metrics_addr) =
+            (local(&grpc)?, local(&health)?, local(&prom)?);
+        let stop = CancellationToken::new();
+        let mut tasks = Vec::new();
+
+        let (reporter, health_service) = tonic_health::server::health_reporter();
+        reporter
+            .set_service_status("liveness", ServingStatus::Serving)
+            .await;
+        for name in ["", "readiness", EXT_PROC_SERVICE] {
+            reporter
+                .set_service_status(name, ServingStatus::NotServing)
+                .await;
+        }
+        let ready = {
+            let reporter = reporter.clone();
+            move || async move {
+                for name in ["", "readiness", EXT_PROC_SERVICE] {
+                    reporter
+                        .set_service_status(name, ServingStatus::Serving)
+                        .await;
+                }
+            }
+        };
+        match pool {
+            None => {
+                if cfg.endpoints.is_empty() {
+                    tracing::warn!("no endpoints configured: every request will get 503");
+                }
+                control.set_endpoints(&cfg.endpoints);
+                ready().await;
+            }
+            Some(pool) => {
+                let client = k8s::client(args.kubeconfig.as_deref())
+                    .await
+                    .map_err(EppError::Kube)?;
+                let template = k8s::PodEndpointTemplate {
+                    models: args.models.clone(),
+                    kv_events_port: args.pod_kv_events_port,
+                    kv_replay_port: args.pod_kv_replay_port,
+                };
+                let (synced_tx, mut synced_rx) = tokio::sync::watch::channel(false);
+                tasks.push(tokio::spawn(k8s::run_discovery(
+                    client,
+                    pool,
+                    template,
+                    control.clone(),
+                    synced_tx,
+                    stop.clone(),
+                )));
+                tasks.push(tokio::spawn(async move {
+                    if synced_rx.wait_for(|s| *s).await.is_ok() {
+                        ready().await;
+                    }
+                }));
+            }
+        }
+
+        let picker = Picker::new(
+            control.clone(),
+            metrics.clone(),
+            PickerSettings {
+                max_body_bytes: cfg.limits.max_body_bytes,
+                fallbacks: args.fallbacks,
+            },
+        );
+        let s = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            let incoming =
+                tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true));
+            if let Err(e) = tonic::transport::Server::builder()
+                .add_service(ExternalProcessorServer::new(picker))
+                .serve_with_incoming_shutdown(incoming, s.cancelled())
+                .await
+            {
+                tracing::error!(error = %e, "ext_proc server failed");
+            }
+        }));
+        let s = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            let incoming = tonic::transport::server::TcpIncoming::from(health);
+            if let Err(e) = tonic::transport::Server::builder()
+                .add_service(health_service)
+                .serve_with_incoming_shutdown(incoming, s.cancelled())
+                .await
+            {
+                tracing::error!(error = %e, "health server failed");
+            }
+        }));
+        let s = stop.clone();
+        let app = metrics_router(control.clone(), metrics.clone());
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = axum::serve(prom, app)
+                .with_graceful_shutdown(s.cancelled_owned())
+                .await
+            {
+                tracing::error!(error = %e, "metrics server failed");
+            }
+        }));
+        tracing::info!(%grpc_addr, %health_addr, %metrics_addr, "kvgate endpoint picker listening");
+        Ok(Self {
+            grpc_addr,
+            health_addr,
+            metrics_addr,
+            control,
+            metrics,
+            stop,
+            tasks,
+        })
+    }
+
+    /// Stops the listeners and waits for them (open ext_proc streams end with them).
+    pub async fn shutdown(mut self) {
+        self.stop.cancel();
+        for t in self.tasks.drain(..) {
+            let _ = t.await;
+        }
+    }
+}
+
+fn metrics_router(control: Arc<Control>, metrics: Arc<EppMetrics>) -> axum::Router {
+    use axum::routing::get;
+    axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let (control, metrics) = (control.clone(), metrics.clone());
+                async move {
+                    control.refresh_gauges();
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        metrics.encode(),
+                    )
+                }
+            }),
+        )
+        .route("/health", get(|| async { "ok" }))
+}
+
+/// Runs `kvgate epp` until ctrl-c.
+pub async fn run(args: EppArgs) -> Result<(), EppError> {
+    let epp = Epp::start(&args).await?;
+    tokio::signal::ctrl_c().await.map_err(EppError::Signal)?;
+    tracing::info!("shutting down");
+    epp.shutdown().await;
+    Ok(())
+}

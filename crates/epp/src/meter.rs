@@ -1,0 +1,217 @@
+//! Measuring a response as it streams through Envoy: time to first token, time per output token
+//! and `usage`, with the same rules as the HTTP gateway's relay (`kvgate_gateway::proxy`), so a
+//! request routed by the picker calibrates the core exactly as one through `kvgate serve` does.
+//!
+//! TTFT runs from the moment the picker saw the request headers to the first non-empty response
+//! body chunk of an SSE response (vLLM sends the first chunk when the first token exists). TPOT is
+//! `(last chunk − first chunk) / (completion tokens − 1)`, with completion tokens from the final
+//! usage chunk when present, else the number of SSE `data:` events carrying tokens. Only the last
+//! [`STREAM_TAIL_BYTES`] of a stream (or a non-streaming body up to
+//! [`kvgate_gateway::proxy::USAGE_WINDOW_BYTES`]) is kept to read `usage` at the end.
+
+use std::time::Instant;
+
+use kvgate_core::request::Outcome;
+use kvgate_gateway::openai::{Usage, usage_of};
+use kvgate_gateway::proxy::USAGE_WINDOW_BYTES;
+
+/// Tail of a stream kept for the usage chunk: comfortably more than one usage chunk plus
+/// `[DONE]` (a few hundred bytes), small enough that copying it per chunk costs nothing.
+pub const STREAM_TAIL_BYTES: usize = 4 * 1024;
+
+/// What a finished response tells the core and the metrics.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Measured {
+    /// Outcome for `on_finish`.
+    pub outcome: Outcome,
+    /// Mean time per output token, seconds, when measurable.
+    pub tpot_seconds: Option<f64>,
+    /// Usage as reported by the engine.
+    pub usage: Usage,
+}
+
+/// Per-response measurement state.
+#[derive(Debug)]
+pub struct ResponseMeter {
+    sse: bool,
+    chat: bool,
+    first_at: Option<Instant>,
+    last_at: Option<Instant>,
+    events: u32,
+    window: Vec<u8>,
+    window_overflow: bool,
+    at_line_start: bool,
+}
+
+/// SSE `data:` events starting in `data`, given whether `data` begins at a line start.
+fn count_events(data: &[u8], at_line_start: &mut bool) -> u32 {
+    let mut n = 0;
+    for (i, &b) in data.iter().enumerate() {
+        if *at_line_start && data[i..].starts_with(b"data:") {
+            n += 1;
+        }
+        *at_line_start = b == b'\n';
+    }
+    n
+}
+
+impl ResponseMeter {
+    /// A meter for a response whose body is SSE (`sse`) to a chat request (`chat`: the role
+    /// chunk carries no token).
+    pub fn new(sse: bool, chat: bool) -> Self {
+        Self {
+            sse,
+            chat,
+            first_at: None,
+            last_at: None,
+            events: 0,
+            window: Vec::new(),
+            window_overflow: false,
+            at_line_start: true,
+        }
+    }
+
+    /// Accounts one body chunk received at `now`; returns true when it is the first token of a
+    /// stream (the caller reports TTFT then).
+    pub fn on_chunk(&mut self, data: &[u8], now: Instant) -> bool {
+        let first = self.first_at.is_none() && !data.is_empty();
+        if first {
+            self.first_at = Some(now);
+        }
+        if self.sse {
+            self.last_at = Some(now);
+            self.events += count_events(data, &mut self.at_line_start);
+            self.window.extend_from_slice(data);
+            if self.window.len() > STREAM_TAIL_BYTES * 2 {
+                let cut = self.window.len() - STREAM_TAIL_BYTES;
+                self.window.drain(..cut);
+            }
+        } else if !self.window_overflow {
+            if self.window.len() + data.len() > USAGE_WINDOW_BYTES {
+                self.window_overflow = true;
+                self.window = Vec::new();
+            } else {
+                self.window.extend_from_slice(data);
+            }
+        }
+        first && self.sse
+    }
+
+    fn stream_usage(&self) -> Option<Usage> {
+        let text = &self.window;
+        // Walk events from the end; the usage chunk is the last JSON event with a `usage` object.
+        let mut end = text.len();
+        while end > 0 {
+            let start = text[..end]
+                .windows(6)
+                .rposition(|w| w == b"data: " || w == b"\ndata:")
+                .unwrap_or(0);
+            let event = &text[start..end];
+            if let Some(json_at) = event.iter().position(|&b| b == b'{') {
+                let json = &event[json_at..];
+                let json_end = json
+                    .iter()
+                    .rposition(|&b| b == b'}')
+                    .map_or(json.len(), |e| e + 1);
+                if let Some(u) = usage_of(&json[..json_end]) {
+                    return Some(u);
+                }
+            }
+            if start == 0 {
+                break;
+            }
+            end = start;
+        }
+        None
+    }
+
+    /// The measurement of the finished response.
+    pub fn finish(&self) -> Measured {
+        let usage = if self.sse {
+            self.stream_usage()
+        } else if self.window_overflow {
+            None
+        } else {
+            usage_of(&self.window)
+        }
+        .unwrap_or_default();
+        // Events that carry no generated token: `[DONE]`, the chat role chunk, the usage chunk.
+        let overhead = 1 + u32::from(self.chat) + u32::from(usage.completion_tokens.is_some());
+        let output_tokens = usage
+            .completion_tokens
+            .unwrap_or_else(|| self.events.saturating_sub(overhead));
+        let per = match (self.sse, self.first_at, self.last_at) {
+            (true, Some(first), Some(last)) if output_tokens > 1 => {
+                Some(last.duration_since(first) / (output_tokens - 1))
+            }
+            _ => None,
+        };
+        Measured {
+            outcome: Outcome {
+                output_tokens,
+                cached_tokens: usage.cached_tokens,
+                tpot_us: per.map(|p| u64::try_from(p.as_micros()).unwrap_or(u64::MAX)),
+            },
+            tpot_seconds: per.map(|p| p.as_secs_f64()),
+            usage,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn stream_with_usage_chunk_split_across_chunks() {
+        let mut m = ResponseMeter::new(true, true);
+        let t = Instant::now();
+        assert!(m.on_chunk(
+            b"data: {\"choices\":[{\"delta\":{\"role\":\"assistant\"}}]}\n\nda",
+            t
+        ));
+        assert!(!m.on_chunk(
+            b"ta: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n",
+            t
+        ));
+        m.on_chunk(
+            b"data: {\"choices\":[{\"delta\":{\"content\":\"b\"}}]}\n\n",
+            t,
+        );
+        m.on_chunk(
+            b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":2,\"prompt_tokens_details\":{\"cached_tokens\":8}}}\n\ndata: [DONE]\n\n",
+            t + Duration::from_millis(10),
+        );
+        let r = m.finish();
+        assert_eq!(r.outcome.output_tokens, 2);
+        assert_eq!(r.outcome.cached_tokens, Some(8));
+        assert_eq!(r.outcome.tpot_us, Some(10_000));
+    }
+
+    #[test]
+    fn stream_without_usage_counts_events() {
+        let mut m = ResponseMeter::new(true, false);
+        let t = Instant::now();
+        m.on_chunk(b"data: {\"choices\":[{\"text\":\"a\"}]}\n\n", t);
+        m.on_chunk(
+            b"data: {\"choices\":[{\"text\":\"b\"}]}\n\ndata: {\"choices\":[{\"text\":\"c\"}]}\n\n",
+            t,
+        );
+        m.on_chunk(b"data: [DONE]\n\n", t);
+        assert_eq!(m.finish().outcome.output_tokens, 3);
+    }
+
+    #[test]
+    fn non_streaming_body_reads_usage() {
+        let mut m = ResponseMeter::new(false, true);
+        assert!(!m.on_chunk(
+            br#"{"choices":[],"usage":{"prompt_tokens":3,"#,
+            Instant::now()
+        ));
+        m.on_chunk(br#""completion_tokens":4}}"#, Instant::now());
+        let r = m.finish();
+        assert_eq!(r.outcome.output_tokens, 4);
+        assert_eq!(r.outcome.tpot_us, None);
+    }
+}
