@@ -128,6 +128,29 @@ impl Drop for Member {
 struct Members {
     by_address: HashMap<String, Member>,
     address_of: HashMap<EndpointId, Arc<str>>,
+    /// Every servable `model` value → `None` for a base model, `Some(base)` for an adapter;
+    /// rebuilt on membership changes so the request path does one hash lookup.
+    served: HashMap<String, Option<String>>,
+}
+
+impl Members {
+    fn rebuild_served(&mut self) {
+        let mut served = HashMap::new();
+        for m in self.by_address.values() {
+            let spec = m.spec();
+            for model in &spec.models {
+                served.insert(model.clone(), None);
+            }
+            if let Some(base) = spec.models.first() {
+                for a in &spec.lora_adapters {
+                    served
+                        .entry(a.clone())
+                        .or_insert_with(|| Some(base.clone()));
+                }
+            }
+        }
+        self.served = served;
+    }
 }
 
 struct RouterState {
@@ -305,6 +328,7 @@ impl Control {
                 tracing::info!(endpoint = %address, "endpoint draining");
             }
         }
+        m.rebuild_served();
     }
 
     fn spawn_signals(&self, cfg: &EndpointConfig) -> Vec<AbortHandle> {
@@ -346,8 +370,9 @@ impl Control {
                     };
                     member.facts = Some(facts);
                     let spec = member.spec();
-                    tracing::info!(endpoint = %address, models = ?spec.models, adapters = ?spec.lora_adapters, "endpoint discovered");
                     let id = member.id;
+                    m.rebuild_served();
+                    tracing::info!(endpoint = %address, models = ?spec.models, adapters = ?spec.lora_adapters, "endpoint discovered");
                     if let Err(e) = control.lock().router.update_endpoint(id, spec) {
                         tracing::warn!(endpoint = %address, error = %e, "cannot update endpoint");
                     }
@@ -386,6 +411,7 @@ impl Control {
                     tracing::info!(endpoint = %address, "endpoint removed");
                 }
             }
+            m.rebuild_served();
         }
     }
 
@@ -546,18 +572,15 @@ impl Control {
     /// Resolves `model` as sent by a client: `(base model, adapter)`, or `None` if no endpoint
     /// serves it.
     pub fn resolve_model(&self, model: &str) -> Option<(String, Option<String>)> {
-        let m = self.members_read();
-        let mut adapter_base = None;
-        for member in m.by_address.values() {
-            let spec = member.spec();
-            if spec.models.iter().any(|x| x == model) {
-                return Some((model.to_owned(), None));
-            }
-            if adapter_base.is_none() && spec.lora_adapters.iter().any(|x| x == model) {
-                adapter_base = spec.models.first().cloned();
-            }
+        match self.members_read().served.get(model)? {
+            None => Some((model.to_owned(), None)),
+            Some(base) => Some((base.clone(), Some(model.to_owned()))),
         }
-        adapter_base.map(|base| (base, Some(model.to_owned())))
+    }
+
+    /// Runs `f` with the router locked (introspection: endpoint views, signal ages).
+    pub fn with_router<R>(&self, f: impl FnOnce(&Router) -> R) -> R {
+        f(&self.lock().router)
     }
 
     /// Priority from the objective header value: an integer, or a configured objective name

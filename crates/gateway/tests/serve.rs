@@ -688,3 +688,131 @@ async fn config_file_changes_add_and_drain_endpoints() {
     assert_eq!(r.headers()["x-kvgate-endpoint"].to_str().unwrap(), b_addr);
     let _ = std::fs::remove_file(&path);
 }
+
+#[tokio::test]
+async fn kv_events_steer_requests_to_a_pod_warmed_behind_the_gateways_back() {
+    let f = fleet(3, 50.0).await;
+    let gw = gateway(base_config(endpoints_of(&f, true))).await;
+    let c = client();
+    // Each round warms one engine directly with a fresh prefix: only that engine's KV events can
+    // tell the gateway where the prefix is, so a lucky guess passes a round with p = 1/3 and all
+    // six rounds with p < 0.2%.
+    for round in 0..6usize {
+        let prefix: String = (0..1200)
+            .map(|i| format!(" r{round}k{}", i * 104_729 % 99_991))
+            .collect();
+        let ask = |suffix: &str| chat(&format!("{prefix} {suffix}"), 2, false);
+        let warm = f.engines[round % 3].http_addr.to_string();
+        let r = c
+            .post(format!("http://{warm}/v1/chat/completions"))
+            .json(&ask("direct"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        r.bytes().await.unwrap();
+        let control = gw.control.clone();
+        let w = warm.clone();
+        let want_blocks = 64 * (round / 3 + 1);
+        eventually(
+            "precise blocks indexed from KV events",
+            Duration::from_secs(5),
+            || {
+                let control = control.clone();
+                let w = w.clone();
+                async move {
+                    control.with_router(|r| {
+                        r.endpoints().any(|v| {
+                            v.address == w && v.events_trusted && v.precise_blocks >= want_blocks
+                        })
+                    })
+                }
+            },
+        )
+        .await;
+        let r = c
+            .post(url(&gw, "/v1/chat/completions"))
+            .json(&ask("via gateway"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(
+            r.headers()["x-kvgate-endpoint"].to_str().unwrap(),
+            warm,
+            "round {round}"
+        );
+        r.bytes().await.unwrap();
+    }
+}
+
+/// A minimal OpenAI-shaped upstream that reports back exactly what it received, to check what
+/// the gateway forwards for the pass-through APIs.
+async fn recording_upstream() -> String {
+    use axum::http::HeaderMap;
+    async fn echo(
+        uri: axum::http::Uri,
+        headers: HeaderMap,
+        body: axum::body::Bytes,
+    ) -> axum::Json<Value> {
+        let names: Vec<String> = headers.keys().map(|k| k.as_str().to_owned()).collect();
+        axum::Json(json!({
+            "path": uri.path(),
+            "headers": names,
+            "body": String::from_utf8_lossy(&body),
+            "usage": {"prompt_tokens": 3, "total_tokens": 3},
+        }))
+    }
+    let app = axum::Router::new()
+        .route("/v1/embeddings", axum::routing::post(echo))
+        .route("/v1/responses", axum::routing::post(echo));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    tokio::spawn(async move { axum::serve(l, app).await });
+    addr
+}
+
+#[tokio::test]
+async fn embeddings_and_responses_pass_through_untouched() {
+    let upstream = recording_upstream().await;
+    let mut ep = endpoint(upstream.clone());
+    ep.models = vec!["embedder".into()];
+    let gw = gateway(base_config(vec![ep])).await;
+    let c = client();
+    for (path, body) in [
+        (
+            "/v1/embeddings",
+            r#"{"model":"embedder",  "input":["a b c", "d"], "encoding_format":"float"}"#,
+        ),
+        (
+            "/v1/responses",
+            r#"{"model":"embedder","instructions":"be brief","input":"hi","stream":false}"#,
+        ),
+    ] {
+        let r = c
+            .post(url(&gw, path))
+            .header("content-type", "application/json")
+            .header("authorization", "Bearer k")
+            .header("x-gateway-destination-endpoint", "10.0.0.1:80")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+        assert_eq!(r.headers()["x-kvgate-endpoint"].to_str().unwrap(), upstream);
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["path"], path);
+        assert_eq!(v["body"], body, "body forwarded byte for byte");
+        let headers: Vec<&str> = v["headers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(Value::as_str)
+            .collect();
+        assert!(headers.contains(&"authorization"), "{headers:?}");
+        assert!(
+            !headers.contains(&"x-gateway-destination-endpoint"),
+            "{headers:?}"
+        );
+    }
+}
