@@ -95,6 +95,27 @@ impl Fleet {
             .ok_or(SimError::EngineDown { index: i })
     }
 
+    /// Every engine's addresses as one JSON object (what `kvgate sim --print-json` prints):
+    /// `{"engines": [{"index", "http", "kv_pub", "kv_replay", "kv_topic", "model"}, ...]}`.
+    pub fn addresses_json(&self) -> serde_json::Value {
+        let engines: Vec<serde_json::Value> = self
+            .engines
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                serde_json::json!({
+                    "index": i,
+                    "http": e.http_addr.to_string(),
+                    "kv_pub": e.kv_pub_endpoint,
+                    "kv_replay": e.kv_replay_endpoint,
+                    "kv_topic": e.kv_topic,
+                    "model": e.model,
+                })
+            })
+            .collect();
+        serde_json::json!({ "engines": engines })
+    }
+
     /// Stops every engine and waits until all their sockets are closed.
     pub async fn shutdown(self) {
         for i in 0..self.handles.len() {

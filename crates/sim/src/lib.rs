@@ -141,22 +141,7 @@ pub async fn run(args: SimArgs) -> Result<(), SimError> {
     let cfg = args.to_fleet_config()?;
     let fleet = start_fleet(cfg).await?;
     if args.print_json {
-        let engines: Vec<serde_json::Value> = fleet
-            .engines
-            .iter()
-            .enumerate()
-            .map(|(i, e)| {
-                serde_json::json!({
-                    "index": i,
-                    "http": e.http_addr.to_string(),
-                    "kv_pub": e.kv_pub_endpoint,
-                    "kv_replay": e.kv_replay_endpoint,
-                    "kv_topic": e.kv_topic,
-                    "model": e.model,
-                })
-            })
-            .collect();
-        println!("{}", serde_json::json!({ "engines": engines }));
+        println!("{}", fleet.addresses_json());
     } else {
         for (i, e) in fleet.engines.iter().enumerate() {
             println!(

@@ -453,3 +453,76 @@ async fn non_streaming_client_disconnect_aborts_too() {
     .await;
     f.shutdown().await;
 }
+
+#[tokio::test]
+async fn flags_build_a_fleet_with_an_hf_tokenizer_and_print_addresses() {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        sim: kvgate_sim::SimArgs,
+    }
+    let dir = std::env::temp_dir().join(format!("kvgate-sim-hf-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("tokenizer.json");
+    let tokenizer = json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": [],
+        "normalizer": null,
+        "pre_tokenizer": {"type": "Whitespace"},
+        "post_processor": null,
+        "decoder": null,
+        "model": {"type": "WordLevel", "vocab": {"hello": 0, "world": 1, "[UNK]": 2}, "unk_token": "[UNK]"},
+    });
+    std::fs::write(&path, tokenizer.to_string()).unwrap();
+    let cli = Cli::try_parse_from([
+        "sim",
+        "--engines",
+        "2",
+        "--port",
+        "0",
+        "--zmq-port",
+        "0",
+        "--time-scale",
+        "50",
+        "--tokenizer",
+        path.to_str().unwrap(),
+    ])
+    .unwrap();
+    let f = kvgate_sim::start_fleet(cli.sim.to_fleet_config().unwrap())
+        .await
+        .unwrap();
+    let tok: Value = client()
+        .post(url(&f, 1, "/tokenize"))
+        .json(&json!({"prompt": "hello world zzz"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(tok["tokens"], json!([0, 1, 2]));
+    let addrs = f.addresses_json();
+    let engines = addrs["engines"].as_array().unwrap();
+    assert_eq!(engines.len(), 2);
+    for (i, e) in engines.iter().enumerate() {
+        assert_eq!(e["http"], f.engines[i].http_addr.to_string());
+        assert!(
+            e["kv_pub"]
+                .as_str()
+                .unwrap()
+                .starts_with("tcp://127.0.0.1:")
+        );
+        assert!(
+            e["kv_replay"]
+                .as_str()
+                .unwrap()
+                .starts_with("tcp://127.0.0.1:")
+        );
+        assert_ne!(e["kv_pub"], e["kv_replay"]);
+    }
+    f.shutdown().await;
+    std::fs::remove_dir_all(&dir).unwrap();
+}
