@@ -444,6 +444,34 @@ async fn client_disconnect_cancels_the_upstream_request() {
     );
 }
 
+#[tokio::test]
+async fn client_disconnect_before_the_response_head_cancels_too() {
+    let f = fleet(1, 1.0).await;
+    let gw = gateway(base_config(endpoints_of(&f, false))).await;
+    // Non-streaming: the engine answers only when done, so the client gives up while the
+    // gateway is still waiting for the response head.
+    let c = client();
+    let u = url(&gw, "/v1/chat/completions");
+    let pending = tokio::spawn(async move {
+        c.post(u)
+            .json(&chat("think hard", 5000, false))
+            .send()
+            .await
+    });
+    eventually("engine running the request", Duration::from_secs(5), || {
+        let f = &f;
+        async move { f.stats(0).await.unwrap().running == 1 }
+    })
+    .await;
+    pending.abort();
+    eventually("engine stops decoding", Duration::from_secs(5), || {
+        let f = &f;
+        async move { f.stats(0).await.unwrap().running == 0 }
+    })
+    .await;
+    assert_eq!(f.stats(0).await.unwrap().finished_abort, 1);
+}
+
 async fn status_and_error(resp: reqwest::Response) -> (u16, Value) {
     let s = resp.status().as_u16();
     let v: Value = resp.json().await.unwrap_or(Value::Null);
