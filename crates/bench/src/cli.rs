@@ -354,29 +354,29 @@ fn live(
 pub fn demo_workload(seed: u64) -> Workload {
     let sp = shared_prefix(
         SharedPrefixConfig {
-            num_groups: 24,
-            num_prompts_per_group: 40,
-            system_prompt_len: 6000,
-            question_len: 300,
-            output_len: 150,
-            rate_per_s: 16.0,
+            num_groups: 64,
+            num_prompts_per_group: 30,
+            system_prompt_len: 8000,
+            question_len: 400,
+            output_len: 200,
+            rate_per_s: 40.0,
         },
         seed,
     );
     let mt = multi_turn(
         MultiTurnConfig {
-            sessions: 120,
-            turns: 4,
-            system_prompt_len: 1500,
-            user_len: 400,
-            output_len: 200,
-            session_rate_per_s: 2.0,
-            think_time_s: 8.0,
+            sessions: 200,
+            turns: 5,
+            system_prompt_len: 2000,
+            user_len: 500,
+            output_len: 250,
+            session_rate_per_s: 4.0,
+            think_time_s: 6.0,
         },
         seed.wrapping_add(1),
     );
     merge(
-        "demo: 24 shared 6k-token system prompts x 40 questions at 16 req/s, plus 120 four-turn chats",
+        "demo: 64 shared 8k-token system prompts x 30 questions at 40 req/s, plus 200 five-turn chats",
         vec![sp, mt],
     )
 }
