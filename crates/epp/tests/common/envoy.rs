@@ -307,17 +307,17 @@ impl Envoy {
             {
                 envoy.admin = a;
             }
-            if envoy.admin.port() != 0 && envoy.picked.port() == 0 {
-                if let Some(text) = admin_get(envoy.admin, "/listeners?format=json").await
-                    && let Ok(json) = serde_json::from_str::<serde_json::Value>(&text)
-                    && let (Some(p), Some(d)) = (
-                        listener_port(&json, "picked"),
-                        listener_port(&json, "direct"),
-                    )
-                {
-                    envoy.picked = p;
-                    envoy.direct = d;
-                }
+            if envoy.admin.port() != 0
+                && envoy.picked.port() == 0
+                && let Some(text) = admin_get(envoy.admin, "/listeners?format=json").await
+                && let Ok(json) = serde_json::from_str::<serde_json::Value>(&text)
+                && let (Some(p), Some(d)) = (
+                    listener_port(&json, "picked"),
+                    listener_port(&json, "direct"),
+                )
+            {
+                envoy.picked = p;
+                envoy.direct = d;
             }
             if envoy.picked.port() != 0
                 && admin_get(envoy.admin, "/clusters")
