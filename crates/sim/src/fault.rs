@@ -15,7 +15,8 @@
 //! - `kv_drop_rate`: each KV-event batch is independently not published; its sequence number
 //!   is still consumed, so subscribers see a gap. The batch stays in the replay buffer, so a
 //!   subscriber that notices the gap can recover it by replay, as from a real dropped frame.
-//! - `slow_start_s`: for this long after start `/health` and every request answer 503.
+//! - `slow_start_s`: for this long after start `/health` and every API route answer 503
+//!   (`/metrics` keeps answering, as a starting vLLM process exposes it early).
 //!
 //! Every draw is a pure function of (fault seed, engine index, request or batch number), so a
 //! run is reproducible given the seed and the order requests arrive in.

@@ -23,6 +23,10 @@ use crate::config::{EngineSpec, FleetConfig};
 use crate::http::{self, EngineShared};
 use crate::kv::{LoraIds, Publisher};
 
+/// Pause after a failed `accept` (e.g. out of file descriptors): long enough not to spin a
+/// core, short enough that a recovered process serves again at once.
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(10);
+
 /// Where one running engine can be reached.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct EngineInfo {
@@ -288,7 +292,11 @@ async fn serve_http(listener: TcpListener, app: axum::Router, stop: Cancellation
             () = stop.cancelled() => break,
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
             accepted = listener.accept() => {
-                let Ok((sock, _)) = accepted else { continue };
+                let Ok((sock, _)) = accepted else {
+                    // Out of file descriptors or similar: back off instead of spinning.
+                    tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+                    continue;
+                };
                 let _ = sock.set_nodelay(true);
                 let svc = TowerToHyperService::new(app.clone());
                 conns.spawn(async move {

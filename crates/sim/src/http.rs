@@ -297,14 +297,19 @@ fn check_max_tokens(v: Option<i64>) -> ApiResult<Option<u32>> {
     }
 }
 
-/// Fault checks every inference request passes before it reaches the engine.
-async fn admit_faults(s: &EngineShared) -> ApiResult<()> {
+/// During a slow start every API route answers 503, before even reading the body.
+fn ready(s: &EngineShared) -> ApiResult<()> {
     if s.starting() {
         return Err(error(
             StatusCode::SERVICE_UNAVAILABLE,
             "the engine is still starting",
         ));
     }
+    Ok(())
+}
+
+/// Fault checks every valid inference request passes before it reaches the engine.
+async fn admit_faults(s: &EngineShared) -> ApiResult<()> {
     let n = s.requests_seen.fetch_add(1, Ordering::Relaxed);
     if let Some(limit) = s.faults.crash_after_requests
         && n >= limit
@@ -637,6 +642,7 @@ fn include_usage(o: Option<StreamOptions>) -> bool {
 }
 
 async fn chat(State(s): State<Shared>, body: Bytes) -> ApiResult<Response> {
+    ready(&s)?;
     let req: ChatRequest = parse(&body)?;
     let lora = resolve_model(&s, req.model.as_deref())?;
     let tokens = render_messages(&s, &req.messages)?;
@@ -675,6 +681,7 @@ async fn chat(State(s): State<Shared>, body: Bytes) -> ApiResult<Response> {
 }
 
 async fn completions(State(s): State<Shared>, body: Bytes) -> ApiResult<Response> {
+    ready(&s)?;
     let req: CompletionRequest = parse(&body)?;
     let lora = resolve_model(&s, req.model.as_deref())?;
     let tokens = match req.prompt {
@@ -744,7 +751,8 @@ async fn run_job(
     }
 }
 
-async fn models(State(s): State<Shared>) -> Response {
+async fn models(State(s): State<Shared>) -> ApiResult<Response> {
+    ready(&s)?;
     let max_len = s.config.max_model_len;
     let card = |id: &str, parent: Option<&str>| {
         json!({
@@ -761,10 +769,11 @@ async fn models(State(s): State<Shared>) -> Response {
     let data: Vec<Value> = std::iter::once(card(&s.model, None))
         .chain(s.adapters.iter().map(|a| card(a, Some(&s.model))))
         .collect();
-    axum::Json(json!({"object": "list", "data": data})).into_response()
+    Ok(axum::Json(json!({"object": "list", "data": data})).into_response())
 }
 
 async fn tokenize(State(s): State<Shared>, body: Bytes) -> ApiResult<Response> {
+    ready(&s)?;
     let req: TokenizeRequest = parse(&body)?;
     resolve_model(&s, req.model.as_deref())?;
     let tokens = match (&req.prompt, &req.messages) {
