@@ -8,6 +8,14 @@
 //! prompt minus its matched prefix; a prefix held only in CPU or disk tiers still costs
 //! [`crate::Tuning::offload_hit_cost_fraction`] of its prefill (the transfer).
 //!
+//! What the router minimises is not the bare TTFT but a *routing cost*: the TTFT plus
+//! `externality_weight · own prefill`, the delay a request's new prefill work imposes on the
+//! requests that will queue behind it. Greedy TTFT ignores that delay; under load it trades
+//! cache hits for momentary balance, every miss adds work, queues grow and more requests miss.
+//! The weight scales with the endpoint's queue (0 when idle), so at light load the router is
+//! TTFT-greedy and free to add holders of a prefix, and under load it keeps requests on their
+//! caches (see [`crate::Tuning::prefill_work_weight`]).
+//!
 //! The KV cliff: if the endpoint's estimated KV use after admitting this request would exceed
 //! `kv_cliff_fraction`, the TTFT is multiplied by `1 + kv_cliff_steepness · over` and
 //! `kv_cliff_preemption_cost_us · over` is added, with `over = (use − cliff) / (1 − cliff)`.
@@ -88,6 +96,9 @@ pub struct CostBreakdown {
     pub ttft_us: f64,
     /// Same, at speed factor 1 and without penalties (what calibration compares against).
     pub raw_ttft_us: f64,
+    /// What the router minimises: `ttft_us` plus `(prefill_work_weight − 1) · prefill_us`, the
+    /// delay this request's own new prefill work imposes on requests queued after it.
+    pub routing_cost_us: f64,
 }
 
 /// Uncached prompt tokens given a match (`blocks` any tier, `gpu_blocks` on GPU).
@@ -121,6 +132,19 @@ pub fn new_kv_blocks(
     ((uncached_tokens + out) / f64::from(block_size.max(1))).ceil() as u64
 }
 
+/// Extra weight on a request's own prefill work: `(prefill_work_weight − 1)` scaled by how
+/// busy the endpoint is (its estimated waiting queue relative to
+/// `prefill_work_full_queue`). An idle endpoint's new work delays nobody; a queued one's delays
+/// every request that arrives while it is computed.
+pub fn externality_weight(est: &LoadEstimate, tuning: &Tuning) -> f64 {
+    let busy = if tuning.prefill_work_full_queue == 0 {
+        1.0
+    } else {
+        (f64::from(est.waiting) / f64::from(tuning.prefill_work_full_queue)).min(1.0)
+    };
+    (tuning.prefill_work_weight - 1.0).max(0.0) * busy
+}
+
 /// The kvgate cost of sending a request with `uncached` tokens and `new_blocks` KV blocks to an
 /// endpoint with estimate `est`, hardware `prior` and calibrated `speed`.
 pub fn kvgate_cost(
@@ -151,6 +175,10 @@ pub fn kvgate_cost(
         cliff_penalty_us,
         ttft_us: base + cliff_penalty_us + tiebreak,
         raw_ttft_us: total_raw,
+        routing_cost_us: base
+            + cliff_penalty_us
+            + tiebreak
+            + externality_weight(est, tuning) * (total_raw - queue_raw) * speed,
     }
 }
 

@@ -45,7 +45,9 @@
 //! instead of every router replica piling onto the one that last looked idle. Its hot-prefix
 //! rule: if the best prefix holder's predicted queue wait exceeds `hot_prefix_wait_us`, a
 //! `hot_prefix_spill_fraction` of requests go to the best-scoring endpoint holding less of the
-//! prefix, which then becomes a holder (bookings record approximate entries).
+//! prefix whose own queue wait is below `hot_prefix_target_wait_fraction` of the holder's; it
+//! then becomes a holder (bookings record approximate entries). Under uniform overload no
+//! endpoint qualifies, so the rule never adds recompute work to an equally long queue.
 
 use rand::{Rng, RngCore};
 
@@ -483,7 +485,7 @@ impl Scorer for KvgateCostScorer {
     }
     fn score(&self, _: &PickContext<'_>, cands: &[Candidate<'_>], out: &mut [f64]) {
         for (c, o) in cands.iter().zip(out) {
-            *o = -c.cost.map_or(f64::NAN, |k| k.ttft_us) / 1000.0;
+            *o = -c.cost.map_or(f64::NAN, |k| k.routing_cost_us) / 1000.0;
         }
     }
 }
@@ -691,7 +693,13 @@ impl Picker for SoftmaxPicker {
                 && cands.iter().any(|c| c.matched_blocks < held)
                 && rng.random::<f64>() < t.hot_prefix_spill_fraction
             {
-                let others = (0..cands.len()).filter(|&i| cands[i].matched_blocks < held);
+                // Only to endpoints with clearly shorter queues: under uniform overload a spill
+                // would just add a recompute to an equally long queue.
+                let max_wait = wait * t.hot_prefix_target_wait_fraction;
+                let others = (0..cands.len()).filter(|&i| {
+                    cands[i].matched_blocks < held
+                        && cands[i].cost.is_some_and(|c| c.queue_wait_us < max_wait)
+                });
                 if let Some(index) = argmax_random_ties(others, |i| scores[i], rng) {
                     return Ok(Pick {
                         index,
