@@ -36,9 +36,12 @@ impl SimClock {
         (self.start.elapsed().as_secs_f64() * 1e6 * self.scale) as u64
     }
 
-    /// The wall-clock instant at which simulated time reaches `sim_us`.
-    pub fn instant_at(&self, sim_us: u64) -> Instant {
-        self.start + Duration::from_secs_f64(sim_us as f64 / 1e6 / self.scale)
+    /// The wall-clock instant at which simulated time reaches `sim_us`; `None` if that lies
+    /// beyond what an `Instant` can represent (a tiny scale and a far wake-up).
+    pub fn instant_at(&self, sim_us: u64) -> Option<Instant> {
+        Duration::try_from_secs_f64(sim_us as f64 / 1e6 / self.scale)
+            .ok()
+            .and_then(|d| self.start.checked_add(d))
     }
 }
 
@@ -98,7 +101,8 @@ impl Actor {
             let wake = self
                 .engine
                 .next_wakeup_us()
-                .map(|w| tokio::time::Instant::from_std(self.clock.instant_at(w)));
+                .and_then(|w| self.clock.instant_at(w))
+                .map(tokio::time::Instant::from_std);
             tokio::select! {
                 biased;
                 () = stop.cancelled() => return,

@@ -16,7 +16,7 @@
 //!   is still consumed, so subscribers see a gap. The batch stays in the replay buffer, so a
 //!   subscriber that notices the gap can recover it by replay, as from a real dropped frame.
 //! - `slow_start_s`: for this long after start `/health` and every API route answer 503
-//!   (`/metrics` keeps answering, as a starting vLLM process exposes it early).
+//!   (`/metrics` keeps answering, so a scraper can watch the start).
 //!
 //! Every draw is a pure function of (fault seed, engine index, request or batch number), so a
 //! run is reproducible given the seed and the order requests arrive in.

@@ -258,12 +258,16 @@ async fn start_engine(
         http::router(shared.clone()),
         stop.clone(),
     )));
-    if let Some(t) = spec.faults.crash_at_s {
+    if let Some(t) = spec
+        .faults
+        .crash_at_s
+        .and_then(|t| Duration::try_from_secs_f64(t).ok())
+    {
         let stop = stop.clone();
         tasks.push(tokio::spawn(async move {
             tokio::select! {
                 () = stop.cancelled() => {}
-                () = tokio::time::sleep(Duration::from_secs_f64(t)) => stop.cancel(),
+                () = tokio::time::sleep(t) => stop.cancel(),
             }
         }));
     }
