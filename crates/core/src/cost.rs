@@ -137,10 +137,15 @@ pub fn new_kv_blocks(
 /// `prefill_work_full_queue`). An idle endpoint's new work delays nobody; a queued one's delays
 /// every request that arrives while it is computed.
 pub fn externality_weight(est: &LoadEstimate, tuning: &Tuning) -> f64 {
+    externality_weight_for_queue(est.waiting, tuning)
+}
+
+/// [`externality_weight`] for a given waiting-queue length.
+pub fn externality_weight_for_queue(waiting: u32, tuning: &Tuning) -> f64 {
     let busy = if tuning.prefill_work_full_queue == 0 {
         1.0
     } else {
-        (f64::from(est.waiting) / f64::from(tuning.prefill_work_full_queue)).min(1.0)
+        (f64::from(waiting) / f64::from(tuning.prefill_work_full_queue)).min(1.0)
     };
     (tuning.prefill_work_weight - 1.0).max(0.0) * busy
 }

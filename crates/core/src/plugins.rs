@@ -33,8 +33,10 @@
 //!   normalised logits.
 //! * **Round-robin, random, least-request, power-of-two**: textbook; least-request and
 //!   power-of-two count load as estimated waiting + running (own dispatches + scraped).
-//! * **Oracle**: minimises the cost model's TTFT computed from the simulator's true queue,
-//!   running set, KV use and cached prefix; errors without an [`crate::OracleView`].
+//! * **Oracle**: minimises kvgate's routing cost (predicted TTFT plus the load-scaled charge
+//!   for new prefill work, see [`crate::cost`]) computed from the simulator's true queue,
+//!   running set, KV use and cached prefix; errors without an [`crate::OracleView`]. It thus
+//!   bounds what better signals could buy this cost model.
 //!
 //! ## kvgate's own picker: staleness widens choice
 //! The softmax picker samples candidate `i` with probability `∝ exp(−(best − sᵢ) / (|best| · T))`:
@@ -542,7 +544,7 @@ impl Scorer for OracleScorer {
     fn score(&self, ctx: &PickContext<'_>, cands: &[Candidate<'_>], out: &mut [f64]) {
         for (c, o) in cands.iter().zip(out) {
             *o = match c.oracle {
-                Some(t) => -oracle_ttft_us(ctx, c, &t) / 1000.0,
+                Some(t) => -oracle_routing_cost_us(ctx, c, &t) / 1000.0,
                 None => f64::NAN,
             };
         }
@@ -568,6 +570,19 @@ pub fn oracle_ttft_us(ctx: &PickContext<'_>, c: &Candidate<'_>, t: &TrueLoad) ->
     let over = ((kv_after - cliff) / (1.0 - cliff)).max(0.0);
     base * (1.0 + ctx.tuning.kv_cliff_steepness * over)
         + ctx.tuning.kv_cliff_preemption_cost_us as f64 * over
+}
+
+/// The kvgate routing cost on true state: [`oracle_ttft_us`] plus the load-scaled charge for the
+/// request's own prefill work (see [`crate::cost`]), so the oracle differs from kvgate only in
+/// what it knows, not in what it optimises.
+pub fn oracle_routing_cost_us(ctx: &PickContext<'_>, c: &Candidate<'_>, t: &TrueLoad) -> f64 {
+    let uncached = f64::from(ctx.req.prompt_tokens.saturating_sub(t.cached_prefix_tokens)).max(1.0);
+    let queued = t.queued_prefill_tokens as f64;
+    let running = f64::from(t.running);
+    let own = c.prior.prefill_time_us(queued + uncached, running)
+        - c.prior.prefill_time_us(queued, running);
+    oracle_ttft_us(ctx, c, t)
+        + crate::cost::externality_weight_for_queue(t.waiting, ctx.tuning) * own
 }
 
 // ---------------------------------------------------------------- pickers
