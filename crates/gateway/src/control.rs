@@ -37,7 +37,7 @@ use kvgate_core::endpoint::{EndpointId, EndpointSpec};
 use kvgate_core::request::{Decision, FailureKind, Outcome, PromptKeys, RoutingRequest};
 use kvgate_core::{RouteError, Router, RouterConfig, SeqCheck};
 use kvgate_signals::clock::{Clock, MonotonicClock};
-use kvgate_signals::discover::{EndpointFacts, discover};
+use kvgate_signals::discover::{DISCOVER_TIMEOUT_MS, DiscoverError, EndpointFacts, discover};
 use kvgate_signals::observation::Observation;
 use kvgate_signals::scrape::{ScrapeConfig, spawn_scraper};
 use kvgate_signals::subscribe::{KvSubscribeConfig, spawn_kv_subscriber};
@@ -70,6 +70,44 @@ const DISCOVERY_BACKOFF_MAX_MS: u64 = 5_000;
 
 /// How often drained endpoints are checked for their last in-flight request to finish, ms.
 const DRAIN_REAP_INTERVAL_MS: u64 = 500;
+
+/// Models and adapters from `/v1/models` alone (entries with a `parent` other than themselves
+/// are adapters, as vLLM lists them).
+async fn models_only(address: &str) -> Option<EndpointFacts> {
+    use http_body_util::{BodyExt, Empty, Limited};
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Empty<bytes::Bytes>>();
+    let uri: hyper::Uri = format!("http://{address}/v1/models").parse().ok()?;
+    let fetch = async {
+        let resp = client.get(uri).await.ok()?;
+        if !resp.status().is_success() {
+            return None;
+        }
+        Limited::new(resp.into_body(), MODELS_BODY_LIMIT_BYTES)
+            .collect()
+            .await
+            .ok()
+    };
+    let body = tokio::time::timeout(Duration::from_millis(DISCOVER_TIMEOUT_MS), fetch)
+        .await
+        .ok()??
+        .to_bytes();
+    let v: serde_json::Value = serde_json::from_slice(&body).ok()?;
+    let mut facts = EndpointFacts::default();
+    for entry in v.get("data")?.as_array()? {
+        let Some(id) = entry.get("id").and_then(serde_json::Value::as_str) else {
+            continue;
+        };
+        match entry.get("parent").and_then(serde_json::Value::as_str) {
+            Some(parent) if parent != id => facts.lora_adapters.push(id.to_owned()),
+            _ => facts.models.push(id.to_owned()),
+        }
+    }
+    (!facts.models.is_empty()).then_some(facts)
+}
+
+/// Largest `/v1/models` body read: a list with hundreds of adapters is tens of KiB.
+const MODELS_BODY_LIMIT_BYTES: usize = 1024 * 1024;
 
 /// One endpoint as the data plane tracks it.
 #[derive(Debug)]
@@ -379,12 +417,49 @@ impl Control {
                     return;
                 }
                 Err(e) => {
+                    // An engine whose `/metrics` is broken still serves: take its models from
+                    // `/v1/models` alone (block size and capacity then come from later scrapes,
+                    // or stay at the defaults) and keep routing to it by signal age.
+                    let metrics_broken = matches!(
+                        &e,
+                        DiscoverError::Metrics(_)
+                            | DiscoverError::Fetch {
+                                path: "/metrics",
+                                ..
+                            }
+                    );
+                    let fallback = if metrics_broken {
+                        models_only(&address).await
+                    } else {
+                        None
+                    };
+                    if let Some(facts) = fallback {
+                        tracing::warn!(endpoint = %address, error = %e, "metrics unavailable; endpoint discovered from /v1/models only");
+                        control.adopt_facts(&address, facts);
+                        return;
+                    }
                     tracing::debug!(endpoint = %address, error = %e, "discovery failed; will retry");
                 }
             }
             drop(control);
             tokio::time::sleep(Duration::from_millis(delay_ms)).await;
             delay_ms = (delay_ms * 2).min(DISCOVERY_BACKOFF_MAX_MS);
+        }
+    }
+
+    fn adopt_facts(&self, address: &str, facts: EndpointFacts) {
+        self.learn_block_size(facts.block_size);
+        let mut m = self.members_write();
+        let Some(member) = m.by_address.get_mut(address) else {
+            return;
+        };
+        member.facts = Some(facts);
+        let spec = member.spec();
+        let id = member.id;
+        m.rebuild_served();
+        tracing::info!(endpoint = %address, models = ?spec.models, adapters = ?spec.lora_adapters, "endpoint discovered");
+        if let Err(e) = self.lock().router.update_endpoint(id, spec) {
+            tracing::warn!(endpoint = %address, error = %e, "cannot update endpoint");
         }
     }
 

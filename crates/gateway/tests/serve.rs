@@ -844,3 +844,54 @@ async fn embeddings_and_responses_pass_through_untouched() {
         );
     }
 }
+
+#[tokio::test]
+async fn an_endpoint_whose_metrics_fail_is_still_discovered_and_served() {
+    let f = fleet_with(1, 50.0, |_, e| e.faults.metrics_unavailable = true).await;
+    let gw = gateway(base_config(endpoints_of(&f, false))).await;
+    let c = client();
+    for _ in 0..3 {
+        let r = c
+            .post(url(&gw, "/v1/chat/completions"))
+            .json(&chat("hi", 2, false))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status(),
+            200,
+            "served on its stale (absent) signals rather than dropped"
+        );
+    }
+}
+
+#[tokio::test]
+async fn idle_keep_alive_connections_are_closed() {
+    let f = fleet(1, 50.0).await;
+    let mut cfg = base_config(endpoints_of(&f, false));
+    cfg.limits.idle_timeout_ms = 300;
+    let gw = gateway(cfg).await;
+    let mut sock = tokio::net::TcpStream::connect(gw.api_addr).await.unwrap();
+    sock.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    let n = sock.read(&mut buf).await.unwrap();
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    let idle_since = Instant::now();
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match sock.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "idle connection still open after 5 s");
+    assert!(idle_since.elapsed() >= Duration::from_millis(250));
+}
