@@ -526,3 +526,66 @@ async fn flags_build_a_fleet_with_an_hf_tokenizer_and_print_addresses() {
     f.shutdown().await;
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Every malformed body gets a 400 in the OpenAI shape, and the server keeps serving.
+#[tokio::test]
+async fn malformed_bodies_never_break_the_server() {
+    let f = fleet(1, |_| {}).await;
+    let valid =
+        r#"{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "stream": true}"#;
+    let mut bodies: Vec<(&str, String)> = (0..valid.len())
+        .map(|cut| ("/v1/chat/completions", valid[..cut].to_owned()))
+        .collect();
+    for wrong in [
+        r#"{"messages": "hi"}"#,
+        r#"{"messages": [{"role": "user", "content": 5}]}"#,
+        r#"{"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}"#,
+        r#"{"messages": [{"content": "no role"}]}"#,
+        r#"{"messages": [], "max_tokens": 2}"#,
+        r#"{"messages": [{"role": "user", "content": "a"}], "max_tokens": "5"}"#,
+        r#"{"messages": [{"role": "user", "content": "a"}], "max_tokens": -3}"#,
+        r#"{"messages": [{"role": "user", "content": "a"}], "stream": "yes"}"#,
+        r#"[1, 2, 3]"#,
+        r#"null"#,
+    ] {
+        bodies.push(("/v1/chat/completions", wrong.to_owned()));
+    }
+    for wrong in [
+        r#"{"prompt": [-1]}"#,
+        r#"{"prompt": [[1], [2]]}"#,
+        r#"{"prompt": ["a", "b"]}"#,
+        r#"{"prompt": ""}"#,
+        r#"{"prompt": []}"#,
+        r#"{"prompt": {"text": "a"}}"#,
+        r#"{"max_tokens": 3}"#,
+        r#"{"prompt": [4294967296]}"#,
+    ] {
+        bodies.push(("/v1/completions", wrong.to_owned()));
+    }
+    bodies.push(("/tokenize", r#"{"prompt": "a", "messages": []}"#.to_owned()));
+    bodies.push(("/tokenize", r#"{}"#.to_owned()));
+    let http = client();
+    for (path, body) in &bodies {
+        let r = http
+            .post(url(&f, 0, path))
+            .header("content-type", "application/json")
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{path} {body}");
+        let e: Value = r.json().await.unwrap();
+        assert_eq!(e["error"]["type"], "BadRequestError", "{body}");
+        assert_eq!(e["error"]["code"], 400);
+    }
+    let ok = client()
+        .post(url(&f, 0, "/v1/chat/completions"))
+        .body(valid)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    assert!(ok.text().await.unwrap().ends_with("data: [DONE]\n\n"));
+    assert!(f.stats(0).await.unwrap().prompt_tokens_total > 0);
+    f.shutdown().await;
+}
