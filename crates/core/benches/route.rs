@@ -6,8 +6,8 @@ use std::hint::black_box;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use kvgate_core::{
-    EndpointId, EndpointSpec, KvEvent, KvEventBatch, MetricsSample, PromptKeys, Router, RouterConfig,
-    RoutingRequest, Tier,
+    EndpointId, EndpointSpec, KvEvent, KvEventBatch, MetricsSample, PromptKeys, Router,
+    RouterConfig, RoutingRequest, Tier,
 };
 use kvgate_tokens::{BlockHasher, ExtraKeys};
 use rand::{Rng, SeedableRng};
@@ -39,7 +39,10 @@ fn fleet(policy: &str, n: usize, shared_blocks: usize) -> (Router, Vec<u64>) {
     let mut r = Router::new(RouterConfig::for_policy(policy).unwrap()).unwrap();
     let shared: Vec<u64> = (0..shared_blocks).map(|_| rng.random()).collect();
     for i in 0..n {
-        let id = r.add_endpoint(0, EndpointSpec::new(format!("10.0.{}.{}:8000", i / 256, i % 256), "m"));
+        let id = r.add_endpoint(
+            0,
+            EndpointSpec::new(format!("10.0.{}.{}:8000", i / 256, i % 256), "m"),
+        );
         r.observe_metrics(
             id,
             1_000,
@@ -91,9 +94,11 @@ fn bench_pick(c: &mut Criterion) {
             let (r, shared) = fleet("kvgate", n, 1024);
             let mut rng = ChaCha8Rng::seed_from_u64(7);
             let req = request(tokens, &shared, &mut rng);
-            g.bench_with_input(BenchmarkId::new(format!("{n}ep"), tokens), &req, |b, req| {
-                b.iter(|| black_box(r.pick(2_000, req, &mut rng, None).unwrap()))
-            });
+            g.bench_with_input(
+                BenchmarkId::new(format!("{n}ep"), tokens),
+                &req,
+                |b, req| b.iter(|| black_box(r.pick(2_000, req, &mut rng, None).unwrap())),
+            );
         }
     }
     g.finish();
@@ -156,18 +161,26 @@ fn bench_hashing(c: &mut Criterion) {
     let mut g = c.benchmark_group("prompt_keys");
     let hasher = BlockHasher::new("0", BLOCK as usize);
     for &tokens in &[1024usize, 32 * 1024] {
-        let toks: Vec<u32> = (0..tokens as u32).map(|t| t.wrapping_mul(2_654_435_761) % 128_000).collect();
+        let toks: Vec<u32> = (0..tokens as u32)
+            .map(|t| t.wrapping_mul(2_654_435_761) % 128_000)
+            .collect();
         g.throughput(Throughput::Elements(tokens as u64));
-        g.bench_with_input(BenchmarkId::new("precise_sha256_cbor", tokens), &toks, |b, t| {
-            b.iter(|| black_box(PromptKeys::precise(t, &hasher, ExtraKeys::default())))
-        });
-        g.bench_with_input(BenchmarkId::new("approx_xxh3_tokens", tokens), &toks, |b, t| {
-            b.iter(|| black_box(PromptKeys::approximate_from_tokens(t, BLOCK)))
-        });
+        g.bench_with_input(
+            BenchmarkId::new("precise_sha256_cbor", tokens),
+            &toks,
+            |b, t| b.iter(|| black_box(PromptKeys::precise(t, &hasher, ExtraKeys::default()))),
+        );
+        g.bench_with_input(
+            BenchmarkId::new("approx_xxh3_tokens", tokens),
+            &toks,
+            |b, t| b.iter(|| black_box(PromptKeys::approximate_from_tokens(t, BLOCK))),
+        );
         let text = vec![b'x'; tokens * 4];
-        g.bench_with_input(BenchmarkId::new("approx_xxh3_bytes", tokens), &text, |b, t| {
-            b.iter(|| black_box(PromptKeys::approximate(t, "m")))
-        });
+        g.bench_with_input(
+            BenchmarkId::new("approx_xxh3_bytes", tokens),
+            &text,
+            |b, t| b.iter(|| black_box(PromptKeys::approximate(t, "m"))),
+        );
     }
     g.finish();
 }
@@ -221,9 +234,10 @@ fn bench_ingest(c: &mut Criterion) {
         }
         // Each iteration applies one store and one remove of `blocks_per_event` blocks.
         g.throughput(Throughput::Elements(2 * blocks_per_event as u64));
-        g.bench_function(BenchmarkId::new("store_and_remove", blocks_per_event), |b| {
-            b.iter(|| step(&mut r))
-        });
+        g.bench_function(
+            BenchmarkId::new("store_and_remove", blocks_per_event),
+            |b| b.iter(|| step(&mut r)),
+        );
         let m = r.index_memory();
         println!(
             "index after ingest ({blocks_per_event}/event): {} keys, {} (block, endpoint) entries, {} heap bytes, {:.1} bytes/entry",
@@ -239,7 +253,10 @@ fn bench_ingest(c: &mut Criterion) {
 fn report_memory(_: &mut Criterion) {
     // Entries shared by several endpoints (a hot prefix held by 10 of 100) cost less per entry
     // than unique ones; report both shapes.
-    for (label, policy, n, shared) in [("unique blocks", "kvgate", 100usize, 0usize), ("with hot prefix", "kvgate", 100, 1024)] {
+    for (label, policy, n, shared) in [
+        ("unique blocks", "kvgate", 100usize, 0usize),
+        ("with hot prefix", "kvgate", 100, 1024),
+    ] {
         let (r, _) = fleet(policy, n, shared.max(1));
         let m = r.index_memory();
         println!(
@@ -251,8 +268,17 @@ fn report_memory(_: &mut Criterion) {
         );
     }
     let (holder, slot) = kvgate_core::index::PrefixIndex::layout_sizes();
-    println!("index layout: holder {holder} B, map slot (key + inline holder set) {slot} B + 1 control byte");
+    println!(
+        "index layout: holder {holder} B, map slot (key + inline holder set) {slot} B + 1 control byte"
+    );
 }
 
-criterion_group!(benches, report_memory, bench_pick, bench_book, bench_hashing, bench_ingest);
+criterion_group!(
+    benches,
+    report_memory,
+    bench_pick,
+    bench_book,
+    bench_hashing,
+    bench_ingest
+);
 criterion_main!(benches);

@@ -884,9 +884,21 @@ fn estimate_reconciles_with_samples_through_the_router() {
     // A sample taken at 25: 3 waiting, 2 running. Ours are 2 unstarted + 1 started; the
     // sample's total (5) minus ours (3) is foreign, and ours explain as much of the waiting
     // queue as they can (2 of 3), so 1 foreign waiting + 1 foreign running.
-    r.observe_metrics(e, 25, &MetricsSample { waiting: 3, running: 2, ..Default::default() });
+    r.observe_metrics(
+        e,
+        25,
+        &MetricsSample {
+            waiting: 3,
+            running: 2,
+            ..Default::default()
+        },
+    );
     let v = est(&r);
-    assert_eq!((v.waiting, v.running), (3, 2), "nothing double-counted, nothing lost");
+    assert_eq!(
+        (v.waiting, v.running),
+        (3, 2),
+        "nothing double-counted, nothing lost"
+    );
     assert_eq!(v.sample_age_us, Some(0));
     r.on_first_token(1, 26);
     assert_eq!((est(&r).waiting, est(&r).running), (2, 3));
