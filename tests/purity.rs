@@ -5,7 +5,9 @@ use std::process::Command;
 
 fn normal_deps(package: &str) -> String {
     let out = Command::new(env!("CARGO"))
-        .args(["tree", "--edges", "normal", "--prefix", "none", "-p", package])
+        .args([
+            "tree", "--edges", "normal", "--prefix", "none", "-p", package,
+        ])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .expect("cargo tree runs");
@@ -21,7 +23,9 @@ fn normal_deps(package: &str) -> String {
 fn pure_crates_have_no_io_dependencies() {
     for package in ["kvgate-tokens", "kvgate-core", "kvgate-engine"] {
         let tree = normal_deps(package);
-        for banned in ["tokio ", "hyper ", "tonic ", "reqwest ", "zeromq ", "axum ", "mio "] {
+        for banned in [
+            "tokio ", "hyper ", "tonic ", "reqwest ", "zeromq ", "axum ", "mio ",
+        ] {
             assert!(
                 !tree.lines().any(|l| l.starts_with(banned)),
                 "{package} depends on {banned}:\n{tree}"
