@@ -12,6 +12,12 @@
 //! finished after `T` but before the sample arrived are remembered until a sample newer than
 //! their finish arrives, so they are not miscounted as foreign.
 //!
+//! Engines report a request whose prefill is under way as running, while the router only knows
+//! it has no first token yet; so foreign work is the sample's total (waiting + running) minus
+//! this router's requests at `T`, and the router's unstarted requests are assumed to explain as
+//! much of the waiting queue as they can (foreign waiting = what they cannot). Totals are exact;
+//! only the waiting/running split of foreign work is a guess.
+//!
 //! Foreign waiting requests are converted to prefill tokens with the mean prompt length this
 //! router has seen on the endpoint (prior [`crate::Tuning::default_prompt_tokens`]).
 //!

@@ -13,6 +13,18 @@
 //! * Candidates are always considered in address order, so results do not depend on the order
 //!   in which endpoints were added, and a seeded RNG gives the same answer every time.
 //! * Fallbacks are the next best by total score (address order among equals).
+//!
+//! KV event streams: an endpoint's events are trusted from a batch with sequence 0 (the stream's
+//! start) on. A jump in sequence numbers ([`SeqCheck::Gap`]) applies the batch (its facts are
+//! still true), untrusts the endpoint (it is matched on approximate entries, which the router
+//! keeps for every endpoint anyway) and records the missing range; batches later delivered in
+//! that range by the engine's replay are applied ([`SeqCheck::Replayed`]); duplicates are
+//! ignored. [`Router::kv_resynced`] restores trust once the caller's replay covered the gap.
+//! Accepted risk: a replayed `BlockStored` for a block whose removal was in an already applied
+//! newer batch resurrects that block until it is stored or cleared again; replay is rare and the
+//! error is one false prefix hit, which the engine's real cache absorbs as a miss. Membership
+//! removal releases bookings lazily (finished or failed requests on a removed endpoint still
+//! reconcile), and the slot is freed when the last one is released.
 
 use std::collections::{BTreeMap, HashMap};
 
