@@ -21,7 +21,8 @@
 //! old number is large and the case does not arise in practice.
 //!
 //! The first batch after creation is accepted whatever its number: a router that starts after
-//! the engine joins mid-stream and has no way, and no need, to recover history.
+//! the engine joins mid-stream. Whether the history before it can be recovered (from the replay
+//! buffer) is the subscriber's business, not the tracker's.
 
 /// What one incoming sequence number means.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
