@@ -31,9 +31,11 @@
 //! **Fork note.** This is `kvgate_gateway::control` verbatim (import paths aside) plus the two
 //! lookups the endpoint picker needs and the gateway does not expose: [`Control::endpoint_ids`]
 //! (Envoy's subset hint names endpoints by address, the core filters by id) and
-//! [`Control::address_of`] (fallback endpoints are written as addresses). Once the gateway's
-//! `Control` gains them, delete this file and use `kvgate_gateway::control` (`diff` against the
-//! gateway's file shows exactly these additions).
+//! [`Control::address_of`] (fallback endpoints are written as addresses), and one fix: an
+//! endpoint that comes back while draining is made ready again in the core
+//! (`Router::update_endpoint` keeps the Draining state; `add_endpoint` resets it), which pod
+//! readiness flapping needs. Once the gateway's `Control` has these, delete this file and use
+//! `kvgate_gateway::control` (`diff` against the gateway's file shows exactly these changes).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -263,7 +265,13 @@ impl Control {
             if let Some(member) = m.by_address.get_mut(&cfg.address) {
                 let was_draining = member.draining;
                 member.draining = false;
-                if member.config != *cfg || was_draining {
+                if was_draining {
+                    // `update_endpoint` keeps the core's Draining state; adding the same
+                    // address again makes it ready (and keeps its id).
+                    member.config = cfg.clone();
+                    st.router.add_endpoint(now, member.spec());
+                    tracing::info!(endpoint = %cfg.address, "endpoint ready again");
+                } else if member.config != *cfg {
                     member.config = cfg.clone();
                     if let Err(e) = st.router.update_endpoint(member.id, member.spec()) {
                         tracing::warn!(endpoint = %cfg.address, error = %e, "cannot update endpoint");

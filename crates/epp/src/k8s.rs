@@ -313,7 +313,11 @@ pub async fn run_discovery(
                     tracing::info!(pool = %pool.name, spec = ?spec, "InferencePool changed; watching its pods");
                     pod_events = spec.as_ref().map(|s| pod_watch(&client, &pool.namespace, s));
                     st.spec = spec;
-                    st.pods.clear();
+                    // Keep the known pods until the new watch's first list replaces them: a port
+                    // change must not drain pods that still match.
+                    if st.spec.is_none() {
+                        st.pods.clear();
+                    }
                     st.relist = None;
                     // Without a spec there is nothing to wait for; with one, the pod list decides.
                     st.synced = st.synced || st.spec.is_none();
