@@ -244,10 +244,8 @@ mod tests {
                     }
                     _ => proptest::prop_assert_eq!(t.expected(), Some(s + 1)),
                 }
-                if let Some(e) = before {
-                    if s == e {
-                        proptest::prop_assert_eq!(outcome, SeqOutcome::InOrder);
-                    }
+                if before == Some(s) {
+                    proptest::prop_assert_eq!(outcome, SeqOutcome::InOrder);
                 }
             }
         }
