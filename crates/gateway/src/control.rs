@@ -315,13 +315,29 @@ impl Control {
         let mut st = self.lock();
         for cfg in wanted {
             if let Some(member) = m.by_address.get_mut(&cfg.address) {
-                let was_draining = member.draining;
-                member.draining = false;
-                if member.config != *cfg || was_draining {
+                let signals_changed = member.config.kv_events != cfg.kv_events
+                    || member.config.kv_replay != cfg.kv_replay
+                    || member.config.engine != cfg.engine;
+                if member.draining {
+                    // Back in the config before it was released: ready again, same id.
+                    member.draining = false;
+                    member.config = cfg.clone();
+                    st.router.add_endpoint(now, member.spec());
+                    tracing::info!(endpoint = %cfg.address, "endpoint rejoined");
+                } else if member.config != *cfg {
                     member.config = cfg.clone();
                     if let Err(e) = st.router.update_endpoint(member.id, member.spec()) {
                         tracing::warn!(endpoint = %cfg.address, error = %e, "cannot update endpoint");
                     }
+                }
+                if signals_changed {
+                    // The discovery task (last) may still be running; keep it, restart the rest.
+                    let discovery = member.tasks.pop();
+                    for t in member.tasks.drain(..) {
+                        t.abort();
+                    }
+                    member.tasks = self.spawn_signals(cfg);
+                    member.tasks.extend(discovery);
                 }
                 continue;
             }

@@ -295,3 +295,58 @@ pub async fn run(args: ServeArgs) -> Result<(), GatewayError> {
     gw.shutdown().await;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    #[test]
+    fn cli_contract_flags_parse_and_pair_by_position() {
+        let cli = Cli::try_parse_from([
+            "kvgate",
+            "--port",
+            "18080",
+            "--admin-port",
+            "19090",
+            "--endpoint",
+            "http://127.0.0.1:8000",
+            "--endpoint",
+            "http://127.0.0.1:8001",
+            "--kv-events",
+            "tcp://127.0.0.1:5557",
+            "--kv-events",
+            "tcp://127.0.0.1:5558",
+            "--policy",
+            "round-robin",
+        ])
+        .unwrap();
+        let cfg = GatewayConfig::load(None, &cli.serve.overrides()).unwrap();
+        assert_eq!((cfg.port, cfg.admin_port), (18080, 19090));
+        assert_eq!(cfg.endpoints[1].address, "127.0.0.1:8001");
+        assert_eq!(
+            cfg.endpoints[1].kv_events.as_deref(),
+            Some("tcp://127.0.0.1:5558")
+        );
+        assert_eq!(
+            cfg.policy,
+            config::PolicyChoice::Named("round-robin".into())
+        );
+    }
+
+    #[tokio::test]
+    async fn unknown_policy_is_a_typed_error() {
+        let cfg = GatewayConfig {
+            policy: config::PolicyChoice::Named("no-such-policy".into()),
+            ..GatewayConfig::default()
+        };
+        let err = Gateway::start(cfg, Overrides::default()).await.unwrap_err();
+        assert!(matches!(err, GatewayError::Router(_)), "{err}");
+    }
+}

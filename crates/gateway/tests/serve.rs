@@ -714,6 +714,40 @@ async fn config_file_changes_add_and_drain_endpoints() {
         .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["x-kvgate-endpoint"].to_str().unwrap(), b_addr);
+    r.bytes().await.unwrap();
+    // The removed endpoint can come back.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    write(&[&a_addr, &b_addr]);
+    let control = gw.control.clone();
+    eventually(
+        "reload re-adds the first endpoint",
+        Duration::from_secs(10),
+        || {
+            let c = control.clone();
+            async move { c.ready_endpoints() == 2 }
+        },
+    )
+    .await;
+    let mut seen = std::collections::HashSet::new();
+    for i in 0..40 {
+        let r = client()
+            .post(url(&gw, "/v1/chat/completions"))
+            .json(&chat(&format!("spread {i}"), 2, false))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        seen.insert(
+            r.headers()["x-kvgate-endpoint"]
+                .to_str()
+                .unwrap()
+                .to_owned(),
+        );
+        if seen.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(seen.len(), 2, "both endpoints serve after the reload");
     let _ = std::fs::remove_file(&path);
 }
 
