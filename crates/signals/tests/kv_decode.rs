@@ -268,3 +268,35 @@ proptest! {
         let _ = decode_event_batch(0, &p);
     }
 }
+
+#[test]
+fn checked_in_fixtures_match_their_generator() {
+    let ok = std::process::Command::new("python3")
+        .args(["-c", "import msgpack"])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        ok,
+        "python3 with msgpack is required; run scripts/setup-test-deps.sh"
+    );
+    let out = std::env::temp_dir().join(format!("kvgate-kv-fixtures-{}", std::process::id()));
+    std::fs::create_dir_all(&out).unwrap();
+    let status = std::process::Command::new("python3")
+        .arg(format!("{}/gen_kv_fixtures.py", dir()))
+        .arg(&out)
+        .status()
+        .expect("run generator");
+    assert!(status.success());
+    for name in FIXTURES {
+        for ext in ["msgpack", "expected.json"] {
+            let file = format!("{name}.{ext}");
+            let fresh = std::fs::read(out.join(&file)).unwrap();
+            let checked_in = std::fs::read(format!("{}/{file}", dir())).unwrap();
+            assert!(
+                fresh == checked_in,
+                "{file} differs from its generator's output"
+            );
+        }
+    }
+    std::fs::remove_dir_all(&out).unwrap();
+}
