@@ -470,19 +470,15 @@ async fn serve(
     loop {
         let guard = InFlight::new(app.control.clone(), rr.id, target.clone());
         let result = send(app, &target, api, &parts.headers, body.clone()).await;
-        let (cause, kind) = match &result {
-            Ok(resp) if resp.status().is_server_error() => ("status_5xx", FailureKind::ServerError),
-            Ok(resp) if resp.status() == StatusCode::TOO_MANY_REQUESTS => {
-                ("status_429", FailureKind::Overloaded)
+        let result = match result {
+            Ok(resp) if retryable_status(resp.status()).is_none() => {
+                return Ok(respond(app, resp, guard, &parsed, t0));
             }
-            Ok(_) => {
-                return Ok(respond(
-                    app,
-                    result.ok().expect("matched Ok"),
-                    guard,
-                    &parsed,
-                    t0,
-                ));
+            other => other,
+        };
+        let (cause, kind) = match &result {
+            Ok(resp) => {
+                retryable_status(resp.status()).unwrap_or(("status", FailureKind::ServerError))
             }
             Err(AttemptError::Connect) => ("connect", FailureKind::Connect),
             Err(AttemptError::Timeout) => ("timeout", FailureKind::Timeout),
@@ -522,6 +518,18 @@ async fn serve(
                 ));
             }
         }
+    }
+}
+
+/// Whether a response status is worth another endpoint: 5xx (the pod is broken or restarting)
+/// and 429 (the pod is overloaded); with the metrics label and the failure kind for the core.
+fn retryable_status(status: StatusCode) -> Option<(&'static str, FailureKind)> {
+    if status.is_server_error() {
+        Some(("status_5xx", FailureKind::ServerError))
+    } else if status == StatusCode::TOO_MANY_REQUESTS {
+        Some(("status_429", FailureKind::Overloaded))
+    } else {
+        None
     }
 }
 
@@ -585,6 +593,7 @@ fn respond(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("text/event-stream"));
     let endpoint = guard.target.address.to_string();
+    let head = response_head(parts.status, &parts.headers, &guard.target);
     let metered = Metered {
         inner: body,
         guard: Some(guard),
@@ -600,13 +609,8 @@ fn respond(
         window_overflow: false,
         ended: false,
     };
-    response_head(
-        parts.status,
-        &parts.headers,
-        &metered.guard.as_ref().expect("set above").target,
-    )
-    .body(Body::new(metered))
-    .unwrap_or_else(|_| StatusCode::BAD_GATEWAY.into_response())
+    head.body(Body::new(metered))
+        .unwrap_or_else(|_| StatusCode::BAD_GATEWAY.into_response())
 }
 
 /// The upstream response body, relayed frame by frame, measured on the way.
