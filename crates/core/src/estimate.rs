@@ -361,6 +361,99 @@ mod tests {
         assert!(!l.observe(40, &sample(50, 50, 0.9)));
     }
 
+    #[derive(Clone, Debug)]
+    enum Op {
+        Book(u32, u8),
+        Start(usize),
+        Finish(usize),
+        TakeSample(u8, u8, u16),
+        Deliver,
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        prop_oneof![
+            3 => (1u32..4000, 1u8..50).prop_map(|(t, b)| Op::Book(t, b)),
+            2 => any::<usize>().prop_map(Op::Start),
+            2 => any::<usize>().prop_map(Op::Finish),
+            1 => (0u8..5, 0u8..5, 0u16..500).prop_map(|(w, r, b)| Op::TakeSample(w, r, b)),
+            1 => Just(Op::Deliver),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Whatever the interleaving of bookings, first tokens, finishes and delayed samples
+        /// (each sample = this router's requests at its time + some foreign work), the estimate
+        /// after a sample equals this router's requests now + that sample's foreign work.
+        #[test]
+        fn reconciliation_counts_own_work_once(ops in proptest::collection::vec(op(), 1..120)) {
+            const CAP: u64 = 1 << 20;
+            let mut l = EndpointLoad::new(100.0);
+            let mut now = 0u64;
+            let mut next_id = 0u64;
+            // id -> (started, blocks)
+            let mut live: std::collections::BTreeMap<u64, (bool, u64)> = Default::default();
+            let mut pending: std::collections::VecDeque<(u64, MetricsSample, (u32, u32, u64))> = Default::default();
+            let mut foreign: Option<(u32, u64)> = None;
+            for op in ops {
+                now += 1;
+                match op {
+                    Op::Book(tokens, blocks) => {
+                        let mut b = booking(now, tokens, u64::from(blocks));
+                        b.booked_at_us = now;
+                        l.book(next_id, b, 0.1);
+                        live.insert(next_id, (false, u64::from(blocks)));
+                        next_id += 1;
+                    }
+                    Op::Start(k) => {
+                        let unstarted: Vec<u64> = live.iter().filter(|(_, v)| !v.0).map(|(k, _)| *k).collect();
+                        if !unstarted.is_empty() {
+                            let id = unstarted[k % unstarted.len()];
+                            l.first_token(id, now);
+                            live.get_mut(&id).unwrap().0 = true;
+                        }
+                    }
+                    Op::Finish(k) => {
+                        if !live.is_empty() {
+                            let id = *live.keys().nth(k % live.len()).unwrap();
+                            l.release(id, now);
+                            live.remove(&id);
+                        }
+                    }
+                    Op::TakeSample(fw, fr, fb) => {
+                        let own_unstarted = live.values().filter(|v| !v.0).count() as u32;
+                        let own_started = live.values().filter(|v| v.0).count() as u32;
+                        let own_blocks: u64 = live.values().map(|v| v.1).sum();
+                        let s = MetricsSample {
+                            waiting: own_unstarted + u32::from(fw),
+                            running: own_started + u32::from(fr),
+                            kv_usage: Some((own_blocks + u64::from(fb)) as f64 / CAP as f64),
+                            kv_capacity_blocks: Some(CAP),
+                            ..Default::default()
+                        };
+                        pending.push_back((now, s, (u32::from(fw), u32::from(fr), u64::from(fb))));
+                    }
+                    Op::Deliver => {
+                        if let Some((t, s, f)) = pending.pop_front() {
+                            proptest::prop_assert!(l.observe(t, &s));
+                            foreign = Some((f.0 + f.1, f.2));
+                        }
+                    }
+                }
+                let e = l.estimate(now, CAP);
+                let own_total = live.len() as u32;
+                let own_blocks: u64 = live.values().map(|v| v.1).sum();
+                let (fw, fb) = foreign.unwrap_or((0, 0));
+                proptest::prop_assert_eq!(e.waiting + e.running, own_total + fw);
+                proptest::prop_assert!((e.kv_blocks as i64 - (own_blocks + fb) as i64).abs() <= 1,
+                    "kv {} vs {}", e.kv_blocks, own_blocks + fb);
+                proptest::prop_assert_eq!(e.own_in_flight, own_total);
+                let own_unstarted = live.values().filter(|v| !v.0).count() as u32;
+                proptest::prop_assert!(e.waiting >= own_unstarted);
+            }
+        }
+    }
+
     #[test]
     fn calibration_moves_towards_observed_and_is_clamped() {
         let p = CalibrationParams {
