@@ -21,6 +21,14 @@
 //! blocks)` map probes. Keys are already uniformly distributed hashes, so the map uses a cheap
 //! fixed multiply-fold hasher (deterministic iteration, no SipHash cost).
 //!
+//! ## Memory per entry
+//! A holder record is 16 bytes; a map slot (key + inline holder set) 32 bytes plus one control
+//! byte; a key with several holders adds a header record plus 16 bytes per holder in a `Vec`.
+//! Counted from container capacities ([`PrefixIndex::memory`], printed by the `route` bench and
+//! a unit test): ~43 bytes per (block, endpoint) entry for a freshly built index, and up to
+//! ~120 bytes under heavy store/remove churn, because hashbrown doubles its table instead of
+//! rehashing in place once the live set exceeds half of it, leaving the table 28–56% full.
+//!
 //! ## Memory bound and eviction
 //! * Approximate entries: at most `approx_capacity_blocks` per endpoint. Eviction is least
 //!   recently *touched* (a booking re-touches every block of its prompt), implemented as an

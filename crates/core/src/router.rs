@@ -14,6 +14,10 @@
 //!   in which endpoints were added, and a seeded RNG gives the same answer every time.
 //! * Fallbacks are the next best by total score (address order among equals).
 //!
+//! Concurrency: [`Router::pick`] takes `&self` and every observation `&mut self`, so a data
+//! plane that needs concurrent picks wraps the router in a read-write lock; the router is
+//! `Send + Sync` and does no locking of its own (the discrete-event benchmark needs none).
+//!
 //! KV event streams: an endpoint's events are trusted from a batch with sequence 0 (the stream's
 //! start) on. A jump in sequence numbers ([`SeqCheck::Gap`]) applies the batch (its facts are
 //! still true), untrusts the endpoint (it is matched on approximate entries, which the router
