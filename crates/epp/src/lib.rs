@@ -319,6 +319,13 @@ impl Epp {
                 }
                 control.set_endpoints(&cfg.endpoints);
                 ready().await;
+                if args.config.is_some() {
+                    tasks.push(tokio::spawn(watch_config(
+                        args.clone(),
+                        control.clone(),
+                        stop.clone(),
+                    )));
+                }
             }
             Some(pool) => {
                 let client = k8s::client(args.kubeconfig.as_deref())
@@ -428,6 +435,42 @@ fn metrics_router(control: Arc<Control>, metrics: Arc<EppMetrics>) -> axum::Rout
             }),
         )
         .route("/health", get(|| async { "ok" }))
+}
+
+fn modified(path: &std::path::Path) -> Option<std::time::SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+/// Polls the config file and applies endpoint changes (as `kvgate serve` does); a file that
+/// fails to load is logged and ignored, keeping the running set.
+async fn watch_config(args: EppArgs, control: Arc<Control>, stop: CancellationToken) {
+    let Some(path) = args.config.clone() else {
+        return;
+    };
+    let mut last = modified(&path);
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(
+        kvgate_gateway::config::CONFIG_POLL_INTERVAL_MS,
+    ));
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = modified(&path);
+        if now == last {
+            continue;
+        }
+        last = now;
+        match args.load_config() {
+            Ok(cfg) => {
+                tracing::info!(path = %path.display(), endpoints = cfg.endpoints.len(), "config changed; applying endpoints");
+                control.set_endpoints(&cfg.endpoints);
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "config changed but is invalid; keeping the running endpoints");
+            }
+        }
+    }
 }
 
 /// Runs `kvgate epp` until ctrl-c.

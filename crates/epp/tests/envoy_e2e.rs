@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use common::envoy::Envoy;
@@ -121,7 +121,7 @@ async fn envoy_routes_through_the_picker() {
     let envoy = Envoy::start(epp.grpc_addr, epp.health_addr).await;
 
     // Streaming chat requests land on the picked engines and stream to the end.
-    let mut seen = HashSet::new();
+    let mut seen: HashMap<String, u32> = HashMap::new();
     for i in 0..9 {
         let a = post(
             &envoy,
@@ -134,9 +134,25 @@ async fn envoy_routes_through_the_picker() {
         assert!(engines.contains(&served), "{served} is not a pool engine");
         assert!(a.body.contains("data: [DONE]"), "{}", a.body);
         assert!(a.body.contains("\"usage\""), "{}", a.body);
-        seen.insert(served);
+        *seen.entry(served).or_default() += 1;
     }
     let m = epp.metrics.encode();
+    // Each engine served exactly as many requests as the picker sent it.
+    for (engine, n) in &seen {
+        let picked: f64 = m
+            .lines()
+            .filter(|l| {
+                l.starts_with("kvgate_gateway_decisions_total{")
+                    && l.contains(&format!("endpoint=\"{engine}\""))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        assert_eq!(
+            picked,
+            f64::from(*n),
+            "{engine}: served {n}, picked {picked}\n{m}"
+        );
+    }
     let decisions: f64 = m
         .lines()
         .filter(|l| l.starts_with("kvgate_gateway_decisions_total{"))
