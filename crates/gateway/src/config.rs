@@ -18,6 +18,7 @@
 //! retry: { max_attempts: 3 }
 //! priority: { objectives: { premium: 10, batch: -1 } }
 //! tokenizer: { hf_tokenizer_json: /models/llama/tokenizer.json }
+//! inject_stream_usage: true   # ask engines for usage on every stream, strip it for clients
 //! ```
 //!
 //! Only `endpoints` is re-read when the file changes (see [`crate::control`]); everything else
@@ -110,6 +111,7 @@ struct RawConfig {
     priority: RawPriority,
     #[serde(default)]
     tokenizer: RawTokenizer,
+    inject_stream_usage: Option<bool>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -269,6 +271,10 @@ pub struct GatewayConfig {
     pub objectives: BTreeMap<String, i32>,
     /// HuggingFace `tokenizer.json` to tokenise with instead of the built-in tokenizer.
     pub hf_tokenizer_json: Option<PathBuf>,
+    /// Request `stream_options.include_usage` upstream for streams whose client did not, and
+    /// strip the usage chunk from what the client receives (so TPOT and the prefix hit ratio are
+    /// measured for every stream). Streams whose client asked are never touched.
+    pub inject_stream_usage: bool,
     /// The file this came from, if any (watched for endpoint changes).
     pub source: Option<PathBuf>,
 }
@@ -289,6 +295,7 @@ impl Default for GatewayConfig {
             max_attempts: DEFAULT_MAX_ATTEMPTS,
             objectives: BTreeMap::new(),
             hf_tokenizer_json: None,
+            inject_stream_usage: true,
             source: None,
         }
     }
@@ -518,6 +525,7 @@ impl GatewayConfig {
             max_attempts,
             objectives: raw.priority.objectives,
             hf_tokenizer_json: raw.tokenizer.hf_tokenizer_json,
+            inject_stream_usage: raw.inject_stream_usage.unwrap_or(d.inject_stream_usage),
             source: None,
         })
     }

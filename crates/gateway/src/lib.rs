@@ -186,7 +186,12 @@ impl Gateway {
         let metrics = Arc::new(GatewayMetrics::new());
         let control = Control::start(&cfg, metrics)?;
         control.set_endpoints(&cfg.endpoints);
-        let app = App::new(control.clone(), cfg.limits, cfg.max_attempts);
+        let app = App::new(
+            control.clone(),
+            cfg.limits,
+            cfg.max_attempts,
+            cfg.inject_stream_usage,
+        );
         let bind = |port: u16| {
             let addr = format!("{}:{port}", cfg.host);
             async move {

@@ -14,14 +14,18 @@
 //! (`data: {"error": ...}`) and `data: [DONE]`, so SDKs see a clean end and an error, and the
 //! failure is counted and reported to the core.
 //!
-//! **Pass-through.** The request body is forwarded byte for byte (the gateway never rewrites
-//! it, and does not inject `stream_options.include_usage`: a client that did not ask for usage
-//! gets none, and its TPOT is then computed from counted SSE events). Response bodies are relayed
-//! frame by frame as they arrive from the engine, with no buffering; only a copy of the last few
-//! KiB of a stream (or of a non-streaming body up to [`USAGE_WINDOW_BYTES`]) is kept to read
-//! `usage` at the end. Only an allow-list of request headers is forwarded: routing headers a
-//! client might send (`x-gateway-destination-endpoint` and the like) are dropped, and the gateway
-//! only ever connects to configured endpoints.
+//! **Pass-through.** The request body is forwarded byte for byte, with one exception: a
+//! streaming chat/completions request whose client did not ask for
+//! `stream_options.include_usage` gets it set upstream (`inject_stream_usage`, on by default), and
+//! the usage chunk is removed again from what that client receives, so every stream reports its
+//! token counts and cached tokens to the metrics and the core's calibration. Streams whose client
+//! asked for usage, and all other requests, are relayed untouched. Response bodies are relayed
+//! frame by frame as they arrive from the engine, with no buffering (when stripping, only the
+//! incomplete SSE event at the end of a frame waits for the rest of its bytes, which a client
+//! could not act on anyway); a copy of the last few KiB of a stream (or of a non-streaming body up
+//! to [`USAGE_WINDOW_BYTES`]) is kept to read `usage` at the end. Only an allow-list of request
+//! headers is forwarded: routing headers a client might send (`x-gateway-destination-endpoint`
+//! and the like) are dropped, and the gateway only ever connects to configured endpoints.
 //!
 //! **TTFT and TPOT.** TTFT is measured from the moment the gateway has the request head to the
 //! first body frame of a successful streaming response (vLLM sends the first chunk when the
@@ -106,12 +110,19 @@ pub struct App {
     pub limits: Limits,
     /// Attempts per request.
     pub max_attempts: u32,
+    /// Whether to request usage upstream for streams whose client did not (stripped again).
+    pub inject_stream_usage: bool,
     client: Client<HttpConnector, Full<Bytes>>,
 }
 
 impl App {
     /// Builds the handlers' state with a pooled HTTP/1.1 client to the engines.
-    pub fn new(control: Arc<Control>, limits: Limits, max_attempts: u32) -> Arc<Self> {
+    pub fn new(
+        control: Arc<Control>,
+        limits: Limits,
+        max_attempts: u32,
+        inject_stream_usage: bool,
+    ) -> Arc<Self> {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(Duration::from_millis(
             limits.upstream_connect_timeout_ms,
@@ -123,6 +134,7 @@ impl App {
             control,
             limits,
             max_attempts,
+            inject_stream_usage,
             client,
         })
     }
@@ -465,14 +477,25 @@ async fn serve(
             reason: reason_label(decision.reason).to_owned(),
         })
         .inc();
+    // Ask for the usage chunk even when the client did not (it carries the token counts and
+    // cached tokens the metrics and calibration want); it is stripped again on the way back.
+    let inject = app.inject_stream_usage
+        && parsed.stream
+        && !parsed.include_usage
+        && matches!(api, ApiKind::Chat | ApiKind::Completions);
+    let upstream_body = if inject {
+        with_include_usage(&body).unwrap_or_else(|| body.clone())
+    } else {
+        body.clone()
+    };
     let mut tried = vec![decision.primary];
     let mut attempt = 1;
     loop {
         let guard = InFlight::new(app.control.clone(), rr.id, target.clone());
-        let result = send(app, &target, api, &parts.headers, body.clone()).await;
+        let result = send(app, &target, api, &parts.headers, upstream_body.clone()).await;
         let result = match result {
             Ok(resp) if retryable_status(resp.status()).is_none() => {
-                return Ok(respond(app, resp, guard, &parsed, t0));
+                return Ok(respond(app, resp, guard, &parsed, t0, inject));
             }
             other => other,
         };
@@ -519,6 +542,21 @@ async fn serve(
             }
         }
     }
+}
+
+/// The request body with `stream_options.include_usage` set (other fields unchanged).
+fn with_include_usage(body: &[u8]) -> Option<Bytes> {
+    let mut v: Value = serde_json::from_slice(body).ok()?;
+    let obj = v.as_object_mut()?;
+    let opts = obj
+        .entry("stream_options")
+        .or_insert_with(|| Value::Object(serde_json::Map::new()));
+    if !opts.is_object() {
+        *opts = Value::Object(serde_json::Map::new());
+    }
+    opts.as_object_mut()?
+        .insert("include_usage".into(), Value::Bool(true));
+    serde_json::to_vec(&v).ok().map(Bytes::from)
 }
 
 /// Whether a response status is worth another endpoint: 5xx (the pod is broken or restarting)
@@ -585,6 +623,7 @@ fn respond(
     guard: InFlight,
     parsed: &crate::openai::ParsedRequest,
     t0: Instant,
+    injected_usage: bool,
 ) -> Response {
     let (parts, body) = resp.into_parts();
     let sse = parts
@@ -608,6 +647,7 @@ fn respond(
         window: Vec::new(),
         window_overflow: false,
         ended: false,
+        strip: (injected_usage && sse && parts.status.is_success()).then(UsageStripper::default),
     };
     head.body(Body::new(metered))
         .unwrap_or_else(|_| StatusCode::BAD_GATEWAY.into_response())
@@ -628,8 +668,93 @@ struct Metered {
     events: u32,
     window: Vec<u8>,
     window_overflow: bool,
-    /// The body is over (after a mid-stream error event).
+    /// The body is over (upstream finished, or a mid-stream error event was sent).
     ended: bool,
+    /// Set when the gateway injected `include_usage`: removes the usage chunk again.
+    strip: Option<UsageStripper>,
+}
+
+/// Largest incomplete SSE event held back while looking for a usage chunk to strip. An event is
+/// a few hundred bytes; a stream with no recognisable event boundary in 64 KiB is not SSE as we
+/// know it and is relayed as is rather than buffered.
+const MAX_PENDING_EVENT_BYTES: usize = 64 * 1024;
+
+/// Removes the final usage chunk (`choices: []` with a `usage` object) from a stream whose client
+/// did not ask for it. Only complete events are relayed; the incomplete tail of a frame is held
+/// until its event completes, which delays nothing a client could use (an SSE parser acts only
+/// on complete events).
+#[derive(Debug, Default)]
+struct UsageStripper {
+    pending: Vec<u8>,
+}
+
+/// End offsets (exclusive) of complete SSE events in `buf` (terminated by a blank line, `\n\n`
+/// or `\r\n\r\n`).
+fn event_ends(buf: &[u8]) -> Vec<usize> {
+    let mut ends = Vec::new();
+    let mut i = 0;
+    while i + 1 < buf.len() {
+        if buf[i] == b'\n' {
+            if buf[i + 1] == b'\n' {
+                ends.push(i + 2);
+                i += 2;
+                continue;
+            }
+            if buf[i + 1] == b'\r' && buf.get(i + 2) == Some(&b'\n') {
+                ends.push(i + 3);
+                i += 3;
+                continue;
+            }
+        }
+        i += 1;
+    }
+    ends
+}
+
+fn is_usage_event(event: &[u8]) -> bool {
+    let Some(json) = event
+        .strip_prefix(b"data: ")
+        .or_else(|| event.strip_prefix(b"data:"))
+    else {
+        return false;
+    };
+    if !json.windows(7).any(|w| w == b"\"usage\"") {
+        return false;
+    }
+    serde_json::from_slice::<Value>(json.trim_ascii()).is_ok_and(|v| {
+        v.get("choices")
+            .and_then(Value::as_array)
+            .is_some_and(Vec::is_empty)
+            && v.get("usage").is_some_and(Value::is_object)
+    })
+}
+
+impl UsageStripper {
+    fn push(&mut self, data: &[u8]) -> Bytes {
+        self.pending.extend_from_slice(data);
+        let ends = event_ends(&self.pending);
+        let Some(&complete) = ends.last() else {
+            if self.pending.len() > MAX_PENDING_EVENT_BYTES {
+                return self.flush();
+            }
+            return Bytes::new();
+        };
+        let mut out = Vec::with_capacity(complete);
+        let mut start = 0;
+        for end in ends {
+            let event = &self.pending[start..end];
+            if !is_usage_event(event) {
+                out.extend_from_slice(event);
+            }
+            start = end;
+        }
+        self.pending.drain(..complete);
+        Bytes::from(out)
+    }
+
+    fn flush(&mut self) -> Bytes {
+        Bytes::from(std::mem::take(&mut self.pending))
+    }
 }
 
 fn count_events(data: &[u8]) -> u32 {
@@ -773,47 +898,125 @@ impl hyper::body::Body for Metered {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
-        if this.ended {
-            return Poll::Ready(None);
-        }
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(d) = frame.data_ref() {
-                    this.on_data(d);
-                }
-                // hyper stops polling once the body says it has ended, so account now.
-                if this.inner.is_end_stream() {
-                    this.finish();
-                }
-                Poll::Ready(Some(Ok(frame)))
+        loop {
+            if this.ended {
+                return Poll::Ready(None);
             }
-            Poll::Ready(Some(Err(e))) => match this.fail_mid_stream(&e) {
-                Some(event) => {
-                    this.ended = true;
-                    Poll::Ready(Some(Ok(Frame::data(event))))
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Ok(frame))) => {
+                    // hyper stops polling once the body says it has ended, so account now.
+                    let last = this.inner.is_end_stream();
+                    let frame = match frame.into_data() {
+                        Ok(data) => {
+                            this.on_data(&data);
+                            let data = match &mut this.strip {
+                                None => data,
+                                Some(s) if last => {
+                                    let mut out = s.push(&data).to_vec();
+                                    out.extend_from_slice(&s.flush());
+                                    Bytes::from(out)
+                                }
+                                Some(s) => s.push(&data),
+                            };
+                            if last {
+                                this.finish();
+                                this.ended = true;
+                            }
+                            if data.is_empty() {
+                                continue;
+                            }
+                            Frame::data(data)
+                        }
+                        Err(other) => {
+                            if last {
+                                this.finish();
+                            }
+                            other
+                        }
+                    };
+                    return Poll::Ready(Some(Ok(frame)));
                 }
-                None => Poll::Ready(Some(Err(e))),
-            },
-            Poll::Ready(None) => {
-                this.finish();
-                Poll::Ready(None)
+                Poll::Ready(Some(Err(e))) => {
+                    return match this.fail_mid_stream(&e) {
+                        // Send the error event, then end the body cleanly.
+                        Some(event) => {
+                            this.ended = true;
+                            Poll::Ready(Some(Ok(Frame::data(event))))
+                        }
+                        None => Poll::Ready(Some(Err(e))),
+                    };
+                }
+                Poll::Ready(None) => {
+                    this.finish();
+                    this.ended = true;
+                    let rest = this
+                        .strip
+                        .as_mut()
+                        .map(UsageStripper::flush)
+                        .unwrap_or_default();
+                    if rest.is_empty() {
+                        return Poll::Ready(None);
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(rest))));
+                }
             }
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.ended || (self.guard.is_none() && self.inner.is_end_stream())
+        self.ended
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        if self.strip.is_some() {
+            SizeHint::default()
+        } else {
+            self.inner.size_hint()
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn usage_chunk_is_stripped_across_frame_boundaries() {
+        let stream = concat!(
+            "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n",
+            "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":1}}\n\n",
+            "data: [DONE]\n\n",
+        );
+        let want = concat!(
+            "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n",
+            "data: [DONE]\n\n"
+        );
+        for split in 0..stream.len() {
+            let mut s = UsageStripper::default();
+            let mut out = s.push(&stream.as_bytes()[..split]).to_vec();
+            out.extend_from_slice(&s.push(&stream.as_bytes()[split..]));
+            out.extend_from_slice(&s.flush());
+            assert_eq!(String::from_utf8(out).unwrap(), want, "split at {split}");
+        }
+        let mut s = UsageStripper::default();
+        assert!(
+            s.push(b"data: {\"choices\":[]").is_empty(),
+            "incomplete event held back"
+        );
+        let crlf = s.push(b",\"usage\":{}}\r\n\r\ndata: [DONE]\r\n\r\n");
+        assert_eq!(&crlf[..], b"data: [DONE]\r\n\r\n");
+    }
+
+    #[test]
+    fn include_usage_is_set_without_touching_the_rest() {
+        let b =
+            with_include_usage(br#"{"model":"m","stream":true,"stream_options":{"x":1}}"#).unwrap();
+        let v: Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        assert_eq!(v["stream_options"]["x"], 1);
+        assert_eq!(v["model"], "m");
+    }
 
     #[test]
     fn events_are_counted_at_line_starts() {

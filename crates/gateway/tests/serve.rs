@@ -187,9 +187,9 @@ async fn non_streaming_round_trips_and_health() {
     .await;
 }
 
-#[tokio::test]
-async fn streaming_is_byte_for_byte_the_engine_stream() {
-    let body = chat("tell me a story about routers", 24, true);
+/// Streams `body` directly from one fresh engine and through a gateway in front of an identical
+/// fresh engine; returns the stream once both agree (or panics), with the gateway and its engine.
+async fn stream_direct_and_through_gateway(body: &Value) -> (String, Gateway, Fleet) {
     let c = client();
     // Two identical fresh single-engine fleets: the same request gets the same id and tokens on
     // both, so the gateway's stream (from one) must equal a direct stream (from the other).
@@ -204,14 +204,14 @@ async fn streaming_is_byte_for_byte_the_engine_stream() {
                 "http://{}/v1/chat/completions",
                 direct_fleet.engines[0].http_addr
             ))
-            .json(&body)
+            .json(body)
             .send()
             .await
             .unwrap();
         let direct = direct.bytes().await.unwrap().to_vec();
         let mut r = c
             .post(url(&gw, "/v1/chat/completions"))
-            .json(&body)
+            .json(body)
             .send()
             .await
             .unwrap();
@@ -228,20 +228,7 @@ async fn streaming_is_byte_for_byte_the_engine_stream() {
         }
         assert!(frames > 1, "relayed as it streams, not in one buffer");
         if direct == through {
-            let text = String::from_utf8(through).unwrap();
-            assert!(text.ends_with("data: [DONE]\n\n"));
-            assert!(text.contains(r#""cached_tokens""#));
-            let m = admin_metrics(&gw).await;
-            assert!(
-                metric_sum(&m, "kvgate_gateway_ttft_seconds_count") >= 1.0,
-                "{m}"
-            );
-            assert!(
-                metric_sum(&m, "kvgate_gateway_tpot_seconds_count") >= 1.0,
-                "{m}"
-            );
-            assert!(m.contains("kvgate_gateway_prompt_tokens_total"), "{m}");
-            return;
+            return (String::from_utf8(through).unwrap(), gw, gw_fleet);
         }
         last = (direct, through);
     }
@@ -249,6 +236,49 @@ async fn streaming_is_byte_for_byte_the_engine_stream() {
         "streams differ:\ndirect:  {}\ngateway: {}",
         String::from_utf8_lossy(&last.0),
         String::from_utf8_lossy(&last.1)
+    );
+}
+
+#[tokio::test]
+async fn streaming_is_byte_for_byte_the_engine_stream() {
+    let (text, gw, _engines) =
+        stream_direct_and_through_gateway(&chat("tell me a story about routers", 24, true)).await;
+    assert!(text.ends_with("data: [DONE]\n\n"));
+    assert!(
+        text.contains(r#""cached_tokens""#),
+        "the client asked for usage and got it"
+    );
+    let m = admin_metrics(&gw).await;
+    assert!(
+        metric_sum(&m, "kvgate_gateway_ttft_seconds_count") >= 1.0,
+        "{m}"
+    );
+    assert!(
+        metric_sum(&m, "kvgate_gateway_tpot_seconds_count") >= 1.0,
+        "{m}"
+    );
+    assert!(
+        metric_sum(&m, "kvgate_gateway_prompt_tokens_total") > 0.0,
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn usage_requested_by_the_gateway_is_stripped_for_clients_that_did_not_ask() {
+    let mut body = chat("tell me a story about routers", 24, true);
+    body.as_object_mut().unwrap().remove("stream_options");
+    let (text, gw, _engines) = stream_direct_and_through_gateway(&body).await;
+    assert!(!text.contains(r#""usage""#), "{text}");
+    assert!(text.ends_with("data: [DONE]\n\n"));
+    // ...while the gateway still learnt the usage figures from the engine.
+    let m = admin_metrics(&gw).await;
+    assert!(
+        metric_sum(&m, "kvgate_gateway_prompt_tokens_total") > 0.0,
+        "{m}"
+    );
+    assert!(
+        metric_sum(&m, "kvgate_gateway_tpot_seconds_count") >= 1.0,
+        "{m}"
     );
 }
 
