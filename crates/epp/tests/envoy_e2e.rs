@@ -111,6 +111,8 @@ async fn post(envoy: &Envoy, body: &Value, extra: &[(&str, &str)]) -> Answer {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoy_routes_through_the_picker() {
+    // Fail first, and clearly, when Envoy is not installed.
+    common::envoy::envoy_binary();
     let fleet = fleet(3).await;
     let engines: Vec<String> = fleet
         .engines

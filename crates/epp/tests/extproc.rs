@@ -610,3 +610,61 @@ async fn health_reports_serving_for_static_endpoints() {
     assert!(m.trim_end().ends_with("# EOF"));
     assert_eq!(m.matches("# EOF").count(), 1);
 }
+
+#[tokio::test]
+async fn served_endpoint_metadata_moves_the_booking_to_the_fallback() {
+    let epp = epp(&EP, |a| a.fallbacks = 2).await;
+    let mut s = Stream::open(&epp).await;
+    s.send(chat_headers(), None).await;
+    s.send(body(&chat_body("hi"), true), None).await;
+    let (dest, _, _) = routed(&mut s).await;
+    let parts: Vec<String> = dest.split(',').map(str::to_owned).collect();
+    let in_flight = |addr: &str| {
+        epp.control.refresh_gauges();
+        let line = format!("kvgate_gateway_in_flight{{endpoint=\"{addr}\"}} ");
+        epp.metrics
+            .encode()
+            .lines()
+            .find_map(|l| l.strip_prefix(&line).map(str::to_owned))
+            .unwrap_or_default()
+    };
+    assert_eq!(in_flight(&parts[0]), "1");
+    // Envoy reports (as the protocol's served metadata) that the first fallback served.
+    let mut lb = Struct::default();
+    lb.fields.insert(
+        "x-gateway-destination-endpoint-served".into(),
+        Value {
+            kind: Some(Kind::StringValue(parts[1].clone())),
+        },
+    );
+    let md = Metadata {
+        filter_metadata: [("envoy.lb".to_string(), lb)].into(),
+        ..Metadata::default()
+    };
+    s.send(
+        Req::ResponseHeaders(HttpHeaders {
+            headers: Some(HeaderMap {
+                headers: vec![HeaderValue {
+                    key: ":status".into(),
+                    raw_value: b"200".to_vec(),
+                    ..HeaderValue::default()
+                }],
+            }),
+            ..HttpHeaders::default()
+        }),
+        Some(md),
+    )
+    .await;
+    assert!(matches!(s.recv().await, Resp::ResponseHeaders(_)));
+    assert_eq!(in_flight(&parts[0]), "0");
+    assert_eq!(in_flight(&parts[1]), "1");
+    s.send(resp_body(br#"{"choices":[]}"#, true), None).await;
+    assert!(matches!(s.recv().await, Resp::ResponseBody(_)));
+    drop(s);
+    // The stream ended normally: nothing stays booked.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while in_flight(&parts[1]) != "0" {
+        assert!(std::time::Instant::now() < deadline, "booking not released");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
