@@ -749,6 +749,12 @@ impl Control {
         Some(req)
     }
 
+    /// `host:port` of endpoint `id` (for data planes that answer with addresses, e.g. the
+    /// primary and fallbacks of a decision).
+    pub fn address(&self, id: EndpointId) -> Option<Arc<str>> {
+        self.members_read().address_of.get(&id).cloned()
+    }
+
     fn target(&self, id: EndpointId) -> Option<Target> {
         let m = self.members_read();
         let address = m.address_of.get(&id)?.clone();
