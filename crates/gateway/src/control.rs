@@ -749,10 +749,23 @@ impl Control {
         Some(req)
     }
 
-    /// `host:port` of endpoint `id` (for data planes that answer with addresses, e.g. the
-    /// primary and fallbacks of a decision).
-    pub fn address(&self, id: EndpointId) -> Option<Arc<str>> {
+    /// The `host:port` of endpoint `id`, if it is still a member (for data planes that answer
+    /// with addresses, e.g. the primary and fallbacks of a decision).
+    pub fn address_of(&self, id: EndpointId) -> Option<Arc<str>> {
         self.members_read().address_of.get(&id).cloned()
+    }
+
+    /// Router ids of the endpoints at `addresses` (`host:port`); unknown addresses are skipped
+    /// (for subset hints, which name endpoints by address).
+    pub fn endpoint_ids<'a>(
+        &self,
+        addresses: impl IntoIterator<Item = &'a str>,
+    ) -> Vec<EndpointId> {
+        let m = self.members_read();
+        addresses
+            .into_iter()
+            .filter_map(|a| m.by_address.get(a).map(|member| member.id))
+            .collect()
     }
 
     fn target(&self, id: EndpointId) -> Option<Target> {
