@@ -31,8 +31,8 @@
 //! - If Envoy closes the stream early (client gone, upstream reset), dropping the state releases
 //!   the booking as cancelled, which carries no penalty.
 //!
-//! **Buffering limits.** The request body is held in memory once (plus the re-chunked copy in
-//! flight); it is capped at `limits.max_body_bytes` of the config (32 MiB by default, shared with
+//! **Buffering limits.** The request body is held in memory until the decision, then once more
+//! as the outgoing chunks (so at most about twice its size per stream); it is capped at `limits.max_body_bytes` of the config (32 MiB by default, shared with
 //! `kvgate serve`), beyond which the client gets an immediate 413. Response bodies are never
 //! buffered: each chunk is answered as it arrives, only a 4 KiB tail is kept for `usage` (a
 //! non-streaming body is copied up to 256 KiB for the same reason).
