@@ -170,6 +170,13 @@ async fn non_streaming_round_trips_and_health() {
         let admin = format!("http://{}{path}", gw.admin_addr);
         assert_eq!(c.get(admin).send().await.unwrap().status(), 200);
     }
+    let first = f.engines[0].http_addr.to_string();
+    let ids = gw.control.endpoint_ids([first.as_str(), "10.9.9.9:1"]);
+    assert_eq!(ids.len(), 1, "unknown addresses are skipped");
+    assert_eq!(
+        gw.control.address_of(ids[0]).as_deref(),
+        Some(first.as_str())
+    );
     let m = admin_metrics(&gw).await;
     assert!(
         m.contains(r#"kvgate_gateway_requests_total{api="chat",status="200"} 1"#),
