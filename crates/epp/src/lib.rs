@@ -19,7 +19,8 @@
 //!   [`control::Control::set_endpoints`], so a terminating pod drains exactly like an endpoint
 //!   removed from the config: no new requests unless nothing else can serve, in-flight ones finish.
 //! - **Three listeners, as the reference picker has them**: ext_proc gRPC (9002), gRPC health
-//!   `grpc.health.v1` (9003, SERVING once the endpoint set is known), Prometheus metrics (9090).
+//!   `grpc.health.v1` (9003, SERVING once the endpoint set is known and usable), Prometheus metrics
+//!   (9090).
 #![deny(missing_docs)]
 
 pub mod control;
@@ -50,6 +51,11 @@ pub const DEFAULT_GRPC_PORT: u16 = 9002;
 pub const DEFAULT_GRPC_HEALTH_PORT: u16 = 9003;
 /// Default Prometheus port: the reference picker's `--metrics-port`.
 pub const DEFAULT_METRICS_PORT: u16 = 9090;
+
+/// How often readiness is re-checked until the picker first reports SERVING, ms: endpoint
+/// discovery (`/v1/models`) answers within milliseconds, so 50 ms adds little to start-up and
+/// costs nothing once SERVING.
+const READY_POLL_MS: u64 = 50;
 
 /// The ext_proc service name, as health checks (Envoy's `grpc_health_check`) ask for it.
 pub const EXT_PROC_SERVICE: &str = "envoy.service.ext_proc.v3.ExternalProcessor";
@@ -302,23 +308,43 @@ impl Epp {
                 .set_service_status(name, ServingStatus::NotServing)
                 .await;
         }
-        let ready = {
-            let reporter = reporter.clone();
-            move || async move {
+        // SERVING once the endpoint set is known (static list applied, or the first complete
+        // pod list) and, unless it is empty, one endpoint knows its models: before that every
+        // request would get 503. It never goes back: later outages are answered per request.
+        let (synced_tx, mut synced_rx) = tokio::sync::watch::channel(false);
+        {
+            let control = control.clone();
+            let stop = stop.clone();
+            tasks.push(tokio::spawn(async move {
+                if synced_rx.wait_for(|s| *s).await.is_err() {
+                    return;
+                }
+                let mut tick =
+                    tokio::time::interval(std::time::Duration::from_millis(READY_POLL_MS));
+                loop {
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        _ = tick.tick() => {}
+                    }
+                    if control.ready_endpoints() > 0 || control.endpoint_addresses().is_empty() {
+                        break;
+                    }
+                }
                 for name in ["", "readiness", EXT_PROC_SERVICE] {
                     reporter
                         .set_service_status(name, ServingStatus::Serving)
                         .await;
                 }
-            }
-        };
+                tracing::info!("serving: endpoint set known");
+            }));
+        }
         match pool {
             None => {
                 if cfg.endpoints.is_empty() {
                     tracing::warn!("no endpoints configured: every request will get 503");
                 }
                 control.set_endpoints(&cfg.endpoints);
-                ready().await;
+                synced_tx.send_replace(true);
                 if args.config.is_some() {
                     tasks.push(tokio::spawn(watch_config(
                         args.clone(),
@@ -336,7 +362,6 @@ impl Epp {
                     kv_events_port: args.pod_kv_events_port,
                     kv_replay_port: args.pod_kv_replay_port,
                 };
-                let (synced_tx, mut synced_rx) = tokio::sync::watch::channel(false);
                 tasks.push(tokio::spawn(k8s::run_discovery(
                     client,
                     pool,
@@ -345,11 +370,6 @@ impl Epp {
                     synced_tx,
                     stop.clone(),
                 )));
-                tasks.push(tokio::spawn(async move {
-                    if synced_rx.wait_for(|s| *s).await.is_ok() {
-                        ready().await;
-                    }
-                }));
             }
         }
 
