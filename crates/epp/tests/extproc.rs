@@ -591,14 +591,25 @@ async fn health_reports_serving_for_static_endpoints() {
         "envoy.service.ext_proc.v3.ExternalProcessor",
         "liveness",
     ] {
-        let r = c
-            .check(HealthCheckRequest {
-                service: service.into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(r.status, 1, "{service} should be SERVING");
+        // SERVING is set by a start-up task: poll briefly.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let r = c
+                .check(HealthCheckRequest {
+                    service: service.into(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            if r.status == 1 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{service} should be SERVING"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
     let m = reqwest::get(format!("http://{}/metrics", epp.metrics_addr))
         .await
