@@ -13,6 +13,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// OpenAI-compatible gateway that routes every request with the core.
+    Serve(kvgate_gateway::ServeArgs),
     /// Run simulated vLLM-compatible engines (HTTP + KV events over ZeroMQ).
     Sim(kvgate_sim::SimArgs),
     /// Compare routing policies on a trace or synthetic workload.
@@ -30,6 +32,10 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match cli.command {
+        Command::Serve(args) => {
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(kvgate_gateway::run(args))?;
+        }
         Command::Sim(args) => {
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(kvgate_sim::run(args))?;
