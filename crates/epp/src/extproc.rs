@@ -292,6 +292,8 @@ impl Drop for Booking {
     fn drop(&mut self) {
         self.target.in_flight.fetch_sub(1, Ordering::AcqRel);
         if !self.done {
+            // Envoy closed the stream before the response ended (client gone, upstream reset).
+            self.control.metrics.client_cancellations.inc();
             self.control.on_failure(self.rr.id, FailureKind::Cancelled);
         }
     }

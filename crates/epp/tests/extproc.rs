@@ -679,3 +679,30 @@ async fn served_endpoint_metadata_moves_the_booking_to_the_fallback() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test]
+async fn a_stream_closed_mid_request_releases_its_booking() {
+    let epp = epp(&EP[..1], |_| {}).await;
+    let mut s = Stream::open(&epp).await;
+    s.send(chat_headers(), None).await;
+    s.send(body(&chat_body("bye"), true), None).await;
+    let (dest, _, _) = routed(&mut s).await;
+    let gauge = |name: &str| {
+        epp.control.refresh_gauges();
+        epp.metrics
+            .encode()
+            .lines()
+            .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_owned()))
+            .unwrap_or_default()
+    };
+    let in_flight = format!("kvgate_gateway_in_flight{{endpoint=\"{dest}\"}}");
+    assert_eq!(gauge(&in_flight), "1");
+    // Envoy goes away (client disconnected before the response).
+    drop(s);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while gauge(&in_flight) != "0" {
+        assert!(std::time::Instant::now() < deadline, "booking not released");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(gauge("kvgate_gateway_client_cancellations_total"), "1");
+}
