@@ -676,7 +676,7 @@ impl StreamState {
                 response: Some(CommonResponse {
                     header_mutation: Some(HeaderMutation {
                         set_headers: set,
-                        // Never let a client-sent "served" header reach the response phase.
+                        // The served endpoint is the proxy's to report; drop a client-sent copy.
                         remove_headers: vec![SERVED_ENDPOINT.to_owned()],
                     }),
                     clear_route_cache: true,
