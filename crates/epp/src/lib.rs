@@ -18,7 +18,8 @@
 //!   discovery ([`k8s`]: an `InferencePool` and its pods, watched with kube-rs) both end in
 //!   [`control::Control::set_endpoints`], so a terminating pod drains exactly like an endpoint
 //!   removed from the config: no new requests unless nothing else can serve, in-flight ones finish.
-//! - **Three listeners, as the reference picker has them**: ext_proc gRPC (9002), gRPC health
+//! - **Three listeners, as the reference picker has them**: ext_proc gRPC (9002, plaintext or
+//!   TLS with `--secure-serving`, health served there too), gRPC health
 //!   `grpc.health.v1` (9003, SERVING once the endpoint set is known and usable), Prometheus metrics
 //!   (9090).
 #![deny(missing_docs)]
@@ -81,6 +82,12 @@ pub enum EppError {
     /// The Kubernetes client could not be configured.
     #[error("kubernetes client")]
     Kube(#[source] k8s::DiscoveryError),
+    /// The TLS certificate could not be read or generated, or was refused.
+    #[error("TLS for the ext_proc port: {reason}")]
+    Tls {
+        /// What went wrong.
+        reason: String,
+    },
     /// Waiting for ctrl-c failed.
     #[error("cannot listen for ctrl-c")]
     Signal(#[source] std::io::Error),
@@ -147,6 +154,13 @@ pub struct EppArgs {
     /// Port of each pod's KV-event replay socket (Kubernetes discovery; optional).
     #[arg(long)]
     pub pod_kv_replay_port: Option<u16>,
+    /// Serve ext_proc over TLS, as the reference picker does by default (gateways that connect
+    /// to the picker with TLS need it). Self-signed unless --cert-path is given.
+    #[arg(long)]
+    pub secure_serving: bool,
+    /// Directory with `tls.crt` and `tls.key` (PEM) for --secure-serving.
+    #[arg(long)]
+    pub cert_path: Option<PathBuf>,
 }
 
 impl Default for EppArgs {
@@ -171,6 +185,8 @@ impl Default for EppArgs {
             kubeconfig: None,
             pod_kv_events_port: None,
             pod_kv_replay_port: None,
+            secure_serving: false,
+            cert_path: None,
         }
     }
 }
@@ -300,6 +316,11 @@ impl Epp {
         let mut tasks = Vec::new();
 
         let (reporter, health_service) = tonic_health::server::health_reporter();
+        // Health is served on the ext_proc port too (as the reference picker does), so a proxy
+        // can health-check the very connection it uses, TLS included.
+        let ext_proc_health = tonic_health::pb::health_server::HealthServer::new(
+            tonic_health::server::HealthService::from_health_reporter(reporter.clone()),
+        );
         reporter
             .set_service_status("liveness", ServingStatus::Serving)
             .await;
@@ -381,11 +402,23 @@ impl Epp {
                 fallbacks: args.fallbacks,
             },
         );
+        let mut builder = tonic::transport::Server::builder();
+        if args.secure_serving {
+            builder = builder
+                .tls_config(
+                    tonic::transport::ServerTlsConfig::new()
+                        .identity(tls_identity(args.cert_path.as_deref())?),
+                )
+                .map_err(|e| EppError::Tls {
+                    reason: e.to_string(),
+                })?;
+        }
         let s = stop.clone();
         tasks.push(tokio::spawn(async move {
             let incoming =
                 tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true));
-            if let Err(e) = tonic::transport::Server::builder()
+            if let Err(e) = builder
+                .add_service(ext_proc_health)
                 .add_service(ExternalProcessorServer::new(picker))
                 .serve_with_incoming_shutdown(incoming, s.cancelled())
                 .await
@@ -431,6 +464,38 @@ impl Epp {
         self.stop.cancel();
         for t in self.tasks.drain(..) {
             let _ = t.await;
+        }
+    }
+}
+
+/// The ext_proc server's TLS identity: `tls.crt`/`tls.key` from `cert_path`, else a fresh
+/// self-signed certificate (the reference picker's default; proxies connect without verifying).
+fn tls_identity(
+    cert_path: Option<&std::path::Path>,
+) -> Result<tonic::transport::Identity, EppError> {
+    match cert_path {
+        Some(dir) => {
+            let read = |f: &str| {
+                std::fs::read(dir.join(f)).map_err(|e| EppError::Tls {
+                    reason: format!("cannot read {}: {e}", dir.join(f).display()),
+                })
+            };
+            Ok(tonic::transport::Identity::from_pem(
+                read("tls.crt")?,
+                read("tls.key")?,
+            ))
+        }
+        None => {
+            let ck =
+                rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).map_err(|e| {
+                    EppError::Tls {
+                        reason: format!("cannot generate a self-signed certificate: {e}"),
+                    }
+                })?;
+            Ok(tonic::transport::Identity::from_pem(
+                ck.cert.pem(),
+                ck.signing_key.serialize_pem(),
+            ))
         }
     }
 }

@@ -249,3 +249,38 @@ async fn envoy_routes_through_the_picker() {
     let a = post(&envoy, &chat("anyone there?", 2, true), &[]).await;
     assert_eq!(a.status, 503, "{}", a.body);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_talks_to_the_picker_over_tls() {
+    common::envoy::envoy_binary();
+    let fleet = fleet(2).await;
+    let engines: Vec<String> = fleet
+        .engines
+        .iter()
+        .map(|e| e.http_addr.to_string())
+        .collect();
+    let args = EppArgs {
+        host: Some("127.0.0.1".into()),
+        grpc_port: 0,
+        grpc_health_port: 0,
+        metrics_port: 0,
+        endpoints: engines.clone(),
+        secure_serving: true,
+        ..EppArgs::default()
+    };
+    let epp = Epp::start(&args).await.expect("picker starts with TLS");
+    let control = epp.control.clone();
+    eventually("engines discovered", Duration::from_secs(10), || {
+        let c = control.clone();
+        async move { c.ready_endpoints() == 2 }
+    })
+    .await;
+    // Envoy health-checks the picker over TLS on the ext_proc port before routing.
+    let envoy = Envoy::start_with(epp.grpc_addr, epp.health_addr, true).await;
+    for i in 0..4 {
+        let a = post(&envoy, &chat(&format!("tls {i}"), 3, true), &[]).await;
+        assert_eq!(a.status, 200, "{}\n{}", a.body, envoy.log());
+        assert!(engines.contains(&a.served.expect("served")));
+        assert!(a.body.contains("data: [DONE]"));
+    }
+}

@@ -82,7 +82,24 @@ impl Drop for Envoy {
     }
 }
 
-fn config(grpc: SocketAddr, health: SocketAddr) -> String {
+fn config(grpc: SocketAddr, health: SocketAddr, tls: bool) -> String {
+    // With TLS the picker is health-checked on the ext_proc port itself, over TLS, as the
+    // reference deployment does; in plaintext on its separate health port.
+    let (transport, health_port) = if tls {
+        (
+            r#"
+    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+        common_tls_context:
+          alpn_protocols: ["h2"]
+          validation_context: {}"#,
+            grpc.port(),
+        )
+    } else {
+        ("", health.port())
+    };
     let route = |ext_proc: bool| {
         let per_filter = if ext_proc {
             ""
@@ -203,7 +220,7 @@ static_resources:
         explicit_http_config:
           http2_protocol_options:
             initial_stream_window_size: 65536
-            initial_connection_window_size: 1048576
+            initial_connection_window_size: 1048576{transport}
     load_assignment:
       cluster_name: ext_proc
       endpoints:
@@ -216,7 +233,6 @@ static_resources:
         direct = listener("direct", false),
         ip = grpc.ip(),
         grpc_port = grpc.port(),
-        health_port = health.port(),
     )
 }
 
@@ -258,11 +274,17 @@ impl Envoy {
     /// Starts Envoy in front of the picker at `grpc` (health on `health`) and waits until both
     /// listeners are bound and the picker passes Envoy's gRPC health check.
     pub async fn start(grpc: SocketAddr, health: SocketAddr) -> Envoy {
+        Self::start_with(grpc, health, false).await
+    }
+
+    /// As [`Envoy::start`], connecting to the picker over TLS (without verifying its
+    /// certificate, as the reference deployment does) when `tls`.
+    pub async fn start_with(grpc: SocketAddr, health: SocketAddr, tls: bool) -> Envoy {
         let bin = envoy_binary();
         let dir = unique_dir();
         std::fs::create_dir_all(&dir).expect("temp dir");
         let cfg = dir.join("envoy.yaml");
-        std::fs::write(&cfg, config(grpc, health)).expect("write envoy config");
+        std::fs::write(&cfg, config(grpc, health, tls)).expect("write envoy config");
         let admin_path = dir.join("admin.txt");
         let log = std::fs::File::create(dir.join("envoy.log")).expect("log file");
         let child = Command::new(&bin)
