@@ -566,3 +566,53 @@ pub async fn run(args: EppArgs) -> Result<(), EppError> {
     epp.shutdown().await;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{CommandFactory, Parser};
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        epp: EppArgs,
+    }
+
+    #[test]
+    fn cli_contract_parses() {
+        Cli::command().debug_assert();
+        let c = Cli::try_parse_from([
+            "kvgate-epp",
+            "--grpc-port",
+            "19002",
+            "--grpc-health-port",
+            "19003",
+            "--metrics-port",
+            "19090",
+            "--endpoint",
+            "127.0.0.1:8000",
+            "--endpoint",
+            "127.0.0.1:8001",
+        ])
+        .unwrap();
+        assert_eq!(
+            (c.epp.grpc_port, c.epp.grpc_health_port, c.epp.metrics_port),
+            (19002, 19003, 19090)
+        );
+        assert_eq!(c.epp.endpoints, vec!["127.0.0.1:8000", "127.0.0.1:8001"]);
+        let d = Cli::try_parse_from(["kvgate-epp", "--pool-name", "p", "--pool-namespace", "ns"])
+            .unwrap();
+        assert_eq!(
+            (d.epp.grpc_port, d.epp.grpc_health_port, d.epp.metrics_port),
+            (
+                DEFAULT_GRPC_PORT,
+                DEFAULT_GRPC_HEALTH_PORT,
+                DEFAULT_METRICS_PORT
+            )
+        );
+        assert_eq!(d.epp.pool_group, k8s::DEFAULT_POOL_GROUP);
+        assert_eq!(d.epp.pool_namespace.as_deref(), Some("ns"));
+        assert_eq!(d.epp.fallbacks, 0);
+        assert!(!d.epp.secure_serving);
+    }
+}
