@@ -109,6 +109,11 @@ pub struct BenchArgs {
     /// Arrival rate for synthetic workloads, requests (or sessions) per second.
     #[arg(long, default_value_t = 20.0)]
     pub rate: f64,
+    /// Rate sweep for synthetic workloads: run the whole comparison once per rate
+    /// (comma-separated, e.g. `10,20,40`). The JSON then holds `{"sweep": [{"rate", "report"}]}`
+    /// and charts go to one subdirectory per rate.
+    #[arg(long, value_delimiter = ',', conflicts_with_all = ["trace", "live"])]
+    pub rates: Vec<f64>,
     /// Live mode: send the workload over HTTP to this OpenAI-compatible base URL instead of
     /// simulating (e.g. `http://127.0.0.1:8080` for `kvgate serve`).
     #[arg(long)]
@@ -243,8 +248,11 @@ pub fn bench(args: &BenchArgs) -> Result<Report, BenchError> {
         limit: args.limit,
         max_seconds: args.max_seconds,
     };
-    let mut workload = match (&args.trace, args.workload) {
-        (Some(path), _) => {
+    if !args.rates.is_empty() {
+        return sweep(args);
+    }
+    let mut workload = match &args.trace {
+        Some(path) => {
             let file = std::fs::File::open(path).map_err(|source| BenchError::Open {
                 path: path.clone(),
                 source,
@@ -252,29 +260,7 @@ pub fn bench(args: &BenchArgs) -> Result<Report, BenchError> {
             let records = parse_trace(BufReader::new(file))?;
             from_trace(&path.display().to_string(), &records, opts)
         }
-        (None, Some(Synthetic::MultiTurn)) => multi_turn(
-            MultiTurnConfig {
-                sessions: 200,
-                turns: 5,
-                system_prompt_len: 2000,
-                user_len: 200,
-                output_len: 200,
-                session_rate_per_s: args.rate,
-                think_time_s: 5.0,
-            },
-            args.fleet.seed,
-        ),
-        (None, _) => shared_prefix(
-            SharedPrefixConfig {
-                num_groups: 32,
-                num_prompts_per_group: 64,
-                system_prompt_len: 4000,
-                question_len: 200,
-                output_len: 200,
-                rate_per_s: args.rate,
-            },
-            args.fleet.seed,
-        ),
+        None => synthetic(args.workload, args.rate, args.fleet.seed),
     };
     if args.trace.is_none()
         && let Some(n) = args.limit
@@ -311,6 +297,80 @@ pub fn bench(args: &BenchArgs) -> Result<Report, BenchError> {
         );
     }
     Ok(report)
+}
+
+fn synthetic(kind: Option<Synthetic>, rate: f64, seed: u64) -> Workload {
+    match kind {
+        Some(Synthetic::MultiTurn) => multi_turn(
+            MultiTurnConfig {
+                sessions: 200,
+                turns: 5,
+                system_prompt_len: 2000,
+                user_len: 200,
+                output_len: 200,
+                session_rate_per_s: rate,
+                think_time_s: 5.0,
+            },
+            seed,
+        ),
+        _ => shared_prefix(
+            SharedPrefixConfig {
+                num_groups: 32,
+                num_prompts_per_group: 64,
+                system_prompt_len: 4000,
+                question_len: 200,
+                output_len: 200,
+                rate_per_s: rate,
+            },
+            seed,
+        ),
+    }
+}
+
+/// One point of a rate sweep.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct SweepPoint {
+    /// Arrival rate of this point.
+    pub rate: f64,
+    /// The comparison at that rate.
+    pub report: Report,
+}
+
+fn sweep(args: &BenchArgs) -> Result<Report, BenchError> {
+    if args.rates.iter().any(|r| !(r.is_finite() && *r > 0.0)) {
+        return Err(BenchError::InvalidArgument("--rates must all be positive"));
+    }
+    let cfg = des_config(&args.fleet)?;
+    let policies = parse_policies(&args.policies);
+    let mut points = Vec::with_capacity(args.rates.len());
+    for &rate in &args.rates {
+        let mut workload = synthetic(args.workload, rate, args.fleet.seed);
+        if let Some(n) = args.limit {
+            workload.requests.truncate(n);
+        }
+        let (report, runs) = compare(
+            &workload,
+            &policies,
+            &cfg,
+            slo(&args.fleet),
+            args.fleet.quiet,
+        )?;
+        println!("rate {rate}/s\n{}", report.table());
+        if let Some(dir) = &args.charts {
+            write_charts(&dir.join(format!("rate-{rate}")), &runs)?;
+        }
+        points.push(SweepPoint { rate, report });
+    }
+    if let Some(path) = &args.json {
+        let text = serde_json::to_string_pretty(&serde_json::json!({ "sweep": points }))
+            .expect("sweep serialises");
+        std::fs::write(path, text).map_err(|source| BenchError::Write {
+            path: path.clone(),
+            source,
+        })?;
+        println!("JSON report: {}", path.display());
+    }
+    Ok(points.pop().map(|p| p.report).unwrap_or_default())
 }
 
 fn live(
