@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup-test-deps.sh
+scripts/setup-envoy.sh >/dev/null
 cargo test --workspace --all-targets "$@"

@@ -15,6 +15,8 @@ struct Cli {
 enum Command {
     /// OpenAI-compatible gateway that routes every request with the core.
     Serve(kvgate_gateway::ServeArgs),
+    /// Endpoint picker for Envoy (Gateway API Inference Extension ext_proc protocol).
+    Epp(kvgate_epp::EppArgs),
     /// Run simulated vLLM-compatible engines (HTTP + KV events over ZeroMQ).
     Sim(kvgate_sim::SimArgs),
     /// Compare routing policies on a trace or synthetic workload.
@@ -35,6 +37,10 @@ fn main() -> Result<()> {
         Command::Serve(args) => {
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(kvgate_gateway::run(args))?;
+        }
+        Command::Epp(args) => {
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(kvgate_epp::run(args))?;
         }
         Command::Sim(args) => {
             let rt = tokio::runtime::Runtime::new()?;

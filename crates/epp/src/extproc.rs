@@ -82,9 +82,9 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::control::{Control, Target};
 use crate::meter::ResponseMeter;
 use crate::metrics::{EppMetrics, StatusLabels};
+use kvgate_gateway::control::{Control, Target};
 
 /// Largest body chunk sent back to Envoy, bytes: the reference picker's limit, kept below
 /// Envoy's 64 KiB default per-stream buffer so one mutation never exceeds it.

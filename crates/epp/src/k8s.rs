@@ -37,7 +37,7 @@ use serde_json::Value;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::control::Control;
+use kvgate_gateway::control::Control;
 
 /// API group of the v1 `InferencePool` (the reference picker's `--pool-group` default).
 pub const DEFAULT_POOL_GROUP: &str = "inference.networking.k8s.io";

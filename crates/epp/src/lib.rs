@@ -6,7 +6,7 @@
 //! - **One routing brain, two data planes.** The picker shares everything but the wire with
 //!   `kvgate serve`: the YAML config ([`kvgate_gateway::config`], with `EndpointPickerConfig`
 //!   accepted), OpenAI parsing and errors ([`kvgate_gateway::openai`]), the routing state and its
-//!   signal tasks ([`control`], a fork of the gateway's with two lookups added; see its docs), and
+//!   signal tasks ([`kvgate_gateway::control`]), and
 //!   the response measurements ([`meter`]) that calibrate the core. A policy measured behind the
 //!   gateway or in simulation is the policy Envoy gets.
 //! - **Envoy moves the bytes, the picker decides.** [`extproc`] holds one small synchronous state
@@ -16,7 +16,7 @@
 //!   through chunk by chunk.
 //! - **Membership through one door.** Static endpoints (config or `--endpoint`) and Kubernetes
 //!   discovery ([`k8s`]: an `InferencePool` and its pods, watched with kube-rs) both end in
-//!   [`control::Control::set_endpoints`], so a terminating pod drains exactly like an endpoint
+//!   [`kvgate_gateway::control::Control::set_endpoints`], so a terminating pod drains exactly like an endpoint
 //!   removed from the config: no new requests unless nothing else can serve, in-flight ones finish.
 //! - **Three listeners, as the reference picker has them**: ext_proc gRPC (9002, plaintext or
 //!   TLS with `--secure-serving`, health served there too), gRPC health
@@ -24,7 +24,6 @@
 //!   (9090).
 #![deny(missing_docs)]
 
-pub mod control;
 pub mod extproc;
 pub mod k8s;
 pub mod meter;
@@ -42,9 +41,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
 
-use crate::control::Control;
 use crate::extproc::{Picker, PickerSettings};
 use crate::metrics::EppMetrics;
+use kvgate_gateway::control::Control;
 
 /// Default ext_proc port: the reference endpoint picker's `--grpc-port`.
 pub const DEFAULT_GRPC_PORT: u16 = 9002;

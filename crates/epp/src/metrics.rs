@@ -29,7 +29,7 @@ fn decision_buckets() -> impl Iterator<Item = f64> {
 /// Every metric the picker exports.
 pub struct EppMetrics {
     registry: Registry,
-    /// The gateway's metrics, shared with [`crate::control::Control`].
+    /// The gateway's metrics, shared with [`kvgate_gateway::control::Control`].
     pub gateway: Arc<GatewayMetrics>,
     /// ext_proc streams opened by Envoy.
     pub streams: Counter,
