@@ -170,7 +170,10 @@ impl BlockHasher {
 
     /// The 64-bit keys of [`Self::hashes`].
     pub fn keys(&self, tokens: &[u32], extra: ExtraKeys<'_>) -> Vec<u64> {
-        self.hashes(tokens, extra).iter().map(BlockHash::key).collect()
+        self.hashes(tokens, extra)
+            .iter()
+            .map(BlockHash::key)
+            .collect()
     }
 }
 
