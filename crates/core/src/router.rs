@@ -24,6 +24,15 @@
 //! keeps for every endpoint anyway) and records the missing range; batches later delivered in
 //! that range by the engine's replay are applied ([`SeqCheck::Replayed`]); duplicates are
 //! ignored. [`Router::kv_resynced`] restores trust once the caller's replay covered the gap.
+//! A publisher restart ([`Router::kv_publisher_restarted`]: sequence numbers went back to 0, so
+//! the engine process restarted and its cache is empty) is a disconnect plus an implied
+//! `AllBlocksCleared`: the endpoint's precise entries in every tier are dropped through the same
+//! path as that event, and its sequence tracking restarts, so the new stream is trusted from its
+//! batch 0 on. Merely untrusting it ([`Router::kv_stream_lost`]) is not enough: trust returns with
+//! the new stream's first batch and the dead process's blocks would match again. Approximate
+//! entries are kept: they are the router's own bookings, bounded by their TTL, count for a
+//! trusted endpoint only within the short grace window, and those booked since the engine came
+//! back are true; the index cannot tell the two apart.
 //! Accepted risk: a replayed `BlockStored` for a block whose removal was in an already applied
 //! newer batch resurrects that block until it is stored or cleared again; replay is rare and the
 //! error is one false prefix hit, which the engine's real cache absorbs as a miss. Membership
@@ -425,20 +434,25 @@ impl Router {
         }
         e.kv.last_event_at_us = Some(now_us);
         for ev in &batch.events {
-            match ev {
-                KvEvent::BlockStored {
-                    block_hashes, tier, ..
-                } => {
-                    // Overflow untrusts the endpoint inside the index.
-                    self.index.store(id, block_hashes, *tier);
-                }
-                KvEvent::BlockRemoved { block_hashes, tier } => {
-                    self.index.remove(id, block_hashes, *tier)
-                }
-                KvEvent::AllBlocksCleared => self.index.clear_precise(id),
-            }
+            self.apply_kv_event(id, ev);
         }
         check
+    }
+
+    /// Applies one KV event of `id` to the index; the sequence check is the caller's.
+    fn apply_kv_event(&mut self, id: EndpointId, ev: &KvEvent) {
+        match ev {
+            KvEvent::BlockStored {
+                block_hashes, tier, ..
+            } => {
+                // Overflow untrusts the endpoint inside the index.
+                self.index.store(id, block_hashes, *tier);
+            }
+            KvEvent::BlockRemoved { block_hashes, tier } => {
+                self.index.remove(id, block_hashes, *tier)
+            }
+            KvEvent::AllBlocksCleared => self.index.clear_precise(id),
+        }
     }
 
     /// Replay after a gap succeeded: `id`'s events are trusted again.
@@ -459,6 +473,23 @@ impl Router {
             e.kv.gap = None;
             self.index.set_trusted(id, false);
         }
+    }
+
+    /// The KV event publisher of `id` restarted (its sequence numbers went back to 0): the engine
+    /// process restarted with an empty cache. Drops every precise entry of `id` in every tier,
+    /// exactly as an `AllBlocksCleared` event does, and restarts its sequence tracking like
+    /// [`Router::kv_stream_lost`]: untrusted until a batch with sequence 0 arrives, which is then
+    /// in order and restores trust (a first batch above 0 is a gap from 0, as for any new stream).
+    /// Approximate entries are kept; see the module docs. Unknown or removed endpoints are ignored.
+    pub fn kv_publisher_restarted(&mut self, id: EndpointId, now_us: u64) {
+        if self
+            .entry(id)
+            .is_none_or(|e| e.state == EndpointState::Gone)
+        {
+            return;
+        }
+        self.kv_stream_lost(id, now_us);
+        self.apply_kv_event(id, &KvEvent::AllBlocksCleared);
     }
 
     // ------------------------------------------------------------ decisions
@@ -865,5 +896,119 @@ impl Router {
     /// Memory accounting of the prefix index.
     pub fn index_memory(&self) -> IndexMemory {
         self.index.memory()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::endpoint::Tier;
+
+    fn stored(seq: u64, keys: &[u64], tier: Tier) -> KvEventBatch {
+        KvEventBatch {
+            seq,
+            ts: 0.0,
+            events: vec![KvEvent::BlockStored {
+                block_hashes: keys.to_vec(),
+                parent: None,
+                token_ids: vec![],
+                block_size: 16,
+                lora_name: None,
+                tier,
+            }],
+            data_parallel_rank: None,
+        }
+    }
+
+    /// Longest precise-or-best match of `keys` per endpoint, as `pick` sees it.
+    fn matched(r: &Router, keys: &[u64], id: EndpointId) -> u32 {
+        r.index
+            .longest_prefixes(&PrefixQuery {
+                precise: Some(keys),
+                approx: keys,
+                now_us: r.clock_us,
+                source: PrefixSource::Best,
+            })
+            .blocks(id)
+    }
+
+    fn router_with(n: usize) -> (Router, Vec<EndpointId>) {
+        let mut r = Router::new(RouterConfig::for_policy("kvgate").unwrap()).unwrap();
+        let ids = (0..n)
+            .map(|i| r.add_endpoint(0, EndpointSpec::new(format!("e{i}"), "m")))
+            .collect();
+        (r, ids)
+    }
+
+    /// Regression: a restarted publisher only untrusted the endpoint, so once the new stream's
+    /// batch 0 restored trust the dead process's blocks matched again.
+    #[test]
+    fn restarted_publisher_forgets_the_old_cache_and_trusts_the_new_stream() {
+        let (mut r, ids) = router_with(2);
+        let (e, other) = (ids[0], ids[1]);
+        let old: Vec<u64> = (0..8).collect();
+        let offloaded: Vec<u64> = (8..12).collect();
+        let all: Vec<u64> = (0..12).collect();
+        assert_eq!(
+            r.observe_kv_batch(e, 1, &stored(0, &old, Tier::Gpu)),
+            SeqCheck::InOrder
+        );
+        assert_eq!(
+            r.observe_kv_batch(e, 2, &stored(1, &offloaded, Tier::Cpu)),
+            SeqCheck::InOrder
+        );
+        assert_eq!(
+            r.observe_kv_batch(e, 3, &stored(2, &old, Tier::Disk)),
+            SeqCheck::InOrder
+        );
+        assert_eq!(
+            r.observe_kv_batch(other, 3, &stored(0, &old, Tier::Gpu)),
+            SeqCheck::InOrder
+        );
+        assert_eq!(matched(&r, &all, e), 12);
+        assert_eq!(matched(&r, &all, other), 8);
+
+        r.kv_publisher_restarted(e, 10);
+        assert_eq!(r.index.precise_entries(e), 0, "every tier dropped");
+        assert!(
+            !r.index.is_trusted(e),
+            "untrusted until the new stream starts"
+        );
+        assert_eq!(matched(&r, &all, e), 0);
+        assert_eq!(
+            r.index.precise_entries(other),
+            8,
+            "other endpoints untouched"
+        );
+        assert!(r.index.is_trusted(other));
+        assert_eq!(matched(&r, &all, other), 8);
+
+        // The new publisher numbers from 0 again: in order, and trusted from there on.
+        let fresh = [100, 101];
+        assert_eq!(
+            r.observe_kv_batch(e, 11, &stored(0, &fresh, Tier::Gpu)),
+            SeqCheck::InOrder
+        );
+        assert!(r.index.is_trusted(e));
+        assert_eq!(
+            r.observe_kv_batch(e, 12, &stored(1, &[102], Tier::Gpu)),
+            SeqCheck::InOrder
+        );
+        assert_eq!(matched(&r, &all, e), 0, "the old cache stays forgotten");
+        assert_eq!(matched(&r, &[100, 101, 102], e), 3);
+        assert_eq!(r.index.precise_entries(e), 3);
+        assert_eq!(matched(&r, &all, other), 8);
+    }
+
+    #[test]
+    fn restart_of_a_removed_or_unknown_endpoint_is_ignored() {
+        let (mut r, ids) = router_with(2);
+        r.observe_kv_batch(ids[1], 1, &stored(0, &[1, 2], Tier::Gpu));
+        r.remove_endpoint(ids[0]).unwrap();
+        r.kv_publisher_restarted(ids[0], 2);
+        r.kv_publisher_restarted(EndpointId(99), 2);
+        assert_eq!(r.index.precise_entries(ids[1]), 2);
+        assert!(r.index.is_trusted(ids[1]));
+        assert_eq!(r.endpoints().count(), 1);
     }
 }

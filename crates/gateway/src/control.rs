@@ -597,9 +597,10 @@ impl Control {
                     tracing::info!(endpoint = ?id, expected, got, "KV events lost; approximate prefix tracking for this endpoint");
                 }
                 Observation::KvResynced { .. } => st.router.kv_resynced(id, now),
-                // A new publisher numbers from 0 again; the core restarts the sequence.
+                // The engine restarted with an empty cache: the core forgets its blocks and
+                // restarts the sequence at 0.
                 Observation::KvPublisherRestarted { at_us, .. } => {
-                    st.router.kv_stream_lost(id, *at_us)
+                    st.router.kv_publisher_restarted(id, *at_us)
                 }
             }
         }
