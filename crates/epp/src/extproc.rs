@@ -25,7 +25,7 @@
 //!   `envoy.lb` / `x-gateway-destination-endpoint-served`, else the response header of that name;
 //!   if it is one of the fallbacks, the booking moves there). A 5xx or 429 ends the booking as a
 //!   failure the core penalises, as the HTTP gateway does.
-//! - *Response body chunks* are measured ([`crate::meter`]: TTFT, TPOT, usage) and echoed back
+//! - *Response body chunks* are measured ([`kvgate_gateway::meter`]: TTFT, TPOT, usage) and echoed back
 //!   unchanged (model name rewritten back to the client's name when a rewrite was applied); the
 //!   end of the body (or response trailers) finishes the booking with the measured outcome.
 //! - If Envoy closes the stream early (client gone, upstream reset), dropping the state releases
@@ -71,10 +71,10 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
 use envoy_types::pb::envoy::r#type::v3::HttpStatus;
 use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
 use futures::Stream;
-use kvgate_core::RouteError;
 use kvgate_core::endpoint::EndpointId;
 use kvgate_core::request::{Decision, FailureKind, RoutingRequest};
 use kvgate_gateway::config::{OBJECTIVE_HEADER, SESSION_HEADER};
+use kvgate_gateway::meter::ResponseMeter;
 use kvgate_gateway::metrics::{DecisionLabels, EndpointLabels, RequestLabels};
 use kvgate_gateway::openai::{ApiError, ApiKind, parse_request};
 use kvgate_gateway::proxy::reason_label;
@@ -82,7 +82,6 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::meter::ResponseMeter;
 use crate::metrics::{EppMetrics, StatusLabels};
 use kvgate_gateway::control::{Control, Target};
 
@@ -477,21 +476,6 @@ fn replace_all(hay: &[u8], old: &[u8], new: &[u8]) -> Vec<u8> {
     out
 }
 
-fn route_error_status(e: &RouteError) -> ApiError {
-    use tonic::codegen::http::StatusCode;
-    let status = match e {
-        RouteError::UnknownModel { .. } => StatusCode::NOT_FOUND,
-        RouteError::NoEndpoints { .. } => StatusCode::SERVICE_UNAVAILABLE,
-        RouteError::Shed { .. } => StatusCode::TOO_MANY_REQUESTS,
-        _ => StatusCode::INTERNAL_SERVER_ERROR,
-    };
-    ApiError {
-        status,
-        message: e.to_string(),
-        param: matches!(e, RouteError::UnknownModel { .. }).then_some("model"),
-    }
-}
-
 impl StreamState {
     fn new(shared: Arc<Shared>) -> Self {
         Self {
@@ -759,7 +743,7 @@ impl StreamState {
         }
         let (decision, target) = match control.pick(&rr) {
             Ok(x) => x,
-            Err(e) => return self.immediate(&route_error_status(&e)),
+            Err(e) => return self.immediate(&ApiError::from(&e)),
         };
         let mut destination = target.address.to_string();
         for &id in decision
@@ -890,13 +874,7 @@ impl StreamState {
         let labels = EndpointLabels {
             endpoint: b.target.address.to_string(),
         };
-        let gw = &self.shared.metrics.gateway;
-        if let Some(t) = m.tpot_seconds {
-            gw.tpot_seconds.get_or_create(&labels).observe(t);
-        }
-        if let (Some(p), Some(c)) = (m.usage.prompt_tokens, m.usage.cached_tokens) {
-            gw.observe_usage(p, c);
-        }
+        m.observe(&self.shared.metrics.gateway, &labels);
         b.done = true;
         b.control.on_finish(b.rr.id, &m.outcome);
     }

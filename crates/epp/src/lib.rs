@@ -7,7 +7,7 @@
 //!   `kvgate serve`: the YAML config ([`kvgate_gateway::config`], with `EndpointPickerConfig`
 //!   accepted), OpenAI parsing and errors ([`kvgate_gateway::openai`]), the routing state and its
 //!   signal tasks ([`kvgate_gateway::control`]), and
-//!   the response measurements ([`meter`]) that calibrate the core. A policy measured behind the
+//!   the response measurements ([`kvgate_gateway::meter`]) that calibrate the core. A policy measured behind the
 //!   gateway or in simulation is the policy Envoy gets.
 //! - **Envoy moves the bytes, the picker decides.** [`extproc`] holds one small synchronous state
 //!   machine per ext_proc stream; the gRPC task only shuttles messages, so the protocol logic is
@@ -26,7 +26,6 @@
 
 pub mod extproc;
 pub mod k8s;
-pub mod meter;
 pub mod metrics;
 
 use std::net::SocketAddr;
@@ -36,9 +35,8 @@ use std::sync::Arc;
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessorServer;
 use kvgate_gateway::GatewayError;
 use kvgate_gateway::config::{GatewayConfig, Overrides, PolicyChoice};
+use kvgate_gateway::lifecycle::{Tasks, watch_config};
 use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
 
 use crate::extproc::{Picker, PickerSettings};
@@ -245,8 +243,7 @@ pub struct Epp {
     pub control: Arc<Control>,
     /// Metrics.
     pub metrics: Arc<EppMetrics>,
-    stop: CancellationToken,
-    tasks: Vec<JoinHandle<()>>,
+    tasks: Tasks,
 }
 
 impl std::fmt::Debug for Epp {
@@ -256,15 +253,6 @@ impl std::fmt::Debug for Epp {
             .field("health_addr", &self.health_addr)
             .field("metrics_addr", &self.metrics_addr)
             .finish_non_exhaustive()
-    }
-}
-
-impl Drop for Epp {
-    fn drop(&mut self) {
-        self.stop.cancel();
-        for t in &self.tasks {
-            t.abort();
-        }
     }
 }
 
@@ -311,8 +299,8 @@ impl Epp {
         let prom = bind(&cfg.host, args.metrics_port).await?;
         let (grpc_addr, health_addr, metrics_addr) =
             (local(&grpc)?, local(&health)?, local(&prom)?);
-        let stop = CancellationToken::new();
-        let mut tasks = Vec::new();
+        let mut tasks = Tasks::new();
+        let stop = tasks.stop_token();
 
         let (reporter, health_service) = tonic_health::server::health_reporter();
         // Health is served on the ext_proc port too (as the reference picker does), so a proxy
@@ -335,7 +323,7 @@ impl Epp {
         {
             let control = control.clone();
             let stop = stop.clone();
-            tasks.push(tokio::spawn(async move {
+            tasks.spawn(async move {
                 if synced_rx.wait_for(|s| *s).await.is_err() {
                     return;
                 }
@@ -356,7 +344,7 @@ impl Epp {
                         .await;
                 }
                 tracing::info!("serving: endpoint set known");
-            }));
+            });
         }
         match pool {
             None => {
@@ -365,12 +353,14 @@ impl Epp {
                 }
                 control.set_endpoints(&cfg.endpoints);
                 synced_tx.send_replace(true);
-                if args.config.is_some() {
-                    tasks.push(tokio::spawn(watch_config(
-                        args.clone(),
+                if let Some(path) = args.config.clone() {
+                    let args = args.clone();
+                    tasks.spawn(watch_config(
+                        path,
+                        move || args.load_config(),
                         control.clone(),
                         stop.clone(),
-                    )));
+                    ));
                 }
             }
             Some(pool) => {
@@ -382,14 +372,14 @@ impl Epp {
                     kv_events_port: args.pod_kv_events_port,
                     kv_replay_port: args.pod_kv_replay_port,
                 };
-                tasks.push(tokio::spawn(k8s::run_discovery(
+                tasks.spawn(k8s::run_discovery(
                     client,
                     pool,
                     template,
                     control.clone(),
                     synced_tx,
                     stop.clone(),
-                )));
+                ));
             }
         }
 
@@ -413,7 +403,7 @@ impl Epp {
                 })?;
         }
         let s = stop.clone();
-        tasks.push(tokio::spawn(async move {
+        tasks.spawn(async move {
             let incoming =
                 tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true));
             if let Err(e) = builder
@@ -424,9 +414,9 @@ impl Epp {
             {
                 tracing::error!(error = %e, "ext_proc server failed");
             }
-        }));
+        });
         let s = stop.clone();
-        tasks.push(tokio::spawn(async move {
+        tasks.spawn(async move {
             let incoming = tonic::transport::server::TcpIncoming::from(health);
             if let Err(e) = tonic::transport::Server::builder()
                 .add_service(health_service)
@@ -435,17 +425,17 @@ impl Epp {
             {
                 tracing::error!(error = %e, "health server failed");
             }
-        }));
+        });
         let s = stop.clone();
         let app = metrics_router(control.clone(), metrics.clone());
-        tasks.push(tokio::spawn(async move {
+        tasks.spawn(async move {
             if let Err(e) = axum::serve(prom, app)
                 .with_graceful_shutdown(s.cancelled_owned())
                 .await
             {
                 tracing::error!(error = %e, "metrics server failed");
             }
-        }));
+        });
         tracing::info!(%grpc_addr, %health_addr, %metrics_addr, "kvgate endpoint picker listening");
         Ok(Self {
             grpc_addr,
@@ -453,17 +443,18 @@ impl Epp {
             metrics_addr,
             control,
             metrics,
-            stop,
             tasks,
         })
     }
 
-    /// Stops the listeners and waits for them (open ext_proc streams end with them).
-    pub async fn shutdown(mut self) {
-        self.stop.cancel();
-        for t in self.tasks.drain(..) {
-            let _ = t.await;
-        }
+    /// Stops the listeners and lets open ext_proc streams (requests in flight) finish for up to
+    /// [`kvgate_gateway::SHUTDOWN_GRACE_MS`], as `kvgate serve` does, then cuts whatever is left.
+    pub async fn shutdown(self) {
+        self.tasks
+            .shutdown(std::time::Duration::from_millis(
+                kvgate_gateway::SHUTDOWN_GRACE_MS,
+            ))
+            .await;
     }
 }
 
@@ -519,42 +510,6 @@ fn metrics_router(control: Arc<Control>, metrics: Arc<EppMetrics>) -> axum::Rout
             }),
         )
         .route("/health", get(|| async { "ok" }))
-}
-
-fn modified(path: &std::path::Path) -> Option<std::time::SystemTime> {
-    std::fs::metadata(path).and_then(|m| m.modified()).ok()
-}
-
-/// Polls the config file and applies endpoint changes (as `kvgate serve` does); a file that
-/// fails to load is logged and ignored, keeping the running set.
-async fn watch_config(args: EppArgs, control: Arc<Control>, stop: CancellationToken) {
-    let Some(path) = args.config.clone() else {
-        return;
-    };
-    let mut last = modified(&path);
-    let mut tick = tokio::time::interval(std::time::Duration::from_millis(
-        kvgate_gateway::config::CONFIG_POLL_INTERVAL_MS,
-    ));
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let now = modified(&path);
-        if now == last {
-            continue;
-        }
-        last = now;
-        match args.load_config() {
-            Ok(cfg) => {
-                tracing::info!(path = %path.display(), endpoints = cfg.endpoints.len(), "config changed; applying endpoints");
-                control.set_endpoints(&cfg.endpoints);
-            }
-            Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e, "config changed but is invalid; keeping the running endpoints");
-            }
-        }
-    }
 }
 
 /// Runs `kvgate epp` until ctrl-c.

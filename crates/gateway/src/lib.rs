@@ -5,8 +5,10 @@
 //! - **The data plane only does I/O.** Routing decisions, load estimates and the prefix index
 //!   live in the pure core; this crate parses requests ([`openai`]), turns them into routing
 //!   requests and applies signal observations ([`control`]), and proxies ([`proxy`]) over its own
-//!   hyper accept loop ([`server`]), which is where connection timeouts live. `config`, `control`
-//!   and `openai` are public so the Envoy endpoint picker reuses them unchanged.
+//!   hyper accept loop ([`server`]), which is where connection timeouts live. `config`, `control`,
+//!   `openai`, `meter` (TTFT, TPOT and usage read off a response) and `lifecycle` (task
+//!   ownership, bounded shutdown, config reload) are public so the Envoy endpoint picker reuses
+//!   them unchanged and both data planes calibrate the core and end alike.
 //! - **Bytes pass through.** Request bodies are forwarded as received and response frames are
 //!   relayed as they arrive; the gateway reads what it needs (usage, timing) on the side, so a
 //!   stream through the gateway is byte-for-byte the engine's stream.
@@ -20,6 +22,8 @@
 
 pub mod config;
 pub mod control;
+pub mod lifecycle;
+pub mod meter;
 pub mod metrics;
 pub mod openai;
 pub mod proxy;
@@ -28,14 +32,13 @@ pub mod server;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
-use crate::config::{CONFIG_POLL_INTERVAL_MS, GatewayConfig, Overrides};
+use crate::config::{GatewayConfig, Overrides};
 use crate::control::Control;
+use crate::lifecycle::{Tasks, watch_config};
 use crate::metrics::GatewayMetrics;
 use crate::proxy::App;
 
@@ -157,8 +160,7 @@ pub struct Gateway {
     pub admin_addr: SocketAddr,
     /// Routing state (for embedding and tests).
     pub control: Arc<Control>,
-    stop: CancellationToken,
-    tasks: Vec<JoinHandle<()>>,
+    tasks: Tasks,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -167,15 +169,6 @@ impl std::fmt::Debug for Gateway {
             .field("api_addr", &self.api_addr)
             .field("admin_addr", &self.admin_addr)
             .finish_non_exhaustive()
-    }
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        self.stop.cancel();
-        for t in &self.tasks {
-            t.abort();
-        }
     }
 }
 
@@ -209,94 +202,42 @@ impl Gateway {
             })
         };
         let (api_addr, admin_addr) = (local(&api)?, local(&admin)?);
-        let stop = CancellationToken::new();
-        let mut tasks = vec![
-            tokio::spawn(server::serve(
-                api,
-                proxy::api_router(app.clone()),
-                cfg.limits,
-                stop.clone(),
-            )),
-            tokio::spawn(server::serve(
-                admin,
-                proxy::admin_router(app),
-                cfg.limits,
-                stop.clone(),
-            )),
-        ];
+        let mut tasks = Tasks::new();
+        let stop = tasks.stop_token();
+        tasks.spawn(server::serve(
+            api,
+            proxy::api_router(app.clone()),
+            cfg.limits,
+            stop.clone(),
+        ));
+        tasks.spawn(server::serve(
+            admin,
+            proxy::admin_router(app),
+            cfg.limits,
+            stop.clone(),
+        ));
         if let Some(path) = cfg.source.clone() {
-            tasks.push(tokio::spawn(watch_config(
-                path,
-                flags,
-                control.clone(),
-                stop.clone(),
-            )));
+            let load = {
+                let path = path.clone();
+                move || GatewayConfig::load(Some(&path), &flags)
+            };
+            tasks.spawn(watch_config(path, load, control.clone(), stop));
         }
         tracing::info!(%api_addr, %admin_addr, endpoints = cfg.endpoints.len(), "kvgate gateway listening");
         Ok(Self {
             api_addr,
             admin_addr,
             control,
-            stop,
             tasks,
         })
     }
 
     /// Stops accepting, lets in-flight requests finish for up to [`SHUTDOWN_GRACE_MS`], then
     /// cuts whatever is left.
-    pub async fn shutdown(mut self) {
-        self.stop.cancel();
-        let tasks: Vec<_> = self.tasks.drain(..).collect();
-        let aborts: Vec<_> = tasks.iter().map(JoinHandle::abort_handle).collect();
-        let drained = tokio::time::timeout(
-            Duration::from_millis(SHUTDOWN_GRACE_MS),
-            futures::future::join_all(tasks),
-        )
-        .await;
-        if drained.is_err() {
-            tracing::warn!(
-                "in-flight requests still running after the shutdown grace period; cutting them"
-            );
-            for a in aborts {
-                a.abort();
-            }
-        }
-    }
-}
-
-fn modified(path: &std::path::Path) -> Option<SystemTime> {
-    std::fs::metadata(path).and_then(|m| m.modified()).ok()
-}
-
-/// Polls the config file and applies endpoint changes; a file that fails to parse is logged
-/// and ignored (the running set stays as it was).
-async fn watch_config(
-    path: PathBuf,
-    flags: Overrides,
-    control: Arc<Control>,
-    stop: CancellationToken,
-) {
-    let mut last = modified(&path);
-    let mut tick = tokio::time::interval(Duration::from_millis(CONFIG_POLL_INTERVAL_MS));
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let now = modified(&path);
-        if now == last {
-            continue;
-        }
-        last = now;
-        match GatewayConfig::load(Some(&path), &flags) {
-            Ok(cfg) => {
-                tracing::info!(path = %path.display(), endpoints = cfg.endpoints.len(), "config changed; applying endpoints");
-                control.set_endpoints(&cfg.endpoints);
-            }
-            Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e, "config changed but is invalid; keeping the running endpoints")
-            }
-        }
+    pub async fn shutdown(self) {
+        self.tasks
+            .shutdown(Duration::from_millis(SHUTDOWN_GRACE_MS))
+            .await;
     }
 }
 

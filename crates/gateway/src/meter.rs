@@ -1,19 +1,29 @@
-//! Measuring a response as it streams through Envoy: time to first token, time per output token
-//! and `usage`, with the same rules as the HTTP gateway's relay (`kvgate_gateway::proxy`), so a
-//! request routed by the picker calibrates the core exactly as one through `kvgate serve` does.
+//! Measuring a response as it streams back: time to first token, time per output token and
+//! `usage`, for both data planes (the HTTP relay in [`crate::proxy`] and the Envoy endpoint
+//! picker), so a request calibrates the core the same way whichever of them carried it.
 //!
-//! TTFT runs from the moment the picker saw the request headers to the first non-empty response
-//! body chunk of an SSE response (vLLM sends the first chunk when the first token exists). TPOT is
+//! The meter sees only body bytes and the instants they arrived at, never a socket or a protobuf:
+//! each data plane feeds it what its wire delivers (hyper frames, ext_proc body chunks) and
+//! reports the result to the core and the metrics itself.
+//!
+//! TTFT runs from the moment the data plane had the request head to the first non-empty body
+//! chunk of an SSE response (vLLM sends the first chunk when the first token exists). TPOT is
 //! `(last chunk − first chunk) / (completion tokens − 1)`, with completion tokens from the final
 //! usage chunk when present, else the number of SSE `data:` events carrying tokens. Only the last
-//! [`STREAM_TAIL_BYTES`] of a stream (or a non-streaming body up to
-//! [`kvgate_gateway::proxy::USAGE_WINDOW_BYTES`]) is kept to read `usage` at the end.
+//! [`STREAM_TAIL_BYTES`] of a stream (or a non-streaming body up to [`USAGE_WINDOW_BYTES`]) is
+//! kept to read `usage` at the end.
 
 use std::time::Instant;
 
 use kvgate_core::request::Outcome;
-use kvgate_gateway::openai::{Usage, usage_of};
-use kvgate_gateway::proxy::USAGE_WINDOW_BYTES;
+
+use crate::metrics::{EndpointLabels, GatewayMetrics};
+use crate::openai::{Usage, usage_of};
+
+/// Bytes of a response kept to read `usage` from at the end: the tail of a stream (the usage
+/// chunk is the last event before `[DONE]`, a few hundred bytes) or a whole non-streaming body
+/// (a long completion is tens of KiB). Larger non-streaming bodies simply report no usage.
+pub const USAGE_WINDOW_BYTES: usize = 256 * 1024;
 
 /// Tail of a stream kept for the usage chunk: comfortably more than one usage chunk plus
 /// `[DONE]` (a few hundred bytes), small enough that copying it per chunk costs nothing.
@@ -28,6 +38,19 @@ pub struct Measured {
     pub tpot_seconds: Option<f64>,
     /// Usage as reported by the engine.
     pub usage: Usage,
+}
+
+impl Measured {
+    /// Records TPOT and the prompt cache hit rate of this response in the shared metrics (TTFT
+    /// is recorded when the first token arrives, not here).
+    pub fn observe(&self, metrics: &GatewayMetrics, endpoint: &EndpointLabels) {
+        if let Some(t) = self.tpot_seconds {
+            metrics.tpot_seconds.get_or_create(endpoint).observe(t);
+        }
+        if let (Some(p), Some(c)) = (self.usage.prompt_tokens, self.usage.cached_tokens) {
+            metrics.observe_usage(p, c);
+        }
+    }
 }
 
 /// Per-response measurement state.
@@ -200,6 +223,14 @@ mod tests {
         );
         m.on_chunk(b"data: [DONE]\n\n", t);
         assert_eq!(m.finish().outcome.output_tokens, 3);
+    }
+
+    #[test]
+    fn events_are_counted_at_line_starts() {
+        assert_eq!(count_events(b"data: {}\n\ndata: [DONE]\n\n", &mut true), 2);
+        assert_eq!(count_events(b"x data: y\n", &mut true), 0);
+        // A chunk that starts mid-line: its `data:` is not an event start.
+        assert_eq!(count_events(b"data: y\n", &mut false), 0);
     }
 
     #[test]

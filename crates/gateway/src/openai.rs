@@ -10,6 +10,7 @@
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use kvgate_core::RouteError;
 use serde_json::Value;
 
 /// Which OpenAI API a request addresses; decided by the path.
@@ -163,6 +164,25 @@ impl ApiError {
         out.extend_from_slice(self.body().to_string().as_bytes());
         out.extend_from_slice(b"\n\n");
         out
+    }
+}
+
+/// How a routing refusal reads to an OpenAI client, the same through `kvgate serve` and
+/// `kvgate epp`: an unknown model is the client's mistake (404 on `model`), no usable endpoint is
+/// the service's (503), load shedding asks the client to back off (429).
+impl From<&RouteError> for ApiError {
+    fn from(e: &RouteError) -> Self {
+        let status = match e {
+            RouteError::UnknownModel { .. } => StatusCode::NOT_FOUND,
+            RouteError::NoEndpoints { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            RouteError::Shed { .. } => StatusCode::TOO_MANY_REQUESTS,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        Self {
+            status,
+            message: e.to_string(),
+            param: matches!(e, RouteError::UnknownModel { .. }).then_some("model"),
+        }
     }
 }
 

@@ -55,25 +55,16 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Frame, Incoming, SizeHint};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use kvgate_core::RouteError;
 use kvgate_core::request::{Decision, DecisionReason, FailureKind, Outcome, RoutingRequest};
 use serde_json::Value;
 
 use crate::config::{Limits, OBJECTIVE_HEADER, SESSION_HEADER};
 use crate::control::{Control, Target};
+use crate::meter::{ResponseMeter, USAGE_WINDOW_BYTES};
 use crate::metrics::{
     DecisionLabels, EndpointLabels, GatewayMetrics, RequestLabels, RetryLabels, UpstreamErrorLabels,
 };
-use crate::openai::{ApiError, ApiKind, parse_request, usage_of};
-
-/// Bytes of a response kept to read `usage` from at the end: the tail of a stream (the usage
-/// chunk is the last event before `[DONE]`, a few hundred bytes) or a whole non-streaming body
-/// (a long completion is tens of KiB). Larger non-streaming bodies simply report no usage.
-pub const USAGE_WINDOW_BYTES: usize = 256 * 1024;
-
-/// Tail of a stream kept for the usage chunk: comfortably more than one usage chunk plus
-/// `[DONE]`, small enough that copying it per frame costs nothing measurable.
-const STREAM_TAIL_BYTES: usize = 4 * 1024;
+use crate::openai::{ApiError, ApiKind, parse_request};
 
 /// Budget for one endpoint's `/v1/models` during aggregation: the list is served from memory,
 /// so a slow answer means a sick engine, which must not stall the client's listing.
@@ -318,20 +309,6 @@ async fn read_body(body: Body, headers: &HeaderMap, limits: &Limits) -> Result<B
     }
 }
 
-fn route_error(e: &RouteError) -> ApiError {
-    let status = match e {
-        RouteError::UnknownModel { .. } => StatusCode::NOT_FOUND,
-        RouteError::NoEndpoints { .. } => StatusCode::SERVICE_UNAVAILABLE,
-        RouteError::Shed { .. } => StatusCode::TOO_MANY_REQUESTS,
-        _ => StatusCode::INTERNAL_SERVER_ERROR,
-    };
-    ApiError {
-        status,
-        message: e.to_string(),
-        param: matches!(e, RouteError::UnknownModel { .. }).then_some("model"),
-    }
-}
-
 /// Snake-case label of a decision reason.
 pub fn reason_label(r: DecisionReason) -> &'static str {
     match r {
@@ -469,7 +446,7 @@ async fn serve(
             message: format!("The model `{}` does not exist.", parsed.model),
             param: Some("model"),
         })?;
-    let (decision, mut target) = app.control.pick(&rr).map_err(|e| route_error(&e))?;
+    let (decision, mut target) = app.control.pick(&rr).map_err(|e| ApiError::from(&e))?;
     app.metrics
         .decisions
         .get_or_create(&DecisionLabels {
@@ -639,13 +616,8 @@ fn respond(
         metrics: app.metrics.clone(),
         endpoint: EndpointLabels { endpoint },
         sse,
-        chat: parsed.api == crate::openai::ApiKind::Chat,
         t0,
-        first_at: None,
-        last_at: None,
-        events: 0,
-        window: Vec::new(),
-        window_overflow: false,
+        meter: ResponseMeter::new(sse, parsed.api == crate::openai::ApiKind::Chat),
         ended: false,
         strip: (injected_usage && sse && parts.status.is_success()).then(UsageStripper::default),
     };
@@ -660,14 +632,8 @@ struct Metered {
     metrics: Arc<GatewayMetrics>,
     endpoint: EndpointLabels,
     sse: bool,
-    chat: bool,
     t0: Instant,
-    first_at: Option<Instant>,
-    last_at: Option<Instant>,
-    /// SSE `data:` events seen (including the role chunk, usage chunk and `[DONE]`).
-    events: u32,
-    window: Vec<u8>,
-    window_overflow: bool,
+    meter: ResponseMeter,
     /// The body is over (upstream finished, or a mid-stream error event was sent).
     ended: bool,
     /// Set when the gateway injected `include_usage`: removes the usage chunk again.
@@ -757,118 +723,27 @@ impl UsageStripper {
     }
 }
 
-fn count_events(data: &[u8]) -> u32 {
-    let needle = b"data:";
-    let mut n = 0;
-    let mut at_line_start = true;
-    let mut i = 0;
-    while i < data.len() {
-        if at_line_start && data[i..].starts_with(needle) {
-            n += 1;
-        }
-        at_line_start = data[i] == b'\n';
-        i += 1;
-    }
-    n
-}
-
 impl Metered {
     fn on_data(&mut self, data: &Bytes) {
         let now = Instant::now();
-        if self.first_at.is_none() && !data.is_empty() {
-            self.first_at = Some(now);
-            if self.sse {
-                self.metrics
-                    .ttft_seconds
-                    .get_or_create(&self.endpoint)
-                    .observe(now.duration_since(self.t0).as_secs_f64());
-                if let Some(g) = &self.guard {
-                    g.control.on_first_token(g.req_id);
-                }
+        if self.meter.on_chunk(data, now) {
+            self.metrics
+                .ttft_seconds
+                .get_or_create(&self.endpoint)
+                .observe(now.duration_since(self.t0).as_secs_f64());
+            if let Some(g) = &self.guard {
+                g.control.on_first_token(g.req_id);
             }
         }
-        if self.sse {
-            self.last_at = Some(now);
-            self.events += count_events(data);
-            self.window.extend_from_slice(data);
-            if self.window.len() > STREAM_TAIL_BYTES * 2 {
-                let cut = self.window.len() - STREAM_TAIL_BYTES;
-                self.window.drain(..cut);
-            }
-        } else if !self.window_overflow {
-            if self.window.len() + data.len() > USAGE_WINDOW_BYTES {
-                self.window_overflow = true;
-                self.window = Vec::new();
-            } else {
-                self.window.extend_from_slice(data);
-            }
-        }
-    }
-
-    fn stream_usage(&self) -> Option<crate::openai::Usage> {
-        let text = &self.window;
-        // Walk events from the end; the usage chunk is the last JSON event with a `usage` object.
-        let mut end = text.len();
-        while end > 0 {
-            let start = text[..end]
-                .windows(6)
-                .rposition(|w| w == b"data: " || w == b"\ndata:")
-                .unwrap_or(0);
-            let event = &text[start..end];
-            if let Some(json_at) = event.iter().position(|&b| b == b'{') {
-                let json = &event[json_at..];
-                let json_end = json
-                    .iter()
-                    .rposition(|&b| b == b'}')
-                    .map_or(json.len(), |e| e + 1);
-                if let Some(u) = usage_of(&json[..json_end]) {
-                    return Some(u);
-                }
-            }
-            if start == 0 {
-                break;
-            }
-            end = start;
-        }
-        None
     }
 
     fn finish(&mut self) {
         let Some(guard) = self.guard.take() else {
             return;
         };
-        let usage = if self.sse {
-            self.stream_usage()
-        } else if self.window_overflow {
-            None
-        } else {
-            usage_of(&self.window)
-        };
-        let usage = usage.unwrap_or_default();
-        // Events that carry no generated token: `[DONE]`, the chat role chunk, the usage chunk.
-        let overhead = 1 + u32::from(self.chat) + u32::from(usage.completion_tokens.is_some());
-        let output_tokens = usage
-            .completion_tokens
-            .unwrap_or_else(|| self.events.saturating_sub(overhead));
-        let tpot_us = match (self.sse, self.first_at, self.last_at) {
-            (true, Some(first), Some(last)) if output_tokens > 1 => {
-                let per = last.duration_since(first) / (output_tokens - 1);
-                self.metrics
-                    .tpot_seconds
-                    .get_or_create(&self.endpoint)
-                    .observe(per.as_secs_f64());
-                Some(u64::try_from(per.as_micros()).unwrap_or(u64::MAX))
-            }
-            _ => None,
-        };
-        if let (Some(p), Some(c)) = (usage.prompt_tokens, usage.cached_tokens) {
-            self.metrics.observe_usage(p, c);
-        }
-        guard.finish(&Outcome {
-            output_tokens,
-            cached_tokens: usage.cached_tokens,
-            tpot_us,
-        });
+        let measured = self.meter.finish();
+        measured.observe(&self.metrics, &self.endpoint);
+        guard.finish(&measured.outcome);
     }
 
     fn fail_mid_stream(&mut self, error: &hyper::Error) -> Option<Bytes> {
@@ -1016,11 +891,5 @@ mod tests {
         assert_eq!(v["stream_options"]["include_usage"], true);
         assert_eq!(v["stream_options"]["x"], 1);
         assert_eq!(v["model"], "m");
-    }
-
-    #[test]
-    fn events_are_counted_at_line_starts() {
-        assert_eq!(count_events(b"data: {}\n\ndata: [DONE]\n\n"), 2);
-        assert_eq!(count_events(b"x data: y\n"), 0);
     }
 }
