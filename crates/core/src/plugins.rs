@@ -259,6 +259,16 @@ fn load(c: &Candidate<'_>) -> u32 {
     c.estimate.waiting + c.estimate.running
 }
 
+/// Why a cost-driven picker chose `c`: for its cached prefix if it holds any of the prompt,
+/// otherwise for its cost alone.
+fn prefix_or_cost(c: &Candidate<'_>) -> DecisionReason {
+    if c.matched_blocks > 0 {
+        DecisionReason::PrefixHit
+    } else {
+        DecisionReason::LeastCost
+    }
+}
+
 /// Builds a filter from its kind.
 pub fn build_filter(k: &FilterKind) -> Box<dyn Filter> {
     match k {
@@ -683,13 +693,7 @@ impl Picker for SoftmaxPicker {
         rng: &mut dyn RngCore,
     ) -> Result<Pick, RouteError> {
         let t = ctx.tuning;
-        let reason_of = |i: usize| {
-            if cands[i].matched_blocks > 0 {
-                DecisionReason::PrefixHit
-            } else {
-                DecisionReason::LeastCost
-            }
-        };
+        let reason_of = |i: usize| prefix_or_cost(&cands[i]);
         // Hot-prefix rule.
         // The best holder: most matched blocks, best score among equals.
         let holder = (0..cands.len()).fold(None, |best: Option<usize>, i| match best {
@@ -789,11 +793,7 @@ impl Picker for DynamoPicker {
         };
         Ok(Pick {
             index,
-            reason: if cands[index].matched_blocks > 0 {
-                DecisionReason::PrefixHit
-            } else {
-                DecisionReason::LeastCost
-            },
+            reason: prefix_or_cost(&cands[index]),
         })
     }
 }
