@@ -189,17 +189,24 @@ impl RawMessage {
 
 #[derive(Deserialize)]
 struct ChatRequest {
-    #[serde(default)]
-    model: Option<String>,
     messages: Vec<RawMessage>,
-    #[serde(default)]
-    stream: Option<bool>,
-    #[serde(default)]
-    stream_options: Option<StreamOptions>,
     #[serde(default)]
     max_tokens: Option<i64>,
     #[serde(default)]
     max_completion_tokens: Option<i64>,
+    #[serde(flatten)]
+    common: GenerationFields,
+}
+
+/// Fields chat and completion requests share, handled identically by [`run_job`].
+#[derive(Deserialize)]
+struct GenerationFields {
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    stream: Option<bool>,
+    #[serde(default)]
+    stream_options: Option<StreamOptions>,
     #[serde(default)]
     cache_salt: Option<String>,
     #[serde(default)]
@@ -217,19 +224,11 @@ enum Prompt {
 
 #[derive(Deserialize)]
 struct CompletionRequest {
-    #[serde(default)]
-    model: Option<String>,
     prompt: Prompt,
     #[serde(default)]
-    stream: Option<bool>,
-    #[serde(default)]
-    stream_options: Option<StreamOptions>,
-    #[serde(default)]
     max_tokens: Option<i64>,
-    #[serde(default)]
-    cache_salt: Option<String>,
-    #[serde(default)]
-    kv_transfer_params: Option<Value>,
+    #[serde(flatten)]
+    common: GenerationFields,
 }
 
 #[derive(Deserialize)]
@@ -644,7 +643,7 @@ fn include_usage(o: Option<StreamOptions>) -> bool {
 async fn chat(State(s): State<Shared>, body: Bytes) -> ApiResult<Response> {
     ready(&s)?;
     let req: ChatRequest = parse(&body)?;
-    let lora = resolve_model(&s, req.model.as_deref())?;
+    let lora = resolve_model(&s, req.common.model.as_deref())?;
     let tokens = render_messages(&s, &req.messages)?;
     let asked = check_max_tokens(req.max_completion_tokens.or(req.max_tokens))?;
     let max_len = s.config.max_model_len;
@@ -657,33 +656,13 @@ async fn chat(State(s): State<Shared>, body: Bytes) -> ApiResult<Response> {
     }
     let room = u32::try_from(max_len - tokens.len()).unwrap_or(u32::MAX);
     let max_tokens = asked.unwrap_or(room.min(DEFAULT_CHAT_MAX_TOKENS));
-    let job = Job {
-        api: Api::Chat,
-        id: String::new(),
-        created: unix_now_s(),
-        model: req.model.unwrap_or_else(|| s.model.clone()),
-        words: s.words.clone(),
-        kv_transfer_params: req.kv_transfer_params,
-    };
-    let stream = req.stream.unwrap_or(false);
-    let usage = include_usage(req.stream_options);
-    run_job(
-        &s,
-        job,
-        tokens,
-        max_tokens,
-        lora,
-        req.cache_salt,
-        stream,
-        usage,
-    )
-    .await
+    run_job(&s, Api::Chat, req.common, tokens, max_tokens, lora).await
 }
 
 async fn completions(State(s): State<Shared>, body: Bytes) -> ApiResult<Response> {
     ready(&s)?;
     let req: CompletionRequest = parse(&body)?;
-    let lora = resolve_model(&s, req.model.as_deref())?;
+    let lora = resolve_model(&s, req.common.model.as_deref())?;
     let tokens = match req.prompt {
         Prompt::Text(t) => encode(&s, &t)?,
         Prompt::Tokens(t) => t,
@@ -703,49 +682,33 @@ async fn completions(State(s): State<Shared>, body: Bytes) -> ApiResult<Response
     if tokens.len() + max_tokens as usize > max_len {
         return Err(too_long(max_len, tokens.len(), u64::from(max_tokens)));
     }
-    let job = Job {
-        api: Api::Completion,
-        id: String::new(),
-        created: unix_now_s(),
-        model: req.model.unwrap_or_else(|| s.model.clone()),
-        words: s.words.clone(),
-        kv_transfer_params: req.kv_transfer_params,
-    };
-    let stream = req.stream.unwrap_or(false);
-    let usage = include_usage(req.stream_options);
-    run_job(
-        &s,
-        job,
-        tokens,
-        max_tokens,
-        lora,
-        req.cache_salt,
-        stream,
-        usage,
-    )
-    .await
+    run_job(&s, Api::Completion, req.common, tokens, max_tokens, lora).await
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn run_job(
     s: &EngineShared,
-    mut job: Job,
+    api: Api,
+    fields: GenerationFields,
     tokens: Vec<u32>,
     max_tokens: u32,
     lora: Option<String>,
-    cache_salt: Option<String>,
-    stream: bool,
-    include_usage: bool,
 ) -> ApiResult<Response> {
     admit_faults(s).await?;
-    let a = submit(s, tokens, max_tokens, lora, cache_salt).await?;
-    let prefix = match job.api {
+    let a = submit(s, tokens, max_tokens, lora, fields.cache_salt).await?;
+    let prefix = match api {
         Api::Chat => "chatcmpl",
         Api::Completion => "cmpl",
     };
-    job.id = format!("{prefix}-{}-{:016x}", s.index, a.guard.id);
-    if stream {
-        Ok(respond_stream(job, a, include_usage))
+    let job = Job {
+        api,
+        id: format!("{prefix}-{}-{:016x}", s.index, a.guard.id),
+        created: unix_now_s(),
+        model: fields.model.unwrap_or_else(|| s.model.clone()),
+        words: s.words.clone(),
+        kv_transfer_params: fields.kv_transfer_params,
+    };
+    if fields.stream.unwrap_or(false) {
+        Ok(respond_stream(job, a, include_usage(fields.stream_options)))
     } else {
         respond_full(job, a).await
     }
