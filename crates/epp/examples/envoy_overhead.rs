@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use axum::routing::{get, post};
 use hdrhistogram::Histogram;
 use kvgate_epp::{Epp, EppArgs};
+use kvgate_gateway::RoutingFlags;
 use serde_json::json;
 
 const MODEL: &str = "bench-model";
@@ -141,8 +142,11 @@ async fn main() {
         grpc_port: 0,
         grpc_health_port: 0,
         metrics_port: 0,
-        endpoints: vec![up.to_string()],
-        models: vec![MODEL.into()],
+        routing: RoutingFlags {
+            endpoints: vec![up.to_string()],
+            models: vec![MODEL.into()],
+            ..RoutingFlags::default()
+        },
         ..EppArgs::default()
     })
     .await

@@ -33,9 +33,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessorServer;
-use kvgate_gateway::GatewayError;
 use kvgate_gateway::config::{GatewayConfig, Overrides, PolicyChoice};
 use kvgate_gateway::lifecycle::{Tasks, watch_config};
+use kvgate_gateway::{GatewayError, RoutingFlags};
 use tokio::net::TcpListener;
 use tonic_health::ServingStatus;
 
@@ -108,27 +108,10 @@ pub struct EppArgs {
     /// Prometheus metrics port (`/metrics`).
     #[arg(long, default_value_t = DEFAULT_METRICS_PORT)]
     pub metrics_port: u16,
-    /// Model server `ip:port` (or http://ip:port) to route to (repeat for more); not with --pool-name.
-    #[arg(long = "endpoint")]
-    pub endpoints: Vec<String>,
-    /// KV-event ZMQ PUB endpoint of the --endpoint at the same position (tcp://host:port).
-    #[arg(long = "kv-events")]
-    pub kv_events: Vec<String>,
-    /// KV-event replay (ZMQ ROUTER) endpoint of the --endpoint at the same position.
-    #[arg(long = "kv-replay")]
-    pub kv_replay: Vec<String>,
-    /// Models served by the endpoints (default: learned from their /v1/models).
-    #[arg(long = "model")]
-    pub models: Vec<String>,
-    /// Routing policy (kvgate, gie-default, sglang-cache-aware, dynamo, round-robin, ...).
-    #[arg(long)]
-    pub policy: Option<String>,
-    /// Metrics scrape interval per endpoint, ms [default: 100].
-    #[arg(long)]
-    pub scrape_interval_ms: Option<u64>,
-    /// Largest request body buffered, bytes [default: 33554432].
-    #[arg(long)]
-    pub max_body_bytes: Option<usize>,
+    /// The fleet and how to route it, as `kvgate serve` takes it. Static `--endpoint`s and
+    /// `--pool-name` are exclusive.
+    #[command(flatten)]
+    pub routing: RoutingFlags,
     /// Fallback endpoints written after the primary in x-gateway-destination-endpoint. Keep 0
     /// with an ORIGINAL_DST cluster (it parses one address only).
     #[arg(long, default_value_t = 0)]
@@ -168,13 +151,7 @@ impl Default for EppArgs {
             grpc_port: DEFAULT_GRPC_PORT,
             grpc_health_port: DEFAULT_GRPC_HEALTH_PORT,
             metrics_port: DEFAULT_METRICS_PORT,
-            endpoints: Vec::new(),
-            kv_events: Vec::new(),
-            kv_replay: Vec::new(),
-            models: Vec::new(),
-            policy: None,
-            scrape_interval_ms: None,
-            max_body_bytes: None,
+            routing: RoutingFlags::default(),
             fallbacks: 0,
             pool_name: None,
             pool_namespace: None,
@@ -192,14 +169,7 @@ impl EppArgs {
     fn overrides(&self) -> Overrides {
         Overrides {
             host: self.host.clone(),
-            endpoints: self.endpoints.clone(),
-            kv_events: self.kv_events.clone(),
-            kv_replay: self.kv_replay.clone(),
-            models: self.models.clone(),
-            policy: self.policy.clone(),
-            scrape_interval_ms: self.scrape_interval_ms,
-            max_body_bytes: self.max_body_bytes,
-            ..Overrides::default()
+            ..self.routing.overrides()
         }
     }
 
@@ -368,7 +338,7 @@ impl Epp {
                     .await
                     .map_err(EppError::Kube)?;
                 let template = k8s::PodEndpointTemplate {
-                    models: args.models.clone(),
+                    models: args.routing.models.clone(),
                     kv_events_port: args.pod_kv_events_port,
                     kv_replay_port: args.pod_kv_replay_port,
                 };
@@ -553,7 +523,10 @@ mod tests {
             (c.epp.grpc_port, c.epp.grpc_health_port, c.epp.metrics_port),
             (19002, 19003, 19090)
         );
-        assert_eq!(c.epp.endpoints, vec!["127.0.0.1:8000", "127.0.0.1:8001"]);
+        assert_eq!(
+            c.epp.routing.endpoints,
+            vec!["127.0.0.1:8000", "127.0.0.1:8001"]
+        );
         let d = Cli::try_parse_from(["kvgate-epp", "--pool-name", "p", "--pool-namespace", "ns"])
             .unwrap();
         assert_eq!(

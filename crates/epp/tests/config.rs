@@ -50,8 +50,8 @@ schedulingProfiles:
 async fn bare_endpoint_picker_config_is_the_policy() {
     let path = temp_file("gie.yaml", GIE_CONFIG);
     let mut a = args(Some(path));
-    a.endpoints = vec!["127.0.0.1:9".into()];
-    a.models = vec!["m".into()];
+    a.routing.endpoints = vec!["127.0.0.1:9".into()];
+    a.routing.models = vec!["m".into()];
     let cfg = a.load_config().unwrap();
     assert!(matches!(&cfg.policy, PolicyChoice::Yaml(t) if t.contains("EndpointPickerConfig")));
     assert_eq!(cfg.endpoints[0].address, "127.0.0.1:9");
@@ -91,7 +91,7 @@ async fn serve_config_endpoints_are_reloaded() {
 #[tokio::test]
 async fn static_endpoints_and_a_pool_are_exclusive_and_bad_files_are_errors() {
     let mut a = args(None);
-    a.endpoints = vec!["127.0.0.1:9".into()];
+    a.routing.endpoints = vec!["127.0.0.1:9".into()];
     a.pool_name = Some("p".into());
     assert!(matches!(
         Epp::start(&a).await.unwrap_err(),

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use common::envoy::Envoy;
 use kvgate_engine::EngineConfig;
 use kvgate_epp::{Epp, EppArgs};
+use kvgate_gateway::RoutingFlags;
 use kvgate_sim::{Fleet, FleetConfig, start_fleet};
 use serde_json::{Value, json};
 
@@ -42,18 +43,21 @@ async fn picker(f: &Fleet) -> Epp {
         grpc_port: 0,
         grpc_health_port: 0,
         metrics_port: 0,
-        endpoints: f.engines.iter().map(|e| e.http_addr.to_string()).collect(),
-        kv_events: f
-            .engines
-            .iter()
-            .map(|e| e.kv_pub_endpoint.clone())
-            .collect(),
-        kv_replay: f
-            .engines
-            .iter()
-            .map(|e| e.kv_replay_endpoint.clone())
-            .collect(),
-        scrape_interval_ms: Some(50),
+        routing: RoutingFlags {
+            endpoints: f.engines.iter().map(|e| e.http_addr.to_string()).collect(),
+            kv_events: f
+                .engines
+                .iter()
+                .map(|e| e.kv_pub_endpoint.clone())
+                .collect(),
+            kv_replay: f
+                .engines
+                .iter()
+                .map(|e| e.kv_replay_endpoint.clone())
+                .collect(),
+            scrape_interval_ms: Some(50),
+            ..RoutingFlags::default()
+        },
         ..EppArgs::default()
     };
     let epp = Epp::start(&args).await.expect("picker starts");
@@ -264,7 +268,10 @@ async fn envoy_talks_to_the_picker_over_tls() {
         grpc_port: 0,
         grpc_health_port: 0,
         metrics_port: 0,
-        endpoints: engines.clone(),
+        routing: RoutingFlags {
+            endpoints: engines.clone(),
+            ..RoutingFlags::default()
+        },
         secure_serving: true,
         ..EppArgs::default()
     };

@@ -15,6 +15,7 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
 use envoy_types::pb::google::protobuf::{ListValue, Struct, Value, value::Kind};
 use kvgate_epp::extproc::BODY_CHUNK_BYTES;
 use kvgate_epp::{Epp, EppArgs};
+use kvgate_gateway::RoutingFlags;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
@@ -27,8 +28,11 @@ async fn epp(endpoints: &[&str], tweak: impl FnOnce(&mut EppArgs)) -> Epp {
         grpc_port: 0,
         grpc_health_port: 0,
         metrics_port: 0,
-        endpoints: endpoints.iter().map(|s| s.to_string()).collect(),
-        models: vec!["m".into(), "m2".into()],
+        routing: RoutingFlags {
+            endpoints: endpoints.iter().map(|s| s.to_string()).collect(),
+            models: vec!["m".into(), "m2".into()],
+            ..RoutingFlags::default()
+        },
         ..EppArgs::default()
     };
     tweak(&mut args);
@@ -371,7 +375,7 @@ async fn malformed_json_is_an_immediate_400_in_openai_shape() {
 
 #[tokio::test]
 async fn oversized_body_is_an_immediate_413() {
-    let epp = epp(&EP[..1], |a| a.max_body_bytes = Some(1_000)).await;
+    let epp = epp(&EP[..1], |a| a.routing.max_body_bytes = Some(1_000)).await;
     let mut s = Stream::open(&epp).await;
     s.send(chat_headers(), None).await;
     s.send(body(&[b' '; 800], false), None).await;

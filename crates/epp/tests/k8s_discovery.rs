@@ -25,6 +25,7 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
 use futures::StreamExt;
 use kvgate_engine::EngineConfig;
 use kvgate_epp::{Epp, EppArgs};
+use kvgate_gateway::RoutingFlags;
 use kvgate_sim::{FleetConfig, start_fleet};
 use serde_json::{Value, json};
 use tokio::sync::{broadcast, mpsc};
@@ -367,7 +368,10 @@ async fn pool_pods_join_drain_and_leave() {
         pool_name: Some("sim-pool".into()),
         pool_namespace: Some(NS.into()),
         kubeconfig: Some(kubeconfig),
-        scrape_interval_ms: Some(50),
+        routing: RoutingFlags {
+            scrape_interval_ms: Some(50),
+            ..RoutingFlags::default()
+        },
         ..EppArgs::default()
     })
     .await

@@ -95,29 +95,19 @@ pub enum GatewayError {
     Signal(#[source] std::io::Error),
 }
 
-/// Flags of `kvgate serve`. Flags win over the config file; `--kv-events` and `--kv-replay`
-/// pair with `--endpoint` by position.
+/// Flags that `kvgate serve` and `kvgate epp` share: which model servers to route to and how.
+/// Flags win over the config file; `--kv-events` and `--kv-replay` pair with `--endpoint` by
+/// position.
 #[derive(Clone, Debug, Default, clap::Args)]
-pub struct ServeArgs {
-    /// YAML config file (endpoints are reloaded when it changes).
-    #[arg(long)]
-    pub config: Option<PathBuf>,
-    /// Address to bind both listeners to [default: 0.0.0.0].
-    #[arg(long)]
-    pub host: Option<String>,
-    /// OpenAI API port [default: 8080].
-    #[arg(long)]
-    pub port: Option<u16>,
-    /// Admin port: /metrics, /health, /ready [default: 9090].
-    #[arg(long)]
-    pub admin_port: Option<u16>,
-    /// Model server base URL, e.g. http://10.0.0.7:8000 (repeat for more).
+pub struct RoutingFlags {
+    /// Model server to route to, as a base URL (http://10.0.0.7:8000) or `ip:port` (repeat for
+    /// more).
     #[arg(long = "endpoint")]
     pub endpoints: Vec<String>,
-    /// KV-event ZMQ PUB endpoint of the endpoint at the same position (tcp://host:port).
+    /// KV-event ZMQ PUB endpoint of the --endpoint at the same position (tcp://host:port).
     #[arg(long = "kv-events")]
     pub kv_events: Vec<String>,
-    /// KV-event replay (ZMQ ROUTER) endpoint of the endpoint at the same position.
+    /// KV-event replay (ZMQ ROUTER) endpoint of the --endpoint at the same position.
     #[arg(long = "kv-replay")]
     pub kv_replay: Vec<String>,
     /// Models served by the --endpoint servers (default: learned from their /v1/models).
@@ -135,12 +125,10 @@ pub struct ServeArgs {
     pub max_body_bytes: Option<usize>,
 }
 
-impl ServeArgs {
-    fn overrides(&self) -> Overrides {
+impl RoutingFlags {
+    /// These flags as config overrides (listener fields left unset).
+    pub fn overrides(&self) -> Overrides {
         Overrides {
-            host: self.host.clone(),
-            port: self.port,
-            admin_port: self.admin_port,
             endpoints: self.endpoints.clone(),
             kv_events: self.kv_events.clone(),
             kv_replay: self.kv_replay.clone(),
@@ -148,6 +136,39 @@ impl ServeArgs {
             policy: self.policy.clone(),
             scrape_interval_ms: self.scrape_interval_ms,
             max_body_bytes: self.max_body_bytes,
+            ..Overrides::default()
+        }
+    }
+}
+
+/// Flags of `kvgate serve`. Flags win over the config file; `--kv-events` and `--kv-replay`
+/// pair with `--endpoint` by position.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct ServeArgs {
+    /// YAML config file (endpoints are reloaded when it changes).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Address to bind both listeners to [default: 0.0.0.0].
+    #[arg(long)]
+    pub host: Option<String>,
+    /// OpenAI API port [default: 8080].
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// Admin port: /metrics, /health, /ready [default: 9090].
+    #[arg(long)]
+    pub admin_port: Option<u16>,
+    /// The fleet and how to route it (shared with `kvgate epp`).
+    #[command(flatten)]
+    pub routing: RoutingFlags,
+}
+
+impl ServeArgs {
+    fn overrides(&self) -> Overrides {
+        Overrides {
+            host: self.host.clone(),
+            port: self.port,
+            admin_port: self.admin_port,
+            ..self.routing.overrides()
         }
     }
 }
