@@ -1,4 +1,5 @@
-//! Tokenizers: a fast deterministic built-in one, and HuggingFace `tokenizer.json` files.
+//! Tokenizers: a fast deterministic built-in one, and (feature `hf`) HuggingFace
+//! `tokenizer.json` files.
 //!
 //! The built-in tokenizer splits text into pieces and maps each piece to an id by hashing it, so
 //! ids are stable across processes, versions and machines with no vocabulary file:
@@ -22,7 +23,7 @@ pub const VOCAB_SIZE: u32 = 128_256;
 /// as they do in BPE vocabularies.
 pub const MAX_PIECE_CHARS: usize = 16;
 
-/// Errors loading a tokenizer.
+/// Errors loading a tokenizer or tokenising a request.
 #[derive(Debug, Error)]
 pub enum TokenizerError {
     /// The HuggingFace `tokenizer.json` could not be parsed.
@@ -37,6 +38,155 @@ pub enum TokenizerError {
         /// What the `tokenizers` crate reported.
         message: String,
     },
+    /// A file of the model directory could not be read.
+    #[cfg(feature = "hf")]
+    #[error("cannot read {path}")]
+    ReadFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A JSON file of the model directory does not parse.
+    #[cfg(feature = "hf")]
+    #[error("{path} is not valid JSON")]
+    InvalidJson {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The parser's error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// `tokenizer.json` parses as JSON but not as a HuggingFace tokenizer.
+    #[cfg(feature = "hf")]
+    #[error("{path} is not a HuggingFace tokenizer")]
+    InvalidTokenizerFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What the `tokenizers` crate reported.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A field of a configuration file has the wrong shape.
+    #[cfg(feature = "hf")]
+    #[error("{path}: `{field}` {reason}")]
+    InvalidConfigField {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The field (empty for the whole file).
+        field: String,
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// A chat template does not compile.
+    #[cfg(feature = "hf")]
+    #[error("{path}: chat template `{name}` does not compile")]
+    InvalidChatTemplate {
+        /// The file it came from.
+        path: std::path::PathBuf,
+        /// Its name (`default`, `tool_use`, ...).
+        name: String,
+        /// The template engine's error, with the line.
+        #[source]
+        source: minijinja::Error,
+    },
+    /// The model directory has no chat template, so chat requests cannot be rendered.
+    #[cfg(feature = "hf")]
+    #[error(
+        "{dir} has no chat template (chat_template.jinja or tokenizer_config.json `chat_template`)"
+    )]
+    NoChatTemplate {
+        /// The model directory.
+        dir: std::path::PathBuf,
+    },
+    /// The model has several named chat templates and none applies to the request.
+    #[cfg(feature = "hf")]
+    #[error("no chat template named \"default\" among {names:?}")]
+    NoDefaultChatTemplate {
+        /// The names it has.
+        names: Vec<String>,
+    },
+    /// A chat message is malformed.
+    #[cfg(feature = "hf")]
+    #[error("message {index}: {reason}")]
+    InvalidMessage {
+        /// Index in `messages`.
+        index: usize,
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// A content part kvgate cannot render (multimodal parts: kvgate renders text only).
+    #[cfg(feature = "hf")]
+    #[error("message {index}: content part type `{part_type}` is not supported")]
+    UnsupportedContentPart {
+        /// Index in `messages`.
+        index: usize,
+        /// The part's type.
+        part_type: String,
+    },
+    /// A tool definition is malformed.
+    #[cfg(feature = "hf")]
+    #[error("tool {index}: {reason}")]
+    InvalidTool {
+        /// Index in `tools`.
+        index: usize,
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// `documents` is not a list of objects.
+    #[cfg(feature = "hf")]
+    #[error("`documents` must be a list of objects")]
+    InvalidDocuments,
+    /// The request has no messages.
+    #[cfg(feature = "hf")]
+    #[error("cannot render an empty conversation")]
+    EmptyConversation,
+    /// `continue_final_message` cannot be honoured.
+    #[cfg(feature = "hf")]
+    #[error("continue_final_message: {reason}")]
+    ContinueFinalMessage {
+        /// Why.
+        reason: &'static str,
+    },
+    /// A `chat_template_kwargs` key collides with a variable the renderer sets itself.
+    #[cfg(feature = "hf")]
+    #[error("chat_template_kwargs may not set `{key}`")]
+    TemplateKwargConflict {
+        /// The key.
+        key: String,
+    },
+    /// The chat template failed, including a template's own `raise_exception`.
+    #[cfg(feature = "hf")]
+    #[error("rendering the chat template failed")]
+    TemplateRender {
+        /// The template engine's error (the template's message for `raise_exception`).
+        #[source]
+        source: minijinja::Error,
+    },
+}
+
+impl TokenizerError {
+    /// Whether the request itself is at fault (vLLM answers these with 400), as opposed to
+    /// the model directory or the tokenizer.
+    pub fn is_request_error(&self) -> bool {
+        match self {
+            TokenizerError::InvalidHfTokenizer { .. } | TokenizerError::EncodeFailed { .. } => {
+                false
+            }
+            #[cfg(feature = "hf")]
+            TokenizerError::InvalidMessage { .. }
+            | TokenizerError::UnsupportedContentPart { .. }
+            | TokenizerError::InvalidTool { .. }
+            | TokenizerError::InvalidDocuments
+            | TokenizerError::EmptyConversation
+            | TokenizerError::ContinueFinalMessage { .. }
+            | TokenizerError::TemplateKwargConflict { .. }
+            | TokenizerError::TemplateRender { .. } => true,
+            #[cfg(feature = "hf")]
+            _ => false,
+        }
+    }
 }
 
 /// The deterministic built-in tokenizer described in the module docs.
@@ -108,16 +258,19 @@ impl BuiltinTokenizer {
 }
 
 /// A HuggingFace tokenizer loaded from the bytes of a `tokenizer.json`.
+#[cfg(feature = "hf")]
 pub struct HfTokenizer {
     inner: tokenizers::Tokenizer,
 }
 
+#[cfg(feature = "hf")]
 impl std::fmt::Debug for HfTokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HfTokenizer").finish_non_exhaustive()
     }
 }
 
+#[cfg(feature = "hf")]
 impl HfTokenizer {
     /// Parses a `tokenizer.json` (the caller reads the file: this crate does no I/O).
     pub fn from_bytes(json: &[u8]) -> Result<Self, TokenizerError> {
@@ -145,6 +298,7 @@ pub enum Tokenizer {
     /// The built-in deterministic tokenizer.
     Builtin(BuiltinTokenizer),
     /// A HuggingFace tokenizer.
+    #[cfg(feature = "hf")]
     Hf(Box<HfTokenizer>),
 }
 
@@ -159,6 +313,7 @@ impl Tokenizer {
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
         match self {
             Tokenizer::Builtin(t) => Ok(t.encode(text)),
+            #[cfg(feature = "hf")]
             Tokenizer::Hf(t) => t.encode(text),
         }
     }

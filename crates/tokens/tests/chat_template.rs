@@ -1,0 +1,251 @@
+//! `ModelTokenizer` against renderings and token ids produced by vLLM 0.32 and transformers
+//! (`fixtures/gen_chat_fixtures.py`) for SmolLM2-135M-Instruct's own files and for a harder
+//! test template (`fixtures/templates/tools_and_dates.jinja`).
+#![cfg(feature = "hf")]
+
+use kvgate_tokens::{ChatInput, ContentFormat, ModelTokenizer, TokenizerError};
+use serde_json::Value as Json;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, UNIX_EPOCH};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+fn cases() -> Json {
+    let text = std::fs::read_to_string(fixtures().join("chat_cases.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// A scratch model directory: SmolLM2's tokenizer files, with `files` added or replaced.
+fn model_dir(name: &str, files: &[(&str, &str)]) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("kvgate-tokens-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(fixtures().join("smollm2").join(f), dir.join(f)).unwrap();
+    }
+    for (path, text) in files {
+        let p = dir.join(path);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, text).unwrap();
+    }
+    dir
+}
+
+fn smollm2() -> ModelTokenizer {
+    ModelTokenizer::from_dir(fixtures().join("smollm2")).unwrap()
+}
+
+fn hard() -> ModelTokenizer {
+    let template =
+        std::fs::read_to_string(fixtures().join("templates/tools_and_dates.jinja")).unwrap();
+    ModelTokenizer::from_dir(model_dir("hard", &[("chat_template.jinja", &template)])).unwrap()
+}
+
+fn input(case: &Json) -> ChatInput {
+    let mut input: ChatInput = serde_json::from_value(case["request"].clone()).unwrap();
+    input.now = Some(UNIX_EPOCH + Duration::from_micros(case["now_us"].as_u64().unwrap()));
+    input
+}
+
+#[test]
+fn renders_and_tokenises_as_vllm() {
+    let models = [("smollm2", smollm2()), ("tools_and_dates", hard())];
+    let data = cases();
+    let mut checked = 0;
+    for case in data["cases"].as_array().unwrap() {
+        let name = case["name"].as_str().unwrap();
+        let model = &models
+            .iter()
+            .find(|(n, _)| case["template"] == *n)
+            .unwrap()
+            .1;
+        let input = input(case);
+        match (case.get("vllm"), case.get("vllm_error")) {
+            (Some(want), _) => {
+                let text = model
+                    .render_chat(&input)
+                    .unwrap_or_else(|e| panic!("{name}: {e:?}"));
+                assert_eq!(text, want["text"].as_str().unwrap(), "{name}: rendering");
+                let ids: Vec<u32> = serde_json::from_value(want["ids"].clone()).unwrap();
+                assert_eq!(model.encode_chat(&input).unwrap(), ids, "{name}: token ids");
+                // Where transformers renders the raw messages the same way, it agrees too.
+                if let Some(tf) = case.get("transformers").filter(|tf| *tf == want) {
+                    assert_eq!(text, tf["text"].as_str().unwrap(), "{name}: transformers");
+                }
+                checked += 1;
+            }
+            (None, Some(why)) => {
+                let err = model.render_chat(&input).expect_err(name);
+                assert!(err.is_request_error(), "{name}: {err:?} (vLLM: {why})");
+            }
+            _ => panic!("{name}: fixture has neither a rendering nor an error"),
+        }
+    }
+    assert!(checked >= 15, "only {checked} renderings checked");
+}
+
+#[test]
+fn template_errors_carry_the_templates_message() {
+    let data = cases();
+    let case = data["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "hard_raises")
+        .unwrap();
+    let err = hard().render_chat(&input(case)).unwrap_err();
+    let TokenizerError::TemplateRender { source } = &err else {
+        panic!("{err:?}");
+    };
+    assert!(
+        source.to_string().contains("Unsupported role: wizard"),
+        "{source}"
+    );
+}
+
+#[test]
+fn completions_prompts_get_special_tokens_as_vllm_adds_them() {
+    let model = smollm2();
+    for p in cases()["prompts"].as_array().unwrap() {
+        let ids: Vec<u32> = serde_json::from_value(p["ids"].clone()).unwrap();
+        assert_eq!(
+            model.encode_prompt(p["text"].as_str().unwrap()).unwrap(),
+            ids,
+            "{p}"
+        );
+    }
+}
+
+#[test]
+fn decodes_as_transformers() {
+    let d = &cases()["decode"];
+    let ids: Vec<u32> = serde_json::from_value(d["ids"].clone()).unwrap();
+    assert_eq!(smollm2().decode(&ids), d["text"].as_str().unwrap());
+}
+
+#[test]
+fn special_tokens_match_transformers() {
+    let want: Vec<(String, String)> = cases()["special_tokens"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_owned()))
+        .collect();
+    let got: Vec<(String, String)> = smollm2()
+        .special_tokens()
+        .map(|(k, v)| (k.into(), v.into()))
+        .collect();
+    assert_eq!(got, want);
+}
+
+#[test]
+fn content_format_is_detected_per_template() {
+    assert_eq!(smollm2().content_format(false), Some(ContentFormat::String));
+    assert_eq!(hard().content_format(true), Some(ContentFormat::OpenAi));
+}
+
+#[test]
+fn special_tokens_come_from_added_token_objects_and_the_legacy_map() {
+    let config = r#"{"bos_token": {"__type": "AddedToken", "content": "<s>"}, "eos_token": "</s>",
+        "image_token": "<img>", "add_bos_token": true, "chat_template": "{{ bos_token }}{{ image_token }}|{{ eos_token }}|{{ unk_token }}|{{ audio_token }}"}"#;
+    let legacy = r#"{"unk_token": {"content": "<unk>", "lstrip": false}, "eos_token": "<eos>",
+        "audio_token": {"content": "<aud>"}}"#;
+    let dir = model_dir(
+        "specials",
+        &[
+            ("tokenizer_config.json", config),
+            ("special_tokens_map.json", legacy),
+        ],
+    );
+    let model = ModelTokenizer::from_dir(&dir).unwrap();
+    let text = model
+        .render_chat(&ChatInput::new(vec![
+            serde_json::json!({"role": "user", "content": "x"}),
+        ]))
+        .unwrap();
+    // special_tokens_map.json overrides the config when the config has no added_tokens_decoder.
+    // Expected: transformers 5.19's apply_chat_template on the same directory.
+    assert_eq!(text, "<s><img>|<eos>|<unk>|<aud>");
+}
+
+#[test]
+fn named_templates_pick_tool_use_when_tools_are_given() {
+    let config = r#"{"chat_template": [
+        {"name": "default", "template": "default:{{ messages|length }}"},
+        {"name": "tool_use", "template": "tools:{{ tools|length }}"},
+        {"name": "rag", "template": "rag"}]}"#;
+    let model =
+        ModelTokenizer::from_dir(model_dir("named", &[("tokenizer_config.json", config)])).unwrap();
+    let mut input = ChatInput::new(vec![serde_json::json!({"role": "user", "content": "x"})]);
+    assert_eq!(model.render_chat(&input).unwrap(), "default:1");
+    // An empty list still counts as "tools given", as in transformers' `tools is not None`.
+    input.tools = Some(vec![]);
+    assert_eq!(model.render_chat(&input).unwrap(), "tools:0");
+}
+
+#[test]
+fn chat_template_jinja_wins_over_the_config() {
+    let dir = model_dir("jinja-wins", &[("chat_template.jinja", "file\n")]);
+    let model = ModelTokenizer::from_dir(dir).unwrap();
+    // jinja2 drops one trailing newline of the template source, as minijinja does.
+    let text = model.render_chat(&ChatInput::new(vec![
+        serde_json::json!({"role": "user", "content": "x"}),
+    ]));
+    assert_eq!(text.unwrap(), "file");
+}
+
+#[test]
+fn load_errors_name_the_file() {
+    let missing = ModelTokenizer::from_dir("/nonexistent/kvgate-model").unwrap_err();
+    assert!(
+        matches!(&missing, TokenizerError::ReadFile { path, .. } if path.ends_with("tokenizer.json")),
+        "{missing:?}"
+    );
+
+    let dir = model_dir(
+        "bad-config",
+        &[("tokenizer_config.json", r#"{"chat_template": 3}"#)],
+    );
+    let err = ModelTokenizer::from_dir(&dir).unwrap_err();
+    assert!(
+        matches!(&err, TokenizerError::InvalidConfigField { field, .. } if field == "chat_template"),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("tokenizer_config.json"), "{err}");
+
+    let dir = model_dir(
+        "bad-template",
+        &[("chat_template.jinja", "{% for m in messages %}")],
+    );
+    let err = ModelTokenizer::from_dir(&dir).unwrap_err();
+    assert!(
+        matches!(err, TokenizerError::InvalidChatTemplate { .. }),
+        "{err:?}"
+    );
+
+    let dir = model_dir("bad-json", &[("tokenizer_config.json", "{")]);
+    let err = ModelTokenizer::from_dir(&dir).unwrap_err();
+    assert!(matches!(err, TokenizerError::InvalidJson { .. }), "{err:?}");
+
+    let dir = model_dir("no-template", &[("tokenizer_config.json", "{}")]);
+    let model = ModelTokenizer::from_dir(&dir).unwrap();
+    let err = model.render_chat(&ChatInput::new(vec![])).unwrap_err();
+    assert!(
+        matches!(err, TokenizerError::NoChatTemplate { .. }),
+        "{err:?}"
+    );
+    assert!(!model.encode_prompt("still tokenises").unwrap().is_empty());
+}
+
+#[test]
+fn multimodal_parts_are_refused() {
+    let input = ChatInput::new(vec![serde_json::json!({"role": "user", "content": [
+        {"type": "text", "text": "look"}, {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]})]);
+    let err = smollm2().render_chat(&input).unwrap_err();
+    assert!(
+        matches!(&err, TokenizerError::UnsupportedContentPart { index: 0, part_type } if part_type == "image_url"),
+        "{err:?}"
+    );
+}
