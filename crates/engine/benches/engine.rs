@@ -8,7 +8,6 @@ use std::sync::Arc;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use kvgate_engine::{Engine, EngineConfig, EngineRequest};
-use kvgate_tokens::{BlockHasher, ExtraKeys};
 
 struct Workload {
     arrivals: Vec<(u64, EngineRequest)>,
@@ -17,7 +16,8 @@ struct Workload {
 /// `n` requests of `prompt_len` tokens whose first `shared_len` tokens come from one of 8
 /// prefixes; `output` tokens each; one arrival every `gap_us`.
 fn workload(n: usize, prompt_len: usize, shared_len: usize, output: u32, gap_us: u64) -> Workload {
-    let hasher = BlockHasher::new("0", 16);
+    let cfg = EngineConfig::h100();
+    let hasher = cfg.block_hasher();
     let arrivals = (0..n)
         .map(|i| {
             let group = (i % 8) as u32;
@@ -30,7 +30,7 @@ fn workload(n: usize, prompt_len: usize, shared_len: usize, output: u32, gap_us:
                     }
                 })
                 .collect();
-            let hashes = hasher.hashes(&prompt, ExtraKeys::default());
+            let hashes = hasher.hashes(&prompt, cfg.extra_keys(None, None));
             let req = EngineRequest {
                 id: i as u64,
                 prompt_tokens: prompt,

@@ -1,10 +1,60 @@
-//! Engine configuration, the step-time model and the default output vocabulary.
+//! Engine configuration, the step-time model, the prefix-caching hash algorithm and the default
+//! output vocabulary.
 
+use std::collections::BTreeMap;
+use std::str::FromStr;
 use std::sync::OnceLock;
 
-use kvgate_tokens::BuiltinTokenizer;
+use kvgate_tokens::{BlockHasher, BuiltinTokenizer, ExtraKeys};
 
 use crate::EngineError;
+
+/// vLLM's `--prefix-caching-hash-algo` (`vllm/config/cache.py`), the two cryptographic choices.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum HashAlgo {
+    /// vLLM's default: SHA-256 over Python `pickle` bytes, which nothing outside the engine
+    /// reproduces. Modelled by a SHA-256 chain keyed with [`EngineConfig::sha256_secret`]
+    /// ([`BlockHasher::keyed_sha256`]): opaque to anyone without the secret, shared by engines
+    /// that have it (as vLLM engines on the same seed share hashes).
+    #[default]
+    Sha256,
+    /// `sha256_cbor`: SHA-256 over canonical CBOR, reproducible in any language
+    /// ([`BlockHasher::new`]).
+    Sha256Cbor,
+}
+
+impl HashAlgo {
+    /// Every algorithm, in declaration order.
+    pub const ALL: [HashAlgo; 2] = [HashAlgo::Sha256, HashAlgo::Sha256Cbor];
+
+    /// vLLM's name for it (the flag value and the `prefix_caching_hash_algo` metric label).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HashAlgo::Sha256 => "sha256",
+            HashAlgo::Sha256Cbor => "sha256_cbor",
+        }
+    }
+}
+
+impl std::fmt::Display for HashAlgo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for HashAlgo {
+    type Err = EngineError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|a| a.as_str() == s)
+            .ok_or_else(|| EngineError::UnknownHashAlgo { name: s.to_owned() })
+    }
+}
 
 /// Linear step-time model: `step_us = beta0 + beta1 * prefill_tokens + beta2 * decode_tokens`.
 ///
@@ -64,8 +114,19 @@ pub struct EngineConfig {
     pub max_model_len: usize,
     /// Step-time model.
     pub step: StepModel,
-    /// Seed of the block-hash chain (PYTHONHASHSEED equivalent).
+    /// Seed of the block-hash chain: vLLM's `PYTHONHASHSEED`, which is
+    /// [`BlockHasher::DEFAULT_SEED`] (`"vllm-none-hash"`) when unset.
     pub hash_seed: String,
+    /// Block-hash algorithm (vLLM `--prefix-caching-hash-algo`, default `sha256`).
+    pub prefix_caching_hash_algo: HashAlgo,
+    /// Key of the [`HashAlgo::Sha256`] stand-in chain; `None` is the all-zero key. Only a random
+    /// key makes the chain as unreproducible as vLLM's pickle-based hash: the simulator server
+    /// draws one per process; the pure engine takes what it is given (deterministic by default).
+    pub sha256_secret: Option<[u8; 32]>,
+    /// LoRA adapter name → adapter path (vLLM `--lora-modules name=path`), hashed with the name
+    /// into every block of the adapter's requests. An adapter not listed hashes its own name as
+    /// its path.
+    pub lora_paths: BTreeMap<String, String>,
     /// Automatic prefix caching on/off.
     pub enable_prefix_caching: bool,
     /// Token ids generated outputs are drawn from, deterministically per request id and index.
@@ -104,7 +165,10 @@ impl EngineConfig {
             max_num_batched_tokens: DEFAULT_MAX_NUM_BATCHED_TOKENS,
             max_model_len: DEFAULT_MAX_MODEL_LEN,
             step: StepModel::H100_LLAMA31_8B,
-            hash_seed: "0".to_owned(),
+            hash_seed: BlockHasher::DEFAULT_SEED.to_owned(),
+            prefix_caching_hash_algo: HashAlgo::Sha256,
+            sha256_secret: None,
+            lora_paths: BTreeMap::new(),
             enable_prefix_caching: true,
             output_vocab: default_output_vocab().to_vec(),
             output_seed: 0,
@@ -117,6 +181,35 @@ impl EngineConfig {
             num_gpu_blocks: A100_NUM_GPU_BLOCKS,
             step: StepModel::A100_LLAMA31_8B,
             ..Self::h100()
+        }
+    }
+
+    /// The block hasher this engine uses: its algorithm, seed and block size, with vLLM 0.32's
+    /// tagged extra keys. Callers that precompute [`crate::EngineRequest::block_hashes`] must
+    /// use it (with [`Self::extra_keys`]), or the engine's index will not match its own hashes
+    /// of generated blocks.
+    pub fn block_hasher(&self) -> BlockHasher {
+        match self.prefix_caching_hash_algo {
+            HashAlgo::Sha256Cbor => BlockHasher::new(&self.hash_seed, self.block_size),
+            HashAlgo::Sha256 => BlockHasher::keyed_sha256(
+                &self.sha256_secret.unwrap_or([0; 32]),
+                &self.hash_seed,
+                self.block_size,
+            ),
+        }
+    }
+
+    /// The hash's extra keys for a request with this adapter and salt: the adapter's path comes
+    /// from [`Self::lora_paths`] (its name when not listed).
+    pub fn extra_keys<'a>(
+        &'a self,
+        lora_name: Option<&'a str>,
+        cache_salt: Option<&'a str>,
+    ) -> ExtraKeys<'a> {
+        ExtraKeys {
+            lora_name,
+            lora_path: lora_name.map(|n| self.lora_paths.get(n).map_or(n, String::as_str)),
+            cache_salt,
         }
     }
 

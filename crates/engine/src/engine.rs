@@ -3,7 +3,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use kvgate_tokens::{BlockHash, BlockHasher, ExtraKeys};
+use kvgate_tokens::{BlockHash, BlockHasher};
 
 use crate::kv::{BlockPool, FoldMap, push_removed};
 use crate::stats::{E2E_BUCKETS_S, ITL_BUCKETS_S, TTFT_BUCKETS_S};
@@ -134,7 +134,7 @@ impl Engine {
     pub fn new(cfg: EngineConfig) -> Result<Self, EngineError> {
         cfg.validate()?;
         Ok(Self {
-            hasher: BlockHasher::new(&cfg.hash_seed, cfg.block_size),
+            hasher: cfg.block_hasher(),
             pool: BlockPool::new(cfg.num_gpu_blocks),
             requests: FoldMap::default(),
             waiting: VecDeque::new(),
@@ -236,10 +236,9 @@ impl Engine {
             }
             h
         } else {
-            let extra = ExtraKeys {
-                lora_name: req.lora_name.as_deref(),
-                cache_salt: req.cache_salt.as_deref(),
-            };
+            let extra = self
+                .cfg
+                .extra_keys(req.lora_name.as_deref(), req.cache_salt.as_deref());
             Arc::from(self.hasher.hashes(&req.prompt_tokens, extra))
         };
 
@@ -353,17 +352,35 @@ impl Engine {
         }
     }
 
-    /// Drop every cached block hash; emits AllBlocksCleared (with the step in flight's events,
-    /// or at once when idle).
-    pub fn reset_prefix_cache(&mut self) {
-        self.pool.clear_index();
-        if self.kv_events_enabled {
-            if self.inflight.is_some() {
-                self.step_events.push(KvEvent::AllBlocksCleared);
-            } else {
-                self.kv_events.push(KvEvent::AllBlocksCleared);
+    /// vLLM's `reset_prefix_cache`: drops every cached block hash and returns true, or returns
+    /// false and changes nothing while a request still holds blocks. With
+    /// `reset_running_requests` every running request is first preempted (back to the front of
+    /// the waiting queue, in order; the step in flight completes without crediting it), so the
+    /// reset always succeeds. `AllBlocksCleared` is published with the events of the next step
+    /// to end.
+    pub fn reset_prefix_cache(&mut self, now_us: u64, reset_running_requests: bool) -> bool {
+        self.complete_due_steps(now_us);
+        if reset_running_requests {
+            // Newest first, so pushing each to the front keeps the admission order.
+            while let Some(id) = self.running.pop() {
+                self.preempt(id);
+                // A new instance number makes the step in flight skip the request's work.
+                let r = self
+                    .requests
+                    .get_mut(&id)
+                    .expect("preempted request is live");
+                r.seq = self.next_seq;
+                self.next_seq += 1;
             }
         }
+        if self.pool.num_free() != self.usable_blocks() {
+            return false;
+        }
+        self.pool.clear_index();
+        if self.kv_events_enabled {
+            self.step_events.push(KvEvent::AllBlocksCleared);
+        }
+        true
     }
 
     /// Requests in the running batch.
@@ -607,12 +624,20 @@ impl Engine {
         }
         r.num_cached_blocks = full;
         if events_enabled {
+            let extra = cfg.extra_keys(r.lora_name.as_deref(), r.cache_salt.as_deref());
             events.push(KvEvent::BlockStored {
                 block_hashes: (first..full).map(|i| r.hash(i).key()).collect(),
                 parent_block_hash: first.checked_sub(1).map(|p| r.hash(p).key()),
                 token_ids: r.tokens[first * bs..full * bs].to_vec(),
                 block_size: bs as u32,
                 lora_name: r.lora_name.clone(),
+                extra_keys: (first..full)
+                    .map(|i| {
+                        extra
+                            .event_keys(i)
+                            .map(|k| k.into_iter().map(str::to_owned).collect())
+                    })
+                    .collect(),
             });
         }
     }
@@ -694,10 +719,9 @@ impl Engine {
                 } else {
                     *r.hash(i - 1)
                 };
-                let extra = ExtraKeys {
-                    lora_name: r.lora_name.as_deref(),
-                    cache_salt: r.cache_salt.as_deref(),
-                };
+                let extra = self
+                    .cfg
+                    .extra_keys(r.lora_name.as_deref(), r.cache_salt.as_deref());
                 let h = self
                     .hasher
                     .hashes_from(&parent, i, &r.tokens[i * bs..], extra);

@@ -13,6 +13,12 @@ pub enum EngineError {
         /// What is wrong with it.
         reason: &'static str,
     },
+    /// A hash-algorithm name that vLLM does not offer (or the engine does not model).
+    #[error("unknown prefix-caching hash algorithm {name:?} (expected sha256 or sha256_cbor)")]
+    UnknownHashAlgo {
+        /// The name given.
+        name: String,
+    },
     /// A request with this id is already waiting or running.
     #[error("request {id} already exists")]
     DuplicateRequest {

@@ -32,12 +32,23 @@
 //!   copy; we index the first and leave the second unhashed, so the event stream stays a
 //!   consistent set for the router's index. Both still appear in `BlockStored` (idempotent).
 //! - **Evictions of one allocation are batched** into one `BlockRemoved` (vLLM emits one per
-//!   block; the wire format carries a list either way and routers treat them the same).
+//!   block, `BlockPool._emit_block_removed_events`; the simulator server splits them back when it
+//!   publishes, so the wire matches).
 //! - **`cached_tokens` in usage is the prefix hit at the first admission** (vLLM sets
 //!   `num_cached_tokens` once); prefix-cache query/hit counters are counted at every admission
 //!   that succeeds, including re-admissions after preemption.
-//! - **`reset_prefix_cache` always clears the whole index** (vLLM refuses while blocks are in
-//!   use); dropping the hashes of in-use blocks too keeps the `AllBlocksCleared` event truthful.
+//! - **`reset_prefix_cache` refuses while any block is in use**, as vLLM 0.32's
+//!   `BlockPool.reset_prefix_cache` does (`vllm/v1/core/block_pool.py`), unless asked to preempt
+//!   the running requests first (`Scheduler.reset_prefix_cache(reset_running_requests=True)`,
+//!   `vllm/v1/core/sched/scheduler.py`); a step in flight then
+//!   completes without crediting them. `AllBlocksCleared` is queued with the next step's events
+//!   and published when that step ends, as vLLM publishes it with its next `update_from_output`
+//!   (an idle engine publishes it once work arrives).
+//! - **Block hashes follow vLLM 0.32** (`vllm/v1/core/kv_cache_utils.py`,
+//!   `generate_block_hash_extra_keys`, `to_event_extra_keys`): LoRA
+//!   and cache salt enter the hash tagged, `("lora", name, path)` and `("cache_salt", salt)`,
+//!   while `BlockStored.extra_keys` carries the untagged values; the default algorithm, `sha256`
+//!   over pickle, is modelled by a keyed chain no outsider can compute ([`HashAlgo`]).
 //! - **A step starts when the previous one ends, or when a request arrives at an idle engine**;
 //!   a request arriving mid-step waits for the next step, like vLLM's busy loop.
 //!
@@ -53,8 +64,8 @@ mod stats;
 
 pub use config::{
     A100_NUM_GPU_BLOCKS, DEFAULT_BLOCK_SIZE, DEFAULT_MAX_MODEL_LEN, DEFAULT_MAX_NUM_BATCHED_TOKENS,
-    DEFAULT_MAX_NUM_SEQS, DEFAULT_OUTPUT_VOCAB_LEN, EngineConfig, H100_NUM_GPU_BLOCKS, StepModel,
-    default_output_vocab, default_output_words,
+    DEFAULT_MAX_NUM_SEQS, DEFAULT_OUTPUT_VOCAB_LEN, EngineConfig, H100_NUM_GPU_BLOCKS, HashAlgo,
+    StepModel, default_output_vocab, default_output_words,
 };
 pub use engine::Engine;
 pub use error::EngineError;
@@ -76,9 +87,10 @@ pub struct EngineRequest {
     pub lora_name: Option<String>,
     /// Cache-isolation salt; hashed into the first block.
     pub cache_salt: Option<String>,
-    /// Optional full-block hashes of prompt_tokens computed by the caller with the same seed,
-    /// block size and extra keys (BlockHasher). When Some, the engine uses them instead of hashing
-    /// again (the benchmark hashes once for router and engine).
+    /// Optional full-block hashes of prompt_tokens computed by the caller with the engine's own
+    /// hasher and extra keys ([`EngineConfig::block_hasher`], [`EngineConfig::extra_keys`]).
+    /// When Some, the engine uses them instead of hashing again (the benchmark hashes once for
+    /// router and engine).
     pub block_hashes: Option<std::sync::Arc<[kvgate_tokens::BlockHash]>>,
 }
 
@@ -146,6 +158,10 @@ pub enum KvEvent {
         block_size: u32,
         /// LoRA adapter of the request.
         lora_name: Option<String>,
+        /// vLLM's `extra_keys`, one entry per stored block: `None`, or the block's **untagged**
+        /// extra-key values (the adapter name, then the cache salt on the request's block 0),
+        /// as `kv_cache_utils.to_event_extra_keys` publishes them.
+        extra_keys: Vec<Option<Vec<String>>>,
     },
     /// Blocks were evicted from the prefix cache.
     BlockRemoved {

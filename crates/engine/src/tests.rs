@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use kvgate_tokens::{BlockHasher, BuiltinTokenizer, ExtraKeys};
+use kvgate_tokens::{BuiltinTokenizer, ExtraKeys};
 use proptest::prelude::*;
 
 use crate::*;
@@ -318,9 +318,13 @@ fn repeated_prefix_hits_the_cache_but_never_the_whole_prompt() {
     let s = e.stats();
     assert_eq!(s.prefix_cache_queries_tokens, 64 + 64 + 65);
     assert_eq!(s.prefix_cache_hits_tokens, 48 + 64);
-    let keys = BlockHasher::new("0", 16).keys(&prompt(0, 64), ExtraKeys::default());
+    let keys = small_cfg(64)
+        .block_hasher()
+        .keys(&prompt(0, 64), ExtraKeys::default());
     assert_eq!(e.cached_prefix_tokens(&keys), 64);
-    let other = BlockHasher::new("0", 16).keys(&prompt(1, 64), ExtraKeys::default());
+    let other = small_cfg(64)
+        .block_hasher()
+        .keys(&prompt(1, 64), ExtraKeys::default());
     assert_eq!(e.cached_prefix_tokens(&other), 0);
 }
 
@@ -358,12 +362,9 @@ fn stored_events_form_the_hash_chain_and_wait_for_the_step_end() {
     );
     let mut out = Vec::new();
     e.advance(m.step_us(40, 0), &mut out);
-    let keys = BlockHasher::new("0", 16).keys(
+    let keys = small_cfg(64).block_hasher().keys(
         &prompt(0, 40),
-        ExtraKeys {
-            lora_name: Some("sql"),
-            cache_salt: Some("s1"),
-        },
+        small_cfg(64).extra_keys(Some("sql"), Some("s1")),
     );
     assert_eq!(
         e.take_kv_events(),
@@ -373,11 +374,17 @@ fn stored_events_form_the_hash_chain_and_wait_for_the_step_end() {
             token_ids: prompt(0, 32),
             block_size: 16,
             lora_name: Some("sql".into()),
+            extra_keys: vec![
+                Some(vec!["sql".into(), "s1".into()]),
+                Some(vec!["sql".into()])
+            ],
         }]
     );
     assert!(e.take_kv_events().is_empty());
     // Without the adapter and salt the same tokens miss.
-    let plain = BlockHasher::new("0", 16).keys(&prompt(0, 40), ExtraKeys::default());
+    let plain = small_cfg(64)
+        .block_hasher()
+        .keys(&prompt(0, 40), ExtraKeys::default());
     assert_eq!(e.cached_prefix_tokens(&plain), 0);
     assert_eq!(e.cached_prefix_tokens(&keys), 32);
 }
@@ -399,7 +406,9 @@ fn generated_tokens_fill_blocks_that_get_stored() {
     // Tokens 0..16 (prompt + 6 outputs) are computed in the step that feeds output 5 back.
     let mut all = prompt(0, 10);
     all.extend_from_slice(&generated);
-    let keys = BlockHasher::new("0", 16).keys(&all[..16], ExtraKeys::default());
+    let keys = small_cfg(64)
+        .block_hasher()
+        .keys(&all[..16], ExtraKeys::default());
     assert_eq!(
         events,
         vec![KvEvent::BlockStored {
@@ -408,6 +417,7 @@ fn generated_tokens_fill_blocks_that_get_stored() {
             token_ids: all[..16].to_vec(),
             block_size: 16,
             lora_name: None,
+            extra_keys: vec![None],
         }]
     );
 }
@@ -436,7 +446,7 @@ fn precomputed_hashes_are_used_as_given() {
 fn eviction_takes_the_least_recent_and_tail_blocks_first() {
     // 8 usable blocks.
     let mut e = Engine::new(small_cfg(9)).unwrap();
-    let h = BlockHasher::new("0", 16);
+    let h = small_cfg(64).block_hasher();
     e.add_request(0, req(1, prompt(0, 64), 1)).unwrap(); // 4 blocks, all cached
     drain(&mut e);
     e.add_request(10_000_000, req(2, prompt(1, 64), 1)).unwrap(); // 4 never-used blocks
@@ -559,18 +569,143 @@ fn abort_frees_blocks_and_reports_on_next_advance() {
 }
 
 #[test]
-fn reset_prefix_cache_clears_the_index() {
+fn reset_prefix_cache_clears_the_index_and_publishes_with_the_next_step() {
     let mut e = Engine::new(small_cfg(64)).unwrap();
     e.add_request(0, req(1, prompt(0, 64), 1)).unwrap();
     drain(&mut e);
     e.take_kv_events();
     assert!(e.cached_blocks() > 0);
-    e.reset_prefix_cache();
-    assert_eq!(e.take_kv_events(), vec![KvEvent::AllBlocksCleared]);
+    assert!(e.reset_prefix_cache(40_000_000, false));
     assert_eq!(e.cached_blocks(), 0);
+    assert!(
+        e.take_kv_events().is_empty(),
+        "an idle engine publishes AllBlocksCleared with its next step, as vLLM does"
+    );
     e.add_request(50_000_000, req(2, prompt(0, 64), 1)).unwrap();
     let out = drain(&mut e);
     assert_eq!(finished(&out, 2).2.cached_tokens, 0);
+    let events = e.take_kv_events();
+    assert_eq!(events[0], KvEvent::AllBlocksCleared);
+    assert!(matches!(events[1], KvEvent::BlockStored { .. }));
+}
+
+#[test]
+fn reset_prefix_cache_refuses_while_blocks_are_in_use_unless_told_to_preempt() {
+    let mut e = Engine::new(small_cfg(64)).unwrap();
+    e.add_request(0, req(1, prompt(0, 64), 50)).unwrap();
+    e.add_request(0, req(2, prompt(1, 40), 50)).unwrap();
+    let mut out = Vec::new();
+    e.advance(e.next_wakeup_us().unwrap(), &mut out);
+    let cached = e.cached_blocks();
+    assert!(cached > 0);
+    let now = e.next_wakeup_us().unwrap() - 1;
+    assert!(!e.reset_prefix_cache(now, false), "blocks are held");
+    assert_eq!(e.cached_blocks(), cached);
+    assert!(e.reset_prefix_cache(now, true));
+    e.check_invariants().unwrap();
+    assert_eq!(e.cached_blocks(), 0);
+    assert_eq!((e.num_running(), e.num_waiting()), (0, 2));
+    assert_eq!(e.stats().preemptions_total, 2);
+    // The step in flight credits neither request; both restart and finish normally.
+    let out = drain(&mut e);
+    for id in [1, 2] {
+        let (_, reason, usage) = finished(&out, id);
+        assert_eq!(
+            (reason, usage.completion_tokens),
+            (FinishReason::Length, 50)
+        );
+    }
+    let events = e.take_kv_events();
+    let cleared = events
+        .iter()
+        .position(|ev| *ev == KvEvent::AllBlocksCleared)
+        .expect("AllBlocksCleared published");
+    assert!(
+        events[cleared + 1..].iter().any(|ev| matches!(
+            ev,
+            KvEvent::BlockStored {
+                parent_block_hash: None,
+                ..
+            }
+        )),
+        "the restarted prompts are stored again after the clear"
+    );
+}
+
+#[test]
+fn hash_algorithms_and_adapter_paths_change_every_key() {
+    let toks = prompt(0, 64);
+    let cbor = EngineConfig {
+        prefix_caching_hash_algo: HashAlgo::Sha256Cbor,
+        ..small_cfg(64)
+    };
+    let keyed = small_cfg(64);
+    assert_eq!(
+        keyed.prefix_caching_hash_algo,
+        HashAlgo::Sha256,
+        "vLLM's default"
+    );
+    let secret = EngineConfig {
+        sha256_secret: Some([7; 32]),
+        ..small_cfg(64)
+    };
+    let none = ExtraKeys::default();
+    let k_cbor = cbor.block_hasher().keys(&toks, none);
+    assert_eq!(
+        k_cbor,
+        kvgate_tokens::BlockHasher::new("vllm-none-hash", 16).keys(&toks, none),
+        "sha256_cbor is vLLM's reproducible chain on vLLM's default seed"
+    );
+    let k_keyed = keyed.block_hasher().keys(&toks, none);
+    let k_secret = secret.block_hasher().keys(&toks, none);
+    assert!(k_cbor.iter().zip(&k_keyed).all(|(a, b)| a != b));
+    assert!(k_keyed.iter().zip(&k_secret).all(|(a, b)| a != b));
+    let mut moved = cbor.clone();
+    moved
+        .lora_paths
+        .insert("sql".into(), "/adapters/sql-v2".into());
+    assert_eq!(cbor.extra_keys(Some("sql"), None).lora_path, Some("sql"));
+    assert_ne!(
+        cbor.block_hasher()
+            .keys(&toks, cbor.extra_keys(Some("sql"), None)),
+        moved
+            .block_hasher()
+            .keys(&toks, moved.extra_keys(Some("sql"), None)),
+        "re-pointing an adapter name at another path changes its hashes"
+    );
+    assert_eq!("sha256_cbor".parse::<HashAlgo>(), Ok(HashAlgo::Sha256Cbor));
+    assert!("xxhash".parse::<HashAlgo>().is_err());
+    for a in HashAlgo::ALL {
+        assert_eq!(a.as_str().parse::<HashAlgo>(), Ok(a));
+    }
+}
+
+#[test]
+fn generated_blocks_carry_the_adapter_but_not_the_salt() {
+    let mut e = Engine::new(small_cfg(64)).unwrap();
+    let r = EngineRequest {
+        lora_name: Some("sql".into()),
+        cache_salt: Some("s1".into()),
+        ..req(1, prompt(0, 20), 30)
+    };
+    e.add_request(0, r).unwrap();
+    drain(&mut e);
+    let extra: Vec<Option<Vec<String>>> = e
+        .take_kv_events()
+        .into_iter()
+        .flat_map(|ev| match ev {
+            KvEvent::BlockStored { extra_keys, .. } => extra_keys,
+            _ => vec![],
+        })
+        .collect();
+    assert_eq!(
+        extra,
+        vec![
+            Some(vec!["sql".to_owned(), "s1".to_owned()]),
+            Some(vec!["sql".to_owned()]),
+            Some(vec!["sql".to_owned()]),
+        ]
+    );
 }
 
 #[test]

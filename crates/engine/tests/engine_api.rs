@@ -3,7 +3,6 @@
 use std::collections::HashSet;
 
 use kvgate_engine::{Engine, EngineConfig, EngineRequest, KvEvent, Output, StepModel};
-use kvgate_tokens::{BlockHasher, ExtraKeys};
 use proptest::prelude::*;
 
 fn cfg(num_gpu_blocks: usize) -> EngineConfig {
@@ -121,9 +120,9 @@ proptest! {
             }
         }
         prop_assert_eq!(index.len(), e.cached_blocks());
-        let hasher = BlockHasher::new("0", 16);
+        let hasher = c.block_hasher();
         for (_, r) in &arr {
-            let keys = hasher.keys(&r.prompt_tokens, ExtraKeys::default());
+            let keys = hasher.keys(&r.prompt_tokens, c.extra_keys(None, None));
             let from_events = keys.iter().take_while(|k| index.contains(k)).count() * 16;
             prop_assert_eq!(from_events, e.cached_prefix_tokens(&keys));
         }

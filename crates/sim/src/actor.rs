@@ -8,6 +8,7 @@
 //! each step's KV events to the publisher as one batch, as vLLM publishes one batch per step.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::mpsc::Sender;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use kvgate_engine::{Engine, EngineError, EngineRequest, EngineStats, Output, RequestId};
@@ -71,6 +72,11 @@ pub(crate) enum Command {
     Snapshot {
         reply: oneshot::Sender<Snapshot>,
     },
+    /// vLLM's `/reset_prefix_cache`; replies whether the cache was reset.
+    ResetPrefixCache {
+        reset_running_requests: bool,
+        reply: oneshot::Sender<bool>,
+    },
 }
 
 struct Live {
@@ -82,7 +88,8 @@ struct Live {
 pub(crate) struct Actor {
     pub engine: Engine,
     pub clock: SimClock,
-    pub kv: mpsc::UnboundedSender<Batch>,
+    /// Feeds the KV-event PUB thread (a std channel: its receiver lives on a blocking thread).
+    pub kv: Sender<Batch>,
 }
 
 fn unix_now_s() -> f64 {
@@ -163,6 +170,13 @@ impl Actor {
                     lora,
                 });
             }
+            Command::ResetPrefixCache {
+                reset_running_requests,
+                reply,
+            } => {
+                let ok = self.engine.reset_prefix_cache(now, reset_running_requests);
+                let _ = reply.send(ok);
+            }
         }
         self.flush_kv();
     }
@@ -171,15 +185,17 @@ impl Actor {
     /// form one batch.
     fn step_due(&mut self, live: &mut HashMap<RequestId, Live>, outs: &mut Vec<Output>) {
         let now = self.clock.now_us();
+        // A step's KV events go out before its tokens, as vLLM's `Scheduler.update_from_output`
+        // publishes the batch before the step's outputs reach the API server.
         while let Some(w) = self.engine.next_wakeup_us().filter(|&w| w <= now) {
             self.engine.advance(w, outs);
-            self.route(live, outs);
             self.flush_kv();
+            self.route(live, outs);
         }
         // Aborts complete without a step: their Finished output arrives on any advance.
         self.engine.advance(now, outs);
-        self.route(live, outs);
         self.flush_kv();
+        self.route(live, outs);
     }
 
     fn route(&mut self, live: &mut HashMap<RequestId, Live>, outs: &mut Vec<Output>) {

@@ -1,21 +1,35 @@
 //! Fleet configuration: command-line flags and the optional YAML file, parsed raw, then validated
 //! into a typed [`FleetConfig`] (ripgrep's low-args/high-args split).
 //!
-//! Precedence: flags set the fleet-wide defaults; entry `i` of the YAML file's `engines:` list
-//! overrides them for engine `i` only (GPU preset, step coefficients, KV size, faults). An
-//! entry's `faults:` map replaces the flag-given faults of that engine as a whole (fields it
-//! omits are off), so a per-engine fault profile never inherits surprises from the flags.
+//! Precedence, highest first: entry `i` of the YAML file's `engines:` list (for engine `i`
+//! only), then the flags, then the file's top-level settings, then the defaults. An entry's
+//! `faults:` map replaces the flag-given faults of that engine as a whole (fields it omits are
+//! off), so a per-engine fault profile never inherits surprises from the flags.
+//!
+//! Defaults follow `vllm serve` 0.32 wherever the simulator models the setting: block hashes use
+//! `sha256` (the stand-in described in `kvgate_tokens`' hash module, keyed with a random secret
+//! drawn once per process, so no router can compute them) seeded with `"vllm-none-hash"` (vLLM's
+//! seed when `PYTHONHASHSEED` is unset), KV events are msgpack maps and replay answers in
+//! four frames, and usage carries `prompt_tokens_details` only with
+//! `--enable-prompt-tokens-details`.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use kvgate_engine::{EngineConfig, StepModel};
+use kvgate_engine::{EngineConfig, HashAlgo, StepModel};
 use kvgate_tokens::{HfTokenizer, Tokenizer};
 use serde::Deserialize;
 
 use crate::SimError;
 use crate::fault::FaultConfig;
+use crate::kv::{KvEncoding, ReplayFormat, publisher_binds, tcp_endpoint};
+
+/// The KV-event topic when none is configured: llm-d's convention `kv@<host>:<port>@<model>`,
+/// with the engine's HTTP address, so a router that binds one SUB socket for many engines maps
+/// each message to the endpoint that sent it.
+pub const DEFAULT_KV_TOPIC: &str = "kv@{host}:{port}@{model}";
 
 /// Model name served when none is given: the model the default step coefficients were fitted on.
 pub const DEFAULT_MODEL: &str = "meta-llama/Llama-3.1-8B-Instruct";
@@ -46,22 +60,18 @@ impl GpuPreset {
     }
 }
 
-/// Which msgpack shape KV-event batches are written in (both exist in deployed vLLM versions).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum KvEncoding {
-    /// `[ts, [events], dp_rank]` with events `["BlockStored", field, ...]` (older vLLM, SGLang).
-    #[default]
-    Array,
-    /// `{ts, events, data_parallel_rank}` with events `{"type": "BlockStored", ...}` (newer vLLM).
-    Map,
-}
-
-/// One simulated engine: its engine-model configuration and injected faults.
+/// One simulated engine: its engine-model configuration, KV-event socket and injected faults.
 #[derive(Clone, Debug, Default)]
 pub struct EngineSpec {
-    /// Engine model configuration (block size, KV size, batching limits, step model, hash seed).
+    /// Engine model configuration (block size, KV size, batching limits, step model, hash
+    /// algorithm and seed).
     pub engine: EngineConfig,
+    /// This engine's KV-event endpoint (vLLM's `kv_events_config.endpoint`), used as given and
+    /// bound or connected by vLLM's rule ([`crate::kv::publisher_binds`]); overrides
+    /// [`FleetConfig::kv_events_endpoint`].
+    pub kv_events_endpoint: Option<String>,
+    /// This engine's topic template; overrides [`FleetConfig::kv_topic`].
+    pub kv_topic: Option<String>,
     /// Faults this engine injects.
     pub faults: FaultConfig,
 }
@@ -75,19 +85,44 @@ pub struct FleetConfig {
     pub model: String,
     /// LoRA adapter names every engine serves besides the base model.
     pub lora_adapters: Vec<String>,
+    /// Adapter name → path (vLLM `--lora-modules name=path`): hashed into the adapter's blocks
+    /// and shown as its `root` in `/v1/models`. An adapter not listed uses its name as its path.
+    pub lora_paths: BTreeMap<String, String>,
     /// Address every socket binds to.
     pub host: IpAddr,
     /// First HTTP port (engine `i` uses `http_port + i`); 0 = ephemeral ports for all.
     pub http_port: u16,
-    /// First ZMQ PUB port (engine `i` uses `zmq_port + i`, its replay ROUTER
-    /// `zmq_port + n + i`); 0 = ephemeral ports for all.
+    /// First ZMQ port. Without [`Self::kv_events_endpoint`], engine `i` binds its PUB socket on
+    /// `zmq_port + i` and its replay ROUTER on `zmq_port + n + i` (vLLM's wildcard `tcp://*:P`
+    /// case); with a connecting endpoint, the replay ROUTERs bind `zmq_port + i` unless
+    /// [`Self::kv_replay_port`] is set. 0 = ephemeral ports for all.
     pub zmq_port: u16,
+    /// Fleet-wide KV-event endpoint (vLLM's `kv_events_config.endpoint`). A concrete address
+    /// (`tcp://H:P`) makes every engine's PUB socket *connect* to it, where one subscriber binds;
+    /// a wildcard or `::` address (or `ipc://`) makes engine `i` bind it, with the port (or
+    /// name) offset by `i` as vLLM offsets it per data-parallel rank. `None`: bind on
+    /// `host:(zmq_port + i)`.
+    pub kv_events_endpoint: Option<String>,
+    /// First port of the replay ROUTER sockets (engine `i` binds `kv_replay_port + i`); see
+    /// [`Self::zmq_port`] for the default.
+    pub kv_replay_port: Option<u16>,
+    /// Topic template of every engine's KV events (vLLM's `kv_events_config.topic`):
+    /// `{host}`, `{port}` (the engine's HTTP address), `{model}` and `{index}` are substituted.
+    /// `None` is [`DEFAULT_KV_TOPIC`].
+    pub kv_topic: Option<String>,
+    /// How replay answers: vLLM 0.32's four frames or the older three.
+    pub replay_format: ReplayFormat,
     /// Simulated time runs this many times faster than real time.
     pub time_scale: f64,
     /// KV-event msgpack encoding.
     pub kv_encoding: KvEncoding,
     /// Batches kept per engine for replay.
     pub replay_buffer_batches: usize,
+    /// Whether usage carries `prompt_tokens_details: {cached_tokens}` (vLLM
+    /// `--enable-prompt-tokens-details`). vLLM's default, and `kvgate sim`'s, is off; this
+    /// struct's default is on, so Rust callers written before the flag existed keep reading
+    /// `cached_tokens`.
+    pub enable_prompt_tokens_details: bool,
     /// Tokenizer shared by all engines (built-in by default).
     pub tokenizer: Arc<Tokenizer>,
     /// Seed of the fault-injection draws (error rate, KV drop rate).
@@ -100,12 +135,18 @@ impl Default for FleetConfig {
             engines: vec![EngineSpec::default()],
             model: DEFAULT_MODEL.to_owned(),
             lora_adapters: Vec::new(),
+            lora_paths: BTreeMap::new(),
             host: IpAddr::V4(Ipv4Addr::LOCALHOST),
             http_port: 0,
             zmq_port: 0,
+            kv_events_endpoint: None,
+            kv_replay_port: None,
+            kv_topic: None,
+            replay_format: ReplayFormat::V0_32,
             time_scale: 1.0,
-            kv_encoding: KvEncoding::Array,
+            kv_encoding: KvEncoding::Map,
             replay_buffer_batches: DEFAULT_REPLAY_BUFFER_BATCHES,
+            enable_prompt_tokens_details: true,
             tokenizer: Arc::new(Tokenizer::default()),
             fault_seed: 0,
         }
@@ -119,7 +160,7 @@ impl FleetConfig {
             engines: vec![
                 EngineSpec {
                     engine,
-                    faults: FaultConfig::default(),
+                    ..EngineSpec::default()
                 };
                 n
             ],
@@ -163,13 +204,48 @@ impl FleetConfig {
                 reason: format!("adapter name {a:?} is empty or equals the base model"),
             });
         }
+        if let Some(a) = self
+            .lora_paths
+            .keys()
+            .find(|a| !self.lora_adapters.contains(a))
+        {
+            return Err(SimError::InvalidConfig {
+                field: "lora_paths",
+                reason: format!("{a:?} is not one of the served adapters"),
+            });
+        }
         let n = self.engines.len();
-        for (base, what) in [(self.http_port, "http_port"), (self.zmq_port, "zmq_port")] {
-            let span = if what == "zmq_port" { 2 * n } else { n };
-            if base != 0 && usize::from(base) + span - 1 > usize::from(u16::MAX) {
+        let connects = |i: usize| {
+            self.pub_endpoint(i)
+                .is_some_and(|(ep, _)| !publisher_binds(&ep))
+        };
+        let zmq_span = match (self.kv_replay_port, (0..n).all(connects)) {
+            (Some(_), true) => 0,
+            (Some(_), false) | (None, true) => n,
+            (None, false) => 2 * n,
+        };
+        for (base, span, what) in [
+            (self.http_port, n, "http_port"),
+            (self.zmq_port, zmq_span, "zmq_port"),
+            (self.kv_replay_port.unwrap_or(0), n, "kv_replay_port"),
+        ] {
+            if base != 0 && span > 0 && usize::from(base) + span - 1 > usize::from(u16::MAX) {
                 return Err(SimError::InvalidConfig {
                     field: what,
                     reason: format!("{base} + {span} ports runs past 65535"),
+                });
+            }
+        }
+        for i in 0..n {
+            if let Some((ep, _)) = self.pub_endpoint(i)
+                && !(ep.starts_with("tcp://") || ep.starts_with("ipc://"))
+            {
+                return Err(SimError::InvalidConfig {
+                    field: "kv_events_endpoint",
+                    reason: format!(
+                        "engine {i}: {ep:?} is neither tcp:// nor ipc:// (an engine's ZMQ \
+                         context is private, so inproc:// would reach no one)"
+                    ),
                 });
             }
         }
@@ -188,6 +264,88 @@ impl FleetConfig {
     }
 }
 
+impl FleetConfig {
+    /// Engine `i`'s configured KV-event endpoint and whether it came from the engine's own
+    /// setting; `None` when neither the engine nor the fleet sets one.
+    fn pub_endpoint(&self, i: usize) -> Option<(String, bool)> {
+        match (
+            &self.engines[i].kv_events_endpoint,
+            &self.kv_events_endpoint,
+        ) {
+            (Some(ep), _) => Some((ep.clone(), true)),
+            (None, Some(ep)) => Some((ep.clone(), false)),
+            (None, None) => None,
+        }
+    }
+
+    /// Where engine `i`'s PUB socket goes, and whether it must bind regardless of vLLM's rule
+    /// (the default per-engine port on `host`, which is vLLM's `tcp://*:P` case).
+    pub(crate) fn pub_plan(&self, i: usize) -> (String, bool) {
+        match self.pub_endpoint(i) {
+            None => (tcp_endpoint(self.host, port_for(self.zmq_port, i)), true),
+            Some((ep, true)) => (ep, false),
+            Some((ep, false)) if publisher_binds(&ep) => (offset_endpoint(&ep, i), false),
+            Some((ep, false)) => (ep, false),
+        }
+    }
+
+    /// Where engine `i`'s replay ROUTER binds.
+    pub(crate) fn replay_bind(&self, i: usize) -> String {
+        let n = self.engines.len();
+        let (ep, _) = self.pub_plan(i);
+        let pub_binds = self.pub_endpoint(i).is_none() || publisher_binds(&ep);
+        let port = match (self.kv_replay_port, pub_binds) {
+            (Some(base), _) => port_for(base, i),
+            (None, true) => port_for(self.zmq_port, n + i),
+            (None, false) => port_for(self.zmq_port, i),
+        };
+        tcp_endpoint(self.host, port)
+    }
+
+    /// Engine `i`'s topic, given its HTTP address.
+    pub(crate) fn topic(&self, i: usize, http: SocketAddr) -> String {
+        let template = self.engines[i]
+            .kv_topic
+            .as_deref()
+            .or(self.kv_topic.as_deref())
+            .unwrap_or(DEFAULT_KV_TOPIC);
+        template
+            .replace("{host}", &http.ip().to_string())
+            .replace("{port}", &http.port().to_string())
+            .replace("{model}", &self.model)
+            .replace("{index}", &i.to_string())
+    }
+}
+
+/// `base + offset`, or 0 (ephemeral) when `base` is 0.
+pub(crate) fn port_for(base: u16, offset: usize) -> u16 {
+    if base == 0 {
+        0
+    } else {
+        // FleetConfig::validate guarantees the sum fits.
+        base.saturating_add(u16::try_from(offset).unwrap_or(u16::MAX))
+    }
+}
+
+/// A fleet-wide bind endpoint for engine `i`, offset as vLLM offsets it per data-parallel rank
+/// (`ZmqEventPublisher.offset_endpoint_port`): a TCP port `P` becomes `P + i` (0 and `*` stay
+/// ephemeral), other endpoints get a `_dp{i}` suffix.
+fn offset_endpoint(ep: &str, i: usize) -> String {
+    if i == 0 {
+        return ep.to_owned();
+    }
+    if ep.starts_with("tcp://")
+        && let Some((base, port)) = ep.rsplit_once(':')
+        && let Ok(port) = port.parse::<u16>()
+    {
+        return format!("{base}:{}", port_for(port, i));
+    }
+    if ep.starts_with("tcp://") {
+        return ep.to_owned();
+    }
+    format!("{ep}_dp{i}")
+}
+
 /// Flags of `kvgate sim`.
 #[derive(Clone, Debug, clap::Args)]
 pub struct SimArgs {
@@ -197,16 +355,39 @@ pub struct SimArgs {
     /// First HTTP port: engine i serves on 127.0.0.1:(port+i). 0 = ephemeral ports.
     #[arg(long, default_value_t = 8000)]
     pub port: u16,
-    /// First ZMQ port: engine i publishes KV events on tcp://127.0.0.1:(zmq-port+i) and answers
-    /// replay requests on tcp://127.0.0.1:(zmq-port+engines+i). 0 = ephemeral ports.
+    /// First ZMQ port: engine i binds its KV-event PUB socket on tcp://127.0.0.1:(zmq-port+i)
+    /// and its replay ROUTER on tcp://127.0.0.1:(zmq-port+engines+i). With a connecting
+    /// --kv-events-endpoint, the replay ROUTERs bind (zmq-port+i). 0 = ephemeral ports.
     #[arg(long, default_value_t = 5557)]
     pub zmq_port: u16,
+    /// vLLM's kv-events `endpoint` for every engine. A concrete address (tcp://H:P) makes each
+    /// engine's PUB socket connect to it (one subscriber binds there and tells engines apart by
+    /// topic); an address with `*` or `::` makes engine i bind it, port offset by i.
+    #[arg(long)]
+    pub kv_events_endpoint: Option<String>,
+    /// First port of the replay ROUTER sockets: engine i binds tcp://127.0.0.1:(port+i).
+    #[arg(long)]
+    pub kv_replay_port: Option<u16>,
+    /// KV-event topic template; {host}, {port} (the engine's HTTP address), {model} and {index}
+    /// are substituted. Default: kv@{host}:{port}@{model}.
+    #[arg(long)]
+    pub kv_topic: Option<String>,
+    /// How replay answers: v0_32 ([b"", topic, seq, payload]) or legacy ([b"", seq, payload]).
+    /// Default: v0_32.
+    #[arg(long, value_enum)]
+    pub kv_replay_format: Option<ReplayFormat>,
     /// Served model name (also the KV-event topic suffix).
     #[arg(long, default_value = DEFAULT_MODEL)]
     pub model: String,
-    /// PYTHONHASHSEED equivalent: the seed string of the block-hash chain.
-    #[arg(long, default_value = "0")]
-    pub hash_seed: String,
+    /// Block-hash algorithm, sha256 or sha256_cbor (vLLM's --prefix-caching-hash-algo). The
+    /// default, sha256, is keyed with a secret drawn at random per process: like vLLM's
+    /// pickle-based sha256, no router can compute it. sha256_cbor is vLLM's reproducible chain.
+    #[arg(long)]
+    pub prefix_caching_hash_algo: Option<HashAlgo>,
+    /// PYTHONHASHSEED equivalent: the seed string of the block-hash chain. Unset, as in vLLM,
+    /// is "vllm-none-hash".
+    #[arg(long)]
+    pub hash_seed: Option<String>,
     /// Tokens per KV block.
     #[arg(long)]
     pub block_size: Option<usize>,
@@ -228,13 +409,18 @@ pub struct SimArgs {
     /// Simulated time runs this many times faster than real time.
     #[arg(long, default_value_t = 1.0)]
     pub time_scale: f64,
-    /// KV-event msgpack encoding.
-    #[arg(long, value_enum, default_value_t = KvEncoding::Array)]
-    pub kv_encoding: KvEncoding,
+    /// KV-event msgpack encoding: map (vLLM 0.32, default) or array (older vLLM, SGLang).
+    #[arg(long, value_enum)]
+    pub kv_encoding: Option<KvEncoding>,
     /// Batches kept per engine for ZMQ replay.
     #[arg(long, default_value_t = DEFAULT_REPLAY_BUFFER_BATCHES)]
     pub kv_replay_buffer_batches: usize,
-    /// Comma-separated LoRA adapter names served besides the base model.
+    /// Report usage.prompt_tokens_details.cached_tokens, as vLLM does only with this flag.
+    #[arg(long)]
+    pub enable_prompt_tokens_details: bool,
+    /// Comma-separated LoRA adapters served besides the base model, each `name` or
+    /// `name=path` (vLLM's --lora-modules); the path is hashed into the adapter's blocks and
+    /// defaults to the name.
     #[arg(long, value_delimiter = ',')]
     pub lora_adapters: Vec<String>,
     /// HuggingFace tokenizer.json to use instead of the built-in tokenizer.
@@ -278,10 +464,18 @@ pub struct SimArgs {
     pub slow_start_s: f64,
 }
 
-/// The YAML file: per-engine overrides.
+/// The YAML file: fleet-wide settings (below the flags) and per-engine overrides.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawFile {
+    kv_events_endpoint: Option<String>,
+    kv_replay_port: Option<u16>,
+    kv_topic: Option<String>,
+    replay_format: Option<ReplayFormat>,
+    kv_encoding: Option<KvEncoding>,
+    enable_prompt_tokens_details: Option<bool>,
+    prefix_caching_hash_algo: Option<HashAlgo>,
+    hash_seed: Option<String>,
     #[serde(default)]
     engines: Vec<RawEngine>,
 }
@@ -298,6 +492,10 @@ struct RawEngine {
     max_num_seqs: Option<usize>,
     max_num_batched_tokens: Option<usize>,
     max_model_len: Option<usize>,
+    prefix_caching_hash_algo: Option<HashAlgo>,
+    hash_seed: Option<String>,
+    kv_events_endpoint: Option<String>,
+    kv_topic: Option<String>,
     faults: Option<FaultConfig>,
 }
 
@@ -317,9 +515,23 @@ impl SimArgs {
         }
     }
 
-    fn engine_config(&self, gpu: GpuPreset, raw: &RawEngine) -> EngineConfig {
-        let mut c = raw.gpu.unwrap_or(gpu).engine_config();
-        c.hash_seed = self.hash_seed.clone();
+    fn engine_config(&self, file: &RawFile, raw: &RawEngine) -> EngineConfig {
+        let mut c = raw.gpu.unwrap_or(self.gpu).engine_config();
+        if let Some(seed) = raw
+            .hash_seed
+            .as_ref()
+            .or(self.hash_seed.as_ref())
+            .or(file.hash_seed.as_ref())
+        {
+            c.hash_seed = seed.clone();
+        }
+        if let Some(a) = raw
+            .prefix_caching_hash_algo
+            .or(self.prefix_caching_hash_algo)
+            .or(file.prefix_caching_hash_algo)
+        {
+            c.prefix_caching_hash_algo = a;
+        }
         let pick = |file: Option<usize>, flag: Option<usize>, preset: usize| {
             file.or(flag).unwrap_or(preset)
         };
@@ -382,26 +594,48 @@ impl SimArgs {
             .map(|i| {
                 let raw = file.engines.get(i).unwrap_or(&none);
                 EngineSpec {
-                    engine: self.engine_config(self.gpu, raw),
+                    engine: self.engine_config(&file, raw),
+                    kv_events_endpoint: raw.kv_events_endpoint.clone(),
+                    kv_topic: raw.kv_topic.clone(),
                     faults: raw.faults.clone().unwrap_or_else(|| self.faults()),
                 }
             })
             .collect();
+        let mut lora_adapters = Vec::new();
+        let mut lora_paths = BTreeMap::new();
+        for spec in self.lora_adapters.iter().map(|s| s.trim()) {
+            match spec.split_once('=') {
+                Some((name, path)) => {
+                    lora_adapters.push(name.trim().to_owned());
+                    lora_paths.insert(name.trim().to_owned(), path.trim().to_owned());
+                }
+                None if spec.is_empty() => {}
+                None => lora_adapters.push(spec.to_owned()),
+            }
+        }
         let cfg = FleetConfig {
             engines,
             model: self.model.clone(),
-            lora_adapters: self
-                .lora_adapters
-                .iter()
-                .map(|s| s.trim().to_owned())
-                .filter(|s| !s.is_empty())
-                .collect(),
+            lora_adapters,
+            lora_paths,
             host: IpAddr::V4(Ipv4Addr::LOCALHOST),
             http_port: self.port,
             zmq_port: self.zmq_port,
+            kv_events_endpoint: self
+                .kv_events_endpoint
+                .clone()
+                .or(file.kv_events_endpoint.clone()),
+            kv_replay_port: self.kv_replay_port.or(file.kv_replay_port),
+            kv_topic: self.kv_topic.clone().or(file.kv_topic.clone()),
+            replay_format: self
+                .kv_replay_format
+                .or(file.replay_format)
+                .unwrap_or_default(),
             time_scale: self.time_scale,
-            kv_encoding: self.kv_encoding,
+            kv_encoding: self.kv_encoding.or(file.kv_encoding).unwrap_or_default(),
             replay_buffer_batches: self.kv_replay_buffer_batches,
+            enable_prompt_tokens_details: self.enable_prompt_tokens_details
+                || file.enable_prompt_tokens_details.unwrap_or(false),
             tokenizer: Arc::new(tokenizer),
             fault_seed: self.fault_seed,
         };
@@ -434,7 +668,23 @@ mod tests {
         let file = dir.join("sim.yaml");
         std::fs::write(
             &file,
-            "engines:\n  - {}\n  - gpu: a100\n    betas: [1.0, 2.0, 3.0]\n    num_gpu_blocks: 64\n    faults: { error_rate: 0.5, error_status: 429 }\n",
+            r#"
+kv_events_endpoint: tcp://127.0.0.1:7000
+replay_format: legacy
+hash_seed: file
+prefix_caching_hash_algo: sha256_cbor
+enable_prompt_tokens_details: true
+engines:
+  - {}
+  - gpu: a100
+    betas: [1.0, 2.0, 3.0]
+    num_gpu_blocks: 64
+    hash_seed: own
+    prefix_caching_hash_algo: sha256
+    kv_events_endpoint: "tcp://*:6000"
+    kv_topic: "t{index}"
+    faults: { error_rate: 0.5, error_status: 429 }
+"#,
         )
         .unwrap();
         let a = args(&[
@@ -449,9 +699,9 @@ mod tests {
             "--max-num-seqs",
             "8",
             "--lora-adapters",
-            "a,b",
+            "a,b=/adapters/b",
             "--kv-encoding",
-            "map",
+            "array",
             "--error-rate",
             "0.1",
             "--config",
@@ -460,8 +710,43 @@ mod tests {
         let cfg = a.to_fleet_config().unwrap();
         assert_eq!(cfg.engines.len(), 3);
         assert_eq!(cfg.lora_adapters, ["a", "b"]);
-        assert_eq!(cfg.kv_encoding, KvEncoding::Map);
-        assert!(cfg.engines.iter().all(|e| e.engine.hash_seed == "42"));
+        assert_eq!(
+            cfg.lora_paths,
+            BTreeMap::from([("b".to_owned(), "/adapters/b".to_owned())])
+        );
+        assert_eq!(
+            cfg.kv_encoding,
+            KvEncoding::Array,
+            "the flag beats the default"
+        );
+        assert_eq!(cfg.replay_format, ReplayFormat::Legacy, "from the file");
+        assert!(cfg.enable_prompt_tokens_details, "from the file");
+        assert_eq!(
+            cfg.kv_events_endpoint.as_deref(),
+            Some("tcp://127.0.0.1:7000")
+        );
+        // The flag beats the file's top level; the file's engine entry beats the flag.
+        assert_eq!(cfg.engines[0].engine.hash_seed, "42");
+        assert_eq!(cfg.engines[2].engine.hash_seed, "42");
+        assert_eq!(cfg.engines[1].engine.hash_seed, "own");
+        assert_eq!(
+            cfg.engines[0].engine.prefix_caching_hash_algo,
+            HashAlgo::Sha256Cbor
+        );
+        assert_eq!(
+            cfg.engines[1].engine.prefix_caching_hash_algo,
+            HashAlgo::Sha256
+        );
+        // Engines 0 and 2 connect to the fleet endpoint; engine 1 binds its own.
+        assert_eq!(cfg.pub_plan(0), ("tcp://127.0.0.1:7000".to_owned(), false));
+        assert_eq!(cfg.pub_plan(2), ("tcp://127.0.0.1:7000".to_owned(), false));
+        assert_eq!(cfg.pub_plan(1), ("tcp://*:6000".to_owned(), false));
+        let http: SocketAddr = "127.0.0.1:8001".parse().unwrap();
+        assert_eq!(cfg.topic(1, http), "t1");
+        assert_eq!(
+            cfg.topic(0, http),
+            format!("kv@127.0.0.1:8001@{DEFAULT_MODEL}")
+        );
         assert!(cfg.engines.iter().all(|e| e.engine.max_num_seqs == 8));
         assert_eq!(cfg.engines[0].engine.step, StepModel::H100_LLAMA31_8B);
         assert_eq!(cfg.engines[0].faults.error_rate, 0.1);
@@ -505,5 +790,71 @@ mod tests {
             bad(&["--block-size", "0"]),
             SimError::InvalidEngineConfig { index: 0, .. }
         ));
+        assert!(matches!(
+            bad(&["--kv-events-endpoint", "inproc://kv"]),
+            SimError::InvalidConfig {
+                field: "kv_events_endpoint",
+                ..
+            }
+        ));
+        assert!(matches!(
+            bad(&["--engines", "4", "--zmq-port", "65530"]),
+            SimError::InvalidConfig {
+                field: "zmq_port",
+                ..
+            }
+        ));
+        assert!(
+            Cli::try_parse_from(["s", "--prefix-caching-hash-algo", "xxhash"]).is_err(),
+            "only the algorithms the engine models"
+        );
+    }
+
+    #[test]
+    fn cli_defaults_are_vllm_defaults() {
+        let cfg = args(&["--engines", "2"]).to_fleet_config().unwrap();
+        for e in &cfg.engines {
+            assert_eq!(e.engine.prefix_caching_hash_algo, HashAlgo::Sha256);
+            assert_eq!(e.engine.hash_seed, "vllm-none-hash");
+        }
+        assert!(!cfg.enable_prompt_tokens_details);
+        assert_eq!(cfg.kv_encoding, KvEncoding::Map);
+        assert_eq!(cfg.replay_format, ReplayFormat::V0_32);
+        // `--zmq-port Z` keeps its meaning: engine i binds PUB Z+i and replay Z+N+i.
+        assert_eq!(cfg.pub_plan(1), ("tcp://127.0.0.1:5558".to_owned(), true));
+        assert_eq!(cfg.replay_bind(1), "tcp://127.0.0.1:5560");
+    }
+
+    #[test]
+    fn a_concrete_endpoint_makes_every_engine_connect() {
+        let cfg = args(&[
+            "--engines",
+            "2",
+            "--kv-events-endpoint",
+            "tcp://127.0.0.1:7000",
+        ])
+        .to_fleet_config()
+        .unwrap();
+        for i in 0..2 {
+            assert_eq!(cfg.pub_plan(i), ("tcp://127.0.0.1:7000".to_owned(), false));
+        }
+        assert_eq!(cfg.replay_bind(1), "tcp://127.0.0.1:5558", "Z + i");
+        let cfg = args(&[
+            "--engines",
+            "2",
+            "--kv-events-endpoint",
+            "tcp://127.0.0.1:7000",
+            "--kv-replay-port",
+            "9000",
+        ])
+        .to_fleet_config()
+        .unwrap();
+        assert_eq!(cfg.replay_bind(1), "tcp://127.0.0.1:9001");
+        // A wildcard endpoint binds, offset per engine as vLLM offsets per DP rank.
+        let cfg = args(&["--engines", "2", "--kv-events-endpoint", "tcp://*:7000"])
+            .to_fleet_config()
+            .unwrap();
+        assert_eq!(cfg.pub_plan(1), ("tcp://*:7001".to_owned(), false));
+        assert_eq!(cfg.replay_bind(1), "tcp://127.0.0.1:5560");
     }
 }

@@ -2,26 +2,25 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::service::TowerToHyperService;
-use kvgate_engine::{Engine, EngineStats};
+use kvgate_engine::{Engine, EngineStats, HashAlgo};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
-use zeromq::{PubSocket, RouterSocket, Socket};
 
 use crate::SimError;
 use crate::actor::{Actor, SimClock};
-use crate::config::{EngineSpec, FleetConfig};
+use crate::config::{EngineSpec, FleetConfig, port_for};
 use crate::http::{self, EngineShared};
-use crate::kv::{LoraIds, Publisher};
+use crate::kv::{KvSockets, LoraIds, Publisher, SocketRole};
 
 /// Pause after a failed `accept` (e.g. out of file descriptors): long enough not to spin a
 /// core, short enough that a recovered process serves again at once.
@@ -32,11 +31,15 @@ const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(10);
 pub struct EngineInfo {
     /// Its OpenAI-compatible HTTP server.
     pub http_addr: SocketAddr,
-    /// ZMQ PUB endpoint of its KV events, `tcp://127.0.0.1:port`.
+    /// ZMQ endpoint of its KV events: where its PUB socket is bound (subscribers connect to it)
+    /// or, with [`Self::kv_pub_role`] `Connect`, the address it connects to (a subscriber must
+    /// bind it).
     pub kv_pub_endpoint: String,
-    /// ZMQ ROUTER endpoint answering replay requests.
+    /// Whether the PUB socket bound or connected [`Self::kv_pub_endpoint`].
+    pub kv_pub_role: SocketRole,
+    /// ZMQ ROUTER endpoint answering replay requests (always bound by the engine).
     pub kv_replay_endpoint: String,
-    /// The KV-event topic, `kv@<http host:port>@<model>` (vLLM's documented convention).
+    /// The KV-event topic, by default `kv@<http host>:<http port>@<model>` (llm-d's convention).
     pub kv_topic: String,
     /// Base model name served.
     pub model: String,
@@ -46,6 +49,8 @@ struct EngineHandle {
     stop: CancellationToken,
     shared: Arc<EngineShared>,
     tasks: tokio::sync::Mutex<Vec<JoinHandle<()>>>,
+    /// The KV-event socket threads; they end within `kv::STOP_POLL` of `stop`.
+    threads: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
 /// A running fleet of simulated engines. Dropping it stops every engine.
@@ -81,6 +86,20 @@ impl Fleet {
         for t in tasks {
             let _ = t.await;
         }
+        let threads: Vec<_> = h
+            .threads
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .drain(..)
+            .collect();
+        if !threads.is_empty() {
+            let _ = tokio::task::spawn_blocking(move || {
+                for t in threads {
+                    let _ = t.join();
+                }
+            })
+            .await;
+        }
         Ok(())
     }
 
@@ -100,7 +119,8 @@ impl Fleet {
     }
 
     /// Every engine's addresses as one JSON object (what `kvgate sim --print-json` prints):
-    /// `{"engines": [{"index", "http", "kv_pub", "kv_replay", "kv_topic", "model"}, ...]}`.
+    /// `{"engines": [{"index", "http", "kv_pub", "kv_pub_mode", "kv_replay", "kv_topic",
+    /// "model"}, ...]}`, `kv_pub_mode` being `"bind"` or `"connect"`.
     pub fn addresses_json(&self) -> serde_json::Value {
         let engines: Vec<serde_json::Value> = self
             .engines
@@ -111,6 +131,7 @@ impl Fleet {
                     "index": i,
                     "http": e.http_addr.to_string(),
                     "kv_pub": e.kv_pub_endpoint,
+                    "kv_pub_mode": e.kv_pub_role.as_str(),
                     "kv_replay": e.kv_replay_endpoint,
                     "kv_topic": e.kv_topic,
                     "model": e.model,
@@ -128,20 +149,12 @@ impl Fleet {
     }
 }
 
-fn port_for(base: u16, offset: usize) -> u16 {
-    if base == 0 {
-        0
-    } else {
-        // FleetConfig::validate guarantees the sum fits.
-        base.saturating_add(u16::try_from(offset).unwrap_or(u16::MAX))
-    }
-}
-
-fn endpoint_port(ep: &zeromq::Endpoint) -> Option<u16> {
-    match ep {
-        zeromq::Endpoint::Tcp(_, port) => Some(*port),
-        _ => None,
-    }
+/// The key of every `sha256` engine chain in this process, drawn once: engines of one fleet
+/// (and of fleets started by one test binary) agree with each other, as vLLM engines sharing a
+/// seed do, while nothing outside the process can compute their hashes.
+fn process_sha256_secret() -> [u8; 32] {
+    static SECRET: OnceLock<[u8; 32]> = OnceLock::new();
+    *SECRET.get_or_init(rand::random)
 }
 
 /// Starts every engine of `cfg`; returns once all sockets are bound.
@@ -173,8 +186,17 @@ async fn start_engine(
     spec: &EngineSpec,
     words: Arc<HashMap<u32, String>>,
 ) -> Result<(EngineInfo, EngineHandle), SimError> {
-    let n = cfg.engines.len();
-    let engine = Engine::new(spec.engine.clone())
+    let mut engine_cfg = spec.engine.clone();
+    if engine_cfg.prefix_caching_hash_algo == HashAlgo::Sha256 && engine_cfg.sha256_secret.is_none()
+    {
+        engine_cfg.sha256_secret = Some(process_sha256_secret());
+    }
+    engine_cfg.lora_paths.extend(
+        cfg.lora_paths
+            .iter()
+            .map(|(name, path)| (name.clone(), path.clone())),
+    );
+    let engine = Engine::new(engine_cfg.clone())
         .map_err(|source| SimError::InvalidEngineConfig { index: i, source })?;
 
     let http_bind = SocketAddr::new(cfg.host, port_for(cfg.http_port, i));
@@ -189,38 +211,23 @@ async fn start_engine(
         source,
     })?;
 
-    let zmq_bind = |port: u16| format!("tcp://{}:{port}", cfg.host);
-    let mut publ = PubSocket::new();
-    let pub_want = zmq_bind(port_for(cfg.zmq_port, i));
-    let pub_ep = publ
-        .bind(&pub_want)
-        .await
-        .map_err(|source| SimError::ZmqBind {
-            endpoint: pub_want.clone(),
-            source,
-        })?;
-    let mut replay = RouterSocket::new();
-    let replay_want = zmq_bind(port_for(cfg.zmq_port, n + i));
-    let replay_ep = replay
-        .bind(&replay_want)
-        .await
-        .map_err(|source| SimError::ZmqBind {
-            endpoint: replay_want.clone(),
-            source,
-        })?;
-    let kv_pub_endpoint = zmq_bind(endpoint_port(&pub_ep).unwrap_or(0));
-    let kv_replay_endpoint = zmq_bind(endpoint_port(&replay_ep).unwrap_or(0));
-    let kv_topic = format!("kv@{http_addr}@{}", cfg.model);
+    let (pub_want, force_bind) = cfg.pub_plan(i);
+    let sockets = KvSockets::open(&pub_want, force_bind, &cfg.replay_bind(i))?;
+    let kv_pub_endpoint = sockets.pub_endpoint.clone();
+    let kv_pub_role = sockets.pub_role;
+    let kv_replay_endpoint = sockets.replay_endpoint.clone();
+    let kv_topic = cfg.topic(i, http_addr);
 
     let stop = CancellationToken::new();
     let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
-    let (kv_tx, kv_rx) = mpsc::unbounded_channel();
+    let (kv_tx, kv_rx) = std::sync::mpsc::channel();
     let shared = Arc::new(EngineShared {
         index: i,
         model: cfg.model.clone(),
         adapters: cfg.lora_adapters.clone(),
         tokenizer: cfg.tokenizer.clone(),
-        config: spec.engine.clone(),
+        config: engine_cfg,
+        prompt_tokens_details: cfg.enable_prompt_tokens_details,
         faults: spec.faults.clone(),
         fault_seed: cfg.fault_seed,
         cmd: cmd_tx,
@@ -242,17 +249,23 @@ async fn start_engine(
     };
     tasks.push(tokio::spawn(actor.run(cmd_rx, stop.clone())));
     let publisher = Publisher {
-        publ,
-        replay,
+        sockets,
         topic: Bytes::from(kv_topic.clone()),
         encoding: cfg.kv_encoding,
+        replay_format: cfg.replay_format,
         loras: LoraIds(cfg.lora_adapters.clone()),
         buffer_batches: cfg.replay_buffer_batches,
         drop_rate: spec.faults.kv_drop_rate,
         fault_seed: cfg.fault_seed,
         engine_index: i,
     };
-    tasks.push(tokio::spawn(publisher.run(kv_rx, stop.clone())));
+    let threads = match publisher.spawn(kv_rx, stop.clone()) {
+        Ok(t) => t,
+        Err(source) => {
+            stop.cancel();
+            return Err(SimError::SpawnThread { source });
+        }
+    };
     tasks.push(tokio::spawn(serve_http(
         listener,
         http::router(shared.clone()),
@@ -274,6 +287,7 @@ async fn start_engine(
     let info = EngineInfo {
         http_addr,
         kv_pub_endpoint,
+        kv_pub_role,
         kv_replay_endpoint,
         kv_topic,
         model: cfg.model.clone(),
@@ -282,6 +296,7 @@ async fn start_engine(
         stop,
         shared,
         tasks: tokio::sync::Mutex::new(tasks),
+        threads: std::sync::Mutex::new(threads),
     };
     Ok((info, handle))
 }

@@ -8,6 +8,24 @@
 //!
 //! Request bodies are parsed by hand (not axum's `Json` extractor) so that malformed JSON,
 //! wrong types and missing fields get vLLM's 400 `BadRequestError` body, never a 415/422.
+//!
+//! Where vLLM 0.32 is followed to the letter, because routers read it:
+//! - `usage.prompt_tokens_details` is reported only when the engine runs with
+//!   `--enable-prompt-tokens-details` (`vllm/entrypoints/openai/{chat_completion,completion}/
+//!   serving.py`, checked against a real engine's responses in
+//!   `crates/signals/tests/fixtures/vllm032`). Then a full response carries
+//!   `{"cached_tokens", "created_cache_tokens", "multimodal_tokens": null}`, where chat fills
+//!   `created_cache_tokens` with the prompt's full-block tokens it newly cached and completions
+//!   leave it null; a streamed usage chunk is dumped with `exclude_none`, so it keeps only the
+//!   non-null members. Without the flag a full response has `"prompt_tokens_details": null`
+//!   and a streamed chunk no such key. Full responses also carry
+//!   `"completion_tokens_details": null` (no reasoning parser).
+//! - `POST /reset_prefix_cache[?reset_running_requests=true]` (vLLM's dev-mode route,
+//!   `vllm/entrypoints/serve/dev/cache/api_router.py`, always on here) answers
+//!   `{"success": bool}`: false while running requests hold blocks, unless they are preempted
+//!   first. `reset_external` is accepted and has nothing to reset.
+//! - `/v1/models` lists each LoRA adapter with its path as `root` and the base model as
+//!   `parent` (`OpenAIServingModels.show_available_models`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -16,7 +34,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::State;
+use axum::extract::{RawQuery, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -45,6 +63,8 @@ pub(crate) struct EngineShared {
     pub adapters: Vec<String>,
     pub tokenizer: Arc<Tokenizer>,
     pub config: EngineConfig,
+    /// vLLM `--enable-prompt-tokens-details`.
+    pub prompt_tokens_details: bool,
     pub faults: FaultConfig,
     pub fault_seed: u64,
     pub cmd: mpsc::UnboundedSender<Command>,
@@ -79,6 +99,7 @@ pub(crate) fn router(shared: Shared) -> Router {
         .route("/v1/models", get(models))
         .route("/tokenize", post(tokenize))
         .route("/health", get(health))
+        .route("/reset_prefix_cache", post(reset_prefix_cache))
         .route("/metrics", get(metrics_handler))
         .with_state(shared)
 }
@@ -413,13 +434,47 @@ fn finish_str(r: FinishReason) -> &'static str {
     }
 }
 
-fn usage_json(prompt_tokens: usize, u: &Usage) -> Value {
-    json!({
-        "prompt_tokens": prompt_tokens,
-        "total_tokens": prompt_tokens as u64 + u64::from(u.completion_tokens),
-        "completion_tokens": u.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
-    })
+/// Whether a usage object goes into a streamed chunk (vLLM drops its `None` fields there) or a
+/// full response (where they are `null`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum UsageIn {
+    Stream,
+    Response,
+}
+
+impl Job {
+    fn usage(&self, prompt_tokens: usize, u: &Usage, within: UsageIn) -> Value {
+        let mut v = json!({
+            "prompt_tokens": prompt_tokens,
+            "total_tokens": prompt_tokens as u64 + u64::from(u.completion_tokens),
+            "completion_tokens": u.completion_tokens,
+        });
+        let mut details = Value::Null;
+        if let Some(block_size) = self.details_block_size {
+            details = json!({ "cached_tokens": u.cached_tokens });
+            // `PrefillStats.finalize`: prompt tokens in full blocks, minus those that hit; a
+            // block size of 0 stands for prefix caching off (nothing is ever cached).
+            let created = (self.api == Api::Chat).then(|| {
+                let cacheable = prompt_tokens
+                    .checked_div(block_size)
+                    .map_or(0, |blocks| blocks * block_size);
+                cacheable.saturating_sub(u.cached_tokens as usize)
+            });
+            if within == UsageIn::Response {
+                details["created_cache_tokens"] = json!(created);
+                details["multimodal_tokens"] = Value::Null;
+            } else if let Some(c) = created {
+                details["created_cache_tokens"] = json!(c);
+            }
+        }
+        if within == UsageIn::Response {
+            v["prompt_tokens_details"] = details;
+            v["completion_tokens_details"] = Value::Null;
+        } else if !details.is_null() {
+            v["prompt_tokens_details"] = details;
+        }
+        v
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -437,6 +492,9 @@ struct Job {
     model: String,
     words: Arc<HashMap<u32, String>>,
     kv_transfer_params: Option<Value>,
+    /// The engine's block size (0 with prefix caching off) when usage reports
+    /// `prompt_tokens_details` (`--enable-prompt-tokens-details`); `None` when it does not.
+    details_block_size: Option<usize>,
 }
 
 impl Job {
@@ -547,7 +605,7 @@ async fn respond_full(job: Job, mut a: Admitted) -> ApiResult<Response> {
                 let body = job.full_response(
                     &text,
                     finish_str(reason),
-                    usage_json(a.prompt_tokens, &usage),
+                    job.usage(a.prompt_tokens, &usage, UsageIn::Response),
                 );
                 return Ok(axum::Json(body).into_response());
             }
@@ -601,7 +659,7 @@ async fn next_sse(mut st: StreamState) -> Option<(Result<Bytes, std::io::Error>,
                 );
                 if st.include_usage {
                     let mut c = st.job.chunk(json!([]));
-                    c["usage"] = usage_json(st.a.prompt_tokens, &usage);
+                    c["usage"] = st.job.usage(st.a.prompt_tokens, &usage, UsageIn::Stream);
                     sse(&c, &mut buf);
                 }
                 buf.extend_from_slice(b"data: [DONE]\n\n");
@@ -706,6 +764,13 @@ async fn run_job(
         model: fields.model.unwrap_or_else(|| s.model.clone()),
         words: s.words.clone(),
         kv_transfer_params: fields.kv_transfer_params,
+        details_block_size: s
+            .prompt_tokens_details
+            .then_some(if s.config.enable_prefix_caching {
+                s.config.block_size
+            } else {
+                0
+            }),
     };
     if fields.stream.unwrap_or(false) {
         Ok(respond_stream(job, a, include_usage(fields.stream_options)))
@@ -717,20 +782,27 @@ async fn run_job(
 async fn models(State(s): State<Shared>) -> ApiResult<Response> {
     ready(&s)?;
     let max_len = s.config.max_model_len;
-    let card = |id: &str, parent: Option<&str>| {
+    let card = |id: &str, root: &str, parent: Option<&str>| {
         json!({
             "id": id,
             "object": "model",
             "created": s.created_unix_s,
             "owned_by": "vllm",
-            "root": id,
+            "root": root,
             "parent": parent,
             "max_model_len": max_len,
             "permission": [],
         })
     };
-    let data: Vec<Value> = std::iter::once(card(&s.model, None))
-        .chain(s.adapters.iter().map(|a| card(a, Some(&s.model))))
+    let data: Vec<Value> = std::iter::once(card(&s.model, &s.model, None))
+        .chain(s.adapters.iter().map(|a| {
+            let path = s
+                .config
+                .lora_paths
+                .get(a)
+                .map_or(a.as_str(), String::as_str);
+            card(a, path, Some(&s.model))
+        }))
         .collect();
     Ok(axum::Json(json!({"object": "list", "data": data})).into_response())
 }
@@ -751,6 +823,45 @@ async fn tokenize(State(s): State<Shared>, body: Bytes) -> ApiResult<Response> {
         "token_strs": null,
     }))
     .into_response())
+}
+
+/// FastAPI's reading of a boolean query parameter.
+fn query_bool(v: &str) -> Option<bool> {
+    match v.to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" | "t" | "y" => Some(true),
+        "false" | "0" | "no" | "off" | "f" | "n" => Some(false),
+        _ => None,
+    }
+}
+
+async fn reset_prefix_cache(
+    State(s): State<Shared>,
+    RawQuery(query): RawQuery,
+) -> ApiResult<Response> {
+    let mut reset_running_requests = false;
+    for pair in query.as_deref().unwrap_or("").split('&') {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        match k {
+            "reset_running_requests" | "reset_external" => {
+                let b = query_bool(v)
+                    .ok_or_else(|| bad(format!("query parameter {k}: {v:?} is not a boolean")))?;
+                if k == "reset_running_requests" {
+                    reset_running_requests = b;
+                }
+            }
+            _ => {}
+        }
+    }
+    let (tx, rx) = oneshot::channel();
+    let gone = || error(StatusCode::SERVICE_UNAVAILABLE, "the engine is not running");
+    s.cmd
+        .send(Command::ResetPrefixCache {
+            reset_running_requests,
+            reply: tx,
+        })
+        .map_err(|_| gone())?;
+    let success = rx.await.map_err(|_| gone())?;
+    Ok(axum::Json(json!({ "success": success })).into_response())
 }
 
 async fn health(State(s): State<Shared>) -> Response {

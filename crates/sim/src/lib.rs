@@ -5,7 +5,7 @@
 //! Design decisions:
 //! - **One actor per engine.** Each engine's [`kvgate_engine::Engine`] (a pure, deterministic
 //!   state machine) is owned by one tokio task. HTTP handlers talk to it only through a command
-//!   channel (submit, abort, snapshot), so the engine needs no lock, and per-request output
+//!   channel (submit, abort, snapshot, reset), so the engine needs no lock, and per-request output
 //!   channels carry tokens back. The actor sleeps until the engine's next step ends, completes
 //!   due steps one at a time, and publishes each step's KV events as one batch, as vLLM does.
 //! - **Time scale.** Simulated µs = real elapsed µs × `time_scale`: at 10, a 5.75 ms H100
@@ -14,30 +14,52 @@
 //!   timer has millisecond resolution, so at high scales several steps complete per wake-up
 //!   (each still its own KV-event batch).
 //! - **Crash = drop everything.** Killing an engine (or a crash fault) cancels one token that
-//!   the accept loop, every connection task, the actor and the ZMQ publisher all watch: the
-//!   listener closes, in-flight streams are cut mid-body, engine state is lost, ZMQ ports close.
-//!   Connections are served by our own accept loop (hyper-util) rather than `axum::serve`,
-//!   because the latter drains connections gracefully and a crash must not.
-//! - **KV events** are framed as vLLM's `ZmqEventPublisher` frames them ([`kv`] module), with a
-//!   bounded replay ring buffer of [`config::DEFAULT_REPLAY_BUFFER_BATCHES`] batches per engine
-//!   by default (vLLM keeps 10,000; a smaller ring bounds memory when dozens of engines share a
-//!   process).
+//!   the accept loop, every connection task, the actor and the two ZMQ socket threads all watch:
+//!   the listener closes, in-flight streams are cut mid-body, engine state is lost, the ZMQ
+//!   context is terminated (sockets closed, ports released). Connections are served by our own
+//!   accept loop (hyper-util) rather than `axum::serve`, because the latter drains connections
+//!   gracefully and a crash must not.
+//! - **vLLM 0.32 is the reference** wherever a router can observe the difference, so simulated
+//!   and real runs take the same router code paths: who binds the KV-event socket, the event
+//!   and replay frames ([`kv`] module), block hashes a router cannot compute by default and
+//!   tagged extra keys (`kvgate_engine`, `kvgate_tokens`), `prompt_tokens_details` only on
+//!   request, `POST /reset_prefix_cache` (the private `http` module). Older wire shapes stay
+//!   available as options ([`KvEncoding::Array`], [`ReplayFormat::Legacy`]).
+//! - **KV events** go over libzmq (the `zmq` crate, which enforces `ZMQ_MAXMSGSIZE` before
+//!   allocating), one OS thread per socket, with a bounded replay ring buffer of
+//!   [`config::DEFAULT_REPLAY_BUFFER_BATCHES`] batches per engine by default (vLLM keeps 10,000;
+//!   a smaller ring bounds memory when dozens of engines share a process).
 //! - **Faults** ([`fault`] module) are deterministic given a seed and request order.
-//! - **Ports.** Engine `i` of `N` serves HTTP on `port + i`, publishes KV events on
-//!   `tcp://127.0.0.1:(zmq_port + i)` and answers replay on `tcp://127.0.0.1:(zmq_port + N + i)`;
-//!   a base port of 0 gives every socket an ephemeral port.
+//! - **Ports.** Engine `i` of `N` serves HTTP on `port + i`. By default it binds its KV-event
+//!   PUB socket on `tcp://127.0.0.1:(zmq_port + i)` (vLLM's `tcp://*:P` case) and its replay
+//!   ROUTER on `tcp://127.0.0.1:(zmq_port + N + i)`. With `--kv-events-endpoint tcp://H:P` every
+//!   engine's PUB socket *connects* to `H:P`, where the router binds one SUB socket and tells
+//!   engines apart by topic (`kv@<host>:<http port>@<model>` by default), and the replay
+//!   ROUTERs bind `kv_replay_port + i` (default `zmq_port + i`). A base port of 0 gives every
+//!   socket an ephemeral port.
 //! - **Output text.** Generated token ids come from `kvgate_engine::default_output_vocab()`; each
 //!   maps to one word of `default_output_words()`, a single built-in-tokenizer token, so
 //!   re-tokenizing the output text reproduces the ids.
 //!
-//! The YAML file given by `--config` overrides settings per engine:
+//! The YAML file given by `--config` sets fleet-wide values below the flags and overrides them
+//! per engine:
 //!
 //! ```yaml
+//! kv_events_endpoint: tcp://127.0.0.1:5557   # every engine connects (vLLM's rule)
+//! kv_replay_port: 5600                        # engine i binds replay on 5600 + i
+//! kv_topic: "kv@{host}:{port}@{model}"
+//! replay_format: v0_32                        # or legacy
+//! kv_encoding: map                            # or array
+//! enable_prompt_tokens_details: true
+//! prefix_caching_hash_algo: sha256_cbor       # or sha256 (default)
+//! hash_seed: "0"                              # default "vllm-none-hash"
 //! engines:            # entry i applies to engine i; missing entries use the flags
 //!   - gpu: a100       # h100 | a100 preset
 //!     betas: [16441.5, 47.84, 18.21]   # step µs = b0 + b1·prefill tokens + b2·decode tokens
 //!     num_gpu_blocks: 4096
 //!     max_num_seqs: 128
+//!     kv_events_endpoint: "tcp://*:6000"      # this engine binds instead
+//!     prefix_caching_hash_algo: sha256
 //!     faults: { error_rate: 0.1, error_status: 429, kv_drop_rate: 0.05 }
 //! ```
 #![deny(missing_docs)]
@@ -52,11 +74,12 @@ mod metrics;
 
 use std::path::PathBuf;
 
-pub use config::{EngineSpec, FleetConfig, GpuPreset, KvEncoding, SimArgs};
+pub use config::{DEFAULT_KV_TOPIC, EngineSpec, FleetConfig, GpuPreset, SimArgs};
 pub use fault::FaultConfig;
 pub use fleet::{EngineInfo, Fleet, start_fleet};
 pub use http::{DEFAULT_CHAT_MAX_TOKENS, DEFAULT_COMPLETION_MAX_TOKENS};
-pub use kvgate_engine::EngineStats;
+pub use kv::{KvEncoding, ReplayFormat, SocketRole, publisher_binds};
+pub use kvgate_engine::{EngineStats, HashAlgo};
 
 /// Why the simulator could not start or answer.
 #[derive(Debug, thiserror::Error)]
@@ -108,14 +131,23 @@ pub enum SimError {
         #[source]
         source: std::io::Error,
     },
-    /// A ZMQ socket could not be bound.
-    #[error("cannot bind ZMQ socket on {endpoint}")]
-    ZmqBind {
+    /// A ZMQ socket could not be created, configured, bound or connected.
+    #[error("cannot {what} ZMQ endpoint {endpoint}")]
+    Zmq {
+        /// What failed (`"bind"`, `"connect"`, `"set ZMQ_LINGER on"`, ...).
+        what: &'static str,
         /// The endpoint.
         endpoint: String,
-        /// The ZMQ error.
+        /// libzmq's error.
         #[source]
-        source: zeromq::ZmqError,
+        source: zmq::Error,
+    },
+    /// A KV-event socket thread could not be started.
+    #[error("cannot start a KV-event socket thread")]
+    SpawnThread {
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
     },
     /// No engine has this index.
     #[error("no engine {index} (the fleet has {engines})")]
@@ -145,8 +177,12 @@ pub async fn run(args: SimArgs) -> Result<(), SimError> {
     } else {
         for (i, e) in fleet.engines.iter().enumerate() {
             println!(
-                "engine {i}: http://{} kv-events {} replay {} topic {}",
-                e.http_addr, e.kv_pub_endpoint, e.kv_replay_endpoint, e.kv_topic
+                "engine {i}: http://{} kv-events {} ({}) replay {} topic {}",
+                e.http_addr,
+                e.kv_pub_endpoint,
+                e.kv_pub_role.as_str(),
+                e.kv_replay_endpoint,
+                e.kv_topic
             );
         }
     }

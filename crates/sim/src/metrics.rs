@@ -1,8 +1,13 @@
 //! `/metrics` in Prometheus text format (0.0.4), with vLLM v1's metric names, help strings and
-//! labels (`model_name`, `engine`), written the way Python's `prometheus_client` writes them:
-//! counters are declared with their `_total` name, values are floats (`1.0`), and histograms
-//! expose cumulative `_bucket{le=...}` series ending at `+Inf`, then `_count` and `_sum`.
-//! `prometheus_client`'s `_created` series are left out (no router reads them).
+//! labels (`engine`, `model_name`), written the way vLLM 0.32's `prometheus_client` writes them
+//! (checked against a capture of a real engine, `crates/signals/tests/fixtures/vllm032`): labels
+//! in alphabetical order, counters declared with their `_total` name, values as floats (`1.0`),
+//! histograms as cumulative `_bucket{le=...}` series ending at `+Inf`, then `_count` and `_sum`.
+//! `prometheus_client`'s `_created` series and the families no router reads are left out.
+//! `vllm:cache_config_info` carries the full label set of vLLM 0.32's `CacheConfig` (every
+//! attribute, `str()`-formatted, plus `engine`, no `model_name`), with the simulated engine's
+//! values where it has them (`block_size`, `num_gpu_blocks`, `enable_prefix_caching`,
+//! `prefix_caching_hash_algo`, the derived KV sizes) and vLLM's defaults elsewhere.
 //! `vllm:lora_requests_info` is written only when adapters are configured; its `max_lora` is
 //! the number of configured adapters (the engine model has no adapter-slot limit, so all fit),
 //! and an adapter counts as running from its first token, waiting before it.
@@ -34,7 +39,7 @@ fn escape(v: &str) -> String {
 
 struct Writer {
     out: String,
-    base: String,
+    model: String,
 }
 
 impl Writer {
@@ -43,12 +48,25 @@ impl Writer {
         let _ = writeln!(self.out, "# TYPE {name} {kind}");
     }
 
-    fn sample(&mut self, name: &str, extra: &[(&str, &str)], v: f64) {
-        let _ = write!(self.out, "{name}{{{}", self.base);
-        for (k, val) in extra {
-            let _ = write!(self.out, ",{k}=\"{}\"", escape(val));
+    /// One sample with exactly these labels, written in alphabetical order.
+    fn labelled(&mut self, name: &str, labels: &[(&str, &str)], v: f64) {
+        let mut labels = labels.to_vec();
+        labels.sort_unstable_by_key(|&(k, _)| k);
+        let _ = write!(self.out, "{name}{{");
+        for (i, (k, val)) in labels.iter().enumerate() {
+            let sep = if i == 0 { "" } else { "," };
+            let _ = write!(self.out, "{sep}{k}=\"{}\"", escape(val));
         }
         let _ = writeln!(self.out, "}} {}", num(v));
+    }
+
+    /// One sample with the `engine` and `model_name` labels plus `extra`.
+    fn sample(&mut self, name: &str, extra: &[(&str, &str)], v: f64) {
+        let model = std::mem::take(&mut self.model);
+        let mut labels = vec![("engine", "0"), ("model_name", model.as_str())];
+        labels.extend_from_slice(extra);
+        self.labelled(name, &labels, v);
+        self.model = model;
     }
 
     fn gauge(&mut self, name: &str, help: &str, v: f64) {
@@ -79,7 +97,7 @@ pub(crate) fn render(s: &EngineShared, snap: &Snapshot) -> String {
     let st = &snap.stats;
     let mut w = Writer {
         out: String::with_capacity(8 * 1024),
-        base: format!("model_name=\"{}\",engine=\"0\"", escape(&s.model)),
+        model: s.model.clone(),
     };
     w.gauge(
         "vllm:num_requests_running",
@@ -131,6 +149,8 @@ pub(crate) fn render(s: &EngineShared, snap: &Snapshot) -> String {
         ("stop", 0),
         ("length", st.finished_length),
         ("abort", st.finished_abort),
+        ("error", 0),
+        ("repetition", 0),
     ] {
         w.sample(
             "vllm:request_success_total",
@@ -159,21 +179,56 @@ pub(crate) fn render(s: &EngineShared, snap: &Snapshot) -> String {
         "Information of the LLMEngine CacheConfig",
     );
     let c = &s.config;
-    let caching = if c.enable_prefix_caching {
-        "True"
-    } else {
-        "False"
-    };
-    w.sample(
+    let py_bool = |b: bool| if b { "True" } else { "False" };
+    let block_size = st.block_size.to_string();
+    let num_gpu_blocks = st.num_gpu_blocks.to_string();
+    let size_tokens = st.num_gpu_blocks * u64::from(st.block_size);
+    let kv_cache_size_tokens = size_tokens.to_string();
+    let max_concurrency = num(size_tokens as f64 / c.max_model_len as f64);
+    let user_block_size = py_bool(c.block_size != kvgate_engine::DEFAULT_BLOCK_SIZE);
+    w.labelled(
         "vllm:cache_config_info",
         &[
-            ("block_size", &st.block_size.to_string()),
+            ("_block_size_resolved", "True"),
+            ("block_size", &block_size),
             ("cache_dtype", "auto"),
-            ("enable_prefix_caching", caching),
-            ("gpu_memory_utilization", "0.9"),
+            ("cache_hit_alignment_tokens", "None"),
+            ("effective_attention_block_size", &block_size),
+            ("enable_mamba_shared_prefix_checkpoint", "False"),
+            ("enable_prefix_caching", py_bool(c.enable_prefix_caching)),
+            ("engine", "0"),
+            ("gpu_memory_utilization", "0.92"),
+            ("hash_block_size", "None"),
+            ("is_attention_free", "False"),
+            ("kv_cache_dtype_skip_layers", "[]"),
+            ("kv_cache_layout", "None"),
+            ("kv_cache_max_concurrency", &max_concurrency),
+            ("kv_cache_memory_bytes", "None"),
+            ("kv_cache_size_tokens", &kv_cache_size_tokens),
+            ("kv_offloading_backend", "native"),
+            ("kv_offloading_size", "None"),
+            ("kv_sharing_fast_prefill", "False"),
+            ("mamba_block_size", "None"),
+            ("mamba_cache_dtype", "auto"),
+            ("mamba_cache_mode", "none"),
+            ("mamba_page_size_padded", "None"),
+            ("mamba_ssm_cache_dtype", "float32"),
             ("num_cpu_blocks", "None"),
-            ("num_gpu_blocks", &st.num_gpu_blocks.to_string()),
-            ("prefix_caching_hash_algo", "sha256_cbor"),
+            ("num_gpu_blocks", &num_gpu_blocks),
+            ("num_gpu_blocks_override", "None"),
+            ("prefix_cache_retention_interval", "0"),
+            (
+                "prefix_caching_hash_algo",
+                c.prefix_caching_hash_algo.as_str(),
+            ),
+            ("prefix_match_unit", "None"),
+            ("replayssm_buffer_len", "16"),
+            ("skip_page_size_padded", "None"),
+            ("sliding_window", "None"),
+            ("swa_bounded_replay", "True"),
+            ("use_kda_recoverssm", "False"),
+            ("use_replayssm", "False"),
+            ("user_specified_block_size", user_block_size),
         ],
         1.0,
     );

@@ -185,6 +185,10 @@ async fn models_tokenize_and_errors_have_vllm_shapes() {
     assert!(data[0]["max_model_len"].is_u64());
     assert_eq!(data[1]["id"], "sql");
     assert_eq!(data[1]["parent"], base);
+    assert_eq!(
+        data[1]["root"], "sql",
+        "an adapter without a path: its name"
+    );
 
     let tok: Value = client()
         .post(url(&f, 0, "/tokenize"))
@@ -587,5 +591,163 @@ async fn malformed_bodies_never_break_the_server() {
     assert_eq!(ok.status(), 200);
     assert!(ok.text().await.unwrap().ends_with("data: [DONE]\n\n"));
     assert!(f.stats(0).await.unwrap().prompt_tokens_total > 0);
+    f.shutdown().await;
+}
+
+#[tokio::test]
+async fn adapters_show_their_path_as_root() {
+    let f = fleet(1, |c| {
+        c.lora_adapters = vec!["sql".into()];
+        c.lora_paths.insert("sql".into(), "/adapters/sql".into());
+    })
+    .await;
+    let models: Value = client()
+        .get(url(&f, 0, "/v1/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(models["data"][1]["root"], "/adapters/sql");
+    f.shutdown().await;
+}
+
+/// vLLM reports `prompt_tokens_details` only with `--enable-prompt-tokens-details`: without it a
+/// streamed usage chunk has no such key and a full response has it null.
+#[tokio::test]
+async fn prompt_tokens_details_only_when_enabled() {
+    let f = fleet(1, |c| c.enable_prompt_tokens_details = false).await;
+    let full: Value = client()
+        .post(url(&f, 0, "/v1/completions"))
+        .json(&json!({"prompt": "hello there", "max_tokens": 2}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(full["usage"]["completion_tokens"], 2);
+    assert!(full["usage"]["prompt_tokens_details"].is_null());
+    assert!(full["usage"].get("prompt_tokens_details").is_some());
+    let body = client()
+        .post(url(&f, 0, "/v1/chat/completions"))
+        .json(&json!({
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 2,
+            "stream": true,
+            "stream_options": {"include_usage": true},
+        }))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let usage = parse_sse(&body)
+        .into_iter()
+        .find_map(|d| match d {
+            SseData::Json(v) if v.get("usage").is_some() => Some(v["usage"].clone()),
+            _ => None,
+        })
+        .expect("a usage chunk");
+    assert_eq!(usage["completion_tokens"], 2);
+    assert!(usage.get("prompt_tokens_details").is_none(), "{usage}");
+    f.shutdown().await;
+}
+
+/// vLLM's dev-mode `POST /reset_prefix_cache`: `{"success": false}` while a running request holds
+/// blocks, true once `reset_running_requests=true` preempts it (the request still finishes).
+#[tokio::test]
+async fn reset_prefix_cache_refuses_while_requests_run_unless_told_to_preempt() {
+    let f = fleet(1, |c| c.time_scale = 1.0).await;
+    let reset = |query: &'static str| {
+        let u = url(&f, 0, &format!("/reset_prefix_cache{query}"));
+        async move { client().post(u).send().await.unwrap() }
+    };
+    let idle: Value = reset("").await.json().await.unwrap();
+    assert_eq!(idle, json!({"success": true}));
+    let mut stream = client()
+        .post(url(&f, 0, "/v1/completions"))
+        .json(&json!({"prompt": "a long story ".repeat(40), "max_tokens": 200, "stream": true}))
+        .send()
+        .await
+        .unwrap()
+        .bytes_stream();
+    stream.next().await.expect("the request runs").unwrap();
+    let busy: Value = reset("?reset_running_requests=false")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(busy, json!({"success": false}));
+    let forced: Value = reset("?reset_running_requests=true&reset_external=true")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(forced, json!({"success": true}));
+    let mut rest = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        rest.extend_from_slice(&chunk.unwrap());
+    }
+    let rest = String::from_utf8(rest).unwrap();
+    assert!(rest.contains("\"finish_reason\":\"length\""), "{rest}");
+    assert!(rest.ends_with("data: [DONE]\n\n"));
+    let bad = reset("?reset_running_requests=maybe").await;
+    assert_eq!(bad.status(), 400);
+    f.shutdown().await;
+}
+
+/// With details on, vLLM 0.32 answers `{cached_tokens, created_cache_tokens, multimodal_tokens}`
+/// (chat counts the full-block prompt tokens it newly cached; completions leave it null) and
+/// drops the null members from a streamed usage chunk.
+#[tokio::test]
+async fn prompt_tokens_details_have_vllm_0_32_members() {
+    let f = fleet(1, |_| {}).await;
+    let text = "The quick brown fox jumps over the lazy dog ".repeat(20);
+    let chat = |stream: bool| {
+        let u = url(&f, 0, "/v1/chat/completions");
+        let body = json!({
+            "messages": [{"role": "user", "content": text}],
+            "max_tokens": 2,
+            "stream": stream,
+            "stream_options": {"include_usage": true},
+        });
+        async move { client().post(u).json(&body).send().await.unwrap() }
+    };
+    let cold: Value = chat(false).await.json().await.unwrap();
+    let n = cold["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert_eq!(
+        cold["usage"]["prompt_tokens_details"],
+        json!({"cached_tokens": 0, "created_cache_tokens": n / 16 * 16, "multimodal_tokens": null})
+    );
+    assert!(cold["usage"]["completion_tokens_details"].is_null());
+    let warm = chat(true).await.text().await.unwrap();
+    let usage = parse_sse(&warm)
+        .into_iter()
+        .find_map(|d| match d {
+            SseData::Json(v) if v.get("usage").is_some() => Some(v["usage"].clone()),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(
+        usage["prompt_tokens_details"],
+        json!({"cached_tokens": n / 16 * 16, "created_cache_tokens": 0})
+    );
+    assert!(usage.get("completion_tokens_details").is_none());
+    let completion: Value = client()
+        .post(url(&f, 0, "/v1/completions"))
+        .json(&json!({"prompt": "hello", "max_tokens": 2}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        completion["usage"]["prompt_tokens_details"],
+        json!({"cached_tokens": 0, "created_cache_tokens": null, "multimodal_tokens": null})
+    );
     f.shutdown().await;
 }

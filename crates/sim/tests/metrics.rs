@@ -142,6 +142,11 @@ async fn metrics_parse_with_vllm_names_and_match_engine_state() {
         Some("True")
     );
     assert_eq!(scalar(&s.value), 1.0);
+    assert_eq!(
+        labels.get_label_value("prefix_caching_hash_algo"),
+        Some("sha256"),
+        "vLLM's default"
+    );
     let lora = &parsed.families["vllm:lora_requests_info"];
     let s = lora.iter_samples().next().unwrap();
     let labels = s.get_labelset().unwrap();
@@ -159,5 +164,98 @@ async fn metrics_faults() {
         .await
         .unwrap();
     assert_eq!(r.status(), 500);
+    f.shutdown().await;
+}
+
+/// The label names of `vllm:cache_config_info` on a real vLLM 0.32, in the order it writes them
+/// (from `crates/signals/tests/fixtures/vllm032/sha256_cbor/metrics.txt`).
+const VLLM_032_CACHE_CONFIG_LABELS: &[&str] = &[
+    "_block_size_resolved",
+    "block_size",
+    "cache_dtype",
+    "cache_hit_alignment_tokens",
+    "effective_attention_block_size",
+    "enable_mamba_shared_prefix_checkpoint",
+    "enable_prefix_caching",
+    "engine",
+    "gpu_memory_utilization",
+    "hash_block_size",
+    "is_attention_free",
+    "kv_cache_dtype_skip_layers",
+    "kv_cache_layout",
+    "kv_cache_max_concurrency",
+    "kv_cache_memory_bytes",
+    "kv_cache_size_tokens",
+    "kv_offloading_backend",
+    "kv_offloading_size",
+    "kv_sharing_fast_prefill",
+    "mamba_block_size",
+    "mamba_cache_dtype",
+    "mamba_cache_mode",
+    "mamba_page_size_padded",
+    "mamba_ssm_cache_dtype",
+    "num_cpu_blocks",
+    "num_gpu_blocks",
+    "num_gpu_blocks_override",
+    "prefix_cache_retention_interval",
+    "prefix_caching_hash_algo",
+    "prefix_match_unit",
+    "replayssm_buffer_len",
+    "skip_page_size_padded",
+    "sliding_window",
+    "swa_bounded_replay",
+    "use_kda_recoverssm",
+    "use_replayssm",
+    "user_specified_block_size",
+];
+
+/// Label names of the first sample line of `family` in a Prometheus text body, in order.
+fn label_names(text: &str, family: &str) -> Vec<String> {
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(&format!("{family}{{")))
+        .unwrap_or_else(|| panic!("no {family} sample"));
+    let inner = &line[family.len() + 1..line.rfind('}').unwrap()];
+    inner
+        .split("\",")
+        .map(|kv| kv.split_once('=').unwrap().0.to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn cache_config_info_and_label_order_match_a_real_vllm_0_32() {
+    let f = fleet(1, |c| {
+        c.engines[0].engine.prefix_caching_hash_algo = kvgate_engine::HashAlgo::Sha256Cbor;
+    })
+    .await;
+    let text = client()
+        .get(format!("http://{}/metrics", f.engines[0].http_addr))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        label_names(&text, "vllm:cache_config_info"),
+        VLLM_032_CACHE_CONFIG_LABELS
+    );
+    assert!(text.contains("prefix_caching_hash_algo=\"sha256_cbor\""));
+    assert_eq!(
+        label_names(&text, "vllm:time_to_first_token_seconds_bucket"),
+        ["engine", "le", "model_name"],
+        "prometheus_client sorts label names"
+    );
+    // When the capture of a real engine is present, compare with it directly.
+    let capture = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../signals/tests/fixtures/vllm032/sha256_cbor/metrics.txt"
+    );
+    if let Ok(real) = std::fs::read_to_string(capture) {
+        assert_eq!(
+            label_names(&real, "vllm:cache_config_info"),
+            VLLM_032_CACHE_CONFIG_LABELS
+        );
+    }
     f.shutdown().await;
 }
