@@ -23,7 +23,7 @@ use kvgate_core::{
     OracleView, Outcome, PromptKeys, Router, RouterConfig, RoutingRequest, TrueLoad,
 };
 use kvgate_engine::{Engine, EngineConfig, EngineRequest, FinishReason, KvEvent, Output};
-use kvgate_tokens::{BlockHasher, ExtraKeys};
+use kvgate_tokens::ExtraKeys;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
@@ -170,7 +170,19 @@ fn to_core_event(ev: KvEvent) -> CoreKvEvent {
             token_ids,
             block_size,
             lora_name,
+            extra_keys,
         } => CoreKvEvent::BlockStored {
+            extra_keys: extra_keys
+                .iter()
+                .enumerate()
+                .map(|(i, values)| {
+                    kvgate_core::BlockExtra::from_untagged(
+                        values.as_deref().unwrap_or_default(),
+                        i == 0 && parent_block_hash.is_none(),
+                        lora_name.as_deref(),
+                    )
+                })
+                .collect(),
             block_hashes,
             parent: parent_block_hash,
             token_ids,
@@ -221,7 +233,11 @@ pub fn run_policy(
         ids.push(router.add_endpoint(0, spec));
     }
     let first = &cfg.engines[0];
-    let hasher = BlockHasher::new(&first.hash_seed, first.block_size);
+    // The engines' own hashes (passed to them precomputed, and read by the oracle) and the
+    // router's keys are different things: the router keys by its own chain over the same tokens
+    // and learns the engines' hashes from their `BlockStored` events, as in production.
+    let hasher = first.block_hasher();
+    let router_block_size = first.block_size as u32;
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
 
     let n = cfg.engines.len();
@@ -285,12 +301,11 @@ pub fn run_policy(
                     model: cfg.model.clone(),
                     lora: None,
                     prompt_tokens: tokens.len() as u32,
-                    // Same reuse as PromptKeys::precise: one hashing pass serves both chains.
-                    keys: PromptKeys {
-                        block_size: hasher.block_size() as u32,
-                        precise: Some(keys.clone()),
-                        approx: keys.clone(),
-                    },
+                    keys: PromptKeys::from_tokens(
+                        &tokens,
+                        router_block_size,
+                        kvgate_core::KeyScope::default(),
+                    ),
                     max_tokens: Some(w.output_tokens),
                     priority: 0,
                     session_id: w.session.map(|s| s.to_string()),

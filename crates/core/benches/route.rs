@@ -5,28 +5,22 @@
 use std::hint::black_box;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use kvgate_core::testing::{label_keys, label_removed, label_stored};
 use kvgate_core::{
-    EndpointId, EndpointSpec, KvEvent, KvEventBatch, MetricsSample, PromptKeys, Router,
+    EndpointId, EndpointSpec, KeyScope, KvEventBatch, MetricsSample, PromptKeys, Router,
     RouterConfig, RoutingRequest, Tier,
 };
-use kvgate_tokens::{BlockHasher, ExtraKeys};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 const BLOCK: u32 = 16;
 
-fn stored(seq: u64, keys: Vec<u64>) -> KvEventBatch {
+/// A batch storing the label chain `labels` ([`kvgate_core::testing`]) from its root.
+fn stored(seq: u64, labels: Vec<u64>) -> KvEventBatch {
     KvEventBatch {
         seq,
         ts: 0.0,
-        events: vec![KvEvent::BlockStored {
-            block_hashes: keys,
-            parent: None,
-            token_ids: vec![],
-            block_size: BLOCK,
-            lora_name: None,
-            tier: Tier::Gpu,
-        }],
+        events: vec![label_stored(&labels, BLOCK, Tier::Gpu)],
         data_parallel_rank: None,
     }
 }
@@ -70,20 +64,11 @@ fn fleet(policy: &str, n: usize, shared_blocks: usize) -> (Router, Vec<u64>) {
 fn request(tokens: u32, shared: &[u64], rng: &mut ChaCha8Rng) -> RoutingRequest {
     let blocks = (tokens / BLOCK) as usize;
     // Half the prompt is the shared prefix, the rest unique.
-    let mut keys: Vec<u64> = shared[..(blocks / 2).min(shared.len())].to_vec();
-    while keys.len() < blocks {
-        keys.push(rng.random());
+    let mut labels: Vec<u64> = shared[..(blocks / 2).min(shared.len())].to_vec();
+    while labels.len() < blocks {
+        labels.push(rng.random());
     }
-    RoutingRequest::new(
-        1,
-        "m",
-        tokens,
-        PromptKeys {
-            block_size: BLOCK,
-            precise: Some(keys.clone()),
-            approx: keys,
-        },
-    )
+    RoutingRequest::new(1, "m", tokens, label_keys(&labels, BLOCK))
 }
 
 fn bench_pick(c: &mut Criterion) {
@@ -159,17 +144,14 @@ fn bench_book(c: &mut Criterion) {
 
 fn bench_hashing(c: &mut Criterion) {
     let mut g = c.benchmark_group("prompt_keys");
-    let hasher = BlockHasher::new("0", BLOCK as usize);
     for &tokens in &[1024usize, 32 * 1024] {
         let toks: Vec<u32> = (0..tokens as u32)
             .map(|t| t.wrapping_mul(2_654_435_761) % 128_000)
             .collect();
         g.throughput(Throughput::Elements(tokens as u64));
-        g.bench_with_input(
-            BenchmarkId::new("precise_sha256_cbor", tokens),
-            &toks,
-            |b, t| b.iter(|| black_box(PromptKeys::precise(t, &hasher, ExtraKeys::default()))),
-        );
+        g.bench_with_input(BenchmarkId::new("router_chain", tokens), &toks, |b, t| {
+            b.iter(|| black_box(PromptKeys::from_tokens(t, BLOCK, KeyScope::default())))
+        });
         g.bench_with_input(
             BenchmarkId::new("approx_xxh3_tokens", tokens),
             &toks,
@@ -203,22 +185,12 @@ fn bench_ingest(c: &mut Criterion) {
         let mut step = |r: &mut Router| {
             let e = i % ids.len();
             i += 1;
-            let keys: Vec<u64> = (0..blocks_per_event).map(|_| rng.random()).collect();
-            let mut events = vec![KvEvent::BlockStored {
-                block_hashes: keys.clone(),
-                parent: None,
-                token_ids: vec![],
-                block_size: BLOCK,
-                lora_name: None,
-                tier: Tier::Gpu,
-            }];
-            ring[e].push(keys);
+            let labels: Vec<u64> = (0..blocks_per_event).map(|_| rng.random()).collect();
+            let mut events = vec![label_stored(&labels, BLOCK, Tier::Gpu)];
+            ring[e].push(labels);
             if ring[e].len() > window {
                 let old = ring[e].remove(0);
-                events.push(KvEvent::BlockRemoved {
-                    block_hashes: old,
-                    tier: Tier::Gpu,
-                });
+                events.push(label_removed(&old, old.len(), BLOCK, Tier::Gpu));
             }
             let batch = KvEventBatch {
                 seq: seq[e],

@@ -178,9 +178,6 @@ pub struct Tuning {
     /// Approximate entries expire after this, µs; `None`: never. 120 s: Dynamo's approximate
     /// indexer TTL; longer guesses are mostly evicted by then under load.
     pub approx_ttl_us: Option<u64>,
-    /// For endpoints with trusted events, approximate entries younger than this still count, µs.
-    /// 2 s: covers queueing + prefill of a dispatched request before its `BlockStored` arrives.
-    pub approx_grace_us: u64,
     /// Precise entries per endpoint above which its event view is declared broken. 2²¹ ≈ 2M
     /// blocks: 70× an H100's GPU blocks, room for large CPU/disk offload tiers.
     pub precise_capacity_blocks: usize,
@@ -235,7 +232,6 @@ impl Default for Tuning {
             hot_prefix_spill_fraction: 0.2,
             approx_capacity_blocks: 31_250,
             approx_ttl_us: Some(120_000_000),
-            approx_grace_us: 2_000_000,
             precise_capacity_blocks: 1 << 21,
             max_booked_blocks: 8192,
             shed_queue_threshold: 5,

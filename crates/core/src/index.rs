@@ -6,11 +6,21 @@
 //!   endpoint records the request's keys there with a timestamp. They expire after a TTL and are
 //!   capped per endpoint with least-recently-touched eviction.
 //!
-//! Per endpoint the index knows whether its events can be trusted (flowing and gap-free). A
-//! trusted endpoint is matched on precise entries, plus approximate entries younger than a short
-//! *grace* window: those bridge the time between dispatching a request and the engine publishing
-//! `BlockStored` for it, so a burst of same-prefix requests keeps co-locating. An untrusted
-//! endpoint is matched on approximate entries only.
+//! Keys are the router's own chain over token ids ([`crate::keys`]); the router translates the
+//! engines' hashes before calling [`PrefixIndex::store`] / [`PrefixIndex::remove`].
+//!
+//! Per endpoint the index knows whether its events can be trusted (flowing, gap-free, and the
+//! engine's reported cached tokens agreeing with the predictions). A trusted endpoint is matched
+//! on its precise entries *and* its live approximate entries; an untrusted one on approximate
+//! entries only. Approximate entries of a trusted endpoint are not shadowed by a short grace
+//! window but kept until their TTL, because an engine's `BlockRemoved` for a key also removes
+//! the router's approximate entry for it (the engine said the block is gone): with working keys
+//! the two sources then agree, and approximate entries only outlive the engine's for blocks the
+//! engine never published under the router's key — requests not yet stored (the dispatch →
+//! `BlockStored` lag, so a burst of same-prefix requests keeps co-locating), or every block
+//! when the router's tokens differ from the engine's (a wrong tokenizer). In that last case the
+//! precise entries never match and the endpoint is matched exactly as approximate tracking
+//! would match it: a broken precise view is never worse than no events at all.
 //!
 //! ## Layout and why
 //! One hash map from block key to a small set of holders, each holder `(endpoint, tier bits,
@@ -54,7 +64,7 @@ const DISK: u8 = 4;
 const TIERS: u8 = GPU | CPU | DISK;
 const APPROX: u8 = 8;
 
-fn tier_bit(t: Tier) -> u8 {
+pub(crate) fn tier_bit(t: Tier) -> u8 {
     match t {
         Tier::Gpu => GPU,
         Tier::Cpu => CPU,
@@ -251,9 +261,6 @@ pub struct IndexConfig {
     pub approx_capacity_blocks: usize,
     /// Approximate entries older than this are ignored and purged; `None`: never expire.
     pub approx_ttl_us: Option<u64>,
-    /// For trusted endpoints, approximate entries younger than this still count (dispatch →
-    /// `BlockStored` lag).
-    pub approx_grace_us: u64,
     /// Precise entries per endpoint above which the endpoint's event view is declared broken.
     pub precise_capacity_blocks: usize,
 }
@@ -277,6 +284,20 @@ pub enum ApplyOutcome {
     /// The endpoint exceeded `precise_capacity_blocks`: its precise entries were dropped and it
     /// is now untrusted.
     Overflowed,
+}
+
+/// Heap bytes of a hashbrown table with room for `capacity` entries of `entry` bytes:
+/// `buckets × (entry + 1 control byte) + 16`, `buckets` the next power of two ≥ `capacity × 8 / 7`.
+pub(crate) fn table_bytes(capacity: usize, entry: usize) -> usize {
+    if capacity == 0 {
+        return 0;
+    }
+    let buckets = if capacity < 8 {
+        if capacity < 4 { 4 } else { 8 }
+    } else {
+        (capacity * 8 / 7).next_power_of_two()
+    };
+    buckets * (entry + 1) + 16
 }
 
 /// The prefix index. See the module docs.
@@ -412,11 +433,21 @@ impl PrefixIndex {
             };
             let had = h.flags & TIERS != 0;
             h.flags &= !bit;
+            let mut approx_dropped = false;
             if had && h.flags & TIERS == 0 {
                 removed += 1;
+                // The engine evicted the block: the router's guess that it is there is void too.
+                if h.flags & APPROX != 0 {
+                    h.flags &= !APPROX;
+                    approx_dropped = true;
+                }
             }
             if !hs.prune() {
                 self.blocks.remove(key);
+            }
+            if approx_dropped {
+                let ep = self.ep_mut(id);
+                ep.approx_live = ep.approx_live.saturating_sub(1);
             }
         }
         let ep = self.ep_mut(id);
@@ -433,6 +464,21 @@ impl PrefixIndex {
             hs.prune()
         });
         self.ep_mut(id).precise_entries = 0;
+    }
+
+    /// Drops every entry of `id`, precise and approximate (its engine's cache is empty: an
+    /// `AllBlocksCleared` or a restart), keeping its trust. A full scan, as [`Self::clear_precise`].
+    pub fn clear_endpoint(&mut self, id: EndpointId) {
+        self.blocks.retain(|_, hs| {
+            if let Some(h) = hs.find_mut(id.0) {
+                h.flags = 0;
+            }
+            hs.prune()
+        });
+        let ep = self.ep_mut(id);
+        ep.precise_entries = 0;
+        ep.approx_live = 0;
+        ep.approx_log = VecDeque::new();
     }
 
     /// Records the router's own decision: `id` will hold `keys` from `now_us` on.
@@ -630,6 +676,20 @@ impl PrefixIndex {
         flush(&mut run, blocks, gpu);
     }
 
+    /// Consecutive blocks of `chain`, from the start, that `id` holds as precise entries in any
+    /// tier, whatever its trust: what its KV events alone predict the engine will find cached
+    /// (the self-check compares this with the engine's reported `cached_tokens`).
+    pub fn precise_prefix(&self, id: EndpointId, chain: &[u64]) -> u32 {
+        let mut n = 0;
+        for key in chain {
+            match self.blocks.get(key).and_then(|hs| hs.find(id.0)) {
+                Some(h) if h.flags & TIERS != 0 => n += 1,
+                _ => break,
+            }
+        }
+        n
+    }
+
     /// Longest consecutive matched prefix per endpoint.
     pub fn longest_prefixes(&self, q: &PrefixQuery<'_>) -> PrefixMatches {
         let n = self.eps.len();
@@ -639,7 +699,6 @@ impl PrefixIndex {
         };
         let now = q.now_us;
         let ttl = self.cfg.approx_ttl_us;
-        let grace = Some(self.cfg.approx_grace_us);
         let trust = &self.trust;
         let trusted = |ep: u32| trust.get(ep as usize).copied().unwrap_or(false);
         let approx_any = |h: &Holder| self.approx_fresh(h, now, ttl).then_some(true);
@@ -660,7 +719,7 @@ impl PrefixIndex {
         if precise == q.approx {
             self.walk(precise, &mut out.blocks, &mut out.gpu_blocks, |h| {
                 if trusted(h.ep) {
-                    trusted_accept(h).or_else(|| self.approx_fresh(h, now, grace).then_some(true))
+                    trusted_accept(h).or_else(|| self.approx_fresh(h, now, ttl).then_some(true))
                 } else {
                     approx_any(h)
                 }
@@ -668,7 +727,7 @@ impl PrefixIndex {
             return out;
         }
         // Two chains: precise entries on the precise chain for trusted endpoints; approximate
-        // entries on the approximate chain (all for untrusted, the grace window for trusted).
+        // entries on the approximate chain for every endpoint.
         self.walk(precise, &mut out.blocks, &mut out.gpu_blocks, |h| {
             if trusted(h.ep) {
                 trusted_accept(h)
@@ -678,10 +737,7 @@ impl PrefixIndex {
         });
         let mut b2 = vec![0; n];
         let mut g2 = vec![0; n];
-        self.walk(q.approx, &mut b2, &mut g2, |h| {
-            let window = if trusted(h.ep) { grace } else { ttl };
-            self.approx_fresh(h, now, window).then_some(true)
-        });
+        self.walk(q.approx, &mut b2, &mut g2, approx_any);
         for i in 0..n {
             if b2[i] > out.blocks[i] {
                 out.blocks[i] = b2[i];
@@ -696,17 +752,6 @@ impl PrefixIndex {
     /// + 16` with `buckets` the next power of two ≥ `capacity × 8 / 7`; inline single holders
     /// cost nothing extra; `Vec`/`VecDeque` cost `capacity × element`.
     pub fn memory(&self) -> IndexMemory {
-        fn table_bytes(capacity: usize, entry: usize) -> usize {
-            if capacity == 0 {
-                return 0;
-            }
-            let buckets = if capacity < 8 {
-                if capacity < 4 { 4 } else { 8 }
-            } else {
-                (capacity * 8 / 7).next_power_of_two()
-            };
-            buckets * (entry + 1) + 16
-        }
         let mut m = IndexMemory {
             keys: self.blocks.len(),
             entries: 0,
@@ -749,7 +794,6 @@ mod tests {
         IndexConfig {
             approx_capacity_blocks: 1_000_000,
             approx_ttl_us: Some(1_000),
-            approx_grace_us: 100,
             precise_capacity_blocks: 1_000_000,
         }
     }
@@ -770,16 +814,12 @@ mod tests {
                 .filter(|t| self.precise.contains(&(key, ep, *t)))
                 .collect();
             let approx_age = self.approx.get(&(key, ep)).map(|s| now.saturating_sub(*s));
-            if self.trusted.contains(&ep) {
-                if !tiers.is_empty() {
-                    return Some(tiers.contains(&GPU));
-                }
-                approx_age.filter(|a| *a <= c.approx_grace_us).map(|_| true)
-            } else {
-                approx_age
-                    .filter(|a| c.approx_ttl_us.is_none_or(|t| *a <= t))
-                    .map(|_| true)
+            if self.trusted.contains(&ep) && !tiers.is_empty() {
+                return Some(tiers.contains(&GPU));
             }
+            approx_age
+                .filter(|a| c.approx_ttl_us.is_none_or(|t| *a <= t))
+                .map(|_| true)
         }
 
         fn matches(&self, chain: &[u64], eps: u32, now: u64, c: &IndexConfig) -> Vec<(u32, u32)> {
@@ -858,7 +898,13 @@ mod tests {
                     }
                     Op::Remove(e, k, t) => {
                         idx.remove(EndpointId(e), &k, tier_of(t));
-                        for key in k { r.precise.remove(&(key, e, 1 << t)); }
+                        for key in k {
+                            let had = [1u8, 2, 4].iter().any(|b| r.precise.contains(&(key, e, *b)));
+                            r.precise.remove(&(key, e, 1 << t));
+                            let has = [1u8, 2, 4].iter().any(|b| r.precise.contains(&(key, e, *b)));
+                            // The engine evicted it: the approximate guess goes too.
+                            if had && !has { r.approx.remove(&(key, e)); }
+                        }
                     }
                     Op::Clear(e) => {
                         idx.clear_precise(EndpointId(e));
@@ -889,7 +935,7 @@ mod tests {
             });
             for ep in 0..4u32 {
                 let want = if two_chains {
-                    // Trusted: max of precise-chain (precise only) and approx-chain (grace);
+                    // Trusted: max of precise-chain (precise only) and approx-chain (TTL);
                     // untrusted: approx chain only.
                     let mut pr = Reference { precise: r.precise.clone(), trusted: r.trusted.clone(), ..Default::default() };
                     let a = if r.trusted.contains(&ep) { pr.matches(&precise, 4, now, &c)[ep as usize] } else { (0, 0) };

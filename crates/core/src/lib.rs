@@ -10,8 +10,13 @@
 //! Map of the crate, each module documenting its design decisions:
 //! * [`router`]: the [`Router`] object and the host rules every policy shares (eligibility,
 //!   last resorts, shedding, address-ordered candidates, booking).
+//! * [`keys`]: the router's own block keys (a chain over token ids), so nothing depends on an
+//!   engine's hash seed or algorithm; [`engine_keys`] learns each engine hash → key alias from
+//!   `BlockStored`.
 //! * [`index`]: the prefix index (precise from KV events, approximate from decisions; layout,
 //!   eviction, trust).
+//! * [`contract`]: the self-check of the precise index against the engines' reported cached
+//!   tokens.
 //! * [`estimate`]: dead-reckoned load per endpoint and its reconciliation with scraped samples;
 //!   online calibration.
 //! * [`cost`]: the kvgate TTFT model and the KV cliff.
@@ -21,23 +26,29 @@
 #![deny(missing_docs)]
 
 pub mod config;
+pub mod contract;
 pub mod cost;
 pub mod endpoint;
+pub mod engine_keys;
 pub mod error;
 pub mod estimate;
 pub mod index;
+pub mod keys;
 pub mod observe;
 pub mod plugins;
 pub mod request;
 pub mod router;
+pub mod testing;
 
 pub use config::{FilterKind, PickerKind, ProfileConfig, RouterConfig, ScorerKind, Tuning};
+pub use contract::ContractChange;
 pub use endpoint::{EndpointId, EndpointSpec, EndpointState, EngineKind, Role, Tier};
 pub use error::{CoreError, RouteError};
 pub use estimate::LoadEstimate;
-pub use observe::{KvEvent, KvEventBatch, MetricsSample};
+pub use keys::KeyScope;
+pub use observe::{BlockExtra, KvEvent, KvEventBatch, MetricsSample};
 pub use request::{
     Decision, DecisionReason, FailureKind, OracleView, Outcome, Phase, PromptKeys, RoutingRequest,
     TrueLoad,
 };
-pub use router::{EndpointView, Router, SeqCheck};
+pub use router::{ApproximateReason, EndpointView, FinishReport, IndexMode, Router, SeqCheck};

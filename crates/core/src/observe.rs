@@ -50,6 +50,9 @@ pub enum KvEvent {
         block_size: u32,
         /// Adapter whose KV this is.
         lora_name: Option<String>,
+        /// Per block, what the engine hashed besides the tokens (vLLM's `extra_keys`); may be
+        /// shorter than `block_hashes` (missing entries have none).
+        extra_keys: Vec<BlockExtra>,
         /// Where the blocks live.
         tier: Tier,
     },
@@ -62,6 +65,46 @@ pub enum KvEvent {
     },
     /// The engine dropped its whole cache (reset, restart).
     AllBlocksCleared,
+}
+
+/// What an engine folded into one block's hash besides its tokens, as the router needs it.
+///
+/// vLLM publishes these untagged (`extra_keys`), so the adapter decides what each value is: the
+/// cache salt (only ever on a chain's first block) becomes [`BlockExtra::cache_salt`], and
+/// anything else (multimodal input hashes, prompt-embedding digests) is folded into
+/// [`BlockExtra::opaque`], which makes the block unmatchable by text requests, as it is in the
+/// engine.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BlockExtra {
+    /// The request's `cache_salt`, on the first block of a chain.
+    pub cache_salt: Option<String>,
+    /// Fingerprint of every other extra key; 0 when there is none.
+    pub opaque: u64,
+}
+
+impl BlockExtra {
+    /// Reads one block's untagged string extra keys as vLLM publishes them (adapter name, then
+    /// the cache salt on a request's first block): the adapter name is dropped (it is in
+    /// `lora_name`), a lone remaining string on the first block of a chain (`root_block`) is
+    /// the salt, and anything else is opaque.
+    pub fn from_untagged(values: &[String], root_block: bool, lora: Option<&str>) -> Self {
+        let rest: Vec<&str> = values
+            .iter()
+            .map(String::as_str)
+            .filter(|v| lora != Some(*v))
+            .collect();
+        match rest.as_slice() {
+            [] => Self::default(),
+            [salt] if root_block => Self {
+                cache_salt: Some((*salt).to_owned()),
+                opaque: 0,
+            },
+            other => Self {
+                cache_salt: None,
+                opaque: xxhash_rust::xxh3::xxh3_64(other.join("\u{0}").as_bytes()) | 1,
+            },
+        }
+    }
 }
 
 /// One published batch of events with its sequence number (consecutive per publisher).

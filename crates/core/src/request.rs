@@ -1,10 +1,10 @@
 //! What a routing call is about: the request as the router sees it, its prefix keys, the decision
 //! returned, and what the caller reports back afterwards.
 
-use kvgate_tokens::{BlockHasher, ExtraKeys};
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 use crate::endpoint::EndpointId;
+use crate::keys::{KeyScope, chain_keys};
 
 /// Bytes per approximate block when only text is known. 64: the Gateway API Inference Extension's
 /// prefix plugin hashes 64-character chunks, which at ~4 bytes per token is one 16-token vLLM
@@ -32,20 +32,21 @@ pub enum Phase {
 pub struct PromptKeys {
     /// Tokens per block of `precise` (and, approximately, of `approx`).
     pub block_size: u32,
-    /// vLLM's chained block keys (from [`BlockHasher`]), when the request was tokenized with the
-    /// engines' tokenizer and hash seed; matched against KV events.
+    /// The router's own chain over the request's token ids ([`crate::keys`]), when it has the
+    /// engines' token ids; matched against the keys learnt from KV events.
     pub precise: Option<Vec<u64>>,
     /// Router-only chained keys, matched against the router's own past decisions.
     pub approx: Vec<u64>,
 }
 
 impl PromptKeys {
-    /// Keys from token ids: vLLM's precise chain, reused as the approximate chain (one hashing
-    /// pass, and approximate matches then count real blocks).
-    pub fn precise(tokens: &[u32], hasher: &BlockHasher, extra: ExtraKeys<'_>) -> Self {
-        let keys = hasher.keys(tokens, extra);
+    /// Keys from the engines' token ids: the router's chain of `block_size`-token blocks in
+    /// `scope`, matched against event-learnt entries and reused as the approximate chain (one
+    /// hashing pass, and approximate matches then count real blocks).
+    pub fn from_tokens(tokens: &[u32], block_size: u32, scope: KeyScope<'_>) -> Self {
+        let keys = chain_keys(tokens, block_size, scope);
         Self {
-            block_size: hasher.block_size() as u32,
+            block_size,
             approx: keys.clone(),
             precise: Some(keys),
         }
@@ -193,6 +194,9 @@ pub struct Decision {
     pub reason: DecisionReason,
     /// Prefix blocks the index believes `primary` holds for this request.
     pub matched_blocks: u32,
+    /// Of those, the blocks `primary`'s KV events alone account for (whatever its trust), when
+    /// the request has a precise chain: the shadow prediction the cache contract checks.
+    pub precise_matched_blocks: Option<u32>,
     /// The cost model's predicted time to first token on `primary`, when computed.
     pub predicted_ttft_us: Option<u64>,
 }
@@ -260,14 +264,14 @@ mod tests {
     }
 
     #[test]
-    fn precise_keys_match_the_hasher() {
-        let h = BlockHasher::new("0", 4);
+    fn token_keys_are_the_router_chain() {
         let toks: Vec<u32> = (0..10).collect();
-        let k = PromptKeys::precise(&toks, &h, ExtraKeys::default());
+        let k = PromptKeys::from_tokens(&toks, 4, KeyScope::default());
         assert_eq!(
             k.precise.as_deref(),
-            Some(&h.keys(&toks, ExtraKeys::default())[..])
+            Some(&chain_keys(&toks, 4, KeyScope::default())[..])
         );
+        assert_eq!(k.precise.as_deref(), Some(&k.approx[..]));
         assert_eq!(k.num_blocks(), 2);
     }
 

@@ -29,10 +29,9 @@
 //! `AllBlocksCleared`: the endpoint's precise entries in every tier are dropped through the same
 //! path as that event, and its sequence tracking restarts, so the new stream is trusted from its
 //! batch 0 on. Merely untrusting it ([`Router::kv_stream_lost`]) is not enough: trust returns with
-//! the new stream's first batch and the dead process's blocks would match again. Approximate
-//! entries are kept: they are the router's own bookings, bounded by their TTL, count for a
-//! trusted endpoint only within the short grace window, and those booked since the engine came
-//! back are true; the index cannot tell the two apart.
+//! the new stream's first batch and the dead process's blocks would match again. The
+//! endpoint's approximate entries go too (its cache is empty, so the router's guesses about it
+//! are void), and so do its engine-hash aliases ([`crate::engine_keys`]).
 //! Accepted risk: a replayed `BlockStored` for a block whose removal was in an already applied
 //! newer batch resurrects that block until it is stored or cleared again; replay is rare and the
 //! error is one false prefix hit, which the engine's real cache absorbs as a miss. Membership
@@ -44,11 +43,15 @@ use std::collections::{BTreeMap, HashMap};
 use rand::RngCore;
 
 use crate::config::{RouterConfig, ScorerKind, Tuning};
+use crate::contract::{CacheContract, ContractChange, cacheable_tokens};
 use crate::cost::{self, HardwarePrior};
 use crate::endpoint::{EndpointId, EndpointSpec, EndpointState};
+use crate::engine_keys::EngineKeys;
 use crate::error::{CoreError, RouteError};
 use crate::estimate::{Booking, CalibrationParams, EndpointLoad, LoadEstimate};
-use crate::index::{IndexConfig, IndexMemory, PrefixIndex, PrefixQuery, PrefixSource};
+use crate::index::{
+    ApplyOutcome, IndexConfig, IndexMemory, PrefixIndex, PrefixQuery, PrefixSource, tier_bit,
+};
 use crate::observe::{KvEvent, KvEventBatch, MetricsSample};
 use crate::plugins::{self, Candidate, Filter, Needs, PickContext, Picker, Scorer};
 use crate::request::{
@@ -79,6 +82,63 @@ struct KvStream {
     expected: Option<u64>,
     gap: Option<(u64, u64)>,
     last_event_at_us: Option<u64>,
+    /// The stream is complete from its start (or resynced): its facts can be trusted.
+    events_ok: bool,
+}
+
+/// What one booked request predicted, for the cache contract when it finishes.
+#[derive(Clone, Copy, Debug)]
+struct BookedRequest {
+    ep: EndpointId,
+    /// Precise-only prediction of cached tokens (`None`: the request had no precise chain).
+    precise_cached_tokens: Option<u32>,
+    /// What routing predicted (precise and approximate), tokens.
+    predicted_cached_tokens: u32,
+    block_size: u32,
+}
+
+/// Which prefix tracking an endpoint is matched with, and why.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum IndexMode {
+    /// KV events, trusted: precise entries plus the router's own bookings.
+    Precise,
+    /// The router's own bookings only.
+    Approximate(ApproximateReason),
+}
+
+/// Why an endpoint is on approximate tracking.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ApproximateReason {
+    /// No complete KV-event stream (none configured, not started from sequence 0, a gap
+    /// replay could not fill, a disconnect).
+    NoEvents,
+    /// The engine's reported cached tokens disagree with the precise predictions.
+    Mismatch,
+}
+
+impl IndexMode {
+    /// The mode's label: `precise` or `approximate`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Precise => "precise",
+            Self::Approximate(_) => "approximate",
+        }
+    }
+}
+
+/// What the router learnt from a finished request (see [`Router::on_finish`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FinishReport {
+    /// The endpoint that served it.
+    pub endpoint: Option<EndpointId>,
+    /// Cached tokens routing predicted (precise and approximate entries).
+    pub predicted_cached_tokens: u32,
+    /// Cached tokens the precise index alone predicted, if the request had a precise chain.
+    pub precise_cached_tokens: Option<u32>,
+    /// Cached tokens the engine reported, if it did.
+    pub reported_cached_tokens: Option<u32>,
+    /// A change of the endpoint's cache contract, to be logged.
+    pub contract_change: Option<ContractChange>,
 }
 
 #[derive(Debug)]
@@ -88,6 +148,8 @@ struct Entry {
     added_at_us: u64,
     load: EndpointLoad,
     kv: KvStream,
+    engine_keys: EngineKeys,
+    contract: CacheContract,
     scrape_failures: u32,
     last_scrape_failure_at_us: Option<u64>,
     consecutive_failures: u32,
@@ -159,7 +221,9 @@ pub struct Router {
     /// Live endpoints in address order.
     order: BTreeMap<String, EndpointId>,
     index: PrefixIndex,
-    bookings: HashMap<u64, EndpointId>,
+    bookings: HashMap<u64, BookedRequest>,
+    /// Reused buffer for translated keys (no allocation per KV event).
+    scratch_keys: Vec<u64>,
     rotation: u64,
     clock_us: u64,
 }
@@ -201,7 +265,6 @@ impl Router {
         let index = PrefixIndex::new(IndexConfig {
             approx_capacity_blocks: t.approx_capacity_blocks,
             approx_ttl_us: t.approx_ttl_us,
-            approx_grace_us: t.approx_grace_us,
             precise_capacity_blocks: t.precise_capacity_blocks,
         });
         Ok(Self {
@@ -213,6 +276,7 @@ impl Router {
             order: BTreeMap::new(),
             index,
             bookings: HashMap::new(),
+            scratch_keys: Vec::new(),
             rotation: 0,
             clock_us: 0,
         })
@@ -296,6 +360,8 @@ impl Router {
             added_at_us: now_us,
             load: EndpointLoad::new(f64::from(self.tuning.default_prompt_tokens)),
             kv: KvStream::default(),
+            engine_keys: EngineKeys::default(),
+            contract: CacheContract::default(),
             scrape_failures: 0,
             last_scrape_failure_at_us: None,
             consecutive_failures: 0,
@@ -397,8 +463,13 @@ impl Router {
             return SeqCheck::Stale;
         }
         let seq = batch.seq;
+        // A stream may start at any number when nothing is known of the endpoint yet (the
+        // router joined an engine mid-stream): every fact from here on arrives, and a batch
+        // lost before the router knew anything cannot have removed a block the index holds.
+        // The history before it is welcome (replay), but the view is sound without it.
+        let fresh = e.engine_keys.is_empty() && self.index.precise_entries(id) == 0;
         let check = match e.kv.expected {
-            None if seq == 0 => SeqCheck::InOrder,
+            None if seq == 0 || fresh => SeqCheck::InOrder,
             None => SeqCheck::Gap {
                 expected: 0,
                 got: seq,
@@ -417,8 +488,12 @@ impl Router {
             SeqCheck::Stale => return check,
             SeqCheck::InOrder => {
                 if e.kv.expected.is_none() {
-                    // The stream starts at sequence 0: we have seen everything.
-                    self.index.set_trusted(id, true);
+                    // The stream starts here (at 0, or fresh): we will see everything from now.
+                    e.kv.events_ok = true;
+                    if seq > 0 {
+                        // Older batches the engine still buffers may come by replay.
+                        e.kv.gap = Some((0, seq));
+                    }
                 }
                 e.kv.expected = Some(seq + 1);
             }
@@ -428,10 +503,12 @@ impl Router {
                     None => (expected, got),
                 });
                 e.kv.expected = Some(got + 1);
-                self.index.set_trusted(id, false);
+                e.kv.events_ok = false;
             }
             SeqCheck::Replayed => {}
         }
+        let trusted = e.kv.events_ok && !e.contract.is_mismatch();
+        self.index.set_trusted(id, trusted);
         e.kv.last_event_at_us = Some(now_us);
         for ev in &batch.events {
             self.apply_kv_event(id, ev);
@@ -439,19 +516,57 @@ impl Router {
         check
     }
 
-    /// Applies one KV event of `id` to the index; the sequence check is the caller's.
+    /// Applies one KV event of `id` to the index, translating the engine's block hashes into
+    /// the router's keys ([`crate::engine_keys`]); the sequence check is the caller's.
     fn apply_kv_event(&mut self, id: EndpointId, ev: &KvEvent) {
+        let Some(e) = self.slots.get_mut(id.0 as usize).and_then(Option::as_mut) else {
+            return;
+        };
+        let mut keys = std::mem::take(&mut self.scratch_keys);
         match ev {
             KvEvent::BlockStored {
-                block_hashes, tier, ..
+                block_hashes,
+                parent,
+                token_ids,
+                block_size,
+                lora_name,
+                extra_keys,
+                tier,
             } => {
-                // Overflow untrusts the endpoint inside the index.
-                self.index.store(id, block_hashes, *tier);
+                e.engine_keys.store(
+                    block_hashes,
+                    *parent,
+                    token_ids,
+                    *block_size,
+                    lora_name.as_deref(),
+                    extra_keys,
+                    tier_bit(*tier),
+                    &mut keys,
+                );
+                if self.index.store(id, &keys, *tier) == ApplyOutcome::Overflowed {
+                    // The index dropped the endpoint's precise view; the aliases go with it.
+                    e.engine_keys.clear();
+                    e.kv.events_ok = false;
+                }
             }
             KvEvent::BlockRemoved { block_hashes, tier } => {
-                self.index.remove(id, block_hashes, *tier)
+                e.engine_keys
+                    .remove(block_hashes, tier_bit(*tier), &mut keys);
+                self.index.remove(id, &keys, *tier);
             }
-            KvEvent::AllBlocksCleared => self.index.clear_precise(id),
+            KvEvent::AllBlocksCleared => {
+                e.engine_keys.clear();
+                self.index.clear_endpoint(id);
+            }
+        }
+        self.scratch_keys = keys;
+    }
+
+    /// Sets the index's trust of `id` from its stream state and its cache contract.
+    fn sync_trust(&mut self, id: EndpointId) {
+        if let Some(e) = self.slots.get(id.0 as usize).and_then(Option::as_ref) {
+            let ok = e.kv.events_ok && !e.contract.is_mismatch();
+            self.index.set_trusted(id, ok);
         }
     }
 
@@ -460,7 +575,8 @@ impl Router {
         self.tick(now_us);
         if let Some(e) = self.entry_mut(id) {
             e.kv.gap = None;
-            self.index.set_trusted(id, true);
+            e.kv.events_ok = true;
+            self.sync_trust(id);
         }
     }
 
@@ -471,8 +587,27 @@ impl Router {
         if let Some(e) = self.entry_mut(id) {
             e.kv.expected = None;
             e.kv.gap = None;
-            self.index.set_trusted(id, false);
+            e.kv.events_ok = false;
+            self.sync_trust(id);
         }
+    }
+
+    /// Which prefix tracking `id` is matched with now, if it is known.
+    pub fn kv_index_mode(&self, id: EndpointId) -> Option<IndexMode> {
+        let e = self.entry(id)?;
+        Some(if e.contract.is_mismatch() {
+            IndexMode::Approximate(ApproximateReason::Mismatch)
+        } else if e.kv.events_ok && self.index.is_trusted(id) {
+            IndexMode::Precise
+        } else {
+            IndexMode::Approximate(ApproximateReason::NoEvents)
+        })
+    }
+
+    /// Engine-hash aliases held for `id` and blocks skipped for an unknown parent.
+    pub fn engine_key_stats(&self, id: EndpointId) -> Option<(usize, u64)> {
+        self.entry(id)
+            .map(|e| (e.engine_keys.len(), e.engine_keys.orphans()))
     }
 
     /// The KV event publisher of `id` restarted (its sequence numbers went back to 0): the engine
@@ -490,6 +625,11 @@ impl Router {
         }
         self.kv_stream_lost(id, now_us);
         self.apply_kv_event(id, &KvEvent::AllBlocksCleared);
+        if let Some(e) = self.entry_mut(id) {
+            // A new engine process: old disagreements say nothing about it.
+            e.contract.reset();
+        }
+        self.sync_trust(id);
     }
 
     // ------------------------------------------------------------ decisions
@@ -733,6 +873,11 @@ impl Router {
                 .collect(),
             reason,
             matched_blocks: chosen.matched_blocks.max(chosen.approx_matched_blocks),
+            precise_matched_blocks: req
+                .keys
+                .precise
+                .as_deref()
+                .map(|chain| self.index.precise_prefix(chosen.id, chain)),
             predicted_ttft_us,
         })
     }
@@ -743,7 +888,7 @@ impl Router {
     pub fn book(&mut self, now_us: u64, req: &RoutingRequest, decision: &Decision) {
         self.tick(now_us);
         if let Some(prev) = self.bookings.remove(&req.id) {
-            self.release(prev, req.id, now_us);
+            self.release(prev.ep, req.id, now_us);
         }
         let id = decision.primary;
         let t = &self.tuning;
@@ -783,7 +928,22 @@ impl Router {
         if let Some(e) = self.entry_mut(id) {
             e.load.book(req.id, booking, alpha);
         }
-        self.bookings.insert(req.id, id);
+        let bs = req.keys.block_size;
+        self.bookings.insert(
+            req.id,
+            BookedRequest {
+                ep: id,
+                precise_cached_tokens: decision
+                    .precise_matched_blocks
+                    .map(|b| cacheable_tokens(b, bs, req.prompt_tokens)),
+                predicted_cached_tokens: cacheable_tokens(
+                    decision.matched_blocks,
+                    bs,
+                    req.prompt_tokens,
+                ),
+                block_size: bs,
+            },
+        );
         self.index.expire_approx(id, now_us);
         let keys = &req.keys.approx[..req.keys.approx.len().min(max_blocks)];
         self.index.touch_approx(id, keys, now_us);
@@ -803,7 +963,7 @@ impl Router {
     pub fn on_first_token(&mut self, req_id: u64, now_us: u64) {
         self.tick(now_us);
         let p = self.calibration();
-        let Some(&id) = self.bookings.get(&req_id) else {
+        let Some(id) = self.bookings.get(&req_id).map(|b| b.ep) else {
             return;
         };
         if let Some(e) = self.entry_mut(id)
@@ -822,12 +982,21 @@ impl Router {
         b
     }
 
-    /// `req_id` finished: releases its booking and calibrates decode speed from its TPOT.
-    pub fn on_finish(&mut self, req_id: u64, now_us: u64, outcome: &Outcome) {
+    /// `req_id` finished: releases its booking, calibrates decode speed from its TPOT and
+    /// checks the cache contract ([`crate::contract`]) with the engine's reported cached tokens.
+    pub fn on_finish(&mut self, req_id: u64, now_us: u64, outcome: &Outcome) -> FinishReport {
         self.tick(now_us);
         let p = self.calibration();
-        let Some(id) = self.bookings.remove(&req_id) else {
-            return;
+        let Some(b) = self.bookings.remove(&req_id) else {
+            return FinishReport::default();
+        };
+        let id = b.ep;
+        let mut report = FinishReport {
+            endpoint: Some(id),
+            predicted_cached_tokens: b.predicted_cached_tokens,
+            precise_cached_tokens: b.precise_cached_tokens,
+            reported_cached_tokens: outcome.cached_tokens,
+            contract_change: None,
         };
         if let Some(e) = self.entry_mut(id) {
             e.consecutive_failures = 0;
@@ -836,15 +1005,28 @@ impl Router {
                 let raw = e.prior.decode_step_us(f64::from(est.running));
                 EndpointLoad::calibrate(&mut e.load.decode_speed, tpot as f64, raw, p);
             }
+            // Judge the precise view only while its stream is complete: with a known gap it
+            // is already distrusted, and its holes would read as the keys' fault.
+            if let (Some(predicted), Some(reported), true) = (
+                b.precise_cached_tokens,
+                outcome.cached_tokens,
+                e.kv.events_ok,
+            ) {
+                report.contract_change = e.contract.record(predicted, reported, b.block_size);
+            }
+        }
+        if report.contract_change.is_some() {
+            self.sync_trust(id);
         }
         self.release(id, req_id, now_us);
+        report
     }
 
     /// `req_id` failed: releases its booking and penalises the endpoint (exponential backoff,
     /// capped) unless the client cancelled.
     pub fn on_failure(&mut self, req_id: u64, now_us: u64, kind: FailureKind) {
         self.tick(now_us);
-        let Some(id) = self.bookings.remove(&req_id) else {
+        let Some(id) = self.bookings.remove(&req_id).map(|b| b.ep) else {
             return;
         };
         let (base, max) = (
@@ -893,9 +1075,16 @@ impl Router {
         self.bookings.len()
     }
 
-    /// Memory accounting of the prefix index.
+    /// Memory accounting of the prefix index, engine-hash aliases included (`heap_bytes`).
     pub fn index_memory(&self) -> IndexMemory {
-        self.index.memory()
+        let mut m = self.index.memory();
+        m.heap_bytes += self
+            .slots
+            .iter()
+            .flatten()
+            .map(|e| e.engine_keys.heap_bytes())
+            .sum::<usize>();
+        m
     }
 }
 
@@ -903,29 +1092,30 @@ impl Router {
 mod tests {
     use super::*;
     use crate::endpoint::Tier;
+    use crate::testing::{label_keys, label_stored_after};
+    use rand::SeedableRng;
 
-    fn stored(seq: u64, keys: &[u64], tier: Tier) -> KvEventBatch {
+    /// A batch storing the label chain `labels` after the published chain `prefix`.
+    fn stored_after(seq: u64, prefix: &[u64], labels: &[u64], tier: Tier) -> KvEventBatch {
         KvEventBatch {
             seq,
             ts: 0.0,
-            events: vec![KvEvent::BlockStored {
-                block_hashes: keys.to_vec(),
-                parent: None,
-                token_ids: vec![],
-                block_size: 16,
-                lora_name: None,
-                tier,
-            }],
+            events: vec![label_stored_after(prefix, labels, 16, tier)],
             data_parallel_rank: None,
         }
     }
 
-    /// Longest precise-or-best match of `keys` per endpoint, as `pick` sees it.
-    fn matched(r: &Router, keys: &[u64], id: EndpointId) -> u32 {
+    fn stored(seq: u64, labels: &[u64], tier: Tier) -> KvEventBatch {
+        stored_after(seq, &[], labels, tier)
+    }
+
+    /// Longest precise-or-best match of the label chain `labels` per endpoint, as `pick` sees it.
+    fn matched(r: &Router, labels: &[u64], id: EndpointId) -> u32 {
+        let keys = label_keys(labels, 16);
         r.index
             .longest_prefixes(&PrefixQuery {
-                precise: Some(keys),
-                approx: keys,
+                precise: keys.precise.as_deref(),
+                approx: &keys.approx,
                 now_us: r.clock_us,
                 source: PrefixSource::Best,
             })
@@ -954,7 +1144,7 @@ mod tests {
             SeqCheck::InOrder
         );
         assert_eq!(
-            r.observe_kv_batch(e, 2, &stored(1, &offloaded, Tier::Cpu)),
+            r.observe_kv_batch(e, 2, &stored_after(1, &old, &offloaded, Tier::Cpu)),
             SeqCheck::InOrder
         );
         assert_eq!(
@@ -991,7 +1181,7 @@ mod tests {
         );
         assert!(r.index.is_trusted(e));
         assert_eq!(
-            r.observe_kv_batch(e, 12, &stored(1, &[102], Tier::Gpu)),
+            r.observe_kv_batch(e, 12, &stored_after(1, &fresh, &[102], Tier::Gpu)),
             SeqCheck::InOrder
         );
         assert_eq!(matched(&r, &all, e), 0, "the old cache stays forgotten");
@@ -1010,5 +1200,110 @@ mod tests {
         assert_eq!(r.index.precise_entries(ids[1]), 2);
         assert!(r.index.is_trusted(ids[1]));
         assert_eq!(r.endpoints().count(), 1);
+    }
+
+    fn routed(id: u64, labels: &[u64]) -> RoutingRequest {
+        RoutingRequest::new(
+            id,
+            "m",
+            labels.len() as u32 * 16 + 1,
+            label_keys(labels, 16),
+        )
+    }
+
+    /// The index is keyed by the router's chain; engine hashes are only aliases learnt from
+    /// `BlockStored`, so a chain published in two events and partly removed resolves right.
+    #[test]
+    fn engine_hashes_are_aliases_of_the_router_chain() {
+        let (mut r, ids) = router_with(2);
+        let e = ids[0];
+        let conv: Vec<u64> = (1..=6).collect();
+        r.observe_kv_batch(e, 1, &stored(0, &conv[..4], Tier::Gpu));
+        r.observe_kv_batch(e, 2, &stored_after(1, &conv[..4], &conv[4..], Tier::Gpu));
+        assert_eq!(matched(&r, &conv, e), 6);
+        let removed = KvEventBatch {
+            seq: 2,
+            ts: 0.0,
+            events: vec![crate::testing::label_removed(&conv, 2, 16, Tier::Gpu)],
+            data_parallel_rank: None,
+        };
+        r.observe_kv_batch(e, 3, &removed);
+        assert_eq!(matched(&r, &conv, e), 4);
+        assert_eq!(r.engine_key_stats(e), Some((4, 0)));
+        assert_eq!(r.kv_index_mode(e), Some(IndexMode::Precise));
+    }
+
+    /// The cache contract: persistent over-prediction puts the endpoint on approximate
+    /// tracking (the mode says why), and agreement brings it back.
+    #[test]
+    fn persistent_shortfall_is_a_mismatch_and_agreement_recovers() {
+        let (mut r, ids) = router_with(1);
+        let e = ids[0];
+        let conv: Vec<u64> = (1..=4).collect();
+        r.observe_kv_batch(e, 1, &stored(0, &conv, Tier::Gpu));
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+        let mut change = None;
+        for i in 0..8 {
+            let q = routed(i, &conv);
+            let d = r.pick(10, &q, &mut rng, None).unwrap();
+            assert_eq!(d.precise_matched_blocks, Some(4));
+            r.book(10, &q, &d);
+            let out = Outcome {
+                cached_tokens: Some(0),
+                ..Default::default()
+            };
+            change = r.on_finish(i, 11, &out).contract_change.or(change);
+        }
+        assert!(matches!(change, Some(ContractChange::Mismatch { .. })));
+        assert_eq!(
+            r.kv_index_mode(e),
+            Some(IndexMode::Approximate(ApproximateReason::Mismatch))
+        );
+        assert!(!r.index.is_trusted(e));
+        let mut change = None;
+        for i in 100..100 + crate::contract::WINDOW as u64 {
+            let q = routed(i, &conv);
+            let d = r.pick(20, &q, &mut rng, None).unwrap();
+            r.book(20, &q, &d);
+            let out = Outcome {
+                cached_tokens: Some(64),
+                ..Default::default()
+            };
+            change = r.on_finish(i, 21, &out).contract_change.or(change);
+        }
+        assert_eq!(change, Some(ContractChange::Recovered));
+        assert_eq!(r.kv_index_mode(e), Some(IndexMode::Precise));
+    }
+
+    /// A wrong tokenizer: the engine publishes blocks under tokens the router never computes,
+    /// so no precise entry ever matches; the router's own bookings still keep a conversation on
+    /// its holder (never worse than approximate tracking).
+    #[test]
+    fn blind_precise_view_still_keeps_conversations_on_their_holder() {
+        let (mut r, ids) = router_with(4);
+        for (i, &id) in ids.iter().enumerate() {
+            // Every endpoint streams events (trusted), for unrelated token blocks.
+            r.observe_kv_batch(id, 1, &stored(0, &[9_000 + i as u64], Tier::Gpu));
+        }
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let turn1: Vec<u64> = (1..=8).collect();
+        let q = routed(1, &turn1);
+        let d = r.pick(10, &q, &mut rng, None).unwrap();
+        r.book(10, &q, &d);
+        r.on_finish(1, 500_000, &Outcome::default());
+        let holder = d.primary;
+        // Much later (past any short grace), the next turn extends the conversation; the
+        // endpoints are equally idle and freshly scraped.
+        for &id in &ids {
+            r.observe_metrics(id, 29_990_000, &MetricsSample::default());
+        }
+        let mut turn2 = turn1.clone();
+        turn2.extend(20..24);
+        let d2 = r
+            .pick(30_000_000, &routed(2, &turn2), &mut rng, None)
+            .unwrap();
+        assert_eq!(d2.primary, holder);
+        assert_eq!(d2.precise_matched_blocks, Some(0));
+        assert_eq!(d2.matched_blocks, 8);
     }
 }

@@ -4,9 +4,10 @@ use std::collections::BTreeMap;
 
 use kvgate_core::config::POLICY_NAMES;
 use kvgate_core::plugins::{Candidate, MaxScorePicker, PickContext, Scorer};
+use kvgate_core::testing::{label_keys, label_stored};
 use kvgate_core::{
-    DecisionReason, EndpointId, EndpointSpec, EndpointState, FailureKind, KvEvent, KvEventBatch,
-    MetricsSample, OracleView, Outcome, Phase, PromptKeys, Role, RouteError, Router, RouterConfig,
+    DecisionReason, EndpointId, EndpointSpec, EndpointState, FailureKind, KvEventBatch,
+    MetricsSample, OracleView, Outcome, Phase, Role, RouteError, Router, RouterConfig,
     RoutingRequest, SeqCheck, Tier, TrueLoad,
 };
 use proptest::prelude::*;
@@ -128,14 +129,7 @@ fn build(policy: &str, eps: &[EpDesc], order: &[usize]) -> (Router, Vec<Endpoint
         let batch = KvEventBatch {
             seq: 0,
             ts: 0.0,
-            events: vec![KvEvent::BlockStored {
-                block_hashes: chain(d.holds),
-                parent: None,
-                token_ids: vec![],
-                block_size: 16,
-                lora_name: None,
-                tier: Tier::Gpu,
-            }],
+            events: vec![label_stored(&chain(d.holds), 16, Tier::Gpu)],
             data_parallel_rank: None,
         };
         r.observe_kv_batch(id, 10, &batch);
@@ -149,16 +143,11 @@ fn build(policy: &str, eps: &[EpDesc], order: &[usize]) -> (Router, Vec<Endpoint
 }
 
 fn request(d: &ReqDesc, ids: &[EndpointId], id: u64) -> RoutingRequest {
-    let keys = chain(d.blocks);
     let mut req = RoutingRequest::new(
         id,
         format!("m{}", d.model),
         d.blocks as u32 * 16 + 5,
-        PromptKeys {
-            block_size: 16,
-            precise: Some(keys.clone()),
-            approx: keys,
-        },
+        label_keys(&chain(d.blocks), 16),
     );
     req.lora = d.lora.map(|l| format!("a{l}"));
     req.phase = phase(d.phase);
@@ -286,32 +275,18 @@ fn fleet(policy: &str, n: usize) -> (Router, Vec<EndpointId>) {
     (r, ids)
 }
 
-fn req(id: u64, keys: Vec<u64>) -> RoutingRequest {
-    let n = keys.len() as u32;
-    RoutingRequest::new(
-        id,
-        "m",
-        n * 16,
-        PromptKeys {
-            block_size: 16,
-            precise: Some(keys.clone()),
-            approx: keys,
-        },
-    )
+/// A request whose prompt is the label chain `labels` ([`kvgate_core::testing`]).
+fn req(id: u64, labels: Vec<u64>) -> RoutingRequest {
+    let n = labels.len() as u32;
+    RoutingRequest::new(id, "m", n * 16, label_keys(&labels, 16))
 }
 
-fn stored(seq: u64, keys: Vec<u64>) -> KvEventBatch {
+/// A batch storing the label chain `labels` from its root.
+fn stored(seq: u64, labels: Vec<u64>) -> KvEventBatch {
     KvEventBatch {
         seq,
         ts: 0.0,
-        events: vec![KvEvent::BlockStored {
-            block_hashes: keys,
-            parent: None,
-            token_ids: vec![],
-            block_size: 16,
-            lora_name: None,
-            tier: Tier::Gpu,
-        }],
+        events: vec![label_stored(&labels, 16, Tier::Gpu)],
         data_parallel_rank: None,
     }
 }
@@ -557,14 +532,34 @@ fn kv_sequence_gaps_untrust_until_resync() {
     r.kv_resynced(e, 6);
     assert!(trusted(&r));
     assert_eq!(r.endpoints().find(|v| v.id == e).unwrap().precise_blocks, 5);
-    // A stream starting mid-sequence is a gap from 0.
+    // Joining a running engine: a stream starting mid-sequence on an endpoint the router knows
+    // nothing of is sound from there on (no lost batch can have removed a block it holds), and
+    // the engine's older batches are still welcome by replay.
     assert_eq!(
         r.observe_kv_batch(ids[1], 7, &stored(9, vec![1])),
+        SeqCheck::InOrder
+    );
+    assert!(
+        r.endpoints()
+            .find(|v| v.id == ids[1])
+            .unwrap()
+            .events_trusted
+    );
+    assert_eq!(
+        r.observe_kv_batch(ids[1], 7, &stored(3, vec![4])),
+        SeqCheck::Replayed
+    );
+    // But after a lost stream, an endpoint with known blocks that resumes mid-sequence may
+    // have missed their removal: a gap from 0 until a replay resyncs it.
+    r.kv_stream_lost(e, 8);
+    assert_eq!(
+        r.observe_kv_batch(e, 9, &stored(20, vec![7])),
         SeqCheck::Gap {
             expected: 0,
-            got: 9
+            got: 20
         }
     );
+    assert!(!trusted(&r));
 }
 
 #[test]
@@ -579,6 +574,7 @@ fn untrusted_endpoints_match_on_approximate_entries() {
         fallbacks: vec![],
         reason: DecisionReason::LeastCost,
         matched_blocks: 0,
+        precise_matched_blocks: None,
         predicted_ttft_us: None,
     };
     r.book(1, &q, &d);

@@ -12,7 +12,7 @@
 //!     kv_replay: tcp://10.0.0.7:5558     # optional: fill sequence gaps
 //!     models: [meta-llama/Llama-3.1-8B-Instruct]   # optional: otherwise learned from /v1/models
 //! scrape: { interval_ms: 100, timeout_ms: 1000 }
-//! kv_events: { block_size: 16, hash_seed: "0" }
+//! kv_events: { block_size: 16, listen: tcp://0.0.0.0:5557 }
 //! limits: { max_body_bytes: 33554432, header_read_timeout_ms: 10000, body_read_timeout_ms: 30000,
 //!           idle_timeout_ms: 60000, upstream_connect_timeout_ms: 2000 }
 //! retry: { max_attempts: 3 }
@@ -73,11 +73,6 @@ pub const CONFIG_POLL_INTERVAL_MS: u64 = 1_000;
 /// vLLM's default KV block size in tokens, used until an engine reports its own via
 /// `vllm:cache_config_info{block_size}`.
 pub const DEFAULT_BLOCK_SIZE: u32 = 16;
-
-/// Hash seed (`PYTHONHASHSEED`) assumed for vLLM's sha256_cbor block hashes: the value the
-/// precise-prefix-routing guides tell operators to set. Engines do not report it, so a fleet with
-/// another seed must say so in `kv_events.hash_seed`.
-pub const DEFAULT_HASH_SEED: &str = "0";
 
 /// Default policy: kvgate's own cost-based scheduler.
 pub const DEFAULT_POLICY: &str = "kvgate";
@@ -144,7 +139,7 @@ struct RawScrape {
 #[serde(deny_unknown_fields)]
 struct RawKvEvents {
     block_size: Option<u32>,
-    hash_seed: Option<String>,
+    listen: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -261,8 +256,9 @@ pub struct GatewayConfig {
     pub scrape_timeout_ms: u64,
     /// Block size used for prompt keys until engines report theirs.
     pub block_size: u32,
-    /// Hash seed of the engines' block hashes.
-    pub hash_seed: String,
+    /// Where to bind the SUB socket that engines' KV-event publishers connect to
+    /// (`kv_events.listen` / `--kv-events-listen`); endpoints are told apart by topic.
+    pub kv_events_listen: Option<String>,
     /// Connection and body limits.
     pub limits: Limits,
     /// Attempts per request (≥ 1).
@@ -290,7 +286,7 @@ impl Default for GatewayConfig {
             scrape_interval_ms: kvgate_signals::scrape::DEFAULT_SCRAPE_INTERVAL_MS,
             scrape_timeout_ms: kvgate_signals::scrape::DEFAULT_SCRAPE_TIMEOUT_MS,
             block_size: DEFAULT_BLOCK_SIZE,
-            hash_seed: DEFAULT_HASH_SEED.into(),
+            kv_events_listen: None,
             limits: Limits::default(),
             max_attempts: DEFAULT_MAX_ATTEMPTS,
             objectives: BTreeMap::new(),
@@ -316,6 +312,8 @@ pub struct Overrides {
     pub kv_events: Vec<String>,
     /// `--kv-replay`, paired with `endpoints` by position.
     pub kv_replay: Vec<String>,
+    /// `--kv-events-listen`.
+    pub kv_events_listen: Option<String>,
     /// `--model`: models every flag-given endpoint serves (else learned).
     pub models: Vec<String>,
     /// `--policy`.
@@ -507,6 +505,28 @@ impl GatewayConfig {
         if block_size == 0 {
             return Err(invalid("kv_events.block_size", "must be positive"));
         }
+        let kv_events_listen = flags.kv_events_listen.clone().or(raw.kv_events.listen);
+        if let Some(l) = &kv_events_listen
+            && !l.starts_with("tcp://")
+        {
+            return Err(invalid(
+                "kv_events.listen",
+                format!("{l:?}: expected tcp://host:port"),
+            ));
+        }
+        if kv_events_listen.is_none()
+            && let Some(e) = endpoints
+                .iter()
+                .find(|e| e.kv_replay.is_some() && e.kv_events.is_none())
+        {
+            return Err(invalid(
+                "endpoints.kv_replay",
+                format!(
+                    "{}: kv_replay needs kv_events, or kv_events.listen (--kv-events-listen) for engines that connect",
+                    e.address
+                ),
+            ));
+        }
         let max_attempts = raw.retry.max_attempts.unwrap_or(d.max_attempts);
         if max_attempts == 0 {
             return Err(invalid("retry.max_attempts", "must be at least 1"));
@@ -520,7 +540,7 @@ impl GatewayConfig {
             scrape_interval_ms,
             scrape_timeout_ms,
             block_size,
-            hash_seed: raw.kv_events.hash_seed.unwrap_or(d.hash_seed),
+            kv_events_listen,
             limits,
             max_attempts,
             objectives: raw.priority.objectives,
@@ -552,12 +572,6 @@ fn endpoint_from_raw(r: RawEndpoint) -> Result<EndpointConfig, GatewayError> {
         {
             return Err(invalid(field, format!("{v:?}: expected tcp://host:port")));
         }
-    }
-    if r.kv_replay.is_some() && r.kv_events.is_none() {
-        return Err(invalid(
-            "endpoints.kv_replay",
-            format!("{}: kv_replay needs kv_events", r.url),
-        ));
     }
     let relative_cost = r.relative_cost.unwrap_or(1.0);
     if !(relative_cost.is_finite() && relative_cost > 0.0) {

@@ -20,8 +20,20 @@
 //! KV-event subscriber (with replay); both send [`Observation`]s to one channel. An endpoint
 //! whose signals stop is not removed: the core ages its view (confidence decays with signal
 //! age) and failed scrapes are reported to it. Block size and KV capacity come from the engines'
-//! `vllm:cache_config_info` (discovery, then every scrape); the hash seed cannot be learned and
-//! is configured (default `"0"`).
+//! `vllm:cache_config_info` (discovery, then every scrape). Prompt keys are the router's own
+//! chain over token ids (`kvgate_core::keys`), so no engine hash seed or algorithm is needed.
+//! KV events arrive either through a SUB socket the gateway connects per endpoint (engines whose
+//! publisher binds) or through one listening SUB socket (`kv_events.listen`) that engines
+//! connect to, demultiplexed by topic; both run on one libzmq reactor thread
+//! (`kvgate_signals::transport`).
+//!
+//! **Block size.** Prompt keys are computed for one block size, the engines' (the first size an
+//! engine reports; a fleet mixing sizes is warned about, and its other endpoints are matched by
+//! the router's own bookings only, since their event keys are chained over different blocks).
+//!
+//! **Cache contract.** Every finished request's reported `cached_tokens` is checked against the
+//! precise prediction (`kvgate_core::contract`); a change of an endpoint's contract state is
+//! logged at WARN with the word "mismatch", and counted in metrics.
 //!
 //! **Membership.** Endpoints are added at once with what the config says, then discovered in the
 //! background (`/v1/models`, `/metrics`), retried with backoff until the engine answers; the
@@ -35,13 +47,16 @@ use std::time::Duration;
 
 use kvgate_core::endpoint::{EndpointId, EndpointSpec};
 use kvgate_core::request::{Decision, FailureKind, Outcome, PromptKeys, RoutingRequest};
-use kvgate_core::{RouteError, Router, RouterConfig, SeqCheck};
+use kvgate_core::{ContractChange, KeyScope, RouteError, Router, RouterConfig, SeqCheck};
 use kvgate_signals::clock::{Clock, MonotonicClock};
 use kvgate_signals::discover::{DISCOVER_TIMEOUT_MS, DiscoverError, EndpointFacts, discover};
 use kvgate_signals::observation::Observation;
 use kvgate_signals::scrape::{ScrapeConfig, spawn_scraper};
-use kvgate_signals::subscribe::{KvSubscribeConfig, spawn_kv_subscriber};
-use kvgate_tokens::{BlockHasher, ChatMessage, ExtraKeys, HfTokenizer, Tokenizer, render_chat};
+use kvgate_signals::subscribe::{
+    DEFAULT_REPLAY_TIMEOUT_MS, KvListener, KvSubscribeConfig, KvSubscriber, spawn_kv_subscriber,
+};
+use kvgate_signals::transport::{DEFAULT_MAX_MESSAGE_BYTES, KvTransport};
+use kvgate_tokens::{ChatMessage, HfTokenizer, Tokenizer, render_chat};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use tokio::sync::mpsc;
@@ -49,7 +64,7 @@ use tokio::task::AbortHandle;
 
 use crate::GatewayError;
 use crate::config::{EndpointConfig, GatewayConfig, PolicyChoice};
-use crate::metrics::{EndpointLabels, GatewayMetrics, SignalLabels};
+use crate::metrics::{EndpointLabels, GatewayMetrics, ModeLabels, SignalLabels};
 use crate::openai::{ParsedRequest, Prompt};
 
 /// Capacity of the observation channel. At a 100 ms scrape interval and a KV batch per engine
@@ -127,6 +142,8 @@ pub struct Member {
     /// When its last KV-event batch arrived (clock µs; 0 = never).
     pub last_kv_us: Arc<AtomicU64>,
     tasks: Vec<AbortHandle>,
+    /// Its KV-event subscriber (owns the socket or the listener registration).
+    kv: Option<KvSubscriber>,
 }
 
 impl Member {
@@ -158,6 +175,9 @@ impl Drop for Member {
     fn drop(&mut self) {
         for t in &self.tasks {
             t.abort();
+        }
+        if let Some(kv) = &self.kv {
+            kv.abort();
         }
     }
 }
@@ -213,8 +233,10 @@ pub struct Control {
     members: RwLock<Members>,
     clock: Arc<MonotonicClock>,
     tokenizer: Tokenizer,
-    hash_seed: String,
-    hasher: RwLock<BlockHasher>,
+    /// Tokens per block of prompt keys: the engines' (see the module docs).
+    block_size: std::sync::atomic::AtomicU32,
+    kv_transport: KvTransport,
+    kv_listener: Option<KvListener>,
     objectives: BTreeMap<String, i32>,
     scrape_interval_ms: u64,
     scrape_timeout_ms: u64,
@@ -259,6 +281,20 @@ impl Control {
             }
         };
         let (obs_tx, obs_rx) = mpsc::channel(OBSERVATION_CHANNEL_CAPACITY);
+        let kv_transport = KvTransport::start(DEFAULT_MAX_MESSAGE_BYTES);
+        let kv_listener = match &cfg.kv_events_listen {
+            None => None,
+            Some(address) => {
+                let l = KvListener::bind(&kv_transport, address).map_err(|reason| {
+                    GatewayError::InvalidConfig {
+                        field: "kv_events.listen",
+                        reason,
+                    }
+                })?;
+                tracing::info!(%address, "listening for KV events (topic kv@<host>:<port>@<model>)");
+                Some(l)
+            }
+        };
         let control = Arc::new(Self {
             state: Mutex::new(RouterState {
                 router,
@@ -269,8 +305,9 @@ impl Control {
             members: RwLock::new(Members::default()),
             clock: Arc::new(MonotonicClock::new()),
             tokenizer,
-            hash_seed: cfg.hash_seed.clone(),
-            hasher: RwLock::new(BlockHasher::new(&cfg.hash_seed, cfg.block_size as usize)),
+            block_size: std::sync::atomic::AtomicU32::new(cfg.block_size),
+            kv_transport,
+            kv_listener,
             objectives: cfg.objectives.clone(),
             scrape_interval_ms: cfg.scrape_interval_ms,
             scrape_timeout_ms: cfg.scrape_timeout_ms,
@@ -338,6 +375,10 @@ impl Control {
                     }
                     member.tasks = self.spawn_signals(cfg);
                     member.tasks.extend(discovery);
+                    if let Some(old) = member.kv.take() {
+                        old.abort();
+                    }
+                    member.kv = self.spawn_kv(cfg);
                 }
                 continue;
             }
@@ -350,9 +391,11 @@ impl Control {
                 last_metrics_us: Arc::new(AtomicU64::new(0)),
                 last_kv_us: Arc::new(AtomicU64::new(0)),
                 tasks: Vec::new(),
+                kv: None,
             };
             member.id = st.router.add_endpoint(now, member.spec());
             member.tasks = self.spawn_signals(cfg);
+            member.kv = self.spawn_kv(cfg);
             member.tasks.push(
                 tokio::spawn(Self::discover_loop(
                     Arc::downgrade(self),
@@ -390,7 +433,7 @@ impl Control {
         let mut scrape = ScrapeConfig::new(format!("{}/metrics", cfg.base_url()), cfg.engine);
         scrape.interval_ms = self.scrape_interval_ms;
         scrape.timeout_ms = self.scrape_timeout_ms;
-        let mut tasks = vec![
+        let tasks = vec![
             spawn_scraper(
                 scrape,
                 cfg.address.clone(),
@@ -399,13 +442,34 @@ impl Control {
             )
             .abort_handle(),
         ];
-        if let Some(pub_endpoint) = &cfg.kv_events {
-            let mut kv = KvSubscribeConfig::new(pub_endpoint.clone());
-            kv.replay_endpoint = cfg.kv_replay.clone();
-            let sub = spawn_kv_subscriber(kv, cfg.address.clone(), clock, self.obs_tx.clone());
-            tasks.push(sub.handle.abort_handle());
-        }
         tasks
+    }
+
+    /// The KV-event subscriber of an endpoint: connected to its own PUB socket, or registered
+    /// with the listening socket by its address (the topic names it).
+    fn spawn_kv(&self, cfg: &EndpointConfig) -> Option<KvSubscriber> {
+        let clock: Arc<dyn Clock> = self.clock.clone();
+        match (&cfg.kv_events, &self.kv_listener) {
+            (Some(pub_endpoint), _) => {
+                let mut kv = KvSubscribeConfig::new(pub_endpoint.clone());
+                kv.replay_endpoint = cfg.kv_replay.clone();
+                Some(spawn_kv_subscriber(
+                    &self.kv_transport,
+                    kv,
+                    cfg.address.clone(),
+                    clock,
+                    self.obs_tx.clone(),
+                ))
+            }
+            (None, Some(listener)) => Some(listener.subscribe(
+                cfg.address.clone(),
+                cfg.kv_replay.clone(),
+                DEFAULT_REPLAY_TIMEOUT_MS,
+                clock,
+                self.obs_tx.clone(),
+            )),
+            (None, None) => None,
+        }
     }
 
     async fn discover_loop(control: std::sync::Weak<Self>, address: String) {
@@ -506,23 +570,18 @@ impl Control {
         }
     }
 
-    /// Adopts an engine-reported block size for prompt keys (first report wins a change).
+    /// Adopts an engine-reported block size for prompt keys.
     fn learn_block_size(&self, block_size: Option<u32>) {
         let Some(bs) = block_size.filter(|b| *b > 0) else {
             return;
         };
-        let current = self
-            .hasher
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .block_size();
-        if current != bs as usize {
+        let current = self.block_size.swap(bs, Ordering::Relaxed);
+        if current != bs {
             tracing::info!(
                 block_size = bs,
+                previous = current,
                 "using the engines' KV block size for prompt keys"
             );
-            *self.hasher.write().unwrap_or_else(|p| p.into_inner()) =
-                BlockHasher::new(&self.hash_seed, bs as usize);
         }
     }
 
@@ -634,6 +693,26 @@ impl Control {
                 })
                 .set(i64::try_from(member.in_flight.load(Ordering::Relaxed)).unwrap_or(i64::MAX));
         }
+        let modes: Vec<(String, &'static str)> = {
+            let st = self.lock();
+            m.by_address
+                .iter()
+                .filter_map(|(a, member)| {
+                    Some((a.clone(), st.router.kv_index_mode(member.id)?.as_str()))
+                })
+                .collect()
+        };
+        for (endpoint, mode) in modes {
+            for candidate in ["precise", "approximate"] {
+                self.metrics
+                    .kv_index_mode
+                    .get_or_create(&ModeLabels {
+                        endpoint: endpoint.clone(),
+                        mode: candidate,
+                    })
+                    .set(i64::from(candidate == mode));
+            }
+        }
     }
 
     /// Whether some endpoint is ready to serve: discovered (or configured with models) and not
@@ -715,14 +794,14 @@ impl Control {
         session_id: Option<&str>,
     ) -> Option<RoutingRequest> {
         let (model, lora) = self.resolve_model(&parsed.model)?;
-        let extra = ExtraKeys {
-            lora_name: lora.as_deref(),
+        let scope = KeyScope {
+            lora: lora.as_deref(),
             cache_salt: parsed.cache_salt.as_deref(),
         };
         let (prompt_tokens, keys) = match self.tokenize(&parsed.prompt) {
             Some(tokens) => {
-                let hasher = self.hasher.read().unwrap_or_else(|p| p.into_inner());
-                (tokens.len(), PromptKeys::precise(&tokens, &hasher, extra))
+                let bs = self.block_size.load(Ordering::Relaxed);
+                (tokens.len(), PromptKeys::from_tokens(&tokens, bs, scope))
             }
             None => {
                 let text = match &parsed.prompt {
@@ -816,6 +895,7 @@ impl Control {
             fallbacks: Vec::new(),
             reason: prior.reason,
             matched_blocks: 0,
+            precise_matched_blocks: None,
             predicted_ttft_us: None,
         };
         self.lock().router.book(self.now_us(), req, &d);
@@ -828,10 +908,53 @@ impl Control {
         self.lock().router.on_first_token(req_id, now);
     }
 
-    /// Reports a finished request.
+    /// Reports a finished request, and checks the cache contract with its reported cached
+    /// tokens (see the module docs).
     pub fn on_finish(&self, req_id: u64, outcome: &Outcome) {
         let now = self.now_us();
-        self.lock().router.on_finish(req_id, now, outcome);
+        let report = self.lock().router.on_finish(req_id, now, outcome);
+        let Some(id) = report.endpoint else {
+            return;
+        };
+        let Some(address) = self.address_of(id) else {
+            return;
+        };
+        if let Some(reported) = report.reported_cached_tokens {
+            let labels = EndpointLabels {
+                endpoint: address.to_string(),
+            };
+            self.metrics
+                .cached_tokens_predicted
+                .get_or_create(&labels)
+                .inc_by(u64::from(report.predicted_cached_tokens));
+            self.metrics
+                .cached_tokens_reported
+                .get_or_create(&labels)
+                .inc_by(u64::from(reported));
+        }
+        match report.contract_change {
+            Some(ContractChange::Mismatch {
+                shortfalls,
+                excesses,
+                predicted_tokens,
+                reported_tokens,
+            }) => tracing::warn!(
+                endpoint = %address,
+                shortfalls,
+                excesses,
+                window = kvgate_core::contract::WINDOW,
+                predicted_tokens,
+                reported_tokens,
+                "KV cache mismatch: the engine's reported cached tokens disagree with the KV-event \
+                 index (different tokenizer or chat template, block size, or another engine's \
+                 events?); approximate prefix tracking for this endpoint until they agree"
+            ),
+            Some(ContractChange::Recovered) => tracing::warn!(
+                endpoint = %address,
+                "KV cache predictions agree with the engine again; precise prefix tracking resumed"
+            ),
+            None => {}
+        }
     }
 
     /// Reports a failed attempt (the core penalises the endpoint by `kind`).

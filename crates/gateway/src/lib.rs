@@ -110,6 +110,11 @@ pub struct RoutingFlags {
     /// KV-event replay (ZMQ ROUTER) endpoint of the --endpoint at the same position.
     #[arg(long = "kv-replay")]
     pub kv_replay: Vec<String>,
+    /// Bind one ZMQ SUB socket here (tcp://host:port) for engines whose KV-event publisher
+    /// connects to it (vLLM with a concrete `endpoint` address); each engine's topic
+    /// `kv@<host>:<port>@<model>` names its --endpoint.
+    #[arg(long = "kv-events-listen")]
+    pub kv_events_listen: Option<String>,
     /// Models served by the --endpoint servers (default: learned from their /v1/models).
     #[arg(long = "model")]
     pub models: Vec<String>,
@@ -132,6 +137,7 @@ impl RoutingFlags {
             endpoints: self.endpoints.clone(),
             kv_events: self.kv_events.clone(),
             kv_replay: self.kv_replay.clone(),
+            kv_events_listen: self.kv_events_listen.clone(),
             models: self.models.clone(),
             policy: self.policy.clone(),
             scrape_interval_ms: self.scrape_interval_ms,

@@ -63,6 +63,15 @@ pub struct SignalLabels {
     pub signal: &'static str,
 }
 
+/// Labels of `kvgate_gateway_kv_index_mode`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModeLabels {
+    /// Endpoint address.
+    pub endpoint: String,
+    /// `precise` or `approximate`.
+    pub mode: &'static str,
+}
+
 /// Buckets of the TTFT histogram, seconds: 5 ms to ~41 s in ×2 steps, covering a cached short
 /// prompt on an idle H100 up to a long prompt behind a deep queue.
 fn ttft_buckets() -> impl Iterator<Item = f64> {
@@ -102,6 +111,12 @@ pub struct GatewayMetrics {
     pub in_flight: Family<EndpointLabels, Gauge>,
     /// Client disconnects that cancelled an upstream request.
     pub client_cancellations: Counter,
+    /// 1 for each endpoint's current prefix-tracking mode, 0 for the other.
+    pub kv_index_mode: Family<ModeLabels, Gauge>,
+    /// Cached tokens routing predicted, for responses that reported cached tokens.
+    pub cached_tokens_predicted: Family<EndpointLabels, Counter>,
+    /// Cached tokens the engines reported, for the same responses.
+    pub cached_tokens_reported: Family<EndpointLabels, Counter>,
 }
 
 impl std::fmt::Debug for GatewayMetrics {
@@ -136,6 +151,24 @@ impl GatewayMetrics {
         let signal_age_seconds = Family::<SignalLabels, Gauge<f64, AtomicU64>>::default();
         let in_flight = Family::<EndpointLabels, Gauge>::default();
         let client_cancellations = Counter::default();
+        let kv_index_mode = Family::<ModeLabels, Gauge>::default();
+        let cached_tokens_predicted = Family::<EndpointLabels, Counter>::default();
+        let cached_tokens_reported = Family::<EndpointLabels, Counter>::default();
+        registry.register(
+            "kv_index_mode",
+            "Prefix tracking per endpoint: 1 on the current mode (precise: KV events trusted and agreeing with the engine's cached tokens; approximate: the router's own bookings)",
+            kv_index_mode.clone(),
+        );
+        registry.register(
+            "cached_tokens_predicted",
+            "Cached prompt tokens the router predicted, over responses that reported cached tokens",
+            cached_tokens_predicted.clone(),
+        );
+        registry.register(
+            "cached_tokens_reported",
+            "Cached prompt tokens the engines reported (usage.prompt_tokens_details.cached_tokens)",
+            cached_tokens_reported.clone(),
+        );
         registry.register(
             "requests",
             "Requests answered, by API and HTTP status",
@@ -210,6 +243,9 @@ impl GatewayMetrics {
             signal_age_seconds,
             in_flight,
             client_cancellations,
+            kv_index_mode,
+            cached_tokens_predicted,
+            cached_tokens_reported,
         }
     }
 

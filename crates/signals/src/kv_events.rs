@@ -24,7 +24,7 @@
 //! preallocates from untrusted length headers.
 
 use kvgate_core::endpoint::Tier;
-use kvgate_core::observe::{KvEvent, KvEventBatch};
+use kvgate_core::observe::{BlockExtra, KvEvent, KvEventBatch};
 use rmpv::Value;
 
 /// Maximum msgpack nesting accepted. The deepest legitimate path is
@@ -186,6 +186,7 @@ fn decode_event(value: &Value) -> Result<Option<KvEvent>, KvDecodeError> {
                     "lora_id",
                     "medium",
                     "lora_name",
+                    "extra_keys",
                 ],
             )?;
             let block_hashes = hashes(f.required(0, "block_hashes")?, "BlockStored.block_hashes")?;
@@ -207,12 +208,17 @@ fn decode_event(value: &Value) -> Result<Option<KvEvent>, KvDecodeError> {
                         .to_owned(),
                 ),
             };
+            let extra_keys = match f.optional(7) {
+                None => Vec::new(),
+                Some(v) => extra_keys(v, parent.is_none(), lora_name.as_deref())?,
+            };
             Ok(Some(KvEvent::BlockStored {
                 block_hashes,
                 parent,
                 token_ids,
                 block_size,
                 lora_name,
+                extra_keys,
                 tier,
             }))
         }
@@ -228,6 +234,53 @@ fn decode_event(value: &Value) -> Result<Option<KvEvent>, KvDecodeError> {
             Ok(None)
         }
     }
+}
+
+/// Reads `BlockStored.extra_keys`: per block, nil or a list of the values the engine hashed
+/// besides the tokens, *untagged* (vLLM hashes `("cache_salt", s)` but publishes `s`). What each
+/// value is must be inferred: on the first block of a chain (`root`), a lone string is the cache
+/// salt (vLLM salts only a request's first block); the adapter name, if repeated here, is
+/// already in `lora_name`; anything else (multimodal hashes, prompt-embedding digests) is
+/// folded into an opaque fingerprint that keeps the block from matching text prompts.
+fn extra_keys(v: &Value, root: bool, lora: Option<&str>) -> Result<Vec<BlockExtra>, KvDecodeError> {
+    let Value::Array(blocks) = v else {
+        return Err(KvDecodeError::WrongType {
+            what: "BlockStored.extra_keys",
+            expected: "array",
+        });
+    };
+    let mut out = Vec::with_capacity(blocks.len());
+    for (i, block) in blocks.iter().enumerate() {
+        let values: Vec<&Value> = match block {
+            Value::Nil => Vec::new(),
+            Value::Array(items) => items
+                .iter()
+                .filter(|x| lora.is_none() || x.as_str() != lora)
+                .collect(),
+            // A single bare value instead of a list: the same thing, one element.
+            other => vec![other],
+        };
+        let mut extra = BlockExtra::default();
+        match values.as_slice() {
+            [] => {}
+            [Value::String(s)] if root && i == 0 => {
+                extra.cache_salt = Some(s.as_str().map_or_else(
+                    || String::from_utf8_lossy(s.as_bytes()).into_owned(),
+                    str::to_owned,
+                ));
+            }
+            rest => {
+                let mut buf = Vec::new();
+                for x in rest {
+                    // Writing to a Vec cannot fail.
+                    let _ = rmpv::encode::write_value(&mut buf, x);
+                }
+                extra.opaque = xxhash_rust::xxh3::xxh3_64(&buf) | 1;
+            }
+        }
+        out.push(extra);
+    }
+    Ok(out)
 }
 
 /// Field access that works for both encodings: by position in an array, by name in a map.

@@ -24,6 +24,7 @@ pub mod observation;
 pub mod scrape;
 pub mod seq;
 pub mod subscribe;
+pub mod transport;
 
 pub use clock::{Clock, MonotonicClock};
 pub use discover::{DiscoverError, EndpointFacts, discover};
@@ -32,4 +33,8 @@ pub use metrics::{MetricsError, parse_metrics};
 pub use observation::{EndpointKey, Observation};
 pub use scrape::{ScrapeConfig, ScrapeError, spawn_scraper};
 pub use seq::{SeqOutcome, SeqTracker};
-pub use subscribe::{KvSubscribeConfig, KvSubscriber, KvSubscriberStats, spawn_kv_subscriber};
+pub use subscribe::{
+    KvListener, KvListenerStats, KvSubscribeConfig, KvSubscriber, KvSubscriberStats,
+    spawn_kv_subscriber, topic_endpoint,
+};
+pub use transport::{DEFAULT_MAX_MESSAGE_BYTES, KvTransport};

@@ -1,76 +1,87 @@
-//! The KV-event subscriber: one tokio task per publisher, turning a vLLM-style ZMQ PUB stream
-//! into ordered [`Observation::KvBatch`]es, with replay of lost batches.
+//! The KV-event subscriber: one tokio worker per endpoint, turning the engine's ZMQ PUB stream
+//! into ordered [`Observation::KvBatch`]es, with replay of what it missed.
 //!
 //! The router's precise prefix index is only as good as the event stream is complete: one lost
-//! `BlockRemoved` and it routes to blocks that are gone. So the subscriber numbers what it sees
-//! ([`SeqTracker`]) and, on a gap, asks the publisher's replay socket (a ZMQ ROUTER that keeps
-//! its recent batches) for the missing ones before delivering anything newer, so the router
-//! always applies batches in publisher order. Replay is done inline, bounded by a timeout:
-//! batches arriving meanwhile wait in the SUB socket's queue, which keeps ordering trivial. If
-//! replay is not configured or cannot supply every missing batch, the subscriber delivers what
-//! it could and reports [`Observation::KvGap`]; the router then falls back to approximate
-//! tracking for that pod. A batch that fails to decode is also a lost batch (replaying the same
-//! bytes would fail the same way), so it is counted, logged and reported as a one-batch gap;
-//! it never stops the loop.
+//! `BlockRemoved` and it routes to blocks that are gone. So the worker numbers what it sees
+//! ([`SeqTracker`]) and, on a gap, asks the engine's replay socket (a ZMQ ROUTER that keeps its
+//! recent batches) for the missing ones before delivering anything newer, so the router always
+//! applies batches in publisher order. Messages arriving meanwhile wait in the worker's queue,
+//! which keeps ordering trivial. If replay is not configured or cannot supply every missing
+//! batch, the worker delivers what it could and reports [`Observation::KvGap`]; the router then
+//! falls back to approximate tracking for that pod. A batch that fails to decode is a lost
+//! batch too (replaying the same bytes would fail the same way): counted, logged, reported as a
+//! one-batch gap; it never stops the loop.
 //!
-//! Publisher restarts are detected as described in [`crate::seq`] and reported with
-//! [`Observation::KvPublisherRestarted`] (the new engine process starts with an empty cache).
-//! The ZMQ SUB socket reconnects on its own when the publisher comes back; its disconnect
-//! notifications feed the restart detection. If the socket itself keeps failing, it is rebuilt.
+//! **Joining a running engine.** vLLM publishes only when its cache changes, with no heartbeat,
+//! so a router that starts after the engines were warmed would wait for the next change before
+//! it learns anything. With a replay address the worker therefore asks for the whole replay
+//! buffer at once when it starts (from sequence 0, accepting wherever the buffer begins), and
+//! then follows the live stream.
+//!
+//! **Restarts.** On a live stream nothing arrives twice and TCP keeps order, so a sequence
+//! number that goes *back* (below what was expected, and not a batch a replay already
+//! delivered) means the publisher restarted or the router reconnected to a new process: the
+//! worker reports [`Observation::KvPublisherRestarted`] (a new engine process has an empty
+//! cache) and replays the new stream from 0. Disconnects reported by the transport make the
+//! next lower number a restart as well.
+//!
+//! **Two ways in** (see [`crate::transport`] for who binds): [`spawn_kv_subscriber`] connects
+//! one SUB socket to an engine that binds its PUB (`tcp://*:P` in vLLM's config), and
+//! [`KvListener`] binds one SUB socket that every engine's PUB connects to, telling endpoints
+//! apart by topic. The topic convention is llm-d's `kv@<host>:<port>@<model>`, where
+//! `host:port` is the endpoint's address as the router knows it (its `--endpoint` URL); a topic
+//! naming only a host (`kv@<host>@<model>`) matches the one endpoint on that host, if there is
+//! exactly one. A message whose topic names no known endpoint is counted and logged (at most
+//! every 10 s), never applied to another endpoint.
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use futures::StreamExt;
 use kvgate_core::observe::KvEventBatch;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use zeromq::{
-    DealerSocket, Socket, SocketEvent, SocketOptions, SocketRecv, SocketSend, SubSocket, ZmqMessage,
-};
 
 use crate::clock::Clock;
-use crate::kv_events::{
-    KvDecodeError, REPLAY_END_SEQ, decode_event_batch, decode_frames, decode_seq,
-};
+use crate::kv_events::{KvDecodeError, decode_event_batch, decode_frames, decode_seq};
 use crate::observation::{EndpointKey, Observation};
 use crate::seq::{SeqOutcome, SeqTracker};
+use crate::transport::{
+    KvTransport, RawMessage, SocketHandle, SubEvent, TopicRoute, replay_blocking,
+};
 
 /// Default bound on one replay exchange (connect, request, all replies). vLLM answers from memory
 /// in well under a millisecond per batch; one second covers thousands of buffered batches while
 /// holding back live delivery for at most that long when the replay socket is unreachable.
 pub const DEFAULT_REPLAY_TIMEOUT_MS: u64 = 1_000;
 
-/// Default bound on establishing the SUB connection before the attempt is retried from a fresh
-/// socket. Short, because the retry loop (with backoff) is ours and logs each failure.
-pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 2_000;
+/// Messages queued per endpoint between the socket and its worker. A worker only falls behind
+/// while it replays (≤ the replay timeout); 4,096 engine steps is far more than a second of them.
+const WORKER_QUEUE: usize = 4_096;
 
-/// First delay before rebuilding a failed SUB socket; doubled per consecutive failure up to
-/// [`RECONNECT_BACKOFF_MAX_MS`], so a dead publisher costs a handful of attempts per minute.
-const RECONNECT_BACKOFF_MIN_MS: u64 = 100;
+/// Attempts of the start-up replay when the replay socket does not answer yet (an engine that
+/// is still starting), one second apart; a stream that starts meanwhile makes them moot.
+const STARTUP_REPLAY_ATTEMPTS: u32 = 3;
 
-/// Ceiling of the reconnect backoff: a restarted engine is picked up within this long.
-const RECONNECT_BACKOFF_MAX_MS: u64 = 5_000;
+/// Least interval between two warnings of the same kind, so a misconfigured or hostile peer
+/// cannot flood the log.
+const WARN_INTERVAL: Duration = Duration::from_secs(10);
 
-/// Receive errors in a row after which the SUB socket is rebuilt instead of retried. One error
-/// is usually a peer hanging up (the socket reconnects by itself); several mean the socket is
-/// wedged.
-const MAX_CONSECUTIVE_RECV_ERRORS: u32 = 3;
-
-/// Where to subscribe.
+/// Where one endpoint's events come from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KvSubscribeConfig {
-    /// The publisher's PUB endpoint, e.g. `tcp://10.0.0.7:5557`.
+    /// The publisher's PUB endpoint to connect to (connect mode), e.g. `tcp://10.0.0.7:5557`;
+    /// empty when the endpoint publishes to a [`KvListener`].
     pub pub_endpoint: String,
     /// The publisher's replay (ROUTER) endpoint, if it has one.
     pub replay_endpoint: Option<String>,
-    /// ZMQ topic prefix to subscribe to (`""` for all).
+    /// ZMQ topic prefix to accept (`""` for all). Connect mode only.
     pub topic_filter: String,
     /// Bound on one replay exchange, in milliseconds.
     pub replay_timeout_ms: u64,
-    /// Bound on connecting the SUB socket, in milliseconds.
+    /// Kept for configuration compatibility: libzmq connects asynchronously and retries by
+    /// itself, so there is no connect step to bound.
     pub connect_timeout_ms: u64,
 }
 
@@ -82,7 +93,7 @@ impl KvSubscribeConfig {
             replay_endpoint: None,
             topic_filter: String::new(),
             replay_timeout_ms: DEFAULT_REPLAY_TIMEOUT_MS,
-            connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT_MS,
+            connect_timeout_ms: 2_000,
         }
     }
 }
@@ -102,34 +113,52 @@ pub struct KvSubscriberStats {
     pub gaps_reported: AtomicU64,
     /// Publisher restarts detected.
     pub restarts: AtomicU64,
-    /// Times the SUB socket was (re)built after the first.
+    /// Disconnects reported by the transport.
     pub socket_rebuilds: AtomicU64,
 }
 
 /// A running subscriber.
 #[derive(Debug)]
 pub struct KvSubscriber {
-    /// The task; it ends when the router drops its receiver, or when aborted.
+    /// The worker task; it ends when the router drops its receiver, or when aborted.
     pub handle: JoinHandle<()>,
     /// Live counters.
     pub stats: Arc<KvSubscriberStats>,
+    /// Keeps the connect-mode socket (or the listener registration) alive.
+    _socket: Option<SocketHandle>,
+    _registration: Option<Registration>,
 }
 
 impl KvSubscriber {
-    /// Stops the task.
+    /// Stops the task (and closes its socket or registration).
     pub fn abort(&self) {
         self.handle.abort();
     }
 }
 
-/// Subscribes to `cfg.pub_endpoint` and sends what it learns about `endpoint` on `tx`.
-///
-/// Must be called within a tokio runtime.
+/// Connects to `cfg.pub_endpoint` (an engine whose PUB binds) and sends what it learns about
+/// `endpoint` on `tx`. Must be called within a tokio runtime.
 pub fn spawn_kv_subscriber(
+    transport: &KvTransport,
     cfg: KvSubscribeConfig,
     endpoint: EndpointKey,
     clock: Arc<dyn Clock>,
     tx: mpsc::Sender<Observation>,
+) -> KvSubscriber {
+    let (events_tx, events_rx) = mpsc::channel(WORKER_QUEUE);
+    let socket = transport.connect(&cfg.pub_endpoint, events_tx);
+    let mut sub = spawn_worker(transport, cfg, endpoint, clock, tx, events_rx);
+    sub._socket = Some(socket);
+    sub
+}
+
+fn spawn_worker(
+    transport: &KvTransport,
+    cfg: KvSubscribeConfig,
+    endpoint: EndpointKey,
+    clock: Arc<dyn Clock>,
+    tx: mpsc::Sender<Observation>,
+    events: mpsc::Receiver<SubEvent>,
 ) -> KvSubscriber {
     let stats = Arc::new(KvSubscriberStats::default());
     let worker = Worker {
@@ -139,10 +168,198 @@ pub fn spawn_kv_subscriber(
         tx,
         stats: Arc::clone(&stats),
         tracker: SeqTracker::new(),
+        transport: transport.clone(),
+        replay_high: None,
+        last_warn: None,
     };
     KvSubscriber {
-        handle: tokio::spawn(worker.run()),
+        handle: tokio::spawn(worker.run(events)),
         stats,
+        _socket: None,
+        _registration: None,
+    }
+}
+
+/// Counters of a [`KvListener`].
+#[derive(Debug, Default)]
+pub struct KvListenerStats {
+    /// Messages whose topic named no registered endpoint (dropped).
+    pub unknown_topic: AtomicU64,
+    /// Messages with no readable topic frame (dropped).
+    pub malformed: AtomicU64,
+    /// Messages dropped because an endpoint's worker queue was full.
+    pub dropped_full: AtomicU64,
+}
+
+struct Router {
+    table: RwLock<HashMap<String, mpsc::Sender<SubEvent>>>,
+    stats: Arc<KvListenerStats>,
+    last_warn: std::sync::Mutex<Option<Instant>>,
+    address: String,
+}
+
+/// The endpoint a topic names: `kv@<host>:<port>@<model>` → `host:port`, or `kv@<host>@…` →
+/// `host` (matched when unambiguous). Anything else is taken whole.
+pub fn topic_endpoint(topic: &str) -> &str {
+    let mut parts = topic.splitn(3, '@');
+    match (parts.next(), parts.next()) {
+        (Some("kv"), Some(address)) => address,
+        _ => topic,
+    }
+}
+
+impl Router {
+    fn lookup(&self, topic: &str) -> Option<mpsc::Sender<SubEvent>> {
+        let name = topic_endpoint(topic);
+        let table = self.table.read().unwrap_or_else(|p| p.into_inner());
+        if let Some(tx) = table.get(name) {
+            return Some(tx.clone());
+        }
+        if !name.contains(':') {
+            let mut hits = table
+                .iter()
+                .filter(|(k, _)| k.rsplit_once(':').is_some_and(|(h, _)| h == name));
+            if let (Some((_, tx)), None) = (hits.next(), hits.next()) {
+                return Some(tx.clone());
+            }
+        }
+        None
+    }
+
+    fn warn(&self, what: &str, topic: &str) {
+        let mut last = self.last_warn.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_none_or(|t| t.elapsed() >= WARN_INTERVAL) {
+            *last = Some(Instant::now());
+            let known: Vec<String> = self
+                .table
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .keys()
+                .cloned()
+                .collect();
+            tracing::warn!(
+                listen = %self.address,
+                topic,
+                known_endpoints = ?known,
+                unknown_topic_total = self.stats.unknown_topic.load(Ordering::Relaxed),
+                "{what}: KV events dropped (topics must be kv@<host>:<port>@<model> with host:port as in --endpoint)"
+            );
+        }
+    }
+}
+
+impl TopicRoute for Router {
+    fn route(&self, message: RawMessage) {
+        let Some(topic) = message.first().and_then(|t| std::str::from_utf8(t).ok()) else {
+            self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+            self.warn("KV-event message without a UTF-8 topic", "");
+            return;
+        };
+        let topic = topic.to_owned();
+        match self.lookup(&topic) {
+            Some(tx) => {
+                if tx.try_send(SubEvent::Message(message)).is_err() {
+                    self.stats.dropped_full.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            None => {
+                self.stats.unknown_topic.fetch_add(1, Ordering::Relaxed);
+                self.warn("KV-event topic names no known endpoint", &topic);
+            }
+        }
+    }
+}
+
+/// One SUB socket bound where engines' PUB sockets connect (vLLM's `kv_events_config.endpoint`
+/// set to this concrete address), demultiplexed by topic. See the module docs.
+#[derive(Clone)]
+pub struct KvListener {
+    router: Arc<Router>,
+    transport: KvTransport,
+    _socket: Arc<SocketHandle>,
+}
+
+impl std::fmt::Debug for KvListener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvListener")
+            .field("address", &self.router.address)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Removes an endpoint from a listener's topic table when dropped.
+struct Registration {
+    router: Arc<Router>,
+    key: String,
+}
+
+impl std::fmt::Debug for Registration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registration")
+            .field("key", &self.key)
+            .finish()
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.router
+            .table
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.key);
+    }
+}
+
+impl KvListener {
+    /// Binds `address` (e.g. `tcp://0.0.0.0:5557`).
+    pub fn bind(transport: &KvTransport, address: &str) -> Result<Self, String> {
+        let router = Arc::new(Router {
+            table: RwLock::new(HashMap::new()),
+            stats: Arc::new(KvListenerStats::default()),
+            last_warn: std::sync::Mutex::new(None),
+            address: address.to_owned(),
+        });
+        let socket = transport.bind(address, router.clone())?;
+        Ok(Self {
+            router,
+            transport: transport.clone(),
+            _socket: Arc::new(socket),
+        })
+    }
+
+    /// Live counters.
+    pub fn stats(&self) -> Arc<KvListenerStats> {
+        Arc::clone(&self.router.stats)
+    }
+
+    /// Starts the worker of `endpoint` (its `host:port`), fed by messages whose topic names it;
+    /// `replay_endpoint` is its replay socket, if any.
+    pub fn subscribe(
+        &self,
+        endpoint: EndpointKey,
+        replay_endpoint: Option<String>,
+        replay_timeout_ms: u64,
+        clock: Arc<dyn Clock>,
+        tx: mpsc::Sender<Observation>,
+    ) -> KvSubscriber {
+        let (events_tx, events_rx) = mpsc::channel(WORKER_QUEUE);
+        self.router
+            .table
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(endpoint.clone(), events_tx);
+        let cfg = KvSubscribeConfig {
+            replay_endpoint,
+            replay_timeout_ms,
+            ..KvSubscribeConfig::new("")
+        };
+        let mut sub = spawn_worker(&self.transport, cfg, endpoint.clone(), clock, tx, events_rx);
+        sub._registration = Some(Registration {
+            router: Arc::clone(&self.router),
+            key: endpoint,
+        });
+        sub
     }
 }
 
@@ -156,80 +373,92 @@ struct Worker {
     tx: mpsc::Sender<Observation>,
     stats: Arc<KvSubscriberStats>,
     tracker: SeqTracker,
+    transport: KvTransport,
+    /// Highest sequence number a replay delivered: live copies at or below it are duplicates.
+    replay_high: Option<u64>,
+    last_warn: Option<Instant>,
 }
 
 impl Worker {
-    async fn run(mut self) {
-        let mut backoff_ms = RECONNECT_BACKOFF_MIN_MS;
-        let mut first = true;
+    async fn run(mut self, mut events: mpsc::Receiver<SubEvent>) {
+        if self.startup_replay(&mut events).await.is_err() {
+            return;
+        }
         loop {
-            if !first {
-                self.stats.socket_rebuilds.fetch_add(1, Ordering::Relaxed);
-                self.tracker.note_reconnect();
-            }
-            first = false;
-            let mut options = SocketOptions::default();
-            options.connect_timeout(Duration::from_millis(self.cfg.connect_timeout_ms));
-            let mut socket = SubSocket::with_options(options);
-            let mut monitor = socket.monitor();
-            let connected = async {
-                socket.subscribe(&self.cfg.topic_filter).await?;
-                socket.connect(&self.cfg.pub_endpoint).await
-            }
-            .await;
-            if let Err(error) = connected {
-                tracing::warn!(endpoint = %self.endpoint, %error, backoff_ms, "KV publisher connect failed");
-                tokio::time::sleep(Duration::from_millis(backoff_ms)).await;
-                backoff_ms = (backoff_ms * 2).min(RECONNECT_BACKOFF_MAX_MS);
-                if self.tx.is_closed() {
-                    return;
-                }
-                continue;
-            }
-            backoff_ms = RECONNECT_BACKOFF_MIN_MS;
-            let mut monitor_open = true;
-            let mut recv_errors = 0u32;
-            loop {
-                tokio::select! {
-                    event = monitor.next(), if monitor_open => match event {
-                        Some(SocketEvent::Disconnected(_)) => {
-                            tracing::info!(endpoint = %self.endpoint, "KV publisher disconnected");
-                            self.tracker.note_reconnect();
+            tokio::select! {
+                event = events.recv() => match event {
+                    Some(SubEvent::Message(frames)) => {
+                        if self.on_message(frames).await.is_err() {
+                            return;
                         }
-                        Some(_) => {}
-                        None => monitor_open = false,
-                    },
-                    message = socket.recv() => match message {
-                        Ok(message) => {
-                            recv_errors = 0;
-                            if self.on_message(message).await.is_err() {
-                                return;
-                            }
-                        }
-                        Err(error) => {
-                            recv_errors += 1;
-                            self.tracker.note_reconnect();
-                            tracing::warn!(endpoint = %self.endpoint, %error, recv_errors, "KV SUB receive failed");
-                            if recv_errors >= MAX_CONSECUTIVE_RECV_ERRORS {
-                                break;
-                            }
-                            tokio::time::sleep(Duration::from_millis(RECONNECT_BACKOFF_MIN_MS)).await;
-                        }
-                    },
-                    () = self.tx.closed() => return,
-                }
+                    }
+                    Some(SubEvent::Disconnected) => {
+                        self.stats.socket_rebuilds.fetch_add(1, Ordering::Relaxed);
+                        tracing::info!(endpoint = %self.endpoint, "KV publisher disconnected");
+                        self.tracker.note_reconnect();
+                    }
+                    None => return,
+                },
+                () = self.tx.closed() => return,
             }
         }
     }
 
-    async fn on_message(&mut self, message: ZmqMessage) -> Result<(), Closed> {
+    /// Loads the engine's replay buffer before following the live stream (see the module docs).
+    async fn startup_replay(
+        &mut self,
+        events: &mut mpsc::Receiver<SubEvent>,
+    ) -> Result<(), Closed> {
+        let Some(endpoint) = self.cfg.replay_endpoint.clone() else {
+            return Ok(());
+        };
+        for attempt in 1..=STARTUP_REPLAY_ATTEMPTS {
+            match self.fetch(&endpoint, 0, u64::MAX, true).await {
+                Ok(batches) => {
+                    for (seq, batch) in batches {
+                        self.tracker.advance_past(seq);
+                        self.replay_high = Some(seq);
+                        let at = self.clock.now_us();
+                        self.deliver(batch, at).await?;
+                    }
+                    return Ok(());
+                }
+                Err(error) => {
+                    tracing::debug!(endpoint = %self.endpoint, %error, attempt, "start-up KV replay failed");
+                }
+            }
+            // A live batch arriving means the stream is up; its own handling replays if needed.
+            if !events.is_empty() {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        tracing::warn!(endpoint = %self.endpoint, replay = %endpoint, "KV replay socket did not answer at start-up; following the live stream only");
+        Ok(())
+    }
+
+    async fn on_message(&mut self, frames: RawMessage) -> Result<(), Closed> {
         let received_at_us = self.clock.now_us();
-        let frames = message.into_vec();
-        let refs: Vec<&[u8]> = frames.iter().map(Bytes::as_ref).collect();
+        let refs: Vec<&[u8]> = frames.iter().map(Vec::as_slice).collect();
         match decode_frames(&refs) {
             Ok((_topic, seq, batch)) => self.on_batch(seq, batch, received_at_us).await,
             Err(error) => self.on_undecodable(&refs, error).await,
         }
+    }
+
+    /// Classifies a live sequence number. A number below the expectation that no replay
+    /// delivered is a restart (see the module docs), never a reason to drop the rest forever.
+    fn classify(&mut self, seq: u64) -> SeqOutcome {
+        if let Some(expected) = self.tracker.expected()
+            && seq < expected
+        {
+            if self.replay_high.is_some_and(|h| seq <= h) {
+                // The live copy of a batch a replay already delivered.
+                return SeqOutcome::Stale { expected, got: seq };
+            }
+            self.tracker.note_reconnect();
+        }
+        self.tracker.observe(seq)
     }
 
     async fn on_batch(
@@ -238,21 +467,20 @@ impl Worker {
         batch: KvEventBatch,
         received_at_us: u64,
     ) -> Result<(), Closed> {
-        match self.tracker.observe(seq) {
-            // Joining a running publisher: everything before `seq` is unknown to the router.
-            // The replay buffer may still reach back to 0, which gives a complete view.
-            SeqOutcome::First if seq > 0 => self.recover(0, seq).await?,
+        match self.classify(seq) {
+            // Joining a running publisher: the replay buffer may still reach back.
+            SeqOutcome::First if seq > 0 => self.recover(0, seq, true).await?,
             SeqOutcome::First | SeqOutcome::InOrder => {}
             SeqOutcome::Stale { expected, got } => {
                 self.stats.stale.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(endpoint = %self.endpoint, expected, got, "dropping stale KV batch");
+                tracing::debug!(endpoint = %self.endpoint, expected, got, "dropping duplicate KV batch");
                 return Ok(());
             }
-            SeqOutcome::Gap { expected, got } => self.recover(expected, got).await?,
+            SeqOutcome::Gap { expected, got } => self.recover(expected, got, false).await?,
             SeqOutcome::Restart { expected, got } => {
                 self.announce_restart(expected, got).await?;
                 if got > 0 {
-                    self.recover(0, got).await?;
+                    self.recover(0, got, true).await?;
                 }
             }
         }
@@ -265,32 +493,46 @@ impl Worker {
         error: KvDecodeError,
     ) -> Result<(), Closed> {
         let count = self.stats.decode_errors.fetch_add(1, Ordering::Relaxed) + 1;
-        tracing::warn!(endpoint = %self.endpoint, %error, decode_errors = count, "undecodable KV event message");
+        if self.may_warn() {
+            tracing::warn!(endpoint = %self.endpoint, %error, decode_errors = count, "undecodable KV event message");
+        }
         // Without a readable sequence number we cannot tell what was lost; the next good batch
         // will show a gap if anything was.
-        let Some(seq) = frames.get(1).and_then(|f| decode_seq(f).ok()) else {
-            return Ok(());
-        };
         if frames.len() != 3 {
             return Ok(());
         }
-        match self.tracker.observe(seq) {
+        let Ok(seq) = decode_seq(frames[1]) else {
+            return Ok(());
+        };
+        match self.classify(seq) {
             SeqOutcome::Stale { .. } => return Ok(()),
             SeqOutcome::Restart { expected, got } => {
                 self.announce_restart(expected, got).await?;
                 if got > 0 {
-                    self.recover(0, got).await?;
+                    self.recover(0, got, true).await?;
                 }
             }
-            SeqOutcome::Gap { expected, got } => self.recover(expected, got).await?,
+            SeqOutcome::Gap { expected, got } => self.recover(expected, got, false).await?,
             SeqOutcome::First | SeqOutcome::InOrder => {}
         }
         self.report_gap(seq, seq.saturating_add(1)).await
     }
 
+    /// Whether a warning may be logged now (at most one per [`WARN_INTERVAL`] per endpoint).
+    fn may_warn(&mut self) -> bool {
+        let ok = self.last_warn.is_none_or(|t| t.elapsed() >= WARN_INTERVAL);
+        if ok {
+            self.last_warn = Some(Instant::now());
+        }
+        ok
+    }
+
     async fn announce_restart(&mut self, expected: u64, got: u64) -> Result<(), Closed> {
         self.stats.restarts.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(endpoint = %self.endpoint, expected, got, "KV publisher restarted");
+        self.replay_high = None;
+        if self.may_warn() {
+            tracing::warn!(endpoint = %self.endpoint, expected, got, "KV publisher restarted (sequence went back): forgetting its cache");
+        }
         let at_us = self.clock.now_us();
         self.send(Observation::KvPublisherRestarted {
             endpoint: self.endpoint.clone(),
@@ -299,22 +541,57 @@ impl Worker {
         .await
     }
 
-    /// Batches `from..to` were missed: replay them if possible, else report the gap.
-    async fn recover(&mut self, from: u64, to: u64) -> Result<(), Closed> {
+    /// Asks the replay socket for `from..to` on the blocking pool; decoded, in order.
+    async fn fetch(
+        &self,
+        replay_endpoint: &str,
+        from: u64,
+        to: u64,
+        from_any: bool,
+    ) -> Result<Vec<(u64, KvEventBatch)>, String> {
+        let ctx = self.transport.context().clone();
+        let max = self.transport.max_message_bytes();
+        let timeout = Duration::from_millis(self.cfg.replay_timeout_ms);
+        let endpoint = replay_endpoint.to_owned();
+        let raw = tokio::task::spawn_blocking(move || {
+            replay_blocking(&ctx, &endpoint, from, to, from_any, timeout, max)
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+        let mut out = Vec::with_capacity(raw.len());
+        for r in raw {
+            match decode_event_batch(r.seq, &r.payload) {
+                Ok(b) => out.push((r.seq, b)),
+                Err(error) => {
+                    tracing::warn!(endpoint = %self.endpoint, seq = r.seq, %error, "replayed KV batch does not decode");
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Batches `from..to` were missed: replay them if possible, else report the gap. With
+    /// `from_any`, a replay buffer that starts after `from` is fine (the router knew nothing
+    /// of the older batches).
+    async fn recover(&mut self, from: u64, to: u64, from_any: bool) -> Result<(), Closed> {
         let Some(replay_endpoint) = self.cfg.replay_endpoint.clone() else {
             return self.report_gap(from, to).await;
         };
-        let timeout = Duration::from_millis(self.cfg.replay_timeout_ms);
-        let replayed = match replay(&replay_endpoint, from, to, timeout).await {
+        let replayed = match self.fetch(&replay_endpoint, from, to, from_any).await {
             Ok(batches) => batches,
             Err(error) => {
                 tracing::warn!(endpoint = %self.endpoint, %error, from, to, "KV replay failed");
                 Vec::new()
             }
         };
-        let complete = replayed.len() as u64 == to - from;
-        let delivered_up_to = from + replayed.len() as u64;
-        for batch in replayed {
+        let delivered_up_to = replayed.last().map_or(from, |(s, _)| s + 1);
+        // Joining (`from_any`), an empty answer loses nothing the router knew; otherwise the
+        // run must reach `to` (it starts at `from` by construction when not `from_any`).
+        let complete = delivered_up_to == to || (from_any && replayed.is_empty());
+        for (seq, batch) in replayed {
+            self.replay_high = Some(self.replay_high.map_or(seq, |h| h.max(seq)));
             let at_us = self.clock.now_us();
             self.deliver(batch, at_us).await?;
         }
@@ -331,7 +608,9 @@ impl Worker {
 
     async fn report_gap(&mut self, expected: u64, got: u64) -> Result<(), Closed> {
         self.stats.gaps_reported.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(endpoint = %self.endpoint, expected, got, "KV events lost");
+        if self.may_warn() {
+            tracing::warn!(endpoint = %self.endpoint, expected, got, "KV events lost");
+        }
         self.send(Observation::KvGap {
             endpoint: self.endpoint.clone(),
             expected,
@@ -355,77 +634,18 @@ impl Worker {
     }
 }
 
-/// Why a replay exchange failed.
-#[derive(Debug, thiserror::Error)]
-enum ReplayError {
-    #[error("replay did not finish within {timeout_ms} ms")]
-    Timeout { timeout_ms: u128 },
-    #[error("replay socket: {0}")]
-    Zmq(#[from] zeromq::ZmqError),
-    #[error("replay reply has {frames} frames, expected [\"\", seq, payload]")]
-    BadReply { frames: usize },
-    #[error("replay reply: {0}")]
-    Decode(#[from] KvDecodeError),
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// Asks a vLLM replay ROUTER for batches `from..to`, returning the contiguous run starting at
-/// `from` that it supplied (shorter than `to - from` if its buffer no longer reaches back, or a
-/// batch did not decode). Protocol: send `["", from (8 bytes BE)]`; receive `["", seq, payload]`
-/// per buffered batch with `seq >= from`, then `["", 0xFF×8, ""]`.
-async fn replay(
-    endpoint: &str,
-    from: u64,
-    to: u64,
-    timeout: Duration,
-) -> Result<Vec<KvEventBatch>, ReplayError> {
-    let exchange = async {
-        let mut options = SocketOptions::default();
-        options.connect_timeout(timeout);
-        let mut dealer = DealerSocket::with_options(options);
-        dealer.connect(endpoint).await?;
-        let request = ZmqMessage::try_from(vec![
-            Bytes::new(),
-            Bytes::copy_from_slice(&from.to_be_bytes()),
-        ])
-        .map_err(|_| ReplayError::BadReply { frames: 0 })?;
-        dealer.send(request).await?;
-        let mut batches = Vec::new();
-        loop {
-            let frames = dealer.recv().await?.into_vec();
-            let (seq_frame, payload) = match frames.as_slice() {
-                [empty, seq, payload] if empty.is_empty() => (seq, payload),
-                // Tolerate a server that omits the delimiter.
-                [seq, payload] => (seq, payload),
-                other => {
-                    return Err(ReplayError::BadReply {
-                        frames: other.len(),
-                    });
-                }
-            };
-            let seq = decode_seq(seq_frame)?;
-            let next = from + batches.len() as u64;
-            // Replies come in ascending order: the end marker, anything at or past `to` (which
-            // the live stream carries) or a hole means nothing more is useful. Returning at once
-            // drops the socket; the server's remaining sends to it are discarded by ZMQ, which
-            // matters when joining a long-running publisher whose buffer starts far past `from`.
-            if seq == REPLAY_END_SEQ || seq >= to || seq > next {
-                return Ok(batches);
-            }
-            if seq < next {
-                continue;
-            }
-            match decode_event_batch(seq, payload) {
-                Ok(batch) => batches.push(batch),
-                Err(error) => {
-                    tracing::warn!(seq, %error, "replayed KV batch does not decode");
-                    return Ok(batches);
-                }
-            }
-        }
-    };
-    tokio::time::timeout(timeout, exchange)
-        .await
-        .map_err(|_| ReplayError::Timeout {
-            timeout_ms: timeout.as_millis(),
-        })?
+    #[test]
+    fn topics_name_endpoints_as_llm_d_does() {
+        assert_eq!(
+            topic_endpoint("kv@10.0.0.7:8000@meta-llama/Llama-3.1-8B"),
+            "10.0.0.7:8000"
+        );
+        assert_eq!(topic_endpoint("kv@10.0.0.7@m"), "10.0.0.7");
+        assert_eq!(topic_endpoint("kv@[::1]:8000@m"), "[::1]:8000");
+        assert_eq!(topic_endpoint("plain"), "plain");
+    }
 }

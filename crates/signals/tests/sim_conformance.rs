@@ -11,8 +11,8 @@ use kvgate_core::endpoint::EngineKind;
 use kvgate_core::observe::KvEvent;
 use kvgate_engine::EngineConfig;
 use kvgate_signals::{
-    KvSubscribeConfig, MonotonicClock, Observation, ScrapeConfig, discover, spawn_kv_subscriber,
-    spawn_scraper,
+    KvSubscribeConfig, KvTransport, MonotonicClock, Observation, ScrapeConfig, discover,
+    spawn_kv_subscriber, spawn_scraper,
 };
 use kvgate_sim::{FleetConfig, KvEncoding, start_fleet};
 use tokio::sync::mpsc;
@@ -53,6 +53,7 @@ async fn run(encoding: KvEncoding) {
         tx.clone(),
     );
     let subscriber = spawn_kv_subscriber(
+        &KvTransport::start(kvgate_signals::DEFAULT_MAX_MESSAGE_BYTES),
         KvSubscribeConfig {
             replay_endpoint: Some(info.kv_replay_endpoint.clone()),
             topic_filter: info.kv_topic.clone(),
