@@ -152,11 +152,6 @@ fn bench_hashing(c: &mut Criterion) {
         g.bench_with_input(BenchmarkId::new("router_chain", tokens), &toks, |b, t| {
             b.iter(|| black_box(PromptKeys::from_tokens(t, BLOCK, KeyScope::default())))
         });
-        g.bench_with_input(
-            BenchmarkId::new("approx_xxh3_tokens", tokens),
-            &toks,
-            |b, t| b.iter(|| black_box(PromptKeys::approximate_from_tokens(t, BLOCK))),
-        );
         let text = vec![b'x'; tokens * 4];
         g.bench_with_input(
             BenchmarkId::new("approx_xxh3_bytes", tokens),

@@ -30,13 +30,6 @@ pub struct EngineKeys {
     orphans: u64,
 }
 
-/// A stored block translated to the router's key.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Translated {
-    /// The router's key.
-    pub key: u64,
-}
-
 impl EngineKeys {
     /// Aliases currently held.
     pub fn len(&self) -> usize {

@@ -223,10 +223,11 @@ pub enum PrefixSource {
 /// A prefix query.
 #[derive(Clone, Copy, Debug)]
 pub struct PrefixQuery<'a> {
-    /// The request's precise chain, if it has one.
-    pub precise: Option<&'a [u64]>,
-    /// The request's approximate chain.
-    pub approx: &'a [u64],
+    /// The request's chain of block keys.
+    pub chain: &'a [u64],
+    /// Whether the chain is over the engines' token ids, so entries learnt from KV events can
+    /// match it (else only the router's own approximate entries can).
+    pub precise: bool,
     /// Query time.
     pub now_us: u64,
     /// Which entries to use.
@@ -702,48 +703,17 @@ impl PrefixIndex {
         let trust = &self.trust;
         let trusted = |ep: u32| trust.get(ep as usize).copied().unwrap_or(false);
         let approx_any = |h: &Holder| self.approx_fresh(h, now, ttl).then_some(true);
-        let precise = match (q.source, q.precise) {
-            (PrefixSource::Best, Some(p)) => p,
-            _ => {
-                self.walk(q.approx, &mut out.blocks, &mut out.gpu_blocks, approx_any);
-                return out;
-            }
-        };
-        let trusted_accept = |h: &Holder| {
-            if h.flags & TIERS != 0 {
-                Some(h.flags & GPU != 0)
-            } else {
-                None
-            }
-        };
-        if precise == q.approx {
-            self.walk(precise, &mut out.blocks, &mut out.gpu_blocks, |h| {
-                if trusted(h.ep) {
-                    trusted_accept(h).or_else(|| self.approx_fresh(h, now, ttl).then_some(true))
-                } else {
-                    approx_any(h)
-                }
-            });
+        if q.source == PrefixSource::ApproxOnly || !q.precise {
+            self.walk(q.chain, &mut out.blocks, &mut out.gpu_blocks, approx_any);
             return out;
         }
-        // Two chains: precise entries on the precise chain for trusted endpoints; approximate
-        // entries on the approximate chain for every endpoint.
-        self.walk(precise, &mut out.blocks, &mut out.gpu_blocks, |h| {
-            if trusted(h.ep) {
-                trusted_accept(h)
+        self.walk(q.chain, &mut out.blocks, &mut out.gpu_blocks, |h| {
+            if trusted(h.ep) && h.flags & TIERS != 0 {
+                Some(h.flags & GPU != 0)
             } else {
-                None
+                approx_any(h)
             }
         });
-        let mut b2 = vec![0; n];
-        let mut g2 = vec![0; n];
-        self.walk(q.approx, &mut b2, &mut g2, approx_any);
-        for i in 0..n {
-            if b2[i] > out.blocks[i] {
-                out.blocks[i] = b2[i];
-            }
-            out.gpu_blocks[i] = out.gpu_blocks[i].max(g2[i]);
-        }
         out
     }
 
@@ -881,8 +851,7 @@ mod tests {
         #[test]
         fn index_matches_brute_force(ops in prop::collection::vec(op(), 1..60),
                                      chain in prop::collection::vec(0u64..12, 0..8),
-                                     approx_chain in prop::collection::vec(0u64..12, 0..8),
-                                     two_chains in any::<bool>()) {
+                                     precise in any::<bool>()) {
             let c = cfg();
             let mut idx = PrefixIndex::new(c);
             let mut r = Reference::default();
@@ -928,34 +897,26 @@ mod tests {
                     }
                 }
             }
-            let precise = chain.clone();
-            let approx = if two_chains { approx_chain.clone() } else { chain.clone() };
             let got = idx.longest_prefixes(&PrefixQuery {
-                precise: Some(&precise), approx: &approx, now_us: now, source: PrefixSource::Best,
+                chain: &chain, precise, now_us: now, source: PrefixSource::Best,
             });
+            // A chain not over the engines' tokens matches the router's own entries only.
+            let ar = Reference { approx: r.approx.clone(), ..Default::default() };
             for ep in 0..4u32 {
-                let want = if two_chains {
-                    // Trusted: max of precise-chain (precise only) and approx-chain (TTL);
-                    // untrusted: approx chain only.
-                    let mut pr = Reference { precise: r.precise.clone(), trusted: r.trusted.clone(), ..Default::default() };
-                    let a = if r.trusted.contains(&ep) { pr.matches(&precise, 4, now, &c)[ep as usize] } else { (0, 0) };
-                    pr.precise.clear();
-                    pr.approx = r.approx.clone();
-                    let b = pr.matches(&approx, 4, now, &c)[ep as usize];
-                    (a.0.max(b.0), a.1.max(b.1))
+                let want = if precise {
+                    r.matches(&chain, 4, now, &c)[ep as usize]
                 } else {
-                    r.matches(&precise, 4, now, &c)[ep as usize]
+                    ar.matches(&chain, 4, now, &c)[ep as usize]
                 };
                 prop_assert_eq!((got.blocks(EndpointId(ep)), got.gpu_blocks(EndpointId(ep))), want,
                     "endpoint {}", ep);
             }
             // Approx-only source ignores precise entries and trust.
             let got = idx.longest_prefixes(&PrefixQuery {
-                precise: Some(&precise), approx: &approx, now_us: now, source: PrefixSource::ApproxOnly,
+                chain: &chain, precise: true, now_us: now, source: PrefixSource::ApproxOnly,
             });
-            let ar = Reference { approx: r.approx.clone(), ..Default::default() };
             for ep in 0..4u32 {
-                prop_assert_eq!(got.blocks(EndpointId(ep)), ar.matches(&approx, 4, now, &c)[ep as usize].0);
+                prop_assert_eq!(got.blocks(EndpointId(ep)), ar.matches(&chain, 4, now, &c)[ep as usize].0);
             }
             // Precise-entry counts agree with the reference.
             for ep in 0..4u32 {
@@ -980,8 +941,8 @@ mod tests {
         assert_eq!(idx.approx_entries(e), 3);
         let q = |chain: &[u64]| {
             idx.longest_prefixes(&PrefixQuery {
-                precise: None,
-                approx: chain,
+                chain,
+                precise: false,
                 now_us: 50,
                 source: PrefixSource::ApproxOnly,
             })
@@ -1000,8 +961,8 @@ mod tests {
         idx.touch_approx(e, &[7, 8], 0);
         let q = |idx: &PrefixIndex, now| {
             idx.longest_prefixes(&PrefixQuery {
-                precise: None,
-                approx: &[7, 8],
+                chain: &[7, 8],
+                precise: false,
                 now_us: now,
                 source: PrefixSource::ApproxOnly,
             })

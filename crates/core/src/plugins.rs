@@ -450,7 +450,7 @@ impl Scorer for PrefixCacheScorer {
         }
     }
     fn score(&self, ctx: &PickContext<'_>, cands: &[Candidate<'_>], out: &mut [f64]) {
-        let total = (ctx.req.keys.approx.len() as u32).min(self.max_prefix_blocks);
+        let total = (ctx.req.keys.keys.len() as u32).min(self.max_prefix_blocks);
         for (c, o) in cands.iter().zip(out) {
             *o = if total == 0 {
                 0.0
@@ -918,7 +918,7 @@ impl Picker for SglangCacheAwarePicker {
                 reason: DecisionReason::Balance,
             });
         }
-        let total = ctx.req.keys.approx.len();
+        let total = ctx.req.keys.keys.len();
         let best = argmax_random_ties(
             0..cands.len(),
             |i| f64::from(cands[i].approx_matched_blocks),

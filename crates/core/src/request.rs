@@ -30,34 +30,34 @@ pub enum Phase {
 /// A prompt's block keys: what the prefix index is queried with.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PromptKeys {
-    /// Tokens per block of `precise` (and, approximately, of `approx`).
+    /// Tokens per block of `keys` (approximately, for a chain over text).
     pub block_size: u32,
-    /// The router's own chain over the request's token ids ([`crate::keys`]), when it has the
-    /// engines' token ids; matched against the keys learnt from KV events.
-    pub precise: Option<Vec<u64>>,
-    /// Router-only chained keys, matched against the router's own past decisions.
-    pub approx: Vec<u64>,
+    /// The chain of block keys: the router's own chain over the request's token ids
+    /// ([`crate::keys`]), or over its text when no tokens are known.
+    pub keys: Vec<u64>,
+    /// Whether `keys` is over the engines' token ids, so the keys learnt from KV events can
+    /// match it; a chain over text matches the router's own past decisions only.
+    pub precise: bool,
 }
 
 impl PromptKeys {
     /// Keys from the engines' token ids: the router's chain of `block_size`-token blocks in
-    /// `scope`, matched against event-learnt entries and reused as the approximate chain (one
-    /// hashing pass, and approximate matches then count real blocks).
+    /// `scope`, matched against event-learnt entries and the router's own bookings alike.
     pub fn from_tokens(tokens: &[u32], block_size: u32, scope: KeyScope<'_>) -> Self {
-        let keys = chain_keys(tokens, block_size, scope);
         Self {
             block_size,
-            approx: keys.clone(),
-            precise: Some(keys),
+            keys: chain_keys(tokens, block_size, scope),
+            precise: true,
         }
     }
 
-    /// Approximate keys from raw prompt bytes (no tokenizer): chained xxh3 over
-    /// [`APPROX_CHUNK_BYTES`]-byte chunks, rooted at `scope` (model and adapter name, so different
-    /// models never share entries). Only full chunks are hashed, as engines only cache full blocks.
+    /// Keys from raw prompt bytes (no tokenizer): chained xxh3 over [`APPROX_CHUNK_BYTES`]-byte
+    /// chunks, rooted at `scope` (model and adapter name, so different models never share
+    /// entries). Only full chunks are hashed, as engines only cache full blocks. Such a chain
+    /// matches the router's own bookings only.
     pub fn approximate(bytes: &[u8], scope: &str) -> Self {
         let mut parent = xxh3_64_with_seed(scope.as_bytes(), 0);
-        let approx = bytes
+        let keys = bytes
             .chunks_exact(APPROX_CHUNK_BYTES)
             .map(|chunk| {
                 parent = xxh3_64_with_seed(chunk, parent);
@@ -66,42 +66,14 @@ impl PromptKeys {
             .collect();
         Self {
             block_size: (APPROX_CHUNK_BYTES / APPROX_BYTES_PER_TOKEN) as u32,
-            precise: None,
-            approx,
+            keys,
+            precise: false,
         }
     }
 
-    /// Approximate keys from token ids: chained xxh3 over `block_size`-token blocks. Cheap (no
-    /// SHA-256) and independent of the engines' hash seed; used when precise keys are not wanted.
-    /// A `block_size` of 0 yields no keys.
-    pub fn approximate_from_tokens(tokens: &[u32], block_size: u32) -> Self {
-        let mut approx = Vec::new();
-        if block_size > 0 {
-            let mut parent = 0u64;
-            let mut buf = Vec::with_capacity(block_size as usize * 4);
-            approx.reserve(tokens.len() / block_size as usize);
-            for block in tokens.chunks_exact(block_size as usize) {
-                buf.clear();
-                for t in block {
-                    buf.extend_from_slice(&t.to_le_bytes());
-                }
-                parent = xxh3_64_with_seed(&buf, parent);
-                approx.push(parent);
-            }
-        }
-        Self {
-            block_size,
-            precise: None,
-            approx,
-        }
-    }
-
-    /// Number of full blocks in the prompt (the longer of the two chains).
+    /// Number of full blocks in the prompt.
     pub fn num_blocks(&self) -> usize {
-        self.precise
-            .as_ref()
-            .map_or(0, Vec::len)
-            .max(self.approx.len())
+        self.keys.len()
     }
 }
 
@@ -256,10 +228,11 @@ mod tests {
     fn approximate_keys_chain_and_skip_partial_chunk() {
         let text = vec![b'a'; APPROX_CHUNK_BYTES * 3 + 10];
         let k = PromptKeys::approximate(&text, "m");
-        assert_eq!(k.approx.len(), 3);
-        assert_ne!(k.approx[0], k.approx[1], "same chunk, different parent");
+        assert_eq!(k.keys.len(), 3);
+        assert!(!k.precise);
+        assert_ne!(k.keys[0], k.keys[1], "same chunk, different parent");
         let other_scope = PromptKeys::approximate(&text, "m2");
-        assert_ne!(k.approx[0], other_scope.approx[0]);
+        assert_ne!(k.keys[0], other_scope.keys[0]);
         assert_eq!(k.block_size, 16);
     }
 
@@ -267,23 +240,20 @@ mod tests {
     fn token_keys_are_the_router_chain() {
         let toks: Vec<u32> = (0..10).collect();
         let k = PromptKeys::from_tokens(&toks, 4, KeyScope::default());
-        assert_eq!(
-            k.precise.as_deref(),
-            Some(&chain_keys(&toks, 4, KeyScope::default())[..])
-        );
-        assert_eq!(k.precise.as_deref(), Some(&k.approx[..]));
+        assert_eq!(k.keys, chain_keys(&toks, 4, KeyScope::default()));
+        assert!(k.precise);
         assert_eq!(k.num_blocks(), 2);
     }
 
     #[test]
     fn token_keys_depend_on_prefix() {
-        let a = PromptKeys::approximate_from_tokens(&[1, 2, 3, 4], 2);
-        let b = PromptKeys::approximate_from_tokens(&[9, 2, 3, 4], 2);
-        assert_eq!(a.approx.len(), 2);
-        assert_ne!(a.approx[1], b.approx[1]);
+        let a = PromptKeys::from_tokens(&[1, 2, 3, 4], 2, KeyScope::default());
+        let b = PromptKeys::from_tokens(&[9, 2, 3, 4], 2, KeyScope::default());
+        assert_eq!(a.keys.len(), 2);
+        assert_ne!(a.keys[1], b.keys[1]);
         assert!(
-            PromptKeys::approximate_from_tokens(&[1, 2], 0)
-                .approx
+            PromptKeys::from_tokens(&[1, 2], 0, KeyScope::default())
+                .keys
                 .is_empty()
         );
     }

@@ -711,16 +711,16 @@ impl Router {
         let t = &self.tuning;
         let prefix = needs.prefix.then(|| {
             self.index.longest_prefixes(&PrefixQuery {
-                precise: req.keys.precise.as_deref(),
-                approx: &req.keys.approx,
+                chain: &req.keys.keys,
+                precise: req.keys.precise,
                 now_us,
                 source: PrefixSource::Best,
             })
         });
         let approx_prefix = needs.approx_prefix.then(|| {
             self.index.longest_prefixes(&PrefixQuery {
-                precise: None,
-                approx: &req.keys.approx,
+                chain: &req.keys.keys,
+                precise: false,
                 now_us,
                 source: PrefixSource::ApproxOnly,
             })
@@ -876,8 +876,7 @@ impl Router {
             precise_matched_blocks: req
                 .keys
                 .precise
-                .as_deref()
-                .map(|chain| self.index.precise_prefix(chosen.id, chain)),
+                .then(|| self.index.precise_prefix(chosen.id, &req.keys.keys)),
             predicted_ttft_us,
         })
     }
@@ -899,8 +898,8 @@ impl Router {
             return;
         }
         let m = self.index.longest_prefixes(&PrefixQuery {
-            precise: req.keys.precise.as_deref(),
-            approx: &req.keys.approx,
+            chain: &req.keys.keys,
+            precise: req.keys.precise,
             now_us,
             source: PrefixSource::Best,
         });
@@ -945,7 +944,7 @@ impl Router {
             },
         );
         self.index.expire_approx(id, now_us);
-        let keys = &req.keys.approx[..req.keys.approx.len().min(max_blocks)];
+        let keys = &req.keys.keys[..req.keys.keys.len().min(max_blocks)];
         self.index.touch_approx(id, keys, now_us);
         self.rotation = self.rotation.wrapping_add(1);
     }
@@ -1114,8 +1113,8 @@ mod tests {
         let keys = label_keys(labels, 16);
         r.index
             .longest_prefixes(&PrefixQuery {
-                precise: keys.precise.as_deref(),
-                approx: &keys.approx,
+                chain: &keys.keys,
+                precise: keys.precise,
                 now_us: r.clock_us,
                 source: PrefixSource::Best,
             })

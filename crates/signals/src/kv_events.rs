@@ -237,11 +237,10 @@ fn decode_event(value: &Value) -> Result<Option<KvEvent>, KvDecodeError> {
 }
 
 /// Reads `BlockStored.extra_keys`: per block, nil or a list of the values the engine hashed
-/// besides the tokens, *untagged* (vLLM hashes `("cache_salt", s)` but publishes `s`). What each
-/// value is must be inferred: on the first block of a chain (`root`), a lone string is the cache
-/// salt (vLLM salts only a request's first block); the adapter name, if repeated here, is
-/// already in `lora_name`; anything else (multimodal hashes, prompt-embedding digests) is
-/// folded into an opaque fingerprint that keeps the block from matching text prompts.
+/// besides the tokens, *untagged* (vLLM hashes `("cache_salt", s)` but publishes `s`). String
+/// values are read by the core's rule ([`BlockExtra::from_untagged`]: the adapter name is
+/// dropped, a lone string on a chain's first block is the salt); a block carrying anything else
+/// (bytes or numbers from a multimodal input) becomes opaque to text prompts.
 fn extra_keys(v: &Value, root: bool, lora: Option<&str>) -> Result<Vec<BlockExtra>, KvDecodeError> {
     let Value::Array(blocks) = v else {
         return Err(KvDecodeError::WrongType {
@@ -251,34 +250,30 @@ fn extra_keys(v: &Value, root: bool, lora: Option<&str>) -> Result<Vec<BlockExtr
     };
     let mut out = Vec::with_capacity(blocks.len());
     for (i, block) in blocks.iter().enumerate() {
-        let values: Vec<&Value> = match block {
-            Value::Nil => Vec::new(),
-            Value::Array(items) => items
-                .iter()
-                .filter(|x| lora.is_none() || x.as_str() != lora)
-                .collect(),
+        let values: &[Value] = match block {
+            Value::Nil => &[],
+            Value::Array(items) => items,
             // A single bare value instead of a list: the same thing, one element.
-            other => vec![other],
+            other => std::slice::from_ref(other),
         };
-        let mut extra = BlockExtra::default();
-        match values.as_slice() {
-            [] => {}
-            [Value::String(s)] if root && i == 0 => {
-                extra.cache_salt = Some(s.as_str().map_or_else(
-                    || String::from_utf8_lossy(s.as_bytes()).into_owned(),
-                    str::to_owned,
-                ));
-            }
-            rest => {
+        let strings: Option<Vec<String>> = values
+            .iter()
+            .map(|x| x.as_str().map(str::to_owned))
+            .collect();
+        out.push(match strings {
+            Some(strings) => BlockExtra::from_untagged(&strings, root && i == 0, lora),
+            None => {
                 let mut buf = Vec::new();
-                for x in rest {
+                for x in values {
                     // Writing to a Vec cannot fail.
                     let _ = rmpv::encode::write_value(&mut buf, x);
                 }
-                extra.opaque = xxhash_rust::xxh3::xxh3_64(&buf) | 1;
+                BlockExtra {
+                    cache_salt: None,
+                    opaque: xxhash_rust::xxh3::xxh3_64(&buf) | 1,
+                }
             }
-        }
-        out.push(extra);
+        });
     }
     Ok(out)
 }

@@ -76,13 +76,11 @@ pub struct KvSubscribeConfig {
     pub pub_endpoint: String,
     /// The publisher's replay (ROUTER) endpoint, if it has one.
     pub replay_endpoint: Option<String>,
-    /// ZMQ topic prefix to accept (`""` for all). Connect mode only.
+    /// ZMQ topic prefix to accept (`""` for all). Connect mode only: a listening socket
+    /// demultiplexes by topic instead.
     pub topic_filter: String,
     /// Bound on one replay exchange, in milliseconds.
     pub replay_timeout_ms: u64,
-    /// Kept for configuration compatibility: libzmq connects asynchronously and retries by
-    /// itself, so there is no connect step to bound.
-    pub connect_timeout_ms: u64,
 }
 
 impl KvSubscribeConfig {
@@ -93,7 +91,6 @@ impl KvSubscribeConfig {
             replay_endpoint: None,
             topic_filter: String::new(),
             replay_timeout_ms: DEFAULT_REPLAY_TIMEOUT_MS,
-            connect_timeout_ms: 2_000,
         }
     }
 }
@@ -146,7 +143,7 @@ pub fn spawn_kv_subscriber(
     tx: mpsc::Sender<Observation>,
 ) -> KvSubscriber {
     let (events_tx, events_rx) = mpsc::channel(WORKER_QUEUE);
-    let socket = transport.connect(&cfg.pub_endpoint, events_tx);
+    let socket = transport.connect(&cfg.pub_endpoint, &cfg.topic_filter, events_tx);
     let mut sub = spawn_worker(transport, cfg, endpoint, clock, tx, events_rx);
     sub._socket = Some(socket);
     sub

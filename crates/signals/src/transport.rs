@@ -69,6 +69,7 @@ enum Cmd {
     Connect {
         id: u64,
         address: String,
+        topic_filter: String,
         tx: mpsc::Sender<SubEvent>,
     },
     Bind {
@@ -192,13 +193,19 @@ impl KvTransport {
         self.inner.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Connects a SUB socket (all topics) to a publisher that binds; its messages and
-    /// disconnects go to `tx`.
-    pub fn connect(&self, address: &str, tx: mpsc::Sender<SubEvent>) -> SocketHandle {
+    /// Connects a SUB socket to a publisher that binds, subscribed to topics starting with
+    /// `topic_filter` (`""`: all); its messages and disconnects go to `tx`.
+    pub fn connect(
+        &self,
+        address: &str,
+        topic_filter: &str,
+        tx: mpsc::Sender<SubEvent>,
+    ) -> SocketHandle {
         let id = self.id();
         self.send(Cmd::Connect {
             id,
             address: address.to_owned(),
+            topic_filter: topic_filter.to_owned(),
             tx,
         });
         SocketHandle {
@@ -252,7 +259,7 @@ struct Reactor {
 const EVENT_DISCONNECTED: u16 = 0x0200;
 
 impl Reactor {
-    fn sub_socket(&self) -> Result<zmq::Socket, zmq::Error> {
+    fn sub_socket(&self, topic_filter: &str) -> Result<zmq::Socket, zmq::Error> {
         let s = self.ctx.socket(zmq::SUB)?;
         s.set_maxmsgsize(self.max_message_bytes)?;
         s.set_rcvhwm(RCV_HWM)?;
@@ -260,15 +267,20 @@ impl Reactor {
         s.set_reconnect_ivl(RECONNECT_IVL_MS)?;
         s.set_reconnect_ivl_max(RECONNECT_IVL_MAX_MS)?;
         s.set_tcp_keepalive(1)?;
-        s.set_subscribe(b"")?;
+        s.set_subscribe(topic_filter.as_bytes())?;
         Ok(s)
     }
 
     fn open(&mut self, cmd: Cmd) {
         match cmd {
-            Cmd::Connect { id, address, tx } => {
+            Cmd::Connect {
+                id,
+                address,
+                topic_filter,
+                tx,
+            } => {
                 let opened = (|| {
-                    let s = self.sub_socket()?;
+                    let s = self.sub_socket(&topic_filter)?;
                     let monitor_addr = format!("inproc://kvgate-monitor-{id}");
                     s.monitor(&monitor_addr, i32::from(EVENT_DISCONNECTED))?;
                     let m = self.ctx.socket(zmq::PAIR)?;
@@ -295,7 +307,7 @@ impl Reactor {
                 done,
             } => {
                 let opened = (|| {
-                    let s = self.sub_socket()?;
+                    let s = self.sub_socket("")?;
                     s.bind(&address)?;
                     Ok::<_, zmq::Error>(s)
                 })();

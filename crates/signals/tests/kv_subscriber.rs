@@ -216,7 +216,6 @@ async fn subscriber_waits_for_a_publisher_that_is_not_up_yet() {
         .port();
     let (tx, mut rx) = mpsc::channel(8);
     let cfg = KvSubscribeConfig {
-        connect_timeout_ms: 200,
         ..KvSubscribeConfig::new(format!("tcp://127.0.0.1:{port}"))
     };
     let sub = spawn_kv_subscriber(
