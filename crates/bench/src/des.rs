@@ -445,6 +445,7 @@ pub fn run_policy(
                             at_us,
                             &Outcome {
                                 output_tokens: usage.completion_tokens,
+                                prompt_tokens: Some(usage.prompt_tokens),
                                 cached_tokens: Some(usage.cached_tokens),
                                 ..Default::default()
                             },

@@ -15,6 +15,10 @@ pub struct MetricsSample {
     pub kv_usage: Option<f64>,
     /// Tokens per KV block (`vllm:cache_config_info{block_size}`).
     pub block_size: Option<u32>,
+    /// The engine's prefix-caching hash algorithm (`cache_config_info{prefix_caching_hash_algo}`):
+    /// the router does not need it (it keys by its own chain), but a change means the engine
+    /// was reconfigured under it.
+    pub prefix_caching_hash_algo: Option<String>,
     /// KV capacity in blocks (`vllm:cache_config_info{num_gpu_blocks}`).
     pub kv_capacity_blocks: Option<u64>,
     /// LoRA adapters in the running batch (newest `vllm:lora_requests_info` series).

@@ -178,6 +178,8 @@ pub struct Decision {
 pub struct Outcome {
     /// Tokens generated.
     pub output_tokens: u32,
+    /// Prompt tokens the engine reported (`usage.prompt_tokens`), if it reported usage.
+    pub prompt_tokens: Option<u32>,
     /// Prompt tokens served from the engine's prefix cache (`usage.prompt_tokens_details`).
     pub cached_tokens: Option<u32>,
     /// Mean time per output token, µs, if measured.

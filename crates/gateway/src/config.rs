@@ -17,7 +17,7 @@
 //!           idle_timeout_ms: 60000, upstream_connect_timeout_ms: 2000 }
 //! retry: { max_attempts: 3 }
 //! priority: { objectives: { premium: 10, batch: -1 } }
-//! tokenizer: { hf_tokenizer_json: /models/llama/tokenizer.json }
+//! tokenizer: { model_dir: /models/llama }   # the model's tokenizer.json + chat template
 //! inject_stream_usage: true   # ask engines for usage on every stream, strip it for clients
 //! ```
 //!
@@ -169,6 +169,7 @@ struct RawPriority {
 #[serde(deny_unknown_fields)]
 struct RawTokenizer {
     hf_tokenizer_json: Option<PathBuf>,
+    model_dir: Option<PathBuf>,
 }
 
 /// Which routing policy to run.
@@ -267,6 +268,9 @@ pub struct GatewayConfig {
     pub objectives: BTreeMap<String, i32>,
     /// HuggingFace `tokenizer.json` to tokenise with instead of the built-in tokenizer.
     pub hf_tokenizer_json: Option<PathBuf>,
+    /// HuggingFace model directory (`tokenizer.json` and the chat template) to render and
+    /// tokenise requests exactly as the engines do (`--tokenizer`, `tokenizer.model_dir`).
+    pub model_dir: Option<PathBuf>,
     /// Request `stream_options.include_usage` upstream for streams whose client did not, and
     /// strip the usage chunk from what the client receives (so TPOT and the prefix hit ratio are
     /// measured for every stream). Streams whose client asked are never touched.
@@ -291,6 +295,7 @@ impl Default for GatewayConfig {
             max_attempts: DEFAULT_MAX_ATTEMPTS,
             objectives: BTreeMap::new(),
             hf_tokenizer_json: None,
+            model_dir: None,
             inject_stream_usage: true,
             source: None,
         }
@@ -314,6 +319,8 @@ pub struct Overrides {
     pub kv_replay: Vec<String>,
     /// `--kv-events-listen`.
     pub kv_events_listen: Option<String>,
+    /// `--tokenizer`.
+    pub tokenizer: Option<PathBuf>,
     /// `--model`: models every flag-given endpoint serves (else learned).
     pub models: Vec<String>,
     /// `--policy`.
@@ -544,6 +551,7 @@ impl GatewayConfig {
             limits,
             max_attempts,
             objectives: raw.priority.objectives,
+            model_dir: flags.tokenizer.clone().or(raw.tokenizer.model_dir),
             hf_tokenizer_json: raw.tokenizer.hf_tokenizer_json,
             inject_stream_usage: raw.inject_stream_usage.unwrap_or(d.inject_stream_usage),
             source: None,

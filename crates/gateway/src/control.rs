@@ -45,6 +45,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use crate::tokenize::{ProbeResult, PromptTokenizer};
 use kvgate_core::endpoint::{EndpointId, EndpointSpec};
 use kvgate_core::request::{Decision, FailureKind, Outcome, PromptKeys, RoutingRequest};
 use kvgate_core::{ContractChange, KeyScope, RouteError, Router, RouterConfig, SeqCheck};
@@ -56,7 +57,6 @@ use kvgate_signals::subscribe::{
     DEFAULT_REPLAY_TIMEOUT_MS, KvListener, KvSubscribeConfig, KvSubscriber, spawn_kv_subscriber,
 };
 use kvgate_signals::transport::{DEFAULT_MAX_MESSAGE_BYTES, KvTransport};
-use kvgate_tokens::{ChatMessage, HfTokenizer, Tokenizer, render_chat};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use tokio::sync::mpsc;
@@ -64,7 +64,7 @@ use tokio::task::AbortHandle;
 
 use crate::GatewayError;
 use crate::config::{EndpointConfig, GatewayConfig, PolicyChoice};
-use crate::metrics::{EndpointLabels, GatewayMetrics, ModeLabels, SignalLabels};
+use crate::metrics::{EndpointLabels, GatewayMetrics, IndexLabels, ModeLabels, SignalLabels};
 use crate::openai::{ParsedRequest, Prompt};
 
 /// Capacity of the observation channel. At a 100 ms scrape interval and a KV batch per engine
@@ -144,6 +144,11 @@ pub struct Member {
     tasks: Vec<AbortHandle>,
     /// Its KV-event subscriber (owns the socket or the listener registration).
     kv: Option<KvSubscriber>,
+    /// Block size and hash algorithm its `cache_config_info` last reported (a change is
+    /// logged: the engine was reconfigured under the gateway).
+    cache_config: Mutex<Option<(Option<u32>, Option<String>)>>,
+    /// Whether the missing `prompt_tokens_details` of its responses was already logged.
+    warned_no_cached_tokens: std::sync::atomic::AtomicBool,
 }
 
 impl Member {
@@ -168,6 +173,31 @@ impl Member {
             hardware_class: self.config.hardware_class.clone(),
             relative_cost: self.config.relative_cost,
         }
+    }
+}
+
+impl Member {
+    /// Logs a change of the engine's reported block size or hash algorithm.
+    fn note_cache_config(&self, address: &str, sample: &kvgate_core::MetricsSample) {
+        if sample.block_size.is_none() && sample.prefix_caching_hash_algo.is_none() {
+            return;
+        }
+        let now = (sample.block_size, sample.prefix_caching_hash_algo.clone());
+        let mut seen = self.cache_config.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(before) = seen.as_ref()
+            && *before != now
+        {
+            tracing::warn!(
+                endpoint = %address,
+                block_size_before = ?before.0,
+                block_size = ?now.0,
+                hash_algo_before = ?before.1,
+                hash_algo = ?now.1,
+                "the engine's KV cache configuration changed (vllm:cache_config_info); \
+                 prefix keys follow the new block size"
+            );
+        }
+        *seen = Some(now);
     }
 }
 
@@ -232,7 +262,7 @@ pub struct Control {
     state: Mutex<RouterState>,
     members: RwLock<Members>,
     clock: Arc<MonotonicClock>,
-    tokenizer: Tokenizer,
+    tokenizer: Arc<PromptTokenizer>,
     /// Tokens per block of prompt keys: the engines' (see the module docs).
     block_size: std::sync::atomic::AtomicU32,
     kv_transport: KvTransport,
@@ -268,18 +298,7 @@ impl Control {
         metrics: Arc<GatewayMetrics>,
     ) -> Result<Arc<Self>, GatewayError> {
         let router = Router::new(router_config(&cfg.policy)?).map_err(GatewayError::Router)?;
-        let tokenizer = match &cfg.hf_tokenizer_json {
-            None => Tokenizer::default(),
-            Some(path) => {
-                let bytes = std::fs::read(path).map_err(|source| GatewayError::ReadConfig {
-                    path: path.clone(),
-                    source,
-                })?;
-                Tokenizer::Hf(Box::new(
-                    HfTokenizer::from_bytes(&bytes).map_err(GatewayError::Tokenizer)?,
-                ))
-            }
-        };
+        let tokenizer = Arc::new(PromptTokenizer::from_config(cfg)?);
         let (obs_tx, obs_rx) = mpsc::channel(OBSERVATION_CHANNEL_CAPACITY);
         let kv_transport = KvTransport::start(DEFAULT_MAX_MESSAGE_BYTES);
         let kv_listener = match &cfg.kv_events_listen {
@@ -392,6 +411,8 @@ impl Control {
                 last_kv_us: Arc::new(AtomicU64::new(0)),
                 tasks: Vec::new(),
                 kv: None,
+                cache_config: Mutex::new(None),
+                warned_no_cached_tokens: std::sync::atomic::AtomicBool::new(false),
             };
             member.id = st.router.add_endpoint(now, member.spec());
             member.tasks = self.spawn_signals(cfg);
@@ -481,18 +502,11 @@ impl Control {
             };
             match result {
                 Ok(facts) => {
-                    control.learn_block_size(facts.block_size);
-                    let mut m = control.members_write();
-                    let Some(member) = m.by_address.get_mut(&address) else {
-                        return;
-                    };
-                    member.facts = Some(facts);
-                    let spec = member.spec();
-                    let id = member.id;
-                    m.rebuild_served();
-                    tracing::info!(endpoint = %address, models = ?spec.models, adapters = ?spec.lora_adapters, "endpoint discovered");
-                    if let Err(e) = control.lock().router.update_endpoint(id, spec) {
-                        tracing::warn!(endpoint = %address, error = %e, "cannot update endpoint");
+                    let model = control.adopt_facts(&address, facts);
+                    let tokenizer = Arc::clone(&control.tokenizer);
+                    drop(control);
+                    if let Some(model) = model {
+                        Self::probe_tokenizer(&tokenizer, &address, &model).await;
                     }
                     return;
                 }
@@ -527,20 +541,22 @@ impl Control {
         }
     }
 
-    fn adopt_facts(&self, address: &str, facts: EndpointFacts) {
+    /// Records what discovery learnt of an endpoint; returns its first model (what the
+    /// tokenizer probe asks the engine about).
+    fn adopt_facts(&self, address: &str, facts: EndpointFacts) -> Option<String> {
         self.learn_block_size(facts.block_size);
         let mut m = self.members_write();
-        let Some(member) = m.by_address.get_mut(address) else {
-            return;
-        };
+        let member = m.by_address.get_mut(address)?;
         member.facts = Some(facts);
         let spec = member.spec();
         let id = member.id;
         m.rebuild_served();
         tracing::info!(endpoint = %address, models = ?spec.models, adapters = ?spec.lora_adapters, "endpoint discovered");
+        let model = spec.models.first().cloned();
         if let Err(e) = self.lock().router.update_endpoint(id, spec) {
             tracing::warn!(endpoint = %address, error = %e, "cannot update endpoint");
         }
+        model
     }
 
     async fn reap_drained(control: std::sync::Weak<Self>) {
@@ -567,6 +583,34 @@ impl Control {
                 }
             }
             m.rebuild_served();
+        }
+    }
+
+    /// Compares the gateway's tokens with the engine's own `/tokenize` (see
+    /// [`crate::tokenize`]) and logs the verdict.
+    async fn probe_tokenizer(tokenizer: &Arc<PromptTokenizer>, address: &str, model: &str) {
+        match crate::tokenize::probe(tokenizer, address, model).await {
+            Some(ProbeResult::Agree { tokens }) => {
+                tracing::info!(endpoint = %address, tokens, "tokenizer probe: the engine's tokens match the gateway's");
+            }
+            Some(ProbeResult::Mismatch {
+                position,
+                ours,
+                engine,
+            }) => tracing::warn!(
+                endpoint = %address,
+                position,
+                gateway_tokens = %ours,
+                engine_tokens = %engine,
+                ?tokenizer,
+                "tokenizer mismatch: the engine tokenises the probe conversation differently from \
+                 the gateway, so prefix keys will not match its cache (start the gateway with \
+                 --tokenizer <the model's HuggingFace directory>); its conversations stay on \
+                 their holders through the gateway's own bookings"
+            ),
+            None => {
+                tracing::debug!(endpoint = %address, "no usable /tokenize; tokenizer not probed")
+            }
         }
     }
 
@@ -609,8 +653,9 @@ impl Control {
                 .filter_map(|o| {
                     let member = m.by_address.get(o.endpoint())?;
                     match o {
-                        Observation::Metrics { .. } => {
-                            member.last_metrics_us.store(now, Ordering::Relaxed)
+                        Observation::Metrics { sample, .. } => {
+                            member.last_metrics_us.store(now, Ordering::Relaxed);
+                            member.note_cache_config(o.endpoint(), sample);
                         }
                         Observation::KvBatch { .. } => {
                             member.last_kv_us.store(now, Ordering::Relaxed)
@@ -693,16 +738,31 @@ impl Control {
                 })
                 .set(i64::try_from(member.in_flight.load(Ordering::Relaxed)).unwrap_or(i64::MAX));
         }
-        let modes: Vec<(String, &'static str)> = {
+        let index: Vec<(String, &'static str, usize, usize)> = {
             let st = self.lock();
-            m.by_address
-                .iter()
-                .filter_map(|(a, member)| {
-                    Some((a.clone(), st.router.kv_index_mode(member.id)?.as_str()))
+            st.router
+                .endpoints()
+                .filter_map(|v| {
+                    let mode = st.router.kv_index_mode(v.id)?.as_str();
+                    Some((
+                        v.address.to_owned(),
+                        mode,
+                        v.precise_blocks,
+                        v.approx_blocks,
+                    ))
                 })
                 .collect()
         };
-        for (endpoint, mode) in modes {
+        for (endpoint, mode, precise, approx) in index {
+            for (source, n) in [("precise", precise), ("approximate", approx)] {
+                self.metrics
+                    .kv_index_blocks
+                    .get_or_create(&IndexLabels {
+                        endpoint: endpoint.clone(),
+                        source,
+                    })
+                    .set(i64::try_from(n).unwrap_or(i64::MAX));
+            }
             for candidate in ["precise", "approximate"] {
                 self.metrics
                     .kv_index_mode
@@ -766,23 +826,10 @@ impl Control {
             .unwrap_or(0)
     }
 
-    /// Token ids of a prompt as the engines will see them (built-in or HF tokenizer, built-in
-    /// chat template); `None` if the tokenizer failed.
-    pub fn tokenize(&self, prompt: &Prompt) -> Option<Vec<u32>> {
-        match prompt {
-            Prompt::Tokens(t) => Some(t.clone()),
-            Prompt::Text(t) => self.tokenizer.encode(t).ok(),
-            Prompt::Messages(msgs) => {
-                let chat: Vec<ChatMessage<'_>> = msgs
-                    .iter()
-                    .map(|m| ChatMessage {
-                        role: &m.role,
-                        content: &m.content,
-                    })
-                    .collect();
-                self.tokenizer.encode(&render_chat(&chat)).ok()
-            }
-        }
+    /// Token ids of a request's prompt as the engines will see them (see [`crate::tokenize`]);
+    /// `None` if they cannot be computed.
+    pub fn tokenize(&self, parsed: &ParsedRequest) -> Option<Vec<u32>> {
+        self.tokenizer.tokenize(parsed)
     }
 
     /// Turns a parsed OpenAI request into a routing request: resolves model/adapter, tokenises,
@@ -798,7 +845,7 @@ impl Control {
             lora: lora.as_deref(),
             cache_salt: parsed.cache_salt.as_deref(),
         };
-        let (prompt_tokens, keys) = match self.tokenize(&parsed.prompt) {
+        let (prompt_tokens, keys) = match self.tokenize(parsed) {
             Some(tokens) => {
                 let bs = self.block_size.load(Ordering::Relaxed);
                 (tokens.len(), PromptKeys::from_tokens(&tokens, bs, scope))
@@ -919,6 +966,17 @@ impl Control {
         let Some(address) = self.address_of(id) else {
             return;
         };
+        if outcome.prompt_tokens.is_some()
+            && report.reported_cached_tokens.is_none()
+            && let Some(member) = self.members_read().by_address.get(&*address)
+            && !member.warned_no_cached_tokens.swap(true, Ordering::Relaxed)
+        {
+            tracing::warn!(
+                endpoint = %address,
+                "the engine's usage has no prompt_tokens_details.cached_tokens (start vLLM with \
+                 --enable-prompt-tokens-details): the KV-cache mismatch check cannot run for it"
+            );
+        }
         if let Some(reported) = report.reported_cached_tokens {
             let labels = EndpointLabels {
                 endpoint: address.to_string(),

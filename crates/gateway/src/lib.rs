@@ -28,6 +28,7 @@ pub mod metrics;
 pub mod openai;
 pub mod proxy;
 pub mod server;
+pub mod tokenize;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -115,6 +116,11 @@ pub struct RoutingFlags {
     /// `kv@<host>:<port>@<model>` names its --endpoint.
     #[arg(long = "kv-events-listen")]
     pub kv_events_listen: Option<String>,
+    /// The served model's HuggingFace directory (tokenizer.json and its chat template), so
+    /// prompts are rendered and tokenised exactly as the engines do [default: a built-in
+    /// tokenizer, which only the simulator shares].
+    #[arg(long)]
+    pub tokenizer: Option<std::path::PathBuf>,
     /// Models served by the --endpoint servers (default: learned from their /v1/models).
     #[arg(long = "model")]
     pub models: Vec<String>,
@@ -138,6 +144,7 @@ impl RoutingFlags {
             kv_events: self.kv_events.clone(),
             kv_replay: self.kv_replay.clone(),
             kv_events_listen: self.kv_events_listen.clone(),
+            tokenizer: self.tokenizer.clone(),
             models: self.models.clone(),
             policy: self.policy.clone(),
             scrape_interval_ms: self.scrape_interval_ms,

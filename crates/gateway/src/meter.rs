@@ -172,6 +172,7 @@ impl ResponseMeter {
         Measured {
             outcome: Outcome {
                 output_tokens,
+                prompt_tokens: usage.prompt_tokens,
                 cached_tokens: usage.cached_tokens,
                 tpot_us: per.map(|p| u64::try_from(p.as_micros()).unwrap_or(u64::MAX)),
             },

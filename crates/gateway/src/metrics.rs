@@ -72,6 +72,15 @@ pub struct ModeLabels {
     pub mode: &'static str,
 }
 
+/// Labels of `kvgate_gateway_kv_index_blocks`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IndexLabels {
+    /// Endpoint address.
+    pub endpoint: String,
+    /// `precise` (from KV events) or `approximate` (the gateway's own bookings).
+    pub source: &'static str,
+}
+
 /// Buckets of the TTFT histogram, seconds: 5 ms to ~41 s in ×2 steps, covering a cached short
 /// prompt on an idle H100 up to a long prompt behind a deep queue.
 fn ttft_buckets() -> impl Iterator<Item = f64> {
@@ -113,6 +122,8 @@ pub struct GatewayMetrics {
     pub client_cancellations: Counter,
     /// 1 for each endpoint's current prefix-tracking mode, 0 for the other.
     pub kv_index_mode: Family<ModeLabels, Gauge>,
+    /// Prefix-index entries per endpoint and source, blocks.
+    pub kv_index_blocks: Family<IndexLabels, Gauge>,
     /// Cached tokens routing predicted, for responses that reported cached tokens.
     pub cached_tokens_predicted: Family<EndpointLabels, Counter>,
     /// Cached tokens the engines reported, for the same responses.
@@ -153,6 +164,12 @@ impl GatewayMetrics {
         let client_cancellations = Counter::default();
         let kv_index_mode = Family::<ModeLabels, Gauge>::default();
         let cached_tokens_predicted = Family::<EndpointLabels, Counter>::default();
+        let kv_index_blocks = Family::<IndexLabels, Gauge>::default();
+        registry.register(
+            "kv_index_blocks",
+            "Prefix-index entries per endpoint: precise (learnt from KV events) and approximate (the gateway's own bookings)",
+            kv_index_blocks.clone(),
+        );
         let cached_tokens_reported = Family::<EndpointLabels, Counter>::default();
         registry.register(
             "kv_index_mode",
@@ -244,6 +261,7 @@ impl GatewayMetrics {
             in_flight,
             client_cancellations,
             kv_index_mode,
+            kv_index_blocks,
             cached_tokens_predicted,
             cached_tokens_reported,
         }

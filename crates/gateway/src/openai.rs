@@ -98,6 +98,9 @@ pub struct ParsedRequest {
     pub include_usage: bool,
     /// vLLM's `cache_salt` (isolates prefix-cache entries; part of the first block's hash).
     pub cache_salt: Option<String>,
+    /// The whole body of a chat request, for rendering with the model's own template
+    /// (`messages` as sent, `tools`, `chat_template_kwargs`, …).
+    pub chat_body: Option<std::sync::Arc<Value>>,
 }
 
 /// A request the gateway refuses or could not serve, rendered in the OpenAI error shape
@@ -448,6 +451,7 @@ pub fn parse_request(api: ApiKind, body: &[u8]) -> Result<ParsedRequest, ApiErro
             ));
         }
     };
+    let chat_body = (api == ApiKind::Chat).then(|| std::sync::Arc::new(v));
     Ok(ParsedRequest {
         api,
         model,
@@ -456,6 +460,7 @@ pub fn parse_request(api: ApiKind, body: &[u8]) -> Result<ParsedRequest, ApiErro
         stream,
         include_usage,
         cache_salt,
+        chat_body,
     })
 }
 

@@ -98,6 +98,7 @@ pub fn parse_metrics(kind: EngineKind, body: &str) -> Result<MetricsSample, Metr
 #[derive(Debug, Clone, Default, PartialEq)]
 pub(crate) struct VllmInfo {
     pub block_size: Option<u32>,
+    pub prefix_caching_hash_algo: Option<String>,
     pub num_gpu_blocks: Option<u64>,
     pub running_lora_adapters: Vec<String>,
     pub waiting_lora_adapters: Vec<String>,
@@ -417,6 +418,7 @@ fn parse_vllm(e: &Exposition) -> Result<MetricsSample, MetricsError> {
         waiting,
         kv_usage,
         block_size: info.block_size,
+        prefix_caching_hash_algo: info.prefix_caching_hash_algo,
         kv_capacity_blocks: info.num_gpu_blocks,
         running_lora_adapters: info.running_lora_adapters,
         waiting_lora_adapters: info.waiting_lora_adapters,
@@ -449,6 +451,9 @@ fn vllm_info(e: &Exposition) -> VllmInfo {
         info.block_size = series
             .iter()
             .find_map(|s| s.label("block_size").and_then(|v| v.parse::<u32>().ok()));
+        info.prefix_caching_hash_algo = series
+            .iter()
+            .find_map(|s| s.label("prefix_caching_hash_algo").map(str::to_owned));
         let blocks: Vec<u64> = series
             .iter()
             .filter_map(|s| {
