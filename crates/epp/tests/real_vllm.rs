@@ -560,7 +560,7 @@ async fn scenarios(fleet: &mut Fleet) {
         let gw = fleet.gateway(policy, tokenizer).await;
         let base = format!("http://{}", gw.api_addr);
         if tokenizer && policy == "kvgate" {
-            wait_precise(gw.admin_addr, &fleet).await;
+            wait_precise(gw.admin_addr, fleet).await;
         }
         // The comparison: six conversations at once (load matters as well as the prefix).
         let f = workload(&base, label, 0, 3, 6, 3, true).await;
@@ -689,7 +689,7 @@ async fn scenarios(fleet: &mut Fleet) {
     }
     let gw = fleet.gateway("kvgate", true).await;
     let base = format!("http://{}", gw.api_addr);
-    wait_precise(gw.admin_addr, &fleet).await;
+    wait_precise(gw.admin_addr, fleet).await;
     for (address, system) in &warm {
         for q in 0..2 {
             let t = chat(
