@@ -85,6 +85,10 @@ pub const MAX_OBSERVATIONS_PER_LOCK: usize = 256;
 const DISCOVERY_BACKOFF_MIN_MS: u64 = 200;
 const DISCOVERY_BACKOFF_MAX_MS: u64 = 5_000;
 
+/// How often each endpoint's tokenizer is probed again after its first probe, ms: ten
+/// minutes catches a redeployed engine long before an operator would, for one small request.
+const TOKENIZER_PROBE_INTERVAL_MS: u64 = 600_000;
+
 /// How often drained endpoints are checked for their last in-flight request to finish, ms.
 const DRAIN_REAP_INTERVAL_MS: u64 = 500;
 
@@ -267,6 +271,10 @@ pub struct Control {
     tokenizer: Arc<PromptTokenizer>,
     /// Tokens per block of prompt keys: the engines' (see the module docs).
     block_size: std::sync::atomic::AtomicU32,
+    /// Whether an engine has reported its block size yet.
+    block_size_learnt: std::sync::atomic::AtomicBool,
+    /// Whether engines with different block sizes were warned about.
+    block_size_mixed: std::sync::atomic::AtomicBool,
     kv_transport: KvTransport,
     kv_listener: Option<KvListener>,
     objectives: BTreeMap<String, i32>,
@@ -327,6 +335,8 @@ impl Control {
             clock: Arc::new(MonotonicClock::new()),
             tokenizer,
             block_size: std::sync::atomic::AtomicU32::new(cfg.block_size),
+            block_size_learnt: std::sync::atomic::AtomicBool::new(false),
+            block_size_mixed: std::sync::atomic::AtomicBool::new(false),
             kv_transport,
             kv_listener,
             objectives: cfg.objectives.clone(),
@@ -495,11 +505,11 @@ impl Control {
         }
     }
 
-    async fn discover_loop(control: std::sync::Weak<Self>, address: String) {
+    async fn discover_loop(weak: std::sync::Weak<Self>, address: String) {
         let mut delay_ms = DISCOVERY_BACKOFF_MIN_MS;
         loop {
             let result = discover(&format!("http://{address}")).await;
-            let Some(control) = control.upgrade() else {
+            let Some(control) = weak.upgrade() else {
                 return;
             };
             match result {
@@ -508,10 +518,19 @@ impl Control {
                     let tokenizer = Arc::clone(&control.tokenizer);
                     let metrics = Arc::clone(&control.metrics);
                     drop(control);
-                    if let Some(model) = model {
-                        Self::probe_tokenizer(&tokenizer, &metrics, &address, &model).await;
+                    let Some(model) = model else { return };
+                    // At join, then periodically: an engine can be redeployed with another
+                    // model revision under the same address. This task ends with the member.
+                    let mut first = true;
+                    loop {
+                        Self::probe_tokenizer(&tokenizer, &metrics, &address, &model, first).await;
+                        first = false;
+                        tokio::time::sleep(Duration::from_millis(TOKENIZER_PROBE_INTERVAL_MS))
+                            .await;
+                        if weak.upgrade().is_none() {
+                            return;
+                        }
                     }
-                    return;
                 }
                 Err(e) => {
                     // An engine whose `/metrics` is broken still serves: take its models from
@@ -596,6 +615,7 @@ impl Control {
         metrics: &GatewayMetrics,
         address: &str,
         model: &str,
+        first: bool,
     ) {
         let result = crate::tokenize::probe(tokenizer, address, model).await;
         if let Some(r) = &result {
@@ -611,9 +631,10 @@ impl Control {
             }
         }
         match result {
-            Some(ProbeResult::Agree { tokens }) => {
+            Some(ProbeResult::Agree { tokens }) if first => {
                 tracing::info!(endpoint = %address, tokens, "tokenizer probe: the engine's tokens match the gateway's");
             }
+            Some(ProbeResult::Agree { .. }) => {}
             Some(ProbeResult::Mismatch {
                 position,
                 ours,
@@ -635,17 +656,27 @@ impl Control {
         }
     }
 
-    /// Adopts an engine-reported block size for prompt keys.
+    /// Adopts the first engine-reported block size for prompt keys (see the module docs); an
+    /// engine reporting another one is warned about once.
     fn learn_block_size(&self, block_size: Option<u32>) {
         let Some(bs) = block_size.filter(|b| *b > 0) else {
             return;
         };
-        let current = self.block_size.swap(bs, Ordering::Relaxed);
-        if current != bs {
+        if !self.block_size_learnt.swap(true, Ordering::Relaxed) {
+            let configured = self.block_size.swap(bs, Ordering::Relaxed);
             tracing::info!(
                 block_size = bs,
-                previous = current,
+                configured,
                 "using the engines' KV block size for prompt keys"
+            );
+        } else if self.block_size.load(Ordering::Relaxed) != bs
+            && !self.block_size_mixed.swap(true, Ordering::Relaxed)
+        {
+            tracing::warn!(
+                block_size = bs,
+                keyed_with = self.block_size.load(Ordering::Relaxed),
+                "engines report different KV block sizes; prompts are keyed with the first, so \
+                 engines with another size are tracked from the gateway's own bookings only"
             );
         }
     }
