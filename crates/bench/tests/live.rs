@@ -82,8 +82,10 @@ async fn live_ttft_through_gateway_agrees_with_engine_histograms() {
     let engine_mean_ms = sum_s / count as f64 * 1000.0;
     let client_mean_ms = report.ttft_ms.mean;
     // The client's TTFT also covers HTTP, the gateway (tokenising and hashing the prompt) and
-    // SSE framing: ~1 ms in a release build, ~15 ms in a debug build on this 2-core machine.
-    let tolerance_ms = 0.25 * engine_mean_ms + 20.0;
+    // SSE framing: ~1 ms in a release build, ~15 ms in a debug build on this 2-core machine,
+    // and up to ~30 ms more when another process loads both cores (seen: +29.7 ms beside two
+    // vLLM engines). The check is that the two measurements agree, not a speed bound.
+    let tolerance_ms = 0.25 * engine_mean_ms + 40.0;
     assert!(
         client_mean_ms >= engine_mean_ms - 1.0 && client_mean_ms - engine_mean_ms <= tolerance_ms,
         "client TTFT mean {client_mean_ms:.2} ms vs engines' {engine_mean_ms:.2} ms"

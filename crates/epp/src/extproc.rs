@@ -76,7 +76,7 @@ use kvgate_core::request::{Decision, FailureKind, RoutingRequest};
 use kvgate_gateway::config::{OBJECTIVE_HEADER, SESSION_HEADER};
 use kvgate_gateway::meter::ResponseMeter;
 use kvgate_gateway::metrics::{DecisionLabels, EndpointLabels, RequestLabels};
-use kvgate_gateway::openai::{ApiError, ApiKind, parse_request};
+use kvgate_gateway::openai::{ApiError, ApiKind, ParsedRequest, parse_request};
 use kvgate_gateway::proxy::reason_label;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -180,7 +180,14 @@ impl ExternalProcessor for Picker {
                     }
                 };
                 match state.handle(msg, Instant::now()) {
-                    Ok(step) => {
+                    Ok(mut step) => {
+                        // Engine-side tokenization happens here, off the state machine, which
+                        // stays synchronous (and testable message by message).
+                        while let Some(parsed) = step.tokenize.take() {
+                            let control = state.shared.control.clone();
+                            let tokens = control.engine_tokens(&parsed).await;
+                            step = state.resume_with_tokens(tokens);
+                        }
                         for r in step.responses {
                             if tx.send(Ok(r)).await.is_err() {
                                 return;
@@ -209,6 +216,10 @@ pub struct Step {
     pub responses: Vec<ProcessingResponse>,
     /// The exchange is over (an immediate response was sent): close the stream.
     pub close: bool,
+    /// With `--tokenizer engine`: the request is waiting for its prompt's tokens; the driver
+    /// asks an engine ([`Control::engine_tokens`]) and hands them to
+    /// [`StreamState::resume_with_tokens`], which routes.
+    pub tokenize: Option<ParsedRequest>,
 }
 
 impl Step {
@@ -219,7 +230,7 @@ impl Step {
     fn one(r: ProcessingResponse) -> Self {
         Self {
             responses: vec![r],
-            close: false,
+            ..Self::default()
         }
     }
 }
@@ -312,6 +323,10 @@ pub struct StreamState {
     rewrite: Option<(String, String)>,
     meter: Option<ResponseMeter>,
     status: u16,
+    /// Engine-side tokenization: `Some` once the tokens were asked for (`Some(None)`: no engine
+    /// answered), and the end-of-stream flag of the body that is waiting.
+    engine_tokens: Option<Option<Vec<u32>>>,
+    waiting_eos: bool,
 }
 
 impl std::fmt::Debug for StreamState {
@@ -490,7 +505,15 @@ impl StreamState {
             rewrite: None,
             meter: None,
             status: 0,
+            engine_tokens: None,
+            waiting_eos: false,
         }
+    }
+
+    /// Continues a request that waited for its engine-side tokens (see [`Step::tokenize`]).
+    pub fn resume_with_tokens(&mut self, tokens: Option<Vec<u32>>) -> Step {
+        self.engine_tokens = Some(tokens);
+        self.route(self.waiting_eos)
     }
 
     fn api_label(&self) -> &'static str {
@@ -624,6 +647,7 @@ impl StreamState {
                 ..ProcessingResponse::default()
             }],
             close: true,
+            tokenize: None,
         }
     }
 
@@ -694,7 +718,7 @@ impl StreamState {
         }
         Step {
             responses,
-            close: false,
+            ..Step::default()
         }
     }
 
@@ -709,6 +733,15 @@ impl StreamState {
             Ok(p) => p,
             Err(e) => return self.immediate(&e),
         };
+        if self.engine_tokens.is_none() && self.shared.control.tokenizes_remotely() {
+            self.body = body;
+            self.waiting_eos = eos;
+            return Step {
+                tokenize: Some(parsed),
+                ..Step::none()
+            };
+        }
+        let engine_tokens = self.engine_tokens.take().flatten();
         if let Some(to) = self.info.model_rewrite.clone()
             && to != parsed.model
         {
@@ -721,6 +754,7 @@ impl StreamState {
         let control = self.shared.control.clone();
         let Some(mut rr) = control.routing_request(
             &parsed,
+            engine_tokens,
             self.info.objective.as_deref(),
             self.info.session.as_deref(),
         ) else {
@@ -774,7 +808,7 @@ impl StreamState {
             .observe(started.elapsed().as_secs_f64());
         Step {
             responses,
-            close: false,
+            ..Step::default()
         }
     }
 
@@ -849,7 +883,7 @@ impl StreamState {
         }
         Step {
             responses: body_chunks(&body, b.end_of_stream, false),
-            close: false,
+            ..Step::default()
         }
     }
 

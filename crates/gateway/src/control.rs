@@ -884,11 +884,47 @@ impl Control {
         self.tokenizer.tokenize(parsed)
     }
 
+    /// Whether prompts are tokenised by the engines (`--tokenizer engine`): the data plane
+    /// then calls [`Control::engine_tokens`] before [`Control::routing_request`].
+    pub fn tokenizes_remotely(&self) -> bool {
+        matches!(*self.tokenizer, PromptTokenizer::Engine)
+    }
+
+    /// Asks an engine serving the request's model (the members serving it in turn) for the
+    /// prompt's tokens; `None` if none answers (the request is then keyed by its text).
+    pub async fn engine_tokens(&self, parsed: &ParsedRequest) -> Option<Vec<u32>> {
+        if let Prompt::Tokens(t) = &parsed.prompt {
+            return Some(t.clone());
+        }
+        let (model, _) = self.resolve_model(&parsed.model)?;
+        let body = crate::tokenize::tokenize_body(parsed, &parsed.model)?;
+        let candidates: Vec<String> = {
+            let m = self.members_read();
+            m.by_address
+                .values()
+                .filter(|mb| !mb.draining && mb.spec().models.contains(&model))
+                .map(|mb| mb.config.address.clone())
+                .collect()
+        };
+        if candidates.is_empty() {
+            return None;
+        }
+        let start = self.next_request_id() as usize % candidates.len();
+        for i in 0..candidates.len() {
+            let address = &candidates[(start + i) % candidates.len()];
+            if let Some(tokens) = crate::tokenize::engine_tokenize(address, &body).await {
+                return Some(tokens);
+            }
+        }
+        None
+    }
+
     /// Turns a parsed OpenAI request into a routing request: resolves model/adapter, tokenises,
     /// hashes the prompt into vLLM block keys. `None` when no endpoint serves the model.
     pub fn routing_request(
         &self,
         parsed: &ParsedRequest,
+        engine_tokens: Option<Vec<u32>>,
         objective: Option<&str>,
         session_id: Option<&str>,
     ) -> Option<RoutingRequest> {
@@ -897,7 +933,7 @@ impl Control {
             lora: lora.as_deref(),
             cache_salt: parsed.cache_salt.as_deref(),
         };
-        let (prompt_tokens, keys) = match self.tokenize(parsed) {
+        let (prompt_tokens, keys) = match engine_tokens.or_else(|| self.tokenize(parsed)) {
             Some(tokens) => {
                 let bs = self.block_size.load(Ordering::Relaxed);
                 (tokens.len(), PromptKeys::from_tokens(&tokens, bs, scope))

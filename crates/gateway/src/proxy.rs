@@ -434,10 +434,16 @@ async fn serve(
     let body = read_body(body, &parts.headers, &app.limits).await?;
     let parsed = parse_request(api, &body)?;
     let header_str = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok());
+    let engine_tokens = if app.control.tokenizes_remotely() {
+        app.control.engine_tokens(&parsed).await
+    } else {
+        None
+    };
     let mut rr = app
         .control
         .routing_request(
             &parsed,
+            engine_tokens,
             header_str(OBJECTIVE_HEADER),
             header_str(SESSION_HEADER),
         )

@@ -845,6 +845,66 @@ async fn kv_events_steer_requests_to_a_pod_warmed_behind_the_gateways_back() {
     }
 }
 
+/// `--tokenizer engine`: with no local tokenizer, each prompt's tokens come from an engine's
+/// `/tokenize`, and they key to the blocks the engines publish: a prefix warmed on one engine
+/// behind the gateway's back is found there (a lucky guess passes all rounds with p < 4%).
+#[tokio::test]
+async fn engine_mode_tokens_key_the_engines_blocks() {
+    let f = fleet(3, 50.0).await;
+    let mut cfg = base_config(endpoints_of(&f, true));
+    cfg.model_dir = Some(kvgate_gateway::tokenize::ENGINE_MODE.into());
+    let gw = gateway(cfg).await;
+    assert!(gw.control.tokenizes_remotely());
+    let c = client();
+    for round in 0..3usize {
+        let prefix: String = (0..1200)
+            .map(|i| format!(" e{round}k{}", i * 104_729 % 99_991))
+            .collect();
+        let ask = |suffix: &str| chat(&format!("{prefix} {suffix}"), 2, false);
+        let warm = f.engines[round].http_addr.to_string();
+        let r = c
+            .post(format!("http://{warm}/v1/chat/completions"))
+            .json(&ask("direct"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        r.bytes().await.unwrap();
+        let control = gw.control.clone();
+        let w = warm.clone();
+        eventually("the warmed blocks indexed", Duration::from_secs(5), || {
+            let control = control.clone();
+            let w = w.clone();
+            async move {
+                control.with_router(|r| {
+                    r.endpoints()
+                        .any(|v| v.address == w && v.events_trusted && v.precise_blocks >= 64)
+                })
+            }
+        })
+        .await;
+        let r = c
+            .post(url(&gw, "/v1/chat/completions"))
+            .json(&ask("via gateway"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(
+            r.headers()["x-kvgate-endpoint"].to_str().unwrap(),
+            warm,
+            "round {round}"
+        );
+        r.bytes().await.unwrap();
+    }
+    let m = admin_metrics(&gw).await;
+    assert!(
+        metric_sum(&m, "kvgate_gateway_decisions_total{") >= 3.0
+            && m.contains("reason=\"prefix_hit\""),
+        "{m}"
+    );
+}
+
 /// A minimal OpenAI-shaped upstream that reports back exactly what it received, to check what
 /// the gateway forwards for the pass-through APIs.
 async fn recording_upstream() -> String {
