@@ -10,11 +10,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use kvgate_core::endpoint::EngineKind;
 use serde::Deserialize;
 
 use crate::clock::MonotonicClock;
+use crate::metrics::detect_engine;
 use crate::metrics::{MetricsError, parse_vllm_info};
-use crate::scrape::{ScrapeError, fetch};
+use crate::scrape::{ScrapeError, engine_client, fetch};
 
 /// Budget for each discovery request. Discovery runs when an endpoint joins, off the request
 /// path, so it can afford to wait longer than a scrape for an engine that is still warming up.
@@ -36,6 +38,9 @@ pub struct EndpointFacts {
     pub lora_adapters: Vec<String>,
     /// Maximum adapters loaded at once.
     pub max_lora: Option<u32>,
+    /// The engine serving the endpoint, detected from its `/metrics` families; `None` when
+    /// it exposes none of a known engine.
+    pub engine: Option<EngineKind>,
 }
 
 /// Why discovery failed.
@@ -78,16 +83,12 @@ struct ModelEntry {
 
 /// Reads `/v1/models` and `/metrics` from `base_url` (e.g. `http://10.0.0.7:8000`).
 pub async fn discover(base_url: &str) -> Result<EndpointFacts, DiscoverError> {
-    let client =
-        reqwest::Client::builder()
-            .no_proxy()
-            .build()
-            .map_err(|e| DiscoverError::Fetch {
-                path: "client",
-                source: ScrapeError::Transport {
-                    source: Arc::new(e),
-                },
-            })?;
+    let client = engine_client().map_err(|e| DiscoverError::Fetch {
+        path: "client",
+        source: ScrapeError::Transport {
+            source: Arc::new(e),
+        },
+    })?;
     let base = base_url.trim_end_matches('/');
     let models_body = get(&client, &format!("{base}/v1/models"), "/v1/models").await?;
     let metrics_body = get(&client, &format!("{base}/metrics"), "/metrics").await?;
@@ -129,6 +130,7 @@ fn facts_from(models_body: &[u8], metrics_body: &[u8]) -> Result<EndpointFacts, 
         block_size: info.block_size,
         num_gpu_blocks: info.num_gpu_blocks,
         max_lora: info.max_lora,
+        engine: detect_engine(text),
         ..EndpointFacts::default()
     };
     for entry in list.data {
@@ -175,6 +177,7 @@ vllm:lora_requests_info{max_lora=\"4\",running_lora_adapters=\"chat-lora\",waiti
         assert_eq!(facts.num_gpu_blocks, Some(29205));
         assert_eq!(facts.lora_adapters, vec!["chat-lora", "sql-lora"]);
         assert_eq!(facts.max_lora, Some(4));
+        assert_eq!(facts.engine, Some(EngineKind::Vllm));
     }
 
     #[test]

@@ -29,7 +29,7 @@ pub mod transport;
 pub use clock::{Clock, MonotonicClock};
 pub use discover::{DiscoverError, EndpointFacts, discover};
 pub use kv_events::{KvDecodeError, decode_event_batch, decode_frames};
-pub use metrics::{MetricsError, parse_metrics};
+pub use metrics::{MetricsError, detect_engine, parse_metrics, parse_metrics_detected};
 pub use observation::{EndpointKey, Observation};
 pub use scrape::{ScrapeConfig, ScrapeError, spawn_scraper};
 pub use seq::{SeqOutcome, SeqTracker};

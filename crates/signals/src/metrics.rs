@@ -26,6 +26,14 @@
 //! counters and KV capacities are summed over series, while KV usage (a fraction) is averaged,
 //! which equals the pooled usage when ranks have equal capacity (the normal DP layout). The same
 //! rule applies to any other label that splits a gauge into several series.
+//!
+//! **Engine kind detection.** An endpoint given only by address (`--endpoint URL`) says nothing
+//! about which engine serves it, and reading a llama.cpp body with vLLM's names finds no load
+//! gauges at all: the router then routes blind. Each engine names its own families with a
+//! prefix it owns (`vllm:`, `sglang:`, `trtllm_` — or `trtllm:` where Dynamo re-exports them —
+//! and `llamacpp:`), so [`detect_engine`] picks the engine whose running and waiting gauges are
+//! present, falling back to the engine with the most families of its prefix. Configuration
+//! still wins: detection only runs when no kind was configured.
 
 use std::collections::HashMap;
 
@@ -65,6 +73,10 @@ pub enum MetricsError {
         /// The offending value.
         value: f64,
     },
+    /// No family of any known engine (`vllm:*`, `sglang:*`, `trtllm_*`, `llamacpp:*`) is in
+    /// the body, and no engine kind was configured.
+    #[error("no metric family of a known engine (vllm:*, sglang:*, trtllm_*, llamacpp:*)")]
+    UnknownEngine,
     /// A metric we read as a number was exposed as a histogram or summary.
     #[error("metric `{name}` is a histogram or summary, expected a gauge or counter")]
     WrongType {
@@ -91,6 +103,89 @@ pub fn parse_metrics(kind: EngineKind, body: &str) -> Result<MetricsSample, Metr
         EngineKind::TrtLlm => parse_trtllm(&exposition),
         EngineKind::LlamaCpp => parse_llamacpp(&exposition),
     }
+}
+
+/// Engines in detection order: when two engines' required gauges are both present (a proxy
+/// re-exporting another engine's metrics), the earlier one wins.
+const DETECTION_ORDER: [EngineKind; 4] = [
+    EngineKind::Vllm,
+    EngineKind::Sglang,
+    EngineKind::TrtLlm,
+    EngineKind::LlamaCpp,
+];
+
+/// Name prefixes of the families each engine owns.
+fn engine_prefixes(kind: EngineKind) -> &'static [&'static str] {
+    match kind {
+        EngineKind::Vllm => &["vllm:"],
+        EngineKind::Sglang => &["sglang:"],
+        EngineKind::TrtLlm => &["trtllm_", "trtllm:"],
+        EngineKind::LlamaCpp => &["llamacpp:"],
+    }
+}
+
+/// The gauges [`parse_metrics`] cannot do without, per engine (any one spelling of each).
+fn required_gauges(kind: EngineKind) -> &'static [&'static [&'static str]] {
+    match kind {
+        EngineKind::Vllm => &[
+            &["vllm:num_requests_running"],
+            &["vllm:num_requests_waiting"],
+        ],
+        EngineKind::Sglang => &[&["sglang:num_running_reqs"], &["sglang:num_queue_reqs"]],
+        EngineKind::TrtLlm => &[TRTLLM_RUNNING, TRTLLM_WAITING],
+        EngineKind::LlamaCpp => &[
+            &["llamacpp:requests_processing"],
+            &["llamacpp:requests_deferred"],
+        ],
+    }
+}
+
+/// Which engine served `body`, from the metric families it exposes; `None` when no family of
+/// a known engine is present.
+///
+/// An engine whose running and waiting gauges are both present is chosen first (in the order
+/// vLLM, SGLang, TensorRT-LLM, llama.cpp); otherwise the engine with the most sample lines
+/// under its own prefix, so that [`parse_metrics`] then reports which required gauge is
+/// missing. Only metric names are looked at; the body is not parsed, so this costs one pass
+/// over the lines.
+pub fn detect_engine(body: &str) -> Option<EngineKind> {
+    let mut prefixed = [0usize; DETECTION_ORDER.len()];
+    let mut required = [[false; 2]; DETECTION_ORDER.len()];
+    for line in body.lines() {
+        let name = match line.strip_prefix("# TYPE ") {
+            Some(rest) => rest.split(' ').next().unwrap_or_default(),
+            None if line.starts_with('#') => continue,
+            None => line.split(['{', ' ', '\t']).next().unwrap_or_default(),
+        };
+        for (i, kind) in DETECTION_ORDER.iter().enumerate() {
+            if !engine_prefixes(*kind).iter().any(|p| name.starts_with(p)) {
+                continue;
+            }
+            prefixed[i] += 1;
+            for (slot, spellings) in required_gauges(*kind).iter().enumerate() {
+                if spellings.contains(&name) {
+                    required[i][slot] = true;
+                }
+            }
+        }
+    }
+    if let Some(i) = required.iter().position(|r| r.iter().all(|&seen| seen)) {
+        return Some(DETECTION_ORDER[i]);
+    }
+    let (best, count) = prefixed
+        .iter()
+        .enumerate()
+        .max_by_key(|&(i, n)| (*n, std::cmp::Reverse(i)))?;
+    (*count > 0).then_some(DETECTION_ORDER[best])
+}
+
+/// Detects the engine of `body` ([`detect_engine`]) and parses it with that engine's adapter.
+pub fn parse_metrics_detected(body: &str) -> Result<(EngineKind, MetricsSample), MetricsError> {
+    if !body.is_empty() && !body.ends_with('\n') {
+        return Err(MetricsError::Truncated);
+    }
+    let kind = detect_engine(body).ok_or(MetricsError::UnknownEngine)?;
+    Ok((kind, parse_metrics(kind, body)?))
 }
 
 /// Static facts a vLLM-compatible `/metrics` body reveals: used by discovery, which must work
@@ -203,6 +298,26 @@ impl Exposition {
         Ok(total.round().min(f64::from(u32::MAX)) as u32)
     }
 
+    /// [`Self::count`] of the first spelling in `names` that is present; a missing gauge is
+    /// reported under its first spelling.
+    fn count_any(&self, names: &[&'static str]) -> Result<u32, MetricsError> {
+        let present = names
+            .iter()
+            .find(|n| self.inner.families.contains_key(**n))
+            .unwrap_or(&names[0]);
+        self.count(present)
+    }
+
+    /// [`Self::fraction`] of the first spelling in `names` that is present.
+    fn fraction_any(&self, names: &[&'static str]) -> Result<Option<f64>, MetricsError> {
+        for name in names {
+            if let Some(v) = self.fraction(name)? {
+                return Ok(Some(v));
+            }
+        }
+        Ok(None)
+    }
+
     /// Mean over series of a fraction in `[0, 1]`.
     fn fraction(&self, name: &'static str) -> Result<Option<f64>, MetricsError> {
         let Some(series) = self.series(name)? else {
@@ -255,12 +370,26 @@ const SGLANG_FAMILIES: &[&str] = &[
     "sglang:generation_tokens_total",
 ];
 
+/// TensorRT-LLM's gauges under both spellings: `trtllm_` as its own Prometheus exporter names
+/// them, `trtllm:` as Dynamo re-exports them (for consistency with `vllm:`/`sglang:`).
+const TRTLLM_RUNNING: &[&str] = &["trtllm_num_requests_running", "trtllm:num_requests_running"];
+const TRTLLM_WAITING: &[&str] = &["trtllm_num_requests_waiting", "trtllm:num_requests_waiting"];
+const TRTLLM_KV_USAGE: &[&str] = &["trtllm_kv_cache_utilization", "trtllm:kv_cache_utilization"];
+const TRTLLM_TOKENS_PER_BLOCK: &[&str] = &[
+    "trtllm_kv_cache_tokens_per_block",
+    "trtllm:kv_cache_tokens_per_block",
+];
+
 /// Families read from a TensorRT-LLM body.
 const TRTLLM_FAMILIES: &[&str] = &[
     "trtllm_num_requests_running",
     "trtllm_num_requests_waiting",
     "trtllm_kv_cache_utilization",
     "trtllm_kv_cache_tokens_per_block",
+    "trtllm:num_requests_running",
+    "trtllm:num_requests_waiting",
+    "trtllm:kv_cache_utilization",
+    "trtllm:kv_cache_tokens_per_block",
 ];
 
 /// Families read from a llama.cpp body.
@@ -519,11 +648,11 @@ fn parse_sglang(e: &Exposition) -> Result<MetricsSample, MetricsError> {
 }
 
 fn parse_trtllm(e: &Exposition) -> Result<MetricsSample, MetricsError> {
-    let running = e.count("trtllm_num_requests_running")?;
-    let waiting = e.count("trtllm_num_requests_waiting")?;
-    let kv_usage = e.fraction("trtllm_kv_cache_utilization")?;
+    let running = e.count_any(TRTLLM_RUNNING)?;
+    let waiting = e.count_any(TRTLLM_WAITING)?;
+    let kv_usage = e.fraction_any(TRTLLM_KV_USAGE)?;
     let block_size = e
-        .sum("trtllm_kv_cache_tokens_per_block")?
+        .sum_any(TRTLLM_TOKENS_PER_BLOCK)?
         .filter(|v| *v >= 1.0 && *v <= f64::from(u32::MAX))
         .map(|v| v.round() as u32);
     Ok(MetricsSample {
@@ -613,5 +742,67 @@ mod tests {
                     vllm:num_requests_running 4\nvllm:num_requests_waiting 1\n";
         let s = parse_metrics(EngineKind::Vllm, body).unwrap();
         assert_eq!((s.running, s.waiting), (4, 1));
+    }
+
+    #[test]
+    fn engine_is_detected_from_its_own_families() {
+        assert_eq!(
+            detect_engine("vllm:num_requests_running 1\nvllm:num_requests_waiting 0\n"),
+            Some(EngineKind::Vllm)
+        );
+        assert_eq!(
+            detect_engine(
+                "# TYPE sglang:num_queue_reqs gauge\nsglang:num_queue_reqs{a=\"b\"} 1\nsglang:num_running_reqs 2\n"
+            ),
+            Some(EngineKind::Sglang)
+        );
+        assert_eq!(
+            detect_engine("llamacpp:requests_processing 1\nllamacpp:requests_deferred 0\n"),
+            Some(EngineKind::LlamaCpp)
+        );
+        assert_eq!(
+            detect_engine("trtllm_num_requests_running 1\ntrtllm_num_requests_waiting 0\n"),
+            Some(EngineKind::TrtLlm)
+        );
+        assert_eq!(detect_engine("<html>oops</html>\n"), None);
+        assert_eq!(detect_engine("process_open_fds 3\n"), None);
+        assert_eq!(detect_engine(""), None);
+    }
+
+    #[test]
+    fn required_gauges_beat_a_larger_count_of_another_prefix() {
+        // A proxy that re-exports a few vLLM counters beside its llama.cpp gauges.
+        let body = "vllm:prompt_tokens_total 1\nvllm:generation_tokens_total 1\nvllm:x 1\n\
+                    llamacpp:requests_processing 1\nllamacpp:requests_deferred 0\n";
+        assert_eq!(detect_engine(body), Some(EngineKind::LlamaCpp));
+        // Without any engine's required pair, the prefix with most samples wins, so parsing
+        // names the gauge that is missing.
+        assert_eq!(
+            detect_engine("sglang:token_usage 0.5\n"),
+            Some(EngineKind::Sglang)
+        );
+        assert_eq!(
+            parse_metrics_detected("sglang:token_usage 0.5\n"),
+            Err(MetricsError::MissingMetric {
+                name: "sglang:num_running_reqs"
+            })
+        );
+    }
+
+    #[test]
+    fn dynamo_spelling_of_trtllm_gauges_is_read() {
+        let body = "trtllm:num_requests_running 4\ntrtllm:num_requests_waiting 2\n\
+                    trtllm:kv_cache_utilization 0.5\n";
+        let (kind, s) = parse_metrics_detected(body).unwrap();
+        assert_eq!(kind, EngineKind::TrtLlm);
+        assert_eq!((s.running, s.waiting, s.kv_usage), (4, 2, Some(0.5)));
+    }
+
+    #[test]
+    fn body_of_no_known_engine_is_unknown_engine() {
+        assert_eq!(
+            parse_metrics_detected("process_open_fds 3\n"),
+            Err(MetricsError::UnknownEngine)
+        );
     }
 }

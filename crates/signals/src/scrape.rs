@@ -15,6 +15,17 @@
 //! a pod in trouble; the router needs to know that its view of it is ageing, and the data plane
 //! may count failures for health. The loop itself never stops on an error; it stops only when
 //! the router drops the receiving end of the channel or the task is aborted.
+//!
+//! **Why the engine kind may be left open.** With `kind: None` the scraper detects the engine
+//! from the families of the first body ([`crate::metrics::detect_engine`]), keeps that adapter
+//! while it finds its gauges, and detects again when they disappear (another engine now
+//! answers on that address). A configured kind is never second-guessed. An endpoint exposing
+//! no known engine's families is warned about once per episode, not once per scrape.
+//!
+//! **Why redirects are never followed.** The scrape URL comes from configuration or discovery,
+//! but the answer comes from the engine: a compromised or misconfigured engine answering
+//! `302 Location: http://169.254.169.254/...` would otherwise make the router fetch any address
+//! it can reach (SSRF). A redirect is reported as the HTTP status it is.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,7 +36,7 @@ use tokio::task::JoinHandle;
 use tokio::time::MissedTickBehavior;
 
 use crate::clock::Clock;
-use crate::metrics::{MetricsError, parse_metrics};
+use crate::metrics::{MetricsError, detect_engine, parse_metrics};
 use crate::observation::{EndpointKey, Observation};
 
 /// Default scrape period. vLLM refreshes its scheduler gauges every engine step (tens of ms), so
@@ -47,8 +58,8 @@ pub const MAX_METRICS_BODY_BYTES: usize = 8 * 1024 * 1024;
 pub struct ScrapeConfig {
     /// Full URL of the metrics page, e.g. `http://10.0.0.7:8000/metrics`.
     pub url: String,
-    /// Which metric names to read.
-    pub kind: EngineKind,
+    /// Which engine's metric names to read; `None` detects them from the body.
+    pub kind: Option<EngineKind>,
     /// Period between scrape starts, in milliseconds.
     pub interval_ms: u64,
     /// Budget for one scrape, in milliseconds.
@@ -56,11 +67,12 @@ pub struct ScrapeConfig {
 }
 
 impl ScrapeConfig {
-    /// Defaults for interval and timeout.
-    pub fn new(url: impl Into<String>, kind: EngineKind) -> Self {
+    /// Defaults for interval and timeout; `kind` is an [`EngineKind`] or, to detect it,
+    /// `None`.
+    pub fn new(url: impl Into<String>, kind: impl Into<Option<EngineKind>>) -> Self {
         Self {
             url: url.into(),
-            kind,
+            kind: kind.into(),
             interval_ms: DEFAULT_SCRAPE_INTERVAL_MS,
             timeout_ms: DEFAULT_SCRAPE_TIMEOUT_MS,
         }
@@ -129,7 +141,7 @@ pub fn spawn_scraper(
         // Scrapes go straight to pod addresses: a system-wide HTTP proxy would add latency and
         // a shared point of failure to every sample, so proxy settings from the environment are
         // ignored.
-        let client = match reqwest::Client::builder().no_proxy().build() {
+        let client = match engine_client() {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!(%endpoint, error = %e, "cannot build HTTP client; scraper not started");
@@ -139,23 +151,25 @@ pub fn spawn_scraper(
         let mut ticker = tokio::time::interval(Duration::from_millis(cfg.interval_ms.max(1)));
         // A slow scrape delays the next one instead of triggering a burst to catch up.
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut adapter = Adapter::new(cfg.kind);
         loop {
             ticker.tick().await;
-            let observation = match scrape_once(&client, &cfg, clock.as_ref()).await {
-                Ok((taken_at_us, sample)) => Observation::Metrics {
-                    endpoint: endpoint.clone(),
-                    taken_at_us,
-                    sample,
-                },
-                Err(error) => {
-                    tracing::debug!(%endpoint, %error, "scrape failed");
-                    Observation::ScrapeFailed {
+            let observation =
+                match scrape_once(&client, &cfg, &mut adapter, &endpoint, clock.as_ref()).await {
+                    Ok((taken_at_us, sample)) => Observation::Metrics {
                         endpoint: endpoint.clone(),
-                        at_us: clock.now_us(),
-                        error,
+                        taken_at_us,
+                        sample,
+                    },
+                    Err(error) => {
+                        tracing::debug!(%endpoint, %error, "scrape failed");
+                        Observation::ScrapeFailed {
+                            endpoint: endpoint.clone(),
+                            at_us: clock.now_us(),
+                            error,
+                        }
                     }
-                }
-            };
+                };
             if tx.send(observation).await.is_err() {
                 return;
             }
@@ -163,10 +177,79 @@ pub fn spawn_scraper(
     })
 }
 
+/// The HTTP client for requests to engines: no proxy from the environment (see
+/// [`spawn_scraper`]) and no redirects (see the module docs).
+pub(crate) fn engine_client() -> Result<reqwest::Client, reqwest::Error> {
+    reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+}
+
+/// Which adapter reads an endpoint's bodies: the configured one, or the detected one.
+#[derive(Debug)]
+struct Adapter {
+    configured: Option<EngineKind>,
+    detected: Option<EngineKind>,
+    /// Whether the current run of bodies without a known engine was already warned about.
+    warned_unknown: bool,
+}
+
+impl Adapter {
+    fn new(configured: Option<EngineKind>) -> Self {
+        Self {
+            configured,
+            detected: None,
+            warned_unknown: false,
+        }
+    }
+
+    fn parse(
+        &mut self,
+        text: &str,
+        endpoint: &EndpointKey,
+    ) -> Result<kvgate_core::observe::MetricsSample, MetricsError> {
+        if let Some(kind) = self.configured {
+            return parse_metrics(kind, text);
+        }
+        if let Some(kind) = self.detected {
+            match parse_metrics(kind, text) {
+                // The gauges of the engine detected before are gone: detect again.
+                Err(MetricsError::MissingMetric { .. }) => {}
+                other => return other,
+            }
+        }
+        match detect_engine(text) {
+            Some(kind) => {
+                if self.detected != Some(kind) {
+                    tracing::info!(%endpoint, engine = ?kind, "engine kind detected from /metrics");
+                    self.detected = Some(kind);
+                }
+                self.warned_unknown = false;
+                parse_metrics(kind, text)
+            }
+            None => {
+                if !self.warned_unknown {
+                    self.warned_unknown = true;
+                    tracing::warn!(
+                        %endpoint,
+                        "/metrics exposes no family of a known engine (vllm:*, sglang:*, \
+                         trtllm_*, llamacpp:*); no load signal for this endpoint until it does \
+                         or its engine kind is configured"
+                    );
+                }
+                Err(MetricsError::UnknownEngine)
+            }
+        }
+    }
+}
+
 /// One scrape under the configured budget: `(taken_at_us, sample)`.
 async fn scrape_once(
     client: &reqwest::Client,
     cfg: &ScrapeConfig,
+    adapter: &mut Adapter,
+    endpoint: &EndpointKey,
     clock: &dyn Clock,
 ) -> Result<(u64, kvgate_core::observe::MetricsSample), ScrapeError> {
     let budget = Duration::from_millis(cfg.timeout_ms);
@@ -176,7 +259,7 @@ async fn scrape_once(
             timeout_ms: cfg.timeout_ms,
         })??;
     let text = std::str::from_utf8(&body).map_err(|_| ScrapeError::NotUtf8)?;
-    Ok((taken_at_us, parse_metrics(cfg.kind, text)?))
+    Ok((taken_at_us, adapter.parse(text, endpoint)?))
 }
 
 /// GETs `url` and returns the arrival time of the response head and the (bounded) body.

@@ -1,7 +1,9 @@
 //! The scraper over real sockets on 127.0.0.1: a tiny HTTP/1.1 server on a raw tokio
-//! `TcpListener` (port 0) that serves a fixture, hangs, returns garbage or an error status.
+//! `TcpListener` (port 0) that serves a fixture, hangs, returns garbage or an error status,
+//! redirects, or changes its body while running.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kvgate_core::endpoint::EngineKind;
@@ -21,18 +23,31 @@ enum Behaviour {
     Hang,
     /// Answer with this status and a short body.
     Status(u16),
+    /// 302 to this URL.
+    Redirect(String),
+    /// 200 with whatever body the test has put there.
+    Switch(Arc<Mutex<&'static str>>),
 }
 
 /// Starts a one-behaviour HTTP server; returns its `/metrics` URL.
 async fn server(behaviour: Behaviour) -> String {
+    server_counting(behaviour).await.0
+}
+
+/// Starts a one-behaviour HTTP server; returns its `/metrics` URL and how many requests it
+/// has read.
+async fn server_counting(behaviour: Behaviour) -> (String, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&hits);
     tokio::spawn(async move {
         loop {
             let Ok((mut stream, _)) = listener.accept().await else {
                 return;
             };
             let behaviour = behaviour.clone();
+            let counter = Arc::clone(&counter);
             tokio::spawn(async move {
                 // Read until the end of the request head.
                 let mut head = Vec::new();
@@ -43,16 +58,23 @@ async fn server(behaviour: Behaviour) -> String {
                         Ok(n) => head.extend_from_slice(&buf[..n]),
                     }
                 }
+                counter.fetch_add(1, Ordering::SeqCst);
+                let mut location = String::new();
                 let (status, body) = match behaviour {
                     Behaviour::Serve(body) => (200, body),
                     Behaviour::Status(code) => (code, "oops\n"),
+                    Behaviour::Redirect(to) => {
+                        location = format!("location: {to}\r\n");
+                        (302, "")
+                    }
+                    Behaviour::Switch(body) => (200, *body.lock().unwrap()),
                     Behaviour::Hang => {
                         tokio::time::sleep(Duration::from_secs(3600)).await;
                         return;
                     }
                 };
                 let response = format!(
-                    "HTTP/1.1 {status} X\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    "HTTP/1.1 {status} X\r\ncontent-type: text/plain; version=0.0.4\r\n{location}content-length: {}\r\nconnection: close\r\n\r\n{body}",
                     body.len()
                 );
                 let _ = stream.write_all(response.as_bytes()).await;
@@ -60,7 +82,7 @@ async fn server(behaviour: Behaviour) -> String {
             });
         }
     });
-    format!("http://{addr}/metrics")
+    (format!("http://{addr}/metrics"), hits)
 }
 
 async fn next(rx: &mut mpsc::Receiver<Observation>) -> Observation {
@@ -70,13 +92,17 @@ async fn next(rx: &mut mpsc::Receiver<Observation>) -> Observation {
         .expect("scraper stopped")
 }
 
-fn vllm_fixture() -> &'static str {
+fn fixture(name: &str) -> &'static str {
     let text = std::fs::read_to_string(format!(
-        "{}/tests/fixtures/vllm.txt",
+        "{}/tests/fixtures/{name}",
         env!("CARGO_MANIFEST_DIR")
     ))
     .unwrap();
     Box::leak(text.into_boxed_str())
+}
+
+fn vllm_fixture() -> &'static str {
+    fixture("vllm.txt")
 }
 
 fn config(url: String, timeout_ms: u64) -> ScrapeConfig {
@@ -227,4 +253,198 @@ async fn scraper_stops_when_the_router_goes_away() {
         .await
         .expect("scraper did not stop")
         .unwrap();
+}
+
+fn auto_config(url: String) -> ScrapeConfig {
+    ScrapeConfig {
+        interval_ms: 20,
+        timeout_ms: 1_000,
+        ..ScrapeConfig::new(url, None)
+    }
+}
+
+/// The next sample, skipping failures (a scrape that raced server start-up).
+async fn next_sample(rx: &mut mpsc::Receiver<Observation>) -> kvgate_core::observe::MetricsSample {
+    loop {
+        match next(rx).await {
+            Observation::Metrics { sample, .. } => return sample,
+            Observation::ScrapeFailed { error, .. } => panic!("scrape failed: {error}"),
+            _ => {}
+        }
+    }
+}
+
+/// Issue 10.12: two llama.cpp servers given only as `--endpoint` were scraped with vLLM's
+/// names, so their load never reached the router. With no kind configured, each engine's own
+/// body, served over HTTP, yields its load gauges.
+#[tokio::test]
+async fn llama_cpp_endpoint_without_a_configured_kind_is_scraped_as_llama_cpp() {
+    // (fixture, running, waiting): llama.cpp as its server renders `/metrics` today
+    // (`server_task_result_metrics::to_metrics`) and with the older `kv_cache_usage_ratio`,
+    // vLLM (one and two DP ranks), SGLang (two DP ranks) and TensorRT-LLM.
+    let cases = [
+        ("llamacpp_server.txt", 3, 1),
+        ("llamacpp.txt", 2, 4),
+        ("vllm.txt", 7, 3),
+        ("vllm_dp2.txt", 12, 3),
+        ("sglang.txt", 12, 3),
+        ("trtllm.txt", 12, 5),
+    ];
+    for (name, running, waiting) in cases {
+        let url = server(Behaviour::Serve(fixture(name))).await;
+        let (tx, mut rx) = mpsc::channel(16);
+        let handle = spawn_scraper(
+            auto_config(url),
+            name.into(),
+            Arc::new(MonotonicClock::new()),
+            tx,
+        );
+        let sample = next_sample(&mut rx).await;
+        assert_eq!(
+            (sample.running, sample.waiting),
+            (running, waiting),
+            "{name}"
+        );
+        handle.abort();
+    }
+}
+
+#[tokio::test]
+async fn configured_engine_kind_wins_over_detection() {
+    // A llama.cpp body read as configured vLLM: the vLLM gauges are missing, and the scraper
+    // must say so rather than quietly switch adapters.
+    let url = server(Behaviour::Serve(fixture("llamacpp_server.txt"))).await;
+    let (tx, mut rx) = mpsc::channel(16);
+    let handle = spawn_scraper(
+        config(url, 1_000),
+        "configured".into(),
+        Arc::new(MonotonicClock::new()),
+        tx,
+    );
+    match next(&mut rx).await {
+        Observation::ScrapeFailed { error, .. } => assert!(
+            matches!(
+                error,
+                ScrapeError::Parse(kvgate_signals::MetricsError::MissingMetric {
+                    name: "vllm:num_requests_running"
+                })
+            ),
+            "{error:?}"
+        ),
+        other => panic!("expected a failure, got {other:?}"),
+    }
+    handle.abort();
+}
+
+#[tokio::test]
+async fn engine_kind_is_detected_again_when_the_families_change() {
+    // Another engine now answers on the same address (a pod replaced by a different image).
+    let body = Arc::new(Mutex::new(fixture("vllm.txt")));
+    let url = server(Behaviour::Switch(Arc::clone(&body))).await;
+    let (tx, mut rx) = mpsc::channel(16);
+    let handle = spawn_scraper(
+        auto_config(url),
+        "switching".into(),
+        Arc::new(MonotonicClock::new()),
+        tx,
+    );
+    let first = next_sample(&mut rx).await;
+    assert_eq!((first.running, first.waiting), (7, 3));
+    *body.lock().unwrap() = fixture("llamacpp_server.txt");
+    // Samples already in flight may still be vLLM's; the llama.cpp one must follow.
+    let deadline = tokio::time::Instant::now() + RECV_TIMEOUT;
+    loop {
+        let s = next_sample(&mut rx).await;
+        if (s.running, s.waiting) == (3, 1) {
+            break;
+        }
+        assert_eq!((s.running, s.waiting), (7, 3), "neither engine's figures");
+        assert!(tokio::time::Instant::now() < deadline, "never re-detected");
+    }
+    handle.abort();
+}
+
+#[tokio::test]
+async fn endpoint_exposing_no_known_engine_is_an_unknown_engine_failure() {
+    let url = server(Behaviour::Serve(
+        "# TYPE process_open_fds gauge\nprocess_open_fds 6\n",
+    ))
+    .await;
+    let (tx, mut rx) = mpsc::channel(16);
+    let handle = spawn_scraper(
+        auto_config(url),
+        "unknown".into(),
+        Arc::new(MonotonicClock::new()),
+        tx,
+    );
+    for _ in 0..2 {
+        match next(&mut rx).await {
+            Observation::ScrapeFailed { error, .. } => {
+                assert!(
+                    matches!(
+                        error,
+                        ScrapeError::Parse(kvgate_signals::MetricsError::UnknownEngine)
+                    ),
+                    "{error:?}"
+                );
+                assert!(!error.is_retryable());
+            }
+            other => panic!("expected a failure, got {other:?}"),
+        }
+    }
+    handle.abort();
+}
+
+/// Issue 10.5 (SSRF): an engine answering `302 Location: <anywhere>` made the scraper fetch
+/// that address. The redirect must be reported, and the other server never asked.
+#[tokio::test]
+async fn scraper_does_not_follow_an_engine_redirect_to_another_address() {
+    let (target, target_hits) = server_counting(Behaviour::Serve(vllm_fixture())).await;
+    let (url, engine_hits) = server_counting(Behaviour::Redirect(target)).await;
+    let (tx, mut rx) = mpsc::channel(16);
+    let handle = spawn_scraper(
+        config(url, 1_000),
+        "redirecting".into(),
+        Arc::new(MonotonicClock::new()),
+        tx,
+    );
+    for _ in 0..3 {
+        match next(&mut rx).await {
+            Observation::ScrapeFailed { error, .. } => assert!(
+                matches!(error, ScrapeError::HttpStatus { status: 302 }),
+                "{error:?}"
+            ),
+            other => panic!("expected a failure, got {other:?}"),
+        }
+    }
+    handle.abort();
+    assert!(engine_hits.load(Ordering::SeqCst) >= 3);
+    assert_eq!(
+        target_hits.load(Ordering::SeqCst),
+        0,
+        "the redirect was followed"
+    );
+}
+
+#[tokio::test]
+async fn discovery_does_not_follow_an_engine_redirect_to_another_address() {
+    let (target, target_hits) = server_counting(Behaviour::Serve(vllm_fixture())).await;
+    let (url, _) = server_counting(Behaviour::Redirect(target)).await;
+    let base = url.trim_end_matches("/metrics");
+    let err = kvgate_signals::discover(base).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            kvgate_signals::DiscoverError::Fetch {
+                source: ScrapeError::HttpStatus { status: 302 },
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(
+        target_hits.load(Ordering::SeqCst),
+        0,
+        "the redirect was followed"
+    );
 }
