@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use axum::routing::{get, post};
 use hdrhistogram::Histogram;
 use kvgate_epp::{Epp, EppArgs};
-use kvgate_gateway::RoutingFlags;
+use kvgate_runtime::config::RoutingFlags;
 use serde_json::json;
 
 const MODEL: &str = "bench-model";

@@ -25,7 +25,7 @@
 //!   `envoy.lb` / `x-gateway-destination-endpoint-served`, else the response header of that name;
 //!   if it is one of the fallbacks, the booking moves there). A 5xx or 429 ends the booking as a
 //!   failure the core penalises, as the HTTP gateway does.
-//! - *Response body chunks* are measured ([`kvgate_gateway::meter`]: TTFT, TPOT, usage) and echoed back
+//! - *Response body chunks* are measured ([`kvgate_runtime::meter`]: TTFT, TPOT, usage) and echoed back
 //!   unchanged (model name rewritten back to the client's name when a rewrite was applied); the
 //!   end of the body (or response trailers) finishes the booking with the measured outcome.
 //! - If Envoy closes the stream early (client gone, upstream reset), dropping the state releases
@@ -73,17 +73,16 @@ use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
 use futures::Stream;
 use kvgate_core::endpoint::EndpointId;
 use kvgate_core::request::{Decision, FailureKind, RoutingRequest};
-use kvgate_gateway::config::{OBJECTIVE_HEADER, SESSION_HEADER};
-use kvgate_gateway::meter::ResponseMeter;
-use kvgate_gateway::metrics::{DecisionLabels, EndpointLabels, RequestLabels};
-use kvgate_gateway::openai::{ApiError, ApiKind, ParsedRequest, parse_request};
-use kvgate_gateway::proxy::reason_label;
+use kvgate_runtime::config::{OBJECTIVE_HEADER, SESSION_HEADER};
+use kvgate_runtime::meter::ResponseMeter;
+use kvgate_runtime::metrics::{DecisionLabels, EndpointLabels, RequestLabels, reason_label};
+use kvgate_runtime::openai::{ApiError, ApiKind, ParsedRequest, parse_request};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::metrics::{EppMetrics, StatusLabels};
-use kvgate_gateway::control::{Control, Target};
+use kvgate_runtime::control::{Control, Target};
 
 /// Largest body chunk sent back to Envoy, bytes: the reference picker's limit, kept below
 /// Envoy's 64 KiB default per-stream buffer so one mutation never exceeds it.

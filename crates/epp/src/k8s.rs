@@ -32,12 +32,12 @@ use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use kube::{Client, Config};
-use kvgate_gateway::config::EndpointConfig;
+use kvgate_runtime::config::EndpointConfig;
 use serde_json::Value;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use kvgate_gateway::control::Control;
+use kvgate_runtime::control::Control;
 
 /// API group of the v1 `InferencePool` (the reference picker's `--pool-group` default).
 pub const DEFAULT_POOL_GROUP: &str = "inference.networking.k8s.io";

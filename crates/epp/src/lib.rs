@@ -4,11 +4,12 @@
 //!
 //! Why it is built this way:
 //! - **One routing brain, two data planes.** The picker shares everything but the wire with
-//!   `kvgate serve`: the YAML config ([`kvgate_gateway::config`], with `EndpointPickerConfig`
-//!   accepted), OpenAI parsing and errors ([`kvgate_gateway::openai`]), the routing state and its
-//!   signal tasks ([`kvgate_gateway::control`]), and
-//!   the response measurements ([`kvgate_gateway::meter`]) that calibrate the core. A policy measured behind the
-//!   gateway or in simulation is the policy Envoy gets.
+//!   `kvgate serve`, through `kvgate-runtime` (it does not depend on the HTTP gateway): the YAML
+//!   config ([`kvgate_runtime::config`], with `EndpointPickerConfig` accepted), OpenAI parsing
+//!   and errors ([`kvgate_runtime::openai`]), the routing state and its signal tasks
+//!   ([`kvgate_runtime::control`]), and the response measurements ([`kvgate_runtime::meter`])
+//!   that calibrate the core. A policy measured behind the gateway or in simulation is the
+//!   policy Envoy gets.
 //! - **Envoy moves the bytes, the picker decides.** [`extproc`] holds one small synchronous state
 //!   machine per ext_proc stream; the gRPC task only shuttles messages, so the protocol logic is
 //!   tested message by message without sockets. Request bodies are buffered only until the
@@ -16,7 +17,7 @@
 //!   through chunk by chunk.
 //! - **Membership through one door.** Static endpoints (config or `--endpoint`) and Kubernetes
 //!   discovery ([`k8s`]: an `InferencePool` and its pods, watched with kube-rs) both end in
-//!   [`kvgate_gateway::control::Control::set_endpoints`], so a terminating pod drains exactly like an endpoint
+//!   [`kvgate_runtime::control::Control::set_endpoints`], so a terminating pod drains exactly like an endpoint
 //!   removed from the config: no new requests unless nothing else can serve, in-flight ones finish.
 //! - **Three listeners, as the reference picker has them**: ext_proc gRPC (9002, plaintext or
 //!   TLS with `--secure-serving`, health served there too), gRPC health
@@ -33,15 +34,16 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessorServer;
-use kvgate_gateway::config::{GatewayConfig, Overrides, PolicyChoice};
-use kvgate_gateway::lifecycle::{Tasks, watch_config};
-use kvgate_gateway::{GatewayError, RoutingFlags};
+use kvgate_runtime::RuntimeError;
+use kvgate_runtime::config::RoutingFlags;
+use kvgate_runtime::config::{GatewayConfig, Overrides, PolicyChoice};
+use kvgate_runtime::lifecycle::{Tasks, watch_config};
 use tokio::net::TcpListener;
 use tonic_health::ServingStatus;
 
 use crate::extproc::{Picker, PickerSettings};
 use crate::metrics::EppMetrics;
-use kvgate_gateway::control::Control;
+use kvgate_runtime::control::Control;
 
 /// Default ext_proc port: the reference endpoint picker's `--grpc-port`.
 pub const DEFAULT_GRPC_PORT: u16 = 9002;
@@ -63,7 +65,7 @@ pub const EXT_PROC_SERVICE: &str = "envoy.service.ext_proc.v3.ExternalProcessor"
 pub enum EppError {
     /// The configuration (file or flags) is invalid, or the router refused it.
     #[error("configuration")]
-    Config(#[source] GatewayError),
+    Config(#[source] RuntimeError),
     /// Flags that contradict each other.
     #[error("invalid flags: {0}")]
     Flags(&'static str),
@@ -181,7 +183,7 @@ impl EppArgs {
             return GatewayConfig::load(None, &flags).map_err(EppError::Config);
         };
         let text = std::fs::read_to_string(path).map_err(|source| {
-            EppError::Config(GatewayError::ReadConfig {
+            EppError::Config(RuntimeError::ReadConfig {
                 path: path.clone(),
                 source,
             })
@@ -418,11 +420,11 @@ impl Epp {
     }
 
     /// Stops the listeners and lets open ext_proc streams (requests in flight) finish for up to
-    /// [`kvgate_gateway::SHUTDOWN_GRACE_MS`], as `kvgate serve` does, then cuts whatever is left.
+    /// [`kvgate_runtime::lifecycle::SHUTDOWN_GRACE_MS`], as `kvgate serve` does, then cuts whatever is left.
     pub async fn shutdown(self) {
         self.tasks
             .shutdown(std::time::Duration::from_millis(
-                kvgate_gateway::SHUTDOWN_GRACE_MS,
+                kvgate_runtime::lifecycle::SHUTDOWN_GRACE_MS,
             ))
             .await;
     }

@@ -11,7 +11,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use kvgate_gateway::metrics::GatewayMetrics;
+use kvgate_runtime::metrics::GatewayMetrics;
 
 /// Labels of `kvgate_epp_immediate_responses_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -29,7 +29,7 @@ fn decision_buckets() -> impl Iterator<Item = f64> {
 /// Every metric the picker exports.
 pub struct EppMetrics {
     registry: Registry,
-    /// The gateway's metrics, shared with [`kvgate_gateway::control::Control`].
+    /// The gateway's metrics, shared with [`kvgate_runtime::control::Control`].
     pub gateway: Arc<GatewayMetrics>,
     /// ext_proc streams opened by Envoy.
     pub streams: Counter,

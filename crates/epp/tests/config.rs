@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use kvgate_epp::{Epp, EppArgs, EppError};
-use kvgate_gateway::config::PolicyChoice;
+use kvgate_runtime::config::PolicyChoice;
 
 fn temp_file(name: &str, text: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("kvgate-epp-config-{}", std::process::id()));

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use common::envoy::Envoy;
 use kvgate_engine::EngineConfig;
 use kvgate_epp::{Epp, EppArgs};
-use kvgate_gateway::RoutingFlags;
+use kvgate_runtime::config::RoutingFlags;
 use kvgate_sim::{Fleet, FleetConfig, start_fleet};
 use serde_json::{Value, json};
 

@@ -15,7 +15,7 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
 use envoy_types::pb::google::protobuf::{ListValue, Struct, Value, value::Kind};
 use kvgate_epp::extproc::BODY_CHUNK_BYTES;
 use kvgate_epp::{Epp, EppArgs};
-use kvgate_gateway::RoutingFlags;
+use kvgate_runtime::config::RoutingFlags;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;

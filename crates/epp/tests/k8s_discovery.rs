@@ -25,7 +25,7 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
 use futures::StreamExt;
 use kvgate_engine::EngineConfig;
 use kvgate_epp::{Epp, EppArgs};
-use kvgate_gateway::RoutingFlags;
+use kvgate_runtime::config::RoutingFlags;
 use kvgate_sim::{FleetConfig, start_fleet};
 use serde_json::{Value, json};
 use tokio::sync::{broadcast, mpsc};

@@ -21,8 +21,9 @@ use std::time::{Duration, Instant};
 
 use common::envoy::Envoy;
 use kvgate_epp::{Epp, EppArgs};
-use kvgate_gateway::config::{EndpointConfig, GatewayConfig, Overrides, PolicyChoice};
-use kvgate_gateway::{Gateway, RoutingFlags};
+use kvgate_gateway::Gateway;
+use kvgate_runtime::config::RoutingFlags;
+use kvgate_runtime::config::{EndpointConfig, GatewayConfig, Overrides, PolicyChoice};
 use serde_json::{Value, json};
 
 const MODEL: &str = "smollm2";
@@ -553,7 +554,7 @@ async fn scenarios(fleet: &mut Fleet) {
     //    their holders, and decisions are prefix hits. The same workload with the built-in
     //    tokenizer (the wrong one) and with round-robin gives the comparison figures.
     let mut figures = Vec::new();
-    let engine_mode = || Some(PathBuf::from(kvgate_gateway::tokenize::ENGINE_MODE));
+    let engine_mode = || Some(PathBuf::from(kvgate_runtime::tokenize::ENGINE_MODE));
     for (label, policy, tokenizer) in [
         ("kvgate, model tokenizer", "kvgate", Some(model_dir())),
         ("kvgate, engine /tokenize", "kvgate", engine_mode()),
@@ -822,7 +823,7 @@ async fn scenarios(fleet: &mut Fleet) {
             kv_events_listen: Some(fleet.listen.clone()),
             // The picker asks the engines for tokens (its asynchronous path around the
             // ext_proc state machine); `kvgate serve` above used the model directory.
-            tokenizer: Some(PathBuf::from(kvgate_gateway::tokenize::ENGINE_MODE)),
+            tokenizer: Some(PathBuf::from(kvgate_runtime::tokenize::ENGINE_MODE)),
             scrape_interval_ms: Some(100),
             ..RoutingFlags::default()
         },

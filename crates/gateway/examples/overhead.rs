@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use kvgate_engine::EngineConfig;
 use kvgate_gateway::Gateway;
-use kvgate_gateway::config::{GatewayConfig, Overrides};
+use kvgate_runtime::config::{GatewayConfig, Overrides};
 use kvgate_sim::{FleetConfig, start_fleet};
 use serde_json::json;
 

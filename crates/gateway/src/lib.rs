@@ -2,13 +2,11 @@
 //! `kvgate-core` router and streams the engine's answer back untouched.
 //!
 //! Why it is built this way:
-//! - **The data plane only does I/O.** Routing decisions, load estimates and the prefix index
-//!   live in the pure core; this crate parses requests ([`openai`]), turns them into routing
-//!   requests and applies signal observations ([`control`]), and proxies ([`proxy`]) over its own
-//!   hyper accept loop ([`server`]), which is where connection timeouts live. `config`, `control`,
-//!   `openai`, `meter` (TTFT, TPOT and usage read off a response) and `lifecycle` (task
-//!   ownership, bounded shutdown, config reload) are public so the Envoy endpoint picker reuses
-//!   them unchanged and both data planes calibrate the core and end alike.
+//! - **Only the HTTP protocol lives here.** Membership, signal tasks, the router handle,
+//!   metering, metrics, config and lifecycle are `kvgate-runtime`'s, shared with the Envoy
+//!   endpoint picker (`kvgate epp`), which this crate does not know about. What is left is
+//!   HTTP: the proxy ([`proxy`]) and our own hyper accept loop ([`server`]), which is where
+//!   connection timeouts live.
 //! - **Bytes pass through.** Request bodies are forwarded as received and response frames are
 //!   relayed as they arrive; the gateway reads what it needs (usage, timing) on the side, so a
 //!   stream through the gateway is byte-for-byte the engine's stream.
@@ -20,15 +18,8 @@
 //!   reload), and then drain.
 #![deny(missing_docs)]
 
-pub mod config;
-pub mod control;
-pub mod lifecycle;
-pub mod meter;
-pub mod metrics;
-pub mod openai;
 pub mod proxy;
 pub mod server;
-pub mod tokenize;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -37,121 +28,23 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 
-use crate::config::{GatewayConfig, Overrides};
-use crate::control::Control;
-use crate::lifecycle::{Tasks, watch_config};
-use crate::metrics::GatewayMetrics;
+use kvgate_runtime::RuntimeError;
+use kvgate_runtime::config::{GatewayConfig, Overrides, RoutingFlags};
+use kvgate_runtime::control::Control;
+use kvgate_runtime::lifecycle::{SHUTDOWN_GRACE_MS, Tasks, watch_config};
+use kvgate_runtime::metrics::GatewayMetrics;
+
 use crate::proxy::App;
 
-/// How long shutdown waits for in-flight requests, ms. Long enough for most generations to
-/// finish (a 1,000-token answer at 20 ms per token), short enough for a rolling update.
-pub const SHUTDOWN_GRACE_MS: u64 = 30_000;
-
-/// Why the gateway could not start.
+/// Why the gateway could not start or stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
-    /// A configuration value is invalid.
-    #[error("invalid gateway config: {field}: {reason}")]
-    InvalidConfig {
-        /// The setting.
-        field: &'static str,
-        /// What is wrong.
-        reason: String,
-    },
-    /// A file could not be read.
-    #[error("cannot read {path}")]
-    ReadConfig {
-        /// The file.
-        path: PathBuf,
-        /// The I/O error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The config file is not valid YAML for the gateway.
-    #[error("cannot parse config file {path}")]
-    ParseConfig {
-        /// The file.
-        path: PathBuf,
-        /// The parser's error.
-        #[source]
-        source: serde_norway::Error,
-    },
-    /// The router refused its configuration (unknown policy, bad plugin config).
-    #[error("router configuration")]
-    Router(#[source] kvgate_core::CoreError),
-    /// The configured HuggingFace tokenizer could not be loaded.
-    #[error("tokenizer")]
-    Tokenizer(#[source] kvgate_tokens::TokenizerError),
-    /// A listener could not be bound.
-    #[error("cannot bind {addr}")]
-    Bind {
-        /// The address.
-        addr: String,
-        /// The I/O error.
-        #[source]
-        source: std::io::Error,
-    },
+    /// The configuration is invalid, the router refused it, or a listener could not be bound.
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
     /// Waiting for ctrl-c failed.
     #[error("cannot listen for ctrl-c")]
     Signal(#[source] std::io::Error),
-}
-
-/// Flags that `kvgate serve` and `kvgate epp` share: which model servers to route to and how.
-/// Flags win over the config file; `--kv-events` and `--kv-replay` pair with `--endpoint` by
-/// position.
-#[derive(Clone, Debug, Default, clap::Args)]
-pub struct RoutingFlags {
-    /// Model server to route to, as a base URL (http://10.0.0.7:8000) or `ip:port` (repeat for
-    /// more).
-    #[arg(long = "endpoint")]
-    pub endpoints: Vec<String>,
-    /// KV-event ZMQ PUB endpoint of the --endpoint at the same position (tcp://host:port).
-    #[arg(long = "kv-events")]
-    pub kv_events: Vec<String>,
-    /// KV-event replay (ZMQ ROUTER) endpoint of the --endpoint at the same position.
-    #[arg(long = "kv-replay")]
-    pub kv_replay: Vec<String>,
-    /// Bind one ZMQ SUB socket here (tcp://host:port) for engines whose KV-event publisher
-    /// connects to it (vLLM with a concrete `endpoint` address); each engine's topic
-    /// `kv@<host>:<port>@<model>` names its --endpoint.
-    #[arg(long = "kv-events-listen")]
-    pub kv_events_listen: Option<String>,
-    /// The served model's HuggingFace directory (tokenizer.json and its chat template), so
-    /// prompts are rendered and tokenised exactly as the engines do [default: a built-in
-    /// tokenizer, which only the simulator shares].
-    #[arg(long)]
-    pub tokenizer: Option<std::path::PathBuf>,
-    /// Models served by the --endpoint servers (default: learned from their /v1/models).
-    #[arg(long = "model")]
-    pub models: Vec<String>,
-    /// Routing policy: kvgate, gie-default, sglang-cache-aware, dynamo, round-robin, random,
-    /// least-request, power-of-two [default: kvgate].
-    #[arg(long)]
-    pub policy: Option<String>,
-    /// Metrics scrape interval per endpoint, ms [default: 100].
-    #[arg(long)]
-    pub scrape_interval_ms: Option<u64>,
-    /// Largest request body accepted, bytes [default: 33554432].
-    #[arg(long)]
-    pub max_body_bytes: Option<usize>,
-}
-
-impl RoutingFlags {
-    /// These flags as config overrides (listener fields left unset).
-    pub fn overrides(&self) -> Overrides {
-        Overrides {
-            endpoints: self.endpoints.clone(),
-            kv_events: self.kv_events.clone(),
-            kv_replay: self.kv_replay.clone(),
-            kv_events_listen: self.kv_events_listen.clone(),
-            tokenizer: self.tokenizer.clone(),
-            models: self.models.clone(),
-            policy: self.policy.clone(),
-            scrape_interval_ms: self.scrape_interval_ms,
-            max_body_bytes: self.max_body_bytes,
-            ..Overrides::default()
-        }
-    }
 }
 
 /// Flags of `kvgate serve`. Flags win over the config file; `--kv-events` and `--kv-replay`
@@ -224,13 +117,13 @@ impl Gateway {
             async move {
                 TcpListener::bind(&addr)
                     .await
-                    .map_err(|source| GatewayError::Bind { addr, source })
+                    .map_err(|source| RuntimeError::Bind { addr, source })
             }
         };
         let api = bind(cfg.port).await?;
         let admin = bind(cfg.admin_port).await?;
         let local = |l: &TcpListener| {
-            l.local_addr().map_err(|source| GatewayError::Bind {
+            l.local_addr().map_err(|source| RuntimeError::Bind {
                 addr: cfg.host.clone(),
                 source,
             })
@@ -333,17 +226,20 @@ mod tests {
         );
         assert_eq!(
             cfg.policy,
-            config::PolicyChoice::Named("round-robin".into())
+            kvgate_runtime::config::PolicyChoice::Named("round-robin".into())
         );
     }
 
     #[tokio::test]
     async fn unknown_policy_is_a_typed_error() {
         let cfg = GatewayConfig {
-            policy: config::PolicyChoice::Named("no-such-policy".into()),
+            policy: kvgate_runtime::config::PolicyChoice::Named("no-such-policy".into()),
             ..GatewayConfig::default()
         };
         let err = Gateway::start(cfg, Overrides::default()).await.unwrap_err();
-        assert!(matches!(err, GatewayError::Router(_)), "{err}");
+        assert!(
+            matches!(err, GatewayError::Runtime(RuntimeError::Router(_))),
+            "{err}"
+        );
     }
 }

@@ -4,9 +4,9 @@
 //!
 //! **Retry policy.** An attempt is retried on the next of the decision's fallbacks (endpoints
 //! the core ranked after the primary, never one already tried) when the engine refused or
-//! dropped the connection, the connect timed out ([`crate::config::DEFAULT_UPSTREAM_CONNECT_TIMEOUT_MS`]),
+//! dropped the connection, the connect timed out ([`kvgate_runtime::config::DEFAULT_UPSTREAM_CONNECT_TIMEOUT_MS`]),
 //! or it answered 5xx or 429 — all before a single response byte reached the client, so a retry
-//! is invisible to it. At most `retry.max_attempts` attempts ([`crate::config::DEFAULT_MAX_ATTEMPTS`])
+//! is invisible to it. At most `retry.max_attempts` attempts ([`kvgate_runtime::config::DEFAULT_MAX_ATTEMPTS`])
 //! are made. Each failed attempt is reported to the core with its [`FailureKind`], which
 //! penalises that endpoint for later picks. When every attempt fails, the last engine error
 //! response is passed through as is, or a 502 if no engine answered at all. Once the response
@@ -55,16 +55,17 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Frame, Incoming, SizeHint};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use kvgate_core::request::{Decision, DecisionReason, FailureKind, Outcome, RoutingRequest};
+use kvgate_core::request::{Decision, FailureKind, Outcome, RoutingRequest};
 use serde_json::Value;
 
-use crate::config::{Limits, OBJECTIVE_HEADER, SESSION_HEADER};
-use crate::control::{Control, Target};
-use crate::meter::{ResponseMeter, USAGE_WINDOW_BYTES};
-use crate::metrics::{
-    DecisionLabels, EndpointLabels, GatewayMetrics, RequestLabels, RetryLabels, UpstreamErrorLabels,
+use kvgate_runtime::config::{Limits, OBJECTIVE_HEADER, SESSION_HEADER};
+use kvgate_runtime::control::{Control, Target};
+use kvgate_runtime::meter::{ResponseMeter, USAGE_WINDOW_BYTES};
+use kvgate_runtime::metrics::{
+    DecisionLabels, EndpointLabels, GatewayMetrics, RequestLabels, RetryLabels,
+    UpstreamErrorLabels, reason_label,
 };
-use crate::openai::{ApiError, ApiKind, parse_request};
+use kvgate_runtime::openai::{ApiError, ApiKind, parse_request};
 
 /// Budget for one endpoint's `/v1/models` during aggregation: the list is served from memory,
 /// so a slow answer means a sick engine, which must not stall the client's listing.
@@ -306,27 +307,6 @@ async fn read_body(body: Body, headers: &HeaderMap, limits: &Limits) -> Result<B
             StatusCode::BAD_REQUEST,
             format!("cannot read request body: {e}"),
         )),
-    }
-}
-
-/// Snake-case label of a decision reason.
-pub fn reason_label(r: DecisionReason) -> &'static str {
-    match r {
-        DecisionReason::PrefixHit => "prefix_hit",
-        DecisionReason::LeastCost => "least_cost",
-        DecisionReason::HotPrefixSpill => "hot_prefix_spill",
-        DecisionReason::MaxScore => "max_score",
-        DecisionReason::WeightedRandom => "weighted_random",
-        DecisionReason::Random => "random",
-        DecisionReason::RoundRobin => "round_robin",
-        DecisionReason::LeastRequest => "least_request",
-        DecisionReason::PowerOfTwo => "power_of_two",
-        DecisionReason::CacheAffinity => "cache_affinity",
-        DecisionReason::Balance => "balance",
-        DecisionReason::SmallestCache => "smallest_cache",
-        DecisionReason::Oracle => "oracle",
-        DecisionReason::OnlyCandidate => "only_candidate",
-        DecisionReason::DrainingOnly => "draining_only",
     }
 }
 
@@ -604,7 +584,7 @@ fn respond(
     app: &Arc<App>,
     resp: hyper::Response<Incoming>,
     guard: InFlight,
-    parsed: &crate::openai::ParsedRequest,
+    parsed: &kvgate_runtime::openai::ParsedRequest,
     t0: Instant,
     injected_usage: bool,
 ) -> Response {
@@ -623,7 +603,7 @@ fn respond(
         endpoint: EndpointLabels { endpoint },
         sse,
         t0,
-        meter: ResponseMeter::new(sse, parsed.api == crate::openai::ApiKind::Chat),
+        meter: ResponseMeter::new(sse, parsed.api == kvgate_runtime::openai::ApiKind::Chat),
         ended: false,
         strip: (injected_usage && sse && parts.status.is_success()).then(UsageStripper::default),
     };

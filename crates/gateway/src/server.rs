@@ -2,12 +2,12 @@
 //! the timeouts that keep slow or malicious clients from holding resources.
 //!
 //! - **Header read timeout** (hyper's `header_read_timeout`, default
-//!   [`crate::config::DEFAULT_HEADER_READ_TIMEOUT_MS`]): a client dribbling its request head
+//!   [`kvgate_runtime::config::DEFAULT_HEADER_READ_TIMEOUT_MS`]): a client dribbling its request head
 //!   (slowloris) is disconnected.
 //! - **Body read timeout** (in the handler, default
-//!   [`crate::config::DEFAULT_BODY_READ_TIMEOUT_MS`]): a body that does not arrive in time gets
+//!   [`kvgate_runtime::config::DEFAULT_BODY_READ_TIMEOUT_MS`]): a body that does not arrive in time gets
 //!   a 408 and the connection is released.
-//! - **Idle timeout** (default [`crate::config::DEFAULT_IDLE_TIMEOUT_MS`]): a keep-alive
+//! - **Idle timeout** (default [`kvgate_runtime::config::DEFAULT_IDLE_TIMEOUT_MS`]): a keep-alive
 //!   connection with no request in flight for that long is closed. A request is in flight from
 //!   its head until its response body is finished or dropped, so long generations (minutes
 //!   without a byte for a non-streaming request) are never cut by it.
@@ -28,7 +28,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
-use crate::config::Limits;
+use kvgate_runtime::config::Limits;
 
 /// How often, as a fraction of the idle timeout, a connection checks whether it is idle: a
 /// quarter bounds the overshoot to 25% of the timeout at one timer wake-up per quarter.

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use kvgate_engine::EngineConfig;
 use kvgate_gateway::Gateway;
-use kvgate_gateway::config::{EndpointConfig, GatewayConfig, Overrides};
+use kvgate_runtime::config::{EndpointConfig, GatewayConfig, Overrides};
 use kvgate_sim::{EngineSpec, FaultConfig, Fleet, FleetConfig, start_fleet};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -852,7 +852,7 @@ async fn kv_events_steer_requests_to_a_pod_warmed_behind_the_gateways_back() {
 async fn engine_mode_tokens_key_the_engines_blocks() {
     let f = fleet(3, 50.0).await;
     let mut cfg = base_config(endpoints_of(&f, true));
-    cfg.model_dir = Some(kvgate_gateway::tokenize::ENGINE_MODE.into());
+    cfg.model_dir = Some(kvgate_runtime::tokenize::ENGINE_MODE.into());
     let gw = gateway(cfg).await;
     assert!(gw.control.tokenizes_remotely());
     let c = client();

@@ -1,4 +1,4 @@
-//! Gateway configuration: the YAML file and command-line flags, parsed raw (serde), merged (flags
+//! Data-plane configuration: the YAML file and command-line flags, parsed raw (serde), merged (flags
 //! win), then validated into a typed [`GatewayConfig`] (ripgrep's low-args/high-args split).
 //!
 //! ```yaml
@@ -30,7 +30,7 @@ use std::path::{Path, PathBuf};
 use kvgate_core::endpoint::{EngineKind, Role};
 use serde::Deserialize;
 
-use crate::GatewayError;
+use crate::RuntimeError;
 
 /// Default OpenAI API port: the conventional alternative HTTP port, clear of vLLM's 8000 (and of
 /// `kvgate sim`'s default engine ports) so a gateway and engines can share a host.
@@ -331,15 +331,73 @@ pub struct Overrides {
     pub max_body_bytes: Option<usize>,
 }
 
-fn invalid(field: &'static str, reason: impl Into<String>) -> GatewayError {
-    GatewayError::InvalidConfig {
+/// Flags that `kvgate serve` and `kvgate epp` share: which model servers to route to and how.
+/// Flags win over the config file; `--kv-events` and `--kv-replay` pair with `--endpoint` by
+/// position.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct RoutingFlags {
+    /// Model server to route to, as a base URL (http://10.0.0.7:8000) or `ip:port` (repeat for
+    /// more).
+    #[arg(long = "endpoint")]
+    pub endpoints: Vec<String>,
+    /// KV-event ZMQ PUB endpoint of the --endpoint at the same position (tcp://host:port).
+    #[arg(long = "kv-events")]
+    pub kv_events: Vec<String>,
+    /// KV-event replay (ZMQ ROUTER) endpoint of the --endpoint at the same position.
+    #[arg(long = "kv-replay")]
+    pub kv_replay: Vec<String>,
+    /// Bind one ZMQ SUB socket here (tcp://host:port) for engines whose KV-event publisher
+    /// connects to it (vLLM with a concrete `endpoint` address); each engine's topic
+    /// `kv@<host>:<port>@<model>` names its --endpoint.
+    #[arg(long = "kv-events-listen")]
+    pub kv_events_listen: Option<String>,
+    /// The served model's HuggingFace directory (tokenizer.json and its chat template), so
+    /// prompts are rendered and tokenised exactly as the engines do [default: a built-in
+    /// tokenizer, which only the simulator shares].
+    #[arg(long)]
+    pub tokenizer: Option<std::path::PathBuf>,
+    /// Models served by the --endpoint servers (default: learned from their /v1/models).
+    #[arg(long = "model")]
+    pub models: Vec<String>,
+    /// Routing policy: kvgate, gie-default, sglang-cache-aware, dynamo, round-robin, random,
+    /// least-request, power-of-two [default: kvgate].
+    #[arg(long)]
+    pub policy: Option<String>,
+    /// Metrics scrape interval per endpoint, ms [default: 100].
+    #[arg(long)]
+    pub scrape_interval_ms: Option<u64>,
+    /// Largest request body accepted, bytes [default: 33554432].
+    #[arg(long)]
+    pub max_body_bytes: Option<usize>,
+}
+
+impl RoutingFlags {
+    /// These flags as config overrides (listener fields left unset).
+    pub fn overrides(&self) -> Overrides {
+        Overrides {
+            endpoints: self.endpoints.clone(),
+            kv_events: self.kv_events.clone(),
+            kv_replay: self.kv_replay.clone(),
+            kv_events_listen: self.kv_events_listen.clone(),
+            tokenizer: self.tokenizer.clone(),
+            models: self.models.clone(),
+            policy: self.policy.clone(),
+            scrape_interval_ms: self.scrape_interval_ms,
+            max_body_bytes: self.max_body_bytes,
+            ..Overrides::default()
+        }
+    }
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> RuntimeError {
+    RuntimeError::InvalidConfig {
         field,
         reason: reason.into(),
     }
 }
 
 /// `host:port` from `http://host:port[/]` (or a bare `host:port`).
-pub fn endpoint_address(url: &str) -> Result<String, GatewayError> {
+pub fn endpoint_address(url: &str) -> Result<String, RuntimeError> {
     let rest = if let Some(r) = url.strip_prefix("http://") {
         r
     } else if url.contains("://") {
@@ -371,11 +429,11 @@ pub fn endpoint_address(url: &str) -> Result<String, GatewayError> {
 
 impl GatewayConfig {
     /// Reads the file (if any), applies the flags, validates.
-    pub fn load(path: Option<&Path>, flags: &Overrides) -> Result<Self, GatewayError> {
+    pub fn load(path: Option<&Path>, flags: &Overrides) -> Result<Self, RuntimeError> {
         let raw = match path {
             Some(p) => {
                 let text =
-                    std::fs::read_to_string(p).map_err(|source| GatewayError::ReadConfig {
+                    std::fs::read_to_string(p).map_err(|source| RuntimeError::ReadConfig {
                         path: p.to_owned(),
                         source,
                     })?;
@@ -389,14 +447,14 @@ impl GatewayConfig {
     }
 
     /// Parses a YAML document (no flags applied); for tests and embedders.
-    pub fn from_yaml(text: &str) -> Result<Self, GatewayError> {
+    pub fn from_yaml(text: &str) -> Result<Self, RuntimeError> {
         Self::from_raw(
             parse_raw(text, Path::new("<inline>"))?,
             &Overrides::default(),
         )
     }
 
-    fn from_raw(raw: RawConfig, flags: &Overrides) -> Result<Self, GatewayError> {
+    fn from_raw(raw: RawConfig, flags: &Overrides) -> Result<Self, RuntimeError> {
         let d = Self::default();
         let policy = match (flags.policy.clone(), raw.policy, raw.router) {
             (Some(name), _, _) => PolicyChoice::Named(name),
@@ -559,17 +617,17 @@ impl GatewayConfig {
     }
 }
 
-fn parse_raw(text: &str, path: &Path) -> Result<RawConfig, GatewayError> {
+fn parse_raw(text: &str, path: &Path) -> Result<RawConfig, RuntimeError> {
     if text.trim().is_empty() {
         return Ok(RawConfig::default());
     }
-    serde_norway::from_str(text).map_err(|source| GatewayError::ParseConfig {
+    serde_norway::from_str(text).map_err(|source| RuntimeError::ParseConfig {
         path: path.to_owned(),
         source,
     })
 }
 
-fn endpoint_from_raw(r: RawEndpoint) -> Result<EndpointConfig, GatewayError> {
+fn endpoint_from_raw(r: RawEndpoint) -> Result<EndpointConfig, RuntimeError> {
     let address = endpoint_address(&r.url)?;
     for (field, v) in [
         ("endpoints.kv_events", &r.kv_events),

@@ -62,7 +62,7 @@ use rand_chacha::ChaCha8Rng;
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 
-use crate::GatewayError;
+use crate::RuntimeError;
 use crate::config::{EndpointConfig, GatewayConfig, PolicyChoice};
 use crate::metrics::{
     EndpointLabels, GatewayMetrics, IndexLabels, ModeLabels, ProbeLabels, SignalLabels,
@@ -292,12 +292,12 @@ impl std::fmt::Debug for Control {
     }
 }
 
-fn router_config(policy: &PolicyChoice) -> Result<RouterConfig, GatewayError> {
+fn router_config(policy: &PolicyChoice) -> Result<RouterConfig, RuntimeError> {
     match policy {
         PolicyChoice::Named(name) => RouterConfig::for_policy(name),
         PolicyChoice::Yaml(text) => RouterConfig::from_yaml(text),
     }
-    .map_err(GatewayError::Router)
+    .map_err(RuntimeError::Router)
 }
 
 impl Control {
@@ -306,8 +306,8 @@ impl Control {
     pub fn start(
         cfg: &GatewayConfig,
         metrics: Arc<GatewayMetrics>,
-    ) -> Result<Arc<Self>, GatewayError> {
-        let router = Router::new(router_config(&cfg.policy)?).map_err(GatewayError::Router)?;
+    ) -> Result<Arc<Self>, RuntimeError> {
+        let router = Router::new(router_config(&cfg.policy)?).map_err(RuntimeError::Router)?;
         let tokenizer = Arc::new(PromptTokenizer::from_config(cfg)?);
         let (obs_tx, obs_rx) = mpsc::channel(OBSERVATION_CHANNEL_CAPACITY);
         let kv_transport = KvTransport::start(DEFAULT_MAX_MESSAGE_BYTES);
@@ -315,7 +315,7 @@ impl Control {
             None => None,
             Some(address) => {
                 let l = KvListener::bind(&kv_transport, address).map_err(|reason| {
-                    GatewayError::InvalidConfig {
+                    RuntimeError::InvalidConfig {
                         field: "kv_events.listen",
                         reason,
                     }

@@ -1,5 +1,5 @@
 //! Measuring a response as it streams back: time to first token, time per output token and
-//! `usage`, for both data planes (the HTTP relay in [`crate::proxy`] and the Envoy endpoint
+//! `usage`, for both data planes (the HTTP relay of `kvgate-gateway` and the Envoy endpoint
 //! picker), so a request calibrates the core the same way whichever of them carried it.
 //!
 //! The meter sees only body bytes and the instants they arrived at, never a socket or a protobuf:

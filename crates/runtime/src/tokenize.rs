@@ -24,7 +24,7 @@ use kvgate_tokens::{
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::GatewayError;
+use crate::RuntimeError;
 use crate::config::GatewayConfig;
 use crate::openai::{ParsedRequest, Prompt};
 
@@ -76,25 +76,25 @@ impl std::fmt::Debug for PromptTokenizer {
 
 impl PromptTokenizer {
     /// The tokenizer `cfg` asks for: `model_dir`, else `hf_tokenizer_json`, else built-in.
-    pub fn from_config(cfg: &GatewayConfig) -> Result<Self, GatewayError> {
+    pub fn from_config(cfg: &GatewayConfig) -> Result<Self, RuntimeError> {
         if let Some(dir) = &cfg.model_dir {
             if dir.as_os_str() == ENGINE_MODE {
                 tracing::info!("tokenising prompts with the engines' /tokenize");
                 return Ok(Self::Engine);
             }
-            let m = ModelTokenizer::from_dir(dir).map_err(GatewayError::Tokenizer)?;
+            let m = ModelTokenizer::from_dir(dir).map_err(RuntimeError::Tokenizer)?;
             tracing::info!(dir = %dir.display(), "rendering prompts with the model's tokenizer and chat template");
             return Ok(Self::Model(Box::new(m)));
         }
         Ok(Self::Basic(match &cfg.hf_tokenizer_json {
             None => Tokenizer::default(),
             Some(path) => {
-                let bytes = std::fs::read(path).map_err(|source| GatewayError::ReadConfig {
+                let bytes = std::fs::read(path).map_err(|source| RuntimeError::ReadConfig {
                     path: path.clone(),
                     source,
                 })?;
                 Tokenizer::Hf(Box::new(
-                    HfTokenizer::from_bytes(&bytes).map_err(GatewayError::Tokenizer)?,
+                    HfTokenizer::from_bytes(&bytes).map_err(RuntimeError::Tokenizer)?,
                 ))
             }
         }))
