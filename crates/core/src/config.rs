@@ -23,9 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cost::HardwarePrior;
 use crate::error::CoreError;
-
-/// Policy names accepted by [`RouterConfig::for_policy`].
-pub const POLICY_NAMES: &str = "kvgate, gie-default, sglang-cache-aware, dynamo, round-robin, random, least-request, power-of-two, oracle";
+use crate::policies::Policy;
 
 /// Filters: keep or drop candidates.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -300,20 +298,25 @@ pub const SGLANG_BALANCE_REL_THRESHOLD: f64 = 1.5;
 pub const GIE_MAX_PREFIX_BLOCKS: u32 = 256;
 
 impl RouterConfig {
-    /// The preset for a policy name (see [`POLICY_NAMES`]).
+    /// The preset for a policy name ([`Policy`]'s names and aliases).
     pub fn for_policy(name: &str) -> Result<Self, CoreError> {
+        Self::for_preset(name.parse()?)
+    }
+
+    /// The preset of a built-in policy: its profile of plugins and its tuning.
+    pub fn for_preset(policy: Policy) -> Result<Self, CoreError> {
         use FilterKind as F;
         use PickerKind as P;
         use ScorerKind as S;
         let mut tuning = Tuning::default();
-        let profiles = match name {
-            "kvgate" => single(
+        let profiles = match policy {
+            Policy::Kvgate => single(
                 "default",
                 vec![F::LoraAffinity],
                 vec![(S::KvgateCost, 1.0)],
                 P::Softmax,
             ),
-            "gie-default" | "gie" => {
+            Policy::GieDefault => {
                 // GIE's prefix plugin: LRU per server, no TTL.
                 tuning.approx_ttl_us = None;
                 single(
@@ -332,7 +335,7 @@ impl RouterConfig {
                     P::MaxScore,
                 )
             }
-            "sglang-cache-aware" | "sglang" => {
+            Policy::SglangCacheAware => {
                 // SGLang's tree evicts by size (max_tree_size 2^26 chars ≈ 1M 64-byte blocks)
                 // on a timer, not by age.
                 tuning.approx_ttl_us = None;
@@ -348,7 +351,7 @@ impl RouterConfig {
                     },
                 )
             }
-            "dynamo" => single(
+            Policy::Dynamo => single(
                 "default",
                 vec![],
                 vec![(
@@ -359,20 +362,14 @@ impl RouterConfig {
                 )],
                 P::Dynamo { temperature: 0.0 },
             ),
-            "round-robin" => single("default", vec![], vec![], P::RoundRobin),
-            "random" => single("default", vec![], vec![], P::Random),
-            "least-request" => single("default", vec![], vec![], P::LeastRequest),
-            "power-of-two" => single("default", vec![], vec![], P::PowerOfTwo),
-            "oracle" => single("default", vec![], vec![(S::Oracle, 1.0)], P::MaxScore),
-            _ => {
-                return Err(CoreError::UnknownPolicy {
-                    name: name.to_string(),
-                    known: POLICY_NAMES,
-                });
-            }
+            Policy::RoundRobin => single("default", vec![], vec![], P::RoundRobin),
+            Policy::Random => single("default", vec![], vec![], P::Random),
+            Policy::LeastRequest => single("default", vec![], vec![], P::LeastRequest),
+            Policy::PowerOfTwo => single("default", vec![], vec![], P::PowerOfTwo),
+            Policy::Oracle => single("default", vec![], vec![(S::Oracle, 1.0)], P::MaxScore),
         };
         let cfg = Self {
-            policy: name.to_string(),
+            policy: policy.as_str().to_string(),
             profiles,
             tuning,
         };
@@ -555,7 +552,11 @@ impl RouterConfig {
         } else {
             let raw: RawKvgateConfig =
                 serde_norway::from_value(doc).map_err(|source| CoreError::Yaml { source })?;
-            let mut cfg = Self::for_policy(raw.policy.as_deref().unwrap_or("kvgate"))?;
+            let policy = match raw.policy.as_deref() {
+                Some(name) => name.parse()?,
+                None => Policy::Kvgate,
+            };
+            let mut cfg = Self::for_preset(policy)?;
             if let Some(t) = raw.tuning {
                 cfg.tuning = merge_tuning(cfg.tuning, t)?;
             }
@@ -802,8 +803,11 @@ mod tests {
 
     #[test]
     fn every_policy_name_builds() {
-        for name in POLICY_NAMES.split(", ") {
-            RouterConfig::for_policy(name).unwrap();
+        for policy in Policy::ALL {
+            assert_eq!(
+                RouterConfig::for_policy(policy.as_str()).unwrap().policy,
+                policy.as_str()
+            );
         }
         assert!(matches!(
             RouterConfig::for_policy("nope"),

@@ -19,7 +19,7 @@ pub enum CoreError {
         /// The name asked for.
         name: String,
         /// Comma-separated list of known names.
-        known: &'static str,
+        known: String,
     },
     /// A plugin `type` in a config file that this router does not implement.
     #[error("unknown plugin type `{plugin_type}`")]

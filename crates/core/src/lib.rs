@@ -20,8 +20,8 @@
 //! * [`estimate`]: dead-reckoned load per endpoint and its reconciliation with scraped samples;
 //!   online calibration.
 //! * [`cost`]: the kvgate TTFT model and the KV cliff.
-//! * [`plugins`]: filter/scorer/picker roles, the baselines (and what each follows), and the
-//!   anti-herding softmax picker.
+//! * [`policies`]: filter/scorer/picker roles, the [`Policy`] names, and one module per policy
+//!   (kvgate's anti-herding softmax picker, and each baseline with the source it follows).
 //! * [`config`]: presets, tuning constants (each default explained) and YAML formats.
 #![deny(missing_docs)]
 
@@ -35,10 +35,13 @@ pub mod estimate;
 pub mod index;
 pub mod keys;
 pub mod observe;
-pub mod plugins;
+pub mod policies;
 pub mod request;
 pub mod router;
 pub mod testing;
+
+/// The former name of [`policies`], kept for existing imports.
+pub use policies as plugins;
 
 pub use config::{FilterKind, PickerKind, ProfileConfig, RouterConfig, ScorerKind, Tuning};
 pub use contract::ContractChange;
@@ -47,6 +50,7 @@ pub use error::{CoreError, RouteError};
 pub use estimate::LoadEstimate;
 pub use keys::KeyScope;
 pub use observe::{BlockExtra, KvEvent, KvEventBatch, MetricsSample};
+pub use policies::Policy;
 pub use request::{
     Decision, DecisionReason, FailureKind, OracleView, Outcome, Phase, PromptKeys, RoutingRequest,
     TrueLoad,

@@ -155,6 +155,54 @@ pub enum DecisionReason {
     DrainingOnly,
 }
 
+impl DecisionReason {
+    /// Every reason, for metrics that pre-register their label values.
+    pub const ALL: [DecisionReason; 15] = [
+        Self::PrefixHit,
+        Self::LeastCost,
+        Self::HotPrefixSpill,
+        Self::MaxScore,
+        Self::WeightedRandom,
+        Self::Random,
+        Self::RoundRobin,
+        Self::LeastRequest,
+        Self::PowerOfTwo,
+        Self::CacheAffinity,
+        Self::Balance,
+        Self::SmallestCache,
+        Self::Oracle,
+        Self::OnlyCandidate,
+        Self::DrainingOnly,
+    ];
+
+    /// Its label in metrics and logs (`snake_case`).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::PrefixHit => "prefix_hit",
+            Self::LeastCost => "least_cost",
+            Self::HotPrefixSpill => "hot_prefix_spill",
+            Self::MaxScore => "max_score",
+            Self::WeightedRandom => "weighted_random",
+            Self::Random => "random",
+            Self::RoundRobin => "round_robin",
+            Self::LeastRequest => "least_request",
+            Self::PowerOfTwo => "power_of_two",
+            Self::CacheAffinity => "cache_affinity",
+            Self::Balance => "balance",
+            Self::SmallestCache => "smallest_cache",
+            Self::Oracle => "oracle",
+            Self::OnlyCandidate => "only_candidate",
+            Self::DrainingOnly => "draining_only",
+        }
+    }
+}
+
+impl std::fmt::Display for DecisionReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// The answer to [`crate::Router::pick`].
 #[derive(Clone, Debug, PartialEq)]
 pub struct Decision {
@@ -225,6 +273,19 @@ pub trait OracleView {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reason_labels_are_distinct_snake_case() {
+        let labels: std::collections::BTreeSet<&str> =
+            DecisionReason::ALL.iter().map(|r| r.as_str()).collect();
+        assert_eq!(labels.len(), DecisionReason::ALL.len());
+        assert!(
+            labels
+                .iter()
+                .all(|l| l.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+        );
+        assert_eq!(DecisionReason::PrefixHit.to_string(), "prefix_hit");
+    }
 
     #[test]
     fn approximate_keys_chain_and_skip_partial_chunk() {

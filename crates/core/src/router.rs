@@ -53,7 +53,7 @@ use crate::index::{
     ApplyOutcome, IndexConfig, IndexMemory, PrefixIndex, PrefixQuery, PrefixSource, tier_bit,
 };
 use crate::observe::{KvEvent, KvEventBatch, MetricsSample};
-use crate::plugins::{self, Candidate, Filter, Needs, PickContext, Picker, Scorer};
+use crate::policies::{self as plugins, Candidate, Filter, Needs, PickContext, Picker, Scorer};
 use crate::request::{
     Decision, DecisionReason, FailureKind, OracleView, Outcome, Phase, RoutingRequest,
 };

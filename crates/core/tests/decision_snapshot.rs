@@ -12,7 +12,7 @@
 
 use std::fmt::Write as _;
 
-use kvgate_core::config::POLICY_NAMES;
+use kvgate_core::Policy;
 use kvgate_core::testing::{label_keys, label_stored};
 use kvgate_core::{
     EndpointId, EndpointSpec, FailureKind, KvEventBatch, MetricsSample, OracleView, Outcome,
@@ -195,7 +195,7 @@ fn run(policy: &str, seed: u64, out: &mut String) {
 fn digests() -> (String, Vec<(String, String)>) {
     let mut out = String::new();
     let mut runs = Vec::new();
-    for policy in POLICY_NAMES.split(", ") {
+    for policy in Policy::ALL.map(Policy::as_str) {
         for seed in 0..FLEETS {
             let mut lines = String::new();
             run(policy, seed, &mut lines);

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use kvgate_core::config::POLICY_NAMES;
+use kvgate_core::Policy;
 use kvgate_core::plugins::{Candidate, MaxScorePicker, PickContext, Scorer};
 use kvgate_core::testing::{label_keys, label_stored};
 use kvgate_core::{
@@ -15,7 +15,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 fn policies() -> Vec<&'static str> {
-    POLICY_NAMES.split(", ").collect()
+    Policy::ALL.map(Policy::as_str).to_vec()
 }
 
 /// An oracle that derives true state from the endpoint id (deterministic).

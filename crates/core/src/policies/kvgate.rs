@@ -1,0 +1,143 @@
+//! kvgate's own policy: the cost scorer (negated routing cost of [`crate::cost`]: predicted TTFT
+//! from the step-time model, the KV cliff, and the load-scaled charge for new prefill work) and
+//! the softmax picker.
+//!
+//! ## Staleness widens choice
+//! The softmax picker samples candidate `i` with probability `∝ exp(−(best − sᵢ) / (|best| · T))`:
+//! score gaps are relative to the best score so the temperature is unit-free. `T` starts at
+//! `softmax_base_temperature` and grows by `softmax_temperature_per_s` for every second the
+//! oldest candidate signal is older than `signal_fresh_us`, capped at `softmax_max_temperature`.
+//! With fresh signals it is nearly argmin; as signals age, near-best candidates share the load
+//! instead of every router replica piling onto the one that last looked idle (power-of-d and
+//! softmax selection as in Dynamo's `router_temperature`, with the temperature driven by age).
+//!
+//! ## Hot prefixes
+//! If the best prefix holder's predicted queue wait exceeds `hot_prefix_wait_us`, a
+//! `hot_prefix_spill_fraction` of requests go to the best-scoring endpoint holding less of the
+//! prefix whose own queue wait is below `hot_prefix_target_wait_fraction` of the holder's; it
+//! then becomes a holder (bookings record approximate entries). Under uniform overload no
+//! endpoint qualifies, so the rule never adds recompute work to an equally long queue.
+
+use rand::{Rng, RngCore};
+
+use crate::config::Tuning;
+use crate::error::RouteError;
+use crate::policies::{
+    Candidate, Needs, Pick, PickContext, Picker, Scorer, argmax_random_ties, prefix_or_cost,
+    sample_weighted,
+};
+use crate::request::DecisionReason;
+
+/// kvgate: −predicted TTFT in ms.
+#[derive(Debug)]
+pub struct KvgateCostScorer;
+impl Scorer for KvgateCostScorer {
+    fn name(&self) -> &str {
+        "kvgate-cost-scorer"
+    }
+    fn needs(&self) -> Needs {
+        Needs {
+            cost: true,
+            prefix: true,
+            ..Needs::default()
+        }
+    }
+    fn score(&self, _: &PickContext<'_>, cands: &[Candidate<'_>], out: &mut [f64]) {
+        for (c, o) in cands.iter().zip(out) {
+            *o = -c.cost.map_or(f64::NAN, |k| k.routing_cost_us) / 1000.0;
+        }
+    }
+}
+
+/// kvgate's softmax picker with age-widened temperature and the hot-prefix rule.
+#[derive(Debug)]
+pub struct SoftmaxPicker;
+
+impl SoftmaxPicker {
+    /// Relative temperature for a given oldest signal age.
+    pub fn temperature(t: &Tuning, max_signal_age_us: u64) -> f64 {
+        let stale_s = max_signal_age_us.saturating_sub(t.signal_fresh_us) as f64 / 1e6;
+        (t.softmax_base_temperature + t.softmax_temperature_per_s * stale_s)
+            .min(t.softmax_max_temperature)
+    }
+}
+
+impl Picker for SoftmaxPicker {
+    fn name(&self) -> &str {
+        "softmax-picker"
+    }
+    fn needs(&self) -> Needs {
+        Needs {
+            prefix: true,
+            ..Needs::default()
+        }
+    }
+    fn pick(
+        &self,
+        ctx: &PickContext<'_>,
+        cands: &[Candidate<'_>],
+        scores: &[f64],
+        rng: &mut dyn RngCore,
+    ) -> Result<Pick, RouteError> {
+        let t = ctx.tuning;
+        let reason_of = |i: usize| prefix_or_cost(&cands[i]);
+        // Hot-prefix rule.
+        // The best holder: most matched blocks, best score among equals.
+        let holder = (0..cands.len()).fold(None, |best: Option<usize>, i| match best {
+            Some(b)
+                if (cands[b].matched_blocks, scores[b]) >= (cands[i].matched_blocks, scores[i]) =>
+            {
+                Some(b)
+            }
+            _ => Some(i),
+        });
+        if let Some(h) = holder {
+            let held = cands[h].matched_blocks;
+            let wait = cands[h].cost.map_or(0.0, |c| c.queue_wait_us);
+            if held > 0
+                && wait > t.hot_prefix_wait_us as f64
+                && cands.iter().any(|c| c.matched_blocks < held)
+                && rng.random::<f64>() < t.hot_prefix_spill_fraction
+            {
+                // Only to endpoints with clearly shorter queues: under uniform overload a spill
+                // would just add a recompute to an equally long queue.
+                let max_wait = wait * t.hot_prefix_target_wait_fraction;
+                let others = (0..cands.len()).filter(|&i| {
+                    cands[i].matched_blocks < held
+                        && cands[i].cost.is_some_and(|c| c.queue_wait_us < max_wait)
+                });
+                if let Some(index) = argmax_random_ties(others, |i| scores[i], rng) {
+                    return Ok(Pick {
+                        index,
+                        reason: DecisionReason::HotPrefixSpill,
+                    });
+                }
+            }
+        }
+        let best = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let temp = Self::temperature(t, ctx.max_signal_age_us);
+        if temp <= 0.0 || cands.len() == 1 {
+            let index = argmax_random_ties(0..cands.len(), |i| scores[i], rng).unwrap_or(0);
+            return Ok(Pick {
+                index,
+                reason: reason_of(index),
+            });
+        }
+        // Gaps relative to the best score; 1 ms floor keeps near-zero costs from exploding.
+        let scale = best.abs().max(1.0) * temp;
+        // Weights below e⁻⁴⁰ are zero for any practical purpose; skipping their `exp` keeps a
+        // thousand-candidate pick cheap.
+        let w: Vec<f64> = scores
+            .iter()
+            .map(|s| {
+                let x = (s - best) / scale;
+                if x < -40.0 { 0.0 } else { x.exp() }
+            })
+            .collect();
+        let index = sample_weighted(&w, rng);
+        Ok(Pick {
+            index,
+            reason: reason_of(index),
+        })
+    }
+}

@@ -1,0 +1,66 @@
+//! The oracle (simulation only): minimises kvgate's routing cost (predicted TTFT plus the
+//! load-scaled charge for new prefill work, see [`crate::cost`]) computed from the simulator's
+//! *true* queue, running set, KV use and cached prefix, read through an
+//! [`crate::OracleView`]; without one a pick fails with [`crate::RouteError::NoOracle`]. It
+//! bounds what better signals could buy this cost model, which is why it cannot run live
+//! ([`crate::Policy::is_live_capable`]).
+
+use crate::policies::{Candidate, Needs, PickContext, Scorer};
+use crate::request::TrueLoad;
+
+/// Oracle: −TTFT (ms) from true state.
+#[derive(Debug)]
+pub struct OracleScorer;
+impl Scorer for OracleScorer {
+    fn name(&self) -> &str {
+        "oracle-scorer"
+    }
+    fn needs(&self) -> Needs {
+        Needs {
+            oracle: true,
+            ..Needs::default()
+        }
+    }
+    fn score(&self, ctx: &PickContext<'_>, cands: &[Candidate<'_>], out: &mut [f64]) {
+        for (c, o) in cands.iter().zip(out) {
+            *o = match c.oracle {
+                Some(t) => -oracle_routing_cost_us(ctx, c, &t) / 1000.0,
+                None => f64::NAN,
+            };
+        }
+    }
+}
+
+/// The cost model's TTFT on true state (speed 1, true cached prefix, true KV use).
+pub fn oracle_ttft_us(ctx: &PickContext<'_>, c: &Candidate<'_>, t: &TrueLoad) -> f64 {
+    let uncached = f64::from(ctx.req.prompt_tokens.saturating_sub(t.cached_prefix_tokens)).max(1.0);
+    let base = c.prior.prefill_time_us(
+        t.queued_prefill_tokens as f64 + uncached,
+        f64::from(t.running),
+    );
+    let cap = c.estimate.kv_capacity_blocks.max(1) as f64;
+    let new_blocks = crate::cost::new_kv_blocks(
+        uncached,
+        ctx.req.max_tokens,
+        ctx.req.keys.block_size,
+        ctx.tuning,
+    );
+    let kv_after = t.kv_usage + new_blocks as f64 / cap;
+    let cliff = ctx.tuning.kv_cliff_fraction;
+    let over = ((kv_after - cliff) / (1.0 - cliff)).max(0.0);
+    base * (1.0 + ctx.tuning.kv_cliff_steepness * over)
+        + ctx.tuning.kv_cliff_preemption_cost_us as f64 * over
+}
+
+/// The kvgate routing cost on true state: [`oracle_ttft_us`] plus the load-scaled charge for the
+/// request's own prefill work (see [`crate::cost`]), so the oracle differs from kvgate only in
+/// what it knows, not in what it optimises.
+pub fn oracle_routing_cost_us(ctx: &PickContext<'_>, c: &Candidate<'_>, t: &TrueLoad) -> f64 {
+    let uncached = f64::from(ctx.req.prompt_tokens.saturating_sub(t.cached_prefix_tokens)).max(1.0);
+    let queued = t.queued_prefill_tokens as f64;
+    let running = f64::from(t.running);
+    let own = c.prior.prefill_time_us(queued + uncached, running)
+        - c.prior.prefill_time_us(queued, running);
+    oracle_ttft_us(ctx, c, t)
+        + crate::cost::externality_weight_for_queue(t.waiting, ctx.tuning) * own
+}
