@@ -29,7 +29,9 @@
 //!   unchanged (model name rewritten back to the client's name when a rewrite was applied); the
 //!   end of the body (or response trailers) finishes the booking with the measured outcome.
 //! - If Envoy closes the stream early (client gone, upstream reset), dropping the state releases
-//!   the booking as cancelled, which carries no penalty.
+//!   the booking as cancelled, which carries no penalty. The booking is the runtime's
+//!   [`Booking`], the one `kvgate serve` uses, so both record decisions, TTFT, TPOT and failures
+//!   alike.
 //!
 //! **Buffering limits.** The request body is held in memory until the decision, then once more
 //! as the outgoing chunks (so at most about twice its size per stream); it is capped at `limits.max_body_bytes` of the config (32 MiB by default, shared with
@@ -55,7 +57,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Instant;
+use tokio::time::Instant;
 
 use envoy_types::pb::envoy::config::core::v3::header_value_option::HeaderAppendAction;
 use envoy_types::pb::envoy::config::core::v3::{HeaderValue, HeaderValueOption, Metadata};
@@ -71,18 +73,18 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
 use envoy_types::pb::envoy::r#type::v3::HttpStatus;
 use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
 use futures::Stream;
-use kvgate_core::endpoint::EndpointId;
-use kvgate_core::request::{Decision, FailureKind, RoutingRequest};
+use kvgate_core::request::FailureKind;
+use kvgate_runtime::booking::{Booking, status_failure};
 use kvgate_runtime::config::{OBJECTIVE_HEADER, SESSION_HEADER};
 use kvgate_runtime::meter::ResponseMeter;
-use kvgate_runtime::metrics::{DecisionLabels, EndpointLabels, RequestLabels, reason_label};
+use kvgate_runtime::metrics::{RequestLabels, reason_label};
 use kvgate_runtime::openai::{ApiError, ApiKind, ParsedRequest, parse_request};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::metrics::{EppMetrics, StatusLabels};
-use kvgate_runtime::control::{Control, Target};
+use kvgate_runtime::control::Control;
 
 /// Largest body chunk sent back to Envoy, bytes: the reference picker's limit, kept below
 /// Envoy's 64 KiB default per-stream buffer so one mutation never exceeds it.
@@ -253,59 +255,6 @@ struct RequestInfo {
     model_rewrite: Option<String>,
     /// `Some` when the proxy sent a subset hint (even an empty one: then nothing may be picked).
     subset: Option<Vec<String>>,
-}
-
-/// A request booked on an endpoint: keeps the endpoint's in-flight count and the core's
-/// bookkeeping right however the stream ends.
-struct Booking {
-    control: Arc<Control>,
-    rr: RoutingRequest,
-    decision: Decision,
-    target: Target,
-    done: bool,
-}
-
-impl Booking {
-    fn new(control: Arc<Control>, rr: RoutingRequest, decision: Decision, target: Target) -> Self {
-        target.in_flight.fetch_add(1, Ordering::AcqRel);
-        Self {
-            control,
-            rr,
-            decision,
-            target,
-            done: false,
-        }
-    }
-
-    fn fail(&mut self, kind: FailureKind) {
-        if !std::mem::replace(&mut self.done, true) {
-            self.control.on_failure(self.rr.id, kind);
-        }
-    }
-
-    /// Moves the booking to fallback `id` (the proxy served the request there).
-    fn move_to(&mut self, id: EndpointId) {
-        // The proxy gave up on the primary before the response: count it as a connect failure.
-        self.fail(FailureKind::Connect);
-        self.rr.id = self.control.next_request_id();
-        if let Some(t) = self.control.book_fallback(&self.rr, &self.decision, id) {
-            self.target.in_flight.fetch_sub(1, Ordering::AcqRel);
-            t.in_flight.fetch_add(1, Ordering::AcqRel);
-            self.target = t;
-            self.done = false;
-        }
-    }
-}
-
-impl Drop for Booking {
-    fn drop(&mut self) {
-        self.target.in_flight.fetch_sub(1, Ordering::AcqRel);
-        if !self.done {
-            // Envoy closed the stream before the response ended (client gone, upstream reset).
-            self.control.metrics.client_cancellations.inc();
-            self.control.on_failure(self.rr.id, FailureKind::Cancelled);
-        }
-    }
 }
 
 /// The state of one ext_proc stream (see the module docs).
@@ -751,35 +700,25 @@ impl StreamState {
             self.rewrite = Some((std::mem::replace(&mut parsed.model, to.clone()), to));
         }
         let control = self.shared.control.clone();
-        let Some(mut rr) = control.routing_request(
+        let mut rr = match control.routing_request(
             &parsed,
             engine_tokens,
             self.info.objective.as_deref(),
             self.info.session.as_deref(),
-        ) else {
-            let e = if control.ready_endpoints() == 0 {
-                ApiError::new(
-                    tonic::codegen::http::StatusCode::SERVICE_UNAVAILABLE,
-                    "no ready endpoint",
-                )
-            } else {
-                ApiError {
-                    status: tonic::codegen::http::StatusCode::NOT_FOUND,
-                    message: format!("The model `{}` does not exist.", parsed.model),
-                    param: Some("model"),
-                }
-            };
-            return self.immediate(&e);
+        ) {
+            Ok(rr) => rr,
+            Err(e) => return self.immediate(&e),
         };
         if let Some(subset) = &self.info.subset {
             rr.subset = Some(control.endpoint_ids(subset.iter().map(String::as_str)));
         }
-        let (decision, target) = match control.pick(&rr) {
-            Ok(x) => x,
+        let booking = match control.pick(rr, self.t0) {
+            Ok(b) => b,
             Err(e) => return self.immediate(&ApiError::from(&e)),
         };
-        let mut destination = target.address.to_string();
-        for &id in decision
+        let mut destination = booking.address().to_string();
+        for &id in booking
+            .decision()
             .fallbacks
             .iter()
             .take(self.shared.settings.fallbacks)
@@ -789,15 +728,8 @@ impl StreamState {
                 destination.push_str(&a);
             }
         }
-        let gw = &self.shared.metrics.gateway;
-        gw.decisions
-            .get_or_create(&DecisionLabels {
-                endpoint: target.address.to_string(),
-                reason: reason_label(decision.reason).to_owned(),
-            })
-            .inc();
-        tracing::debug!(request_id = ?self.info.request_id, endpoint = %destination, reason = reason_label(decision.reason), "routed");
-        self.booking = Some(Booking::new(control, rr, decision, target));
+        tracing::debug!(request_id = ?self.info.request_id, endpoint = %destination, reason = reason_label(booking.decision().reason), "routed");
+        self.booking = Some(booking);
         self.phase = Phase::Routed;
         let mut responses = vec![self.headers_response(&destination, Some(body.len()))];
         responses.extend(body_chunks(&body, eos, true));
@@ -826,27 +758,28 @@ impl StreamState {
         self.status = status;
         self.count(status);
         self.phase = Phase::Responding;
-        if let Some(b) = &mut self.booking {
-            if let Some(served) = served.as_deref().map(str::trim)
-                && served != &*b.target.address
-                && let Some(&id) = b
-                    .decision
-                    .fallbacks
-                    .iter()
-                    .find(|&&id| b.control.address_of(id).as_deref() == Some(served))
-            {
-                b.move_to(id);
+        if let Some(b) = &mut self.booking
+            && let Some(served) = served.as_deref().map(str::trim)
+            && served != &**b.address()
+            && let Some(&id) = b
+                .decision()
+                .fallbacks
+                .iter()
+                .find(|&&id| self.shared.control.address_of(id).as_deref() == Some(served))
+        {
+            // The proxy gave up on the primary before the response: a connect failure.
+            b.move_to(id, "connect", FailureKind::Connect);
+        }
+        match status_failure(status) {
+            Some((label, kind)) => {
+                if let Some(b) = self.booking.take() {
+                    b.fail(label, kind);
+                }
             }
-            let failure = match status {
-                429 => Some(FailureKind::Overloaded),
-                s if s >= 500 => Some(FailureKind::ServerError),
-                _ => None,
-            };
-            if let Some(kind) = failure {
-                b.fail(kind);
-            } else {
+            None if self.booking.is_some() => {
                 self.meter = Some(ResponseMeter::new(sse, self.api == Some(ApiKind::Chat)));
             }
+            None => {}
         }
         let step = Step::one(ProcessingResponse {
             response: Some(Resp::ResponseHeaders(HeadersResponse::default())),
@@ -861,17 +794,9 @@ impl StreamState {
     fn on_response_body(&mut self, b: HttpBody, now: Instant) -> Step {
         if let Some(m) = &mut self.meter
             && m.on_chunk(&b.body, now)
-            && let Some(booking) = &self.booking
+            && let Some(booking) = &mut self.booking
         {
-            booking.control.on_first_token(booking.rr.id);
-            self.shared
-                .metrics
-                .gateway
-                .ttft_seconds
-                .get_or_create(&EndpointLabels {
-                    endpoint: booking.target.address.to_string(),
-                })
-                .observe(now.duration_since(self.t0).as_secs_f64());
+            booking.first_token(now);
         }
         let body = match &self.rewrite {
             Some((client, upstream)) => rewrite_model_back(&b.body, upstream, client),
@@ -897,18 +822,8 @@ impl StreamState {
     /// The response is complete: report the outcome to the core and the metrics.
     fn finish(&mut self) {
         self.phase = Phase::Done;
-        let (Some(meter), Some(b)) = (self.meter.take(), self.booking.as_mut()) else {
-            return;
-        };
-        if b.done {
-            return;
+        if let (Some(meter), Some(b)) = (self.meter.take(), self.booking.take()) {
+            b.finish(&meter.finish());
         }
-        let m = meter.finish();
-        let labels = EndpointLabels {
-            endpoint: b.target.address.to_string(),
-        };
-        m.observe(&self.shared.metrics.gateway, &labels);
-        b.done = true;
-        b.control.on_finish(b.rr.id, &m.outcome);
     }
 }

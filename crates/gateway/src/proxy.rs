@@ -32,19 +32,19 @@
 //! first token exists), so it includes retries and queueing, as a client sees it. TPOT is
 //! `(last frame − first frame) / (completion tokens − 1)`, with completion tokens from the final
 //! usage chunk when present, else the number of SSE `data:` events carrying tokens. Both go to
-//! the metrics histograms and, through `on_first_token`/`on_finish`, to the core's calibration.
+//! the metrics histograms and to the core's calibration through the request's
+//! [`Booking`] (shared with the Envoy picker, so both record them alike).
 //! Non-streaming responses report no TTFT (the engine answers only when done).
 //!
 //! **Cancellation.** Dropping a request (the client went away) drops the upstream response
 //! future or body, which closes the upstream connection at once; vLLM (and `kvgate sim`) abort
-//! the request when its connection closes. The in-flight guard reports it to the core as
+//! the request when its connection closes. Dropping the [`Booking`] reports it to the core as
 //! [`FailureKind::Cancelled`], which carries no penalty.
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -55,16 +55,15 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Frame, Incoming, SizeHint};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use kvgate_core::request::{Decision, FailureKind, Outcome, RoutingRequest};
+use kvgate_core::request::FailureKind;
+use kvgate_runtime::booking::{Booking, status_failure};
 use serde_json::Value;
+use tokio::time::Instant;
 
 use kvgate_runtime::config::{Limits, OBJECTIVE_HEADER, SESSION_HEADER};
-use kvgate_runtime::control::{Control, Target};
+use kvgate_runtime::control::Control;
 use kvgate_runtime::meter::{ResponseMeter, USAGE_WINDOW_BYTES};
-use kvgate_runtime::metrics::{
-    DecisionLabels, EndpointLabels, GatewayMetrics, RequestLabels, RetryLabels,
-    UpstreamErrorLabels, reason_label,
-};
+use kvgate_runtime::metrics::{GatewayMetrics, RequestLabels, RetryLabels};
 use kvgate_runtime::openai::{ApiError, ApiKind, parse_request};
 
 /// Budget for one endpoint's `/v1/models` during aggregation: the list is served from memory,
@@ -310,47 +309,6 @@ async fn read_body(body: Body, headers: &HeaderMap, limits: &Limits) -> Result<B
     }
 }
 
-/// A request booked on one endpoint: keeps the endpoint's in-flight count and the core's
-/// bookkeeping right however the request ends (including being dropped mid-way).
-struct InFlight {
-    control: Arc<Control>,
-    req_id: u64,
-    target: Target,
-    done: bool,
-}
-
-impl InFlight {
-    fn new(control: Arc<Control>, req_id: u64, target: Target) -> Self {
-        target.in_flight.fetch_add(1, Ordering::AcqRel);
-        Self {
-            control,
-            req_id,
-            target,
-            done: false,
-        }
-    }
-
-    fn fail(mut self, kind: FailureKind) {
-        self.done = true;
-        self.control.on_failure(self.req_id, kind);
-    }
-
-    fn finish(mut self, outcome: &Outcome) {
-        self.done = true;
-        self.control.on_finish(self.req_id, outcome);
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.target.in_flight.fetch_sub(1, Ordering::AcqRel);
-        if !self.done {
-            self.control.metrics.client_cancellations.inc();
-            self.control.on_failure(self.req_id, FailureKind::Cancelled);
-        }
-    }
-}
-
 enum AttemptError {
     Connect,
     Timeout,
@@ -358,14 +316,14 @@ enum AttemptError {
 
 async fn send(
     app: &App,
-    target: &Target,
+    address: &str,
     api: ApiKind,
     headers: &HeaderMap,
     body: Bytes,
 ) -> Result<hyper::Response<Incoming>, AttemptError> {
     let mut req = hyper::Request::builder().method(Method::POST).uri(format!(
         "http://{}{}",
-        target.address,
+        address,
         api.path()
     ));
     if let Some(h) = req.headers_mut() {
@@ -394,16 +352,6 @@ async fn send(
     })
 }
 
-fn upstream_error(metrics: &GatewayMetrics, endpoint: &str, kind: &'static str) {
-    metrics
-        .upstream_errors
-        .get_or_create(&UpstreamErrorLabels {
-            endpoint: endpoint.to_owned(),
-            kind,
-        })
-        .inc();
-}
-
 async fn serve(
     app: &Arc<App>,
     api: ApiKind,
@@ -419,27 +367,13 @@ async fn serve(
     } else {
         None
     };
-    let mut rr = app
-        .control
-        .routing_request(
-            &parsed,
-            engine_tokens,
-            header_str(OBJECTIVE_HEADER),
-            header_str(SESSION_HEADER),
-        )
-        .ok_or_else(|| ApiError {
-            status: StatusCode::NOT_FOUND,
-            message: format!("The model `{}` does not exist.", parsed.model),
-            param: Some("model"),
-        })?;
-    let (decision, mut target) = app.control.pick(&rr).map_err(|e| ApiError::from(&e))?;
-    app.metrics
-        .decisions
-        .get_or_create(&DecisionLabels {
-            endpoint: target.address.to_string(),
-            reason: reason_label(decision.reason).to_owned(),
-        })
-        .inc();
+    let rr = app.control.routing_request(
+        &parsed,
+        engine_tokens,
+        header_str(OBJECTIVE_HEADER),
+        header_str(SESSION_HEADER),
+    )?;
+    let mut booking = app.control.pick(rr, t0).map_err(|e| ApiError::from(&e))?;
     // Ask for the usage chunk even when the client did not (it carries the token counts and
     // cached tokens the metrics and calibration want); it is stripped again on the way back.
     let inject = app.inject_stream_usage
@@ -451,59 +385,37 @@ async fn serve(
     } else {
         body.clone()
     };
-    let mut tried = vec![decision.primary];
     let mut attempt = 1;
     loop {
-        let guard = InFlight::new(app.control.clone(), rr.id, target.clone());
-        let result = send(app, &target, api, &parts.headers, upstream_body.clone()).await;
-        let result = match result {
-            Ok(resp) if retryable_status(resp.status()).is_none() => {
-                return Ok(respond(app, resp, guard, &parsed, t0, inject));
-            }
-            other => other,
+        let address = booking.address().clone();
+        let result = send(app, &address, api, &parts.headers, upstream_body.clone()).await;
+        // The engine's error response, kept in case no other endpoint is left to try.
+        let ((cause, kind), refused) = match result {
+            Ok(resp) => match status_failure(resp.status().as_u16()) {
+                None => return Ok(respond(resp, booking, &parsed, inject)),
+                Some(failure) => (failure, Some(resp)),
+            },
+            Err(AttemptError::Connect) => (("connect", FailureKind::Connect), None),
+            Err(AttemptError::Timeout) => (("timeout", FailureKind::Timeout), None),
         };
-        let (cause, kind) = match &result {
-            Ok(resp) => {
-                retryable_status(resp.status()).unwrap_or(("status", FailureKind::ServerError))
-            }
-            Err(AttemptError::Connect) => ("connect", FailureKind::Connect),
-            Err(AttemptError::Timeout) => ("timeout", FailureKind::Timeout),
-        };
-        upstream_error(&app.metrics, &target.address, cause);
-        let next = (attempt < app.max_attempts)
-            .then(|| next_fallback(app, &mut rr, &decision, &mut tried))
-            .flatten();
-        match (next, result) {
-            (Some(t), _) => {
-                guard.fail(kind);
-                app.metrics
-                    .retries
-                    .get_or_create(&RetryLabels { cause })
-                    .inc();
-                app.metrics
-                    .decisions
-                    .get_or_create(&DecisionLabels {
-                        endpoint: t.address.to_string(),
-                        reason: "retry".to_owned(),
-                    })
-                    .inc();
-                tracing::debug!(from = %target.address, to = %t.address, cause, "retrying on another endpoint");
-                target = t;
-                attempt += 1;
-            }
-            (None, Ok(resp)) => {
-                // Out of attempts: the engine's own error (OpenAI-shaped) is the best answer.
-                guard.fail(kind);
-                return Ok(relay_plain(resp, &target));
-            }
-            (None, Err(_)) => {
-                guard.fail(kind);
-                return Err(ApiError::new(
-                    StatusCode::BAD_GATEWAY,
-                    format!("no endpoint could be reached after {attempt} attempt(s)"),
-                ));
-            }
+        if attempt < app.max_attempts && booking.retry(cause, kind) {
+            app.metrics
+                .retries
+                .get_or_create(&RetryLabels { cause })
+                .inc();
+            tracing::debug!(from = %address, to = %booking.address(), cause, "retrying on another endpoint");
+            attempt += 1;
+            continue;
         }
+        booking.fail(cause, kind);
+        return match refused {
+            // Out of attempts: the engine's own error (OpenAI-shaped) is the best answer.
+            Some(resp) => Ok(relay_plain(resp, &address)),
+            None => Err(ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                format!("no endpoint could be reached after {attempt} attempt(s)"),
+            )),
+        };
     }
 }
 
@@ -522,42 +434,10 @@ fn with_include_usage(body: &[u8]) -> Option<Bytes> {
     serde_json::to_vec(&v).ok().map(Bytes::from)
 }
 
-/// Whether a response status is worth another endpoint: 5xx (the pod is broken or restarting)
-/// and 429 (the pod is overloaded); with the metrics label and the failure kind for the core.
-fn retryable_status(status: StatusCode) -> Option<(&'static str, FailureKind)> {
-    if status.is_server_error() {
-        Some(("status_5xx", FailureKind::ServerError))
-    } else if status == StatusCode::TOO_MANY_REQUESTS {
-        Some(("status_429", FailureKind::Overloaded))
-    } else {
-        None
-    }
-}
-
-/// Books the next untried fallback (under a fresh request id); `None` when none is left.
-fn next_fallback(
-    app: &App,
-    rr: &mut RoutingRequest,
-    decision: &Decision,
-    tried: &mut Vec<kvgate_core::endpoint::EndpointId>,
-) -> Option<Target> {
-    for &id in &decision.fallbacks {
-        if tried.contains(&id) {
-            continue;
-        }
-        tried.push(id);
-        rr.id = app.control.next_request_id();
-        if let Some(t) = app.control.book_fallback(rr, decision, id) {
-            return Some(t);
-        }
-    }
-    None
-}
-
 fn response_head(
     status: StatusCode,
     upstream: &HeaderMap,
-    target: &Target,
+    address: &str,
 ) -> axum::http::response::Builder {
     let mut b = Response::builder().status(status);
     if let Some(h) = b.headers_mut() {
@@ -566,26 +446,24 @@ fn response_head(
                 h.insert(name.clone(), v.clone());
             }
         }
-        if let Ok(v) = HeaderValue::from_str(&target.address) {
+        if let Ok(v) = HeaderValue::from_str(address) {
             h.insert(HeaderName::from_static(ENDPOINT_RESPONSE_HEADER), v);
         }
     }
     b
 }
 
-fn relay_plain(resp: hyper::Response<Incoming>, target: &Target) -> Response {
+fn relay_plain(resp: hyper::Response<Incoming>, address: &str) -> Response {
     let (parts, body) = resp.into_parts();
-    response_head(parts.status, &parts.headers, target)
+    response_head(parts.status, &parts.headers, address)
         .body(Body::new(body))
         .unwrap_or_else(|_| StatusCode::BAD_GATEWAY.into_response())
 }
 
 fn respond(
-    app: &Arc<App>,
     resp: hyper::Response<Incoming>,
-    guard: InFlight,
+    booking: Booking,
     parsed: &kvgate_runtime::openai::ParsedRequest,
-    t0: Instant,
     injected_usage: bool,
 ) -> Response {
     let (parts, body) = resp.into_parts();
@@ -594,16 +472,12 @@ fn respond(
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("text/event-stream"));
-    let endpoint = guard.target.address.to_string();
-    let head = response_head(parts.status, &parts.headers, &guard.target);
+    let head = response_head(parts.status, &parts.headers, booking.address());
     let metered = Metered {
         inner: body,
-        guard: Some(guard),
-        metrics: app.metrics.clone(),
-        endpoint: EndpointLabels { endpoint },
+        booking: Some(booking),
         sse,
-        t0,
-        meter: ResponseMeter::new(sse, parsed.api == kvgate_runtime::openai::ApiKind::Chat),
+        meter: ResponseMeter::new(sse, parsed.api == ApiKind::Chat),
         ended: false,
         strip: (injected_usage && sse && parts.status.is_success()).then(UsageStripper::default),
     };
@@ -614,11 +488,9 @@ fn respond(
 /// The upstream response body, relayed frame by frame, measured on the way.
 struct Metered {
     inner: Incoming,
-    guard: Option<InFlight>,
-    metrics: Arc<GatewayMetrics>,
-    endpoint: EndpointLabels,
+    /// Until the response ends (taken by `finish` or a mid-stream failure).
+    booking: Option<Booking>,
     sse: bool,
-    t0: Instant,
     meter: ResponseMeter,
     /// The body is over (upstream finished, or a mid-stream error event was sent).
     ended: bool,
@@ -712,31 +584,23 @@ impl UsageStripper {
 impl Metered {
     fn on_data(&mut self, data: &Bytes) {
         let now = Instant::now();
-        if self.meter.on_chunk(data, now) {
-            self.metrics
-                .ttft_seconds
-                .get_or_create(&self.endpoint)
-                .observe(now.duration_since(self.t0).as_secs_f64());
-            if let Some(g) = &self.guard {
-                g.control.on_first_token(g.req_id);
-            }
+        if self.meter.on_chunk(data, now)
+            && let Some(b) = &mut self.booking
+        {
+            b.first_token(now);
         }
     }
 
     fn finish(&mut self) {
-        let Some(guard) = self.guard.take() else {
-            return;
-        };
-        let measured = self.meter.finish();
-        measured.observe(&self.metrics, &self.endpoint);
-        guard.finish(&measured.outcome);
+        if let Some(booking) = self.booking.take() {
+            booking.finish(&self.meter.finish());
+        }
     }
 
     fn fail_mid_stream(&mut self, error: &hyper::Error) -> Option<Bytes> {
-        let guard = self.guard.take()?;
-        upstream_error(&self.metrics, &self.endpoint.endpoint, "mid_stream");
-        tracing::warn!(endpoint = %self.endpoint.endpoint, %error, "upstream failed mid-response");
-        guard.fail(FailureKind::ServerError);
+        let booking = self.booking.take()?;
+        tracing::warn!(endpoint = %booking.address(), %error, "upstream failed mid-response");
+        booking.fail("mid_stream", FailureKind::ServerError);
         if !self.sse {
             return None;
         }

@@ -63,11 +63,13 @@ use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 
 use crate::RuntimeError;
+use crate::booking::Booking;
 use crate::config::{EndpointConfig, GatewayConfig, PolicyChoice};
 use crate::metrics::{
     EndpointLabels, GatewayMetrics, IndexLabels, ModeLabels, ProbeLabels, SignalLabels,
 };
-use crate::openai::{ParsedRequest, Prompt};
+use crate::openai::{ApiError, ParsedRequest, Prompt};
+use axum::http::StatusCode;
 
 /// Capacity of the observation channel. At a 100 ms scrape interval and a KV batch per engine
 /// step (~5-50 ms), 100 engines produce a few thousand observations per second; 8,192 absorbs a
@@ -919,16 +921,34 @@ impl Control {
         None
     }
 
+    /// The answer to a request for a model no endpoint serves, as both data planes give it:
+    /// 503 while no endpoint is ready (the model may be one of theirs once they are), else 404
+    /// in the OpenAI shape.
+    pub fn unknown_model(&self, model: &str) -> ApiError {
+        if self.ready_endpoints() == 0 {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no ready endpoint")
+        } else {
+            ApiError {
+                status: StatusCode::NOT_FOUND,
+                message: format!("The model `{model}` does not exist."),
+                param: Some("model"),
+            }
+        }
+    }
+
     /// Turns a parsed OpenAI request into a routing request: resolves model/adapter, tokenises,
-    /// hashes the prompt into vLLM block keys. `None` when no endpoint serves the model.
+    /// hashes the prompt into vLLM block keys. A model no endpoint serves is answered with
+    /// [`Control::unknown_model`].
     pub fn routing_request(
         &self,
         parsed: &ParsedRequest,
         engine_tokens: Option<Vec<u32>>,
         objective: Option<&str>,
         session_id: Option<&str>,
-    ) -> Option<RoutingRequest> {
-        let (model, lora) = self.resolve_model(&parsed.model)?;
+    ) -> Result<RoutingRequest, ApiError> {
+        let (model, lora) = self
+            .resolve_model(&parsed.model)
+            .ok_or_else(|| self.unknown_model(&parsed.model))?;
         let scope = KeyScope {
             lora: lora.as_deref(),
             cache_salt: parsed.cache_salt.as_deref(),
@@ -961,7 +981,7 @@ impl Control {
         req.max_tokens = parsed.max_tokens;
         req.priority = self.priority_of(objective);
         req.session_id = session_id.map(str::to_owned);
-        Some(req)
+        Ok(req)
     }
 
     /// The `host:port` of endpoint `id`, if it is still a member (for data planes that answer
@@ -994,19 +1014,24 @@ impl Control {
         })
     }
 
-    /// Picks and books at once (one lock acquisition); returns the decision and the primary's
-    /// target.
-    pub fn pick(&self, req: &RoutingRequest) -> Result<(Decision, Target), RouteError> {
+    /// Picks and books at once (one lock acquisition); the returned [`Booking`] reports the
+    /// request's life to the core and the metrics. `started` is when the data plane had the
+    /// request (TTFT runs from it).
+    pub fn pick(
+        self: &Arc<Self>,
+        req: RoutingRequest,
+        started: tokio::time::Instant,
+    ) -> Result<Booking, RouteError> {
         let now = self.now_us();
         let decision = {
             let mut st = self.lock();
             let RouterState { router, rng } = &mut *st;
-            let d = router.pick(now, req, rng, None)?;
-            router.book(now, req, &d);
+            let d = router.pick(now, &req, rng, None)?;
+            router.book(now, &req, &d);
             d
         };
         match self.target(decision.primary) {
-            Some(t) => Ok((decision, t)),
+            Some(t) => Ok(Booking::new(self.clone(), req, decision, t, started)),
             // Removed between pick and lookup: release the booking and report no endpoint.
             None => {
                 self.on_failure(req.id, FailureKind::Cancelled);
@@ -1018,7 +1043,7 @@ impl Control {
     }
 
     /// Books `req` (under a fresh id) on a fallback endpoint after an earlier attempt failed.
-    pub fn book_fallback(
+    pub(crate) fn book_fallback(
         &self,
         req: &RoutingRequest,
         prior: &Decision,
@@ -1038,14 +1063,14 @@ impl Control {
     }
 
     /// Reports the first streamed token of request `req_id`.
-    pub fn on_first_token(&self, req_id: u64) {
+    pub(crate) fn on_first_token(&self, req_id: u64) {
         let now = self.now_us();
         self.lock().router.on_first_token(req_id, now);
     }
 
     /// Reports a finished request, and checks the cache contract with its reported cached
     /// tokens (see the module docs).
-    pub fn on_finish(&self, req_id: u64, outcome: &Outcome) {
+    pub(crate) fn on_finish(&self, req_id: u64, outcome: &Outcome) {
         let now = self.now_us();
         let report = self.lock().router.on_finish(req_id, now, outcome);
         let Some(id) = report.endpoint else {
@@ -1104,7 +1129,7 @@ impl Control {
     }
 
     /// Reports a failed attempt (the core penalises the endpoint by `kind`).
-    pub fn on_failure(&self, req_id: u64, kind: FailureKind) {
+    pub(crate) fn on_failure(&self, req_id: u64, kind: FailureKind) {
         let now = self.now_us();
         self.lock().router.on_failure(req_id, now, kind);
     }

@@ -12,12 +12,15 @@
 //! - **The data plane only does I/O.** Decisions, load estimates and the prefix index live in
 //!   the pure `kvgate-core`; this crate turns requests into routing requests ([`openai`],
 //!   [`tokenize`]), applies signal observations, measures responses ([`meter`]) to calibrate
-//!   the core, and exports what happened ([`metrics`]).
+//!   the core, and exports what happened ([`metrics`]). A pick returns one
+//!   [`booking::Booking`] that both data planes drive the same way, so a request is reported to
+//!   the core and counted in the metrics once, whichever wire carried it.
 //! - **Typed config, bounded lifecycle.** [`config`] parses raw YAML and flags, then validates
 //!   into a typed config; [`lifecycle`] owns a server's tasks, its bounded shutdown and config
 //!   reload, so both data planes start, reload and end alike.
 #![deny(missing_docs)]
 
+pub mod booking;
 pub mod config;
 pub mod control;
 pub mod lifecycle;

@@ -13,7 +13,7 @@
 //! [`STREAM_TAIL_BYTES`] of a stream (or a non-streaming body up to [`USAGE_WINDOW_BYTES`]) is
 //! kept to read `usage` at the end.
 
-use std::time::Instant;
+use tokio::time::Instant;
 
 use kvgate_core::request::Outcome;
 
