@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
+use kvgate_core::Policy;
 use kvgate_engine::EngineConfig;
 
 use crate::BenchError;
@@ -16,19 +17,6 @@ use crate::workload::{
     MultiTurnConfig, ReplayOptions, SharedPrefixConfig, Workload, from_trace, merge, multi_turn,
     shared_prefix,
 };
-
-/// Every policy `kvgate bench` knows, in report order.
-pub const ALL_POLICIES: &[&str] = &[
-    "kvgate",
-    "gie-default",
-    "sglang-cache-aware",
-    "dynamo",
-    "round-robin",
-    "random",
-    "least-request",
-    "power-of-two",
-    "oracle",
-];
 
 /// GPU preset of the simulated fleet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -94,7 +82,9 @@ pub struct BenchArgs {
     /// A built-in synthetic workload instead of a trace.
     #[arg(long, value_enum)]
     pub workload: Option<Synthetic>,
-    /// Comma-separated policies (see README); `all` for every one.
+    /// Comma-separated policies (kvgate, gie-default, sglang-cache-aware, dynamo, round-robin,
+    /// random, least-request, power-of-two, oracle); `all` for every one. Checked before
+    /// anything runs.
     #[arg(long, default_value = "all")]
     pub policies: String,
     /// Replay only the first K requests.
@@ -167,22 +157,51 @@ fn des_config(f: &FleetArgs) -> Result<DesConfig, BenchError> {
     Ok(cfg)
 }
 
-/// Parses `--policies`.
-pub fn parse_policies(s: &str) -> Vec<String> {
+/// Parses `--policies`: `all`, or names of [`Policy`]. An unknown name is an error, so a typo
+/// fails before the first policy runs rather than after it.
+pub fn parse_policies(s: &str) -> Result<Vec<Policy>, BenchError> {
     if s.trim() == "all" {
-        return ALL_POLICIES.iter().map(|p| p.to_string()).collect();
+        return Ok(Policy::ALL.to_vec());
     }
-    s.split(',')
+    let policies = s
+        .split(',')
         .map(str::trim)
         .filter(|p| !p.is_empty())
-        .map(str::to_string)
-        .collect()
+        .map(|p| {
+            p.parse().map_err(|source| BenchError::Policy {
+                policy: p.to_string(),
+                source,
+            })
+        })
+        .collect::<Result<Vec<Policy>, _>>()?;
+    if policies.is_empty() {
+        return Err(BenchError::InvalidArgument("--policies names no policy"));
+    }
+    Ok(policies)
+}
+
+/// Fails now if `path` cannot be written, so a bad `--json` path costs nothing rather than the
+/// whole run. A file this check creates is removed again; the report is written at the end.
+fn check_writable(path: &std::path::Path) -> Result<(), BenchError> {
+    let existed = path.exists();
+    std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(path)
+        .map_err(|source| BenchError::Write {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    if !existed {
+        let _ = std::fs::remove_file(path);
+    }
+    Ok(())
 }
 
 /// Runs every policy on `workload` and builds the report; runs are returned for charts.
 pub fn compare(
     workload: &Workload,
-    policies: &[String],
+    policies: &[Policy],
     cfg: &DesConfig,
     slo: Slo,
     quiet: bool,
@@ -192,7 +211,7 @@ pub fn compare(
     }
     let mut runs = Vec::with_capacity(policies.len());
     let total = workload.requests.len() as u64;
-    for policy in policies {
+    for &policy in policies {
         let bar = if quiet {
             ProgressBar::hidden()
         } else {
@@ -203,7 +222,7 @@ pub fn compare(
                 .expect("valid template")
                 .progress_chars("=> "),
         );
-        bar.set_prefix(policy.clone());
+        bar.set_prefix(policy.as_str());
         let started = Instant::now();
         let run = run_policy(workload, policy, cfg, Some(&|n| bar.set_position(n)))?;
         bar.finish_and_clear();
@@ -243,6 +262,13 @@ pub fn bench(args: &BenchArgs) -> Result<Report, BenchError> {
     if !(args.rate.is_finite() && args.rate > 0.0) {
         return Err(BenchError::InvalidArgument("--rate must be positive"));
     }
+    // Everything that can be checked before the run is checked here, so a typo never costs a
+    // run: the policy names (unused in live mode, where the gateway's policy routes) and the
+    // JSON path.
+    let policies = parse_policies(&args.policies)?;
+    if let Some(path) = &args.json {
+        check_writable(path)?;
+    }
     let opts = ReplayOptions {
         speedup: args.speedup,
         limit: args.limit,
@@ -271,7 +297,6 @@ pub fn bench(args: &BenchArgs) -> Result<Report, BenchError> {
         live(&workload, url, &args.model, slo(&args.fleet))?
     } else {
         let cfg = des_config(&args.fleet)?;
-        let policies = parse_policies(&args.policies);
         compare(
             &workload,
             &policies,
@@ -341,7 +366,10 @@ fn sweep(args: &BenchArgs) -> Result<Report, BenchError> {
         return Err(BenchError::InvalidArgument("--rates must all be positive"));
     }
     let cfg = des_config(&args.fleet)?;
-    let policies = parse_policies(&args.policies);
+    let policies = parse_policies(&args.policies)?;
+    if let Some(path) = &args.json {
+        check_writable(path)?;
+    }
     let mut points = Vec::with_capacity(args.rates.len());
     for &rate in &args.rates {
         let mut workload = synthetic(args.workload, rate, args.fleet.seed);
@@ -396,6 +424,14 @@ fn live(
     for e in live.errors.iter().take(5) {
         eprintln!("live request failed: {e}");
     }
+    // A run in which nothing succeeded measured nothing (a wrong --model, a gateway that is
+    // down): that is a failure of the command, not a report of zeros.
+    if live.run.requests.iter().all(|r| r.rejected) {
+        return Err(BenchError::AllFailed {
+            requests: live.run.requests.len(),
+            first_error: live.errors.first().cloned().unwrap_or_default(),
+        });
+    }
     let mut row = PolicyReport::from_run(&live.run, slo);
     let itl_ms: Vec<f64> = live.itl_us.iter().map(|&u| u as f64 / 1000.0).collect();
     row.tpot_ms = crate::stats::Summary::of(&itl_ms);
@@ -445,7 +481,7 @@ pub fn demo_workload(seed: u64) -> Workload {
 pub fn demo(args: &DemoArgs) -> Result<Report, BenchError> {
     let workload = demo_workload(args.fleet.seed);
     let cfg = des_config(&args.fleet)?;
-    let policies: Vec<String> = ALL_POLICIES.iter().map(|p| p.to_string()).collect();
+    let policies = Policy::ALL;
     println!(
         "kvgate demo: {} simulated engines, {} requests, {} policies on identical work\n",
         cfg.engines.len(),

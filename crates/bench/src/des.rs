@@ -20,7 +20,7 @@ use std::sync::Arc;
 use kvgate_core::endpoint::{EndpointId, EndpointSpec};
 use kvgate_core::observe::{KvEvent as CoreKvEvent, KvEventBatch, MetricsSample};
 use kvgate_core::{
-    OracleView, Outcome, PromptKeys, Router, RouterConfig, RoutingRequest, TrueLoad,
+    OracleView, Outcome, Policy, PromptKeys, Router, RouterConfig, RoutingRequest, TrueLoad,
 };
 use kvgate_engine::{Engine, EngineConfig, EngineRequest, FinishReason, KvEvent, Output};
 use kvgate_tokens::ExtraKeys;
@@ -204,14 +204,14 @@ pub type Progress<'a> = &'a dyn Fn(u64);
 /// Runs `workload` through the fleet with `policy` and returns what happened.
 pub fn run_policy(
     workload: &Workload,
-    policy: &str,
+    policy: Policy,
     cfg: &DesConfig,
     progress: Option<Progress<'_>>,
 ) -> Result<PolicyRun, BenchError> {
     if cfg.engines.is_empty() {
         return Err(BenchError::NoEngines);
     }
-    let router_cfg = RouterConfig::for_policy(policy).map_err(|source| BenchError::Policy {
+    let router_cfg = RouterConfig::for_preset(policy).map_err(|source| BenchError::Policy {
         policy: policy.to_string(),
         source,
     })?;
@@ -219,7 +219,7 @@ pub fn run_policy(
         policy: policy.to_string(),
         source,
     })?;
-    let oracle = policy == "oracle";
+    let oracle = policy == Policy::Oracle;
     let mut engines = Vec::with_capacity(cfg.engines.len());
     let mut ids = Vec::with_capacity(cfg.engines.len());
     for (i, ec) in cfg.engines.iter().enumerate() {
@@ -257,7 +257,7 @@ pub fn run_policy(
     }
 
     let mut run = PolicyRun {
-        policy: policy.to_string(),
+        policy: policy.as_str().to_string(),
         requests: workload
             .requests
             .iter()
@@ -340,28 +340,40 @@ pub fn run_policy(
                             .position(|&id| id == decision.primary)
                             .ok_or(BenchError::UnknownEndpoint)?;
                         engines[e].advance(now, &mut outputs);
-                        engines[e]
-                            .add_request(
-                                now,
-                                EngineRequest {
-                                    id: req_id,
-                                    prompt_tokens: tokens,
-                                    max_tokens: w.output_tokens,
-                                    lora_name: None,
-                                    cache_salt: None,
-                                    block_hashes: Some(hashes),
-                                },
-                            )
-                            .map_err(|source| BenchError::Engine { source })?;
-                        run.requests[i].engine = e as u32;
-                        run.requests_per_engine[e] += 1;
-                        inflight.insert(
-                            req_id,
-                            InFlight {
-                                workload_idx: i,
-                                engine: e,
+                        let admitted = engines[e].add_request(
+                            now,
+                            EngineRequest {
+                                id: req_id,
+                                prompt_tokens: tokens,
+                                max_tokens: w.output_tokens,
+                                lora_name: None,
+                                cache_salt: None,
+                                block_hashes: Some(hashes),
                             },
                         );
+                        match admitted {
+                            Ok(()) => {
+                                run.requests[i].engine = e as u32;
+                                run.requests_per_engine[e] += 1;
+                                inflight.insert(
+                                    req_id,
+                                    InFlight {
+                                        workload_idx: i,
+                                        engine: e,
+                                    },
+                                );
+                            }
+                            // The request itself is invalid for the engine (longer than
+                            // max_model_len, or larger than its whole cache): vLLM answers 400
+                            // and the engine is not at fault, so the router's booking ends as an
+                            // answered request and the run goes on with it counted as rejected.
+                            Err(source) if !source.is_retryable() => {
+                                router.on_finish(req_id, now, &Outcome::default());
+                                run.requests[i].rejected = true;
+                                done += 1;
+                            }
+                            Err(source) => return Err(BenchError::Engine { source }),
+                        }
                         Some(e)
                     }
                     Err(_) => {

@@ -98,6 +98,14 @@ pub enum BenchError {
     /// A command-line value is invalid.
     #[error("invalid argument: {0}")]
     InvalidArgument(&'static str),
+    /// Live mode: not one request succeeded.
+    #[error("all {requests} live requests failed; the first: {first_error}")]
+    AllFailed {
+        /// Requests sent.
+        requests: usize,
+        /// The first failure reported.
+        first_error: String,
+    },
     /// The workload is empty.
     #[error("the workload has no requests")]
     EmptyWorkload,

@@ -65,7 +65,8 @@ pub struct PolicyReport {
     pub policy: String,
     /// Requests completed.
     pub completed: usize,
-    /// Requests rejected by the router.
+    /// Requests rejected: by the router (shed, no endpoint), by the engine as invalid (longer
+    /// than `max_model_len`: vLLM's 400), or failed in live mode.
     pub rejected: usize,
     /// Time to first token, ms.
     pub ttft_ms: Summary,

@@ -1,9 +1,10 @@
 //! Discrete-event runs: determinism, completeness, and that cache-aware routing finds caches.
 
-use kvgate_bench::cli::{ALL_POLICIES, compare};
+use kvgate_bench::cli::{compare, parse_policies};
 use kvgate_bench::des::{DesConfig, run_policy};
 use kvgate_bench::report::{PolicyReport, Slo};
 use kvgate_bench::workload::{SharedPrefixConfig, shared_prefix};
+use kvgate_core::Policy;
 use kvgate_engine::EngineConfig;
 
 fn small_workload(seed: u64) -> kvgate_bench::workload::Workload {
@@ -29,7 +30,7 @@ fn fleet(seed: u64) -> DesConfig {
 #[test]
 fn same_seed_same_report_for_every_policy() {
     let w = small_workload(3);
-    for policy in ALL_POLICIES {
+    for policy in Policy::ALL {
         let a = run_policy(&w, policy, &fleet(11), None).unwrap();
         let b = run_policy(&w, policy, &fleet(11), None).unwrap();
         assert_eq!(a, b, "{policy} is not deterministic");
@@ -43,8 +44,7 @@ fn same_seed_same_report_for_every_policy() {
 #[test]
 fn every_request_completes_and_cache_aware_policies_hit() {
     let w = small_workload(5);
-    let policies: Vec<String> = ALL_POLICIES.iter().map(|s| s.to_string()).collect();
-    let (report, runs) = compare(&w, &policies, &fleet(1), Slo::default(), true).unwrap();
+    let (report, runs) = compare(&w, &Policy::ALL, &fleet(1), Slo::default(), true).unwrap();
     for (p, run) in report.policies.iter().zip(&runs) {
         assert_eq!(p.completed, w.requests.len(), "{}", p.policy);
         assert_eq!(p.rejected, 0, "{}", p.policy);
@@ -91,7 +91,6 @@ fn every_request_completes_and_cache_aware_policies_hit() {
 
 #[test]
 fn unknown_policy_is_a_clear_error() {
-    let w = small_workload(1);
-    let err = run_policy(&w, "no-such-policy", &fleet(0), None).unwrap_err();
+    let err = parse_policies("no-such-policy").unwrap_err();
     assert!(err.to_string().contains("no-such-policy"), "{err}");
 }
