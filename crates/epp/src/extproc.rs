@@ -77,7 +77,7 @@ use kvgate_core::request::FailureKind;
 use kvgate_runtime::booking::{Booking, status_failure};
 use kvgate_runtime::config::{OBJECTIVE_HEADER, SESSION_HEADER};
 use kvgate_runtime::meter::ResponseMeter;
-use kvgate_runtime::metrics::{RequestLabels, reason_label};
+use kvgate_runtime::metrics::RequestLabels;
 use kvgate_runtime::openai::{ApiError, ApiKind, ParsedRequest, parse_request};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -728,7 +728,7 @@ impl StreamState {
                 destination.push_str(&a);
             }
         }
-        tracing::debug!(request_id = ?self.info.request_id, endpoint = %destination, reason = reason_label(booking.decision().reason), "routed");
+        tracing::debug!(request_id = ?self.info.request_id, endpoint = %destination, reason = booking.decision().reason.as_str(), "routed");
         self.booking = Some(booking);
         self.phase = Phase::Routed;
         let mut responses = vec![self.headers_response(&destination, Some(body.len()))];

@@ -35,6 +35,7 @@ use std::sync::Arc;
 
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessorServer;
 use kvgate_runtime::RuntimeError;
+use kvgate_runtime::accept::Acceptor;
 use kvgate_runtime::config::RoutingFlags;
 use kvgate_runtime::config::{GatewayConfig, Overrides, PolicyChoice};
 use kvgate_runtime::lifecycle::{Tasks, watch_config};
@@ -376,8 +377,7 @@ impl Epp {
         }
         let s = stop.clone();
         tasks.spawn(async move {
-            let incoming =
-                tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true));
+            let incoming = Acceptor::new(grpc).into_stream();
             if let Err(e) = builder
                 .add_service(ext_proc_health)
                 .add_service(ExternalProcessorServer::new(picker))
@@ -389,7 +389,7 @@ impl Epp {
         });
         let s = stop.clone();
         tasks.spawn(async move {
-            let incoming = tonic::transport::server::TcpIncoming::from(health);
+            let incoming = Acceptor::new(health).into_stream();
             if let Err(e) = tonic::transport::Server::builder()
                 .add_service(health_service)
                 .serve_with_incoming_shutdown(incoming, s.cancelled())
@@ -401,7 +401,7 @@ impl Epp {
         let s = stop.clone();
         let app = metrics_router(control.clone(), metrics.clone());
         tasks.spawn(async move {
-            if let Err(e) = axum::serve(prom, app)
+            if let Err(e) = axum::serve(Acceptor::new(prom), app)
                 .with_graceful_shutdown(s.cancelled_owned())
                 .await
             {

@@ -1,5 +1,7 @@
 //! Listeners: our own accept loop over hyper's HTTP/1.1 server, so that every connection gets
-//! the timeouts that keep slow or malicious clients from holding resources.
+//! the timeouts that keep slow or malicious clients from holding resources. Connections come
+//! from the runtime's [`Acceptor`], which backs off when accepting fails for want of file
+//! descriptors instead of spinning (the Envoy picker's listeners use the same one).
 //!
 //! - **Header read timeout** (hyper's `header_read_timeout`, default
 //!   [`kvgate_runtime::config::DEFAULT_HEADER_READ_TIMEOUT_MS`]): a client dribbling its request head
@@ -28,6 +30,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
+use kvgate_runtime::accept::Acceptor;
 use kvgate_runtime::config::Limits;
 
 /// How often, as a fraction of the idle timeout, a connection checks whether it is idle: a
@@ -111,19 +114,18 @@ pub async fn serve(
     stop: CancellationToken,
 ) {
     let mut conns = tokio::task::JoinSet::new();
+    let mut acceptor = Acceptor::new(listener);
     loop {
         tokio::select! {
             biased;
             () = stop.cancelled() => break,
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            accepted = listener.accept() => {
-                let Ok((sock, _)) = accepted else { continue };
-                let _ = sock.set_nodelay(true);
+            (sock, _) = acceptor.accept() => {
                 conns.spawn(serve_connection(sock, app.clone(), limits, stop.clone()));
             }
         }
     }
-    drop(listener);
+    drop(acceptor);
     while conns.join_next().await.is_some() {}
 }
 

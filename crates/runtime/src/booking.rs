@@ -31,7 +31,7 @@ use tokio::time::Instant;
 
 use crate::control::{Control, Target};
 use crate::meter::Measured;
-use crate::metrics::{DecisionLabels, EndpointLabels, UpstreamErrorLabels, reason_label};
+use crate::metrics::{DecisionLabels, EndpointLabels, UpstreamErrorLabels};
 
 /// Decision reason label of a request moved to another endpoint after its first one failed.
 pub const RETRY_REASON: &str = "retry";
@@ -82,7 +82,7 @@ impl Booking {
         target: Target,
         started: Instant,
     ) -> Self {
-        let reason = reason_label(decision.reason);
+        let reason = decision.reason.as_str();
         let booking = Self {
             tried: vec![target.id],
             control,

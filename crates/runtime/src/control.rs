@@ -1050,14 +1050,12 @@ impl Control {
         endpoint: EndpointId,
     ) -> Option<Target> {
         let target = self.target(endpoint)?;
-        let d = Decision {
-            primary: endpoint,
-            fallbacks: Vec::new(),
-            reason: prior.reason,
-            matched_blocks: 0,
-            precise_matched_blocks: None,
-            predicted_ttft_us: None,
-        };
+        let mut d = prior.clone();
+        d.primary = endpoint;
+        d.fallbacks.clear();
+        d.matched_blocks = 0;
+        d.precise_matched_blocks = None;
+        d.predicted_ttft_us = None;
         self.lock().router.book(self.now_us(), req, &d);
         Some(target)
     }

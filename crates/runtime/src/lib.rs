@@ -17,9 +17,11 @@
 //!   the core and counted in the metrics once, whichever wire carried it.
 //! - **Typed config, bounded lifecycle.** [`config`] parses raw YAML and flags, then validates
 //!   into a typed config; [`lifecycle`] owns a server's tasks, its bounded shutdown and config
-//!   reload, so both data planes start, reload and end alike.
+//!   reload, so both data planes start, reload and end alike; every listener accepts through
+//!   [`accept::Acceptor`], which backs off when descriptors run out.
 #![deny(missing_docs)]
 
+pub mod accept;
 pub mod booking;
 pub mod config;
 pub mod control;

@@ -5,7 +5,6 @@
 //! the request path without locks; per-endpoint signal ages are computed when `/metrics` is
 //! rendered, so they are exact at scrape time rather than as of the last request.
 
-use kvgate_core::request::DecisionReason;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -89,27 +88,6 @@ pub struct IndexLabels {
     pub endpoint: String,
     /// `precise` (from KV events) or `approximate` (the gateway's own bookings).
     pub source: &'static str,
-}
-
-/// Snake-case label of a decision reason.
-pub fn reason_label(r: DecisionReason) -> &'static str {
-    match r {
-        DecisionReason::PrefixHit => "prefix_hit",
-        DecisionReason::LeastCost => "least_cost",
-        DecisionReason::HotPrefixSpill => "hot_prefix_spill",
-        DecisionReason::MaxScore => "max_score",
-        DecisionReason::WeightedRandom => "weighted_random",
-        DecisionReason::Random => "random",
-        DecisionReason::RoundRobin => "round_robin",
-        DecisionReason::LeastRequest => "least_request",
-        DecisionReason::PowerOfTwo => "power_of_two",
-        DecisionReason::CacheAffinity => "cache_affinity",
-        DecisionReason::Balance => "balance",
-        DecisionReason::SmallestCache => "smallest_cache",
-        DecisionReason::Oracle => "oracle",
-        DecisionReason::OnlyCandidate => "only_candidate",
-        DecisionReason::DrainingOnly => "draining_only",
-    }
 }
 
 /// Buckets of the TTFT histogram, seconds: 5 ms to ~41 s in ×2 steps, covering a cached short
