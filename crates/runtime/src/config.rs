@@ -121,8 +121,7 @@ struct RawEndpoint {
     lora_adapters: Vec<String>,
     #[serde(default)]
     role: Role,
-    #[serde(default)]
-    engine: EngineKind,
+    engine: Option<EngineKind>,
     #[serde(default)]
     hardware_class: String,
     relative_cost: Option<f64>,
@@ -196,8 +195,9 @@ pub struct EndpointConfig {
     pub lora_adapters: Vec<String>,
     /// Phases served.
     pub role: Role,
-    /// Engine kind (metric names).
-    pub engine: EngineKind,
+    /// Engine kind (metric names), when configured; `None` detects it from the metric families
+    /// the endpoint serves (a configured kind always wins).
+    pub engine: Option<EngineKind>,
     /// Hardware class label shared with the router's calibration.
     pub hardware_class: String,
     /// Relative cost of work on this endpoint.
@@ -689,7 +689,8 @@ priority: { objectives: { batch: -1 } }
             c.endpoints[0].kv_replay.as_deref(),
             Some("tcp://127.0.0.1:5558")
         );
-        assert_eq!(c.endpoints[1].engine, EngineKind::Sglang);
+        assert_eq!(c.endpoints[1].engine, Some(EngineKind::Sglang));
+        assert_eq!(c.endpoints[0].engine, None, "not configured: detected");
         assert_eq!(c.scrape_interval_ms, 50);
         assert_eq!(c.objectives["batch"], -1);
         assert_eq!(c.policy, PolicyChoice::Named("round-robin".into()));

@@ -1,0 +1,266 @@
+//! `kvgate serve` in front of engines that are not `kvgate sim`: small HTTP servers on loopback
+//! that answer the way a real engine (or a hostile or broken one) does, and count what they
+//! were sent. Each test is named after the defect it pins (issue 10).
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use kvgate_core::endpoint::EngineKind;
+use kvgate_gateway::Gateway;
+use kvgate_runtime::config::{GatewayConfig, Overrides};
+use serde_json::{Value, json};
+
+const MODEL: &str = "m";
+
+/// Polls `f` until it returns true; fails the test after `within`.
+async fn eventually<F, Fut>(what: &str, within: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if f().await {
+            return;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// What a fake engine answers to one request: status, content type, body.
+type Answer = (StatusCode, Vec<(&'static str, String)>, String);
+type Handler = Arc<dyn Fn(&str, &str) -> Option<Answer> + Send + Sync>;
+
+/// A fake engine: answers with `handler(method, path)` (`None` = never answer), and counts
+/// requests per path and the connections that carried a chat request and are still open.
+struct FakeEngine {
+    address: String,
+    hits: Arc<Mutex<HashMap<String, usize>>>,
+    open_chat_connections: Arc<AtomicUsize>,
+    open_connections: Arc<AtomicUsize>,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+impl FakeEngine {
+    async fn start(handler: Handler) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let hits = Arc::new(Mutex::new(HashMap::<String, usize>::new()));
+        let open_chat = Arc::new(AtomicUsize::new(0));
+        let open = Arc::new(AtomicUsize::new(0));
+        let (h, oc, o) = (hits.clone(), open_chat.clone(), open.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((sock, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (handler, hits, open_chat, open) =
+                    (handler.clone(), h.clone(), oc.clone(), o.clone());
+                tokio::spawn(async move {
+                    open.fetch_add(1, Ordering::SeqCst);
+                    let carried_chat = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                    let cc = carried_chat.clone();
+                    let oc2 = open_chat.clone();
+                    let svc =
+                        hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                            let (handler, hits, cc, oc2) =
+                                (handler.clone(), hits.clone(), cc.clone(), oc2.clone());
+                            async move {
+                                let path = req.uri().path().to_owned();
+                                *hits.lock().unwrap().entry(path.clone()).or_default() += 1;
+                                if path == "/v1/chat/completions"
+                                    && !cc.swap(true, Ordering::SeqCst)
+                                {
+                                    oc2.fetch_add(1, Ordering::SeqCst);
+                                }
+                                let method = req.method().to_string();
+                                let _ = req.into_body().collect().await;
+                                let Some((status, headers, body)) = handler(&method, &path) else {
+                                    std::future::pending::<()>().await;
+                                    unreachable!()
+                                };
+                                let mut resp = Response::builder().status(status);
+                                for (k, v) in headers {
+                                    resp = resp.header(k, v);
+                                }
+                                Ok::<_, Infallible>(
+                                    resp.body(Full::new(Bytes::from(body))).unwrap(),
+                                )
+                            }
+                        });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(sock), svc)
+                        .await;
+                    if carried_chat.load(Ordering::SeqCst) {
+                        open_chat.fetch_sub(1, Ordering::SeqCst);
+                    }
+                    open.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        });
+        Self {
+            address,
+            hits,
+            open_chat_connections: open_chat,
+            open_connections: open,
+            _task: task,
+        }
+    }
+
+    fn hits(&self, path: &str) -> usize {
+        self.hits.lock().unwrap().get(path).copied().unwrap_or(0)
+    }
+}
+
+fn json_answer(v: Value) -> Option<Answer> {
+    Some((
+        StatusCode::OK,
+        vec![("content-type", "application/json".to_owned())],
+        v.to_string(),
+    ))
+}
+
+fn models_list() -> Value {
+    json!({"object": "list", "data": [{"id": MODEL, "object": "model", "owned_by": "llamacpp"}]})
+}
+
+fn chat_completion() -> Value {
+    json!({
+        "id": "x", "object": "chat.completion", "model": MODEL,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+    })
+}
+
+/// An engine that serves models, `metrics` as its `/metrics`, and answers chats at once.
+fn engine_handler(metrics: &'static str) -> Handler {
+    Arc::new(move |_, path| match path {
+        "/v1/models" => json_answer(models_list()),
+        "/metrics" => Some((
+            StatusCode::OK,
+            vec![("content-type", "text/plain; version=0.0.4".to_owned())],
+            metrics.to_owned(),
+        )),
+        "/v1/chat/completions" => json_answer(chat_completion()),
+        _ => Some((StatusCode::NOT_FOUND, vec![], String::new())),
+    })
+}
+
+const VLLM_METRICS: &str = "# TYPE vllm:num_requests_running gauge\n\
+vllm:num_requests_running{model_name=\"m\"} 0\n\
+# TYPE vllm:num_requests_waiting gauge\n\
+vllm:num_requests_waiting{model_name=\"m\"} 0\n\
+# TYPE vllm:kv_cache_usage_perc gauge\n\
+vllm:kv_cache_usage_perc{model_name=\"m\"} 0.0\n";
+
+const LLAMACPP_METRICS: &str = include_str!(concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../signals/tests/fixtures/llamacpp_server.txt"
+));
+
+/// A gateway configured the way the command line configures it: `--endpoint` flags only.
+async fn gateway_for(endpoints: &[&str], tweak: impl FnOnce(&mut GatewayConfig)) -> Gateway {
+    let flags = Overrides {
+        host: Some("127.0.0.1".into()),
+        port: Some(0),
+        admin_port: Some(0),
+        endpoints: endpoints.iter().map(|e| (*e).to_owned()).collect(),
+        scrape_interval_ms: Some(50),
+        ..Overrides::default()
+    };
+    let mut cfg = GatewayConfig::load(None, &flags).expect("flags are valid");
+    tweak(&mut cfg);
+    Gateway::start(cfg, flags).await.expect("gateway starts")
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder().no_proxy().build().unwrap()
+}
+
+async fn chat(gw: &Gateway) -> reqwest::Response {
+    client()
+        .post(format!("http://{}/v1/chat/completions", gw.api_addr))
+        .json(&json!({"model": MODEL, "messages": [{"role": "user", "content": "hello"}]}))
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn llama_cpp_endpoints_given_alone_are_scraped_as_llama_cpp() {
+    let a = FakeEngine::start(engine_handler(LLAMACPP_METRICS)).await;
+    let b = FakeEngine::start(engine_handler(LLAMACPP_METRICS)).await;
+    let gw = gateway_for(&[&a.address, &b.address], |_| {}).await;
+    let control = gw.control.clone();
+    eventually(
+        "both endpoints known as llama.cpp, with fresh load samples",
+        Duration::from_secs(10),
+        || {
+            let c = control.clone();
+            async move {
+                c.with_router(|r| {
+                    let views: Vec<_> = r.endpoints().collect();
+                    views.len() == 2
+                        && views.iter().all(|v| {
+                            v.spec.engine == EngineKind::LlamaCpp
+                                && v.sample_taken_at_us.is_some()
+                                && v.scrape_failures == 0
+                        })
+                })
+            }
+        },
+    )
+    .await;
+    let r = chat(&gw).await;
+    assert_eq!(r.status(), 200);
+}
+
+#[tokio::test]
+async fn configured_engine_kind_wins_over_detection() {
+    let a = FakeEngine::start(engine_handler(VLLM_METRICS)).await;
+    let gw = gateway_for(&[&a.address], |cfg| {
+        cfg.endpoints[0].engine = Some(EngineKind::Sglang);
+        cfg.endpoints[0].models = vec![MODEL.into()];
+    })
+    .await;
+    let control = gw.control.clone();
+    eventually("discovered", Duration::from_secs(10), || {
+        let (c, scraped) = (control.clone(), a.hits("/metrics") > 0);
+        async move { c.ready_endpoints() == 1 && scraped }
+    })
+    .await;
+    control.with_router(|r| {
+        assert!(r.endpoints().all(|v| v.spec.engine == EngineKind::Sglang));
+    });
+}
+
+#[tokio::test]
+async fn upstream_connections_are_counted_by_the_fake_engine() {
+    // The fake engine's own bookkeeping, which the pool test below relies on.
+    let a = FakeEngine::start(engine_handler(VLLM_METRICS)).await;
+    let mut sock = tokio::net::TcpStream::connect(&a.address).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    sock.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\ncontent-length: 2\r\n\r\n{}")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    let n = sock.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    assert_eq!(a.open_chat_connections.load(Ordering::SeqCst), 1);
+    assert!(a.open_connections.load(Ordering::SeqCst) >= 1);
+    drop(sock);
+    eventually("connection closed", Duration::from_secs(5), || {
+        let n = a.open_chat_connections.load(Ordering::SeqCst);
+        async move { n == 0 }
+    })
+    .await;
+}
