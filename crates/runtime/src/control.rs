@@ -177,7 +177,12 @@ impl Member {
             models,
             lora_adapters: adapters,
             role: self.config.role,
-            engine: self.config.engine,
+            // A configured kind wins; else the kind detected from the endpoint's /metrics.
+            engine: self
+                .config
+                .engine
+                .or(self.facts.as_ref().and_then(|f| f.engine))
+                .unwrap_or_default(),
             hardware_class: self.config.hardware_class.clone(),
             relative_cost: self.config.relative_cost,
         }
