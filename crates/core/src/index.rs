@@ -691,6 +691,33 @@ impl PrefixIndex {
         n
     }
 
+    /// Longest consecutive matched prefix of one endpoint: `(blocks, gpu_blocks)`, exactly
+    /// [`PrefixIndex::longest_prefixes`]'s entry for `id`, at the cost of one holder lookup per
+    /// matched block. For what booking needs when the policy did not ask for every endpoint's
+    /// match (a round-robin pick still books the prefix it sends).
+    pub fn longest_prefix_of(&self, id: EndpointId, q: &PrefixQuery<'_>) -> (u32, u32) {
+        let ttl = self.cfg.approx_ttl_us;
+        let precise = q.source == PrefixSource::Best && q.precise && self.is_trusted(id);
+        let (mut blocks, mut gpu) = (0u32, 0u32);
+        for key in q.chain {
+            let Some(h) = self.blocks.get(key).and_then(|hs| hs.find(id.0)) else {
+                break;
+            };
+            let on_gpu = if precise && h.flags & TIERS != 0 {
+                h.flags & GPU != 0
+            } else if self.approx_fresh(h, q.now_us, ttl) {
+                true
+            } else {
+                break;
+            };
+            if on_gpu && gpu == blocks {
+                gpu += 1;
+            }
+            blocks += 1;
+        }
+        (blocks, gpu)
+    }
+
     /// Longest consecutive matched prefix per endpoint.
     pub fn longest_prefixes(&self, q: &PrefixQuery<'_>) -> PrefixMatches {
         let n = self.eps.len();
@@ -910,6 +937,15 @@ mod tests {
                 };
                 prop_assert_eq!((got.blocks(EndpointId(ep)), got.gpu_blocks(EndpointId(ep))), want,
                     "endpoint {}", ep);
+            }
+            // The one-endpoint query agrees with the all-endpoint walk, for every source.
+            for source in [PrefixSource::Best, PrefixSource::ApproxOnly] {
+                let q = PrefixQuery { chain: &chain, precise, now_us: now, source };
+                let all = idx.longest_prefixes(&q);
+                for ep in 0..4u32 {
+                    let id = EndpointId(ep);
+                    prop_assert_eq!(idx.longest_prefix_of(id, &q), (all.blocks(id), all.gpu_blocks(id)));
+                }
             }
             // Approx-only source ignores precise entries and trust.
             let got = idx.longest_prefixes(&PrefixQuery {

@@ -52,7 +52,7 @@ pub use keys::KeyScope;
 pub use observe::{BlockExtra, KvEvent, KvEventBatch, MetricsSample};
 pub use policies::Policy;
 pub use request::{
-    Decision, DecisionReason, FailureKind, OracleView, Outcome, Phase, PromptKeys, RoutingRequest,
-    TrueLoad,
+    BookingPlan, Decision, DecisionReason, FailureKind, OracleView, Outcome, Phase, PromptKeys,
+    RoutingRequest, TrueLoad,
 };
 pub use router::{ApproximateReason, EndpointView, FinishReport, IndexMode, Router, SeqCheck};

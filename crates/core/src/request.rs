@@ -219,6 +219,25 @@ pub struct Decision {
     pub precise_matched_blocks: Option<u32>,
     /// The cost model's predicted time to first token on `primary`, when computed.
     pub predicted_ttft_us: Option<u64>,
+    /// What booking the request on `primary` adds to the router's accounting, computed by the
+    /// pick so that [`crate::Router::book`] neither walks the index nor prices again.
+    pub booking: BookingPlan,
+}
+
+/// What one booking adds to an endpoint's estimate (as Dynamo's selection result carries the
+/// blocks a request needs and has cached, for its bookkeeping).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BookingPlan {
+    /// The endpoint the plan was made for (the decision's `primary` when the router made it).
+    pub endpoint: EndpointId,
+    /// Prompt tokens the endpoint will prefill: the prompt minus the prefix it holds (an
+    /// offloaded prefix counted at its transfer cost).
+    pub uncached_tokens: f64,
+    /// KV blocks the request takes there: its uncached prompt plus its expected output.
+    pub new_kv_blocks: u64,
+    /// Predicted TTFT at speed factor 1 without penalties, µs: what calibration compares the
+    /// observed TTFT with.
+    pub predicted_raw_ttft_us: f64,
 }
 
 /// What the caller learnt when a request finished.

@@ -53,9 +53,11 @@ use crate::index::{
     ApplyOutcome, IndexConfig, IndexMemory, PrefixIndex, PrefixQuery, PrefixSource, tier_bit,
 };
 use crate::observe::{KvEvent, KvEventBatch, MetricsSample};
-use crate::policies::{self as plugins, Candidate, Filter, Needs, PickContext, Picker, Scorer};
+use crate::policies::{
+    self as plugins, Candidate, Filter, Needs, Pick, PickContext, Picker, Scorer,
+};
 use crate::request::{
-    Decision, DecisionReason, FailureKind, OracleView, Outcome, Phase, RoutingRequest,
+    BookingPlan, Decision, DecisionReason, FailureKind, OracleView, Outcome, Phase, RoutingRequest,
 };
 
 /// Result of checking a KV event batch's sequence number.
@@ -175,6 +177,17 @@ impl std::fmt::Debug for Profile {
             .field("picker", &self.picker)
             .finish()
     }
+}
+
+/// The eligible endpoints of one pick, in address order, and whether only draining ones were
+/// left.
+type Eligible<'a> = (Vec<(EndpointId, &'a Entry)>, bool);
+
+/// The candidates of one pick as its plugins see them.
+struct Described<'a> {
+    cands: Vec<Candidate<'a>>,
+    /// Oldest signal age among them, µs.
+    max_signal_age_us: u64,
 }
 
 /// What gateway metrics show about one endpoint.
@@ -661,7 +674,14 @@ impl Router {
     }
 
     /// Chooses an endpoint for `req`. No side effects: call [`Router::book`] with the decision
-    /// once the request is actually sent.
+    /// once the request is actually sent; the decision carries what booking needs
+    /// ([`BookingPlan`]).
+    ///
+    /// The stages, each a function below: [`Router::eligible_candidates`] (eligibility and last
+    /// resorts, in address order), [`Router::describe_candidates`] (what the profile's plugins
+    /// need to know of each), [`Router::shed`] (sheddable requests on a saturated pool),
+    /// [`Router::run_profile`] (filters → scorers → picker), [`Router::fallbacks`] (the next best
+    /// by score), and [`Router::booking_plan`] for the chosen endpoint.
     pub fn pick(
         &self,
         now_us: u64,
@@ -673,7 +693,65 @@ impl Router {
         if profile.needs.oracle && oracle.is_none() {
             return Err(RouteError::NoOracle);
         }
-        // Eligibility, in address order.
+        let (eligible, all_draining) = self.eligible_candidates(now_us, req)?;
+        let described = self.describe_candidates(now_us, req, profile.needs, &eligible, oracle);
+        let mut cands = described.cands;
+        let ctx = PickContext {
+            now_us,
+            req,
+            tuning: &self.tuning,
+            max_signal_age_us: described.max_signal_age_us,
+            rotation: self.rotation,
+        };
+        self.shed(&ctx, &cands)?;
+        let (pick, total) = Self::run_profile(profile, &ctx, &mut cands, rng)?;
+        let chosen = &cands[pick.index];
+        let reason = if all_draining {
+            DecisionReason::DrainingOnly
+        } else if cands.len() == 1 {
+            DecisionReason::OnlyCandidate
+        } else if profile.oracle {
+            DecisionReason::Oracle
+        } else {
+            pick.reason
+        };
+        let fallbacks = Self::fallbacks(&cands, &total, pick.index, self.tuning.max_fallbacks);
+        let predicted_ttft_us = match (chosen.cost, chosen.oracle) {
+            (Some(c), _) => Some(c.ttft_us as u64),
+            (None, Some(o)) => Some(plugins::oracle_ttft_us(&ctx, chosen, &o) as u64),
+            _ => None,
+        };
+        // The described match is the booking's when the profile asked for it; otherwise the
+        // chosen endpoint alone is matched, once.
+        let best_match = profile
+            .needs
+            .prefix
+            .then_some((chosen.matched_blocks, chosen.matched_gpu_blocks));
+        let booking = self.booking_plan(now_us, req, chosen.id, &chosen.estimate, best_match);
+        Ok(Decision {
+            primary: chosen.id,
+            fallbacks,
+            reason,
+            matched_blocks: chosen.matched_blocks.max(chosen.approx_matched_blocks),
+            precise_matched_blocks: req
+                .keys
+                .precise
+                .then(|| self.index.precise_prefix(chosen.id, &req.keys.keys)),
+            predicted_ttft_us,
+            booking,
+        })
+    }
+
+    /// Stage 1, candidates: the endpoints serving `req` (model, adapter, role, subset, not
+    /// gone), in address order, narrowed to the best class present (ready and healthy > ready
+    /// but penalised > draining), so last resorts are used only when nothing better exists.
+    /// Also returns whether only draining endpoints were left. Errors: no endpoint lists the
+    /// model ([`RouteError::UnknownModel`]), or none of those is eligible.
+    fn eligible_candidates(
+        &self,
+        now_us: u64,
+        req: &RoutingRequest,
+    ) -> Result<Eligible<'_>, RouteError> {
         let mut model_known = false;
         let mut ids: Vec<(EndpointId, &Entry)> = Vec::new();
         for &id in self.order.values() {
@@ -696,8 +774,6 @@ impl Router {
                 model: req.model.clone(),
             });
         }
-        // Last resorts: keep the best class present (ready & healthy > ready & penalised >
-        // draining).
         let class = |e: &Entry| match (e.state, self.penalised(e, now_us)) {
             (EndpointState::Ready, false) => 0,
             (EndpointState::Ready, true) => 1,
@@ -705,9 +781,22 @@ impl Router {
         };
         let best_class = ids.iter().map(|(_, e)| class(e)).min().unwrap_or(0);
         ids.retain(|(_, e)| class(e) == best_class);
-        let all_draining = best_class == 2;
+        Ok((ids, best_class == 2))
+    }
 
-        let needs = profile.needs;
+    /// Stage 1, continued: what the profile's plugins need to know about each candidate
+    /// ([`Needs`]): its load estimate always; prefix matches (best source, approximate only),
+    /// the kvgate cost and the oracle's true state only when asked for. Also the oldest signal
+    /// age among them (never-scraped endpoints count from their addition), which widens the
+    /// softmax picker's choice.
+    fn describe_candidates<'a>(
+        &'a self,
+        now_us: u64,
+        req: &RoutingRequest,
+        needs: Needs,
+        eligible: &[(EndpointId, &'a Entry)],
+        oracle: Option<&dyn OracleView>,
+    ) -> Described<'a> {
         let t = &self.tuning;
         let prefix = needs.prefix.then(|| {
             self.index.longest_prefixes(&PrefixQuery {
@@ -726,8 +815,8 @@ impl Router {
             })
         });
         let mut max_age = 0u64;
-        let mut cands: Vec<Candidate<'_>> = Vec::with_capacity(ids.len());
-        for &(id, e) in &ids {
+        let mut cands: Vec<Candidate<'a>> = Vec::with_capacity(eligible.len());
+        for &(id, e) in eligible {
             let estimate = e.load.estimate(now_us, e.prior.kv_capacity_blocks);
             let age = estimate
                 .sample_age_us
@@ -779,31 +868,46 @@ impl Router {
                 },
             });
         }
-        let ctx = PickContext {
-            now_us,
-            req,
-            tuning: t,
+        Described {
+            cands,
             max_signal_age_us: max_age,
-            rotation: self.rotation,
-        };
-        if req.priority < 0 {
+        }
+    }
+
+    /// Stage 2, shedding: a sheddable request (priority < 0) is rejected when every candidate
+    /// is saturated (estimated waiting ≥ `shed_queue_threshold`, GIE's saturation detector, or
+    /// estimated KV use ≥ the cliff). Non-negative priorities are never shed.
+    fn shed(&self, ctx: &PickContext<'_>, cands: &[Candidate<'_>]) -> Result<(), RouteError> {
+        let t = &self.tuning;
+        if ctx.req.priority < 0 {
             let saturated = |c: &Candidate<'_>| {
                 c.estimate.waiting >= t.shed_queue_threshold
                     || c.estimate.kv_usage() >= t.kv_cliff_fraction
             };
             if cands.iter().all(saturated) {
                 return Err(RouteError::Shed {
-                    priority: req.priority,
+                    priority: ctx.req.priority,
                 });
             }
         }
-        // Filters.
+        Ok(())
+    }
+
+    /// Stage 3, the profile: its filters drop candidates (never all of them), its scorers'
+    /// weighted sum scores the rest (a non-finite score is an error naming the scorer), and its
+    /// picker chooses. Returns the pick (an index into the filtered `cands`) and the totals.
+    fn run_profile(
+        profile: &Profile,
+        ctx: &PickContext<'_>,
+        cands: &mut Vec<Candidate<'_>>,
+        rng: &mut dyn RngCore,
+    ) -> Result<(Pick, Vec<f64>), RouteError> {
         let mut keep = vec![true; cands.len()];
         for f in &profile.filters {
-            f.filter(&ctx, &cands, &mut keep);
+            f.filter(ctx, cands, &mut keep);
             if !keep.iter().any(|k| *k) {
                 return Err(RouteError::NoEndpoints {
-                    model: req.model.clone(),
+                    model: ctx.req.model.clone(),
                 });
             }
         }
@@ -811,11 +915,10 @@ impl Router {
             let mut it = keep.iter();
             cands.retain(|_| *it.next().unwrap_or(&false));
         }
-        // Scorers.
         let mut total = vec![0.0; cands.len()];
         let mut buf = vec![0.0; cands.len()];
         for (s, w) in &profile.scorers {
-            s.score(&ctx, &cands, &mut buf);
+            s.score(ctx, cands, &mut buf);
             for (i, v) in buf.iter().enumerate() {
                 if !v.is_finite() {
                     return Err(RouteError::NonFiniteScore {
@@ -826,7 +929,7 @@ impl Router {
                 total[i] += w * v;
             }
         }
-        let pick = profile.picker.pick(&ctx, &cands, &total, rng)?;
+        let pick = profile.picker.pick(ctx, cands, &total, rng)?;
         if pick.index >= cands.len() {
             return Err(RouteError::BadPick {
                 picker: profile.picker.name().to_string(),
@@ -834,22 +937,22 @@ impl Router {
                 len: cands.len(),
             });
         }
-        let chosen = &cands[pick.index];
-        let reason = if all_draining {
-            DecisionReason::DrainingOnly
-        } else if cands.len() == 1 {
-            DecisionReason::OnlyCandidate
-        } else if profile.oracle {
-            DecisionReason::Oracle
-        } else {
-            pick.reason
-        };
-        // Top `max_fallbacks` by score (address order among equals): a partial selection, as
-        // sorting a thousand candidates would cost more than the rest of the pick.
-        let mut rest: Vec<usize> = Vec::with_capacity(t.max_fallbacks);
-        for _ in 0..t.max_fallbacks {
+        Ok((pick, total))
+    }
+
+    /// Stage 4, fallbacks: the top `max` candidates by total score after the pick (address
+    /// order among equals). A partial selection, as sorting a thousand candidates would cost
+    /// more than the rest of the pick.
+    fn fallbacks(
+        cands: &[Candidate<'_>],
+        total: &[f64],
+        picked: usize,
+        max: usize,
+    ) -> Vec<EndpointId> {
+        let mut rest: Vec<usize> = Vec::with_capacity(max);
+        for _ in 0..max {
             let next = (0..cands.len())
-                .filter(|&i| i != pick.index && !rest.contains(&i))
+                .filter(|&i| i != picked && !rest.contains(&i))
                 .fold(None, |best: Option<usize>, i| match best {
                     Some(b) if total[b] >= total[i] => Some(b),
                     _ => Some(i),
@@ -859,73 +962,119 @@ impl Router {
                 None => break,
             }
         }
-        let predicted_ttft_us = match (chosen.cost, chosen.oracle) {
-            (Some(c), _) => Some(c.ttft_us as u64),
-            (None, Some(o)) => Some(plugins::oracle_ttft_us(&ctx, chosen, &o) as u64),
-            _ => None,
+        rest.into_iter().map(|i| cands[i].id).collect()
+    }
+
+    /// What booking `req` on `id` adds: its uncached tokens (the prompt minus the prefix the
+    /// index says `id` holds, best source), the KV blocks it takes, and the TTFT the cost model
+    /// predicts at speed factor 1 without penalties (what calibration compares the observed
+    /// TTFT with). `best_match` is `id`'s `(blocks, gpu_blocks)` when the pick already has it;
+    /// otherwise `id` alone is matched.
+    fn booking_plan(
+        &self,
+        now_us: u64,
+        req: &RoutingRequest,
+        id: EndpointId,
+        estimate: &LoadEstimate,
+        best_match: Option<(u32, u32)>,
+    ) -> BookingPlan {
+        let t = &self.tuning;
+        let (blocks, gpu_blocks) = best_match.unwrap_or_else(|| {
+            self.index.longest_prefix_of(
+                id,
+                &PrefixQuery {
+                    chain: &req.keys.keys,
+                    precise: req.keys.precise,
+                    now_us,
+                    source: PrefixSource::Best,
+                },
+            )
+        });
+        let uncached = cost::uncached_tokens(
+            req.prompt_tokens,
+            req.keys.block_size,
+            blocks,
+            gpu_blocks,
+            t,
+        );
+        let new_kv_blocks = cost::new_kv_blocks(uncached, req.max_tokens, req.keys.block_size, t);
+        let predicted_raw_ttft_us = self.entry(id).map_or(0.0, |e| {
+            cost::kvgate_cost(&e.prior, estimate, 1.0, uncached, new_kv_blocks, 0.0, t).raw_ttft_us
+        });
+        BookingPlan {
+            endpoint: id,
+            uncached_tokens: uncached,
+            new_kv_blocks,
+            predicted_raw_ttft_us,
+        }
+    }
+
+    /// A decision that sends `req` to `id` whatever the policy would choose: for a request
+    /// retried on a fallback, or one the proxy reports served by another endpoint. Its booking
+    /// plan and matches are `id`'s own; `None` if `id` is unknown or gone.
+    pub fn decision_for(
+        &self,
+        now_us: u64,
+        req: &RoutingRequest,
+        id: EndpointId,
+        reason: DecisionReason,
+    ) -> Option<Decision> {
+        let e = self.entry(id).filter(|e| e.state != EndpointState::Gone)?;
+        let estimate = e.load.estimate(now_us, e.prior.kv_capacity_blocks);
+        let booking = self.booking_plan(now_us, req, id, &estimate, None);
+        let q = PrefixQuery {
+            chain: &req.keys.keys,
+            precise: req.keys.precise,
+            now_us,
+            source: PrefixSource::Best,
         };
-        Ok(Decision {
-            primary: chosen.id,
-            fallbacks: rest
-                .into_iter()
-                .take(t.max_fallbacks)
-                .map(|i| cands[i].id)
-                .collect(),
+        Some(Decision {
+            primary: id,
+            fallbacks: Vec::new(),
             reason,
-            matched_blocks: chosen.matched_blocks.max(chosen.approx_matched_blocks),
+            matched_blocks: self.index.longest_prefix_of(id, &q).0,
             precise_matched_blocks: req
                 .keys
                 .precise
-                .then(|| self.index.precise_prefix(chosen.id, &req.keys.keys)),
-            predicted_ttft_us,
+                .then(|| self.index.precise_prefix(id, &req.keys.keys)),
+            predicted_ttft_us: None,
+            booking,
         })
     }
 
-    /// Books `req` onto `decision.primary`: counts it into the estimate at once and records
-    /// approximate prefix entries. Booking the same request id again (a retry on a fallback)
-    /// moves the booking.
+    /// Books `req` onto `decision.primary` with the decision's [`BookingPlan`]: counts it into
+    /// the estimate at once and records approximate prefix entries. Booking the same request id
+    /// again (a retry on a fallback) moves the booking. A decision whose `primary` was changed
+    /// by hand after the pick carries another endpoint's plan; it is planned afresh for its
+    /// primary (use [`Router::decision_for`] to build such decisions instead).
     pub fn book(&mut self, now_us: u64, req: &RoutingRequest, decision: &Decision) {
         self.tick(now_us);
         if let Some(prev) = self.bookings.remove(&req.id) {
             self.release(prev.ep, req.id, now_us);
         }
         let id = decision.primary;
-        let t = &self.tuning;
-        let Some(e) = self.slots.get(id.0 as usize).and_then(Option::as_ref) else {
-            return;
+        let plan = if decision.booking.endpoint == id {
+            decision.booking
+        } else {
+            let Some(e) = self.entry(id) else { return };
+            let estimate = e.load.estimate(now_us, e.prior.kv_capacity_blocks);
+            self.booking_plan(now_us, req, id, &estimate, None)
         };
-        if e.state == EndpointState::Gone {
-            return;
-        }
-        let m = self.index.longest_prefixes(&PrefixQuery {
-            chain: &req.keys.keys,
-            precise: req.keys.precise,
-            now_us,
-            source: PrefixSource::Best,
-        });
-        let uncached = cost::uncached_tokens(
-            req.prompt_tokens,
-            req.keys.block_size,
-            m.blocks(id),
-            m.gpu_blocks(id),
-            t,
-        );
-        let new_blocks = cost::new_kv_blocks(uncached, req.max_tokens, req.keys.block_size, t);
-        let est = e.load.estimate(now_us, e.prior.kv_capacity_blocks);
-        let raw = cost::kvgate_cost(&e.prior, &est, 1.0, uncached, new_blocks, 0.0, t).raw_ttft_us;
+        let t = &self.tuning;
         let booking = Booking {
             ep: id,
             booked_at_us: now_us,
             prompt_tokens: req.prompt_tokens,
-            uncached_tokens: uncached as u32,
-            kv_blocks: new_blocks,
+            uncached_tokens: plan.uncached_tokens as u32,
+            kv_blocks: plan.new_kv_blocks,
             first_token_at_us: None,
-            predicted_raw_ttft_us: raw,
+            predicted_raw_ttft_us: plan.predicted_raw_ttft_us,
         };
         let alpha = t.calibration_alpha;
         let max_blocks = t.max_booked_blocks;
-        if let Some(e) = self.entry_mut(id) {
-            e.load.book(req.id, booking, alpha);
+        match self.entry_mut(id) {
+            Some(e) if e.state != EndpointState::Gone => e.load.book(req.id, booking, alpha),
+            _ => return,
         }
         let bs = req.keys.block_size;
         self.bookings.insert(
@@ -1208,6 +1357,50 @@ mod tests {
             labels.len() as u32 * 16 + 1,
             label_keys(labels, 16),
         )
+    }
+
+    /// Booking takes what it counts from the decision's plan (nothing is recomputed), and a
+    /// decision whose primary was edited after the pick is planned for its new primary.
+    #[test]
+    fn book_counts_the_decisions_plan_and_replans_an_edited_primary() {
+        let (mut r, ids) = router_with(2);
+        let conv: Vec<u64> = (1..=8).collect();
+        r.observe_kv_batch(ids[0], 1, &stored(0, &conv, Tier::Gpu));
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        let q = routed(1, &conv);
+        let mut d = r.pick(2, &q, &mut rng, None).unwrap();
+        assert_eq!(d.primary, ids[0]);
+        assert_eq!(d.booking.endpoint, ids[0]);
+        assert_eq!(
+            d.booking.uncached_tokens, 1.0,
+            "all but the last token cached"
+        );
+        d.booking.uncached_tokens = 12_345.0;
+        r.book(2, &q, &d);
+        let queued = |r: &Router, id| {
+            r.endpoints()
+                .find(|v| v.id == id)
+                .unwrap()
+                .estimate
+                .queued_prefill_tokens
+        };
+        assert_eq!(
+            queued(&r, ids[0]),
+            12_345,
+            "booked from the plan as carried"
+        );
+        // Moved by hand to the endpoint without the prefix: the whole prompt is its work, as
+        // `decision_for` plans it.
+        let q2 = routed(2, &conv);
+        let mut moved = r.pick(3, &q2, &mut rng, None).unwrap();
+        moved.primary = ids[1];
+        let planned = r
+            .decision_for(3, &q2, ids[1], moved.reason)
+            .unwrap()
+            .booking;
+        assert_eq!(planned.uncached_tokens, f64::from(q2.prompt_tokens));
+        r.book(3, &q2, &moved);
+        assert_eq!(queued(&r, ids[1]), u64::from(q2.prompt_tokens));
     }
 
     /// The index is keyed by the router's chain; engine hashes are only aliases learnt from

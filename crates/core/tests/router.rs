@@ -569,14 +569,9 @@ fn untrusted_endpoints_match_on_approximate_entries() {
     // Endpoint 1 has no event stream; the router booked this prefix there.
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let q = req(1, keys.clone());
-    let d = kvgate_core::Decision {
-        primary: ids[1],
-        fallbacks: vec![],
-        reason: DecisionReason::LeastCost,
-        matched_blocks: 0,
-        precise_matched_blocks: None,
-        predicted_ttft_us: None,
-    };
+    let d = r
+        .decision_for(1, &q, ids[1], DecisionReason::LeastCost)
+        .unwrap();
     r.book(1, &q, &d);
     r.on_finish(1, 2, &Outcome::default());
     let d = r.pick(3, &req(2, keys), &mut rng, None).unwrap();
@@ -716,10 +711,7 @@ fn gie_default_prefers_short_queues_and_prefix() {
     // A full prefix match (its own approximate index) adds 3 to e2: 4.8 wins.
     let keys: Vec<u64> = (0..8).collect();
     let q = req(2, keys.clone());
-    let forced = kvgate_core::Decision {
-        primary: ids[2],
-        ..d
-    };
+    let forced = r.decision_for(2, &q, ids[2], d.reason).unwrap();
     r.book(2, &q, &forced);
     let d = r.pick(3, &req(3, keys), &mut rng, None).unwrap();
     assert_eq!(d.primary, ids[2]);
