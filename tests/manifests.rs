@@ -8,7 +8,8 @@
 //!   container ports, probes hit the ports the flags open;
 //! - the real `kvgate` starts with each Deployment's command, args, env and mounted ConfigMap
 //!   (ports moved to loopback port 0, and for the picker a kubeconfig pointing at a closed port,
-//!   since no cluster is reachable here) and answers its probes on the probed port.
+//!   since no cluster is reachable here) and answers its probes on the probed port: HTTP GETs
+//!   for `kvgate serve`, gRPC health checks (as the kubelet sends them) for `kvgate epp`.
 //!
 //! kubernetes-validate is installed by scripts/setup-monitoring-deps.sh into a venv under
 //! ~/.cache/kvgate; the test fails, naming the script, when it is missing.
@@ -542,6 +543,60 @@ fn localize(objs: &[(String, Value)], deploy: &Value, dir: &Path, port_flags: &[
     Local { args, env, ports }
 }
 
+/// `grpc.health.v1.HealthCheckResponse.ServingStatus` values.
+const SERVING: u64 = 1;
+const NOT_SERVING: u64 = 2;
+
+/// One `grpc.health.v1.Health/Check` call over plaintext HTTP/2, as the kubelet's gRPC probe
+/// makes it: the status in the response, or the gRPC error.
+async fn grpc_health_check(addr: SocketAddr, service: &str) -> Result<u64, String> {
+    use http_body_util::{BodyExt, Full};
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    // HealthCheckRequest { string service = 1 }, in a gRPC length-prefixed frame.
+    let mut msg = vec![
+        0x0a,
+        u8::try_from(service.len()).expect("short service name"),
+    ];
+    msg.extend_from_slice(service.as_bytes());
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&u32::try_from(msg.len()).unwrap().to_be_bytes());
+    frame.extend_from_slice(&msg);
+    let req = hyper::Request::post(format!("http://{addr}/grpc.health.v1.Health/Check"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(Full::new(bytes::Bytes::from(frame)))
+        .unwrap();
+    let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
+    let in_headers = resp.headers().get("grpc-status").cloned();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?;
+    let grpc_status = in_headers
+        .or_else(|| body.trailers().and_then(|t| t.get("grpc-status").cloned()))
+        .ok_or("no grpc-status")?;
+    if grpc_status != "0" {
+        return Err(format!("grpc-status {grpc_status:?}"));
+    }
+    // HealthCheckResponse { ServingStatus status = 1 }: frame header, then tag 0x08 and a
+    // one-byte varint (absent when 0, UNKNOWN).
+    match &body.to_bytes()[..] {
+        [0, _, _, _, _, 0x08, status] => Ok(u64::from(*status)),
+        [0, 0, 0, 0, 0] => Ok(0),
+        other => Err(format!("unexpected response {other:?}")),
+    }
+}
+
 async fn status(url: &str) -> u16 {
     reqwest::Client::builder()
         .no_proxy()
@@ -613,15 +668,21 @@ async fn the_binary_runs_the_manifests_args_and_config_and_answers_the_probes() 
     let mut p = Kvgate::start(&args, &env);
     let line = p.listening(&args);
     let c = container(epp);
-    for probe in ["livenessProbe", "readinessProbe"] {
+    // The kubelet's gRPC probes, as it sends them: liveness passes at once; readiness fails
+    // until the pod list is known (never, here: no API server).
+    let health = addr(&line, "health_addr");
+    for (probe, expected) in [("livenessProbe", SERVING), ("readinessProbe", NOT_SERVING)] {
         let port = port_number(c, &c[probe]["grpc"]["port"]);
         assert_eq!(
             port, ports["--grpc-health-port"],
             "{probe} targets the health port"
         );
-        assert!(
-            c[probe]["grpc"]["service"].is_string(),
-            "{probe} names a service"
+        let service = c[probe]["grpc"]["service"].as_str().unwrap_or("");
+        let got = grpc_health_check(health, service).await;
+        assert_eq!(
+            got,
+            Ok(expected),
+            "{probe}: grpc.health.v1 Check({service:?})"
         );
     }
     let metrics = addr(&line, "metrics_addr");
