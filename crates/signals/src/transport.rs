@@ -6,7 +6,23 @@
 //! system package is needed) refuses a message larger than `ZMQ_MAXMSGSIZE` from its frame
 //! header, *before* allocating, and drops that peer; the pure-Rust `zeromq` crate allocates
 //! whatever a header announces (2^40 bytes aborted the process). libzmq also reconnects on its
-//! own with a bounded backoff (`ZMQ_RECONNECT_IVL` / `_MAX`).
+//! own with a bounded backoff (`ZMQ_RECONNECT_IVL` / `_MAX`). The regression tests in
+//! `tests/zmtp_hostile_peer.rs` speak ZMTP by hand to pin both.
+//!
+//! **Why a connect-mode socket is rebuilt after a disconnect.** libzmq reconnects by itself
+//! after a network error, but after a *protocol* error (and a message over `ZMQ_MAXMSGSIZE` is
+//! one) it terminates that connection's session for good: one oversized batch from an engine
+//! would end its KV events until kvgate restarts (the hostile-peer test showed no reconnect).
+//! So when a connect-mode socket reports a disconnect and has not handshaken again within the
+//! backoff delay, the reactor replaces it with a fresh socket to the same address. The delay
+//! starts at [`RECONNECT_IVL_MS`] and doubles up to [`RECONNECT_IVL_MAX_MS`] while no message
+//! arrives in between, so a peer that keeps sending oversized frames costs one connection per
+//! two seconds, not a busy loop.
+//!
+//! **Why every socket is monitored.** A dropped connection is news for the router (an engine
+//! restarting, or a peer refused for an oversized frame), so each socket has a libzmq monitor:
+//! connect-mode sockets report [`SubEvent::Disconnected`] to their consumer, and every socket
+//! counts completed handshakes and disconnects in [`TransportStats`].
 //!
 //! **Why one thread.** libzmq sockets are blocking and not `Sync`. One reactor thread polls all
 //! of them (`zmq_poll`, 100 ms timeout, so commands and shutdown are seen promptly) and hands
@@ -32,10 +48,13 @@ use tokio::sync::mpsc;
 /// router hold.
 pub const DEFAULT_MAX_MESSAGE_BYTES: i64 = 64 * 1024 * 1024;
 
-/// First and last delay of libzmq's reconnect backoff, ms. A restarted engine is picked up
-/// within the maximum; 100 ms first keeps a brief blip brief.
-const RECONNECT_IVL_MS: i32 = 100;
-const RECONNECT_IVL_MAX_MS: i32 = 2_000;
+/// First delay of libzmq's reconnect backoff, ms: a brief blip (an engine's PUB socket
+/// re-created) costs a tenth of a second.
+pub const RECONNECT_IVL_MS: i32 = 100;
+/// Last delay of the backoff, ms: while an engine restarts (tens of seconds for a real model
+/// load) the retries settle at one every 2 s, so its events flow again at most 2 s after it
+/// binds, at the cost of one refused TCP connect per 2 s per engine while it is down.
+pub const RECONNECT_IVL_MAX_MS: i32 = 2_000;
 
 /// Messages queued in libzmq per SUB socket before it drops (ZMQ_RCVHWM). vLLM publishes at
 /// most one batch per engine step; 100k covers many seconds of a stalled reader.
@@ -76,7 +95,7 @@ enum Cmd {
         id: u64,
         address: String,
         route: Arc<dyn TopicRoute>,
-        done: std::sync::mpsc::Sender<Result<(), String>>,
+        done: std::sync::mpsc::Sender<Result<String, String>>,
     },
     Close {
         id: u64,
@@ -90,6 +109,11 @@ pub struct TransportStats {
     pub messages: AtomicU64,
     /// Messages dropped because a consumer's queue was full.
     pub dropped_full: AtomicU64,
+    /// ZMTP handshakes completed with a peer, on any socket.
+    pub handshakes: AtomicU64,
+    /// Connections to a peer that ended, on any socket: a publisher going away, or libzmq
+    /// dropping a peer that broke the protocol or announced a message over the size limit.
+    pub peer_disconnects: AtomicU64,
 }
 
 /// Handle to the reactor thread. Dropping every clone stops it.
@@ -126,6 +150,14 @@ impl std::fmt::Debug for KvTransport {
 pub struct SocketHandle {
     id: u64,
     transport: KvTransport,
+    endpoint: String,
+}
+
+impl SocketHandle {
+    /// The address bound (with the port libzmq chose for `tcp://host:*`) or connected to.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
 }
 
 impl Drop for SocketHandle {
@@ -211,11 +243,13 @@ impl KvTransport {
         SocketHandle {
             id,
             transport: self.clone(),
+            endpoint: address.to_owned(),
         }
     }
 
     /// Binds a SUB socket (all topics) that publishers connect to; its messages go to `route`.
-    /// Waits for the bind so that an unusable address is an error here.
+    /// Waits for the bind so that an unusable address is an error here; `tcp://host:*` binds
+    /// an ephemeral port, which [`SocketHandle::endpoint`] then names.
     pub fn bind(&self, address: &str, route: Arc<dyn TopicRoute>) -> Result<SocketHandle, String> {
         let id = self.id();
         let (done, wait) = std::sync::mpsc::channel();
@@ -225,11 +259,13 @@ impl KvTransport {
             route,
             done,
         });
-        wait.recv_timeout(Duration::from_secs(10))
+        let endpoint = wait
+            .recv_timeout(Duration::from_secs(10))
             .map_err(|_| "the ZeroMQ reactor did not answer".to_owned())??;
         Ok(SocketHandle {
             id,
             transport: self.clone(),
+            endpoint,
         })
     }
 }
@@ -244,6 +280,20 @@ struct Owned {
     socket: zmq::Socket,
     monitor: Option<zmq::Socket>,
     consumer: Consumer,
+    /// Connect mode: what to rebuild the socket with.
+    redial: Option<Redial>,
+}
+
+/// How and when a connect-mode socket is replaced after a disconnect (see the module docs).
+struct Redial {
+    address: String,
+    topic_filter: String,
+    /// When to replace the socket, unless it handshakes again before.
+    due: Option<Instant>,
+    /// The next delay; doubles per disconnect, back to the first when a message arrives.
+    backoff: Duration,
+    /// Sockets built so far (names each socket's monitor uniquely).
+    generation: u64,
 }
 
 struct Reactor {
@@ -257,8 +307,21 @@ struct Reactor {
 
 /// `ZMQ_EVENT_DISCONNECTED`.
 const EVENT_DISCONNECTED: u16 = 0x0200;
+/// `ZMQ_EVENT_HANDSHAKE_SUCCEEDED`.
+const EVENT_HANDSHAKE_SUCCEEDED: u16 = 0x1000;
+/// The monitor events the reactor reads.
+const MONITORED_EVENTS: i32 = (EVENT_DISCONNECTED | EVENT_HANDSHAKE_SUCCEEDED) as i32;
 
 impl Reactor {
+    /// Attaches a monitor (an inproc PAIR the reactor polls) to `s`; `name` must be unique.
+    fn monitor(&self, s: &zmq::Socket, name: &str) -> Result<zmq::Socket, zmq::Error> {
+        let monitor_addr = format!("inproc://kvgate-monitor-{name}");
+        s.monitor(&monitor_addr, MONITORED_EVENTS)?;
+        let m = self.ctx.socket(zmq::PAIR)?;
+        m.connect(&monitor_addr)?;
+        Ok(m)
+    }
+
     fn sub_socket(&self, topic_filter: &str) -> Result<zmq::Socket, zmq::Error> {
         let s = self.ctx.socket(zmq::SUB)?;
         s.set_maxmsgsize(self.max_message_bytes)?;
@@ -278,28 +341,24 @@ impl Reactor {
                 address,
                 topic_filter,
                 tx,
-            } => {
-                let opened = (|| {
-                    let s = self.sub_socket(&topic_filter)?;
-                    let monitor_addr = format!("inproc://kvgate-monitor-{id}");
-                    s.monitor(&monitor_addr, i32::from(EVENT_DISCONNECTED))?;
-                    let m = self.ctx.socket(zmq::PAIR)?;
-                    m.connect(&monitor_addr)?;
-                    s.connect(&address)?;
-                    Ok::<_, zmq::Error>((s, m))
-                })();
-                match opened {
-                    Ok((socket, monitor)) => self.sockets.push(Owned {
-                        id,
-                        socket,
-                        monitor: Some(monitor),
-                        consumer: Consumer::Connected(tx),
+            } => match self.dial(id, 0, &address, &topic_filter) {
+                Ok((socket, monitor)) => self.sockets.push(Owned {
+                    id,
+                    socket,
+                    monitor: Some(monitor),
+                    consumer: Consumer::Connected(tx),
+                    redial: Some(Redial {
+                        address,
+                        topic_filter,
+                        due: None,
+                        backoff: Duration::from_millis(RECONNECT_IVL_MS as u64),
+                        generation: 0,
                     }),
-                    Err(error) => {
-                        tracing::warn!(%address, %error, "cannot open KV-event SUB socket");
-                    }
+                }),
+                Err(error) => {
+                    tracing::warn!(%address, %error, "cannot open KV-event SUB socket");
                 }
-            }
+            },
             Cmd::Bind {
                 id,
                 address,
@@ -308,18 +367,21 @@ impl Reactor {
             } => {
                 let opened = (|| {
                     let s = self.sub_socket("")?;
+                    let m = self.monitor(&s, &id.to_string())?;
                     s.bind(&address)?;
-                    Ok::<_, zmq::Error>(s)
+                    let bound = s.get_last_endpoint()?.unwrap_or_else(|_| address.clone());
+                    Ok::<_, zmq::Error>((s, m, bound))
                 })();
                 match opened {
-                    Ok(socket) => {
+                    Ok((socket, monitor, bound)) => {
                         self.sockets.push(Owned {
                             id,
                             socket,
-                            monitor: None,
+                            monitor: Some(monitor),
                             consumer: Consumer::Bound(route),
+                            redial: None,
                         });
-                        let _ = done.send(Ok(()));
+                        let _ = done.send(Ok(bound));
                     }
                     Err(error) => {
                         let _ = done.send(Err(format!("cannot bind {address}: {error}")));
@@ -327,6 +389,52 @@ impl Reactor {
                 }
             }
             Cmd::Close { id } => self.sockets.retain(|s| s.id != id),
+        }
+    }
+
+    /// A monitored SUB socket connected to `address`.
+    fn dial(
+        &self,
+        id: u64,
+        generation: u64,
+        address: &str,
+        topic_filter: &str,
+    ) -> Result<(zmq::Socket, zmq::Socket), zmq::Error> {
+        let s = self.sub_socket(topic_filter)?;
+        let m = self.monitor(&s, &format!("{id}-{generation}"))?;
+        s.connect(address)?;
+        Ok((s, m))
+    }
+
+    /// Replaces connect-mode sockets whose rebuild is due (see the module docs).
+    fn redial_due(&mut self) {
+        let now = Instant::now();
+        for i in 0..self.sockets.len() {
+            let owned = &self.sockets[i];
+            let Some(r) = &owned.redial else { continue };
+            if r.due.is_none_or(|due| due > now) {
+                continue;
+            }
+            let (id, generation) = (owned.id, r.generation + 1);
+            let (address, topic_filter) = (r.address.clone(), r.topic_filter.clone());
+            let dialled = self.dial(id, generation, &address, &topic_filter);
+            let owned = &mut self.sockets[i];
+            let Some(r) = owned.redial.as_mut() else {
+                continue;
+            };
+            match dialled {
+                Ok((socket, monitor)) => {
+                    tracing::debug!(%address, "KV-event SUB socket rebuilt after a disconnect");
+                    owned.socket = socket;
+                    owned.monitor = Some(monitor);
+                    r.generation = generation;
+                    r.due = None;
+                }
+                Err(error) => {
+                    tracing::warn!(%address, %error, "cannot rebuild KV-event SUB socket");
+                    r.due = Some(now + r.backoff);
+                }
+            }
         }
     }
 
@@ -340,6 +448,7 @@ impl Reactor {
                     Err(std::sync::mpsc::TryRecvError::Disconnected) => return,
                 }
             }
+            self.redial_due();
             if self.sockets.is_empty() {
                 match self
                     .rx
@@ -376,17 +485,32 @@ impl Reactor {
                     .collect()
             };
             drop(items);
-            for (s, (sock_ready, mon_ready)) in self.sockets.iter().zip(ready) {
+            for (s, (sock_ready, mon_ready)) in self.sockets.iter_mut().zip(ready) {
                 if mon_ready && let Some(m) = &s.monitor {
                     while let Ok(frames) = m.recv_multipart(zmq::DONTWAIT) {
                         let event = frames
                             .first()
                             .filter(|f| f.len() >= 2)
                             .map(|f| u16::from_le_bytes([f[0], f[1]]));
-                        if event == Some(EVENT_DISCONNECTED)
-                            && let Consumer::Connected(tx) = &s.consumer
-                        {
-                            let _ = tx.try_send(SubEvent::Disconnected);
+                        match event {
+                            Some(EVENT_HANDSHAKE_SUCCEEDED) => {
+                                self.stats.handshakes.fetch_add(1, Ordering::Relaxed);
+                                if let Some(r) = s.redial.as_mut() {
+                                    r.due = None;
+                                }
+                            }
+                            Some(EVENT_DISCONNECTED) => {
+                                self.stats.peer_disconnects.fetch_add(1, Ordering::Relaxed);
+                                if let Consumer::Connected(tx) = &s.consumer {
+                                    let _ = tx.try_send(SubEvent::Disconnected);
+                                }
+                                if let Some(r) = s.redial.as_mut() {
+                                    r.due = Some(Instant::now() + r.backoff);
+                                    r.backoff = (r.backoff * 2)
+                                        .min(Duration::from_millis(RECONNECT_IVL_MAX_MS as u64));
+                                }
+                            }
+                            _ => {}
                         }
                     }
                 }
@@ -403,6 +527,9 @@ impl Reactor {
                         }
                     };
                     self.stats.messages.fetch_add(1, Ordering::Relaxed);
+                    if let Some(r) = s.redial.as_mut() {
+                        r.backoff = Duration::from_millis(RECONNECT_IVL_MS as u64);
+                    }
                     match &s.consumer {
                         Consumer::Connected(tx) => {
                             if tx.try_send(SubEvent::Message(frames)).is_err() {
