@@ -399,7 +399,7 @@ impl Epp {
             }
         });
         let s = stop.clone();
-        let app = metrics_router(control.clone(), metrics.clone());
+        let app = metrics_router(control.clone());
         tasks.spawn(async move {
             if let Err(e) = axum::serve(Acceptor::new(prom), app)
                 .with_graceful_shutdown(s.cancelled_owned())
@@ -462,26 +462,8 @@ fn tls_identity(
     }
 }
 
-fn metrics_router(control: Arc<Control>, metrics: Arc<EppMetrics>) -> axum::Router {
-    use axum::routing::get;
-    axum::Router::new()
-        .route(
-            "/metrics",
-            get(move || {
-                let (control, metrics) = (control.clone(), metrics.clone());
-                async move {
-                    control.refresh_gauges();
-                    (
-                        [(
-                            axum::http::header::CONTENT_TYPE,
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        )],
-                        metrics.encode(),
-                    )
-                }
-            }),
-        )
-        .route("/health", get(|| async { "ok" }))
+fn metrics_router(control: Arc<Control>) -> axum::Router {
+    kvgate_runtime::metrics::router(control).route("/health", axum::routing::get(|| async { "ok" }))
 }
 
 /// Runs `kvgate epp` until ctrl-c.

@@ -1,7 +1,8 @@
 //! The picker's Prometheus metrics: the gateway's set (`kvgate_gateway_*`: requests, decisions,
 //! TTFT/TPOT, usage, signal ages, in-flight), recorded with the same meaning, plus what only an
 //! ext_proc server has (`kvgate_epp_*`: streams, immediate responses, the time spent deciding).
-//! Both are served as one OpenMetrics document on the metrics port.
+//! Both are registered in one registry and served as one OpenMetrics document on the metrics
+//! port by the runtime's `/metrics` handler, the one `kvgate serve` uses.
 
 use std::sync::Arc;
 
@@ -9,7 +10,6 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
-use prometheus_client::registry::Registry;
 
 use kvgate_runtime::metrics::GatewayMetrics;
 
@@ -28,7 +28,6 @@ fn decision_buckets() -> impl Iterator<Item = f64> {
 
 /// Every metric the picker exports.
 pub struct EppMetrics {
-    registry: Registry,
     /// The gateway's metrics, shared with [`kvgate_runtime::control::Control`].
     pub gateway: Arc<GatewayMetrics>,
     /// ext_proc streams opened by Envoy.
@@ -52,30 +51,31 @@ impl Default for EppMetrics {
 }
 
 impl EppMetrics {
-    /// A registry with the picker's own metrics under `kvgate_epp`, beside the gateway's.
+    /// The gateway's metric set with the picker's own registered beside it, under `kvgate_epp`.
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("kvgate_epp");
         let streams = Counter::default();
         let immediate_responses = Family::<StatusLabels, Counter>::default();
         let decision_seconds = Histogram::new(decision_buckets());
-        registry.register(
-            "streams",
-            "ext_proc streams opened by Envoy",
-            streams.clone(),
-        );
-        registry.register(
-            "immediate_responses",
-            "Requests answered by the picker (errors, no endpoint, shed), by HTTP status",
-            immediate_responses.clone(),
-        );
-        registry.register(
-            "decision_seconds",
-            "Time from the end of the request body to the routing answer",
-            decision_seconds.clone(),
-        );
+        let gateway = GatewayMetrics::with_extra(|root| {
+            let registry = root.sub_registry_with_prefix("kvgate_epp");
+            registry.register(
+                "streams",
+                "ext_proc streams opened by Envoy",
+                streams.clone(),
+            );
+            registry.register(
+                "immediate_responses",
+                "Requests answered by the picker (errors, no endpoint, shed), by HTTP status",
+                immediate_responses.clone(),
+            );
+            registry.register(
+                "decision_seconds",
+                "Time from the end of the request body to the routing answer",
+                decision_seconds.clone(),
+            );
+        });
         Self {
-            registry,
-            gateway: Arc::new(GatewayMetrics::new()),
+            gateway: Arc::new(gateway),
             streams,
             immediate_responses,
             decision_seconds,
@@ -84,14 +84,6 @@ impl EppMetrics {
 
     /// Both metric sets as one OpenMetrics text document.
     pub fn encode(&self) -> String {
-        let mut out = self.gateway.encode();
-        // Each encoder ends its document with `# EOF`; keep only the last one.
-        if let Some(stripped) = out.strip_suffix("# EOF\n") {
-            out.truncate(stripped.len());
-        }
-        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
-            tracing::warn!("cannot encode the picker's metrics");
-        }
-        out
+        self.gateway.encode()
     }
 }

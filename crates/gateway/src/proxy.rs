@@ -164,14 +164,15 @@ pub fn api_router(app: Arc<App>) -> axum::Router {
         .with_state(app)
 }
 
-/// The admin router: `/metrics`, `/health`, `/ready`.
+/// The admin router: `/metrics` (the runtime's), `/health`, `/ready`.
 pub fn admin_router(app: Arc<App>) -> axum::Router {
     use axum::routing::get;
+    let control = app.control.clone();
     axum::Router::new()
-        .route("/metrics", get(metrics))
         .route("/health", get(|| async { StatusCode::OK }))
         .route("/ready", get(ready))
         .with_state(app)
+        .merge(kvgate_runtime::metrics::router(control))
 }
 
 async fn ready(State(app): State<Arc<App>>) -> Response {
@@ -184,18 +185,6 @@ async fn ready(State(app): State<Arc<App>>) -> Response {
         )
             .into_response()
     }
-}
-
-async fn metrics(State(app): State<Arc<App>>) -> Response {
-    app.control.refresh_gauges();
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        app.metrics.encode(),
-    )
-        .into_response()
 }
 
 fn count(metrics: &GatewayMetrics, api: &'static str, status: StatusCode) {

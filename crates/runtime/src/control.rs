@@ -1055,13 +1055,11 @@ impl Control {
         endpoint: EndpointId,
     ) -> Option<Target> {
         let target = self.target(endpoint)?;
-        let mut d = prior.clone();
-        d.primary = endpoint;
-        d.fallbacks.clear();
-        d.matched_blocks = 0;
-        d.precise_matched_blocks = None;
-        d.predicted_ttft_us = None;
-        self.lock().router.book(self.now_us(), req, &d);
+        let now = self.now_us();
+        let mut st = self.lock();
+        // The fallback's own matches and booking plan, priced by the core (not the primary's).
+        let d = st.router.decision_for(now, req, endpoint, prior.reason)?;
+        st.router.book(now, req, &d);
         Some(target)
     }
 

@@ -1,10 +1,17 @@
-//! The gateway's own Prometheus metrics (served on the admin port), kept separate from the
-//! engines' metrics it scrapes.
+//! The data plane's own Prometheus metrics, kept separate from the engines' metrics it scrapes,
+//! and the one `/metrics` handler both data planes serve them with ([`router`]).
 //!
 //! Everything here is an atomic counter, gauge or histogram from `prometheus-client`, updated on
 //! the request path without locks; per-endpoint signal ages are computed when `/metrics` is
-//! rendered, so they are exact at scrape time rather than as of the last request.
+//! rendered, so they are exact at scrape time rather than as of the last request. The series are
+//! named `kvgate_gateway_*` whichever data plane exports them (dashboards and alerts query one
+//! name); a data plane adds its own under its own prefix ([`GatewayMetrics::with_extra`]), in
+//! the same OpenMetrics document.
 
+use std::sync::Arc;
+
+use axum::http::header;
+use axum::response::IntoResponse;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -154,9 +161,17 @@ impl Default for GatewayMetrics {
 }
 
 impl GatewayMetrics {
-    /// A registry with every metric registered under the `kvgate_gateway` prefix.
+    /// Every metric registered under the `kvgate_gateway` prefix.
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("kvgate_gateway");
+        Self::with_extra(|_| {})
+    }
+
+    /// Every metric under `kvgate_gateway`, plus what `extra` registers in the same document (a
+    /// data plane's own metrics, under its own prefix via `sub_registry_with_prefix`).
+    pub fn with_extra(extra: impl FnOnce(&mut Registry)) -> Self {
+        let mut root = Registry::default();
+        extra(&mut root);
+        let registry = root.sub_registry_with_prefix("kvgate_gateway");
         let requests = Family::<RequestLabels, Counter>::default();
         let decisions = Family::<DecisionLabels, Counter>::default();
         let ttft_seconds = Family::<EndpointLabels, Histogram>::new_with_constructor(|| {
@@ -264,7 +279,7 @@ impl GatewayMetrics {
             client_cancellations.clone(),
         );
         Self {
-            registry,
+            registry: root,
             requests,
             decisions,
             ttft_seconds,
@@ -306,6 +321,29 @@ impl GatewayMetrics {
     }
 }
 
+/// Content type of the rendered document.
+pub const OPENMETRICS_CONTENT_TYPE: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// `GET /metrics` for either data plane: refreshes the gauges read at scrape time (signal ages,
+/// in-flight, index sizes) and renders every metric of `control`.
+pub fn router(control: Arc<crate::control::Control>) -> axum::Router {
+    axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let control = control.clone();
+            async move {
+                control.refresh_gauges();
+                (
+                    [(header::CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE)],
+                    control.metrics.encode(),
+                )
+                    .into_response()
+            }
+        }),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -330,5 +368,27 @@ mod tests {
                 r#"kvgate_gateway_decisions_total{endpoint="a:1",reason="prefix_hit"} 1"#
             )
         );
+    }
+
+    #[test]
+    fn extra_metrics_share_the_document_and_its_single_eof() {
+        let extra = Counter::<u64>::default();
+        let m = GatewayMetrics::with_extra(|root| {
+            root.sub_registry_with_prefix("kvgate_epp").register(
+                "streams",
+                "Streams",
+                extra.clone(),
+            );
+        });
+        extra.inc();
+        m.observe_usage(10, 5);
+        let text = m.encode();
+        assert!(text.contains("kvgate_epp_streams_total 1"), "{text}");
+        assert!(
+            text.contains("kvgate_gateway_prompt_tokens_total 10"),
+            "{text}"
+        );
+        assert_eq!(text.matches("# EOF").count(), 1, "{text}");
+        assert!(text.ends_with("# EOF\n"));
     }
 }
