@@ -154,7 +154,16 @@ fn validate(python: &Path, files: &[PathBuf], crd: &Path) -> Vec<Value> {
         .collect()
 }
 
-fn temp_dir(name: &str) -> PathBuf {
+/// A temp dir removed on drop, panics included.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn temp_dir(name: &str) -> TempDir {
     static N: AtomicU32 = AtomicU32::new(0);
     let dir = std::env::temp_dir().join(format!(
         "kvgate-{name}-{}-{}",
@@ -162,7 +171,7 @@ fn temp_dir(name: &str) -> PathBuf {
         N.fetch_add(1, Ordering::Relaxed)
     ));
     std::fs::create_dir_all(&dir).expect("temp dir");
-    dir
+    TempDir(dir)
 }
 
 #[test]
@@ -203,14 +212,14 @@ fn every_manifest_validates_against_the_kubernetes_schemas_and_the_inferencepool
     // The same validators reject broken copies: a misspelt Deployment field (strict mode), and
     // an InferencePool without its required targetPorts.
     let dir = temp_dir("manifests-broken");
-    let broken = dir.join("broken.yaml");
+    let broken = dir.0.join("broken.yaml");
     std::fs::write(
         &broken,
         "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: x}\nspec:\n  replica: 1\n  selector: {matchLabels: {a: b}}\n  template:\n    metadata: {labels: {a: b}}\n    spec: {containers: [{name: c, image: i}]}\n---\napiVersion: inference.networking.k8s.io/v1\nkind: InferencePool\nmetadata: {name: p}\nspec:\n  selector: {matchLabels: {a: b}}\n  endpointPickerRef: {name: e, port: {number: 9002}}\n",
     )
     .unwrap();
     let results = validate(&python, &[broken], &crd_file());
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(dir);
     assert_eq!(results.len(), 2, "{results:#?}");
     assert!(
         results
@@ -614,13 +623,14 @@ async fn status(url: &str) -> u16 {
 #[tokio::test]
 async fn the_binary_runs_the_manifests_args_and_config_and_answers_the_probes() {
     let objs = objects();
-    let dir = temp_dir("manifests-run");
+    let tmp = temp_dir("manifests-run");
+    let dir = tmp.0.as_path();
 
     // kvgate serve: starts with the manifest's args and ConfigMap; the liveness probe's path
     // answers 200 and the readiness probe's path answers (503 here: the vLLM pods it lists do
     // not exist) on the port each probe names.
     let serve = find(&objs, "Deployment", "kvgate-serve");
-    let Local { args, env, ports } = localize(&objs, serve, &dir, &["--port", "--admin-port"]);
+    let Local { args, env, ports } = localize(&objs, serve, dir, &["--port", "--admin-port"]);
     let mut p = Kvgate::start(&args, &env);
     let line = p.listening(&args);
     let by_port: BTreeMap<u64, SocketAddr> = [
@@ -655,7 +665,7 @@ async fn the_binary_runs_the_manifests_args_and_config_and_answers_the_probes() 
     } = localize(
         &objs,
         epp,
-        &dir,
+        dir,
         &["--grpc-port", "--grpc-health-port", "--metrics-port"],
     );
     let kubeconfig = dir.join("kubeconfig");
@@ -688,5 +698,4 @@ async fn the_binary_runs_the_manifests_args_and_config_and_answers_the_probes() 
     let metrics = addr(&line, "metrics_addr");
     assert_eq!(status(&format!("http://{metrics}/metrics")).await, 200);
     drop(p);
-    let _ = std::fs::remove_dir_all(&dir);
 }
