@@ -346,6 +346,15 @@ fn offset_endpoint(ep: &str, i: usize) -> String {
     format!("{ep}_dp{i}")
 }
 
+/// Default of `--shutdown-accept-grace-ms`. The simulator stands in for engine pods in tests
+/// and benchmarks, where nobody waits for a load balancer to notice; one second still shows
+/// a router the 503 before the listener goes.
+pub const DEFAULT_SHUTDOWN_ACCEPT_GRACE_MS: u64 = 1_000;
+
+/// Default of `--shutdown-drain-timeout-ms`: long enough for a simulated stream of a few
+/// thousand tokens, short enough that ctrl-c on a wedged fleet returns promptly.
+pub const DEFAULT_SHUTDOWN_DRAIN_TIMEOUT_MS: u64 = 30_000;
+
 /// Flags of `kvgate sim`.
 #[derive(Clone, Debug, clap::Args)]
 pub struct SimArgs {
@@ -432,6 +441,14 @@ pub struct SimArgs {
     /// Print one JSON line with every engine's addresses instead of human-readable lines.
     #[arg(long)]
     pub print_json: bool,
+    /// On SIGTERM or ctrl-c: how long every engine keeps accepting (with `/health` already
+    /// 503, so load balancers stop sending) before it closes its listener, ms.
+    #[arg(long, default_value_t = DEFAULT_SHUTDOWN_ACCEPT_GRACE_MS)]
+    pub shutdown_accept_grace_ms: u64,
+    /// After the grace period: how long in-flight requests get to finish before they are
+    /// cut, ms.
+    #[arg(long, default_value_t = DEFAULT_SHUTDOWN_DRAIN_TIMEOUT_MS)]
+    pub shutdown_drain_timeout_ms: u64,
     /// Seed of the fault-injection draws.
     #[arg(long, default_value_t = 0)]
     pub fault_seed: u64,

@@ -2,13 +2,14 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto::Builder;
+use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use kvgate_engine::{Engine, EngineStats, HashAlgo};
 use tokio::net::TcpListener;
@@ -47,6 +48,10 @@ pub struct EngineInfo {
 
 struct EngineHandle {
     stop: CancellationToken,
+    /// Cancelled to stop accepting and let connections finish (a graceful stop).
+    close: CancellationToken,
+    /// Cancelled by the HTTP server once its listener and every connection are gone.
+    http_closed: CancellationToken,
     shared: Arc<EngineShared>,
     tasks: tokio::sync::Mutex<Vec<JoinHandle<()>>>,
     /// The KV-event socket threads; they end within `kv::STOP_POLL` of `stop`.
@@ -139,6 +144,28 @@ impl Fleet {
             })
             .collect();
         serde_json::json!({ "engines": engines })
+    }
+
+    /// Stops every engine gracefully, as a pod being terminated: `/health` answers 503 at
+    /// once, listeners keep accepting for `accept_grace`, then close, and requests in flight
+    /// get up to `drain_timeout` to finish before whatever is left is cut. Returns whether
+    /// every connection finished in time.
+    pub async fn drain(self, accept_grace: Duration, drain_timeout: Duration) -> bool {
+        for h in &self.handles {
+            h.shared.draining.store(true, Ordering::Relaxed);
+        }
+        tokio::time::sleep(accept_grace).await;
+        for h in &self.handles {
+            h.close.cancel();
+        }
+        let closed = futures::future::join_all(
+            self.handles
+                .iter()
+                .map(|h| h.http_closed.clone().cancelled_owned()),
+        );
+        let drained = tokio::time::timeout(drain_timeout, closed).await.is_ok();
+        self.shutdown().await;
+        drained
     }
 
     /// Stops every engine and waits until all their sockets are closed.
@@ -238,6 +265,7 @@ async fn start_engine(
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
         crash: stop.clone(),
+        draining: AtomicBool::new(false),
         words,
     });
 
@@ -266,10 +294,14 @@ async fn start_engine(
             return Err(SimError::SpawnThread { source });
         }
     };
+    let close = CancellationToken::new();
+    let http_closed = CancellationToken::new();
     tasks.push(tokio::spawn(serve_http(
         listener,
         http::router(shared.clone()),
         stop.clone(),
+        close.clone(),
+        http_closed.clone(),
     )));
     if let Some(t) = spec
         .faults
@@ -294,6 +326,8 @@ async fn start_engine(
     };
     let handle = EngineHandle {
         stop,
+        close,
+        http_closed,
         shared,
         tasks: tokio::sync::Mutex::new(tasks),
         threads: std::sync::Mutex::new(threads),
@@ -301,14 +335,25 @@ async fn start_engine(
     Ok((info, handle))
 }
 
-/// Accepts connections until `stop` fires, then drops the listener and every connection task,
-/// cutting in-flight responses as a crashed process would.
-async fn serve_http(listener: TcpListener, app: axum::Router, stop: CancellationToken) {
+/// Accepts connections until `stop` or `close` fires. On `stop` it drops the listener and every
+/// connection task, cutting in-flight responses as a crashed process would. On `close` it drops
+/// the listener and lets each connection finish the response in flight (keep-alive connections
+/// close after it) until they are all done or `stop` fires. Cancels `closed` when it returns.
+async fn serve_http(
+    listener: TcpListener,
+    app: axum::Router,
+    stop: CancellationToken,
+    close: CancellationToken,
+    closed: CancellationToken,
+) {
+    let _closed = closed.drop_guard();
+    let graceful = GracefulShutdown::new();
     let mut conns = JoinSet::new();
-    loop {
+    let graceful_stop = loop {
         tokio::select! {
             biased;
-            () = stop.cancelled() => break,
+            () = stop.cancelled() => break false,
+            () = close.cancelled() => break true,
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
             accepted = listener.accept() => {
                 let Ok((sock, _)) = accepted else {
@@ -318,14 +363,21 @@ async fn serve_http(listener: TcpListener, app: axum::Router, stop: Cancellation
                 };
                 let _ = sock.set_nodelay(true);
                 let svc = TowerToHyperService::new(app.clone());
+                let watcher = graceful.watcher();
                 conns.spawn(async move {
-                    let _ = Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(sock), svc)
-                        .await;
+                    let builder = Builder::new(TokioExecutor::new());
+                    let conn = builder.serve_connection(TokioIo::new(sock), svc);
+                    let _ = watcher.watch(conn).await;
                 });
             }
         }
-    }
+    };
     drop(listener);
+    if graceful_stop {
+        tokio::select! {
+            () = graceful.shutdown() => {}
+            () = stop.cancelled() => {}
+        }
+    }
     conns.shutdown().await;
 }

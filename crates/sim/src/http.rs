@@ -73,6 +73,8 @@ pub(crate) struct EngineShared {
     pub started: Instant,
     pub created_unix_s: u64,
     pub crash: CancellationToken,
+    /// Set when a graceful stop begins: `/health` answers 503 from then on.
+    pub draining: std::sync::atomic::AtomicBool,
     pub words: Arc<HashMap<u32, String>>,
 }
 
@@ -865,7 +867,7 @@ async fn reset_prefix_cache(
 }
 
 async fn health(State(s): State<Shared>) -> Response {
-    if s.starting() {
+    if s.starting() || s.draining.load(std::sync::atomic::Ordering::Relaxed) {
         StatusCode::SERVICE_UNAVAILABLE.into_response()
     } else {
         StatusCode::OK.into_response()

@@ -37,6 +37,11 @@
 //!   engines apart by topic (`kv@<host>:<http port>@<model>` by default), and the replay
 //!   ROUTERs bind `kv_replay_port + i` (default `zmq_port + i`). A base port of 0 gives every
 //!   socket an ephemeral port.
+//! - **Stopping.** SIGTERM (what Kubernetes, systemd and docker send) and ctrl-c both stop the
+//!   fleet as a terminating pod should: `/health` answers 503 at once, listeners keep accepting
+//!   for `--shutdown-accept-grace-ms` so a router or load balancer notices, then close, and
+//!   streams in flight get `--shutdown-drain-timeout-ms` to finish; then the process exits 0.
+//!   [`Fleet::kill`] and crash faults stay abrupt on purpose.
 //! - **Output text.** Generated token ids come from `kvgate_engine::default_output_vocab()`; each
 //!   maps to one word of `default_output_words()`, a single built-in-tokenizer token, so
 //!   re-tokenizing the output text reproduces the ids.
@@ -163,12 +168,13 @@ pub enum SimError {
         /// Engine index.
         index: usize,
     },
-    /// Waiting for ctrl-c failed.
-    #[error("cannot listen for ctrl-c")]
+    /// Waiting for ctrl-c or SIGTERM failed.
+    #[error("cannot listen for ctrl-c or SIGTERM")]
     Signal(#[source] std::io::Error),
 }
 
-/// Runs `kvgate sim`: starts the fleet, prints every engine's addresses, serves until ctrl-c.
+/// Runs `kvgate sim`: starts the fleet, prints every engine's addresses, serves until SIGTERM
+/// or ctrl-c, then drains (see the crate docs).
 pub async fn run(args: SimArgs) -> Result<(), SimError> {
     let cfg = args.to_fleet_config()?;
     let fleet = start_fleet(cfg).await?;
@@ -186,7 +192,40 @@ pub async fn run(args: SimArgs) -> Result<(), SimError> {
             );
         }
     }
-    tokio::signal::ctrl_c().await.map_err(SimError::Signal)?;
-    fleet.shutdown().await;
+    let signal = shutdown_signal().await?;
+    let grace = std::time::Duration::from_millis(args.shutdown_accept_grace_ms);
+    let timeout = std::time::Duration::from_millis(args.shutdown_drain_timeout_ms);
+    tracing::info!(
+        signal,
+        accept_grace_ms = args.shutdown_accept_grace_ms,
+        drain_timeout_ms = args.shutdown_drain_timeout_ms,
+        "shutting down: /health is 503 now; still accepting during the grace period"
+    );
+    if fleet.drain(grace, timeout).await {
+        tracing::info!("every engine drained; exiting");
+    } else {
+        tracing::warn!(
+            drain_timeout_ms = args.shutdown_drain_timeout_ms,
+            "requests still in flight after the drain timeout were cut"
+        );
+    }
     Ok(())
+}
+
+/// Waits for SIGTERM or ctrl-c (SIGINT); returns which arrived.
+async fn shutdown_signal() -> Result<&'static str, SimError> {
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(SimError::Signal)?;
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r.map(|()| "ctrl-c").map_err(SimError::Signal),
+            _ = term.recv() => Ok("SIGTERM"),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        tokio::signal::ctrl_c().await.map_err(SimError::Signal)?;
+        Ok("ctrl-c")
+    }
 }
