@@ -195,6 +195,17 @@ pub struct Tuning {
     pub calibration_min_factor: f64,
     /// Upper clamp of calibrated speed factors. 5.0: beyond that the prior is wrong, not slow.
     pub calibration_max_factor: f64,
+    /// Calibration evidence younger than this counts in full, µs. 100 ms: one default scrape
+    /// interval; a served endpoint sees first tokens far more often, so under traffic its
+    /// factor is the plain EWMA.
+    pub calibration_hold_us: u64,
+    /// Half-life of older calibration evidence, µs: the factor's log deviation from the prior
+    /// halves every half-life once the hold is over; `None` keeps evidence forever (the
+    /// behaviour that starved a stalled pod, issue 10.2). 100 ms: from the 5× clamp back to
+    /// within 5% of the prior in five half-lives, so a pod that stalled for t seconds has its
+    /// normal share back about `t + hold + 0.5 s` after the stall began (plus the time to
+    /// drain what queued on it). This knob and `calibration_hold_us` set the recovery time.
+    pub calibration_half_life_us: Option<u64>,
     /// Base penalty after a failure, µs (doubles per consecutive failure). 1 s.
     pub failure_penalty_us: u64,
     /// Maximum penalty, µs. 30 s: long enough to ride out a restart, short enough to re-probe.
@@ -238,6 +249,8 @@ impl Default for Tuning {
             calibration_alpha: 0.1,
             calibration_min_factor: 0.2,
             calibration_max_factor: 5.0,
+            calibration_hold_us: 100_000,
+            calibration_half_life_us: Some(100_000),
             failure_penalty_us: 1_000_000,
             max_failure_penalty_us: 30_000_000,
             scrape_failure_limit: 3,

@@ -26,6 +26,20 @@
 //! compares the observed TTFT with the prediction made at booking (at speed 1) and updates an
 //! EWMA *speed factor*; each finish with a measured TPOT does the same for decode. Factors are
 //! clamped so one outlier (a stalled stream) cannot swing routing.
+//!
+//! **Evidence ages** ([`SpeedFactor`]). A factor is only refreshed when its endpoint serves a
+//! request, and a slow factor stops the endpoint from being chosen: a pod that stalled for half a
+//! second learnt "5× slow" from the requests caught in the stall, then got no request — and so no
+//! evidence — for as long as the router ran (issue 10.2: 0 of ~3,400 requests in the next 50 s).
+//! So, like every other signal, a factor is trusted according to its age: while evidence is
+//! younger than [`crate::Tuning::calibration_hold_us`] it counts in full; after that its log
+//! deviation from the prior (1) halves every [`crate::Tuning::calibration_half_life_us`], and
+//! the first observation after a silence starts from that decayed value with a gain of at least
+//! `1 − freshness` (stale evidence weighs little against a new observation). Under steady
+//! traffic (observations closer than the hold) this is exactly the EWMA above; a stalled pod is
+//! back near its prior `hold + ~5 half-lives` after its last slow first token (0.6 s with the
+//! defaults, from the 5× clamp to within 5%) and then recalibrates from what it really does; a
+//! pod that is consistently slow is re-learnt by the first request after each silence.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -106,16 +120,73 @@ pub(crate) struct EndpointLoad {
     at_sample_blocks: u64,
     recent_finished: VecDeque<Finished>,
     pub mean_prompt_tokens: f64,
-    pub prefill_speed: f64,
-    pub decode_speed: f64,
+    pub prefill_speed: SpeedFactor,
+    pub decode_speed: SpeedFactor,
 }
 
-/// EWMA and clamp settings of calibration.
+/// EWMA, clamp and ageing settings of calibration.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct CalibrationParams {
     pub alpha: f64,
     pub min_factor: f64,
     pub max_factor: f64,
+    /// Evidence younger than this counts in full, µs.
+    pub hold_us: u64,
+    /// Half-life of older evidence's deviation from the prior, µs; `None`: it never ages.
+    pub half_life_us: Option<u64>,
+}
+
+/// A calibrated speed factor whose evidence ages (see the module docs): the value routing uses
+/// is the last EWMA value, pulled back toward the prior (1) as its evidence gets old.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct SpeedFactor {
+    value: f64,
+    observed_at_us: Option<u64>,
+}
+
+impl SpeedFactor {
+    /// The hardware prior, with no evidence yet.
+    pub const PRIOR: Self = Self {
+        value: 1.0,
+        observed_at_us: None,
+    };
+
+    /// How much the evidence still counts at `now_us`, in `[0, 1]`.
+    fn freshness(&self, now_us: u64, p: CalibrationParams) -> f64 {
+        let (Some(at), Some(half_life)) = (self.observed_at_us, p.half_life_us) else {
+            return 1.0;
+        };
+        let idle = now_us.saturating_sub(at).saturating_sub(p.hold_us);
+        match (idle, half_life) {
+            (0, _) => 1.0,
+            (_, 0) => 0.0,
+            _ => 0.5f64.powf(idle as f64 / half_life as f64),
+        }
+    }
+
+    /// The factor to route with at `now_us`.
+    pub fn at(&self, now_us: u64, p: CalibrationParams) -> f64 {
+        let k = self.freshness(now_us, p);
+        if k >= 1.0 {
+            self.value
+        } else {
+            (self.value.ln() * k).exp()
+        }
+    }
+
+    /// One observation at `now_us` of `observed` against the speed-1 `predicted`.
+    pub fn observe(&mut self, now_us: u64, observed: f64, predicted: f64, p: CalibrationParams) {
+        let k = self.freshness(now_us, p);
+        let mut value = self.at(now_us, p);
+        let gain = CalibrationParams {
+            alpha: p.alpha.max(1.0 - k),
+            ..p
+        };
+        if EndpointLoad::calibrate(&mut value, observed, predicted, gain) {
+            self.value = value;
+            self.observed_at_us = Some(now_us);
+        }
+    }
 }
 
 impl EndpointLoad {
@@ -132,8 +203,8 @@ impl EndpointLoad {
             at_sample_blocks: 0,
             recent_finished: VecDeque::new(),
             mean_prompt_tokens: default_prompt_tokens,
-            prefill_speed: 1.0,
-            decode_speed: 1.0,
+            prefill_speed: SpeedFactor::PRIOR,
+            decode_speed: SpeedFactor::PRIOR,
         }
     }
 
@@ -232,11 +303,21 @@ impl EndpointLoad {
         Some(b)
     }
 
-    pub fn calibrate(factor: &mut f64, observed: f64, predicted: f64, p: CalibrationParams) {
+    /// One EWMA step of `factor` toward `observed / predicted` (clamped); returns whether the
+    /// observation was usable (both positive and finite).
+    pub fn calibrate(
+        factor: &mut f64,
+        observed: f64,
+        predicted: f64,
+        p: CalibrationParams,
+    ) -> bool {
         if observed > 0.0 && predicted > 0.0 && observed.is_finite() && predicted.is_finite() {
             let r = (observed / predicted).clamp(p.min_factor, p.max_factor);
             *factor += p.alpha * (r - *factor);
             *factor = factor.clamp(p.min_factor, p.max_factor);
+            true
+        } else {
+            false
         }
     }
 
@@ -460,6 +541,8 @@ mod tests {
             alpha: 0.5,
             min_factor: 0.2,
             max_factor: 5.0,
+            hold_us: 0,
+            half_life_us: None,
         };
         let mut f = 1.0;
         EndpointLoad::calibrate(&mut f, 2000.0, 1000.0, p);
@@ -470,5 +553,45 @@ mod tests {
         assert!((f - 5.0).abs() < 1e-9);
         EndpointLoad::calibrate(&mut f, f64::NAN, 1.0, p);
         assert!((f - 5.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn speed_factor_evidence_ages_toward_the_prior() {
+        let p = CalibrationParams {
+            alpha: 0.1,
+            min_factor: 0.2,
+            max_factor: 5.0,
+            hold_us: 100,
+            half_life_us: Some(100),
+        };
+        let mut f = SpeedFactor::PRIOR;
+        assert_eq!(f.at(1_000_000, p), 1.0);
+        // A burst of slow first tokens (a stall): the EWMA climbs as before.
+        for t in 0..30 {
+            f.observe(1_000 + t, 50_000.0, 1_000.0, p);
+        }
+        let slow = f.at(1_029, p);
+        assert!(slow > 4.0, "{slow}");
+        // Fresh within the hold, then the log deviation halves every half-life.
+        assert_eq!(f.at(1_129, p), slow);
+        let one = f.at(1_229, p);
+        assert!((one - slow.sqrt()).abs() < 1e-9, "{one}");
+        assert!(f.at(1_829, p) < 1.05);
+        // After a silence, a normal observation outweighs the stale evidence.
+        f.observe(2_000, 1_000.0, 1_000.0, p);
+        assert!((f.at(2_000, p) - 1.0).abs() < 0.01, "{}", f.at(2_000, p));
+        // Steady evidence keeps its value (the plain EWMA) and a consistently slow endpoint is
+        // re-learnt by its first observation after a silence.
+        let mut g = SpeedFactor::PRIOR;
+        g.observe(0, 3_000.0, 1_000.0, p);
+        assert!((g.at(0, p) - 1.2).abs() < 1e-9);
+        g.observe(10_000, 3_000.0, 1_000.0, p);
+        assert!((g.at(10_000, p) - 3.0).abs() < 1e-6);
+        // Without a half-life nothing ages.
+        let never = CalibrationParams {
+            half_life_us: None,
+            ..p
+        };
+        assert_eq!(g.at(u64::MAX, never), g.at(10_000, p));
     }
 }

@@ -798,6 +798,7 @@ impl Router {
         oracle: Option<&dyn OracleView>,
     ) -> Described<'a> {
         let t = &self.tuning;
+        let calibration = self.calibration();
         let prefix = needs.prefix.then(|| {
             self.index.longest_prefixes(&PrefixQuery {
                 chain: &req.keys.keys,
@@ -823,6 +824,7 @@ impl Router {
                 .unwrap_or(now_us.saturating_sub(e.added_at_us));
             max_age = max_age.max(age);
             let (own_prefill_tokens, own_kv_blocks) = e.load.own();
+            let prefill_speed = e.load.prefill_speed.at(now_us, calibration);
             let (matched_blocks, matched_gpu_blocks) = prefix
                 .as_ref()
                 .map_or((0, 0), |p| (p.blocks(id), p.gpu_blocks(id)));
@@ -839,7 +841,7 @@ impl Router {
                 cost::kvgate_cost(
                     &e.prior,
                     &estimate,
-                    e.load.prefill_speed,
+                    prefill_speed,
                     uncached,
                     new_blocks,
                     e.spec.relative_cost,
@@ -855,7 +857,7 @@ impl Router {
                 own_prefill_tokens,
                 own_kv_blocks,
                 prior: &e.prior,
-                prefill_speed: e.load.prefill_speed,
+                prefill_speed,
                 matched_blocks,
                 matched_gpu_blocks,
                 approx_matched_blocks: approx_prefix.as_ref().map_or(0, |p| p.blocks(id)),
@@ -1103,6 +1105,8 @@ impl Router {
             alpha: self.tuning.calibration_alpha,
             min_factor: self.tuning.calibration_min_factor,
             max_factor: self.tuning.calibration_max_factor,
+            hold_us: self.tuning.calibration_hold_us,
+            half_life_us: self.tuning.calibration_half_life_us,
         }
     }
 
@@ -1117,7 +1121,7 @@ impl Router {
         if let Some(e) = self.entry_mut(id)
             && let Some((obs, raw)) = e.load.first_token(req_id, now_us)
         {
-            EndpointLoad::calibrate(&mut e.load.prefill_speed, obs, raw, p);
+            e.load.prefill_speed.observe(now_us, obs, raw, p);
         }
     }
 
@@ -1151,7 +1155,7 @@ impl Router {
             if let Some(tpot) = outcome.tpot_us {
                 let est = e.load.estimate(now_us, e.prior.kv_capacity_blocks);
                 let raw = e.prior.decode_step_us(f64::from(est.running));
-                EndpointLoad::calibrate(&mut e.load.decode_speed, tpot as f64, raw, p);
+                e.load.decode_speed.observe(now_us, tpot as f64, raw, p);
             }
             // Judge the precise view only while its stream is complete: with a known gap it
             // is already distrusted, and its holes would read as the keys' fault.
@@ -1197,6 +1201,7 @@ impl Router {
     /// Every live endpoint (not gone), in address order, as of the latest time the router saw.
     pub fn endpoints(&self) -> impl Iterator<Item = EndpointView<'_>> {
         let now = self.clock_us;
+        let calibration = self.calibration();
         self.order.values().filter_map(move |&id| {
             let e = self.entry(id)?;
             Some(EndpointView {
@@ -1208,8 +1213,8 @@ impl Router {
                 last_kv_event_at_us: e.kv.last_event_at_us,
                 events_trusted: self.index.is_trusted(id),
                 estimate: e.load.estimate(now, e.prior.kv_capacity_blocks),
-                prefill_speed: e.load.prefill_speed,
-                decode_speed: e.load.decode_speed,
+                prefill_speed: e.load.prefill_speed.at(now, calibration),
+                decode_speed: e.load.decode_speed.at(now, calibration),
                 scrape_failures: e.scrape_failures,
                 penalised_until_us: e.penalised_until_us,
                 precise_blocks: self.index.precise_entries(id),

@@ -218,15 +218,23 @@ fn decisions_match_the_recorded_snapshot() {
     }
     let recorded =
         std::fs::read_to_string(FIXTURE).expect("fixture missing: run with KVGATE_BLESS=1");
-    assert_eq!(
-        recorded.lines().count(),
-        now.lines().count(),
-        "number of runs changed"
-    );
-    for ((a, b), (key, lines)) in recorded.lines().zip(now.lines()).zip(&runs) {
+    let key = |line: &str| line.rsplitn(3, ' ').nth(2).unwrap_or_default().to_string();
+    let now_by_key: std::collections::BTreeMap<String, &str> =
+        now.lines().map(|l| (key(l), l)).collect();
+    for want in recorded.lines() {
+        let k = key(want);
+        let got = now_by_key
+            .get(&k)
+            .unwrap_or_else(|| panic!("run `{k}` is recorded but no longer runs"));
+        let lines = &runs.iter().find(|(r, _)| *r == k).unwrap().1;
         assert_eq!(
-            a, b,
-            "decisions of run `{key}` changed (recorded vs now); its decisions now:\n{lines}"
+            want, *got,
+            "decisions of run `{k}` changed (recorded vs now); its decisions now:\n{lines}"
         );
+    }
+    // A policy added since the fixture was written is not pinned until it is blessed.
+    let recorded_keys: Vec<String> = recorded.lines().map(key).collect();
+    for k in now_by_key.keys().filter(|k| !recorded_keys.contains(k)) {
+        eprintln!("run `{k}` is not in the fixture yet (KVGATE_BLESS=1 pins it)");
     }
 }
