@@ -1,7 +1,6 @@
 //! The ext_proc state machine driven by a real tonic client over a socket, message by message as
 //! Envoy sends them in FULL_DUPLEX_STREAMED mode (no Envoy needed).
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue, Metadata};
@@ -9,13 +8,18 @@ use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::Ex
 use envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request as Req;
 use envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response as Resp;
 use envoy_types::pb::envoy::service::ext_proc::v3::{
-    CommonResponse, HttpBody, HttpHeaders, HttpTrailers, ProcessingRequest, ProcessingResponse,
-    body_mutation,
+    HttpHeaders, HttpTrailers, ProcessingRequest, ProcessingResponse, body_mutation,
 };
 use envoy_types::pb::google::protobuf::{ListValue, Struct, Value, value::Kind};
+#[path = "common/messages.rs"]
+mod messages;
+
 use kvgate_epp::extproc::BODY_CHUNK_BYTES;
 use kvgate_epp::{Epp, EppArgs};
 use kvgate_runtime::config::RoutingFlags;
+use messages::{
+    body, chat_body, chat_headers, destination_metadata, headers, immediate, resp_body, set_headers,
+};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
@@ -85,101 +89,6 @@ impl Stream {
             .expect("an answer within 5 s")
             .expect("stream ok")
             .expect("a message")
-    }
-}
-
-fn headers(pairs: &[(&str, &str)], eos: bool) -> Req {
-    Req::RequestHeaders(HttpHeaders {
-        headers: Some(HeaderMap {
-            headers: pairs
-                .iter()
-                .map(|(k, v)| HeaderValue {
-                    key: k.to_string(),
-                    raw_value: v.as_bytes().to_vec(),
-                    ..HeaderValue::default()
-                })
-                .collect(),
-        }),
-        end_of_stream: eos,
-        ..HttpHeaders::default()
-    })
-}
-
-fn chat_headers() -> Req {
-    headers(
-        &[
-            (":method", "POST"),
-            (":path", "/v1/chat/completions"),
-            ("content-type", "application/json"),
-        ],
-        false,
-    )
-}
-
-fn body(b: &[u8], eos: bool) -> Req {
-    Req::RequestBody(HttpBody {
-        body: b.to_vec(),
-        end_of_stream: eos,
-        ..HttpBody::default()
-    })
-}
-
-fn resp_body(b: &[u8], eos: bool) -> Req {
-    Req::ResponseBody(HttpBody {
-        body: b.to_vec(),
-        end_of_stream: eos,
-        ..HttpBody::default()
-    })
-}
-
-fn chat_body(content: &str) -> Vec<u8> {
-    serde_json::to_vec(&serde_json::json!({
-        "model": "m",
-        "messages": [{"role": "user", "content": content}],
-        "stream": true,
-        "stream_options": {"include_usage": true},
-        "max_tokens": 4,
-    }))
-    .unwrap()
-}
-
-fn set_headers(c: &CommonResponse) -> HashMap<String, String> {
-    c.header_mutation
-        .as_ref()
-        .map(|m| {
-            m.set_headers
-                .iter()
-                .filter_map(|h| h.header.as_ref())
-                .map(|h| {
-                    (
-                        h.key.clone(),
-                        String::from_utf8_lossy(&h.raw_value).into_owned(),
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-fn destination_metadata(r: &ProcessingResponse) -> Option<String> {
-    let lb = r
-        .dynamic_metadata
-        .as_ref()?
-        .fields
-        .get("envoy.lb")?
-        .kind
-        .as_ref()?;
-    let Kind::StructValue(s) = lb else {
-        return None;
-    };
-    match s
-        .fields
-        .get("x-gateway-destination-endpoint")?
-        .kind
-        .as_ref()?
-    {
-        Kind::StringValue(v) => Some(v.clone()),
-        _ => None,
     }
 }
 
@@ -309,22 +218,6 @@ async fn large_body_is_re_chunked_at_most_62000_bytes() {
     assert!(chunks.iter().all(|c| c.len() <= BODY_CHUNK_BYTES));
     assert_eq!(chunks.len(), b.len().div_ceil(BODY_CHUNK_BYTES));
     assert_eq!(chunks.concat(), b);
-}
-
-fn immediate(r: Resp) -> (u16, serde_json::Value, HashMap<String, String>) {
-    let Resp::ImmediateResponse(ir) = r else {
-        panic!("expected an immediate response, got {r:?}");
-    };
-    let status = u16::try_from(ir.status.expect("status").code).unwrap();
-    let hdrs = set_headers(&CommonResponse {
-        header_mutation: ir.headers,
-        ..CommonResponse::default()
-    });
-    (
-        status,
-        serde_json::from_slice(&ir.body).expect("JSON body"),
-        hdrs,
-    )
 }
 
 #[tokio::test]
