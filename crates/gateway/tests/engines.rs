@@ -264,3 +264,96 @@ async fn upstream_connections_are_counted_by_the_fake_engine() {
     })
     .await;
 }
+
+/// An address nothing listens on (connections are refused).
+async fn dead_address() -> String {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+async fn status_and_message(resp: reqwest::Response) -> (u16, String) {
+    let status = resp.status().as_u16();
+    let v: Value = resp.json().await.unwrap_or(Value::Null);
+    (
+        status,
+        v["error"]["message"].as_str().unwrap_or("").to_owned(),
+    )
+}
+
+async fn ready_status(gw: &Gateway) -> u16 {
+    client()
+        .get(format!("http://{}/ready", gw.admin_addr))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+#[tokio::test]
+async fn readiness_lies_with_model_given_and_every_endpoint_unreachable() {
+    let dead = dead_address().await;
+    let gw = gateway_for(&[&dead], |cfg| cfg.endpoints[0].models = vec![MODEL.into()]).await;
+    let control = gw.control.clone();
+    eventually(
+        "the endpoint is known unreachable",
+        Duration::from_secs(10),
+        || {
+            let c = control.clone();
+            async move { !c.unreachable_endpoints().is_empty() }
+        },
+    )
+    .await;
+    assert_eq!(
+        ready_status(&gw).await,
+        503,
+        "/ready means: can route a request now"
+    );
+}
+
+#[tokio::test]
+async fn unreachable_endpoints_make_an_unlisted_model_503_not_404() {
+    let live = FakeEngine::start(engine_handler(VLLM_METRICS)).await;
+    let dead = dead_address().await;
+    let gw = gateway_for(&[&live.address, &dead], |_| {}).await;
+    let control = gw.control.clone();
+    eventually(
+        "one reachable, one unreachable",
+        Duration::from_secs(10),
+        || {
+            let c = control.clone();
+            async move { c.reachable_endpoints() == 1 && c.unreachable_endpoints().len() == 1 }
+        },
+    )
+    .await;
+    assert_eq!(ready_status(&gw).await, 200, "one endpoint can serve");
+    assert_eq!(chat(&gw).await.status(), 200, "the listed model is served");
+    let r = client()
+        .post(format!("http://{}/v1/chat/completions", gw.api_addr))
+        .json(&json!({"model": "other", "messages": [{"role": "user", "content": "x"}]}))
+        .send()
+        .await
+        .unwrap();
+    let (status, message) = status_and_message(r).await;
+    assert_eq!(
+        status, 503,
+        "the unreachable endpoint may serve it: {message}"
+    );
+    assert!(message.contains(&dead), "{message}");
+
+    // With every configured endpoint reachable and none listing it, the model does not exist.
+    let gw2 = gateway_for(&[&live.address], |_| {}).await;
+    let control = gw2.control.clone();
+    eventually("reachable", Duration::from_secs(10), || {
+        let c = control.clone();
+        async move { c.reachable_endpoints() == 1 }
+    })
+    .await;
+    let r = client()
+        .post(format!("http://{}/v1/chat/completions", gw2.api_addr))
+        .json(&json!({"model": "other", "messages": [{"role": "user", "content": "x"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+}

@@ -517,11 +517,12 @@ async fn status_and_error(resp: reqwest::Response) -> (u16, Value) {
 
 #[tokio::test]
 async fn bad_inputs_get_openai_errors_with_the_right_status() {
-    let f = fleet(1, 50.0).await;
+    let f = fleet(2, 50.0).await;
     let mut eps = endpoints_of(&f, false);
     // An endpoint that serves a model only as a prefill pod: the model is known, nobody is
-    // eligible for an aggregated request → 503.
-    let mut prefill = endpoint("127.0.0.1:9".into());
+    // eligible for an aggregated request → 503. It is reachable (a live engine), so a model
+    // nobody lists is a plain 404.
+    let mut prefill = eps.pop().unwrap();
     prefill.models = vec!["prefill-only".into()];
     prefill.role = kvgate_core::Role::Prefill;
     eps.push(prefill);

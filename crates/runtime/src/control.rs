@@ -52,7 +52,7 @@ use kvgate_core::{ContractChange, KeyScope, RouteError, Router, RouterConfig, Se
 use kvgate_signals::clock::{Clock, MonotonicClock};
 use kvgate_signals::discover::{DISCOVER_TIMEOUT_MS, DiscoverError, EndpointFacts, discover};
 use kvgate_signals::observation::Observation;
-use kvgate_signals::scrape::{ScrapeConfig, spawn_scraper};
+use kvgate_signals::scrape::{ScrapeConfig, ScrapeError, spawn_scraper};
 use kvgate_signals::subscribe::{
     DEFAULT_REPLAY_TIMEOUT_MS, KvListener, KvSubscribeConfig, KvSubscriber, spawn_kv_subscriber,
 };
@@ -157,6 +157,58 @@ pub struct Member {
     cache_config: Mutex<Option<(Option<u32>, Option<String>)>>,
     /// Whether the missing `prompt_tokens_details` of its responses was already logged.
     warned_no_cached_tokens: std::sync::atomic::AtomicBool,
+    /// Whether its last scrape got an answer ([`Reachability`] as a `u8`).
+    reachability: std::sync::atomic::AtomicU8,
+}
+
+/// What the last scrape of an endpoint says about reaching it. Readiness and the answer to a
+/// request nobody reachable can serve are built on it (see [`Control::is_ready`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Reachability {
+    /// Not scraped yet.
+    Unknown = 0,
+    /// The last scrape got an HTTP answer (even an error status: the server is up).
+    Reachable = 1,
+    /// The last scrape could not connect, or got no answer within its timeout.
+    Unreachable = 2,
+}
+
+impl Reachability {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            1 => Self::Reachable,
+            2 => Self::Unreachable,
+            _ => Self::Unknown,
+        }
+    }
+}
+
+impl Member {
+    /// What its last scrape said.
+    pub fn reachability(&self) -> Reachability {
+        Reachability::from_u8(self.reachability.load(Ordering::Relaxed))
+    }
+
+    /// Records a scrape result; logs a change to or from unreachable (WARN when lost, so an
+    /// operator sees a dead address at once, INFO when back).
+    fn note_reachability(&self, now: Reachability, error: Option<&dyn std::fmt::Display>) {
+        let before = Reachability::from_u8(self.reachability.swap(now as u8, Ordering::Relaxed));
+        match (before, now) {
+            (b, Reachability::Unreachable) if b != Reachability::Unreachable => {
+                tracing::warn!(
+                    endpoint = %self.config.address,
+                    error = %error.map(ToString::to_string).unwrap_or_default(),
+                    "endpoint unreachable: its /metrics cannot be fetched (requests go to the \
+                     others; /ready is 503 while no endpoint is reachable)"
+                );
+            }
+            (Reachability::Unreachable, Reachability::Reachable) => {
+                tracing::info!(endpoint = %self.config.address, "endpoint reachable again");
+            }
+            _ => {}
+        }
+    }
 }
 
 impl Member {
@@ -289,6 +341,8 @@ pub struct Control {
     scrape_timeout_ms: u64,
     obs_tx: mpsc::Sender<Observation>,
     next_request_id: AtomicU64,
+    /// Set by [`Control::begin_shutdown`].
+    shutting_down: std::sync::atomic::AtomicBool,
     /// The gateway's metrics.
     pub metrics: Arc<GatewayMetrics>,
 }
@@ -351,6 +405,7 @@ impl Control {
             scrape_timeout_ms: cfg.scrape_timeout_ms,
             obs_tx,
             next_request_id: AtomicU64::new(1),
+            shutting_down: std::sync::atomic::AtomicBool::new(false),
             metrics,
         });
         tokio::spawn(Self::apply_observations(Arc::downgrade(&control), obs_rx));
@@ -432,6 +487,7 @@ impl Control {
                 kv: None,
                 cache_config: Mutex::new(None),
                 warned_no_cached_tokens: std::sync::atomic::AtomicBool::new(false),
+                reachability: std::sync::atomic::AtomicU8::new(Reachability::Unknown as u8),
             };
             member.id = st.router.add_endpoint(now, member.spec());
             member.tasks = self.spawn_signals(cfg);
@@ -715,6 +771,21 @@ impl Control {
                         Observation::Metrics { sample, .. } => {
                             member.last_metrics_us.store(now, Ordering::Relaxed);
                             member.note_cache_config(o.endpoint(), sample);
+                            member.note_reachability(Reachability::Reachable, None);
+                        }
+                        Observation::ScrapeFailed { error, .. } => {
+                            // Refused, reset or silent: unreachable. Any HTTP answer (an error
+                            // status, a page we cannot parse) means the server is up.
+                            let silent = matches!(
+                                error,
+                                ScrapeError::Timeout { .. } | ScrapeError::Transport { .. }
+                            );
+                            let now = if silent {
+                                Reachability::Unreachable
+                            } else {
+                                Reachability::Reachable
+                            };
+                            member.note_reachability(now, Some(error));
                         }
                         Observation::KvBatch { .. } => {
                             member.last_kv_us.store(now, Ordering::Relaxed)
@@ -834,19 +905,69 @@ impl Control {
         }
     }
 
-    /// Whether some endpoint is ready to serve: discovered (or configured with models) and not
-    /// draining.
+    /// Whether a request can be routed now (what `/ready` and the picker's gRPC health say):
+    /// not shutting down, and some endpoint knows its models, is not draining, and answered
+    /// its last scrape. Configured models alone do not make an endpoint ready: an address that
+    /// cannot be reached serves nobody.
     pub fn is_ready(&self) -> bool {
-        self.ready_endpoints() > 0
+        !self.shutting_down.load(Ordering::Acquire) && self.reachable_endpoints() > 0
     }
 
-    /// Number of endpoints that know their models and are not draining.
+    /// Marks the data plane as shutting down: [`Control::is_ready`] is false from now on, so
+    /// load balancers stop sending new work while in-flight requests finish.
+    pub fn begin_shutdown(&self) {
+        self.shutting_down.store(true, Ordering::Release);
+    }
+
+    /// Requests in flight through this data plane, over every endpoint.
+    pub fn in_flight(&self) -> u64 {
+        self.members_read()
+            .by_address
+            .values()
+            .map(|m| m.in_flight.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Whether [`Control::begin_shutdown`] was called.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::Acquire)
+    }
+
+    /// Number of endpoints that know their models and are not draining (whether or not they
+    /// can be reached: see [`Control::reachable_endpoints`]).
     pub fn ready_endpoints(&self) -> usize {
         self.members_read()
             .by_address
             .values()
             .filter(|m| !m.draining && !m.spec().models.is_empty())
             .count()
+    }
+
+    /// Number of endpoints that know their models, are not draining and answered their last
+    /// scrape.
+    pub fn reachable_endpoints(&self) -> usize {
+        self.members_read()
+            .by_address
+            .values()
+            .filter(|m| {
+                !m.draining
+                    && m.reachability() == Reachability::Reachable
+                    && !m.spec().models.is_empty()
+            })
+            .count()
+    }
+
+    /// Addresses of the endpoints (not draining) whose last scrape got no answer, sorted.
+    pub fn unreachable_endpoints(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .members_read()
+            .by_address
+            .values()
+            .filter(|m| !m.draining && m.reachability() == Reachability::Unreachable)
+            .map(|m| m.config.address.clone())
+            .collect();
+        v.sort();
+        v
     }
 
     /// Base URLs of every endpoint not draining (for `/v1/models` aggregation).
@@ -926,18 +1047,42 @@ impl Control {
         None
     }
 
-    /// The answer to a request for a model no endpoint serves, as both data planes give it:
-    /// 503 while no endpoint is ready (the model may be one of theirs once they are), else 404
-    /// in the OpenAI shape.
+    /// The answer to a request for a model no endpoint has listed, as both data planes give
+    /// it: 503 naming the endpoints that cannot be reached or have not told their models yet
+    /// (the model may be one of theirs), else 404 in the OpenAI shape.
     pub fn unknown_model(&self, model: &str) -> ApiError {
+        let unknown: Vec<String> = {
+            let m = self.members_read();
+            let mut v: Vec<String> = m
+                .by_address
+                .values()
+                .filter(|mb| {
+                    !mb.draining
+                        && (mb.reachability() == Reachability::Unreachable
+                            || mb.spec().models.is_empty())
+                })
+                .map(|mb| mb.config.address.clone())
+                .collect();
+            v.sort();
+            v
+        };
+        if !unknown.is_empty() {
+            return ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "no reachable endpoint serves the model `{model}`; not reachable or not \
+                     discovered yet: {}",
+                    unknown.join(", ")
+                ),
+            );
+        }
         if self.ready_endpoints() == 0 {
-            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no ready endpoint")
-        } else {
-            ApiError {
-                status: StatusCode::NOT_FOUND,
-                message: format!("The model `{model}` does not exist."),
-                param: Some("model"),
-            }
+            return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no ready endpoint");
+        }
+        ApiError {
+            status: StatusCode::NOT_FOUND,
+            message: format!("The model `{model}` does not exist."),
+            param: Some("model"),
         }
     }
 
