@@ -29,9 +29,9 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 
 use kvgate_runtime::RuntimeError;
-use kvgate_runtime::config::{GatewayConfig, Overrides, RoutingFlags};
+use kvgate_runtime::config::{GatewayConfig, Overrides, RoutingFlags, ShutdownTimes};
 use kvgate_runtime::control::Control;
-use kvgate_runtime::lifecycle::{SHUTDOWN_GRACE_MS, Tasks, watch_config};
+use kvgate_runtime::lifecycle::{SHUTDOWN_GRACE_MS, Tasks, shutdown_signal, watch_config};
 use kvgate_runtime::metrics::GatewayMetrics;
 
 use crate::proxy::App;
@@ -42,8 +42,8 @@ pub enum GatewayError {
     /// The configuration is invalid, the router refused it, or a listener could not be bound.
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
-    /// Waiting for ctrl-c failed.
-    #[error("cannot listen for ctrl-c")]
+    /// The SIGTERM / ctrl-c handlers could not be installed.
+    #[error("cannot listen for SIGTERM / ctrl-c")]
     Signal(#[source] std::io::Error),
 }
 
@@ -87,6 +87,7 @@ pub struct Gateway {
     pub admin_addr: SocketAddr,
     /// Routing state (for embedding and tests).
     pub control: Arc<Control>,
+    shutdown_times: ShutdownTimes,
     tasks: Tasks,
 }
 
@@ -155,6 +156,7 @@ impl Gateway {
             api_addr,
             admin_addr,
             control,
+            shutdown_times: cfg.shutdown,
             tasks,
         })
     }
@@ -166,9 +168,17 @@ impl Gateway {
             .shutdown(Duration::from_millis(SHUTDOWN_GRACE_MS))
             .await;
     }
+
+    /// What a shutdown signal starts (`kvgate_runtime::lifecycle::drain`): `/ready` answers
+    /// 503 at once, both listeners keep accepting for the configured grace period, then stop,
+    /// and in-flight requests get the configured drain timeout to finish.
+    pub async fn drain(self, signal: &str) {
+        kvgate_runtime::lifecycle::drain(&self.control, self.tasks, self.shutdown_times, signal)
+            .await;
+    }
 }
 
-/// Runs `kvgate serve` until ctrl-c.
+/// Runs `kvgate serve` until SIGTERM or ctrl-c, then drains (see [`Gateway::drain`]).
 pub async fn run(args: ServeArgs) -> Result<(), GatewayError> {
     let flags = args.overrides();
     let cfg = GatewayConfig::load(args.config.as_deref(), &flags)?;
@@ -178,11 +188,8 @@ pub async fn run(args: ServeArgs) -> Result<(), GatewayError> {
         );
     }
     let gw = Gateway::start(cfg, flags).await?;
-    tokio::signal::ctrl_c()
-        .await
-        .map_err(GatewayError::Signal)?;
-    tracing::info!("shutting down");
-    gw.shutdown().await;
+    let signal = shutdown_signal().await.map_err(GatewayError::Signal)?;
+    gw.drain(signal).await;
     Ok(())
 }
 

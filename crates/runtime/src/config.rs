@@ -19,6 +19,7 @@
 //! priority: { objectives: { premium: 10, batch: -1 } }
 //! tokenizer: { model_dir: /models/llama }   # the model's tokenizer.json + chat template
 //! inject_stream_usage: true   # ask engines for usage on every stream, strip it for clients
+//! shutdown: { accept_grace_ms: 5000, drain_timeout_ms: 25000 }   # on SIGTERM / ctrl-c
 //! ```
 //!
 //! Only `endpoints` is re-read when the file changes (see [`crate::control`]); everything else
@@ -74,6 +75,18 @@ pub const CONFIG_POLL_INTERVAL_MS: u64 = 1_000;
 /// `vllm:cache_config_info{block_size}`.
 pub const DEFAULT_BLOCK_SIZE: u32 = 16;
 
+/// After SIGTERM or ctrl-c, how long the listeners keep accepting (with `/ready` already 503),
+/// ms: load balancers and Kubernetes endpoints controllers take a probe period or two to stop
+/// sending new connections, and a request sent in that window must still be served. 5 s covers
+/// a 1-2 s probe period twice over.
+pub const DEFAULT_SHUTDOWN_ACCEPT_GRACE_MS: u64 = 5_000;
+
+/// After the accept grace period, how long in-flight requests get to finish before they are
+/// cut, ms. With the grace period it fits Kubernetes' default 30 s termination grace period,
+/// after which the kubelet sends SIGKILL anyway; 25 s finishes a 1,000-token answer at 20 ms
+/// per token.
+pub const DEFAULT_DRAIN_TIMEOUT_MS: u64 = 25_000;
+
 /// Default policy: kvgate's own cost-based scheduler.
 pub const DEFAULT_POLICY: &str = "kvgate";
 
@@ -107,6 +120,15 @@ struct RawConfig {
     #[serde(default)]
     tokenizer: RawTokenizer,
     inject_stream_usage: Option<bool>,
+    #[serde(default)]
+    shutdown: RawShutdown,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawShutdown {
+    accept_grace_ms: Option<u64>,
+    drain_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -238,6 +260,26 @@ impl Default for Limits {
     }
 }
 
+/// What a data plane does after SIGTERM or ctrl-c: `/ready` (and the picker's gRPC health)
+/// turns unready at once, listeners keep accepting for `accept_grace_ms`, then stop, and
+/// in-flight requests get `drain_timeout_ms` to finish before they are cut.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ShutdownTimes {
+    /// Time still accepting after the signal, ms.
+    pub accept_grace_ms: u64,
+    /// Time in-flight requests get after that, ms.
+    pub drain_timeout_ms: u64,
+}
+
+impl Default for ShutdownTimes {
+    fn default() -> Self {
+        Self {
+            accept_grace_ms: DEFAULT_SHUTDOWN_ACCEPT_GRACE_MS,
+            drain_timeout_ms: DEFAULT_DRAIN_TIMEOUT_MS,
+        }
+    }
+}
+
 /// The validated gateway configuration.
 #[derive(Clone, Debug, PartialEq)]
 pub struct GatewayConfig {
@@ -275,6 +317,8 @@ pub struct GatewayConfig {
     /// strip the usage chunk from what the client receives (so TPOT and the prefix hit ratio are
     /// measured for every stream). Streams whose client asked are never touched.
     pub inject_stream_usage: bool,
+    /// What happens on SIGTERM / ctrl-c.
+    pub shutdown: ShutdownTimes,
     /// The file this came from, if any (watched for endpoint changes).
     pub source: Option<PathBuf>,
 }
@@ -297,6 +341,7 @@ impl Default for GatewayConfig {
             hf_tokenizer_json: None,
             model_dir: None,
             inject_stream_usage: true,
+            shutdown: ShutdownTimes::default(),
             source: None,
         }
     }
@@ -329,6 +374,10 @@ pub struct Overrides {
     pub scrape_interval_ms: Option<u64>,
     /// `--max-body-bytes`.
     pub max_body_bytes: Option<usize>,
+    /// `--shutdown-grace-ms`.
+    pub shutdown_accept_grace_ms: Option<u64>,
+    /// `--drain-timeout-ms`.
+    pub drain_timeout_ms: Option<u64>,
 }
 
 /// Flags that `kvgate serve` and `kvgate epp` share: which model servers to route to and how.
@@ -369,6 +418,14 @@ pub struct RoutingFlags {
     /// Largest request body accepted, bytes [default: 33554432].
     #[arg(long)]
     pub max_body_bytes: Option<usize>,
+    /// After SIGTERM or ctrl-c: how long listeners keep accepting while readiness already
+    /// says 503, ms [default: 5000].
+    #[arg(long = "shutdown-grace-ms")]
+    pub shutdown_accept_grace_ms: Option<u64>,
+    /// After that grace period: how long in-flight requests get to finish before they are
+    /// cut, ms [default: 25000].
+    #[arg(long)]
+    pub drain_timeout_ms: Option<u64>,
 }
 
 impl RoutingFlags {
@@ -384,6 +441,8 @@ impl RoutingFlags {
             policy: self.policy.clone(),
             scrape_interval_ms: self.scrape_interval_ms,
             max_body_bytes: self.max_body_bytes,
+            shutdown_accept_grace_ms: self.shutdown_accept_grace_ms,
+            drain_timeout_ms: self.drain_timeout_ms,
             ..Overrides::default()
         }
     }
@@ -612,6 +671,16 @@ impl GatewayConfig {
             model_dir: flags.tokenizer.clone().or(raw.tokenizer.model_dir),
             hf_tokenizer_json: raw.tokenizer.hf_tokenizer_json,
             inject_stream_usage: raw.inject_stream_usage.unwrap_or(d.inject_stream_usage),
+            shutdown: ShutdownTimes {
+                accept_grace_ms: flags
+                    .shutdown_accept_grace_ms
+                    .or(raw.shutdown.accept_grace_ms)
+                    .unwrap_or(d.shutdown.accept_grace_ms),
+                drain_timeout_ms: flags
+                    .drain_timeout_ms
+                    .or(raw.shutdown.drain_timeout_ms)
+                    .unwrap_or(d.shutdown.drain_timeout_ms),
+            },
             source: None,
         })
     }

@@ -6,6 +6,13 @@
 //! shutdown (stop accepting, let in-flight requests finish for a bounded time, then cut them) and
 //! when the server value is dropped (cut at once, so an embedding test never leaks a listener).
 //! Keeping that in one type means the two data planes cannot drift apart on how they end.
+//!
+//! **Signals.** Kubernetes, systemd and docker stop a process with SIGTERM, people with ctrl-c;
+//! both start the same sequence ([`drain`]): readiness turns false at once (so load balancers
+//! stop choosing this replica), listeners keep accepting for a grace period (connections sent
+//! before the balancer noticed are still served), then stop, and in-flight requests get a
+//! bounded time to finish. A process that did all that exits 0: stopping on request is
+//! success.
 
 use std::fmt::Display;
 use std::future::Future;
@@ -16,7 +23,7 @@ use std::time::{Duration, SystemTime};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{CONFIG_POLL_INTERVAL_MS, GatewayConfig};
+use crate::config::{CONFIG_POLL_INTERVAL_MS, GatewayConfig, ShutdownTimes};
 use crate::control::Control;
 
 /// How long shutdown waits for in-flight requests, ms. Long enough for most generations to
@@ -49,8 +56,9 @@ impl Tasks {
     }
 
     /// Cancels the stop token, waits up to `grace` for every task to finish (servers drain
-    /// their in-flight requests then), and aborts whatever is still running after it.
-    pub async fn shutdown(mut self, grace: Duration) {
+    /// their in-flight requests then), and aborts whatever is still running after it. Returns
+    /// whether everything finished in time.
+    pub async fn shutdown(mut self, grace: Duration) -> bool {
         self.stop.cancel();
         let handles: Vec<_> = self.handles.drain(..).collect();
         let aborts: Vec<_> = handles.iter().map(JoinHandle::abort_handle).collect();
@@ -63,6 +71,7 @@ impl Tasks {
                 a.abort();
             }
         }
+        drained.is_ok()
     }
 }
 
@@ -72,6 +81,48 @@ impl Drop for Tasks {
         for t in &self.handles {
             t.abort();
         }
+    }
+}
+
+/// Waits for SIGTERM or ctrl-c (SIGINT) and returns its name.
+pub async fn shutdown_signal() -> std::io::Result<&'static str> {
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = term.recv() => Ok("SIGTERM"),
+            r = tokio::signal::ctrl_c() => r.map(|()| "SIGINT"),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        tokio::signal::ctrl_c().await.map(|()| "ctrl-c")
+    }
+}
+
+/// The shutdown sequence after `signal` (see the module docs): `control` stops reporting
+/// ready at once (the caller flips any other health status first), `tasks` keep serving for
+/// `times.accept_grace_ms`, then stop accepting and get `times.drain_timeout_ms` to finish
+/// their in-flight requests. Every step is logged.
+pub async fn drain(control: &Control, tasks: Tasks, times: ShutdownTimes, signal: &str) {
+    control.begin_shutdown();
+    tracing::info!(
+        signal,
+        in_flight = control.in_flight(),
+        accept_grace_ms = times.accept_grace_ms,
+        drain_timeout_ms = times.drain_timeout_ms,
+        "shutting down: readiness is 503 now; still accepting during the grace period"
+    );
+    tokio::time::sleep(Duration::from_millis(times.accept_grace_ms)).await;
+    tracing::info!(
+        in_flight = control.in_flight(),
+        "grace period over: no longer accepting; waiting for in-flight requests"
+    );
+    if tasks
+        .shutdown(Duration::from_millis(times.drain_timeout_ms))
+        .await
+    {
+        tracing::info!("every in-flight request finished; exiting");
     }
 }
 

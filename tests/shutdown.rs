@@ -1,0 +1,328 @@
+//! The shutdown contract of the real `kvgate serve` binary (issue 10.10): on SIGTERM or ctrl-c,
+//! `/ready` turns 503 at once, the listeners keep accepting for the grace period, a stream in
+//! flight completes, and the process exits 0 — Kubernetes, systemd and docker all stop a
+//! process with SIGTERM.
+//!
+//! The engine is a small SSE server in this test process that holds its stream open until the
+//! test releases it, so the stream is provably in flight when the signal arrives.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+
+const MODEL: &str = "m";
+
+const METRICS: &str = "# TYPE vllm:num_requests_running gauge\n\
+vllm:num_requests_running{model_name=\"m\"} 0\n\
+# TYPE vllm:num_requests_waiting gauge\n\
+vllm:num_requests_waiting{model_name=\"m\"} 0\n\
+# TYPE vllm:kv_cache_usage_perc gauge\n\
+vllm:kv_cache_usage_perc{model_name=\"m\"} 0.0\n";
+
+/// Reads one HTTP/1.1 request (head and content-length body); returns its path.
+async fn read_request(sock: &mut TcpStream) -> Option<String> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        let n = sock.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())?
+        })
+        .unwrap_or(0);
+    while buf.len() < head_end + len {
+        let n = sock.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    Some(head.split_whitespace().nth(1)?.to_owned())
+}
+
+/// An engine whose chat streams send one chunk, then wait for `release` before finishing.
+async fn holding_engine(release: Arc<Notify>) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                continue;
+            };
+            let release = release.clone();
+            tokio::spawn(async move {
+                let Some(path) = read_request(&mut sock).await else {
+                    return;
+                };
+                let plain = |ct: &str, body: &str| {
+                    format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: {ct}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    )
+                };
+                let out = match path.as_str() {
+                    "/metrics" => plain("text/plain; version=0.0.4", METRICS),
+                    "/v1/models" => plain(
+                        "application/json",
+                        &format!(
+                            r#"{{"object":"list","data":[{{"id":"{MODEL}","object":"model"}}]}}"#
+                        ),
+                    ),
+                    "/v1/chat/completions" => {
+                        let chunk = |data: &str| format!("{:x}\r\n{data}\r\n", data.len());
+                        let first = r#"data: {"choices":[{"index":0,"delta":{"content":"a"}}]}"#;
+                        let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
+                        if sock
+                            .write_all(
+                                format!("{head}{}", chunk(&format!("{first}\n\n"))).as_bytes(),
+                            )
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                        release.notified().await;
+                        let last = r#"data: {"choices":[{"index":0,"delta":{"content":"b"},"finish_reason":"stop"}]}"#;
+                        format!(
+                            "{}{}0\r\n\r\n",
+                            chunk(&format!("{last}\n\n")),
+                            chunk("data: [DONE]\n\n")
+                        )
+                    }
+                    _ => "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                        .to_owned(),
+                };
+                let _ = sock.write_all(out.as_bytes()).await;
+                let _ = sock.shutdown().await;
+            });
+        }
+    });
+    address
+}
+
+/// Removes ANSI colour sequences (`ESC [ ... m`) from a log line.
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+struct Serve {
+    child: Child,
+    logs: Arc<Mutex<Vec<String>>>,
+}
+
+impl Serve {
+    fn start(args: &[&str]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kvgate"))
+            .arg("serve")
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("kvgate starts");
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().unwrap();
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(strip_ansi(&line));
+            }
+        });
+        Self { child, logs }
+    }
+
+    fn log_contains(&self, s: &str) -> bool {
+        self.logs.lock().unwrap().iter().any(|l| l.contains(s))
+    }
+
+    /// `field=` of the first log line containing `message`.
+    fn log_field(&self, message: &str, field: &str) -> Option<String> {
+        let logs = self.logs.lock().unwrap();
+        let line = logs.iter().find(|l| l.contains(message))?;
+        let at = line.find(&format!("{field}="))? + field.len() + 1;
+        Some(line[at..].split_whitespace().next()?.to_owned())
+    }
+
+    fn signal(&self, name: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .expect("kill runs")
+            .success();
+        assert!(ok, "kill -{name} failed");
+    }
+
+    fn dump(&self) -> String {
+        self.logs.lock().unwrap().join("\n")
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn wait_until<F: FnMut() -> bool>(what: &str, within: Duration, mut f: F) {
+    let deadline = Instant::now() + within;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn status_of(client: &reqwest::Client, url: &str) -> Option<u16> {
+    Some(client.get(url).send().await.ok()?.status().as_u16())
+}
+
+async fn sigterm_or_ctrl_c_drains_a_stream_in_flight_and_exits_0(signal: &str) {
+    let release = Arc::new(Notify::new());
+    let engine = holding_engine(release.clone()).await;
+    let mut serve = Serve::start(&[
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--admin-port",
+        "0",
+        "--endpoint",
+        &engine,
+        "--scrape-interval-ms",
+        "50",
+        "--shutdown-grace-ms",
+        "1000",
+        "--drain-timeout-ms",
+        "20000",
+    ]);
+    let mut addrs = None;
+    wait_until("the listening log line", Duration::from_secs(30), || {
+        addrs = serve
+            .log_field("kvgate gateway listening", "api_addr")
+            .zip(serve.log_field("kvgate gateway listening", "admin_addr"));
+        addrs.is_some()
+    })
+    .await;
+    let (api, admin) = addrs.unwrap();
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let ready = format!("http://{admin}/ready");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while status_of(&client, &ready).await != Some(200) {
+        assert!(Instant::now() < deadline, "never ready:\n{}", serve.dump());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let mut stream = client
+        .post(format!("http://{api}/v1/chat/completions"))
+        .json(&serde_json::json!({
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "hi"}],
+            "stream": true,
+            "stream_options": {"include_usage": true},
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    let first = stream.chunk().await.unwrap().expect("first chunk");
+    assert!(String::from_utf8_lossy(&first).contains("\"a\""));
+
+    serve.signal(signal);
+    let signalled = Instant::now();
+    let deadline = signalled + Duration::from_secs(5);
+    while status_of(&client, &ready).await != Some(503) {
+        assert!(
+            Instant::now() < deadline,
+            "/ready not 503 after {signal}:\n{}",
+            serve.dump()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Still accepting during the grace period: a fresh connection to the API port is served.
+    let fresh = reqwest::Client::builder().no_proxy().build().unwrap();
+    assert_eq!(
+        status_of(&fresh, &format!("http://{api}/health")).await,
+        Some(200),
+        "new connections are served during the grace period"
+    );
+    assert!(
+        signalled.elapsed() < Duration::from_millis(1000),
+        "checked within the grace period"
+    );
+    assert_eq!(status_of(&client, &ready).await, Some(503));
+
+    release.notify_one();
+    let mut rest = Vec::new();
+    while let Some(c) = stream.chunk().await.expect("the stream is not cut") {
+        rest.extend_from_slice(&c);
+    }
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(
+        rest.contains("\"b\"") && rest.contains("data: [DONE]"),
+        "{rest}"
+    );
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = serve.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still running:\n{}",
+            serve.dump()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(status.code(), Some(0), "{}", serve.dump());
+    assert!(
+        serve.log_contains(signal),
+        "the signal is logged:\n{}",
+        serve.dump()
+    );
+    assert!(
+        serve.log_contains("every in-flight request finished"),
+        "{}",
+        serve.dump()
+    );
+}
+
+#[tokio::test]
+async fn sigterm_cut_streams_and_exited_143() {
+    sigterm_or_ctrl_c_drains_a_stream_in_flight_and_exits_0("TERM").await;
+}
+
+#[tokio::test]
+async fn ctrl_c_drains_like_sigterm() {
+    sigterm_or_ctrl_c_drains_a_stream_in_flight_and_exits_0("INT").await;
+}
