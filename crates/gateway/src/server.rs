@@ -3,9 +3,12 @@
 //! from the runtime's [`Acceptor`], which backs off when accepting fails for want of file
 //! descriptors instead of spinning (the Envoy picker's listeners use the same one).
 //!
-//! - **Header read timeout** (hyper's `header_read_timeout`, default
-//!   [`kvgate_runtime::config::DEFAULT_HEADER_READ_TIMEOUT_MS`]): a client dribbling its request head
-//!   (slowloris) is disconnected.
+//! - **Header read timeout** (default [`kvgate_runtime::config::DEFAULT_HEADER_READ_TIMEOUT_MS`]):
+//!   a client dribbling its request head (slowloris), or a new connection that sends no request,
+//!   is disconnected. The clock runs from the connection's start, then from the first byte of
+//!   each later request head. It is ours, not hyper's `header_read_timeout`: hyper starts that
+//!   timer whenever it waits for a head, idle keep-alive included, so every idle connection was
+//!   closed after the header timeout (10 s) instead of the idle timeout (60 s).
 //! - **Body read timeout** (in the handler, default
 //!   [`kvgate_runtime::config::DEFAULT_BODY_READ_TIMEOUT_MS`]): a body that does not arrive in time gets
 //!   a 408 and the connection is released.
@@ -14,50 +17,155 @@
 //!   its head until its response body is finished or dropped, so long generations (minutes
 //!   without a byte for a non-streaming request) are never cut by it.
 //!
+//! An HTTP/1.1 request without exactly one `Host` header, or any request with two, gets 400
+//! (RFC 9112 §3.2), in the OpenAI error shape.
+//!
+//! A client that half-closes (shuts down its write side) while its request is in flight is
+//! treated as gone: on TCP a half-close and a full close look the same to the server until it
+//! writes, and a client that went away must cancel its generation at once (the engine's work
+//! is the expensive part), so hyper's `half_close` stays off.
+//!
 //! HTTP/1.1 only: OpenAI clients and SDKs speak it, and it keeps one request per connection at a
-//! time, which makes "client went away" exactly "connection closed".
+//! time, which makes "client went away" exactly "connection closed". Timers run on tokio's
+//! clock, so paused-time tests drive them.
 
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::body::Body;
 use hyper::body::{Frame, SizeHint};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
+use axum::response::IntoResponse;
 use kvgate_runtime::accept::Acceptor;
 use kvgate_runtime::config::Limits;
+use kvgate_runtime::openai::ApiError;
 
-/// How often, as a fraction of the idle timeout, a connection checks whether it is idle: a
-/// quarter bounds the overshoot to 25% of the timeout at one timer wake-up per quarter.
+/// How often, as a fraction of the shorter of the idle and header timeouts, a connection checks
+/// its timers: a quarter bounds the overshoot to 25% of the timeout at one timer wake-up per
+/// quarter.
 const IDLE_CHECKS_PER_TIMEOUT: u32 = 4;
+
+/// `head_since_ms` when no request head is being read.
+const NO_HEAD: u64 = u64::MAX;
 
 #[derive(Debug)]
 struct ConnActivity {
     origin: Instant,
     active: AtomicUsize,
     last_ms: AtomicU64,
+    /// Since when a request head is being read (ms since `origin`), or [`NO_HEAD`].
+    head_since_ms: AtomicU64,
 }
 
 impl ConnActivity {
-    fn touch(&self) {
-        let ms = u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_ms.store(ms, Ordering::Relaxed);
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX - 1)
     }
 
+    fn touch(&self) {
+        self.last_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// How long the connection has been idle: no request in flight and no head being read.
     fn idle_for(&self) -> Option<Duration> {
-        if self.active.load(Ordering::Acquire) > 0 {
+        if self.active.load(Ordering::Acquire) > 0
+            || self.head_since_ms.load(Ordering::Relaxed) != NO_HEAD
+        {
             return None;
         }
-        let now = u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX);
         Some(Duration::from_millis(
-            now.saturating_sub(self.last_ms.load(Ordering::Relaxed)),
+            self.now_ms()
+                .saturating_sub(self.last_ms.load(Ordering::Relaxed)),
         ))
+    }
+
+    /// How long the current request head has been on its way, if one is.
+    fn head_for(&self) -> Option<Duration> {
+        let since = self.head_since_ms.load(Ordering::Relaxed);
+        (since != NO_HEAD && self.active.load(Ordering::Acquire) == 0)
+            .then(|| Duration::from_millis(self.now_ms().saturating_sub(since)))
+    }
+
+    /// Bytes arrived: if no request is in flight they start a head, and its clock.
+    fn on_read(&self) {
+        if self.active.load(Ordering::Acquire) == 0 {
+            let _ = self.head_since_ms.compare_exchange(
+                NO_HEAD,
+                self.now_ms(),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
+    }
+}
+
+/// The client socket, telling the connection's [`ConnActivity`] when bytes arrive.
+struct Watched {
+    sock: TcpStream,
+    activity: Arc<ConnActivity>,
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.sock).poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.activity.on_read();
+        }
+        r
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.sock).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.sock).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.sock).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.sock).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.sock.is_write_vectored()
+    }
+}
+
+/// RFC 9112 §3.2: an HTTP/1.1 request needs exactly one `Host`; no request may carry two.
+fn bad_host(req: &hyper::Request<hyper::body::Incoming>) -> Option<&'static str> {
+    let hosts = req.headers().get_all(hyper::header::HOST).iter().count();
+    match hosts {
+        0 if req.version() == hyper::Version::HTTP_11 => Some("the request has no Host header"),
+        0 | 1 => None,
+        _ => Some("the request has more than one Host header"),
     }
 }
 
@@ -139,13 +247,22 @@ async fn serve_connection(
         origin: Instant::now(),
         active: AtomicUsize::new(0),
         last_ms: AtomicU64::new(0),
+        // A new connection must send its first request head in time too.
+        head_since_ms: AtomicU64::new(0),
     });
     let svc_activity = activity.clone();
     let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
         let guard = ActiveGuard::new(svc_activity.clone());
+        svc_activity.head_since_ms.store(NO_HEAD, Ordering::Relaxed);
         let app = app.clone();
+        let host_error = bad_host(&req);
         async move {
-            let resp = app.oneshot(req.map(Body::new)).await?;
+            let resp = match host_error {
+                Some(message) => {
+                    ApiError::new(axum::http::StatusCode::BAD_REQUEST, message).into_response()
+                }
+                None => app.oneshot(req.map(Body::new)).await?,
+            };
             Ok::<_, std::convert::Infallible>(resp.map(|inner| {
                 Body::new(TrackedBody {
                     inner,
@@ -157,13 +274,20 @@ async fn serve_connection(
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_millis(limits.header_read_timeout_ms))
+        // Ours (see the module docs): hyper's would also cut idle keep-alive connections.
+        .header_read_timeout(None)
         .keep_alive(true);
-    let conn = builder.serve_connection(TokioIo::new(sock), svc);
+    let io = Watched {
+        sock,
+        activity: activity.clone(),
+    };
+    let conn = builder.serve_connection(TokioIo::new(io), svc);
     tokio::pin!(conn);
     let idle = Duration::from_millis(limits.idle_timeout_ms);
-    let mut check =
-        tokio::time::interval((idle / IDLE_CHECKS_PER_TIMEOUT).max(Duration::from_millis(1)));
+    let header = Duration::from_millis(limits.header_read_timeout_ms);
+    let mut check = tokio::time::interval(
+        (idle.min(header) / IDLE_CHECKS_PER_TIMEOUT).max(Duration::from_millis(1)),
+    );
     let mut closing = false;
     loop {
         tokio::select! {
@@ -172,8 +296,13 @@ async fn serve_connection(
                 closing = true;
                 conn.as_mut().graceful_shutdown();
             }
-            _ = check.tick(), if !closing => {
-                if activity.idle_for().is_some_and(|d| d >= idle) {
+            _ = check.tick() => {
+                // A head that takes too long is cut outright (hyper would wait for the rest of
+                // it even after a graceful shutdown).
+                if activity.head_for().is_some_and(|d| d >= header) {
+                    break;
+                }
+                if !closing && activity.idle_for().is_some_and(|d| d >= idle) {
                     closing = true;
                     conn.as_mut().graceful_shutdown();
                 }
