@@ -91,6 +91,23 @@ pub enum PickerKind {
     PowerOfTwo,
     /// Fewest requests in flight (own count + scraped).
     LeastRequest,
+    /// llm-d's prefix-cache-affinity filter ("sticky until saturated") then token-load scoring.
+    LlmD {
+        /// `affinityThreshold` (0.80): match ratio at which an endpoint is sticky.
+        affinity_threshold: f64,
+        /// `explorationProbability` (0.01): chance of skipping the affinity gate.
+        exploration_probability: f64,
+        /// `maxTTFTPenaltyMs` (5,000): TTFT excess of the best sticky endpoint that breaks
+        /// stickiness.
+        max_ttft_penalty_ms: f64,
+        /// `peakPrefillThroughput`, tokens/s; `None`: 1/β1 of the default hardware class.
+        peak_prefill_tokens_per_s: Option<f64>,
+    },
+    /// SGLang model gateway's `least_load`.
+    SmgLeastLoad {
+        /// λ of the `λ·k/(1−k)` KV-pressure term, seconds.
+        kv_pressure_weight_s: f64,
+    },
     /// SGLang cache_aware.
     SglangCacheAware {
         /// Minimum match ratio to follow the cache (0.3 here; see module docs of plugins).
@@ -309,6 +326,15 @@ pub const SGLANG_BALANCE_ABS_THRESHOLD: u32 = 64;
 pub const SGLANG_BALANCE_REL_THRESHOLD: f64 = 1.5;
 /// GIE prefix plugin `maxPrefixBlocksToMatch`.
 pub const GIE_MAX_PREFIX_BLOCKS: u32 = 256;
+/// llm-d `prefix-cache-affinity-filter` `affinityThreshold` default.
+pub const LLMD_AFFINITY_THRESHOLD: f64 = 0.80;
+/// llm-d `prefix-cache-affinity-filter` `explorationProbability` (its pickers' `epsilonExplore`
+/// default).
+pub const LLMD_EXPLORATION_PROBABILITY: f64 = 0.01;
+/// llm-d `prefix-cache-affinity-filter` `maxTTFTPenaltyMs` default.
+pub const LLMD_MAX_TTFT_PENALTY_MS: f64 = 5_000.0;
+/// λ of SMG `least_load`'s KV-pressure term, s (see `policies::smg_least_load`).
+pub const SMG_KV_PRESSURE_WEIGHT_S: f64 = 1.0;
 
 impl RouterConfig {
     /// The preset for a policy name ([`Policy`]'s names and aliases).
@@ -380,6 +406,38 @@ impl RouterConfig {
             Policy::LeastRequest => single("default", vec![], vec![], P::LeastRequest),
             Policy::PowerOfTwo => single("default", vec![], vec![], P::PowerOfTwo),
             Policy::Oracle => single("default", vec![], vec![(S::Oracle, 1.0)], P::MaxScore),
+            Policy::LlmD => single(
+                "default",
+                vec![F::LoraAffinity],
+                vec![],
+                P::LlmD {
+                    affinity_threshold: LLMD_AFFINITY_THRESHOLD,
+                    exploration_probability: LLMD_EXPLORATION_PROBABILITY,
+                    max_ttft_penalty_ms: LLMD_MAX_TTFT_PENALTY_MS,
+                    peak_prefill_tokens_per_s: None,
+                },
+            ),
+            Policy::SmgLeastLoad => single(
+                "default",
+                vec![],
+                vec![],
+                P::SmgLeastLoad {
+                    kv_pressure_weight_s: SMG_KV_PRESSURE_WEIGHT_S,
+                },
+            ),
+            Policy::DynamoSoftmax => single(
+                "default",
+                vec![],
+                vec![(
+                    S::DynamoCost {
+                        overlap_weight: 1.0,
+                    },
+                    1.0,
+                )],
+                P::Dynamo {
+                    temperature: crate::policies::dynamo_softmax::DEPLOYED_ROUTER_TEMPERATURE,
+                },
+            ),
         };
         let cfg = Self {
             policy: policy.as_str().to_string(),
@@ -533,6 +591,40 @@ impl RouterConfig {
                 PickerKind::Dynamo { temperature } => {
                     check("temperature", *temperature, 0.0, 1e6, "0..=1e6")?
                 }
+                PickerKind::LlmD {
+                    affinity_threshold,
+                    exploration_probability,
+                    max_ttft_penalty_ms,
+                    peak_prefill_tokens_per_s,
+                } => {
+                    check("affinity_threshold", *affinity_threshold, 0.0, 1.0, "0..=1")?;
+                    check(
+                        "exploration_probability",
+                        *exploration_probability,
+                        0.0,
+                        1.0,
+                        "0..=1",
+                    )?;
+                    check(
+                        "max_ttft_penalty_ms",
+                        *max_ttft_penalty_ms,
+                        0.0,
+                        1e9,
+                        "0..=1e9",
+                    )?;
+                    if let Some(p) = peak_prefill_tokens_per_s {
+                        check("peak_prefill_tokens_per_s", *p, 1e-6, 1e12, "> 0")?;
+                    }
+                }
+                PickerKind::SmgLeastLoad {
+                    kv_pressure_weight_s,
+                } => check(
+                    "kv_pressure_weight_s",
+                    *kv_pressure_weight_s,
+                    0.0,
+                    1e6,
+                    "0..=1e6",
+                )?,
                 PickerKind::SglangCacheAware {
                     cache_threshold,
                     balance_rel_threshold,

@@ -10,8 +10,11 @@
 //! Every policy, the baselines included, lives in its own module whose docs cite the public
 //! source it follows: [`kvgate`] (kvgate's cost and softmax picker), [`gie_default`] (the GIE
 //! default scorers and max-score picker), [`sglang_cache_aware`] (SGLang's `cache_aware`),
-//! [`dynamo`] (Dynamo's KV cost), [`round_robin`], [`random`], [`least_request`],
-//! [`power_of_two`] and [`oracle`] (simulation only). [`filters`] holds the host filters any
+//! [`dynamo`] (Dynamo's KV cost), [`dynamo_softmax`] (the same with the softmax temperature it
+//! is deployed with), [`llm_d`] (llm-d's 2026 "sticky until saturated" scheduler),
+//! [`smg_least_load`] (SGLang model gateway's `least_load`), [`round_robin`], [`random`],
+//! [`least_request`], [`power_of_two`] and [`oracle`] (simulation only: kvgate's cost on true,
+//! undelayed state). [`filters`] holds the host filters any
 //! profile may name. Their presets (which plugins, which weights) are in [`crate::config`].
 
 use std::fmt;
@@ -28,15 +31,18 @@ use crate::observe::MetricsSample;
 use crate::request::{DecisionReason, Phase, RoutingRequest, TrueLoad};
 
 pub mod dynamo;
+pub mod dynamo_softmax;
 pub mod filters;
 pub mod gie_default;
 pub mod kvgate;
 pub mod least_request;
+pub mod llm_d;
 pub mod oracle;
 pub mod power_of_two;
 pub mod random;
 pub mod round_robin;
 pub mod sglang_cache_aware;
+pub mod smg_least_load;
 
 pub use dynamo::{DynamoCostScorer, DynamoPicker};
 pub use filters::{DrainingFilter, LoraAffinityFilter, RoleFilter, SubsetFilter};
@@ -46,11 +52,13 @@ pub use gie_default::{
 };
 pub use kvgate::{KvgateCostScorer, SoftmaxPicker};
 pub use least_request::LeastRequestPicker;
+pub use llm_d::LlmdPicker;
 pub use oracle::{OracleScorer, oracle_routing_cost_us, oracle_ttft_us};
 pub use power_of_two::PowerOfTwoPicker;
 pub use random::RandomPicker;
 pub use round_robin::RoundRobinPicker;
 pub use sglang_cache_aware::SglangCacheAwarePicker;
+pub use smg_least_load::SmgLeastLoadPicker;
 
 /// A built-in policy: the one place its name is written. Parse names with [`FromStr`], print
 /// them with [`Policy::as_str`] (CLI values, report rows, metrics labels), iterate
@@ -73,13 +81,20 @@ pub enum Policy {
     LeastRequest,
     /// Power of two choices ([`power_of_two`]).
     PowerOfTwo,
-    /// True engine state, simulation only ([`oracle`]).
+    /// kvgate's cost computed on the simulator's true, undelayed engine state ([`oracle`]).
+    /// Simulation only. Not an upper bound: it removes staleness, not the cost model's errors.
     Oracle,
+    /// llm-d's 2026 default: prefix affinity until saturated, then token load ([`llm_d`]).
+    LlmD,
+    /// SGLang model gateway's `least_load` ([`smg_least_load`]).
+    SmgLeastLoad,
+    /// Dynamo's KV cost with softmax sampling at its deployed temperature ([`dynamo_softmax`]).
+    DynamoSoftmax,
 }
 
 impl Policy {
     /// Every built-in policy, in report order.
-    pub const ALL: [Policy; 9] = [
+    pub const ALL: [Policy; 12] = [
         Self::Kvgate,
         Self::GieDefault,
         Self::SglangCacheAware,
@@ -89,6 +104,9 @@ impl Policy {
         Self::LeastRequest,
         Self::PowerOfTwo,
         Self::Oracle,
+        Self::LlmD,
+        Self::SmgLeastLoad,
+        Self::DynamoSoftmax,
     ];
 
     /// Its name (CLI value, report row, metrics label).
@@ -103,6 +121,9 @@ impl Policy {
             Self::LeastRequest => "least-request",
             Self::PowerOfTwo => "power-of-two",
             Self::Oracle => "oracle",
+            Self::LlmD => "llm-d",
+            Self::SmgLeastLoad => "smg-least-load",
+            Self::DynamoSoftmax => "dynamo-softmax",
         }
     }
 
@@ -392,6 +413,22 @@ pub fn build_picker(k: &PickerKind) -> Box<dyn Picker> {
         PickerKind::Softmax => Box::new(SoftmaxPicker),
         PickerKind::Dynamo { temperature } => Box::new(DynamoPicker {
             temperature: *temperature,
+        }),
+        PickerKind::LlmD {
+            affinity_threshold,
+            exploration_probability,
+            max_ttft_penalty_ms,
+            peak_prefill_tokens_per_s,
+        } => Box::new(LlmdPicker {
+            affinity_threshold: *affinity_threshold,
+            exploration_probability: *exploration_probability,
+            max_ttft_penalty_ms: *max_ttft_penalty_ms,
+            peak_prefill_tokens_per_s: *peak_prefill_tokens_per_s,
+        }),
+        PickerKind::SmgLeastLoad {
+            kv_pressure_weight_s,
+        } => Box::new(SmgLeastLoadPicker {
+            kv_pressure_weight_s: *kv_pressure_weight_s,
         }),
         PickerKind::RoundRobin => Box::new(RoundRobinPicker),
         PickerKind::PowerOfTwo => Box::new(PowerOfTwoPicker),

@@ -1,8 +1,10 @@
-//! The oracle (simulation only): minimises kvgate's routing cost (predicted TTFT plus the
-//! load-scaled charge for new prefill work, see [`crate::cost`]) computed from the simulator's
-//! *true* queue, running set, KV use and cached prefix, read through an
-//! [`crate::OracleView`]; without one a pick fails with [`crate::RouteError::NoOracle`]. It
-//! bounds what better signals could buy this cost model, which is why it cannot run live
+//! The oracle (simulation only): kvgate's cost on true, undelayed state. It minimises kvgate's
+//! routing cost (predicted TTFT plus the load-scaled charge for new prefill work, see
+//! [`crate::cost`]) computed from the simulator's *true* queue, running set, KV use and cached
+//! prefix, read through an [`crate::OracleView`]; without one a pick fails with
+//! [`crate::RouteError::NoOracle`]. It is **not** an upper bound on routing quality: it removes
+//! staleness, not the cost model's own errors, and other policies can beat it (it shows what
+//! fresher signals would buy this cost model). It cannot run live
 //! ([`crate::Policy::is_live_capable`]).
 
 use crate::policies::{Candidate, Needs, PickContext, Scorer};
