@@ -10,8 +10,11 @@ use kvgate_core::Policy;
 use kvgate_engine::EngineConfig;
 
 use crate::BenchError;
-use crate::des::{DesConfig, PolicyRun, run_policy};
-use crate::report::{PolicyReport, Report, Slo, write_charts};
+use crate::capacity::{
+    CapacityOptions, CapacityReport, CapacitySearch, CapacitySlo, Signals, compare_capacity,
+};
+use crate::des::{DesConfig, PolicyRun, ReplicaSpread, run_policy};
+use crate::report::{PolicyReport, RateCurve, Report, Slo, write_charts, write_rate_chart};
 use crate::trace::parse_trace;
 use crate::workload::{
     MultiTurnConfig, ReplayOptions, SharedPrefixConfig, Workload, from_trace, merge, multi_turn,
@@ -36,6 +39,17 @@ pub enum Synthetic {
     SharedPrefix,
     /// Multi-turn chat sessions.
     MultiTurn,
+    /// Both at once: half the rate shared-prefix questions, half multi-turn chat turns.
+    Mix,
+}
+
+/// How requests are spread over router replicas (a Kubernetes Service).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Spread {
+    /// Round-robin over replicas.
+    RoundRobin,
+    /// Uniformly random replica.
+    Random,
 }
 
 /// Flags shared by `bench` and `demo`.
@@ -59,6 +73,21 @@ pub struct FleetArgs {
     /// Delay before KV events reach the router, ms.
     #[arg(long, default_value_t = 10)]
     pub kv_event_delay_ms: u64,
+    /// Upper end of the scrape intervals over router replicas, ms (default: no spread).
+    #[arg(long)]
+    pub scrape_interval_max_ms: Option<u64>,
+    /// Upper end of the metrics delays over router replicas, ms (default: no spread).
+    #[arg(long)]
+    pub metrics_delay_max_ms: Option<u64>,
+    /// Upper end of the KV-event delays over router replicas, ms (default: no spread).
+    #[arg(long)]
+    pub kv_event_delay_max_ms: Option<u64>,
+    /// Independent router replicas, each with its own bookings, scrape phase and delays.
+    #[arg(long, default_value_t = 1)]
+    pub router_replicas: usize,
+    /// How requests are spread over router replicas.
+    #[arg(long, value_enum, default_value_t = Spread::RoundRobin)]
+    pub replica_spread: Spread,
     /// Seed for the router and the synthetic workloads.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -83,8 +112,8 @@ pub struct BenchArgs {
     #[arg(long, value_enum)]
     pub workload: Option<Synthetic>,
     /// Comma-separated policies (kvgate, gie-default, sglang-cache-aware, dynamo, round-robin,
-    /// random, least-request, power-of-two, oracle); `all` for every one. Checked before
-    /// anything runs.
+    /// random, least-request, power-of-two, oracle, llm-d, smg-least-load, dynamo-softmax);
+    /// `all` for every one. Checked before anything runs.
     #[arg(long, default_value = "all")]
     pub policies: String,
     /// Replay only the first K requests.
@@ -117,6 +146,22 @@ pub struct BenchArgs {
     /// Write charts (SVG and PNG) into this directory.
     #[arg(long)]
     pub charts: Option<PathBuf>,
+    /// Capacity at SLO: per policy, bisect the arrival rate (trace speed-up from `--speedup`,
+    /// or synthetic rate from `--rate`) for the highest one meeting the SLO.
+    #[arg(long, conflicts_with_all = ["live", "rates"])]
+    pub capacity: bool,
+    /// Capacity SLO: bound on TTFT p90, ms.
+    #[arg(long, default_value_t = 2000.0)]
+    pub slo_ttft_p90_ms: f64,
+    /// Capacity SLO: bound on TPOT p99, ms.
+    #[arg(long, default_value_t = 100.0)]
+    pub slo_tpot_p99_ms: f64,
+    /// Capacity SLO: least fraction of servable requests served.
+    #[arg(long, default_value_t = 0.99)]
+    pub slo_goodput: f64,
+    /// Capacity search: bisection probes after bracketing.
+    #[arg(long, default_value_t = 6)]
+    pub capacity_bisections: u32,
     /// Fleet and signal settings.
     #[command(flatten)]
     pub fleet: FleetArgs,
@@ -153,6 +198,27 @@ fn des_config(f: &FleetArgs) -> Result<DesConfig, BenchError> {
     cfg.scrape_interval_ms = f.scrape_interval_ms;
     cfg.metrics_delay_ms = f.metrics_delay_ms;
     cfg.kv_event_delay_ms = f.kv_event_delay_ms;
+    cfg.scrape_interval_max_ms = f.scrape_interval_max_ms.unwrap_or(f.scrape_interval_ms);
+    cfg.metrics_delay_max_ms = f.metrics_delay_max_ms.unwrap_or(f.metrics_delay_ms);
+    cfg.kv_event_delay_max_ms = f.kv_event_delay_max_ms.unwrap_or(f.kv_event_delay_ms);
+    if cfg.scrape_interval_max_ms < cfg.scrape_interval_ms
+        || cfg.metrics_delay_max_ms < cfg.metrics_delay_ms
+        || cfg.kv_event_delay_max_ms < cfg.kv_event_delay_ms
+    {
+        return Err(BenchError::InvalidArgument(
+            "a --*-max-ms value is below its minimum",
+        ));
+    }
+    if f.router_replicas == 0 {
+        return Err(BenchError::InvalidArgument(
+            "--router-replicas must be at least 1",
+        ));
+    }
+    cfg.router_replicas = f.router_replicas;
+    cfg.replica_spread = match f.replica_spread {
+        Spread::RoundRobin => ReplicaSpread::RoundRobin,
+        Spread::Random => ReplicaSpread::Random,
+    };
     cfg.seed = f.seed;
     Ok(cfg)
 }
@@ -238,6 +304,7 @@ pub fn compare(
         workload: workload.name.clone(),
         requests: workload.requests.len(),
         engines: cfg.engines.len(),
+        router_replicas: cfg.router_replicas,
         slo,
         policies: runs
             .iter()
@@ -276,6 +343,10 @@ pub fn bench(args: &BenchArgs) -> Result<Report, BenchError> {
     };
     if !args.rates.is_empty() {
         return sweep(args);
+    }
+    if args.capacity {
+        capacity(args, &policies)?;
+        return Ok(Report::default());
     }
     let mut workload = match &args.trace {
         Some(path) => {
@@ -326,6 +397,38 @@ pub fn bench(args: &BenchArgs) -> Result<Report, BenchError> {
 
 fn synthetic(kind: Option<Synthetic>, rate: f64, seed: u64) -> Workload {
     match kind {
+        Some(Synthetic::Mix) => {
+            let turns = 5;
+            let sp = shared_prefix(
+                SharedPrefixConfig {
+                    num_groups: 32,
+                    num_prompts_per_group: 32,
+                    system_prompt_len: 4000,
+                    question_len: 200,
+                    output_len: 200,
+                    rate_per_s: rate / 2.0,
+                },
+                seed,
+            );
+            let mt = multi_turn(
+                MultiTurnConfig {
+                    sessions: 200,
+                    turns,
+                    system_prompt_len: 2000,
+                    user_len: 300,
+                    output_len: 200,
+                    session_rate_per_s: rate / 2.0 / f64::from(turns),
+                    think_time_s: 5.0,
+                },
+                seed.wrapping_add(1),
+            );
+            merge(
+                &format!(
+                    "mix: 32 shared 4k-token system prompts x 32 questions + 200 five-turn chats (2k system, 300-token turns), {rate} req/s in all"
+                ),
+                vec![sp, mt],
+            )
+        }
         Some(Synthetic::MultiTurn) => multi_turn(
             MultiTurnConfig {
                 sessions: 200,
@@ -370,7 +473,7 @@ fn sweep(args: &BenchArgs) -> Result<Report, BenchError> {
     if let Some(path) = &args.json {
         check_writable(path)?;
     }
-    let mut points = Vec::with_capacity(args.rates.len());
+    let mut points: Vec<SweepPoint> = Vec::with_capacity(args.rates.len());
     for &rate in &args.rates {
         let mut workload = synthetic(args.workload, rate, args.fleet.seed);
         if let Some(n) = args.limit {
@@ -389,6 +492,27 @@ fn sweep(args: &BenchArgs) -> Result<Report, BenchError> {
         }
         points.push(SweepPoint { rate, report });
     }
+    if let Some(dir) = &args.charts {
+        let mut curves: Vec<RateCurve> = Vec::new();
+        for point in &points {
+            for p in &point.report.policies {
+                match curves.iter_mut().find(|c| c.policy == p.policy) {
+                    Some(c) => c.points.push((point.rate, p.ttft_ms.p90)),
+                    None => curves.push(RateCurve {
+                        policy: p.policy.clone(),
+                        points: vec![(point.rate, p.ttft_ms.p90)],
+                    }),
+                }
+            }
+        }
+        let files = write_rate_chart(
+            dir,
+            &curves,
+            args.slo_ttft_p90_ms,
+            "arrival rate (requests or sessions per second)",
+        )?;
+        println!("chart: {}", files[0].display());
+    }
     if let Some(path) = &args.json {
         let text = serde_json::to_string_pretty(&serde_json::json!({ "sweep": points }))
             .expect("sweep serialises");
@@ -399,6 +523,110 @@ fn sweep(args: &BenchArgs) -> Result<Report, BenchError> {
         println!("JSON report: {}", path.display());
     }
     Ok(points.pop().map(|p| p.report).unwrap_or_default())
+}
+
+fn capacity(args: &BenchArgs, policies: &[Policy]) -> Result<(), BenchError> {
+    if !(args.slo_goodput.is_finite() && (0.0..=1.0).contains(&args.slo_goodput)) {
+        return Err(BenchError::InvalidArgument(
+            "--slo-goodput must be within 0..=1",
+        ));
+    }
+    if !(args.slo_ttft_p90_ms > 0.0 && args.slo_tpot_p99_ms > 0.0) {
+        return Err(BenchError::InvalidArgument("SLO bounds must be positive"));
+    }
+    let cfg = des_config(&args.fleet)?;
+    let records = match &args.trace {
+        Some(path) => {
+            let file = std::fs::File::open(path).map_err(|source| BenchError::Open {
+                path: path.clone(),
+                source,
+            })?;
+            Some(parse_trace(BufReader::new(file))?)
+        }
+        None => None,
+    };
+    let name = args
+        .trace
+        .as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    let (limit, max_seconds, kind, seed) =
+        (args.limit, args.max_seconds, args.workload, args.fleet.seed);
+    let make = |rate: f64| -> Workload {
+        match &records {
+            Some(recs) => from_trace(
+                &name,
+                recs,
+                ReplayOptions {
+                    speedup: rate,
+                    limit,
+                    max_seconds,
+                },
+            ),
+            None => {
+                let mut w = synthetic(kind, rate, seed);
+                if let Some(n) = limit {
+                    w.requests.truncate(n);
+                }
+                w
+            }
+        }
+    };
+    let is_trace = records.is_some();
+    let start_rate = if is_trace { args.speedup } else { args.rate };
+    let search = CapacitySearch {
+        cfg: &cfg,
+        slo: CapacitySlo {
+            ttft_p90_ms: args.slo_ttft_p90_ms,
+            tpot_p99_ms: args.slo_tpot_p99_ms,
+            min_goodput: args.slo_goodput,
+        },
+        report_slo: slo(&args.fleet),
+        opts: CapacityOptions {
+            start_rate,
+            max_bisections: args.capacity_bisections,
+            ..CapacityOptions::default()
+        },
+        is_trace,
+    };
+    let quiet = args.fleet.quiet;
+    let started = Instant::now();
+    let found = compare_capacity(policies, &make, &search, &|c| {
+        if !quiet {
+            eprintln!(
+                "{:>20} capacity {:.2} req/s after {} probes ({:.0} s)",
+                c.policy,
+                c.capacity_rps,
+                c.probes.len(),
+                started.elapsed().as_secs_f64()
+            );
+        }
+    })?;
+    let report = CapacityReport {
+        workload: make(start_rate).name,
+        rate_kind: if is_trace { "speedup" } else { "rate" }.to_string(),
+        engines: cfg.engines.len(),
+        router_replicas: cfg.router_replicas,
+        signals: Signals::of(&cfg),
+        slo: search.slo,
+        options: Some(search.opts),
+        policies: found,
+    };
+    println!("{}", report.table());
+    if let Some(path) = &args.json {
+        report.write_json(path)?;
+        println!("JSON report: {}", path.display());
+    }
+    if let Some(dir) = &args.charts {
+        let label = if is_trace {
+            "trace speed-up (x real time)"
+        } else {
+            "arrival rate (generator requests/s)"
+        };
+        let files = write_rate_chart(dir, &report.curves(), args.slo_ttft_p90_ms, label)?;
+        println!("chart: {}", files[0].display());
+    }
+    Ok(())
 }
 
 fn live(
@@ -439,6 +667,7 @@ fn live(
         workload: workload.name.clone(),
         requests: workload.requests.len(),
         engines: 0,
+        router_replicas: 1,
         slo,
         policies: vec![row],
     };

@@ -6,7 +6,20 @@
 //! `kv_event_delay_ms` after the engine step that produced them, and the router's own
 //! accounting sees first tokens and completions when they happen (a gateway sees every stream).
 //! Staleness is therefore part of every experiment. The oracle policy is the one exception: it
-//! reads true engine state at decision time, which is what makes it an upper bound.
+//! reads true engine state at decision time (kvgate's cost on true, undelayed state — not an
+//! upper bound: it removes staleness, not the cost model's errors).
+//!
+//! ## Router replicas
+//! A production gateway runs several replicas behind a Kubernetes Service, each deciding alone
+//! on its own stale view. With `router_replicas` = R, R independent [`Router`]s run side by
+//! side: each has its own bookings and randomness, its own scrape phase (replica `i` samples at
+//! offset `interval · i / R`), its own scrape interval, metrics delay and KV-event delay (spread
+//! evenly over the configured `[min, max]` ranges: replica `i` takes `min + (max − min) · (i +
+//! ½) / R`), and every engine's KV events reach every replica, each after its own delay. Requests
+//! are spread over replicas as a Service spreads connections ([`ReplicaSpread`]); only the
+//! replica that booked a request sees its first token and finish (it proxies that stream). Every
+//! policy runs under the same replicas and delays. The true waiting queue of every engine is
+//! sampled every `queue_sample_interval_ms` so reports can measure herding.
 //!
 //! Everything is driven by one event queue ordered by (time, insertion order), so a seed gives
 //! the same report bit for bit. Prompt tokens and block hashes are computed when a request
@@ -24,7 +37,7 @@ use kvgate_core::{
 };
 use kvgate_engine::{Engine, EngineConfig, EngineRequest, FinishReason, KvEvent, Output};
 use kvgate_tokens::ExtraKeys;
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::BenchError;
@@ -43,10 +56,56 @@ pub struct DesConfig {
     /// Delay between an engine step and the router applying its KV events (ZMQ hop, batching).
     /// 10 ms by default.
     pub kv_event_delay_ms: u64,
+    /// Upper end of the metrics-sampling intervals over replicas, ms (`scrape_interval_ms` is
+    /// the lower end). Equal to it by default.
+    pub scrape_interval_max_ms: u64,
+    /// Upper end of the metrics delays over replicas, ms.
+    pub metrics_delay_max_ms: u64,
+    /// Upper end of the KV-event delays over replicas, ms.
+    pub kv_event_delay_max_ms: u64,
+    /// Independent router replicas (≥ 1).
+    pub router_replicas: usize,
+    /// How requests are spread over replicas.
+    pub replica_spread: ReplicaSpread,
+    /// Interval of the per-endpoint waiting-queue samples, ms. 100: a scrape interval, fine
+    /// enough to see a herd form and dissolve.
+    pub queue_sample_interval_ms: u64,
     /// Seed of the router's randomness.
     pub seed: u64,
     /// Model name every engine serves.
     pub model: String,
+}
+
+/// How a Kubernetes Service spreads requests over router replicas.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReplicaSpread {
+    /// Round-robin (kube-proxy IPVS `rr`, most L7 proxies).
+    #[default]
+    RoundRobin,
+    /// Uniformly random (kube-proxy iptables mode).
+    Random,
+}
+
+impl DesConfig {
+    /// Scrape interval, metrics delay and KV-event delay of replica `i`, µs.
+    pub fn replica_delays_us(&self, i: usize) -> (u64, u64, u64) {
+        let r = self.router_replicas.max(1) as f64;
+        let at = |lo: u64, hi: u64| {
+            let hi = hi.max(lo);
+            let ms = lo as f64 + (hi - lo) as f64 * (i as f64 + 0.5) / r;
+            if hi == lo {
+                lo * 1000
+            } else {
+                (ms * 1000.0).round() as u64
+            }
+        };
+        (
+            at(self.scrape_interval_ms.max(1), self.scrape_interval_max_ms),
+            at(self.metrics_delay_ms, self.metrics_delay_max_ms),
+            at(self.kv_event_delay_ms, self.kv_event_delay_max_ms),
+        )
+    }
 }
 
 impl DesConfig {
@@ -57,6 +116,12 @@ impl DesConfig {
             scrape_interval_ms: 100,
             metrics_delay_ms: 20,
             kv_event_delay_ms: 10,
+            scrape_interval_max_ms: 100,
+            metrics_delay_max_ms: 20,
+            kv_event_delay_max_ms: 10,
+            router_replicas: 1,
+            replica_spread: ReplicaSpread::RoundRobin,
+            queue_sample_interval_ms: 100,
             seed: 0,
             model: "llama-3.1-8b".to_string(),
         }
@@ -82,6 +147,20 @@ pub struct RequestRecord {
     pub engine: u32,
     /// Rejected by the router (shed or no endpoint).
     pub rejected: bool,
+    /// Rejected by the engine as invalid for any engine of the fleet (longer than
+    /// `max_model_len` or its whole cache): no routing could have served it.
+    pub invalid: bool,
+    /// Router replica that decided it.
+    pub replica: u32,
+}
+
+/// The true waiting queue of every engine at one instant.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct QueueSample {
+    /// Virtual time, µs.
+    pub t_us: u64,
+    /// Waiting requests per engine.
+    pub waiting: Vec<u32>,
 }
 
 /// Everything measured in one policy's run.
@@ -99,6 +178,11 @@ pub struct PolicyRun {
     pub preemptions: u64,
     /// Virtual time at which the last request finished, µs.
     pub makespan_us: u64,
+    /// Router replicas that decided.
+    pub router_replicas: usize,
+    /// Per-engine waiting queues over time (every `queue_sample_interval_ms` while requests are
+    /// outstanding).
+    pub queue_samples: Vec<QueueSample>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -107,20 +191,25 @@ enum Ev {
     Step(usize),
     /// Workload request `i` arrives.
     Arrival(usize),
-    /// Sample engine `e`'s metrics.
-    Scrape(usize),
+    /// Replica `r` samples engine `e`'s metrics.
+    Scrape(usize, usize),
+    /// Record every engine's waiting queue.
+    QueueSample,
     /// Deliver pending observation `k`.
     Deliver(usize),
 }
 
 enum Pending {
-    Metrics(usize, u64, MetricsSample),
-    Kv(usize, KvEventBatch),
+    /// Replica, engine, sampling time, sample.
+    Metrics(usize, usize, u64, Box<MetricsSample>),
+    /// Replica, engine, batch.
+    Kv(usize, usize, Arc<KvEventBatch>),
 }
 
 struct InFlight {
     workload_idx: usize,
     engine: usize,
+    replica: usize,
 }
 
 struct Fleet<'a> {
@@ -211,16 +300,24 @@ pub fn run_policy(
     if cfg.engines.is_empty() {
         return Err(BenchError::NoEngines);
     }
-    let router_cfg = RouterConfig::for_preset(policy).map_err(|source| BenchError::Policy {
+    if cfg.router_replicas == 0 {
+        return Err(BenchError::InvalidArgument(
+            "router replicas must be at least 1",
+        ));
+    }
+    let policy_err = |source| BenchError::Policy {
         policy: policy.to_string(),
         source,
-    })?;
-    let mut router = Router::new(router_cfg).map_err(|source| BenchError::Policy {
-        policy: policy.to_string(),
-        source,
-    })?;
+    };
+    let router_cfg = RouterConfig::for_preset(policy).map_err(policy_err)?;
+    let replicas = cfg.router_replicas;
+    let mut routers = Vec::with_capacity(replicas);
+    for _ in 0..replicas {
+        routers.push(Router::new(router_cfg.clone()).map_err(policy_err)?);
+    }
     let oracle = policy == Policy::Oracle;
     let mut engines = Vec::with_capacity(cfg.engines.len());
+    // Every replica adds the endpoints in the same order, so ids agree across replicas.
     let mut ids = Vec::with_capacity(cfg.engines.len());
     for (i, ec) in cfg.engines.iter().enumerate() {
         engines.push(Engine::new(ec.clone()).map_err(|source| BenchError::Engine { source })?);
@@ -230,7 +327,11 @@ pub fn run_policy(
         } else {
             "h100".into()
         };
-        ids.push(router.add_endpoint(0, spec));
+        let mut id = None;
+        for router in &mut routers {
+            id = Some(router.add_endpoint(0, spec.clone()));
+        }
+        ids.push(id.expect("at least one replica"));
     }
     let first = &cfg.engines[0];
     // The engines' own hashes (passed to them precomputed, and read by the oracle) and the
@@ -238,7 +339,12 @@ pub fn run_policy(
     // and learns the engines' hashes from their `BlockStored` events, as in production.
     let hasher = first.block_hasher();
     let router_block_size = first.block_size as u32;
-    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+    // Replica 0 keeps the run's seed, so a one-replica run is the run it always was.
+    let mut rngs: Vec<ChaCha8Rng> = (0..replicas as u64)
+        .map(|r| ChaCha8Rng::seed_from_u64(cfg.seed ^ r.wrapping_mul(0x9E37_79B9_7F4A_7C15)))
+        .collect();
+    let mut spread_rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x5E2F_1CE5);
+    let delays: Vec<(u64, u64, u64)> = (0..replicas).map(|r| cfg.replica_delays_us(r)).collect();
 
     let n = cfg.engines.len();
     let mut queue: BinaryHeap<Reverse<(u64, u64, Ev)>> = BinaryHeap::new();
@@ -251,10 +357,15 @@ pub fn run_policy(
         push(&mut queue, r.arrival_us, Ev::Arrival(i));
     }
     if !oracle {
-        for e in 0..n {
-            push(&mut queue, 0, Ev::Scrape(e));
+        for (r, &(interval_us, _, _)) in delays.iter().enumerate() {
+            let phase = interval_us * r as u64 / replicas as u64;
+            for e in 0..n {
+                push(&mut queue, phase, Ev::Scrape(r, e));
+            }
         }
     }
+    let sample_every_us = cfg.queue_sample_interval_ms.max(1) * 1000;
+    push(&mut queue, 0, Ev::QueueSample);
 
     let mut run = PolicyRun {
         policy: policy.as_str().to_string(),
@@ -270,6 +381,7 @@ pub fn run_policy(
             .collect(),
         prefill_tokens_per_engine: vec![0; n],
         requests_per_engine: vec![0; n],
+        router_replicas: replicas,
         ..Default::default()
     };
     let mut wake: Vec<Option<u64>> = vec![None; n];
@@ -281,17 +393,19 @@ pub fn run_policy(
     let mut outputs = Vec::new();
     let mut done = 0usize;
     let total = workload.requests.len();
-    let delay_kv = if oracle {
-        0
-    } else {
-        cfg.kv_event_delay_ms * 1000
-    };
 
     while let Some(Reverse((now, _, ev))) = queue.pop() {
         let touched: Option<usize> = match ev {
             Ev::Arrival(i) => {
                 let w = &workload.requests[i];
                 let req_id = i as u64;
+                let replica = match cfg.replica_spread {
+                    _ if replicas == 1 => 0,
+                    ReplicaSpread::RoundRobin => i % replicas,
+                    ReplicaSpread::Random => spread_rng.random_range(0..replicas),
+                };
+                run.requests[i].replica = replica as u32;
+                let router = &mut routers[replica];
                 let tokens = w.tokens();
                 let hashes: Arc<[kvgate_tokens::BlockHash]> =
                     hasher.hashes(&tokens, ExtraKeys::default()).into();
@@ -323,7 +437,7 @@ pub fn run_policy(
                     router.pick(
                         now,
                         &req,
-                        &mut rng,
+                        &mut rngs[replica],
                         if oracle {
                             Some(&fleet as &dyn OracleView)
                         } else {
@@ -360,6 +474,7 @@ pub fn run_policy(
                                     InFlight {
                                         workload_idx: i,
                                         engine: e,
+                                        replica,
                                     },
                                 );
                             }
@@ -370,6 +485,7 @@ pub fn run_policy(
                             Err(source) if !source.is_retryable() => {
                                 router.on_finish(req_id, now, &Outcome::default());
                                 run.requests[i].rejected = true;
+                                run.requests[i].invalid = true;
                                 done += 1;
                             }
                             Err(source) => return Err(BenchError::Engine { source }),
@@ -392,30 +508,34 @@ pub fn run_policy(
                     Some(e)
                 }
             }
-            Ev::Scrape(e) => {
+            Ev::Scrape(r, e) => {
                 if done < total {
-                    let slot = Pending::Metrics(e, now, sample_of(&engines[e]));
+                    let (interval_us, metrics_delay_us, _) = delays[r];
+                    let slot = Pending::Metrics(r, e, now, Box::new(sample_of(&engines[e])));
                     let k = stash(&mut pending, &mut free_pending, slot);
-                    push(
-                        &mut queue,
-                        now + cfg.metrics_delay_ms * 1000,
-                        Ev::Deliver(k),
-                    );
-                    push(
-                        &mut queue,
-                        now + cfg.scrape_interval_ms.max(1) * 1000,
-                        Ev::Scrape(e),
-                    );
+                    push(&mut queue, now + metrics_delay_us, Ev::Deliver(k));
+                    push(&mut queue, now + interval_us, Ev::Scrape(r, e));
+                }
+                None
+            }
+            Ev::QueueSample => {
+                if done < total {
+                    run.queue_samples.push(QueueSample {
+                        t_us: now,
+                        waiting: engines.iter().map(|e| e.num_waiting() as u32).collect(),
+                    });
+                    // Sampling goes on while work drains, so the tail is seen too.
+                    push(&mut queue, now + sample_every_us, Ev::QueueSample);
                 }
                 None
             }
             Ev::Deliver(k) => {
                 match pending[k].take() {
-                    Some(Pending::Metrics(e, taken_at, sample)) => {
-                        router.observe_metrics(ids[e], taken_at, &sample);
+                    Some(Pending::Metrics(r, e, taken_at, sample)) => {
+                        routers[r].observe_metrics(ids[e], taken_at, &sample);
                     }
-                    Some(Pending::Kv(e, batch)) => {
-                        router.observe_kv_batch(ids[e], now, &batch);
+                    Some(Pending::Kv(r, e, batch)) => {
+                        routers[r].observe_kv_batch(ids[e], now, &batch);
                     }
                     None => {}
                 }
@@ -424,17 +544,18 @@ pub fn run_policy(
             }
         };
 
-        // Outputs of whatever engine moved: feed the router's own accounting and the records.
+        // Outputs of whatever engine moved: feed the booking replica's own accounting (it
+        // proxies the stream) and the records.
         for out in outputs.drain(..) {
             match out {
                 Output::Token {
                     id, at_us, index, ..
                 } => {
-                    if index == 0 {
-                        if let Some(f) = inflight.get(&id) {
-                            run.requests[f.workload_idx].first_token_us = at_us;
-                        }
-                        router.on_first_token(id, at_us);
+                    if index == 0
+                        && let Some(f) = inflight.get(&id)
+                    {
+                        run.requests[f.workload_idx].first_token_us = at_us;
+                        routers[f.replica].on_first_token(id, at_us);
                     }
                 }
                 Output::Finished {
@@ -452,7 +573,7 @@ pub fn run_policy(
                             u64::from(usage.prompt_tokens.saturating_sub(usage.cached_tokens));
                         run.makespan_us = run.makespan_us.max(at_us);
                         debug_assert_eq!(reason, FinishReason::Length);
-                        router.on_finish(
+                        routers[f.replica].on_finish(
                             id,
                             at_us,
                             &Outcome {
@@ -474,18 +595,21 @@ pub fn run_policy(
         if let Some(e) = touched {
             let events = engines[e].take_kv_events();
             if !events.is_empty() {
-                let batch = KvEventBatch {
+                let batch = Arc::new(KvEventBatch {
                     seq: kv_seq[e],
                     ts: now as f64 / 1e6,
                     events: events.into_iter().map(to_core_event).collect(),
                     data_parallel_rank: None,
-                };
+                });
                 kv_seq[e] += 1;
-                if delay_kv == 0 {
-                    router.observe_kv_batch(ids[e], now, &batch);
-                } else {
-                    let k = stash(&mut pending, &mut free_pending, Pending::Kv(e, batch));
-                    push(&mut queue, now + delay_kv, Ev::Deliver(k));
+                for (r, &(_, _, kv_delay_us)) in delays.iter().enumerate() {
+                    if oracle || kv_delay_us == 0 {
+                        routers[r].observe_kv_batch(ids[e], now, &batch);
+                    } else {
+                        let slot = Pending::Kv(r, e, Arc::clone(&batch));
+                        let k = stash(&mut pending, &mut free_pending, slot);
+                        push(&mut queue, now + kv_delay_us, Ev::Deliver(k));
+                    }
                 }
             }
             let next = engines[e].next_wakeup_us();

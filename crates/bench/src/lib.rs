@@ -8,6 +8,7 @@
 //! can also be sent over HTTP. Reports ([`report`]) are exact (percentiles over every sample).
 #![deny(missing_docs)]
 
+pub mod capacity;
 pub mod cli;
 pub mod des;
 pub mod live;

@@ -9,6 +9,12 @@
 //! - Hit ratio = cached prompt tokens ÷ prompt tokens (what `usage.prompt_tokens_details.cached_tokens`
 //!   reports).
 //! - Load balance = max ÷ mean over endpoints of uncached prompt tokens prefilled.
+//! - Herding = the mean over time of max ÷ mean waiting requests across endpoints (sampled
+//!   true queues; instants with no waiting request anywhere are skipped: nothing to herd), and
+//!   its oscillation, the standard deviation of that ratio over time. 1.0 is an even spread; a
+//!   fleet of N whose whole queue sits on one endpoint scores N. Several routers acting on the
+//!   same stale view pile onto whichever endpoint last looked idle, then all leave it: the
+//!   ratio is high and swings.
 
 use std::path::{Path, PathBuf};
 
@@ -58,6 +64,48 @@ pub struct LoadBalance {
     pub requests_per_endpoint: Vec<u64>,
 }
 
+/// How unevenly the waiting queues sat over time (see module docs).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct Herding {
+    /// Mean over time of max ÷ mean waiting requests across endpoints.
+    pub mean_max_over_mean_waiting: f64,
+    /// Standard deviation over time of that ratio.
+    pub oscillation: f64,
+    /// Mean over time of the longest waiting queue.
+    pub mean_max_waiting: f64,
+    /// Instants counted (with at least one waiting request).
+    pub samples: usize,
+}
+
+impl Herding {
+    /// Herding figures of a run's queue samples.
+    pub fn of(samples: &[crate::des::QueueSample]) -> Self {
+        let ratios: Vec<(f64, f64)> = samples
+            .iter()
+            .filter_map(|s| {
+                let total: u32 = s.waiting.iter().sum();
+                let max = s.waiting.iter().copied().max().unwrap_or(0);
+                (total > 0).then(|| {
+                    let mean = f64::from(total) / s.waiting.len() as f64;
+                    (f64::from(max) / mean, f64::from(max))
+                })
+            })
+            .collect();
+        if ratios.is_empty() {
+            return Self::default();
+        }
+        let k = ratios.len() as f64;
+        let mean = ratios.iter().map(|r| r.0).sum::<f64>() / k;
+        let var = ratios.iter().map(|r| (r.0 - mean).powi(2)).sum::<f64>() / k;
+        Self {
+            mean_max_over_mean_waiting: mean,
+            oscillation: var.sqrt(),
+            mean_max_waiting: ratios.iter().map(|r| r.1).sum::<f64>() / k,
+            samples: ratios.len(),
+        }
+    }
+}
+
 /// One policy's row of the report.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct PolicyReport {
@@ -84,6 +132,11 @@ pub struct PolicyReport {
     pub preemptions: u64,
     /// Spread of work across endpoints.
     pub load_balance: LoadBalance,
+    /// Unevenness of the waiting queues over time.
+    pub herding: Herding,
+    /// Requests no engine of the fleet could serve (longer than `max_model_len`), included in
+    /// `rejected`.
+    pub invalid: usize,
 }
 
 /// The whole comparison.
@@ -95,6 +148,8 @@ pub struct Report {
     pub requests: usize,
     /// Endpoints in the fleet.
     pub engines: usize,
+    /// Router replicas that decided (1 unless `--router-replicas`).
+    pub router_replicas: usize,
     /// SLO used for goodput.
     pub slo: Slo,
     /// One entry per policy, in the order run.
@@ -158,6 +213,8 @@ impl PolicyReport {
                 prefill_tokens_per_endpoint: loads.clone(),
                 requests_per_endpoint: run.requests_per_engine.clone(),
             },
+            herding: Herding::of(&run.queue_samples),
+            invalid: run.requests.iter().filter(|r| r.invalid).count(),
         }
     }
 }
@@ -166,11 +223,15 @@ impl Report {
     /// A plain-text table, one row per policy.
     pub fn table(&self) -> String {
         let mut s = format!(
-            "workload: {} ({} requests, {} endpoints)\n",
-            self.workload, self.requests, self.engines
+            "workload: {} ({} requests, {} endpoints, {} router replica{})\n",
+            self.workload,
+            self.requests,
+            self.engines,
+            self.router_replicas.max(1),
+            if self.router_replicas > 1 { "s" } else { "" }
         );
         s.push_str(&format!(
-            "{:<20} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9} {:>7} {:>8} {:>7} {:>6} {:>5}\n",
+            "{:<20} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9} {:>7} {:>8} {:>7} {:>6} {:>5} {:>11}\n",
             "policy",
             "ttft mean",
             "ttft p50",
@@ -183,15 +244,16 @@ impl Report {
             "hit",
             "preempt",
             "imbal",
-            "rej"
+            "rej",
+            "herd (osc)"
         ));
         s.push_str(&format!(
-            "{:<20} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9} {:>7} {:>8} {:>7} {:>6} {:>5}\n",
-            "", "ms", "ms", "ms", "ms", "ms", "ms", "", "(SLO)", "ratio", "", "max/µ", ""
+            "{:<20} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9} {:>7} {:>8} {:>7} {:>6} {:>5} {:>11}\n",
+            "", "ms", "ms", "ms", "ms", "ms", "ms", "", "(SLO)", "ratio", "", "max/µ", "", "max/µ wait"
         ));
         for p in &self.policies {
             s.push_str(&format!(
-                "{:<20} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>8.2} {:>8.2} {:>9.0} {:>6.1}% {:>8.3} {:>7} {:>6.2} {:>5}\n",
+                "{:<20} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>8.2} {:>8.2} {:>9.0} {:>6.1}% {:>8.3} {:>7} {:>6.2} {:>5} {:>5.2} ({:.2})\n",
                 p.policy,
                 p.ttft_ms.mean,
                 p.ttft_ms.p50,
@@ -204,7 +266,9 @@ impl Report {
                 p.hit_ratio,
                 p.preemptions,
                 p.load_balance.max_over_mean_prefill_tokens,
-                p.rejected
+                p.rejected,
+                p.herding.mean_max_over_mean_waiting,
+                p.herding.oscillation
             ));
         }
         s.push_str(&format!(
@@ -243,7 +307,8 @@ fn chart_err(path: &Path, e: impl std::fmt::Display) -> BenchError {
     }
 }
 
-/// Draws the three charts (TTFT CDF, TTFT over time, per-endpoint load) as SVG and PNG into
+/// Draws the four charts (TTFT CDF, TTFT over time, per-endpoint load, queue herding over time)
+/// as SVG and PNG into
 /// `dir`, returning the files written.
 pub fn write_charts(dir: &Path, runs: &[PolicyRun]) -> Result<Vec<PathBuf>, BenchError> {
     std::fs::create_dir_all(dir).map_err(|source| BenchError::Write {
@@ -251,7 +316,12 @@ pub fn write_charts(dir: &Path, runs: &[PolicyRun]) -> Result<Vec<PathBuf>, Benc
         source,
     })?;
     let mut written = Vec::new();
-    for name in ["ttft_cdf", "ttft_over_time", "endpoint_load"] {
+    for name in [
+        "ttft_cdf",
+        "ttft_over_time",
+        "endpoint_load",
+        "queue_herding",
+    ] {
         let svg = dir.join(format!("{name}.svg"));
         {
             let root = SVGBackend::new(&svg, (1000, 600)).into_drawing_area();
@@ -283,6 +353,7 @@ where
     match name {
         "ttft_cdf" => draw_cdf(root, runs),
         "ttft_over_time" => draw_over_time(root, runs),
+        "queue_herding" => draw_herding(root, runs),
         _ => draw_load(root, runs),
     }
 }
@@ -475,6 +546,180 @@ where
     chart
         .configure_series_labels()
         .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()?;
+    Ok(())
+}
+
+/// Max ÷ mean waiting requests across endpoints, averaged per second, per policy.
+fn herding_series(run: &PolicyRun) -> Vec<(f64, f64)> {
+    let mut buckets: std::collections::BTreeMap<u64, (f64, u32)> = Default::default();
+    for q in &run.queue_samples {
+        let total: u32 = q.waiting.iter().sum();
+        if total == 0 {
+            continue;
+        }
+        let max = q.waiting.iter().copied().max().unwrap_or(0);
+        let ratio = f64::from(max) * q.waiting.len() as f64 / f64::from(total);
+        let b = buckets.entry(q.t_us / 1_000_000).or_default();
+        b.0 += ratio;
+        b.1 += 1;
+    }
+    buckets
+        .into_iter()
+        .map(|(s, (sum, k))| (s as f64 + 0.5, sum / f64::from(k)))
+        .collect()
+}
+
+fn draw_herding<DB: DrawingBackend>(
+    root: &DrawingArea<DB, plotters::coord::Shift>,
+    runs: &[PolicyRun],
+) -> DrawResult
+where
+    DB::ErrorType: 'static,
+{
+    root.fill(&WHITE)?;
+    let series: Vec<Vec<(f64, f64)>> = runs.iter().map(herding_series).collect();
+    let x_max = series.iter().flatten().map(|p| p.0).fold(1.0f64, f64::max);
+    let engines = runs
+        .iter()
+        .filter_map(|r| r.queue_samples.first().map(|q| q.waiting.len()))
+        .max()
+        .unwrap_or(1)
+        .max(1) as f64;
+    let replicas = runs.iter().map(|r| r.router_replicas).max().unwrap_or(1);
+    let mut chart = ChartBuilder::on(root)
+        .caption(
+            format!(
+                "Herding: longest waiting queue / mean waiting queue over time ({replicas} router replica{})",
+                if replicas > 1 { "s" } else { "" }
+            ),
+            ("sans-serif", 22),
+        )
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0.0..x_max, 1.0..engines.max(1.5))?;
+    chart
+        .configure_mesh()
+        .x_desc("time (s)")
+        .y_desc("max / mean waiting requests (1 = even)")
+        .draw()?;
+    for (i, (run, pts)) in runs.iter().zip(series).enumerate() {
+        let color = PALETTE[i % PALETTE.len()];
+        chart
+            .draw_series(LineSeries::new(pts, color.stroke_width(2)))?
+            .label(run.policy.clone())
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()?;
+    Ok(())
+}
+
+/// One policy's curve on the rate chart: (rate, TTFT p90 in ms) points.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RateCurve {
+    /// Policy name.
+    pub policy: String,
+    /// Points, any order (sorted when drawn).
+    pub points: Vec<(f64, f64)>,
+}
+
+/// Draws TTFT p90 against arrival rate per policy with the SLO line, as SVG and PNG named
+/// `ttft_p90_vs_rate` in `dir`; `rate_label` names the x axis.
+pub fn write_rate_chart(
+    dir: &Path,
+    curves: &[RateCurve],
+    slo_ttft_p90_ms: f64,
+    rate_label: &str,
+) -> Result<Vec<PathBuf>, BenchError> {
+    std::fs::create_dir_all(dir).map_err(|source| BenchError::Write {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let svg = dir.join("ttft_p90_vs_rate.svg");
+    {
+        let root = SVGBackend::new(&svg, (1000, 600)).into_drawing_area();
+        draw_rate(&root, curves, slo_ttft_p90_ms, rate_label).map_err(|e| chart_err(&svg, e))?;
+        root.present().map_err(|e| chart_err(&svg, e))?;
+    }
+    let png = dir.join("ttft_p90_vs_rate.png");
+    {
+        let root = BitMapBackend::new(&png, (1000, 600)).into_drawing_area();
+        draw_rate(&root, curves, slo_ttft_p90_ms, rate_label).map_err(|e| chart_err(&png, e))?;
+        root.present().map_err(|e| chart_err(&png, e))?;
+    }
+    Ok(vec![svg, png])
+}
+
+fn draw_rate<DB: DrawingBackend>(
+    root: &DrawingArea<DB, plotters::coord::Shift>,
+    curves: &[RateCurve],
+    slo_ms: f64,
+    rate_label: &str,
+) -> DrawResult
+where
+    DB::ErrorType: 'static,
+{
+    root.fill(&WHITE)?;
+    let pts = curves.iter().flat_map(|c| c.points.iter());
+    let (mut x_min, mut x_max, mut y_min, mut y_max) = (f64::INFINITY, 0.0f64, slo_ms, slo_ms);
+    for &(x, y) in pts {
+        x_min = x_min.min(x);
+        x_max = x_max.max(x);
+        y_min = y_min.min(y.max(1.0));
+        y_max = y_max.max(y);
+    }
+    if !x_min.is_finite() {
+        x_min = 0.0;
+    }
+    let x_pad = ((x_max - x_min) * 0.05).max(0.01);
+    let x_range = (x_min - x_pad).max(0.0)..(x_max + x_pad);
+    let mut chart = ChartBuilder::on(root)
+        .caption(
+            "TTFT p90 against arrival rate per policy (dashed: SLO)",
+            ("sans-serif", 24),
+        )
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(x_range.clone(), ((y_min * 0.8)..(y_max * 1.25)).log_scale())?;
+    chart
+        .configure_mesh()
+        .x_desc(rate_label)
+        .y_desc("TTFT p90 (ms, log)")
+        .y_label_formatter(&|y| format!("{y:.0}"))
+        .draw()?;
+    for (i, c) in curves.iter().enumerate() {
+        let color = PALETTE[i % PALETTE.len()];
+        let mut p = c.points.clone();
+        p.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let p: Vec<(f64, f64)> = p.into_iter().map(|(x, y)| (x, y.max(1.0))).collect();
+        chart.draw_series(p.iter().map(|&q| Circle::new(q, 3, color.filled())))?;
+        chart
+            .draw_series(LineSeries::new(p, color.stroke_width(2)))?
+            .label(c.policy.clone())
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+    }
+    chart.draw_series(DashedLineSeries::new(
+        vec![(x_range.start, slo_ms), (x_range.end, slo_ms)],
+        8,
+        6,
+        BLACK.stroke_width(2),
+    ))?;
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
         .draw()?;

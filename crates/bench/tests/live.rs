@@ -9,7 +9,7 @@ use kvgate_bench::report::{PolicyReport, Slo};
 use kvgate_bench::workload::{SharedPrefixConfig, shared_prefix};
 use kvgate_engine::EngineConfig;
 use kvgate_gateway::Gateway;
-use kvgate_gateway::config::{GatewayConfig, Overrides};
+use kvgate_runtime::config::{GatewayConfig, Overrides};
 use kvgate_sim::{FleetConfig, start_fleet};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
