@@ -7,6 +7,10 @@ use clap::{Parser, Subcommand};
 #[derive(Parser, Debug)]
 #[command(name = "kvgate", version, about, long_about = None)]
 struct Cli {
+    /// Log format on stderr: `text` (coloured only when stderr is a terminal) or `json` (one
+    /// object per line, for log collectors). Levels and targets are chosen with `RUST_LOG`.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "KVGATE_LOG_FORMAT")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -25,14 +29,30 @@ enum Command {
     Demo(kvgate_bench::cli::DemoArgs),
 }
 
-fn main() -> Result<()> {
-    let cli = Cli::parse();
-    tracing_subscriber::fmt()
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Logs go to stderr, filtered by `RUST_LOG` (default `info`). Colour codes are written only
+/// to a terminal: in a file, journald or a container log they are noise that breaks grep.
+fn init_tracing(format: LogFormat) {
+    use std::io::IsTerminal;
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => logs.json().with_ansi(false).init(),
+    }
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
     match cli.command {
         Command::Serve(args) => {
             let rt = tokio::runtime::Runtime::new()?;
