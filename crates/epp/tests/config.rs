@@ -2,7 +2,9 @@
 //! `EndpointPickerConfig` file both work; contradictory flags and bad files are typed errors.
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use kvgate_testkit::eventually_sync;
 
 use kvgate_epp::{Epp, EppArgs, EppError};
 use kvgate_runtime::config::PolicyChoice;
@@ -81,11 +83,10 @@ async fn serve_config_endpoints_are_reloaded() {
         "endpoints:\n  - url: http://127.0.0.1:10\n    models: [m]\n",
     )
     .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while epp.control.endpoint_addresses() != vec!["127.0.0.1:10"] {
-        assert!(Instant::now() < deadline, "config reload not applied");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually_sync("config reload applied", Duration::from_secs(10), || {
+        epp.control.endpoint_addresses() == vec!["127.0.0.1:10"]
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -5,36 +5,17 @@
 mod common;
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::envoy::Envoy;
-use kvgate_engine::EngineConfig;
 use kvgate_epp::{Epp, EppArgs};
 use kvgate_runtime::config::RoutingFlags;
-use kvgate_sim::{Fleet, FleetConfig, start_fleet};
-use serde_json::{Value, json};
-
-const MODEL: &str = kvgate_sim::config::DEFAULT_MODEL;
-
-async fn eventually<F, Fut>(what: &str, within: Duration, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + within;
-    loop {
-        if f().await {
-            return;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+use kvgate_sim::Fleet;
+use kvgate_testkit::{chat, client, eventually};
+use serde_json::Value;
 
 async fn fleet(n: usize) -> Fleet {
-    let mut cfg = FleetConfig::homogeneous(n, EngineConfig::h100());
-    cfg.time_scale = 10.0;
-    start_fleet(cfg).await.expect("fleet starts")
+    kvgate_testkit::fleet(n, 10.0).await
 }
 
 async fn picker(f: &Fleet) -> Epp {
@@ -69,20 +50,6 @@ async fn picker(f: &Fleet) -> Epp {
     })
     .await;
     epp
-}
-
-fn client() -> reqwest::Client {
-    reqwest::Client::builder().no_proxy().build().unwrap()
-}
-
-fn chat(content: &str, max_tokens: u32, stream: bool) -> Value {
-    json!({
-        "model": MODEL,
-        "messages": [{"role": "user", "content": content}],
-        "max_tokens": max_tokens,
-        "stream": stream,
-        "stream_options": if stream { json!({"include_usage": true}) } else { Value::Null },
-    })
 }
 
 struct Answer {

@@ -17,6 +17,7 @@ mod messages;
 use kvgate_epp::extproc::BODY_CHUNK_BYTES;
 use kvgate_epp::{Epp, EppArgs};
 use kvgate_runtime::config::RoutingFlags;
+use kvgate_testkit::{eventually, eventually_sync};
 use messages::{
     body, chat_body, chat_headers, destination_metadata, headers, immediate, resp_body, set_headers,
 };
@@ -482,31 +483,31 @@ async fn health_reports_serving_for_static_endpoints() {
         .connect()
         .await
         .unwrap();
-    let mut c = HealthClient::new(channel);
+    let c = HealthClient::new(channel);
     for service in [
         "",
         "envoy.service.ext_proc.v3.ExternalProcessor",
         "liveness",
     ] {
         // SERVING is set by a start-up task: poll briefly.
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        loop {
-            let r = c
-                .check(HealthCheckRequest {
-                    service: service.into(),
-                })
-                .await
-                .unwrap()
-                .into_inner();
-            if r.status == 1 {
-                break;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{service} should be SERVING"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        eventually(
+            &format!("{service} SERVING"),
+            Duration::from_secs(5),
+            || {
+                let mut c = c.clone();
+                async move {
+                    let r = c
+                        .check(HealthCheckRequest {
+                            service: service.into(),
+                        })
+                        .await
+                        .unwrap()
+                        .into_inner();
+                    r.status == 1
+                }
+            },
+        )
+        .await;
     }
     let m = reqwest::get(format!("http://{}/metrics", epp.metrics_addr))
         .await
@@ -570,11 +571,10 @@ async fn served_endpoint_metadata_moves_the_booking_to_the_fallback() {
     assert!(matches!(s.recv().await, Resp::ResponseBody(_)));
     drop(s);
     // The stream ended normally: nothing stays booked.
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while in_flight(&parts[1]) != "0" {
-        assert!(std::time::Instant::now() < deadline, "booking not released");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually_sync("booking released", Duration::from_secs(5), || {
+        in_flight(&parts[1]) == "0"
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -596,10 +596,9 @@ async fn a_stream_closed_mid_request_releases_its_booking() {
     assert_eq!(gauge(&in_flight), "1");
     // Envoy goes away (client disconnected before the response).
     drop(s);
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while gauge(&in_flight) != "0" {
-        assert!(std::time::Instant::now() < deadline, "booking not released");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually_sync("booking released", Duration::from_secs(5), || {
+        gauge(&in_flight) == "0"
+    })
+    .await;
     assert_eq!(gauge("kvgate_gateway_client_cancellations_total"), "1");
 }

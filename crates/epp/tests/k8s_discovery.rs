@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Query, State};
@@ -27,6 +27,7 @@ use kvgate_engine::EngineConfig;
 use kvgate_epp::{Epp, EppArgs};
 use kvgate_runtime::config::RoutingFlags;
 use kvgate_sim::{FleetConfig, start_fleet};
+use kvgate_testkit::eventually_sync;
 use serde_json::{Value, json};
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
@@ -201,14 +202,6 @@ fn pod(name: &str, ready: bool, terminating: bool) -> Value {
     p
 }
 
-async fn eventually(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 struct Stream {
     tx: mpsc::Sender<ProcessingRequest>,
     rx: tonic::Streaming<ProcessingResponse>,
@@ -379,7 +372,7 @@ async fn pool_pods_join_drain_and_leave() {
 
     // Ready pod × two target ports = two endpoints; health turns SERVING once synced.
     let control = epp.control.clone();
-    eventually("both endpoints discovered", Duration::from_secs(10), || {
+    eventually_sync("both endpoints discovered", Duration::from_secs(10), || {
         control.ready_endpoints() == 2
     })
     .await;
@@ -430,7 +423,7 @@ async fn pool_pods_join_drain_and_leave() {
 
     // The pool drops its second port: that endpoint drains and gets nothing new.
     fake.pools.lock().unwrap().put(pool(&ports[..1]));
-    eventually("second endpoint drained", Duration::from_secs(10), || {
+    eventually_sync("second endpoint drained", Duration::from_secs(10), || {
         control.ready_endpoints() == 1
     })
     .await;
@@ -445,7 +438,7 @@ async fn pool_pods_join_drain_and_leave() {
     let (in_flight, r) = route(&epp, "long running").await;
     assert_eq!(r.expect("routed"), addrs[0]);
     fake.pods.lock().unwrap().put(pod("sim-0", true, true));
-    eventually("endpoint draining", Duration::from_secs(10), || {
+    eventually_sync("endpoint draining", Duration::from_secs(10), || {
         control.ready_endpoints() == 0
     })
     .await;
@@ -457,7 +450,7 @@ async fn pool_pods_join_drain_and_leave() {
     finish(s).await;
     finish(in_flight).await;
     // Once the last in-flight request ended the endpoint is removed: no ready endpoint → 503.
-    eventually("drained endpoint removed", Duration::from_secs(10), || {
+    eventually_sync("drained endpoint removed", Duration::from_secs(10), || {
         control.endpoint_ids([addrs[0].as_str()]).is_empty()
     })
     .await;
@@ -467,7 +460,7 @@ async fn pool_pods_join_drain_and_leave() {
     // The pod is replaced by a ready one: the endpoint joins again.
     fake.pods.lock().unwrap().delete("sim-0");
     fake.pods.lock().unwrap().put(pod("sim-1", true, false));
-    eventually("endpoint back", Duration::from_secs(10), || {
+    eventually_sync("endpoint back", Duration::from_secs(10), || {
         control.ready_endpoints() == 1
     })
     .await;
@@ -477,7 +470,7 @@ async fn pool_pods_join_drain_and_leave() {
 
     // The pool is deleted: everything drains away.
     fake.pools.lock().unwrap().delete("sim-pool");
-    eventually("pool gone", Duration::from_secs(10), || {
+    eventually_sync("pool gone", Duration::from_secs(10), || {
         control.ready_endpoints() == 0
     })
     .await;

@@ -1,46 +1,15 @@
 //! Process-level tests of `kvgate serve`: a real gateway on loopback ephemeral ports in front of
 //! `kvgate sim` engines started by each test, spoken to over real sockets.
 
-use std::future::Future;
 use std::time::{Duration, Instant};
 
 use kvgate_engine::EngineConfig;
 use kvgate_gateway::Gateway;
 use kvgate_runtime::config::{EndpointConfig, GatewayConfig, Overrides};
-use kvgate_sim::{EngineSpec, FaultConfig, Fleet, FleetConfig, start_fleet};
+use kvgate_sim::{FaultConfig, Fleet, FleetConfig, start_fleet};
+use kvgate_testkit::{MODEL, chat, client, eventually, fleet, fleet_with, metric_sum};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-const MODEL: &str = "meta-llama/Llama-3.1-8B-Instruct";
-
-/// Polls `f` until it returns true; fails the test after `within`.
-async fn eventually<F, Fut>(what: &str, within: Duration, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + within;
-    loop {
-        if f().await {
-            return;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-async fn fleet_with(n: usize, time_scale: f64, tweak: impl Fn(usize, &mut EngineSpec)) -> Fleet {
-    let mut cfg = FleetConfig::homogeneous(n, EngineConfig::h100());
-    cfg.time_scale = time_scale;
-    for (i, e) in cfg.engines.iter_mut().enumerate() {
-        tweak(i, e);
-    }
-    start_fleet(cfg).await.expect("fleet starts")
-}
-
-async fn fleet(n: usize, time_scale: f64) -> Fleet {
-    fleet_with(n, time_scale, |_, _| {}).await
-}
 
 fn endpoint(address: String) -> EndpointConfig {
     let mut cfg =
@@ -87,22 +56,8 @@ async fn gateway(cfg: GatewayConfig) -> Gateway {
     gw
 }
 
-fn client() -> reqwest::Client {
-    reqwest::Client::builder().no_proxy().build().unwrap()
-}
-
 fn url(gw: &Gateway, path: &str) -> String {
     format!("http://{}{path}", gw.api_addr)
-}
-
-fn chat(content: &str, max_tokens: u32, stream: bool) -> Value {
-    json!({
-        "model": MODEL,
-        "messages": [{"role": "user", "content": content}],
-        "max_tokens": max_tokens,
-        "stream": stream,
-        "stream_options": if stream { json!({"include_usage": true}) } else { Value::Null },
-    })
 }
 
 async fn admin_metrics(gw: &Gateway) -> String {
@@ -114,13 +69,6 @@ async fn admin_metrics(gw: &Gateway) -> String {
         .text()
         .await
         .unwrap()
-}
-
-fn metric_sum(text: &str, prefix: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 #[tokio::test]
