@@ -119,7 +119,14 @@ impl App {
             limits.upstream_connect_timeout_ms,
         )));
         connector.set_nodelay(true);
-        let client = Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector);
+        // Idle connections are closed on a timer (hyper-util only expires them when it has a
+        // timer; without one an engine that gets no more traffic keeps every connection of the
+        // last burst forever). hyper never follows redirects: an engine's 3xx is relayed as
+        // its answer, never fetched.
+        let client = Client::builder(hyper_util::rt::TokioExecutor::new())
+            .pool_timer(hyper_util::rt::TokioTimer::new())
+            .pool_idle_timeout(Duration::from_millis(limits.upstream_idle_timeout_ms))
+            .build(connector);
         Arc::new(Self {
             metrics: control.metrics.clone(),
             control,
@@ -161,6 +168,13 @@ pub fn api_router(app: Arc<App>) -> axum::Router {
             )
             .into_response()
         })
+        .method_not_allowed_fallback(|method: Method, uri: Uri| async move {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("{method} is not allowed on {}", uri.path()),
+            )
+            .into_response()
+        })
         .with_state(app)
 }
 
@@ -181,7 +195,7 @@ async fn ready(State(app): State<Arc<App>>) -> Response {
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            "no endpoint discovered yet",
+            "not ready: no endpoint that knows its models answers its scrapes, or shutting down",
         )
             .into_response()
     }
@@ -301,6 +315,8 @@ async fn read_body(body: Body, headers: &HeaderMap, limits: &Limits) -> Result<B
 enum AttemptError {
     Connect,
     Timeout,
+    /// No response body byte within `limits.first_byte_timeout_ms`.
+    FirstByte,
 }
 
 async fn send(
@@ -377,15 +393,27 @@ async fn serve(
     let mut attempt = 1;
     loop {
         let address = booking.address().clone();
-        let result = send(app, &address, api, &parts.headers, upstream_body.clone()).await;
+        let sent = send(app, &address, api, &parts.headers, upstream_body.clone());
+        let result = match app.limits.first_byte_timeout_ms {
+            None => sent.await.map(|r| (r, None)),
+            Some(ms) => {
+                tokio::time::timeout(Duration::from_millis(ms), first_byte(sent))
+                    .await
+                    .unwrap_or(Err(AttemptError::FirstByte))
+            }
+        };
         // The engine's error response, kept in case no other endpoint is left to try.
         let ((cause, kind), refused) = match result {
-            Ok(resp) => match status_failure(resp.status().as_u16()) {
-                None => return Ok(respond(resp, booking, &parsed, inject)),
+            Ok((resp, first)) => match status_failure(resp.status().as_u16()) {
+                None => return Ok(respond(resp, first, booking, &parsed, inject)),
                 Some(failure) => (failure, Some(resp)),
             },
             Err(AttemptError::Connect) => (("connect", FailureKind::Connect), None),
             Err(AttemptError::Timeout) => (("timeout", FailureKind::Timeout), None),
+            Err(AttemptError::FirstByte) => {
+                tracing::warn!(endpoint = %address, timeout_ms = ?app.limits.first_byte_timeout_ms, "no response byte from the engine in time; giving up on it");
+                (("first_byte_timeout", FailureKind::Timeout), None)
+            }
         };
         if attempt < app.max_attempts && booking.retry(cause, kind) {
             app.metrics
@@ -397,14 +425,42 @@ async fn serve(
             continue;
         }
         booking.fail(cause, kind);
+        let unreachable = app.control.unreachable_endpoints();
         return match refused {
             // Out of attempts: the engine's own error (OpenAI-shaped) is the best answer.
             Some(resp) => Ok(relay_plain(resp, &address)),
+            // Nothing to send to: the model's endpoints are down, say which (as readiness does).
+            None if cause == "connect" && !unreachable.is_empty() => Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "no reachable endpoint serves the model `{}` ({attempt} attempt(s)); \
+                     unreachable: {}",
+                    parsed.model,
+                    unreachable.join(", ")
+                ),
+            )),
             None => Err(ApiError::new(
                 StatusCode::BAD_GATEWAY,
                 format!("no endpoint could be reached after {attempt} attempt(s)"),
             )),
         };
+    }
+}
+
+/// The response head and, for a successful response, its first body frame (so a first-byte
+/// timeout covers engines that send headers at once and then hang, as vLLM's streams may).
+async fn first_byte(
+    sent: impl std::future::Future<Output = Result<hyper::Response<Incoming>, AttemptError>>,
+) -> Result<(hyper::Response<Incoming>, Option<Frame<Bytes>>), AttemptError> {
+    let mut resp = sent.await?;
+    if !resp.status().is_success() || hyper::body::Body::is_end_stream(resp.body()) {
+        return Ok((resp, None));
+    }
+    match resp.body_mut().frame().await {
+        Some(Ok(frame)) => Ok((resp, Some(frame))),
+        // Ended without a frame: relay the (empty) rest as it is.
+        None => Ok((resp, None)),
+        Some(Err(_)) => Err(AttemptError::Connect),
     }
 }
 
@@ -451,6 +507,7 @@ fn relay_plain(resp: hyper::Response<Incoming>, address: &str) -> Response {
 
 fn respond(
     resp: hyper::Response<Incoming>,
+    first: Option<Frame<Bytes>>,
     booking: Booking,
     parsed: &kvgate_runtime::openai::ParsedRequest,
     injected_usage: bool,
@@ -464,6 +521,7 @@ fn respond(
     let head = response_head(parts.status, &parts.headers, booking.address());
     let metered = Metered {
         inner: body,
+        first,
         booking: Some(booking),
         sse,
         meter: ResponseMeter::new(sse, parsed.api == ApiKind::Chat),
@@ -477,6 +535,8 @@ fn respond(
 /// The upstream response body, relayed frame by frame, measured on the way.
 struct Metered {
     inner: Incoming,
+    /// A frame already read from `inner` (by the first-byte timeout), relayed first.
+    first: Option<Frame<Bytes>>,
     /// Until the response ends (taken by `finish` or a mid-stream failure).
     booking: Option<Booking>,
     sse: bool,
@@ -616,7 +676,11 @@ impl hyper::body::Body for Metered {
             if this.ended {
                 return Poll::Ready(None);
             }
-            match Pin::new(&mut this.inner).poll_frame(cx) {
+            let polled = match this.first.take() {
+                Some(frame) => Poll::Ready(Some(Ok(frame))),
+                None => Pin::new(&mut this.inner).poll_frame(cx),
+            };
+            match polled {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Some(Ok(frame))) => {
                     // hyper stops polling once the body says it has ended, so account now.
@@ -683,7 +747,7 @@ impl hyper::body::Body for Metered {
     }
 
     fn size_hint(&self) -> SizeHint {
-        if self.strip.is_some() {
+        if self.strip.is_some() || self.first.is_some() {
             SizeHint::default()
         } else {
             self.inner.size_hint()

@@ -357,3 +357,144 @@ async fn unreachable_endpoints_make_an_unlisted_model_503_not_404() {
         .unwrap();
     assert_eq!(r.status(), 404);
 }
+
+#[tokio::test]
+async fn every_endpoint_unreachable_answered_502_not_503_with_model_given() {
+    let dead = dead_address().await;
+    let gw = gateway_for(&[&dead], |cfg| cfg.endpoints[0].models = vec![MODEL.into()]).await;
+    let control = gw.control.clone();
+    eventually("known unreachable", Duration::from_secs(10), || {
+        let c = control.clone();
+        async move { !c.unreachable_endpoints().is_empty() }
+    })
+    .await;
+    let (status, message) = status_and_message(chat(&gw).await).await;
+    assert_eq!(status, 503, "{message}");
+    assert!(
+        message.contains(&dead),
+        "names the unreachable endpoint: {message}"
+    );
+}
+
+#[tokio::test]
+async fn upstream_pool_kept_idle_connections_forever() {
+    let a = FakeEngine::start(engine_handler(VLLM_METRICS)).await;
+    let gw = gateway_for(&[&a.address], |cfg| {
+        cfg.endpoints[0].models = vec![MODEL.into()];
+        cfg.limits.upstream_idle_timeout_ms = 300;
+    })
+    .await;
+    let burst: Vec<_> = (0..16).map(|_| chat(&gw)).collect();
+    for r in futures::future::join_all(burst).await {
+        assert_eq!(r.status(), 200);
+    }
+    let after_burst = a.open_chat_connections.load(Ordering::SeqCst);
+    assert!(after_burst > 0, "the burst left pooled connections");
+    // The pool closes them on its own once idle; the engine sees them go.
+    eventually(
+        "no pooled connection left at the engine",
+        Duration::from_secs(10),
+        || {
+            let n = a.open_chat_connections.load(Ordering::SeqCst);
+            async move { n == 0 }
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn an_engine_that_hangs_forever_stranded_its_requests() {
+    let hung: Handler = Arc::new(|_, path| match path {
+        "/v1/chat/completions" => None,
+        _ => engine_handler(VLLM_METRICS)("GET", path),
+    });
+    let hanging = FakeEngine::start(hung).await;
+    let healthy = FakeEngine::start(engine_handler(VLLM_METRICS)).await;
+    let gw = gateway_for(&[&hanging.address, &healthy.address], |cfg| {
+        cfg.policy = kvgate_runtime::config::PolicyChoice::Named("round-robin".into());
+        cfg.limits.first_byte_timeout_ms = Some(300);
+        for e in &mut cfg.endpoints {
+            e.models = vec![MODEL.into()];
+        }
+    })
+    .await;
+    for i in 0..4 {
+        let started = Instant::now();
+        let r = tokio::time::timeout(Duration::from_secs(10), chat(&gw))
+            .await
+            .expect("answered, not stranded");
+        assert_eq!(r.status(), 200, "request {i} retried on the healthy engine");
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+    assert!(
+        hanging.hits("/v1/chat/completions") >= 1,
+        "the hanging engine was tried"
+    );
+    assert_eq!(healthy.hits("/v1/chat/completions"), 4);
+}
+
+#[tokio::test]
+async fn redirects_from_engines_were_followed() {
+    let trap = FakeEngine::start(engine_handler(VLLM_METRICS)).await;
+    let to = format!("http://{}/trap", trap.address);
+    let redirecting: Handler = Arc::new(move |_, _| {
+        Some((
+            StatusCode::TEMPORARY_REDIRECT,
+            vec![("location", to.clone())],
+            String::new(),
+        ))
+    });
+    let engine = FakeEngine::start(redirecting).await;
+    let gw = gateway_for(&[&engine.address], |cfg| {
+        cfg.endpoints[0].models = vec![MODEL.into()];
+        // Engine-side tokenization: every prompt is sent to the engine's /tokenize first.
+        cfg.model_dir = Some("engine".into());
+    })
+    .await;
+    let r = chat(&gw).await;
+    assert_eq!(r.status(), 307, "the engine's answer is relayed, not followed");
+    let models = client()
+        .get(format!("http://{}/v1/models", gw.api_addr))
+        .send()
+        .await
+        .unwrap();
+    assert_ne!(models.status(), 200);
+    eventually(
+        "scrapes, discovery, the tokenize probe, /v1/models and a chat went to the engine",
+        Duration::from_secs(10),
+        || {
+            let done = engine.hits("/metrics") >= 3
+                && engine.hits("/v1/models") >= 2
+                && engine.hits("/v1/chat/completions") >= 1
+                && engine.hits("/tokenize") >= 1;
+            async move { done }
+        },
+    )
+    .await;
+    assert_eq!(
+        trap.hits.lock().unwrap().values().sum::<usize>(),
+        0,
+        "a redirect target was fetched: {:?}",
+        trap.hits.lock().unwrap()
+    );
+}
+
+#[tokio::test]
+async fn method_not_allowed_had_an_empty_body() {
+    let a = FakeEngine::start(engine_handler(VLLM_METRICS)).await;
+    let gw = gateway_for(&[&a.address], |_| {}).await;
+    for (method, path) in [
+        (reqwest::Method::GET, "/v1/chat/completions"),
+        (reqwest::Method::POST, "/v1/models"),
+    ] {
+        let r = client()
+            .request(method.clone(), format!("http://{}{path}", gw.api_addr))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 405, "{method} {path}");
+        let v: Value = r.json().await.expect("an OpenAI error body");
+        assert_eq!(v["error"]["code"], 405, "{v}");
+        assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+}

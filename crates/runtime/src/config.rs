@@ -14,7 +14,8 @@
 //! scrape: { interval_ms: 100, timeout_ms: 1000 }
 //! kv_events: { block_size: 16, listen: tcp://0.0.0.0:5557 }
 //! limits: { max_body_bytes: 33554432, header_read_timeout_ms: 10000, body_read_timeout_ms: 30000,
-//!           idle_timeout_ms: 60000, upstream_connect_timeout_ms: 2000 }
+//!           idle_timeout_ms: 60000, upstream_connect_timeout_ms: 2000,
+//!           upstream_idle_timeout_ms: 4000, first_byte_timeout_ms: null }
 //! retry: { max_attempts: 3 }
 //! priority: { objectives: { premium: 10, batch: -1 } }
 //! tokenizer: { model_dir: /models/llama }   # the model's tokenizer.json + chat template
@@ -61,6 +62,13 @@ pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 60_000;
 /// Budget for a TCP connect to an engine, in ms. In-cluster connects take well under 1 ms and a
 /// refused port fails at once; 2 s only catches black-holed pods, after which the retry goes on.
 pub const DEFAULT_UPSTREAM_CONNECT_TIMEOUT_MS: u64 = 2_000;
+
+/// An idle pooled connection to an engine is closed after this long, in ms. Below uvicorn's
+/// default keep-alive (5 s, what vLLM and SGLang serve with), so the gateway drops a connection
+/// before the engine does instead of sending a request into one it is closing; and an engine
+/// that gets no traffic holds none of the gateway's sockets (they were kept forever: 1,399
+/// after one burst, 12 minutes later).
+pub const DEFAULT_UPSTREAM_IDLE_TIMEOUT_MS: u64 = 4_000;
 
 /// Attempts per request (first try plus retries on other endpoints) when an engine refuses the
 /// connection or answers 5xx/429 before the first byte. Three: a second pod usually succeeds,
@@ -171,6 +179,8 @@ struct RawLimits {
     body_read_timeout_ms: Option<u64>,
     idle_timeout_ms: Option<u64>,
     upstream_connect_timeout_ms: Option<u64>,
+    upstream_idle_timeout_ms: Option<u64>,
+    first_byte_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -246,6 +256,14 @@ pub struct Limits {
     pub idle_timeout_ms: u64,
     /// Budget for connecting to an engine, ms.
     pub upstream_connect_timeout_ms: u64,
+    /// Idle pooled connections to engines are closed after this, ms.
+    pub upstream_idle_timeout_ms: u64,
+    /// Budget from sending a request to an engine until the first byte of its response body,
+    /// ms; `None` (the default) waits as long as the engine takes, since long prefills and
+    /// non-streaming generations are legitimate. When set, an engine that hangs is given up
+    /// on (and penalised) and the request retried elsewhere while nothing has reached the
+    /// client.
+    pub first_byte_timeout_ms: Option<u64>,
 }
 
 impl Default for Limits {
@@ -256,6 +274,8 @@ impl Default for Limits {
             body_read_timeout_ms: DEFAULT_BODY_READ_TIMEOUT_MS,
             idle_timeout_ms: DEFAULT_IDLE_TIMEOUT_MS,
             upstream_connect_timeout_ms: DEFAULT_UPSTREAM_CONNECT_TIMEOUT_MS,
+            upstream_idle_timeout_ms: DEFAULT_UPSTREAM_IDLE_TIMEOUT_MS,
+            first_byte_timeout_ms: None,
         }
     }
 }
@@ -378,6 +398,8 @@ pub struct Overrides {
     pub shutdown_accept_grace_ms: Option<u64>,
     /// `--drain-timeout-ms`.
     pub drain_timeout_ms: Option<u64>,
+    /// `--first-byte-timeout-ms`.
+    pub first_byte_timeout_ms: Option<u64>,
 }
 
 /// Flags that `kvgate serve` and `kvgate epp` share: which model servers to route to and how.
@@ -426,6 +448,11 @@ pub struct RoutingFlags {
     /// cut, ms [default: 25000].
     #[arg(long)]
     pub drain_timeout_ms: Option<u64>,
+    /// Give up on an engine that has not started its response body this long after the
+    /// request was sent, ms, and retry elsewhere (off by default: long prefills and
+    /// non-streaming generations are legitimate).
+    #[arg(long)]
+    pub first_byte_timeout_ms: Option<u64>,
 }
 
 impl RoutingFlags {
@@ -443,6 +470,7 @@ impl RoutingFlags {
             max_body_bytes: self.max_body_bytes,
             shutdown_accept_grace_ms: self.shutdown_accept_grace_ms,
             drain_timeout_ms: self.drain_timeout_ms,
+            first_byte_timeout_ms: self.first_byte_timeout_ms,
             ..Overrides::default()
         }
     }
@@ -594,6 +622,13 @@ impl GatewayConfig {
                 .limits
                 .upstream_connect_timeout_ms
                 .unwrap_or(d.limits.upstream_connect_timeout_ms),
+            upstream_idle_timeout_ms: raw
+                .limits
+                .upstream_idle_timeout_ms
+                .unwrap_or(d.limits.upstream_idle_timeout_ms),
+            first_byte_timeout_ms: flags
+                .first_byte_timeout_ms
+                .or(raw.limits.first_byte_timeout_ms),
         };
         for (field, v) in [
             (
@@ -605,6 +640,14 @@ impl GatewayConfig {
             (
                 "limits.upstream_connect_timeout_ms",
                 limits.upstream_connect_timeout_ms,
+            ),
+            (
+                "limits.upstream_idle_timeout_ms",
+                limits.upstream_idle_timeout_ms,
+            ),
+            (
+                "limits.first_byte_timeout_ms",
+                limits.first_byte_timeout_ms.unwrap_or(1),
             ),
         ] {
             if v == 0 {
