@@ -42,11 +42,18 @@
 //! **Malformed input.** A body that is not valid JSON for the API, lacks `model` or the prompt
 //! field, or mistypes them gets an immediate 400 in the OpenAI error shape
 //! (`{"error": {"message", "type", "param", "code"}}`, `content-type: application/json`), exactly
-//! what `kvgate serve` answers. An unknown model is 404; no ready endpoint (none configured or
+//! what `kvgate serve` answers; so does an inference path whose request has no body at all
+//! (headers with `end_of_stream`), which is never sent to an engine. Paths are matched
+//! exactly (`/x/v1/chat/completions` is not the chat API). A message that cannot be decoded
+//! ends the stream with `INVALID_ARGUMENT` and a WARN. An unknown model is 404; no ready endpoint (none configured or
 //! discovered, none left in the subset hint) is 503; a sheddable request (objective priority < 0)
 //! meeting a saturated pool is 429. Messages out of protocol order (a body before headers, a
 //! second set of request headers) end the stream with a gRPC `FAILED_PRECONDITION`, which Envoy
 //! turns into a 500 unless its filter fails open.
+//!
+//! **Bounded bookings.** A routed request's booking waits for the response headers at most
+//! [`Picker::with_response_timeout_ms`]; then it is released (no penalty, WARN logged) so
+//! streams that never continue cannot hold bookings forever. The bound runs on tokio's clock.
 //!
 //! **Fallbacks.** The core ranks fallbacks after the primary. The protocol allows writing them
 //! after it (`ip:port,ip:port`), but Envoy's `ORIGINAL_DST` cluster, which the reference
@@ -108,6 +115,12 @@ pub const SERVED_ENDPOINT: &str = "x-gateway-destination-endpoint-served";
 /// Header asking the picker to send the request under another model name.
 pub const MODEL_REWRITE_HEADER: &str = "x-gateway-model-name-rewrite";
 
+/// How long a booking waits for the response phase by default, ms (see
+/// [`Picker::with_response_timeout_ms`]). A non-streaming request's response headers come
+/// only when the engine has generated the whole answer, so this must exceed the longest
+/// legitimate generation (minutes); ten minutes does, and still frees a leaked booking.
+pub const DEFAULT_RESPONSE_TIMEOUT_MS: u64 = 600_000;
+
 /// Settings of the ext_proc service.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PickerSettings {
@@ -121,6 +134,13 @@ struct Shared {
     control: Arc<Control>,
     metrics: Arc<EppMetrics>,
     settings: PickerSettings,
+    /// How long a routed request's booking waits for the response headers, ms. A stream that
+    /// sends a body and then never continues (a proxy that lost the request, or a peer holding
+    /// bookings on purpose) would otherwise count against its endpoint forever, and enough of
+    /// them make the pool look saturated (sheddable traffic then gets 429). When it trips the
+    /// booking is released without a penalty (nobody knows whose fault it is) and a WARN is
+    /// logged; the stream itself goes on, so a response that does come is still relayed.
+    response_timeout_ms: u64,
     round_robin: AtomicUsize,
 }
 
@@ -146,9 +166,23 @@ impl Picker {
                 control,
                 metrics,
                 settings,
+                response_timeout_ms: DEFAULT_RESPONSE_TIMEOUT_MS,
                 round_robin: AtomicUsize::new(0),
             }),
         }
+    }
+
+    /// The same picker with bookings waiting at most `ms` for the response phase (default
+    /// [`DEFAULT_RESPONSE_TIMEOUT_MS`]; see the module docs).
+    pub fn with_response_timeout_ms(self, ms: u64) -> Self {
+        let shared = Arc::new(Shared {
+            control: self.shared.control.clone(),
+            metrics: self.shared.metrics.clone(),
+            settings: self.shared.settings,
+            response_timeout_ms: ms,
+            round_robin: AtomicUsize::new(0),
+        });
+        Self { shared }
     }
 
     /// A fresh per-stream state machine (what [`ExternalProcessor::process`] runs per stream).
@@ -172,9 +206,32 @@ impl ExternalProcessor for Picker {
         self.shared.metrics.streams.inc();
         tokio::spawn(async move {
             loop {
-                let msg = match inbound.message().await {
+                let next = inbound.message();
+                let received = match state.response_deadline() {
+                    Some(deadline) => match tokio::time::timeout_at(deadline, next).await {
+                        Ok(r) => r,
+                        Err(_) => {
+                            state.response_overdue();
+                            continue;
+                        }
+                    },
+                    None => next.await,
+                };
+                let msg = match received {
                     Ok(Some(m)) => m,
                     Ok(None) => break,
+                    Err(status) if is_decode_error(&status) => {
+                        // Not a proxy going away: bytes that are no ext_proc message. Say so
+                        // with an error status (Envoy logs it) rather than a clean end.
+                        tracing::warn!(%status, "ext_proc message cannot be decoded; ending the stream");
+                        let _ = tx
+                            .send(Err(Status::invalid_argument(format!(
+                                "cannot decode the ext_proc message: {}",
+                                status.message()
+                            ))))
+                            .await;
+                        break;
+                    }
                     Err(status) => {
                         tracing::debug!(%status, "ext_proc stream ended by the proxy");
                         break;
@@ -208,6 +265,16 @@ impl ExternalProcessor for Picker {
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
+}
+
+/// Whether an inbound stream error is a message that could not be decoded (tonic reports
+/// those as `INTERNAL`, with the decoder's message), as opposed to the peer resetting or
+/// closing the stream.
+fn is_decode_error(status: &Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Internal | tonic::Code::InvalidArgument | tonic::Code::DataLoss
+    )
 }
 
 /// What the stream answers to one message.
@@ -275,6 +342,8 @@ pub struct StreamState {
     /// answered), and the end-of-stream flag of the body that is waiting.
     engine_tokens: Option<Option<Vec<u32>>>,
     waiting_eos: bool,
+    /// When the request was routed (its booking starts waiting for the response phase).
+    routed_at: Option<Instant>,
 }
 
 impl std::fmt::Debug for StreamState {
@@ -455,6 +524,42 @@ impl StreamState {
             status: 0,
             engine_tokens: None,
             waiting_eos: false,
+            routed_at: None,
+        }
+    }
+
+    /// Until when the booking waits for the response headers: `Some` while the request is
+    /// routed, booked and the response has not started (see
+    /// [`Picker::with_response_timeout_ms`]).
+    pub fn response_deadline(&self) -> Option<Instant> {
+        if self.phase != Phase::Routed || self.booking.is_none() {
+            return None;
+        }
+        let bound = std::time::Duration::from_millis(self.shared.response_timeout_ms);
+        Some(self.routed_at? + bound)
+    }
+
+    /// The response did not start by [`StreamState::response_deadline`]: the booking is
+    /// released without a penalty and the stream goes on (see
+    /// [`Picker::with_response_timeout_ms`]).
+    pub fn response_overdue(&mut self) {
+        if let Some(b) = self.booking.take() {
+            tracing::warn!(
+                endpoint = %b.address(),
+                request_id = ?self.info.request_id,
+                waited_ms = self.shared.response_timeout_ms,
+                "no response phase within the bound; releasing the booking"
+            );
+            self.shared
+                .metrics
+                .gateway
+                .upstream_errors
+                .get_or_create(&kvgate_runtime::metrics::UpstreamErrorLabels {
+                    endpoint: b.address().to_string(),
+                    kind: "response_timeout",
+                })
+                .inc();
+            drop(b);
         }
     }
 
@@ -528,6 +633,11 @@ impl StreamState {
         self.info.subset = subset_hint(md);
         self.api = ApiKind::from_path(&self.info.path);
         if h.end_of_stream {
+            // An inference API call without a body is invalid: answer it as `kvgate serve`
+            // does (400), rather than sending it to an engine.
+            if let Some(Err(e)) = self.api.map(|api| parse_request(api, b"")) {
+                return Ok(self.immediate(&e));
+            }
             return Ok(self.route_without_body(None, false));
         }
         self.phase = Phase::Body;
@@ -731,6 +841,7 @@ impl StreamState {
         tracing::debug!(request_id = ?self.info.request_id, endpoint = %destination, reason = booking.decision().reason.as_str(), "routed");
         self.booking = Some(booking);
         self.phase = Phase::Routed;
+        self.routed_at = Some(Instant::now());
         let mut responses = vec![self.headers_response(&destination, Some(body.len()))];
         responses.extend(body_chunks(&body, eos, true));
         self.shared

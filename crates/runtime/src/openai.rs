@@ -38,6 +38,8 @@ impl ApiKind {
     }
 
     /// The API for a request path (`/v1/...`, as Envoy's `:path`), ignoring any query string.
+    /// Matched exactly, as `kvgate serve`'s routes are: `/x/v1/chat/completions` is not the
+    /// chat API, whatever its suffix.
     pub fn from_path(path: &str) -> Option<Self> {
         let path = path.split('?').next().unwrap_or(path);
         [
@@ -47,7 +49,7 @@ impl ApiKind {
             Self::Responses,
         ]
         .into_iter()
-        .find(|k| path.ends_with(k.path()))
+        .find(|k| path == k.path())
     }
 
     /// Short label for metrics.
@@ -501,6 +503,26 @@ mod tests {
 
     fn err(api: ApiKind, body: &str) -> ApiError {
         parse_request(api, body.as_bytes()).unwrap_err()
+    }
+
+    #[test]
+    fn paths_were_matched_by_suffix() {
+        assert_eq!(
+            ApiKind::from_path("/v1/chat/completions"),
+            Some(ApiKind::Chat)
+        );
+        assert_eq!(
+            ApiKind::from_path("/v1/completions?x=1"),
+            Some(ApiKind::Completions)
+        );
+        for other in [
+            "/x/v1/chat/completions",
+            "/v2/v1/completions",
+            "/v1/chat/completions/",
+            "/v1/chat",
+        ] {
+            assert_eq!(ApiKind::from_path(other), None, "{other}");
+        }
     }
 
     #[test]
