@@ -88,8 +88,8 @@ pub enum EppError {
         /// What went wrong.
         reason: String,
     },
-    /// Waiting for ctrl-c failed.
-    #[error("cannot listen for ctrl-c")]
+    /// The SIGTERM / ctrl-c handlers could not be installed.
+    #[error("cannot listen for SIGTERM / ctrl-c")]
     Signal(#[source] std::io::Error),
 }
 
@@ -99,7 +99,9 @@ pub struct EppArgs {
     /// YAML config file: the same format as `kvgate serve`, or a bare `EndpointPickerConfig`.
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Address to bind the three listeners to [default: 0.0.0.0].
+    /// Address the three listeners (ext_proc gRPC, gRPC health, metrics) bind [default:
+    /// 0.0.0.0, every interface: in Kubernetes, Envoy and the kubelet's probes reach the
+    /// picker on its pod IP. Give 127.0.0.1 when the proxy runs beside it].
     #[arg(long)]
     pub host: Option<String>,
     /// ext_proc gRPC port (Envoy connects here).
@@ -144,6 +146,10 @@ pub struct EppArgs {
     /// Directory with `tls.crt` and `tls.key` (PEM) for --secure-serving.
     #[arg(long)]
     pub cert_path: Option<PathBuf>,
+    /// How long a routed request's booking waits for the response headers before it is
+    /// released (no penalty, WARN logged), ms: bounds what streams that never continue can hold.
+    #[arg(long, default_value_t = extproc::DEFAULT_RESPONSE_TIMEOUT_MS)]
+    pub response_timeout_ms: u64,
 }
 
 impl Default for EppArgs {
@@ -164,6 +170,7 @@ impl Default for EppArgs {
             pod_kv_replay_port: None,
             secure_serving: false,
             cert_path: None,
+            response_timeout_ms: extproc::DEFAULT_RESPONSE_TIMEOUT_MS,
         }
     }
 }
@@ -216,6 +223,8 @@ pub struct Epp {
     pub control: Arc<Control>,
     /// Metrics.
     pub metrics: Arc<EppMetrics>,
+    health: tonic_health::server::HealthReporter,
+    shutdown_times: kvgate_runtime::config::ShutdownTimes,
     tasks: Tasks,
 }
 
@@ -296,6 +305,7 @@ impl Epp {
         {
             let control = control.clone();
             let stop = stop.clone();
+            let reporter = reporter.clone();
             tasks.spawn(async move {
                 if synced_rx.wait_for(|s| *s).await.is_err() {
                     return;
@@ -306,6 +316,9 @@ impl Epp {
                     tokio::select! {
                         () = stop.cancelled() => return,
                         _ = tick.tick() => {}
+                    }
+                    if control.is_shutting_down() {
+                        return;
                     }
                     if control.ready_endpoints() > 0 || control.endpoint_addresses().is_empty() {
                         break;
@@ -363,7 +376,8 @@ impl Epp {
                 max_body_bytes: cfg.limits.max_body_bytes,
                 fallbacks: args.fallbacks,
             },
-        );
+        )
+        .with_response_timeout_ms(args.response_timeout_ms);
         let mut builder = tonic::transport::Server::builder();
         if args.secure_serving {
             builder = builder
@@ -415,8 +429,24 @@ impl Epp {
             metrics_addr,
             control,
             metrics,
+            health: reporter,
+            shutdown_times: cfg.shutdown,
             tasks,
         })
+    }
+
+    /// What a shutdown signal starts: gRPC health turns `NOT_SERVING` first (for the proxy
+    /// and the kubelet; liveness stays `SERVING`), then the shared drain sequence
+    /// (`kvgate_runtime::lifecycle::drain`) as `kvgate serve` runs it: listeners keep accepting
+    /// for the grace period, then open ext_proc streams get the drain timeout to finish.
+    pub async fn drain(self, signal: &str) {
+        for name in ["", "readiness", EXT_PROC_SERVICE] {
+            self.health
+                .set_service_status(name, ServingStatus::NotServing)
+                .await;
+        }
+        kvgate_runtime::lifecycle::drain(&self.control, self.tasks, self.shutdown_times, signal)
+            .await;
     }
 
     /// Stops the listeners and lets open ext_proc streams (requests in flight) finish for up to
@@ -466,12 +496,13 @@ fn metrics_router(control: Arc<Control>) -> axum::Router {
     kvgate_runtime::metrics::router(control).route("/health", axum::routing::get(|| async { "ok" }))
 }
 
-/// Runs `kvgate epp` until ctrl-c.
+/// Runs `kvgate epp` until SIGTERM or ctrl-c, then drains (see [`Epp::drain`]).
 pub async fn run(args: EppArgs) -> Result<(), EppError> {
     let epp = Epp::start(&args).await?;
-    tokio::signal::ctrl_c().await.map_err(EppError::Signal)?;
-    tracing::info!("shutting down");
-    epp.shutdown().await;
+    let signal = kvgate_runtime::lifecycle::shutdown_signal()
+        .await
+        .map_err(EppError::Signal)?;
+    epp.drain(signal).await;
     Ok(())
 }
 

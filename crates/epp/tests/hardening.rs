@@ -254,3 +254,65 @@ async fn ext_proc_decode_errors_ended_the_stream_with_grpc_status_0() {
         .expect_err("a decode error is not a clean end (grpc-status 0)");
     assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status}");
 }
+
+#[tokio::test]
+async fn epp_drain_turns_health_not_serving_first_and_keeps_accepting() {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    let epp = Epp::start(&EppArgs {
+        host: Some("127.0.0.1".into()),
+        grpc_port: 0,
+        grpc_health_port: 0,
+        metrics_port: 0,
+        routing: RoutingFlags {
+            endpoints: vec![EP[0].into()],
+            models: vec!["m".into()],
+            shutdown_accept_grace_ms: Some(2_000),
+            drain_timeout_ms: Some(2_000),
+            ..RoutingFlags::default()
+        },
+        ..EppArgs::default()
+    })
+    .await
+    .expect("picker starts");
+    let (grpc_addr, control) = (epp.grpc_addr, epp.control.clone());
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", epp.health_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel);
+    let status = |mut h: HealthClient<tonic::transport::Channel>| async move {
+        h.check(HealthCheckRequest {
+            service: "envoy.service.ext_proc.v3.ExternalProcessor".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while status(health.clone()).await != 1 {
+        assert!(std::time::Instant::now() < deadline, "never SERVING");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let drained = tokio::spawn(epp.drain("SIGTERM"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(1);
+    while status(health.clone()).await != 2 {
+        assert!(std::time::Instant::now() < deadline, "not NOT_SERVING at once");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(control.is_shutting_down());
+    // The ext_proc port still accepts during the grace period.
+    tokio::net::TcpStream::connect(grpc_addr)
+        .await
+        .expect("still accepting during the grace period");
+    tokio::time::timeout(Duration::from_secs(10), drained)
+        .await
+        .expect("drained within grace + drain timeout")
+        .unwrap();
+    let _ = health
+        .check(HealthCheckRequest::default())
+        .await
+        .expect_err("the health listener is closed after the drain");
+}
