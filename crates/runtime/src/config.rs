@@ -557,6 +557,16 @@ impl GatewayConfig {
             ),
             (None, None, None) => d.policy,
         };
+        // A policy that needs the simulator's true engine state would fail every live request.
+        if let PolicyChoice::Named(name) = &policy
+            && let Ok(p) = name.parse::<kvgate_core::Policy>()
+            && !p.is_live_capable()
+        {
+            return Err(invalid(
+                "policy",
+                format!("{p} reads the simulator's true engine state: it runs only in `kvgate bench`"),
+            ));
+        }
         let endpoints = if flags.endpoints.is_empty() {
             if !flags.kv_events.is_empty() || !flags.kv_replay.is_empty() {
                 return Err(invalid(
@@ -569,13 +579,22 @@ impl GatewayConfig {
                 .map(endpoint_from_raw)
                 .collect::<Result<Vec<_>, _>>()?
         } else {
-            if flags.kv_events.len() > flags.endpoints.len()
-                || flags.kv_replay.len() > flags.endpoints.len()
-            {
-                return Err(invalid(
-                    "kv_events",
-                    "more --kv-events/--kv-replay than --endpoint (they pair by position)",
-                ));
+            // They pair by position, so a count that differs (2 --endpoint, 1 --kv-events)
+            // would silently leave endpoints without events; '' marks one that has none.
+            for (flag, given) in [
+                ("--kv-events", flags.kv_events.len()),
+                ("--kv-replay", flags.kv_replay.len()),
+            ] {
+                if given != 0 && given != flags.endpoints.len() {
+                    return Err(invalid(
+                        "kv_events",
+                        format!(
+                            "{given} {flag} for {} --endpoint: they pair by position, give one \
+                             per --endpoint ('' for an endpoint without)",
+                            flags.endpoints.len()
+                        ),
+                    ));
+                }
             }
             flags
                 .endpoints
@@ -813,7 +832,7 @@ priority: { objectives: { batch: -1 } }
         let flags = Overrides {
             port: Some(7),
             endpoints: vec!["http://a:1".into(), "http://b:2".into()],
-            kv_events: vec!["tcp://a:9".into()],
+            kv_events: vec!["tcp://a:9".into(), String::new()],
             ..Overrides::default()
         };
         let raw: RawConfig =
@@ -823,6 +842,38 @@ priority: { objectives: { batch: -1 } }
         assert_eq!(c.endpoints.len(), 2);
         assert_eq!(c.endpoints[0].kv_events.as_deref(), Some("tcp://a:9"));
         assert_eq!(c.endpoints[1].kv_events, None);
+    }
+
+    #[test]
+    fn two_endpoints_with_one_kv_events_were_silently_accepted() {
+        let flags = Overrides {
+            endpoints: vec!["http://a:1".into(), "http://b:2".into()],
+            kv_events: vec!["tcp://a:9".into()],
+            ..Overrides::default()
+        };
+        let err = GatewayConfig::from_raw(RawConfig::default(), &flags).unwrap_err();
+        assert!(err.to_string().contains("pair by position"), "{err}");
+        let replay = Overrides {
+            kv_replay: vec!["tcp://a:8".into(), "tcp://b:8".into(), "tcp://c:8".into()],
+            kv_events: Vec::new(),
+            ..flags
+        };
+        assert!(GatewayConfig::from_raw(RawConfig::default(), &replay).is_err());
+    }
+
+    #[test]
+    fn serve_with_the_oracle_policy_started_and_failed_every_request() {
+        let flags = Overrides {
+            policy: Some("oracle".into()),
+            ..Overrides::default()
+        };
+        let err = GatewayConfig::from_raw(RawConfig::default(), &flags).unwrap_err();
+        assert!(
+            matches!(&err, RuntimeError::InvalidConfig { field: "policy", .. }),
+            "{err}"
+        );
+        assert!(GatewayConfig::from_yaml("policy: oracle").is_err());
+        assert!(GatewayConfig::from_yaml("policy: gie-default").is_ok());
     }
 
     #[test]
