@@ -98,9 +98,6 @@ impl Booking {
     }
 
     fn on_booked(&self, reason: &str) {
-        self.target
-            .in_flight
-            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         self.control
             .metrics
             .decisions
@@ -109,12 +106,6 @@ impl Booking {
                 reason: reason.to_owned(),
             })
             .inc();
-    }
-
-    fn release(&mut self) {
-        self.target
-            .in_flight
-            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 
     /// The endpoint the request is booked on now.
@@ -198,7 +189,6 @@ impl Booking {
             return false;
         };
         self.fail_attempt(label, kind);
-        self.release();
         self.tried.push(endpoint);
         self.req = req;
         self.target = target;
@@ -236,7 +226,6 @@ impl Booking {
 
 impl Drop for Booking {
     fn drop(&mut self) {
-        self.release();
         if !self.ended {
             self.control.metrics.client_cancellations.inc();
             self.control.on_failure(self.req.id, FailureKind::Cancelled);

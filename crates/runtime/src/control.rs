@@ -13,8 +13,10 @@
 //! hashing, the only per-request work that grows with prompt length, run before the lock is
 //! taken. The observation task drains every queued observation under a single acquisition, so a
 //! burst of KV events costs one lock round-trip, not one per batch. Membership (address → id,
-//! signal tasks, in-flight counts) lives in a separate `RwLock`, read on every request and
-//! written only when endpoints join or leave.
+//! config, signal tasks) lives in a separate `RwLock`, read on every request and written only
+//! when endpoints join or leave. In-flight counts and signal ages have one owner, the router
+//! (its bookings, its last sample and KV batch per endpoint): gauges, draining and shutdown
+//! read them from it rather than from counters kept beside it.
 //!
 //! **Signals.** Each endpoint gets a `kvgate-signals` metrics scraper and, when configured, a
 //! KV-event subscriber (with replay); both send [`Observation`]s to one channel. An endpoint
@@ -143,12 +145,6 @@ pub struct Member {
     pub facts: Option<EndpointFacts>,
     /// Whether it was removed from the config and is finishing in-flight work.
     pub draining: bool,
-    /// Requests in flight to it through this data plane.
-    pub in_flight: Arc<AtomicU64>,
-    /// When its last metrics sample arrived (clock µs; 0 = never).
-    pub last_metrics_us: Arc<AtomicU64>,
-    /// When its last KV-event batch arrived (clock µs; 0 = never).
-    pub last_kv_us: Arc<AtomicU64>,
     tasks: Vec<AbortHandle>,
     /// Its KV-event subscriber (owns the socket or the listener registration).
     kv: Option<KvSubscriber>,
@@ -318,8 +314,6 @@ pub struct Target {
     pub id: EndpointId,
     /// `host:port`.
     pub address: Arc<str>,
-    /// In-flight counter of that endpoint (the caller increments and decrements it).
-    pub in_flight: Arc<AtomicU64>,
 }
 
 /// The shared routing state (see the module docs).
@@ -480,9 +474,6 @@ impl Control {
                 config: cfg.clone(),
                 facts: None,
                 draining: false,
-                in_flight: Arc::new(AtomicU64::new(0)),
-                last_metrics_us: Arc::new(AtomicU64::new(0)),
-                last_kv_us: Arc::new(AtomicU64::new(0)),
                 tasks: Vec::new(),
                 kv: None,
                 cache_config: Mutex::new(None),
@@ -651,11 +642,18 @@ impl Control {
             let Some(control) = control.upgrade() else {
                 return;
             };
+            // In-flight counts are the router's (its bookings), not a copy kept here.
+            let busy: std::collections::HashSet<EndpointId> = control.with_router(|r| {
+                r.endpoints()
+                    .filter(|v| v.estimate.own_in_flight > 0)
+                    .map(|v| v.id)
+                    .collect()
+            });
             let mut m = control.members_write();
             let done: Vec<String> = m
                 .by_address
                 .iter()
-                .filter(|(_, mb)| mb.draining && mb.in_flight.load(Ordering::Acquire) == 0)
+                .filter(|(_, mb)| mb.draining && !busy.contains(&mb.id))
                 .map(|(a, _)| a.clone())
                 .collect();
             for address in done {
@@ -769,7 +767,6 @@ impl Control {
                     let member = m.by_address.get(o.endpoint())?;
                     match o {
                         Observation::Metrics { sample, .. } => {
-                            member.last_metrics_us.store(now, Ordering::Relaxed);
                             member.note_cache_config(o.endpoint(), sample);
                             member.note_reachability(Reachability::Reachable, None);
                         }
@@ -786,9 +783,6 @@ impl Control {
                                 Reachability::Reachable
                             };
                             member.note_reachability(now, Some(error));
-                        }
-                        Observation::KvBatch { .. } => {
-                            member.last_kv_us.store(now, Ordering::Relaxed)
                         }
                         _ => {}
                     }
@@ -840,23 +834,40 @@ impl Control {
         }
     }
 
-    /// Refreshes the per-endpoint gauges (signal ages, in-flight) before `/metrics` renders.
+    /// Refreshes the per-endpoint gauges (signal ages, in-flight, index sizes) before
+    /// `/metrics` renders. All of them are read from the router, which owns them.
     pub fn refresh_gauges(&self) {
         let now = self.now_us();
-        let m = self.members_read();
-        for (address, member) in &m.by_address {
-            for (signal, at) in [
-                ("metrics", &member.last_metrics_us),
-                ("kv_events", &member.last_kv_us),
-            ] {
-                let at = at.load(Ordering::Relaxed);
-                if at == 0 {
-                    continue;
-                }
+        struct Gauges {
+            endpoint: String,
+            metrics_at: Option<u64>,
+            kv_at: Option<u64>,
+            in_flight: u32,
+            mode: Option<&'static str>,
+            precise: usize,
+            approx: usize,
+        }
+        let views: Vec<Gauges> = self.with_router(|r| {
+            r.endpoints()
+                .map(|v| Gauges {
+                    endpoint: v.address.to_owned(),
+                    metrics_at: v.sample_taken_at_us,
+                    kv_at: v.last_kv_event_at_us,
+                    in_flight: v.estimate.own_in_flight,
+                    mode: r.kv_index_mode(v.id).map(|m| m.as_str()),
+                    precise: v.precise_blocks,
+                    approx: v.approx_blocks,
+                })
+                .collect()
+        });
+        let mut index = Vec::with_capacity(views.len());
+        for g in views {
+            for (signal, at) in [("metrics", g.metrics_at), ("kv_events", g.kv_at)] {
+                let Some(at) = at else { continue };
                 self.metrics
                     .signal_age_seconds
                     .get_or_create(&SignalLabels {
-                        endpoint: address.clone(),
+                        endpoint: g.endpoint.clone(),
                         signal,
                     })
                     .set(now.saturating_sub(at) as f64 / 1e6);
@@ -864,25 +875,13 @@ impl Control {
             self.metrics
                 .in_flight
                 .get_or_create(&EndpointLabels {
-                    endpoint: address.clone(),
+                    endpoint: g.endpoint.clone(),
                 })
-                .set(i64::try_from(member.in_flight.load(Ordering::Relaxed)).unwrap_or(i64::MAX));
+                .set(i64::from(g.in_flight));
+            if let Some(mode) = g.mode {
+                index.push((g.endpoint, mode, g.precise, g.approx));
+            }
         }
-        let index: Vec<(String, &'static str, usize, usize)> = {
-            let st = self.lock();
-            st.router
-                .endpoints()
-                .filter_map(|v| {
-                    let mode = st.router.kv_index_mode(v.id)?.as_str();
-                    Some((
-                        v.address.to_owned(),
-                        mode,
-                        v.precise_blocks,
-                        v.approx_blocks,
-                    ))
-                })
-                .collect()
-        };
         for (endpoint, mode, precise, approx) in index {
             for (source, n) in [("precise", precise), ("approximate", approx)] {
                 self.metrics
@@ -921,11 +920,7 @@ impl Control {
 
     /// Requests in flight through this data plane, over every endpoint.
     pub fn in_flight(&self) -> u64 {
-        self.members_read()
-            .by_address
-            .values()
-            .map(|m| m.in_flight.load(Ordering::Relaxed))
-            .sum()
+        self.with_router(|r| r.in_flight() as u64)
     }
 
     /// Whether [`Control::begin_shutdown`] was called.
@@ -1156,12 +1151,7 @@ impl Control {
     fn target(&self, id: EndpointId) -> Option<Target> {
         let m = self.members_read();
         let address = m.address_of.get(&id)?.clone();
-        let in_flight = m.by_address.get(&*address)?.in_flight.clone();
-        Some(Target {
-            id,
-            address,
-            in_flight,
-        })
+        Some(Target { id, address })
     }
 
     /// Picks and books at once (one lock acquisition); the returned [`Booking`] reports the
