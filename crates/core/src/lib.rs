@@ -13,6 +13,8 @@
 //! * [`keys`]: the router's own block keys (a chain over token ids), so nothing depends on an
 //!   engine's hash seed or algorithm; [`engine_keys`] learns each engine hash → key alias from
 //!   `BlockStored`.
+//! * [`kv_seq`]: the one sequence rule of a KV-event stream (first batch, gaps, replays,
+//!   restarts), shared by the router and the KV-event subscriber.
 //! * [`index`]: the prefix index (precise from KV events, approximate from decisions; layout,
 //!   eviction, trust).
 //! * [`contract`]: the self-check of the precise index against the engines' reported cached
@@ -34,6 +36,7 @@ pub mod error;
 pub mod estimate;
 pub mod index;
 pub mod keys;
+pub mod kv_seq;
 pub mod observe;
 pub mod policies;
 pub mod request;

@@ -18,20 +18,24 @@
 //! plane that needs concurrent picks wraps the router in a read-write lock; the router is
 //! `Send + Sync` and does no locking of its own (the discrete-event benchmark needs none).
 //!
-//! KV event streams: an endpoint's events are trusted from a batch with sequence 0 (the stream's
-//! start) on. A jump in sequence numbers ([`SeqCheck::Gap`]) applies the batch (its facts are
-//! still true), untrusts the endpoint (it is matched on approximate entries, which the router
-//! keeps for every endpoint anyway) and records the missing range; batches later delivered in
-//! that range by the engine's replay are applied ([`SeqCheck::Replayed`]); duplicates are
-//! ignored. [`Router::kv_resynced`] restores trust once the caller's replay covered the gap.
-//! A publisher restart ([`Router::kv_publisher_restarted`]: sequence numbers went back to 0, so
-//! the engine process restarted and its cache is empty) is a disconnect plus an implied
-//! `AllBlocksCleared`: the endpoint's precise entries in every tier are dropped through the same
-//! path as that event, and its sequence tracking restarts, so the new stream is trusted from its
-//! batch 0 on. Merely untrusting it ([`Router::kv_stream_lost`]) is not enough: trust returns with
-//! the new stream's first batch and the dead process's blocks would match again. The
-//! endpoint's approximate entries go too (its cache is empty, so the router's guesses about it
-//! are void), and so do its engine-hash aliases ([`crate::engine_keys`]).
+//! KV event streams: sequence numbers are classified by [`crate::kv_seq::KvSequence`], the one
+//! owner of that rule (the KV-event subscriber holds the same type for the live stream; see its
+//! module docs for the rule and why there is one). A stream's first batch is trusted from
+//! wherever it starts when the router holds nothing from that endpoint. A jump in sequence
+//! numbers ([`SeqCheck::Gap`]) applies the batch (its facts are still true), untrusts the
+//! endpoint (it is matched on approximate entries, which the router keeps for every endpoint
+//! anyway) and records the missing range; batches later delivered in that range by the
+//! engine's replay are applied ([`SeqCheck::Replayed`]); duplicates are ignored.
+//! [`Router::kv_resynced`] restores trust once the caller's replay covered the gap.
+//! A publisher restart ([`Router::kv_publisher_restarted`], or a batch 0 after progress,
+//! [`SeqCheck::Restarted`]: the engine process restarted and its cache is empty) is a
+//! disconnect plus an implied `AllBlocksCleared`: the endpoint's precise entries in every tier
+//! are dropped through the same path as that event, and its sequence tracking restarts, so the
+//! new stream is trusted from its first batch on. Merely untrusting it
+//! ([`Router::kv_stream_lost`]) is not enough: trust returns with the new stream's first batch
+//! and the dead process's blocks would match again. The endpoint's approximate entries go too
+//! (its cache is empty, so the router's guesses about it are void), and so do its engine-hash
+//! aliases ([`crate::engine_keys`]).
 //! Accepted risk: a replayed `BlockStored` for a block whose removal was in an already applied
 //! newer batch resurrects that block until it is stored or cleared again; replay is rare and the
 //! error is one false prefix hit, which the engine's real cache absorbs as a miss. Membership
@@ -52,6 +56,7 @@ use crate::estimate::{Booking, CalibrationParams, EndpointLoad, LoadEstimate};
 use crate::index::{
     ApplyOutcome, IndexConfig, IndexMemory, PrefixIndex, PrefixQuery, PrefixSource, tier_bit,
 };
+use crate::kv_seq::{KvSequence, SeqOutcome};
 use crate::observe::{KvEvent, KvEventBatch, MetricsSample};
 use crate::policies::{
     self as plugins, Candidate, Filter, Needs, Pick, PickContext, Picker, Scorer,
@@ -77,12 +82,15 @@ pub enum SeqCheck {
     Replayed,
     /// Already seen (duplicate) or from an unknown endpoint; ignored.
     Stale,
+    /// Sequence 0 after progress: the publisher restarted with an empty cache. The endpoint's
+    /// precise entries were dropped (as [`Router::kv_publisher_restarted`] does) and the batch
+    /// starts the new, trusted stream.
+    Restarted,
 }
 
 #[derive(Clone, Debug, Default)]
 struct KvStream {
-    expected: Option<u64>,
-    gap: Option<(u64, u64)>,
+    seq: KvSequence,
     last_event_at_us: Option<u64>,
     /// The stream is complete from its start (or resynced): its facts can be trusted.
     events_ok: bool,
@@ -475,51 +483,30 @@ impl Router {
         if e.state == EndpointState::Gone {
             return SeqCheck::Stale;
         }
-        let seq = batch.seq;
-        // A stream may start at any number when nothing is known of the endpoint yet (the
-        // router joined an engine mid-stream): every fact from here on arrives, and a batch
-        // lost before the router knew anything cannot have removed a block the index holds.
-        // The history before it is welcome (replay), but the view is sound without it.
-        let fresh = e.engine_keys.is_empty() && self.index.precise_entries(id) == 0;
-        let check = match e.kv.expected {
-            None if seq == 0 || fresh => SeqCheck::InOrder,
-            None => SeqCheck::Gap {
-                expected: 0,
-                got: seq,
-            },
-            Some(x) if seq == x => SeqCheck::InOrder,
-            Some(x) if seq > x => SeqCheck::Gap {
-                expected: x,
-                got: seq,
-            },
-            Some(_) => match e.kv.gap {
-                Some((from, to)) if seq >= from && seq < to => SeqCheck::Replayed,
-                _ => SeqCheck::Stale,
-            },
-        };
-        match check {
-            SeqCheck::Stale => return check,
-            SeqCheck::InOrder => {
-                if e.kv.expected.is_none() {
-                    // The stream starts here (at 0, or fresh): we will see everything from now.
-                    e.kv.events_ok = true;
-                    if seq > 0 {
-                        // Older batches the engine still buffers may come by replay.
-                        e.kv.gap = Some((0, seq));
-                    }
-                }
-                e.kv.expected = Some(seq + 1);
+        let holds_facts = !e.engine_keys.is_empty() || self.index.precise_entries(id) > 0;
+        let check = match e.kv.seq.observe(batch.seq, holds_facts) {
+            SeqOutcome::Stale { .. } => return SeqCheck::Stale,
+            SeqOutcome::Start { .. } => {
+                // Every fact from here on arrives: the stream is sound from its start.
+                e.kv.events_ok = true;
+                SeqCheck::InOrder
             }
-            SeqCheck::Gap { expected, got } => {
-                e.kv.gap = Some(match e.kv.gap {
-                    Some((from, _)) => (from.min(expected), got),
-                    None => (expected, got),
-                });
-                e.kv.expected = Some(got + 1);
+            SeqOutcome::InOrder => SeqCheck::InOrder,
+            SeqOutcome::Gap { expected, got } => {
                 e.kv.events_ok = false;
+                SeqCheck::Gap { expected, got }
             }
-            SeqCheck::Replayed => {}
-        }
+            SeqOutcome::Replayed => SeqCheck::Replayed,
+            SeqOutcome::Restart { got, .. } => {
+                // Only 0 can go back here (the router notes no reconnects): a new process.
+                e.kv.events_ok = got == 0;
+                self.forget_publisher(id);
+                SeqCheck::Restarted
+            }
+        };
+        let Some(e) = self.slots.get_mut(id.0 as usize).and_then(Option::as_mut) else {
+            return SeqCheck::Stale;
+        };
         let trusted = e.kv.events_ok && !e.contract.is_mismatch();
         self.index.set_trusted(id, trusted);
         e.kv.last_event_at_us = Some(now_us);
@@ -587,7 +574,7 @@ impl Router {
     pub fn kv_resynced(&mut self, id: EndpointId, now_us: u64) {
         self.tick(now_us);
         if let Some(e) = self.entry_mut(id) {
-            e.kv.gap = None;
+            e.kv.seq.resynced();
             e.kv.events_ok = true;
             self.sync_trust(id);
         }
@@ -598,8 +585,7 @@ impl Router {
     pub fn kv_stream_lost(&mut self, id: EndpointId, now_us: u64) {
         self.tick(now_us);
         if let Some(e) = self.entry_mut(id) {
-            e.kv.expected = None;
-            e.kv.gap = None;
+            e.kv.seq.reset();
             e.kv.events_ok = false;
             self.sync_trust(id);
         }
@@ -637,12 +623,17 @@ impl Router {
             return;
         }
         self.kv_stream_lost(id, now_us);
+        self.forget_publisher(id);
+        self.sync_trust(id);
+    }
+
+    /// A new engine process behind `id`: its cache is empty and old disagreements say nothing
+    /// about it. Drops every precise entry (as `AllBlocksCleared`) and resets the contract.
+    fn forget_publisher(&mut self, id: EndpointId) {
         self.apply_kv_event(id, &KvEvent::AllBlocksCleared);
         if let Some(e) = self.entry_mut(id) {
-            // A new engine process: old disagreements say nothing about it.
             e.contract.reset();
         }
-        self.sync_trust(id);
     }
 
     // ------------------------------------------------------------ decisions

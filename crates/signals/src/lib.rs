@@ -22,17 +22,17 @@ pub mod kv_events;
 pub mod metrics;
 pub mod observation;
 pub mod scrape;
-pub mod seq;
 pub mod subscribe;
 pub mod transport;
 
 pub use clock::{Clock, MonotonicClock};
 pub use discover::{DiscoverError, EndpointFacts, discover};
 pub use kv_events::{KvDecodeError, decode_event_batch, decode_frames};
+/// The sequence rule of a KV-event stream lives in the core (one owner; see `kvgate_core::kv_seq`).
+pub use kvgate_core::kv_seq::{KvSequence, SeqOutcome};
 pub use metrics::{MetricsError, detect_engine, parse_metrics, parse_metrics_detected};
 pub use observation::{EndpointKey, Observation};
 pub use scrape::{ScrapeConfig, ScrapeError, spawn_scraper};
-pub use seq::{SeqOutcome, SeqTracker};
 pub use subscribe::{
     KvListener, KvListenerStats, KvSubscribeConfig, KvSubscriber, KvSubscriberStats,
     spawn_kv_subscriber, topic_endpoint,

@@ -3,11 +3,15 @@
 //!
 //! The router's precise prefix index is only as good as the event stream is complete: one lost
 //! `BlockRemoved` and it routes to blocks that are gone. So the worker numbers what it sees
-//! ([`SeqTracker`]) and, on a gap, asks the engine's replay socket (a ZMQ ROUTER that keeps its
-//! recent batches) for the missing ones before delivering anything newer, so the router always
-//! applies batches in publisher order. Messages arriving meanwhile wait in the worker's queue,
-//! which keeps ordering trivial. If replay is not configured or cannot supply every missing
-//! batch, the worker delivers what it could and reports [`Observation::KvGap`]; the router then
+//! and, on a gap, asks the engine's replay socket (a ZMQ ROUTER that keeps its recent batches)
+//! for the missing ones before delivering anything newer, so the router always applies batches
+//! in publisher order. The sequence rule itself (first batch, gaps, replays, restarts) is not
+//! written here: the worker holds the core's [`KvSequence`], the one owner of that rule, which
+//! the router applies too (see `kvgate_core::kv_seq`); the worker's instance follows the live
+//! stream, the only place where connection drops and replay answers are seen. Messages
+//! arriving meanwhile wait in the worker's queue, which keeps ordering trivial. If replay is not
+//! configured or cannot supply every missing batch, the worker delivers what it could and
+//! reports [`Observation::KvGap`]; the router then
 //! falls back to approximate tracking for that pod. A batch that fails to decode is a lost
 //! batch too (replaying the same bytes would fail the same way): counted, logged, reported as a
 //! one-batch gap; it never stops the loop.
@@ -39,6 +43,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+use kvgate_core::kv_seq::{KvSequence, SeqOutcome};
 use kvgate_core::observe::KvEventBatch;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -46,7 +51,6 @@ use tokio::task::JoinHandle;
 use crate::clock::Clock;
 use crate::kv_events::{KvDecodeError, decode_event_batch, decode_frames, decode_seq};
 use crate::observation::{EndpointKey, Observation};
-use crate::seq::{SeqOutcome, SeqTracker};
 use crate::transport::{
     KvTransport, RawMessage, SocketHandle, SubEvent, TopicRoute, replay_blocking,
 };
@@ -164,7 +168,7 @@ fn spawn_worker(
         clock,
         tx,
         stats: Arc::clone(&stats),
-        position: StreamPosition::default(),
+        position: KvSequence::new(),
         transport: transport.clone(),
         last_warn: None,
     };
@@ -359,43 +363,6 @@ impl KvListener {
     }
 }
 
-/// Where one publisher's stream stands: its sequence tracker, and what replays delivered
-/// ahead of the live stream.
-#[derive(Debug, Default)]
-struct StreamPosition {
-    tracker: SeqTracker,
-    /// Highest sequence number a replay delivered while the live stream had not reached it:
-    /// live copies at or below it are duplicates. Cleared once a live batch passes it, after
-    /// which a number going back can only be a restart.
-    replay_high: Option<u64>,
-}
-
-impl StreamPosition {
-    /// A replay delivered batch `seq`.
-    fn replayed(&mut self, seq: u64) {
-        self.tracker.advance_past(seq);
-        self.replay_high = Some(self.replay_high.map_or(seq, |h| h.max(seq)));
-    }
-
-    /// Classifies a live sequence number. On a live stream nothing arrives twice, so a number
-    /// below the expectation that no replay delivered is a restart (see the module docs),
-    /// never a reason to drop the rest of the stream.
-    fn live(&mut self, seq: u64) -> SeqOutcome {
-        if let Some(expected) = self.tracker.expected()
-            && seq < expected
-        {
-            if self.replay_high.is_some_and(|h| seq <= h) {
-                return SeqOutcome::Stale { expected, got: seq };
-            }
-            self.tracker.note_reconnect();
-        }
-        if self.replay_high.is_some_and(|h| seq > h) {
-            self.replay_high = None;
-        }
-        self.tracker.observe(seq)
-    }
-}
-
 /// The receiving side went away: stop the task.
 struct Closed;
 
@@ -405,7 +372,8 @@ struct Worker {
     clock: Arc<dyn Clock>,
     tx: mpsc::Sender<Observation>,
     stats: Arc<KvSubscriberStats>,
-    position: StreamPosition,
+    /// Where the live stream stands, with what replays delivered ahead of it.
+    position: KvSequence,
     transport: KvTransport,
     last_warn: Option<Instant>,
 }
@@ -426,7 +394,7 @@ impl Worker {
                     Some(SubEvent::Disconnected) => {
                         self.stats.socket_rebuilds.fetch_add(1, Ordering::Relaxed);
                         tracing::info!(endpoint = %self.endpoint, "KV publisher disconnected");
-                        self.position.tracker.note_reconnect();
+                        self.position.note_reconnect();
                     }
                     None => return,
                 },
@@ -489,10 +457,11 @@ impl Worker {
         batch: KvEventBatch,
         received_at_us: u64,
     ) -> Result<(), Closed> {
-        match self.position.live(seq) {
+        match self.position.observe_live(seq) {
             // Joining a running publisher: the replay buffer may still reach back.
-            SeqOutcome::First if seq > 0 => self.recover(0, seq, true).await?,
-            SeqOutcome::First | SeqOutcome::InOrder => {}
+            SeqOutcome::Start { got } if got > 0 => self.recover(0, got, true).await?,
+            // (Replayed is a merged-stream outcome; the live stream never yields it.)
+            SeqOutcome::Start { .. } | SeqOutcome::InOrder | SeqOutcome::Replayed => {}
             SeqOutcome::Stale { expected, got } => {
                 self.stats.stale.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(endpoint = %self.endpoint, expected, got, "dropping duplicate KV batch");
@@ -526,7 +495,7 @@ impl Worker {
         let Ok(seq) = decode_seq(frames[1]) else {
             return Ok(());
         };
-        match self.position.live(seq) {
+        match self.position.observe_live(seq) {
             SeqOutcome::Stale { .. } => return Ok(()),
             SeqOutcome::Restart { expected, got } => {
                 self.announce_restart(expected, got).await?;
@@ -535,7 +504,7 @@ impl Worker {
                 }
             }
             SeqOutcome::Gap { expected, got } => self.recover(expected, got, false).await?,
-            SeqOutcome::First | SeqOutcome::InOrder => {}
+            SeqOutcome::Start { .. } | SeqOutcome::InOrder | SeqOutcome::Replayed => {}
         }
         self.report_gap(seq, seq.saturating_add(1)).await
     }
@@ -551,7 +520,6 @@ impl Worker {
 
     async fn announce_restart(&mut self, expected: u64, got: u64) -> Result<(), Closed> {
         self.stats.restarts.fetch_add(1, Ordering::Relaxed);
-        self.position.replay_high = None;
         if self.may_warn() {
             tracing::warn!(endpoint = %self.endpoint, expected, got, "KV publisher restarted (sequence went back): forgetting its cache");
         }
@@ -662,29 +630,30 @@ mod tests {
 
     /// Regression: after a start-up replay, a restarted engine's batch 0 was taken for a
     /// duplicate of the replayed batch 0, so the dead process's blocks were never forgotten.
+    /// (The rule is the core's `KvSequence`; this pins it as the worker drives it.)
     #[test]
     fn restart_after_a_startup_replay_is_a_restart() {
-        let mut p = StreamPosition::default();
+        let mut p = KvSequence::new();
         for seq in 0..5 {
             p.replayed(seq);
         }
         // Live copies of replayed batches (queued while the replay ran) are duplicates.
-        assert!(matches!(p.live(3), SeqOutcome::Stale { .. }));
-        assert!(matches!(p.live(4), SeqOutcome::Stale { .. }));
-        assert_eq!(p.live(5), SeqOutcome::InOrder);
-        assert_eq!(p.live(6), SeqOutcome::InOrder);
+        assert!(matches!(p.observe_live(3), SeqOutcome::Stale { .. }));
+        assert!(matches!(p.observe_live(4), SeqOutcome::Stale { .. }));
+        assert_eq!(p.observe_live(5), SeqOutcome::InOrder);
+        assert_eq!(p.observe_live(6), SeqOutcome::InOrder);
         // The engine restarts: its new stream starts at 0 again.
         assert_eq!(
-            p.live(0),
+            p.observe_live(0),
             SeqOutcome::Restart {
                 expected: 7,
                 got: 0
             }
         );
         // A wild number (2^63) followed by the real sequence recovers the same way.
-        assert_eq!(p.live(1), SeqOutcome::InOrder);
-        assert!(matches!(p.live(1 << 63), SeqOutcome::Gap { .. }));
-        assert!(matches!(p.live(2), SeqOutcome::Restart { .. }));
+        assert_eq!(p.observe_live(1), SeqOutcome::InOrder);
+        assert!(matches!(p.observe_live(1 << 63), SeqOutcome::Gap { .. }));
+        assert!(matches!(p.observe_live(2), SeqOutcome::Restart { .. }));
     }
 
     #[test]
