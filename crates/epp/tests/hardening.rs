@@ -299,7 +299,10 @@ async fn epp_drain_turns_health_not_serving_first_and_keeps_accepting() {
     let drained = tokio::spawn(epp.drain("SIGTERM"));
     let deadline = std::time::Instant::now() + Duration::from_secs(1);
     while status(health.clone()).await != 2 {
-        assert!(std::time::Instant::now() < deadline, "not NOT_SERVING at once");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not NOT_SERVING at once"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     assert!(control.is_shutting_down());
