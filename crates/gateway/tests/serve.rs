@@ -1,11 +1,11 @@
 //! Process-level tests of `kvgate serve`: a real gateway on loopback ephemeral ports in front of
 //! `kvgate sim` engines started by each test, spoken to over real sockets.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kvgate_engine::EngineConfig;
 use kvgate_gateway::Gateway;
-use kvgate_runtime::config::{EndpointConfig, GatewayConfig, Overrides};
+use kvgate_runtime::config::{EndpointConfig, GatewayConfig, Limits, Overrides};
 use kvgate_sim::{FaultConfig, Fleet, FleetConfig, start_fleet};
 use kvgate_testkit::{MODEL, chat, client, eventually, fleet, fleet_with, metric_sum};
 use serde_json::{Value, json};
@@ -624,20 +624,19 @@ async fn sheddable_requests_get_429_when_the_pool_is_saturated() {
     drop(held);
 }
 
-#[tokio::test]
+// Paused time: the timeouts are the defaults (seconds), and no test waits for them.
+#[tokio::test(start_paused = true)]
 async fn slowloris_headers_time_out() {
-    let f = fleet(1, 50.0).await;
-    let mut cfg = base_config(endpoints_of(&f, false));
-    cfg.limits.header_read_timeout_ms = 300;
-    let gw = gateway(cfg).await;
+    let gw = gateway(base_config(Vec::new())).await;
+    let header_timeout = Duration::from_millis(Limits::default().header_read_timeout_ms);
     let mut sock = tokio::net::TcpStream::connect(gw.api_addr).await.unwrap();
     sock.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
         .await
         .unwrap();
-    let started = Instant::now();
+    let started = tokio::time::Instant::now();
     let mut buf = [0u8; 1024];
     // The server must close the connection (read returns EOF, possibly after a 408) on its own.
-    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+    let closed = tokio::time::timeout(header_timeout * 2, async {
         loop {
             match sock.read(&mut buf).await {
                 Ok(0) | Err(_) => return,
@@ -646,8 +645,15 @@ async fn slowloris_headers_time_out() {
         }
     })
     .await;
-    assert!(closed.is_ok(), "connection still open after 5 s");
-    assert!(started.elapsed() >= Duration::from_millis(250));
+    assert!(
+        closed.is_ok(),
+        "connection still open after twice the header timeout"
+    );
+    assert!(
+        started.elapsed() >= header_timeout,
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 #[tokio::test]
@@ -945,12 +951,10 @@ async fn an_endpoint_whose_metrics_fail_is_still_discovered_and_served() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn idle_keep_alive_connections_are_closed() {
-    let f = fleet(1, 50.0).await;
-    let mut cfg = base_config(endpoints_of(&f, false));
-    cfg.limits.idle_timeout_ms = 300;
-    let gw = gateway(cfg).await;
+    let gw = gateway(base_config(Vec::new())).await;
+    let idle_timeout = Duration::from_millis(Limits::default().idle_timeout_ms);
     let mut sock = tokio::net::TcpStream::connect(gw.api_addr).await.unwrap();
     sock.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
         .await
@@ -962,8 +966,8 @@ async fn idle_keep_alive_connections_are_closed() {
         "{}",
         String::from_utf8_lossy(&buf[..n])
     );
-    let idle_since = Instant::now();
-    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+    let idle_since = tokio::time::Instant::now();
+    let closed = tokio::time::timeout(idle_timeout * 2, async {
         loop {
             match sock.read(&mut buf).await {
                 Ok(0) | Err(_) => return,
@@ -972,6 +976,13 @@ async fn idle_keep_alive_connections_are_closed() {
         }
     })
     .await;
-    assert!(closed.is_ok(), "idle connection still open after 5 s");
-    assert!(idle_since.elapsed() >= Duration::from_millis(250));
+    assert!(
+        closed.is_ok(),
+        "idle connection still open after twice the idle timeout"
+    );
+    assert!(
+        idle_since.elapsed() >= idle_timeout,
+        "{:?}",
+        idle_since.elapsed()
+    );
 }

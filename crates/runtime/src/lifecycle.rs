@@ -171,7 +171,7 @@ pub async fn watch_config<E: Display>(
 mod tests {
     use super::*;
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn shutdown_cuts_tasks_that_outlive_the_grace_period() {
         let mut tasks = Tasks::new();
         let stop = tasks.stop_token();
