@@ -186,12 +186,13 @@ mod tests {
         tasks.spawn(async move {
             let _ = never.await;
         });
-        tokio::time::timeout(
-            Duration::from_secs(10),
-            tasks.shutdown(Duration::from_millis(50)),
-        )
-        .await
-        .expect("shutdown is bounded by its grace period");
+        // Paused time: the real grace period, without waiting for it.
+        let grace = Duration::from_millis(SHUTDOWN_GRACE_MS);
+        let started = tokio::time::Instant::now();
+        tokio::time::timeout(grace * 2, tasks.shutdown(grace))
+            .await
+            .expect("shutdown is bounded by its grace period");
+        assert!(started.elapsed() >= grace, "{:?}", started.elapsed());
         done_rx
             .await
             .expect("the cooperative task saw the stop token");
