@@ -396,11 +396,9 @@ async fn serve(
         let sent = send(app, &address, api, &parts.headers, upstream_body.clone());
         let result = match app.limits.first_byte_timeout_ms {
             None => sent.await.map(|r| (r, None)),
-            Some(ms) => {
-                tokio::time::timeout(Duration::from_millis(ms), first_byte(sent))
-                    .await
-                    .unwrap_or(Err(AttemptError::FirstByte))
-            }
+            Some(ms) => tokio::time::timeout(Duration::from_millis(ms), first_byte(sent))
+                .await
+                .unwrap_or(Err(AttemptError::FirstByte)),
         };
         // The engine's error response, kept in case no other endpoint is left to try.
         let ((cause, kind), refused) = match result {

@@ -452,7 +452,11 @@ async fn redirects_from_engines_were_followed() {
     })
     .await;
     let r = chat(&gw).await;
-    assert_eq!(r.status(), 307, "the engine's answer is relayed, not followed");
+    assert_eq!(
+        r.status(),
+        307,
+        "the engine's answer is relayed, not followed"
+    );
     let models = client()
         .get(format!("http://{}/v1/models", gw.api_addr))
         .send()
@@ -495,6 +499,10 @@ async fn method_not_allowed_had_an_empty_body() {
         assert_eq!(r.status(), 405, "{method} {path}");
         let v: Value = r.json().await.expect("an OpenAI error body");
         assert_eq!(v["error"]["code"], 405, "{v}");
-        assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty())
+        );
     }
 }

@@ -564,7 +564,9 @@ impl GatewayConfig {
         {
             return Err(invalid(
                 "policy",
-                format!("{p} reads the simulator's true engine state: it runs only in `kvgate bench`"),
+                format!(
+                    "{p} reads the simulator's true engine state: it runs only in `kvgate bench`"
+                ),
             ));
         }
         let endpoints = if flags.endpoints.is_empty() {
@@ -869,7 +871,13 @@ priority: { objectives: { batch: -1 } }
         };
         let err = GatewayConfig::from_raw(RawConfig::default(), &flags).unwrap_err();
         assert!(
-            matches!(&err, RuntimeError::InvalidConfig { field: "policy", .. }),
+            matches!(
+                &err,
+                RuntimeError::InvalidConfig {
+                    field: "policy",
+                    ..
+                }
+            ),
             "{err}"
         );
         assert!(GatewayConfig::from_yaml("policy: oracle").is_err());
