@@ -131,6 +131,27 @@ async fn models_only(address: &str) -> Option<EndpointFacts> {
     (!facts.models.is_empty()).then_some(facts)
 }
 
+/// Names shown in a log line that summarises a model list.
+const LOG_LIST_NAMES: usize = 8;
+
+/// The first [`LOG_LIST_NAMES`] names, then how many more (for log lines of bounded size).
+fn summarize<'a>(names: impl Iterator<Item = &'a String>) -> String {
+    let mut shown = Vec::new();
+    let mut rest = 0usize;
+    for n in names {
+        if shown.len() < LOG_LIST_NAMES {
+            shown.push(n.as_str());
+        } else {
+            rest += 1;
+        }
+    }
+    let mut out = shown.join(", ");
+    if rest > 0 {
+        out.push_str(&format!(" and {rest} more"));
+    }
+    out
+}
+
 /// Largest `/v1/models` body read: a list with hundreds of adapters is tens of KiB.
 const MODELS_BODY_LIMIT_BYTES: usize = 1024 * 1024;
 
@@ -627,7 +648,16 @@ impl Control {
         let spec = member.spec();
         let id = member.id;
         m.rebuild_served();
-        tracing::info!(endpoint = %address, models = ?spec.models, adapters = ?spec.lora_adapters, "endpoint discovered");
+        // A summary at INFO: an engine can list thousands of adapters (a 20k-model list made one
+        // 1.3 MB line); the full lists are at DEBUG.
+        tracing::info!(
+            endpoint = %address,
+            models = spec.models.len(),
+            adapters = spec.lora_adapters.len(),
+            listed = %summarize(spec.models.iter().chain(&spec.lora_adapters)),
+            "endpoint discovered"
+        );
+        tracing::debug!(endpoint = %address, models = ?spec.models, adapters = ?spec.lora_adapters, "endpoint's full model list");
         let model = spec.models.first().cloned();
         if let Err(e) = self.lock().router.update_endpoint(id, spec) {
             tracing::warn!(endpoint = %address, error = %e, "cannot update endpoint");
@@ -1268,5 +1298,21 @@ impl Control {
     pub(crate) fn on_failure(&self, req_id: u64, kind: FailureKind) {
         let now = self.now_us();
         self.lock().router.on_failure(req_id, now, kind);
+    }
+}
+
+#[cfg(test)]
+mod log_tests {
+    use super::*;
+
+    #[test]
+    fn a_20k_model_list_made_a_1_3_mb_info_line() {
+        let names: Vec<String> = (0..20_000).map(|i| format!("org/adapter-{i:05}")).collect();
+        let line = summarize(names.iter());
+        assert!(line.len() < 300, "{} bytes", line.len());
+        assert!(line.starts_with("org/adapter-00000, org/adapter-00001"));
+        assert!(line.ends_with(" and 19992 more"), "{line}");
+        let few: Vec<String> = vec!["a".into(), "b".into()];
+        assert_eq!(summarize(few.iter()), "a, b");
     }
 }
