@@ -163,6 +163,11 @@ struct Entry {
     scrape_failures: u32,
     last_scrape_failure_at_us: Option<u64>,
     consecutive_failures: u32,
+    /// When the latest failure that escalated the penalty happened. A request booked before
+    /// it was already in flight when the endpoint broke: its failure is the same incident,
+    /// not a new one, so it does not escalate again (a crash with six streams in flight is one
+    /// failure, not six).
+    last_failure_at_us: Option<u64>,
     penalised_until_us: u64,
     prior: HardwarePrior,
 }
@@ -386,6 +391,7 @@ impl Router {
             scrape_failures: 0,
             last_scrape_failure_at_us: None,
             consecutive_failures: 0,
+            last_failure_at_us: None,
             penalised_until_us: 0,
             prior,
         }));
@@ -456,6 +462,14 @@ impl Router {
         if let Some(e) = self.entry_mut(id)
             && e.load.observe(taken_at_us, sample)
         {
+            // Reachable again after failed scrapes: the engine restarted or its network came
+            // back. The request-failure penalty was earned by the outage, so it ends with it;
+            // a restarted engine is used at once rather than after the backoff cap.
+            if e.scrape_failures > 0 {
+                e.penalised_until_us = e.penalised_until_us.min(taken_at_us);
+                e.consecutive_failures = 0;
+                e.last_failure_at_us = None;
+            }
             e.scrape_failures = 0;
         }
     }
@@ -1143,6 +1157,7 @@ impl Router {
         };
         if let Some(e) = self.entry_mut(id) {
             e.consecutive_failures = 0;
+            e.last_failure_at_us = None;
             if let Some(tpot) = outcome.tpot_us {
                 let est = e.load.estimate(now_us, e.prior.kv_capacity_blocks);
                 let raw = e.prior.decode_step_us(f64::from(est.running));
@@ -1179,10 +1194,18 @@ impl Router {
         if kind != FailureKind::Cancelled
             && let Some(e) = self.entry_mut(id)
         {
-            e.consecutive_failures = e.consecutive_failures.saturating_add(1);
-            let shift = (e.consecutive_failures - 1).min(20);
-            let penalty = base.saturating_mul(1u64 << shift).min(max);
-            e.penalised_until_us = now_us.saturating_add(penalty);
+            let booked_at_us = e.load.in_flight.get(&req_id).map(|b| b.booked_at_us);
+            let same_incident = matches!(
+                (booked_at_us, e.last_failure_at_us),
+                (Some(booked), Some(failed)) if booked <= failed
+            );
+            if !same_incident {
+                e.consecutive_failures = e.consecutive_failures.saturating_add(1);
+                e.last_failure_at_us = Some(now_us);
+                let shift = (e.consecutive_failures - 1).min(20);
+                let penalty = base.saturating_mul(1u64 << shift).min(max);
+                e.penalised_until_us = now_us.saturating_add(penalty);
+            }
         }
         self.release(id, req_id, now_us);
     }

@@ -611,6 +611,92 @@ fn failures_penalise_for_a_while() {
     assert!(ids.contains(&bad));
 }
 
+/// Regression (issue 10.9): every stream in flight when an engine crashed failed at once, and
+/// each doubled the penalty, so six streams pushed it straight to the 30 s cap.
+#[test]
+fn streams_in_flight_at_a_crash_count_as_one_failure() {
+    let (mut r, _ids) = fleet("round-robin", 2);
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    // Six requests on the same endpoint (round-robin alternates, so book on the first's pick).
+    let first = r.pick(0, &req(1, vec![]), &mut rng, None).unwrap();
+    for n in 1..=6u64 {
+        let q = req(n, vec![]);
+        let d = r
+            .decision_for(n, &q, first.primary, DecisionReason::LeastCost)
+            .unwrap();
+        r.book(n, &q, &d);
+    }
+    // The engine crashes: all six fail in the same millisecond.
+    for n in 1..=6u64 {
+        r.on_failure(n, 1_000 + n, FailureKind::Connect);
+    }
+    let penalised_until = |r: &Router| {
+        r.endpoints()
+            .find(|v| v.id == first.primary)
+            .map(|v| v.penalised_until_us)
+            .unwrap()
+    };
+    let base = r.tuning().failure_penalty_us;
+    assert_eq!(
+        penalised_until(&r),
+        1_001 + base,
+        "one incident, one base penalty"
+    );
+    // A request booked after the incident that fails again is a second failure: it escalates.
+    let t = 1_001 + base + 1;
+    let q = req(7, vec![]);
+    let d = r
+        .decision_for(t, &q, first.primary, DecisionReason::LeastCost)
+        .unwrap();
+    r.book(t, &q, &d);
+    r.on_failure(7, t + 5, FailureKind::Connect);
+    assert_eq!(penalised_until(&r), t + 5 + 2 * base);
+}
+
+/// Regression (issue 10.9): a restarted engine waited out the whole failure backoff (up to the
+/// 30 s cap) although its metrics answered again within a scrape interval.
+#[test]
+fn a_restarted_engine_is_used_once_it_scrapes_again() {
+    let (mut r, _ids) = fleet("round-robin", 2);
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let first = r.pick(0, &req(1, vec![]), &mut rng, None).unwrap();
+    let bad = first.primary;
+    let mut t = 10;
+    // Repeated distinct failures while it is down drive the penalty to the cap.
+    for n in 1..=12u64 {
+        let q = req(n, vec![]);
+        let d = r
+            .decision_for(t, &q, bad, DecisionReason::LeastCost)
+            .unwrap();
+        r.book(t, &q, &d);
+        r.on_failure(n, t + 1, FailureKind::Connect);
+        r.observe_scrape_failure(bad, t + 2);
+        t += 10;
+    }
+    let view = |r: &Router| {
+        r.endpoints()
+            .find(|v| v.id == bad)
+            .unwrap()
+            .penalised_until_us
+    };
+    assert!(view(&r) >= t + r.tuning().max_failure_penalty_us - 20);
+    // It comes back: the next scrape succeeds, and it is in rotation at once.
+    r.observe_metrics(bad, t, &MetricsSample::default());
+    assert!(view(&r) <= t);
+    let picks: Vec<_> = (0..4u64)
+        .map(|n| {
+            let q = req(100 + n, vec![]);
+            let d = r.pick(t + 1, &q, &mut rng, None).unwrap();
+            r.book(t + 1, &q, &d);
+            d.primary
+        })
+        .collect();
+    assert!(
+        picks.contains(&bad),
+        "restarted endpoint back in rotation: {picks:?}"
+    );
+}
+
 #[test]
 fn round_robin_rotates_in_address_order() {
     let (mut r, ids) = fleet("round-robin", 3);
