@@ -34,7 +34,16 @@ struct Req {
 /// Runs `secs` of traffic with endpoint 0 stalled during `[stall_from, stall_from + stall)`;
 /// returns, per 100 ms window, how many requests each endpoint received.
 fn run(policy: Policy, stall_from: u64, stall: u64, secs: u64) -> Vec<[u32; 3]> {
-    let mut r = Router::new(RouterConfig::for_preset(policy).unwrap()).unwrap();
+    run_with(
+        RouterConfig::for_preset(policy).unwrap(),
+        stall_from,
+        stall,
+        secs,
+    )
+}
+
+fn run_with(cfg: RouterConfig, stall_from: u64, stall: u64, secs: u64) -> Vec<[u32; 3]> {
+    let mut r = Router::new(cfg).unwrap();
     let ids: Vec<EndpointId> = (0..3)
         .map(|i| r.add_endpoint(0, EndpointSpec::new(format!("10.0.0.{i}:8000"), "m")))
         .collect();
@@ -148,6 +157,13 @@ fn stalled_endpoint_regains_its_share_after_the_stall() {
         let back = stall_from + stall + 8 * SCRAPE_US;
         for (from, to) in [(back, back + 1_000_000), (back + 1_000_000, 20_000_000)] {
             let after = share(&w, from, to);
+            eprintln!(
+                "kvgate, {} ms stall: endpoint 0 share in [{:.1} s, {:.1} s) = {:.1}%",
+                stall / 1000,
+                from as f64 / 1e6,
+                to as f64 / 1e6,
+                after * 100.0
+            );
             assert!(
                 after > 0.25,
                 "{} ms stall: endpoint 0 got {:.1}% of the requests in [{:.1} s, {:.1} s)",
@@ -160,6 +176,22 @@ fn stalled_endpoint_regains_its_share_after_the_stall() {
     }
 }
 
+/// The harness reproduces the bug: with calibration evidence that never ages (the behaviour
+/// before the fix), endpoint 0 gets next to nothing after the stall.
+#[test]
+fn without_ageing_the_stalled_endpoint_starves() {
+    let stall_from = 3_000_000;
+    let mut cfg = RouterConfig::for_preset(Policy::Kvgate).unwrap();
+    cfg.tuning.calibration_half_life_us = None;
+    let w = run_with(cfg, stall_from, 500_000, 20);
+    let after = share(&w, stall_from + 1_300_000, 20_000_000);
+    eprintln!(
+        "kvgate without ageing, 500 ms stall: endpoint 0 share afterwards = {:.1}%",
+        after * 100.0
+    );
+    assert!(after < 0.05, "{after}");
+}
+
 /// GIE's default profile never starved the stalled pod (it scores scraped queues only); the
 /// same harness shows it, so the harness is not what keeps endpoint 0 idle.
 #[test]
@@ -167,5 +199,10 @@ fn gie_default_shares_at_once_after_a_stall() {
     let stall_from = 3_000_000;
     let w = run(Policy::GieDefault, stall_from, 500_000, 10);
     let back = stall_from + 500_000 + 8 * SCRAPE_US;
-    assert!(share(&w, back, 10_000_000) > 0.25);
+    let after = share(&w, back, 10_000_000);
+    eprintln!(
+        "gie-default, 500 ms stall: endpoint 0 share afterwards = {:.1}%",
+        after * 100.0
+    );
+    assert!(after > 0.25, "{after}");
 }
