@@ -395,9 +395,14 @@ pub fn bench(args: &BenchArgs) -> Result<Report, BenchError> {
     Ok(report)
 }
 
-fn synthetic(kind: Option<Synthetic>, rate: f64, seed: u64) -> Workload {
+/// The built-in synthetic workload `kind` (shared-prefix when `None`) at `rate`.
+pub fn synthetic(kind: Option<Synthetic>, rate: f64, seed: u64) -> Workload {
     match kind {
         Some(Synthetic::Mix) => {
+            // Generated at its base rate, then compressed in time by rate / base: think times
+            // shrink with the rate too, so the offered load scales with `rate` (a multi-turn
+            // generator alone would keep each session's 20 s of turns whatever the rate).
+            const BASE_RATE: f64 = 20.0;
             let turns = 5;
             let sp = shared_prefix(
                 SharedPrefixConfig {
@@ -406,7 +411,7 @@ fn synthetic(kind: Option<Synthetic>, rate: f64, seed: u64) -> Workload {
                     system_prompt_len: 4000,
                     question_len: 200,
                     output_len: 200,
-                    rate_per_s: rate / 2.0,
+                    rate_per_s: BASE_RATE / 2.0,
                 },
                 seed,
             );
@@ -417,17 +422,16 @@ fn synthetic(kind: Option<Synthetic>, rate: f64, seed: u64) -> Workload {
                     system_prompt_len: 2000,
                     user_len: 300,
                     output_len: 200,
-                    session_rate_per_s: rate / 2.0 / f64::from(turns),
+                    session_rate_per_s: BASE_RATE / 2.0 / f64::from(turns),
                     think_time_s: 5.0,
                 },
                 seed.wrapping_add(1),
             );
-            merge(
-                &format!(
-                    "mix: 32 shared 4k-token system prompts x 32 questions + 200 five-turn chats (2k system, 300-token turns), {rate} req/s in all"
-                ),
-                vec![sp, mt],
-            )
+            let mut w = scale_arrivals(&merge("mix", vec![sp, mt]), rate / BASE_RATE);
+            w.name = format!(
+                "mix: 32 shared 4k-token system prompts x 32 questions + 200 five-turn chats (2k system, 300-token turns, 5 s think time at rate 20), time-compressed to rate {rate}"
+            );
+            w
         }
         Some(Synthetic::MultiTurn) => multi_turn(
             MultiTurnConfig {
@@ -706,16 +710,135 @@ pub fn demo_workload(seed: u64) -> Workload {
     )
 }
 
-/// `kvgate demo`.
+/// Policies the demo compares: kvgate and the anchors as they ship in 2026, plus round-robin as
+/// the floor.
+pub const DEMO_POLICIES: [Policy; 8] = [
+    Policy::Kvgate,
+    Policy::LlmD,
+    Policy::SglangCacheAware,
+    Policy::GieDefault,
+    Policy::Dynamo,
+    Policy::DynamoSoftmax,
+    Policy::SmgLeastLoad,
+    Policy::RoundRobin,
+];
+
+/// The demo's scenario, the conditions under which what only kvgate does should matter:
+/// several router replicas on stale signals (4 replicas, metrics every 50-100 ms arriving 20-60
+/// ms late, KV events 10-50 ms late), hot shared prefixes, a KV cache small enough to reach its
+/// cliff (8,000 blocks of 16 tokens per engine) and a heterogeneous fleet (H100 and A100
+/// alternating). Flags the user set away from their defaults win.
+pub fn demo_config(f: &FleetArgs) -> Result<DesConfig, BenchError> {
+    let mut f = f.clone();
+    if f.gpu == Gpu::H100 {
+        f.gpu = Gpu::Mixed;
+    }
+    if f.num_gpu_blocks.is_none() {
+        f.num_gpu_blocks = Some(8_000);
+    }
+    if f.router_replicas == 1 {
+        f.router_replicas = 4;
+    }
+    if f.scrape_interval_ms == 100 && f.scrape_interval_max_ms.is_none() {
+        f.scrape_interval_ms = 50;
+        f.scrape_interval_max_ms = Some(100);
+    }
+    if f.metrics_delay_ms == 20 && f.metrics_delay_max_ms.is_none() {
+        f.metrics_delay_max_ms = Some(60);
+    }
+    if f.kv_event_delay_ms == 10 && f.kv_event_delay_max_ms.is_none() {
+        f.kv_event_delay_max_ms = Some(50);
+    }
+    des_config(&f)
+}
+
+/// `workload` with every arrival time divided by `speedup`.
+pub fn scale_arrivals(workload: &Workload, speedup: f64) -> Workload {
+    let mut w = workload.clone();
+    for r in &mut w.requests {
+        r.arrival_us = (r.arrival_us as f64 / speedup).round() as u64;
+    }
+    w
+}
+
+/// The demo's closing sentence: who sustains how much more traffic at the SLO, and why.
+pub fn demo_conclusion(found: &[crate::capacity::PolicyCapacity]) -> String {
+    let Some(k) = found.iter().find(|p| p.policy == Policy::Kvgate.as_str()) else {
+        return "kvgate was not run.".to_string();
+    };
+    let best = found
+        .iter()
+        .filter(|p| p.policy != Policy::Kvgate.as_str())
+        .max_by(|a, b| a.capacity_rps.total_cmp(&b.capacity_rps));
+    let Some(b) = best else {
+        return format!(
+            "kvgate sustains {:.1} req/s at the SLO; no baseline was run.",
+            k.capacity_rps
+        );
+    };
+    if b.capacity_rps <= 0.0 && k.capacity_rps <= 0.0 {
+        return "No policy met the SLO at any rate tried.".to_string();
+    }
+    let ratio = if b.capacity_rps > 0.0 {
+        k.capacity_rps / b.capacity_rps
+    } else {
+        f64::INFINITY
+    };
+    let why = format!(
+        "hit ratio {:.2} vs {:.2}, queue herding {:.2} vs {:.2} (max/mean waiting)",
+        k.hit_ratio,
+        b.hit_ratio,
+        k.herding.mean_max_over_mean_waiting,
+        b.herding.mean_max_over_mean_waiting
+    );
+    if ratio >= 1.0 {
+        format!(
+            "At the SLO kvgate sustains {:.1} req/s, {:.2}x the best baseline ({} at {:.1} req/s): {why}.",
+            k.capacity_rps, ratio, b.policy, b.capacity_rps
+        )
+    } else {
+        format!(
+            "At the SLO {} sustains {:.1} req/s, more than kvgate's {:.1} req/s ({:.2}x): {why}.",
+            b.policy, b.capacity_rps, k.capacity_rps, ratio
+        )
+    }
+}
+
+/// `kvgate demo`: the scenario of [`demo_config`] at the workload's own rate (table and
+/// charts), then each policy's capacity at the SLO, and one sentence saying what it means.
 pub fn demo(args: &DemoArgs) -> Result<Report, BenchError> {
     let workload = demo_workload(args.fleet.seed);
-    let cfg = des_config(&args.fleet)?;
-    let policies = Policy::ALL;
+    let cfg = demo_config(&args.fleet)?;
+    let policies = DEMO_POLICIES;
+    let gpus = cfg
+        .engines
+        .iter()
+        .map(|e| {
+            if e.step == kvgate_engine::StepModel::A100_LLAMA31_8B {
+                "A100"
+            } else {
+                "H100"
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",");
+    let signals = Signals::of(&cfg);
     println!(
-        "kvgate demo: {} simulated engines, {} requests, {} policies on identical work\n",
+        "kvgate demo: {} simulated Llama-3.1-8B engines ({gpus}), {} KV blocks of {} tokens each, \
+         {} router replicas; metrics every {}-{} ms arriving {}-{} ms late, KV events {}-{} ms late\n\
+         workload: {} ({} requests)\n",
         cfg.engines.len(),
+        cfg.engines[0].num_gpu_blocks,
+        cfg.engines[0].block_size,
+        cfg.router_replicas,
+        signals.scrape_interval_ms[0],
+        signals.scrape_interval_ms[1],
+        signals.metrics_delay_ms[0],
+        signals.metrics_delay_ms[1],
+        signals.kv_event_delay_ms[0],
+        signals.kv_event_delay_ms[1],
+        workload.name,
         workload.requests.len(),
-        policies.len()
     );
     let (report, runs) = compare(
         &workload,
@@ -729,12 +852,70 @@ pub fn demo(args: &DemoArgs) -> Result<Report, BenchError> {
         path: args.out.clone(),
         source,
     })?;
-    let json = args.out.join("report.json");
-    report.write_json(&json)?;
     let files = write_charts(&args.out, &runs)?;
+
+    let search = CapacitySearch {
+        cfg: &cfg,
+        slo: CapacitySlo {
+            ttft_p90_ms: args.fleet.slo_ttft_ms,
+            tpot_p99_ms: args.fleet.slo_tpot_ms,
+            ..CapacitySlo::default()
+        },
+        report_slo: slo(&args.fleet),
+        opts: CapacityOptions {
+            start_rate: 1.0,
+            max_bisections: 3,
+            tolerance: 0.05,
+            ..CapacityOptions::default()
+        },
+        is_trace: true,
+    };
+    let make = |speedup: f64| scale_arrivals(&workload, speedup);
+    let found = compare_capacity(&policies, &make, &search, &|_| {})?;
+    let capacity = CapacityReport {
+        workload: workload.name.clone(),
+        rate_kind: "speedup".to_string(),
+        engines: cfg.engines.len(),
+        router_replicas: cfg.router_replicas,
+        signals,
+        slo: search.slo,
+        options: Some(search.opts),
+        policies: found,
+    };
+    println!("{}", capacity.table());
+    let rate_files = write_rate_chart(
+        &args.out,
+        &capacity.curves(),
+        search.slo.ttft_p90_ms,
+        "load (x the demo workload's arrival rate)",
+    )?;
+    let conclusion = demo_conclusion(&capacity.policies);
+    let json = args.out.join("report.json");
+    let fleet = serde_json::json!({
+        "engines": cfg.engines.len(),
+        "gpus": gpus,
+        "model": "Llama-3.1-8B",
+        "num_gpu_blocks": cfg.engines[0].num_gpu_blocks,
+        "block_size": cfg.engines[0].block_size,
+        "router_replicas": cfg.router_replicas,
+        "signals": capacity.signals,
+    });
+    let text = serde_json::to_string_pretty(&serde_json::json!({
+        "fleet": fleet,
+        "workload": workload.name,
+        "report": report,
+        "capacity": capacity,
+        "conclusion": conclusion,
+    }))
+    .expect("demo report serialises");
+    std::fs::write(&json, text).map_err(|source| BenchError::Write {
+        path: json.clone(),
+        source,
+    })?;
     println!("report: {}", json.display());
-    for f in files {
+    for f in files.iter().chain(&rate_files) {
         println!("chart:  {}", f.display());
     }
+    println!("\n{conclusion}");
     Ok(report)
 }

@@ -394,10 +394,20 @@ where
         .x_label_area_size(40)
         .y_label_area_size(50)
         .build_cartesian_2d((x_min..x_max).log_scale(), 0.0..1.0)?;
+    // Enough labelled ticks that the region where policies differ (often tens of ms) is read
+    // off the axis, not guessed: plotters' default log axis labels only a few decades.
     chart
         .configure_mesh()
-        .x_desc("time to first token (ms)")
-        .y_desc("fraction of requests")
+        .x_desc("time to first token (ms, log scale)")
+        .y_desc("fraction of requests with TTFT at most x")
+        .x_labels(24)
+        .x_label_formatter(&|x| {
+            if *x < 10.0 {
+                format!("{x:.1}")
+            } else {
+                format!("{x:.0}")
+            }
+        })
         .draw()?;
     for (i, (run, v)) in runs.iter().zip(&all).enumerate() {
         let color = PALETTE[i % PALETTE.len()];
@@ -513,7 +523,7 @@ where
     let groups = runs.len().max(1) as f64;
     let mut chart = ChartBuilder::on(root)
         .caption(
-            "Uncached prompt tokens prefilled per endpoint",
+            "Uncached prompt tokens each endpoint prefilled (work placed on it), per policy",
             ("sans-serif", 24),
         )
         .margin(12)
@@ -522,8 +532,8 @@ where
         .build_cartesian_2d(0.0..endpoints as f64, 0.0..y_max)?;
     chart
         .configure_mesh()
-        .x_desc("endpoint")
-        .y_desc("million tokens")
+        .x_desc("endpoint index")
+        .y_desc("uncached prompt tokens prefilled (millions)")
         .x_labels(endpoints.min(32))
         .x_label_formatter(&|x| format!("{}", x.floor() as usize))
         .draw()?;

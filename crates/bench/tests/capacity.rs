@@ -227,3 +227,34 @@ fn capacity_cli_writes_capacity_speedup_and_rps_per_policy() {
     assert!(dir.join("charts").join("ttft_p90_vs_rate.svg").exists());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Regression: the mix's multi-turn part kept 5 s think times at any rate, so its offered load
+/// stopped growing near 100 req/s and every policy "met" the SLO at the search's ceiling.
+#[test]
+fn mix_offered_load_scales_with_the_rate() {
+    use kvgate_bench::cli::{Synthetic, synthetic};
+    let a = offered_rps(&synthetic(Some(Synthetic::Mix), 20.0, 1));
+    let b = offered_rps(&synthetic(Some(Synthetic::Mix), 2000.0, 1));
+    assert!((b / a - 100.0).abs() < 1.0, "{a} -> {b}");
+}
+
+#[test]
+fn demo_conclusion_names_who_sustains_more_and_by_how_much() {
+    use kvgate_bench::capacity::PolicyCapacity;
+    use kvgate_bench::cli::demo_conclusion;
+    let cap = |p: &str, rps: f64| PolicyCapacity {
+        policy: p.to_string(),
+        capacity_rps: rps,
+        ..Default::default()
+    };
+    let s = demo_conclusion(&[cap("kvgate", 30.0), cap("llm-d", 20.0), cap("dynamo", 10.0)]);
+    assert!(
+        s.contains("kvgate sustains 30.0 req/s, 1.50x the best baseline (llm-d at 20.0"),
+        "{s}"
+    );
+    let s = demo_conclusion(&[cap("kvgate", 15.0), cap("llm-d", 20.0)]);
+    assert!(
+        s.starts_with("At the SLO llm-d sustains 20.0 req/s, more than kvgate's 15.0"),
+        "{s}"
+    );
+}
