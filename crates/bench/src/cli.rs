@@ -399,39 +399,44 @@ pub fn bench(args: &BenchArgs) -> Result<Report, BenchError> {
 pub fn synthetic(kind: Option<Synthetic>, rate: f64, seed: u64) -> Workload {
     match kind {
         Some(Synthetic::Mix) => {
-            // Generated at its base rate, then compressed in time by rate / base: think times
-            // shrink with the rate too, so the offered load scales with `rate` (a multi-turn
-            // generator alone would keep each session's 20 s of turns whatever the rate).
-            const BASE_RATE: f64 = 20.0;
-            let turns = 5;
+            // A fixed span of arrivals whose request count grows with the rate, so a capacity
+            // search measures sustained load: a fixed request count compressed in time would
+            // end as a burst the fleet drains after arrivals stop.
+            const SPAN_S: f64 = 120.0;
+            let turns = 5u32;
+            let groups = 32u32;
+            let half = rate / 2.0;
+            let per_group = ((half * SPAN_S) / f64::from(groups)).ceil().max(1.0) as u32;
+            let sessions = ((half * SPAN_S) / f64::from(turns)).ceil().max(1.0) as u32;
             let sp = shared_prefix(
                 SharedPrefixConfig {
-                    num_groups: 32,
-                    num_prompts_per_group: 32,
+                    num_groups: groups,
+                    num_prompts_per_group: per_group,
                     system_prompt_len: 4000,
                     question_len: 200,
                     output_len: 200,
-                    rate_per_s: BASE_RATE / 2.0,
+                    rate_per_s: half,
                 },
                 seed,
             );
             let mt = multi_turn(
                 MultiTurnConfig {
-                    sessions: 200,
+                    sessions,
                     turns,
                     system_prompt_len: 2000,
                     user_len: 300,
                     output_len: 200,
-                    session_rate_per_s: BASE_RATE / 2.0 / f64::from(turns),
+                    session_rate_per_s: half / f64::from(turns),
                     think_time_s: 5.0,
                 },
                 seed.wrapping_add(1),
             );
-            let mut w = scale_arrivals(&merge("mix", vec![sp, mt]), rate / BASE_RATE);
-            w.name = format!(
-                "mix: 32 shared 4k-token system prompts x 32 questions + 200 five-turn chats (2k system, 300-token turns, 5 s think time at rate 20), time-compressed to rate {rate}"
-            );
-            w
+            merge(
+                &format!(
+                    "mix: {rate} req/s for ~{SPAN_S} s, half shared-prefix (32 4k-token system prompts, 200-token questions), half five-turn chats (2k system, 300-token turns, 5 s think time)"
+                ),
+                vec![sp, mt],
+            )
         }
         Some(Synthetic::MultiTurn) => multi_turn(
             MultiTurnConfig {

@@ -228,14 +228,19 @@ fn capacity_cli_writes_capacity_speedup_and_rps_per_policy() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Regression: the mix's multi-turn part kept 5 s think times at any rate, so its offered load
-/// stopped growing near 100 req/s and every policy "met" the SLO at the search's ceiling.
+/// Regression: the mix kept a fixed request count, so at high rates it arrived as one burst the
+/// fleet drained afterwards and "met" the SLO at thousands of requests per second. Its span of
+/// arrivals is now fixed and its offered load follows the rate.
 #[test]
-fn mix_offered_load_scales_with_the_rate() {
+fn mix_offered_load_scales_with_the_rate_over_a_fixed_span() {
     use kvgate_bench::cli::{Synthetic, synthetic};
-    let a = offered_rps(&synthetic(Some(Synthetic::Mix), 20.0, 1));
-    let b = offered_rps(&synthetic(Some(Synthetic::Mix), 2000.0, 1));
-    assert!((b / a - 100.0).abs() < 1.0, "{a} -> {b}");
+    let low = synthetic(Some(Synthetic::Mix), 20.0, 1);
+    let high = synthetic(Some(Synthetic::Mix), 200.0, 1);
+    let ratio = offered_rps(&high) / offered_rps(&low);
+    assert!((ratio - 10.0).abs() < 1.0, "{ratio}");
+    let span =
+        |w: &kvgate_bench::workload::Workload| w.requests.last().unwrap().arrival_us as f64 / 1e6;
+    assert!((span(&high) / span(&low) - 1.0).abs() < 0.2);
 }
 
 #[test]
