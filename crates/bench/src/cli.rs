@@ -790,10 +790,12 @@ pub fn demo_conclusion(found: &[crate::capacity::PolicyCapacity]) -> String {
         f64::INFINITY
     };
     let why = format!(
-        "hit ratio {:.2} vs {:.2}, queue herding {:.2} vs {:.2} (max/mean waiting)",
+        "prefix-cache hit ratio kvgate {:.2} vs {} {:.2}, queue herding (max/mean waiting) kvgate {:.2} vs {} {:.2}",
         k.hit_ratio,
+        b.policy,
         b.hit_ratio,
         k.herding.mean_max_over_mean_waiting,
+        b.policy,
         b.herding.mean_max_over_mean_waiting
     );
     if ratio >= 1.0 {
