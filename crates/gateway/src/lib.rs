@@ -63,6 +63,11 @@ pub struct ServeArgs {
     /// Admin port: /metrics, /health, /ready [default: 9090].
     #[arg(long)]
     pub admin_port: Option<u16>,
+    /// Answer clients that half-close after sending a complete request (`printf ... | nc`).
+    /// Off by default: with it, a client that disconnects is noticed only when its response
+    /// is written, not at once (see `limits.client_half_close`).
+    #[arg(long)]
+    pub client_half_close: bool,
     /// The fleet and how to route it (shared with `kvgate epp`).
     #[command(flatten)]
     pub routing: RoutingFlags,
@@ -74,6 +79,7 @@ impl ServeArgs {
             host: self.host.clone(),
             port: self.port,
             admin_port: self.admin_port,
+            client_half_close: self.client_half_close.then_some(true),
             ..self.routing.overrides()
         }
     }

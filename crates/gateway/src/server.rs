@@ -20,10 +20,12 @@
 //! An HTTP/1.1 request without exactly one `Host` header, or any request with two, gets 400
 //! (RFC 9112 §3.2), in the OpenAI error shape.
 //!
-//! A client that half-closes (shuts down its write side) while its request is in flight is
-//! treated as gone: on TCP a half-close and a full close look the same to the server until it
-//! writes, and a client that went away must cancel its generation at once (the engine's work
-//! is the expensive part), so hyper's `half_close` stays off.
+//! A client that half-closes (shuts down its write side) while its request is in flight is, by
+//! default, treated as gone: on TCP a half-close and a full close look the same to the server
+//! until it writes, and a client that went away must cancel its generation at once (the
+//! engine's work is the expensive part). Operators whose clients half-close on purpose turn on
+//! `limits.client_half_close` (`--client-half-close`): hyper's `half_close` then keeps the
+//! connection and answers, and a departed client is noticed when its response is written.
 //!
 //! HTTP/1.1 only: OpenAI clients and SDKs speak it, and it keeps one request per connection at a
 //! time, which makes "client went away" exactly "connection closed". Timers run on tokio's
@@ -276,6 +278,7 @@ async fn serve_connection(
         .timer(TokioTimer::new())
         // Ours (see the module docs): hyper's would also cut idle keep-alive connections.
         .header_read_timeout(None)
+        .half_close(limits.client_half_close)
         .keep_alive(true);
     let io = Watched {
         sock,

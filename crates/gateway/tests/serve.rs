@@ -457,6 +457,46 @@ async fn client_disconnect_before_the_response_head_cancels_too() {
     assert_eq!(f.stats(0).await.unwrap().finished_abort, 1);
 }
 
+/// Sends one complete chat request on a raw socket, then shuts down the sending side, as
+/// `printf ... | nc` does; returns what the gateway wrote back before closing.
+async fn half_closed_request(gw: &Gateway) -> String {
+    let body = serde_json::to_string(&chat("half close", 4, false)).unwrap();
+    let mut sock = tokio::net::TcpStream::connect(gw.api_addr).await.unwrap();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: kvgate\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    sock.write_all(head.as_bytes()).await.unwrap();
+    sock.write_all(body.as_bytes()).await.unwrap();
+    sock.shutdown().await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), sock.read_to_end(&mut out))
+        .await
+        .expect("the gateway closes the connection")
+        .unwrap_or_default();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Regression (issue 10.13): a client that half-closed after a full request got no response.
+/// Serving it is opt-in (`--client-half-close`): by default a client's end of input cancels
+/// its request at once (see `client_disconnect_before_the_response_head_cancels_too`).
+#[tokio::test]
+async fn half_closing_client_gets_its_response_with_client_half_close() {
+    let f = fleet(1, 1.0).await;
+    let mut cfg = base_config(endpoints_of(&f, false));
+    cfg.limits.client_half_close = true;
+    let gw = gateway(cfg).await;
+    let answer = half_closed_request(&gw).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("chat.completion"), "{answer}");
+
+    // The default cancels the half-closed request instead of answering it.
+    let f = fleet(1, 1.0).await;
+    let gw = gateway(base_config(endpoints_of(&f, false))).await;
+    let answer = half_closed_request(&gw).await;
+    assert!(!answer.contains("chat.completion"), "{answer}");
+}
+
 async fn status_and_error(resp: reqwest::Response) -> (u16, Value) {
     let s = resp.status().as_u16();
     let v: Value = resp.json().await.unwrap_or(Value::Null);

@@ -181,6 +181,7 @@ struct RawLimits {
     upstream_connect_timeout_ms: Option<u64>,
     upstream_idle_timeout_ms: Option<u64>,
     first_byte_timeout_ms: Option<u64>,
+    client_half_close: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -264,6 +265,13 @@ pub struct Limits {
     /// on (and penalised) and the request retried elsewhere while nothing has reached the
     /// client.
     pub first_byte_timeout_ms: Option<u64>,
+    /// Serve clients that half-close (shut down their sending side) after a complete request,
+    /// as `printf ... | nc` and some HTTP/1.0 clients do. Off by default, because on TCP a
+    /// half-close and a full close look the same until the server writes: with it on, a client
+    /// that went away is noticed only when its response is written (its first streamed frame),
+    /// so an abandoned request keeps its engine busy through the whole prefill. With it off, a
+    /// client's end of input cancels its request at once.
+    pub client_half_close: bool,
 }
 
 impl Default for Limits {
@@ -276,6 +284,7 @@ impl Default for Limits {
             upstream_connect_timeout_ms: DEFAULT_UPSTREAM_CONNECT_TIMEOUT_MS,
             upstream_idle_timeout_ms: DEFAULT_UPSTREAM_IDLE_TIMEOUT_MS,
             first_byte_timeout_ms: None,
+            client_half_close: false,
         }
     }
 }
@@ -400,6 +409,8 @@ pub struct Overrides {
     pub drain_timeout_ms: Option<u64>,
     /// `--first-byte-timeout-ms`.
     pub first_byte_timeout_ms: Option<u64>,
+    /// `--client-half-close`.
+    pub client_half_close: Option<bool>,
 }
 
 /// Flags that `kvgate serve` and `kvgate epp` share: which model servers to route to and how.
@@ -650,6 +661,10 @@ impl GatewayConfig {
             first_byte_timeout_ms: flags
                 .first_byte_timeout_ms
                 .or(raw.limits.first_byte_timeout_ms),
+            client_half_close: flags
+                .client_half_close
+                .or(raw.limits.client_half_close)
+                .unwrap_or(d.limits.client_half_close),
         };
         for (field, v) in [
             (
