@@ -111,9 +111,8 @@ pub struct BenchArgs {
     /// A built-in synthetic workload instead of a trace.
     #[arg(long, value_enum)]
     pub workload: Option<Synthetic>,
-    /// Comma-separated policies (kvgate, gie-default, sglang-cache-aware, dynamo, round-robin,
-    /// random, least-request, power-of-two, oracle, llm-d, smg-least-load, dynamo-softmax);
-    /// `all` for every one. Checked before anything runs.
+    /// Comma-separated policies, or `all` for every one. Checked before anything runs; an
+    /// unknown name is refused with the list of known ones.
     #[arg(long, default_value = "all")]
     pub policies: String,
     /// Replay only the first K requests.

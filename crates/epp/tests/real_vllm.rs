@@ -438,7 +438,7 @@ impl Fleet {
             scrape_interval_ms: 100,
             kv_events_listen: Some(self.listen.clone()),
             model_dir: tokenizer,
-            policy: PolicyChoice::Named(policy.into()),
+            policy: PolicyChoice::Preset(policy.parse().expect("a known policy")),
             ..GatewayConfig::default()
         };
         let deadline = Instant::now() + Duration::from_secs(10);

@@ -239,20 +239,28 @@ mod tests {
         );
         assert_eq!(
             cfg.policy,
-            kvgate_runtime::config::PolicyChoice::Named("round-robin".into())
+            kvgate_runtime::config::PolicyChoice::Preset(kvgate_core::Policy::RoundRobin)
         );
     }
 
     #[tokio::test]
     async fn unknown_policy_is_a_typed_error() {
-        let cfg = GatewayConfig {
-            policy: kvgate_runtime::config::PolicyChoice::Named("no-such-policy".into()),
-            ..GatewayConfig::default()
-        };
-        let err = Gateway::start(cfg, Overrides::default()).await.unwrap_err();
+        let err = GatewayConfig::from_yaml("policy: no-such-policy").unwrap_err();
         assert!(
-            matches!(err, GatewayError::Runtime(RuntimeError::Router(_))),
+            matches!(
+                err,
+                RuntimeError::InvalidConfig {
+                    field: "policy",
+                    ..
+                }
+            ),
             "{err}"
         );
+        // The message lists the policies that exist.
+        assert!(err.to_string().contains("round-robin"), "{err}");
+        // And the flag refuses it before any config is read.
+        assert!(Cli::try_parse_from(["kvgate", "--policy", "no-such-policy"]).is_err());
+        assert!(Cli::try_parse_from(["kvgate", "--policy", "oracle"]).is_err());
+        assert!(Cli::try_parse_from(["kvgate", "--policy", "gie"]).is_ok());
     }
 }

@@ -411,7 +411,7 @@ async fn an_engine_that_hangs_forever_stranded_its_requests() {
     let hanging = FakeEngine::start(hung).await;
     let healthy = FakeEngine::start(engine_handler(VLLM_METRICS)).await;
     let gw = gateway_for(&[&hanging.address, &healthy.address], |cfg| {
-        cfg.policy = kvgate_runtime::config::PolicyChoice::Named("round-robin".into());
+        cfg.policy = kvgate_runtime::config::PolicyChoice::Preset(kvgate_core::Policy::RoundRobin);
         cfg.limits.first_byte_timeout_ms = Some(300);
         for e in &mut cfg.endpoints {
             e.models = vec![MODEL.into()];

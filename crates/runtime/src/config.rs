@@ -29,6 +29,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use kvgate_core::Policy;
 use kvgate_core::endpoint::{EngineKind, Role};
 use serde::Deserialize;
 
@@ -96,7 +97,18 @@ pub const DEFAULT_SHUTDOWN_ACCEPT_GRACE_MS: u64 = 5_000;
 pub const DEFAULT_DRAIN_TIMEOUT_MS: u64 = 25_000;
 
 /// Default policy: kvgate's own cost-based scheduler.
-pub const DEFAULT_POLICY: &str = "kvgate";
+pub const DEFAULT_POLICY: Policy = Policy::Kvgate;
+
+/// The `--policy` values: every policy a live data plane can run, with its aliases, straight
+/// from [`Policy::ALL`] (so `--help` lists them and no name is written here).
+fn live_policy_parser() -> clap::builder::PossibleValuesParser {
+    clap::builder::PossibleValuesParser::new(
+        Policy::ALL
+            .into_iter()
+            .filter(|p| p.is_live_capable())
+            .map(|p| clap::builder::PossibleValue::new(p.as_str()).aliases(p.alias())),
+    )
+}
 
 /// Header clients use to name their inference objective (priority), as in the Gateway API
 /// Inference Extension.
@@ -207,8 +219,8 @@ struct RawTokenizer {
 /// Which routing policy to run.
 #[derive(Clone, Debug, PartialEq)]
 pub enum PolicyChoice {
-    /// A named kvgate-core policy with its defaults.
-    Named(String),
+    /// A kvgate-core policy with its defaults.
+    Preset(Policy),
     /// A YAML router config (kvgate's own or an `EndpointPickerConfig`), as text.
     Yaml(String),
 }
@@ -358,7 +370,7 @@ impl Default for GatewayConfig {
             host: "0.0.0.0".into(),
             port: DEFAULT_PORT,
             admin_port: DEFAULT_ADMIN_PORT,
-            policy: PolicyChoice::Named(DEFAULT_POLICY.into()),
+            policy: PolicyChoice::Preset(DEFAULT_POLICY),
             endpoints: Vec::new(),
             scrape_interval_ms: kvgate_signals::scrape::DEFAULT_SCRAPE_INTERVAL_MS,
             scrape_timeout_ms: kvgate_signals::scrape::DEFAULT_SCRAPE_TIMEOUT_MS,
@@ -441,9 +453,8 @@ pub struct RoutingFlags {
     /// Models served by the --endpoint servers (default: learned from their /v1/models).
     #[arg(long = "model")]
     pub models: Vec<String>,
-    /// Routing policy: kvgate, gie-default, sglang-cache-aware, dynamo, round-robin, random,
-    /// least-request, power-of-two [default: kvgate].
-    #[arg(long)]
+    /// Routing policy [default: the config file's `policy`, else kvgate's cost scheduler].
+    #[arg(long, value_parser = live_policy_parser())]
     pub policy: Option<String>,
     /// Metrics scrape interval per endpoint, ms [default: 100].
     #[arg(long)]
@@ -554,23 +565,27 @@ impl GatewayConfig {
 
     fn from_raw(raw: RawConfig, flags: &Overrides) -> Result<Self, RuntimeError> {
         let d = Self::default();
+        let preset = |name: String| {
+            name.parse::<Policy>()
+                .map(PolicyChoice::Preset)
+                .map_err(|e| invalid("policy", e.to_string()))
+        };
         let policy = match (flags.policy.clone(), raw.policy, raw.router) {
-            (Some(name), _, _) => PolicyChoice::Named(name),
+            (Some(name), _, _) => preset(name)?,
             (None, Some(_), Some(_)) => {
                 return Err(invalid(
                     "policy",
                     "give either `policy` or `router`, not both",
                 ));
             }
-            (None, Some(name), None) => PolicyChoice::Named(name),
+            (None, Some(name), None) => preset(name)?,
             (None, None, Some(v)) => PolicyChoice::Yaml(
                 serde_norway::to_string(&v).map_err(|e| invalid("router", e.to_string()))?,
             ),
             (None, None, None) => d.policy,
         };
         // A policy that needs the simulator's true engine state would fail every live request.
-        if let PolicyChoice::Named(name) = &policy
-            && let Ok(p) = name.parse::<kvgate_core::Policy>()
+        if let PolicyChoice::Preset(p) = &policy
             && !p.is_live_capable()
         {
             return Err(invalid(
@@ -841,7 +856,7 @@ priority: { objectives: { batch: -1 } }
         assert_eq!(c.endpoints[0].engine, None, "not configured: detected");
         assert_eq!(c.scrape_interval_ms, 50);
         assert_eq!(c.objectives["batch"], -1);
-        assert_eq!(c.policy, PolicyChoice::Named("round-robin".into()));
+        assert_eq!(c.policy, PolicyChoice::Preset(Policy::RoundRobin));
     }
 
     #[test]

@@ -370,7 +370,7 @@ impl std::fmt::Debug for Control {
 
 fn router_config(policy: &PolicyChoice) -> Result<RouterConfig, RuntimeError> {
     match policy {
-        PolicyChoice::Named(name) => RouterConfig::for_policy(name),
+        PolicyChoice::Preset(p) => RouterConfig::for_preset(*p),
         PolicyChoice::Yaml(text) => RouterConfig::from_yaml(text),
     }
     .map_err(RuntimeError::Router)

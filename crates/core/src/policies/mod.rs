@@ -128,7 +128,7 @@ impl Policy {
     }
 
     /// Short names accepted besides [`Policy::as_str`] (kept for existing configs).
-    const fn alias(self) -> Option<&'static str> {
+    pub const fn alias(self) -> Option<&'static str> {
         match self {
             Self::GieDefault => Some("gie"),
             Self::SglangCacheAware => Some("sglang"),
