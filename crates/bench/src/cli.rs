@@ -136,9 +136,10 @@ pub struct BenchArgs {
     /// simulating (e.g. `http://127.0.0.1:8080` for `kvgate serve`).
     #[arg(long)]
     pub live: Option<String>,
-    /// Model name sent in live mode.
-    #[arg(long, default_value = "llama-3.1-8b")]
-    pub model: String,
+    /// Model name sent in live mode [default: the first model the target's `/v1/models`
+    /// lists].
+    #[arg(long)]
+    pub model: Option<String>,
     /// Write the JSON report here.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -364,7 +365,7 @@ pub fn bench(args: &BenchArgs) -> Result<Report, BenchError> {
         workload.requests.truncate(n);
     }
     let (report, runs) = if let Some(url) = &args.live {
-        live(&workload, url, &args.model, slo(&args.fleet))?
+        live(&workload, url, args.model.as_deref(), slo(&args.fleet))?
     } else {
         let cfg = des_config(&args.fleet)?;
         compare(
@@ -640,22 +641,37 @@ fn capacity(args: &BenchArgs, policies: &[Policy]) -> Result<(), BenchError> {
 fn live(
     workload: &Workload,
     url: &str,
-    model: &str,
+    model: Option<&str>,
     slo: Slo,
 ) -> Result<(Report, Vec<PolicyRun>), BenchError> {
     if workload.requests.is_empty() {
         return Err(BenchError::EmptyWorkload);
     }
-    let cfg = crate::live::LiveConfig {
-        base_url: url.to_string(),
-        model: model.to_string(),
-        timeout: std::time::Duration::from_secs(600),
-        label: format!("live {url}"),
-    };
     let rt = tokio::runtime::Runtime::new().map_err(|source| BenchError::Write {
         path: PathBuf::from("<tokio runtime>"),
         source,
     })?;
+    let model = match model {
+        Some(m) => m.to_string(),
+        None => {
+            let m = rt
+                .block_on(crate::live::served_model(url))
+                .map_err(|reason| BenchError::NoModel {
+                    url: url.to_string(),
+                    reason,
+                })?;
+            eprintln!(
+                "live: sending model {m} (the first {url}/v1/models lists; --model to choose)"
+            );
+            m
+        }
+    };
+    let cfg = crate::live::LiveConfig {
+        base_url: url.to_string(),
+        model,
+        timeout: std::time::Duration::from_secs(600),
+        label: format!("live {url}"),
+    };
     let live = rt.block_on(crate::live::run_live(workload, &cfg));
     for e in live.errors.iter().take(5) {
         eprintln!("live request failed: {e}");

@@ -110,4 +110,12 @@ pub enum BenchError {
     /// The workload is empty.
     #[error("the workload has no requests")]
     EmptyWorkload,
+    /// Live mode without `--model`: the target's `/v1/models` did not name a model.
+    #[error("no --model given and {url}/v1/models named none: {reason}")]
+    NoModel {
+        /// The live base URL.
+        url: String,
+        /// What went wrong asking it.
+        reason: String,
+    },
 }

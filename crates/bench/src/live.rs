@@ -195,12 +195,43 @@ async fn one(
     Ok(m)
 }
 
+/// The HTTP client of live mode. It never follows a redirect (the target may be an engine,
+/// and an engine's redirect is not a place to send prompts) and ignores proxy variables, so
+/// what is measured is the target itself.
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(1024)
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .build()
+        .expect("reqwest client builds")
+}
+
+/// The first model `base_url`'s `/v1/models` lists (what live mode sends when no model is
+/// given), or why there is none.
+pub async fn served_model(base_url: &str) -> Result<String, String> {
+    let url = format!("{}/v1/models", base_url.trim_end_matches('/'));
+    let resp = client()
+        .get(&url)
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = resp.status();
+    if !status.is_success() {
+        return Err(format!("it answered {status}"));
+    }
+    let v: Value = resp.json().await.map_err(|e| e.to_string())?;
+    v["data"]
+        .as_array()
+        .and_then(|models| models.iter().find_map(|m| m["id"].as_str()))
+        .map(str::to_owned)
+        .ok_or_else(|| "its list is empty".to_string())
+}
+
 /// Sends `workload` to `cfg.base_url` by its arrival times and measures every stream.
 pub async fn run_live(workload: &Workload, cfg: &LiveConfig) -> LiveRun {
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(1024)
-        .build()
-        .expect("reqwest client builds");
+    let client = client();
     let start = Instant::now();
     let tasks: Vec<_> = workload
         .requests

@@ -137,6 +137,8 @@ fn live_run_where_every_request_failed_is_an_error() {
         "--quiet",
         "--live",
         &url,
+        "--model",
+        "some-model",
     ]);
     match bench(&a) {
         Err(BenchError::AllFailed {
@@ -148,4 +150,74 @@ fn live_run_where_every_request_failed_is_an_error() {
         }
         other => panic!("expected AllFailed, got {other:?}"),
     }
+}
+
+/// Regression (10.13): `bench --live` against `kvgate serve` sent `--model`'s old default
+/// (`llama-3.1-8b`), which nothing served, so every request failed. Without `--model` the
+/// generator now sends the first model the target's `/v1/models` lists.
+#[test]
+fn live_run_without_model_sends_what_the_target_serves() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (fleet, gw) = rt.block_on(async {
+        let mut fc = kvgate_sim::FleetConfig::homogeneous(2, EngineConfig::h100());
+        fc.http_port = 0;
+        fc.zmq_port = 0;
+        let fleet = kvgate_sim::start_fleet(fc).await.expect("sim fleet starts");
+        let flags = kvgate_runtime::config::Overrides {
+            host: Some("127.0.0.1".into()),
+            port: Some(0),
+            admin_port: Some(0),
+            endpoints: fleet
+                .engines
+                .iter()
+                .map(|e| format!("http://{}", e.http_addr))
+                .collect(),
+            ..Default::default()
+        };
+        let cfg = kvgate_runtime::config::GatewayConfig::load(None, &flags).unwrap();
+        let gw = kvgate_gateway::Gateway::start(cfg, flags).await.unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !gw.control.is_ready() {
+            assert!(std::time::Instant::now() < deadline, "gateway never ready");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        (fleet, gw)
+    });
+    let url = format!("http://{}", gw.api_addr);
+    let a = args(&[
+        "--workload",
+        "shared-prefix",
+        "--limit",
+        "3",
+        "--rate",
+        "100",
+        "--quiet",
+        "--live",
+        &url,
+    ]);
+    let served = bench(&a).expect("live run succeeds without --model");
+    drop(served);
+    // Nothing listening there: no model to find is a clear error, not a run of failures.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dead = format!("http://127.0.0.1:{port}");
+    let a = args(&[
+        "--workload",
+        "shared-prefix",
+        "--limit",
+        "3",
+        "--quiet",
+        "--live",
+        &dead,
+    ]);
+    assert!(matches!(bench(&a), Err(BenchError::NoModel { .. })));
+    drop((gw, fleet));
+    rt.shutdown_background();
 }
