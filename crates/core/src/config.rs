@@ -705,6 +705,7 @@ struct RawPickerConfig {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawPlugin {
     #[serde(rename = "type")]
     plugin_type: String,
@@ -714,7 +715,7 @@ struct RawPlugin {
 }
 
 #[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct RawProfile {
     name: String,
     #[serde(default)]
@@ -722,7 +723,7 @@ struct RawProfile {
 }
 
 #[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct RawPluginRef {
     plugin_ref: String,
     weight: Option<f64>,
@@ -736,22 +737,68 @@ enum Plugin {
     Ignored,
 }
 
+/// Every plugin `type` an `EndpointPickerConfig` may name here (the error for any other lists
+/// them; `every_listed_plugin_type_is_accepted` keeps this list and the parser in step).
+pub const PLUGIN_TYPES: &[&str] = &[
+    "queue-scorer",
+    "kv-cache-utilization-scorer",
+    "kv-cache-scorer",
+    "prefix-cache-scorer",
+    "lora-affinity-scorer",
+    "kvgate-cost-scorer",
+    "dynamo-cost-scorer",
+    "oracle-scorer",
+    "max-score-picker",
+    "random-picker",
+    "weighted-random-picker",
+    "softmax-picker",
+    "dynamo-picker",
+    "round-robin-picker",
+    "power-of-two-picker",
+    "least-request-picker",
+    "sglang-cache-aware-picker",
+    "role-filter",
+    "prefill-filter",
+    "decode-filter",
+    "lora-affinity-filter",
+    "draining-filter",
+    "subset-filter",
+    "single-profile-handler",
+];
+
+/// Parameters of a plugin that takes none: any key is a mistake (a misspelt parameter of
+/// another plugin, or one this router does not implement), refused rather than ignored.
 #[derive(Deserialize, Default)]
-#[serde(rename_all = "camelCase")]
+#[serde(deny_unknown_fields)]
+struct NoParams {}
+
+/// `prefix-cache-scorer`. GIE's `autoTune`, `blockSize`, `blockSizeTokens` and
+/// `hashBlockSize` are accepted so configs written for GIE load unchanged, and ignored: kvgate
+/// keys prefixes by the block size each engine reports, never by a configured one.
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct PrefixParams {
     max_prefix_blocks_to_match: Option<u32>,
     lru_capacity_per_server: Option<usize>,
+    #[serde(rename = "autoTune")]
+    _auto_tune: Option<serde::de::IgnoredAny>,
+    #[serde(rename = "blockSize")]
+    _block_size: Option<serde::de::IgnoredAny>,
+    #[serde(rename = "blockSizeTokens")]
+    _block_size_tokens: Option<serde::de::IgnoredAny>,
+    #[serde(rename = "hashBlockSize")]
+    _hash_block_size: Option<serde::de::IgnoredAny>,
 }
 
 #[derive(Deserialize, Default)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct DynamoParams {
     overlap_score_weight: Option<f64>,
     temperature: Option<f64>,
 }
 
 #[derive(Deserialize, Default)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct SglangParams {
     cache_threshold: Option<f64>,
     balance_abs_threshold: Option<u32>,
@@ -780,6 +827,16 @@ impl RawPickerConfig {
         let mut ttl_off = false;
         for p in &self.plugins {
             let name = p.name.clone().unwrap_or_else(|| p.plugin_type.clone());
+            let takes_params = matches!(
+                p.plugin_type.as_str(),
+                "prefix-cache-scorer"
+                    | "dynamo-cost-scorer"
+                    | "dynamo-picker"
+                    | "sglang-cache-aware-picker"
+            );
+            if !takes_params && PLUGIN_TYPES.contains(&p.plugin_type.as_str()) {
+                params::<NoParams>(&name, &p.parameters)?;
+            }
             let plugin = match p.plugin_type.as_str() {
                 "queue-scorer" => Plugin::Scorer(ScorerKind::Queue),
                 "kv-cache-utilization-scorer" | "kv-cache-scorer" => {
@@ -841,6 +898,7 @@ impl RawPickerConfig {
                 other => {
                     return Err(CoreError::UnknownPluginType {
                         plugin_type: other.to_string(),
+                        known: PLUGIN_TYPES.join(", "),
                     });
                 }
             };
@@ -906,6 +964,57 @@ impl RawPickerConfig {
 mod tests {
     use super::*;
 
+    fn picker_config(plugins: &str) -> Result<RouterConfig, CoreError> {
+        RouterConfig::from_yaml(&format!(
+            "apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: EndpointPickerConfig\n\
+             plugins:\n{plugins}\nschedulingProfiles:\n- name: default\n  plugins:\n  \
+             - pluginRef: p\n"
+        ))
+    }
+
+    #[test]
+    fn every_listed_plugin_type_is_accepted() {
+        for t in PLUGIN_TYPES {
+            picker_config(&format!("- type: {t}\n  name: p"))
+                .unwrap_or_else(|e| panic!("{t}: {e}"));
+        }
+    }
+
+    /// Regression (issue 14.4): an unknown plugin type was refused without saying which exist,
+    /// and unknown parameters (a misspelt `maxPrefixBlocksToMatch`, parameters given to a
+    /// plugin that takes none) were silently ignored.
+    #[test]
+    fn unknown_plugin_types_and_parameters_are_refused_with_the_valid_ones() {
+        let e = picker_config("- type: queue-scorerr\n  name: p").unwrap_err();
+        assert!(e.to_string().contains("known types: queue-scorer,"), "{e}");
+        let e = picker_config(
+            "- type: prefix-cache-scorer\n  name: p\n  parameters: { maxPrefixBlocksToMach: 8 }",
+        )
+        .unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("maxPrefixBlocksToMach"), "{msg}");
+        assert!(
+            msg.contains("maxPrefixBlocksToMatch"),
+            "lists the valid ones: {msg}"
+        );
+        let e = picker_config("- type: queue-scorer\n  name: p\n  parameters: { weight: 2 }")
+            .unwrap_err();
+        assert!(matches!(e, CoreError::PluginParameters { .. }), "{e}");
+        let e = picker_config(
+            "- type: sglang-cache-aware-picker\n  name: p\n  parameters: { cacheTreshold: 0.5 }",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("cacheThreshold"), "{e}");
+        // GIE's own prefix parameters load unchanged; empty parameters are fine anywhere.
+        picker_config(
+            "- type: prefix-cache-scorer\n  name: p\n  parameters:\n    autoTune: false\n    \
+             blockSize: 64\n    hashBlockSize: 64\n    blockSizeTokens: 16\n    \
+             maxPrefixBlocksToMatch: 256\n    lruCapacityPerServer: 31250",
+        )
+        .unwrap();
+        picker_config("- type: queue-scorer\n  name: p\n  parameters: {}").unwrap();
+    }
+
     #[test]
     fn every_policy_name_builds() {
         for policy in Policy::ALL {
@@ -970,7 +1079,7 @@ schedulingProfiles:
         let yaml =
             "plugins:\n- type: magic-scorer\nschedulingProfiles:\n- name: d\n  plugins: []\n";
         match RouterConfig::from_yaml(yaml) {
-            Err(CoreError::UnknownPluginType { plugin_type }) => {
+            Err(CoreError::UnknownPluginType { plugin_type, .. }) => {
                 assert_eq!(plugin_type, "magic-scorer")
             }
             other => panic!("{other:?}"),

@@ -22,10 +22,12 @@ pub enum CoreError {
         known: String,
     },
     /// A plugin `type` in a config file that this router does not implement.
-    #[error("unknown plugin type `{plugin_type}`")]
+    #[error("unknown plugin type `{plugin_type}`; known types: {known}")]
     UnknownPluginType {
         /// The `type` as written.
         plugin_type: String,
+        /// Every type this router implements, comma-separated.
+        known: String,
     },
     /// A profile refers to a plugin name that no `plugins` entry defines.
     #[error("profile `{profile}` refers to undefined plugin `{plugin_ref}`")]
@@ -36,7 +38,7 @@ pub enum CoreError {
         plugin_ref: String,
     },
     /// A plugin's `parameters` could not be read.
-    #[error("plugin `{plugin}`: bad parameters")]
+    #[error("plugin `{plugin}`: bad parameters: {source}")]
     PluginParameters {
         /// Plugin name (or type).
         plugin: String,
