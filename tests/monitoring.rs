@@ -680,7 +680,13 @@ async fn every_dashboard_query_and_alert_signal_returns_data_from_real_kvgate() 
         "--admin-port",
         "0",
     ])
-    .args(["--scrape-interval-ms", "100"]);
+    .args(["--scrape-interval-ms", "100"])
+    // Round-robin, so the failing engine is certain to get a third of serve's requests (and
+    // the 5xx, retry and upstream-error series exist). Under kvgate's policy this sequential
+    // traffic of three system prompts stays on whichever engines first cached them, which
+    // left the failing engine without a single request in about a third of runs. The picker
+    // keeps kvgate's default policy, so its series cover that one.
+    .args(["--policy", "round-robin"]);
     endpoint_flags(&fleet, &mut cmd);
     let mut serve = Proc::spawn("kvgate serve", cmd);
     let line = serve.wait_line("kvgate gateway listening", Duration::from_secs(20));

@@ -271,10 +271,14 @@ impl ExternalProcessor for Picker {
 /// those as `INTERNAL`, with the decoder's message), as opposed to the peer resetting or
 /// closing the stream.
 fn is_decode_error(status: &Status) -> bool {
+    // A transport failure (Envoy resetting the stream when its HTTP request ends, a dropped
+    // connection) also arrives as `Internal`, but carries the h2/hyper error as its source; a
+    // message that does not decode has none. Only the latter is the peer's fault.
     matches!(
         status.code(),
         tonic::Code::Internal | tonic::Code::InvalidArgument | tonic::Code::DataLoss
-    )
+    ) && std::error::Error::source(status).is_none()
+        && !status.message().starts_with("h2 protocol error")
 }
 
 /// What the stream answers to one message.
