@@ -73,7 +73,15 @@ fn start_engine() -> Engine {
 /// (seconds since the run's start, endpoint that served) per successful request.
 type Served = Arc<Mutex<Vec<(f64, String)>>>;
 
-async fn load(gw_url: String, served: Served, start: Instant, stop: Arc<tokio::sync::Notify>) {
+/// Clients stop when `stop` turns true. A watch channel, not `Notify::notify_waiters`: that
+/// wakes only tasks waiting at that instant, so a client between two requests missed it and
+/// looped forever (the test hung in CI).
+async fn load(
+    gw_url: String,
+    served: Served,
+    start: Instant,
+    stop: tokio::sync::watch::Receiver<bool>,
+) {
     let client = reqwest::Client::builder().no_proxy().build().unwrap();
     let mut tasks = Vec::new();
     for c in 0..CLIENTS {
@@ -89,9 +97,13 @@ async fn load(gw_url: String, served: Served, start: Instant, stop: Arc<tokio::s
                     "max_tokens": 8,
                 });
                 let send = client.post(&url).json(&body).send();
+                if *stop.borrow() {
+                    return;
+                }
+                let mut stop_changed = stop.clone();
                 let r = tokio::select! {
                     r = send => r,
-                    () = stop.notified() => return,
+                    _ = stop_changed.wait_for(|s| *s) => return,
                 };
                 if let Ok(r) = r
                     && r.status() == 200
@@ -182,12 +194,12 @@ async fn run(policy: &str, engines: &[Engine], stall: Duration) -> BTreeMap<Stri
     tokio::time::sleep(Duration::from_millis(500)).await;
     let served: Served = Arc::default();
     let start = Instant::now();
-    let stop = Arc::new(tokio::sync::Notify::new());
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let load = tokio::spawn(load(
         format!("http://{api}/v1/chat/completions"),
         served.clone(),
         start,
-        stop.clone(),
+        stop,
     ));
     let warm = 2.0;
     tokio::time::sleep(Duration::from_secs_f64(warm)).await;
@@ -198,7 +210,7 @@ async fn run(policy: &str, engines: &[Engine], stall: Duration) -> BTreeMap<Stri
     let resumed = start.elapsed().as_secs_f64();
     let after = 6.0;
     tokio::time::sleep(Duration::from_secs_f64(after)).await;
-    stop.notify_waiters();
+    let _ = stop_tx.send(true);
     let _ = load.await;
     signal(serve.id(), "TERM");
     let _ = serve.wait();
