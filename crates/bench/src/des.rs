@@ -425,6 +425,7 @@ pub fn run_policy(
                     session_id: w.session.map(|s| s.to_string()),
                     subset: None,
                     phase: Default::default(),
+                    explain: false,
                 };
                 if oracle {
                     oracle_keys.insert(req_id, keys);

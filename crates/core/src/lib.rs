@@ -55,7 +55,7 @@ pub use keys::KeyScope;
 pub use observe::{BlockExtra, KvEvent, KvEventBatch, MetricsSample};
 pub use policies::Policy;
 pub use request::{
-    BookingPlan, Decision, DecisionReason, FailureKind, OracleView, Outcome, Phase, PromptKeys,
-    RoutingRequest, TrueLoad,
+    BookingPlan, CandidateReport, Decision, DecisionReason, FailureKind, OracleView, Outcome,
+    Phase, PromptKeys, RoutingRequest, TrueLoad,
 };
 pub use router::{ApproximateReason, EndpointView, FinishReport, IndexMode, Router, SeqCheck};

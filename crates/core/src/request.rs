@@ -100,6 +100,9 @@ pub struct RoutingRequest {
     pub subset: Option<Vec<EndpointId>>,
     /// Which leg of the request this is.
     pub phase: Phase,
+    /// Ask the pick to explain itself: [`Decision::candidates`] is filled only then, so picks
+    /// nobody records cost nothing extra.
+    pub explain: bool,
 }
 
 impl RoutingRequest {
@@ -116,6 +119,7 @@ impl RoutingRequest {
             session_id: None,
             subset: None,
             phase: Phase::Aggregated,
+            explain: false,
         }
     }
 }
@@ -222,6 +226,41 @@ pub struct Decision {
     /// What booking the request on `primary` adds to the router's accounting, computed by the
     /// pick so that [`crate::Router::book`] neither walks the index nor prices again.
     pub booking: BookingPlan,
+    /// Every candidate the pick considered, as it saw them, in address order: filled only when
+    /// the request asked ([`RoutingRequest::explain`]), for route receipts.
+    pub candidates: Vec<CandidateReport>,
+}
+
+/// One candidate of an explained pick: what the router knew of it at the decision instant, each
+/// signal with its age, and what it predicted. Prefix matches and the cost are computed for the
+/// receipt even when the policy does not use them (a round-robin receipt still shows the prefix
+/// it ignored); the cost is kvgate's cost model's, whatever the policy.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CandidateReport {
+    /// The endpoint.
+    pub endpoint: EndpointId,
+    /// Prefix blocks matched, from the best source the endpoint's index mode allows.
+    pub matched_blocks: u32,
+    /// Which prefix tracking that match came from (KV events or the router's own bookings).
+    pub index_mode: crate::router::IndexMode,
+    /// Estimated requests waiting (scraped, plus this router's own dispatches since).
+    pub waiting: u32,
+    /// Estimated requests running.
+    pub running: u32,
+    /// Estimated prefill tokens queued ahead of a new request.
+    pub queued_prefill_tokens: u64,
+    /// Estimated KV-cache use, `[0, ∞)`.
+    pub kv_usage: f64,
+    /// Age of the scraped metrics sample, µs; `None` if never scraped.
+    pub sample_age_us: Option<u64>,
+    /// Age of the latest KV event batch, µs; `None` if none arrived.
+    pub kv_event_age_us: Option<u64>,
+    /// Predicted time to first token there (penalties included), µs.
+    pub predicted_ttft_us: u64,
+    /// What kvgate's cost model minimises there, µs.
+    pub cost_us: f64,
+    /// The policy's weighted score; `None` when a filter dropped the candidate before scoring.
+    pub score: Option<f64>,
 }
 
 /// What one booking adds to an endpoint's estimate (as Dynamo's selection result carries the

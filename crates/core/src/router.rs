@@ -62,7 +62,8 @@ use crate::policies::{
     self as plugins, Candidate, Filter, Needs, Pick, PickContext, Picker, Scorer,
 };
 use crate::request::{
-    BookingPlan, Decision, DecisionReason, FailureKind, OracleView, Outcome, Phase, RoutingRequest,
+    BookingPlan, CandidateReport, Decision, DecisionReason, FailureKind, OracleView, Outcome, Phase,
+    RoutingRequest,
 };
 
 /// Result of checking a KV event batch's sequence number.
@@ -700,6 +701,11 @@ impl Router {
         }
         let (eligible, all_draining) = self.eligible_candidates(now_us, req)?;
         let described = self.describe_candidates(now_us, req, profile.needs, &eligible, oracle);
+        let mut reports = if req.explain {
+            self.candidate_reports(now_us, req, profile.needs, &eligible, &described.cands, oracle)
+        } else {
+            Vec::new()
+        };
         let mut cands = described.cands;
         let ctx = PickContext {
             now_us,
@@ -720,6 +726,9 @@ impl Router {
         } else {
             pick.reason
         };
+        for r in &mut reports {
+            r.score = cands.iter().position(|c| c.id == r.endpoint).map(|i| total[i]);
+        }
         let fallbacks = Self::fallbacks(&cands, &total, pick.index, self.tuning.max_fallbacks);
         let predicted_ttft_us = match (chosen.cost, chosen.oracle) {
             (Some(c), _) => Some(c.ttft_us as u64),
@@ -744,7 +753,59 @@ impl Router {
                 .then(|| self.index.precise_prefix(chosen.id, &req.keys.keys)),
             predicted_ttft_us,
             booking,
+            candidates: reports,
         })
+    }
+
+    /// What an explained pick reports of each eligible candidate (see [`CandidateReport`]),
+    /// before filters and scores. The prefix match and kvgate's cost are described afresh when
+    /// the profile did not ask for them, so the pick itself sees exactly what it would unexplained.
+    fn candidate_reports(
+        &self,
+        now_us: u64,
+        req: &RoutingRequest,
+        needs: Needs,
+        eligible: &[(EndpointId, &Entry)],
+        described: &[Candidate<'_>],
+        oracle: Option<&dyn OracleView>,
+    ) -> Vec<CandidateReport> {
+        let full = Needs {
+            prefix: true,
+            cost: true,
+            ..needs
+        };
+        let fresh;
+        let cands = if needs.prefix && needs.cost {
+            described
+        } else {
+            fresh = self.describe_candidates(now_us, req, full, eligible, oracle);
+            &fresh.cands[..]
+        };
+        cands
+            .iter()
+            .map(|c| {
+                let cost = c.cost.unwrap_or_default();
+                CandidateReport {
+                    endpoint: c.id,
+                    matched_blocks: c.matched_blocks,
+                    index_mode: self
+                        .kv_index_mode(c.id)
+                        .unwrap_or(IndexMode::Approximate(ApproximateReason::NoEvents)),
+                    waiting: c.estimate.waiting,
+                    running: c.estimate.running,
+                    queued_prefill_tokens: c.estimate.queued_prefill_tokens,
+                    kv_usage: c.estimate.kv_usage(),
+                    sample_age_us: c.estimate.sample_age_us,
+                    kv_event_age_us: self
+                        .entry(c.id)
+                        .and_then(|e| e.kv.last_event_at_us)
+                        .map(|t| now_us.saturating_sub(t)),
+                    predicted_ttft_us: cost.ttft_us as u64,
+                    cost_us: cost.routing_cost_us,
+                    score: None,
+                }
+            })
+            .collect()
     }
 
     /// Stage 1, candidates: the endpoints serving `req` (model, adapter, role, subset, not
@@ -1046,6 +1107,7 @@ impl Router {
                 .then(|| self.index.precise_prefix(id, &req.keys.keys)),
             predicted_ttft_us: None,
             booking,
+            candidates: Vec::new(),
         })
     }
 
@@ -1516,5 +1578,50 @@ mod tests {
         assert_eq!(d2.primary, holder);
         assert_eq!(d2.precise_matched_blocks, Some(0));
         assert_eq!(d2.matched_blocks, 8);
+    }
+
+    #[test]
+    fn an_explained_pick_reports_every_candidate_and_picks_the_same() {
+        for policy in ["kvgate", "round-robin", "gie-default"] {
+            let mut r = Router::new(RouterConfig::for_policy(policy).unwrap()).unwrap();
+            let ids: Vec<EndpointId> = (0..3)
+                .map(|i| r.add_endpoint(0, EndpointSpec::new(format!("e{i}"), "m")))
+                .collect();
+            let held: Vec<u64> = (0..6).collect();
+            assert_eq!(
+                r.observe_kv_batch(ids[1], 1_000, &stored(0, &held, Tier::Gpu)),
+                SeqCheck::InOrder
+            );
+            let plain = routed(1, &held);
+            let mut explained = plain.clone();
+            explained.explain = true;
+            let now = 5_000;
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+            let d = r.pick(now, &plain, &mut rng, None).unwrap();
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+            let e = r.pick(now, &explained, &mut rng, None).unwrap();
+            assert!(d.candidates.is_empty(), "{policy}: unexplained picks carry nothing");
+            assert_eq!(
+                Decision {
+                    candidates: Vec::new(),
+                    ..e.clone()
+                },
+                d,
+                "{policy}: explaining does not change the pick"
+            );
+            let reported: Vec<EndpointId> = e.candidates.iter().map(|c| c.endpoint).collect();
+            assert_eq!(reported, ids, "{policy}");
+            let holder = &e.candidates[1];
+            assert_eq!(holder.matched_blocks, 6, "{policy}: the match even if unused");
+            assert_eq!(holder.index_mode, IndexMode::Precise);
+            assert_eq!(holder.kv_event_age_us, Some(4_000));
+            assert_eq!(e.candidates[0].matched_blocks, 0);
+            assert_eq!(e.candidates[0].kv_event_age_us, None);
+            assert!(
+                e.candidates[1].predicted_ttft_us < e.candidates[0].predicted_ttft_us,
+                "{policy}: the holder's cached prefix is cheaper"
+            );
+            assert!(e.candidates.iter().all(|c| c.score.is_some_and(f64::is_finite)));
+        }
     }
 }
