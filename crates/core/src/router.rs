@@ -62,8 +62,8 @@ use crate::policies::{
     self as plugins, Candidate, Filter, Needs, Pick, PickContext, Picker, Scorer,
 };
 use crate::request::{
-    BookingPlan, CandidateReport, Decision, DecisionReason, FailureKind, OracleView, Outcome, Phase,
-    RoutingRequest,
+    BookingPlan, CandidateReport, Decision, DecisionReason, FailureKind, OracleView, Outcome,
+    Phase, RoutingRequest,
 };
 
 /// Result of checking a KV event batch's sequence number.
@@ -95,6 +95,17 @@ struct KvStream {
     last_event_at_us: Option<u64>,
     /// The stream is complete from its start (or resynced): its facts can be trusted.
     events_ok: bool,
+    /// The subscriber lost its connection and no batch has arrived since: whatever the engine
+    /// published meanwhile is missed, so the facts are not trusted (see
+    /// [`Router::kv_disconnected`]).
+    disconnected: bool,
+}
+
+impl KvStream {
+    /// Whether the endpoint's precise entries can be trusted (before the cache contract).
+    fn sound(&self) -> bool {
+        self.events_ok && !self.disconnected
+    }
 }
 
 /// What one booked request predicted, for the cache contract when it finishes.
@@ -499,7 +510,13 @@ impl Router {
             return SeqCheck::Stale;
         }
         let holds_facts = !e.engine_keys.is_empty() || self.index.precise_entries(id) > 0;
-        let check = match e.kv.seq.observe(batch.seq, holds_facts) {
+        let outcome = e.kv.seq.observe(batch.seq, holds_facts);
+        if !matches!(outcome, SeqOutcome::Stale { .. }) {
+            // A batch arrived: the connection is back. Whether the stream is still whole is
+            // the sequence check's verdict below (an in-order batch means nothing was missed).
+            e.kv.disconnected = false;
+        }
+        let check = match outcome {
             SeqOutcome::Stale { .. } => return SeqCheck::Stale,
             SeqOutcome::Start { .. } => {
                 // Every fact from here on arrives: the stream is sound from its start.
@@ -513,7 +530,8 @@ impl Router {
             }
             SeqOutcome::Replayed => SeqCheck::Replayed,
             SeqOutcome::Restart { got, .. } => {
-                // Only 0 can go back here (the router notes no reconnects): a new process.
+                // A new process: sound only if its stream is seen from 0 (after a disconnect
+                // a higher number can go back too, and the numbers below it were missed).
                 e.kv.events_ok = got == 0;
                 self.forget_publisher(id);
                 SeqCheck::Restarted
@@ -522,7 +540,7 @@ impl Router {
         let Some(e) = self.slots.get_mut(id.0 as usize).and_then(Option::as_mut) else {
             return SeqCheck::Stale;
         };
-        let trusted = e.kv.events_ok && !e.contract.is_mismatch();
+        let trusted = e.kv.sound() && !e.contract.is_mismatch();
         self.index.set_trusted(id, trusted);
         e.kv.last_event_at_us = Some(now_us);
         for ev in &batch.events {
@@ -580,7 +598,7 @@ impl Router {
     /// Sets the index's trust of `id` from its stream state and its cache contract.
     fn sync_trust(&mut self, id: EndpointId) {
         if let Some(e) = self.slots.get(id.0 as usize).and_then(Option::as_ref) {
-            let ok = e.kv.events_ok && !e.contract.is_mismatch();
+            let ok = e.kv.sound() && !e.contract.is_mismatch();
             self.index.set_trusted(id, ok);
         }
     }
@@ -595,7 +613,22 @@ impl Router {
         }
     }
 
-    /// The KV event stream of `id` broke (disconnect): untrusted until resync; the next batch
+    /// The subscriber's connection to `id`'s publisher dropped (it reconnects by itself).
+    /// Events published until it is back are missed, so `id` is matched approximately until
+    /// the next batch arrives; the sequence is kept, so that batch tells whether anything was
+    /// missed (in order: trusted again; a gap: untrusted until a replay fills it; a number
+    /// that goes back: a restarted publisher). A milder verdict than [`Router::kv_stream_lost`],
+    /// which starts a new sequence.
+    pub fn kv_disconnected(&mut self, id: EndpointId, now_us: u64) {
+        self.tick(now_us);
+        if let Some(e) = self.entry_mut(id) {
+            e.kv.disconnected = true;
+            e.kv.seq.note_reconnect();
+            self.sync_trust(id);
+        }
+    }
+
+    /// The KV event stream of `id` broke for good: untrusted until resync; the next batch
     /// starts a new sequence.
     pub fn kv_stream_lost(&mut self, id: EndpointId, now_us: u64) {
         self.tick(now_us);
@@ -611,7 +644,7 @@ impl Router {
         let e = self.entry(id)?;
         Some(if e.contract.is_mismatch() {
             IndexMode::Approximate(ApproximateReason::Mismatch)
-        } else if e.kv.events_ok && self.index.is_trusted(id) {
+        } else if e.kv.sound() && self.index.is_trusted(id) {
             IndexMode::Precise
         } else {
             IndexMode::Approximate(ApproximateReason::NoEvents)
@@ -702,7 +735,14 @@ impl Router {
         let (eligible, all_draining) = self.eligible_candidates(now_us, req)?;
         let described = self.describe_candidates(now_us, req, profile.needs, &eligible, oracle);
         let mut reports = if req.explain {
-            self.candidate_reports(now_us, req, profile.needs, &eligible, &described.cands, oracle)
+            self.candidate_reports(
+                now_us,
+                req,
+                profile.needs,
+                &eligible,
+                &described.cands,
+                oracle,
+            )
         } else {
             Vec::new()
         };
@@ -727,7 +767,10 @@ impl Router {
             pick.reason
         };
         for r in &mut reports {
-            r.score = cands.iter().position(|c| c.id == r.endpoint).map(|i| total[i]);
+            r.score = cands
+                .iter()
+                .position(|c| c.id == r.endpoint)
+                .map(|i| total[i]);
         }
         let fallbacks = Self::fallbacks(&cands, &total, pick.index, self.tuning.max_fallbacks);
         let predicted_ttft_us = match (chosen.cost, chosen.oracle) {
@@ -1225,13 +1268,12 @@ impl Router {
                 let raw = e.prior.decode_step_us(f64::from(est.running));
                 e.load.decode_speed.observe(now_us, tpot as f64, raw, p);
             }
-            // Judge the precise view only while its stream is complete: with a known gap it
-            // is already distrusted, and its holes would read as the keys' fault.
-            if let (Some(predicted), Some(reported), true) = (
-                b.precise_cached_tokens,
-                outcome.cached_tokens,
-                e.kv.events_ok,
-            ) {
+            // Judge the precise view only while its stream is complete: with a known gap or a
+            // dropped connection it is already distrusted, and its holes would read as the
+            // keys' fault.
+            if let (Some(predicted), Some(reported), true) =
+                (b.precise_cached_tokens, outcome.cached_tokens, e.kv.sound())
+            {
                 report.contract_change = e.contract.record(predicted, reported, b.block_size);
             }
         }
@@ -1600,7 +1642,10 @@ mod tests {
             let d = r.pick(now, &plain, &mut rng, None).unwrap();
             let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
             let e = r.pick(now, &explained, &mut rng, None).unwrap();
-            assert!(d.candidates.is_empty(), "{policy}: unexplained picks carry nothing");
+            assert!(
+                d.candidates.is_empty(),
+                "{policy}: unexplained picks carry nothing"
+            );
             assert_eq!(
                 Decision {
                     candidates: Vec::new(),
@@ -1612,7 +1657,10 @@ mod tests {
             let reported: Vec<EndpointId> = e.candidates.iter().map(|c| c.endpoint).collect();
             assert_eq!(reported, ids, "{policy}");
             let holder = &e.candidates[1];
-            assert_eq!(holder.matched_blocks, 6, "{policy}: the match even if unused");
+            assert_eq!(
+                holder.matched_blocks, 6,
+                "{policy}: the match even if unused"
+            );
             assert_eq!(holder.index_mode, IndexMode::Precise);
             assert_eq!(holder.kv_event_age_us, Some(4_000));
             assert_eq!(e.candidates[0].matched_blocks, 0);
@@ -1621,7 +1669,11 @@ mod tests {
                 e.candidates[1].predicted_ttft_us < e.candidates[0].predicted_ttft_us,
                 "{policy}: the holder's cached prefix is cheaper"
             );
-            assert!(e.candidates.iter().all(|c| c.score.is_some_and(f64::is_finite)));
+            assert!(
+                e.candidates
+                    .iter()
+                    .all(|c| c.score.is_some_and(f64::is_finite))
+            );
         }
     }
 }

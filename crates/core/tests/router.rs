@@ -6,9 +6,9 @@ use kvgate_core::Policy;
 use kvgate_core::plugins::{Candidate, MaxScorePicker, PickContext, Scorer};
 use kvgate_core::testing::{label_keys, label_stored};
 use kvgate_core::{
-    DecisionReason, EndpointId, EndpointSpec, EndpointState, FailureKind, KvEventBatch,
-    MetricsSample, OracleView, Outcome, Phase, Role, RouteError, Router, RouterConfig,
-    RoutingRequest, SeqCheck, Tier, TrueLoad,
+    ApproximateReason, DecisionReason, EndpointId, EndpointSpec, EndpointState, FailureKind,
+    IndexMode, KvEventBatch, MetricsSample, OracleView, Outcome, Phase, Role, RouteError, Router,
+    RouterConfig, RoutingRequest, SeqCheck, Tier, TrueLoad,
 };
 use proptest::prelude::*;
 use rand::SeedableRng;
@@ -560,6 +560,63 @@ fn kv_sequence_gaps_untrust_until_resync() {
         }
     );
     assert!(!trusted(&r));
+}
+
+/// Issue 10.9: a dropped KV-event connection is reported to the router, which stops trusting
+/// the endpoint's precise view until a batch shows whether anything was missed.
+#[test]
+fn kv_disconnect_untrusts_until_the_next_batch_says_nothing_was_missed() {
+    let (mut r, ids) = fleet("kvgate", 2);
+    let e = ids[0];
+    let trusted = |r: &Router| r.endpoints().find(|v| v.id == e).unwrap().events_trusted;
+    let mode = |r: &Router| r.kv_index_mode(e).unwrap();
+    r.observe_kv_batch(e, 1, &stored(0, vec![1]));
+    r.observe_kv_batch(e, 2, &stored(1, vec![2]));
+    assert!(trusted(&r));
+    assert_eq!(mode(&r), IndexMode::Precise);
+
+    r.kv_disconnected(e, 3);
+    assert!(!trusted(&r), "nothing published while disconnected is seen");
+    assert_eq!(
+        mode(&r),
+        IndexMode::Approximate(ApproximateReason::NoEvents)
+    );
+    // Back with the next number: nothing was missed.
+    assert_eq!(
+        r.observe_kv_batch(e, 4, &stored(2, vec![3])),
+        SeqCheck::InOrder
+    );
+    assert!(trusted(&r));
+    assert_eq!(mode(&r), IndexMode::Precise);
+
+    // Back with a jump: the batches in between were missed; untrusted until a replay.
+    r.kv_disconnected(e, 5);
+    assert_eq!(
+        r.observe_kv_batch(e, 6, &stored(7, vec![4])),
+        SeqCheck::Gap {
+            expected: 3,
+            got: 7
+        }
+    );
+    assert!(!trusted(&r));
+    r.kv_resynced(e, 7);
+    assert!(trusted(&r));
+
+    // Back with a lower number above 0: a restarted publisher whose first batches were
+    // missed (the reconnect mark makes it a restart, not stale): its old blocks are forgotten
+    // and it stays untrusted.
+    r.kv_disconnected(e, 8);
+    assert_eq!(
+        r.observe_kv_batch(e, 9, &stored(2, vec![5])),
+        SeqCheck::Restarted
+    );
+    assert!(!trusted(&r));
+    assert_eq!(r.endpoints().find(|v| v.id == e).unwrap().precise_blocks, 1);
+    // The other endpoint never noticed.
+    assert_eq!(
+        r.kv_index_mode(ids[1]),
+        Some(IndexMode::Approximate(ApproximateReason::NoEvents))
+    );
 }
 
 #[test]

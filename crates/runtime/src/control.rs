@@ -158,8 +158,10 @@ const MODELS_BODY_LIMIT_BYTES: usize = 1024 * 1024;
 /// One endpoint as the data plane tracks it.
 #[derive(Debug)]
 pub struct Member {
-    /// Router handle.
+    /// Router handle: the core assigns it and owns the address ↔ id mapping.
     pub id: EndpointId,
+    /// `host:port` (the configured address, shared with every [`Target`] handed out).
+    pub address: Arc<str>,
     /// Configuration it was added with.
     pub config: EndpointConfig,
     /// What discovery learnt, once it has.
@@ -260,7 +262,8 @@ impl Member {
 
 impl Member {
     /// Logs a change of the engine's reported block size or hash algorithm.
-    fn note_cache_config(&self, address: &str, sample: &kvgate_core::MetricsSample) {
+    fn note_cache_config(&self, sample: &kvgate_core::MetricsSample) {
+        let address = &*self.address;
         if sample.block_size.is_none() && sample.prefix_caching_hash_algo.is_none() {
             return;
         }
@@ -294,10 +297,12 @@ impl Drop for Member {
     }
 }
 
+/// The data plane's side of each endpoint (tasks, discovery facts, reachability), keyed by the
+/// id the core assigned. The core's router is the one owner of endpoint identity: an address is
+/// turned into an id only by [`Router::endpoint_id`], never by a second map here.
 #[derive(Debug, Default)]
 struct Members {
-    by_address: HashMap<String, Member>,
-    address_of: HashMap<EndpointId, Arc<str>>,
+    by_id: HashMap<EndpointId, Member>,
     /// Every servable `model` value → `None` for a base model, `Some(base)` for an adapter;
     /// rebuilt on membership changes so the request path does one hash lookup.
     served: HashMap<String, Option<String>>,
@@ -306,7 +311,7 @@ struct Members {
 impl Members {
     fn rebuild_served(&mut self) {
         let mut served = HashMap::new();
-        for m in self.by_address.values() {
+        for m in self.by_id.values() {
             let spec = m.spec();
             for model in &spec.models {
                 served.insert(model.clone(), None);
@@ -459,7 +464,9 @@ impl Control {
         let mut m = self.members_write();
         let mut st = self.lock();
         for cfg in wanted {
-            if let Some(member) = m.by_address.get_mut(&cfg.address) {
+            // The router knows every member's address (draining ones too, until reaped).
+            let known = st.router.endpoint_id(&cfg.address);
+            if let Some(member) = known.and_then(|id| m.by_id.get_mut(&id)) {
                 let signals_changed = member.config.kv_events != cfg.kv_events
                     || member.config.kv_replay != cfg.kv_replay
                     || member.config.engine != cfg.engine;
@@ -492,6 +499,7 @@ impl Control {
             }
             let mut member = Member {
                 id: EndpointId(0),
+                address: Arc::from(cfg.address.as_str()),
                 config: cfg.clone(),
                 facts: None,
                 draining: false,
@@ -507,31 +515,23 @@ impl Control {
             member.tasks.push(
                 tokio::spawn(Self::discover_loop(
                     Arc::downgrade(self),
+                    member.id,
                     cfg.address.clone(),
                 ))
                 .abort_handle(),
             );
             tracing::info!(endpoint = %cfg.address, id = member.id.0, "endpoint joined");
-            m.address_of
-                .insert(member.id, Arc::from(cfg.address.as_str()));
-            m.by_address.insert(cfg.address.clone(), member);
+            m.by_id.insert(member.id, member);
         }
-        let gone: Vec<String> = m
-            .by_address
-            .keys()
-            .filter(|a| !wanted.iter().any(|w| &w.address == *a))
-            .cloned()
-            .collect();
-        for address in gone {
-            if let Some(member) = m.by_address.get_mut(&address)
-                && !member.draining
-            {
-                member.draining = true;
-                if let Err(e) = st.router.drain_endpoint(now, member.id) {
-                    tracing::warn!(endpoint = %address, error = %e, "cannot drain endpoint");
-                }
-                tracing::info!(endpoint = %address, "endpoint draining");
+        for member in m.by_id.values_mut() {
+            if member.draining || wanted.iter().any(|w| w.address == *member.address) {
+                continue;
             }
+            member.draining = true;
+            if let Err(e) = st.router.drain_endpoint(now, member.id) {
+                tracing::warn!(endpoint = %member.address, error = %e, "cannot drain endpoint");
+            }
+            tracing::info!(endpoint = %member.address, "endpoint draining");
         }
         m.rebuild_served();
     }
@@ -580,7 +580,7 @@ impl Control {
         }
     }
 
-    async fn discover_loop(weak: std::sync::Weak<Self>, address: String) {
+    async fn discover_loop(weak: std::sync::Weak<Self>, id: EndpointId, address: String) {
         let mut delay_ms = DISCOVERY_BACKOFF_MIN_MS;
         loop {
             let result = discover(&format!("http://{address}")).await;
@@ -589,7 +589,7 @@ impl Control {
             };
             match result {
                 Ok(facts) => {
-                    let model = control.adopt_facts(&address, facts);
+                    let model = control.adopt_facts(id, facts);
                     let tokenizer = Arc::clone(&control.tokenizer);
                     let metrics = Arc::clone(&control.metrics);
                     drop(control);
@@ -626,7 +626,7 @@ impl Control {
                     };
                     if let Some(facts) = fallback {
                         tracing::warn!(endpoint = %address, error = %e, "metrics unavailable; endpoint discovered from /v1/models only");
-                        control.adopt_facts(&address, facts);
+                        control.adopt_facts(id, facts);
                         return;
                     }
                     tracing::debug!(endpoint = %address, error = %e, "discovery failed; will retry");
@@ -640,13 +640,13 @@ impl Control {
 
     /// Records what discovery learnt of an endpoint; returns its first model (what the
     /// tokenizer probe asks the engine about).
-    fn adopt_facts(&self, address: &str, facts: EndpointFacts) -> Option<String> {
+    fn adopt_facts(&self, id: EndpointId, facts: EndpointFacts) -> Option<String> {
         self.learn_block_size(facts.block_size);
         let mut m = self.members_write();
-        let member = m.by_address.get_mut(address)?;
+        let member = m.by_id.get_mut(&id)?;
         member.facts = Some(facts);
         let spec = member.spec();
-        let id = member.id;
+        let address = Arc::clone(&member.address);
         m.rebuild_served();
         // A summary at INFO: an engine can list thousands of adapters (a 20k-model list made one
         // 1.3 MB line); the full lists are at DEBUG.
@@ -680,19 +680,18 @@ impl Control {
                     .collect()
             });
             let mut m = control.members_write();
-            let done: Vec<String> = m
-                .by_address
-                .iter()
-                .filter(|(_, mb)| mb.draining && !busy.contains(&mb.id))
-                .map(|(a, _)| a.clone())
+            let done: Vec<EndpointId> = m
+                .by_id
+                .values()
+                .filter(|mb| mb.draining && !busy.contains(&mb.id))
+                .map(|mb| mb.id)
                 .collect();
-            for address in done {
-                if let Some(member) = m.by_address.remove(&address) {
-                    m.address_of.remove(&member.id);
-                    if let Err(e) = control.lock().router.remove_endpoint(member.id) {
-                        tracing::warn!(endpoint = %address, error = %e, "cannot remove endpoint");
+            for id in done {
+                if let Some(member) = m.by_id.remove(&id) {
+                    if let Err(e) = control.lock().router.remove_endpoint(id) {
+                        tracing::warn!(endpoint = %member.address, error = %e, "cannot remove endpoint");
                     }
-                    tracing::info!(endpoint = %address, "endpoint removed");
+                    tracing::info!(endpoint = %member.address, "endpoint removed");
                 }
             }
             m.rebuild_served();
@@ -786,47 +785,24 @@ impl Control {
         }
     }
 
-    /// Applies observations to the router (one lock acquisition for all of them).
+    /// Applies observations to the router (one lock acquisition for all of them), then notes
+    /// what they say about each member (cache configuration, reachability). Observations name
+    /// their endpoint by address; the router resolves it (the one owner of endpoint identity),
+    /// and those of addresses that are no longer members are dropped.
     pub fn apply(&self, observations: &[Observation]) {
         let now = self.now_us();
-        let resolved: Vec<(EndpointId, &Observation)> = {
-            let m = self.members_read();
-            observations
-                .iter()
-                .filter_map(|o| {
-                    let member = m.by_address.get(o.endpoint())?;
-                    match o {
-                        Observation::Metrics { sample, .. } => {
-                            member.note_cache_config(o.endpoint(), sample);
-                            member.note_reachability(Reachability::Reachable, None);
-                        }
-                        Observation::ScrapeFailed { error, .. } => {
-                            // Refused, reset or silent: unreachable. Any HTTP answer (an error
-                            // status, a page we cannot parse) means the server is up.
-                            let silent = matches!(
-                                error,
-                                ScrapeError::Timeout { .. } | ScrapeError::Transport { .. }
-                            );
-                            let now = if silent {
-                                Reachability::Unreachable
-                            } else {
-                                Reachability::Reachable
-                            };
-                            member.note_reachability(now, Some(error));
-                        }
-                        _ => {}
-                    }
-                    Some((member.id, o))
-                })
-                .collect()
-        };
-        for (_, o) in &resolved {
+        for o in observations {
             if let Observation::Metrics { sample, .. } = o {
                 self.learn_block_size(sample.block_size);
             }
         }
+        let mut resolved: Vec<(EndpointId, &Observation)> = Vec::with_capacity(observations.len());
         let mut st = self.lock();
-        for (id, o) in resolved {
+        for o in observations {
+            let Some(id) = st.router.endpoint_id(o.endpoint()) else {
+                continue;
+            };
+            resolved.push((id, o));
             match o {
                 Observation::Metrics {
                     taken_at_us,
@@ -855,11 +831,41 @@ impl Control {
                     tracing::info!(endpoint = ?id, expected, got, "KV events lost; approximate prefix tracking for this endpoint");
                 }
                 Observation::KvResynced { .. } => st.router.kv_resynced(id, now),
+                Observation::KvDisconnected { at_us, .. } => st.router.kv_disconnected(id, *at_us),
                 // The engine restarted with an empty cache: the core forgets its blocks and
                 // restarts the sequence at 0.
                 Observation::KvPublisherRestarted { at_us, .. } => {
                     st.router.kv_publisher_restarted(id, *at_us)
                 }
+            }
+        }
+        // Lock order is members → router: the router lock is released before members are read.
+        drop(st);
+        let m = self.members_read();
+        for (id, o) in resolved {
+            let Some(member) = m.by_id.get(&id) else {
+                continue;
+            };
+            match o {
+                Observation::Metrics { sample, .. } => {
+                    member.note_cache_config(sample);
+                    member.note_reachability(Reachability::Reachable, None);
+                }
+                Observation::ScrapeFailed { error, .. } => {
+                    // Refused, reset or silent: unreachable. Any HTTP answer (an error status, a
+                    // page we cannot parse) means the server is up.
+                    let silent = matches!(
+                        error,
+                        ScrapeError::Timeout { .. } | ScrapeError::Transport { .. }
+                    );
+                    let now = if silent {
+                        Reachability::Unreachable
+                    } else {
+                        Reachability::Reachable
+                    };
+                    member.note_reachability(now, Some(error));
+                }
+                _ => {}
             }
         }
     }
@@ -962,7 +968,7 @@ impl Control {
     /// can be reached: see [`Control::reachable_endpoints`]).
     pub fn ready_endpoints(&self) -> usize {
         self.members_read()
-            .by_address
+            .by_id
             .values()
             .filter(|m| !m.draining && !m.spec().models.is_empty())
             .count()
@@ -972,7 +978,7 @@ impl Control {
     /// scrape.
     pub fn reachable_endpoints(&self) -> usize {
         self.members_read()
-            .by_address
+            .by_id
             .values()
             .filter(|m| {
                 !m.draining
@@ -986,7 +992,7 @@ impl Control {
     pub fn unreachable_endpoints(&self) -> Vec<String> {
         let mut v: Vec<String> = self
             .members_read()
-            .by_address
+            .by_id
             .values()
             .filter(|m| !m.draining && m.reachability() == Reachability::Unreachable)
             .map(|m| m.config.address.clone())
@@ -998,7 +1004,7 @@ impl Control {
     /// Base URLs of every endpoint not draining (for `/v1/models` aggregation).
     pub fn endpoint_addresses(&self) -> Vec<String> {
         self.members_read()
-            .by_address
+            .by_id
             .values()
             .filter(|m| !m.draining)
             .map(|m| m.config.address.clone())
@@ -1053,7 +1059,7 @@ impl Control {
         let body = crate::tokenize::tokenize_body(parsed, &parsed.model)?;
         let candidates: Vec<String> = {
             let m = self.members_read();
-            m.by_address
+            m.by_id
                 .values()
                 .filter(|mb| !mb.draining && mb.spec().models.contains(&model))
                 .map(|mb| mb.config.address.clone())
@@ -1079,7 +1085,7 @@ impl Control {
         let unknown: Vec<String> = {
             let m = self.members_read();
             let mut v: Vec<String> = m
-                .by_address
+                .by_id
                 .values()
                 .filter(|mb| {
                     !mb.draining
@@ -1162,7 +1168,20 @@ impl Control {
     /// The `host:port` of endpoint `id`, if it is still a member (for data planes that answer
     /// with addresses, e.g. the primary and fallbacks of a decision).
     pub fn address_of(&self, id: EndpointId) -> Option<Arc<str>> {
-        self.members_read().address_of.get(&id).cloned()
+        self.members_read()
+            .by_id
+            .get(&id)
+            .map(|m| Arc::clone(&m.address))
+    }
+
+    /// The protocol the gateway speaks to the member at `address` (`h2c://` endpoints:
+    /// HTTP/2); HTTP/1.1 for an address that is not a member.
+    pub fn upstream_protocol(&self, address: &str) -> crate::config::UpstreamProtocol {
+        self.members_read()
+            .by_id
+            .values()
+            .find(|m| m.config.address == address)
+            .map_or_else(Default::default, |m| m.config.protocol)
     }
 
     /// Router ids of the endpoints at `addresses` (`host:port`); unknown addresses are skipped
@@ -1171,16 +1190,16 @@ impl Control {
         &self,
         addresses: impl IntoIterator<Item = &'a str>,
     ) -> Vec<EndpointId> {
-        let m = self.members_read();
-        addresses
-            .into_iter()
-            .filter_map(|a| m.by_address.get(a).map(|member| member.id))
-            .collect()
+        self.with_router(|r| {
+            addresses
+                .into_iter()
+                .filter_map(|a| r.endpoint_id(a))
+                .collect()
+        })
     }
 
     fn target(&self, id: EndpointId) -> Option<Target> {
-        let m = self.members_read();
-        let address = m.address_of.get(&id)?.clone();
+        let address = self.address_of(id)?;
         Some(Target { id, address })
     }
 
@@ -1247,7 +1266,7 @@ impl Control {
         };
         if outcome.prompt_tokens.is_some()
             && report.reported_cached_tokens.is_none()
-            && let Some(member) = self.members_read().by_address.get(&*address)
+            && let Some(member) = self.members_read().by_id.get(&id)
             && !member.warned_no_cached_tokens.swap(true, Ordering::Relaxed)
         {
             tracing::warn!(

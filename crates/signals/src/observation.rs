@@ -55,6 +55,15 @@ pub enum Observation {
         /// Which endpoint.
         endpoint: EndpointKey,
     },
+    /// The connection to the publisher dropped (the socket reconnects by itself): events
+    /// published meanwhile are missed, so the router stops trusting its precise view of this
+    /// endpoint until a batch arrives again.
+    KvDisconnected {
+        /// Which endpoint.
+        endpoint: EndpointKey,
+        /// When the drop was noticed.
+        at_us: u64,
+    },
     /// The publisher restarted, so the engine's cache is empty: forget every block it held.
     KvPublisherRestarted {
         /// Which endpoint.
@@ -73,6 +82,7 @@ impl Observation {
             | Self::KvBatch { endpoint, .. }
             | Self::KvGap { endpoint, .. }
             | Self::KvResynced { endpoint }
+            | Self::KvDisconnected { endpoint, .. }
             | Self::KvPublisherRestarted { endpoint, .. } => endpoint,
         }
     }

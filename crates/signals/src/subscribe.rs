@@ -395,6 +395,14 @@ impl Worker {
                         self.stats.socket_rebuilds.fetch_add(1, Ordering::Relaxed);
                         tracing::info!(endpoint = %self.endpoint, "KV publisher disconnected");
                         self.position.note_reconnect();
+                        let at_us = self.clock.now_us();
+                        let lost = Observation::KvDisconnected {
+                            endpoint: self.endpoint.clone(),
+                            at_us,
+                        };
+                        if self.send(lost).await.is_err() {
+                            return;
+                        }
                     }
                     None => return,
                 },

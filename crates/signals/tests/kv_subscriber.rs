@@ -190,7 +190,13 @@ async fn publisher_restart_is_detected_and_followed() {
     let (mut rx, sub) = start(&p, true);
     let (seen, _) = collect(&mut rx, 3).await;
     assert_eq!(seen, (0..3).map(|s| (s, 1000 + s)).collect::<Vec<_>>());
-    // The new incarnation starts again at 0 with an empty cache.
+    // The old process's socket closes: the drop is reported to the router (issue 10.9) before
+    // anything of the new incarnation, which starts again at 0 with an empty cache.
+    let lost = next(&mut rx).await;
+    assert!(
+        matches!(&lost, Observation::KvDisconnected { endpoint, .. } if endpoint == "127.0.0.1:8000"),
+        "expected the disconnect first, got {lost:?}"
+    );
     let restart = next(&mut rx).await;
     assert!(
         matches!(restart, Observation::KvPublisherRestarted { .. }),

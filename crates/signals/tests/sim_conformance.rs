@@ -136,6 +136,7 @@ async fn run(encoding: KvEncoding) {
                 panic!("gap {expected}..{got} although replay is available")
             }
             Observation::KvPublisherRestarted { .. } => panic!("no restart happened"),
+            Observation::KvDisconnected { .. } => panic!("the publisher never went away"),
         }
     }
     // Delivered in publisher order with nothing missing, dropped batches included.
