@@ -83,6 +83,7 @@ use futures::Stream;
 use kvgate_core::request::FailureKind;
 use kvgate_runtime::booking::{Booking, status_failure};
 use kvgate_runtime::config::{OBJECTIVE_HEADER, SESSION_HEADER};
+use kvgate_runtime::decision_log::Recorder;
 use kvgate_runtime::meter::ResponseMeter;
 use kvgate_runtime::metrics::RequestLabels;
 use kvgate_runtime::openai::{ApiError, ApiKind, ParsedRequest, parse_request};
@@ -142,6 +143,8 @@ struct Shared {
     /// logged; the stream itself goes on, so a response that does come is still relayed.
     response_timeout_ms: u64,
     round_robin: AtomicUsize,
+    /// Per-request records (decision log, captured trace, access log), when any is on.
+    recorder: Option<Arc<Recorder>>,
 }
 
 /// The ext_proc service (cheap to clone; all state is shared).
@@ -168,8 +171,22 @@ impl Picker {
                 settings,
                 response_timeout_ms: DEFAULT_RESPONSE_TIMEOUT_MS,
                 round_robin: AtomicUsize::new(0),
+                recorder: None,
             }),
         }
+    }
+
+    /// The same picker writing per-request records with `recorder`.
+    pub fn with_recorder(self, recorder: Option<Arc<Recorder>>) -> Self {
+        let shared = Arc::new(Shared {
+            control: self.shared.control.clone(),
+            metrics: self.shared.metrics.clone(),
+            settings: self.shared.settings,
+            response_timeout_ms: self.shared.response_timeout_ms,
+            round_robin: AtomicUsize::new(0),
+            recorder,
+        });
+        Self { shared }
     }
 
     /// The same picker with bookings waiting at most `ms` for the response phase (default
@@ -181,6 +198,7 @@ impl Picker {
             settings: self.shared.settings,
             response_timeout_ms: ms,
             round_robin: AtomicUsize::new(0),
+            recorder: self.shared.recorder.clone(),
         });
         Self { shared }
     }
@@ -319,6 +337,7 @@ enum Phase {
 /// What the request headers said.
 #[derive(Debug, Default)]
 struct RequestInfo {
+    method: String,
     path: String,
     request_id: Option<String>,
     objective: Option<String>,
@@ -626,6 +645,10 @@ impl StreamState {
                     self.info.path = header_value(hv);
                     continue;
                 }
+                ":method" => {
+                    self.info.method = header_value(hv);
+                    continue;
+                }
                 "x-request-id" => &mut self.info.request_id,
                 k if k == OBJECTIVE_HEADER => &mut self.info.objective,
                 k if k == SESSION_HEADER => &mut self.info.session,
@@ -826,10 +849,21 @@ impl StreamState {
         if let Some(subset) = &self.info.subset {
             rr.subset = Some(control.endpoint_ids(subset.iter().map(String::as_str)));
         }
-        let booking = match control.pick(rr, self.t0) {
+        if let Some(r) = &self.shared.recorder {
+            r.prepare(&mut rr);
+        }
+        let mut booking = match control.pick(rr, self.t0) {
             Ok(b) => b,
             Err(e) => return self.immediate(&ApiError::from(&e)),
         };
+        if let Some(r) = &self.shared.recorder {
+            let info = kvgate_runtime::decision_log::RequestInfo {
+                method: self.info.method.clone(),
+                path: self.info.path.clone(),
+                request_id: self.info.request_id.clone(),
+            };
+            booking.record_to(r, info);
+        }
         let mut destination = booking.address().to_string();
         for &id in booking
             .decision()
@@ -873,6 +907,9 @@ impl StreamState {
         self.status = status;
         self.count(status);
         self.phase = Phase::Responding;
+        if let Some(b) = &mut self.booking {
+            b.set_status(status);
+        }
         if let Some(b) = &mut self.booking
             && let Some(served) = served.as_deref().map(str::trim)
             && served != &**b.address()

@@ -369,6 +369,10 @@ impl Epp {
             }
         }
 
+        let policy = control.with_router(|r| r.policy().to_owned());
+        let recorder =
+            kvgate_runtime::decision_log::Recorder::start(&cfg.logs, &policy, &metrics.gateway)
+                .map_err(EppError::Config)?;
         let picker = Picker::new(
             control.clone(),
             metrics.clone(),
@@ -377,7 +381,8 @@ impl Epp {
                 fallbacks: args.fallbacks,
             },
         )
-        .with_response_timeout_ms(args.response_timeout_ms);
+        .with_response_timeout_ms(args.response_timeout_ms)
+        .with_recorder(recorder);
         let mut builder = tonic::transport::Server::builder();
         if args.secure_serving {
             builder = builder

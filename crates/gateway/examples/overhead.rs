@@ -11,7 +11,8 @@
 //! front of it, and for each request the time to the first body byte (TTFB) and to the end of the
 //! stream is recorded. The gateway runs on its own tokio runtime whose worker threads are named
 //! `kvgate-gw`; its CPU time is read from `/proc/self/task/*/stat` for those threads only, so
-//! client and engine CPU do not count.
+//! client and engine CPU do not count. `KVGATE_DECISION_LOG=FILE` runs the gateway with a
+//! decision log (`--decision-log FILE`), to measure what route receipts cost.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -153,6 +154,7 @@ fn main() {
     cfg.host = "127.0.0.1".into();
     cfg.port = 0;
     cfg.admin_port = 0;
+    cfg.logs.decision_log = std::env::var_os("KVGATE_DECISION_LOG").map(Into::into);
     let gw = gw_rt
         .block_on(Gateway::start(cfg, Overrides::default()))
         .expect("gateway starts");

@@ -31,6 +31,7 @@ use tokio::net::TcpListener;
 use kvgate_runtime::RuntimeError;
 use kvgate_runtime::config::{GatewayConfig, Overrides, RoutingFlags, ShutdownTimes};
 use kvgate_runtime::control::Control;
+use kvgate_runtime::decision_log::Recorder;
 use kvgate_runtime::lifecycle::{SHUTDOWN_GRACE_MS, Tasks, shutdown_signal, watch_config};
 use kvgate_runtime::metrics::GatewayMetrics;
 
@@ -111,13 +112,16 @@ impl Gateway {
     /// re-applied on every config reload (so flag-given endpoints stay fixed).
     pub async fn start(cfg: GatewayConfig, flags: Overrides) -> Result<Self, GatewayError> {
         let metrics = Arc::new(GatewayMetrics::new());
-        let control = Control::start(&cfg, metrics)?;
+        let control = Control::start(&cfg, metrics.clone())?;
         control.set_endpoints(&cfg.endpoints);
+        let policy = control.with_router(|r| r.policy().to_owned());
+        let recorder = Recorder::start(&cfg.logs, &policy, &metrics)?;
         let app = App::new(
             control.clone(),
             cfg.limits,
             cfg.max_attempts,
             cfg.inject_stream_usage,
+            recorder,
         );
         let bind = |port: u16| {
             let addr = format!("{}:{port}", cfg.host);

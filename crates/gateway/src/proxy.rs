@@ -62,6 +62,7 @@ use tokio::time::Instant;
 
 use kvgate_runtime::config::{Limits, OBJECTIVE_HEADER, SESSION_HEADER};
 use kvgate_runtime::control::Control;
+use kvgate_runtime::decision_log::{Recorder, RequestInfo};
 use kvgate_runtime::meter::{ResponseMeter, USAGE_WINDOW_BYTES};
 use kvgate_runtime::metrics::{GatewayMetrics, RequestLabels, RetryLabels};
 use kvgate_runtime::openai::{ApiError, ApiKind, parse_request};
@@ -103,6 +104,8 @@ pub struct App {
     pub max_attempts: u32,
     /// Whether to request usage upstream for streams whose client did not (stripped again).
     pub inject_stream_usage: bool,
+    /// Per-request records (decision log, captured trace, access log), when any is on.
+    pub recorder: Option<Arc<Recorder>>,
     client: Client<HttpConnector, Full<Bytes>>,
 }
 
@@ -113,6 +116,7 @@ impl App {
         limits: Limits,
         max_attempts: u32,
         inject_stream_usage: bool,
+        recorder: Option<Arc<Recorder>>,
     ) -> Arc<Self> {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(Duration::from_millis(
@@ -133,6 +137,7 @@ impl App {
             limits,
             max_attempts,
             inject_stream_usage,
+            recorder,
             client,
         })
     }
@@ -372,13 +377,24 @@ async fn serve(
     } else {
         None
     };
-    let rr = app.control.routing_request(
+    let mut rr = app.control.routing_request(
         &parsed,
         engine_tokens,
         header_str(OBJECTIVE_HEADER),
         header_str(SESSION_HEADER),
     )?;
+    if let Some(r) = &app.recorder {
+        r.prepare(&mut rr);
+    }
     let mut booking = app.control.pick(rr, t0).map_err(|e| ApiError::from(&e))?;
+    if let Some(r) = &app.recorder {
+        let info = RequestInfo {
+            method: parts.method.to_string(),
+            path: parts.uri.path().to_owned(),
+            request_id: header_str("x-request-id").map(str::to_owned),
+        };
+        booking.record_to(r, info);
+    }
     // Ask for the usage chunk even when the client did not (it carries the token counts and
     // cached tokens the metrics and calibration want); it is stripped again on the way back.
     let inject = app.inject_stream_usage
@@ -403,7 +419,10 @@ async fn serve(
         // The engine's error response, kept in case no other endpoint is left to try.
         let ((cause, kind), refused) = match result {
             Ok((resp, first)) => match status_failure(resp.status().as_u16()) {
-                None => return Ok(respond(resp, first, booking, &parsed, inject)),
+                None => {
+                    booking.set_status(resp.status().as_u16());
+                    return Ok(respond(resp, first, booking, &parsed, inject));
+                }
                 Some(failure) => (failure, Some(resp)),
             },
             Err(AttemptError::Connect) => (("connect", FailureKind::Connect), None),

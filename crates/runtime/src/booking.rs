@@ -20,6 +20,10 @@
 //!   failure kind and the request is booked afresh (under a new request id) on the new endpoint,
 //!   never on one it already tried.
 //!
+//! - **Records at the end.** A booking given a [`Recorder`] ([`Booking::record_to`]) writes the
+//!   request's route receipt, trace line and access-log line once, when it ends, however it
+//!   ends ([`crate::decision_log`]).
+//!
 //! Failure mapping lives here as well, so both data planes penalise an engine's answer alike:
 //! [`status_failure`] (5xx → server error, 429 → overloaded).
 
@@ -30,6 +34,7 @@ use kvgate_core::request::{Decision, FailureKind, RoutingRequest};
 use tokio::time::Instant;
 
 use crate::control::{Control, Target};
+use crate::decision_log::{Ended, Ending, Recorder, Recording, RequestInfo};
 use crate::meter::Measured;
 use crate::metrics::{DecisionLabels, EndpointLabels, UpstreamErrorLabels};
 
@@ -60,6 +65,8 @@ pub struct Booking {
     first_token_seen: bool,
     /// The current attempt has been reported to the core (finished or failed).
     ended: bool,
+    /// Written when the booking ends, if the data plane records requests.
+    recording: Option<Recording>,
 }
 
 impl std::fmt::Debug for Booking {
@@ -92,6 +99,7 @@ impl Booking {
             started,
             first_token_seen: false,
             ended: false,
+            recording: None,
         };
         booking.on_booked(reason);
         booking
@@ -128,11 +136,42 @@ impl Booking {
         &self.req
     }
 
+    /// Writes this request's records with `recorder` when the booking ends (`info`: what the
+    /// data plane knows of the request besides routing). The routing request should have been
+    /// [prepared](Recorder::prepare) before the pick, so receipts explain it.
+    pub fn record_to(&mut self, recorder: &Arc<Recorder>, info: RequestInfo) {
+        let mut r = recorder.open(info, self.started);
+        r.attempts.push(self.target.address.clone());
+        self.recording = Some(r);
+    }
+
+    /// The engine's HTTP response status, for the records.
+    pub fn set_status(&mut self, status: u16) {
+        if let Some(r) = &mut self.recording {
+            r.status = Some(status);
+        }
+    }
+
+    fn end_recording(&mut self, ending: Ending<'_>) {
+        if let Some(r) = self.recording.take() {
+            r.end(Ended {
+                control: &self.control,
+                req: &mut self.req,
+                decision: &self.decision,
+                started: self.started,
+                ending,
+            });
+        }
+    }
+
     /// Records the first streamed token, seen at `now`: TTFT in the metrics and the core's
     /// calibration. Only the first call counts.
     pub fn first_token(&mut self, now: Instant) {
         if std::mem::replace(&mut self.first_token_seen, true) {
             return;
+        }
+        if let Some(r) = &mut self.recording {
+            r.first_token_at = Some(now);
         }
         self.control
             .metrics
@@ -147,12 +186,14 @@ impl Booking {
         self.ended = true;
         measured.observe(&self.control.metrics, &self.endpoint_labels());
         self.control.on_finish(self.req.id, &measured.outcome);
+        self.end_recording(Ending::Finished(measured));
     }
 
     /// The request failed on its endpoint with `kind` (`label` names it in
     /// `upstream_errors{kind}`); the core penalises the endpoint accordingly.
     pub fn fail(mut self, label: &'static str, kind: FailureKind) {
         self.fail_attempt(label, kind);
+        self.end_recording(Ending::Failed(label));
     }
 
     fn fail_attempt(&mut self, label: &'static str, kind: FailureKind) {
@@ -192,6 +233,9 @@ impl Booking {
         self.tried.push(endpoint);
         self.req = req;
         self.target = target;
+        if let Some(r) = &mut self.recording {
+            r.attempts.push(self.target.address.clone());
+        }
         self.ended = false;
         self.on_booked(RETRY_REASON);
         true
@@ -229,6 +273,7 @@ impl Drop for Booking {
         if !self.ended {
             self.control.metrics.client_cancellations.inc();
             self.control.on_failure(self.req.id, FailureKind::Cancelled);
+            self.end_recording(Ending::Cancelled);
         }
     }
 }
@@ -319,6 +364,80 @@ mod tests {
         assert_eq!(sum(&m, "kvgate_gateway_upstream_errors_total{"), 1.0, "{m}");
         drop(b);
         assert_eq!(control.with_router(|r| r.in_flight()), 0);
+    }
+
+    #[tokio::test]
+    async fn a_recorded_booking_writes_one_receipt_however_it_ends() {
+        use crate::config::RequestLogConfig;
+        let control = control();
+        let path = std::env::temp_dir().join(format!(
+            "kvgate-booking-receipts-{}.jsonl",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_file(&path);
+        let cfg = RequestLogConfig {
+            decision_log: Some(path.clone()),
+            ..RequestLogConfig::default()
+        };
+        let recorder = Recorder::start(&cfg, "round-robin", &control.metrics)
+            .unwrap()
+            .unwrap();
+        for ending in 0..3 {
+            let parsed =
+                parse_request(ApiKind::Completions, br#"{"model":"m","prompt":"hi"}"#).unwrap();
+            let mut req = control.routing_request(&parsed, None, None, None).unwrap();
+            recorder.prepare(&mut req);
+            let mut b = control.pick(req, Instant::now()).unwrap();
+            b.record_to(
+                &recorder,
+                RequestInfo {
+                    request_id: Some(format!("r{ending}")),
+                    ..RequestInfo::default()
+                },
+            );
+            match ending {
+                0 => {
+                    b.set_status(200);
+                    b.finish(&ResponseMeter::new(true, false).finish());
+                }
+                1 => b.fail("status_5xx", FailureKind::ServerError),
+                _ => drop(b),
+            }
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let lines = loop {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            if text.lines().count() >= 3 || std::time::Instant::now() > deadline {
+                break text;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        };
+        let receipts: Vec<serde_json::Value> = lines
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(receipts.len(), 3, "{lines}");
+        let results: Vec<&str> = receipts
+            .iter()
+            .map(|r| r["outcome"]["result"].as_str().unwrap())
+            .collect();
+        assert_eq!(results, ["ok", "status_5xx", "cancelled"]);
+        assert_eq!(receipts[0]["outcome"]["status"], 200);
+        assert_eq!(
+            receipts[0]["candidates"].as_array().unwrap().len(),
+            2,
+            "both endpoints are candidates until one fails"
+        );
+        for (i, r) in receipts.iter().enumerate() {
+            assert_eq!(r["request_id"], format!("r{i}"));
+            assert_eq!(r["policy"], "round-robin");
+            assert!(!r["candidates"].as_array().unwrap().is_empty(), "{r}");
+            assert!(
+                ["127.0.0.1:9", "127.0.0.1:10"].contains(&r["chosen"].as_str().unwrap()),
+                "{r}"
+            );
+        }
+        let _ = std::fs::remove_file(&path);
     }
 
     #[test]

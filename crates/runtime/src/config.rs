@@ -21,6 +21,8 @@
 //! tokenizer: { model_dir: /models/llama }   # the model's tokenizer.json + chat template
 //! inject_stream_usage: true   # ask engines for usage on every stream, strip it for clients
 //! shutdown: { accept_grace_ms: 5000, drain_timeout_ms: 25000 }   # on SIGTERM / ctrl-c
+//! logs: { decision_log: /var/log/kvgate/decisions.jsonl, decision_log_max_bytes: 104857600,
+//!         decision_log_files: 5, capture_trace: /var/log/kvgate/trace.jsonl, access_log: false }
 //! ```
 //!
 //! Only `endpoints` is re-read when the file changes (see [`crate::control`]); everything else
@@ -142,6 +144,59 @@ struct RawConfig {
     inject_stream_usage: Option<bool>,
     #[serde(default)]
     shutdown: RawShutdown,
+    #[serde(default)]
+    logs: RawLogs,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLogs {
+    decision_log: Option<PathBuf>,
+    decision_log_max_bytes: Option<u64>,
+    decision_log_files: Option<u32>,
+    capture_trace: Option<PathBuf>,
+    access_log: Option<bool>,
+}
+
+/// A decision log file is rotated when the next line would take it past this many bytes. 100 MiB
+/// holds about 100,000 receipts of a 16-endpoint fleet (~1 KiB each): a day of moderate traffic,
+/// small enough to open in an editor or `jq`.
+pub const DEFAULT_DECISION_LOG_MAX_BYTES: u64 = 100 * 1024 * 1024;
+
+/// Rotated decision log files kept (`FILE.1` newest … `FILE.N` oldest) besides the live one:
+/// with the default size, at most 600 MiB of receipts on disk.
+pub const DEFAULT_DECISION_LOG_FILES: u32 = 5;
+
+/// Smallest size bound accepted for a decision log: one receipt of a large fleet is tens of KiB,
+/// and a bound below one line would rotate on every request.
+pub const MIN_DECISION_LOG_MAX_BYTES: u64 = 64 * 1024;
+
+/// Per-request records (see `crate::decision_log` and `crate::capture`): route receipts, a
+/// captured Mooncake trace of the traffic, and the access log. All off by default.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RequestLogConfig {
+    /// Write one JSON receipt per request here (`--decision-log`).
+    pub decision_log: Option<PathBuf>,
+    /// Rotate the decision log when it would grow past this, bytes.
+    pub decision_log_max_bytes: u64,
+    /// Rotated decision log files kept besides the live one.
+    pub decision_log_files: u32,
+    /// Write the traffic as a Mooncake-format trace here (`--capture-trace`).
+    pub capture_trace: Option<PathBuf>,
+    /// Log one structured line per request at INFO (target `kvgate::access`).
+    pub access_log: bool,
+}
+
+impl Default for RequestLogConfig {
+    fn default() -> Self {
+        Self {
+            decision_log: None,
+            decision_log_max_bytes: DEFAULT_DECISION_LOG_MAX_BYTES,
+            decision_log_files: DEFAULT_DECISION_LOG_FILES,
+            capture_trace: None,
+            access_log: false,
+        }
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -360,6 +415,8 @@ pub struct GatewayConfig {
     pub inject_stream_usage: bool,
     /// What happens on SIGTERM / ctrl-c.
     pub shutdown: ShutdownTimes,
+    /// Per-request records: decision log, captured trace, access log.
+    pub logs: RequestLogConfig,
     /// The file this came from, if any (watched for endpoint changes).
     pub source: Option<PathBuf>,
 }
@@ -383,6 +440,7 @@ impl Default for GatewayConfig {
             model_dir: None,
             inject_stream_usage: true,
             shutdown: ShutdownTimes::default(),
+            logs: RequestLogConfig::default(),
             source: None,
         }
     }
@@ -423,6 +481,16 @@ pub struct Overrides {
     pub first_byte_timeout_ms: Option<u64>,
     /// `--client-half-close`.
     pub client_half_close: Option<bool>,
+    /// `--decision-log`.
+    pub decision_log: Option<PathBuf>,
+    /// `--decision-log-max-bytes`.
+    pub decision_log_max_bytes: Option<u64>,
+    /// `--decision-log-files`.
+    pub decision_log_files: Option<u32>,
+    /// `--capture-trace`.
+    pub capture_trace: Option<PathBuf>,
+    /// `--access-log`.
+    pub access_log: Option<bool>,
 }
 
 /// Flags that `kvgate serve` and `kvgate epp` share: which model servers to route to and how.
@@ -475,6 +543,24 @@ pub struct RoutingFlags {
     /// non-streaming generations are legitimate).
     #[arg(long)]
     pub first_byte_timeout_ms: Option<u64>,
+    /// Write one JSON line per request: every candidate with its prefix match, load estimate,
+    /// signal ages and predicted TTFT and cost, the choice and why, and the outcome (no prompt
+    /// text). Written off the request path; lines are dropped (and counted) rather than wait.
+    #[arg(long)]
+    pub decision_log: Option<std::path::PathBuf>,
+    /// Rotate the decision log when it would grow past this many bytes [default: 104857600].
+    #[arg(long)]
+    pub decision_log_max_bytes: Option<u64>,
+    /// Rotated decision log files kept (FILE.1 … FILE.N) [default: 5].
+    #[arg(long)]
+    pub decision_log_files: Option<u32>,
+    /// Write the traffic as a Mooncake-format trace (timestamp, lengths, ids of 512-token prefix
+    /// blocks; no content) that `kvgate bench --trace FILE` replays.
+    #[arg(long)]
+    pub capture_trace: Option<std::path::PathBuf>,
+    /// Log one structured line per request (target `kvgate::access`, INFO).
+    #[arg(long)]
+    pub access_log: bool,
 }
 
 impl RoutingFlags {
@@ -493,6 +579,11 @@ impl RoutingFlags {
             shutdown_accept_grace_ms: self.shutdown_accept_grace_ms,
             drain_timeout_ms: self.drain_timeout_ms,
             first_byte_timeout_ms: self.first_byte_timeout_ms,
+            decision_log: self.decision_log.clone(),
+            decision_log_max_bytes: self.decision_log_max_bytes,
+            decision_log_files: self.decision_log_files,
+            capture_trace: self.capture_trace.clone(),
+            access_log: self.access_log.then_some(true),
             ..Overrides::default()
         }
     }
@@ -745,6 +836,34 @@ impl GatewayConfig {
                 ),
             ));
         }
+        let logs = RequestLogConfig {
+            decision_log: flags.decision_log.clone().or(raw.logs.decision_log),
+            decision_log_max_bytes: flags
+                .decision_log_max_bytes
+                .or(raw.logs.decision_log_max_bytes)
+                .unwrap_or(d.logs.decision_log_max_bytes),
+            decision_log_files: flags
+                .decision_log_files
+                .or(raw.logs.decision_log_files)
+                .unwrap_or(d.logs.decision_log_files),
+            capture_trace: flags.capture_trace.clone().or(raw.logs.capture_trace),
+            access_log: flags
+                .access_log
+                .or(raw.logs.access_log)
+                .unwrap_or(d.logs.access_log),
+        };
+        if logs.decision_log_max_bytes < MIN_DECISION_LOG_MAX_BYTES {
+            return Err(invalid(
+                "logs.decision_log_max_bytes",
+                format!("must be at least {MIN_DECISION_LOG_MAX_BYTES}"),
+            ));
+        }
+        if logs.decision_log.is_some() && logs.decision_log == logs.capture_trace {
+            return Err(invalid(
+                "logs.capture_trace",
+                "the decision log and the captured trace need different files",
+            ));
+        }
         let max_attempts = raw.retry.max_attempts.unwrap_or(d.max_attempts);
         if max_attempts == 0 {
             return Err(invalid("retry.max_attempts", "must be at least 1"));
@@ -765,6 +884,7 @@ impl GatewayConfig {
             model_dir: flags.tokenizer.clone().or(raw.tokenizer.model_dir),
             hf_tokenizer_json: raw.tokenizer.hf_tokenizer_json,
             inject_stream_usage: raw.inject_stream_usage.unwrap_or(d.inject_stream_usage),
+            logs,
             shutdown: ShutdownTimes {
                 accept_grace_ms: flags
                     .shutdown_accept_grace_ms
@@ -925,11 +1045,49 @@ priority: { objectives: { batch: -1 } }
             "scrape: { interval_ms: 0 }",
             "nonsense: 1",
             "policy: x\nrouter: {}",
+            "logs: { decision_log_max_bytes: 100 }",
+            "logs: { decision_log: /tmp/x, capture_trace: /tmp/x }",
+            "logs: { decision_logs: /tmp/x }",
         ] {
             assert!(
                 GatewayConfig::from_yaml(bad).is_err(),
                 "{bad} should be refused"
             );
         }
+    }
+
+    #[test]
+    fn request_logs_come_from_the_file_and_flags_win() {
+        let text = "logs: { decision_log: /var/d.jsonl, decision_log_max_bytes: 1048576, \
+                    decision_log_files: 2, capture_trace: /var/t.jsonl }\n";
+        let cfg = GatewayConfig::from_yaml(text).unwrap();
+        assert_eq!(
+            cfg.logs.decision_log.as_deref(),
+            Some(Path::new("/var/d.jsonl"))
+        );
+        assert_eq!(cfg.logs.decision_log_max_bytes, 1_048_576);
+        assert_eq!(cfg.logs.decision_log_files, 2);
+        assert_eq!(
+            cfg.logs.capture_trace.as_deref(),
+            Some(Path::new("/var/t.jsonl"))
+        );
+        assert!(!cfg.logs.access_log);
+        let flags = RoutingFlags {
+            decision_log: Some("/flag.jsonl".into()),
+            access_log: true,
+            ..RoutingFlags::default()
+        }
+        .overrides();
+        let cfg =
+            GatewayConfig::from_raw(parse_raw(text, Path::new("f")).unwrap(), &flags).unwrap();
+        assert_eq!(
+            cfg.logs.decision_log.as_deref(),
+            Some(Path::new("/flag.jsonl"))
+        );
+        assert_eq!(cfg.logs.decision_log_files, 2);
+        assert!(cfg.logs.access_log);
+        let d = GatewayConfig::from_yaml("").unwrap().logs;
+        assert_eq!(d, RequestLogConfig::default());
+        assert_eq!(d.decision_log_max_bytes, DEFAULT_DECISION_LOG_MAX_BYTES);
     }
 }

@@ -23,8 +23,10 @@
 
 pub mod accept;
 pub mod booking;
+pub mod capture;
 pub mod config;
 pub mod control;
+pub mod decision_log;
 pub mod lifecycle;
 pub mod meter;
 pub mod metrics;

@@ -38,6 +38,13 @@ pub struct DecisionLabels {
     pub reason: String,
 }
 
+/// Labels of `kvgate_gateway_request_records_dropped_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RecordLabels {
+    /// `decision_log` or `capture_trace`.
+    pub log: &'static str,
+}
+
 /// Labels keyed by endpoint only.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EndpointLabels {
@@ -146,6 +153,8 @@ pub struct GatewayMetrics {
     pub cached_tokens_predicted: Family<EndpointLabels, Counter>,
     /// Cached tokens the engines reported, for the same responses.
     pub cached_tokens_reported: Family<EndpointLabels, Counter>,
+    /// Per-request records dropped because their writer fell behind, by log.
+    pub records_dropped: Family<RecordLabels, Counter>,
 }
 
 impl std::fmt::Debug for GatewayMetrics {
@@ -192,6 +201,12 @@ impl GatewayMetrics {
         let cached_tokens_predicted = Family::<EndpointLabels, Counter>::default();
         let kv_index_blocks = Family::<IndexLabels, Gauge>::default();
         let tokenizer_probe = Family::<ProbeLabels, Gauge>::default();
+        let records_dropped = Family::<RecordLabels, Counter>::default();
+        registry.register(
+            "request_records_dropped",
+            "Decision-log and captured-trace records dropped because the writer fell behind (the request itself was served)",
+            records_dropped.clone(),
+        );
         registry.register(
             "tokenizer_probe",
             "Latest comparison of the gateway's tokens with the engine's /tokenize for a probe conversation (1 on the result: agree or mismatch)",
@@ -297,6 +312,7 @@ impl GatewayMetrics {
             tokenizer_probe,
             cached_tokens_predicted,
             cached_tokens_reported,
+            records_dropped,
         }
     }
 
