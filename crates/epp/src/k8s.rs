@@ -32,7 +32,7 @@ use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use kube::{Client, Config};
-use kvgate_runtime::config::EndpointConfig;
+use kvgate_runtime::config::{EndpointConfig, UpstreamProtocol};
 use serde_json::Value;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -88,6 +88,10 @@ pub struct PoolSpec {
     pub selector: BTreeMap<String, String>,
     /// Model server ports on each pod.
     pub target_ports: Vec<u16>,
+    /// `appProtocol` (v1): `kubernetes.io/h2c` marks HTTP/2 model servers. The picker never
+    /// carries request bodies (Envoy does, and reads the protocol from the same pool), so it
+    /// only records it on each endpoint's config.
+    pub protocol: UpstreamProtocol,
 }
 
 impl PoolSpec {
@@ -115,9 +119,14 @@ impl PoolSpec {
                 .collect(),
         };
         target_ports.dedup();
+        let protocol = match spec.get("appProtocol").and_then(Value::as_str) {
+            Some(UpstreamProtocol::K8S_H2C) => UpstreamProtocol::H2c,
+            _ => UpstreamProtocol::Http1,
+        };
         (!target_ports.is_empty() && !selector.is_empty()).then_some(Self {
             selector,
             target_ports,
+            protocol,
         })
     }
 
@@ -191,6 +200,7 @@ pub fn wanted_endpoints(
                 engine: Default::default(),
                 hardware_class: String::new(),
                 relative_cost: 1.0,
+                protocol: spec.protocol,
             });
         }
     }
@@ -381,6 +391,25 @@ mod tests {
         .unwrap();
         assert_eq!(v1.target_ports, vec![8000, 8001]);
         assert_eq!(v1.label_selector(), "app=vllm");
+        assert_eq!(v1.protocol, UpstreamProtocol::Http1);
+        let h2c = PoolSpec::from_object(&pool(serde_json::json!({
+            "selector": {"matchLabels": {"app": "vllm"}},
+            "targetPorts": [{"number": 8000}],
+            "appProtocol": "kubernetes.io/h2c"
+        })))
+        .unwrap();
+        assert_eq!(h2c.protocol, UpstreamProtocol::H2c);
+        let pods = [(
+            "p".to_owned(),
+            PodView {
+                ip: Some("10.0.0.1".into()),
+                ready: true,
+                terminating: false,
+            },
+        )]
+        .into();
+        let eps = wanted_endpoints(&h2c, &pods, &PodEndpointTemplate::default());
+        assert_eq!(eps[0].protocol, UpstreamProtocol::H2c);
         let alpha = PoolSpec::from_object(&pool(serde_json::json!({
             "selector": {"app": "vllm", "tier": "a"},
             "targetPortNumber": 8000
@@ -396,6 +425,7 @@ mod tests {
         let spec = PoolSpec {
             selector: [("app".into(), "vllm".into())].into(),
             target_ports: vec![8000],
+            protocol: UpstreamProtocol::Http1,
         };
         let view = |ip: Option<&str>, ready, terminating| PodView {
             ip: ip.map(str::to_owned),

@@ -302,6 +302,35 @@ pub struct EndpointConfig {
     pub hardware_class: String,
     /// Relative cost of work on this endpoint.
     pub relative_cost: f64,
+    /// The HTTP version the gateway speaks to it for requests (`h2c://` URLs: HTTP/2).
+    pub protocol: UpstreamProtocol,
+}
+
+/// How `kvgate serve` talks to an endpoint. Metrics scrapes, model discovery and the tokenizer
+/// probe stay HTTP/1.1 whatever this says (servers that offer h2c, hyper's and Envoy's, serve
+/// both on one port).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1 (`http://`), what vLLM's uvicorn speaks.
+    #[default]
+    Http1,
+    /// HTTP/2 over cleartext with prior knowledge (`h2c://`, Kubernetes'
+    /// `appProtocol: kubernetes.io/h2c`): one multiplexed connection per engine.
+    H2c,
+}
+
+impl UpstreamProtocol {
+    /// Kubernetes' `appProtocol` value meaning HTTP/2 prior knowledge over cleartext.
+    pub const K8S_H2C: &'static str = "kubernetes.io/h2c";
+
+    /// The protocol an endpoint URL asks for (`h2c://` or anything else).
+    pub fn of_url(url: &str) -> Self {
+        if url.starts_with("h2c://") {
+            Self::H2c
+        } else {
+            Self::Http1
+        }
+    }
 }
 
 impl EndpointConfig {
@@ -596,14 +625,14 @@ fn invalid(field: &'static str, reason: impl Into<String>) -> RuntimeError {
     }
 }
 
-/// `host:port` from `http://host:port[/]` (or a bare `host:port`).
+/// `host:port` from `http://host:port[/]`, `h2c://host:port[/]` (or a bare `host:port`).
 pub fn endpoint_address(url: &str) -> Result<String, RuntimeError> {
-    let rest = if let Some(r) = url.strip_prefix("http://") {
+    let rest = if let Some(r) = url.strip_prefix("http://").or(url.strip_prefix("h2c://")) {
         r
     } else if url.contains("://") {
         return Err(invalid(
             "endpoints.url",
-            format!("{url:?}: only http:// endpoints are supported"),
+            format!("{url:?}: only http:// and h2c:// endpoints are supported"),
         ));
     } else {
         url
@@ -939,6 +968,7 @@ fn endpoint_from_raw(r: RawEndpoint) -> Result<EndpointConfig, RuntimeError> {
         engine: r.engine,
         hardware_class: r.hardware_class,
         relative_cost,
+        protocol: UpstreamProtocol::of_url(&r.url),
     })
 }
 

@@ -22,6 +22,7 @@
 #![deny(missing_docs)]
 
 pub mod accept;
+pub mod anthropic;
 pub mod booking;
 pub mod capture;
 pub mod config;

@@ -24,6 +24,8 @@ pub enum ApiKind {
     Embeddings,
     /// `POST /v1/responses`.
     Responses,
+    /// `POST /v1/messages` (Anthropic Messages, as vLLM serves it: see [`crate::anthropic`]).
+    Messages,
 }
 
 impl ApiKind {
@@ -34,6 +36,7 @@ impl ApiKind {
             Self::Completions => "/v1/completions",
             Self::Embeddings => "/v1/embeddings",
             Self::Responses => "/v1/responses",
+            Self::Messages => "/v1/messages",
         }
     }
 
@@ -47,6 +50,7 @@ impl ApiKind {
             Self::Completions,
             Self::Embeddings,
             Self::Responses,
+            Self::Messages,
         ]
         .into_iter()
         .find(|k| path == k.path())
@@ -59,6 +63,7 @@ impl ApiKind {
             Self::Completions => "completions",
             Self::Embeddings => "embeddings",
             Self::Responses => "responses",
+            Self::Messages => "messages",
         }
     }
 }
@@ -101,7 +106,8 @@ pub struct ParsedRequest {
     /// vLLM's `cache_salt` (isolates prefix-cache entries; part of the first block's hash).
     pub cache_salt: Option<String>,
     /// The whole body of a chat request, for rendering with the model's own template
-    /// (`messages` as sent, `tools`, `chat_template_kwargs`, …).
+    /// (`messages` as sent, `tools`, `chat_template_kwargs`, …); for a Messages request, the
+    /// chat body vLLM converts it to.
     pub chat_body: Option<std::sync::Arc<Value>>,
 }
 
@@ -389,6 +395,7 @@ pub fn parse_request(api: ApiKind, body: &[u8]) -> Result<ParsedRequest, ApiErro
             .filter(|v| !v.is_null())
             .ok_or_else(|| ApiError::bad_param(key, format!("missing required field `{key}`")))
     };
+    let mut chat_body = None;
     let prompt = match api {
         ApiKind::Chat => {
             let m = messages(required("messages")?, "messages")?;
@@ -420,6 +427,11 @@ pub fn parse_request(api: ApiKind, body: &[u8]) -> Result<ParsedRequest, ApiErro
             }
             Prompt::Messages(msgs)
         }
+        ApiKind::Messages => {
+            let m = crate::anthropic::parse_messages(obj)?;
+            chat_body = Some(std::sync::Arc::new(m.chat_body));
+            Prompt::Messages(m.messages)
+        }
     };
     let max_tokens = match api {
         ApiKind::Chat => {
@@ -428,6 +440,16 @@ pub fn parse_request(api: ApiKind, body: &[u8]) -> Result<ParsedRequest, ApiErro
         ApiKind::Completions => optional_u32(obj, "max_tokens")?,
         ApiKind::Responses => optional_u32(obj, "max_output_tokens")?,
         ApiKind::Embeddings => Some(0),
+        // Required by the Messages API (vLLM refuses a request without it).
+        ApiKind::Messages => match optional_u32(obj, "max_tokens")? {
+            Some(n) if n > 0 => Some(n),
+            _ => {
+                return Err(ApiError::bad_param(
+                    "max_tokens",
+                    "`max_tokens` must be a positive integer",
+                ));
+            }
+        },
     };
     let stream = optional_bool(obj, "stream")?;
     let include_usage = match obj.get("stream_options") {
@@ -453,7 +475,9 @@ pub fn parse_request(api: ApiKind, body: &[u8]) -> Result<ParsedRequest, ApiErro
             ));
         }
     };
-    let chat_body = (api == ApiKind::Chat).then(|| std::sync::Arc::new(v));
+    if api == ApiKind::Chat {
+        chat_body = Some(std::sync::Arc::new(v));
+    }
     Ok(ParsedRequest {
         api,
         model,
