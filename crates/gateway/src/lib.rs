@@ -18,8 +18,11 @@
 //!   reload), and then drain.
 #![deny(missing_docs)]
 
+pub mod h2;
+pub mod passthrough;
 pub mod proxy;
 pub mod server;
+pub mod stamp;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

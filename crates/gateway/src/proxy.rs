@@ -60,7 +60,7 @@ use kvgate_runtime::booking::{Booking, status_failure};
 use serde_json::Value;
 use tokio::time::Instant;
 
-use kvgate_runtime::config::{Limits, OBJECTIVE_HEADER, SESSION_HEADER};
+use kvgate_runtime::config::{Limits, OBJECTIVE_HEADER, SESSION_HEADER, UpstreamProtocol};
 use kvgate_runtime::control::Control;
 use kvgate_runtime::decision_log::{Recorder, RequestInfo};
 use kvgate_runtime::meter::{ResponseMeter, USAGE_WINDOW_BYTES};
@@ -73,20 +73,25 @@ const MODELS_TIMEOUT_MS: u64 = 2_000;
 
 /// Request headers forwarded to engines; everything else (hop-by-hop, routing hints such as
 /// `x-gateway-destination-endpoint`, cookies) stays at the gateway.
-const FORWARDED_REQUEST_HEADERS: [HeaderName; 6] = [
+const FORWARDED_REQUEST_HEADERS: [HeaderName; 9] = [
     header::AUTHORIZATION,
     header::ACCEPT,
     header::USER_AGENT,
     HeaderName::from_static("x-request-id"),
     HeaderName::from_static("traceparent"),
     HeaderName::from_static("tracestate"),
+    // What Anthropic SDKs send on /v1/messages (their API key, the API version and betas).
+    HeaderName::from_static("x-api-key"),
+    HeaderName::from_static("anthropic-version"),
+    HeaderName::from_static("anthropic-beta"),
 ];
 
 /// Response headers relayed to clients.
-const FORWARDED_RESPONSE_HEADERS: [HeaderName; 3] = [
+const FORWARDED_RESPONSE_HEADERS: [HeaderName; 4] = [
     header::CONTENT_TYPE,
     header::CACHE_CONTROL,
     HeaderName::from_static("x-request-id"),
+    header::RETRY_AFTER,
 ];
 
 /// Response header naming the endpoint that served the request (for operators and tests).
@@ -107,6 +112,10 @@ pub struct App {
     /// Per-request records (decision log, captured trace, access log), when any is on.
     pub recorder: Option<Arc<Recorder>>,
     client: Client<HttpConnector, Full<Bytes>>,
+    /// HTTP/2 prior knowledge, for `h2c://` endpoints: one multiplexed connection each.
+    h2c_client: Client<HttpConnector, Full<Bytes>>,
+    /// Turn for breaking ties between equally loaded endpoints of pass-through requests.
+    pub(crate) passthrough_turn: std::sync::atomic::AtomicUsize,
 }
 
 impl App {
@@ -130,6 +139,12 @@ impl App {
         let client = Client::builder(hyper_util::rt::TokioExecutor::new())
             .pool_timer(hyper_util::rt::TokioTimer::new())
             .pool_idle_timeout(Duration::from_millis(limits.upstream_idle_timeout_ms))
+            .build(connector.clone());
+        let h2c_client = Client::builder(hyper_util::rt::TokioExecutor::new())
+            .pool_timer(hyper_util::rt::TokioTimer::new())
+            .pool_idle_timeout(Duration::from_millis(limits.upstream_idle_timeout_ms))
+            .timer(hyper_util::rt::TokioTimer::new())
+            .http2_only(true)
             .build(connector);
         Arc::new(Self {
             metrics: control.metrics.clone(),
@@ -139,7 +154,17 @@ impl App {
             inject_stream_usage,
             recorder,
             client,
+            h2c_client,
+            passthrough_turn: std::sync::atomic::AtomicUsize::new(0),
         })
+    }
+
+    /// The client for the endpoint at `address`: HTTP/2 prior knowledge for `h2c://` ones.
+    pub(crate) fn client_for(&self, address: &str) -> &Client<HttpConnector, Full<Bytes>> {
+        match self.control.upstream_protocol(address) {
+            UpstreamProtocol::H2c => &self.h2c_client,
+            UpstreamProtocol::Http1 => &self.client,
+        }
     }
 }
 
@@ -163,6 +188,8 @@ pub fn api_router(app: Arc<App>) -> axum::Router {
             "/v1/responses",
             post(|s, r| handle(s, ApiKind::Responses, r)),
         )
+        .route("/v1/messages", post(|s, r| handle(s, ApiKind::Messages, r)))
+        .merge(crate::passthrough::routes())
         .route("/v1/models", get(models))
         .route("/health", get(|| async { StatusCode::OK }))
         .route("/ready", get(ready))
@@ -206,7 +233,7 @@ async fn ready(State(app): State<Arc<App>>) -> Response {
     }
 }
 
-fn count(metrics: &GatewayMetrics, api: &'static str, status: StatusCode) {
+pub(crate) fn count(metrics: &GatewayMetrics, api: &'static str, status: StatusCode) {
     metrics
         .requests
         .get_or_create(&RequestLabels {
@@ -254,11 +281,11 @@ async fn models(State(app): State<Arc<App>>) -> Response {
     resp
 }
 
-async fn fetch_models(app: &App, address: &str) -> Option<Vec<Value>> {
+pub(crate) async fn fetch_models(app: &App, address: &str) -> Option<Vec<Value>> {
     let req = hyper::Request::get(format!("http://{address}/v1/models"))
         .body(Full::new(Bytes::new()))
         .ok()?;
-    let resp = app.client.request(req).await.ok()?;
+    let resp = app.client_for(address).request(req).await.ok()?;
     if !resp.status().is_success() {
         return None;
     }
@@ -275,13 +302,23 @@ async fn handle(State(app): State<Arc<App>>, api: ApiKind, req: Request) -> Resp
     let t0 = Instant::now();
     let resp = match serve(&app, api, req, t0).await {
         Ok(r) => r,
+        // vLLM answers the Messages API's errors in Anthropic's shape.
+        Err(e) if api == ApiKind::Messages => (
+            e.status,
+            axum::Json(kvgate_runtime::anthropic::error_body(&e)),
+        )
+            .into_response(),
         Err(e) => e.into_response(),
     };
     count(&app.metrics, api.label(), resp.status());
     resp
 }
 
-async fn read_body(body: Body, headers: &HeaderMap, limits: &Limits) -> Result<Bytes, ApiError> {
+pub(crate) async fn read_body(
+    body: Body,
+    headers: &HeaderMap,
+    limits: &Limits,
+) -> Result<Bytes, ApiError> {
     let too_large = || {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -317,7 +354,7 @@ async fn read_body(body: Body, headers: &HeaderMap, limits: &Limits) -> Result<B
     }
 }
 
-enum AttemptError {
+pub(crate) enum AttemptError {
     Connect,
     Timeout,
     /// No response body byte within `limits.first_byte_timeout_ms`.
@@ -331,11 +368,22 @@ async fn send(
     headers: &HeaderMap,
     body: Bytes,
 ) -> Result<hyper::Response<Incoming>, AttemptError> {
-    let mut req = hyper::Request::builder().method(Method::POST).uri(format!(
-        "http://{}{}",
-        address,
-        api.path()
-    ));
+    send_to(app, address, Method::POST, api.path(), headers, body).await
+}
+
+/// Sends `method path` with `body` and the forwarded subset of the client's `headers` to the
+/// endpoint at `address`, over the protocol it speaks.
+pub(crate) async fn send_to(
+    app: &App,
+    address: &str,
+    method: Method,
+    path: &str,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Result<hyper::Response<Incoming>, AttemptError> {
+    let mut req = hyper::Request::builder()
+        .method(method)
+        .uri(format!("http://{address}{path}"));
     if let Some(h) = req.headers_mut() {
         for name in &FORWARDED_REQUEST_HEADERS {
             for v in headers.get_all(name) {
@@ -350,7 +398,7 @@ async fn send(
     let req = req
         .body(Full::new(body))
         .map_err(|_| AttemptError::Connect)?;
-    app.client.request(req).await.map_err(|e| {
+    app.client_for(address).request(req).await.map_err(|e| {
         let timeout = std::error::Error::source(&e)
             .and_then(|s| s.downcast_ref::<std::io::Error>())
             .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut);
@@ -515,7 +563,7 @@ fn response_head(
     b
 }
 
-fn relay_plain(resp: hyper::Response<Incoming>, address: &str) -> Response {
+pub(crate) fn relay_plain(resp: hyper::Response<Incoming>, address: &str) -> Response {
     let (parts, body) = resp.into_parts();
     response_head(parts.status, &parts.headers, address)
         .body(Body::new(body))
@@ -544,6 +592,7 @@ fn respond(
         meter: ResponseMeter::new(sse, parsed.api == ApiKind::Chat),
         ended: false,
         strip: (injected_usage && sse && parts.status.is_success()).then(UsageStripper::default),
+        anthropic: parsed.api == ApiKind::Messages,
     };
     head.body(Body::new(metered))
         .unwrap_or_else(|_| StatusCode::BAD_GATEWAY.into_response())
@@ -562,6 +611,8 @@ struct Metered {
     ended: bool,
     /// Set when the gateway injected `include_usage`: removes the usage chunk again.
     strip: Option<UsageStripper>,
+    /// An Anthropic Messages stream: a mid-stream error is an `event: error`, with no `[DONE]`.
+    anthropic: bool,
 }
 
 /// Largest incomplete SSE event held back while looking for a usage chunk to strip. An event is
@@ -674,6 +725,9 @@ impl Metered {
             StatusCode::BAD_GATEWAY,
             format!("the model server failed mid-stream: {error}"),
         );
+        if self.anthropic {
+            return Some(Bytes::from(kvgate_runtime::anthropic::error_event(&err)));
+        }
         let mut out = err.sse_event();
         out.extend_from_slice(b"data: [DONE]\n\n");
         Some(Bytes::from(out))

@@ -1,4 +1,4 @@
-//! Listeners: our own accept loop over hyper's HTTP/1.1 server, so that every connection gets
+//! Listeners: our own accept loop over hyper's HTTP/1.1 and HTTP/2 servers, so that every connection gets
 //! the timeouts that keep slow or malicious clients from holding resources. Connections come
 //! from the runtime's [`Acceptor`], which backs off when accepting fails for want of file
 //! descriptors instead of spinning (the Envoy picker's listeners use the same one).
@@ -27,19 +27,24 @@
 //! `limits.client_half_close` (`--client-half-close`): hyper's `half_close` then keeps the
 //! connection and answers, and a departed client is noticed when its response is written.
 //!
-//! HTTP/1.1 only: OpenAI clients and SDKs speak it, and it keeps one request per connection at a
-//! time, which makes "client went away" exactly "connection closed". Timers run on tokio's
-//! clock, so paused-time tests drive them.
+//! HTTP/1.1 and h2c on the same port (see [`crate::h2`]): a connection that opens with the
+//! HTTP/2 preface, or that upgrades with `Upgrade: h2c`, is served as HTTP/2. On HTTP/2 the
+//! header read timeout applies only until the preface has arrived (a stream's head comes in
+//! one frame, and an idle connection's PINGs and window updates are not a head being read);
+//! the idle timeout counts from the end of the last stream, and "client went away" is the
+//! stream's reset as much as the connection's close: either drops the request. Every response
+//! is stamped with the request's `x-request-id` (and `Retry-After` on 429, see
+//! [`crate::stamp`]). Timers run on tokio's clock, so paused-time tests drive them.
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
 use hyper::body::{Frame, SizeHint};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
@@ -66,6 +71,8 @@ struct ConnActivity {
     last_ms: AtomicU64,
     /// Since when a request head is being read (ms since `origin`), or [`NO_HEAD`].
     head_since_ms: AtomicU64,
+    /// The connection speaks HTTP/2: no head clock (module docs).
+    h2: AtomicBool,
 }
 
 impl ConnActivity {
@@ -92,14 +99,24 @@ impl ConnActivity {
 
     /// How long the current request head has been on its way, if one is.
     fn head_for(&self) -> Option<Duration> {
+        if self.h2.load(Ordering::Relaxed) {
+            return None;
+        }
         let since = self.head_since_ms.load(Ordering::Relaxed);
         (since != NO_HEAD && self.active.load(Ordering::Acquire) == 0)
             .then(|| Duration::from_millis(self.now_ms().saturating_sub(since)))
     }
 
+    /// The connection turned out to be HTTP/2: its idle clock starts now, with no head clock.
+    fn mark_h2(&self) {
+        self.h2.store(true, Ordering::Relaxed);
+        self.touch();
+        self.head_since_ms.store(NO_HEAD, Ordering::Relaxed);
+    }
+
     /// Bytes arrived: if no request is in flight they start a head, and its clock.
     fn on_read(&self) {
-        if self.active.load(Ordering::Acquire) == 0 {
+        if self.active.load(Ordering::Acquire) == 0 && !self.h2.load(Ordering::Relaxed) {
             let _ = self.head_since_ms.compare_exchange(
                 NO_HEAD,
                 self.now_ms(),
@@ -114,6 +131,30 @@ impl ConnActivity {
 struct Watched {
     sock: TcpStream,
     activity: Arc<ConnActivity>,
+    /// Bytes of the HTTP/2 preface seen so far at the start of the connection, or
+    /// [`PREFACE_DECIDED`] once it is known whether it opened with one.
+    preface_seen: usize,
+}
+
+/// `Watched::preface_seen` once the first bytes have decided the protocol.
+const PREFACE_DECIDED: usize = usize::MAX;
+
+impl Watched {
+    fn sniff(&mut self, data: &[u8]) {
+        if self.preface_seen == PREFACE_DECIDED {
+            return;
+        }
+        let want = &crate::h2::PREFACE[self.preface_seen..];
+        let n = want.len().min(data.len());
+        if data[..n] != want[..n] {
+            self.preface_seen = PREFACE_DECIDED;
+        } else if n == want.len() {
+            self.preface_seen = PREFACE_DECIDED;
+            self.activity.mark_h2();
+        } else {
+            self.preface_seen += n;
+        }
+    }
 }
 
 impl AsyncRead for Watched {
@@ -125,7 +166,9 @@ impl AsyncRead for Watched {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.sock).poll_read(cx, buf);
         if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            self.activity.on_read();
+            let this = &mut *self;
+            this.sniff(&buf.filled()[before..]);
+            this.activity.on_read();
         }
         r
     }
@@ -239,6 +282,42 @@ pub async fn serve(
     while conns.join_next().await.is_some() {}
 }
 
+/// Runs one connection future until it ends, cutting it when a request head takes too long and
+/// shutting it down gracefully when it idles too long or `stop` fires. Returns whether the
+/// connection was cut (a head timeout), so an upgrade does not follow a cut connection.
+macro_rules! drive {
+    ($conn:expr, $activity:expr, $limits:expr, $stop:expr) => {{
+        let conn = $conn;
+        tokio::pin!(conn);
+        let idle = Duration::from_millis($limits.idle_timeout_ms);
+        let header = Duration::from_millis($limits.header_read_timeout_ms);
+        let mut check = tokio::time::interval(
+            (idle.min(header) / IDLE_CHECKS_PER_TIMEOUT).max(Duration::from_millis(1)),
+        );
+        let mut closing = false;
+        loop {
+            tokio::select! {
+                _ = conn.as_mut() => break false,
+                () = $stop.cancelled(), if !closing => {
+                    closing = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+                _ = check.tick() => {
+                    // A head that takes too long is cut outright (hyper would wait for the
+                    // rest of it even after a graceful shutdown).
+                    if $activity.head_for().is_some_and(|d| d >= header) {
+                        break true;
+                    }
+                    if !closing && $activity.idle_for().is_some_and(|d| d >= idle) {
+                        closing = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
+                }
+            }
+        }
+    }};
+}
+
 async fn serve_connection(
     sock: tokio::net::TcpStream,
     app: axum::Router,
@@ -251,20 +330,37 @@ async fn serve_connection(
         last_ms: AtomicU64::new(0),
         // A new connection must send its first request head in time too.
         head_since_ms: AtomicU64::new(0),
+        h2: AtomicBool::new(false),
     });
+    // An `Upgrade: h2c` request leaves its switch here for the connection to carry out.
+    let upgrade: Arc<std::sync::Mutex<Option<crate::h2::PendingUpgrade>>> = Arc::default();
     let svc_activity = activity.clone();
-    let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+    let svc_upgrade = upgrade.clone();
+    let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         let guard = ActiveGuard::new(svc_activity.clone());
         svc_activity.head_since_ms.store(NO_HEAD, Ordering::Relaxed);
         let app = app.clone();
+        let upgrade = svc_upgrade.clone();
         let host_error = bad_host(&req);
+        let request_id = crate::stamp::ensure_request_id(req.headers_mut());
         async move {
-            let resp = match host_error {
+            let mut resp = match host_error {
                 Some(message) => {
                     ApiError::new(axum::http::StatusCode::BAD_REQUEST, message).into_response()
                 }
+                None if crate::h2::wants_upgrade(&req) => {
+                    match crate::h2::accept(req, &limits).await {
+                        crate::h2::Upgrade::Switch(pending, resp) => {
+                            *upgrade.lock().unwrap_or_else(|p| p.into_inner()) = Some(pending);
+                            resp
+                        }
+                        crate::h2::Upgrade::Http1(req) => app.oneshot(req).await?,
+                        crate::h2::Upgrade::Refused(resp) => resp,
+                    }
+                }
                 None => app.oneshot(req.map(Body::new)).await?,
             };
+            crate::stamp::stamp_response(resp.status(), resp.headers_mut(), request_id);
             Ok::<_, std::convert::Infallible>(resp.map(|inner| {
                 Body::new(TrackedBody {
                     inner,
@@ -273,43 +369,41 @@ async fn serve_connection(
             }))
         }
     });
-    let mut builder = hyper::server::conn::http1::Builder::new();
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
+        .http1()
         .timer(TokioTimer::new())
         // Ours (see the module docs): hyper's would also cut idle keep-alive connections.
         .header_read_timeout(None)
         .half_close(limits.client_half_close)
         .keep_alive(true);
+    builder.http2().timer(TokioTimer::new());
     let io = Watched {
         sock,
         activity: activity.clone(),
+        preface_seen: 0,
     };
-    let conn = builder.serve_connection(TokioIo::new(io), svc);
-    tokio::pin!(conn);
-    let idle = Duration::from_millis(limits.idle_timeout_ms);
-    let header = Duration::from_millis(limits.header_read_timeout_ms);
-    let mut check = tokio::time::interval(
-        (idle.min(header) / IDLE_CHECKS_PER_TIMEOUT).max(Duration::from_millis(1)),
+    let cut = drive!(
+        builder.serve_connection_with_upgrades(TokioIo::new(io), svc.clone()),
+        activity,
+        limits,
+        stop
     );
-    let mut closing = false;
-    loop {
-        tokio::select! {
-            _ = conn.as_mut() => break,
-            () = stop.cancelled(), if !closing => {
-                closing = true;
-                conn.as_mut().graceful_shutdown();
-            }
-            _ = check.tick() => {
-                // A head that takes too long is cut outright (hyper would wait for the rest of
-                // it even after a graceful shutdown).
-                if activity.head_for().is_some_and(|d| d >= header) {
-                    break;
-                }
-                if !closing && activity.idle_for().is_some_and(|d| d >= idle) {
-                    closing = true;
-                    conn.as_mut().graceful_shutdown();
-                }
-            }
-        }
-    }
+    let pending = upgrade.lock().unwrap_or_else(|p| p.into_inner()).take();
+    let Some(pending) = pending.filter(|_| !cut) else {
+        return;
+    };
+    let Ok(upgraded) = pending.on_upgrade.await else {
+        return;
+    };
+    activity.mark_h2();
+    let io = crate::h2::Injected::new(TokioIo::new(upgraded), pending.stream_one);
+    let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    h2.timer(TokioTimer::new());
+    drive!(
+        h2.serve_connection(TokioIo::new(io), svc),
+        activity,
+        limits,
+        stop
+    );
 }
