@@ -68,7 +68,8 @@ pub fn routes() -> axum::Router<Arc<App>> {
         .route("/score", route(Kind::Score))
         .route("/v1/score", route(Kind::Score))
         .route("/v1/messages/count_tokens", route(Kind::CountTokens))
-        .route("/v1/models/{id}", get(model_card))
+        // Model ids often hold a `/` (`meta-llama/Llama-3.1-8B-Instruct`): the rest of the path.
+        .route("/v1/models/{*id}", get(model_card))
 }
 
 async fn pass(State(app): State<Arc<App>>, kind: Kind, req: Request) -> Response {

@@ -377,7 +377,11 @@ async fn pass_through_routes_reach_an_engine_serving_the_model() {
     assert_eq!(v["type"], "error", "{v}");
 
     // GET /v1/models/{id}: the card of the engine serving it.
-    let r = c.get(url(&gw, "/v1/models/nobody")).send().await.unwrap();
+    let r = c
+        .get(url(&gw, "/v1/models/org/nobody"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 404);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["error"]["param"], "model", "{v}");
@@ -449,6 +453,16 @@ async fn tokenize_through_the_gateway_equals_the_sims_own_answer() {
         .unwrap();
     assert!(via["count"].as_u64().unwrap() > 0, "{via}");
     assert_eq!(via, direct);
+    // The sim's model id holds a slash.
+    assert!(MODEL.contains('/'));
+    let r = c
+        .get(url(&gw, &format!("/v1/models/{MODEL}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let card: Value = r.json().await.unwrap();
+    assert_eq!(card["id"], MODEL);
 }
 
 // ------------------------------------------------------------------ /v1/messages

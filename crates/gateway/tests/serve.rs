@@ -649,16 +649,18 @@ async fn sheddable_requests_get_429_when_the_pool_is_saturated() {
     )
     .await;
     for objective in ["batch", "-1"] {
-        let (status, v) = status_and_error(
-            c.post(url(&gw, "/v1/chat/completions"))
-                .header("x-gateway-inference-objective", objective)
-                .json(&chat("can wait", 2, false))
-                .send()
-                .await
-                .unwrap(),
-        )
-        .await;
+        let resp = c
+            .post(url(&gw, "/v1/chat/completions"))
+            .header("x-gateway-inference-objective", objective)
+            .json(&chat("can wait", 2, false))
+            .send()
+            .await
+            .unwrap();
+        // Shed requests are told when to come back (issue 14.6).
+        let retry_after = resp.headers().get("retry-after").cloned();
+        let (status, v) = status_and_error(resp).await;
         assert_eq!(status, 429, "{objective}: {v}");
+        assert_eq!(retry_after.as_ref().map(|h| h.to_str().unwrap()), Some("1"));
         assert_eq!(v["error"]["code"], 429);
     }
     drop(held);

@@ -527,8 +527,8 @@ pub struct Overrides {
 /// position.
 #[derive(Clone, Debug, Default, clap::Args)]
 pub struct RoutingFlags {
-    /// Model server to route to, as a base URL (http://10.0.0.7:8000) or `ip:port` (repeat for
-    /// more).
+    /// Model server to route to, as a base URL (http://10.0.0.7:8000; h2c://10.0.0.7:8000 to
+    /// send it requests over HTTP/2 prior knowledge) or `ip:port` (repeat for more).
     #[arg(long = "endpoint")]
     pub endpoints: Vec<String>,
     /// KV-event ZMQ PUB endpoint of the --endpoint at the same position (tcp://host:port).

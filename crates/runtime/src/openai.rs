@@ -514,10 +514,12 @@ pub fn usage_of(json: &[u8]) -> Option<Usage> {
         completion_tokens: num(u
             .get("completion_tokens")
             .or_else(|| u.get("output_tokens"))),
+        // Anthropic Messages usage reports cache hits as `cache_read_input_tokens`.
         cached_tokens: num(u
             .get("prompt_tokens_details")
             .or_else(|| u.get("input_tokens_details"))
-            .and_then(|d| d.get("cached_tokens"))),
+            .and_then(|d| d.get("cached_tokens")))
+        .or_else(|| num(u.get("cache_read_input_tokens"))),
     })
 }
 
@@ -664,5 +666,17 @@ mod tests {
         assert_eq!(u.cached_tokens, Some(8));
         assert_eq!(u.completion_tokens, Some(3));
         assert!(usage_of(br#"{"choices":[],"usage":null}"#).is_none());
+        let anthropic = usage_of(
+            br#"{"type":"message_delta","usage":{"input_tokens":12,"output_tokens":2,"cache_read_input_tokens":8}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                anthropic.prompt_tokens,
+                anthropic.completion_tokens,
+                anthropic.cached_tokens
+            ),
+            (Some(12), Some(2), Some(8))
+        );
     }
 }
