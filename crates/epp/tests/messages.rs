@@ -265,3 +265,54 @@ async fn an_engine_error_fails_the_booking_and_a_dropped_stream_cancels_it() {
     assert_eq!(h.in_flight(), 0);
     assert_eq!(h.metric("kvgate_gateway_client_cancellations_total"), 1.0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_anthropic_messages_stream_is_routed_and_measured_like_chat() {
+    let h = Harness::new();
+    let mut s = h.picker.stream();
+    let t0 = Instant::now();
+    let step = handle(
+        &mut s,
+        messages::headers(
+            &[
+                (":method", "POST"),
+                (":path", "/v1/messages"),
+                ("content-type", "application/json"),
+            ],
+            false,
+        ),
+        t0,
+    );
+    assert!(step.responses.is_empty());
+    let b = serde_json::to_vec(&serde_json::json!({
+        "model": "m", "max_tokens": 4, "stream": true,
+        "system": [{"type": "text", "text": "Be brief."}],
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "hello"}]}],
+    }))
+    .unwrap();
+    let step = handle(&mut s, body(&b, true), t0);
+    assert_eq!(kinds(&step), ["request_headers", "request_body"]);
+    let (dest, _) = destination(&step.responses[0]);
+    assert!(EP.contains(&dest.as_str()), "{dest}");
+    handle(&mut s, resp_headers(200, "text/event-stream", false), t0);
+    let first = b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":9,\"output_tokens\":0}}}\n\n";
+    handle(
+        &mut s,
+        resp_body(first, false),
+        t0 + Duration::from_millis(120),
+    );
+    let last = b"event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"input_tokens\":9,\"output_tokens\":3,\"cache_read_input_tokens\":4}}\n\nevent: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
+    handle(
+        &mut s,
+        resp_body(last, true),
+        t0 + Duration::from_millis(180),
+    );
+    assert_eq!(h.in_flight(), 0);
+    assert_eq!(h.metric("kvgate_gateway_ttft_seconds_sum"), 0.12);
+    assert_eq!(h.metric("kvgate_gateway_prompt_tokens_total"), 9.0);
+    assert_eq!(h.metric("kvgate_gateway_cached_prompt_tokens_total"), 4.0);
+    assert_eq!(
+        h.metric("kvgate_gateway_requests_total{api=\"messages\""),
+        1.0
+    );
+}
