@@ -656,6 +656,40 @@ async fn h2c_prior_knowledge_clients_are_served_streaming_and_not() {
     assert_eq!((r.version(), r.status().as_u16()), (Version::HTTP_11, 200));
 }
 
+#[tokio::test]
+async fn an_h2_stream_reset_cancels_its_generation_and_the_connection_lives_on() {
+    let f = fleet(1, 1.0).await;
+    let gw = gateway(sim_endpoints(&f)).await;
+    let h2 = h2_client();
+    let req = hyper::Request::post(url(&gw, "/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(
+            chat("keep talking", 5000, true).to_string(),
+        )))
+        .unwrap();
+    let mut resp = h2.request(req).await.unwrap();
+    assert_eq!(
+        (resp.version(), resp.status()),
+        (Version::HTTP_2, StatusCode::OK)
+    );
+    resp.body_mut().frame().await.unwrap().unwrap();
+    assert_eq!(f.stats(0).await.unwrap().running, 1);
+    // Dropping the body resets the stream (RST_STREAM CANCEL); the connection stays open.
+    drop(resp);
+    eventually("engine stops decoding", WAIT, || {
+        let f = &f;
+        async move { f.stats(0).await.unwrap().running == 0 }
+    })
+    .await;
+    assert_eq!(f.stats(0).await.unwrap().finished_abort, 1);
+    let req = hyper::Request::post(url(&gw, "/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(chat("again", 2, false).to_string())))
+        .unwrap();
+    let resp = h2.request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+}
+
 /// HPACK "literal without indexing, new name", no Huffman (RFC 7541 §6.2.2); names and
 /// values here are shorter than 127 bytes.
 fn hpack_literal(out: &mut Vec<u8>, name: &str, value: &str) {
@@ -767,6 +801,58 @@ async fn h2c_upgrade_answers_on_stream_one_and_keeps_the_connection() {
     assert_eq!(headers[0], 0x88);
     let v: Value = serde_json::from_slice(&data).unwrap();
     assert_eq!(v["data"][0]["id"], MODEL);
+}
+
+#[tokio::test]
+async fn an_idle_h2_connection_is_closed_by_the_idle_timeout_not_the_header_timeout() {
+    // Short timeouts so the test waits for the close itself, not for a guessed time.
+    let limits = kvgate_runtime::config::Limits {
+        header_read_timeout_ms: 200,
+        idle_timeout_ms: 800,
+        ..kvgate_runtime::config::Limits::default()
+    };
+    let cfg = GatewayConfig {
+        host: "127.0.0.1".into(),
+        port: 0,
+        admin_port: 0,
+        limits,
+        ..GatewayConfig::default()
+    };
+    let gw = Gateway::start(cfg, Overrides::default()).await.unwrap();
+    let mut sock = TcpStream::connect(gw.api_addr).await.unwrap();
+    let started = std::time::Instant::now();
+    sock.write_all(kvgate_gateway::h2::PREFACE).await.unwrap();
+    sock.write_all(&frame(4, 0, 0, &[])).await.unwrap();
+    // An HTTP/2 connection with no stream is idle, not a slow request head: it must get a
+    // GOAWAY after the idle timeout, not be cut after the header timeout (as HTTP/1.1 heads
+    // are). hyper's graceful close is GOAWAY + PING, and after the PING's ack a final GOAWAY
+    // and the close.
+    let mut goaway_after = None;
+    loop {
+        let mut head = [0u8; 9];
+        let read = tokio::time::timeout(WAIT, sock.read_exact(&mut head))
+            .await
+            .expect("the server acts within the wait");
+        if read.is_err() {
+            break;
+        }
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let mut payload = vec![0u8; len];
+        sock.read_exact(&mut payload).await.unwrap();
+        match (head[3], head[4] & 1) {
+            (4, 0) => sock.write_all(&frame(4, 1, 0, &[])).await.unwrap(),
+            (6, 0) => sock.write_all(&frame(6, 1, 0, &payload)).await.unwrap(),
+            (7, _) => {
+                goaway_after.get_or_insert(started.elapsed());
+            }
+            _ => {}
+        }
+    }
+    let waited = goaway_after.expect("closed with a GOAWAY, not cut");
+    assert!(
+        waited >= Duration::from_millis(limits.idle_timeout_ms),
+        "GOAWAY after {waited:?}, before the idle timeout"
+    );
 }
 
 #[tokio::test]
