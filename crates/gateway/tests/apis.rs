@@ -166,7 +166,27 @@ async fn recording_engine(answer: Answer) -> (SocketAddr, Rec) {
                     }
                     (_, "/v1/messages") => {
                         let v: Value = serde_json::from_slice(&body).unwrap_or_default();
-                        if v["stream"] == true {
+                        if v["metadata"]["break_mid_stream"] == true {
+                            // The first event, then the connection breaks (an engine crash).
+                            let first = MESSAGES_STREAM.split_inclusive("\n\n").next().unwrap();
+                            // The break comes a moment after the first event, so that event
+                            // is on the wire (hyper would drop a head and chunk it still holds).
+                            let chunks = futures::stream::unfold(0, move |step| async move {
+                                match step {
+                                    0 => Some((Ok(Bytes::from(first)), 1)),
+                                    1 => {
+                                        tokio::time::sleep(Duration::from_millis(100)).await;
+                                        Some((Err(std::io::Error::other("engine died")), 2))
+                                    }
+                                    _ => None,
+                                }
+                            });
+                            (
+                                [("content-type", "text/event-stream; charset=utf-8")],
+                                axum::body::Body::from_stream(chunks),
+                            )
+                                .into_response()
+                        } else if v["stream"] == true {
                             (
                                 [("content-type", "text/event-stream; charset=utf-8")],
                                 MESSAGES_STREAM,
@@ -523,6 +543,36 @@ async fn messages_streaming_and_not_are_relayed_byte_for_byte() {
         m.contains(r#"kvgate_gateway_requests_total{api="messages",status="200"} 2"#),
         "{m}"
     );
+}
+
+#[tokio::test]
+async fn a_broken_messages_stream_ends_with_an_anthropic_error_event() {
+    let (addr, _) = recording_engine(Answer::Ok).await;
+    let gw = gateway(vec![rec_endpoint(addr, REC_MODEL)]).await;
+    let body = json!({
+        "model": REC_MODEL, "max_tokens": 16, "stream": true,
+        "metadata": {"break_mid_stream": true},
+        "messages": [{"role": "user", "content": "hello"}],
+    });
+    let r = client()
+        .post(url(&gw, "/v1/messages"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    let first = MESSAGES_STREAM.split_inclusive("\n\n").next().unwrap();
+    let rest = text.strip_prefix(first).unwrap_or_else(|| panic!("{text}"));
+    // Anthropic clients read `event: error`; there is no `[DONE]` in this API.
+    let data = rest
+        .strip_prefix("event: error\ndata: ")
+        .and_then(|r| r.strip_suffix("\n\n"))
+        .unwrap_or_else(|| panic!("{rest}"));
+    let v: Value = serde_json::from_str(data).unwrap();
+    assert_eq!(v["type"], "error");
+    assert_eq!(v["error"]["type"], "BadGatewayError");
+    assert!(!text.contains("[DONE]"));
 }
 
 #[tokio::test]
