@@ -24,7 +24,8 @@
 //! Everything is driven by one event queue ordered by (time, insertion order), so a seed gives
 //! the same report bit for bit. Prompt tokens and block hashes are computed when a request
 //! arrives and dropped when it finishes, so memory follows the requests in flight, not the
-//! trace size.
+//! trace size — except for workloads small enough to cache them across runs
+//! ([`crate::prepared`]), which a demo or capacity search runs dozens of times.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -32,15 +33,13 @@ use std::sync::Arc;
 
 use kvgate_core::endpoint::{EndpointId, EndpointSpec};
 use kvgate_core::observe::{KvEvent as CoreKvEvent, KvEventBatch, MetricsSample};
-use kvgate_core::{
-    OracleView, Outcome, Policy, PromptKeys, Router, RouterConfig, RoutingRequest, TrueLoad,
-};
+use kvgate_core::{OracleView, Outcome, Policy, Router, RouterConfig, RoutingRequest, TrueLoad};
 use kvgate_engine::{Engine, EngineConfig, EngineRequest, FinishReason, KvEvent, Output};
-use kvgate_tokens::ExtraKeys;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::BenchError;
+use crate::prepared::{CACHE_MAX_PROMPT_TOKENS, PrepareKey, prepare};
 use crate::workload::Workload;
 
 /// Fleet and signal settings of a discrete-event run.
@@ -339,6 +338,19 @@ pub fn run_policy(
     // and learns the engines' hashes from their `BlockStored` events, as in production.
     let hasher = first.block_hasher();
     let router_block_size = first.block_size as u32;
+    let cached = workload.total_prompt_tokens() <= CACHE_MAX_PROMPT_TOKENS;
+    let slots = cached.then(|| {
+        let key = PrepareKey {
+            engine_block_size: first.block_size,
+            engine_hash: (
+                format!("{:?}", first.prefix_caching_hash_algo),
+                first.hash_seed.clone(),
+                first.sha256_secret,
+            ),
+            router_block_size,
+        };
+        workload.cache.slots(&key, workload.requests.len())
+    });
     // Replica 0 keeps the run's seed, so a one-replica run is the run it always was.
     let mut rngs: Vec<ChaCha8Rng> = (0..replicas as u64)
         .map(|r| ChaCha8Rng::seed_from_u64(cfg.seed ^ r.wrapping_mul(0x9E37_79B9_7F4A_7C15)))
@@ -406,20 +418,19 @@ pub fn run_policy(
                 };
                 run.requests[i].replica = replica as u32;
                 let router = &mut routers[replica];
-                let tokens = w.tokens();
-                let hashes: Arc<[kvgate_tokens::BlockHash]> =
-                    hasher.hashes(&tokens, ExtraKeys::default()).into();
-                let keys: Vec<u64> = hashes.iter().map(|h| h.key()).collect();
+                let derive = || Arc::new(prepare(w.tokens(), &hasher, router_block_size));
+                let prompt = match &slots {
+                    Some(slots) => Arc::clone(slots[i].get_or_init(derive)),
+                    None => derive(),
+                };
+                let tokens = prompt.tokens.to_vec();
+                let hashes = Arc::clone(&prompt.hashes);
                 let req = RoutingRequest {
                     id: req_id,
                     model: cfg.model.clone(),
                     lora: None,
                     prompt_tokens: tokens.len() as u32,
-                    keys: PromptKeys::from_tokens(
-                        &tokens,
-                        router_block_size,
-                        kvgate_core::KeyScope::default(),
-                    ),
+                    keys: prompt.keys.clone(),
                     max_tokens: Some(w.output_tokens),
                     priority: 0,
                     session_id: w.session.map(|s| s.to_string()),
@@ -428,7 +439,7 @@ pub fn run_policy(
                     explain: false,
                 };
                 if oracle {
-                    oracle_keys.insert(req_id, keys);
+                    oracle_keys.insert(req_id, hashes.iter().map(|h| h.key()).collect());
                 }
                 let picked = {
                     let fleet = Fleet {

@@ -12,6 +12,7 @@ pub mod capacity;
 pub mod cli;
 pub mod des;
 pub mod live;
+pub mod prepared;
 pub mod report;
 pub mod stats;
 pub mod trace;

@@ -11,7 +11,9 @@
 //!   discrete-event mode (token ids) present the engines with identical work.
 //!
 //! Tokens are materialised per request when it is needed, never for the whole trace at once: a
-//! full Mooncake replay is ~145M prompt tokens.
+//! full Mooncake replay is ~145M prompt tokens. Workloads small enough are the exception: the
+//! discrete-event runs cache each request's derived prompt in [`Workload::cache`] (see
+//! [`crate::prepared`]).
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -110,6 +112,28 @@ pub struct Workload {
     pub name: String,
     /// Requests sorted by arrival.
     pub requests: Vec<WorkloadRequest>,
+    /// Derived prompts shared by every run of this workload and its clones.
+    #[serde(skip)]
+    pub cache: crate::prepared::PromptCache,
+}
+
+impl Workload {
+    /// A workload of `requests` (sorted by arrival) named `name`.
+    pub fn new(name: impl Into<String>, requests: Vec<WorkloadRequest>) -> Self {
+        Self {
+            name: name.into(),
+            requests,
+            cache: Default::default(),
+        }
+    }
+
+    /// Prompt tokens of every request together.
+    pub fn total_prompt_tokens(&self) -> u64 {
+        self.requests
+            .iter()
+            .map(|r| u64::from(r.prompt_tokens()))
+            .sum()
+    }
 }
 
 /// How much of a trace to replay and how fast.
@@ -175,10 +199,7 @@ pub fn from_trace(name: &str, records: &[TraceRecord], opts: ReplayOptions) -> W
             session: None,
         });
     }
-    Workload {
-        name: name.to_string(),
-        requests,
-    }
+    Workload::new(name, requests)
 }
 
 /// Exponential inter-arrival times at `rate_per_s`, starting at 0.
@@ -256,6 +277,7 @@ pub fn shared_prefix(cfg: SharedPrefixConfig, seed: u64) -> Workload {
             cfg.rate_per_s
         ),
         requests,
+        cache: Default::default(),
     }
 }
 
@@ -316,6 +338,7 @@ pub fn multi_turn(cfg: MultiTurnConfig, seed: u64) -> Workload {
             "multi-turn: {} sessions x {} turns, system {} + user {} tokens/turn, output {}",
             cfg.sessions, cfg.turns, cfg.system_prompt_len, cfg.user_len, cfg.output_len
         ),
+        cache: Default::default(),
         requests,
     }
 }
@@ -324,10 +347,7 @@ pub fn multi_turn(cfg: MultiTurnConfig, seed: u64) -> Workload {
 pub fn merge(name: &str, parts: Vec<Workload>) -> Workload {
     let mut requests: Vec<WorkloadRequest> = parts.into_iter().flat_map(|w| w.requests).collect();
     requests.sort_by_key(|r| r.arrival_us);
-    Workload {
-        name: name.to_string(),
-        requests,
-    }
+    Workload::new(name, requests)
 }
 
 #[cfg(test)]

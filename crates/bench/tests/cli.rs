@@ -99,14 +99,14 @@ fn request_longer_than_max_model_len_is_rejected_and_the_run_goes_on() {
     let mut engine = EngineConfig::h100();
     engine.max_model_len = 4096;
     let cfg = DesConfig::homogeneous(2, engine);
-    let workload = Workload {
-        name: "one too long".into(),
-        requests: vec![
+    let workload = Workload::new(
+        "one too long",
+        vec![
             request(0, 1, 1000),
             request(10_000, 2, 5000),
             request(20_000, 3, 1000),
         ],
-    };
+    );
     for policy in [Policy::Kvgate, Policy::RoundRobin, Policy::Oracle] {
         let run = run_policy(&workload, policy, &cfg, None).expect("the run goes on");
         let rejected: Vec<bool> = run.requests.iter().map(|r| r.rejected).collect();
