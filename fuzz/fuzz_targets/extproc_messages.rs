@@ -11,7 +11,7 @@
 #![no_main]
 
 use std::sync::{Arc, OnceLock};
-use std::time::Instant;
+use tokio::time::Instant;
 
 use envoy_types::pb::envoy::service::ext_proc::v3::ProcessingRequest;
 use kvgate_epp::extproc::{Picker, PickerSettings};
