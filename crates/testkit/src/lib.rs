@@ -1,5 +1,7 @@
 //! Test helpers shared by kvgate's integration tests: waiting for a condition, starting a
-//! simulated fleet, and the request shapes and metric readers most tests need.
+//! simulated fleet, the request shapes and metric readers most tests need, and processes under
+//! test ([`process`]: the real `kvgate` binary, killed on drop; [`envoy`]: a real Envoy in front
+//! of the endpoint picker).
 //!
 //! Why a crate: these helpers were copied into each test file (four `eventually`s with three
 //! different poll intervals and two signatures), and copies drift. A dev-dependency costs the
@@ -7,6 +9,9 @@
 //! until a deadline, instead of sleeping for a guessed time; the deadline is wall-clock so it
 //! holds under tokio's paused time too.
 #![deny(missing_docs)]
+
+pub mod envoy;
+pub mod process;
 
 use std::future::Future;
 use std::time::{Duration, Instant};
