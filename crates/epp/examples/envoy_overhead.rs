@@ -13,9 +13,6 @@
 //! Run: `cargo run --release -p kvgate-epp --example envoy_overhead [-- small_n large_n]`
 //! (needs Envoy: scripts/setup-envoy.sh).
 
-#[path = "../tests/common/envoy.rs"]
-mod envoy;
-
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -23,6 +20,7 @@ use axum::routing::{get, post};
 use hdrhistogram::Histogram;
 use kvgate_epp::{Epp, EppArgs};
 use kvgate_runtime::config::RoutingFlags;
+use kvgate_testkit::envoy;
 use serde_json::json;
 
 const MODEL: &str = "bench-model";

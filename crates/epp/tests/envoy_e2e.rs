@@ -2,15 +2,13 @@
 //! picker, and `kvgate-sim` engines, everything on 127.0.0.1 ephemeral ports. Fails (naming the
 //! setup script) when Envoy is missing.
 
-mod common;
-
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::envoy::Envoy;
 use kvgate_epp::{Epp, EppArgs};
 use kvgate_runtime::config::RoutingFlags;
 use kvgate_sim::Fleet;
+use kvgate_testkit::envoy::{Envoy, envoy_binary};
 use kvgate_testkit::{chat, client, eventually};
 use serde_json::Value;
 
@@ -83,7 +81,7 @@ async fn post(envoy: &Envoy, body: &Value, extra: &[(&str, &str)]) -> Answer {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoy_routes_through_the_picker() {
     // Fail first, and clearly, when Envoy is not installed.
-    common::envoy::envoy_binary();
+    envoy_binary();
     let fleet = fleet(3).await;
     let engines: Vec<String> = fleet
         .engines
@@ -223,7 +221,7 @@ async fn envoy_routes_through_the_picker() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoy_talks_to_the_picker_over_tls() {
-    common::envoy::envoy_binary();
+    envoy_binary();
     let fleet = fleet(2).await;
     let engines: Vec<String> = fleet
         .engines

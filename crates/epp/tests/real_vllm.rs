@@ -12,18 +12,17 @@
 //! Everything missing fails loudly. The scenarios share the two engines (each takes ~40-90 s
 //! to start), so they run in one test, in order, and print the comparison figures.
 
-mod common;
-
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::envoy::Envoy;
 use kvgate_epp::{Epp, EppArgs};
 use kvgate_gateway::Gateway;
 use kvgate_runtime::config::RoutingFlags;
 use kvgate_runtime::config::{EndpointConfig, GatewayConfig, Overrides, PolicyChoice};
+use kvgate_testkit::envoy::{Envoy, envoy_binary};
+use kvgate_testkit::process::free_port;
 use serde_json::{Value, json};
 
 const MODEL: &str = "smollm2";
@@ -42,14 +41,6 @@ fn model_dir() -> PathBuf {
 
 fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// One real vLLM server, in its own process group (killed with it on drop).
@@ -487,7 +478,7 @@ async fn wait_precise(admin: std::net::SocketAddr, fleet: &Fleet) {
 #[test]
 #[ignore = "real-vLLM tier: scripts/test.sh runs it after scripts/setup-vllm.sh"]
 fn real_vllm_behind_kvgate() {
-    common::envoy::envoy_binary();
+    envoy_binary();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -1,3 +1,0 @@
-//! Shared test harnesses.
-
-pub mod envoy;
