@@ -5,85 +5,17 @@
 //! reported and the prompts' prefix-sharing structure, which `kvgate bench --trace` replays.
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use kvgate_testkit::process::{Proc, TempDir, kvgate, spawn_sim};
 use serde_json::{Value, json};
 
 const BIN: &str = env!("CARGO_BIN_EXE_kvgate");
 const MODEL: &str = "meta-llama/Llama-3.1-8B-Instruct";
 const GROUPS: usize = 4;
 const PER_GROUP: usize = 5;
-
-/// A child process killed on drop, its output collected line by line.
-struct Proc {
-    name: &'static str,
-    child: Child,
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Proc {
-    fn spawn(name: &'static str, mut cmd: Command) -> Proc {
-        let mut child = cmd
-            .env("NO_COLOR", "1")
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-        let log = Arc::new(Mutex::new(Vec::new()));
-        for stream in [
-            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
-            Box::new(child.stderr.take().unwrap()),
-        ] {
-            let log = log.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                    log.lock().unwrap().push(line);
-                }
-            });
-        }
-        Proc { name, child, log }
-    }
-
-    fn lines(&self) -> Vec<String> {
-        self.log.lock().unwrap().clone()
-    }
-
-    fn wait_line(&mut self, marker: &str, within: Duration) -> String {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(l) = self.lines().into_iter().find(|l| l.contains(marker)) {
-                return l;
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!(
-                    "{} exited with {status}\n{}",
-                    self.name,
-                    self.lines().join("\n")
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} printed no line with {marker:?}\n{}",
-                self.name,
-                self.lines().join("\n")
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
 
 fn read_lines(path: &Path) -> Vec<Value> {
     std::fs::read_to_string(path)
@@ -125,30 +57,19 @@ fn common_prefix(a: &[Value], b: &[Value]) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_streamed_requests_give_twenty_receipts_and_a_trace_bench_replays() {
-    let dir = std::env::temp_dir().join(format!("kvgate-capture-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let tmp = TempDir::new("capture");
+    let dir = tmp.path();
     let decisions: PathBuf = dir.join("decisions.jsonl");
     let trace: PathBuf = dir.join("trace.jsonl");
 
-    let mut cmd = Command::new(BIN);
-    cmd.args(["sim", "--engines", "2", "--port", "0", "--zmq-port", "0"])
-        .args([
-            "--print-json",
-            "--time-scale",
-            "10",
-            "--enable-prompt-tokens-details",
-        ]);
-    let mut sim = Proc::spawn("kvgate sim", cmd);
-    let line = sim.wait_line("\"engines\"", Duration::from_secs(20));
-    let v: Value = serde_json::from_str(&line).expect("sim --print-json");
-    let engines: Vec<Value> = v["engines"].as_array().expect("engines").clone();
-    let addresses: BTreeSet<String> = engines
-        .iter()
-        .map(|e| e["http"].as_str().unwrap().to_owned())
-        .collect();
+    let (sim, engines) = spawn_sim(
+        BIN,
+        2,
+        &["--time-scale", "10", "--enable-prompt-tokens-details"],
+    );
+    let addresses: BTreeSet<String> = engines.iter().map(|e| e.http.clone()).collect();
 
-    let mut cmd = Command::new(BIN);
+    let mut cmd = kvgate(BIN);
     cmd.args(["--log-format", "json", "serve", "--host", "127.0.0.1"])
         .args([
             "--port",
@@ -164,12 +85,7 @@ async fn twenty_streamed_requests_give_twenty_receipts_and_a_trace_bench_replays
         .arg("--capture-trace")
         .arg(&trace);
     for e in &engines {
-        cmd.args([
-            "--endpoint",
-            &format!("http://{}", e["http"].as_str().unwrap()),
-        ])
-        .args(["--kv-events", e["kv_pub"].as_str().unwrap()])
-        .args(["--kv-replay", e["kv_replay"].as_str().unwrap()]);
+        cmd.args(e.flags());
     }
     let mut serve = Proc::spawn("kvgate serve", cmd);
     let line = serve.wait_line("kvgate gateway listening", Duration::from_secs(20));
@@ -361,5 +277,4 @@ async fn twenty_streamed_requests_give_twenty_receipts_and_a_trace_bench_replays
     );
     drop(serve);
     drop(sim);
-    let _ = std::fs::remove_dir_all(&dir);
 }

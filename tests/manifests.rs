@@ -15,14 +15,12 @@
 //! ~/.cache/kvgate; the test fails, naming the script, when it is missing.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
+use kvgate_testkit::process::{Proc, TempDir, field};
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_kvgate");
@@ -154,26 +152,6 @@ fn validate(python: &Path, files: &[PathBuf], crd: &Path) -> Vec<Value> {
         .collect()
 }
 
-/// A temp dir removed on drop, panics included.
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn temp_dir(name: &str) -> TempDir {
-    static N: AtomicU32 = AtomicU32::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "kvgate-{name}-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    TempDir(dir)
-}
-
 #[test]
 fn every_manifest_validates_against_the_kubernetes_schemas_and_the_inferencepool_crd() {
     let python = venv_python();
@@ -211,8 +189,8 @@ fn every_manifest_validates_against_the_kubernetes_schemas_and_the_inferencepool
 
     // The same validators reject broken copies: a misspelt Deployment field (strict mode), and
     // an InferencePool without its required targetPorts.
-    let dir = temp_dir("manifests-broken");
-    let broken = dir.0.join("broken.yaml");
+    let dir = TempDir::new("manifests-broken");
+    let broken = dir.path().join("broken.yaml");
     std::fs::write(
         &broken,
         "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: x}\nspec:\n  replica: 1\n  selector: {matchLabels: {a: b}}\n  template:\n    metadata: {labels: {a: b}}\n    spec: {containers: [{name: c, image: i}]}\n---\napiVersion: inference.networking.k8s.io/v1\nkind: InferencePool\nmetadata: {name: p}\nspec:\n  selector: {matchLabels: {a: b}}\n  endpointPickerRef: {name: e, port: {number: 9002}}\n",
@@ -401,79 +379,13 @@ fn manifests_agree_with_each_other() {
     }
 }
 
-/// A kvgate process killed on drop, its output collected line by line.
-struct Kvgate {
-    child: Child,
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-impl Drop for Kvgate {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Kvgate {
-    fn start(args: &[String], env: &[(String, String)]) -> Kvgate {
-        let mut child = Command::new(BIN)
-            .args(args)
-            .envs(env.iter().map(|(k, v)| (k, v)))
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("kvgate starts");
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let stderr = child.stderr.take().unwrap();
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                sink.lock().unwrap().push(line);
-            }
-        });
-        Kvgate { child, log }
-    }
-
-    /// The `listening` line, once printed; panics with the log if the process exits first.
-    fn listening(&mut self, args: &[String]) -> String {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(l) = self
-                .log
-                .lock()
-                .unwrap()
-                .iter()
-                .find(|l| l.contains(" listening "))
-            {
-                return l.clone();
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                std::thread::sleep(Duration::from_millis(100)); // let the reader drain stderr
-                panic!(
-                    "kvgate {args:?} exited with {status}:\n{}",
-                    self.log.lock().unwrap().join("\n")
-                );
-            }
-            assert!(Instant::now() < deadline, "kvgate {args:?} did not come up");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-fn addr(line: &str, key: &str) -> SocketAddr {
-    let start = line
-        .find(&format!("{key}="))
-        .unwrap_or_else(|| panic!("{key} in {line}"))
-        + key.len()
-        + 1;
-    line[start..]
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
+/// `kvgate` with a Deployment's `args` and `env`, and its ` listening ` line once printed.
+fn start(args: &[String], env: &[(String, String)]) -> (Proc, String) {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args).envs(env.iter().map(|(k, v)| (k, v)));
+    let mut p = Proc::spawn(format!("kvgate {args:?}"), cmd);
+    let line = p.wait_line(" listening ", Duration::from_secs(20));
+    (p, line)
 }
 
 /// A Deployment's container as a loopback command line.
@@ -623,19 +535,18 @@ async fn status(url: &str) -> u16 {
 #[tokio::test]
 async fn the_binary_runs_the_manifests_args_and_config_and_answers_the_probes() {
     let objs = objects();
-    let tmp = temp_dir("manifests-run");
-    let dir = tmp.0.as_path();
+    let tmp = TempDir::new("manifests-run");
+    let dir = tmp.path();
 
     // kvgate serve: starts with the manifest's args and ConfigMap; the liveness probe's path
     // answers 200 and the readiness probe's path answers (503 here: the vLLM pods it lists do
     // not exist) on the port each probe names.
     let serve = find(&objs, "Deployment", "kvgate-serve");
     let Local { args, env, ports } = localize(&objs, serve, dir, &["--port", "--admin-port"]);
-    let mut p = Kvgate::start(&args, &env);
-    let line = p.listening(&args);
+    let (p, line) = start(&args, &env);
     let by_port: BTreeMap<u64, SocketAddr> = [
-        (ports["--port"], addr(&line, "api_addr")),
-        (ports["--admin-port"], addr(&line, "admin_addr")),
+        (ports["--port"], field(&line, "api_addr")),
+        (ports["--admin-port"], field(&line, "admin_addr")),
     ]
     .into();
     let c = container(serve);
@@ -675,12 +586,11 @@ async fn the_binary_runs_the_manifests_args_and_config_and_answers_the_probes() 
     )
     .unwrap();
     args.extend(["--kubeconfig".into(), kubeconfig.display().to_string()]);
-    let mut p = Kvgate::start(&args, &env);
-    let line = p.listening(&args);
+    let (p, line) = start(&args, &env);
     let c = container(epp);
     // The kubelet's gRPC probes, as it sends them: liveness passes at once; readiness fails
     // until the pod list is known (never, here: no API server).
-    let health = addr(&line, "health_addr");
+    let health: SocketAddr = field(&line, "health_addr");
     for (probe, expected) in [("livenessProbe", SERVING), ("readinessProbe", NOT_SERVING)] {
         let port = port_number(c, &c[probe]["grpc"]["port"]);
         assert_eq!(
@@ -695,7 +605,7 @@ async fn the_binary_runs_the_manifests_args_and_config_and_answers_the_probes() 
             "{probe}: grpc.health.v1 Check({service:?})"
         );
     }
-    let metrics = addr(&line, "metrics_addr");
+    let metrics: SocketAddr = field(&line, "metrics_addr");
     assert_eq!(status(&format!("http://{metrics}/metrics")).await, 200);
     drop(p);
 }

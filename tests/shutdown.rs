@@ -6,11 +6,11 @@
 //! The engine is a small SSE server in this test process that holds its stream open until the
 //! test releases it, so the stream is provably in flight when the signal arrives.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use kvgate_testkit::eventually_sync;
+use kvgate_testkit::process::{Proc, kvgate};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
@@ -117,91 +117,6 @@ async fn holding_engine(release: Arc<Notify>) -> String {
     address
 }
 
-/// Removes ANSI colour sequences (`ESC [ ... m`) from a log line.
-fn strip_ansi(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-struct Serve {
-    child: Child,
-    logs: Arc<Mutex<Vec<String>>>,
-}
-
-impl Serve {
-    fn start(args: &[&str]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_kvgate"))
-            .arg("serve")
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("kvgate starts");
-        let logs = Arc::new(Mutex::new(Vec::new()));
-        let stderr = child.stderr.take().unwrap();
-        let sink = logs.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                sink.lock().unwrap().push(strip_ansi(&line));
-            }
-        });
-        Self { child, logs }
-    }
-
-    fn log_contains(&self, s: &str) -> bool {
-        self.logs.lock().unwrap().iter().any(|l| l.contains(s))
-    }
-
-    /// `field=` of the first log line containing `message`.
-    fn log_field(&self, message: &str, field: &str) -> Option<String> {
-        let logs = self.logs.lock().unwrap();
-        let line = logs.iter().find(|l| l.contains(message))?;
-        let at = line.find(&format!("{field}="))? + field.len() + 1;
-        Some(line[at..].split_whitespace().next()?.to_owned())
-    }
-
-    fn signal(&self, name: &str) {
-        let ok = Command::new("kill")
-            .args([&format!("-{name}"), &self.child.id().to_string()])
-            .status()
-            .expect("kill runs")
-            .success();
-        assert!(ok, "kill -{name} failed");
-    }
-
-    fn dump(&self) -> String {
-        self.logs.lock().unwrap().join("\n")
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-async fn wait_until<F: FnMut() -> bool>(what: &str, within: Duration, mut f: F) {
-    let deadline = Instant::now() + within;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 async fn status_of(client: &reqwest::Client, url: &str) -> Option<u16> {
     Some(client.get(url).send().await.ok()?.status().as_u16())
 }
@@ -209,7 +124,8 @@ async fn status_of(client: &reqwest::Client, url: &str) -> Option<u16> {
 async fn sigterm_or_ctrl_c_drains_a_stream_in_flight_and_exits_0(signal: &str) {
     let release = Arc::new(Notify::new());
     let engine = holding_engine(release.clone()).await;
-    let mut serve = Serve::start(&[
+    let mut cmd = kvgate(env!("CARGO_BIN_EXE_kvgate"));
+    cmd.arg("serve").args([
         "--host",
         "127.0.0.1",
         "--port",
@@ -225,8 +141,9 @@ async fn sigterm_or_ctrl_c_drains_a_stream_in_flight_and_exits_0(signal: &str) {
         "--drain-timeout-ms",
         "20000",
     ]);
+    let mut serve = Proc::spawn("kvgate serve", cmd);
     let mut addrs = None;
-    wait_until("the listening log line", Duration::from_secs(30), || {
+    eventually_sync("the listening log line", Duration::from_secs(30), || {
         addrs = serve
             .log_field("kvgate gateway listening", "api_addr")
             .zip(serve.log_field("kvgate gateway listening", "admin_addr"));
@@ -292,18 +209,10 @@ async fn sigterm_or_ctrl_c_drains_a_stream_in_flight_and_exits_0(signal: &str) {
         "{rest}"
     );
 
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(s) = serve.child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "still running:\n{}",
-            serve.dump()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let status = serve
+        .wait_exit(Duration::from_secs(20))
+        .await
+        .unwrap_or_else(|| panic!("still running:\n{}", serve.dump()));
     assert_eq!(status.code(), Some(0), "{}", serve.dump());
     assert!(
         serve.log_contains(signal),

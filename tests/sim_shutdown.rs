@@ -3,9 +3,9 @@
 //! period, then closes its listener, lets the stream in flight finish, and the process exits 0.
 //! Before, SIGTERM cut the streams and the process died with 143.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use kvgate_testkit::process::{Proc, spawn_sim};
 
 /// Accept grace given to the binary: long enough to observe both "503 but accepting" and,
 /// after it, "listener closed while the stream still runs".
@@ -15,59 +15,20 @@ const GRACE: Duration = Duration::from_millis(1_500);
 /// ~6 ms, so the stream outlives the grace period by seconds.
 const STREAM_TOKENS: u32 = 1_200;
 
-struct Sim {
-    child: Child,
-    http: String,
-}
-
-impl Sim {
-    fn start() -> Self {
-        let grace_ms = GRACE.as_millis().to_string();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_kvgate"))
-            .args([
-                "sim",
-                "--engines",
-                "1",
-                "--port",
-                "0",
-                "--zmq-port",
-                "0",
-                "--print-json",
-                "--shutdown-accept-grace-ms",
-                &grace_ms,
-                "--shutdown-drain-timeout-ms",
-                "30000",
-            ])
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("kvgate starts");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .expect("kvgate sim prints its addresses");
-        let j: serde_json::Value =
-            serde_json::from_str(&line).unwrap_or_else(|e| panic!("printed {line:?}: {e}"));
-        let http = j["engines"][0]["http"].as_str().unwrap().to_owned();
-        Self { child, http }
-    }
-
-    fn signal(&self, name: &str) {
-        let ok = Command::new("kill")
-            .args([&format!("-{name}"), &self.child.id().to_string()])
-            .status()
-            .expect("kill runs")
-            .success();
-        assert!(ok, "kill -{name} failed");
-    }
-}
-
-impl Drop for Sim {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// One simulated engine draining within [`GRACE`]; returns the process and its HTTP address.
+fn start_sim() -> (Proc, String) {
+    let grace_ms = GRACE.as_millis().to_string();
+    let (sim, engines) = spawn_sim(
+        env!("CARGO_BIN_EXE_kvgate"),
+        1,
+        &[
+            "--shutdown-accept-grace-ms",
+            &grace_ms,
+            "--shutdown-drain-timeout-ms",
+            "30000",
+        ],
+    );
+    (sim, engines[0].http.clone())
 }
 
 /// The next piece of a streamed body; a cut stream fails the test.
@@ -95,9 +56,9 @@ async fn status(client: &reqwest::Client, url: &str) -> Option<u16> {
 }
 
 async fn sim_drains_a_stream_in_flight_and_exits_0(signal: &str) {
-    let sim = Sim::start();
+    let (mut sim, http) = start_sim();
     let client = client();
-    let base = format!("http://{}", sim.http);
+    let base = format!("http://{http}");
     assert_eq!(status(&client, &format!("{base}/health")).await, Some(200));
 
     let mut stream = client
@@ -147,7 +108,7 @@ async fn sim_drains_a_stream_in_flight_and_exits_0(signal: &str) {
         (body, Instant::now())
     });
     let closed_at = loop {
-        if tokio::net::TcpStream::connect(&sim.http).await.is_err() {
+        if tokio::net::TcpStream::connect(&http).await.is_err() {
             break Instant::now();
         }
         assert!(
@@ -174,18 +135,11 @@ async fn sim_drains_a_stream_in_flight_and_exits_0(signal: &str) {
         "the stream finished before the listener closed; it was not in flight during the drain"
     );
 
-    let mut sim = sim;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let code = loop {
-        if let Some(status) = sim.child.try_wait().unwrap() {
-            break status.code();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "kvgate sim did not exit after draining"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let code = sim
+        .wait_exit(Duration::from_secs(15))
+        .await
+        .expect("kvgate sim did not exit after draining")
+        .code();
     assert_eq!(code, Some(0), "kvgate sim exit status after {signal}");
 }
 

@@ -8,64 +8,42 @@
 //! Prints the shares per window (run with `--nocapture` to see them).
 
 use std::collections::BTreeMap;
-use std::process::{Child, Command, Stdio};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use std::io::{BufRead, BufReader};
+use kvgate_testkit::process::{Proc, field, free_port, kvgate};
 
 const MODEL: &str = "meta-llama/Llama-3.1-8B-Instruct";
 /// Concurrent clients: enough to keep three engines busy, few enough for two cores.
 const CLIENTS: usize = 9;
 const SCRAPE_INTERVAL_MS: u64 = 100;
 
+const BIN: &str = env!("CARGO_BIN_EXE_kvgate");
+
+/// One engine in its own `kvgate sim` process (so it can be stopped alone), on a port chosen
+/// here: the gateway is given the address before the engine listens, and retries.
 struct Engine {
-    child: Child,
+    proc: Proc,
     address: String,
-}
-
-impl Drop for Engine {
-    fn drop(&mut self) {
-        signal(self.child.id(), "CONT");
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn signal(pid: u32, name: &str) {
-    let _ = Command::new("kill")
-        .args([&format!("-{name}"), &pid.to_string()])
-        .status();
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn start_engine() -> Engine {
     let port = free_port();
-    let child = Command::new(env!("CARGO_BIN_EXE_kvgate"))
-        .args([
-            "sim",
-            "--engines",
-            "1",
-            "--zmq-port",
-            "0",
-            "--time-scale",
-            "20",
-        ])
-        .args(["--port", &port.to_string()])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("kvgate sim starts");
+    let mut cmd = kvgate(BIN);
+    cmd.args([
+        "sim",
+        "--engines",
+        "1",
+        "--zmq-port",
+        "0",
+        "--time-scale",
+        "20",
+    ])
+    .args(["--port", &port.to_string()])
+    .env("RUST_LOG", "warn");
     Engine {
-        child,
+        proc: Proc::spawn("kvgate sim", cmd),
         address: format!("127.0.0.1:{port}"),
     }
 }
@@ -135,7 +113,7 @@ fn share(served: &[(f64, String)], endpoint: &str, from: f64, to: f64) -> (f64, 
 }
 
 async fn run(policy: &str, engines: &[Engine], stall: Duration) -> BTreeMap<String, f64> {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvgate"));
+    let mut cmd = kvgate(BIN);
     cmd.args([
         "serve",
         "--host",
@@ -151,33 +129,9 @@ async fn run(policy: &str, engines: &[Engine], stall: Duration) -> BTreeMap<Stri
     for e in engines {
         cmd.args(["--endpoint", &e.address]);
     }
-    let mut serve = cmd
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("kvgate serve starts");
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    let stderr = serve.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let api = loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("kvgate serve logs its listeners");
-        if line.contains("kvgate gateway listening")
-            && let Some(at) = line.find("api_addr=")
-        {
-            break line[at + "api_addr=".len()..]
-                .chars()
-                .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
-                .collect::<String>();
-        }
-    };
+    let mut serve = Proc::spawn("kvgate serve", cmd);
+    let line = serve.wait_line("kvgate gateway listening", Duration::from_secs(30));
+    let api: SocketAddr = field(&line, "api_addr");
     // /ready is served on the API port too; it needs one reachable engine, so give the
     // others a few scrapes more.
     let probe = reqwest::Client::builder().no_proxy().build().unwrap();
@@ -204,16 +158,16 @@ async fn run(policy: &str, engines: &[Engine], stall: Duration) -> BTreeMap<Stri
     let warm = 2.0;
     tokio::time::sleep(Duration::from_secs_f64(warm)).await;
     let stalled = &engines[0];
-    signal(stalled.child.id(), "STOP");
+    stalled.proc.signal("STOP");
     tokio::time::sleep(stall).await;
-    signal(stalled.child.id(), "CONT");
+    stalled.proc.signal("CONT");
     let resumed = start.elapsed().as_secs_f64();
     let after = 6.0;
     tokio::time::sleep(Duration::from_secs_f64(after)).await;
     let _ = stop_tx.send(true);
     let _ = load.await;
-    signal(serve.id(), "TERM");
-    let _ = serve.wait();
+    serve.signal("TERM");
+    serve.wait();
 
     let served = served.lock().unwrap().clone();
     let mut out = BTreeMap::new();
