@@ -2,7 +2,7 @@
 //! load generator. The TTFT the generator measures from the SSE stream must agree with the
 //! engines' own `time_to_first_token` histograms.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kvgate_bench::live::{LiveConfig, run_live};
 use kvgate_bench::report::{PolicyReport, Slo};
@@ -11,6 +11,7 @@ use kvgate_engine::EngineConfig;
 use kvgate_gateway::Gateway;
 use kvgate_runtime::config::{GatewayConfig, Overrides};
 use kvgate_sim::{FleetConfig, start_fleet};
+use kvgate_testkit::eventually_sync;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_ttft_through_gateway_agrees_with_engine_histograms() {
@@ -34,11 +35,12 @@ async fn live_ttft_through_gateway_agrees_with_engine_histograms() {
     };
     let cfg = GatewayConfig::load(None, &flags).expect("config from flags");
     let gw = Gateway::start(cfg, flags).await.expect("gateway starts");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while gw.control.ready_endpoints() < 2 {
-        assert!(Instant::now() < deadline, "gateway never saw both engines");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually_sync(
+        "the gateway to see both engines",
+        Duration::from_secs(10),
+        || gw.control.ready_endpoints() >= 2,
+    )
+    .await;
 
     // 32 requests over ~3 s: 4 system prompts of 1,500 tokens, so later requests hit the cache.
     let workload = shared_prefix(

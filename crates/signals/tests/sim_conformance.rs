@@ -15,6 +15,7 @@ use kvgate_signals::{
     spawn_kv_subscriber, spawn_scraper,
 };
 use kvgate_sim::{FleetConfig, KvEncoding, start_fleet};
+use kvgate_testkit::client;
 use tokio::sync::mpsc;
 
 /// Bound on the whole exchange; the simulator runs 50× faster than real time.
@@ -67,7 +68,7 @@ async fn run(encoding: KvEncoding) {
     // batches would be replayed anyway, so this only keeps the test's expectations simple.
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let client = client();
     let complete = |prompt: Vec<u32>| {
         let request = client
             .post(format!("{base}/v1/completions"))
