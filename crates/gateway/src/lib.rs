@@ -18,6 +18,7 @@
 //!   reload), and then drain.
 #![deny(missing_docs)]
 
+mod access;
 pub mod h2;
 pub mod passthrough;
 pub mod proxy;

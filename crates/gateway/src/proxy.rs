@@ -171,7 +171,7 @@ impl App {
 /// The OpenAI API router (plus `/health` and `/ready`).
 pub fn api_router(app: Arc<App>) -> axum::Router {
     use axum::routing::{get, post};
-    axum::Router::new()
+    let router = axum::Router::new()
         .route(
             "/v1/chat/completions",
             post(|s, r| handle(s, ApiKind::Chat, r)),
@@ -206,8 +206,17 @@ pub fn api_router(app: Arc<App>) -> axum::Router {
                 format!("{method} is not allowed on {}", uri.path()),
             )
             .into_response()
-        })
-        .with_state(app)
+        });
+    let access_log = app.recorder.as_ref().is_some_and(|r| r.access_log());
+    let router = if access_log {
+        router.layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            crate::access::log_unbooked,
+        ))
+    } else {
+        router
+    };
+    router.with_state(app)
 }
 
 /// The admin router: `/metrics` (the runtime's), `/health`, `/ready`.
@@ -442,6 +451,9 @@ async fn serve(
             request_id: header_str("x-request-id").map(str::to_owned),
         };
         booking.record_to(r, info);
+        if let Some(b) = parts.extensions.get::<crate::access::Booked>() {
+            b.mark();
+        }
     }
     // Ask for the usage chunk even when the client did not (it carries the token counts and
     // cached tokens the metrics and calibration want); it is stripped again on the way back.

@@ -1028,3 +1028,105 @@ async fn idle_keep_alive_connections_are_closed() {
         idle_since.elapsed()
     );
 }
+
+/// A log sink the access-log test reads back.
+#[derive(Clone, Default)]
+struct LogBuf(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuf {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl LogBuf {
+    fn access_lines(&self) -> Vec<Value> {
+        let text = String::from_utf8(self.0.lock().unwrap().clone()).unwrap();
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v["target"] == "kvgate::access")
+            .collect()
+    }
+}
+
+/// Issue 14.7: with `--access-log`, every request gets exactly one line: a routed one when its
+/// booking ends (with its endpoint), and one answered before routing (unknown model, bad body,
+/// unknown path) or passed through, by the API layer. (Current-thread runtime: the gateway's
+/// tasks log on the test's thread, where the capturing subscriber is installed.)
+#[tokio::test]
+async fn access_log_has_one_line_per_request_routed_or_not() {
+    let buf = LogBuf::default();
+    let sink = buf.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .json()
+        .with_max_level(tracing::Level::INFO)
+        .with_writer(move || sink.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let f = fleet(1, 50.0).await;
+    let mut cfg = base_config(endpoints_of(&f, false));
+    cfg.logs.access_log = true;
+    let gw = gateway(cfg).await;
+    let c = client();
+    let post = |path: &str, body: String| {
+        c.post(url(&gw, path))
+            .header("content-type", "application/json")
+            .header("x-request-id", format!("t-{path}"))
+            .body(body)
+            .send()
+    };
+    let routed = post("/v1/chat/completions", chat("hello", 2, false).to_string())
+        .await
+        .unwrap();
+    assert_eq!(routed.status(), 200);
+    routed.bytes().await.unwrap();
+    let unknown = json!({"model": "no-such-model", "prompt": "hello", "max_tokens": 2});
+    let unknown = post("/v1/completions", unknown.to_string()).await.unwrap();
+    assert_eq!(unknown.status(), 404);
+    let bad = post("/v1/embeddings", "{not json".into()).await.unwrap();
+    assert_eq!(bad.status(), 400);
+    let nowhere = c.get(url(&gw, "/nowhere")).send().await.unwrap();
+    assert_eq!(nowhere.status(), 404);
+    let tokenized = post(
+        "/tokenize",
+        json!({"model": MODEL, "prompt": "hi"}).to_string(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(tokenized.status(), 200);
+    eventually("five access-log lines", Duration::from_secs(5), || {
+        let n = buf.access_lines().len();
+        async move { n >= 5 }
+    })
+    .await;
+    let lines = buf.access_lines();
+    let by_path =
+        |p: &str| -> Vec<&Value> { lines.iter().filter(|l| l["fields"]["path"] == p).collect() };
+    for (path, status) in [
+        ("/v1/chat/completions", 200),
+        ("/v1/completions", 404),
+        ("/v1/embeddings", 400),
+        ("/nowhere", 404),
+        ("/tokenize", 200),
+    ] {
+        let got = by_path(path);
+        assert_eq!(got.len(), 1, "one line for {path}: {lines:?}");
+        assert_eq!(got[0]["fields"]["status"], status, "{path}: {:?}", got[0]);
+    }
+    let chat_line = &by_path("/v1/chat/completions")[0]["fields"];
+    assert_eq!(chat_line["endpoint"], f.engines[0].http_addr.to_string());
+    assert_eq!(chat_line["request_id"], "t-/v1/chat/completions");
+    assert_eq!(
+        by_path("/v1/embeddings")[0]["fields"]["request_id"],
+        "t-/v1/embeddings"
+    );
+    assert_eq!(
+        by_path("/tokenize")[0]["fields"]["endpoint"],
+        f.engines[0].http_addr.to_string()
+    );
+    assert_eq!(lines.len(), 5, "exactly one line per request: {lines:?}");
+}

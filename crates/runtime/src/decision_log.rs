@@ -324,6 +324,11 @@ impl std::fmt::Debug for Recorder {
 }
 
 impl Recorder {
+    /// Whether the access log is on.
+    pub fn access_log(&self) -> bool {
+        self.access_log
+    }
+
     /// Opens the configured record files and starts their writers; `None` when every record is
     /// off. `policy` names the routing policy in receipts (fixed for the process).
     pub fn start(
@@ -445,6 +450,7 @@ impl Recording {
                 path = %self.info.path,
                 status = self.status,
                 result,
+                routed = true,
                 model = %e.req.model,
                 endpoint = served_by.as_deref().unwrap_or(""),
                 attempts = self.attempts.len(),
