@@ -178,7 +178,7 @@ fn live_run_without_model_sends_what_the_target_serves() {
                 .collect(),
             ..Default::default()
         };
-        let cfg = kvgate_runtime::config::GatewayConfig::load(None, &flags).unwrap();
+        let cfg = kvgate_runtime::config::DataPlaneConfig::load(None, &flags).unwrap();
         let gw = kvgate_gateway::Gateway::start(cfg, flags).await.unwrap();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while !gw.control.is_ready() {

@@ -9,7 +9,7 @@ use kvgate_bench::report::{PolicyReport, Slo};
 use kvgate_bench::workload::{SharedPrefixConfig, shared_prefix};
 use kvgate_engine::EngineConfig;
 use kvgate_gateway::Gateway;
-use kvgate_runtime::config::{GatewayConfig, Overrides};
+use kvgate_runtime::config::{DataPlaneConfig, Overrides};
 use kvgate_sim::{FleetConfig, start_fleet};
 use kvgate_testkit::eventually_sync;
 
@@ -33,7 +33,7 @@ async fn live_ttft_through_gateway_agrees_with_engine_histograms() {
             .collect(),
         ..Overrides::default()
     };
-    let cfg = GatewayConfig::load(None, &flags).expect("config from flags");
+    let cfg = DataPlaneConfig::load(None, &flags).expect("config from flags");
     let gw = Gateway::start(cfg, flags).await.expect("gateway starts");
     eventually_sync(
         "the gateway to see both engines",

@@ -37,7 +37,7 @@ use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::Ex
 use kvgate_runtime::RuntimeError;
 use kvgate_runtime::accept::Acceptor;
 use kvgate_runtime::config::RoutingFlags;
-use kvgate_runtime::config::{GatewayConfig, Overrides, PolicyChoice};
+use kvgate_runtime::config::{DataPlaneConfig, Overrides, PolicyChoice};
 use kvgate_runtime::lifecycle::{Tasks, watch_config};
 use tokio::net::TcpListener;
 use tonic_health::ServingStatus;
@@ -185,10 +185,10 @@ impl EppArgs {
 
     /// The gateway configuration these flags (and the file) describe. A file whose top-level
     /// `kind` is `EndpointPickerConfig` is taken as the routing policy, everything else from flags.
-    pub fn load_config(&self) -> Result<GatewayConfig, EppError> {
+    pub fn load_config(&self) -> Result<DataPlaneConfig, EppError> {
         let flags = self.overrides();
         let Some(path) = &self.config else {
-            return GatewayConfig::load(None, &flags).map_err(EppError::Config);
+            return DataPlaneConfig::load(None, &flags).map_err(EppError::Config);
         };
         let text = std::fs::read_to_string(path).map_err(|source| {
             EppError::Config(RuntimeError::ReadConfig {
@@ -201,13 +201,13 @@ impl EppArgs {
             .and_then(|v| v.get("kind").and_then(|k| k.as_str().map(str::to_owned)))
             .is_some_and(|k| k == "EndpointPickerConfig");
         if bare_picker_config {
-            let mut cfg = GatewayConfig::load(None, &flags).map_err(EppError::Config)?;
+            let mut cfg = DataPlaneConfig::load(None, &flags).map_err(EppError::Config)?;
             if flags.policy.is_none() {
                 cfg.policy = PolicyChoice::Yaml(text);
             }
             return Ok(cfg);
         }
-        GatewayConfig::load(Some(path), &flags).map_err(EppError::Config)
+        DataPlaneConfig::load(Some(path), &flags).map_err(EppError::Config)
     }
 }
 

@@ -11,7 +11,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 
-use kvgate_runtime::metrics::GatewayMetrics;
+use kvgate_runtime::metrics::DataPlaneMetrics;
 
 /// Labels of `kvgate_epp_immediate_responses_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -29,7 +29,7 @@ fn decision_buckets() -> impl Iterator<Item = f64> {
 /// Every metric the picker exports.
 pub struct EppMetrics {
     /// The gateway's metrics, shared with [`kvgate_runtime::control::Control`].
-    pub gateway: Arc<GatewayMetrics>,
+    pub gateway: Arc<DataPlaneMetrics>,
     /// ext_proc streams opened by Envoy.
     pub streams: Counter,
     /// Requests answered by the picker itself, by status.
@@ -56,7 +56,7 @@ impl EppMetrics {
         let streams = Counter::default();
         let immediate_responses = Family::<StatusLabels, Counter>::default();
         let decision_seconds = Histogram::new(decision_buckets());
-        let gateway = GatewayMetrics::with_extra(|root| {
+        let gateway = DataPlaneMetrics::with_extra(|root| {
             let registry = root.sub_registry_with_prefix("kvgate_epp");
             registry.register(
                 "streams",

@@ -13,7 +13,7 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{HttpBody, HttpHeaders, Proce
 use kvgate_epp::extproc::{DEFAULT_RESPONSE_TIMEOUT_MS, Picker, PickerSettings};
 use kvgate_epp::metrics::EppMetrics;
 use kvgate_epp::{Epp, EppArgs};
-use kvgate_runtime::config::{GatewayConfig, RoutingFlags};
+use kvgate_runtime::config::{DataPlaneConfig, RoutingFlags};
 use kvgate_runtime::control::Control;
 use tokio::time::Instant;
 
@@ -26,7 +26,7 @@ fn picker() -> (Picker, Arc<Control>) {
         policy: Some("round-robin".into()),
         ..RoutingFlags::default()
     };
-    let cfg = GatewayConfig::load(None, &flags.overrides()).unwrap();
+    let cfg = DataPlaneConfig::load(None, &flags.overrides()).unwrap();
     let metrics = Arc::new(EppMetrics::new());
     let control = Control::start(&cfg, metrics.gateway.clone()).unwrap();
     control.set_endpoints(&cfg.endpoints);

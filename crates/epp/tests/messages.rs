@@ -15,7 +15,7 @@ use envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response
 use envoy_types::pb::envoy::service::ext_proc::v3::{ProcessingResponse, body_mutation};
 use kvgate_epp::extproc::{Picker, PickerSettings, Step, StreamState};
 use kvgate_epp::metrics::EppMetrics;
-use kvgate_runtime::config::{GatewayConfig, RoutingFlags};
+use kvgate_runtime::config::{DataPlaneConfig, RoutingFlags};
 use kvgate_runtime::control::Control;
 use messages::{body, chat_body, chat_headers, immediate, resp_body, resp_headers, set_headers};
 use tokio::time::Instant;
@@ -37,7 +37,7 @@ impl Harness {
             policy: Some("round-robin".into()),
             ..RoutingFlags::default()
         };
-        let cfg = GatewayConfig::load(None, &flags.overrides()).unwrap();
+        let cfg = DataPlaneConfig::load(None, &flags.overrides()).unwrap();
         let metrics = Arc::new(EppMetrics::new());
         let control = Control::start(&cfg, metrics.gateway.clone()).unwrap();
         control.set_endpoints(&cfg.endpoints);

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use kvgate_epp::{Epp, EppArgs};
 use kvgate_gateway::Gateway;
 use kvgate_runtime::config::RoutingFlags;
-use kvgate_runtime::config::{EndpointConfig, GatewayConfig, Overrides, PolicyChoice};
+use kvgate_runtime::config::{DataPlaneConfig, EndpointConfig, Overrides, PolicyChoice};
 use kvgate_testkit::envoy::{Envoy, envoy_binary};
 use kvgate_testkit::process::free_port;
 use serde_json::{Value, json};
@@ -380,7 +380,7 @@ impl Fleet {
         self.engines
             .iter()
             .map(|e| {
-                let mut cfg = GatewayConfig::from_yaml(&format!(
+                let mut cfg = DataPlaneConfig::from_yaml(&format!(
                     "endpoints: [{{url: 'http://{}'}}]",
                     e.address()
                 ))
@@ -421,7 +421,7 @@ impl Fleet {
     /// `tokenizer`: the model directory, `engine` (the engines' `/tokenize`) or `None` (the
     /// built-in tokenizer, which is the wrong one here).
     async fn gateway(&self, policy: &str, tokenizer: Option<PathBuf>) -> Gateway {
-        let cfg = GatewayConfig {
+        let cfg = DataPlaneConfig {
             host: "127.0.0.1".into(),
             port: 0,
             admin_port: 0,
@@ -430,7 +430,7 @@ impl Fleet {
             kv_events_listen: Some(self.listen.clone()),
             model_dir: tokenizer,
             policy: PolicyChoice::Preset(policy.parse().expect("a known policy")),
-            ..GatewayConfig::default()
+            ..DataPlaneConfig::default()
         };
         let deadline = Instant::now() + Duration::from_secs(10);
         let gw = loop {

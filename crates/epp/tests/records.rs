@@ -14,7 +14,7 @@ use envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request a
 use envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response as Resp;
 use kvgate_epp::extproc::{Picker, PickerSettings, Step, StreamState};
 use kvgate_epp::metrics::EppMetrics;
-use kvgate_runtime::config::{GatewayConfig, RoutingFlags};
+use kvgate_runtime::config::{DataPlaneConfig, RoutingFlags};
 use kvgate_runtime::control::Control;
 use kvgate_runtime::decision_log::Recorder;
 use messages::{body, chat_body, headers, resp_body, resp_headers, set_headers};
@@ -68,7 +68,7 @@ async fn a_picked_and_answered_request_leaves_a_receipt_and_a_trace_line() {
         capture_trace: Some(dir.join("trace.jsonl")),
         ..RoutingFlags::default()
     };
-    let cfg = GatewayConfig::load(None, &flags.overrides()).unwrap();
+    let cfg = DataPlaneConfig::load(None, &flags.overrides()).unwrap();
     let metrics = Arc::new(EppMetrics::new());
     let control = Control::start(&cfg, metrics.gateway.clone()).unwrap();
     control.set_endpoints(&cfg.endpoints);

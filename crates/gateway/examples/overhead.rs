@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use kvgate_engine::EngineConfig;
 use kvgate_gateway::Gateway;
-use kvgate_runtime::config::{GatewayConfig, Overrides};
+use kvgate_runtime::config::{DataPlaneConfig, Overrides};
 use kvgate_sim::{FleetConfig, start_fleet};
 use serde_json::json;
 
@@ -150,7 +150,7 @@ fn main() {
     let engine = fleet.engines[0].http_addr.to_string();
 
     let mut cfg =
-        GatewayConfig::from_yaml(&format!("endpoints: [{{url: 'http://{engine}'}}]")).unwrap();
+        DataPlaneConfig::from_yaml(&format!("endpoints: [{{url: 'http://{engine}'}}]")).unwrap();
     cfg.host = "127.0.0.1".into();
     cfg.port = 0;
     cfg.admin_port = 0;

@@ -33,11 +33,11 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 
 use kvgate_runtime::RuntimeError;
-use kvgate_runtime::config::{GatewayConfig, Overrides, RoutingFlags, ShutdownTimes};
+use kvgate_runtime::config::{DataPlaneConfig, Overrides, RoutingFlags, ShutdownTimes};
 use kvgate_runtime::control::Control;
 use kvgate_runtime::decision_log::Recorder;
 use kvgate_runtime::lifecycle::{SHUTDOWN_GRACE_MS, Tasks, shutdown_signal, watch_config};
-use kvgate_runtime::metrics::GatewayMetrics;
+use kvgate_runtime::metrics::DataPlaneMetrics;
 
 use crate::proxy::App;
 
@@ -114,8 +114,8 @@ impl std::fmt::Debug for Gateway {
 impl Gateway {
     /// Binds both listeners, adds the configured endpoints and starts serving. `flags` are
     /// re-applied on every config reload (so flag-given endpoints stay fixed).
-    pub async fn start(cfg: GatewayConfig, flags: Overrides) -> Result<Self, GatewayError> {
-        let metrics = Arc::new(GatewayMetrics::new());
+    pub async fn start(cfg: DataPlaneConfig, flags: Overrides) -> Result<Self, GatewayError> {
+        let metrics = Arc::new(DataPlaneMetrics::new());
         let control = Control::start(&cfg, metrics.clone())?;
         control.set_endpoints(&cfg.endpoints);
         let policy = control.with_router(|r| r.policy().to_owned());
@@ -161,7 +161,7 @@ impl Gateway {
         if let Some(path) = cfg.source.clone() {
             let load = {
                 let path = path.clone();
-                move || GatewayConfig::load(Some(&path), &flags)
+                move || DataPlaneConfig::load(Some(&path), &flags)
             };
             tasks.spawn(watch_config(path, load, control.clone(), stop));
         }
@@ -195,7 +195,7 @@ impl Gateway {
 /// Runs `kvgate serve` until SIGTERM or ctrl-c, then drains (see [`Gateway::drain`]).
 pub async fn run(args: ServeArgs) -> Result<(), GatewayError> {
     let flags = args.overrides();
-    let cfg = GatewayConfig::load(args.config.as_deref(), &flags)?;
+    let cfg = DataPlaneConfig::load(args.config.as_deref(), &flags)?;
     if cfg.endpoints.is_empty() {
         tracing::warn!(
             "no endpoints configured: every request will get 503 until the config file lists some"
@@ -238,7 +238,7 @@ mod tests {
             "round-robin",
         ])
         .unwrap();
-        let cfg = GatewayConfig::load(None, &cli.serve.overrides()).unwrap();
+        let cfg = DataPlaneConfig::load(None, &cli.serve.overrides()).unwrap();
         assert_eq!((cfg.port, cfg.admin_port), (18080, 19090));
         assert_eq!(cfg.endpoints[1].address, "127.0.0.1:8001");
         assert_eq!(
@@ -253,7 +253,7 @@ mod tests {
 
     #[tokio::test]
     async fn unknown_policy_is_a_typed_error() {
-        let err = GatewayConfig::from_yaml("policy: no-such-policy").unwrap_err();
+        let err = DataPlaneConfig::from_yaml("policy: no-such-policy").unwrap_err();
         assert!(
             matches!(
                 err,

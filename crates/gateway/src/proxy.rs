@@ -64,7 +64,7 @@ use kvgate_runtime::config::{Limits, OBJECTIVE_HEADER, SESSION_HEADER, UpstreamP
 use kvgate_runtime::control::Control;
 use kvgate_runtime::decision_log::{Recorder, RequestInfo};
 use kvgate_runtime::meter::{ResponseMeter, USAGE_WINDOW_BYTES};
-use kvgate_runtime::metrics::{GatewayMetrics, RequestLabels, RetryLabels};
+use kvgate_runtime::metrics::{DataPlaneMetrics, RequestLabels, RetryLabels};
 use kvgate_runtime::openai::{ApiError, ApiKind, parse_request};
 
 /// Budget for one endpoint's `/v1/models` during aggregation: the list is served from memory,
@@ -102,7 +102,7 @@ pub struct App {
     /// Routing state.
     pub control: Arc<Control>,
     /// Metrics.
-    pub metrics: Arc<GatewayMetrics>,
+    pub metrics: Arc<DataPlaneMetrics>,
     /// Limits.
     pub limits: Limits,
     /// Attempts per request.
@@ -242,7 +242,7 @@ async fn ready(State(app): State<Arc<App>>) -> Response {
     }
 }
 
-pub(crate) fn count(metrics: &GatewayMetrics, api: &'static str, status: StatusCode) {
+pub(crate) fn count(metrics: &DataPlaneMetrics, api: &'static str, status: StatusCode) {
     metrics
         .requests
         .get_or_create(&RequestLabels {

@@ -16,7 +16,7 @@ use axum::http::{HeaderMap, Method, StatusCode, Uri, Version};
 use axum::response::IntoResponse;
 use http_body_util::{BodyExt, Full};
 use kvgate_gateway::Gateway;
-use kvgate_runtime::config::{EndpointConfig, GatewayConfig, Overrides, UpstreamProtocol};
+use kvgate_runtime::config::{DataPlaneConfig, EndpointConfig, Overrides, UpstreamProtocol};
 use kvgate_sim::Fleet;
 use kvgate_testkit::{MODEL, chat, client, eventually, fleet};
 use serde_json::{Value, json};
@@ -29,7 +29,7 @@ const WAIT: Duration = Duration::from_secs(10);
 const REC_MODEL: &str = "rec-model";
 
 fn endpoint_yaml(yaml: &str) -> EndpointConfig {
-    GatewayConfig::from_yaml(&format!("endpoints: [{yaml}]"))
+    DataPlaneConfig::from_yaml(&format!("endpoints: [{yaml}]"))
         .unwrap()
         .endpoints
         .remove(0)
@@ -44,13 +44,13 @@ fn sim_endpoints(f: &Fleet) -> Vec<EndpointConfig> {
 
 async fn gateway(endpoints: Vec<EndpointConfig>) -> Gateway {
     let want = endpoints.len();
-    let cfg = GatewayConfig {
+    let cfg = DataPlaneConfig {
         host: "127.0.0.1".into(),
         port: 0,
         admin_port: 0,
         endpoints,
         scrape_interval_ms: 50,
-        ..GatewayConfig::default()
+        ..DataPlaneConfig::default()
     };
     let gw = Gateway::start(cfg, Overrides::default())
         .await
@@ -861,12 +861,12 @@ async fn an_idle_h2_connection_is_closed_by_the_idle_timeout_not_the_header_time
         idle_timeout_ms: 800,
         ..kvgate_runtime::config::Limits::default()
     };
-    let cfg = GatewayConfig {
+    let cfg = DataPlaneConfig {
         host: "127.0.0.1".into(),
         port: 0,
         admin_port: 0,
         limits,
-        ..GatewayConfig::default()
+        ..DataPlaneConfig::default()
     };
     let gw = Gateway::start(cfg, Overrides::default()).await.unwrap();
     let mut sock = TcpStream::connect(gw.api_addr).await.unwrap();

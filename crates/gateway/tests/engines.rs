@@ -15,7 +15,7 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use kvgate_core::endpoint::EngineKind;
 use kvgate_gateway::Gateway;
-use kvgate_runtime::config::{GatewayConfig, Overrides};
+use kvgate_runtime::config::{DataPlaneConfig, Overrides};
 use serde_json::{Value, json};
 
 const MODEL: &str = "m";
@@ -168,7 +168,7 @@ const LLAMACPP_METRICS: &str = include_str!(concat!(
 ));
 
 /// A gateway configured the way the command line configures it: `--endpoint` flags only.
-async fn gateway_for(endpoints: &[&str], tweak: impl FnOnce(&mut GatewayConfig)) -> Gateway {
+async fn gateway_for(endpoints: &[&str], tweak: impl FnOnce(&mut DataPlaneConfig)) -> Gateway {
     let flags = Overrides {
         host: Some("127.0.0.1".into()),
         port: Some(0),
@@ -177,7 +177,7 @@ async fn gateway_for(endpoints: &[&str], tweak: impl FnOnce(&mut GatewayConfig))
         scrape_interval_ms: Some(50),
         ..Overrides::default()
     };
-    let mut cfg = GatewayConfig::load(None, &flags).expect("flags are valid");
+    let mut cfg = DataPlaneConfig::load(None, &flags).expect("flags are valid");
     tweak(&mut cfg);
     Gateway::start(cfg, flags).await.expect("gateway starts")
 }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kvgate_gateway::Gateway;
-use kvgate_runtime::config::{EndpointConfig, GatewayConfig, Overrides};
+use kvgate_runtime::config::{DataPlaneConfig, EndpointConfig, Overrides};
 use kvgate_sim::Fleet;
 use kvgate_testkit::{MODEL, client, eventually, fleet};
 use serde_json::{Value, json};
@@ -24,7 +24,10 @@ fn endpoints_of(f: &Fleet) -> Vec<EndpointConfig> {
         .iter()
         .map(|e| {
             let yaml = format!("endpoints: [{{url: 'http://{}'}}]", e.http_addr);
-            let mut ep = GatewayConfig::from_yaml(&yaml).unwrap().endpoints.remove(0);
+            let mut ep = DataPlaneConfig::from_yaml(&yaml)
+                .unwrap()
+                .endpoints
+                .remove(0);
             ep.kv_events = Some(e.kv_pub_endpoint.clone());
             ep.kv_replay = Some(e.kv_replay_endpoint.clone());
             ep
@@ -33,13 +36,13 @@ fn endpoints_of(f: &Fleet) -> Vec<EndpointConfig> {
 }
 
 async fn replica(f: &Fleet) -> Gateway {
-    let cfg = GatewayConfig {
+    let cfg = DataPlaneConfig {
         host: "127.0.0.1".into(),
         port: 0,
         admin_port: 0,
         endpoints: endpoints_of(f),
         scrape_interval_ms: 50,
-        ..GatewayConfig::default()
+        ..DataPlaneConfig::default()
     };
     let gw = Gateway::start(cfg, Overrides::default())
         .await

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use kvgate_engine::EngineConfig;
 use kvgate_gateway::Gateway;
-use kvgate_runtime::config::{EndpointConfig, GatewayConfig, Limits, Overrides};
+use kvgate_runtime::config::{DataPlaneConfig, EndpointConfig, Limits, Overrides};
 use kvgate_sim::{FaultConfig, Fleet, FleetConfig, start_fleet};
 use kvgate_testkit::{MODEL, chat, client, eventually, fleet, fleet_with, metric_sum};
 use serde_json::{Value, json};
@@ -13,7 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn endpoint(address: String) -> EndpointConfig {
     let mut cfg =
-        GatewayConfig::from_yaml(&format!("endpoints: [{{url: 'http://{address}'}}]")).unwrap();
+        DataPlaneConfig::from_yaml(&format!("endpoints: [{{url: 'http://{address}'}}]")).unwrap();
     cfg.endpoints.remove(0)
 }
 
@@ -31,18 +31,18 @@ fn endpoints_of(f: &Fleet, kv_events: bool) -> Vec<EndpointConfig> {
         .collect()
 }
 
-fn base_config(endpoints: Vec<EndpointConfig>) -> GatewayConfig {
-    GatewayConfig {
+fn base_config(endpoints: Vec<EndpointConfig>) -> DataPlaneConfig {
+    DataPlaneConfig {
         host: "127.0.0.1".into(),
         port: 0,
         admin_port: 0,
         endpoints,
         scrape_interval_ms: 50,
-        ..GatewayConfig::default()
+        ..DataPlaneConfig::default()
     }
 }
 
-async fn gateway(cfg: GatewayConfig) -> Gateway {
+async fn gateway(cfg: DataPlaneConfig) -> Gateway {
     let want = cfg.endpoints.iter().filter(|e| e.models.is_empty()).count();
     let gw = Gateway::start(cfg, Overrides::default())
         .await
@@ -723,7 +723,7 @@ async fn config_file_changes_add_and_drain_endpoints() {
         .unwrap();
     };
     write(&[&a_addr]);
-    let cfg = GatewayConfig::load(Some(&path), &Overrides::default()).unwrap();
+    let cfg = DataPlaneConfig::load(Some(&path), &Overrides::default()).unwrap();
     let gw = gateway(cfg).await;
     assert_eq!(gw.control.endpoint_addresses(), vec![a_addr.clone()]);
     // Make sure the new file gets a newer modification time than the first on coarse clocks.

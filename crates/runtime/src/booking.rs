@@ -281,9 +281,9 @@ impl Drop for Booking {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::GatewayConfig;
+    use crate::config::DataPlaneConfig;
     use crate::meter::ResponseMeter;
-    use crate::metrics::GatewayMetrics;
+    use crate::metrics::DataPlaneMetrics;
     use crate::openai::{ApiKind, parse_request};
 
     fn sum(text: &str, prefix: &str) -> f64 {
@@ -294,11 +294,11 @@ mod tests {
     }
 
     fn control() -> Arc<Control> {
-        let cfg = GatewayConfig::from_yaml(
+        let cfg = DataPlaneConfig::from_yaml(
             "policy: round-robin\nendpoints:\n  - {url: 'http://127.0.0.1:9', models: [m]}\n  - {url: 'http://127.0.0.1:10', models: [m]}\n",
         )
         .unwrap();
-        let control = Control::start(&cfg, Arc::new(GatewayMetrics::new())).unwrap();
+        let control = Control::start(&cfg, Arc::new(DataPlaneMetrics::new())).unwrap();
         control.set_endpoints(&cfg.endpoints);
         control
     }

@@ -33,7 +33,7 @@ use tokio::time::Instant;
 
 use crate::RuntimeError;
 use crate::decision_log::{RecordSender, RotatingFile, warn_write_error};
-use crate::metrics::GatewayMetrics;
+use crate::metrics::DataPlaneMetrics;
 
 /// Tokens per `hash_id` block in Mooncake traces (what `kvgate bench --trace` reads).
 pub const TRACE_BLOCK_TOKENS: u32 = 512;
@@ -160,7 +160,7 @@ pub(crate) struct TraceCapture {
 
 impl TraceCapture {
     /// Opens `path` (appending) and starts its writer.
-    pub(crate) fn start(path: &Path, metrics: Arc<GatewayMetrics>) -> Result<Self, RuntimeError> {
+    pub(crate) fn start(path: &Path, metrics: Arc<DataPlaneMetrics>) -> Result<Self, RuntimeError> {
         let mut file = RotatingFile::open(path, None, 0, "logs.capture_trace")?;
         tracing::info!(path = %path.display(), "capturing traffic as a Mooncake trace");
         let open: Arc<Mutex<BTreeSet<Slot>>> = Arc::default();

@@ -1,5 +1,5 @@
 //! Data-plane configuration: the YAML file and command-line flags, parsed raw (serde), merged (flags
-//! win), then validated into a typed [`GatewayConfig`] (ripgrep's low-args/high-args split).
+//! win), then validated into a typed [`DataPlaneConfig`] (ripgrep's low-args/high-args split).
 //!
 //! ```yaml
 //! port: 8080              # OpenAI API
@@ -405,9 +405,10 @@ impl Default for ShutdownTimes {
     }
 }
 
-/// The validated gateway configuration.
+/// The validated configuration of a data plane (`kvgate serve`, and what `kvgate epp` shares of
+/// it: endpoints, signals, limits, logs).
 #[derive(Clone, Debug, PartialEq)]
-pub struct GatewayConfig {
+pub struct DataPlaneConfig {
     /// Address both listeners bind to.
     pub host: String,
     /// OpenAI API port (0 = ephemeral).
@@ -450,7 +451,7 @@ pub struct GatewayConfig {
     pub source: Option<PathBuf>,
 }
 
-impl Default for GatewayConfig {
+impl Default for DataPlaneConfig {
     fn default() -> Self {
         Self {
             host: "0.0.0.0".into(),
@@ -656,7 +657,7 @@ pub fn endpoint_address(url: &str) -> Result<String, RuntimeError> {
     Ok(addr.to_owned())
 }
 
-impl GatewayConfig {
+impl DataPlaneConfig {
     /// Reads the file (if any), applies the flags, validates.
     pub fn load(path: Option<&Path>, flags: &Overrides) -> Result<Self, RuntimeError> {
         let raw = match path {
@@ -978,7 +979,7 @@ mod tests {
 
     #[test]
     fn full_file_parses() {
-        let c = GatewayConfig::from_yaml(
+        let c = DataPlaneConfig::from_yaml(
             r#"
 port: 1234
 admin_port: 0
@@ -1019,7 +1020,7 @@ priority: { objectives: { batch: -1 } }
         };
         let raw: RawConfig =
             serde_norway::from_str("port: 5\nendpoints: [{url: 'http://c:3'}]").unwrap();
-        let c = GatewayConfig::from_raw(raw, &flags).unwrap();
+        let c = DataPlaneConfig::from_raw(raw, &flags).unwrap();
         assert_eq!(c.port, 7);
         assert_eq!(c.endpoints.len(), 2);
         assert_eq!(c.endpoints[0].kv_events.as_deref(), Some("tcp://a:9"));
@@ -1033,14 +1034,14 @@ priority: { objectives: { batch: -1 } }
             kv_events: vec!["tcp://a:9".into()],
             ..Overrides::default()
         };
-        let err = GatewayConfig::from_raw(RawConfig::default(), &flags).unwrap_err();
+        let err = DataPlaneConfig::from_raw(RawConfig::default(), &flags).unwrap_err();
         assert!(err.to_string().contains("pair by position"), "{err}");
         let replay = Overrides {
             kv_replay: vec!["tcp://a:8".into(), "tcp://b:8".into(), "tcp://c:8".into()],
             kv_events: Vec::new(),
             ..flags
         };
-        assert!(GatewayConfig::from_raw(RawConfig::default(), &replay).is_err());
+        assert!(DataPlaneConfig::from_raw(RawConfig::default(), &replay).is_err());
     }
 
     #[test]
@@ -1049,7 +1050,7 @@ priority: { objectives: { batch: -1 } }
             policy: Some("oracle".into()),
             ..Overrides::default()
         };
-        let err = GatewayConfig::from_raw(RawConfig::default(), &flags).unwrap_err();
+        let err = DataPlaneConfig::from_raw(RawConfig::default(), &flags).unwrap_err();
         assert!(
             matches!(
                 &err,
@@ -1060,8 +1061,8 @@ priority: { objectives: { batch: -1 } }
             ),
             "{err}"
         );
-        assert!(GatewayConfig::from_yaml("policy: oracle").is_err());
-        assert!(GatewayConfig::from_yaml("policy: gie-default").is_ok());
+        assert!(DataPlaneConfig::from_yaml("policy: oracle").is_err());
+        assert!(DataPlaneConfig::from_yaml("policy: gie-default").is_ok());
     }
 
     #[test]
@@ -1080,7 +1081,7 @@ priority: { objectives: { batch: -1 } }
             "logs: { decision_logs: /tmp/x }",
         ] {
             assert!(
-                GatewayConfig::from_yaml(bad).is_err(),
+                DataPlaneConfig::from_yaml(bad).is_err(),
                 "{bad} should be refused"
             );
         }
@@ -1090,7 +1091,7 @@ priority: { objectives: { batch: -1 } }
     fn request_logs_come_from_the_file_and_flags_win() {
         let text = "logs: { decision_log: /var/d.jsonl, decision_log_max_bytes: 1048576, \
                     decision_log_files: 2, capture_trace: /var/t.jsonl }\n";
-        let cfg = GatewayConfig::from_yaml(text).unwrap();
+        let cfg = DataPlaneConfig::from_yaml(text).unwrap();
         assert_eq!(
             cfg.logs.decision_log.as_deref(),
             Some(Path::new("/var/d.jsonl"))
@@ -1109,14 +1110,14 @@ priority: { objectives: { batch: -1 } }
         }
         .overrides();
         let cfg =
-            GatewayConfig::from_raw(parse_raw(text, Path::new("f")).unwrap(), &flags).unwrap();
+            DataPlaneConfig::from_raw(parse_raw(text, Path::new("f")).unwrap(), &flags).unwrap();
         assert_eq!(
             cfg.logs.decision_log.as_deref(),
             Some(Path::new("/flag.jsonl"))
         );
         assert_eq!(cfg.logs.decision_log_files, 2);
         assert!(cfg.logs.access_log);
-        let d = GatewayConfig::from_yaml("").unwrap().logs;
+        let d = DataPlaneConfig::from_yaml("").unwrap().logs;
         assert_eq!(d, RequestLogConfig::default());
         assert_eq!(d.decision_log_max_bytes, DEFAULT_DECISION_LOG_MAX_BYTES);
     }

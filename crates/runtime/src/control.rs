@@ -66,9 +66,9 @@ use tokio::task::AbortHandle;
 
 use crate::RuntimeError;
 use crate::booking::Booking;
-use crate::config::{EndpointConfig, GatewayConfig, PolicyChoice};
+use crate::config::{DataPlaneConfig, EndpointConfig, PolicyChoice};
 use crate::metrics::{
-    EndpointLabels, GatewayMetrics, IndexLabels, ModeLabels, ProbeLabels, SignalLabels,
+    DataPlaneMetrics, EndpointLabels, IndexLabels, ModeLabels, ProbeLabels, SignalLabels,
 };
 use crate::openai::{ApiError, ParsedRequest, Prompt};
 use axum::http::StatusCode;
@@ -364,7 +364,7 @@ pub struct Control {
     /// Set by [`Control::begin_shutdown`].
     shutting_down: std::sync::atomic::AtomicBool,
     /// The gateway's metrics.
-    pub metrics: Arc<GatewayMetrics>,
+    pub metrics: Arc<DataPlaneMetrics>,
 }
 
 impl std::fmt::Debug for Control {
@@ -385,8 +385,8 @@ impl Control {
     /// Builds the control state and starts the observation task; endpoints are added with
     /// [`Control::set_endpoints`]. Must be called within a tokio runtime.
     pub fn start(
-        cfg: &GatewayConfig,
-        metrics: Arc<GatewayMetrics>,
+        cfg: &DataPlaneConfig,
+        metrics: Arc<DataPlaneMetrics>,
     ) -> Result<Arc<Self>, RuntimeError> {
         let router = Router::new(router_config(&cfg.policy)?).map_err(RuntimeError::Router)?;
         let tokenizer = Arc::new(PromptTokenizer::from_config(cfg)?);
@@ -702,7 +702,7 @@ impl Control {
     /// [`crate::tokenize`]) and logs the verdict.
     async fn probe_tokenizer(
         tokenizer: &Arc<PromptTokenizer>,
-        metrics: &GatewayMetrics,
+        metrics: &DataPlaneMetrics,
         address: &str,
         model: &str,
         first: bool,

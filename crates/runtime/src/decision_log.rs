@@ -32,7 +32,7 @@ use crate::capture::{CaptureRecord, TraceCapture};
 use crate::config::RequestLogConfig;
 use crate::control::Control;
 use crate::meter::Measured;
-use crate::metrics::{GatewayMetrics, RecordLabels};
+use crate::metrics::{DataPlaneMetrics, RecordLabels};
 
 /// Records a writer may have queued before new ones are dropped. 4,096 receipts are a few MiB
 /// and several seconds of a busy gateway's traffic: enough to ride out a slow disk flush, small
@@ -50,7 +50,7 @@ pub const ACCESS_LOG_TARGET: &str = "kvgate::access";
 pub(crate) struct RecordSender<T> {
     tx: SyncSender<T>,
     log: &'static str,
-    metrics: Arc<GatewayMetrics>,
+    metrics: Arc<DataPlaneMetrics>,
     last_warn_ms: AtomicU64,
 }
 
@@ -59,7 +59,7 @@ impl<T: Send + 'static> RecordSender<T> {
     /// sender is dropped.
     pub(crate) fn spawn(
         log: &'static str,
-        metrics: Arc<GatewayMetrics>,
+        metrics: Arc<DataPlaneMetrics>,
         write: impl FnOnce(Receiver<T>) + Send + 'static,
     ) -> Result<Self, RuntimeError> {
         let (tx, rx) = std::sync::mpsc::sync_channel(RECORD_CHANNEL_CAPACITY);
@@ -334,7 +334,7 @@ impl Recorder {
     pub fn start(
         cfg: &RequestLogConfig,
         policy: &str,
-        metrics: &Arc<GatewayMetrics>,
+        metrics: &Arc<DataPlaneMetrics>,
     ) -> Result<Option<Arc<Self>>, RuntimeError> {
         if cfg.decision_log.is_none() && cfg.capture_trace.is_none() && !cfg.access_log {
             return Ok(None);
@@ -554,7 +554,7 @@ mod tests {
 
     #[test]
     fn a_full_writer_drops_and_counts_instead_of_blocking() {
-        let metrics = Arc::new(GatewayMetrics::new());
+        let metrics = Arc::new(DataPlaneMetrics::new());
         let (hold_tx, hold_rx) = std::sync::mpsc::channel::<()>();
         let sender =
             RecordSender::spawn("decision_log", metrics.clone(), move |rx: Receiver<u32>| {

@@ -23,7 +23,7 @@ use std::time::{Duration, SystemTime};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{CONFIG_POLL_INTERVAL_MS, GatewayConfig, ShutdownTimes};
+use crate::config::{CONFIG_POLL_INTERVAL_MS, DataPlaneConfig, ShutdownTimes};
 use crate::control::Control;
 
 /// How long shutdown waits for in-flight requests, ms. Long enough for most generations to
@@ -139,7 +139,7 @@ fn modified(path: &Path) -> Option<SystemTime> {
 /// `EndpointPickerConfig`), with its flags re-applied so flag-given endpoints stay fixed.
 pub async fn watch_config<E: Display>(
     path: PathBuf,
-    load: impl Fn() -> Result<GatewayConfig, E>,
+    load: impl Fn() -> Result<DataPlaneConfig, E>,
     control: Arc<Control>,
     stop: CancellationToken,
 ) {

@@ -17,7 +17,7 @@ use tokio::time::Instant;
 
 use kvgate_core::request::Outcome;
 
-use crate::metrics::{EndpointLabels, GatewayMetrics};
+use crate::metrics::{DataPlaneMetrics, EndpointLabels};
 use crate::openai::{Usage, usage_of};
 
 /// Bytes of a response kept to read `usage` from at the end: the tail of a stream (the usage
@@ -43,7 +43,7 @@ pub struct Measured {
 impl Measured {
     /// Records TPOT and the prompt cache hit rate of this response in the shared metrics (TTFT
     /// is recorded when the first token arrives, not here).
-    pub fn observe(&self, metrics: &GatewayMetrics, endpoint: &EndpointLabels) {
+    pub fn observe(&self, metrics: &DataPlaneMetrics, endpoint: &EndpointLabels) {
         if let Some(t) = self.tpot_seconds {
             metrics.tpot_seconds.get_or_create(endpoint).observe(t);
         }

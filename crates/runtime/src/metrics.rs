@@ -5,7 +5,7 @@
 //! the request path without locks; per-endpoint signal ages are computed when `/metrics` is
 //! rendered, so they are exact at scrape time rather than as of the last request. The series are
 //! named `kvgate_gateway_*` whichever data plane exports them (dashboards and alerts query one
-//! name); a data plane adds its own under its own prefix ([`GatewayMetrics::with_extra`]), in
+//! name); a data plane adds its own under its own prefix ([`DataPlaneMetrics::with_extra`]), in
 //! the same OpenMetrics document.
 
 use std::sync::Arc;
@@ -116,8 +116,9 @@ fn tpot_buckets() -> impl Iterator<Item = f64> {
     prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 10)
 }
 
-/// Every metric the gateway exports.
-pub struct GatewayMetrics {
+/// Every metric a data plane exports (`kvgate serve` and `kvgate epp`; the `kvgate_gateway_`
+/// prefix is kept so dashboards and alerts built on it keep working).
+pub struct DataPlaneMetrics {
     registry: Registry,
     /// Requests answered, by API and status.
     pub requests: Family<RequestLabels, Counter>,
@@ -157,19 +158,19 @@ pub struct GatewayMetrics {
     pub records_dropped: Family<RecordLabels, Counter>,
 }
 
-impl std::fmt::Debug for GatewayMetrics {
+impl std::fmt::Debug for DataPlaneMetrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GatewayMetrics").finish_non_exhaustive()
+        f.debug_struct("DataPlaneMetrics").finish_non_exhaustive()
     }
 }
 
-impl Default for GatewayMetrics {
+impl Default for DataPlaneMetrics {
     fn default() -> Self {
         Self::new()
     }
 }
 
-impl GatewayMetrics {
+impl DataPlaneMetrics {
     /// Every metric registered under the `kvgate_gateway` prefix.
     pub fn new() -> Self {
         Self::with_extra(|_| {})
@@ -366,7 +367,7 @@ mod tests {
 
     #[test]
     fn hit_ratio_and_names_render() {
-        let m = GatewayMetrics::new();
+        let m = DataPlaneMetrics::new();
         m.observe_usage(100, 75);
         m.decisions
             .get_or_create(&DecisionLabels {
@@ -389,7 +390,7 @@ mod tests {
     #[test]
     fn extra_metrics_share_the_document_and_its_single_eof() {
         let extra = Counter::<u64>::default();
-        let m = GatewayMetrics::with_extra(|root| {
+        let m = DataPlaneMetrics::with_extra(|root| {
             root.sub_registry_with_prefix("kvgate_epp").register(
                 "streams",
                 "Streams",

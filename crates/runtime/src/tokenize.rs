@@ -25,7 +25,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::RuntimeError;
-use crate::config::GatewayConfig;
+use crate::config::DataPlaneConfig;
 use crate::openai::{ParsedRequest, Prompt};
 
 /// The `--tokenizer` value that asks the engines instead of loading a tokenizer.
@@ -76,7 +76,7 @@ impl std::fmt::Debug for PromptTokenizer {
 
 impl PromptTokenizer {
     /// The tokenizer `cfg` asks for: `model_dir`, else `hf_tokenizer_json`, else built-in.
-    pub fn from_config(cfg: &GatewayConfig) -> Result<Self, RuntimeError> {
+    pub fn from_config(cfg: &DataPlaneConfig) -> Result<Self, RuntimeError> {
         if let Some(dir) = &cfg.model_dir {
             if dir.as_os_str() == ENGINE_MODE {
                 tracing::info!("tokenising prompts with the engines' /tokenize");
