@@ -710,6 +710,50 @@ async fn scenarios(fleet: &mut Fleet) {
         }
     }
 
+    // 2b. Anthropic Messages (issue 14.6): vLLM turns a `/v1/messages` request into the same
+    //     chat, so kvgate keys it like chat and sends it to the engine holding the warmed
+    //     system prompt; the engine answers in the Messages shape, streamed and not.
+    for (address, system) in &warm {
+        for stream in [false, true] {
+            let resp = client()
+                .post(format!("{base}/v1/messages"))
+                .json(&json!({
+                    "model": MODEL,
+                    "system": system,
+                    "messages": [{"role": "user", "content": "question 0"}],
+                    "max_tokens": 4,
+                    "stream": stream,
+                }))
+                .send()
+                .await
+                .expect("messages answers");
+            let status = resp.status();
+            let served = resp
+                .headers()
+                .get("x-kvgate-endpoint")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned();
+            let body = resp.text().await.unwrap();
+            assert_eq!(status, 200, "{body}");
+            assert_eq!(
+                &served, address,
+                "a Messages request with a warmed system prompt goes to its holder (stream {stream})"
+            );
+            if stream {
+                assert!(
+                    body.contains("event: message_start") && body.contains("event: message_stop"),
+                    "an Anthropic event stream: {body}"
+                );
+            } else {
+                let v: Value = serde_json::from_str(&body).unwrap();
+                assert_eq!(v["type"], "message", "{body}");
+                assert!(v["usage"]["input_tokens"].as_u64() > Some(0), "{body}");
+            }
+        }
+    }
+    eprintln!("Messages requests went to the holders of their system prompts, streamed and not");
+
     // 3. cache_salt isolates tenants: the same prompt under another salt is predicted (and
     //    found) uncached, and the contract stays precise.
     let system = system_prompt(200, 420);
