@@ -16,9 +16,9 @@ use tokio::time::Instant;
 use envoy_types::pb::envoy::service::ext_proc::v3::ProcessingRequest;
 use kvgate_epp::extproc::{Picker, PickerSettings};
 use kvgate_epp::metrics::EppMetrics;
-use kvgate_runtime::config::GatewayConfig;
+use kvgate_runtime::config::DataPlaneConfig;
 use kvgate_runtime::control::Control;
-use kvgate_runtime::metrics::GatewayMetrics;
+use kvgate_runtime::metrics::DataPlaneMetrics;
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
 
@@ -36,11 +36,11 @@ fn target() -> &'static Target {
             .unwrap();
         let picker = {
             let _entered = rt.enter();
-            let cfg = GatewayConfig::from_yaml(
+            let cfg = DataPlaneConfig::from_yaml(
                 "endpoints:\n  - url: http://127.0.0.1:9\n    models: [m]\n",
             )
             .expect("fuzz config");
-            let control = Control::start(&cfg, Arc::new(GatewayMetrics::new())).expect("control");
+            let control = Control::start(&cfg, Arc::new(DataPlaneMetrics::new())).expect("control");
             control.set_endpoints(&cfg.endpoints);
             Picker::new(
                 control,
