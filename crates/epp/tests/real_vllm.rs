@@ -578,6 +578,26 @@ async fn scenarios(fleet: &mut Fleet) {
             // the engine that holds its history (fresh system prompts, so nothing is warm).
             let seq = workload(&base, label, 10, 2, 4, 3, false).await;
             let m = admin_metrics(gw.admin_addr).await;
+            // How honest the cost model is on these engines (issue 16.2; reported, the goal
+            // of <= 15% after warm-up is not met yet with the H100 prior and one speed factor).
+            for e in &fleet.engines {
+                let ep = format!("endpoint=\"{}\"", e.address());
+                let n = metric(
+                    &m,
+                    "kvgate_gateway_ttft_prediction_error_ratio_count{",
+                    &[&ep],
+                );
+                let sum = metric(
+                    &m,
+                    "kvgate_gateway_ttft_prediction_error_ratio_sum{",
+                    &[&ep],
+                );
+                eprintln!(
+                    "{label}: {}: TTFT prediction MAPE {:.0}% over {n} streams",
+                    e.name,
+                    100.0 * sum / n.max(1.0)
+                );
+            }
             assert!(
                 seq.sticky,
                 "{label}: a conversation left its holder: {seq:?}\n{m}"

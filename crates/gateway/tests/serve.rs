@@ -1130,3 +1130,35 @@ async fn access_log_has_one_line_per_request_routed_or_not() {
     );
     assert_eq!(lines.len(), 5, "exactly one line per request: {lines:?}");
 }
+
+/// Issue 16.2: each streamed request served where it was booked compares the TTFT its decision
+/// predicted with the one measured; the relative error is exported per endpoint (non-streamed
+/// responses have no first token apart from the whole answer, so they are not counted).
+#[tokio::test]
+async fn ttft_prediction_error_is_exported_for_streams() {
+    let f = fleet(1, 50.0).await;
+    let gw = gateway(base_config(endpoints_of(&f, false))).await;
+    let c = client();
+    for (i, stream) in [true, true, false, true].into_iter().enumerate() {
+        let r = c
+            .post(url(&gw, "/v1/chat/completions"))
+            .json(&chat(&format!("question {i}"), 3, stream))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        r.bytes().await.unwrap();
+    }
+    let m = admin_metrics(&gw).await;
+    let ep = f.engines[0].http_addr.to_string();
+    let count = metric_sum(
+        &m,
+        &format!("kvgate_gateway_ttft_prediction_error_ratio_count{{endpoint=\"{ep}\"}}"),
+    );
+    assert_eq!(count, 3.0, "{m}");
+    let sum = metric_sum(
+        &m,
+        &format!("kvgate_gateway_ttft_prediction_error_ratio_sum{{endpoint=\"{ep}\"}}"),
+    );
+    assert!(sum.is_finite() && sum > 0.0, "{m}");
+}

@@ -173,11 +173,25 @@ impl Booking {
         if let Some(r) = &mut self.recording {
             r.first_token_at = Some(now);
         }
+        let measured = now.duration_since(self.started).as_secs_f64();
+        let labels = self.endpoint_labels();
         self.control
             .metrics
             .ttft_seconds
-            .get_or_create(&self.endpoint_labels())
-            .observe(now.duration_since(self.started).as_secs_f64());
+            .get_or_create(&labels)
+            .observe(measured);
+        // The prediction is the primary's; a request moved elsewhere was not predicted there.
+        if self.target.id == self.decision.primary
+            && let Some(predicted_us) = self.decision.predicted_ttft_us
+            && measured > 0.0
+        {
+            let error = (predicted_us as f64 / 1e6 - measured).abs() / measured;
+            self.control
+                .metrics
+                .ttft_prediction_error
+                .get_or_create(&labels)
+                .observe(error);
+        }
         self.control.on_first_token(self.req.id);
     }
 

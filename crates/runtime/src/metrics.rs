@@ -110,6 +110,12 @@ fn ttft_buckets() -> impl Iterator<Item = f64> {
     prometheus_client::metrics::histogram::exponential_buckets(0.005, 2.0, 14)
 }
 
+/// Buckets of the TTFT prediction error (relative): 5% to 10×, finer where a usable model
+/// lives (below 50%).
+const PREDICTION_ERROR_BUCKETS: [f64; 12] = [
+    0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0, 10.0,
+];
+
 /// Buckets of the TPOT histogram, seconds: 1 ms to ~0.5 s in ×2 steps (decode steps are
 /// 5-50 ms on current GPUs; the tails show batching and preemption).
 fn tpot_buckets() -> impl Iterator<Item = f64> {
@@ -128,6 +134,9 @@ pub struct DataPlaneMetrics {
     pub ttft_seconds: Family<EndpointLabels, Histogram>,
     /// Mean time per output token of a finished stream, by endpoint.
     pub tpot_seconds: Family<EndpointLabels, Histogram>,
+    /// |predicted − measured| / measured TTFT of streams served where they were first booked,
+    /// by endpoint: how honest the cost model is (MAPE = `_sum / _count`).
+    pub ttft_prediction_error: Family<EndpointLabels, Histogram>,
     /// Prompt tokens reported in usage.
     pub prompt_tokens: Counter,
     /// Of those, tokens served from the engines' prefix caches.
@@ -190,6 +199,10 @@ impl DataPlaneMetrics {
         let tpot_seconds = Family::<EndpointLabels, Histogram>::new_with_constructor(|| {
             Histogram::new(tpot_buckets()) as Histogram
         });
+        let ttft_prediction_error =
+            Family::<EndpointLabels, Histogram>::new_with_constructor(|| {
+                Histogram::new(PREDICTION_ERROR_BUCKETS) as Histogram
+            });
         let prompt_tokens = Counter::default();
         let cached_prompt_tokens = Counter::default();
         let prefix_hit_ratio = Gauge::<f64, AtomicU64>::default();
@@ -255,6 +268,12 @@ impl DataPlaneMetrics {
             tpot_seconds.clone(),
         );
         registry.register(
+            "ttft_prediction_error_ratio",
+            "Relative error |predicted - measured| / measured of the TTFT the routing decision \
+             predicted, for streams served where they were first booked (MAPE = sum / count)",
+            ttft_prediction_error.clone(),
+        );
+        registry.register(
             "prompt_tokens",
             "Prompt tokens reported in response usage",
             prompt_tokens.clone(),
@@ -300,6 +319,7 @@ impl DataPlaneMetrics {
             decisions,
             ttft_seconds,
             tpot_seconds,
+            ttft_prediction_error,
             prompt_tokens,
             cached_prompt_tokens,
             prefix_hit_ratio,
