@@ -49,6 +49,8 @@ use crate::actor::{Command, Snapshot};
 use crate::fault::{DrawKind, FaultConfig, uniform};
 use crate::metrics;
 
+mod anthropic;
+
 /// vLLM's default `max_tokens` for `/v1/completions`.
 pub const DEFAULT_COMPLETION_MAX_TOKENS: u32 = 16;
 /// Cap on the default chat `max_tokens`: vLLM would generate up to the whole context, which
@@ -98,6 +100,7 @@ pub(crate) fn router(shared: Shared) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
+        .route("/v1/messages", post(anthropic::messages))
         .route("/v1/models", get(models))
         .route("/tokenize", post(tokenize))
         .route("/health", get(health))

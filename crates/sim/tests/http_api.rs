@@ -751,3 +751,104 @@ async fn prompt_tokens_details_have_vllm_0_32_members() {
     );
     f.shutdown().await;
 }
+
+/// `POST /v1/messages` as vLLM 0.32 serves it: the request becomes the chat with the same
+/// system and messages (same prompt, same cache), the answer is in the Messages shape, usage as
+/// vLLM derives it (input = prompt − cache read − cache creation), the stream is Anthropic's
+/// event sequence, and errors use the Anthropic error shape.
+#[tokio::test]
+async fn messages_api_is_the_chat_in_anthropics_shape() {
+    let f = fleet(1, |_| {}).await;
+    let system: String = (0..200).map(|i| format!(" s{i}")).collect();
+    let chat: Value = client()
+        .post(url(&f, 0, "/v1/chat/completions"))
+        .json(&json!({
+            "messages": [{"role": "system", "content": system},
+                         {"role": "user", "content": "hello"}],
+            "max_tokens": 3,
+        }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let prompt = chat["usage"]["prompt_tokens"].as_i64().unwrap();
+    let m: Value = client()
+        .post(url(&f, 0, "/v1/messages"))
+        .json(&json!({
+            "model": kvgate_sim::config::DEFAULT_MODEL,
+            "system": [{"type": "text", "text": system}],
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "hello"}]}],
+            "max_tokens": 3,
+        }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(m["type"], "message", "{m}");
+    assert_eq!(m["role"], "assistant");
+    assert_eq!(m["content"][0]["type"], "text");
+    assert_eq!(m["stop_reason"], "max_tokens");
+    let u = &m["usage"];
+    assert_eq!(u["output_tokens"], 3);
+    let read = u["cache_read_input_tokens"].as_i64().unwrap();
+    assert!(read > 0, "the chat's blocks are hit: {u}");
+    assert_eq!(
+        u["input_tokens"].as_i64().unwrap()
+            + read
+            + u["cache_creation_input_tokens"].as_i64().unwrap(),
+        prompt,
+        "the same prompt as the chat: {u}"
+    );
+
+    let body = client()
+        .post(url(&f, 0, "/v1/messages"))
+        .json(&json!({
+            "system": system,
+            "messages": [{"role": "user", "content": "hello"}],
+            "max_tokens": 2,
+            "stream": true,
+        }))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let names: Vec<&str> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("event: "))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "message_start",
+            "content_block_start",
+            "content_block_delta",
+            "content_block_delta",
+            "content_block_stop",
+            "message_delta",
+            "message_stop"
+        ],
+        "{body}"
+    );
+    assert!(
+        body.contains("\"text_delta\"") && body.contains("\"max_tokens\""),
+        "{body}"
+    );
+
+    let r = client()
+        .post(url(&f, 0, "/v1/messages"))
+        .json(&json!({"messages": [{"role": "user", "content": "hello"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let e: Value = r.json().await.unwrap();
+    assert_eq!(e["type"], "error", "{e}");
+    assert_eq!(e["error"]["type"], "BadRequestError");
+    f.shutdown().await;
+}
