@@ -270,29 +270,57 @@ enum InjectState {
 pub struct Injected<T> {
     inner: T,
     state: InjectState,
+    /// Called once the preface has been read (or given up on): the connection's head clock,
+    /// which bounds how long a client may take to send it, stops there.
+    on_preface: Option<Box<dyn FnOnce() + Send>>,
 }
 
 impl<T> Injected<T> {
-    /// Wraps `inner`, to show `stream_one` to the reader after the client's first frame.
-    pub fn new(inner: T, stream_one: Bytes) -> Self {
+    /// Wraps `inner`, to show `stream_one` to the reader after the client's first frame;
+    /// `on_preface` runs when the client's preface and first frame are in (or are not a
+    /// preface at all).
+    pub fn new(inner: T, stream_one: Bytes, on_preface: Box<dyn FnOnce() + Send>) -> Self {
         Self {
             inner,
             state: InjectState::Preface {
                 seen: Vec::with_capacity(PREFACE.len() + 64),
                 stream_one,
             },
+            on_preface: Some(on_preface),
         }
     }
 }
 
-/// Bytes of the preface and the frame after it, once enough of `seen` is known.
-fn preface_len(seen: &[u8]) -> Option<usize> {
+/// What the bytes read so far after a 101 are.
+#[derive(Debug, PartialEq, Eq)]
+enum PrefaceRead {
+    /// Too few to tell.
+    More,
+    /// Not the preface and a SETTINGS frame of at most [`MAX_FRAME_BYTES`]: handed to hyper as
+    /// they are (it answers with a connection error), without waiting for a length a client
+    /// made up.
+    Raw,
+    /// The preface and its SETTINGS frame end here: stream 1 goes in after them.
+    At(usize),
+}
+
+fn preface_len(seen: &[u8]) -> PrefaceRead {
+    let n = seen.len().min(PREFACE.len());
+    if seen[..n] != PREFACE[..n] {
+        return PrefaceRead::Raw;
+    }
     let head = PREFACE.len() + FRAME_HEADER_BYTES;
     if seen.len() < head {
-        return None;
+        return PrefaceRead::More;
     }
     let len = u32::from_be_bytes([0, seen[24], seen[25], seen[26]]) as usize;
-    Some(head + len)
+    if seen[27] != FRAME_SETTINGS || len > MAX_FRAME_BYTES {
+        return PrefaceRead::Raw;
+    }
+    if seen.len() < head + len {
+        return PrefaceRead::More;
+    }
+    PrefaceRead::At(head + len)
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Injected<T> {
@@ -316,20 +344,23 @@ impl<T: AsyncRead + Unpin> AsyncRead for Injected<T> {
                     return Poll::Ready(Ok(()));
                 }
                 InjectState::Preface { seen, stream_one } => {
-                    if let Some(need) = preface_len(seen)
-                        && seen.len() >= need
-                    {
+                    let read = preface_len(seen);
+                    if read != PrefaceRead::More {
                         let mut all = Vec::with_capacity(seen.len() + stream_one.len());
-                        // A client that does not open with the preface and SETTINGS gets no
-                        // stream 1: hyper answers its bytes with a connection error.
-                        if seen.starts_with(PREFACE) && seen[27] == FRAME_SETTINGS {
-                            all.extend_from_slice(&seen[..need]);
-                            all.extend_from_slice(stream_one);
-                            all.extend_from_slice(&seen[need..]);
-                        } else {
-                            all.extend_from_slice(seen);
+                        match read {
+                            PrefaceRead::At(need) => {
+                                all.extend_from_slice(&seen[..need]);
+                                all.extend_from_slice(stream_one);
+                                all.extend_from_slice(&seen[need..]);
+                            }
+                            // A client that does not open with the preface and SETTINGS gets
+                            // no stream 1: hyper answers its bytes with a connection error.
+                            _ => all.extend_from_slice(seen),
                         }
                         this.state = InjectState::Replay(Bytes::from(all));
+                        if let Some(f) = this.on_preface.take() {
+                            f();
+                        }
                         continue;
                     }
                     let mut tmp = [0u8; 4096];
@@ -366,6 +397,25 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Injected<T> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn preface_reads_wait_for_the_frame_and_refuse_made_up_lengths() {
+        let mut p = PREFACE.to_vec();
+        assert_eq!(preface_len(&p[..10]), PrefaceRead::More);
+        assert_eq!(preface_len(b"GET / HTTP"), PrefaceRead::Raw);
+        p.extend_from_slice(&[0, 0, 6, FRAME_SETTINGS, 0, 0, 0, 0, 0]);
+        assert_eq!(preface_len(&p), PrefaceRead::More);
+        p.extend_from_slice(&[0, 3, 0, 0, 0, 100]);
+        assert_eq!(preface_len(&p), PrefaceRead::At(p.len()));
+        // A 16 MiB "SETTINGS" frame is not waited for (it was buffered whole before).
+        let mut huge = PREFACE.to_vec();
+        huge.extend_from_slice(&[0xff, 0xff, 0xff, FRAME_SETTINGS, 0, 0, 0, 0, 0]);
+        assert_eq!(preface_len(&huge), PrefaceRead::Raw);
+        let mut data = PREFACE.to_vec();
+        data.extend_from_slice(&[0, 0, 1, 0x0, 0, 0, 0, 0, 1]);
+        assert_eq!(preface_len(&data), PrefaceRead::Raw);
+    }
+
     use super::*;
 
     #[test]

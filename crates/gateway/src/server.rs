@@ -396,8 +396,17 @@ async fn serve_connection(
     let Ok(upgraded) = pending.on_upgrade.await else {
         return;
     };
-    activity.mark_h2();
-    let io = crate::h2::Injected::new(TokioIo::new(upgraded), pending.stream_one);
+    // The client owes the HTTP/2 preface now: the head clock runs until it is in (a client that
+    // goes quiet after the 101 is cut after the header timeout, as one that never finishes a
+    // request head is), then the connection is HTTP/2 (idle clock only).
+    activity
+        .head_since_ms
+        .store(activity.now_ms(), Ordering::Relaxed);
+    let on_preface = {
+        let activity = activity.clone();
+        Box::new(move || activity.mark_h2())
+    };
+    let io = crate::h2::Injected::new(TokioIo::new(upgraded), pending.stream_one, on_preface);
     let mut h2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     h2.timer(TokioTimer::new());
     drive!(

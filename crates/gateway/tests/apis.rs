@@ -905,6 +905,62 @@ async fn an_idle_h2_connection_is_closed_by_the_idle_timeout_not_the_header_time
     );
 }
 
+/// Review finding: a client that asks for `Upgrade: h2c`, gets the 101 and then sends nothing
+/// (or only part of the preface) held its connection forever (the header clock stopped at the
+/// 101, and hyper's graceful shutdown waits for a handshake that never comes). It is cut after
+/// the header timeout, as a request head that never finishes is.
+#[tokio::test]
+async fn a_client_quiet_after_the_h2c_101_is_cut_after_the_header_timeout() {
+    let f = fleet(1, 50.0).await;
+    let limits = kvgate_runtime::config::Limits {
+        header_read_timeout_ms: 300,
+        ..kvgate_runtime::config::Limits::default()
+    };
+    let cfg = DataPlaneConfig {
+        host: "127.0.0.1".into(),
+        port: 0,
+        admin_port: 0,
+        endpoints: sim_endpoints(&f),
+        limits,
+        ..DataPlaneConfig::default()
+    };
+    let gw = Gateway::start(cfg, Overrides::default()).await.unwrap();
+    for partial in [&b""[..], &kvgate_gateway::h2::PREFACE[..10]] {
+        let mut sock = TcpStream::connect(gw.api_addr).await.unwrap();
+        let body = chat("upgraded", 2, false).to_string();
+        let head = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: kvgate\r\nConnection: Upgrade, HTTP2-Settings\r\n\
+             Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\n\r\n",
+            body.len()
+        );
+        sock.write_all(head.as_bytes()).await.unwrap();
+        sock.write_all(body.as_bytes()).await.unwrap();
+        let mut got = Vec::new();
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            let mut b = [0u8; 1];
+            tokio::time::timeout(WAIT, sock.read_exact(&mut b))
+                .await
+                .expect("the 101 in time")
+                .unwrap();
+            got.push(b[0]);
+        }
+        assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 101"));
+        sock.write_all(partial).await.unwrap();
+        let started = std::time::Instant::now();
+        let mut rest = Vec::new();
+        let closed = tokio::time::timeout(WAIT, sock.read_to_end(&mut rest)).await;
+        assert!(
+            closed.is_ok(),
+            "the connection is still open after {WAIT:?}"
+        );
+        assert!(
+            started.elapsed() >= Duration::from_millis(limits.header_read_timeout_ms / 2),
+            "closed at once, not by the header timeout"
+        );
+    }
+}
+
 #[tokio::test]
 async fn h2c_upgrade_with_a_body_over_the_initial_window_is_served_over_http1() {
     let f = fleet(1, 50.0).await;
