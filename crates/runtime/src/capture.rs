@@ -150,6 +150,10 @@ impl TraceEncoder {
     }
 }
 
+/// Most finished records held back behind an older request still in flight (each holds its
+/// prompt's key chain: 8 bytes per 16 tokens, so at most ~64 MiB for 32k-token prompts).
+const MAX_HELD_RECORDS: usize = 4_096;
+
 /// The capture of one data plane (see the module docs).
 pub(crate) struct TraceCapture {
     epoch: Instant,
@@ -169,6 +173,7 @@ impl TraceCapture {
             let mut enc = TraceEncoder::default();
             let mut held: BinaryHeap<CaptureRecord> = BinaryHeap::new();
             let mut last_err = 0;
+            let mut warned_over = false;
             loop {
                 let gone = match rx.recv_timeout(Duration::from_millis(WRITER_POLL_MS)) {
                     Ok(r) => {
@@ -188,8 +193,21 @@ impl TraceCapture {
                 held.extend(rx.try_iter());
                 let mut wrote = false;
                 while let Some(r) = held.peek() {
-                    if !gone && oldest.is_some_and(|o| r.slot > o) {
+                    // Records wait for older requests still in flight (arrival order), but not
+                    // without bound: one stalled stream must not hold every later record in
+                    // memory. Past the bound the oldest go out anyway; the encoder keeps the
+                    // timestamps non-decreasing, so the trace stays valid.
+                    let over = held.len() > MAX_HELD_RECORDS;
+                    if !gone && !over && oldest.is_some_and(|o| r.slot > o) {
                         break;
+                    }
+                    if over && !warned_over {
+                        warned_over = true;
+                        tracing::warn!(
+                            held = held.len(),
+                            "capture: a request in flight for long holds back {MAX_HELD_RECORDS} \
+                             later records; writing them ahead of it (its line will be late)"
+                        );
                     }
                     let Some(r) = held.pop() else { break };
                     let line = serde_json::to_vec(&enc.line(&r)).unwrap_or_default();
@@ -268,5 +286,55 @@ mod tests {
         assert_eq!(la2.hash_ids, [0, 1], "a repeat shares both full blocks");
         assert_eq!((la.timestamp, lb.timestamp, la2.timestamp), (0, 4, 7));
         assert_eq!(la.output_length, 7);
+    }
+
+    /// Review finding: records waited behind the oldest request still in flight without bound,
+    /// so one stalled stream held every later record in memory. Past [`MAX_HELD_RECORDS`] they
+    /// are written anyway.
+    #[test]
+    fn a_request_in_flight_for_long_does_not_hold_every_later_record() {
+        let dir = std::env::temp_dir().join(format!("kvgate-capture-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("trace.jsonl");
+        let _ = std::fs::remove_file(&path);
+        let cap = TraceCapture::start(&path, Arc::new(DataPlaneMetrics::new())).unwrap();
+        let _stalled = cap.open(Instant::now());
+        let extra = 200;
+        for batch in 0..(MAX_HELD_RECORDS + extra).div_ceil(1000) {
+            for i in 0..1000 {
+                let slot = cap.open(Instant::now());
+                let n = batch * 1000 + i;
+                if n >= MAX_HELD_RECORDS + extra {
+                    cap.close(slot, None);
+                    continue;
+                }
+                let r = CaptureRecord {
+                    slot,
+                    input_length: 600,
+                    output_length: 3,
+                    block_size: 16,
+                    keys: vec![n as u64; 40],
+                };
+                cap.close(slot, Some(r));
+            }
+            // Let the writer drain its queue (bounded too: a full queue drops records).
+            std::thread::sleep(Duration::from_millis(3 * WRITER_POLL_MS));
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let lines = loop {
+            let n = std::fs::read_to_string(&path)
+                .unwrap_or_default()
+                .lines()
+                .count();
+            if n >= extra || std::time::Instant::now() > deadline {
+                break n;
+            }
+            std::thread::sleep(Duration::from_millis(WRITER_POLL_MS));
+        };
+        assert!(
+            lines >= extra,
+            "only {lines} lines written while one request stayed open"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
