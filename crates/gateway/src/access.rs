@@ -13,13 +13,13 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::middleware::Next;
 use axum::response::Response;
 use kvgate_runtime::decision_log::ACCESS_LOG_TARGET;
 use tokio::time::Instant;
 
-use crate::proxy::{App, ENDPOINT_RESPONSE_HEADER};
+use crate::proxy::ENDPOINT_RESPONSE_HEADER;
 use crate::stamp::REQUEST_ID_HEADER;
 
 /// Set once a booking will write the request's access-log line.
@@ -34,11 +34,7 @@ impl Booked {
 }
 
 /// The middleware: runs the request, then logs it unless a booking does.
-pub(crate) async fn log_unbooked(
-    State(_app): State<Arc<App>>,
-    mut req: Request,
-    next: Next,
-) -> Response {
+pub(crate) async fn log_unbooked(mut req: Request, next: Next) -> Response {
     let started = Instant::now();
     let booked = Booked::default();
     req.extensions_mut().insert(booked.clone());
@@ -57,9 +53,11 @@ pub(crate) async fn log_unbooked(
             status = resp.status().as_u16(),
             result = if resp.status().is_success() { "ok" } else { "refused" },
             routed = false,
-            endpoint = %header(resp.headers().get(ENDPOINT_RESPONSE_HEADER)),
+            // As strings (quoted in text logs): a client's request id may hold spaces and `=`,
+            // which unquoted would read as fields of their own.
+            endpoint = header(resp.headers().get(ENDPOINT_RESPONSE_HEADER)).as_str(),
             duration_ms = started.elapsed().as_micros() as f64 / 1e3,
-            request_id = %header(request_id.as_ref()),
+            request_id = header(request_id.as_ref()).as_str(),
             "request"
         );
     }

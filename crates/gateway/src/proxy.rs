@@ -209,10 +209,7 @@ pub fn api_router(app: Arc<App>) -> axum::Router {
         });
     let access_log = app.recorder.as_ref().is_some_and(|r| r.access_log());
     let router = if access_log {
-        router.layer(axum::middleware::from_fn_with_state(
-            app.clone(),
-            crate::access::log_unbooked,
-        ))
+        router.layer(axum::middleware::from_fn(crate::access::log_unbooked))
     } else {
         router
     };
@@ -500,6 +497,10 @@ async fn serve(
             tracing::debug!(from = %address, to = %booking.address(), cause, "retrying on another endpoint");
             attempt += 1;
             continue;
+        }
+        if let Some(resp) = &refused {
+            // The engine's error is what the client gets: receipts and the access log say so.
+            booking.set_status(resp.status().as_u16());
         }
         booking.fail(cause, kind);
         let unreachable = app.control.unreachable_endpoints();
