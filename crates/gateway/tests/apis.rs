@@ -571,7 +571,10 @@ async fn a_broken_messages_stream_ends_with_an_anthropic_error_event() {
         .unwrap_or_else(|| panic!("{rest}"));
     let v: Value = serde_json::from_str(data).unwrap();
     assert_eq!(v["type"], "error");
-    assert_eq!(v["error"]["type"], "BadGatewayError");
+    assert_eq!(
+        v["error"]["type"], "internal_error",
+        "vLLM's message_stream_converter type"
+    );
     assert!(!text.contains("[DONE]"));
 }
 

@@ -7,15 +7,20 @@
 //! `system` (a string, or text blocks) followed by any `system`-role messages, all text joined
 //! with no separator (blocks starting with Claude Code's `x-anthropic-billing-header`, which
 //! carry a per-request hash, are dropped, as vLLM drops them); then the `user`/`assistant`
-//! messages with their text blocks (one text block becomes a plain string, several stay parts);
-//! `tool_use` blocks become `tool_calls`, a user's `tool_result` blocks become `tool` messages,
-//! and `tools` become OpenAI function tools. The converted chat body is what the gateway
+//! messages with their text and image blocks (one text block becomes a plain string; several
+//! blocks, or any image, stay parts, images as `image_url` parts); `thinking` blocks become the
+//! message's `reasoning`; `tool_use` blocks become `tool_calls`; a user's `tool_result` blocks
+//! become `tool` messages (and a `user` message of the result's images), another role's become
+//! `Tool result: …` text; `tools` become OpenAI function tools and `tool_choice` OpenAI's
+//! choice. The converted chat body is what the gateway
 //! renders (or sends to an engine's `/tokenize`), so a conversation reaches the same prefix
-//! keys whether it arrives as chat or as messages.
+//! keys whether it arrives as chat or as messages. A chat with images cannot be rendered
+//! locally (kvgate renders text only), so it is keyed as the same OpenAI chat request is.
 //!
 //! Errors on this API use Anthropic's shape, `{"type": "error", "error": {"type", "message"}}`,
 //! with the `type` vLLM puts there: the OpenAI error type of the same status
-//! (`translate_error_response` in vLLM's `anthropic/api_router.py`).
+//! (`translate_error_response` in vLLM's `anthropic/api_router.py`); a stream that breaks after
+//! it started ends with an `internal_error` event, as vLLM's `message_stream_converter` does.
 
 use serde_json::{Map, Value, json};
 
@@ -66,8 +71,151 @@ fn system_text(content: &Value, param: &'static str) -> Result<String, ApiError>
     }
 }
 
-/// One user/assistant message converted as vLLM converts it; `tool` messages produced by a
-/// user's `tool_result` blocks are pushed to `out` first.
+/// vLLM's `_convert_image_source_to_url`: a `url` source is its URL, anything else a base64
+/// data URI (media type defaulting to JPEG).
+fn image_url(source: &Map<String, Value>) -> String {
+    let field = |k: &str| source.get(k).and_then(Value::as_str);
+    if field("type") == Some("url") {
+        return field("url").unwrap_or("").to_owned();
+    }
+    format!(
+        "data:{};base64,{}",
+        field("media_type").unwrap_or("image/jpeg"),
+        field("data").unwrap_or("")
+    )
+}
+
+/// Python's `repr` of a JSON value as pydantic hands it over (`str(block.content)` for the list
+/// content of an assistant's `tool_result`), so the text vLLM renders is reproduced exactly.
+fn py_repr(v: &Value, out: &mut String) {
+    match v {
+        Value::Null => out.push_str("None"),
+        Value::Bool(true) => out.push_str("True"),
+        Value::Bool(false) => out.push_str("False"),
+        Value::Number(n) => out.push_str(&n.to_string()),
+        Value::String(s) => py_str_repr(s, out),
+        Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                py_repr(item, out);
+            }
+            out.push(']');
+        }
+        Value::Object(o) => {
+            out.push('{');
+            for (i, (k, item)) in o.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                py_str_repr(k, out);
+                out.push_str(": ");
+                py_repr(item, out);
+            }
+            out.push('}');
+        }
+    }
+}
+
+/// Python's `repr` of a `str`: single quotes unless the text holds `'` and no `"`.
+fn py_str_repr(s: &str, out: &mut String) {
+    let quote = if s.contains('\'') && !s.contains('"') {
+        '"'
+    } else {
+        '\''
+    };
+    out.push(quote);
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c == quote => {
+                out.push('\\');
+                out.push(c);
+            }
+            c if (c as u32) < 0x20 || (0x7f..0xa0).contains(&(c as u32)) => {
+                out.push_str(&format!("\\x{:02x}", c as u32));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push(quote);
+}
+
+/// vLLM's `_convert_user_tool_result`: a `tool` message with the result's text (text items
+/// joined with `"\n"`, a missing `text` counting as empty), then a `user` message with the
+/// result's images, then a `tool` message with its tool references.
+fn convert_user_tool_result(
+    block: &Map<String, Value>,
+    out: &mut Vec<Value>,
+    texts: &mut Vec<Message>,
+) {
+    let mut text = String::new();
+    let mut images: Vec<Value> = Vec::new();
+    let mut references: Vec<Value> = Vec::new();
+    match block.get("content") {
+        Some(Value::String(s)) => text.clone_from(s),
+        Some(Value::Array(items)) => {
+            let mut text_parts: Vec<&str> = Vec::new();
+            for item in items {
+                let Value::Object(item) = item else { continue };
+                match item.get("type").and_then(Value::as_str) {
+                    Some("text") => {
+                        text_parts.push(item.get("text").and_then(Value::as_str).unwrap_or(""));
+                    }
+                    Some("image") => {
+                        let url = match item.get("source") {
+                            Some(Value::Object(source)) => image_url(source),
+                            _ => image_url(&Map::new()),
+                        };
+                        if !url.is_empty() {
+                            images.push(json!({"type": "image_url", "image_url": {"url": url}}));
+                        }
+                    }
+                    Some("tool_reference") => {
+                        let name = [item.get("tool_name"), item.get("name")]
+                            .into_iter()
+                            .flatten()
+                            .find(|n| !matches!(n, Value::Null) && *n != "");
+                        if let Some(name) = name {
+                            references.push(json!({"type": "tool_reference", "name": name}));
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            text = text_parts.join("\n");
+        }
+        _ => {}
+    }
+    let id = block.get("tool_use_id").cloned().unwrap_or(json!(""));
+    texts.push(Message {
+        role: "tool".into(),
+        content: text.clone(),
+    });
+    out.push(json!({"role": "tool", "tool_call_id": id, "content": text}));
+    if !images.is_empty() {
+        texts.push(Message {
+            role: "user".into(),
+            content: String::new(),
+        });
+        out.push(json!({"role": "user", "content": images}));
+    }
+    if !references.is_empty() {
+        texts.push(Message {
+            role: "tool".into(),
+            content: String::new(),
+        });
+        out.push(json!({"role": "tool", "tool_call_id": id, "content": references}));
+    }
+}
+
+/// One user/assistant message converted as vLLM converts it (`_convert_message_content`);
+/// messages produced by a user's `tool_result` blocks are pushed to `out` first.
 fn convert_message(
     role: &str,
     content: &Value,
@@ -78,6 +226,7 @@ fn convert_message(
     msg.insert("role".into(), json!(role));
     let mut parts: Vec<Value> = Vec::new();
     let mut tool_calls: Vec<Value> = Vec::new();
+    let mut reasoning: Option<String> = None;
     let mut text = String::new();
     match content {
         Value::String(s) => {
@@ -98,6 +247,24 @@ fn convert_message(
                             text.push_str(t);
                         }
                     }
+                    Some("image") => match o.get("source") {
+                        Some(Value::Object(source)) if !source.is_empty() => {
+                            parts.push(
+                                json!({"type": "image_url", "image_url": {"url": image_url(source)}}),
+                            );
+                        }
+                        None | Some(Value::Null | Value::Object(_)) => {}
+                        Some(_) => {
+                            return Err(bad("messages", "an image `source` must be an object"));
+                        }
+                    },
+                    Some("thinking") => match o.get("thinking") {
+                        Some(Value::String(t)) => reasoning.get_or_insert_default().push_str(t),
+                        None | Some(Value::Null) => {}
+                        Some(_) => {
+                            return Err(bad("messages", "`thinking` must be a string"));
+                        }
+                    },
                     Some("tool_use") => tool_calls.push(json!({
                         "id": o.get("id").cloned().unwrap_or(json!("")),
                         "type": "function",
@@ -107,25 +274,20 @@ fn convert_message(
                         },
                     })),
                     Some("tool_result") if role == "user" => {
-                        let result = match o.get("content") {
-                            Some(Value::String(s)) => s.clone(),
-                            Some(Value::Array(items)) => items
-                                .iter()
-                                .filter(|i| i.get("type").and_then(Value::as_str) == Some("text"))
-                                .filter_map(|i| i.get("text").and_then(Value::as_str))
-                                .collect::<Vec<_>>()
-                                .join("\n"),
-                            _ => String::new(),
-                        };
-                        texts.push(Message {
-                            role: "tool".into(),
-                            content: result.clone(),
-                        });
-                        out.push(json!({
-                            "role": "tool",
-                            "tool_call_id": o.get("tool_use_id").cloned().unwrap_or(json!("")),
-                            "content": result,
-                        }));
+                        convert_user_tool_result(o, out, texts);
+                    }
+                    Some("tool_result") => {
+                        // vLLM keeps another role's tool result as text: `str(block.content)`.
+                        let mut result = String::from("Tool result: ");
+                        match o.get("content") {
+                            Some(Value::String(s)) => result.push_str(s),
+                            Some(Value::Array(items)) if !items.is_empty() => {
+                                py_repr(&Value::Array(items.clone()), &mut result);
+                            }
+                            _ => {}
+                        }
+                        text.push_str(&result);
+                        parts.push(json!({"type": "text", "text": result}));
                     }
                     Some(_) => {}
                     None => return Err(bad("messages", "each content block needs a `type`")),
@@ -139,19 +301,22 @@ fn convert_message(
             ));
         }
     }
+    if let Some(r) = reasoning {
+        msg.insert("reasoning".into(), Value::String(r));
+    }
     if !tool_calls.is_empty() {
         msg.insert("tool_calls".into(), Value::Array(tool_calls));
     }
-    match parts.len() {
-        0 => {}
-        1 => {
-            msg.insert("content".into(), parts[0]["text"].clone());
+    match parts.as_slice() {
+        [] => {}
+        [only] if only["type"] == "text" => {
+            msg.insert("content".into(), only["text"].clone());
         }
         _ => {
             msg.insert("content".into(), Value::Array(parts));
         }
     }
-    // vLLM drops a user message left with nothing (only tool results).
+    // vLLM drops a user message left with no content (only tool results, or only thinking).
     if role == "user" && !msg.contains_key("content") {
         return Ok(());
     }
@@ -161,6 +326,31 @@ fn convert_message(
     });
     out.push(Value::Object(msg));
     Ok(())
+}
+
+/// vLLM's `_convert_tool_choice`: Anthropic's `auto` / `any` / `none` / `tool` as OpenAI's
+/// `auto` / `required` / `none` / named function.
+fn tool_choice(choice: &Value) -> Result<Option<Value>, ApiError> {
+    let Value::Object(o) = choice else {
+        return match choice {
+            Value::Null => Ok(None),
+            _ => Err(bad("tool_choice", "`tool_choice` must be an object")),
+        };
+    };
+    Ok(match o.get("type").and_then(Value::as_str) {
+        Some("auto") => Some(json!("auto")),
+        Some("any") => Some(json!("required")),
+        Some("none") => Some(json!("none")),
+        Some("tool") => Some(json!({"type": "function", "function": {
+            "name": o.get("name").cloned().unwrap_or(Value::Null),
+        }})),
+        _ => {
+            return Err(bad(
+                "tool_choice",
+                "`tool_choice.type` must be auto, any, none or tool",
+            ));
+        }
+    })
 }
 
 /// Reads the prompt of a Messages request body (`obj`, already known to be an object).
@@ -204,20 +394,35 @@ pub fn parse_messages(obj: &Map<String, Value>) -> Result<MessagesPrompt, ApiErr
     }
     let mut body = Map::new();
     body.insert("messages".into(), Value::Array(chat));
+    let choice = tool_choice(obj.get("tool_choice").unwrap_or(&Value::Null))?;
     if let Some(Value::Array(tools)) = obj.get("tools") {
         let tools: Vec<Value> = tools
             .iter()
             .map(|t| {
-                json!({"type": "function", "function": {
+                let mut function = json!({
                     "name": t.get("name").cloned().unwrap_or(json!("")),
                     "description": t.get("description").cloned().unwrap_or(Value::Null),
                     "parameters": t.get("input_schema").cloned().unwrap_or(json!({"type": "object"})),
-                }})
+                });
+                // Dumped only when set, as vLLM's `FunctionDefinition` is.
+                for key in ["strict", "defer_loading"] {
+                    if let Some(v) = t.get(key).filter(|v| !v.is_null()) {
+                        function[key] = v.clone();
+                    }
+                }
+                json!({"type": "function", "function": function})
             })
             .collect();
         if !tools.is_empty() {
             body.insert("tools".into(), Value::Array(tools));
         }
+    }
+    // vLLM defaults to `auto` once tools are declared. Its renderer ignores the choice unless
+    // started with `--exclude-tools-when-tool-choice-none`, as the chat path does here; it is
+    // carried so the body is the request vLLM builds.
+    let has_tools = matches!(obj.get("tools"), Some(Value::Array(_)));
+    if let Some(choice) = choice.or_else(|| has_tools.then(|| json!("auto"))) {
+        body.insert("tool_choice".into(), choice);
     }
     if let Some(kw) = obj.get("chat_template_kwargs").filter(|v| v.is_object()) {
         body.insert("chat_template_kwargs".into(), kw.clone());
@@ -233,9 +438,12 @@ pub fn error_body(err: &ApiError) -> Value {
     json!({"type": "error", "error": {"type": err.error_type(), "message": err.message}})
 }
 
-/// `err` as one Anthropic SSE `error` event, for a stream that broke after it started.
+/// `err` as one Anthropic SSE `error` event, for a stream that broke after it started. Its
+/// `type` is `internal_error` whatever the status, as vLLM's `message_stream_converter` sends.
 pub fn error_event(err: &ApiError) -> Vec<u8> {
-    format!("event: error\ndata: {}\n\n", error_body(err)).into_bytes()
+    let body =
+        json!({"type": "error", "error": {"type": "internal_error", "message": err.message}});
+    format!("event: error\ndata: {body}\n\n").into_bytes()
 }
 
 #[cfg(test)]
@@ -300,6 +508,160 @@ mod tests {
         assert_eq!(p.chat_body["tools"][0]["function"]["name"], "w");
     }
 
+    /// `body` converted, checked against the chat vLLM 0.32's `to_chat_completion_request`
+    /// builds for it (`messages`, plus `tools` / `tool_choice` where given).
+    fn assert_converts_as_vllm(body: Value, vllm_chat: Value) {
+        let p = parse(body).unwrap();
+        let mut got = p.chat_body.as_object().unwrap().clone();
+        got.remove("chat_template_kwargs");
+        assert_eq!(Value::Object(got), vllm_chat);
+    }
+
+    #[test]
+    fn image_blocks_become_image_url_parts_not_dropped() {
+        assert_converts_as_vllm(
+            json!({"messages": [{"role": "user", "content": [
+                {"type": "text", "text": "what is this?"},
+                {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBO"}},
+                {"type": "image", "source": {"type": "url", "url": "https://x/y.jpg"}},
+                {"type": "image", "source": {"data": "AAAA"}},
+            ]}]}),
+            json!({"messages": [{"role": "user", "content": [
+                {"type": "text", "text": "what is this?"},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBO"}},
+                {"type": "image_url", "image_url": {"url": "https://x/y.jpg"}},
+                {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64,AAAA"}},
+            ]}]}),
+        );
+        // An image alone is still a parts list, never a plain string.
+        assert_converts_as_vllm(
+            json!({"messages": [{"role": "user", "content": [
+                {"type": "image", "source": {"type": "url", "url": "u"}},
+            ]}]}),
+            json!({"messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": "u"}},
+            ]}]}),
+        );
+    }
+
+    #[test]
+    fn thinking_blocks_become_the_assistants_reasoning_not_dropped() {
+        assert_converts_as_vllm(
+            json!({"messages": [
+                {"role": "user", "content": "2+2?"},
+                {"role": "assistant", "content": [
+                    {"type": "thinking", "thinking": "two and ", "signature": "s"},
+                    {"type": "redacted_thinking", "data": "opaque"},
+                    {"type": "thinking", "thinking": "two"},
+                    {"type": "text", "text": "4"},
+                ]},
+                {"role": "user", "content": "thanks"},
+            ]}),
+            json!({"messages": [
+                {"role": "user", "content": "2+2?"},
+                {"role": "assistant", "reasoning": "two and two", "content": "4"},
+                {"role": "user", "content": "thanks"},
+            ]}),
+        );
+    }
+
+    #[test]
+    fn an_assistants_tool_result_is_tool_result_text_not_dropped() {
+        assert_converts_as_vllm(
+            json!({"messages": [
+                {"role": "user", "content": "go"},
+                {"role": "assistant", "content": [
+                    {"type": "tool_result", "tool_use_id": "t1", "content": "rain"},
+                ]},
+                {"role": "assistant", "content": [
+                    {"type": "text", "text": "so:"},
+                    {"type": "tool_result", "tool_use_id": "t2",
+                     "content": [{"type": "text", "text": "it's \"wet\""}, {"n": 1, "ok": true, "x": null}]},
+                    {"type": "tool_result", "tool_use_id": "t3"},
+                ]},
+            ]}),
+            json!({"messages": [
+                {"role": "user", "content": "go"},
+                {"role": "assistant", "content": "Tool result: rain"},
+                {"role": "assistant", "content": [
+                    {"type": "text", "text": "so:"},
+                    // Python's `str()` of the list pydantic holds.
+                    {"type": "text", "text": "Tool result: [{'type': 'text', 'text': 'it\\'s \"wet\"'}, {'n': 1, 'ok': True, 'x': None}]"},
+                    {"type": "text", "text": "Tool result: "},
+                ]},
+            ]}),
+        );
+    }
+
+    #[test]
+    fn tool_result_items_without_text_join_as_empty_not_skipped() {
+        assert_converts_as_vllm(
+            json!({"messages": [
+                {"role": "user", "content": "go"},
+                {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "f", "input": {}}]},
+                {"role": "user", "content": [
+                    {"type": "tool_result", "tool_use_id": "t1", "content": [
+                        {"type": "text", "text": "a"},
+                        {"type": "text"},
+                        "not an object",
+                        {"type": "image", "source": {"type": "url", "url": "https://x/p.png"}},
+                        {"type": "tool_reference", "tool_name": "g"},
+                        {"type": "text", "text": "b"},
+                    ]},
+                    {"type": "text", "text": "next"},
+                ]},
+            ]}),
+            json!({"messages": [
+                {"role": "user", "content": "go"},
+                {"role": "assistant", "tool_calls": [
+                    {"id": "t1", "type": "function", "function": {"name": "f", "arguments": "{}"}},
+                ]},
+                {"role": "tool", "tool_call_id": "t1", "content": "a\n\nb"},
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/p.png"}}]},
+                {"role": "tool", "tool_call_id": "t1", "content": [{"type": "tool_reference", "name": "g"}]},
+                {"role": "user", "content": "next"},
+            ]}),
+        );
+    }
+
+    #[test]
+    fn tool_choice_none_is_carried_as_none_not_dropped() {
+        let tools = json!([{"name": "w", "description": "weather", "input_schema": {"type": "object"}, "strict": true}]);
+        let vllm_tools = json!([{"type": "function", "function": {
+            "name": "w", "description": "weather", "parameters": {"type": "object"}, "strict": true,
+        }}]);
+        let msgs = json!([{"role": "user", "content": "hi"}]);
+        for (anthropic, openai) in [
+            (json!({"type": "none"}), json!("none")),
+            (json!({"type": "auto"}), json!("auto")),
+            (
+                json!({"type": "any", "disable_parallel_tool_use": true}),
+                json!("required"),
+            ),
+            (
+                json!({"type": "tool", "name": "w"}),
+                json!({"type": "function", "function": {"name": "w"}}),
+            ),
+        ] {
+            assert_converts_as_vllm(
+                json!({"messages": msgs, "tools": tools, "tool_choice": anthropic}),
+                json!({"messages": msgs, "tools": vllm_tools, "tool_choice": openai}),
+            );
+        }
+        // Tools without a choice get vLLM's default; no tools, no choice.
+        assert_converts_as_vllm(
+            json!({"messages": msgs, "tools": tools}),
+            json!({"messages": msgs, "tools": vllm_tools, "tool_choice": "auto"}),
+        );
+        assert_converts_as_vllm(json!({"messages": msgs}), json!({"messages": msgs}));
+        assert_eq!(
+            parse(json!({"messages": msgs, "tool_choice": {"type": "sometimes"}}))
+                .unwrap_err()
+                .param,
+            Some("tool_choice")
+        );
+    }
+
     #[test]
     fn bad_shapes_are_400_with_param() {
         assert_eq!(parse(json!({})).unwrap_err().param, Some("messages"));
@@ -329,5 +691,19 @@ mod tests {
             json!({"type": "error", "error": {"type": "BadRequestError", "message": "nope"}})
         );
         assert!(error_event(&e).starts_with(b"event: error\ndata: {"));
+    }
+
+    #[test]
+    fn a_mid_stream_error_event_is_internal_error_as_vllm_sends() {
+        let e = ApiError::new(axum::http::StatusCode::BAD_GATEWAY, "engine gone");
+        let event = String::from_utf8(error_event(&e)).unwrap();
+        let data = event
+            .strip_prefix("event: error\ndata: ")
+            .and_then(|d| d.strip_suffix("\n\n"))
+            .unwrap();
+        assert_eq!(
+            serde_json::from_str::<Value>(data).unwrap(),
+            json!({"type": "error", "error": {"type": "internal_error", "message": "engine gone"}})
+        );
     }
 }
