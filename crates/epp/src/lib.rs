@@ -226,6 +226,8 @@ pub struct Epp {
     health: tonic_health::server::HealthReporter,
     shutdown_times: kvgate_runtime::config::ShutdownTimes,
     tasks: Tasks,
+    /// Request records, written out after the drain.
+    recorder: Option<Arc<kvgate_runtime::decision_log::Recorder>>,
 }
 
 impl std::fmt::Debug for Epp {
@@ -382,7 +384,7 @@ impl Epp {
             },
         )
         .with_response_timeout_ms(args.response_timeout_ms)
-        .with_recorder(recorder);
+        .with_recorder(recorder.clone());
         let mut builder = tonic::transport::Server::builder();
         if args.secure_serving {
             builder = builder
@@ -437,6 +439,7 @@ impl Epp {
             health: reporter,
             shutdown_times: cfg.shutdown,
             tasks,
+            recorder,
         })
     }
 
@@ -452,6 +455,7 @@ impl Epp {
         }
         kvgate_runtime::lifecycle::drain(&self.control, self.tasks, self.shutdown_times, signal)
             .await;
+        close_records(self.recorder.as_ref()).await;
     }
 
     /// Stops the listeners and lets open ext_proc streams (requests in flight) finish for up to
@@ -462,6 +466,15 @@ impl Epp {
                 kvgate_runtime::lifecycle::SHUTDOWN_GRACE_MS,
             ))
             .await;
+        close_records(self.recorder.as_ref()).await;
+    }
+}
+
+/// Writes out the request records still queued (receipts, the captured trace's tail) before
+/// the process exits; waits up to 5 s for the writers.
+async fn close_records(recorder: Option<&Arc<kvgate_runtime::decision_log::Recorder>>) {
+    if let Some(r) = recorder {
+        r.close(std::time::Duration::from_millis(5_000)).await;
     }
 }
 

@@ -100,6 +100,8 @@ pub struct Gateway {
     pub control: Arc<Control>,
     shutdown_times: ShutdownTimes,
     tasks: Tasks,
+    /// Request records, written out after the drain.
+    recorder: Option<Arc<Recorder>>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -125,7 +127,7 @@ impl Gateway {
             cfg.limits,
             cfg.max_attempts,
             cfg.inject_stream_usage,
-            recorder,
+            recorder.clone(),
         );
         let bind = |port: u16| {
             let addr = format!("{}:{port}", cfg.host);
@@ -172,6 +174,7 @@ impl Gateway {
             control,
             shutdown_times: cfg.shutdown,
             tasks,
+            recorder,
         })
     }
 
@@ -181,6 +184,7 @@ impl Gateway {
         self.tasks
             .shutdown(Duration::from_millis(SHUTDOWN_GRACE_MS))
             .await;
+        close_records(self.recorder.as_ref()).await;
     }
 
     /// What a shutdown signal starts (`kvgate_runtime::lifecycle::drain`): `/ready` answers
@@ -189,8 +193,21 @@ impl Gateway {
     pub async fn drain(self, signal: &str) {
         kvgate_runtime::lifecycle::drain(&self.control, self.tasks, self.shutdown_times, signal)
             .await;
+        close_records(self.recorder.as_ref()).await;
     }
 }
+
+/// Writes out the request records still queued (receipts, the captured trace's tail) before
+/// the process exits.
+async fn close_records(recorder: Option<&Arc<Recorder>>) {
+    if let Some(r) = recorder {
+        r.close(Duration::from_millis(RECORDS_CLOSE_TIMEOUT_MS))
+            .await;
+    }
+}
+
+/// How long the exit waits for the record writers (a few thousand queued lines on a slow disk).
+const RECORDS_CLOSE_TIMEOUT_MS: u64 = 5_000;
 
 /// Runs `kvgate serve` until SIGTERM or ctrl-c, then drains (see [`Gateway::drain`]).
 pub async fn run(args: ServeArgs) -> Result<(), GatewayError> {

@@ -1162,3 +1162,76 @@ async fn ttft_prediction_error_is_exported_for_streams() {
     );
     assert!(sum.is_finite() && sum > 0.0, "{m}");
 }
+
+/// Review finding: the record writers were detached threads, so receipts and the captured
+/// trace's tail still queued when the process exited were lost. The trace writer holds records
+/// back behind the oldest request in flight (arrival order); here a long stream is in flight
+/// when the drain cuts it, so the records behind it are still held when the drain ends. The
+/// drain now writes them out before it returns.
+#[tokio::test]
+async fn drain_writes_out_every_queued_record() {
+    // Real-time engines: the long stream takes seconds, the short requests milliseconds.
+    let f = fleet(2, 1.0).await;
+    let dir = std::env::temp_dir().join(format!("kvgate-records-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (receipts, trace) = (dir.join("decisions.jsonl"), dir.join("trace.jsonl"));
+    for p in [&receipts, &trace] {
+        let _ = std::fs::remove_file(p);
+    }
+    let mut cfg = base_config(endpoints_of(&f, false));
+    cfg.logs.decision_log = Some(receipts.clone());
+    cfg.logs.capture_trace = Some(trace.clone());
+    cfg.shutdown.accept_grace_ms = 0;
+    cfg.shutdown.drain_timeout_ms = 200;
+    let gw = gateway(cfg).await;
+    let c = client();
+    let long = {
+        let (c, u) = (c.clone(), url(&gw, "/v1/chat/completions"));
+        tokio::spawn(async move {
+            let r = c.post(u).json(&chat("a long one", 3000, true)).send().await;
+            if let Ok(r) = r {
+                let _ = r.bytes().await;
+            }
+        })
+    };
+    let control = gw.control.clone();
+    eventually(
+        "the long stream is in flight",
+        Duration::from_secs(5),
+        || {
+            let c = control.clone();
+            async move { c.in_flight() > 0 }
+        },
+    )
+    .await;
+    let n = 6;
+    for i in 0..n {
+        let r = c
+            .post(url(&gw, "/v1/chat/completions"))
+            .json(&chat(&format!("request {i}"), 2, true))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        r.bytes().await.unwrap();
+    }
+    gw.drain("test").await;
+    let lines = |p: &std::path::Path| {
+        std::fs::read_to_string(p)
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    assert_eq!(
+        lines(&trace),
+        n,
+        "the held trace lines are written before the drain ends"
+    );
+    assert_eq!(
+        lines(&receipts),
+        n + 1,
+        "a receipt for each, the cut stream's too"
+    );
+    long.abort();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -32,7 +32,10 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::RuntimeError;
-use crate::decision_log::{RecordSender, RotatingFile, warn_write_error};
+// The writer re-checks every `WRITER_POLL_MS` which held-back records can be written when
+// nothing arrives (a request that ended without a record, e.g. a failure, releases the ones
+// behind it).
+use crate::decision_log::{RecordSender, RotatingFile, WRITER_POLL_MS, warn_write_error};
 use crate::metrics::DataPlaneMetrics;
 
 /// Tokens per `hash_id` block in Mooncake traces (what `kvgate bench --trace` reads).
@@ -42,10 +45,6 @@ pub const TRACE_BLOCK_TOKENS: u32 = 512;
 /// billion distinct prompt tokens of shared-prefix structure, far more than a capture session
 /// that someone replays in a simulator.
 pub const MAX_CAPTURE_BLOCKS: usize = 1 << 22;
-
-/// How often the writer re-checks which held-back records can be written when nothing arrives
-/// (a request that ended without a record, e.g. a failure, releases the ones behind it).
-const WRITER_POLL_MS: u64 = 200;
 
 /// A request's place in arrival order: µs since the capture started, then a tie-breaker.
 pub(crate) type Slot = (u64, u64);
@@ -169,7 +168,7 @@ impl TraceCapture {
         tracing::info!(path = %path.display(), "capturing traffic as a Mooncake trace");
         let open: Arc<Mutex<BTreeSet<Slot>>> = Arc::default();
         let watermark = open.clone();
-        let sender = RecordSender::spawn("capture_trace", metrics, move |rx| {
+        let sender = RecordSender::spawn("capture_trace", metrics, move |rx, closing| {
             let mut enc = TraceEncoder::default();
             let mut held: BinaryHeap<CaptureRecord> = BinaryHeap::new();
             let mut last_err = 0;
@@ -183,6 +182,8 @@ impl TraceCapture {
                     Err(std::sync::mpsc::RecvTimeoutError::Timeout) => false,
                     Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => true,
                 };
+                // Closing at exit: whatever is held goes out now, in order.
+                let gone = gone || closing.load(std::sync::atomic::Ordering::Acquire);
                 // Read the oldest arrival still in flight first, then take what is queued:
                 // every record of a request no longer in flight is queued by now.
                 let oldest = watermark
@@ -230,6 +231,11 @@ impl TraceCapture {
             open,
             sender,
         })
+    }
+
+    /// Writes what the writer holds and stops it (see [`RecordSender::close`]).
+    pub(crate) fn close_writer(&self, deadline: std::time::Instant) -> bool {
+        self.sender.close(deadline)
     }
 
     /// Registers a request that arrived at `started`.

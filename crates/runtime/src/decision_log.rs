@@ -19,8 +19,9 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use kvgate_core::request::{CandidateReport, Decision, RoutingRequest};
@@ -52,20 +53,29 @@ pub(crate) struct RecordSender<T> {
     log: &'static str,
     metrics: Arc<DataPlaneMetrics>,
     last_warn_ms: AtomicU64,
+    /// Set by [`RecordSender::close`]: the writer writes what it has and ends.
+    closing: Arc<AtomicBool>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
+
+/// How often a writer waiting for records looks at its closing flag.
+pub(crate) const WRITER_POLL_MS: u64 = 200;
 
 impl<T: Send + 'static> RecordSender<T> {
     /// Starts the writer thread `name` running `write` over the records sent; it ends when the
-    /// sender is dropped.
+    /// sender is dropped, or writes what it has and ends once the flag it is given is set
+    /// ([`RecordSender::close`]).
     pub(crate) fn spawn(
         log: &'static str,
         metrics: Arc<DataPlaneMetrics>,
-        write: impl FnOnce(Receiver<T>) + Send + 'static,
+        write: impl FnOnce(Receiver<T>, Arc<AtomicBool>) + Send + 'static,
     ) -> Result<Self, RuntimeError> {
         let (tx, rx) = std::sync::mpsc::sync_channel(RECORD_CHANNEL_CAPACITY);
-        std::thread::Builder::new()
+        let closing = Arc::new(AtomicBool::new(false));
+        let flag = closing.clone();
+        let writer = std::thread::Builder::new()
             .name(format!("kvgate-{log}"))
-            .spawn(move || write(rx))
+            .spawn(move || write(rx, flag))
             .map_err(|e| RuntimeError::InvalidConfig {
                 field: log,
                 reason: format!("cannot start its writer thread: {e}"),
@@ -79,7 +89,27 @@ impl<T: Send + 'static> RecordSender<T> {
             log,
             metrics,
             last_warn_ms: AtomicU64::new(0),
+            closing,
+            writer: Mutex::new(Some(writer)),
         })
+    }
+
+    /// Tells the writer to write what it holds and end, and waits for it until `deadline`
+    /// (blocking: call it off the async threads). Returns whether it ended in time.
+    pub(crate) fn close(&self, deadline: std::time::Instant) -> bool {
+        self.closing.store(true, Ordering::Release);
+        let Some(writer) = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+            return true;
+        };
+        while !writer.is_finished() {
+            if std::time::Instant::now() >= deadline {
+                tracing::warn!(log = self.log, "records still unwritten at exit");
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let _ = writer.join();
+        true
     }
 
     /// Queues `record` without waiting; a full queue drops it (counted, warned rate-limited).
@@ -352,17 +382,29 @@ impl Recorder {
                 Some(RecordSender::spawn(
                     "decision_log",
                     metrics.clone(),
-                    move |rx: Receiver<DecisionRecord>| {
+                    move |rx: Receiver<DecisionRecord>, closing: Arc<AtomicBool>| {
                         let mut last_err = 0;
-                        while let Ok(first) = rx.recv() {
-                            for r in std::iter::once(first).chain(rx.try_iter()) {
+                        loop {
+                            let poll = std::time::Duration::from_millis(WRITER_POLL_MS);
+                            let first = match rx.recv_timeout(poll) {
+                                Ok(r) => Some(r),
+                                Err(RecvTimeoutError::Timeout) => None,
+                                Err(RecvTimeoutError::Disconnected) => return,
+                            };
+                            let closed = closing.load(Ordering::Acquire);
+                            let mut wrote = false;
+                            for r in first.into_iter().chain(rx.try_iter()) {
                                 let line = serde_json::to_vec(&r).unwrap_or_default();
                                 if let Err(e) = file.write_line(&line) {
                                     warn_write_error("decision_log", &mut last_err, &e);
                                 }
+                                wrote = true;
                             }
-                            if let Err(e) = file.flush() {
+                            if wrote && let Err(e) = file.flush() {
                                 warn_write_error("decision_log", &mut last_err, &e);
+                            }
+                            if closed {
+                                return;
                             }
                         }
                     },
@@ -379,6 +421,22 @@ impl Recorder {
             access_log: cfg.access_log,
             policy: Arc::from(policy),
         })))
+    }
+
+    /// Writes every record still queued or held and stops the writers (at shutdown, after the
+    /// drain: requests still in flight then are not recorded). Waits up to `within`.
+    pub async fn close(self: &Arc<Self>, within: std::time::Duration) {
+        let this = Arc::clone(self);
+        let deadline = std::time::Instant::now() + within;
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Some(d) = &this.decisions {
+                d.close(deadline);
+            }
+            if let Some(c) = &this.capture {
+                c.close_writer(deadline);
+            }
+        })
+        .await;
     }
 
     /// Prepares a routing request before the pick: receipts need the pick explained.
@@ -556,13 +614,16 @@ mod tests {
     fn a_full_writer_drops_and_counts_instead_of_blocking() {
         let metrics = Arc::new(DataPlaneMetrics::new());
         let (hold_tx, hold_rx) = std::sync::mpsc::channel::<()>();
-        let sender =
-            RecordSender::spawn("decision_log", metrics.clone(), move |rx: Receiver<u32>| {
+        let sender = RecordSender::spawn(
+            "decision_log",
+            metrics.clone(),
+            move |rx: Receiver<u32>, _| {
                 // A writer stuck on its disk until the test lets it go.
                 let _ = hold_rx.recv();
                 drop(rx);
-            })
-            .unwrap();
+            },
+        )
+        .unwrap();
         let extra = 25;
         for i in 0..(RECORD_CHANNEL_CAPACITY + extra) as u32 {
             sender.send(i);
