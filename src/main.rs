@@ -37,22 +37,52 @@ enum LogFormat {
 
 /// Logs go to stderr, filtered by `RUST_LOG` (default `info`). Colour codes are written only
 /// to a terminal: in a file, journald or a container log they are noise that breaks grep.
-fn init_tracing(format: LogFormat) {
+///
+/// Written by a thread of their own through a bounded buffer (`tracing-appender`'s non-blocking
+/// writer, 128k lines): a log reader that stalls (a full pipe to a log shipper) must not stop
+/// the request path, which logs (the access log writes a line per request). When the buffer is
+/// full, lines are dropped, and the drop is reported (see [`report_dropped_logs`]). The
+/// returned guard flushes what is buffered when `main` ends.
+fn init_tracing(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
     use std::io::IsTerminal;
+    let (writer, guard) = tracing_appender::non_blocking(std::io::stderr());
+    report_dropped_logs(writer.error_counter());
     let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     match format {
         LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
         LogFormat::Json => logs.json().with_ansi(false).init(),
     }
+    guard
+}
+
+/// Says, straight to stderr (blocking this thread only), how many log lines the full buffer
+/// dropped since the last report; looks every 10 s.
+fn report_dropped_logs(dropped: tracing_appender::non_blocking::ErrorCounter) {
+    let _ = std::thread::Builder::new()
+        .name("kvgate-log-drops".into())
+        .spawn(move || {
+            let mut reported = 0;
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(10));
+                let n = dropped.dropped_lines();
+                if n > reported {
+                    eprintln!(
+                        "kvgate: {} log lines dropped ({n} in all): stderr is not read fast enough",
+                        n - reported
+                    );
+                    reported = n;
+                }
+            }
+        });
 }
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    init_tracing(cli.log_format);
+    let _logs = init_tracing(cli.log_format);
     match cli.command {
         Command::Serve(args) => {
             let rt = tokio::runtime::Runtime::new()?;
