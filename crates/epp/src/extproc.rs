@@ -722,7 +722,17 @@ impl StreamState {
                         code: i32::from(status),
                     }),
                     headers: Some(HeaderMutation {
-                        set_headers: vec![set_header("content-type", "application/json")],
+                        set_headers: {
+                            let mut h = vec![set_header("content-type", "application/json")];
+                            if status == 429 {
+                                // As `kvgate serve` does: clients that honour it back off.
+                                h.push(set_header(
+                                    "retry-after",
+                                    &kvgate_runtime::openai::SHED_RETRY_AFTER_S.to_string(),
+                                ));
+                            }
+                            h
+                        },
                         ..HeaderMutation::default()
                     }),
                     body: e.body().to_string().into_bytes(),

@@ -305,9 +305,14 @@ async fn sheddable_request_on_a_saturated_pool_is_an_immediate_429() {
         }
         open.push(s);
     }
-    let (status, err, _) = shed.expect("a sheddable request is shed once the pool saturates");
+    let (status, err, headers) = shed.expect("a sheddable request is shed once the pool saturates");
     assert_eq!(status, 429);
     assert_eq!(err["error"]["type"], "RateLimitError");
+    assert_eq!(
+        headers.get("retry-after").map(String::as_str),
+        Some("1"),
+        "{headers:?}"
+    );
     // Priority 0 is never shed.
     let mut s = Stream::open(&epp).await;
     s.send(chat_headers(), None).await;

@@ -25,10 +25,8 @@ pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id"
 /// in every response chunk's `id`, so an unbounded one would be copied into each of them.
 pub const MAX_REQUEST_ID_BYTES: usize = 256;
 
-/// `Retry-After` (seconds) on a 429 that carries none: a shed request is one that arrived while
-/// every endpoint was saturated, which lasts about as long as a few decode batches drain (a
-/// second or so), and a whole second keeps a retrying client from adding to the overload.
-pub const SHED_RETRY_AFTER_S: u32 = 1;
+/// `Retry-After` (seconds) on a 429 that carries none (shared with `kvgate epp`).
+pub use kvgate_runtime::openai::SHED_RETRY_AFTER_S;
 
 /// Makes sure `headers` carry a usable request id, and returns it.
 pub fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {

@@ -111,6 +111,12 @@ pub struct ParsedRequest {
     pub chat_body: Option<std::sync::Arc<Value>>,
 }
 
+/// `Retry-After` (seconds) on a 429 that carries none, from either data plane: a shed request
+/// is one that arrived while every endpoint was saturated, which lasts about as long as a few
+/// decode batches drain (a second or so), and a whole second keeps a retrying client from
+/// adding to the overload.
+pub const SHED_RETRY_AFTER_S: u32 = 1;
+
 /// A request the gateway refuses or could not serve, rendered in the OpenAI error shape
 /// `{"error": {"message", "type", "param", "code"}}` with the HTTP status as `code`.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
