@@ -21,9 +21,13 @@
 //! The request is served over HTTP/1.1 instead (the upgrade ignored, which RFC 9110 §7.8
 //! allows) when its body is larger than [`MAX_UPGRADE_BODY_BYTES`] (HTTP/2's initial flow
 //! control window, the most a server may receive before its own settings are acknowledged) or
-//! its headers do not fit one frame. The `HTTP2-Settings` value is not decoded: the client
-//! sends the same settings again in its preface, which hyper applies. RFC 9113 deprecates the
-//! upgrade; it is here for clients that still start h2c that way (`curl --http2` on `http://`).
+//! its headers do not fit one frame, and when its `HTTP2-Settings` (base64url SETTINGS payload,
+//! RFC 7540 §3.2.1) is malformed or restricts the server below HTTP/2's defaults (a header
+//! table under 4,096 bytes, an initial window under 65,535): hyper only learns the client's
+//! settings from its preface, so it could otherwise send stream 1's answer beyond what the
+//! client allowed. Settings at or above the defaults change nothing the server must respect
+//! before the preface arrives. RFC 9113 deprecates the upgrade; it is here for clients that
+//! still start h2c that way (`curl --http2` on `http://`).
 
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
@@ -89,7 +93,38 @@ pub fn wants_upgrade<B>(req: &Request<B>) -> bool {
         && h.get_all("http2-settings").iter().count() == 1
         && tokens(h, "connection").any(|t| t == "upgrade")
         && tokens(h, "connection").any(|t| t == "http2-settings")
+        && h.get("http2-settings")
+            .is_some_and(|v| settings_allow_upgrade(v.as_bytes()))
 }
+
+/// Whether an `HTTP2-Settings` value is a well-formed SETTINGS payload that does not restrict
+/// the server below HTTP/2's defaults (see the module docs).
+fn settings_allow_upgrade(value: &[u8]) -> bool {
+    use base64::Engine;
+    let trimmed: Vec<u8> = value.iter().copied().take_while(|b| *b != b'=').collect();
+    let Ok(payload) = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(trimmed) else {
+        return false;
+    };
+    if payload.len() % 6 != 0 {
+        return false;
+    }
+    payload.chunks_exact(6).all(|s| {
+        let id = u16::from_be_bytes([s[0], s[1]]);
+        let v = u32::from_be_bytes([s[2], s[3], s[4], s[5]]);
+        match id {
+            SETTINGS_HEADER_TABLE_SIZE => v >= 4_096,
+            SETTINGS_INITIAL_WINDOW_SIZE => (65_535..=0x7fff_ffff).contains(&v),
+            SETTINGS_MAX_FRAME_SIZE => (16_384..=16_777_215).contains(&v),
+            SETTINGS_ENABLE_PUSH => v <= 1,
+            _ => true,
+        }
+    })
+}
+
+const SETTINGS_HEADER_TABLE_SIZE: u16 = 0x1;
+const SETTINGS_ENABLE_PUSH: u16 = 0x2;
+const SETTINGS_INITIAL_WINDOW_SIZE: u16 = 0x4;
+const SETTINGS_MAX_FRAME_SIZE: u16 = 0x5;
 
 /// A switch to HTTP/2 that the connection carries out once the 101 is written.
 pub struct PendingUpgrade {
@@ -397,6 +432,35 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Injected<T> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn http2_settings_that_restrict_the_server_keep_the_request_on_http1() {
+        use base64::Engine;
+        let enc = |settings: &[(u16, u32)]| {
+            let mut p = Vec::new();
+            for (id, v) in settings {
+                p.extend_from_slice(&id.to_be_bytes());
+                p.extend_from_slice(&v.to_be_bytes());
+            }
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(p)
+        };
+        // What curl sends: max concurrent streams 100, initial window 1 GiB - 1.
+        assert!(settings_allow_upgrade(b"AAMAAABkAAQAAP__"));
+        assert!(settings_allow_upgrade(b""), "no settings: the defaults");
+        assert!(settings_allow_upgrade(
+            enc(&[(0x4, 65_535), (0x1, 8_192)]).as_bytes()
+        ));
+        assert!(
+            !settings_allow_upgrade(enc(&[(0x4, 1_024)]).as_bytes()),
+            "small window"
+        );
+        assert!(
+            !settings_allow_upgrade(enc(&[(0x1, 0)]).as_bytes()),
+            "no header table"
+        );
+        assert!(!settings_allow_upgrade(b"not base64!"), "malformed");
+        assert!(!settings_allow_upgrade(b"AAMAAA"), "not whole settings");
+    }
 
     #[test]
     fn preface_reads_wait_for_the_frame_and_refuse_made_up_lengths() {
