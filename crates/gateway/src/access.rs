@@ -8,7 +8,8 @@
 //! How the two are told apart: the layer puts a [`Booked`] flag on the request, and the proxy
 //! sets it when it hands the request to a booking's recorder. The line is written when the
 //! response head is ready (its `duration_ms` runs to the head; these responses are small or
-//! relayed as they come). Installed only when the access log is on.
+//! relayed as they come), or, when the client goes away before it, with status 499 and
+//! `result="cancelled"`. Installed only when the access log is on.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -33,32 +34,72 @@ impl Booked {
     }
 }
 
-/// The middleware: runs the request, then logs it unless a booking does.
-pub(crate) async fn log_unbooked(mut req: Request, next: Next) -> Response {
-    let started = Instant::now();
-    let booked = Booked::default();
-    req.extensions_mut().insert(booked.clone());
-    let method = req.method().clone();
-    let path = req.uri().path().to_owned();
-    let request_id = req.headers().get(REQUEST_ID_HEADER).cloned();
-    let resp = next.run(req).await;
-    if !booked.0.load(Ordering::Relaxed) {
-        let header = |v: Option<&axum::http::HeaderValue>| {
-            v.and_then(|v| v.to_str().ok()).unwrap_or("").to_owned()
-        };
+/// What an access line says of a request, gathered before it is handled.
+struct Line {
+    method: axum::http::Method,
+    path: String,
+    request_id: String,
+    started: Instant,
+    booked: Booked,
+}
+
+impl Line {
+    fn write(&self, status: u16, result: &str, endpoint: &str) {
         tracing::info!(
             target: ACCESS_LOG_TARGET,
-            method = %method,
-            path = %path,
-            status = resp.status().as_u16(),
-            result = if resp.status().is_success() { "ok" } else { "refused" },
+            method = %self.method,
+            path = %self.path,
+            status,
+            result,
             routed = false,
             // As strings (quoted in text logs): a client's request id may hold spaces and `=`,
             // which unquoted would read as fields of their own.
-            endpoint = header(resp.headers().get(ENDPOINT_RESPONSE_HEADER)).as_str(),
-            duration_ms = started.elapsed().as_micros() as f64 / 1e3,
-            request_id = header(request_id.as_ref()).as_str(),
+            endpoint,
+            duration_ms = self.started.elapsed().as_micros() as f64 / 1e3,
+            request_id = self.request_id.as_str(),
             "request"
+        );
+    }
+}
+
+/// Writes the line of a request whose client went away before the response head (the
+/// middleware's future is dropped then): status 499, nginx's "client closed request".
+struct Cancelled(Option<Line>);
+
+impl Drop for Cancelled {
+    fn drop(&mut self) {
+        if let Some(line) = self.0.take()
+            && !line.booked.0.load(Ordering::Relaxed)
+        {
+            line.write(499, "cancelled", "");
+        }
+    }
+}
+
+/// The middleware: runs the request, then logs it unless a booking does.
+pub(crate) async fn log_unbooked(mut req: Request, next: Next) -> Response {
+    let header = |v: Option<&axum::http::HeaderValue>| {
+        v.and_then(|v| v.to_str().ok()).unwrap_or("").to_owned()
+    };
+    let booked = Booked::default();
+    req.extensions_mut().insert(booked.clone());
+    let mut pending = Cancelled(Some(Line {
+        method: req.method().clone(),
+        path: req.uri().path().to_owned(),
+        request_id: header(req.headers().get(REQUEST_ID_HEADER)),
+        started: Instant::now(),
+        booked,
+    }));
+    let resp = next.run(req).await;
+    if let Some(line) = pending.0.take()
+        && !line.booked.0.load(Ordering::Relaxed)
+    {
+        let status = resp.status();
+        let result = if status.is_success() { "ok" } else { "refused" };
+        line.write(
+            status.as_u16(),
+            result,
+            &header(resp.headers().get(ENDPOINT_RESPONSE_HEADER)),
         );
     }
     resp

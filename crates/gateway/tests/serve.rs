@@ -1131,6 +1131,62 @@ async fn access_log_has_one_line_per_request_routed_or_not() {
     assert_eq!(lines.len(), 5, "exactly one line per request: {lines:?}");
 }
 
+/// Review finding: a request whose client went away before the response head (here, while a
+/// pass-through waits for an engine that never answers) got no access line: the middleware's
+/// future was dropped. It gets one, status 499 (`cancelled`).
+#[tokio::test]
+async fn access_log_has_a_line_for_a_client_that_left_before_the_answer() {
+    let buf = LogBuf::default();
+    let sink = buf.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .json()
+        .with_max_level(tracing::Level::INFO)
+        .with_writer(move || sink.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    // An engine that accepts connections and never answers.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = silent.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let mut socks = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            socks.push(s);
+        }
+    });
+    let mut ep = endpoint(address.to_string());
+    ep.models = vec![MODEL.to_owned()];
+    let mut cfg = base_config(vec![ep]);
+    cfg.logs.access_log = true;
+    let gw = gateway(cfg).await;
+    let mut sock = tokio::net::TcpStream::connect(gw.api_addr).await.unwrap();
+    let body = json!({"model": MODEL, "prompt": "hi"}).to_string();
+    let head = format!(
+        "POST /tokenize HTTP/1.1\r\nHost: kvgate\r\nx-request-id: gone-1\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    sock.write_all(head.as_bytes()).await.unwrap();
+    // The pass-through is waiting for the silent engine when the client closes.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(sock);
+    eventually(
+        "an access line for the request",
+        Duration::from_secs(5),
+        || {
+            let n = buf.access_lines().len();
+            async move { n >= 1 }
+        },
+    )
+    .await;
+    let lines = buf.access_lines();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    let l = &lines[0]["fields"];
+    assert_eq!(l["status"], 499, "{l}");
+    assert_eq!(l["result"], "cancelled");
+    assert_eq!(l["request_id"], "gone-1");
+    held.abort();
+}
+
 /// Issue 16.2: each streamed request served where it was booked compares the TTFT its decision
 /// predicted with the one measured; the relative error is exported per endpoint (non-streamed
 /// responses have no first token apart from the whole answer, so they are not counted).
