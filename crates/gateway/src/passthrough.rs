@@ -191,6 +191,7 @@ async fn model_card(State(app): State<Arc<App>>, Path(id): Path<String>) -> Resp
 }
 
 async fn card(app: &App, id: &str) -> Result<Response, ApiError> {
+    let mut answered = false;
     for address in candidates(app, Some(id))?
         .iter()
         .take(app.max_attempts.max(1) as usize)
@@ -198,6 +199,7 @@ async fn card(app: &App, id: &str) -> Result<Response, ApiError> {
         let Some(list) = fetch_models(app, address).await else {
             continue;
         };
+        answered = true;
         let Some(card) = list
             .into_iter()
             .find(|c| c.get("id").and_then(Value::as_str) == Some(id))
@@ -210,6 +212,13 @@ async fn card(app: &App, id: &str) -> Result<Response, ApiError> {
                 .insert(HeaderName::from_static(ENDPOINT_RESPONSE_HEADER), v);
         }
         return Ok(resp);
+    }
+    if !answered {
+        // Engines serve it (by their last lists) but none answered now: unavailable, not absent.
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("no endpoint serving the model `{id}` answered /v1/models"),
+        ));
     }
     Err(ApiError {
         status: StatusCode::NOT_FOUND,

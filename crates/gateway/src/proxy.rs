@@ -287,21 +287,32 @@ async fn models(State(app): State<Arc<App>>) -> Response {
     resp
 }
 
+/// How long an engine gets to answer `/v1/models` (a small JSON list): one that has not
+/// answered by then counts as not answering, so `/v1/models` and `/v1/models/{id}` never hang on
+/// a silent engine.
+const MODELS_FETCH_TIMEOUT_MS: u64 = 5_000;
+
 pub(crate) async fn fetch_models(app: &App, address: &str) -> Option<Vec<Value>> {
     let req = hyper::Request::get(format!("http://{address}/v1/models"))
         .body(Full::new(Bytes::new()))
         .ok()?;
-    let resp = app.client_for(address).request(req).await.ok()?;
-    if !resp.status().is_success() {
-        return None;
-    }
-    let body = Limited::new(resp.into_body(), USAGE_WINDOW_BYTES)
-        .collect()
+    let fetch = async {
+        let resp = app.client_for(address).request(req).await.ok()?;
+        if !resp.status().is_success() {
+            return None;
+        }
+        let body = Limited::new(resp.into_body(), USAGE_WINDOW_BYTES)
+            .collect()
+            .await
+            .ok()?
+            .to_bytes();
+        let v: Value = serde_json::from_slice(&body).ok()?;
+        v.get("data")?.as_array().cloned()
+    };
+    tokio::time::timeout(Duration::from_millis(MODELS_FETCH_TIMEOUT_MS), fetch)
         .await
-        .ok()?
-        .to_bytes();
-    let v: Value = serde_json::from_slice(&body).ok()?;
-    v.get("data")?.as_array().cloned()
+        .ok()
+        .flatten()
 }
 
 async fn handle(State(app): State<Arc<App>>, api: ApiKind, req: Request) -> Response {

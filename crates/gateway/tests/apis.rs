@@ -447,6 +447,50 @@ async fn pass_through_skips_an_engine_that_cannot_be_reached() {
     assert_eq!(rec.on("/tokenize").len(), 6);
 }
 
+/// Review finding: `GET /v1/models/{id}` answered 404 "does not exist" when the engines serving
+/// the model could not be reached; that is 503 (unavailable), as for routed requests.
+#[tokio::test]
+async fn a_model_card_nobody_can_fetch_is_unavailable_not_missing() {
+    let dead = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dead_addr = dead.local_addr().unwrap();
+    drop(dead);
+    let gw = gateway(vec![rec_endpoint(dead_addr, REC_MODEL)]).await;
+    let r = client()
+        .get(url(&gw, &format!("/v1/models/{REC_MODEL}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["type"], "ServiceUnavailableError", "{v}");
+}
+
+/// Review finding: `/v1/models` and `/v1/models/{id}` waited without bound for an engine that
+/// accepts connections and never answers; it now counts as not answering after 5 s.
+#[tokio::test]
+async fn a_silent_engine_does_not_hang_model_listings() {
+    let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = silent.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let mut socks = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            socks.push(s);
+        }
+    });
+    let gw = gateway(vec![rec_endpoint(address, REC_MODEL)]).await;
+    for path in ["/v1/models".to_owned(), format!("/v1/models/{REC_MODEL}")] {
+        let r = tokio::time::timeout(
+            Duration::from_secs(15),
+            client().get(url(&gw, &path)).send(),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{path} still unanswered after 15 s"))
+        .unwrap();
+        assert_eq!(r.status(), 503, "{path}");
+    }
+    held.abort();
+}
+
 #[tokio::test]
 async fn tokenize_through_the_gateway_equals_the_sims_own_answer() {
     let f = fleet(2, 50.0).await;
