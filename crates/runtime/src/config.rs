@@ -619,6 +619,39 @@ impl RoutingFlags {
     }
 }
 
+/// Whether `capture` is the decision log at `decision` or one of its rotated files
+/// (`decision.1` … `decision.{files}`), compared after making both absolute and resolving `.`
+/// and `..` lexically (`./a` and `a` are one file; the files may not exist yet).
+fn log_files_clash(decision: &Path, files: u32, capture: &Path) -> bool {
+    fn lexical(p: &Path) -> PathBuf {
+        let abs = if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            std::env::current_dir().unwrap_or_default().join(p)
+        };
+        let mut out = PathBuf::new();
+        for c in abs.components() {
+            match c {
+                std::path::Component::CurDir => {}
+                std::path::Component::ParentDir => {
+                    out.pop();
+                }
+                other => out.push(other),
+            }
+        }
+        out
+    }
+    let (d, c) = (lexical(decision), lexical(capture));
+    if d == c {
+        return true;
+    }
+    (1..=files).any(|i| {
+        let mut rotated = d.clone().into_os_string();
+        rotated.push(format!(".{i}"));
+        PathBuf::from(rotated) == c
+    })
+}
+
 fn invalid(field: &'static str, reason: impl Into<String>) -> RuntimeError {
     RuntimeError::InvalidConfig {
         field,
@@ -888,10 +921,15 @@ impl DataPlaneConfig {
                 format!("must be at least {MIN_DECISION_LOG_MAX_BYTES}"),
             ));
         }
-        if logs.decision_log.is_some() && logs.decision_log == logs.capture_trace {
+        if let (Some(d), Some(c)) = (&logs.decision_log, &logs.capture_trace)
+            && log_files_clash(d, logs.decision_log_files, c)
+        {
             return Err(invalid(
                 "logs.capture_trace",
-                "the decision log and the captured trace need different files",
+                format!(
+                    "the captured trace {} is the decision log or one of its rotated files",
+                    c.display()
+                ),
             ));
         }
         let max_attempts = raw.retry.max_attempts.unwrap_or(d.max_attempts);
@@ -1120,5 +1158,25 @@ priority: { objectives: { batch: -1 } }
         let d = DataPlaneConfig::from_yaml("").unwrap().logs;
         assert_eq!(d, RequestLogConfig::default());
         assert_eq!(d.decision_log_max_bytes, DEFAULT_DECISION_LOG_MAX_BYTES);
+    }
+
+    /// Review finding: only identical path strings were refused, so `./d.jsonl` against
+    /// `d.jsonl`, or a trace written to a rotated decision-log file, slipped through (rotation
+    /// would then rename the trace writer's file away).
+    #[test]
+    fn the_trace_cannot_share_a_file_with_the_decision_log_or_its_rotations() {
+        let cfg = |d: &str, c: &str| {
+            DataPlaneConfig::from_yaml(&format!(
+                "logs: {{decision_log: '{d}', capture_trace: '{c}', decision_log_files: 3}}"
+            ))
+        };
+        assert!(cfg("d.jsonl", "./d.jsonl").is_err());
+        assert!(cfg("/x/d.jsonl", "/x/y/../d.jsonl").is_err());
+        assert!(cfg("d.jsonl", "d.jsonl.3").is_err());
+        assert!(
+            cfg("d.jsonl", "d.jsonl.4").is_ok(),
+            "beyond the kept rotations"
+        );
+        assert!(cfg("d.jsonl", "t.jsonl").is_ok());
     }
 }
