@@ -117,6 +117,25 @@ async fn twenty_streamed_requests_give_twenty_receipts_and_a_trace_bench_replays
         assert!(Instant::now() < deadline, "serve never became ready");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // Ready means one endpoint can serve; every receipt must list both, so wait until serve
+    // has discovered both (under CI load the second can come later: a receipt with one
+    // candidate failed this test once).
+    loop {
+        let discovered = serve
+            .lines()
+            .iter()
+            .filter(|l| l.contains("endpoint discovered"))
+            .count();
+        if discovered >= engines.len() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "serve discovered {discovered} of {} endpoints",
+            engines.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     // Sequential, so arrival order is send order: group g's members share its system prompt.
     let mut sent = Vec::new();

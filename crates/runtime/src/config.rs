@@ -648,7 +648,7 @@ fn log_files_clash(decision: &Path, files: u32, capture: &Path) -> bool {
     (1..=files).any(|i| {
         let mut rotated = d.clone().into_os_string();
         rotated.push(format!(".{i}"));
-        PathBuf::from(rotated) == c
+        c.as_os_str() == rotated
     })
 }
 
