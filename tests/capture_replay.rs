@@ -250,12 +250,21 @@ async fn twenty_streamed_requests_give_twenty_receipts_and_a_trace_bench_replays
         }
     }
 
-    let access: Vec<Value> = serve
-        .lines()
-        .iter()
-        .filter(|l| l.contains("kvgate::access"))
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    // Log lines are written by their own thread (non-blocking): the last ones may trail the
+    // receipts by a moment.
+    let access_lines = |serve: &Proc| -> Vec<Value> {
+        serve
+            .lines()
+            .iter()
+            .filter(|l| l.contains("kvgate::access"))
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while access_lines(&serve).len() < sent.len() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let access = access_lines(&serve);
     assert_eq!(access.len(), sent.len(), "one access-log line per request");
     for a in &access {
         let f = &a["fields"];
