@@ -376,6 +376,13 @@ async fn pool_pods_join_drain_and_leave() {
         control.ready_endpoints() == 2
     })
     .await;
+    // And both answering their scrapes: under CI load a first scrape can time out, and an
+    // endpoint whose scrapes fail is avoided while another serves (all 8 requests then went to
+    // one endpoint once).
+    eventually_sync("both endpoints scraped", Duration::from_secs(10), || {
+        control.reachable_endpoints() == 2
+    })
+    .await;
     let mut seen = std::collections::HashSet::new();
     for i in 0..8 {
         let (s, r) = route(&epp, &format!("hello {i}")).await;
