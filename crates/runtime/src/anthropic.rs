@@ -85,67 +85,6 @@ fn image_url(source: &Map<String, Value>) -> String {
     )
 }
 
-/// Python's `repr` of a JSON value as pydantic hands it over (`str(block.content)` for the list
-/// content of an assistant's `tool_result`), so the text vLLM renders is reproduced exactly.
-fn py_repr(v: &Value, out: &mut String) {
-    match v {
-        Value::Null => out.push_str("None"),
-        Value::Bool(true) => out.push_str("True"),
-        Value::Bool(false) => out.push_str("False"),
-        Value::Number(n) => out.push_str(&n.to_string()),
-        Value::String(s) => py_str_repr(s, out),
-        Value::Array(items) => {
-            out.push('[');
-            for (i, item) in items.iter().enumerate() {
-                if i > 0 {
-                    out.push_str(", ");
-                }
-                py_repr(item, out);
-            }
-            out.push(']');
-        }
-        Value::Object(o) => {
-            out.push('{');
-            for (i, (k, item)) in o.iter().enumerate() {
-                if i > 0 {
-                    out.push_str(", ");
-                }
-                py_str_repr(k, out);
-                out.push_str(": ");
-                py_repr(item, out);
-            }
-            out.push('}');
-        }
-    }
-}
-
-/// Python's `repr` of a `str`: single quotes unless the text holds `'` and no `"`.
-fn py_str_repr(s: &str, out: &mut String) {
-    let quote = if s.contains('\'') && !s.contains('"') {
-        '"'
-    } else {
-        '\''
-    };
-    out.push(quote);
-    for c in s.chars() {
-        match c {
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if c == quote => {
-                out.push('\\');
-                out.push(c);
-            }
-            c if (c as u32) < 0x20 || (0x7f..0xa0).contains(&(c as u32)) => {
-                out.push_str(&format!("\\x{:02x}", c as u32));
-            }
-            c => out.push(c),
-        }
-    }
-    out.push(quote);
-}
-
 /// vLLM's `_convert_user_tool_result`: a `tool` message with the result's text (text items
 /// joined with `"\n"`, a missing `text` counting as empty), then a `user` message with the
 /// result's images, then a `tool` message with its tool references.
@@ -281,8 +220,8 @@ fn convert_message(
                         let mut result = String::from("Tool result: ");
                         match o.get("content") {
                             Some(Value::String(s)) => result.push_str(s),
-                            Some(Value::Array(items)) if !items.is_empty() => {
-                                py_repr(&Value::Array(items.clone()), &mut result);
+                            Some(v @ Value::Array(items)) if !items.is_empty() => {
+                                result.push_str(&kvgate_tokens::python_repr(v));
                             }
                             _ => {}
                         }

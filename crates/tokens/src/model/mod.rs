@@ -31,6 +31,15 @@ mod vllm;
 
 pub use vllm::ContentFormat;
 
+/// Python's `repr` of a JSON value as Python holds it (`None`, `True`, single-quoted strings,
+/// shortest round-trip floats): what vLLM prints when it formats a parsed request field with
+/// `str(...)`. Keys keep the JSON object's order.
+pub fn python_repr(v: &Json) -> String {
+    let mut out = String::new();
+    pyfmt::py_repr(&to_value(v), &mut out);
+    out
+}
+
 use crate::TokenizerError as E;
 use minijinja::Environment;
 use minijinja::machinery::parse;
