@@ -19,9 +19,6 @@
 //! that no engine can serve (longer than `max_model_len`) are rejected, counted and left out
 //! of the denominator: no routing could have served them at any rate.
 
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
-
 use kvgate_core::Policy;
 use serde::Serialize;
 
@@ -337,35 +334,15 @@ pub fn compare_capacity(
     search: &CapacitySearch<'_>,
     on_done: &(dyn Fn(&PolicyCapacity) + Sync),
 ) -> Result<Vec<PolicyCapacity>, BenchError> {
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(policies.len().max(1));
-    let next = AtomicUsize::new(0);
-    let results: Mutex<Vec<Option<Result<PolicyCapacity, BenchError>>>> =
-        Mutex::new((0..policies.len()).map(|_| None).collect());
-    std::thread::scope(|s| {
-        for _ in 0..threads {
-            s.spawn(|| {
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(&policy) = policies.get(i) else {
-                        break;
-                    };
-                    let r = find_capacity(policy, make, search);
-                    if let Ok(c) = &r {
-                        on_done(c);
-                    }
-                    results.lock().expect("no panics while holding it")[i] = Some(r);
-                }
-            });
+    crate::par_map(policies, |&policy| {
+        let r = find_capacity(policy, make, search);
+        if let Ok(c) = &r {
+            on_done(c);
         }
-    });
-    results
-        .into_inner()
-        .expect("no panics while holding it")
-        .into_iter()
-        .map(|r| r.expect("every policy was searched"))
-        .collect()
+        r
+    })
+    .into_iter()
+    .collect()
 }
 
 impl CapacityReport {

@@ -2,8 +2,6 @@
 
 use std::io::BufReader;
 use std::path::PathBuf;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use clap::{Args, ValueEnum};
@@ -289,51 +287,24 @@ pub fn compare(
         ProgressStyle::with_template("{prefix:>20} [{bar:40}] {pos}/{len} requests {elapsed}")
             .expect("valid template")
             .progress_chars("=> ");
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(policies.len().max(1));
-    let next = AtomicUsize::new(0);
-    let results: Mutex<Vec<Option<Result<PolicyRun, BenchError>>>> =
-        Mutex::new((0..policies.len()).map(|_| None).collect());
-    std::thread::scope(|s| {
-        for _ in 0..threads {
-            s.spawn(|| {
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(&policy) = policies.get(i) else {
-                        break;
-                    };
-                    let bar = bars.add(ProgressBar::new(total));
-                    bar.set_style(style.clone());
-                    bar.set_prefix(policy.as_str());
-                    let started = Instant::now();
-                    let run = run_policy(workload, policy, cfg, Some(&|n| bar.set_position(n)));
-                    bar.finish_and_clear();
-                    bars.remove(&bar);
-                    if !quiet && run.is_ok() {
-                        let _ = bars.println(format!(
-                            "{policy:>20} done in {:.1} s",
-                            started.elapsed().as_secs_f64()
-                        ));
-                    }
-                    let failed = run.is_err();
-                    results.lock().expect("no panics while holding it")[i] = Some(run);
-                    if failed {
-                        // The first error is the answer; the other threads stop taking work.
-                        next.store(policies.len(), Ordering::Relaxed);
-                    }
-                }
-            });
+    let runs = crate::par_map(policies, |&policy| {
+        let bar = bars.add(ProgressBar::new(total));
+        bar.set_style(style.clone());
+        bar.set_prefix(policy.as_str());
+        let started = Instant::now();
+        let run = run_policy(workload, policy, cfg, Some(&|n| bar.set_position(n)));
+        bar.finish_and_clear();
+        bars.remove(&bar);
+        if !quiet && run.is_ok() {
+            let _ = bars.println(format!(
+                "{policy:>20} done in {:.1} s",
+                started.elapsed().as_secs_f64()
+            ));
         }
-    });
-    let mut runs = Vec::with_capacity(policies.len());
-    for r in results.into_inner().expect("no panics while holding it") {
-        match r {
-            Some(run) => runs.push(run?),
-            // Not started because another policy failed first: that error was returned above.
-            None => continue,
-        }
-    }
+        run
+    })
+    .into_iter()
+    .collect::<Result<Vec<_>, _>>()?;
     let report = Report {
         workload: workload.name.clone(),
         requests: workload.requests.len(),
