@@ -847,16 +847,13 @@ async fn read_stream(sock: &mut TcpStream, stream: u32) -> (Vec<u8>, Vec<u8>) {
     (headers.expect("a HEADERS frame"), data)
 }
 
-#[tokio::test]
-async fn h2c_upgrade_answers_on_stream_one_and_keeps_the_connection() {
-    let f = fleet(1, 50.0).await;
-    let gw = gateway(sim_endpoints(&f)).await;
-    let mut sock = TcpStream::connect(gw.api_addr).await.unwrap();
-    let body = chat("upgraded", 5, false).to_string();
+/// Sends `body` to the chat route with `Upgrade: h2c` (curl's `HTTP2-Settings`) and returns
+/// the response head that follows, lower-cased.
+async fn upgrade_head(sock: &mut TcpStream, body: &str, extra_headers: &str) -> String {
     let head = format!(
         "POST /v1/chat/completions HTTP/1.1\r\nHost: kvgate\r\nConnection: Upgrade, HTTP2-Settings\r\n\
          Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\nContent-Type: application/json\r\n\
-         x-request-id: up-1\r\nContent-Length: {}\r\n\r\n",
+         {extra_headers}Content-Length: {}\r\n\r\n",
         body.len()
     );
     sock.write_all(head.as_bytes()).await.unwrap();
@@ -866,11 +863,20 @@ async fn h2c_upgrade_answers_on_stream_one_and_keeps_the_connection() {
         let mut b = [0u8; 1];
         tokio::time::timeout(WAIT, sock.read_exact(&mut b))
             .await
-            .expect("the 101 in time")
+            .expect("the response head in time")
             .unwrap();
         got.push(b[0]);
     }
-    let text = String::from_utf8_lossy(&got).to_ascii_lowercase();
+    String::from_utf8_lossy(&got).to_ascii_lowercase()
+}
+
+#[tokio::test]
+async fn h2c_upgrade_answers_on_stream_one_and_keeps_the_connection() {
+    let f = fleet(1, 50.0).await;
+    let gw = gateway(sim_endpoints(&f)).await;
+    let mut sock = TcpStream::connect(gw.api_addr).await.unwrap();
+    let body = chat("upgraded", 5, false).to_string();
+    let text = upgrade_head(&mut sock, &body, "x-request-id: up-1\r\n").await;
     assert!(text.starts_with("http/1.1 101"), "{text}");
     assert!(text.contains("upgrade: h2c"), "{text}");
     // The client's connection preface, with an empty SETTINGS frame.
@@ -975,24 +981,8 @@ async fn a_client_quiet_after_the_h2c_101_is_cut_after_the_header_timeout() {
     for partial in [&b""[..], &kvgate_gateway::h2::PREFACE[..10]] {
         let mut sock = TcpStream::connect(gw.api_addr).await.unwrap();
         let body = chat("upgraded", 2, false).to_string();
-        let head = format!(
-            "POST /v1/chat/completions HTTP/1.1\r\nHost: kvgate\r\nConnection: Upgrade, HTTP2-Settings\r\n\
-             Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\nContent-Type: application/json\r\n\
-             Content-Length: {}\r\n\r\n",
-            body.len()
-        );
-        sock.write_all(head.as_bytes()).await.unwrap();
-        sock.write_all(body.as_bytes()).await.unwrap();
-        let mut got = Vec::new();
-        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-            let mut b = [0u8; 1];
-            tokio::time::timeout(WAIT, sock.read_exact(&mut b))
-                .await
-                .expect("the 101 in time")
-                .unwrap();
-            got.push(b[0]);
-        }
-        assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 101"));
+        let head = upgrade_head(&mut sock, &body, "").await;
+        assert!(head.starts_with("http/1.1 101"), "{head}");
         sock.write_all(partial).await.unwrap();
         let started = std::time::Instant::now();
         let mut rest = Vec::new();

@@ -1044,6 +1044,18 @@ impl std::io::Write for LogBuf {
 }
 
 impl LogBuf {
+    /// Captures this thread's INFO logs as JSON lines until the guard drops.
+    fn capture() -> (LogBuf, tracing::subscriber::DefaultGuard) {
+        let buf = LogBuf::default();
+        let sink = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .with_max_level(tracing::Level::INFO)
+            .with_writer(move || sink.clone())
+            .finish();
+        (buf, tracing::subscriber::set_default(subscriber))
+    }
+
     fn access_lines(&self) -> Vec<Value> {
         let text = String::from_utf8(self.0.lock().unwrap().clone()).unwrap();
         text.lines()
@@ -1059,14 +1071,7 @@ impl LogBuf {
 /// tasks log on the test's thread, where the capturing subscriber is installed.)
 #[tokio::test]
 async fn access_log_has_one_line_per_request_routed_or_not() {
-    let buf = LogBuf::default();
-    let sink = buf.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .json()
-        .with_max_level(tracing::Level::INFO)
-        .with_writer(move || sink.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (buf, _guard) = LogBuf::capture();
     let f = fleet(1, 50.0).await;
     let mut cfg = base_config(endpoints_of(&f, false));
     cfg.logs.access_log = true;
@@ -1136,14 +1141,7 @@ async fn access_log_has_one_line_per_request_routed_or_not() {
 /// future was dropped. It gets one, status 499 (`cancelled`).
 #[tokio::test]
 async fn access_log_has_a_line_for_a_client_that_left_before_the_answer() {
-    let buf = LogBuf::default();
-    let sink = buf.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .json()
-        .with_max_level(tracing::Level::INFO)
-        .with_writer(move || sink.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (buf, _guard) = LogBuf::capture();
     // An engine that accepts connections and never answers.
     let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = silent.local_addr().unwrap();
