@@ -1177,10 +1177,14 @@ impl Control {
     /// The protocol the gateway speaks to the member at `address` (`h2c://` endpoints:
     /// HTTP/2); HTTP/1.1 for an address that is not a member.
     pub fn upstream_protocol(&self, address: &str) -> crate::config::UpstreamProtocol {
+        // Two hash lookups (the router owns address -> id), not a scan of every member: this
+        // runs for every upstream request. The router lock is released before members are read.
+        let Some(id) = self.with_router(|r| r.endpoint_id(address)) else {
+            return Default::default();
+        };
         self.members_read()
             .by_id
-            .values()
-            .find(|m| m.config.address == address)
+            .get(&id)
             .map_or_else(Default::default, |m| m.config.protocol)
     }
 
