@@ -223,6 +223,28 @@ pub struct Tuning {
     /// normal share back about `t + hold + 0.5 s` after the stall began (plus the time to
     /// drain what queued on it). This knob and `calibration_hold_us` set the recovery time.
     pub calibration_half_life_us: Option<u64>,
+    /// Learn each endpoint's step-time coefficients from its first tokens ([`crate::learn`]).
+    /// On by default; off, the hardware prior is used as declared and only the speed factor
+    /// calibrates.
+    pub learn_step_model: bool,
+    /// Forgetting factor of the fit, per first token. 0.98: an effective memory of ~50 first
+    /// tokens, seconds of traffic on a busy endpoint, so drift is followed within a minute.
+    pub learn_forgetting: f64,
+    /// Relative measurement noise the fit assumes of one TTFT. 0.25: a first token's TTFT
+    /// depends on batch composition the router cannot see (interleaved decodes, preemption,
+    /// the engine's scheduler order), typically ±20-30% around the step model.
+    pub learn_noise_fraction: f64,
+    /// Relative standard deviation of each multiplier around the prior's shape once the first
+    /// observation has set the scale. 1.0: the shape may be off by a factor of a few (a CPU's
+    /// prefill is far dearer relative to its decode than an H100's).
+    pub learn_prior_sd: f64,
+    /// Innovations beyond this many standard deviations are clipped. 3.0.
+    pub learn_gate_sigmas: f64,
+    /// Lower bound of a learnt multiplier of a prior coefficient. 0.01.
+    pub learn_min_multiplier: f64,
+    /// Upper bound of a learnt multiplier. 1,000: a CPU engine serving a small model is ~100×
+    /// an H100 prior; three orders of magnitude leave room without allowing absurdity.
+    pub learn_max_multiplier: f64,
     /// Base penalty after a failure, µs (doubles per consecutive failure). 1 s.
     pub failure_penalty_us: u64,
     /// Maximum penalty, µs. 30 s: long enough to ride out a restart, short enough to re-probe.
@@ -268,6 +290,13 @@ impl Default for Tuning {
             calibration_max_factor: 5.0,
             calibration_hold_us: 100_000,
             calibration_half_life_us: Some(100_000),
+            learn_step_model: true,
+            learn_forgetting: 0.98,
+            learn_noise_fraction: 0.25,
+            learn_prior_sd: 1.0,
+            learn_gate_sigmas: 3.0,
+            learn_min_multiplier: 0.01,
+            learn_max_multiplier: 1000.0,
             failure_penalty_us: 1_000_000,
             max_failure_penalty_us: 30_000_000,
             scrape_failure_limit: 3,
@@ -283,6 +312,19 @@ impl Default for Tuning {
 }
 
 impl Tuning {
+    /// Settings of the online step-model fit.
+    pub(crate) fn learn_params(&self) -> crate::learn::LearnParams {
+        crate::learn::LearnParams {
+            enabled: self.learn_step_model,
+            forgetting: self.learn_forgetting,
+            noise_fraction: self.learn_noise_fraction,
+            prior_sd: self.learn_prior_sd,
+            gate_sigmas: self.learn_gate_sigmas,
+            min_multiplier: self.learn_min_multiplier,
+            max_multiplier: self.learn_max_multiplier,
+        }
+    }
+
     /// The prior for a hardware class (falls back to the default class, then H100).
     pub fn prior(&self, class: &str) -> HardwarePrior {
         self.hardware
@@ -542,6 +584,42 @@ impl RouterConfig {
             1.0,
             1e3,
             "1..=1000",
+        )?;
+        check("learn_forgetting", t.learn_forgetting, 0.5, 1.0, "0.5..=1")?;
+        check(
+            "learn_noise_fraction",
+            t.learn_noise_fraction,
+            0.01,
+            10.0,
+            "0.01..=10",
+        )?;
+        check(
+            "learn_prior_sd",
+            t.learn_prior_sd,
+            0.01,
+            100.0,
+            "0.01..=100",
+        )?;
+        check(
+            "learn_gate_sigmas",
+            t.learn_gate_sigmas,
+            0.5,
+            100.0,
+            "0.5..=100",
+        )?;
+        check(
+            "learn_min_multiplier",
+            t.learn_min_multiplier,
+            1e-6,
+            1.0,
+            "0.000001..=1",
+        )?;
+        check(
+            "learn_max_multiplier",
+            t.learn_max_multiplier,
+            1.0,
+            1e6,
+            "1..=1000000",
         )?;
         check(
             "approx_capacity_blocks",

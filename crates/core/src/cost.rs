@@ -75,6 +75,22 @@ impl HardwarePrior {
             + self.prefill_us_per_token * tokens
     }
 
+    /// The three terms of [`Self::prefill_time_us`] separately, `[steps·β0, tokens·β1,
+    /// steps·running·β2]`: what [`crate::learn`] fits one multiplier each to.
+    pub fn prefill_features(&self, tokens: f64, running: f64) -> [f64; 3] {
+        if tokens <= 0.0 {
+            return [0.0; 3];
+        }
+        let steps = (tokens / f64::from(self.max_batched_tokens.max(1)))
+            .ceil()
+            .max(1.0);
+        [
+            steps * self.step_base_us,
+            self.prefill_us_per_token * tokens,
+            steps * self.decode_us_per_token * running,
+        ]
+    }
+
     /// One decode step with `running` sequences, µs (the TPOT prior).
     pub fn decode_step_us(&self, running: f64) -> f64 {
         self.step_base_us + self.decode_us_per_token * running.max(1.0)

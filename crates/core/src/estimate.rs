@@ -22,10 +22,12 @@
 //! router has seen on the endpoint (prior [`crate::Tuning::default_prompt_tokens`]).
 //!
 //! ## Calibration
-//! The cost model (see [`crate::cost`]) predicts TTFT from hardware priors. Each first token
-//! compares the observed TTFT with the prediction made at booking (at speed 1) and updates an
-//! EWMA *speed factor*; each finish with a measured TPOT does the same for decode. Factors are
-//! clamped so one outlier (a stalled stream) cannot swing routing.
+//! The cost model (see [`crate::cost`]) predicts TTFT from each endpoint's step-time
+//! coefficients, learnt online from its first tokens ([`crate::learn`]; the hardware prior
+//! until then). After the fit has learnt from a first token, the observed TTFT is compared with
+//! the updated fit's prediction (at speed 1) and updates an EWMA *speed factor*: what the fit did
+//! not absorb, a transient such as a stall. Each finish with a measured TPOT does the same for
+//! decode. Factors are clamped so one outlier (a stalled stream) cannot swing routing.
 //!
 //! **Evidence ages** ([`SpeedFactor`]). A factor is only refreshed when its endpoint serves a
 //! request, and a slow factor stops the endpoint from being chosen: a pod that stalled for half a
@@ -60,8 +62,8 @@ pub(crate) struct Booking {
     pub uncached_tokens: u32,
     pub kv_blocks: u64,
     pub first_token_at_us: Option<u64>,
-    /// Predicted TTFT at booking, at speed factor 1 (for calibration).
-    pub predicted_raw_ttft_us: f64,
+    /// The prediction's step-model terms at the prior (see [`crate::BookingPlan::ttft_terms`]).
+    pub ttft_terms: [f64; 3],
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -269,20 +271,21 @@ impl EndpointLoad {
         self.own_blocks = self.own_blocks.saturating_sub(b.kv_blocks);
     }
 
-    /// Marks the first token; returns (observed TTFT, predicted raw TTFT) for calibration.
-    pub fn first_token(&mut self, req_id: u64, now_us: u64) -> Option<(f64, f64)> {
+    /// Marks the first token; returns the observed TTFT and the booking's prior-priced
+    /// prediction terms, for learning and calibration.
+    pub fn first_token(&mut self, req_id: u64, now_us: u64) -> Option<(f64, [f64; 3])> {
         let b = self.in_flight.get_mut(&req_id)?;
         if b.first_token_at_us.is_some() {
             return None;
         }
         b.first_token_at_us = Some(now_us);
         let obs = now_us.saturating_sub(b.booked_at_us) as f64;
-        let raw = b.predicted_raw_ttft_us;
+        let terms = b.ttft_terms;
         let tokens = u64::from(b.uncached_tokens);
         self.own_unstarted = self.own_unstarted.saturating_sub(1);
         self.own_unstarted_tokens = self.own_unstarted_tokens.saturating_sub(tokens);
         self.own_started += 1;
-        Some((obs, raw))
+        Some((obs, terms))
     }
 
     /// Releases a booking (finish or failure).
@@ -385,7 +388,7 @@ mod tests {
             uncached_tokens: tokens,
             kv_blocks: blocks,
             first_token_at_us: None,
-            predicted_raw_ttft_us: 1000.0,
+            ttft_terms: [1000.0, 0.0, 0.0],
         }
     }
 

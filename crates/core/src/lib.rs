@@ -22,6 +22,7 @@
 //! * [`estimate`]: dead-reckoned load per endpoint and its reconciliation with scraped samples;
 //!   online calibration.
 //! * [`cost`]: the kvgate TTFT model and the KV cliff.
+//! * [`learn`]: each endpoint's step-time coefficients, fitted online from its first tokens.
 //! * [`policies`]: filter/scorer/picker roles, the [`Policy`] names, and one module per policy
 //!   (kvgate's anti-herding softmax picker, and each baseline with the source it follows).
 //! * [`config`]: presets, tuning constants (each default explained) and YAML formats.
@@ -37,6 +38,7 @@ pub mod estimate;
 pub mod index;
 pub mod keys;
 pub mod kv_seq;
+pub mod learn;
 pub mod observe;
 pub mod policies;
 pub mod request;

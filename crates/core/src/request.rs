@@ -221,7 +221,10 @@ pub struct Decision {
     /// Of those, the blocks `primary`'s KV events alone account for (whatever its trust), when
     /// the request has a precise chain: the shadow prediction the cache contract checks.
     pub precise_matched_blocks: Option<u32>,
-    /// The cost model's predicted time to first token on `primary`, when computed.
+    /// The cost model's predicted time to first token on `primary`, when computed: queue wait
+    /// plus own prefill on its learnt coefficients and speed factor, without the KV cliff's
+    /// avoidance penalty or tie-breaks (what the prediction-error metric holds against the
+    /// measured TTFT).
     pub predicted_ttft_us: Option<u64>,
     /// What booking the request on `primary` adds to the router's accounting, computed by the
     /// pick so that [`crate::Router::book`] neither walks the index nor prices again.
@@ -274,9 +277,10 @@ pub struct BookingPlan {
     pub uncached_tokens: f64,
     /// KV blocks the request takes there: its uncached prompt plus its expected output.
     pub new_kv_blocks: u64,
-    /// Predicted TTFT at speed factor 1 without penalties, µs: what calibration compares the
-    /// observed TTFT with.
-    pub predicted_raw_ttft_us: f64,
+    /// The prediction's three step-model terms priced at the endpoint's hardware prior,
+    /// `[steps·β0, tokens·β1, steps·running·β2]` for the queue ahead plus the request's own
+    /// prefill: what the online fit ([`crate::learn`]) learns from when the first token comes.
+    pub ttft_terms: [f64; 3],
 }
 
 /// What the caller learnt when a request finished.

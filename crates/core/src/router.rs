@@ -57,6 +57,7 @@ use crate::index::{
     ApplyOutcome, IndexConfig, IndexMemory, PrefixIndex, PrefixQuery, PrefixSource, tier_bit,
 };
 use crate::kv_seq::{KvSequence, SeqOutcome};
+use crate::learn::StepModel;
 use crate::observe::{KvEvent, KvEventBatch, MetricsSample};
 use crate::policies::{
     self as plugins, Candidate, Filter, Needs, Pick, PickContext, Picker, Scorer,
@@ -181,7 +182,24 @@ struct Entry {
     /// failure, not six).
     last_failure_at_us: Option<u64>,
     penalised_until_us: u64,
+    /// The hardware prior of its class (capacity, step budget, and what baselines read).
     prior: HardwarePrior,
+    /// Its step-time coefficients as learnt so far (`model` applied to `prior`): what the cost
+    /// model prices it with.
+    coeffs: HardwarePrior,
+    model: StepModel,
+}
+
+impl Entry {
+    /// A (possibly) new hardware prior: what was learnt is relative to the old one, so a changed
+    /// prior starts learning afresh.
+    fn set_prior(&mut self, prior: HardwarePrior) {
+        if prior != self.prior {
+            self.prior = prior;
+            self.model = StepModel::default();
+            self.coeffs = prior;
+        }
+    }
 }
 
 struct Profile {
@@ -238,6 +256,11 @@ pub struct EndpointView<'a> {
     pub prefill_speed: f64,
     /// Calibrated decode speed factor.
     pub decode_speed: f64,
+    /// Step-time coefficients the cost model prices it with: the hardware prior scaled by what
+    /// was learnt from its first tokens ([`crate::learn`]).
+    pub step_coefficients: HardwarePrior,
+    /// First tokens the coefficients were learnt from.
+    pub step_observations: u64,
     /// Consecutive scrape failures.
     pub scrape_failures: u32,
     /// Penalised (last resort) until this time, µs.
@@ -384,7 +407,7 @@ impl Router {
             if let Some(e) = self.entry_mut(id) {
                 e.spec = spec;
                 e.state = EndpointState::Ready;
-                e.prior = prior;
+                e.set_prior(prior);
             }
             return id;
         }
@@ -406,6 +429,8 @@ impl Router {
             last_failure_at_us: None,
             penalised_until_us: 0,
             prior,
+            coeffs: prior,
+            model: StepModel::default(),
         }));
         self.index.set_trusted(id, false);
         id
@@ -421,7 +446,7 @@ impl Router {
             .filter(|e| e.state != EndpointState::Gone)
             .ok_or(CoreError::UnknownEndpoint { id })?;
         let old = std::mem::replace(&mut e.spec, spec);
-        e.prior = prior;
+        e.set_prior(prior);
         if old.address != e.spec.address {
             let new = e.spec.address.clone();
             self.by_address.remove(&old.address);
@@ -774,7 +799,7 @@ impl Router {
         }
         let fallbacks = Self::fallbacks(&cands, &total, pick.index, self.tuning.max_fallbacks);
         let predicted_ttft_us = match (chosen.cost, chosen.oracle) {
-            (Some(c), _) => Some(c.ttft_us as u64),
+            (Some(c), _) => Some((c.queue_wait_us + c.prefill_us) as u64),
             (None, Some(o)) => Some(plugins::oracle_ttft_us(&ctx, chosen, &o) as u64),
             _ => None,
         };
@@ -948,7 +973,7 @@ impl Router {
                 let new_blocks =
                     cost::new_kv_blocks(uncached, req.max_tokens, req.keys.block_size, t);
                 cost::kvgate_cost(
-                    &e.prior,
+                    &e.coeffs,
                     &estimate,
                     prefill_speed,
                     uncached,
@@ -1109,14 +1134,17 @@ impl Router {
             t,
         );
         let new_kv_blocks = cost::new_kv_blocks(uncached, req.max_tokens, req.keys.block_size, t);
-        let predicted_raw_ttft_us = self.entry(id).map_or(0.0, |e| {
-            cost::kvgate_cost(&e.prior, estimate, 1.0, uncached, new_kv_blocks, 0.0, t).raw_ttft_us
+        let ttft_terms = self.entry(id).map_or([0.0; 3], |e| {
+            e.prior.prefill_features(
+                estimate.queued_prefill_tokens as f64 + uncached,
+                f64::from(estimate.running),
+            )
         });
         BookingPlan {
             endpoint: id,
             uncached_tokens: uncached,
             new_kv_blocks,
-            predicted_raw_ttft_us,
+            ttft_terms,
         }
     }
 
@@ -1180,7 +1208,7 @@ impl Router {
             uncached_tokens: plan.uncached_tokens as u32,
             kv_blocks: plan.new_kv_blocks,
             first_token_at_us: None,
-            predicted_raw_ttft_us: plan.predicted_raw_ttft_us,
+            ttft_terms: plan.ttft_terms,
         };
         let alpha = t.calibration_alpha;
         let max_blocks = t.max_booked_blocks;
@@ -1220,17 +1248,23 @@ impl Router {
         }
     }
 
-    /// The first token of `req_id` arrived: the request moves from queued to running, and the
-    /// endpoint's prefill speed is calibrated.
+    /// The first token of `req_id` arrived: the request moves from queued to running, the
+    /// endpoint's step-time coefficients learn from its TTFT ([`crate::learn`]) and what they
+    /// did not absorb calibrates its prefill speed factor.
     pub fn on_first_token(&mut self, req_id: u64, now_us: u64) {
         self.tick(now_us);
         let p = self.calibration();
+        let learn = self.tuning.learn_params();
         let Some(id) = self.bookings.get(&req_id).map(|b| b.ep) else {
             return;
         };
         if let Some(e) = self.entry_mut(id)
-            && let Some((obs, raw)) = e.load.first_token(req_id, now_us)
+            && let Some((obs, terms)) = e.load.first_token(req_id, now_us)
         {
+            if e.model.observe(&terms, obs, &learn) {
+                e.coeffs = e.model.coefficients(&e.prior);
+            }
+            let raw = e.model.predict(&terms);
             e.load.prefill_speed.observe(now_us, obs, raw, p);
         }
     }
@@ -1265,7 +1299,7 @@ impl Router {
             e.last_failure_at_us = None;
             if let Some(tpot) = outcome.tpot_us {
                 let est = e.load.estimate(now_us, e.prior.kv_capacity_blocks);
-                let raw = e.prior.decode_step_us(f64::from(est.running));
+                let raw = e.coeffs.decode_step_us(f64::from(est.running));
                 e.load.decode_speed.observe(now_us, tpot as f64, raw, p);
             }
             // Judge the precise view only while its stream is complete: with a known gap or a
@@ -1333,6 +1367,8 @@ impl Router {
                 estimate: e.load.estimate(now, e.prior.kv_capacity_blocks),
                 prefill_speed: e.load.prefill_speed.at(now, calibration),
                 decode_speed: e.load.decode_speed.at(now, calibration),
+                step_coefficients: e.coeffs,
+                step_observations: e.model.observations(),
                 scrape_failures: e.scrape_failures,
                 penalised_until_us: e.penalised_until_us,
                 precise_blocks: self.index.precise_entries(id),

@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 
 use kvgate_core::Policy;
+use kvgate_core::cost::HardwarePrior;
 use kvgate_core::plugins::{Candidate, MaxScorePicker, PickContext, Scorer};
 use kvgate_core::testing::{label_keys, label_stored};
 use kvgate_core::{
@@ -955,23 +956,28 @@ fn membership_changes() {
     ));
 }
 
-#[test]
-fn calibration_learns_a_slower_endpoint() {
-    let (mut r, ids) = fleet("kvgate", 1);
+/// One endpoint that is `slow`× the H100 prior on every step-time term serves 50 requests of
+/// varied length one at a time; returns the router and its last prediction error.
+fn serve_slower_endpoint(learn: bool, slow: f64) -> (Router, f64) {
+    let mut cfg = RouterConfig::for_policy("kvgate").unwrap();
+    cfg.tuning.learn_step_model = learn;
+    let mut r = Router::new(cfg).unwrap();
+    r.add_endpoint(0, EndpointSpec::new("e000", "m"));
+    let prior = HardwarePrior::H100_LLAMA31_8B;
     let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let mut error = f64::NAN;
     for n in 0..50u64 {
         let t0 = n * 10_000_000;
-        let q = req(n, (0..64).map(|k| k + n * 1000).collect());
+        let blocks = 8 + (n * 37) % 400;
+        let q = req(n, (0..blocks).map(|k| k + n * 1000).collect());
         let d = r.pick(t0, &q, &mut rng, None).unwrap();
         r.book(t0, &q, &d);
-        // The real endpoint takes 3× the predicted TTFT.
-        let predicted = d.predicted_ttft_us.unwrap();
-        let speed = r.endpoints().next().unwrap().prefill_speed;
-        let raw = predicted as f64 / speed;
-        r.on_first_token(n, t0 + (3.0 * raw) as u64);
+        let truth = slow * prior.prefill_time_us(f64::from(q.prompt_tokens), 0.0);
+        error = (d.predicted_ttft_us.unwrap() as f64 - truth).abs() / truth;
+        r.on_first_token(n, t0 + truth as u64);
         r.on_finish(
             n,
-            t0 + (3.0 * raw) as u64 + 1000,
+            t0 + truth as u64 + 1000,
             &Outcome {
                 output_tokens: 10,
                 tpot_us: Some(12_000),
@@ -979,8 +985,45 @@ fn calibration_learns_a_slower_endpoint() {
             },
         );
     }
-    let v = r.endpoints().find(|v| v.id == ids[0]).unwrap();
+    (r, error)
+}
+
+#[test]
+fn a_slower_endpoint_is_learnt_into_its_coefficients() {
+    let (r, error) = serve_slower_endpoint(true, 3.0);
+    let v = r.endpoints().next().unwrap();
+    assert!(
+        error < 0.05,
+        "prediction error after 50 first tokens: {error}"
+    );
+    let prior = HardwarePrior::H100_LLAMA31_8B;
+    let ratio = v.step_coefficients.prefill_us_per_token / prior.prefill_us_per_token;
+    assert!(
+        (ratio - 3.0).abs() < 0.3,
+        "prefill coefficient {ratio}× the prior"
+    );
+    assert!(
+        (v.prefill_speed - 1.0).abs() < 0.1,
+        "the fit absorbed the slowness, the speed factor is left for transients: {}",
+        v.prefill_speed
+    );
+    assert_eq!(v.step_observations, 50);
+    // A decode step (one running sequence) on the learnt coefficients is ~3× the prior's
+    // 5.76 ms; the 12 ms TPOT observed is what the decode factor holds against it.
+    let step = v.step_coefficients.decode_step_us(1.0);
+    assert!(
+        (v.decode_speed - 12_000.0 / step).abs() < 0.1,
+        "decode factor {} vs 12 ms over a learnt {step:.0} µs step",
+        v.decode_speed
+    );
+}
+
+#[test]
+fn without_learning_the_speed_factor_calibrates_a_slower_endpoint() {
+    let (r, _) = serve_slower_endpoint(false, 3.0);
+    let v = r.endpoints().next().unwrap();
     assert!((v.prefill_speed - 3.0).abs() < 0.2, "{}", v.prefill_speed);
+    assert_eq!(v.step_coefficients, HardwarePrior::H100_LLAMA31_8B);
     assert!(
         v.decode_speed > 1.5,
         "12 ms TPOT vs a ~5.8 ms prior: {}",
