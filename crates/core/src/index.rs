@@ -23,22 +23,28 @@
 //! would match it: a broken precise view is never worse than no events at all.
 //!
 //! ## Layout and why
-//! One hash map from block key to a small set of holders, each holder `(endpoint, tier bits,
-//! approximate timestamp)` in 16 bytes. Most keys have one holder, which is stored inline
-//! (`Holders::One`) so the common case costs no second allocation. A query walks the request's
-//! key chain once: at block `i` only endpoints that matched blocks `0..i` can advance, so the walk
-//! stops at the first block no remaining endpoint holds, and costs `O(Σ holders of the matched
-//! blocks)` map probes. Keys are already uniformly distributed hashes, so the map uses a cheap
-//! fixed multiply-fold hasher (deterministic iteration, no SipHash cost).
+//! One table from block key to its holders, each holder `(endpoint, tier bits, approximate
+//! timestamp)`. Most keys have one holder that only the engine's events put there (precise, no
+//! timestamp to keep): it is packed into the table's 4-byte value (`endpoint << 3 | tiers`), so
+//! the common case is one 12-byte slot and no allocation. Other keys (several holders, or an
+//! approximate entry with its stamp) spill into an arena that the value indexes. A query walks
+//! the request's key chain once: at block `i` only endpoints that matched blocks `0..i` can
+//! advance, so the walk stops at the first block no remaining endpoint holds, and costs
+//! `O(Σ holders of the matched blocks)` table probes. Keys are already uniformly distributed
+//! hashes, so the table uses a cheap fixed multiply-fold hash (deterministic, no SipHash cost).
 //!
 //! ## Memory per entry
-//! A holder record is 16 bytes; a map slot (key + inline holder set) 32 bytes plus one control
-//! byte; a key with several holders adds a header record plus 16 bytes per holder in a `Vec`.
-//! Counted from container capacities ([`PrefixIndex::memory`], printed by the `route` bench and
-//! a unit test): ~43 bytes per (block, endpoint) entry for a freshly built index, and up to
-//! ~120 bytes under heavy store/remove churn, because hashbrown doubles its table instead of
-//! rehashing in place once the live set exceeds half of it, leaving the table 28–56% full.
-//!
+//! Counted from the capacities of every container ([`PrefixIndex::memory`]; rerun with
+//! `cargo run --release -p kvgate-core --example index_memory`). The block table
+//! (`index/table.rs`) is sized to the live set, not to a power of two, and deletes without
+//! tombstones, so its load stays in [0.4, 0.85] whatever the churn: a private precise entry
+//! costs 12 B / load, 14–30 bytes. Measured for 10 endpoints × 29,205 private blocks (a full
+//! H100 cache each): 17.1 bytes per (block, endpoint) entry freshly built and 17.1 after every
+//! endpoint turned its cache over 20 times (256 random evictions and stores per round), against
+//! 59.2 and 118.5 with the former hashbrown map of 32-byte slots, which doubled under churn
+//! and never shrank. The worst of 16 live sizes from 40k to 190k entries is 21.5 bytes (was
+//! 72.1 fresh, 133.1 churned). A unit test holds the churned figure to ≤ 32 bytes.
+
 //! ## Memory bound and eviction
 //! * Approximate entries: at most `approx_capacity_blocks` per endpoint. Eviction is least
 //!   recently *touched* (a booking re-touches every block of its prompt), implemented as an
@@ -53,10 +59,14 @@
 //!   and it is marked untrusted until a resync (rather than evicting arbitrary blocks and
 //!   silently keeping a wrong view).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::hash::{BuildHasher, Hasher};
 
 use crate::endpoint::{EndpointId, Tier};
+
+mod table;
+
+use table::BlockTable;
 
 const GPU: u8 = 1;
 const CPU: u8 = 2;
@@ -149,9 +159,6 @@ impl Holders {
             Self::Many(v) => v[1..].iter_mut().find(|h| h.ep == ep),
         }
     }
-    fn find(&self, ep: u32) -> Option<&Holder> {
-        self.as_slice().iter().find(|h| h.ep == ep)
-    }
     fn push(&mut self, h: Holder) {
         let header = Holder {
             approx_stamp_us: 0,
@@ -202,6 +209,141 @@ impl Holders {
         }
     }
 }
+
+/// A block's holders as read from the table: an inline holder decoded by value, or a spilled
+/// set borrowed from the arena.
+#[derive(Clone, Copy)]
+enum View<'a> {
+    One(Holder),
+    Many(&'a Holders),
+}
+
+impl View<'_> {
+    fn as_slice(&self) -> &[Holder] {
+        match self {
+            Self::One(h) => std::slice::from_ref(h),
+            Self::Many(hs) => hs.as_slice(),
+        }
+    }
+    fn find(&self, ep: u32) -> Option<Holder> {
+        self.as_slice().iter().find(|h| h.ep == ep).copied()
+    }
+    /// As [`Holders::same_holders`]; an inline holder equals a spilled `One` with the same record.
+    fn same_holders(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Self::Many(a), Self::Many(b)) => a.same_holders(b),
+            (a, b) => match (a.as_slice(), b.as_slice()) {
+                ([x], [y]) => x == y,
+                _ => false,
+            },
+        }
+    }
+}
+
+/// Table value of a spilled holder set: this bit plus its arena index.
+const SPILLED: u32 = 1 << 31;
+/// Bits of the tier flags in an inline table value (endpoint id above them).
+const INLINE_TIER_BITS: u32 = 3;
+
+/// The table value of `hs` if it fits inline: one holder, precise only (no approximate stamp
+/// to keep), endpoint id below 2²⁸. Never 0 (an inline holder has a tier bit set).
+fn encode_inline(hs: &Holders) -> Option<u32> {
+    match hs {
+        Holders::One(h)
+            if h.flags & APPROX == 0
+                && h.flags & TIERS != 0
+                && h.ep < (SPILLED >> INLINE_TIER_BITS) =>
+        {
+            Some((h.ep << INLINE_TIER_BITS) | u32::from(h.flags))
+        }
+        _ => None,
+    }
+}
+
+fn decode_inline(v: u32) -> Holder {
+    Holder {
+        approx_stamp_us: 0,
+        ep: v >> INLINE_TIER_BITS,
+        flags: (v & ((1 << INLINE_TIER_BITS) - 1)) as u8,
+    }
+}
+
+/// The spilled holder sets (several holders, or one with an approximate stamp), indexed from
+/// the table, with a free list so churn reuses arena slots instead of growing the arena.
+#[derive(Clone, Debug, Default)]
+struct Arena {
+    sets: Vec<Holders>,
+    free: Vec<u32>,
+}
+
+impl Arena {
+    fn alloc(&mut self, hs: Holders) -> u32 {
+        if let Some(i) = self.free.pop() {
+            self.sets[i as usize] = hs;
+            return i;
+        }
+        let i = u32::try_from(self.sets.len())
+            .ok()
+            .filter(|i| i & SPILLED == 0)
+            .expect("fewer than 2^31 spilled holder sets");
+        self.sets.push(hs);
+        i
+    }
+    fn take(&mut self, i: u32) -> Holders {
+        std::mem::replace(&mut self.sets[i as usize], Holders::One(EMPTY_HOLDER))
+    }
+    fn release(&mut self, i: u32) {
+        self.free.push(i);
+    }
+    /// Takes the holders a table value stands for (leaving an arena slot to refill or release).
+    fn decode(&mut self, v: u32) -> Holders {
+        if v & SPILLED == 0 {
+            Holders::One(decode_inline(v))
+        } else {
+            self.take(v & !SPILLED)
+        }
+    }
+    /// The table value for `hs` (0 when no holder is left), given what the key's value was:
+    /// reuses its arena slot when `hs` still spills, releases it when not.
+    fn encode(&mut self, old: Option<u32>, mut hs: Holders) -> u32 {
+        let spilled = old.filter(|v| v & SPILLED != 0).map(|v| v & !SPILLED);
+        if !hs.prune() {
+            if let Some(i) = spilled {
+                self.release(i);
+            }
+            return 0;
+        }
+        if let Some(v) = encode_inline(&hs) {
+            if let Some(i) = spilled {
+                self.release(i);
+            }
+            return v;
+        }
+        match spilled {
+            Some(i) => {
+                self.sets[i as usize] = hs;
+                i | SPILLED
+            }
+            None => self.alloc(hs) | SPILLED,
+        }
+    }
+    fn view(&self, v: u32) -> View<'_> {
+        if v & SPILLED == 0 {
+            View::One(decode_inline(v))
+        } else {
+            match &self.sets[(v & !SPILLED) as usize] {
+                Holders::One(h) => View::One(*h),
+                many => View::Many(many),
+            }
+        }
+    }
+}
+
+const EMPTY_HOLDER: Holder = Holder {
+    approx_stamp_us: 0,
+    ep: 0,
+    flags: 0,
+};
 
 #[derive(Clone, Debug, Default)]
 struct EpIndex {
@@ -305,7 +447,9 @@ pub(crate) fn table_bytes(capacity: usize, entry: usize) -> usize {
 #[derive(Clone)]
 pub struct PrefixIndex {
     cfg: IndexConfig,
-    blocks: HashMap<u64, Holders, KeyHasherBuilder>,
+    /// Block key → holders: one precise holder inline, else an [`Arena`] index.
+    blocks: BlockTable,
+    arena: Arena,
     eps: Vec<Option<EpIndex>>,
     /// Trust per endpoint, dense (the walk reads it per holder; keeping it out of `EpIndex`
     /// keeps those reads in one cache line per 64 endpoints).
@@ -326,7 +470,8 @@ impl PrefixIndex {
     pub fn new(cfg: IndexConfig) -> Self {
         Self {
             cfg,
-            blocks: HashMap::default(),
+            blocks: BlockTable::default(),
+            arena: Arena::default(),
             eps: Vec::new(),
             trust: Vec::new(),
         }
@@ -347,6 +492,51 @@ impl PrefixIndex {
 
     fn ep(&self, id: u32) -> Option<&EpIndex> {
         self.eps.get(id as usize).and_then(Option::as_ref)
+    }
+
+    fn view(&self, key: u64) -> Option<View<'_>> {
+        self.blocks.get(key).map(|v| self.arena.view(v))
+    }
+
+    /// Runs `f` on the holders of `key` (starting from `init` when the key is absent; `None`:
+    /// leave absent keys alone), then stores them back in the most compact form, dropping the
+    /// key when no holder is left. `f`'s changes are pruned and fingerprinted here.
+    fn update<R>(
+        &mut self,
+        key: u64,
+        init: Option<Holder>,
+        f: impl FnOnce(&mut Holders) -> R,
+    ) -> Option<R> {
+        let Self { blocks, arena, .. } = self;
+        if let Some(slot) = blocks.get_mut(key) {
+            let old = *slot;
+            let mut hs = arena.decode(old);
+            let r = f(&mut hs);
+            match arena.encode(Some(old), hs) {
+                0 => {
+                    blocks.remove(key);
+                }
+                v => *slot = v,
+            }
+            return Some(r);
+        }
+        let mut hs = Holders::One(init?);
+        let r = f(&mut hs);
+        match arena.encode(None, hs) {
+            0 => {}
+            v => blocks.insert(key, v),
+        }
+        Some(r)
+    }
+
+    /// Applies `f` to every key's holders (a whole-index scan), dropping keys left empty.
+    fn update_all(&mut self, mut f: impl FnMut(&mut Holders)) {
+        let Self { blocks, arena, .. } = self;
+        blocks.retain(|_, old| {
+            let mut hs = arena.decode(old);
+            f(&mut hs);
+            arena.encode(Some(old), hs)
+        });
     }
 
     /// Whether `id`'s events are trusted.
@@ -378,37 +568,25 @@ impl PrefixIndex {
     pub fn store(&mut self, id: EndpointId, keys: &[u64], tier: Tier) -> ApplyOutcome {
         let bit = tier_bit(tier);
         let mut added = 0usize;
+        let fresh = Holder {
+            approx_stamp_us: 0,
+            ep: id.0,
+            flags: 0,
+        };
         for &key in keys {
-            match self.blocks.entry(key) {
-                std::collections::hash_map::Entry::Occupied(mut o) => {
-                    let hs = o.get_mut();
-                    match hs.find_mut(id.0) {
-                        Some(h) => {
-                            if h.flags & TIERS == 0 {
-                                added += 1;
-                            }
-                            h.flags |= bit;
-                            hs.refresh();
-                        }
-                        None => {
-                            hs.push(Holder {
-                                approx_stamp_us: 0,
-                                ep: id.0,
-                                flags: bit,
-                            });
-                            added += 1;
-                        }
+            let new = self.update(key, Some(fresh), |hs| {
+                let h = match hs.find_mut(id.0) {
+                    Some(h) => h,
+                    None => {
+                        hs.push(fresh);
+                        hs.find_mut(id.0).expect("just pushed")
                     }
-                }
-                std::collections::hash_map::Entry::Vacant(v) => {
-                    v.insert(Holders::One(Holder {
-                        approx_stamp_us: 0,
-                        ep: id.0,
-                        flags: bit,
-                    }));
-                    added += 1;
-                }
-            }
+                };
+                let new = h.flags & TIERS == 0;
+                h.flags |= bit;
+                new
+            });
+            added += usize::from(new == Some(true));
         }
         let cap = self.cfg.precise_capacity_blocks;
         let ep = self.ep_mut(id);
@@ -425,44 +603,38 @@ impl PrefixIndex {
     pub fn remove(&mut self, id: EndpointId, keys: &[u64], tier: Tier) {
         let bit = tier_bit(tier);
         let mut removed = 0usize;
-        for key in keys {
-            let Some(hs) = self.blocks.get_mut(key) else {
-                continue;
-            };
-            let Some(h) = hs.find_mut(id.0) else {
-                continue;
-            };
-            let had = h.flags & TIERS != 0;
-            h.flags &= !bit;
-            let mut approx_dropped = false;
-            if had && h.flags & TIERS == 0 {
-                removed += 1;
-                // The engine evicted the block: the router's guess that it is there is void too.
-                if h.flags & APPROX != 0 {
-                    h.flags &= !APPROX;
-                    approx_dropped = true;
+        let mut approx_dropped = 0usize;
+        for &key in keys {
+            self.update(key, None, |hs| {
+                let Some(h) = hs.find_mut(id.0) else {
+                    return;
+                };
+                let had = h.flags & TIERS != 0;
+                h.flags &= !bit;
+                if had && h.flags & TIERS == 0 {
+                    removed += 1;
+                    // The engine evicted the block: the router's guess that it is there is void
+                    // too.
+                    if h.flags & APPROX != 0 {
+                        h.flags &= !APPROX;
+                        h.approx_stamp_us = 0;
+                        approx_dropped += 1;
+                    }
                 }
-            }
-            if !hs.prune() {
-                self.blocks.remove(key);
-            }
-            if approx_dropped {
-                let ep = self.ep_mut(id);
-                ep.approx_live = ep.approx_live.saturating_sub(1);
-            }
+            });
         }
         let ep = self.ep_mut(id);
         ep.precise_entries = ep.precise_entries.saturating_sub(removed);
+        ep.approx_live = ep.approx_live.saturating_sub(approx_dropped);
     }
 
     /// Drops every precise entry of `id` (an `AllBlocksCleared`, or a broken view). A full scan:
     /// clears are rare (engine reset), and a per-endpoint key list would double the memory.
     pub fn clear_precise(&mut self, id: EndpointId) {
-        self.blocks.retain(|_, hs| {
+        self.update_all(|hs| {
             if let Some(h) = hs.find_mut(id.0) {
                 h.flags &= !TIERS;
             }
-            hs.prune()
         });
         self.ep_mut(id).precise_entries = 0;
     }
@@ -470,11 +642,10 @@ impl PrefixIndex {
     /// Drops every entry of `id`, precise and approximate (its engine's cache is empty: an
     /// `AllBlocksCleared` or a restart), keeping its trust. A full scan, as [`Self::clear_precise`].
     pub fn clear_endpoint(&mut self, id: EndpointId) {
-        self.blocks.retain(|_, hs| {
+        self.update_all(|hs| {
             if let Some(h) = hs.find_mut(id.0) {
                 h.flags = 0;
             }
-            hs.prune()
         });
         let ep = self.ep_mut(id);
         ep.precise_entries = 0;
@@ -492,32 +663,26 @@ impl PrefixIndex {
         let stamp = now_us.max(ep.last_stamp_us + 1);
         ep.last_stamp_us = stamp;
         let mut added = 0usize;
+        let fresh = Holder {
+            approx_stamp_us: stamp,
+            ep: id.0,
+            flags: 0,
+        };
         for &key in keys {
-            let hs = self.blocks.entry(key).or_insert_with(|| {
-                Holders::One(Holder {
-                    approx_stamp_us: 0,
-                    ep: id.0,
-                    flags: 0,
-                })
-            });
-            match hs.find_mut(id.0) {
-                Some(h) => {
-                    if h.flags & APPROX == 0 {
-                        added += 1;
+            let new = self.update(key, Some(fresh), |hs| {
+                let h = match hs.find_mut(id.0) {
+                    Some(h) => h,
+                    None => {
+                        hs.push(fresh);
+                        hs.find_mut(id.0).expect("just pushed")
                     }
-                    h.flags |= APPROX;
-                    h.approx_stamp_us = stamp;
-                    hs.refresh();
-                }
-                None => {
-                    hs.push(Holder {
-                        approx_stamp_us: stamp,
-                        ep: id.0,
-                        flags: APPROX,
-                    });
-                    added += 1;
-                }
-            }
+                };
+                let new = h.flags & APPROX == 0;
+                h.flags |= APPROX;
+                h.approx_stamp_us = stamp;
+                new
+            });
+            added += usize::from(new == Some(true));
         }
         let ep = self.ep_mut(id);
         ep.approx_live += added;
@@ -534,21 +699,18 @@ impl PrefixIndex {
 
     /// Evicts the approximate entry `(key, id)` if it still carries `stamp`.
     fn evict_approx(&mut self, id: EndpointId, key: u64, stamp: u64) {
-        let Some(hs) = self.blocks.get_mut(&key) else {
-            return;
-        };
-        let Some(h) = hs.find_mut(id.0) else {
-            return;
-        };
-        if h.flags & APPROX == 0 || h.approx_stamp_us != stamp {
-            return;
+        let evicted = self.update(key, None, |hs| match hs.find_mut(id.0) {
+            Some(h) if h.flags & APPROX != 0 && h.approx_stamp_us == stamp => {
+                h.flags &= !APPROX;
+                h.approx_stamp_us = 0;
+                true
+            }
+            _ => false,
+        });
+        if evicted == Some(true) {
+            let ep = self.ep_mut(id);
+            ep.approx_live = ep.approx_live.saturating_sub(1);
         }
-        h.flags &= !APPROX;
-        if !hs.prune() {
-            self.blocks.remove(&key);
-        }
-        let ep = self.ep_mut(id);
-        ep.approx_live = ep.approx_live.saturating_sub(1);
     }
 
     fn maybe_compact(&mut self, id: EndpointId) {
@@ -557,12 +719,10 @@ impl PrefixIndex {
             return;
         }
         let log = std::mem::take(&mut ep.approx_log);
-        let blocks = &self.blocks;
         let kept: VecDeque<(u64, u64)> = log
             .into_iter()
             .filter(|&(key, s)| {
-                blocks
-                    .get(&key)
+                self.view(key)
                     .and_then(|hs| hs.find(id.0))
                     .is_some_and(|h| h.flags & APPROX != 0 && h.approx_stamp_us == s)
             })
@@ -589,11 +749,10 @@ impl PrefixIndex {
 
     /// Forgets `id` entirely.
     pub fn remove_endpoint(&mut self, id: EndpointId) {
-        self.blocks.retain(|_, hs| {
+        self.update_all(|hs| {
             if let Some(h) = hs.find_mut(id.0) {
                 h.flags = 0;
             }
-            hs.prune()
         });
         if let Some(slot) = self.eps.get_mut(id.0 as usize) {
             *slot = None;
@@ -623,7 +782,7 @@ impl PrefixIndex {
         gpu: &mut [u32],
         accept: impl Fn(&Holder) -> Option<bool>,
     ) {
-        let flush = |run: &mut Option<(&Holders, u32)>, blocks: &mut [u32], gpu: &mut [u32]| {
+        let flush = |run: &mut Option<(View<'_>, u32)>, blocks: &mut [u32], gpu: &mut [u32]| {
             if let Some((prev, pending)) = run.take()
                 && pending > 0
             {
@@ -639,14 +798,14 @@ impl PrefixIndex {
                 }
             }
         };
-        let mut run: Option<(&Holders, u32)> = None;
-        for (i, key) in chain.iter().enumerate() {
+        let mut run: Option<(View<'_>, u32)> = None;
+        for (i, &key) in chain.iter().enumerate() {
             let i = i as u32;
-            let Some(hs) = self.blocks.get(key) else {
+            let Some(hs) = self.view(key) else {
                 break;
             };
             if let Some((prev, pending)) = &mut run
-                && prev.same_holders(hs)
+                && prev.same_holders(&hs)
             {
                 *pending += 1;
                 continue;
@@ -683,7 +842,7 @@ impl PrefixIndex {
     pub fn precise_prefix(&self, id: EndpointId, chain: &[u64]) -> u32 {
         let mut n = 0;
         for key in chain {
-            match self.blocks.get(key).and_then(|hs| hs.find(id.0)) {
+            match self.view(*key).and_then(|hs| hs.find(id.0)) {
                 Some(h) if h.flags & TIERS != 0 => n += 1,
                 _ => break,
             }
@@ -700,12 +859,12 @@ impl PrefixIndex {
         let precise = q.source == PrefixSource::Best && q.precise && self.is_trusted(id);
         let (mut blocks, mut gpu) = (0u32, 0u32);
         for key in q.chain {
-            let Some(h) = self.blocks.get(key).and_then(|hs| hs.find(id.0)) else {
+            let Some(h) = self.view(*key).and_then(|hs| hs.find(id.0)) else {
                 break;
             };
             let on_gpu = if precise && h.flags & TIERS != 0 {
                 h.flags & GPU != 0
-            } else if self.approx_fresh(h, q.now_us, ttl) {
+            } else if self.approx_fresh(&h, q.now_us, ttl) {
                 true
             } else {
                 break;
@@ -744,21 +903,22 @@ impl PrefixIndex {
         out
     }
 
-    /// Counts keys, holder entries and heap bytes. Heap bytes are computed from the containers'
-    /// capacities and element layouts: hashbrown allocates `buckets × (entry + 1 control byte)
-    /// + 16` with `buckets` the next power of two ≥ `capacity × 8 / 7`; inline single holders
-    /// cost nothing extra; `Vec`/`VecDeque` cost `capacity × element`.
+    /// Counts keys, holder entries and heap bytes. Heap bytes are the capacities of every
+    /// container the index owns, times their element sizes: the block table's slot array, the
+    /// arena of spilled holder sets with its free list and each set's `Vec`, the per-endpoint
+    /// records with their eviction logs, and the trust flags.
     pub fn memory(&self) -> IndexMemory {
         let mut m = IndexMemory {
             keys: self.blocks.len(),
             entries: 0,
-            heap_bytes: table_bytes(
-                self.blocks.capacity(),
-                std::mem::size_of::<(u64, Holders)>(),
-            ),
+            heap_bytes: self.blocks.heap_bytes()
+                + self.arena.sets.capacity() * std::mem::size_of::<Holders>()
+                + self.arena.free.capacity() * std::mem::size_of::<u32>(),
         };
-        for hs in self.blocks.values() {
-            m.entries += hs.as_slice().len();
+        for (_, v) in self.blocks.iter() {
+            m.entries += self.arena.view(v).as_slice().len();
+        }
+        for hs in &self.arena.sets {
             if let Holders::Many(v) = hs {
                 m.heap_bytes += v.capacity() * std::mem::size_of::<Holder>();
             }
@@ -767,15 +927,14 @@ impl PrefixIndex {
         for ep in self.eps.iter().flatten() {
             m.heap_bytes += ep.approx_log.capacity() * std::mem::size_of::<(u64, u64)>();
         }
+        m.heap_bytes += self.trust.capacity() * std::mem::size_of::<bool>();
         m
     }
 
-    /// Size in bytes of one holder record and of one map slot (key + inline holder set).
+    /// Size in bytes of one holder record and of one block-table slot (key + a single precise
+    /// holder inline, or an arena index).
     pub fn layout_sizes() -> (usize, usize) {
-        (
-            std::mem::size_of::<Holder>(),
-            std::mem::size_of::<(u64, Holders)>(),
-        )
+        (std::mem::size_of::<Holder>(), table::SLOT_BYTES)
     }
 }
 
@@ -1059,5 +1218,50 @@ mod tests {
             "index memory: {per:.1} bytes per (block, endpoint) entry (holder {holder} B, slot {slot} B)"
         );
         assert!(per > slot as f64 && per < 4.0 * slot as f64, "{per}");
+    }
+
+    /// Bytes per entry of an index of `endpoints × blocks` private precise entries, freshly
+    /// built and after `rounds` rounds in which every endpoint evicts 256 random blocks and
+    /// stores 256 new ones.
+    fn churned_bytes_per_entry(endpoints: u32, blocks: usize, rounds: usize) -> (f64, f64) {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(15);
+        let mut idx = PrefixIndex::new(cfg());
+        let mut live: Vec<Vec<u64>> = (0..endpoints)
+            .map(|_| (0..blocks).map(|_| rng.random()).collect())
+            .collect();
+        for (e, keys) in live.iter().enumerate() {
+            idx.store(EndpointId(e as u32), keys, Tier::Gpu);
+        }
+        let per = |idx: &PrefixIndex| {
+            let m = idx.memory();
+            assert_eq!(m.entries, endpoints as usize * blocks);
+            m.heap_bytes as f64 / m.entries as f64
+        };
+        let fresh = per(&idx);
+        for _ in 0..rounds {
+            for (e, keys) in live.iter_mut().enumerate() {
+                let (mut out, mut new) = (Vec::new(), Vec::new());
+                for i in rand::seq::index::sample(&mut rng, keys.len(), 256) {
+                    new.push(rng.random());
+                    out.push(std::mem::replace(&mut keys[i], *new.last().unwrap()));
+                }
+                idx.remove(EndpointId(e as u32), &out, Tier::Gpu);
+                idx.store(EndpointId(e as u32), &new, Tier::Gpu);
+            }
+        }
+        (fresh, per(&idx))
+    }
+
+    /// Issue 15: a hashbrown table doubles under store/remove churn and never shrinks, which
+    /// took the index from 43 to 118.5 bytes per entry; the budget is 32, fresh and churned.
+    #[test]
+    fn memory_per_entry_stays_within_32_bytes_under_churn() {
+        // 4 × 12,000 entries: just past a power of two (hashbrown's worst case), turned over
+        // five times.
+        let (fresh, churned) = churned_bytes_per_entry(4, 12_000, 5 * 12_000 / 256);
+        println!("bytes per entry: fresh {fresh:.1}, after churn {churned:.1}");
+        assert!(fresh <= 32.0, "fresh: {fresh:.1} bytes per entry");
+        assert!(churned <= 32.0, "after churn: {churned:.1} bytes per entry");
     }
 }
