@@ -69,6 +69,7 @@ use crate::booking::Booking;
 use crate::config::{DataPlaneConfig, EndpointConfig, PolicyChoice};
 use crate::metrics::{
     DataPlaneMetrics, EndpointLabels, IndexLabels, ModeLabels, ProbeLabels, SignalLabels,
+    SpeedLabels, StepTermLabels,
 };
 use crate::openai::{ApiError, ParsedRequest, Prompt};
 use axum::http::StatusCode;
@@ -882,6 +883,9 @@ impl Control {
             mode: Option<&'static str>,
             precise: usize,
             approx: usize,
+            step: kvgate_core::cost::HardwarePrior,
+            step_observations: u64,
+            speed: [f64; 2],
         }
         let views: Vec<Gauges> = self.with_router(|r| {
             r.endpoints()
@@ -893,6 +897,9 @@ impl Control {
                     mode: r.kv_index_mode(v.id).map(|m| m.as_str()),
                     precise: v.precise_blocks,
                     approx: v.approx_blocks,
+                    step: v.step_coefficients,
+                    step_observations: v.step_observations,
+                    speed: [v.prefill_speed, v.decode_speed],
                 })
                 .collect()
         });
@@ -914,6 +921,34 @@ impl Control {
                     endpoint: g.endpoint.clone(),
                 })
                 .set(i64::from(g.in_flight));
+            for (term, us) in [
+                ("step_base", g.step.step_base_us),
+                ("prefill_token", g.step.prefill_us_per_token),
+                ("decode_sequence", g.step.decode_us_per_token),
+            ] {
+                self.metrics
+                    .step_coefficient_seconds
+                    .get_or_create(&StepTermLabels {
+                        endpoint: g.endpoint.clone(),
+                        term,
+                    })
+                    .set(us / 1e6);
+            }
+            self.metrics
+                .step_model_observations
+                .get_or_create(&EndpointLabels {
+                    endpoint: g.endpoint.clone(),
+                })
+                .set(i64::try_from(g.step_observations).unwrap_or(i64::MAX));
+            for (phase, factor) in [("prefill", g.speed[0]), ("decode", g.speed[1])] {
+                self.metrics
+                    .speed_factor
+                    .get_or_create(&SpeedLabels {
+                        endpoint: g.endpoint.clone(),
+                        phase,
+                    })
+                    .set(factor);
+            }
             if let Some(mode) = g.mode {
                 index.push((g.endpoint, mode, g.precise, g.approx));
             }

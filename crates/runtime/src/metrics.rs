@@ -104,6 +104,25 @@ pub struct IndexLabels {
     pub source: &'static str,
 }
 
+/// Labels of `kvgate_gateway_step_coefficient_seconds`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StepTermLabels {
+    /// Endpoint address.
+    pub endpoint: String,
+    /// `step_base` (β0, per engine step), `prefill_token` (β1, per prefill token) or
+    /// `decode_sequence` (β2, per running sequence in a step).
+    pub term: &'static str,
+}
+
+/// Labels of `kvgate_gateway_speed_factor`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SpeedLabels {
+    /// Endpoint address.
+    pub endpoint: String,
+    /// `prefill` (from first tokens) or `decode` (from TPOT).
+    pub phase: &'static str,
+}
+
 /// Buckets of the TTFT histogram, seconds: 5 ms to ~41 s in ×2 steps, covering a cached short
 /// prompt on an idle H100 up to a long prompt behind a deep queue.
 fn ttft_buckets() -> impl Iterator<Item = f64> {
@@ -165,6 +184,14 @@ pub struct DataPlaneMetrics {
     pub cached_tokens_reported: Family<EndpointLabels, Counter>,
     /// Per-request records dropped because their writer fell behind, by log.
     pub records_dropped: Family<RecordLabels, Counter>,
+    /// The step-time coefficients the cost model prices each endpoint with (learnt online from
+    /// its first tokens, the hardware prior until then), seconds.
+    pub step_coefficient_seconds: Family<StepTermLabels, Gauge<f64, AtomicU64>>,
+    /// First tokens each endpoint's coefficients were learnt from.
+    pub step_model_observations: Family<EndpointLabels, Gauge>,
+    /// Each endpoint's calibrated speed factor: the transient the learnt coefficients do not
+    /// explain (1 = as learnt; ages back to 1 without evidence).
+    pub speed_factor: Family<SpeedLabels, Gauge<f64, AtomicU64>>,
 }
 
 impl std::fmt::Debug for DataPlaneMetrics {
@@ -216,6 +243,24 @@ impl DataPlaneMetrics {
         let kv_index_blocks = Family::<IndexLabels, Gauge>::default();
         let tokenizer_probe = Family::<ProbeLabels, Gauge>::default();
         let records_dropped = Family::<RecordLabels, Counter>::default();
+        let step_coefficient_seconds = Family::<StepTermLabels, Gauge<f64, AtomicU64>>::default();
+        let step_model_observations = Family::<EndpointLabels, Gauge>::default();
+        let speed_factor = Family::<SpeedLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "step_coefficient_seconds",
+            "Step-time coefficients the cost model prices each endpoint with, learnt online from its first tokens (the hardware prior until then): step_base per engine step, prefill_token per prefill token, decode_sequence per running sequence in a step",
+            step_coefficient_seconds.clone(),
+        );
+        registry.register(
+            "step_model_observations",
+            "First tokens each endpoint's step-time coefficients were learnt from",
+            step_model_observations.clone(),
+        );
+        registry.register(
+            "speed_factor",
+            "Calibrated speed factor per endpoint and phase: what the learnt coefficients do not explain (1 = as learnt; a stall shows here and ages back to 1)",
+            speed_factor.clone(),
+        );
         registry.register(
             "request_records_dropped",
             "Decision-log and captured-trace records dropped because the writer fell behind (the request itself was served)",
@@ -334,6 +379,9 @@ impl DataPlaneMetrics {
             cached_tokens_predicted,
             cached_tokens_reported,
             records_dropped,
+            step_coefficient_seconds,
+            step_model_observations,
+            speed_factor,
         }
     }
 
