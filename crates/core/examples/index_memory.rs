@@ -126,7 +126,7 @@ fn main() {
         worst_fresh.0, worst_fresh.1, worst_churned.0, worst_churned.1
     );
 
-    for holders in [2u32, 10] {
+    for holders in [2u32, 3, 10] {
         let (fresh, churned, entries) =
             precise(holders * 4, 10_000, holders, 12 * 10_000 / PER_ROUND);
         println!(
