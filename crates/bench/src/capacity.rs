@@ -116,6 +116,9 @@ pub struct PolicyCapacity {
     pub rejected: usize,
     /// Of those, invalid for every engine (longer than `max_model_len`).
     pub invalid: usize,
+    /// TTFT prediction error after warm-up at capacity (see [`crate::report::ttft_mape`]);
+    /// `None` for policies that do not predict or if no rate met the SLO.
+    pub ttft_mape: Option<f64>,
     /// Every probe, in the order made.
     pub probes: Vec<Probe>,
 }
@@ -322,6 +325,7 @@ pub fn find_capacity(
         out.herding = b.report.herding;
         out.rejected = b.report.rejected;
         out.invalid = b.report.invalid;
+        out.ttft_mape = b.report.ttft_mape;
     }
     Ok(out)
 }
@@ -386,7 +390,7 @@ impl CapacityReport {
             self.slo.min_goodput * 100.0
         ));
         s.push_str(&format!(
-            "{:<20} {:>9} {:>9} {:>8} {:>9} {:>9} {:>8} {:>6} {:>11} {:>6}\n",
+            "{:<20} {:>9} {:>9} {:>8} {:>9} {:>9} {:>8} {:>6} {:>11} {:>6} {:>7}\n",
             "policy",
             self.rate_kind,
             "req/s",
@@ -396,7 +400,8 @@ impl CapacityReport {
             "hit",
             "probes",
             "herd (osc)",
-            "rej"
+            "rej",
+            "mape"
         ));
         for p in &self.policies {
             let rate = p.capacity_speedup.or(p.capacity_rate);
@@ -406,7 +411,7 @@ impl CapacityReport {
                 "-".to_string()
             };
             s.push_str(&format!(
-                "{:<20} {:>9} {:>9.2} {:>8} {:>9.1} {:>9.2} {:>8.3} {:>6} {:>5.2} ({:.2}) {:>6}\n",
+                "{:<20} {:>9} {:>9.2} {:>8} {:>9.1} {:>9.2} {:>8.3} {:>6} {:>5.2} ({:.2}) {:>6} {:>7}\n",
                 p.policy,
                 rate.map_or("none".to_string(), |r| format!("{r:.3}")),
                 p.capacity_rps,
@@ -417,10 +422,11 @@ impl CapacityReport {
                 p.probes.len(),
                 p.herding.mean_max_over_mean_waiting,
                 p.herding.oscillation,
-                p.rejected
+                p.rejected,
+                crate::report::mape_cell(p.ttft_mape)
             ));
         }
-        s.push_str("vs best: capacity (req/s) relative to the best baseline (every policy but kvgate and oracle)\n");
+        s.push_str("vs best: capacity (req/s) relative to the best baseline (every policy but kvgate and oracle); mape: TTFT prediction error at capacity after warm-up\n");
         s
     }
 

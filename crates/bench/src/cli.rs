@@ -16,6 +16,7 @@ use crate::capacity::{
 use crate::des::{DesConfig, PolicyRun, ReplicaSpread, run_policy};
 use crate::report::{PolicyReport, RateCurve, Report, Slo, write_charts, write_rate_chart};
 use crate::trace::parse_trace;
+use crate::truth::{HardwareTruth, Priors};
 use crate::workload::{
     MultiTurnConfig, ReplayOptions, SharedPrefixConfig, Workload, from_trace, merge, multi_turn,
     shared_prefix,
@@ -64,6 +65,20 @@ pub struct FleetArgs {
     /// Override KV capacity per engine, in blocks of 16 tokens.
     #[arg(long)]
     pub num_gpu_blocks: Option<usize>,
+    /// What the engines really are against what the routers are told: `declared` (as
+    /// `--gpu` says, exact priors), `a100-as-h100`, `cpu-like` (prefill 7.5× dearer relative to
+    /// the step base) or `three-speeds` (0.6×, 1×, 1.8× an H100 in rotation), all declared H100.
+    /// Other than `declared`, the truth sets the engines' speed and `--gpu` must stay `h100`.
+    #[arg(long, value_enum, default_value_t = HardwareTruth::Declared)]
+    pub hardware_truth: HardwareTruth,
+    /// Priors the routers get: `declared` (what the truth declares) or `truth` (each engine's
+    /// true coefficients registered as its hardware class: correct priors).
+    #[arg(long, value_enum, default_value_t = Priors::Declared)]
+    pub priors: Priors,
+    /// Turn off the online learning of each endpoint's step-time coefficients in every router
+    /// (the declared prior and one speed factor, kvgate before it learnt).
+    #[arg(long)]
+    pub static_priors: bool,
     /// Metrics sampling interval, ms.
     #[arg(long, default_value_t = 100)]
     pub scrape_interval_ms: u64,
@@ -193,8 +208,15 @@ fn des_config(f: &FleetArgs) -> Result<DesConfig, BenchError> {
         }
         engines.push(e);
     }
+    if f.hardware_truth != HardwareTruth::Declared && f.gpu != Gpu::H100 {
+        return Err(BenchError::InvalidArgument(
+            "--hardware-truth other than declared sets the engines' speed; leave --gpu at h100",
+        ));
+    }
     let mut cfg = DesConfig::homogeneous(f.engines, EngineConfig::h100());
     cfg.engines = engines;
+    crate::truth::apply(&mut cfg, f.hardware_truth, f.priors);
+    cfg.static_priors = f.static_priors;
     cfg.scrape_interval_ms = f.scrape_interval_ms;
     cfg.metrics_delay_ms = f.metrics_delay_ms;
     cfg.kv_event_delay_ms = f.kv_event_delay_ms;
@@ -755,7 +777,7 @@ pub const DEMO_POLICIES: [Policy; 8] = [
 /// alternating). Flags the user set away from their defaults win.
 pub fn demo_config(f: &FleetArgs) -> Result<DesConfig, BenchError> {
     let mut f = f.clone();
-    if f.gpu == Gpu::H100 {
+    if f.gpu == Gpu::H100 && f.hardware_truth == HardwareTruth::Declared {
         f.gpu = Gpu::Mixed;
     }
     if f.num_gpu_blocks.is_none() {
@@ -837,18 +859,33 @@ pub fn demo(args: &DemoArgs) -> Result<Report, BenchError> {
     let workload = demo_workload(args.fleet.seed);
     let cfg = demo_config(&args.fleet)?;
     let policies = DEMO_POLICIES;
-    let gpus = cfg
-        .engines
-        .iter()
-        .map(|e| {
-            if e.step == kvgate_engine::StepModel::A100_LLAMA31_8B {
-                "A100"
-            } else {
-                "H100"
+    let truth = args.fleet.hardware_truth;
+    let gpus = (0..cfg.engines.len())
+        .map(|i| match truth.engine(i) {
+            Some((_, class)) => class,
+            None if cfg.engines[i].step == kvgate_engine::StepModel::A100_LLAMA31_8B => {
+                "A100".to_string()
             }
+            None => "H100".to_string(),
         })
         .collect::<Vec<_>>()
         .join(",");
+    let gpus = if truth == HardwareTruth::Declared {
+        gpus
+    } else {
+        format!(
+            "{gpus}; routers told {}{}",
+            match args.fleet.priors {
+                Priors::Declared => "h100",
+                Priors::Truth => "the truth",
+            },
+            if args.fleet.static_priors {
+                ", not learning"
+            } else {
+                ""
+            }
+        )
+    };
     let signals = Signals::of(&cfg);
     println!(
         "kvgate demo: {} simulated Llama-3.1-8B engines ({gpus}), {} KV blocks of {} tokens each, \

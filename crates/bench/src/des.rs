@@ -21,6 +21,13 @@
 //! policy runs under the same replicas and delays. The true waiting queue of every engine is
 //! sampled every `queue_sample_interval_ms` so reports can measure herding.
 //!
+//! ## What the engines are, and what the routers are told
+//! By default each engine is declared as the hardware class of its own preset, so the cost
+//! model's priors are exact. [`DesConfig::declared`] tells the routers something else
+//! ([`crate::truth`] builds the scenarios: A100s declared as H100s, CPU-like engines, a fleet of
+//! three speeds), and [`DesConfig::static_priors`] stops them learning. Each request records the
+//! TTFT its router predicted when booking it, so reports measure the prediction error.
+//!
 //! Everything is driven by one event queue ordered by (time, insertion order), so a seed gives
 //! the same report bit for bit. Prompt tokens and block hashes are computed when a request
 //! arrives and dropped when it finishes, so memory follows the requests in flight, not the
@@ -31,6 +38,7 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::sync::Arc;
 
+use kvgate_core::cost::HardwarePrior;
 use kvgate_core::endpoint::{EndpointId, EndpointSpec};
 use kvgate_core::observe::{KvEvent as CoreKvEvent, KvEventBatch, MetricsSample};
 use kvgate_core::{OracleView, Outcome, Policy, Router, RouterConfig, RoutingRequest, TrueLoad};
@@ -73,6 +81,23 @@ pub struct DesConfig {
     pub seed: u64,
     /// Model name every engine serves.
     pub model: String,
+    /// What the routers are told each engine is, one per engine; empty: the class of the
+    /// engine's own preset (`a100` for A100 coefficients, else `h100`), so the priors are exact.
+    /// [`crate::truth`] sets it apart from the engines' true coefficients.
+    pub declared: Vec<DeclaredHardware>,
+    /// Learning off for every router (`learn_step_model: false`): the declared prior and one
+    /// speed factor per endpoint, kvgate as it was before it learnt step times.
+    pub static_priors: bool,
+}
+
+/// The hardware class a router is told an engine is.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeclaredHardware {
+    /// Class name, a key of the router's `Tuning::hardware`.
+    pub class: String,
+    /// That class's prior, registered in every router's hardware map; `None`: the router's own
+    /// (`h100`, `a100`).
+    pub prior: Option<HardwarePrior>,
 }
 
 /// How a Kubernetes Service spreads requests over router replicas.
@@ -123,6 +148,8 @@ impl DesConfig {
             queue_sample_interval_ms: 100,
             seed: 0,
             model: "llama-3.1-8b".to_string(),
+            declared: Vec::new(),
+            static_priors: false,
         }
     }
 }
@@ -151,6 +178,9 @@ pub struct RequestRecord {
     pub invalid: bool,
     /// Router replica that decided it.
     pub replica: u32,
+    /// The TTFT the deciding router predicted when it booked the request, µs
+    /// (`Decision::predicted_ttft_us`; `None` for policies that do not predict).
+    pub predicted_ttft_us: Option<u64>,
 }
 
 /// The true waiting queue of every engine at one instant.
@@ -308,7 +338,20 @@ pub fn run_policy(
         policy: policy.to_string(),
         source,
     };
-    let router_cfg = RouterConfig::for_preset(policy).map_err(policy_err)?;
+    if !cfg.declared.is_empty() && cfg.declared.len() != cfg.engines.len() {
+        return Err(BenchError::InvalidArgument(
+            "declared hardware must name every engine or none",
+        ));
+    }
+    let mut router_cfg = RouterConfig::for_preset(policy).map_err(policy_err)?;
+    if cfg.static_priors {
+        router_cfg.tuning.learn_step_model = false;
+    }
+    for d in &cfg.declared {
+        if let Some(prior) = d.prior {
+            router_cfg.tuning.hardware.insert(d.class.clone(), prior);
+        }
+    }
     let replicas = cfg.router_replicas;
     let mut routers = Vec::with_capacity(replicas);
     for _ in 0..replicas {
@@ -321,10 +364,10 @@ pub fn run_policy(
     for (i, ec) in cfg.engines.iter().enumerate() {
         engines.push(Engine::new(ec.clone()).map_err(|source| BenchError::Engine { source })?);
         let mut spec = EndpointSpec::new(format!("engine-{i}"), cfg.model.clone());
-        spec.hardware_class = if ec.step == kvgate_engine::StepModel::A100_LLAMA31_8B {
-            "a100".into()
-        } else {
-            "h100".into()
+        spec.hardware_class = match cfg.declared.get(i) {
+            Some(d) => d.class.clone(),
+            None if ec.step == kvgate_engine::StepModel::A100_LLAMA31_8B => "a100".into(),
+            None => "h100".into(),
         };
         let mut id = None;
         for router in &mut routers {
@@ -480,6 +523,7 @@ pub fn run_policy(
                         match admitted {
                             Ok(()) => {
                                 run.requests[i].engine = e as u32;
+                                run.requests[i].predicted_ttft_us = decision.predicted_ttft_us;
                                 run.requests_per_engine[e] += 1;
                                 inflight.insert(
                                     req_id,

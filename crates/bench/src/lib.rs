@@ -16,6 +16,7 @@ pub mod prepared;
 pub mod report;
 pub mod stats;
 pub mod trace;
+pub mod truth;
 pub mod workload;
 
 use std::path::PathBuf;

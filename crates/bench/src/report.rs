@@ -15,6 +15,12 @@
 //!   fleet of N whose whole queue sits on one endpoint scores N. Several routers acting on the
 //!   same stale view pile onto whichever endpoint last looked idle, then all leave it: the
 //!   ratio is high and swings.
+//! - TTFT MAPE = mean over requests of |predicted − measured| ÷ measured TTFT, where the
+//!   prediction is the deciding router's at booking (`Decision::predicted_ttft_us`: kvgate's
+//!   cost model and the oracle; policies that do not predict have none). The first
+//!   [`MAPE_WARMUP_FRACTION`] of the requests by arrival are the warm-up, while each endpoint's
+//!   step model is still being learnt, and are left out; `prediction_error.svg` draws the whole
+//!   learning curve, the MAPE per window of arrival time.
 
 use std::path::{Path, PathBuf};
 
@@ -24,6 +30,36 @@ use serde::Serialize;
 use crate::BenchError;
 use crate::des::PolicyRun;
 use crate::stats::{Summary, percentile};
+
+/// Fraction of a run's requests, the earliest by arrival, that are warm-up for
+/// [`ttft_mape`]. 10%: on a fleet of 8 that is ~12 first tokens per endpoint per 1,000 requests,
+/// enough for the online fit to have set each endpoint's scale and most of its shape
+/// (`kvgate_core::learn`), while 90% of the run is still judged.
+pub const MAPE_WARMUP_FRACTION: f64 = 0.1;
+
+/// TTFT prediction error after warm-up: mean |predicted − measured| ÷ measured over the
+/// requests that have both, leaving out the first [`MAPE_WARMUP_FRACTION`] of all requests by
+/// arrival. `None` if no request after warm-up has a prediction.
+pub fn ttft_mape(run: &PolicyRun) -> Option<f64> {
+    let mut by_arrival: Vec<&crate::des::RequestRecord> = run.requests.iter().collect();
+    by_arrival.sort_by_key(|r| r.arrival_us);
+    let warmup = (by_arrival.len() as f64 * MAPE_WARMUP_FRACTION).floor() as usize;
+    mean_error(by_arrival[warmup..].iter().copied())
+}
+
+/// |predicted − measured| ÷ measured TTFT of one request, if it has both.
+fn relative_error(r: &crate::des::RequestRecord) -> Option<f64> {
+    let predicted = r.predicted_ttft_us? as f64;
+    let measured = r.first_token_us.checked_sub(r.arrival_us)? as f64;
+    (r.first_token_us > 0 && measured > 0.0).then(|| (predicted - measured).abs() / measured)
+}
+
+fn mean_error<'a>(requests: impl Iterator<Item = &'a crate::des::RequestRecord>) -> Option<f64> {
+    let (sum, n) = requests
+        .filter_map(relative_error)
+        .fold((0.0, 0usize), |(s, n), e| (s + e, n + 1));
+    (n > 0).then(|| sum / n as f64)
+}
 
 /// Service-level objective used for goodput.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
@@ -137,6 +173,9 @@ pub struct PolicyReport {
     /// Requests no engine of the fleet could serve (longer than `max_model_len`), included in
     /// `rejected`.
     pub invalid: usize,
+    /// TTFT prediction error after warm-up ([`ttft_mape`]), a fraction; `None` (JSON `null`)
+    /// for policies that do not predict.
+    pub ttft_mape: Option<f64>,
 }
 
 /// The whole comparison.
@@ -215,6 +254,7 @@ impl PolicyReport {
             },
             herding: Herding::of(&run.queue_samples),
             invalid: run.requests.iter().filter(|r| r.invalid).count(),
+            ttft_mape: ttft_mape(run),
         }
     }
 }
@@ -231,7 +271,7 @@ impl Report {
             if self.router_replicas > 1 { "s" } else { "" }
         );
         s.push_str(&format!(
-            "{:<20} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9} {:>7} {:>8} {:>7} {:>6} {:>5} {:>11}\n",
+            "{:<20} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9} {:>7} {:>8} {:>7} {:>6} {:>5} {:>11} {:>7}\n",
             "policy",
             "ttft mean",
             "ttft p50",
@@ -245,15 +285,16 @@ impl Report {
             "preempt",
             "imbal",
             "rej",
-            "herd (osc)"
+            "herd (osc)",
+            "mape"
         ));
         s.push_str(&format!(
-            "{:<20} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9} {:>7} {:>8} {:>7} {:>6} {:>5} {:>11}\n",
-            "", "ms", "ms", "ms", "ms", "ms", "ms", "", "(SLO)", "ratio", "", "max/µ", "", "max/µ wait"
+            "{:<20} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8} {:>9} {:>7} {:>8} {:>7} {:>6} {:>5} {:>11} {:>7}\n",
+            "", "ms", "ms", "ms", "ms", "ms", "ms", "", "(SLO)", "ratio", "", "max/µ", "", "max/µ wait", "ttft"
         ));
         for p in &self.policies {
             s.push_str(&format!(
-                "{:<20} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>8.2} {:>8.2} {:>9.0} {:>6.1}% {:>8.3} {:>7} {:>6.2} {:>5} {:>5.2} ({:.2})\n",
+                "{:<20} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>8.2} {:>8.2} {:>9.0} {:>6.1}% {:>8.3} {:>7} {:>6.2} {:>5} {:>5.2} ({:.2}) {:>7}\n",
                 p.policy,
                 p.ttft_ms.mean,
                 p.ttft_ms.p50,
@@ -268,12 +309,15 @@ impl Report {
                 p.load_balance.max_over_mean_prefill_tokens,
                 p.rejected,
                 p.herding.mean_max_over_mean_waiting,
-                p.herding.oscillation
+                p.herding.oscillation,
+                mape_cell(p.ttft_mape)
             ));
         }
         s.push_str(&format!(
-            "goodput SLO: TTFT <= {} ms and TPOT <= {} ms\n",
-            self.slo.ttft_ms, self.slo.tpot_ms
+            "goodput SLO: TTFT <= {} ms and TPOT <= {} ms; mape: TTFT prediction error after the first {:.0}% of requests (- = policy does not predict)\n",
+            self.slo.ttft_ms,
+            self.slo.tpot_ms,
+            MAPE_WARMUP_FRACTION * 100.0
         ));
         s
     }
@@ -286,6 +330,11 @@ impl Report {
             source,
         })
     }
+}
+
+/// A MAPE as a table cell: percent, or `-` when the policy does not predict.
+pub fn mape_cell(mape: Option<f64>) -> String {
+    mape.map_or("-".to_string(), |m| format!("{:.1}%", m * 100.0))
 }
 
 const PALETTE: [RGBColor; 9] = [
@@ -307,9 +356,8 @@ fn chart_err(path: &Path, e: impl std::fmt::Display) -> BenchError {
     }
 }
 
-/// Draws the four charts (TTFT CDF, TTFT over time, per-endpoint load, queue herding over time)
-/// as SVG and PNG into
-/// `dir`, returning the files written.
+/// Draws the five charts (TTFT CDF, TTFT over time, per-endpoint load, queue herding over time,
+/// TTFT prediction error over time) as SVG and PNG into `dir`, returning the files written.
 pub fn write_charts(dir: &Path, runs: &[PolicyRun]) -> Result<Vec<PathBuf>, BenchError> {
     std::fs::create_dir_all(dir).map_err(|source| BenchError::Write {
         path: dir.to_path_buf(),
@@ -321,6 +369,7 @@ pub fn write_charts(dir: &Path, runs: &[PolicyRun]) -> Result<Vec<PathBuf>, Benc
         "ttft_over_time",
         "endpoint_load",
         "queue_herding",
+        "prediction_error",
     ] {
         let svg = dir.join(format!("{name}.svg"));
         {
@@ -354,6 +403,7 @@ where
         "ttft_cdf" => draw_cdf(root, runs),
         "ttft_over_time" => draw_over_time(root, runs),
         "queue_herding" => draw_herding(root, runs),
+        "prediction_error" => draw_prediction_error(root, runs),
         _ => draw_load(root, runs),
     }
 }
@@ -625,6 +675,97 @@ where
                 PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
             });
     }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()?;
+    Ok(())
+}
+
+/// Windows of arrival time the learning curve is cut into.
+const ERROR_WINDOWS: usize = 40;
+
+/// MAPE (percent) of the TTFT predictions per window of arrival time, the learning curve of one
+/// run: (window middle in s, MAPE %) for every window with a prediction.
+pub fn prediction_error_series(run: &PolicyRun) -> Vec<(f64, f64)> {
+    let end_us = run.requests.iter().map(|r| r.arrival_us).max().unwrap_or(0);
+    let width_us = (end_us / ERROR_WINDOWS as u64).max(1);
+    let mut windows: Vec<Vec<&crate::des::RequestRecord>> = vec![Vec::new(); ERROR_WINDOWS + 1];
+    for r in &run.requests {
+        windows[((r.arrival_us / width_us) as usize).min(ERROR_WINDOWS)].push(r);
+    }
+    windows
+        .iter()
+        .enumerate()
+        .filter_map(|(w, rs)| {
+            mean_error(rs.iter().copied())
+                .map(|e| ((w as f64 + 0.5) * width_us as f64 / 1e6, e * 100.0))
+        })
+        .collect()
+}
+
+fn draw_prediction_error<DB: DrawingBackend>(
+    root: &DrawingArea<DB, plotters::coord::Shift>,
+    runs: &[PolicyRun],
+) -> DrawResult
+where
+    DB::ErrorType: 'static,
+{
+    root.fill(&WHITE)?;
+    let series: Vec<(&PolicyRun, Vec<(f64, f64)>)> = runs
+        .iter()
+        .map(|r| (r, prediction_error_series(r)))
+        .filter(|(_, s)| !s.is_empty())
+        .collect();
+    let end_s = runs
+        .iter()
+        .flat_map(|r| r.requests.iter().map(|q| q.arrival_us))
+        .max()
+        .unwrap_or(0) as f64
+        / 1e6;
+    let pts = series.iter().flat_map(|(_, s)| s.iter().map(|p| p.1));
+    let y_max = pts.clone().fold(20.0f64, f64::max) * 1.3;
+    let y_min = pts.fold(5.0f64, f64::min).max(0.1) * 0.8;
+    let mut chart = ChartBuilder::on(root)
+        .caption(
+            "TTFT prediction error over time: the learning curve (dashed: 10%)",
+            ("sans-serif", 24),
+        )
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0.0..end_s.max(1e-3), (y_min..y_max).log_scale())?;
+    chart
+        .configure_mesh()
+        .x_desc("arrival time (s)")
+        .y_desc("MAPE of predicted TTFT (%, log)")
+        .y_labels(12)
+        .y_label_formatter(&|y| {
+            if *y < 10.0 {
+                format!("{y:.1}")
+            } else {
+                format!("{y:.0}")
+            }
+        })
+        .draw()?;
+    for (i, (run, pts)) in series.into_iter().enumerate() {
+        let color = PALETTE[i % PALETTE.len()];
+        chart.draw_series(pts.iter().map(|&q| Circle::new(q, 3, color.filled())))?;
+        chart
+            .draw_series(LineSeries::new(pts, color.stroke_width(2)))?
+            .label(run.policy.clone())
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+    }
+    chart.draw_series(DashedLineSeries::new(
+        vec![(0.0, 10.0), (end_s.max(1e-3), 10.0)],
+        8,
+        6,
+        BLACK.stroke_width(2),
+    ))?;
     chart
         .configure_series_labels()
         .position(SeriesLabelPosition::UpperRight)
