@@ -3,6 +3,9 @@
 #
 #   scripts/fuzz.sh [SECONDS] [TARGET...]     default: 60 s for each of every target
 #
+# FUZZ_RUNS=N stops a target after N executions if that comes before SECONDS (for a campaign
+# that must reach a count, e.g. FUZZ_RUNS=10000000, without guessing the time it needs).
+#
 # Needs the nightly toolchain and cargo-fuzz (cargo install cargo-fuzz). Each target starts
 # from its committed seeds (fuzz/seeds/<target>) and grows a working corpus in
 # fuzz/corpus/<target> (not committed); crashes land in fuzz/artifacts/<target>.
@@ -22,6 +25,10 @@ if [ ${#targets[@]} -eq 0 ]; then
     targets=(kv_event_batch metrics_text zmtp_peer openai_request extproc_messages)
 fi
 sanitizer="${FUZZ_SANITIZER:-none}"
+runs=()
+if [ -n "${FUZZ_RUNS:-}" ]; then
+    runs=(-runs="$FUZZ_RUNS")
+fi
 
 # The OpenAI and ext_proc targets need the data-plane crates (see fuzz/Cargo.toml).
 features=()
@@ -35,7 +42,7 @@ for t in "${targets[@]}"; do
     echo "== $t (${seconds}s)"
     status=0
     cargo +nightly fuzz run -s "$sanitizer" "${features[@]}" "$t" "corpus/$t" "seeds/$t" -- \
-        -max_total_time="$seconds" -print_final_stats=1 -rss_limit_mb=4096 \
+        -max_total_time="$seconds" -print_final_stats=1 -rss_limit_mb=4096 "${runs[@]}" \
         > "corpus/$t.log" 2>&1 || status=$?
     grep -E "stat::number_of_executed_units|stat::average_exec_per_sec|SUMMARY|Test unit written|panicked" \
         "corpus/$t.log" || true
