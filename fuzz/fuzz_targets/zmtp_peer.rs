@@ -7,20 +7,20 @@
 //! no unbounded allocation, the reactor keeps serving). The cost is speed: one TCP connection
 //! per input, thousands of inputs a second instead of hundreds of thousands.
 //!
-//! Why each input waits for two things. First, for libzmq to close the connection after the
-//! harness half-closes it (`shutdown(Write)`, then read to EOF): libzmq has then read every
-//! byte of the input, and the harness never outruns its accept loop. Sending without waiting
-//! (the first version) filled the listen backlog (100 in libzmq) within milliseconds; the
-//! kernel then dropped SYNs, and each one cost a 1 s retransmit: 600 inputs a second on an idle
-//! CPU. Closing with unread data would also have sent an RST that can discard input libzmq had
-//! not read yet. Second, for a marker message on a second, long-lived connection to a second
-//! SUB socket of the same reactor to reach its consumer: the reactor polls its sockets in
-//! order and drains the decoder's socket first, so the decoder has (nearly always) run on this
-//! input's messages before the next input starts, and libFuzzer credits the coverage to the
-//! right input; and a reactor that stops serving after some input fails that input (the marker
-//! or the close does not come within [`WEDGED`]) instead of going unnoticed. libzmq still
-//! parses on its own I/O thread, so a crash there is reported on the input that caused it only
-//! as far as these waits order it. Each input leaves a TIME_WAIT socket behind (the harness
+//! Why each input waits for two things. First, for libzmq to close the connection after the harness
+//! half-closes it (`shutdown(Write)`, then read to EOF): libzmq has then read every byte of the
+//! input, and the harness never outruns its accept loop. Sending without waiting (the first
+//! version) filled the listen backlog (100 in libzmq) within milliseconds; the kernel then dropped
+//! SYNs, and each one cost a 1 s retransmit: 500 to 1,200 inputs a second with the CPU mostly idle.
+//! Closing with libzmq's greeting unread also reset the connection, and libzmq may drop a reset
+//! connection before it has processed all of the input. Second, for a marker message on a second,
+//! long-lived connection to a second SUB socket of the same reactor to reach its consumer: the
+//! reactor polls its sockets in order and drains the decoder's socket first, so the decoder has
+//! (nearly always) run on this input's messages before the next input starts, and libFuzzer credits
+//! the coverage to the right input; and a reactor that stops serving after some input fails that
+//! input (the marker or the close does not come within [`WEDGED`]) instead of going unnoticed.
+//! libzmq still parses on its own I/O thread, so a crash there is reported on the input that caused
+//! it only as far as these waits order it. Each input leaves a TIME_WAIT socket behind (the harness
 //! sends the first FIN); Linux reuses those ports for new loopback connections after a second
 //! (`net.ipv4.tcp_tw_reuse`, 2 by default), far more than the few thousand a second needed.
 //!
