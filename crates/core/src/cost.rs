@@ -110,8 +110,6 @@ pub struct CostBreakdown {
     pub cliff_penalty_us: f64,
     /// Total predicted TTFT including penalties, µs.
     pub ttft_us: f64,
-    /// Same, at speed factor 1 and without penalties (what calibration compares against).
-    pub raw_ttft_us: f64,
     /// What the router minimises: `ttft_us` plus `(prefill_work_weight − 1) · prefill_us`, the
     /// delay this request's own new prefill work imposes on requests queued after it.
     pub routing_cost_us: f64,
@@ -195,7 +193,6 @@ pub fn kvgate_cost(
         kv_after,
         cliff_penalty_us,
         ttft_us: base + cliff_penalty_us + tiebreak,
-        raw_ttft_us: total_raw,
         routing_cost_us: base
             + cliff_penalty_us
             + tiebreak

@@ -62,8 +62,10 @@ pub(crate) struct Booking {
     pub uncached_tokens: u32,
     pub kv_blocks: u64,
     pub first_token_at_us: Option<u64>,
-    /// The prediction's step-model terms at the prior (see [`crate::BookingPlan::ttft_terms`]).
-    pub ttft_terms: [f64; 3],
+    /// Queue ahead assumed at booking, prefill tokens (see [`crate::BookingPlan`]).
+    pub queued_prefill_tokens: f64,
+    /// Running sequences assumed at booking.
+    pub running: f64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -271,21 +273,20 @@ impl EndpointLoad {
         self.own_blocks = self.own_blocks.saturating_sub(b.kv_blocks);
     }
 
-    /// Marks the first token; returns the observed TTFT and the booking's prior-priced
-    /// prediction terms, for learning and calibration.
-    pub fn first_token(&mut self, req_id: u64, now_us: u64) -> Option<(f64, [f64; 3])> {
+    /// Marks the first token; returns the observed TTFT and the booking (for calibration).
+    pub fn first_token(&mut self, req_id: u64, now_us: u64) -> Option<(f64, Booking)> {
         let b = self.in_flight.get_mut(&req_id)?;
         if b.first_token_at_us.is_some() {
             return None;
         }
         b.first_token_at_us = Some(now_us);
         let obs = now_us.saturating_sub(b.booked_at_us) as f64;
-        let terms = b.ttft_terms;
+        let booked = b.clone();
         let tokens = u64::from(b.uncached_tokens);
         self.own_unstarted = self.own_unstarted.saturating_sub(1);
         self.own_unstarted_tokens = self.own_unstarted_tokens.saturating_sub(tokens);
         self.own_started += 1;
-        Some((obs, terms))
+        Some((obs, booked))
     }
 
     /// Releases a booking (finish or failure).
@@ -388,7 +389,8 @@ mod tests {
             uncached_tokens: tokens,
             kv_blocks: blocks,
             first_token_at_us: None,
-            ttft_terms: [1000.0, 0.0, 0.0],
+            queued_prefill_tokens: 0.0,
+            running: 0.0,
         }
     }
 

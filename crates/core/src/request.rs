@@ -258,7 +258,8 @@ pub struct CandidateReport {
     pub sample_age_us: Option<u64>,
     /// Age of the latest KV event batch, µs; `None` if none arrived.
     pub kv_event_age_us: Option<u64>,
-    /// Predicted time to first token there (penalties included), µs.
+    /// Predicted time to first token there (queue wait plus own prefill, as
+    /// [`Decision::predicted_ttft_us`]), µs; the cliff's penalty is in `cost_us`.
     pub predicted_ttft_us: u64,
     /// What kvgate's cost model minimises there, µs.
     pub cost_us: f64,
@@ -277,10 +278,11 @@ pub struct BookingPlan {
     pub uncached_tokens: f64,
     /// KV blocks the request takes there: its uncached prompt plus its expected output.
     pub new_kv_blocks: u64,
-    /// The prediction's three step-model terms priced at the endpoint's hardware prior,
-    /// `[steps·β0, tokens·β1, steps·running·β2]` for the queue ahead plus the request's own
-    /// prefill: what the online fit ([`crate::learn`]) learns from when the first token comes.
-    pub ttft_terms: [f64; 3],
+    /// Prefill tokens the prediction assumed queued ahead of the request there.
+    pub queued_prefill_tokens: f64,
+    /// Running sequences the prediction assumed there (riding along in every step). With the
+    /// queue, what the online fit ([`crate::learn`]) learns from when the request finishes.
+    pub running: f64,
 }
 
 /// What the caller learnt when a request finished.

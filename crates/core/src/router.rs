@@ -252,7 +252,7 @@ pub struct EndpointView<'a> {
     pub events_trusted: bool,
     /// Load estimate as of the router's latest known time.
     pub estimate: LoadEstimate,
-    /// Calibrated prefill speed factor (1 = hardware prior).
+    /// Calibrated prefill speed factor (1 = as its learnt coefficients predict).
     pub prefill_speed: f64,
     /// Calibrated decode speed factor.
     pub decode_speed: f64,
@@ -868,7 +868,7 @@ impl Router {
                         .entry(c.id)
                         .and_then(|e| e.kv.last_event_at_us)
                         .map(|t| now_us.saturating_sub(t)),
-                    predicted_ttft_us: cost.ttft_us as u64,
+                    predicted_ttft_us: (cost.queue_wait_us + cost.prefill_us) as u64,
                     cost_us: cost.routing_cost_us,
                     score: None,
                 }
@@ -991,6 +991,7 @@ impl Router {
                 own_prefill_tokens,
                 own_kv_blocks,
                 prior: &e.prior,
+                step: &e.coeffs,
                 prefill_speed,
                 matched_blocks,
                 matched_gpu_blocks,
@@ -1102,10 +1103,10 @@ impl Router {
     }
 
     /// What booking `req` on `id` adds: its uncached tokens (the prompt minus the prefix the
-    /// index says `id` holds, best source), the KV blocks it takes, and the TTFT the cost model
-    /// predicts at speed factor 1 without penalties (what calibration compares the observed
-    /// TTFT with). `best_match` is `id`'s `(blocks, gpu_blocks)` when the pick already has it;
-    /// otherwise `id` alone is matched.
+    /// index says `id` holds, best source), the KV blocks it takes, and the queue and running
+    /// sequences its TTFT prediction assumes (what calibration and learning hold the observed
+    /// TTFT against). `best_match` is `id`'s `(blocks, gpu_blocks)` when the pick already has
+    /// it; otherwise `id` alone is matched.
     fn booking_plan(
         &self,
         now_us: u64,
@@ -1134,17 +1135,12 @@ impl Router {
             t,
         );
         let new_kv_blocks = cost::new_kv_blocks(uncached, req.max_tokens, req.keys.block_size, t);
-        let ttft_terms = self.entry(id).map_or([0.0; 3], |e| {
-            e.prior.prefill_features(
-                estimate.queued_prefill_tokens as f64 + uncached,
-                f64::from(estimate.running),
-            )
-        });
         BookingPlan {
             endpoint: id,
             uncached_tokens: uncached,
             new_kv_blocks,
-            ttft_terms,
+            queued_prefill_tokens: estimate.queued_prefill_tokens as f64,
+            running: f64::from(estimate.running),
         }
     }
 
@@ -1208,7 +1204,8 @@ impl Router {
             uncached_tokens: plan.uncached_tokens as u32,
             kv_blocks: plan.new_kv_blocks,
             first_token_at_us: None,
-            ttft_terms: plan.ttft_terms,
+            queued_prefill_tokens: plan.queued_prefill_tokens,
+            running: plan.running,
         };
         let alpha = t.calibration_alpha;
         let max_blocks = t.max_booked_blocks;
@@ -1248,24 +1245,55 @@ impl Router {
         }
     }
 
-    /// The first token of `req_id` arrived: the request moves from queued to running, the
-    /// endpoint's step-time coefficients learn from its TTFT ([`crate::learn`]) and what they
-    /// did not absorb calibrates its prefill speed factor.
+    /// The first token of `req_id` arrived: the request moves from queued to running, and the
+    /// endpoint's prefill speed factor is calibrated against its learnt coefficients (the
+    /// coefficients themselves learn when the request finishes, from what the engine reports
+    /// it really computed; see [`Router::on_finish`]).
     pub fn on_first_token(&mut self, req_id: u64, now_us: u64) {
         self.tick(now_us);
         let p = self.calibration();
-        let learn = self.tuning.learn_params();
         let Some(id) = self.bookings.get(&req_id).map(|b| b.ep) else {
             return;
         };
         if let Some(e) = self.entry_mut(id)
-            && let Some((obs, terms)) = e.load.first_token(req_id, now_us)
+            && let Some((obs, b)) = e.load.first_token(req_id, now_us)
         {
-            if e.model.observe(&terms, obs, &learn) {
-                e.coeffs = e.model.coefficients(&e.prior);
-            }
+            let terms = e.prior.prefill_features(
+                b.queued_prefill_tokens + f64::from(b.uncached_tokens),
+                b.running,
+            );
             let raw = e.model.predict(&terms);
             e.load.prefill_speed.observe(now_us, obs, raw, p);
+        }
+    }
+
+    /// Teaches `id`'s step-time coefficients ([`crate::learn`]) the TTFT of a finished booking:
+    /// the queue and running sequences assumed when it was booked, and the prompt the engine
+    /// says it computed (its reported prompt minus cached tokens; the router's own guess when
+    /// the engine reports none). So a prefix the index missed or wrongly believed in is not
+    /// learnt as hardware speed.
+    fn learn_ttft(&mut self, id: EndpointId, b: &Booking, outcome: &Outcome) {
+        let Some(first) = b.first_token_at_us else {
+            return;
+        };
+        let learn = self.tuning.learn_params();
+        let Some(e) = self.entry_mut(id) else { return };
+        let uncached = match outcome.cached_tokens {
+            Some(cached) => f64::from(
+                outcome
+                    .prompt_tokens
+                    .unwrap_or(b.prompt_tokens)
+                    .saturating_sub(cached)
+                    .max(1),
+            ),
+            None => f64::from(b.uncached_tokens),
+        };
+        let terms = e
+            .prior
+            .prefill_features(b.queued_prefill_tokens + uncached, b.running);
+        let ttft = first.saturating_sub(b.booked_at_us) as f64;
+        if e.model.observe(&terms, ttft, &learn) {
+            e.coeffs = e.model.coefficients(&e.prior);
         }
     }
 
@@ -1314,7 +1342,9 @@ impl Router {
         if report.contract_change.is_some() {
             self.sync_trust(id);
         }
-        self.release(id, req_id, now_us);
+        if let Some(booking) = self.release(id, req_id, now_us) {
+            self.learn_ttft(id, &booking, outcome);
+        }
         report
     }
 

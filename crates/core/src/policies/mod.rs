@@ -211,8 +211,11 @@ pub struct Candidate<'a> {
     pub own_prefill_tokens: u64,
     /// This router's own active KV blocks there (Dynamo's tracked active blocks).
     pub own_kv_blocks: u64,
-    /// Hardware prior.
+    /// Hardware prior of its class, as declared.
     pub prior: &'a HardwarePrior,
+    /// Step-time coefficients learnt from its first tokens ([`crate::learn`]; the prior until
+    /// then): what kvgate's cost prices it with.
+    pub step: &'a HardwarePrior,
     /// Calibrated prefill speed factor.
     pub prefill_speed: f64,
     /// Matched prefix blocks, best source (0 unless `Needs::prefix`).

@@ -33,10 +33,11 @@ impl Scorer for OracleScorer {
     }
 }
 
-/// The cost model's TTFT on true state (speed 1, true cached prefix, true KV use).
+/// The cost model's TTFT on true state (the endpoint's learnt coefficients at speed 1, true
+/// cached prefix, true KV use).
 pub fn oracle_ttft_us(ctx: &PickContext<'_>, c: &Candidate<'_>, t: &TrueLoad) -> f64 {
     let uncached = f64::from(ctx.req.prompt_tokens.saturating_sub(t.cached_prefix_tokens)).max(1.0);
-    let base = c.prior.prefill_time_us(
+    let base = c.step.prefill_time_us(
         t.queued_prefill_tokens as f64 + uncached,
         f64::from(t.running),
     );
@@ -61,8 +62,8 @@ pub fn oracle_routing_cost_us(ctx: &PickContext<'_>, c: &Candidate<'_>, t: &True
     let uncached = f64::from(ctx.req.prompt_tokens.saturating_sub(t.cached_prefix_tokens)).max(1.0);
     let queued = t.queued_prefill_tokens as f64;
     let running = f64::from(t.running);
-    let own = c.prior.prefill_time_us(queued + uncached, running)
-        - c.prior.prefill_time_us(queued, running);
+    let own = c.step.prefill_time_us(queued + uncached, running)
+        - c.step.prefill_time_us(queued, running);
     oracle_ttft_us(ctx, c, t)
         + crate::cost::externality_weight_for_queue(t.waiting, ctx.tuning) * own
 }

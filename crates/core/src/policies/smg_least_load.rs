@@ -7,7 +7,7 @@
 //! Rendered on kvgate's estimator, which is exactly "last poll + own dispatches since": queued
 //! tokens are the estimate's queued prefill tokens, in-flight tokens the KV blocks the estimate
 //! holds (× block size: prompts and generated tokens resident on the worker), throughput the
-//! endpoint's calibrated prefill rate (1 / β1 of its hardware prior × its speed factor), and
+//! endpoint's calibrated prefill rate (1 / β1 of its learnt coefficients ÷ its speed factor), and
 //! `k` the estimated KV usage, capped at 0.99 so a full worker costs a finite, large amount.
 //! λ is not a published default; 1 s makes a worker at 50% KV cost one extra second, at 90%
 //! nine: the steep rise near a full cache the `k/(1−k)` term is for.
@@ -34,7 +34,7 @@ impl SmgLeastLoadPicker {
         let bs = f64::from(ctx.req.keys.block_size.max(1));
         let tokens = c.estimate.queued_prefill_tokens as f64 + c.estimate.kv_blocks as f64 * bs;
         let tokens_per_s =
-            1e6 / c.prior.prefill_us_per_token.max(f64::MIN_POSITIVE) / c.prefill_speed.max(1e-3);
+            1e6 / c.step.prefill_us_per_token.max(f64::MIN_POSITIVE) / c.prefill_speed.max(1e-3);
         let k = c.estimate.kv_usage().clamp(0.0, MAX_KV_USAGE);
         tokens / tokens_per_s + self.kv_pressure_weight_s * k / (1.0 - k)
     }
