@@ -101,7 +101,7 @@ fn main() {
         .copied()
         .unwrap_or(20 * blocks.div_ceil(PER_ROUND));
     let (holder, slot) = PrefixIndex::layout_sizes();
-    println!("layout: holder record {holder} B, map slot {slot} B");
+    println!("layout: holder record {holder} B, table slot {slot} B (5 to a 64-byte chunk)");
 
     let (fresh, churned, entries) = precise(endpoints, blocks, 1, rounds);
     println!(

@@ -26,25 +26,39 @@
 //! One table from block key to its holders, each holder `(endpoint, tier bits, approximate
 //! timestamp)`. Most keys have one holder that only the engine's events put there (precise, no
 //! timestamp to keep): it is packed into the table's 4-byte value (`endpoint << 3 | tiers`), so
-//! the common case is one 12-byte slot and no allocation. Other keys (several holders, or an
-//! approximate entry with its stamp) spill into an arena that the value indexes. A query walks
-//! the request's key chain once: at block `i` only endpoints that matched blocks `0..i` can
-//! advance, so the walk stops at the first block no remaining endpoint holds, and costs
-//! `O(Σ holders of the matched blocks)` table probes. Keys are already uniformly distributed
-//! hashes, so the table uses a cheap fixed multiply-fold hash (deterministic, no SipHash cost).
+//! the common case is one 12-byte slot and no allocation. Other keys spill into an arena that
+//! the value indexes: a block cached on several engines as their packed values (4 bytes per
+//! holder, sorted by endpoint), and a key with an approximate entry as 16-byte records that
+//! keep its stamp. Each holder set has exactly one form, so equal sets compare equal, which the
+//! walk's run skipping relies on. A query walks the request's key chain once: at block `i` only
+//! endpoints that matched blocks `0..i` can advance, so the walk stops at the first block no
+//! remaining endpoint holds, and costs `O(Σ holders of the matched blocks)` table probes. Keys
+//! are already uniformly distributed hashes, so the table uses a cheap fixed multiply-fold hash
+//! (deterministic, no SipHash cost).
 //!
 //! ## Memory per entry
 //! Counted from the capacities of every container ([`PrefixIndex::memory`]; rerun with
 //! `cargo run --release -p kvgate-core --example index_memory`). The block table
-//! (`index/table.rs`) is sized to the live set, not to a power of two, and deletes without
-//! tombstones, so its load stays in [0.4, 0.85] whatever the churn: a private precise entry
-//! costs 12 B / load, 14–30 bytes. Measured for 10 endpoints × 29,205 private blocks (a full
-//! H100 cache each): 17.1 bytes per (block, endpoint) entry freshly built and 17.1 after every
-//! endpoint turned its cache over 20 times (256 random evictions and stores per round), against
-//! 59.2 and 118.5 with the former hashbrown map of 32-byte slots, which doubled under churn
-//! and never shrank. The worst of 16 live sizes from 40k to 190k entries is 21.5 bytes (was
-//! 72.1 fresh, 133.1 churned). A unit test holds the churned figure to ≤ 32 bytes.
-
+//! (`index/table.rs`) is sized to the live set rather than to a power of two, and deletes
+//! without tombstones, so its load stays within [0.4, 0.85] whatever the churn: a private
+//! precise entry costs 12 B / load, 14–30 bytes. The arena and the eviction logs grow by a
+//! quarter rather than doubling, for the same reason. Measured, bytes per (block, endpoint)
+//! entry, freshly built → after every endpoint turned its cache over 20 times (256 random
+//! evictions and stores per round):
+//!
+//! | shape | now | hashbrown map of 32-byte slots (before) |
+//! |---|---|---|
+//! | 10 endpoints × 29,205 private blocks (a full H100 cache each) | 17.1 → 17.1 | 59.2 → 118.5 |
+//! | worst of 16 live sizes, 40k–190k entries | 21.5 → 21.5 | 72.1 → 133.1 |
+//! | blocks on 2 engines | 24.1 → 27.9 | 51.0 → 78.1 |
+//! | blocks on 10 engines | 8.0 → 8.8 | 24.6 → 30.0 |
+//! | approximate entries at capacity, eviction log included | 59.5 | 127.5 |
+//!
+//! The old map doubled under churn (tombstones) and never shrank. A unit test holds the
+//! churned figures for blocks on 1, 2 and 3 engines to ≤ 32 bytes. Approximate entries stay
+//! dearer (a 16-byte record for the stamp and a 16-byte log record for LRU order), but they
+//! are bounded by `approx_capacity_blocks` per endpoint.
+//!
 //! ## Memory bound and eviction
 //! * Approximate entries: at most `approx_capacity_blocks` per endpoint. Eviction is least
 //!   recently *touched* (a booking re-touches every block of its prompt), implemented as an
@@ -218,6 +232,7 @@ impl Iterator for ViewIter<'_> {
 }
 
 impl View<'_> {
+    #[inline]
     fn iter(&self) -> ViewIter<'_> {
         match self {
             Self::One(h) => ViewIter::Records(std::slice::from_ref(h).iter()),
@@ -232,6 +247,7 @@ impl View<'_> {
             Self::Packed(p) => p.len(),
         }
     }
+    #[inline]
     fn find(&self, ep: u32) -> Option<Holder> {
         match self {
             Self::Packed(p) => p
@@ -245,6 +261,7 @@ impl View<'_> {
     /// sets of different forms differ. Exact for single holders and packed sets (sorted, so
     /// equal sets are equal slices); by fingerprint for `Many` (equal sets have equal
     /// fingerprints; unequal ones collide with probability 2⁻⁶⁴).
+    #[inline]
     fn same_holders(&self, other: &Self) -> bool {
         match (self, other) {
             (Self::One(a), Self::One(b)) => a == b,
@@ -269,6 +286,7 @@ fn encode_holder(h: &Holder) -> Option<u32> {
         .then(|| (h.ep << INLINE_TIER_BITS) | u32::from(h.flags))
 }
 
+#[inline]
 fn decode_inline(v: u32) -> Holder {
     Holder {
         approx_stamp_us: 0,
@@ -379,6 +397,7 @@ impl Arena {
             None => self.alloc(set) | SPILLED,
         }
     }
+    #[inline]
     fn view(&self, v: u32) -> View<'_> {
         if v & SPILLED == 0 {
             return View::One(decode_inline(v));
@@ -574,6 +593,7 @@ impl PrefixIndex {
         self.eps.get(id as usize).and_then(Option::as_ref)
     }
 
+    #[inline]
     fn view(&self, key: u64) -> Option<View<'_>> {
         self.blocks.get(key).map(|v| self.arena.view(v))
     }
