@@ -212,6 +212,24 @@ pub struct PolicyRun {
     /// Per-engine waiting queues over time (every `queue_sample_interval_ms` while requests are
     /// outstanding).
     pub queue_samples: Vec<QueueSample>,
+    /// The step-time coefficients router replica 0 priced each engine with at the end of the
+    /// run, in engine order: what it learnt (`EndpointView::step_coefficients`).
+    pub step_models: Vec<StepFit>,
+}
+
+/// The step-time coefficients a router prices one endpoint with, and what they rest on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
+pub struct StepFit {
+    /// β0, µs per step.
+    pub step_base_us: f64,
+    /// β1, µs per prefill token.
+    pub prefill_us_per_token: f64,
+    /// β2, µs per running sequence per step.
+    pub decode_us_per_token: f64,
+    /// First tokens they were learnt from (0: the declared prior).
+    pub observations: u64,
+    /// The prefill speed factor on top (1 = as learnt).
+    pub prefill_speed: f64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -679,6 +697,19 @@ pub fn run_policy(
     }
 
     run.preemptions = engines.iter().map(|e| e.stats().preemptions_total).sum();
+    run.step_models = vec![StepFit::default(); n];
+    for view in routers[0].endpoints() {
+        if let Some(e) = ids.iter().position(|&id| id == view.id) {
+            let c = view.step_coefficients;
+            run.step_models[e] = StepFit {
+                step_base_us: c.step_base_us,
+                prefill_us_per_token: c.prefill_us_per_token,
+                decode_us_per_token: c.decode_us_per_token,
+                observations: view.step_observations,
+                prefill_speed: view.prefill_speed,
+            };
+        }
+    }
     Ok(run)
 }
 

@@ -176,6 +176,10 @@ pub struct PolicyReport {
     /// TTFT prediction error after warm-up ([`ttft_mape`]), a fraction; `None` (JSON `null`)
     /// for policies that do not predict.
     pub ttft_mape: Option<f64>,
+    /// For policies that predict: the step-time coefficients each endpoint was priced with at
+    /// the end of the run (router replica 0), to hold against the engines' true ones.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub step_models: Vec<crate::des::StepFit>,
 }
 
 /// The whole comparison.
@@ -255,6 +259,11 @@ impl PolicyReport {
             herding: Herding::of(&run.queue_samples),
             invalid: run.requests.iter().filter(|r| r.invalid).count(),
             ttft_mape: ttft_mape(run),
+            step_models: if ttft_mape(run).is_some() {
+                run.step_models.clone()
+            } else {
+                Vec::new()
+            },
         }
     }
 }

@@ -53,6 +53,12 @@ fn kvgate_learns_a_cpu_like_engine_to_within_ten_percent_where_static_priors_can
     let learnt_mape = ttft_mape(&learnt).expect("kvgate predicts");
     let fixed_mape = ttft_mape(&fixed).expect("kvgate predicts");
     eprintln!("cpu-like MAPE after warm-up: learning {learnt_mape:.3}, static {fixed_mape:.3}");
+    // What each router priced the engines with at the end: learnt from their first tokens,
+    // or the declared H100 prior untouched.
+    assert!(learnt.step_models.iter().all(|m| m.observations > 50));
+    assert!(fixed.step_models.iter().all(|m| m.observations == 0
+        && m.prefill_us_per_token
+            == kvgate_core::cost::HardwarePrior::H100_LLAMA31_8B.prefill_us_per_token));
     assert!(
         learnt_mape <= 0.10,
         "learning: MAPE {learnt_mape:.3} after warm-up"
