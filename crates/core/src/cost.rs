@@ -4,6 +4,8 @@
 //! (`step = β0 + β1·prefill tokens + β2·decode tokens`, chunked prefill of at most
 //! `max_batched_tokens` per step) applied to the prefill tokens ahead of the request and to the
 //! request's own uncached tokens, with the endpoint's running decodes riding along in every step.
+//! The step-time coefficients are the endpoint's as learnt from its first tokens
+//! ([`crate::learn`]; the hardware prior until then).
 //! The result is multiplied by the endpoint's calibrated speed factor. Uncached tokens are the
 //! prompt minus its matched prefix; a prefix held only in CPU or disk tiers still costs
 //! [`crate::Tuning::offload_hit_cost_fraction`] of its prefill (the transfer).
@@ -62,6 +64,15 @@ impl HardwarePrior {
         kv_capacity_blocks: 29_205,
         max_batched_tokens: 8192,
     };
+
+    /// Of `behind` tokens queued after work of `ahead` tokens, those that fit in the room left
+    /// in the step that finishes `ahead` (the engine fills each step up to
+    /// `max_batched_tokens` with whatever waits): they delay its completion.
+    pub fn co_scheduled(&self, ahead: f64, behind: f64) -> f64 {
+        let step = f64::from(self.max_batched_tokens.max(1));
+        let room = (ahead / step).ceil().max(1.0) * step - ahead;
+        behind.clamp(0.0, room.max(0.0))
+    }
 
     /// Time to prefill `tokens` with `running` decodes in every step, µs (speed factor 1).
     pub fn prefill_time_us(&self, tokens: f64, running: f64) -> f64 {

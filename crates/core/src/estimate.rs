@@ -66,6 +66,12 @@ pub(crate) struct Booking {
     pub queued_prefill_tokens: f64,
     /// Running sequences assumed at booking.
     pub running: f64,
+    /// Arrival order among the endpoint's bookings (set by [`EndpointLoad::book`]).
+    pub order: u64,
+    /// Uncached prompt tokens of this router's requests booked on the endpoint after this one
+    /// and still in flight when its first token came: work that may have shared its last
+    /// prefill step (set at the first token).
+    pub behind_tokens: f64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -124,6 +130,9 @@ pub(crate) struct EndpointLoad {
     at_sample_blocks: u64,
     recent_finished: VecDeque<Finished>,
     pub mean_prompt_tokens: f64,
+    /// Bookings made so far: each booking's arrival order (bookings in one burst often share a
+    /// timestamp).
+    booked: u64,
     pub prefill_speed: SpeedFactor,
     pub decode_speed: SpeedFactor,
 }
@@ -207,6 +216,7 @@ impl EndpointLoad {
             at_sample_blocks: 0,
             recent_finished: VecDeque::new(),
             mean_prompt_tokens: default_prompt_tokens,
+            booked: 0,
             prefill_speed: SpeedFactor::PRIOR,
             decode_speed: SpeedFactor::PRIOR,
         }
@@ -250,7 +260,9 @@ impl EndpointLoad {
         true
     }
 
-    pub fn book(&mut self, req_id: u64, b: Booking, alpha: f64) {
+    pub fn book(&mut self, req_id: u64, mut b: Booking, alpha: f64) {
+        self.booked += 1;
+        b.order = self.booked;
         self.own_unstarted += 1;
         self.own_unstarted_tokens += u64::from(b.uncached_tokens);
         self.own_blocks += b.kv_blocks;
@@ -280,6 +292,15 @@ impl EndpointLoad {
             return None;
         }
         b.first_token_at_us = Some(now_us);
+        let order = b.order;
+        let behind: u64 = self
+            .in_flight
+            .iter()
+            .filter(|(id, o)| **id != req_id && o.order > order)
+            .map(|(_, o)| u64::from(o.uncached_tokens))
+            .sum();
+        let b = self.in_flight.get_mut(&req_id)?;
+        b.behind_tokens = behind as f64;
         let obs = now_us.saturating_sub(b.booked_at_us) as f64;
         let booked = b.clone();
         let tokens = u64::from(b.uncached_tokens);
@@ -391,6 +412,8 @@ mod tests {
             first_token_at_us: None,
             queued_prefill_tokens: 0.0,
             running: 0.0,
+            behind_tokens: 0.0,
+            order: 0,
         }
     }
 

@@ -74,6 +74,8 @@ pub(crate) struct LearnParams {
     pub gate_sigmas: f64,
     pub min_multiplier: f64,
     pub max_multiplier: f64,
+    /// Relative standard deviation of an endpoint's multipliers around its class's.
+    pub endpoint_sd: f64,
 }
 
 /// One endpoint's learnt multipliers of its hardware prior's step-time coefficients.
@@ -134,7 +136,6 @@ fn mat_vec(m: &[[f64; TERMS]; TERMS], v: &[f64; TERMS]) -> [f64; TERMS] {
 
 impl StepModel {
     /// The multipliers (1 = the prior).
-    #[cfg(test)]
     pub fn multipliers(&self) -> [f64; TERMS] {
         self.theta
     }
@@ -164,14 +165,30 @@ impl StepModel {
     /// prior holds each multiplier at the anchor (the overall speed ratio) with a relative
     /// standard deviation of `prior_sd`. The prior is never forgotten, so a direction the
     /// traffic stops exciting returns to the prior's shape instead of winding up.
-    fn normal_equations(&self, p: &LearnParams) -> ([[f64; TERMS]; TERMS], [f64; TERMS]) {
-        let anchor = (self.log_scale_sum / self.log_scale_weight.max(f64::MIN_POSITIVE)).exp();
-        let r = 1.0 / (p.prior_sd * anchor).powi(2);
+    ///
+    /// With a `class` fit (the multipliers learnt from every endpoint of the same hardware
+    /// class), the prior is that fit instead, with a relative standard deviation of
+    /// `endpoint_sd`: endpoints of one class share what they cost unless their own traffic says
+    /// otherwise.
+    fn normal_equations(
+        &self,
+        p: &LearnParams,
+        class: Option<&[f64; TERMS]>,
+    ) -> ([[f64; TERMS]; TERMS], [f64; TERMS]) {
+        let (anchor, sd) = match class {
+            Some(c) => (*c, p.endpoint_sd),
+            None => {
+                let scale =
+                    (self.log_scale_sum / self.log_scale_weight.max(f64::MIN_POSITIVE)).exp();
+                ([scale; TERMS], p.prior_sd)
+            }
+        };
         let mut m = self.a;
         let mut rhs = self.b;
         for i in 0..TERMS {
+            let r = 1.0 / (sd * anchor[i]).powi(2);
             m[i][i] += r;
-            rhs[i] += r * anchor;
+            rhs[i] += r * anchor[i];
         }
         (m, rhs)
     }
@@ -180,6 +197,18 @@ impl StepModel {
     /// measured TTFT. Unusable observations (non-finite, non-positive, nothing predicted) are
     /// ignored; returns whether it was used.
     pub fn observe(&mut self, z: &[f64; TERMS], measured_us: f64, p: &LearnParams) -> bool {
+        self.observe_in_class(z, measured_us, p, None)
+    }
+
+    /// [`Self::observe`] for an endpoint whose class has learnt `class` (its multipliers): the
+    /// endpoint starts from the class's fit and is held to it with `endpoint_sd`.
+    pub fn observe_in_class(
+        &mut self,
+        z: &[f64; TERMS],
+        measured_us: f64,
+        p: &LearnParams,
+        class: Option<&[f64; TERMS]>,
+    ) -> bool {
         let usable = p.enabled
             && measured_us.is_finite()
             && measured_us > 0.0
@@ -189,7 +218,12 @@ impl StepModel {
             return false;
         }
         let lambda = p.forgetting;
-        let first = self.observations == 0;
+        if self.observations == 0
+            && let Some(c) = class
+        {
+            self.theta = c.map(|t| t.clamp(p.min_multiplier, p.max_multiplier));
+        }
+        let first = self.observations == 0 && class.is_none();
         // Normalised so the observation noise has unit variance: x = z / σ, y = measured / σ,
         // with σ = noise_fraction · the model's own prediction. Weighting by the prediction,
         // not the measurement, keeps the fit unbiased (1/measured² weights favour the fast
@@ -208,7 +242,7 @@ impl StepModel {
         if !first {
             // Gate the innovation at `gate_sigmas` of the spread the model expects of it,
             // from what it knew before this observation (forgotten data plus the prior).
-            let (mut m, _) = self.normal_equations(p);
+            let (mut m, _) = self.normal_equations(p, class);
             for (i, row) in m.iter_mut().enumerate() {
                 for (j, v) in row.iter_mut().enumerate() {
                     *v -= (1.0 - lambda) * self.a[i][j];
@@ -225,11 +259,11 @@ impl StepModel {
         // The anchor: the forgetting-weighted mean log speed ratio. A single observation may
         // move it by at most a factor e² (a stalled request is not the engine's speed).
         let ratio = (measured_us / at_prior).ln();
-        let ratio = if first {
-            ratio
-        } else {
+        let ratio = if self.log_scale_weight > 0.0 {
             let mean = self.log_scale_sum / self.log_scale_weight;
             ratio.clamp(mean - 2.0, mean + 2.0)
+        } else {
+            ratio
         };
         self.log_scale_sum = lambda * self.log_scale_sum + ratio;
         self.log_scale_weight = lambda * self.log_scale_weight + 1.0;
@@ -239,7 +273,7 @@ impl StepModel {
             }
             self.b[i] = lambda * self.b[i] + x[i] * y;
         }
-        let (m, rhs) = self.normal_equations(p);
+        let (m, rhs) = self.normal_equations(p, class);
         if let Some(cov) = inverse(&m) {
             let theta = mat_vec(&cov, &rhs);
             if theta.iter().all(|t| t.is_finite()) {
@@ -264,6 +298,7 @@ mod tests {
             gate_sigmas: 3.0,
             min_multiplier: 0.01,
             max_multiplier: 1000.0,
+            endpoint_sd: 0.25,
         }
     }
 

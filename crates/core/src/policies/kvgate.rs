@@ -14,9 +14,12 @@
 //! ## Hot prefixes
 //! If the best prefix holder's predicted queue wait exceeds `hot_prefix_wait_us`, a
 //! `hot_prefix_spill_fraction` of requests go to the best-scoring endpoint holding less of the
-//! prefix whose own queue wait is below `hot_prefix_target_wait_fraction` of the holder's; it
-//! then becomes a holder (bookings record approximate entries). Under uniform overload no
-//! endpoint qualifies, so the rule never adds recompute work to an equally long queue.
+//! prefix whose own queue wait is below `hot_prefix_target_wait_fraction` of the holder's and
+//! whose recompute of the held prefix (on its learnt coefficients) is at most the holder's wait
+//! divided by `hot_prefix_recompute_ratio`; it then becomes a holder (bookings record
+//! approximate entries). Under uniform overload no endpoint qualifies, so the rule never adds
+//! recompute work to an equally long queue; on engines where recomputing costs about as much as
+//! waiting (a CPU backend), it does not spill at all.
 
 use rand::{Rng, RngCore};
 
@@ -99,12 +102,20 @@ impl Picker for SoftmaxPicker {
                 && cands.iter().any(|c| c.matched_blocks < held)
                 && rng.random::<f64>() < t.hot_prefix_spill_fraction
             {
-                // Only to endpoints with clearly shorter queues: under uniform overload a spill
-                // would just add a recompute to an equally long queue.
+                // Only to endpoints with clearly shorter queues (under uniform overload a spill
+                // would just add a recompute to an equally long queue), and only where that
+                // recompute is small against the wait it relieves.
                 let max_wait = wait * t.hot_prefix_target_wait_fraction;
+                let held_tokens = f64::from(held) * f64::from(ctx.req.keys.block_size);
+                let recompute = |c: &Candidate<'_>| {
+                    c.step
+                        .prefill_time_us(held_tokens, f64::from(c.estimate.running))
+                        * c.prefill_speed
+                };
                 let others = (0..cands.len()).filter(|&i| {
                     cands[i].matched_blocks < held
                         && cands[i].cost.is_some_and(|c| c.queue_wait_us < max_wait)
+                        && recompute(&cands[i]) * t.hot_prefix_recompute_ratio <= wait
                 });
                 if let Some(index) = argmax_random_ties(others, |i| scores[i], rng) {
                     return Ok(Pick {
