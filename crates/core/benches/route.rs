@@ -1,10 +1,15 @@
-//! Decision latency, block hashing, KV-event ingest and index memory of the routing core.
+//! Decision latency, block hashing, KV-event ingest, prefix-index lookups and index memory of
+//! the routing core.
 //!
 //! `cargo bench -p kvgate-core -- --warm-up-time 1 --measurement-time 3`
+//!
+//! Index memory per entry, fresh and after churn, has its own deterministic report:
+//! `cargo run --release -p kvgate-core --example index_memory`.
 
 use std::hint::black_box;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use kvgate_core::index::{IndexConfig, PrefixIndex, PrefixQuery, PrefixSource};
 use kvgate_core::testing::{label_keys, label_removed, label_stored};
 use kvgate_core::{
     EndpointId, EndpointSpec, KeyScope, KvEventBatch, MetricsSample, PromptKeys, Router,
@@ -217,6 +222,70 @@ fn bench_ingest(c: &mut Criterion) {
     g.finish();
 }
 
+/// The prefix index alone, without the router around it: `n` endpoints with 2,000 private
+/// blocks each (precise), a 1,024-block shared chain held by every tenth (precise), and the
+/// router's approximate entries for 64-block prompts booked on every endpoint. Queries walk a
+/// chain whose first half is the shared chain and the rest unmatched.
+fn bench_index_lookup(c: &mut Criterion) {
+    let mut g = c.benchmark_group("index_longest_prefixes");
+    g.throughput(Throughput::Elements(1));
+    for &n in &[100u32, 1000] {
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let mut idx = PrefixIndex::new(IndexConfig {
+            approx_capacity_blocks: 31_250,
+            approx_ttl_us: None,
+            precise_capacity_blocks: 1 << 21,
+        });
+        let shared: Vec<u64> = (0..1024).map(|_| rng.random()).collect();
+        for e in 0..n {
+            let id = EndpointId(e);
+            idx.set_trusted(id, true);
+            if e % 10 == 0 {
+                idx.store(id, &shared, Tier::Gpu);
+            }
+            let private: Vec<u64> = (0..2000).map(|_| rng.random()).collect();
+            idx.store(id, &private, Tier::Gpu);
+            let booked: Vec<u64> = (0..64).map(|_| rng.random()).collect();
+            idx.touch_approx(id, &booked, 1);
+        }
+        for blocks in [64usize, 2048] {
+            let mut chain: Vec<u64> = shared[..(blocks / 2).min(shared.len())].to_vec();
+            while chain.len() < blocks {
+                chain.push(rng.random());
+            }
+            for (source, precise) in [("best", true), ("approx_only", false)] {
+                let q = PrefixQuery {
+                    chain: &chain,
+                    precise,
+                    now_us: 2,
+                    source: if precise {
+                        PrefixSource::Best
+                    } else {
+                        PrefixSource::ApproxOnly
+                    },
+                };
+                g.bench_with_input(
+                    BenchmarkId::new(format!("{n}ep_{source}"), blocks * BLOCK as usize),
+                    &q,
+                    |b, q| b.iter(|| black_box(idx.longest_prefixes(q))),
+                );
+            }
+        }
+        // Point lookups of private blocks (each key held by one endpoint), the walk's inner
+        // step without run skipping.
+        let probe: Vec<u64> = {
+            let mut r = ChaCha8Rng::seed_from_u64(3);
+            let _: Vec<u64> = (0..1024).map(|_| r.random()).collect();
+            (0..2000).map(|_| r.random()).collect()
+        };
+        g.bench_function(
+            BenchmarkId::new(format!("{n}ep_private_chain"), 2000),
+            |b| b.iter(|| black_box(idx.precise_prefix(EndpointId(0), &probe))),
+        );
+    }
+    g.finish();
+}
+
 fn report_memory(_: &mut Criterion) {
     // Entries shared by several endpoints (a hot prefix held by 10 of 100) cost less per entry
     // than unique ones; report both shapes.
@@ -236,7 +305,7 @@ fn report_memory(_: &mut Criterion) {
     }
     let (holder, slot) = kvgate_core::index::PrefixIndex::layout_sizes();
     println!(
-        "index layout: holder {holder} B, map slot (key + inline holder set) {slot} B + 1 control byte"
+        "index layout: holder {holder} B, table slot (key + inline holder or arena index) {slot} B, 5 to a 64-byte chunk"
     );
 }
 
@@ -246,6 +315,7 @@ criterion_group!(
     bench_pick,
     bench_book,
     bench_hashing,
-    bench_ingest
+    bench_ingest,
+    bench_index_lookup
 );
 criterion_main!(benches);

@@ -40,24 +40,24 @@
 //! Counted from the capacities of every container ([`PrefixIndex::memory`]; rerun with
 //! `cargo run --release -p kvgate-core --example index_memory`). The block table
 //! (`index/table.rs`) is sized to the live set rather than to a power of two, and deletes
-//! without tombstones, so its load stays within [0.4, 0.85] whatever the churn: a private
-//! precise entry costs 12 B / load, 14–30 bytes. The arena and the eviction logs grow by a
+//! without tombstones, so its load stays within [0.42, 0.8] whatever the churn: a private
+//! precise entry costs 12.8 B / load, 16–30.5 bytes. The arena and the eviction logs grow by a
 //! quarter rather than doubling, for the same reason. Measured, bytes per (block, endpoint)
 //! entry, freshly built → after every endpoint turned its cache over 20 times (256 random
 //! evictions and stores per round):
 //!
 //! | shape | now | hashbrown map of 32-byte slots (before) |
 //! |---|---|---|
-//! | 10 endpoints × 29,205 private blocks (a full H100 cache each) | 17.1 → 17.1 | 59.2 → 118.5 |
-//! | worst of 16 live sizes, 40k–190k entries | 21.5 → 21.5 | 72.1 → 133.1 |
-//! | blocks on 2 engines | 24.1 → 27.9 | 51.0 → 78.1 |
-//! | blocks on 10 engines | 8.0 → 8.8 | 24.6 → 30.0 |
-//! | approximate entries at capacity, eviction log included | 59.5 | 127.5 |
+//! | 10 endpoints × 29,205 private blocks (a full H100 cache each) | 16.1 → 16.1 | 59.2 → 118.5 |
+//! | worst of 16 live sizes, 40k–190k entries | 23.1 → 23.1 | 72.1 → 133.1 |
+//! | blocks on 2 engines | 26.0 → 26.0 | 51.0 → 78.1 |
+//! | blocks on 10 engines | 8.4 → 8.4 | 24.6 → 30.0 |
+//! | approximate entries at capacity, eviction log included | 65.4 | 127.5 |
 //!
 //! The old map doubled under churn (tombstones) and never shrank. A unit test holds the
 //! churned figures for blocks on 1, 2 and 3 engines to ≤ 32 bytes. Approximate entries stay
-//! dearer (a 16-byte record for the stamp and a 16-byte log record for LRU order), but they
-//! are bounded by `approx_capacity_blocks` per endpoint.
+//! dearer (a 16-byte record for the stamp in a 24-byte arena slot, and a 16-byte log record
+//! for LRU order), but they are bounded by `approx_capacity_blocks` per endpoint.
 //!
 //! ## Memory bound and eviction
 //! * Approximate entries: at most `approx_capacity_blocks` per endpoint. Eviction is least
@@ -268,7 +268,11 @@ impl View<'_> {
             (Self::Many(a), Self::Many(b)) => {
                 a.len() == b.len() && a[0].approx_stamp_us == b[0].approx_stamp_us
             }
-            (Self::Packed(a), Self::Packed(b)) => a == b,
+            // Branch-free and inline: `==` on slices calls `memcmp`, which was the walk's
+            // largest cost on a chain held by several engines.
+            (Self::Packed(a), Self::Packed(b)) => {
+                a.len() == b.len() && a.iter().zip(*b).fold(0, |acc, (x, y)| acc | (x ^ y)) == 0
+            }
             _ => false,
         }
     }
