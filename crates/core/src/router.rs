@@ -1259,13 +1259,15 @@ impl Router {
             max_factor: self.tuning.calibration_max_factor,
             hold_us: self.tuning.calibration_hold_us,
             half_life_us: self.tuning.calibration_half_life_us,
+            refresh_after_silence: !self.tuning.learn_step_model,
         }
     }
 
     /// The first token of `req_id` arrived: the request moves from queued to running, and the
     /// endpoint's prefill speed factor is calibrated against its learnt coefficients (the
     /// coefficients themselves learn when the request finishes, from what the engine reports
-    /// it really computed; see [`Router::on_finish`]).
+    /// it really computed; see [`Router::on_finish`]). At once, not at the finish: a stall must
+    /// show in routing while it lasts, not a generation later.
     pub fn on_first_token(&mut self, req_id: u64, now_us: u64) {
         self.tick(now_us);
         let p = self.calibration();
@@ -1275,7 +1277,6 @@ impl Router {
         if let Some(e) = self.entry_mut(id)
             && let Some((obs, b)) = e.load.first_token(req_id, now_us)
         {
-            // What really shared its last step is known now; the factor holds the rest.
             let ahead = b.queued_prefill_tokens + f64::from(b.uncached_tokens);
             let co = e.prior.co_scheduled(ahead, b.behind_tokens);
             let terms = e.prior.prefill_features(ahead + co, b.running);
@@ -1369,7 +1370,15 @@ impl Router {
             if let Some(tpot) = outcome.tpot_us {
                 let est = e.load.estimate(now_us, e.prior.kv_capacity_blocks);
                 let raw = e.coeffs.decode_step_us(f64::from(est.running));
-                e.load.decode_speed.observe(now_us, tpot as f64, raw, p);
+                // TPOT is not learnt into the coefficients, so the decode factor is its only
+                // calibration and refreshes fully after a silence.
+                let decode = CalibrationParams {
+                    refresh_after_silence: true,
+                    ..p
+                };
+                e.load
+                    .decode_speed
+                    .observe(now_us, tpot as f64, raw, decode);
             }
             // Judge the precise view only while its stream is complete: with a known gap or a
             // dropped connection it is already distrusted, and its holes would read as the

@@ -1047,14 +1047,6 @@ fn serve_mispriced_endpoint(learn: bool, truth: [f64; 3]) -> (Router, Vec<f64>) 
         for &(n, _, at) in &firsts {
             r.on_first_token(n, at);
         }
-        if let Some(v) = r.endpoints().next() {
-            eprintln!(
-                "round {round}: base {:.2} prefill {:.2} decode {:.2} errors {errors:?}",
-                v.step_coefficients.step_base_us / prior.step_base_us,
-                v.step_coefficients.prefill_us_per_token / prior.prefill_us_per_token,
-                v.step_coefficients.decode_us_per_token / prior.decode_us_per_token
-            );
-        }
         let end = firsts.last().unwrap().2;
         for (i, &(n, prompt, _)) in firsts.iter().enumerate() {
             r.on_finish(
