@@ -51,7 +51,7 @@
 //! | 10 endpoints × 29,205 private blocks (a full H100 cache each) | 16.1 → 16.1 | 59.2 → 118.5 |
 //! | worst of 16 live sizes, 40k–190k entries | 23.1 → 23.1 | 72.1 → 133.1 |
 //! | blocks on 2 engines | 26.0 → 26.0 | 51.0 → 78.1 |
-//! | blocks on 10 engines | 8.4 → 8.4 | 24.6 → 30.0 |
+//! | blocks on 10 engines | 9.2 → 9.2 | 24.6 → 30.0 |
 //! | approximate entries at capacity, eviction log included | 65.4 | 127.5 |
 //!
 //! The old map doubled under churn (tombstones) and never shrank. A unit test holds the
@@ -210,8 +210,38 @@ enum View<'a> {
     One(Holder),
     /// A spilled [`Holders::Many`] (header record first).
     Many(&'a [Holder]),
-    /// A spilled set of precise-only holders as inline values, sorted by endpoint.
+    /// A spilled [`Spilled::Packed`] set, fingerprint words included.
     Packed(&'a [u32]),
+}
+
+/// Packed sets larger than this carry a 64-bit fingerprint in two leading words, so the walk's
+/// run skipping compares them in O(1) (a chain held by 100 engines would otherwise cost 100
+/// compares per block); smaller ones are compared whole, which is as cheap and costs no memory.
+/// A packed set has at least 2 holders, so a slice longer than this has the fingerprint (a
+/// fingerprinted set is at least `PACKED_EXACT + 3` words long).
+const PACKED_EXACT: usize = 4;
+
+/// The holders of a packed set, without its fingerprint words.
+#[inline]
+fn packed_holders(p: &[u32]) -> &[u32] {
+    if p.len() > PACKED_EXACT { &p[2..] } else { p }
+}
+
+/// The packed form of precise-only `holders` (inline values sorted by endpoint), with the
+/// fingerprint words when it has more than [`PACKED_EXACT`] holders.
+fn pack(mut holders: Vec<u32>) -> Box<[u32]> {
+    holders.sort_unstable();
+    if holders.len() <= PACKED_EXACT {
+        return holders.into_boxed_slice();
+    }
+    let fp = holders.iter().fold(0u64, |acc, &v| {
+        let m = u128::from(u64::from(v) ^ 0x243F_6A88_85A3_08D3) * 0x9E37_79B9_7F4A_7C15_u128;
+        acc.rotate_left(5) ^ ((m as u64) ^ ((m >> 64) as u64))
+    });
+    let mut out = Vec::with_capacity(holders.len() + 2);
+    out.extend([fp as u32, (fp >> 32) as u32]);
+    out.extend(holders);
+    out.into_boxed_slice()
 }
 
 /// The holders of a [`View`], by value.
@@ -237,30 +267,32 @@ impl View<'_> {
         match self {
             Self::One(h) => ViewIter::Records(std::slice::from_ref(h).iter()),
             Self::Many(v) => ViewIter::Records(v[1..].iter()),
-            Self::Packed(p) => ViewIter::Packed(p.iter()),
+            Self::Packed(p) => ViewIter::Packed(packed_holders(p).iter()),
         }
     }
     fn len(&self) -> usize {
         match self {
             Self::One(_) => 1,
             Self::Many(v) => v.len() - 1,
-            Self::Packed(p) => p.len(),
+            Self::Packed(p) => packed_holders(p).len(),
         }
     }
     #[inline]
     fn find(&self, ep: u32) -> Option<Holder> {
         match self {
-            Self::Packed(p) => p
-                .binary_search_by_key(&ep, |&v| v >> INLINE_TIER_BITS)
-                .ok()
-                .map(|i| decode_inline(p[i])),
+            Self::Packed(p) => {
+                let p = packed_holders(p);
+                p.binary_search_by_key(&ep, |&v| v >> INLINE_TIER_BITS)
+                    .ok()
+                    .map(|i| decode_inline(p[i]))
+            }
             _ => self.iter().find(|h| h.ep == ep),
         }
     }
     /// Whether both hold the same records. Each set has one form (see [`Arena::encode`]), so
-    /// sets of different forms differ. Exact for single holders and packed sets (sorted, so
-    /// equal sets are equal slices); by fingerprint for `Many` (equal sets have equal
-    /// fingerprints; unequal ones collide with probability 2⁻⁶⁴).
+    /// sets of different forms differ. Exact for single holders and small packed sets (sorted,
+    /// so equal sets are equal slices); by fingerprint for `Many` and large packed sets (equal
+    /// sets have equal fingerprints; unequal ones collide with probability 2⁻⁶⁴).
     #[inline]
     fn same_holders(&self, other: &Self) -> bool {
         match (self, other) {
@@ -268,8 +300,11 @@ impl View<'_> {
             (Self::Many(a), Self::Many(b)) => {
                 a.len() == b.len() && a[0].approx_stamp_us == b[0].approx_stamp_us
             }
-            // Branch-free and inline: `==` on slices calls `memcmp`, which was the walk's
-            // largest cost on a chain held by several engines.
+            // Large sets: by fingerprint. Small ones: whole, branch-free and inline (`==` on
+            // slices calls `memcmp`, which was the walk's largest cost).
+            (Self::Packed(a), Self::Packed(b)) if a.len() > PACKED_EXACT => {
+                a.len() == b.len() && a[0] == b[0] && a[1] == b[1]
+            }
             (Self::Packed(a), Self::Packed(b)) => {
                 a.len() == b.len() && a.iter().zip(*b).fold(0, |acc, (x, y)| acc | (x ^ y)) == 0
             }
@@ -306,8 +341,9 @@ enum Spilled {
     One(Holder),
     /// Several holders, some approximate: [`Holders::Many`]'s layout, exact capacity.
     Many(Vec<Holder>),
-    /// Several precise-only holders as inline values sorted by endpoint: 4 bytes each, the
-    /// form of a block cached on several engines.
+    /// Several precise-only holders as inline values sorted by endpoint, 4 bytes each (after
+    /// two fingerprint words when there are more than [`PACKED_EXACT`]): the form of a block
+    /// cached on several engines. Built by [`pack`].
     Packed(Box<[u32]>),
 }
 
@@ -350,7 +386,7 @@ impl Arena {
             Spilled::Packed(p) => {
                 let mut v = Vec::with_capacity(p.len() + 2);
                 v.push(HEADER);
-                v.extend(p.iter().map(|&x| decode_inline(x)));
+                v.extend(packed_holders(&p).iter().map(|&x| decode_inline(x)));
                 Holders::Many(v)
             }
         }
@@ -382,10 +418,7 @@ impl Arena {
                     .map(encode_holder)
                     .collect::<Option<Vec<u32>>>()
                 {
-                    Some(mut packed) => {
-                        packed.sort_unstable();
-                        Spilled::Packed(packed.into_boxed_slice())
-                    }
+                    Some(packed) => Spilled::Packed(pack(packed)),
                     None => {
                         v.shrink_to_fit();
                         Spilled::Many(v)
@@ -1224,6 +1257,49 @@ mod tests {
                 prop_assert_eq!(idx.precise_entries(EndpointId(ep)), want);
             }
         }
+    }
+
+    /// Holder sets above `PACKED_EXACT` are compared by fingerprint in the walk's run
+    /// skipping (the brute-force property test has too few endpoints to reach them): the walk
+    /// must still see where one engine's copy of a long chain has a hole.
+    #[test]
+    fn run_skipping_over_fingerprinted_sets_sees_a_hole() {
+        let mut idx = PrefixIndex::new(cfg());
+        let chain: Vec<u64> = (100..140).collect();
+        for e in 0..9 {
+            idx.set_trusted(EndpointId(e), true);
+            idx.store(
+                EndpointId(e),
+                &chain,
+                if e == 8 { Tier::Cpu } else { Tier::Gpu },
+            );
+        }
+        // Block 120: endpoint 7 gone and endpoint 9 there instead, so as many holders as its
+        // neighbours and only the fingerprint tells them apart.
+        idx.remove(EndpointId(7), &[120], Tier::Gpu);
+        idx.set_trusted(EndpointId(9), true);
+        idx.store(EndpointId(9), &[120], Tier::Gpu);
+        idx.store(EndpointId(3), &[130], Tier::Cpu);
+        let q = PrefixQuery {
+            chain: &chain,
+            precise: true,
+            now_us: 0,
+            source: PrefixSource::Best,
+        };
+        let all = idx.longest_prefixes(&q);
+        for e in 0..10 {
+            let id = EndpointId(e);
+            assert_eq!(
+                (all.blocks(id), all.gpu_blocks(id)),
+                idx.longest_prefix_of(id, &q),
+                "endpoint {e}"
+            );
+        }
+        assert_eq!(all.blocks(EndpointId(7)), 20);
+        assert_eq!(all.blocks(EndpointId(0)), 40);
+        assert_eq!(all.gpu_blocks(EndpointId(8)), 0);
+        assert_eq!(all.blocks(EndpointId(8)), 40);
+        assert_eq!(all.blocks(EndpointId(9)), 0);
     }
 
     #[test]
