@@ -183,8 +183,9 @@ pub struct Tuning {
     /// 500 ms: half a second of queueing costs more than recomputing a typical 1–4k-token
     /// shared prefix (20–70 ms on H100) on another endpoint.
     pub hot_prefix_wait_us: u64,
-    /// A hot-prefix spill only goes to an endpoint whose recompute of the held prefix (on its
-    /// learnt coefficients) is below the holder's queue wait divided by this. 4.0: replicating a
+    /// A hot-prefix spill only goes to an endpoint whose recompute of the part of the held
+    /// prefix it lacks (on its learnt coefficients) is at most the holder's queue wait divided
+    /// by this; 0 turns the check off. 4.0: replicating a
     /// prefix costs its recompute once, so the wait it relieves must clearly exceed it. On an
     /// H100 a 1–4k-token prefix recomputes in 20–70 ms, far below the 500 ms trigger, so this
     /// rarely binds; on a CPU engine a 400-token prefix takes a second to recompute, and without

@@ -23,12 +23,12 @@
 //!
 //! ## Calibration
 //! The cost model (see [`crate::cost`]) predicts TTFT from each endpoint's step-time
-//! coefficients, learnt online from the requests it serves ([`crate::learn`]; the hardware
-//! prior until then). When a request whose first token was seen finishes and the fit has learnt
-//! from it, its TTFT is compared with the updated fit's prediction (at speed 1) and updates an
-//! EWMA *speed factor*: what the fit did not absorb, a transient such as a stall. Each finish
-//! with a measured TPOT does the same for decode. Factors are clamped so one outlier (a stalled
-//! stream) cannot swing routing.
+//! coefficients, learnt online from the requests it serves when they finish ([`crate::learn`];
+//! its class's fit, or the hardware prior, until then). Each first token's TTFT is compared with
+//! what those coefficients predict (at speed 1) and updates an EWMA *speed factor*: what the
+//! fit does not explain, a transient such as a stall (at once, so a stall shows in routing while
+//! it lasts). Each finish with a measured TPOT does the same for decode. Factors are clamped so
+//! one outlier (a stalled stream) cannot swing routing.
 //!
 //! **Evidence ages** ([`SpeedFactor`]). A factor is only refreshed when its endpoint serves a
 //! request, and a slow factor stops the endpoint from being chosen: a pod that stalled for half a

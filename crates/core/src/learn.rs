@@ -50,15 +50,23 @@
 //! * **Bounds**: multipliers stay within [`crate::Tuning::learn_min_multiplier`]..
 //!   [`crate::Tuning::learn_max_multiplier`] (a step cannot cost nothing or forever).
 //!
+//! ## Classes
+//! Endpoints of one hardware class share a class fit that learns from all of them (the Start
+//! above applies to it); each endpoint's own fit is anchored at the class fit as it stood before
+//! the observation, with relative standard deviation [`crate::Tuning::learn_endpoint_sd`], and
+//! an endpoint that has served nothing is priced with the class fit. Identical pods are then
+//! priced alike even when traffic cannot tell the step base from the per-token cost.
+//!
 //! ## Division of labour with the speed factor
-//! The speed factor is calibrated *after* the fit, against the updated fit's prediction: it
-//! holds what the fit could not or would not absorb (a gated outlier, a stall) and ages back to
-//! 1 when evidence stops. So the fit is the slow, durable knowledge of what the endpoint costs;
-//! the factor is its momentary health. With `learn_step_model: false` the multipliers stay 1
-//! and the factor alone calibrates (the behaviour before this module).
+//! The speed factor is calibrated at each first token against the coefficients the endpoint is
+//! priced with: it holds what the fit does not explain (a stall) and ages back to 1 when
+//! evidence stops, moving by `calibration_alpha` per observation. So the fit is the slow,
+//! durable knowledge of what the endpoint costs; the factor is its momentary health. With
+//! `learn_step_model: false` the multipliers stay 1 and the factor alone calibrates (the
+//! behaviour before this module).
 //!
 //! Pure and deterministic: no clock (observations carry no time; forgetting is per
-//! observation), no randomness, three-by-three arithmetic per first token.
+//! observation), no randomness, three-by-three arithmetic per finished request.
 
 use crate::cost::HardwarePrior;
 

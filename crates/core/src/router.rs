@@ -1279,8 +1279,10 @@ impl Router {
         {
             let ahead = b.queued_prefill_tokens + f64::from(b.uncached_tokens);
             let co = e.prior.co_scheduled(ahead, b.behind_tokens);
-            let terms = e.prior.prefill_features(ahead + co, b.running);
-            let raw = e.model.predict(&terms);
+            // Against the coefficients it is priced with (its own fit, or its class's while it
+            // has served nothing): measured against its own untrained fit, a new pod in a
+            // learnt CPU class read ~100× slow and was starved until its first finish (review).
+            let raw = e.coeffs.prefill_time_us(ahead + co, b.running);
             e.load.prefill_speed.observe(now_us, obs, raw, p);
         }
     }
@@ -1298,7 +1300,7 @@ impl Router {
     /// like it paid a whole step) that made queue length look free. The work booked behind it
     /// that fits in the room left in its last step is counted as done before its first token.
     /// Predictions at booking cannot know what will arrive next: the first requests of a
-    /// burst are predicted short by what follows them (a test pins the size of that error).
+    /// burst are predicted short by what follows them.
     fn learn_ttft(&mut self, id: EndpointId, b: &Booking, outcome: &Outcome) {
         let Some(first) = b.first_token_at_us else {
             return;
@@ -1323,10 +1325,13 @@ impl Router {
         let ttft = first.saturating_sub(b.booked_at_us) as f64;
         // The class learns from every endpoint of it; the endpoint, anchored at the class.
         let fit = self.class_fits.entry(e.class.clone()).or_default();
+        // The anchor is what the class knew before this observation (else the endpoint would
+        // learn it twice: once through the anchor, once itself).
+        let class_theta = (fit.observations() > 0).then(|| fit.multipliers());
         if !fit.observe(&terms, ttft, &learn) {
             return;
         }
-        let class_theta = fit.multipliers();
+        let class_theta = class_theta.unwrap_or_else(|| fit.multipliers());
         e.model
             .observe_in_class(&terms, ttft, &learn, Some(&class_theta));
         e.coeffs = e.model.coefficients(&e.prior);
@@ -1392,9 +1397,14 @@ impl Router {
         if report.contract_change.is_some() {
             self.sync_trust(id);
         }
-        if let Some(booking) = self.release(id, req_id, now_us) {
+        // Learnt before the release, which drops a drained endpoint's slot with its last booking.
+        let booking = self
+            .entry(id)
+            .and_then(|e| e.load.in_flight.get(&req_id).cloned());
+        if let Some(booking) = booking {
             self.learn_ttft(id, &booking, outcome);
         }
+        self.release(id, req_id, now_us);
         report
     }
 

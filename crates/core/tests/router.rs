@@ -1106,6 +1106,79 @@ fn an_endpoint_unlike_its_prior_is_learnt_into_its_coefficients() {
     );
 }
 
+/// Serves request `n` (of `blocks` label blocks) on `id` alone, at `slow`× the H100 prior, from
+/// `t0`; returns the time it finished.
+fn serve_on(r: &mut Router, id: EndpointId, n: u64, blocks: u64, slow: f64, t0: u64) -> u64 {
+    let q = req(n, (0..blocks).map(|b| b + n * 1000).collect());
+    let d = r
+        .decision_for(t0, &q, id, DecisionReason::LeastCost)
+        .unwrap();
+    r.book(t0, &q, &d);
+    let ttft =
+        slow * HardwarePrior::H100_LLAMA31_8B.prefill_time_us(f64::from(q.prompt_tokens), 0.0);
+    let first = t0 + ttft as u64;
+    r.on_first_token(n, first);
+    r.on_finish(
+        n,
+        first + 1000,
+        &Outcome {
+            output_tokens: 4,
+            prompt_tokens: Some(q.prompt_tokens),
+            cached_tokens: Some(0),
+            tpot_us: None,
+        },
+    );
+    first + 1000
+}
+
+/// Two identical vllm-cpu pods once learnt different shapes from the same traffic and one got
+/// 43 of 56 requests; and a pod joining a learnt class once read ~100× slow at its first token
+/// (its speed factor was held against its untrained fit, not the class fit it was priced with).
+#[test]
+fn a_pod_joining_a_learnt_class_is_priced_like_its_peers() {
+    let mut r = Router::new(RouterConfig::for_policy("kvgate").unwrap()).unwrap();
+    let a = r.add_endpoint(0, EndpointSpec::new("e000", "m"));
+    let mut t = 0;
+    for n in 0..30u64 {
+        t = serve_on(&mut r, a, n, 4 + (n * 7) % 60, 50.0, t + 10_000_000);
+    }
+    let b = r.add_endpoint(t, EndpointSpec::new("e001", "m"));
+    let view = |r: &Router, id| {
+        r.endpoints()
+            .find(|v| v.id == id)
+            .unwrap()
+            .step_coefficients
+    };
+    let (ca, cb) = (view(&r, a), view(&r, b));
+    assert_eq!(
+        r.endpoints().find(|v| v.id == b).unwrap().step_observations,
+        0
+    );
+    let prior = HardwarePrior::H100_LLAMA31_8B;
+    assert!(
+        cb.prefill_us_per_token > 20.0 * prior.prefill_us_per_token,
+        "the new pod is priced with the class's fit, not the prior: {cb:?}"
+    );
+    let rel = |x: f64, y: f64| (x / y - 1.0).abs();
+    assert!(
+        rel(cb.prefill_us_per_token, ca.prefill_us_per_token) < 0.25,
+        "{ca:?} vs {cb:?}"
+    );
+    // Its first request, as slow as its peer's: its factor stays near 1.
+    let q = req(99, (0..30).map(|k| k + 99_000).collect());
+    let d = r
+        .decision_for(t + 10_000_000, &q, b, DecisionReason::LeastCost)
+        .unwrap();
+    r.book(t + 10_000_000, &q, &d);
+    let ttft = 50.0 * prior.prefill_time_us(f64::from(q.prompt_tokens), 0.0);
+    r.on_first_token(99, t + 10_000_000 + ttft as u64);
+    let speed = r.endpoints().find(|v| v.id == b).unwrap().prefill_speed;
+    assert!(
+        speed < 1.3,
+        "the new pod's speed factor after one first token: {speed}"
+    );
+}
+
 #[test]
 fn without_learning_the_speed_factor_calibrates_a_slower_endpoint() {
     let (r, _) = serve_mispriced_endpoint(false, [3.0, 3.0, 3.0]);

@@ -106,10 +106,11 @@ impl Picker for SoftmaxPicker {
                 // would just add a recompute to an equally long queue), and only where that
                 // recompute is small against the wait it relieves.
                 let max_wait = wait * t.hot_prefix_target_wait_fraction;
-                let held_tokens = f64::from(held) * f64::from(ctx.req.keys.block_size);
+                let block = f64::from(ctx.req.keys.block_size);
                 let recompute = |c: &Candidate<'_>| {
+                    let missing = f64::from(held.saturating_sub(c.matched_blocks)) * block;
                     c.step
-                        .prefill_time_us(held_tokens, f64::from(c.estimate.running))
+                        .prefill_time_us(missing, f64::from(c.estimate.running))
                         * c.prefill_speed
                 };
                 let others = (0..cands.len()).filter(|&i| {
