@@ -417,6 +417,15 @@ where
     }
 }
 
+/// An axis label: one decimal below 10, none above (log axes span decades).
+fn axis_number(v: &f64) -> String {
+    if *v < 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.0}")
+    }
+}
+
 fn ttfts_ms(run: &PolicyRun) -> Vec<f64> {
     let mut v: Vec<f64> = run
         .requests
@@ -460,13 +469,7 @@ where
         .x_desc("time to first token (ms, log scale)")
         .y_desc("fraction of requests with TTFT at most x")
         .x_labels(24)
-        .x_label_formatter(&|x| {
-            if *x < 10.0 {
-                format!("{x:.1}")
-            } else {
-                format!("{x:.0}")
-            }
-        })
+        .x_label_formatter(&axis_number)
         .draw()?;
     for (i, (run, v)) in runs.iter().zip(&all).enumerate() {
         let color = PALETTE[i % PALETTE.len()];
@@ -751,13 +754,7 @@ where
         .x_desc("arrival time (s)")
         .y_desc("MAPE of predicted TTFT (%, log)")
         .y_labels(12)
-        .y_label_formatter(&|y| {
-            if *y < 10.0 {
-                format!("{y:.1}")
-            } else {
-                format!("{y:.0}")
-            }
-        })
+        .y_label_formatter(&axis_number)
         .draw()?;
     for (i, (run, pts)) in series.into_iter().enumerate() {
         let color = PALETTE[i % PALETTE.len()];

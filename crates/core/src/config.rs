@@ -357,8 +357,7 @@ impl Tuning {
     /// The prior for a hardware class (falls back to the default class, then H100).
     pub fn prior(&self, class: &str) -> HardwarePrior {
         self.hardware
-            .get(class)
-            .or_else(|| self.hardware.get(&self.default_hardware_class))
+            .get(self.resolve_class(class))
             .copied()
             .unwrap_or(HardwarePrior::H100_LLAMA31_8B)
     }

@@ -168,6 +168,13 @@ impl Holders {
             Self::Many(v) => v[1..].iter_mut().find(|h| h.ep == ep),
         }
     }
+    /// The holder of `fresh.ep`, pushed as `fresh` first if absent.
+    fn find_or_push(&mut self, fresh: Holder) -> &mut Holder {
+        if self.find_mut(fresh.ep).is_none() {
+            self.push(fresh);
+        }
+        self.find_mut(fresh.ep).expect("just pushed")
+    }
     fn push(&mut self, h: Holder) {
         match self {
             Self::One(first) => *self = Self::Many(vec![HEADER, *first, h]),
@@ -712,13 +719,7 @@ impl PrefixIndex {
         };
         for &key in keys {
             let new = self.update(key, Some(fresh), |hs| {
-                let h = match hs.find_mut(id.0) {
-                    Some(h) => h,
-                    None => {
-                        hs.push(fresh);
-                        hs.find_mut(id.0).expect("just pushed")
-                    }
-                };
+                let h = hs.find_or_push(fresh);
                 let new = h.flags & TIERS == 0;
                 h.flags |= bit;
                 new
@@ -807,13 +808,7 @@ impl PrefixIndex {
         };
         for &key in keys {
             let new = self.update(key, Some(fresh), |hs| {
-                let h = match hs.find_mut(id.0) {
-                    Some(h) => h,
-                    None => {
-                        hs.push(fresh);
-                        hs.find_mut(id.0).expect("just pushed")
-                    }
-                };
+                let h = hs.find_or_push(fresh);
                 let new = h.flags & APPROX == 0;
                 h.flags |= APPROX;
                 h.approx_stamp_us = stamp;
