@@ -276,6 +276,8 @@ pub struct Tuning {
     pub hardware: BTreeMap<String, HardwarePrior>,
     /// Class used for endpoints whose class is empty or unknown. `h100`.
     pub default_hardware_class: String,
+    /// Prefill/decode disaggregation: the decider and its transfer model ([`crate::pd`]).
+    pub pd: crate::pd::PdTuning,
 }
 
 impl Default for Tuning {
@@ -325,6 +327,7 @@ impl Default for Tuning {
                 ("a100".to_string(), HardwarePrior::A100_LLAMA31_8B),
             ]),
             default_hardware_class: "h100".to_string(),
+            pd: crate::pd::PdTuning::default(),
         }
     }
 }
@@ -662,6 +665,27 @@ impl RouterConfig {
             1.0,
             1e6,
             "1..=1000000",
+        )?;
+        check(
+            "pd.kv_bytes_per_token",
+            t.pd.kv_bytes_per_token as f64,
+            1.0,
+            1e9,
+            "1..=1000000000",
+        )?;
+        check(
+            "pd.transfer_bandwidth_bytes_per_s",
+            t.pd.transfer_bandwidth_bytes_per_s,
+            1.0,
+            1e15,
+            "1..=1e15",
+        )?;
+        check(
+            "pd.interference_weight",
+            t.pd.interference_weight,
+            0.0,
+            1000.0,
+            "0..=1000",
         )?;
         check(
             "approx_capacity_blocks",

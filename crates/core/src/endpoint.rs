@@ -12,7 +12,8 @@ pub struct EndpointId(pub u32);
 pub enum Role {
     /// Prefill only (a disaggregated prefill pod).
     Prefill,
-    /// Decode only (a disaggregated decode pod).
+    /// Decode legs, and whole requests the decider keeps aggregated (a disaggregated decode
+    /// pod, which computes a prompt itself when no transfer is asked of it).
     Decode,
     /// Both phases: an ordinary aggregated engine.
     #[default]

@@ -40,6 +40,7 @@ pub mod keys;
 pub mod kv_seq;
 pub mod learn;
 pub mod observe;
+pub mod pd;
 pub mod policies;
 pub mod request;
 pub mod router;
@@ -55,9 +56,12 @@ pub use error::{CoreError, RouteError};
 pub use estimate::LoadEstimate;
 pub use keys::KeyScope;
 pub use observe::{BlockExtra, KvEvent, KvEventBatch, MetricsSample};
+pub use pd::{PdDecider, PdDecision, PdReason, PdTuning};
 pub use policies::Policy;
 pub use request::{
     BookingPlan, CandidateReport, Decision, DecisionReason, FailureKind, OracleView, Outcome,
     Phase, PromptKeys, RoutingRequest, TrueLoad,
 };
-pub use router::{ApproximateReason, EndpointView, FinishReport, IndexMode, Router, SeqCheck};
+pub use router::{
+    ApproximateReason, EndpointView, FinishReport, IndexMode, Price, Router, SeqCheck,
+};

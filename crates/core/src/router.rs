@@ -48,7 +48,7 @@ use rand::RngCore;
 
 use crate::config::{RouterConfig, ScorerKind, Tuning};
 use crate::contract::{CacheContract, ContractChange, cacheable_tokens};
-use crate::cost::{self, HardwarePrior};
+use crate::cost::{self, CostBreakdown, HardwarePrior};
 use crate::endpoint::{EndpointId, EndpointSpec, EndpointState};
 use crate::engine_keys::EngineKeys;
 use crate::error::{CoreError, RouteError};
@@ -118,6 +118,29 @@ struct BookedRequest {
     /// What routing predicted (precise and approximate), tokens.
     predicted_cached_tokens: u32,
     block_size: u32,
+    /// Whether the request's first token and finish teach the endpoint's cost model and check
+    /// its cache contract: not for the decode leg of a disaggregated request, whose first token
+    /// waited on another pod's prefill and the transfer, and whose engine counts the
+    /// transferred prompt as cached.
+    learns: bool,
+}
+
+/// kvgate's prediction for one request on one endpoint ([`Router::price`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Price {
+    /// Prefix blocks the index believes the endpoint holds for the request.
+    pub matched_blocks: u32,
+    /// Prompt tokens it would compute.
+    pub uncached_tokens: f64,
+    /// The cost model's breakdown there (queue wait, own prefill, cliff, routing cost).
+    pub cost: CostBreakdown,
+    /// Sequences it is estimated to be decoding.
+    pub running: u32,
+    /// One decode step with the request added, µs (learnt coefficients, decode speed factor).
+    pub decode_step_us: f64,
+    /// What computing the request's own prefill there adds to the steps of each sequence it is
+    /// decoding, µs: the per-token prefill cost of the uncached tokens.
+    pub interference_us: f64,
 }
 
 /// Which prefix tracking an endpoint is matched with, and why.
@@ -1193,6 +1216,48 @@ impl Router {
         })
     }
 
+    /// What kvgate's cost model predicts for `req` on endpoint `id` now, whatever the profile
+    /// picks with: the prefill/decode decider's view of a pod ([`crate::pd`]). `None` if `id`
+    /// is unknown or gone.
+    pub fn price(&self, now_us: u64, req: &RoutingRequest, id: EndpointId) -> Option<Price> {
+        let e = self.entry(id).filter(|e| e.state != EndpointState::Gone)?;
+        let t = &self.tuning;
+        let calibration = self.calibration();
+        let estimate = e.load.estimate(now_us, e.prior.kv_capacity_blocks);
+        let (matched_blocks, gpu_blocks) = self.index.longest_prefix_of(
+            id,
+            &PrefixQuery {
+                chain: &req.keys.keys,
+                precise: req.keys.precise,
+                now_us,
+                source: PrefixSource::Best,
+            },
+        );
+        let bs = req.keys.block_size;
+        let uncached = cost::uncached_tokens(req.prompt_tokens, bs, matched_blocks, gpu_blocks, t);
+        let new_blocks = cost::new_kv_blocks(uncached, req.max_tokens, bs, t);
+        let prefill_speed = e.load.prefill_speed.at(now_us, calibration);
+        let cost = cost::kvgate_cost(
+            &e.coeffs,
+            &estimate,
+            prefill_speed,
+            uncached,
+            new_blocks,
+            e.spec.relative_cost,
+            t,
+        );
+        let running = f64::from(estimate.running);
+        Some(Price {
+            matched_blocks,
+            uncached_tokens: uncached,
+            cost,
+            running: estimate.running,
+            decode_step_us: e.coeffs.decode_step_us(running + 1.0)
+                * e.load.decode_speed.at(now_us, calibration),
+            interference_us: e.coeffs.prefill_us_per_token * uncached * prefill_speed,
+        })
+    }
+
     /// Books `req` onto `decision.primary` with the decision's [`BookingPlan`]: counts it into
     /// the estimate at once and records approximate prefix entries. Booking the same request id
     /// again (a retry on a fallback) moves the booking. A decision whose `primary` was changed
@@ -1244,6 +1309,7 @@ impl Router {
                     req.prompt_tokens,
                 ),
                 block_size: bs,
+                learns: req.phase != Phase::Decode,
             },
         );
         self.index.expire_approx(id, now_us);
@@ -1274,8 +1340,10 @@ impl Router {
         let Some(id) = self.bookings.get(&req_id).map(|b| b.ep) else {
             return;
         };
+        let learns = self.bookings.get(&req_id).is_some_and(|b| b.learns);
         if let Some(e) = self.entry_mut(id)
             && let Some((obs, b)) = e.load.first_token(req_id, now_us)
+            && learns
         {
             let ahead = b.queued_prefill_tokens + f64::from(b.uncached_tokens);
             let co = e.prior.co_scheduled(ahead, b.behind_tokens);
@@ -1388,9 +1456,11 @@ impl Router {
             // Judge the precise view only while its stream is complete: with a known gap or a
             // dropped connection it is already distrusted, and its holes would read as the
             // keys' fault.
-            if let (Some(predicted), Some(reported), true) =
-                (b.precise_cached_tokens, outcome.cached_tokens, e.kv.sound())
-            {
+            if let (Some(predicted), Some(reported), true) = (
+                b.precise_cached_tokens,
+                outcome.cached_tokens,
+                b.learns && e.kv.sound(),
+            ) {
                 report.contract_change = e.contract.record(predicted, reported, b.block_size);
             }
         }
@@ -1401,7 +1471,9 @@ impl Router {
         let booking = self
             .entry(id)
             .and_then(|e| e.load.in_flight.get(&req_id).cloned());
-        if let Some(booking) = booking {
+        if let Some(booking) = booking
+            && b.learns
+        {
             self.learn_ttft(id, &booking, outcome);
         }
         self.release(id, req_id, now_us);

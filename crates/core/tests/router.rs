@@ -168,7 +168,9 @@ fn eligible(e: &EpDesc, i: usize, d: &ReqDesc, ids: &[EndpointId], req: &Routing
         && d.lora.is_none_or(|l| e.loras.contains(&l))
         && matches!(
             (role(e.role), req.phase),
-            (Role::Both, _) | (Role::Prefill, Phase::Prefill) | (Role::Decode, Phase::Decode)
+            (Role::Both, _)
+                | (Role::Prefill, Phase::Prefill)
+                | (Role::Decode, Phase::Decode | Phase::Aggregated)
         )
         && req.subset.as_ref().is_none_or(|s| s.contains(&ids[i]))
 }

@@ -299,11 +299,17 @@ pub trait Picker: std::fmt::Debug + Send + Sync {
     ) -> Result<Pick, RouteError>;
 }
 
-/// Whether an endpoint role serves a phase.
+/// Whether an endpoint role serves a phase. A decode pod also serves whole requests: vLLM and
+/// SGLang decode pods compute a prompt themselves when a request comes without transfer
+/// parameters, which is how a disaggregated fleet serves what the decider keeps aggregated
+/// ([`crate::pd`]). A prefill pod serves prefill legs only: whatever it generated would have
+/// to be sent on anyway.
 pub fn role_serves(role: Role, phase: Phase) -> bool {
     matches!(
         (role, phase),
-        (Role::Both, _) | (Role::Prefill, Phase::Prefill) | (Role::Decode, Phase::Decode)
+        (Role::Both, _)
+            | (Role::Prefill, Phase::Prefill)
+            | (Role::Decode, Phase::Decode | Phase::Aggregated)
     )
 }
 
