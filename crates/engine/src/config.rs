@@ -7,7 +7,7 @@ use std::sync::OnceLock;
 
 use kvgate_tokens::{BlockHasher, BuiltinTokenizer, ExtraKeys};
 
-use crate::EngineError;
+use crate::{EngineError, KvTransferConfig};
 
 /// vLLM's `--prefix-caching-hash-algo` (`vllm/config/cache.py`), the two cryptographic choices.
 #[derive(
@@ -133,6 +133,8 @@ pub struct EngineConfig {
     pub output_vocab: Vec<u32>,
     /// Seed mixed into the output-token choice.
     pub output_seed: u64,
+    /// Prefill/decode KV transfer: bytes per token, link, hold timeout, load-failure policy.
+    pub kv_transfer: KvTransferConfig,
 }
 
 /// vLLM's default `--block-size` on CUDA.
@@ -172,6 +174,7 @@ impl EngineConfig {
             enable_prefix_caching: true,
             output_vocab: default_output_vocab().to_vec(),
             output_seed: 0,
+            kv_transfer: KvTransferConfig::default(),
         }
     }
 
@@ -263,7 +266,7 @@ impl EngineConfig {
         if self.output_vocab.is_empty() {
             return bad("output_vocab", "must not be empty");
         }
-        Ok(())
+        self.kv_transfer.validate()
     }
 }
 

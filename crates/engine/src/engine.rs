@@ -1,6 +1,6 @@
 //! The engine state machine: request lifecycle, the per-step scheduler and step completion.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
 
 use kvgate_tokens::{BlockHash, BlockHasher};
@@ -9,8 +9,36 @@ use crate::kv::{BlockPool, FoldMap, push_removed};
 use crate::stats::{E2E_BUCKETS_S, ITL_BUCKETS_S, TTFT_BUCKETS_S};
 use crate::{
     EngineConfig, EngineError, EngineRequest, EngineStats, FinishReason, Histogram, KvEvent,
-    Output, RequestId, Usage,
+    KvHold, KvLoad, Output, RequestId, Usage,
 };
+
+mod pd;
+
+/// A request's part in prefill/decode disaggregation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Remote {
+    /// Served here from end to end.
+    Local,
+    /// Prefill side (`do_remote_decode`): hold the blocks when it finishes by length.
+    Decode,
+    /// Decode side (`do_remote_prefill`), waiting for the scheduler to allocate its blocks.
+    PrefillPending,
+    /// Decode side, blocks allocated, KV being loaded (vLLM `WAITING_FOR_REMOTE_KVS`).
+    PrefillLoading,
+    /// Decode side, KV loaded: at the head of the waiting queue with all but the last prompt
+    /// token computed.
+    PrefillLoaded,
+}
+
+/// Outcome of trying to admit the head of the waiting queue.
+enum Admit {
+    /// Scheduled this many tokens; it joins the running batch.
+    Scheduled(usize),
+    /// A remote-prefill request got its blocks and now waits for its KV (no slot, no budget).
+    Loading,
+    /// Not enough free blocks; FCFS stops here.
+    Blocked,
+}
 
 /// One live (waiting or running) request.
 #[derive(Debug)]
@@ -40,6 +68,9 @@ struct Req {
     first_token_us: Option<u64>,
     last_token_us: u64,
     cached_tokens: Option<u32>,
+    remote: Remote,
+    /// Prompt tokens loaded from a prefill engine (vLLM `num_external_computed_tokens`).
+    external_tokens: u32,
 }
 
 impl Req {
@@ -53,8 +84,13 @@ impl Req {
         }
     }
 
+    /// Prompt tokens this engine still has to compute: a remote-prefill request computes only
+    /// its last prompt token, whatever state its load is in.
     fn prefill_remaining(&self) -> u64 {
-        self.prefill_end.saturating_sub(self.num_computed) as u64
+        match self.remote {
+            Remote::PrefillPending | Remote::PrefillLoading => 1,
+            _ => self.prefill_end.saturating_sub(self.num_computed) as u64,
+        }
     }
 
     fn usage(&self) -> Usage {
@@ -90,6 +126,14 @@ pub struct Engine {
     requests: FoldMap<RequestId, Req>,
     waiting: VecDeque<RequestId>,
     running: Vec<RequestId>,
+    /// Remote-prefill requests whose KV is being loaded, in allocation order.
+    loading: Vec<RequestId>,
+    /// Blocks of finished remote-decode requests, held for the decode engine.
+    holds: FoldMap<RequestId, KvHold>,
+    /// Hold expiries, earliest first.
+    hold_deadlines: BTreeSet<(u64, RequestId)>,
+    /// Loads started since the last `take_kv_loads`.
+    kv_loads: Vec<KvLoad>,
     inflight: Option<Step>,
     /// Reused allocation for the next step's schedule.
     sched_buf: Vec<Sched>,
@@ -110,9 +154,37 @@ pub struct Engine {
     preemptions_total: u64,
     finished_length: u64,
     finished_abort: u64,
+    finished_error: u64,
+    by_source: PromptSources,
+    external_queries: u64,
+    external_hits: u64,
+    holds_expired: u64,
     ttft: Histogram,
     itl: Histogram,
     e2e: Histogram,
+}
+
+/// vLLM's `PromptTokenStats` counters (`vllm/v1/metrics/stats.py`).
+#[derive(Clone, Copy, Debug, Default)]
+struct PromptSources {
+    computed: u64,
+    local_cache_hit: u64,
+    external_kv_transfer: u64,
+    cached: u64,
+    recomputed: u64,
+}
+
+impl PromptSources {
+    /// vLLM's `PromptTokenStats.update_from_output`, at a request's first token: a full-prompt
+    /// hit recomputes its last token, which counts as both cached and computed.
+    fn record(&mut self, prompt_len: u64, cached: u64, external: u64) {
+        let recomputed = u64::from(cached + 1 == prompt_len);
+        self.computed += prompt_len - cached;
+        self.external_kv_transfer += external;
+        self.local_cache_hit += (cached + recomputed).saturating_sub(external);
+        self.cached += cached;
+        self.recomputed += recomputed;
+    }
 }
 
 /// SplitMix64 finaliser: a bijective avalanche, so nearby (id, index) pairs give unrelated picks.
@@ -139,6 +211,10 @@ impl Engine {
             requests: FoldMap::default(),
             waiting: VecDeque::new(),
             running: Vec::with_capacity(cfg.max_num_seqs),
+            loading: Vec::new(),
+            holds: FoldMap::default(),
+            hold_deadlines: BTreeSet::new(),
+            kv_loads: Vec::new(),
             inflight: None,
             sched_buf: Vec::with_capacity(cfg.max_num_seqs),
             pending: Vec::new(),
@@ -156,6 +232,11 @@ impl Engine {
             preemptions_total: 0,
             finished_length: 0,
             finished_abort: 0,
+            finished_error: 0,
+            by_source: PromptSources::default(),
+            external_queries: 0,
+            external_hits: 0,
+            holds_expired: 0,
             ttft: Histogram::new(TTFT_BUCKETS_S),
             itl: Histogram::new(ITL_BUCKETS_S),
             e2e: Histogram::new(E2E_BUCKETS_S),
@@ -190,12 +271,16 @@ impl Engine {
     /// prompt, zero max_tokens, prompt + max_tokens > max_model_len, a request needing more
     /// blocks than the whole cache, precomputed hashes of the wrong length.
     pub fn add_request(&mut self, now_us: u64, req: EngineRequest) -> Result<(), EngineError> {
+        self.add(now_us, req, Remote::Local)
+    }
+
+    fn add(&mut self, now_us: u64, req: EngineRequest, remote: Remote) -> Result<(), EngineError> {
         // Bring the engine up to now first: a request finished by a step that already ended is
         // no longer a duplicate, and a new request can never join a step that started before it
         // arrived.
         self.complete_due_steps(now_us);
         let id = req.id;
-        if self.requests.contains_key(&id) {
+        if self.requests.contains_key(&id) || self.holds.contains_key(&id) {
             return Err(EngineError::DuplicateRequest { id });
         }
         let prompt_len = req.prompt_tokens.len();
@@ -266,13 +351,13 @@ impl Engine {
                 first_token_us: None,
                 last_token_us: now_us,
                 cached_tokens: None,
+                remote,
+                external_tokens: 0,
             },
         );
         self.waiting.push_back(id);
-        self.queued_prefill += prompt_len as u64;
-        if self.inflight.is_none() {
-            self.start_step(now_us);
-        }
+        self.queued_prefill += self.requests[&id].prefill_remaining();
+        self.kick(now_us);
         Ok(())
     }
 
@@ -289,6 +374,8 @@ impl Engine {
             self.running.remove(i);
         } else if let Some(i) = self.waiting.iter().position(|&r| r == id) {
             self.waiting.remove(i);
+        } else if let Some(i) = self.loading.iter().position(|&r| r == id) {
+            self.loading.remove(i);
         }
         self.finished_abort += 1;
         self.pending.push(Output::Finished {
@@ -297,12 +384,27 @@ impl Engine {
             reason: FinishReason::Abort,
             usage: req.usage(),
         });
+        // Freed blocks may unblock the waiting queue of an idle engine.
+        self.kick(now_us);
         true
     }
 
-    /// End time of the in-flight step; None when idle.
+    /// Starts a step at `at_us` if none is in flight and there is work that can run.
+    fn kick(&mut self, at_us: u64) {
+        if self.inflight.is_none() {
+            self.start_step(at_us);
+        }
+    }
+
+    /// When the engine next changes on its own: the end of the step in flight or the expiry of
+    /// a block hold, whichever is first; None when neither is pending.
     pub fn next_wakeup_us(&self) -> Option<u64> {
-        self.inflight.as_ref().map(|s| s.end_us)
+        let step = self.inflight.as_ref().map(|s| s.end_us);
+        let hold = self.hold_deadlines.first().map(|&(t, _)| t);
+        match (step, hold) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Whether outputs produced outside `advance` (aborts) are waiting to be collected by the
@@ -318,11 +420,21 @@ impl Engine {
         out.append(&mut self.pending);
     }
 
+    /// Completes every step and expires every hold due at or before `now_us`, in time order (a
+    /// step ending at the same instant as an expiry goes first).
     fn complete_due_steps(&mut self, now_us: u64) {
-        while let Some(step) = self.inflight.take_if(|s| s.end_us <= now_us) {
-            let end = step.end_us;
-            self.complete_step(step);
-            self.start_step(end);
+        loop {
+            let step_end = self.inflight.as_ref().map(|s| s.end_us);
+            let expiry = self.hold_deadlines.first().map(|&(t, _)| t);
+            match (step_end, expiry) {
+                (Some(end), e) if end <= now_us && e.is_none_or(|e| end <= e) => {
+                    let step = self.inflight.take().expect("step in flight");
+                    self.complete_step(step);
+                    self.start_step(end);
+                }
+                (_, Some(at)) if at <= now_us => self.expire_first_hold(),
+                _ => break,
+            }
         }
     }
 
@@ -335,7 +447,7 @@ impl Engine {
     pub fn stats(&self) -> EngineStats {
         EngineStats {
             running: self.running.len() as u32,
-            waiting: self.waiting.len() as u32,
+            waiting: self.num_waiting() as u32,
             kv_usage: self.pool.usage(),
             num_gpu_blocks: self.cfg.num_gpu_blocks as u64,
             block_size: self.cfg.block_size as u32,
@@ -346,6 +458,18 @@ impl Engine {
             preemptions_total: self.preemptions_total,
             finished_length: self.finished_length,
             finished_abort: self.finished_abort,
+            finished_error: self.finished_error,
+            prompt_tokens_local_compute: self.by_source.computed,
+            prompt_tokens_local_cache_hit: self.by_source.local_cache_hit,
+            prompt_tokens_external_kv_transfer: self.by_source.external_kv_transfer,
+            prompt_tokens_cached: self.by_source.cached,
+            prompt_tokens_recomputed: self.by_source.recomputed,
+            external_prefix_cache_queries_tokens: self.external_queries,
+            external_prefix_cache_hits_tokens: self.external_hits,
+            waiting_for_remote_kv: self.loading.len() as u32,
+            kv_holds: self.holds.len() as u32,
+            kv_hold_blocks: self.holds.values().map(|h| h.block_ids.len() as u64).sum(),
+            kv_holds_expired: self.holds_expired,
             ttft: self.ttft.clone(),
             itl: self.itl.clone(),
             e2e: self.e2e.clone(),
@@ -388,9 +512,10 @@ impl Engine {
         self.running.len()
     }
 
-    /// Requests waiting for admission (including preempted ones).
+    /// Requests waiting for admission (including preempted ones and remote-prefill requests
+    /// waiting for their KV, as vLLM counts them).
     pub fn num_waiting(&self) -> usize {
-        self.waiting.len()
+        self.waiting.len() + self.loading.len()
     }
 
     /// Prompt tokens still to prefill across waiting + running (a preempted request counts its
@@ -429,7 +554,7 @@ impl Engine {
         };
         (
             collect(&mut self.running.iter()),
-            collect(&mut self.waiting.iter()),
+            collect(&mut self.waiting.iter().chain(&self.loading)),
         )
     }
 
@@ -516,8 +641,14 @@ impl Engine {
                 let Some(&id) = self.waiting.front() else {
                     break;
                 };
-                let Some(n) = self.try_admit(id, budget) else {
-                    break;
+                let n = match self.try_admit(id, budget, start_us) {
+                    Admit::Scheduled(n) => n,
+                    Admit::Loading => {
+                        self.waiting.pop_front();
+                        self.loading.push(id);
+                        continue;
+                    }
+                    Admit::Blocked => break,
                 };
                 self.waiting.pop_front();
                 self.running.push(id);
@@ -533,14 +664,32 @@ impl Engine {
             }
         }
 
+        if sched.is_empty() && !preempted {
+            // Nothing can run (the queue head waits for blocks that remote loads or holds keep):
+            // go idle; whatever frees blocks kicks the scheduler again. After a preemption the
+            // empty step is kept, so admission is retried once memory has settled.
+            self.sched_buf = sched;
+            return;
+        }
         let end_us = start_us.saturating_add(self.cfg.step.step_us(prefill_tokens, decode_tokens));
         self.inflight = Some(Step { end_us, sched });
     }
 
     /// Tries to admit the waiting request `id` with up to `budget` new tokens: looks up its cached
-    /// prefix, takes references on the hit blocks and allocates the rest. Returns the tokens
-    /// scheduled, or None (nothing changed) when the blocks are not available.
-    fn try_admit(&mut self, id: RequestId, budget: usize) -> Option<usize> {
+    /// prefix, takes references on the hit blocks and allocates the rest. Nothing changes when
+    /// the blocks are not available. A remote-prefill request gets blocks for its whole prompt
+    /// and starts loading; one whose KV is loaded already holds its blocks and computes its last
+    /// prompt token.
+    fn try_admit(&mut self, id: RequestId, budget: usize, now_us: u64) -> Admit {
+        match self.requests[&id].remote {
+            Remote::PrefillPending => return self.admit_remote_prefill(id, now_us),
+            Remote::PrefillLoaded => {
+                let r = self.requests.get_mut(&id).expect("waiting request is live");
+                r.remote = Remote::Local;
+                return Admit::Scheduled(r.tokens.len() - r.num_computed);
+            }
+            Remote::Local | Remote::Decode | Remote::PrefillLoading => {}
+        }
         let bs = self.cfg.block_size;
         let r = self.requests.get_mut(&id).expect("waiting request is live");
         debug_assert_eq!(r.num_computed, 0);
@@ -568,7 +717,7 @@ impl Engine {
             .filter(|&&b| self.pool.ref_cnt(b) == 0)
             .count();
         if new_blocks + evictable_hits > self.pool.num_free() {
-            return None;
+            return Admit::Blocked;
         }
         for &b in &self.hit_buf {
             self.pool.touch(b);
@@ -597,7 +746,7 @@ impl Engine {
             r,
             hit_tokens + n,
         );
-        Some(n)
+        Admit::Scheduled(n)
     }
 
     /// Registers the request's blocks that are full once its first `num_tokens` tokens are
@@ -656,8 +805,20 @@ impl Engine {
         r.num_cached_blocks = 0;
         r.prefill_end = r.tokens.len();
         self.queued_prefill += r.prefill_end as u64;
-        self.waiting.push_front(id);
+        self.push_waiting_front(id);
         self.preemptions_total += 1;
+    }
+
+    /// Puts `id` at the head of the waiting queue, behind any loaded remote-prefill requests:
+    /// those hold their blocks already and need only a slot, so keeping them first means a
+    /// request waiting for blocks can never block the requests that would free them.
+    fn push_waiting_front(&mut self, id: RequestId) {
+        let loaded = self
+            .waiting
+            .iter()
+            .take_while(|w| self.requests[w].remote == Remote::PrefillLoaded)
+            .count();
+        self.waiting.insert(loaded, id);
     }
 
     /// Applies the results of a finished step at its end time.
@@ -692,14 +853,23 @@ impl Engine {
                 r.first_token_us = Some(at_us);
                 self.ttft.observe_us(at_us.saturating_sub(r.arrival_us));
                 self.prompt_tokens_total += r.prompt_len as u64;
+                self.by_source.record(
+                    r.prompt_len as u64,
+                    u64::from(r.cached_tokens.unwrap_or(0)),
+                    u64::from(r.external_tokens),
+                );
             } else {
                 self.itl.observe_us(at_us.saturating_sub(r.last_token_us));
             }
             r.last_token_us = at_us;
             r.generated += 1;
             if r.generated >= r.max_tokens {
-                let r = self.requests.remove(&s.id).expect("just looked up");
-                self.pool.free_reversed(&r.blocks);
+                let mut r = self.requests.remove(&s.id).expect("just looked up");
+                if r.remote == Remote::Decode {
+                    self.hold_blocks(s.id, at_us, &mut r);
+                } else {
+                    self.pool.free_reversed(&r.blocks);
+                }
                 self.finished_length += 1;
                 self.e2e.observe_us(at_us.saturating_sub(r.arrival_us));
                 self.pending.push(Output::Finished {
@@ -738,6 +908,12 @@ impl Engine {
         }
     }
 
+    /// End of the step in flight, holds aside (tests drive holds explicitly).
+    #[cfg(test)]
+    pub(crate) fn inflight_end(&self) -> Option<u64> {
+        self.inflight.as_ref().map(|s| s.end_us)
+    }
+
     /// Checks internal invariants (tests only).
     #[cfg(test)]
     pub(crate) fn check_invariants(&self) -> Result<(), String> {
@@ -751,14 +927,52 @@ impl Engine {
             prefill += r.prefill_remaining();
             let in_running = self.running.contains(id);
             let in_waiting = self.waiting.contains(id);
-            if in_running == in_waiting {
+            let in_loading = self.loading.contains(id);
+            if usize::from(in_running) + usize::from(in_waiting) + usize::from(in_loading) != 1 {
                 return Err(format!(
-                    "request {id} running={in_running} waiting={in_waiting}"
+                    "request {id} running={in_running} waiting={in_waiting} loading={in_loading}"
                 ));
             }
-            if in_waiting && (r.num_computed != 0 || !r.blocks.is_empty()) {
+            let loaded = r.remote == Remote::PrefillLoaded;
+            if in_waiting && !loaded && (r.num_computed != 0 || !r.blocks.is_empty()) {
                 return Err(format!("waiting request {id} holds state"));
             }
+            if loaded && !in_waiting {
+                return Err(format!("loaded request {id} is not waiting"));
+            }
+            if in_loading != (r.remote == Remote::PrefillLoading) {
+                return Err(format!(
+                    "request {id} loading={in_loading} but {:?}",
+                    r.remote
+                ));
+            }
+            if in_running && matches!(r.remote, Remote::PrefillPending | Remote::PrefillLoading) {
+                return Err(format!("request {id} runs before its KV arrived"));
+            }
+        }
+        for h in self.holds.values() {
+            for &b in &h.block_ids {
+                refs[b as usize] += 1;
+            }
+            if !self.hold_deadlines.contains(&(h.expires_at_us, h.id)) {
+                return Err(format!("hold {} has no deadline", h.id));
+            }
+        }
+        if self.hold_deadlines.len() != self.holds.len() {
+            return Err("hold deadlines disagree with the holds".into());
+        }
+        let leading_loaded = self
+            .waiting
+            .iter()
+            .take_while(|w| self.requests[w].remote == Remote::PrefillLoaded)
+            .count();
+        let all_loaded = self
+            .waiting
+            .iter()
+            .filter(|w| self.requests[w].remote == Remote::PrefillLoaded)
+            .count();
+        if leading_loaded != all_loaded {
+            return Err("a loaded remote-prefill request is queued behind another request".into());
         }
         for (b, &n) in refs.iter().enumerate().skip(1) {
             if self.pool.ref_cnt(b as u32) != n {
@@ -774,7 +988,7 @@ impl Engine {
                 self.queued_prefill
             ));
         }
-        if self.running.len() + self.waiting.len() != self.requests.len() {
+        if self.running.len() + self.waiting.len() + self.loading.len() != self.requests.len() {
             return Err("queue sizes disagree with the request table".into());
         }
         Ok(())

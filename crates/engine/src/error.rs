@@ -19,7 +19,14 @@ pub enum EngineError {
         /// The name given.
         name: String,
     },
-    /// A request with this id is already waiting or running.
+    /// A KV-load failure policy that vLLM does not offer.
+    #[error("unknown kv_load_failure_policy {name:?} (expected fail or recompute)")]
+    UnknownLoadFailurePolicy {
+        /// The name given.
+        name: String,
+    },
+    /// A request with this id is already waiting, running, loading remote KV, or holding
+    /// blocks for a decode engine.
     #[error("request {id} already exists")]
     DuplicateRequest {
         /// The id.

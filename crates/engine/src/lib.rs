@@ -52,6 +52,54 @@
 //! - **A step starts when the previous one ends, or when a request arrives at an idle engine**;
 //!   a request arriving mid-step waits for the next step, like vLLM's busy loop.
 //!
+//! # Prefill/decode disaggregation (vLLM's NixlConnector, as the engine sees it)
+//!
+//! The engine models both ends of vLLM's `NixlConnector`; the caller moves the bytes (the
+//! simulator over a socket, the benchmark as a scheduled event) and tells the engine when they
+//! have arrived. All calls take `now_us` like every other entry point.
+//!
+//! **Prefill side.** [`Engine::add_remote_decode`]`(now_us, req)` admits a request that carried
+//! `kv_transfer_params.do_remote_decode` (the caller sets `max_tokens` to 1, as the proxy does).
+//! It is prefilled and produces its token like any request, and finishes with
+//! [`Output::Finished`] as usual; but when it finishes by length its blocks are not freed:
+//! [`Engine::kv_hold`]`(id)` then returns a [`KvHold`] (the engine's block ids of the prompt,
+//! the token count, the expiry). The blocks stay referenced (they count in `kv_usage` and cannot
+//! be evicted) until [`Engine::release_kv_hold`]`(now_us, id)` (the decode side has read them:
+//! NIXL's completion notification) or until `kv_transfer.abort_request_timeout_us` after the
+//! finish (vLLM's `VLLM_NIXL_ABORT_REQUEST_TIMEOUT`, 480 s), whichever comes first. An aborted
+//! remote-decode request frees its blocks at once, as vLLM does for any finish but length.
+//! [`Engine::next_wakeup_us`] includes hold expiries, so a caller that sleeps until it and calls
+//! [`Engine::advance`] sees timeouts happen on time.
+//!
+//! **Decode side.** [`Engine::add_remote_prefill`]`(now_us, req)` admits a request that carried
+//! `do_remote_prefill` (the full prompt and the client's `max_tokens`). When the scheduler
+//! reaches it (FCFS, like any waiting request, and only if a batch slot is free) it looks up the
+//! local prefix cache, allocates blocks for the rest of the prompt and parks the request in
+//! vLLM's `WAITING_FOR_REMOTE_KVS` state: it takes no batch slot, no token budget and no step
+//! time, and it counts as waiting in [`EngineStats`]. The caller learns of the allocation from
+//! [`Engine::take_kv_loads`] (a [`KvLoad`]: local hit, tokens to load, destination blocks), pulls
+//! the KV, and reports [`Engine::remote_kv_ready`]`(now_us, id)` or
+//! [`Engine::remote_kv_failed`]`(now_us, id)`. On success the loaded prompt blocks are registered
+//! in the prefix cache and published as `BlockStored` with the next step's events, exactly as if
+//! computed here; the request goes to the head of the waiting queue with every prompt token but
+//! the last computed, and the last is recomputed to sample the first output token (vLLM:
+//! `NixlConnectorScheduler.get_num_new_matched_tokens` asks for the whole prompt,
+//! `Scheduler._update_waiting_for_remote_kv` steps back one token on a full-prompt hit). On
+//! failure `kv_transfer.kv_load_failure_policy` decides: `fail` (vLLM's default) finishes the
+//! request with [`FinishReason::Error`]; `recompute` frees the blocks and prefills the whole
+//! prompt locally. Either way the destination blocks are freed unpublished.
+//!
+//! **Accounting, as vLLM reports it.** A remote-prefill request's `cached_tokens` is
+//! `prompt - 1` (vLLM sets `num_cached_tokens` from the computed tokens after the load, local and
+//! remote alike). `vllm:prompt_tokens_total` counts the whole prompt on both sides;
+//! [`EngineStats`] also splits it by source (`local_compute`, `local_cache_hit`,
+//! `external_kv_transfer`, vLLM's `PromptTokenStats`), and the prefix-cache counters count only
+//! local hits (the connector's hits go to the `external_prefix_cache_*` counters). The prefill
+//! side generates and counts its one token.
+//!
+//! [`KvTransferConfig::transfer_us`] gives the time to move N tokens (latency + bytes ÷
+//! bandwidth); the engine never waits on it itself.
+//!
 //! Time is only ever a parameter: nothing here reads the wall clock (the crate's `clippy.toml`
 //! bans the std clock and global RNG calls, and a unit test greps the sources as well).
 #![deny(missing_docs)]
@@ -61,6 +109,7 @@ mod engine;
 mod error;
 mod kv;
 mod stats;
+mod transfer;
 
 pub use config::{
     A100_NUM_GPU_BLOCKS, DEFAULT_BLOCK_SIZE, DEFAULT_MAX_MODEL_LEN, DEFAULT_MAX_NUM_BATCHED_TOKENS,
@@ -70,6 +119,10 @@ pub use config::{
 pub use engine::Engine;
 pub use error::EngineError;
 pub use stats::{E2E_BUCKETS_S, EngineStats, Histogram, ITL_BUCKETS_S, TTFT_BUCKETS_S};
+pub use transfer::{
+    DEFAULT_ABORT_REQUEST_TIMEOUT_US, DEFAULT_LINK_BANDWIDTH_BYTES_PER_S, DEFAULT_LINK_LATENCY_US,
+    KvHold, KvLoad, KvLoadFailurePolicy, KvTransferConfig, LLAMA31_8B_KV_BYTES_PER_TOKEN,
+};
 
 /// Caller-chosen request id, unique among live requests of one engine.
 pub type RequestId = u64;
@@ -102,6 +155,9 @@ pub enum FinishReason {
     Length,
     /// Aborted by the caller.
     Abort,
+    /// Failed inside the engine: a remote KV load failed under the `fail` policy (vLLM's
+    /// `FINISHED_ERROR`, finish reason `"error"`).
+    Error,
 }
 
 /// Token accounting of a finished request (the OpenAI `usage` object).
@@ -178,21 +234,33 @@ mod purity {
     /// discrete-event benchmark nondeterministic.
     #[test]
     fn sources_never_read_the_wall_clock() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
         let banned = [
             concat!("Instant", "::now"),
             concat!("SystemTime", "::now"),
             concat!("thread_", "rng"),
         ];
-        for entry in std::fs::read_dir(dir).unwrap() {
-            let path = entry.unwrap().path();
-            let text = std::fs::read_to_string(&path).unwrap();
-            for b in banned {
-                assert!(!text.contains(b), "{} uses {b}", path.display());
+        let mut dirs = vec![std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src")];
+        let mut files = 0;
+        while let Some(dir) = dirs.pop() {
+            for entry in std::fs::read_dir(dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    dirs.push(path);
+                    continue;
+                }
+                let text = std::fs::read_to_string(&path).unwrap();
+                files += 1;
+                for b in banned {
+                    assert!(!text.contains(b), "{} uses {b}", path.display());
+                }
             }
         }
+        assert!(files > 5, "the walk found the sources");
     }
 }
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod pd_tests;

@@ -88,6 +88,32 @@ pub struct EngineStats {
     pub finished_length: u64,
     /// Requests aborted (`finished_reason="abort"`).
     pub finished_abort: u64,
+    /// Requests failed in the engine (`finished_reason="error"`): remote KV loads under the
+    /// `fail` policy.
+    pub finished_error: u64,
+    /// `vllm:prompt_tokens_by_source_total{source="local_compute"}`: prompt tokens prefilled here.
+    pub prompt_tokens_local_compute: u64,
+    /// `...{source="local_cache_hit"}`: prompt tokens from this engine's prefix cache.
+    pub prompt_tokens_local_cache_hit: u64,
+    /// `...{source="external_kv_transfer"}`: prompt tokens loaded from a prefill engine.
+    pub prompt_tokens_external_kv_transfer: u64,
+    /// `vllm:prompt_tokens_cached_total`: prompt tokens not prefilled (the requests' `cached_tokens`).
+    pub prompt_tokens_cached: u64,
+    /// `vllm:prompt_tokens_recomputed_total`: cached tokens prefilled anyway (the last prompt
+    /// token of a full-prompt hit).
+    pub prompt_tokens_recomputed: u64,
+    /// `vllm:external_prefix_cache_queries_total`, tokens: prompts of remote-prefill requests.
+    pub external_prefix_cache_queries_tokens: u64,
+    /// `vllm:external_prefix_cache_hits_total`, tokens: prompt tokens to load from remote.
+    pub external_prefix_cache_hits_tokens: u64,
+    /// Requests waiting for remote KV (vLLM `WAITING_FOR_REMOTE_KVS`), included in `waiting`.
+    pub waiting_for_remote_kv: u32,
+    /// Finished remote-decode requests whose blocks are held for a decode engine.
+    pub kv_holds: u32,
+    /// Blocks those holds keep referenced.
+    pub kv_hold_blocks: u64,
+    /// Holds freed by the timeout, unread.
+    pub kv_holds_expired: u64,
     /// `vllm:time_to_first_token_seconds`.
     pub ttft: Histogram,
     /// `vllm:inter_token_latency_seconds`.

@@ -436,6 +436,7 @@ fn finish_str(r: FinishReason) -> &'static str {
     match r {
         FinishReason::Length => "length",
         FinishReason::Abort => "abort",
+        FinishReason::Error => "error",
     }
 }
 

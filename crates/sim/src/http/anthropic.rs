@@ -138,7 +138,7 @@ fn usage(job: &Job, prompt_tokens: usize, u: &Usage) -> Value {
 fn stop_reason(r: FinishReason) -> &'static str {
     match r {
         FinishReason::Length => "max_tokens",
-        FinishReason::Abort => "end_turn",
+        FinishReason::Abort | FinishReason::Error => "end_turn",
     }
 }
 
