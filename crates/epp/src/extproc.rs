@@ -115,6 +115,9 @@ pub const SUBSET_KEY: &str = "x-gateway-destination-endpoint-subset";
 pub const SERVED_ENDPOINT: &str = "x-gateway-destination-endpoint-served";
 /// Header asking the picker to send the request under another model name.
 pub const MODEL_REWRITE_HEADER: &str = "x-gateway-model-name-rewrite";
+/// The prefill pod of a disaggregated request, `host:port`, for the sidecar on the decode pod
+/// (llm-d's P/D protocol).
+pub const PREFILLER_HEADER: &str = "x-prefiller-host-port";
 
 /// How long a booking waits for the response phase by default, ms (see
 /// [`Picker::with_response_timeout_ms`]). A non-streaming request's response headers come
@@ -357,6 +360,9 @@ pub struct StreamState {
     api: Option<ApiKind>,
     body: Vec<u8>,
     booking: Option<Booking>,
+    /// The prefill leg of a disaggregated request, run by the decode pod's sidecar: released
+    /// when the decode pod answers (the picker never sees the prefill pod's answer).
+    prefill_leg: Option<Booking>,
     /// `(client's model, model sent upstream)` when the model was rewritten.
     rewrite: Option<(String, String)>,
     meter: Option<ResponseMeter>,
@@ -542,6 +548,7 @@ impl StreamState {
             api: None,
             body: Vec::new(),
             booking: None,
+            prefill_leg: None,
             rewrite: None,
             meter: None,
             status: 0,
@@ -759,8 +766,16 @@ impl StreamState {
     }
 
     /// The request-headers answer carrying `destination` (and the body's new length).
-    fn headers_response(&self, destination: &str, body_len: Option<usize>) -> ProcessingResponse {
+    fn headers_response(
+        &self,
+        destination: &str,
+        prefiller: Option<&str>,
+        body_len: Option<usize>,
+    ) -> ProcessingResponse {
         let mut set = vec![set_header(DESTINATION_ENDPOINT, destination)];
+        if let Some(p) = prefiller {
+            set.push(set_header(PREFILLER_HEADER, p));
+        }
         if let Some(len) = body_len {
             set.push(set_header("content-length", &len.to_string()));
         }
@@ -779,8 +794,13 @@ impl StreamState {
                 response: Some(CommonResponse {
                     header_mutation: Some(HeaderMutation {
                         set_headers: set,
-                        // The served endpoint is the proxy's to report; drop a client-sent copy.
-                        remove_headers: vec![SERVED_ENDPOINT.to_owned()],
+                        // The served endpoint is the proxy's to report, the prefill pod the
+                        // picker's to name: drop client-sent copies.
+                        remove_headers: if prefiller.is_some() {
+                            vec![SERVED_ENDPOINT.to_owned()]
+                        } else {
+                            vec![SERVED_ENDPOINT.to_owned(), PREFILLER_HEADER.to_owned()]
+                        },
                     }),
                     clear_route_cache: true,
                     ..CommonResponse::default()
@@ -807,7 +827,8 @@ impl StreamState {
         addrs.sort();
         let i = self.shared.round_robin.fetch_add(1, Ordering::Relaxed) % addrs.len();
         self.phase = Phase::Routed;
-        let mut responses = vec![self.headers_response(&addrs[i], body.as_ref().map(Vec::len))];
+        let mut responses =
+            vec![self.headers_response(&addrs[i], None, body.as_ref().map(Vec::len))];
         if let Some(b) = body {
             responses.extend(body_chunks(&b, eos, true));
         }
@@ -862,10 +883,35 @@ impl StreamState {
         if let Some(r) = &self.shared.recorder {
             r.prepare(&mut rr);
         }
-        let mut booking = match control.pick(rr, self.t0) {
-            Ok(b) => b,
-            Err(e) => return self.immediate(&ApiError::from(&e)),
+        // A pool with prefill pods plans each generation request with the prefill/decode
+        // decider: the decode pod is the destination, the prefill pod (when split) is named
+        // in `x-prefiller-host-port` for the decode pod's sidecar (llm-d's protocol).
+        let disaggregated =
+            matches!(api, ApiKind::Chat | ApiKind::Completions) && control.disaggregated();
+        let (mut booking, prefill_leg) = if disaggregated {
+            match control.pick_pd(rr, self.t0) {
+                Ok(pd) => {
+                    let phase = if pd.prefill.is_some() {
+                        "disaggregated"
+                    } else {
+                        "aggregated"
+                    };
+                    self.shared
+                        .control
+                        .metrics
+                        .pd
+                        .count_decision(phase, pd.reason.as_str());
+                    (pd.decode, pd.prefill)
+                }
+                Err(e) => return self.immediate(&ApiError::from(&e)),
+            }
+        } else {
+            match control.pick(rr, self.t0) {
+                Ok(b) => (b, None),
+                Err(e) => return self.immediate(&ApiError::from(&e)),
+            }
         };
+        let prefiller = prefill_leg.as_ref().map(|p| p.address().to_string());
         if let Some(r) = &self.shared.recorder {
             let info = kvgate_runtime::decision_log::RequestInfo {
                 method: self.info.method.clone(),
@@ -888,9 +934,11 @@ impl StreamState {
         }
         tracing::debug!(request_id = ?self.info.request_id, endpoint = %destination, reason = booking.decision().reason.as_str(), "routed");
         self.booking = Some(booking);
+        self.prefill_leg = prefill_leg;
         self.phase = Phase::Routed;
         self.routed_at = Some(Instant::now());
-        let mut responses = vec![self.headers_response(&destination, Some(body.len()))];
+        let mut responses =
+            vec![self.headers_response(&destination, prefiller.as_deref(), Some(body.len()))];
         responses.extend(body_chunks(&body, eos, true));
         self.shared
             .metrics
@@ -917,6 +965,10 @@ impl StreamState {
         self.status = status;
         self.count(status);
         self.phase = Phase::Responding;
+        // The decode pod answers only once its sidecar's prefill is done.
+        if let Some(p) = self.prefill_leg.take() {
+            p.release();
+        }
         if let Some(b) = &mut self.booking {
             b.set_status(status);
         }

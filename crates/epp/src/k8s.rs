@@ -32,6 +32,7 @@ use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use kube::{Client, Config};
+use kvgate_core::Role;
 use kvgate_runtime::config::{EndpointConfig, UpstreamProtocol};
 use serde_json::Value;
 use tokio::sync::watch;
@@ -148,7 +149,13 @@ pub struct PodView {
     pub ready: bool,
     /// Has a `deletionTimestamp`.
     pub terminating: bool,
+    /// Its role in a disaggregated pool, from llm-d's `llm-d.ai/role` label (`prefill`,
+    /// `decode`; anything else or none: both).
+    pub role: Role,
 }
+
+/// The pod label llm-d marks prefill and decode pods with.
+pub const ROLE_LABEL: &str = "llm-d.ai/role";
 
 impl PodView {
     /// Reads a pod.
@@ -162,6 +169,17 @@ impl PodView {
                 .and_then(|s| s.conditions.as_ref())
                 .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True")),
             terminating: pod.metadata.deletion_timestamp.is_some(),
+            role: match pod
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(ROLE_LABEL))
+                .map(String::as_str)
+            {
+                Some("prefill") => Role::Prefill,
+                Some("decode") => Role::Decode,
+                _ => Role::Both,
+            },
         }
     }
 
@@ -196,11 +214,14 @@ pub fn wanted_endpoints(
                     .map(|p| format!("tcp://{host}:{p}")),
                 models: template.models.clone(),
                 lora_adapters: Vec::new(),
-                role: Default::default(),
+                role: pod.role,
                 engine: Default::default(),
                 hardware_class: String::new(),
                 relative_cost: 1.0,
                 protocol: spec.protocol,
+                // The sidecar on the decode pod runs the transfer; the picker only names pods.
+                pd_protocol: Default::default(),
+                bootstrap_port: None,
             });
         }
     }
@@ -405,6 +426,7 @@ mod tests {
                 ip: Some("10.0.0.1".into()),
                 ready: true,
                 terminating: false,
+                role: Role::Both,
             },
         )]
         .into();
@@ -431,6 +453,7 @@ mod tests {
             ip: ip.map(str::to_owned),
             ready,
             terminating,
+            role: Role::Both,
         };
         let pods: BTreeMap<String, PodView> = [
             ("a".into(), view(Some("10.0.0.1"), true, false)),

@@ -21,6 +21,7 @@
 mod access;
 pub mod h2;
 pub mod passthrough;
+mod pd;
 pub mod proxy;
 pub mod server;
 pub mod stamp;

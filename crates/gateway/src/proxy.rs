@@ -65,7 +65,7 @@ use kvgate_runtime::control::Control;
 use kvgate_runtime::decision_log::{Recorder, RequestInfo};
 use kvgate_runtime::meter::{ResponseMeter, USAGE_WINDOW_BYTES};
 use kvgate_runtime::metrics::{DataPlaneMetrics, RequestLabels, RetryLabels};
-use kvgate_runtime::openai::{ApiError, ApiKind, parse_request};
+use kvgate_runtime::openai::{ApiError, ApiKind, ParsedRequest, parse_request};
 
 /// Budget for one endpoint's `/v1/models` during aggregation: the list is served from memory,
 /// so a slow answer means a sick engine, which must not stall the client's listing.
@@ -451,7 +451,20 @@ async fn serve(
     if let Some(r) = &app.recorder {
         r.prepare(&mut rr);
     }
-    let mut booking = app.control.pick(rr, t0).map_err(|e| ApiError::from(&e))?;
+    // A fleet with prefill pods plans each generation request (split or whole) with the
+    // prefill/decode decider; other APIs are served whole on a decode or aggregated pod.
+    let disaggregated =
+        matches!(api, ApiKind::Chat | ApiKind::Completions) && app.control.disaggregated();
+    let (mut booking, pd) = if disaggregated {
+        let pd = app
+            .control
+            .pick_pd(rr, t0)
+            .map_err(|e| ApiError::from(&e))?;
+        (pd.decode, Some((pd.prefill, pd.reason)))
+    } else {
+        let b = app.control.pick(rr, t0).map_err(|e| ApiError::from(&e))?;
+        (b, None)
+    };
     if let Some(r) = &app.recorder {
         let info = RequestInfo {
             method: parts.method.to_string(),
@@ -474,10 +487,47 @@ async fn serve(
     } else {
         body.clone()
     };
+    if let Some((prefill, reason)) = pd {
+        return crate::pd::serve(
+            app,
+            api,
+            &parts.headers,
+            upstream_body,
+            &parsed,
+            booking,
+            prefill,
+            reason,
+            inject,
+        )
+        .await;
+    }
+    forward(
+        app,
+        api,
+        &parts.headers,
+        upstream_body,
+        &parsed,
+        booking,
+        inject,
+    )
+    .await
+}
+
+/// Sends `upstream_body` to the booked endpoint, retrying on the decision's fallbacks (see the
+/// module docs), and relays the answer measured through `booking`.
+pub(crate) async fn forward(
+    app: &Arc<App>,
+    api: ApiKind,
+    headers: &HeaderMap,
+    upstream_body: Bytes,
+    parsed: &ParsedRequest,
+    mut booking: Booking,
+    inject: bool,
+) -> Result<Response, ApiError> {
     let mut attempt = 1;
     loop {
         let address = booking.address().clone();
-        let sent = send(app, &address, api, &parts.headers, upstream_body.clone());
+        let sent = send(app, &address, api, headers, upstream_body.clone());
         let result = match app.limits.first_byte_timeout_ms {
             None => sent.await.map(|r| (r, None)),
             Some(ms) => tokio::time::timeout(Duration::from_millis(ms), first_byte(sent))
@@ -489,7 +539,7 @@ async fn serve(
             Ok((resp, first)) => match status_failure(resp.status().as_u16()) {
                 None => {
                     booking.set_status(resp.status().as_u16());
-                    return Ok(respond(resp, first, booking, &parsed, inject));
+                    return Ok(respond(resp, first, booking, parsed, inject));
                 }
                 Some(failure) => (failure, Some(resp)),
             },
@@ -538,7 +588,7 @@ async fn serve(
 
 /// The response head and, for a successful response, its first body frame (so a first-byte
 /// timeout covers engines that send headers at once and then hang, as vLLM's streams may).
-async fn first_byte(
+pub(crate) async fn first_byte(
     sent: impl std::future::Future<Output = Result<hyper::Response<Incoming>, AttemptError>>,
 ) -> Result<(hyper::Response<Incoming>, Option<Frame<Bytes>>), AttemptError> {
     let mut resp = sent.await?;
@@ -594,7 +644,7 @@ pub(crate) fn relay_plain(resp: hyper::Response<Incoming>, address: &str) -> Res
         .unwrap_or_else(|_| StatusCode::BAD_GATEWAY.into_response())
 }
 
-fn respond(
+pub(crate) fn respond(
     resp: hyper::Response<Incoming>,
     first: Option<Frame<Bytes>>,
     booking: Booking,

@@ -30,7 +30,7 @@
 use std::sync::Arc;
 
 use kvgate_core::endpoint::EndpointId;
-use kvgate_core::request::{Decision, FailureKind, RoutingRequest};
+use kvgate_core::request::{Decision, FailureKind, Phase, RoutingRequest};
 use tokio::time::Instant;
 
 use crate::control::{Control, Target};
@@ -50,6 +50,21 @@ pub fn status_failure(status: u16) -> Option<(&'static str, FailureKind)> {
         429 => Some(("status_429", FailureKind::Overloaded)),
         _ => None,
     }
+}
+
+/// A request in a disaggregated fleet, booked by [`Control::pick_pd`]: the decode pod (serving
+/// it whole, or its decode leg) and, when split, the prefill pod.
+#[derive(Debug)]
+pub struct PdBooking {
+    /// Where the client's response comes from. Its TTFT and receipt are the client's.
+    pub decode: Booking,
+    /// The prefill leg when split: its TTFT is the prefill pod's answer, which teaches that
+    /// pod's cost model like any first token.
+    pub prefill: Option<Booking>,
+    /// Why the decider split the request or kept it whole.
+    pub reason: kvgate_core::PdReason,
+    /// Prompt tokens the split plan moves to the decode pod.
+    pub transfer_tokens: u32,
 }
 
 /// A request booked on one endpoint (see the module docs).
@@ -253,6 +268,28 @@ impl Booking {
         self.ended = false;
         self.on_booked(RETRY_REASON);
         true
+    }
+
+    /// A decode leg whose prefill failed everywhere: the same decode pod now serves the request
+    /// whole (it computes the prompt itself), so the core books it as such.
+    pub fn serve_whole(&mut self) {
+        if self.req.phase == Phase::Aggregated {
+            return;
+        }
+        self.req.phase = Phase::Aggregated;
+        // The split plan's prediction is not this plan's.
+        self.decision.predicted_ttft_us = None;
+        self.control
+            .rebook(&self.req, &self.decision, self.target.id);
+    }
+
+    /// The leg ended where the data plane could not watch it (the prefill leg of a request an
+    /// Envoy sidecar on the decode pod runs): released from the core's accounting without
+    /// teaching it anything, and without counting a cancellation.
+    pub fn release(mut self) {
+        self.ended = true;
+        self.control
+            .on_finish(self.req.id, &kvgate_core::request::Outcome::default());
     }
 
     /// Moves the request to the next of the decision's fallbacks it has not tried yet (see

@@ -31,8 +31,8 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use kvgate_core::Policy;
 use kvgate_core::endpoint::{EngineKind, Role};
+use kvgate_core::{PdDecider, Policy};
 use serde::Deserialize;
 
 use crate::RuntimeError;
@@ -146,6 +146,7 @@ struct RawConfig {
     shutdown: RawShutdown,
     #[serde(default)]
     logs: RawLogs,
+    pd_decider: Option<PdDecider>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -222,6 +223,8 @@ struct RawEndpoint {
     #[serde(default)]
     hardware_class: String,
     relative_cost: Option<f64>,
+    pd_protocol: Option<PdProtocol>,
+    bootstrap_port: Option<u16>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -304,7 +307,40 @@ pub struct EndpointConfig {
     pub relative_cost: f64,
     /// The HTTP version the gateway speaks to it for requests (`h2c://` URLs: HTTP/2).
     pub protocol: UpstreamProtocol,
+    /// How a disaggregated request's KV cache moves to or from it (prefill and decode pods).
+    pub pd_protocol: PdProtocol,
+    /// SGLang prefill pods: the port of their bootstrap server (`--disaggregation-bootstrap-port`,
+    /// SGLang's default 8998), sent to both legs as `bootstrap_port`.
+    pub bootstrap_port: Option<u16>,
 }
+
+/// How a disaggregated request's KV cache moves from its prefill pod to its decode pod, which
+/// decides what the gateway sends each (../shared/DESIGN.md, "Prefill/decode disaggregation").
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum PdProtocol {
+    /// vLLM's NixlConnector: the prefill pod is asked for one token with
+    /// `kv_transfer_params.do_remote_decode`, and its answer's `kv_transfer_params` go with the
+    /// original request to the decode pod, which pulls the blocks.
+    #[default]
+    VllmNixl,
+    /// SGLang: both legs carry `bootstrap_host/port/room` and are sent at once; the decode pod
+    /// waits for the prefill pod to push the room's KV.
+    SglangBootstrap,
+}
+
+impl PdProtocol {
+    /// The name used in configuration and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::VllmNixl => "vllm-nixl",
+            Self::SglangBootstrap => "sglang-bootstrap",
+        }
+    }
+}
+
+/// SGLang's default `--disaggregation-bootstrap-port`.
+pub const DEFAULT_BOOTSTRAP_PORT: u16 = 8998;
 
 /// How `kvgate serve` talks to an endpoint. Metrics scrapes, model discovery and the tokenizer
 /// probe stay HTTP/1.1 whatever this says (servers that offer h2c, hyper's and Envoy's, serve
@@ -430,6 +466,9 @@ pub struct DataPlaneConfig {
     pub kv_events_listen: Option<String>,
     /// Connection and body limits.
     pub limits: Limits,
+    /// The prefill/decode decider (`pd_decider` / `--pd-decider`), overriding the router
+    /// config's `tuning.pd.decider` when given.
+    pub pd_decider: Option<PdDecider>,
     /// Attempts per request (≥ 1).
     pub max_attempts: u32,
     /// Objective name → priority.
@@ -471,6 +510,7 @@ impl Default for DataPlaneConfig {
             inject_stream_usage: true,
             shutdown: ShutdownTimes::default(),
             logs: RequestLogConfig::default(),
+            pd_decider: None,
             source: None,
         }
     }
@@ -521,6 +561,16 @@ pub struct Overrides {
     pub capture_trace: Option<PathBuf>,
     /// `--access-log`.
     pub access_log: Option<bool>,
+    /// `--prefill`: prefill pods (added to `endpoints`' list).
+    pub prefill: Vec<String>,
+    /// `--decode`: decode pods (added to `endpoints`' list).
+    pub decode: Vec<String>,
+    /// `--pd-protocol`, for the flag-given prefill and decode pods.
+    pub pd_protocol: Option<PdProtocol>,
+    /// `--bootstrap-port`, for the flag-given SGLang prefill pods.
+    pub bootstrap_port: Option<u16>,
+    /// `--pd-decider`.
+    pub pd_decider: Option<PdDecider>,
 }
 
 /// Flags that `kvgate serve` and `kvgate epp` share: which model servers to route to and how.
@@ -591,6 +641,36 @@ pub struct RoutingFlags {
     /// Log one structured line per request (target `kvgate::access`, INFO).
     #[arg(long)]
     pub access_log: bool,
+    /// A disaggregated prefill pod, as a base URL (repeat for more; with --decode).
+    #[arg(long = "prefill")]
+    pub prefill: Vec<String>,
+    /// A disaggregated decode pod, as a base URL (repeat for more; it also serves whole the
+    /// requests the decider keeps aggregated).
+    #[arg(long = "decode")]
+    pub decode: Vec<String>,
+    /// How --prefill and --decode pods move a request's KV cache [default: vllm-nixl].
+    #[arg(long, value_enum)]
+    pub pd_protocol: Option<PdProtocol>,
+    /// Bootstrap port of the --prefill pods (sglang-bootstrap) [default: 8998].
+    #[arg(long)]
+    pub bootstrap_port: Option<u16>,
+    /// When to split a request into prefill and decode legs: `cost` (kvgate's cost model),
+    /// `threshold` (llm-d's: more than `tuning.pd.threshold_tokens` uncached on the decode
+    /// pod), `always`, `aggregated` (never) [default: the router config's, else cost].
+    #[arg(long, value_parser = pd_decider_parser())]
+    pub pd_decider: Option<PdDecider>,
+}
+
+fn pd_decider_parser() -> impl clap::builder::TypedValueParser<Value = PdDecider> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(["cost", "threshold", "always", "aggregated"]).map(
+        |s| match s.as_str() {
+            "threshold" => PdDecider::Threshold,
+            "always" => PdDecider::Always,
+            "aggregated" => PdDecider::Aggregated,
+            _ => PdDecider::Cost,
+        },
+    )
 }
 
 impl RoutingFlags {
@@ -614,6 +694,11 @@ impl RoutingFlags {
             decision_log_files: self.decision_log_files,
             capture_trace: self.capture_trace.clone(),
             access_log: self.access_log.then_some(true),
+            prefill: self.prefill.clone(),
+            decode: self.decode.clone(),
+            pd_protocol: self.pd_protocol,
+            bootstrap_port: self.bootstrap_port,
+            pd_decider: self.pd_decider,
             ..Overrides::default()
         }
     }
@@ -749,50 +834,67 @@ impl DataPlaneConfig {
                 ),
             ));
         }
-        let endpoints = if flags.endpoints.is_empty() {
-            if !flags.kv_events.is_empty() || !flags.kv_replay.is_empty() {
-                return Err(invalid(
-                    "kv_events",
-                    "--kv-events/--kv-replay need --endpoint",
-                ));
-            }
-            raw.endpoints
-                .into_iter()
-                .map(endpoint_from_raw)
-                .collect::<Result<Vec<_>, _>>()?
-        } else {
-            // They pair by position, so a count that differs (2 --endpoint, 1 --kv-events)
-            // would silently leave endpoints without events; '' marks one that has none.
-            for (flag, given) in [
-                ("--kv-events", flags.kv_events.len()),
-                ("--kv-replay", flags.kv_replay.len()),
-            ] {
-                if given != 0 && given != flags.endpoints.len() {
+        let endpoints =
+            if flags.endpoints.is_empty() && flags.prefill.is_empty() && flags.decode.is_empty() {
+                if !flags.kv_events.is_empty() || !flags.kv_replay.is_empty() {
                     return Err(invalid(
                         "kv_events",
-                        format!(
-                            "{given} {flag} for {} --endpoint: they pair by position, give one \
-                             per --endpoint ('' for an endpoint without)",
-                            flags.endpoints.len()
-                        ),
+                        "--kv-events/--kv-replay need --endpoint",
                     ));
                 }
-            }
-            flags
-                .endpoints
-                .iter()
-                .enumerate()
-                .map(|(i, url)| {
-                    endpoint_from_raw(RawEndpoint {
-                        url: url.clone(),
-                        kv_events: flags.kv_events.get(i).cloned().filter(|s| !s.is_empty()),
-                        kv_replay: flags.kv_replay.get(i).cloned().filter(|s| !s.is_empty()),
-                        models: flags.models.clone(),
-                        ..RawEndpoint::default()
+                raw.endpoints
+                    .into_iter()
+                    .map(endpoint_from_raw)
+                    .collect::<Result<Vec<_>, _>>()?
+            } else {
+                // They pair by position, so a count that differs (2 --endpoint, 1 --kv-events)
+                // would silently leave endpoints without events; '' marks one that has none.
+                for (flag, given) in [
+                    ("--kv-events", flags.kv_events.len()),
+                    ("--kv-replay", flags.kv_replay.len()),
+                ] {
+                    if given != 0 && given != flags.endpoints.len() {
+                        return Err(invalid(
+                            "kv_events",
+                            format!(
+                                "{given} {flag} for {} --endpoint: they pair by position, give one \
+                             per --endpoint ('' for an endpoint without)",
+                                flags.endpoints.len()
+                            ),
+                        ));
+                    }
+                }
+                flags
+                    .endpoints
+                    .iter()
+                    .enumerate()
+                    .map(|(i, url)| {
+                        endpoint_from_raw(RawEndpoint {
+                            url: url.clone(),
+                            kv_events: flags.kv_events.get(i).cloned().filter(|s| !s.is_empty()),
+                            kv_replay: flags.kv_replay.get(i).cloned().filter(|s| !s.is_empty()),
+                            models: flags.models.clone(),
+                            ..RawEndpoint::default()
+                        })
                     })
-                })
-                .collect::<Result<Vec<_>, _>>()?
-        };
+                    .chain(
+                        (flags.prefill.iter().map(|u| (u, Role::Prefill)))
+                            .chain(flags.decode.iter().map(|u| (u, Role::Decode)))
+                            .map(|(url, role)| {
+                                endpoint_from_raw(RawEndpoint {
+                                    url: url.clone(),
+                                    models: flags.models.clone(),
+                                    role,
+                                    pd_protocol: flags.pd_protocol,
+                                    bootstrap_port: (role == Role::Prefill)
+                                        .then_some(flags.bootstrap_port)
+                                        .flatten(),
+                                    ..RawEndpoint::default()
+                                })
+                            }),
+                    )
+                    .collect::<Result<Vec<_>, _>>()?
+            };
         let mut seen = std::collections::HashSet::new();
         for e in &endpoints {
             if !seen.insert(e.address.clone()) {
@@ -963,6 +1065,7 @@ impl DataPlaneConfig {
                     .or(raw.shutdown.drain_timeout_ms)
                     .unwrap_or(d.shutdown.drain_timeout_ms),
             },
+            pd_decider: flags.pd_decider.or(raw.pd_decider),
             source: None,
         })
     }
@@ -1008,6 +1111,8 @@ fn endpoint_from_raw(r: RawEndpoint) -> Result<EndpointConfig, RuntimeError> {
         hardware_class: r.hardware_class,
         relative_cost,
         protocol: UpstreamProtocol::of_url(&r.url),
+        pd_protocol: r.pd_protocol.unwrap_or_default(),
+        bootstrap_port: r.bootstrap_port,
     })
 }
 

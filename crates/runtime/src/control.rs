@@ -50,7 +50,7 @@ use std::time::Duration;
 use crate::tokenize::{ProbeResult, PromptTokenizer};
 use kvgate_core::endpoint::{EndpointId, EndpointSpec};
 use kvgate_core::request::{Decision, FailureKind, Outcome, PromptKeys, RoutingRequest};
-use kvgate_core::{ContractChange, KeyScope, RouteError, Router, RouterConfig, SeqCheck};
+use kvgate_core::{ContractChange, KeyScope, Phase, RouteError, Router, RouterConfig, SeqCheck};
 use kvgate_signals::clock::{Clock, MonotonicClock};
 use kvgate_signals::discover::{DISCOVER_TIMEOUT_MS, DiscoverError, EndpointFacts, discover};
 use kvgate_signals::observation::Observation;
@@ -65,8 +65,8 @@ use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 
 use crate::RuntimeError;
-use crate::booking::Booking;
-use crate::config::{DataPlaneConfig, EndpointConfig, PolicyChoice};
+use crate::booking::{Booking, PdBooking};
+use crate::config::{DataPlaneConfig, EndpointConfig, PdProtocol, PolicyChoice};
 use crate::metrics::{
     DataPlaneMetrics, EndpointLabels, IndexLabels, ModeLabels, ProbeLabels, SignalLabels,
     SpeedLabels, StepTermLabels,
@@ -389,7 +389,11 @@ impl Control {
         cfg: &DataPlaneConfig,
         metrics: Arc<DataPlaneMetrics>,
     ) -> Result<Arc<Self>, RuntimeError> {
-        let router = Router::new(router_config(&cfg.policy)?).map_err(RuntimeError::Router)?;
+        let mut router_cfg = router_config(&cfg.policy)?;
+        if let Some(decider) = cfg.pd_decider {
+            router_cfg.tuning.pd.decider = decider;
+        }
+        let router = Router::new(router_cfg).map_err(RuntimeError::Router)?;
         let tokenizer = Arc::new(PromptTokenizer::from_config(cfg)?);
         let (obs_tx, obs_rx) = mpsc::channel(OBSERVATION_CHANNEL_CAPACITY);
         let kv_transport = KvTransport::start(DEFAULT_MAX_MESSAGE_BYTES);
@@ -1267,6 +1271,96 @@ impl Control {
                     model: req.model.clone(),
                 })
             }
+        }
+    }
+
+    /// Whether any member is a prefill pod: the data planes then route through
+    /// [`Control::pick_pd`].
+    pub fn disaggregated(&self) -> bool {
+        self.members_read()
+            .by_id
+            .values()
+            .any(|m| !m.draining && m.config.role == kvgate_core::Role::Prefill)
+    }
+
+    /// How the member `id` moves a disaggregated request's KV cache, and its bootstrap port
+    /// (SGLang prefill pods).
+    pub fn pd_protocol_of(&self, id: EndpointId) -> Option<(PdProtocol, Option<u16>)> {
+        self.members_read()
+            .by_id
+            .get(&id)
+            .map(|m| (m.config.pd_protocol, m.config.bootstrap_port))
+    }
+
+    /// Picks the plan of a request in a disaggregated fleet and books its legs at once (see
+    /// [`kvgate_core::pd`]): the decode pod (serving it whole, or its decode leg) and, when
+    /// split, the prefill pod under a fresh request id.
+    pub fn pick_pd(
+        self: &Arc<Self>,
+        req: RoutingRequest,
+        started: tokio::time::Instant,
+    ) -> Result<PdBooking, RouteError> {
+        let now = self.now_us();
+        let prefill_id = self.next_request_id();
+        let (decision, decode_req, prefill_req) = {
+            let mut st = self.lock();
+            let RouterState { router, rng } = &mut *st;
+            let d = router.pick_pd(now, &req, rng, None)?;
+            let (decode_req, prefill_req) = if d.is_split() {
+                (
+                    req.leg(Phase::Decode, req.id),
+                    Some(req.leg(Phase::Prefill, prefill_id)),
+                )
+            } else {
+                (req.leg(Phase::Aggregated, req.id), None)
+            };
+            router.book(now, &decode_req, &d.decode);
+            if let (Some(p), Some(pr)) = (&d.prefill, &prefill_req) {
+                router.book(now, pr, p);
+            }
+            (d, decode_req, prefill_req)
+        };
+        let gone = |this: &Arc<Self>| {
+            this.on_failure(decode_req.id, FailureKind::Cancelled);
+            if let Some(pr) = &prefill_req {
+                this.on_failure(pr.id, FailureKind::Cancelled);
+            }
+            RouteError::NoEndpoints {
+                model: decode_req.model.clone(),
+            }
+        };
+        let Some(decode_target) = self.target(decision.decode.primary) else {
+            return Err(gone(self));
+        };
+        let prefill = match (&decision.prefill, prefill_req.clone()) {
+            (Some(p), Some(pr)) => match self.target(p.primary) {
+                Some(t) => Some(Booking::new(self.clone(), pr, p.clone(), t, started)),
+                None => return Err(gone(self)),
+            },
+            _ => None,
+        };
+        let decode = Booking::new(
+            self.clone(),
+            decode_req,
+            decision.decode.clone(),
+            decode_target,
+            started,
+        );
+        Ok(PdBooking {
+            decode,
+            prefill,
+            reason: decision.reason,
+            transfer_tokens: decision.transfer_tokens,
+        })
+    }
+
+    /// Books `req` again on `endpoint` under its own id, planned afresh (a decode leg served
+    /// whole after its prefill failed).
+    pub(crate) fn rebook(&self, req: &RoutingRequest, prior: &Decision, endpoint: EndpointId) {
+        let now = self.now_us();
+        let mut st = self.lock();
+        if let Some(d) = st.router.decision_for(now, req, endpoint, prior.reason) {
+            st.router.book(now, req, &d);
         }
     }
 

@@ -192,6 +192,85 @@ pub struct DataPlaneMetrics {
     /// Each endpoint's calibrated speed factor: the transient the learnt coefficients do not
     /// explain (1 = as learnt; ages back to 1 without evidence).
     pub speed_factor: Family<SpeedLabels, Gauge<f64, AtomicU64>>,
+    /// Prefill/decode disaggregation.
+    pub pd: PdMetrics,
+}
+
+/// Labels of `kvgate_gateway_pd_decisions_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PdDecisionLabels {
+    /// `disaggregated` (prefill pod, transfer, decode pod) or `aggregated` (whole on the
+    /// decode pod).
+    pub phase: &'static str,
+    /// The decider's reason ([`kvgate_core::PdReason::as_str`]), or `prefill_failed` for a
+    /// request served whole after its prefill legs failed.
+    pub reason: &'static str,
+}
+
+/// Labels of `kvgate_gateway_pd_transfers_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PdTransferLabels {
+    /// `vllm-nixl` or `sglang-bootstrap`.
+    pub protocol: &'static str,
+    /// `ok` (the decode pod answered) or what failed: `prefill`, `no_transfer_params`,
+    /// `decode`.
+    pub outcome: &'static str,
+}
+
+/// The prefill/decode metrics of a data plane.
+#[derive(Clone, Debug)]
+pub struct PdMetrics {
+    /// Requests by the plan they were served with and why.
+    pub decisions: Family<PdDecisionLabels, Counter>,
+    /// Disaggregated requests by protocol and outcome.
+    pub transfers: Family<PdTransferLabels, Counter>,
+    /// From the prefill pod's answer (vllm-nixl; for sglang-bootstrap, from sending both legs)
+    /// to the decode pod's first response byte: the transfer plus the decode pod's start.
+    pub transfer_seconds: Histogram,
+    /// Prefill legs retried on another prefill pod, by cause.
+    pub prefill_retries: Family<RetryLabels, Counter>,
+}
+
+impl PdMetrics {
+    fn new() -> Self {
+        Self {
+            decisions: Family::default(),
+            transfers: Family::default(),
+            transfer_seconds: Histogram::new(ttft_buckets()),
+            prefill_retries: Family::default(),
+        }
+    }
+
+    /// Counts one request served with plan `phase` (`disaggregated` or `aggregated`) for
+    /// `reason`.
+    pub fn count_decision(&self, phase: &'static str, reason: &'static str) {
+        self.decisions
+            .get_or_create(&PdDecisionLabels { phase, reason })
+            .inc();
+    }
+
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "pd_decisions",
+            "Prefill/decode plans chosen, by phase (disaggregated or aggregated) and reason",
+            self.decisions.clone(),
+        );
+        registry.register(
+            "pd_transfers",
+            "Disaggregated requests by KV transfer protocol and outcome",
+            self.transfers.clone(),
+        );
+        registry.register(
+            "pd_transfer_seconds",
+            "From the prefill pod's answer to the decode pod's first byte, seconds",
+            self.transfer_seconds.clone(),
+        );
+        registry.register(
+            "pd_prefill_retries",
+            "Prefill legs retried on another prefill pod, by cause",
+            self.prefill_retries.clone(),
+        );
+    }
 }
 
 impl std::fmt::Debug for DataPlaneMetrics {
@@ -261,6 +340,8 @@ impl DataPlaneMetrics {
             "Calibrated speed factor per endpoint and phase: what the learnt coefficients do not explain (1 = as learnt; a stall shows here and ages back to 1)",
             speed_factor.clone(),
         );
+        let pd = PdMetrics::new();
+        pd.register(registry);
         registry.register(
             "request_records_dropped",
             "Decision-log and captured-trace records dropped because the writer fell behind (the request itself was served)",
@@ -382,6 +463,7 @@ impl DataPlaneMetrics {
             step_coefficient_seconds,
             step_model_observations,
             speed_factor,
+            pd,
         }
     }
 
