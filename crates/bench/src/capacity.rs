@@ -19,12 +19,11 @@
 //! that no engine can serve (longer than `max_model_len`) are rejected, counted and left out
 //! of the denominator: no routing could have served them at any rate.
 
-use kvgate_core::Policy;
 use serde::Serialize;
 
 use crate::BenchError;
-use crate::des::{DesConfig, PolicyRun, run_policy};
-use crate::report::{Goodput, Herding, PolicyReport, RateCurve, Slo};
+use crate::des::{Arm, DesConfig, PolicyRun, run_arm};
+use crate::report::{Goodput, Herding, PdCurve, PdFigures, PdPoint, PolicyReport, RateCurve, Slo};
 use crate::stats::Summary;
 use crate::workload::Workload;
 
@@ -89,6 +88,9 @@ pub struct Probe {
     pub goodput: f64,
     /// Whether the SLO was met.
     pub meets: bool,
+    /// Fraction of requests split, on a prefill/decode fleet.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub split_fraction: Option<f64>,
 }
 
 /// One policy's capacity.
@@ -121,6 +123,9 @@ pub struct PolicyCapacity {
     pub ttft_mape: Option<f64>,
     /// Every probe, in the order made.
     pub probes: Vec<Probe>,
+    /// Prefill/decode figures at capacity, on a prefill/decode fleet.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pd: Option<PdFigures>,
 }
 
 /// The whole capacity comparison.
@@ -201,6 +206,9 @@ pub fn served_fraction(run: &PolicyRun) -> f64 {
     }
 }
 
+/// Rows that are kvgate's own, left out of "the best baseline".
+const KVGATE_ROWS: [&str; 3] = ["kvgate", "oracle", "pd-cost"];
+
 /// Everything a search needs besides the policy and the workload generator.
 #[derive(Clone, Copy, Debug)]
 pub struct CapacitySearch<'a> {
@@ -222,7 +230,7 @@ struct Outcome {
 }
 
 fn probe(
-    policy: Policy,
+    arm: Arm,
     rate: f64,
     make: &(dyn Fn(f64) -> Workload + Sync),
     search: &CapacitySearch<'_>,
@@ -232,7 +240,7 @@ fn probe(
     if w.requests.is_empty() {
         return Err(BenchError::EmptyWorkload);
     }
-    let run = run_policy(&w, policy, search.cfg, None)?;
+    let run = run_arm(&w, arm, search.cfg, None)?;
     let report = PolicyReport::from_run(&run, search.report_slo);
     let goodput = served_fraction(&run);
     let meets = report.ttft_ms.p90 <= slo.ttft_p90_ms
@@ -246,17 +254,19 @@ fn probe(
             tpot_p99_ms: report.tpot_ms.p99,
             goodput,
             meets,
+            split_fraction: report.pd.as_ref().map(|f| f.split_fraction),
         },
         report,
     })
 }
 
-/// Finds one policy's capacity (see module docs).
+/// Finds one policy's (or P/D arm's) capacity (see module docs).
 pub fn find_capacity(
-    policy: Policy,
+    arm: impl Into<Arm>,
     make: &(dyn Fn(f64) -> Workload + Sync),
     search: &CapacitySearch<'_>,
 ) -> Result<PolicyCapacity, BenchError> {
+    let arm = arm.into();
     let opts = search.opts;
     if !(opts.start_rate.is_finite() && opts.start_rate > 0.0) {
         return Err(BenchError::InvalidArgument(
@@ -266,7 +276,7 @@ pub fn find_capacity(
     let mut probes = Vec::new();
     let mut best: Option<Outcome> = None;
     let mut run = |rate: f64, probes: &mut Vec<Probe>| -> Result<bool, BenchError> {
-        let o = probe(policy, rate, make, search)?;
+        let o = probe(arm, rate, make, search)?;
         probes.push(o.probe);
         let meets = o.probe.meets;
         if meets && best.as_ref().is_none_or(|b| b.probe.rate < rate) {
@@ -307,7 +317,7 @@ pub fn find_capacity(
         }
     }
     let mut out = PolicyCapacity {
-        policy: policy.as_str().to_string(),
+        policy: arm.name(),
         probes,
         ..Default::default()
     };
@@ -326,20 +336,21 @@ pub fn find_capacity(
         out.rejected = b.report.rejected;
         out.invalid = b.report.invalid;
         out.ttft_mape = b.report.ttft_mape;
+        out.pd = b.report.pd;
     }
     Ok(out)
 }
 
-/// Finds every policy's capacity, policies in parallel over the machine's cores (each search is
+/// Finds every arm's capacity, arms in parallel over the machine's cores (each search is
 /// sequential and deterministic, so the result does not depend on the thread count).
 pub fn compare_capacity(
-    policies: &[Policy],
+    arms: &[Arm],
     make: &(dyn Fn(f64) -> Workload + Sync),
     search: &CapacitySearch<'_>,
     on_done: &(dyn Fn(&PolicyCapacity) + Sync),
 ) -> Result<Vec<PolicyCapacity>, BenchError> {
-    crate::par_map(policies, |&policy| {
-        let r = find_capacity(policy, make, search);
+    crate::par_map(arms, |&arm| {
+        let r = find_capacity(arm, make, search);
         if let Ok(c) = &r {
             on_done(c);
         }
@@ -361,13 +372,33 @@ impl CapacityReport {
             .collect()
     }
 
+    /// Each arm's probes as P/D chart curves (TTFT p90, TPOT p99 and split fraction per rate).
+    pub fn pd_curves(&self) -> Vec<PdCurve> {
+        self.policies
+            .iter()
+            .map(|p| PdCurve {
+                policy: p.policy.clone(),
+                points: p
+                    .probes
+                    .iter()
+                    .map(|q| PdPoint {
+                        rate: q.rate,
+                        ttft_p90_ms: q.ttft_p90_ms,
+                        tpot_p99_ms: q.tpot_p99_ms,
+                        split_fraction: q.split_fraction.unwrap_or(0.0),
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+
     /// A plain-text table, one row per policy, with each capacity relative to the best
-    /// baseline's (every policy but kvgate and the oracle).
+    /// baseline's (every policy but kvgate, kvgate's P/D decider and the oracle).
     pub fn table(&self) -> String {
         let baseline_best = self
             .policies
             .iter()
-            .filter(|p| p.policy != "kvgate" && p.policy != "oracle")
+            .filter(|p| !KVGATE_ROWS.contains(&p.policy.as_str()))
             .map(|p| p.capacity_rps)
             .fold(0.0f64, f64::max);
         let mut s = format!(
@@ -426,7 +457,24 @@ impl CapacityReport {
                 crate::report::mape_cell(p.ttft_mape)
             ));
         }
-        s.push_str("vs best: capacity (req/s) relative to the best baseline (every policy but kvgate and oracle); mape: TTFT prediction error at capacity after warm-up\n");
+        if self.policies.iter().any(|p| p.pd.is_some()) {
+            s.push_str(&format!(
+                "{:<20} {:>5} {:>7} {:>8} {:>9}\n",
+                "P/D at capacity", "P:D", "split", "xfer ms", "prefill %"
+            ));
+            for p in &self.policies {
+                let Some(f) = &p.pd else { continue };
+                s.push_str(&format!(
+                    "{:<20} {:>5} {:>6.1}% {:>8.2} {:>8.1}%\n",
+                    p.policy,
+                    format!("{}:{}", f.prefill_engines, f.decode_engines),
+                    f.split_fraction * 100.0,
+                    f.transfer_ms.mean,
+                    f.prefill_pod_share * 100.0
+                ));
+            }
+        }
+        s.push_str("vs best: capacity (req/s) relative to the best baseline (every policy but kvgate, pd-cost and oracle); mape: TTFT prediction error at capacity after warm-up\n");
         s
     }
 

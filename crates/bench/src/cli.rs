@@ -6,15 +6,18 @@ use std::time::Instant;
 
 use clap::{Args, ValueEnum};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use kvgate_core::Policy;
+use kvgate_core::{PdDecider, Policy, Role};
 use kvgate_engine::EngineConfig;
 
 use crate::BenchError;
 use crate::capacity::{
     CapacityOptions, CapacityReport, CapacitySearch, CapacitySlo, Signals, compare_capacity,
 };
-use crate::des::{DesConfig, PolicyRun, ReplicaSpread, run_policy};
-use crate::report::{PolicyReport, RateCurve, Report, Slo, write_charts, write_rate_chart};
+use crate::des::{Arm, DesConfig, PolicyRun, ReplicaSpread, pd_tuning_for, run_arm};
+use crate::report::{
+    PdCurve, PdPoint, PolicyReport, RateCurve, Report, Slo, write_charts, write_pd_chart,
+    write_rate_chart,
+};
 use crate::trace::parse_trace;
 use crate::truth::{HardwareTruth, Priors};
 use crate::workload::{
@@ -42,6 +45,14 @@ pub enum Synthetic {
     MultiTurn,
     /// Both at once: half the rate shared-prefix questions, half multi-turn chat turns.
     Mix,
+    /// Long unshared prompts (8,000 tokens) with long answers (400 tokens) for 60 s: every
+    /// prefill is long and every engine decodes many sequences, where an aggregated prefill
+    /// stalls the most decodes (prefill/decode disaggregation's case).
+    LongPrompt,
+    /// Short questions (100 tokens) after 16 shared 1,000-token system prompts, 300-token
+    /// answers, for 60 s: little to prefill and most of it cached (where disaggregation has
+    /// little to win).
+    ShortCached,
 }
 
 /// How requests are spread over router replicas (a Kubernetes Service).
@@ -177,6 +188,33 @@ pub struct BenchArgs {
     /// Capacity search: bisection probes after bracketing.
     #[arg(long, default_value_t = 6)]
     pub capacity_bisections: u32,
+    /// Prefill/decode comparison on a fleet of P prefill and D decode pods (`P:D`, e.g. `2:6`;
+    /// replaces `--engines`): the same P+D engines all aggregated (`aggregated`, routed by
+    /// kvgate) against the P/D fleet under each of `--pd-deciders` (`pd-<decider>`), on the
+    /// same work. `--policies` is not used.
+    #[arg(long, value_name = "P:D", conflicts_with_all = ["prefill_engines", "decode_engines", "live"])]
+    pub pd_fleet: Option<String>,
+    /// Prefill pods of a P/D comparison (with `--decode-engines`; same as `--pd-fleet P:D`).
+    #[arg(long, requires = "decode_engines", conflicts_with = "live")]
+    pub prefill_engines: Option<usize>,
+    /// Decode pods of a P/D comparison (with `--prefill-engines`).
+    #[arg(long, requires = "prefill_engines")]
+    pub decode_engines: Option<usize>,
+    /// Deciders a P/D comparison runs, comma-separated, or `all`: `aggregated` (never split),
+    /// `always`, `threshold` (llm-d: split above `--pd-threshold-tokens` uncached tokens),
+    /// `cost` (kvgate).
+    #[arg(long, default_value = "all")]
+    pub pd_deciders: String,
+    /// llm-d's threshold: split when more prompt tokens than this are uncached on the decode pod.
+    #[arg(long, default_value_t = 10)]
+    pub pd_threshold_tokens: u32,
+    /// KV transfer link bandwidth between prefill and decode pods, GB/s (engines and routers
+    /// alike) [default: the engine model's, 50 GB/s].
+    #[arg(long)]
+    pub transfer_bandwidth_gbps: Option<f64>,
+    /// Fixed cost of one KV transfer, µs [default: the engine model's, 200 µs].
+    #[arg(long)]
+    pub transfer_latency_us: Option<u64>,
     /// Fleet and signal settings.
     #[command(flatten)]
     pub fleet: FleetArgs,
@@ -297,6 +335,18 @@ pub fn compare(
     slo: Slo,
     quiet: bool,
 ) -> Result<(Report, Vec<PolicyRun>), BenchError> {
+    let arms: Vec<Arm> = policies.iter().map(|&p| Arm::Policy(p)).collect();
+    compare_arms(workload, &arms, cfg, slo, quiet)
+}
+
+/// [`compare`] over arms: policies, or the P/D comparison's aggregated baseline and deciders.
+pub fn compare_arms(
+    workload: &Workload,
+    arms: &[Arm],
+    cfg: &DesConfig,
+    slo: Slo,
+    quiet: bool,
+) -> Result<(Report, Vec<PolicyRun>), BenchError> {
     if workload.requests.is_empty() {
         return Err(BenchError::EmptyWorkload);
     }
@@ -309,17 +359,18 @@ pub fn compare(
         ProgressStyle::with_template("{prefix:>20} [{bar:40}] {pos}/{len} requests {elapsed}")
             .expect("valid template")
             .progress_chars("=> ");
-    let runs = crate::par_map(policies, |&policy| {
+    let runs = crate::par_map(arms, |&arm| {
         let bar = bars.add(ProgressBar::new(total));
         bar.set_style(style.clone());
-        bar.set_prefix(policy.as_str());
+        bar.set_prefix(arm.name());
         let started = Instant::now();
-        let run = run_policy(workload, policy, cfg, Some(&|n| bar.set_position(n)));
+        let run = run_arm(workload, arm, cfg, Some(&|n| bar.set_position(n)));
         bar.finish_and_clear();
         bars.remove(&bar);
         if !quiet && run.is_ok() {
             let _ = bars.println(format!(
-                "{policy:>20} done in {:.1} s",
+                "{:>20} done in {:.1} s",
+                arm.name(),
                 started.elapsed().as_secs_f64()
             ));
         }
@@ -359,7 +410,7 @@ pub fn bench(args: &BenchArgs) -> Result<Report, BenchError> {
     // Everything that can be checked before the run is checked here, so a typo never costs a
     // run: the policy names (unused in live mode, where the gateway's policy routes) and the
     // JSON path.
-    let policies = parse_policies(&args.policies)?;
+    let arms = bench_arms(args)?;
     if let Some(path) = &args.json {
         check_writable(path)?;
     }
@@ -372,7 +423,7 @@ pub fn bench(args: &BenchArgs) -> Result<Report, BenchError> {
         return sweep(args);
     }
     if args.capacity {
-        capacity(args, &policies)?;
+        capacity(args, &arms)?;
         return Ok(Report::default());
     }
     let mut workload = match &args.trace {
@@ -394,16 +445,27 @@ pub fn bench(args: &BenchArgs) -> Result<Report, BenchError> {
     let (report, runs) = if let Some(url) = &args.live {
         live(&workload, url, args.model.as_deref(), slo(&args.fleet))?
     } else {
-        let cfg = des_config(&args.fleet)?;
-        compare(
-            &workload,
-            &policies,
-            &cfg,
-            slo(&args.fleet),
-            args.fleet.quiet,
-        )?
+        let cfg = bench_config(args)?;
+        compare_arms(&workload, &arms, &cfg, slo(&args.fleet), args.fleet.quiet)?
     };
     println!("{}", report.table());
+    if is_pd(args) {
+        println!("{}", report.pd_table());
+        if let Some(dir) = &args.charts {
+            let x = if args.trace.is_some() {
+                args.speedup
+            } else {
+                args.rate
+            };
+            let files = write_pd_chart(
+                dir,
+                &pd_curves(&[(x, &report)]),
+                slo(&args.fleet),
+                rate_label(args.trace.is_some()),
+            )?;
+            println!("chart: {}", files[0].display());
+        }
+    }
     if let Some(path) = &args.json {
         report.write_json(path)?;
         println!("JSON report: {}", path.display());
@@ -465,6 +527,45 @@ pub fn synthetic(kind: Option<Synthetic>, rate: f64, seed: u64) -> Workload {
                 vec![sp, mt],
             )
         }
+        Some(Synthetic::LongPrompt) => {
+            const SPAN_S: f64 = 60.0;
+            let n = (rate * SPAN_S).ceil().max(1.0) as u32;
+            let mut w = shared_prefix(
+                SharedPrefixConfig {
+                    num_groups: n,
+                    num_prompts_per_group: 1,
+                    system_prompt_len: 7_000,
+                    question_len: 1_000,
+                    output_len: 400,
+                    rate_per_s: rate,
+                },
+                seed,
+            );
+            w.name = format!(
+                "long-prompt: {rate} req/s for ~{SPAN_S} s, unshared 8,000-token prompts, 400-token answers"
+            );
+            w
+        }
+        Some(Synthetic::ShortCached) => {
+            const SPAN_S: f64 = 60.0;
+            let groups = 16u32;
+            let per_group = ((rate * SPAN_S) / f64::from(groups)).ceil().max(1.0) as u32;
+            let mut w = shared_prefix(
+                SharedPrefixConfig {
+                    num_groups: groups,
+                    num_prompts_per_group: per_group,
+                    system_prompt_len: 1_000,
+                    question_len: 100,
+                    output_len: 300,
+                    rate_per_s: rate,
+                },
+                seed,
+            );
+            w.name = format!(
+                "short-cached: {rate} req/s for ~{SPAN_S} s, 16 shared 1,000-token system prompts, 100-token questions, 300-token answers"
+            );
+            w
+        }
         Some(Synthetic::MultiTurn) => multi_turn(
             MultiTurnConfig {
                 sessions: 200,
@@ -504,8 +605,8 @@ fn sweep(args: &BenchArgs) -> Result<Report, BenchError> {
     if args.rates.iter().any(|r| !(r.is_finite() && *r > 0.0)) {
         return Err(BenchError::InvalidArgument("--rates must all be positive"));
     }
-    let cfg = des_config(&args.fleet)?;
-    let policies = parse_policies(&args.policies)?;
+    let cfg = bench_config(args)?;
+    let arms = bench_arms(args)?;
     if let Some(path) = &args.json {
         check_writable(path)?;
     }
@@ -515,14 +616,12 @@ fn sweep(args: &BenchArgs) -> Result<Report, BenchError> {
         if let Some(n) = args.limit {
             workload.requests.truncate(n);
         }
-        let (report, runs) = compare(
-            &workload,
-            &policies,
-            &cfg,
-            slo(&args.fleet),
-            args.fleet.quiet,
-        )?;
+        let (report, runs) =
+            compare_arms(&workload, &arms, &cfg, slo(&args.fleet), args.fleet.quiet)?;
         println!("rate {rate}/s\n{}", report.table());
+        if is_pd(args) {
+            println!("{}", report.pd_table());
+        }
         if let Some(dir) = &args.charts {
             write_charts(&dir.join(format!("rate-{rate}")), &runs)?;
         }
@@ -548,6 +647,11 @@ fn sweep(args: &BenchArgs) -> Result<Report, BenchError> {
             "arrival rate (requests or sessions per second)",
         )?;
         println!("chart: {}", files[0].display());
+        if is_pd(args) {
+            let at: Vec<(f64, &Report)> = points.iter().map(|p| (p.rate, &p.report)).collect();
+            let files = write_pd_chart(dir, &pd_curves(&at), slo(&args.fleet), rate_label(false))?;
+            println!("chart: {}", files[0].display());
+        }
     }
     if let Some(path) = &args.json {
         let text = serde_json::to_string_pretty(&serde_json::json!({ "sweep": points }))
@@ -561,7 +665,7 @@ fn sweep(args: &BenchArgs) -> Result<Report, BenchError> {
     Ok(points.pop().map(|p| p.report).unwrap_or_default())
 }
 
-fn capacity(args: &BenchArgs, policies: &[Policy]) -> Result<(), BenchError> {
+fn capacity(args: &BenchArgs, arms: &[Arm]) -> Result<(), BenchError> {
     if !(args.slo_goodput.is_finite() && (0.0..=1.0).contains(&args.slo_goodput)) {
         return Err(BenchError::InvalidArgument(
             "--slo-goodput must be within 0..=1",
@@ -570,7 +674,7 @@ fn capacity(args: &BenchArgs, policies: &[Policy]) -> Result<(), BenchError> {
     if !(args.slo_ttft_p90_ms > 0.0 && args.slo_tpot_p99_ms > 0.0) {
         return Err(BenchError::InvalidArgument("SLO bounds must be positive"));
     }
-    let cfg = des_config(&args.fleet)?;
+    let cfg = bench_config(args)?;
     let records = match &args.trace {
         Some(path) => {
             let file = std::fs::File::open(path).map_err(|source| BenchError::Open {
@@ -627,7 +731,7 @@ fn capacity(args: &BenchArgs, policies: &[Policy]) -> Result<(), BenchError> {
     };
     let quiet = args.fleet.quiet;
     let started = Instant::now();
-    let found = compare_capacity(policies, &make, &search, &|c| {
+    let found = compare_capacity(arms, &make, &search, &|c| {
         if !quiet {
             eprintln!(
                 "{:>20} capacity {:.2} req/s after {} probes ({:.0} s)",
@@ -661,8 +765,159 @@ fn capacity(args: &BenchArgs, policies: &[Policy]) -> Result<(), BenchError> {
         };
         let files = write_rate_chart(dir, &report.curves(), args.slo_ttft_p90_ms, label)?;
         println!("chart: {}", files[0].display());
+        if is_pd(args) {
+            let slo = Slo {
+                ttft_ms: args.slo_ttft_p90_ms,
+                tpot_ms: args.slo_tpot_p99_ms,
+            };
+            let files = write_pd_chart(dir, &report.pd_curves(), slo, label)?;
+            println!("chart: {}", files[0].display());
+        }
     }
     Ok(())
+}
+
+/// Whether the command is a P/D comparison.
+fn is_pd(args: &BenchArgs) -> bool {
+    args.pd_fleet.is_some() || args.prefill_engines.is_some()
+}
+
+fn rate_label(is_trace: bool) -> &'static str {
+    if is_trace {
+        "trace speed-up (x real time)"
+    } else {
+        "arrival rate (generator requests/s)"
+    }
+}
+
+/// Parses `--pd-fleet`'s `P:D`.
+pub fn parse_pd_fleet(s: &str) -> Result<(usize, usize), BenchError> {
+    let bad = BenchError::InvalidArgument("--pd-fleet takes P:D, e.g. 2:6");
+    let (p, d) = s.split_once(':').ok_or(bad)?;
+    let p: usize = p
+        .trim()
+        .parse()
+        .map_err(|_| BenchError::InvalidArgument("--pd-fleet takes P:D, e.g. 2:6"))?;
+    let d: usize = d
+        .trim()
+        .parse()
+        .map_err(|_| BenchError::InvalidArgument("--pd-fleet takes P:D, e.g. 2:6"))?;
+    Ok((p, d))
+}
+
+/// Parses `--pd-deciders`: `all`, or decider names. An unknown name is an error.
+pub fn parse_pd_deciders(s: &str) -> Result<Vec<PdDecider>, BenchError> {
+    if s.trim() == "all" {
+        return Ok(Arm::PD_DECIDERS.to_vec());
+    }
+    let deciders = s
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .map(|d| {
+            Arm::PD_DECIDERS
+                .into_iter()
+                .find(|k| k.as_str() == d)
+                .ok_or(BenchError::InvalidArgument(
+                    "--pd-deciders takes all, or some of aggregated,always,threshold,cost",
+                ))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if deciders.is_empty() {
+        return Err(BenchError::InvalidArgument(
+            "--pd-deciders names no decider",
+        ));
+    }
+    Ok(deciders)
+}
+
+/// The P/D fleet's prefill and decode pod counts, if the command is a P/D comparison.
+fn pd_counts(args: &BenchArgs) -> Result<Option<(usize, usize)>, BenchError> {
+    let counts = match (&args.pd_fleet, args.prefill_engines, args.decode_engines) {
+        (Some(s), _, _) => parse_pd_fleet(s)?,
+        (None, Some(p), Some(d)) => (p, d),
+        _ => return Ok(None),
+    };
+    if counts.0 == 0 || counts.1 == 0 {
+        return Err(BenchError::InvalidArgument(
+            "a P/D fleet needs at least one prefill and one decode pod",
+        ));
+    }
+    Ok(Some(counts))
+}
+
+/// What `bench` runs: `--policies`, or in a P/D comparison the aggregated baseline and then
+/// each of `--pd-deciders`.
+fn bench_arms(args: &BenchArgs) -> Result<Vec<Arm>, BenchError> {
+    if is_pd(args) {
+        let mut arms = vec![Arm::Aggregated];
+        arms.extend(
+            parse_pd_deciders(&args.pd_deciders)?
+                .into_iter()
+                .map(Arm::Pd),
+        );
+        return Ok(arms);
+    }
+    Ok(parse_policies(&args.policies)?
+        .into_iter()
+        .map(Arm::Policy)
+        .collect())
+}
+
+/// The fleet of `bench`: [`des_config`], and in a P/D comparison `P + D` engines with their
+/// roles (prefill pods first), the link on every engine and the routers' transfer model set
+/// from the same flags.
+pub fn bench_config(args: &BenchArgs) -> Result<DesConfig, BenchError> {
+    let Some((p, d)) = pd_counts(args)? else {
+        return des_config(&args.fleet);
+    };
+    let mut fleet = args.fleet.clone();
+    fleet.engines = p + d;
+    let mut cfg = des_config(&fleet)?;
+    if let Some(gbps) = args.transfer_bandwidth_gbps {
+        if !(gbps.is_finite() && gbps > 0.0) {
+            return Err(BenchError::InvalidArgument(
+                "--transfer-bandwidth-gbps must be positive",
+            ));
+        }
+        for e in &mut cfg.engines {
+            e.kv_transfer.link_bandwidth_bytes_per_s = gbps * 1e9;
+        }
+    }
+    if let Some(us) = args.transfer_latency_us {
+        for e in &mut cfg.engines {
+            e.kv_transfer.link_latency_us = us;
+        }
+    }
+    cfg.pd = pd_tuning_for(&cfg.engines[0]);
+    cfg.pd.threshold_tokens = args.pd_threshold_tokens;
+    cfg.roles = (0..p + d)
+        .map(|i| if i < p { Role::Prefill } else { Role::Decode })
+        .collect();
+    Ok(cfg)
+}
+
+/// P/D chart curves from reports at rates: TTFT p90, TPOT p99 and split fraction per arm.
+pub fn pd_curves(at: &[(f64, &Report)]) -> Vec<PdCurve> {
+    let mut curves: Vec<PdCurve> = Vec::new();
+    for &(rate, report) in at {
+        for p in &report.policies {
+            let point = PdPoint {
+                rate,
+                ttft_p90_ms: p.ttft_ms.p90,
+                tpot_p99_ms: p.tpot_ms.p99,
+                split_fraction: p.pd.as_ref().map_or(0.0, |f| f.split_fraction),
+            };
+            match curves.iter_mut().find(|c| c.policy == p.policy) {
+                Some(c) => c.points.push(point),
+                None => curves.push(PdCurve {
+                    policy: p.policy.clone(),
+                    points: vec![point],
+                }),
+            }
+        }
+    }
+    curves
 }
 
 fn live(
@@ -935,7 +1190,8 @@ pub fn demo(args: &DemoArgs) -> Result<Report, BenchError> {
         is_trace: true,
     };
     let make = |speedup: f64| scale_arrivals(&workload, speedup);
-    let found = compare_capacity(&policies, &make, &search, &|_| {})?;
+    let arms: Vec<Arm> = policies.iter().map(|&p| Arm::Policy(p)).collect();
+    let found = compare_capacity(&arms, &make, &search, &|_| {})?;
     let capacity = CapacityReport {
         workload: workload.name.clone(),
         rate_kind: "speedup".to_string(),

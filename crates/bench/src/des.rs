@@ -39,10 +39,15 @@ use std::collections::{BinaryHeap, HashMap};
 use std::sync::Arc;
 
 use kvgate_core::cost::HardwarePrior;
-use kvgate_core::endpoint::{EndpointId, EndpointSpec};
+use kvgate_core::endpoint::{EndpointId, EndpointSpec, Role};
 use kvgate_core::observe::{KvEvent as CoreKvEvent, KvEventBatch, MetricsSample};
-use kvgate_core::{OracleView, Outcome, Policy, Router, RouterConfig, RoutingRequest, TrueLoad};
+use kvgate_core::request::{Decision, Phase};
+use kvgate_core::{
+    OracleView, Outcome, PdDecider, PdTuning, Policy, Router, RouterConfig, RoutingRequest,
+    TrueLoad,
+};
 use kvgate_engine::{Engine, EngineConfig, EngineRequest, FinishReason, KvEvent, Output};
+use kvgate_tokens::BlockHash;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -88,6 +93,79 @@ pub struct DesConfig {
     /// Learning off for every router (`learn_step_model: false`): the declared prior and one
     /// speed factor per endpoint, kvgate as it was before it learnt step times.
     pub static_priors: bool,
+    /// Role of each engine when a P/D arm runs ([`Arm::Pd`]); empty: every engine serves both
+    /// phases. Every other arm runs the same engines aggregated (all [`Role::Both`]), so a
+    /// comparison is always on the same GPUs.
+    pub roles: Vec<Role>,
+    /// The routers' P/D decider knobs and transfer model (the arm sets the decider). By default
+    /// the transfer model is the engines' own link ([`pd_tuning_for`]), so the routers' belief
+    /// about transfers is exact, as the priors are.
+    pub pd: PdTuning,
+}
+
+/// The routers' P/D tuning whose transfer model is `engine`'s link (bytes per token, bandwidth,
+/// latency): what an operator who configured both from the same fabric figures would run.
+pub fn pd_tuning_for(engine: &EngineConfig) -> PdTuning {
+    let link = &engine.kv_transfer;
+    PdTuning {
+        kv_bytes_per_token: link.kv_bytes_per_token,
+        transfer_bandwidth_bytes_per_s: link.link_bandwidth_bytes_per_s,
+        transfer_latency_us: link.link_latency_us,
+        ..PdTuning::default()
+    }
+}
+
+/// What one run compares: a routing policy on the aggregated fleet, or a prefill/decode decider
+/// on the fleet split by [`DesConfig::roles`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arm {
+    /// A routing policy, every engine aggregated.
+    Policy(Policy),
+    /// The P/D comparison's baseline: the same engines all aggregated, routed by kvgate.
+    Aggregated,
+    /// The P/D fleet with kvgate's routing and this decider.
+    Pd(PdDecider),
+}
+
+impl From<Policy> for Arm {
+    fn from(p: Policy) -> Self {
+        Self::Policy(p)
+    }
+}
+
+impl Arm {
+    /// Every P/D decider, in the order reports show them.
+    pub const PD_DECIDERS: [PdDecider; 4] = [
+        PdDecider::Aggregated,
+        PdDecider::Always,
+        PdDecider::Threshold,
+        PdDecider::Cost,
+    ];
+
+    /// The name reports use: the policy's, `aggregated`, or `pd-<decider>`.
+    pub fn name(self) -> String {
+        match self {
+            Self::Policy(p) => p.as_str().to_string(),
+            Self::Aggregated => "aggregated".to_string(),
+            Self::Pd(d) => format!("pd-{}", d.as_str()),
+        }
+    }
+
+    /// The routing policy the routers run.
+    pub fn policy(self) -> Policy {
+        match self {
+            Self::Policy(p) => p,
+            Self::Aggregated | Self::Pd(_) => Policy::Kvgate,
+        }
+    }
+
+    /// The decider, for a P/D arm.
+    pub fn decider(self) -> Option<PdDecider> {
+        match self {
+            Self::Pd(d) => Some(d),
+            _ => None,
+        }
+    }
 }
 
 /// The hardware class a router is told an engine is.
@@ -136,7 +214,7 @@ impl DesConfig {
     /// `n` identical H100 engines with default signal delays.
     pub fn homogeneous(n: usize, engine: EngineConfig) -> Self {
         Self {
-            engines: vec![engine; n],
+            engines: vec![engine.clone(); n],
             scrape_interval_ms: 100,
             metrics_delay_ms: 20,
             kv_event_delay_ms: 10,
@@ -150,6 +228,8 @@ impl DesConfig {
             model: "llama-3.1-8b".to_string(),
             declared: Vec::new(),
             static_priors: false,
+            roles: Vec::new(),
+            pd: pd_tuning_for(&engine),
         }
     }
 }
@@ -181,6 +261,17 @@ pub struct RequestRecord {
     /// The TTFT the deciding router predicted when it booked the request, µs
     /// (`Decision::predicted_ttft_us`; `None` for policies that do not predict).
     pub predicted_ttft_us: Option<u64>,
+    /// Split by the P/D decider: prefilled on `prefill_engine`, its KV moved to `engine`.
+    pub split: bool,
+    /// Engine that prefilled a split request (`u32::MAX` otherwise).
+    pub prefill_engine: u32,
+    /// Prompt tokens whose KV the decode engine loaded from the prefill engine.
+    pub transfer_tokens: u32,
+    /// From the decode engine allocating the blocks to the transfer completing, µs.
+    pub transfer_us: u64,
+    /// The longest wait between two of its output tokens, µs: a decode stalled by a prefill
+    /// sharing its engine's steps shows here, where the mean TPOT dilutes it.
+    pub max_itl_us: u64,
 }
 
 /// The true waiting queue of every engine at one instant.
@@ -215,6 +306,22 @@ pub struct PolicyRun {
     /// The step-time coefficients router replica 0 priced each engine with at the end of the
     /// run, in engine order: what it learnt (`EndpointView::step_coefficients`).
     pub step_models: Vec<StepFit>,
+    /// Each engine's role in this run, in engine order.
+    pub roles: Vec<Role>,
+    /// Where each engine's prompt tokens came from, in engine order (its own counters).
+    pub prompt_sources: Vec<PromptSources>,
+}
+
+/// One engine's prompt tokens by source, as vLLM counts them
+/// (`vllm:prompt_tokens_by_source_total`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PromptSources {
+    /// Prefilled by this engine.
+    pub local_compute: u64,
+    /// Found in this engine's prefix cache.
+    pub local_cache_hit: u64,
+    /// Loaded from a prefill engine.
+    pub external_kv_transfer: u64,
 }
 
 /// The step-time coefficients a router prices one endpoint with, and what they rest on.
@@ -244,6 +351,8 @@ enum Ev {
     QueueSample,
     /// Deliver pending observation `k`.
     Deliver(usize),
+    /// The KV of decode-side request `id` has arrived at engine `e`.
+    TransferDone(usize, u64),
 }
 
 enum Pending {
@@ -257,6 +366,32 @@ struct InFlight {
     workload_idx: usize,
     engine: usize,
     replica: usize,
+    leg: Leg,
+    /// Its latest output token, µs.
+    last_token_us: u64,
+}
+
+/// Which part of a request an engine request is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Leg {
+    /// The whole request on one engine.
+    Whole,
+    /// The prefill leg of a split request (one token, blocks held for the decode engine).
+    Prefill,
+    /// The decode leg of a split request (loads the prompt's KV, then generates).
+    Decode,
+}
+
+/// Engine and router id of a split request's prefill leg: the workload index with this bit set,
+/// so the two legs never share an id in any engine or router.
+const PREFILL_LEG: u64 = 1 << 62;
+
+/// A split request between its arrival and its decode leg's admission.
+struct Handoff {
+    prefill_engine: usize,
+    decode_engine: usize,
+    tokens: Vec<u32>,
+    hashes: Arc<[BlockHash]>,
 }
 
 struct Fleet<'a> {
@@ -344,6 +479,30 @@ pub fn run_policy(
     cfg: &DesConfig,
     progress: Option<Progress<'_>>,
 ) -> Result<PolicyRun, BenchError> {
+    run_arm(workload, Arm::Policy(policy), cfg, progress)
+}
+
+/// Runs `workload` through the fleet as `arm` says and returns what happened.
+///
+/// A P/D arm ([`Arm::Pd`]) gives each engine its role from [`DesConfig::roles`] and decides
+/// each request with [`Router::pick_pd`]. A request kept whole runs as under any policy. A split
+/// request runs as vLLM's NixlConnector behind llm-d's sidecar runs it: the prefill leg (one
+/// token, `do_remote_decode`) goes to the prefill engine, which keeps its blocks when it
+/// finishes; then the decode leg (`do_remote_prefill`, the client's `max_tokens`) goes to the
+/// decode engine, which allocates blocks for the prompt it lacks when its scheduler reaches the
+/// request; the transfer of those tokens takes the decode engine's link time
+/// ([`kvgate_engine::KvTransferConfig::transfer_us`]) from that moment; on arrival the decode
+/// engine computes the last prompt token and generates, and the prefill engine frees the held
+/// blocks. Transfers do not contend for the link (one transfer of a long prompt is a few percent
+/// of a 400 Gb/s link's second; a prefill engine cannot produce KV faster than its link drains
+/// it). Each leg is reported to the booking router under its own id; the client's first token is
+/// the decode engine's.
+pub fn run_arm(
+    workload: &Workload,
+    arm: Arm,
+    cfg: &DesConfig,
+    progress: Option<Progress<'_>>,
+) -> Result<PolicyRun, BenchError> {
     if cfg.engines.is_empty() {
         return Err(BenchError::NoEngines);
     }
@@ -352,8 +511,10 @@ pub fn run_policy(
             "router replicas must be at least 1",
         ));
     }
+    let policy = arm.policy();
+    let decider = arm.decider();
     let policy_err = |source| BenchError::Policy {
-        policy: policy.to_string(),
+        policy: arm.name(),
         source,
     };
     if !cfg.declared.is_empty() && cfg.declared.len() != cfg.engines.len() {
@@ -361,6 +522,17 @@ pub fn run_policy(
             "declared hardware must name every engine or none",
         ));
     }
+    let roles: Vec<Role> = match decider {
+        Some(_) if !cfg.roles.is_empty() => {
+            if cfg.roles.len() != cfg.engines.len() {
+                return Err(BenchError::InvalidArgument(
+                    "P/D roles must name every engine or none",
+                ));
+            }
+            cfg.roles.clone()
+        }
+        _ => vec![Role::Both; cfg.engines.len()],
+    };
     let mut router_cfg = RouterConfig::for_preset(policy).map_err(policy_err)?;
     if cfg.static_priors {
         router_cfg.tuning.learn_step_model = false;
@@ -370,6 +542,10 @@ pub fn run_policy(
             router_cfg.tuning.hardware.insert(d.class.clone(), prior);
         }
     }
+    router_cfg.tuning.pd = PdTuning {
+        decider: decider.unwrap_or_default(),
+        ..cfg.pd
+    };
     let replicas = cfg.router_replicas;
     let mut routers = Vec::with_capacity(replicas);
     for _ in 0..replicas {
@@ -387,6 +563,7 @@ pub fn run_policy(
             None if ec.step == kvgate_engine::StepModel::A100_LLAMA31_8B => "a100".into(),
             None => "h100".into(),
         };
+        spec.role = roles[i];
         let mut id = None;
         for router in &mut routers {
             id = Some(router.add_endpoint(0, spec.clone()));
@@ -441,7 +618,7 @@ pub fn run_policy(
     push(&mut queue, 0, Ev::QueueSample);
 
     let mut run = PolicyRun {
-        policy: policy.as_str().to_string(),
+        policy: arm.name(),
         requests: workload
             .requests
             .iter()
@@ -449,12 +626,14 @@ pub fn run_policy(
                 arrival_us: r.arrival_us,
                 prompt_tokens: r.prompt_tokens(),
                 engine: u32::MAX,
+                prefill_engine: u32::MAX,
                 ..Default::default()
             })
             .collect(),
         prefill_tokens_per_engine: vec![0; n],
         requests_per_engine: vec![0; n],
         router_replicas: replicas,
+        roles: roles.clone(),
         ..Default::default()
     };
     let mut wake: Vec<Option<u64>> = vec![None; n];
@@ -462,13 +641,20 @@ pub fn run_policy(
     let mut pending: Vec<Option<Pending>> = Vec::new();
     let mut free_pending: Vec<usize> = Vec::new();
     let mut inflight: HashMap<u64, InFlight> = HashMap::new();
+    let mut handoffs: HashMap<usize, Handoff> = HashMap::new();
+    // Decode-side request id → (prefill engine, when its blocks were allocated).
+    let mut transfers: HashMap<u64, (usize, u64)> = HashMap::new();
     let mut oracle_keys: HashMap<u64, Vec<u64>> = HashMap::new();
     let mut outputs = Vec::new();
+    // Split requests whose prefill leg just finished, waiting to be sent to their decode engine.
+    let mut ready_for_decode: Vec<usize> = Vec::new();
+    let mut touched: Vec<usize> = Vec::new();
     let mut done = 0usize;
     let total = workload.requests.len();
 
     while let Some(Reverse((now, _, ev))) = queue.pop() {
-        let touched: Option<usize> = match ev {
+        touched.clear();
+        match ev {
             Ev::Arrival(i) => {
                 let w = &workload.requests[i];
                 let req_id = i as u64;
@@ -507,26 +693,32 @@ pub fn run_policy(
                         engines: &engines,
                         keys: &oracle_keys,
                     };
-                    router.pick(
-                        now,
-                        &req,
-                        &mut rngs[replica],
-                        if oracle {
-                            Some(&fleet as &dyn OracleView)
-                        } else {
-                            None
-                        },
-                    )
+                    let view = if oracle {
+                        Some(&fleet as &dyn OracleView)
+                    } else {
+                        None
+                    };
+                    match decider {
+                        None => router
+                            .pick(now, &req, &mut rngs[replica], view)
+                            .map(|d| (d, None)),
+                        Some(_) => router
+                            .pick_pd(now, &req, &mut rngs[replica], view)
+                            .map(|pd| (pd.decode, pd.prefill)),
+                    }
                 };
                 oracle_keys.remove(&req_id);
-                match picked {
-                    Ok(decision) => {
+                let engine_of = |d: &Decision| {
+                    ids.iter()
+                        .position(|&id| id == d.primary)
+                        .ok_or(BenchError::UnknownEndpoint)
+                };
+                let admitted = match picked {
+                    Ok((decision, None)) => {
                         router.book(now, &req, &decision);
-                        let e = ids
-                            .iter()
-                            .position(|&id| id == decision.primary)
-                            .ok_or(BenchError::UnknownEndpoint)?;
+                        let e = engine_of(&decision)?;
                         engines[e].advance(now, &mut outputs);
+                        touched.push(e);
                         let admitted = engines[e].add_request(
                             now,
                             EngineRequest {
@@ -538,48 +730,114 @@ pub fn run_policy(
                                 block_hashes: Some(hashes),
                             },
                         );
-                        match admitted {
-                            Ok(()) => {
-                                run.requests[i].engine = e as u32;
-                                run.requests[i].predicted_ttft_us = decision.predicted_ttft_us;
-                                run.requests_per_engine[e] += 1;
-                                inflight.insert(
-                                    req_id,
-                                    InFlight {
-                                        workload_idx: i,
-                                        engine: e,
-                                        replica,
-                                    },
-                                );
-                            }
-                            // The request itself is invalid for the engine (longer than
-                            // max_model_len, or larger than its whole cache): vLLM answers 400
-                            // and the engine is not at fault, so the router's booking ends as an
-                            // answered request and the run goes on with it counted as rejected.
-                            Err(source) if !source.is_retryable() => {
-                                router.on_finish(req_id, now, &Outcome::default());
-                                run.requests[i].rejected = true;
-                                run.requests[i].invalid = true;
-                                done += 1;
-                            }
-                            Err(source) => return Err(BenchError::Engine { source }),
+                        if admitted.is_ok() {
+                            run.requests[i].engine = e as u32;
+                            run.requests[i].predicted_ttft_us = decision.predicted_ttft_us;
+                            run.requests_per_engine[e] += 1;
+                            inflight.insert(
+                                req_id,
+                                InFlight {
+                                    workload_idx: i,
+                                    engine: e,
+                                    replica,
+                                    leg: Leg::Whole,
+                                    last_token_us: 0,
+                                },
+                            );
                         }
-                        Some(e)
+                        Some(admitted.map_err(|e| (e, vec![req_id])))
                     }
-                    Err(_) => {
+                    Ok((decode, Some(prefill))) => {
+                        let prefill_id = req_id | PREFILL_LEG;
+                        router.book(now, &req.leg(Phase::Decode, req_id), &decode);
+                        router.book(now, &req.leg(Phase::Prefill, prefill_id), &prefill);
+                        let (d, p) = (engine_of(&decode)?, engine_of(&prefill)?);
+                        engines[p].advance(now, &mut outputs);
+                        touched.push(p);
+                        // The prefill leg as llm-d's sidecar sends it: `do_remote_decode`, one
+                        // token.
+                        let admitted = engines[p].add_remote_decode(
+                            now,
+                            EngineRequest {
+                                id: prefill_id,
+                                prompt_tokens: tokens.clone(),
+                                max_tokens: 1,
+                                lora_name: None,
+                                cache_salt: None,
+                                block_hashes: Some(Arc::clone(&hashes)),
+                            },
+                        );
+                        if admitted.is_ok() {
+                            let rec = &mut run.requests[i];
+                            rec.engine = d as u32;
+                            rec.prefill_engine = p as u32;
+                            rec.split = true;
+                            rec.predicted_ttft_us = decode.predicted_ttft_us;
+                            run.requests_per_engine[p] += 1;
+                            inflight.insert(
+                                prefill_id,
+                                InFlight {
+                                    workload_idx: i,
+                                    engine: p,
+                                    replica,
+                                    leg: Leg::Prefill,
+                                    last_token_us: 0,
+                                },
+                            );
+                            handoffs.insert(
+                                i,
+                                Handoff {
+                                    prefill_engine: p,
+                                    decode_engine: d,
+                                    tokens,
+                                    hashes,
+                                },
+                            );
+                        }
+                        Some(admitted.map_err(|e| (e, vec![prefill_id, req_id])))
+                    }
+                    Err(_) => None,
+                };
+                match admitted {
+                    Some(Ok(())) => {}
+                    // The request itself is invalid for the engine (longer than
+                    // max_model_len, or larger than its whole cache): vLLM answers 400
+                    // and the engine is not at fault, so the router's booking ends as an
+                    // answered request and the run goes on with it counted as rejected.
+                    Some(Err((source, booked))) if !source.is_retryable() => {
+                        for id in booked {
+                            router.on_finish(id, now, &Outcome::default());
+                        }
+                        run.requests[i].rejected = true;
+                        run.requests[i].invalid = true;
+                        done += 1;
+                    }
+                    Some(Err((source, _))) => return Err(BenchError::Engine { source }),
+                    None => {
                         run.requests[i].rejected = true;
                         done += 1;
-                        None
                     }
                 }
             }
             Ev::Step(e) => {
-                if wake[e] != Some(now) {
-                    None // superseded
-                } else {
+                if wake[e] == Some(now) {
                     wake[e] = None;
                     engines[e].advance(now, &mut outputs);
-                    Some(e)
+                    touched.push(e);
+                }
+                // else superseded
+            }
+            Ev::TransferDone(d, id) => {
+                if let Some((p, started)) = transfers.remove(&id) {
+                    run.requests[id as usize].transfer_us = now - started;
+                    engines[d].advance(now, &mut outputs);
+                    let loaded = engines[d].remote_kv_ready(now, id);
+                    assert!(loaded, "a transfer completes only for a loading request");
+                    touched.push(d);
+                    // NIXL's completion notification: the prefill engine frees the blocks.
+                    engines[p].advance(now, &mut outputs);
+                    engines[p].release_kv_hold(now, id | PREFILL_LEG);
+                    touched.push(p);
                 }
             }
             Ev::Scrape(r, e) => {
@@ -590,7 +848,6 @@ pub fn run_policy(
                     push(&mut queue, now + metrics_delay_us, Ev::Deliver(k));
                     push(&mut queue, now + interval_us, Ev::Scrape(r, e));
                 }
-                None
             }
             Ev::QueueSample => {
                 if done < total {
@@ -601,7 +858,6 @@ pub fn run_policy(
                     // Sampling goes on while work drains, so the tail is seen too.
                     push(&mut queue, now + sample_every_us, Ev::QueueSample);
                 }
-                None
             }
             Ev::Deliver(k) => {
                 match pending[k].take() {
@@ -614,39 +870,44 @@ pub fn run_policy(
                     None => {}
                 }
                 free_pending.push(k);
-                None
             }
-        };
+        }
 
         // Outputs of whatever engine moved: feed the booking replica's own accounting (it
-        // proxies the stream) and the records.
-        for out in outputs.drain(..) {
-            match out {
-                Output::Token {
-                    id, at_us, index, ..
-                } => {
-                    if index == 0
-                        && let Some(f) = inflight.get(&id)
-                    {
-                        run.requests[f.workload_idx].first_token_us = at_us;
-                        routers[f.replica].on_first_token(id, at_us);
-                    }
-                }
-                Output::Finished {
-                    id,
-                    at_us,
-                    reason,
-                    usage,
-                } => {
-                    if let Some(f) = inflight.remove(&id) {
+        // proxies the stream) and the records. Handing a finished prefill leg to its decode
+        // engine moves that engine too, so this runs until nothing is left.
+        loop {
+            for out in outputs.drain(..) {
+                match out {
+                    Output::Token {
+                        id, at_us, index, ..
+                    } => {
+                        let Some(f) = inflight.get_mut(&id) else {
+                            continue;
+                        };
                         let rec = &mut run.requests[f.workload_idx];
-                        rec.finish_us = at_us;
-                        rec.cached_tokens = usage.cached_tokens;
-                        rec.output_tokens = usage.completion_tokens;
+                        if index == 0 {
+                            if f.leg != Leg::Prefill {
+                                rec.first_token_us = at_us;
+                            }
+                            routers[f.replica].on_first_token(id, at_us);
+                        } else {
+                            rec.max_itl_us = rec.max_itl_us.max(at_us - f.last_token_us);
+                        }
+                        f.last_token_us = at_us;
+                    }
+                    Output::Finished {
+                        id,
+                        at_us,
+                        reason,
+                        usage,
+                    } => {
+                        let Some(f) = inflight.remove(&id) else {
+                            continue;
+                        };
+                        debug_assert_eq!(reason, FinishReason::Length);
                         run.prefill_tokens_per_engine[f.engine] +=
                             u64::from(usage.prompt_tokens.saturating_sub(usage.cached_tokens));
-                        run.makespan_us = run.makespan_us.max(at_us);
-                        debug_assert_eq!(reason, FinishReason::Length);
                         routers[f.replica].on_finish(
                             id,
                             at_us,
@@ -657,6 +918,21 @@ pub fn run_policy(
                                 ..Default::default()
                             },
                         );
+                        let rec = &mut run.requests[f.workload_idx];
+                        match f.leg {
+                            Leg::Prefill => {
+                                // What the fleet found cached is the prefill engine's hit; the
+                                // decode engine counts the transferred prompt as cached too.
+                                rec.cached_tokens = usage.cached_tokens;
+                                ready_for_decode.push(f.workload_idx);
+                                continue;
+                            }
+                            Leg::Whole => rec.cached_tokens = usage.cached_tokens,
+                            Leg::Decode => {}
+                        }
+                        rec.finish_us = at_us;
+                        rec.output_tokens = usage.completion_tokens;
+                        run.makespan_us = run.makespan_us.max(at_us);
                         done += 1;
                         if let Some(p) = progress {
                             p(done as u64);
@@ -664,9 +940,60 @@ pub fn run_policy(
                     }
                 }
             }
+            if ready_for_decode.is_empty() {
+                break;
+            }
+            for i in ready_for_decode.drain(..) {
+                let h = handoffs.remove(&i).expect("a split request has a handoff");
+                let d = h.decode_engine;
+                let w = &workload.requests[i];
+                engines[d].advance(now, &mut outputs);
+                touched.push(d);
+                // The decode leg as the sidecar sends it: `do_remote_prefill`, the client's
+                // `max_tokens`, the whole prompt.
+                engines[d]
+                    .add_remote_prefill(
+                        now,
+                        EngineRequest {
+                            id: i as u64,
+                            prompt_tokens: h.tokens,
+                            max_tokens: w.output_tokens,
+                            lora_name: None,
+                            cache_salt: None,
+                            block_hashes: Some(h.hashes),
+                        },
+                    )
+                    .map_err(|source| BenchError::Engine { source })?;
+                run.requests_per_engine[d] += 1;
+                transfers.insert(i as u64, (h.prefill_engine, u64::MAX));
+                inflight.insert(
+                    i as u64,
+                    InFlight {
+                        workload_idx: i,
+                        engine: d,
+                        replica: run.requests[i].replica as usize,
+                        leg: Leg::Decode,
+                        last_token_us: 0,
+                    },
+                );
+            }
         }
 
-        if let Some(e) = touched {
+        touched.sort_unstable();
+        touched.dedup();
+        for &e in &touched {
+            for load in engines[e].take_kv_loads() {
+                // The decode engine has allocated the blocks: the read starts now.
+                if let Some(t) = transfers.get_mut(&load.id) {
+                    t.1 = load.at_us;
+                    run.requests[load.id as usize].transfer_tokens = load.load_tokens;
+                    let arrives = load.at_us
+                        + cfg.engines[e]
+                            .kv_transfer
+                            .transfer_us(u64::from(load.load_tokens));
+                    push(&mut queue, arrives.max(now), Ev::TransferDone(e, load.id));
+                }
+            }
             let events = engines[e].take_kv_events();
             if !events.is_empty() {
                 let batch = Arc::new(KvEventBatch {
@@ -697,6 +1024,17 @@ pub fn run_policy(
     }
 
     run.preemptions = engines.iter().map(|e| e.stats().preemptions_total).sum();
+    run.prompt_sources = engines
+        .iter()
+        .map(|e| {
+            let s = e.stats();
+            PromptSources {
+                local_compute: s.prompt_tokens_local_compute,
+                local_cache_hit: s.prompt_tokens_local_cache_hit,
+                external_kv_transfer: s.prompt_tokens_external_kv_transfer,
+            }
+        })
+        .collect();
     run.step_models = vec![StepFit::default(); n];
     for view in routers[0].endpoints() {
         if let Some(e) = ids.iter().position(|&id| id == view.id) {

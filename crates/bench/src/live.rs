@@ -271,6 +271,7 @@ pub async fn run_live(workload: &Workload, cfg: &LiveConfig) -> LiveRun {
                     rec.prompt_tokens = m.prompt_tokens;
                 }
                 out.run.makespan_us = out.run.makespan_us.max(rec.finish_us);
+                rec.max_itl_us = m.gaps_us.iter().copied().max().unwrap_or(0);
                 out.itl_us.extend(m.gaps_us);
             }
             Ok((_, Err(e))) => {

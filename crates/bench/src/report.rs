@@ -156,6 +156,9 @@ pub struct PolicyReport {
     pub ttft_ms: Summary,
     /// Time per output token, ms.
     pub tpot_ms: Summary,
+    /// Each request's longest gap between two output tokens, ms (requests with at least two
+    /// output tokens): the stalls the mean TPOT dilutes.
+    pub max_itl_ms: Summary,
     /// End-to-end latency, ms.
     pub e2e_ms: Summary,
     /// Generated tokens per second over the run.
@@ -180,6 +183,71 @@ pub struct PolicyReport {
     /// the end of the run (router replica 0), to hold against the engines' true ones.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub step_models: Vec<crate::des::StepFit>,
+    /// Prefill/decode figures, for runs on a fleet with prefill or decode pods.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pd: Option<PdFigures>,
+}
+
+/// What a prefill/decode fleet did with the requests.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct PdFigures {
+    /// Prefill pods in the fleet.
+    pub prefill_engines: usize,
+    /// Decode pods in the fleet.
+    pub decode_engines: usize,
+    /// Split requests ÷ completed requests.
+    pub split_fraction: f64,
+    /// KV transfers completed (one per split request).
+    pub transfers: usize,
+    /// Transfer time, from the decode engine allocating the blocks to the KV arriving, ms.
+    pub transfer_ms: Summary,
+    /// Mean prompt tokens moved per transfer.
+    pub transfer_tokens_mean: f64,
+    /// Uncached prompt tokens prefilled on prefill pods ÷ on every pod: the share of the
+    /// fleet's prefill work the prefill pods did.
+    pub prefill_pod_share: f64,
+}
+
+impl PdFigures {
+    /// The P/D figures of `run`; `None` if every engine served both phases.
+    pub fn of(run: &PolicyRun) -> Option<Self> {
+        use kvgate_core::Role;
+        if run.roles.iter().all(|r| *r == Role::Both) {
+            return None;
+        }
+        let done: Vec<_> = run.requests.iter().filter(|r| r.finish_us > 0).collect();
+        let split: Vec<_> = done.iter().filter(|r| r.split).collect();
+        let transfer_ms: Vec<f64> = split
+            .iter()
+            .map(|r| r.transfer_us as f64 / 1000.0)
+            .collect();
+        let on = |role: Role| {
+            run.roles
+                .iter()
+                .zip(&run.prefill_tokens_per_engine)
+                .filter(|(r, _)| **r == role)
+                .map(|(_, &t)| t)
+                .sum::<u64>()
+        };
+        let all: u64 = run.prefill_tokens_per_engine.iter().sum();
+        Some(Self {
+            prefill_engines: run.roles.iter().filter(|r| **r == Role::Prefill).count(),
+            decode_engines: run.roles.iter().filter(|r| **r == Role::Decode).count(),
+            split_fraction: split.len() as f64 / done.len().max(1) as f64,
+            transfers: split.len(),
+            transfer_ms: Summary::of(&transfer_ms),
+            transfer_tokens_mean: split
+                .iter()
+                .map(|r| f64::from(r.transfer_tokens))
+                .sum::<f64>()
+                / split.len().max(1) as f64,
+            prefill_pod_share: if all > 0 {
+                on(Role::Prefill) as f64 / all as f64
+            } else {
+                0.0
+            },
+        })
+    }
 }
 
 /// The whole comparison.
@@ -213,6 +281,11 @@ impl PolicyReport {
                 .then(|| ms(r.finish_us - r.first_token_us) / f64::from(r.output_tokens - 1))
         };
         let tpot: Vec<f64> = done.iter().filter_map(|r| tpot_of(r)).collect();
+        let max_itl: Vec<f64> = done
+            .iter()
+            .filter(|r| r.output_tokens > 1)
+            .map(|r| ms(r.max_itl_us))
+            .collect();
         let e2e: Vec<f64> = done
             .iter()
             .map(|r| ms(r.finish_us - r.arrival_us))
@@ -239,6 +312,7 @@ impl PolicyReport {
             rejected: run.requests.iter().filter(|r| r.rejected).count(),
             ttft_ms: Summary::of(&ttft),
             tpot_ms: Summary::of(&tpot),
+            max_itl_ms: Summary::of(&max_itl),
             e2e_ms: Summary::of(&e2e),
             output_tokens_per_s: per_s(out_tokens as f64),
             goodput: Goodput {
@@ -264,6 +338,7 @@ impl PolicyReport {
             } else {
                 Vec::new()
             },
+            pd: PdFigures::of(run),
         }
     }
 }
@@ -328,6 +403,68 @@ impl Report {
             self.slo.tpot_ms,
             MAPE_WARMUP_FRACTION * 100.0
         ));
+        s
+    }
+
+    /// The prefill/decode comparison as a table: how each arm split the requests, what the
+    /// transfers cost, and TTFT and TPOT at p50, p90 and p99 (TPOT is where aggregated prefills
+    /// stall decodes).
+    pub fn pd_table(&self) -> String {
+        let mut s = format!(
+            "{:<16} {:>5} {:>6} {:>6} {:>8} {:>8} {:>8} {:>8} {:>8} {:>7} {:>7} {:>7} {:>8} {:>7} {:>6}\n",
+            "P/D",
+            "P:D",
+            "split",
+            "xfers",
+            "xfer ms",
+            "xfer tok",
+            "ttft p50",
+            "ttft p90",
+            "ttft p99",
+            "tpot50",
+            "tpot90",
+            "tpot99",
+            "stall99",
+            "goodput",
+            "hit"
+        );
+        for p in &self.policies {
+            let (pd, split, xfers, xfer_ms, xfer_tok) = match &p.pd {
+                Some(f) => (
+                    format!("{}:{}", f.prefill_engines, f.decode_engines),
+                    format!("{:.1}%", f.split_fraction * 100.0),
+                    f.transfers.to_string(),
+                    format!("{:.2}", f.transfer_ms.mean),
+                    format!("{:.0}", f.transfer_tokens_mean),
+                ),
+                None => (
+                    format!("0:{}", self.engines),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                ),
+            };
+            s.push_str(&format!(
+                "{:<16} {:>5} {:>6} {:>6} {:>8} {:>8} {:>8.1} {:>8.1} {:>8.1} {:>7.2} {:>7.2} {:>7.2} {:>8.1} {:>6.1}% {:>6.3}\n",
+                p.policy,
+                pd,
+                split,
+                xfers,
+                xfer_ms,
+                xfer_tok,
+                p.ttft_ms.p50,
+                p.ttft_ms.p90,
+                p.ttft_ms.p99,
+                p.tpot_ms.p50,
+                p.tpot_ms.p90,
+                p.tpot_ms.p99,
+                p.max_itl_ms.p99,
+                p.goodput.fraction * 100.0,
+                p.hit_ratio,
+            ));
+        }
+        s.push_str("P:D: prefill:decode pods (0:N = all aggregated); split: requests prefilled on a prefill pod; xfer ms: mean KV transfer time; stall99: p99 over requests of the longest gap between two output tokens; times in ms\n");
         s
     }
 
@@ -880,5 +1017,192 @@ where
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
         .draw()?;
+    Ok(())
+}
+
+/// One arm's curve on the P/D chart: (rate, TTFT p90 ms, TPOT p99 ms, split fraction) points.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PdCurve {
+    /// Arm name (`aggregated`, `pd-cost`, ...).
+    pub policy: String,
+    /// Points, any order (sorted when drawn).
+    pub points: Vec<PdPoint>,
+}
+
+/// One point of a [`PdCurve`].
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct PdPoint {
+    /// Arrival rate (or trace speed-up).
+    pub rate: f64,
+    /// TTFT p90, ms.
+    pub ttft_p90_ms: f64,
+    /// TPOT p99, ms.
+    pub tpot_p99_ms: f64,
+    /// Fraction of requests split.
+    pub split_fraction: f64,
+}
+
+/// Draws the P/D comparison as SVG and PNG named `pd_vs_rate` in `dir`: TTFT p90, TPOT p99 and
+/// the split fraction against the rate, one line per arm, the SLO bounds dashed. What
+/// disaggregation trades is visible at a glance: TPOT falls when prefills leave the decode pods,
+/// TTFT rises when the prefill pool queues.
+pub fn write_pd_chart(
+    dir: &Path,
+    curves: &[PdCurve],
+    slo: Slo,
+    rate_label: &str,
+) -> Result<Vec<PathBuf>, BenchError> {
+    std::fs::create_dir_all(dir).map_err(|source| BenchError::Write {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let svg = dir.join("pd_vs_rate.svg");
+    {
+        let root = SVGBackend::new(&svg, (1500, 500)).into_drawing_area();
+        draw_pd(&root, curves, slo, rate_label).map_err(|e| chart_err(&svg, e))?;
+        root.present().map_err(|e| chart_err(&svg, e))?;
+    }
+    let png = dir.join("pd_vs_rate.png");
+    {
+        let root = BitMapBackend::new(&png, (1500, 500)).into_drawing_area();
+        draw_pd(&root, curves, slo, rate_label).map_err(|e| chart_err(&png, e))?;
+        root.present().map_err(|e| chart_err(&png, e))?;
+    }
+    Ok(vec![svg, png])
+}
+
+type PdPick = fn(&PdPoint) -> f64;
+
+/// One line per arm of `pick` against the rate, values below `floor` drawn at it.
+fn pd_lines<'a, DB, CT>(
+    chart: &mut ChartContext<'a, DB, CT>,
+    curves: &[PdCurve],
+    pick: PdPick,
+    floor: f64,
+) -> DrawResult
+where
+    DB: DrawingBackend + 'a,
+    DB::ErrorType: 'static,
+    CT: plotters::coord::CoordTranslate<From = (f64, f64)>,
+{
+    for (i, c) in curves.iter().enumerate() {
+        let color = PALETTE[i % PALETTE.len()];
+        let mut p: Vec<(f64, f64)> = c
+            .points
+            .iter()
+            .map(|q| (q.rate, pick(q).max(floor)))
+            .collect();
+        p.sort_by(|a, b| a.0.total_cmp(&b.0));
+        chart.draw_series(p.iter().map(|&q| Circle::new(q, 3, color.filled())))?;
+        chart
+            .draw_series(LineSeries::new(p, color.stroke_width(2)))?
+            .label(c.policy.clone())
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+    }
+    Ok(())
+}
+
+fn draw_pd<DB: DrawingBackend>(
+    root: &DrawingArea<DB, plotters::coord::Shift>,
+    curves: &[PdCurve],
+    slo: Slo,
+    rate_label: &str,
+) -> DrawResult
+where
+    DB::ErrorType: 'static,
+{
+    root.fill(&WHITE)?;
+    let panels = root.split_evenly((1, 3));
+    let rates = curves.iter().flat_map(|c| c.points.iter().map(|p| p.rate));
+    let x_min = rates.clone().fold(f64::INFINITY, f64::min);
+    let x_max = rates.fold(0.0f64, f64::max);
+    let x_min = if x_min.is_finite() { x_min } else { 0.0 };
+    let x_pad = ((x_max - x_min) * 0.05).max(0.01);
+    let x_range = (x_min - x_pad).max(0.0)..(x_max + x_pad);
+    let metrics: [(&str, &str, PdPick, Option<f64>, bool); 3] = [
+        (
+            "TTFT p90 (dashed: SLO)",
+            "TTFT p90 (ms, log)",
+            |p| p.ttft_p90_ms,
+            Some(slo.ttft_ms),
+            true,
+        ),
+        (
+            "TPOT p99 (dashed: SLO)",
+            "TPOT p99 (ms, log)",
+            |p| p.tpot_p99_ms,
+            Some(slo.tpot_ms),
+            true,
+        ),
+        (
+            "Requests split (prefill pod + transfer)",
+            "fraction split",
+            |p| p.split_fraction,
+            None,
+            false,
+        ),
+    ];
+    for (panel, (title, y_desc, pick, line, log)) in panels.iter().zip(metrics) {
+        let ys = curves.iter().flat_map(|c| c.points.iter().map(pick));
+        let mut y_lo = ys.clone().fold(f64::INFINITY, f64::min);
+        let mut y_hi = ys.fold(0.0f64, f64::max);
+        if let Some(l) = line {
+            y_lo = y_lo.min(l);
+            y_hi = y_hi.max(l);
+        }
+        if log {
+            let y_lo = y_lo.clamp(0.01, f64::MAX) * 0.8;
+            let y_hi = y_hi.max(y_lo * 2.0) * 1.25;
+            let mut chart = ChartBuilder::on(panel)
+                .caption(title, ("sans-serif", 20))
+                .margin(10)
+                .x_label_area_size(40)
+                .y_label_area_size(60)
+                .build_cartesian_2d(x_range.clone(), (y_lo..y_hi).log_scale())?;
+            chart
+                .configure_mesh()
+                .x_desc(rate_label)
+                .y_desc(y_desc)
+                .y_labels(10)
+                .y_label_formatter(&axis_number)
+                .draw()?;
+            pd_lines(&mut chart, curves, pick, y_lo)?;
+            if let Some(l) = line {
+                chart.draw_series(DashedLineSeries::new(
+                    vec![(x_range.start, l), (x_range.end, l)],
+                    8,
+                    6,
+                    BLACK.stroke_width(2),
+                ))?;
+            }
+            chart
+                .configure_series_labels()
+                .position(SeriesLabelPosition::UpperLeft)
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .draw()?;
+        } else {
+            let mut chart = ChartBuilder::on(panel)
+                .caption(title, ("sans-serif", 20))
+                .margin(10)
+                .x_label_area_size(40)
+                .y_label_area_size(60)
+                .build_cartesian_2d(x_range.clone(), 0.0..1.05)?;
+            chart
+                .configure_mesh()
+                .x_desc(rate_label)
+                .y_desc(y_desc)
+                .draw()?;
+            pd_lines(&mut chart, curves, pick, f64::MIN)?;
+            chart
+                .configure_series_labels()
+                .position(SeriesLabelPosition::UpperLeft)
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .draw()?;
+        }
+    }
     Ok(())
 }
