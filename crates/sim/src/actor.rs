@@ -11,7 +11,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::mpsc::Sender;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use kvgate_engine::{Engine, EngineError, EngineRequest, EngineStats, Output, RequestId};
+use kvgate_engine::{
+    Engine, EngineError, EngineRequest, EngineStats, KvHold, KvLoad, Output, RequestId,
+};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -60,11 +62,39 @@ pub(crate) struct Snapshot {
     pub lora: LoraCounts,
 }
 
+/// How a submitted request takes part in prefill/decode disaggregation.
+pub(crate) enum SubmitMode {
+    /// Served here from end to end.
+    Local,
+    /// Prefill side: when it finishes by length its held blocks are sent to `hold`, before its
+    /// `Finished` output.
+    RemoteDecode { hold: oneshot::Sender<KvHold> },
+    /// Decode side: its block allocation is sent to `load` (dropped unsent if the request ends
+    /// first).
+    RemotePrefill { load: oneshot::Sender<KvLoad> },
+}
+
 pub(crate) enum Command {
     Submit {
         req: EngineRequest,
+        mode: SubmitMode,
         outputs: mpsc::UnboundedSender<Output>,
         admitted: oneshot::Sender<Result<(), EngineError>>,
+    },
+    /// The blocks held for a decode engine, if still held.
+    GetHold {
+        id: RequestId,
+        reply: oneshot::Sender<Option<KvHold>>,
+    },
+    /// The decode engine has read the held blocks; replies whether they were still held.
+    ReleaseHold {
+        id: RequestId,
+        reply: oneshot::Sender<bool>,
+    },
+    /// A remote KV load ended.
+    RemoteKv {
+        id: RequestId,
+        ok: bool,
     },
     Abort {
         id: RequestId,
@@ -83,6 +113,8 @@ struct Live {
     outputs: mpsc::UnboundedSender<Output>,
     lora: Option<String>,
     started: bool,
+    hold: Option<oneshot::Sender<KvHold>>,
+    load: Option<oneshot::Sender<KvLoad>>,
 }
 
 pub(crate) struct Actor {
@@ -132,12 +164,21 @@ impl Actor {
         match cmd {
             Command::Submit {
                 req,
+                mode,
                 outputs,
                 admitted,
             } => {
                 let id = req.id;
                 let lora = req.lora_name.clone();
-                let res = self.engine.add_request(now, req);
+                let (res, hold, load) = match mode {
+                    SubmitMode::Local => (self.engine.add_request(now, req), None, None),
+                    SubmitMode::RemoteDecode { hold } => {
+                        (self.engine.add_remote_decode(now, req), Some(hold), None)
+                    }
+                    SubmitMode::RemotePrefill { load } => {
+                        (self.engine.add_remote_prefill(now, req), None, Some(load))
+                    }
+                };
                 if res.is_ok() {
                     live.insert(
                         id,
@@ -145,10 +186,25 @@ impl Actor {
                             outputs,
                             lora,
                             started: false,
+                            hold,
+                            load,
                         },
                     );
                 }
                 let _ = admitted.send(res);
+            }
+            Command::GetHold { id, reply } => {
+                let _ = reply.send(self.engine.kv_hold(id).cloned());
+            }
+            Command::ReleaseHold { id, reply } => {
+                let _ = reply.send(self.engine.release_kv_hold(now, id));
+            }
+            Command::RemoteKv { id, ok } => {
+                if ok {
+                    self.engine.remote_kv_ready(now, id);
+                } else {
+                    self.engine.remote_kv_failed(now, id);
+                }
             }
             Command::Abort { id } => {
                 self.engine.abort(now, id);
@@ -179,6 +235,16 @@ impl Actor {
             }
         }
         self.flush_kv();
+        self.route_loads(live);
+    }
+
+    /// Hands every block allocation for a remote load to the request that waits for it.
+    fn route_loads(&mut self, live: &mut HashMap<RequestId, Live>) {
+        for load in self.engine.take_kv_loads() {
+            if let Some(tx) = live.get_mut(&load.id).and_then(|l| l.load.take()) {
+                let _ = tx.send(load);
+            }
+        }
     }
 
     /// Completes every step that has ended by now, one step at a time so each step's KV events
@@ -196,6 +262,7 @@ impl Actor {
         self.engine.advance(now, outs);
         self.flush_kv();
         self.route(live, outs);
+        self.route_loads(live);
     }
 
     fn route(&mut self, live: &mut HashMap<RequestId, Live>, outs: &mut Vec<Output>) {
@@ -209,6 +276,9 @@ impl Actor {
                 }
                 Output::Finished { id, .. } => {
                     if let Some(l) = live.remove(id) {
+                        if let (Some(tx), Some(h)) = (l.hold, self.engine.kv_hold(*id)) {
+                            let _ = tx.send(h.clone());
+                        }
                         let _ = l.outputs.send(o);
                     }
                 }

@@ -18,7 +18,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use kvgate_engine::{EngineConfig, HashAlgo, StepModel};
+use kvgate_engine::{EngineConfig, HashAlgo, KvLoadFailurePolicy, StepModel};
 use kvgate_tokens::{HfTokenizer, Tokenizer};
 use serde::Deserialize;
 
@@ -60,6 +60,67 @@ impl GpuPreset {
     }
 }
 
+/// An engine's part in prefill/decode disaggregation, as vLLM's `kv_role` (`kv_producer`,
+/// `kv_consumer`, `kv_both`) and SGLang's `--disaggregation-mode` (`prefill`, `decode`) set it.
+/// What each role does with a request's transfer fields is in the `pd` module docs.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize, serde::Serialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Computes prompts for decode engines: holds their KV for NIXL reads
+    /// (`do_remote_decode`) and serves SGLang bootstrap rooms.
+    Prefill,
+    /// Generates from KV computed elsewhere: pulls it (`do_remote_prefill`, or an SGLang
+    /// bootstrap room).
+    Decode,
+    /// Both NIXL ends (vLLM's `kv_both`); SGLang bootstrap fields are ignored.
+    #[default]
+    Both,
+}
+
+impl Role {
+    /// Every role, in declaration order.
+    pub const ALL: [Role; 3] = [Role::Prefill, Role::Decode, Role::Both];
+
+    /// The flag and config-file spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Prefill => "prefill",
+            Role::Decode => "decode",
+            Role::Both => "both",
+        }
+    }
+
+    /// Whether this engine holds KV for decode engines (and so runs a side channel).
+    pub fn serves_kv(self) -> bool {
+        matches!(self, Role::Prefill | Role::Both)
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = SimError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| SimError::InvalidConfig {
+                field: "role",
+                reason: format!("{s:?} is not prefill, decode or both"),
+            })
+    }
+}
+
+/// SGLang's default `--disaggregation-bootstrap-port`.
+pub const DEFAULT_BOOTSTRAP_PORT: u16 = 8998;
+
 /// One simulated engine: its engine-model configuration, KV-event socket and injected faults.
 #[derive(Clone, Debug, Default)]
 pub struct EngineSpec {
@@ -74,6 +135,8 @@ pub struct EngineSpec {
     pub kv_topic: Option<String>,
     /// Faults this engine injects.
     pub faults: FaultConfig,
+    /// Its part in prefill/decode disaggregation.
+    pub role: Role,
 }
 
 /// A whole simulated fleet; buildable in code (tests, the benchmark) or from [`SimArgs`].
@@ -127,6 +190,12 @@ pub struct FleetConfig {
     pub tokenizer: Arc<Tokenizer>,
     /// Seed of the fault-injection draws (error rate, KV drop rate).
     pub fault_seed: u64,
+    /// First port of the KV side channels (the NIXL reads and SGLang bootstrap rooms the
+    /// simulator serves instead of RDMA): prefill-role engine `i` binds `bootstrap_port + i`,
+    /// as SGLang's bootstrap server binds `--disaggregation-bootstrap-port`. 0 = ephemeral.
+    /// `both`-role engines always bind an ephemeral port: they are reached only through the
+    /// `remote_port` they hand out.
+    pub bootstrap_port: u16,
 }
 
 impl Default for FleetConfig {
@@ -149,6 +218,7 @@ impl Default for FleetConfig {
             enable_prompt_tokens_details: true,
             tokenizer: Arc::new(Tokenizer::default()),
             fault_seed: 0,
+            bootstrap_port: 0,
         }
     }
 }
@@ -225,6 +295,7 @@ impl FleetConfig {
             (None, false) => 2 * n,
         };
         for (base, span, what) in [
+            (self.bootstrap_port, n, "bootstrap_port"),
             (self.http_port, n, "http_port"),
             (self.zmq_port, zmq_span, "zmq_port"),
             (self.kv_replay_port.unwrap_or(0), n, "kv_replay_port"),
@@ -479,6 +550,35 @@ pub struct SimArgs {
     /// Seconds after start during which `/health` and requests answer 503.
     #[arg(long, default_value_t = 0.0)]
     pub slow_start_s: f64,
+    /// Fraction of KV transfers this engine serves (as a prefill engine) that fail.
+    #[arg(long, default_value_t = 0.0)]
+    pub transfer_failure_rate: f64,
+    /// Every engine's part in prefill/decode disaggregation: prefill, decode or both (vLLM's
+    /// kv_producer / kv_consumer / kv_both).
+    #[arg(long, value_enum, default_value_t = Role::Both)]
+    pub role: Role,
+    /// First port of the prefill engines' KV side channels (SGLang's bootstrap server port;
+    /// also where NIXL reads go): prefill engine i binds (bootstrap-port+i). 0 = ephemeral.
+    #[arg(long, default_value_t = DEFAULT_BOOTSTRAP_PORT)]
+    pub bootstrap_port: u16,
+    /// KV-cache bytes per token moved between prefill and decode engines (default: 131072,
+    /// Llama-3.1-8B in bf16).
+    #[arg(long)]
+    pub kv_bytes_per_token: Option<u64>,
+    /// Prefill-to-decode link bandwidth, GB/s (default 50: one 400 Gb/s NIC per GPU).
+    #[arg(long)]
+    pub kv_link_gbytes_per_s: Option<f64>,
+    /// Fixed cost of one KV transfer, µs (default 200).
+    #[arg(long)]
+    pub kv_link_latency_us: Option<u64>,
+    /// How long a prefill engine holds KV that no decode engine reads, seconds (vLLM's
+    /// VLLM_NIXL_ABORT_REQUEST_TIMEOUT, default 480).
+    #[arg(long)]
+    pub kv_hold_timeout_s: Option<f64>,
+    /// What a decode engine does when loading remote KV fails: fail (vLLM's default) or
+    /// recompute.
+    #[arg(long)]
+    pub kv_load_failure_policy: Option<KvLoadFailurePolicy>,
 }
 
 /// The YAML file: fleet-wide settings (below the flags) and per-engine overrides.
@@ -514,6 +614,9 @@ struct RawEngine {
     kv_events_endpoint: Option<String>,
     kv_topic: Option<String>,
     faults: Option<FaultConfig>,
+    role: Option<Role>,
+    /// Partial `kvgate_engine::KvTransferConfig`, over the flags.
+    kv_transfer: Option<serde_json::Value>,
 }
 
 impl SimArgs {
@@ -529,6 +632,7 @@ impl SimArgs {
             metrics_delay_ms: self.metrics_delay_ms,
             kv_drop_rate: self.kv_drop_rate,
             slow_start_s: self.slow_start_s,
+            transfer_failure_rate: self.transfer_failure_rate,
         }
     }
 
@@ -568,7 +672,49 @@ impl SimArgs {
                 beta2_us_per_decode_token: b2,
             };
         }
+        let t = &mut c.kv_transfer;
+        if let Some(b) = self.kv_bytes_per_token {
+            t.kv_bytes_per_token = b;
+        }
+        if let Some(g) = self.kv_link_gbytes_per_s {
+            t.link_bandwidth_bytes_per_s = g * 1e9;
+        }
+        if let Some(l) = self.kv_link_latency_us {
+            t.link_latency_us = l;
+        }
+        if let Some(s) = self.kv_hold_timeout_s {
+            t.abort_request_timeout_us = (s.max(0.0) * 1e6) as u64;
+        }
+        if let Some(p) = self.kv_load_failure_policy {
+            t.kv_load_failure_policy = p;
+        }
         c
+    }
+
+    /// The file entry's `kv_transfer` map over the flag-given transfer settings.
+    fn kv_transfer(
+        base: &kvgate_engine::KvTransferConfig,
+        over: Option<&serde_json::Value>,
+        i: usize,
+    ) -> Result<kvgate_engine::KvTransferConfig, SimError> {
+        let Some(over) = over else {
+            return Ok(base.clone());
+        };
+        let mut v = serde_json::to_value(base).expect("a config serializes");
+        if let (Some(into), Some(from)) = (v.as_object_mut(), over.as_object()) {
+            for (k, x) in from {
+                into.insert(k.clone(), x.clone());
+            }
+        } else {
+            return Err(SimError::InvalidConfig {
+                field: "kv_transfer",
+                reason: format!("engine {i}: not a map"),
+            });
+        }
+        serde_json::from_value(v).map_err(|e| SimError::InvalidConfig {
+            field: "kv_transfer",
+            reason: format!("engine {i}: {e}"),
+        })
     }
 
     /// Reads the files the flags name and builds the validated fleet configuration.
@@ -610,14 +756,18 @@ impl SimArgs {
         let engines = (0..self.engines)
             .map(|i| {
                 let raw = file.engines.get(i).unwrap_or(&none);
-                EngineSpec {
-                    engine: self.engine_config(&file, raw),
+                let mut engine = self.engine_config(&file, raw);
+                engine.kv_transfer =
+                    Self::kv_transfer(&engine.kv_transfer, raw.kv_transfer.as_ref(), i)?;
+                Ok(EngineSpec {
+                    engine,
                     kv_events_endpoint: raw.kv_events_endpoint.clone(),
                     kv_topic: raw.kv_topic.clone(),
                     faults: raw.faults.clone().unwrap_or_else(|| self.faults()),
-                }
+                    role: raw.role.unwrap_or(self.role),
+                })
             })
-            .collect();
+            .collect::<Result<Vec<_>, SimError>>()?;
         let mut lora_adapters = Vec::new();
         let mut lora_paths = BTreeMap::new();
         for spec in self.lora_adapters.iter().map(|s| s.trim()) {
@@ -655,6 +805,7 @@ impl SimArgs {
                 || file.enable_prompt_tokens_details.unwrap_or(false),
             tokenizer: Arc::new(tokenizer),
             fault_seed: self.fault_seed,
+            bootstrap_port: self.bootstrap_port,
         };
         cfg.validate()?;
         Ok(cfg)

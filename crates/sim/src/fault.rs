@@ -17,6 +17,17 @@
 //!   subscriber that notices the gap can recover it by replay, as from a real dropped frame.
 //! - `slow_start_s`: for this long after start `/health` and every API route answer 503
 //!   (`/metrics` keeps answering, so a scraper can watch the start).
+//! - `transfer_failure_rate`: each KV transfer a prefill engine serves (a NIXL read or an
+//!   SGLang bootstrap room) independently fails after its transfer time, as a broken link
+//!   would; the prefill engine keeps the blocks until its hold times out (no completion
+//!   notification came), and the decode engine applies its `kv_load_failure_policy`. Transfers
+//!   also fail, without any draw, when the prefill engine is gone (crashed: the side channel
+//!   refuses or cuts the connection) or its blocks were already released or timed out.
+//!
+//! A prefill-role engine is an engine like any other to the request faults: `error_rate`,
+//! `added_latency_ms` and the crashes apply to its prefill requests, and a crash also takes
+//! its side channel down, so every transfer from it fails. A decode engine's crash cuts its
+//! streams like any crash.
 //!
 //! Every draw is a pure function of (fault seed, engine index, request or batch number), so a
 //! run is reproducible given the seed and the order requests arrive in.
@@ -45,6 +56,8 @@ pub struct FaultConfig {
     pub kv_drop_rate: f64,
     /// Seconds after start during which the engine answers 503.
     pub slow_start_s: f64,
+    /// Fraction of KV transfers served by this engine that fail, in `[0, 1]`.
+    pub transfer_failure_rate: f64,
 }
 
 impl Default for FaultConfig {
@@ -59,6 +72,7 @@ impl Default for FaultConfig {
             metrics_delay_ms: 0,
             kv_drop_rate: 0.0,
             slow_start_s: 0.0,
+            transfer_failure_rate: 0.0,
         }
     }
 }
@@ -69,6 +83,12 @@ impl FaultConfig {
         let unit = |v: f64| (0.0..=1.0).contains(&v);
         if !unit(self.error_rate) {
             return Err(format!("error_rate {} is not in [0, 1]", self.error_rate));
+        }
+        if !unit(self.transfer_failure_rate) {
+            return Err(format!(
+                "transfer_failure_rate {} is not in [0, 1]",
+                self.transfer_failure_rate
+            ));
         }
         if !unit(self.kv_drop_rate) {
             return Err(format!(
@@ -102,6 +122,7 @@ impl FaultConfig {
 pub(crate) enum DrawKind {
     Error = 1,
     KvDrop = 2,
+    Transfer = 3,
 }
 
 /// A uniform number in `[0, 1)` determined by its inputs alone (splitmix64 over the mixed key).

@@ -44,6 +44,11 @@ pub struct EngineInfo {
     pub kv_topic: String,
     /// Base model name served.
     pub model: String,
+    /// Its part in prefill/decode disaggregation.
+    pub role: crate::Role,
+    /// Its KV side channel (NIXL reads, SGLang bootstrap rooms), on prefill and both-role
+    /// engines: for a prefill engine, the `bootstrap_port` an SGLang router sends.
+    pub kv_side_channel: Option<SocketAddr>,
 }
 
 struct EngineHandle {
@@ -125,7 +130,8 @@ impl Fleet {
 
     /// Every engine's addresses as one JSON object (what `kvgate sim --print-json` prints):
     /// `{"engines": [{"index", "http", "kv_pub", "kv_pub_mode", "kv_replay", "kv_topic",
-    /// "model"}, ...]}`, `kv_pub_mode` being `"bind"` or `"connect"`.
+    /// "model", "role", "kv_side_channel"}, ...]}`, `kv_pub_mode` being `"bind"` or
+    /// `"connect"`, `kv_side_channel` null on decode-role engines.
     pub fn addresses_json(&self) -> serde_json::Value {
         let engines: Vec<serde_json::Value> = self
             .engines
@@ -140,6 +146,8 @@ impl Fleet {
                     "kv_replay": e.kv_replay_endpoint,
                     "kv_topic": e.kv_topic,
                     "model": e.model,
+                    "role": e.role.as_str(),
+                    "kv_side_channel": e.kv_side_channel.map(|a| a.to_string()),
                 })
             })
             .collect();
@@ -182,6 +190,21 @@ impl Fleet {
 fn process_sha256_secret() -> [u8; 32] {
     static SECRET: OnceLock<[u8; 32]> = OnceLock::new();
     *SECRET.get_or_init(rand::random)
+}
+
+/// A random version-4 UUID, vLLM's default `engine_id`.
+fn engine_uuid() -> String {
+    let b: [u8; 16] = rand::random();
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-4{}-{:x}{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[13..16],
+        8 | (b[8] & 0x3),
+        &h[17..20],
+        &h[20..32]
+    )
 }
 
 /// Starts every engine of `cfg`; returns once all sockets are bound.
@@ -238,6 +261,31 @@ async fn start_engine(
         source,
     })?;
 
+    // The KV side channel: a prefill engine's at the SGLang bootstrap port (+ i), a both-role
+    // engine's anywhere (it is found through the `remote_port` it hands out).
+    let side_listener = if spec.role.serves_kv() {
+        let port = if spec.role == crate::Role::Prefill {
+            port_for(cfg.bootstrap_port, i)
+        } else {
+            0
+        };
+        let bind = SocketAddr::new(cfg.host, port);
+        let l = TcpListener::bind(bind)
+            .await
+            .map_err(|source| SimError::Bind {
+                addr: bind.to_string(),
+                source,
+            })?;
+        let addr = l.local_addr().map_err(|source| SimError::Bind {
+            addr: bind.to_string(),
+            source,
+        })?;
+        Some((l, addr))
+    } else {
+        None
+    };
+    let side_channel = side_listener.as_ref().map(|(_, a)| *a);
+
     let (pub_want, force_bind) = cfg.pub_plan(i);
     let sockets = KvSockets::open(&pub_want, force_bind, &cfg.replay_bind(i))?;
     let kv_pub_endpoint = sockets.pub_endpoint.clone();
@@ -267,6 +315,15 @@ async fn start_engine(
         crash: stop.clone(),
         draining: AtomicBool::new(false),
         words,
+        role: spec.role,
+        engine_id: engine_uuid(),
+        time_scale: cfg.time_scale,
+        side_channel,
+        transfers_served: AtomicU64::new(0),
+        transfers_pulled: AtomicU64::new(0),
+        transfers_failed: AtomicU64::new(0),
+        client: reqwest::Client::new(),
+        rooms: crate::pd::Rooms::default(),
     });
 
     let mut tasks = Vec::with_capacity(4);
@@ -294,6 +351,17 @@ async fn start_engine(
             return Err(SimError::SpawnThread { source });
         }
     };
+    if let Some((l, _)) = side_listener {
+        // Dies with the engine (a crash refuses and cuts transfers); a graceful stop leaves
+        // it to the end, so decode engines can still read what was prefilled.
+        tasks.push(tokio::spawn(serve_http(
+            l,
+            crate::pd::side_channel(shared.clone()),
+            stop.clone(),
+            CancellationToken::new(),
+            CancellationToken::new(),
+        )));
+    }
     let close = CancellationToken::new();
     let http_closed = CancellationToken::new();
     tasks.push(tokio::spawn(serve_http(
@@ -323,6 +391,8 @@ async fn start_engine(
         kv_replay_endpoint,
         kv_topic,
         model: cfg.model.clone(),
+        role: spec.role,
+        kv_side_channel: side_channel,
     };
     let handle = EngineHandle {
         stop,

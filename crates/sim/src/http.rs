@@ -38,16 +38,20 @@ use axum::extract::{RawQuery, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use kvgate_engine::{EngineConfig, EngineError, EngineRequest, FinishReason, Output, Usage};
+use kvgate_engine::{
+    EngineConfig, EngineError, EngineRequest, FinishReason, KvHold, Output, Usage,
+};
 use kvgate_tokens::{ChatMessage, Tokenizer, render_chat};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::actor::{Command, Snapshot};
+use crate::actor::{Command, Snapshot, SubmitMode};
+use crate::config::Role;
 use crate::fault::{DrawKind, FaultConfig, uniform};
 use crate::metrics;
+use crate::pd::{self, Plan};
 
 mod anthropic;
 
@@ -78,6 +82,23 @@ pub(crate) struct EngineShared {
     /// Set when a graceful stop begins: `/health` answers 503 from then on.
     pub draining: std::sync::atomic::AtomicBool,
     pub words: Arc<HashMap<u32, String>>,
+    /// Part in prefill/decode disaggregation.
+    pub role: Role,
+    /// vLLM's `kv_transfer_config.engine_id` (a fresh UUID per engine start).
+    pub engine_id: String,
+    /// Simulated µs per wall-clock µs (transfer times are simulated).
+    pub time_scale: f64,
+    /// The KV side channel's address, on prefill-capable engines.
+    pub side_channel: Option<std::net::SocketAddr>,
+    /// KV transfers served by the side channel (also the transfer-failure draw counter).
+    pub transfers_served: AtomicU64,
+    /// Remote KV loads this engine made, and how many of them failed.
+    pub transfers_pulled: AtomicU64,
+    pub transfers_failed: AtomicU64,
+    /// Client of the decode side's pulls.
+    pub client: reqwest::Client,
+    /// SGLang bootstrap rooms served by the side channel.
+    pub rooms: pd::Rooms,
 }
 
 impl EngineShared {
@@ -237,6 +258,8 @@ struct GenerationFields {
     cache_salt: Option<String>,
     #[serde(default)]
     kv_transfer_params: Option<Value>,
+    #[serde(flatten)]
+    bootstrap: pd::Bootstrap,
 }
 
 #[derive(Deserialize)]
@@ -386,6 +409,7 @@ async fn submit(
     max_tokens: u32,
     lora_name: Option<String>,
     cache_salt: Option<String>,
+    mode: SubmitMode,
 ) -> ApiResult<Admitted> {
     let id = s.next_id.fetch_add(1, Ordering::Relaxed);
     let n_prompt = prompt_tokens.len();
@@ -403,6 +427,7 @@ async fn submit(
     s.cmd
         .send(Command::Submit {
             req,
+            mode,
             outputs: tx,
             admitted: atx,
         })
@@ -497,7 +522,10 @@ struct Job {
     created: u64,
     model: String,
     words: Arc<HashMap<u32, String>>,
+    /// The answer's `kv_transfer_params` (`null` unless this is a vLLM prefill leg).
     kv_transfer_params: Option<Value>,
+    /// A vLLM prefill leg's held blocks, which become `kv_transfer_params` at the finish.
+    hold: Option<oneshot::Receiver<KvHold>>,
     /// The engine's block size (0 with prefix caching off) when usage reports
     /// `prompt_tokens_details` (`--enable-prompt-tokens-details`); `None` when it does not.
     details_block_size: Option<usize>,
@@ -601,13 +629,29 @@ fn sse(v: &Value, out: &mut Vec<u8>) {
     out.extend_from_slice(b"\n\n");
 }
 
-async fn respond_full(job: Job, mut a: Admitted) -> ApiResult<Response> {
+/// vLLM's answer to a request that finished with an error (a failed KV load): its serving
+/// layer raises `GenerationError`, a 500.
+fn generation_error() -> ApiError {
+    error(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "Internal server error: the request's KV cache could not be loaded",
+    )
+}
+
+async fn respond_full(mut job: Job, mut a: Admitted, s: &EngineShared) -> ApiResult<Response> {
     let mut text = String::new();
     while let Some(o) = a.rx.recv().await {
         match o {
             Output::Token { token, .. } => text.push_str(job.word(token)),
             Output::Finished { reason, usage, .. } => {
                 a.guard.done = true;
+                if reason == FinishReason::Error {
+                    return Err(generation_error());
+                }
+                // Sent before the finish, so it is there now if the blocks are held.
+                if let Some(hold) = job.hold.take().and_then(|mut h| h.try_recv().ok()) {
+                    job.kv_transfer_params = Some(pd::transfer_params(s, &job.id, &hold));
+                }
                 let body = job.full_response(
                     &text,
                     finish_str(reason),
@@ -655,6 +699,15 @@ async fn next_sse(mut st: StreamState) -> Option<(Result<Bytes, std::io::Error>,
             Some(Output::Finished { reason, usage, .. }) => {
                 st.a.guard.done = true;
                 st.done = true;
+                if reason == FinishReason::Error {
+                    // vLLM streams the error as one more event, then ends the stream.
+                    let e = generation_error();
+                    let body = json!({"error": {"message": e.message, "type":
+                        "InternalServerError", "param": null, "code": e.status.as_u16()}});
+                    sse(&body, &mut buf);
+                    buf.extend_from_slice(b"data: [DONE]\n\n");
+                    return Some((Ok(Bytes::from(buf)), st));
+                }
                 if st.first && st.job.api == Api::Chat {
                     sse(&st.job.role_chunk(), &mut buf);
                 }
@@ -750,15 +803,43 @@ async fn completions(State(s): State<Shared>, body: Bytes) -> ApiResult<Response
 }
 
 async fn run_job(
-    s: &EngineShared,
+    s: &Shared,
     api: Api,
     fields: GenerationFields,
     tokens: Vec<u32>,
-    max_tokens: u32,
+    mut max_tokens: u32,
     lora: Option<String>,
 ) -> ApiResult<Response> {
     admit_faults(s).await?;
-    let a = submit(s, tokens, max_tokens, lora, fields.cache_salt).await?;
+    let plan = pd::plan(
+        s.role,
+        fields.kv_transfer_params.as_ref(),
+        &fields.bootstrap,
+    );
+    let (mode, hold, load) = match &plan {
+        Plan::Whole => (SubmitMode::Local, None, None),
+        Plan::NixlPrefill | Plan::BootstrapPrefill { .. } => {
+            let (tx, rx) = oneshot::channel();
+            (SubmitMode::RemoteDecode { hold: tx }, Some(rx), None)
+        }
+        Plan::NixlDecode(_) | Plan::BootstrapDecode { .. } => {
+            let (tx, rx) = oneshot::channel();
+            (SubmitMode::RemotePrefill { load: tx }, None, Some(rx))
+        }
+    };
+    if let Plan::BootstrapPrefill { .. } = plan {
+        // An SGLang prefill server computes the prompt and the first token only.
+        max_tokens = 1;
+    }
+    let a = submit(s, tokens, max_tokens, lora, fields.cache_salt, mode).await?;
+    let mut hold = hold;
+    match (&plan, load) {
+        (Plan::BootstrapPrefill { room }, _) => {
+            pd::publish_room(s, *room, hold.take().expect("a prefill leg holds"));
+        }
+        (_, Some(load)) => pd::spawn_pull(s, a.guard.id, plan.clone(), load),
+        _ => {}
+    }
     let prefix = match api {
         Api::Chat => "chatcmpl",
         Api::Completion => "cmpl",
@@ -769,7 +850,8 @@ async fn run_job(
         created: unix_now_s(),
         model: fields.model.unwrap_or_else(|| s.model.clone()),
         words: s.words.clone(),
-        kv_transfer_params: fields.kv_transfer_params,
+        kv_transfer_params: None,
+        hold,
         details_block_size: s
             .prompt_tokens_details
             .then_some(if s.config.enable_prefix_caching {
@@ -781,7 +863,7 @@ async fn run_job(
     if fields.stream.unwrap_or(false) {
         Ok(respond_stream(job, a, include_usage(fields.stream_options)))
     } else {
-        respond_full(job, a).await
+        respond_full(job, a, s).await
     }
 }
 

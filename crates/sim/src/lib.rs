@@ -76,10 +76,13 @@ mod fleet;
 mod http;
 pub mod kv;
 mod metrics;
+mod pd;
 
 use std::path::PathBuf;
 
-pub use config::{DEFAULT_KV_TOPIC, EngineSpec, FleetConfig, GpuPreset, SimArgs};
+pub use config::{
+    DEFAULT_BOOTSTRAP_PORT, DEFAULT_KV_TOPIC, EngineSpec, FleetConfig, GpuPreset, Role, SimArgs,
+};
 pub use fault::FaultConfig;
 pub use fleet::{EngineInfo, Fleet, start_fleet};
 pub use http::{DEFAULT_CHAT_MAX_TOKENS, DEFAULT_COMPLETION_MAX_TOKENS};

@@ -139,6 +139,50 @@ pub(crate) fn render(s: &EngineShared, snap: &Snapshot) -> String {
         "Number of generation tokens processed.",
         st.generation_tokens_total,
     );
+    // vLLM's split of the prompt tokens (`PromptTokenStats`): a decode engine of a
+    // disaggregated pair counts the whole prompt in `prompt_tokens_total` but computes one
+    // token of it; the rest arrives by KV transfer.
+    w.header(
+        "vllm:prompt_tokens_by_source_total",
+        "counter",
+        "Number of prompt tokens by source.",
+    );
+    for (source, v) in [
+        ("local_compute", st.prompt_tokens_local_compute),
+        ("local_cache_hit", st.prompt_tokens_local_cache_hit),
+        (
+            "external_kv_transfer",
+            st.prompt_tokens_external_kv_transfer,
+        ),
+    ] {
+        w.sample(
+            "vllm:prompt_tokens_by_source_total",
+            &[("source", source)],
+            v as f64,
+        );
+    }
+    w.counter(
+        "vllm:prompt_tokens_cached_total",
+        "Number of cached prompt tokens (local + external).",
+        st.prompt_tokens_cached,
+    );
+    w.counter(
+        "vllm:prompt_tokens_recomputed_total",
+        "Number of cached tokens recomputed for forward pass.",
+        st.prompt_tokens_recomputed,
+    );
+    w.counter(
+        "vllm:external_prefix_cache_queries_total",
+        "External prefix cache queries from KV connector cross-instance cache sharing, in \
+         terms of number of queried tokens.",
+        st.external_prefix_cache_queries_tokens,
+    );
+    w.counter(
+        "vllm:external_prefix_cache_hits_total",
+        "External prefix cache hits from KV connector cross-instance cache sharing, in terms \
+         of number of cached tokens.",
+        st.external_prefix_cache_hits_tokens,
+    );
     w.header(
         "vllm:request_success_total",
         "counter",
@@ -149,7 +193,7 @@ pub(crate) fn render(s: &EngineShared, snap: &Snapshot) -> String {
         ("stop", 0),
         ("length", st.finished_length),
         ("abort", st.finished_abort),
-        ("error", 0),
+        ("error", st.finished_error),
         ("repetition", 0),
     ] {
         w.sample(

@@ -93,7 +93,7 @@ async fn serve(s: &EngineShared, body: &[u8]) -> ApiResult<Response> {
         return Err(too_long(max_len, tokens.len(), u64::from(max_tokens)));
     }
     admit_faults(s).await?;
-    let a = submit(s, tokens, max_tokens, lora, None).await?;
+    let a = submit(s, tokens, max_tokens, lora, None, SubmitMode::Local).await?;
     let job = Job {
         api: Api::Chat,
         id: format!("chatcmpl-{}-{:016x}", s.index, a.guard.id),
@@ -101,6 +101,7 @@ async fn serve(s: &EngineShared, body: &[u8]) -> ApiResult<Response> {
         model: req.model.unwrap_or_else(|| s.model.clone()),
         words: s.words.clone(),
         kv_transfer_params: None,
+        hold: None,
         details_block_size: s
             .prompt_tokens_details
             .then_some(if s.config.enable_prefix_caching {
