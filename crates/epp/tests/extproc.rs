@@ -607,3 +607,59 @@ async fn a_stream_closed_mid_request_releases_its_booking() {
     .await;
     assert_eq!(gauge("kvgate_gateway_client_cancellations_total"), "1");
 }
+
+/// The request-headers answer's header mutation: what is set and what is removed.
+async fn routing_headers(
+    s: &mut Stream,
+) -> (std::collections::HashMap<String, String>, Vec<String>) {
+    let Resp::RequestHeaders(h) = s.recv().await else {
+        panic!("expected a request-headers answer");
+    };
+    let common = h.response.expect("common response");
+    let removed = common
+        .header_mutation
+        .as_ref()
+        .map(|m| m.remove_headers.clone())
+        .unwrap_or_default();
+    (set_headers(&common), removed)
+}
+
+#[tokio::test]
+async fn a_disaggregated_pool_routes_to_the_decode_pod_and_names_the_prefill_pod() {
+    use kvgate_core::PdDecider;
+    for (decider, split) in [(PdDecider::Always, true), (PdDecider::Aggregated, false)] {
+        let epp = epp(&[], |a| {
+            a.routing.prefill = vec![EP[0].into()];
+            a.routing.decode = vec![EP[1].into()];
+            a.routing.pd_decider = Some(decider);
+        })
+        .await;
+        let mut s = Stream::open(&epp).await;
+        s.send(chat_headers(), None).await;
+        s.send(body(&chat_body("a prompt for two pods"), true), None)
+            .await;
+        let (set, removed) = routing_headers(&mut s).await;
+        assert_eq!(set["x-gateway-destination-endpoint"], EP[1], "{decider:?}");
+        if split {
+            assert_eq!(
+                set.get("x-prefiller-host-port").map(String::as_str),
+                Some(EP[0])
+            );
+        } else {
+            assert!(!set.contains_key("x-prefiller-host-port"), "{set:?}");
+            assert!(
+                removed.iter().any(|h| h == "x-prefiller-host-port"),
+                "a client-sent prefiller header must not reach the sidecar: {removed:?}"
+            );
+        }
+        let text = epp.metrics.encode();
+        let (phase, reason) = if split {
+            ("disaggregated", "always_split")
+        } else {
+            ("aggregated", "never_split")
+        };
+        let line =
+            format!("kvgate_gateway_pd_decisions_total{{phase=\"{phase}\",reason=\"{reason}\"}} 1");
+        assert!(text.contains(&line), "{line} missing from\n{text}");
+    }
+}
