@@ -927,6 +927,84 @@ engines:
     }
 
     #[test]
+    fn roles_and_transfer_settings_come_from_flags_and_the_file() {
+        let dir = std::env::temp_dir().join(format!("kvgate-sim-pd-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("sim.yaml");
+        std::fs::write(
+            &file,
+            r#"
+engines:
+  - role: decode
+    kv_transfer: { link_latency_us: 7, kv_load_failure_policy: recompute }
+    faults: { transfer_failure_rate: 0.25 }
+"#,
+        )
+        .unwrap();
+        let cfg = args(&[
+            "--engines",
+            "2",
+            "--role",
+            "prefill",
+            "--bootstrap-port",
+            "9100",
+            "--kv-link-gbytes-per-s",
+            "25",
+            "--kv-hold-timeout-s",
+            "3",
+            "--transfer-failure-rate",
+            "0.5",
+            "--config",
+            file.to_str().unwrap(),
+        ])
+        .to_fleet_config()
+        .unwrap();
+        assert_eq!(cfg.bootstrap_port, 9100);
+        assert_eq!(cfg.engines[0].role, Role::Decode, "the file's entry wins");
+        assert_eq!(cfg.engines[1].role, Role::Prefill, "the flag");
+        let (t0, t1) = (
+            &cfg.engines[0].engine.kv_transfer,
+            &cfg.engines[1].engine.kv_transfer,
+        );
+        assert_eq!(t0.link_latency_us, 7);
+        assert_eq!(t0.kv_load_failure_policy, KvLoadFailurePolicy::Recompute);
+        assert_eq!(
+            t0.link_bandwidth_bytes_per_s, 25e9,
+            "flags under the file's map"
+        );
+        assert_eq!(t1.link_latency_us, 200, "the engine default");
+        assert_eq!(t1.abort_request_timeout_us, 3_000_000);
+        assert_eq!(t1.kv_load_failure_policy, KvLoadFailurePolicy::Fail);
+        assert_eq!(cfg.engines[0].faults.transfer_failure_rate, 0.25);
+        assert_eq!(cfg.engines[1].faults.transfer_failure_rate, 0.5);
+        let d = args(&[]).to_fleet_config().unwrap();
+        assert_eq!(d.engines[0].role, Role::Both);
+        assert_eq!(d.bootstrap_port, DEFAULT_BOOTSTRAP_PORT);
+        assert!("decode".parse::<Role>().is_ok() && "router".parse::<Role>().is_err());
+        assert!(
+            Role::ALL
+                .iter()
+                .all(|r| r.as_str().parse::<Role>().ok() == Some(*r))
+        );
+        std::fs::write(&file, "engines:\n  - kv_transfer: { link_speed: 1 }\n").unwrap();
+        assert!(matches!(
+            args(&["--config", file.to_str().unwrap()]).to_fleet_config(),
+            Err(SimError::InvalidConfig {
+                field: "kv_transfer",
+                ..
+            })
+        ));
+        assert!(matches!(
+            args(&["--transfer-failure-rate", "2"]).to_fleet_config(),
+            Err(SimError::InvalidConfig {
+                field: "faults",
+                ..
+            })
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn bad_settings_are_typed_errors() {
         let bad = |extra: &[&str]| args(extra).to_fleet_config().unwrap_err();
         assert!(matches!(

@@ -42,6 +42,12 @@
 //!   for `--shutdown-accept-grace-ms` so a router or load balancer notices, then close, and
 //!   streams in flight get `--shutdown-drain-timeout-ms` to finish; then the process exits 0.
 //!   [`Fleet::kill`] and crash faults stay abrupt on purpose.
+//! - **Prefill/decode disaggregation** (`pd` module): `--role prefill|decode|both` (or
+//!   `role:` per engine) makes engines act as vLLM NixlConnector producers/consumers and as
+//!   SGLang prefill/decode servers. KV moves over a loopback side channel per prefill-capable
+//!   engine, the simulator's stand-in for NIXL and SGLang's bootstrap server (not a wire format
+//!   of either), in latency + bytes ÷ bandwidth of simulated time; the decode engine then
+//!   publishes the blocks as its own KV events.
 //! - **Output text.** Generated token ids come from `kvgate_engine::default_output_vocab()`; each
 //!   maps to one word of `default_output_words()`, a single built-in-tokenizer token, so
 //!   re-tokenizing the output text reproduces the ids.
@@ -66,6 +72,10 @@
 //!     kv_events_endpoint: "tcp://*:6000"      # this engine binds instead
 //!     prefix_caching_hash_algo: sha256
 //!     faults: { error_rate: 0.1, error_status: 429, kv_drop_rate: 0.05 }
+//!   - role: prefill     # prefill | decode | both (default: --role)
+//!     kv_transfer: { link_bandwidth_bytes_per_s: 25.0e9, link_latency_us: 500,
+//!                    abort_request_timeout_us: 480000000, kv_load_failure_policy: fail }
+//!     faults: { transfer_failure_rate: 0.01 }
 //! ```
 #![deny(missing_docs)]
 
@@ -185,13 +195,18 @@ pub async fn run(args: SimArgs) -> Result<(), SimError> {
         println!("{}", fleet.addresses_json());
     } else {
         for (i, e) in fleet.engines.iter().enumerate() {
+            let side = e
+                .kv_side_channel
+                .map(|a| format!(" kv-side-channel {a}"))
+                .unwrap_or_default();
             println!(
-                "engine {i}: http://{} kv-events {} ({}) replay {} topic {}",
+                "engine {i}: http://{} kv-events {} ({}) replay {} topic {} role {}{side}",
                 e.http_addr,
                 e.kv_pub_endpoint,
                 e.kv_pub_role.as_str(),
                 e.kv_replay_endpoint,
-                e.kv_topic
+                e.kv_topic,
+                e.role.as_str(),
             );
         }
     }
