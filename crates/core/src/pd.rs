@@ -10,7 +10,8 @@
 //! chosen decode pod ([`PdDecider::Threshold`]): blind to both queues, it sends a short prompt
 //! through a saturated prefill pool while the decode pod sits idle, and keeps a long prompt on
 //! a decode pod with two hundred sequences running when its prefix was cached. kvgate prices
-//! both plans with its cost model ([`PdDecider::Cost`], the default) and takes the cheaper.
+//! both plans with its cost model ([`PdDecider::Cost`], the default) and takes the cheaper,
+//! within a margin (below).
 //!
 //! **The two plans, in µs.** With `D` the decode pod and `P` the prefill pod, each chosen by
 //! the phase's profile (prefix index and load estimate, so `D` is the pod whose cache and queue
@@ -25,8 +26,15 @@
 //!   pod computes itself to produce the first token (vLLM's NixlConnector loads all but the
 //!   last prompt token).
 //!
-//! Equal costs stay aggregated (fewer moving parts). With no prefill pod eligible the request
-//! is served aggregated, whatever the decider ([`PdReason::NoPrefillEndpoint`]).
+//! **The margin.** The split plan is the fleet's design: its operator bought prefill pods so
+//! that decode pods decode. So kvgate splits unless serving whole is cheaper by more than
+//! [`PdTuning::whole_margin_us`] (25 ms): an idle fleet splits a short prompt (the whole plan
+//! is ~10 ms faster on an H100 and costs nothing now, but the decode pod's time is what the
+//! next arrivals' decodes need, and the instantaneous cost cannot see them), while a prompt the
+//! decode pod already holds, or one that would queue behind a saturated prefill pool, stays
+//! whole (tens to hundreds of ms cheaper). With a margin of 0 the decider is the bare cost
+//! comparison. With no prefill pod eligible the request is served whole, whatever the decider
+//! ([`PdReason::NoPrefillEndpoint`]).
 //!
 //! **One decode pod per request.** The decode pod is picked once, with the decode profile, and
 //! both plans use it: its queue and cache decide where the request ends up either way, and
@@ -94,6 +102,11 @@ pub struct PdTuning {
     /// decoding, against the request's own TTFT. 1: a microsecond of anyone's latency counts
     /// the same.
     pub interference_weight: f64,
+    /// [`PdDecider::Cost`] serves a request whole only when that is cheaper than the split by
+    /// more than this, µs (see the module docs). 25 ms: above the fixed price of a split on an
+    /// idle H100 fleet (a transfer and a decode step, ~10 ms), far below what a held prefix or
+    /// a queued prefill pool saves (tens of ms and up), and ~1% of a 2 s TTFT objective.
+    pub whole_margin_us: u64,
 }
 
 impl Default for PdTuning {
@@ -105,6 +118,7 @@ impl Default for PdTuning {
             transfer_bandwidth_bytes_per_s: 25e9,
             transfer_latency_us: 2_000,
             interference_weight: 1.0,
+            whole_margin_us: 25_000,
         }
     }
 }
@@ -132,10 +146,12 @@ pub enum PdReason {
     BelowThreshold,
     /// More tokens uncached on the decode pod than the threshold.
     AboveThreshold,
-    /// The cost model found serving it whole cheaper (or equal).
+    /// The cost model found serving it whole cheaper by more than the margin.
     AggregatedCheaper,
     /// The cost model found the split cheaper.
     SplitCheaper,
+    /// Serving it whole is cheaper, but by less than the margin: split, as the fleet is built.
+    WithinMargin,
 }
 
 impl PdReason {
@@ -150,6 +166,7 @@ impl PdReason {
             Self::AboveThreshold => "above_threshold",
             Self::AggregatedCheaper => "aggregated_cheaper",
             Self::SplitCheaper => "split_cheaper",
+            Self::WithinMargin => "within_margin",
         }
     }
 }
@@ -268,6 +285,9 @@ impl Router {
             }
             PdDecider::Threshold => (false, PdReason::BelowThreshold),
             PdDecider::Cost if split.cost_us < aggregated.cost_us => (true, PdReason::SplitCheaper),
+            PdDecider::Cost if split.cost_us <= aggregated.cost_us + pd.whole_margin_us as f64 => {
+                (true, PdReason::WithinMargin)
+            }
             PdDecider::Cost => (false, PdReason::AggregatedCheaper),
         };
         let mut out = whole(reason);

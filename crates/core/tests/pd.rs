@@ -22,8 +22,13 @@ struct Fleet {
 }
 
 fn fleet(decider: PdDecider, prefill: usize, decode: usize) -> Fleet {
+    fleet_with_margin(decider, prefill, decode, 25_000)
+}
+
+fn fleet_with_margin(decider: PdDecider, prefill: usize, decode: usize, margin: u64) -> Fleet {
     let mut cfg = RouterConfig::for_policy("kvgate").unwrap();
     cfg.tuning.pd.decider = decider;
+    cfg.tuning.pd.whole_margin_us = margin;
     let mut router = Router::new(cfg).unwrap();
     let mut add = |i: usize, role: Role| {
         let mut spec = EndpointSpec::new(format!("10.0.0.{i}:8000"), "m");
@@ -110,15 +115,26 @@ fn a_long_cold_prompt_on_a_busy_decode_pod_is_split() {
 }
 
 #[test]
-fn a_short_prompt_on_an_idle_decode_pod_stays_whole() {
-    let mut f = fleet(PdDecider::Cost, 1, 1);
-    let (p, d) = (f.prefill[0], f.decode[0]);
-    f.load(d, 0, 0);
-    f.load(p, 0, 0);
-    let dec = f.decide(&request(1, &chain(4, 1)));
-    assert_eq!(dec.reason, PdReason::AggregatedCheaper, "{dec:?}");
-    assert!(dec.prefill.is_none());
-    assert_eq!(dec.decode.booking.uncached_tokens, 4.0 * 16.0 + 3.0);
+fn a_short_prompt_on_an_idle_fleet_is_split_within_the_margin_and_whole_without_it() {
+    for (margin, split) in [(25_000, true), (0, false)] {
+        let mut f = fleet_with_margin(PdDecider::Cost, 1, 1, margin);
+        let (p, d) = (f.prefill[0], f.decode[0]);
+        f.load(d, 0, 0);
+        f.load(p, 0, 0);
+        let dec = f.decide(&request(1, &chain(4, 1)));
+        let s = dec.split.unwrap();
+        assert!(
+            s.cost_us > dec.aggregated.cost_us,
+            "whole is cheaper on an idle fleet: {dec:?}"
+        );
+        assert_eq!(dec.is_split(), split, "margin {margin}: {dec:?}");
+        if split {
+            assert_eq!(dec.reason, PdReason::WithinMargin);
+        } else {
+            assert_eq!(dec.reason, PdReason::AggregatedCheaper);
+            assert_eq!(dec.decode.booking.uncached_tokens, 4.0 * 16.0 + 3.0);
+        }
+    }
 }
 
 #[test]

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use kvgate_core::PdDecider;
 use kvgate_gateway::Gateway;
-use kvgate_runtime::config::{DataPlaneConfig, EndpointConfig, Overrides, PdProtocol};
+use kvgate_runtime::config::{
+    DataPlaneConfig, EndpointConfig, Overrides, PdProtocol, PolicyChoice,
+};
 use kvgate_sim::Fleet;
 use kvgate_sim::Role as SimRole;
 use kvgate_testkit::{MODEL, client, eventually, fleet_with, metric_sum};
@@ -52,7 +54,20 @@ fn endpoints(f: &Fleet, prefill: usize, protocol: PdProtocol) -> Vec<EndpointCon
 }
 
 async fn gateway(f: &Fleet, prefill: usize, protocol: PdProtocol, decider: PdDecider) -> Gateway {
-    let cfg = DataPlaneConfig {
+    start(
+        gateway_config(f, prefill, protocol, decider),
+        f.engines.len(),
+    )
+    .await
+}
+
+fn gateway_config(
+    f: &Fleet,
+    prefill: usize,
+    protocol: PdProtocol,
+    decider: PdDecider,
+) -> DataPlaneConfig {
+    DataPlaneConfig {
         host: "127.0.0.1".into(),
         port: 0,
         admin_port: 0,
@@ -60,11 +75,14 @@ async fn gateway(f: &Fleet, prefill: usize, protocol: PdProtocol, decider: PdDec
         scrape_interval_ms: 50,
         pd_decider: Some(decider),
         ..DataPlaneConfig::default()
-    };
+    }
+}
+
+async fn start(cfg: DataPlaneConfig, n: usize) -> Gateway {
     let gw = Gateway::start(cfg, Overrides::default())
         .await
         .expect("gateway starts");
-    let (control, n) = (gw.control.clone(), f.engines.len());
+    let control = gw.control.clone();
     eventually("endpoints discovered", Duration::from_secs(10), || {
         let c = control.clone();
         async move { c.ready_endpoints() >= n }
@@ -109,8 +127,12 @@ fn events(body: &str) -> Vec<String> {
 async fn a_split_request_is_prefilled_on_one_pod_and_streamed_from_the_other() {
     let f = pd_fleet(1, 1).await;
     let gw = gateway(&f, 1, PdProtocol::VllmNixl, PdDecider::Always).await;
-    // A second gateway on the same fleet, deciding by cost, sees the same KV events.
-    let by_cost = gateway(&f, 1, PdProtocol::VllmNixl, PdDecider::Cost).await;
+    // A second gateway on the same fleet sees the same KV events and decides by bare cost
+    // (no margin in favour of splitting).
+    let mut by_cost = gateway_config(&f, 1, PdProtocol::VllmNixl, PdDecider::Cost);
+    by_cost.policy =
+        PolicyChoice::Yaml("policy: kvgate\ntuning:\n  pd:\n    whole_margin_us: 0\n".into());
+    let by_cost = start(by_cost, f.engines.len()).await;
     let (prefill, decode) = (f.engines[0].http_addr, f.engines[1].http_addr);
     let url = format!("http://{}/v1/chat/completions", gw.api_addr);
     let r = client()
