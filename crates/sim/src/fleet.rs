@@ -320,8 +320,7 @@ async fn start_engine(
         time_scale: cfg.time_scale,
         side_channel,
         transfers_served: AtomicU64::new(0),
-        transfers_pulled: AtomicU64::new(0),
-        transfers_failed: AtomicU64::new(0),
+        nixl: std::sync::Mutex::new(crate::pd::NixlStats::default()),
         client: reqwest::Client::new(),
         rooms: crate::pd::Rooms::default(),
     });

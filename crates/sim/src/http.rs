@@ -92,9 +92,8 @@ pub(crate) struct EngineShared {
     pub side_channel: Option<std::net::SocketAddr>,
     /// KV transfers served by the side channel (also the transfer-failure draw counter).
     pub transfers_served: AtomicU64,
-    /// Remote KV loads this engine made, and how many of them failed.
-    pub transfers_pulled: AtomicU64,
-    pub transfers_failed: AtomicU64,
+    /// The remote KV loads this engine made (vLLM's NIXL transfer metrics).
+    pub nixl: std::sync::Mutex<pd::NixlStats>,
     /// Client of the decode side's pulls.
     pub client: reqwest::Client,
     /// SGLang bootstrap rooms served by the side channel.

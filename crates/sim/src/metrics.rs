@@ -11,6 +11,9 @@
 //! `vllm:lora_requests_info` is written only when adapters are configured; its `max_lora` is
 //! the number of configured adapters (the engine model has no adapter-slot limit, so all fit),
 //! and an adapter counts as running from its first token, waiting before it.
+//! vLLM's NIXL transfer families (`vllm:nixl_*`, `NixlPromMetrics`) are written by every engine,
+//! as by a vLLM started with the NixlConnector: the decode side records its reads (simulated
+//! transfer time, bytes, failures), the prefill side the holds that expired unread.
 
 use std::fmt::Write;
 
@@ -182,6 +185,33 @@ pub(crate) fn render(s: &EngineShared, snap: &Snapshot) -> String {
         "External prefix cache hits from KV connector cross-instance cache sharing, in terms \
          of number of cached tokens.",
         st.external_prefix_cache_hits_tokens,
+    );
+    {
+        let nixl = s
+            .nixl
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        w.histogram(
+            "vllm:nixl_xfer_time_seconds",
+            "Histogram of transfer duration for NIXL KV Cache transfers.",
+            &nixl.xfer_time,
+        );
+        w.histogram(
+            "vllm:nixl_bytes_transferred",
+            "Histogram of bytes transferred per NIXL KV Cache transfers.",
+            &nixl.bytes,
+        );
+        w.counter(
+            "vllm:nixl_num_failed_transfers_total",
+            "Number of failed NIXL KV Cache transfers.",
+            nixl.failed,
+        );
+    }
+    w.counter(
+        "vllm:nixl_num_kv_expired_reqs_total",
+        "Number of requests that had their KV expire. NOTE: This metric is tracked on the P \
+         instance.",
+        st.kv_holds_expired,
     );
     w.header(
         "vllm:request_success_total",

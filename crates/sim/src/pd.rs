@@ -68,6 +68,57 @@ use crate::http::EngineShared;
 /// simulated transfer, so only a wedged peer hits it.
 const PULL_TIMEOUT: Duration = Duration::from_secs(300);
 
+/// Bucket bounds of `vllm:nixl_xfer_time_seconds` (`NixlPromMetrics`).
+pub(crate) const NIXL_XFER_TIME_BUCKETS_S: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 5.0,
+];
+
+/// Bucket bounds of `vllm:nixl_bytes_transferred`: 2 KiB to 8 GiB in factors of 4
+/// (`2 ** (10 + i)` for odd `i` below 25).
+pub(crate) const NIXL_BYTES_BUCKETS: &[f64] = &[
+    2048.0,
+    8192.0,
+    32768.0,
+    131072.0,
+    524288.0,
+    2097152.0,
+    8388608.0,
+    33554432.0,
+    134217728.0,
+    536870912.0,
+    2147483648.0,
+    8589934592.0,
+];
+
+/// vLLM's NIXL transfer metrics of the loads a decode engine made.
+#[derive(Debug)]
+pub(crate) struct NixlStats {
+    /// `vllm:nixl_xfer_time_seconds`, simulated seconds.
+    pub xfer_time: kvgate_engine::Histogram,
+    /// `vllm:nixl_bytes_transferred` (the histogram's `sum_s` holds bytes).
+    pub bytes: kvgate_engine::Histogram,
+    /// `vllm:nixl_num_failed_transfers`.
+    pub failed: u64,
+}
+
+impl Default for NixlStats {
+    fn default() -> Self {
+        Self {
+            xfer_time: kvgate_engine::Histogram::new(NIXL_XFER_TIME_BUCKETS_S),
+            bytes: kvgate_engine::Histogram::new(NIXL_BYTES_BUCKETS),
+            failed: 0,
+        }
+    }
+}
+
+/// Records a raw value (not microseconds) in a histogram.
+fn observe(h: &mut kvgate_engine::Histogram, v: f64) {
+    let i = h.bounds_s.partition_point(|&b| b < v);
+    h.counts[i] += 1;
+    h.sum_s += v;
+    h.count += 1;
+}
+
 /// Where a decode request's KV comes from (vLLM's `kv_transfer_params` of the prefill answer).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct NixlSource {
@@ -300,22 +351,40 @@ pub(crate) fn spawn_pull(
             .timeout(PULL_TIMEOUT)
             .send()
             .await;
-        let ok = match sent {
-            Ok(r) if r.status().is_success() => true,
-            Ok(r) => {
-                tracing::debug!(%url, status = %r.status(), "KV transfer refused");
-                false
-            }
-            Err(e) => {
-                tracing::debug!(%url, error = %e, "KV transfer failed");
-                false
-            }
-        };
-        s.transfers_pulled.fetch_add(1, Ordering::Relaxed);
-        if !ok {
-            s.transfers_failed.fetch_add(1, Ordering::Relaxed);
+        match &sent {
+            Ok(r) if r.status().is_success() => {}
+            Ok(r) => tracing::debug!(%url, status = %r.status(), "KV transfer refused"),
+            Err(e) => tracing::debug!(%url, error = %e, "KV transfer failed"),
         }
-        let _ = s.cmd.send(Command::RemoteKv { id, ok });
+        let transfer_us = match sent {
+            Ok(r) if r.status().is_success() => r
+                .json::<Value>()
+                .await
+                .ok()
+                .and_then(|v| v.get("transfer_us").and_then(Value::as_u64)),
+            _ => None,
+        };
+        {
+            let mut st = s
+                .nixl
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            match transfer_us {
+                Some(us) => {
+                    st.xfer_time.observe_us(us);
+                    let bytes = s
+                        .config
+                        .kv_transfer
+                        .transfer_bytes(u64::from(load.load_tokens));
+                    observe(&mut st.bytes, bytes as f64);
+                }
+                None => st.failed += 1,
+            }
+        }
+        let _ = s.cmd.send(Command::RemoteKv {
+            id,
+            ok: transfer_us.is_some(),
+        });
     });
 }
 

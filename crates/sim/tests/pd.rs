@@ -227,6 +227,19 @@ async fn nixl_prefill_then_decode_moves_the_blocks_and_publishes_them_on_the_dec
         metric(&d, "vllm:external_prefix_cache_hits_total", "").await,
         prompt as f64
     );
+    // vLLM's NIXL transfer metrics on the reading side: one read of the whole prompt.
+    assert_eq!(
+        metric(&d, "vllm:nixl_bytes_transferred_sum", "").await,
+        (prompt * 131_072) as f64
+    );
+    assert_eq!(
+        metric(&d, "vllm:nixl_xfer_time_seconds_count", "").await,
+        1.0
+    );
+    assert_eq!(
+        metric(&d, "vllm:nixl_num_failed_transfers_total", "").await,
+        0.0
+    );
     let ds = d.stats(0).await.unwrap();
     assert_eq!(
         ds.prompt_tokens_local_compute - d_computed0,
@@ -375,11 +388,19 @@ async fn an_injected_transfer_failure_fails_the_load_and_the_prefill_blocks_time
     let r = decode_after(&p, &d, "zeta", async |_| {}).await;
     assert_eq!(r.status(), 500);
     assert_eq!(d.stats(0).await.unwrap().finished_error, 1);
+    assert_eq!(
+        metric(&d, "vllm:nixl_num_failed_transfers_total", "").await,
+        1.0
+    );
     eventually("the unread blocks time out", || async {
         let s = p.stats(0).await.unwrap();
         s.kv_holds == 0 && s.kv_holds_expired == 1
     })
     .await;
+    assert_eq!(
+        metric(&p, "vllm:nixl_num_kv_expired_reqs_total", "").await,
+        1.0
+    );
 }
 
 #[tokio::test]
