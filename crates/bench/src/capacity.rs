@@ -91,6 +91,10 @@ pub struct Probe {
     /// Fraction of requests split, on a prefill/decode fleet.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub split_fraction: Option<f64>,
+    /// p99 over requests of the longest gap between two output tokens, ms, on a prefill/decode
+    /// comparison (the stall an aggregated prefill causes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stall_p99_ms: Option<f64>,
 }
 
 /// One policy's capacity.
@@ -108,6 +112,8 @@ pub struct PolicyCapacity {
     pub ttft_ms: Summary,
     /// TPOT at capacity, ms.
     pub tpot_ms: Summary,
+    /// Each request's longest gap between two output tokens at capacity, ms.
+    pub max_itl_ms: Summary,
     /// Goodput (report definition: both per-request SLOs met) at capacity.
     pub goodput: Goodput,
     /// Prefix-cache hit ratio at capacity.
@@ -255,6 +261,8 @@ fn probe(
             goodput,
             meets,
             split_fraction: report.pd.as_ref().map(|f| f.split_fraction),
+            stall_p99_ms: matches!(arm, Arm::Aggregated | Arm::Pd(_))
+                .then_some(report.max_itl_ms.p99),
         },
         report,
     })
@@ -330,6 +338,7 @@ pub fn find_capacity(
         out.capacity_rps = b.probe.offered_rps;
         out.ttft_ms = b.report.ttft_ms;
         out.tpot_ms = b.report.tpot_ms;
+        out.max_itl_ms = b.report.max_itl_ms;
         out.goodput = b.report.goodput;
         out.hit_ratio = b.report.hit_ratio;
         out.herding = b.report.herding;
@@ -385,6 +394,7 @@ impl CapacityReport {
                         rate: q.rate,
                         ttft_p90_ms: q.ttft_p90_ms,
                         tpot_p99_ms: q.tpot_p99_ms,
+                        stall_p99_ms: q.stall_p99_ms.unwrap_or(0.0),
                         split_fraction: q.split_fraction.unwrap_or(0.0),
                     })
                     .collect(),
@@ -459,18 +469,27 @@ impl CapacityReport {
         }
         if self.policies.iter().any(|p| p.pd.is_some()) {
             s.push_str(&format!(
-                "{:<20} {:>5} {:>7} {:>8} {:>9}\n",
-                "P/D at capacity", "P:D", "split", "xfer ms", "prefill %"
+                "{:<20} {:>5} {:>7} {:>8} {:>9} {:>8} {:>8}\n",
+                "P/D at capacity", "P:D", "split", "xfer ms", "prefill %", "tpot p50", "stall99"
             ));
             for p in &self.policies {
-                let Some(f) = &p.pd else { continue };
+                let (pd, split, xfer, share) = match &p.pd {
+                    Some(f) => (
+                        format!("{}:{}", f.prefill_engines, f.decode_engines),
+                        format!("{:.1}%", f.split_fraction * 100.0),
+                        format!("{:.2}", f.transfer_ms.mean),
+                        format!("{:.1}%", f.prefill_pod_share * 100.0),
+                    ),
+                    None => (
+                        format!("0:{}", self.engines),
+                        "-".into(),
+                        "-".into(),
+                        "-".into(),
+                    ),
+                };
                 s.push_str(&format!(
-                    "{:<20} {:>5} {:>6.1}% {:>8.2} {:>8.1}%\n",
-                    p.policy,
-                    format!("{}:{}", f.prefill_engines, f.decode_engines),
-                    f.split_fraction * 100.0,
-                    f.transfer_ms.mean,
-                    f.prefill_pod_share * 100.0
+                    "{:<20} {:>5} {:>7} {:>8} {:>9} {:>8.2} {:>8.1}\n",
+                    p.policy, pd, split, xfer, share, p.tpot_ms.p50, p.max_itl_ms.p99
                 ));
             }
         }

@@ -906,6 +906,7 @@ pub fn pd_curves(at: &[(f64, &Report)]) -> Vec<PdCurve> {
                 rate,
                 ttft_p90_ms: p.ttft_ms.p90,
                 tpot_p99_ms: p.tpot_ms.p99,
+                stall_p99_ms: p.max_itl_ms.p99,
                 split_fraction: p.pd.as_ref().map_or(0.0, |f| f.split_fraction),
             };
             match curves.iter_mut().find(|c| c.policy == p.policy) {

@@ -430,12 +430,19 @@ impl Report {
         );
         for p in &self.policies {
             let (pd, split, xfers, xfer_ms, xfer_tok) = match &p.pd {
-                Some(f) => (
+                Some(f) if f.transfers > 0 => (
                     format!("{}:{}", f.prefill_engines, f.decode_engines),
                     format!("{:.1}%", f.split_fraction * 100.0),
                     f.transfers.to_string(),
                     format!("{:.2}", f.transfer_ms.mean),
                     format!("{:.0}", f.transfer_tokens_mean),
+                ),
+                Some(f) => (
+                    format!("{}:{}", f.prefill_engines, f.decode_engines),
+                    "0.0%".into(),
+                    "0".into(),
+                    "-".into(),
+                    "-".into(),
                 ),
                 None => (
                     format!("0:{}", self.engines),
@@ -1020,7 +1027,7 @@ where
     Ok(())
 }
 
-/// One arm's curve on the P/D chart: (rate, TTFT p90 ms, TPOT p99 ms, split fraction) points.
+/// One arm's curve on the P/D chart.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct PdCurve {
     /// Arm name (`aggregated`, `pd-cost`, ...).
@@ -1038,14 +1045,16 @@ pub struct PdPoint {
     pub ttft_p90_ms: f64,
     /// TPOT p99, ms.
     pub tpot_p99_ms: f64,
+    /// p99 over requests of the longest gap between two output tokens, ms.
+    pub stall_p99_ms: f64,
     /// Fraction of requests split.
     pub split_fraction: f64,
 }
 
-/// Draws the P/D comparison as SVG and PNG named `pd_vs_rate` in `dir`: TTFT p90, TPOT p99 and
-/// the split fraction against the rate, one line per arm, the SLO bounds dashed. What
-/// disaggregation trades is visible at a glance: TPOT falls when prefills leave the decode pods,
-/// TTFT rises when the prefill pool queues.
+/// Draws the P/D comparison as SVG and PNG named `pd_vs_rate` in `dir`: TTFT p90, TPOT p99, the
+/// longest inter-token gap (p99 over requests) and the split fraction against the rate, one line
+/// per arm, the SLO bounds dashed. What disaggregation trades is visible at a glance: stalls and
+/// TPOT fall when prefills leave the decode pods, TTFT rises when the prefill pool queues.
 pub fn write_pd_chart(
     dir: &Path,
     curves: &[PdCurve],
@@ -1058,13 +1067,13 @@ pub fn write_pd_chart(
     })?;
     let svg = dir.join("pd_vs_rate.svg");
     {
-        let root = SVGBackend::new(&svg, (1500, 500)).into_drawing_area();
+        let root = SVGBackend::new(&svg, (1400, 900)).into_drawing_area();
         draw_pd(&root, curves, slo, rate_label).map_err(|e| chart_err(&svg, e))?;
         root.present().map_err(|e| chart_err(&svg, e))?;
     }
     let png = dir.join("pd_vs_rate.png");
     {
-        let root = BitMapBackend::new(&png, (1500, 500)).into_drawing_area();
+        let root = BitMapBackend::new(&png, (1400, 900)).into_drawing_area();
         draw_pd(&root, curves, slo, rate_label).map_err(|e| chart_err(&png, e))?;
         root.present().map_err(|e| chart_err(&png, e))?;
     }
@@ -1114,14 +1123,14 @@ where
     DB::ErrorType: 'static,
 {
     root.fill(&WHITE)?;
-    let panels = root.split_evenly((1, 3));
+    let panels = root.split_evenly((2, 2));
     let rates = curves.iter().flat_map(|c| c.points.iter().map(|p| p.rate));
     let x_min = rates.clone().fold(f64::INFINITY, f64::min);
     let x_max = rates.fold(0.0f64, f64::max);
     let x_min = if x_min.is_finite() { x_min } else { 0.0 };
     let x_pad = ((x_max - x_min) * 0.05).max(0.01);
     let x_range = (x_min - x_pad).max(0.0)..(x_max + x_pad);
-    let metrics: [(&str, &str, PdPick, Option<f64>, bool); 3] = [
+    let metrics: [(&str, &str, PdPick, Option<f64>, bool); 4] = [
         (
             "TTFT p90 (dashed: SLO)",
             "TTFT p90 (ms, log)",
@@ -1134,6 +1143,13 @@ where
             "TPOT p99 (ms, log)",
             |p| p.tpot_p99_ms,
             Some(slo.tpot_ms),
+            true,
+        ),
+        (
+            "Longest gap between two output tokens, p99 over requests",
+            "stall p99 (ms, log)",
+            |p| p.stall_p99_ms,
+            None,
             true,
         ),
         (
