@@ -11,7 +11,9 @@
 //! | none | serve whole | serve whole | serve whole |
 //!
 //! "Serve whole" is what vLLM and SGLang do with a request that carries no usable transfer
-//! fields: prefill and decode in place, `kv_transfer_params: null` in the answer.
+//! fields: prefill and decode in place, `kv_transfer_params: null` in the answer. A vLLM prefill
+//! leg is expected non-streaming (proxies send it so); streamed, its blocks are still held but
+//! the stream carries no `kv_transfer_params`.
 //!
 //! **vLLM's flow, as modelled** (facts from `vllm/distributed/kv_transfer/kv_connector/v1/nixl/
 //! scheduler.py` and `vllm/v1/core/sched/scheduler.py`): the prefill leg is served like any

@@ -546,3 +546,76 @@ async fn an_sglang_decode_leg_fails_when_its_prefill_leg_fails() {
     assert_eq!(dr.status(), 500, "the room never fills: the load fails");
     assert_eq!(d.stats(0).await.unwrap().finished_error, 1);
 }
+
+#[tokio::test]
+async fn a_failed_load_ends_a_decode_stream_with_an_error_event() {
+    let p = role_fleet(Role::Prefill, |_| {}).await;
+    let d = role_fleet(Role::Decode, |_| {}).await;
+    let pv: Value = post(url(&p, "/v1/chat/completions"), &prefill_leg("mu"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    p.kill(0).await.unwrap();
+    let body = json!({
+        "messages": messages("mu"),
+        "max_tokens": 4,
+        "stream": true,
+        "kv_transfer_params": pv["kv_transfer_params"],
+    });
+    let r = post(url(&d, "/v1/chat/completions"), &body).await;
+    assert_eq!(r.status(), 200, "headers go out before the load fails");
+    let events = parse_sse(&r.text().await.unwrap());
+    assert_eq!(events.len(), 2, "{events:?}");
+    match &events[0] {
+        SseData::Json(v) => assert_eq!(v["error"]["code"], 500),
+        other => panic!("expected an error event, got {other:?}"),
+    }
+    assert_eq!(events[1], SseData::Done);
+}
+
+#[tokio::test]
+async fn a_decode_leg_dropped_before_its_blocks_are_allocated_frees_the_prefill_blocks() {
+    let p = role_fleet(Role::Prefill, |_| {}).await;
+    // One batch slot, taken by a long request: the decode leg cannot be allocated.
+    let d = role_fleet(Role::Decode, |c| {
+        c.engines[0].engine.max_num_seqs = 1;
+        c.time_scale = 1.0;
+    })
+    .await;
+    let busy = json!({"prompt": vec![5; 20], "max_tokens": 5000, "stream": true});
+    let mut busy = post(url(&d, "/v1/completions"), &busy).await;
+    busy.chunk().await.unwrap().expect("the slot is taken");
+    let pv: Value = post(url(&p, "/v1/chat/completions"), &prefill_leg("nu"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(p.stats(0).await.unwrap().kv_holds, 1);
+    let body = json!({
+        "messages": messages("nu"),
+        "max_tokens": 4,
+        "kv_transfer_params": pv["kv_transfer_params"],
+    });
+    let leg_url = url(&d, "/v1/chat/completions");
+    let leg = tokio::spawn(async move { post(leg_url, &body).await });
+    eventually("the decode leg waits", || async {
+        d.stats(0).await.unwrap().waiting == 1
+    })
+    .await;
+    leg.abort();
+    eventually("the prefill engine is told to free the blocks", || async {
+        p.stats(0).await.unwrap().kv_holds == 0
+    })
+    .await;
+    let ps = p.stats(0).await.unwrap();
+    assert_eq!(
+        ps.kv_holds_expired, 0,
+        "freed by the notification, not the timeout"
+    );
+    assert_eq!(
+        d.stats(0).await.unwrap().waiting,
+        0,
+        "aborted on the decode side"
+    );
+}
