@@ -112,6 +112,24 @@ pub(crate) fn render(s: &EngineShared, snap: &Snapshot) -> String {
         "Number of requests waiting to be processed.",
         f64::from(st.waiting),
     );
+    // Requests waiting for remote KV are vLLM's `skipped_waiting`, the "deferred" reason.
+    w.header(
+        "vllm:num_requests_waiting_by_reason",
+        "gauge",
+        "Number of waiting requests by reason. Reason labels: 'capacity' = waiting for \
+         scheduling capacity; 'deferred' = deferred by transient constraints (LoRA budget, KV \
+         transfer, blocked status). Sum of all reasons equals vllm:num_requests_waiting.",
+    );
+    for (reason, v) in [
+        ("capacity", st.waiting - st.waiting_for_remote_kv),
+        ("deferred", st.waiting_for_remote_kv),
+    ] {
+        w.sample(
+            "vllm:num_requests_waiting_by_reason",
+            &[("reason", reason)],
+            f64::from(v),
+        );
+    }
     w.gauge(
         "vllm:kv_cache_usage_perc",
         "KV-cache usage. 1 means 100 percent usage.",
@@ -169,11 +187,27 @@ pub(crate) fn render(s: &EngineShared, snap: &Snapshot) -> String {
         "Number of cached prompt tokens (local + external).",
         st.prompt_tokens_cached,
     );
-    w.counter(
-        "vllm:prompt_tokens_recomputed_total",
-        "Number of cached tokens recomputed for forward pass.",
-        st.prompt_tokens_recomputed,
+    w.header(
+        "vllm:prompt_tokens_cached_by_source_total",
+        "counter",
+        "Prefix-cache hit tokens by the cache tier that supplied them: device (local HBM), host \
+         (offloaded to DRAM), disk, p2p (transferred from another vLLM instance) or \
+         external_unspecified. Counted at admission; sums to vllm:prefix_cache_hits + \
+         vllm:external_prefix_cache_hits.",
     );
+    for (source, v) in [
+        ("device", st.prefix_cache_hits_tokens),
+        ("host", 0),
+        ("p2p", st.external_prefix_cache_hits_tokens),
+        ("disk", 0),
+        ("external_unspecified", 0),
+    ] {
+        w.sample(
+            "vllm:prompt_tokens_cached_by_source_total",
+            &[("source", source)],
+            v as f64,
+        );
+    }
     w.counter(
         "vllm:external_prefix_cache_queries_total",
         "External prefix cache queries from KV connector cross-instance cache sharing, in \

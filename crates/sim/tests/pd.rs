@@ -227,6 +227,10 @@ async fn nixl_prefill_then_decode_moves_the_blocks_and_publishes_them_on_the_dec
         metric(&d, "vllm:external_prefix_cache_hits_total", "").await,
         prompt as f64
     );
+    assert_eq!(
+        metric(&d, "vllm:prompt_tokens_cached_by_source_total", "p2p").await,
+        prompt as f64
+    );
     // vLLM's NIXL transfer metrics on the reading side: one read of the whole prompt.
     assert_eq!(
         metric(&d, "vllm:nixl_bytes_transferred_sum", "").await,
@@ -603,6 +607,11 @@ async fn a_decode_leg_dropped_before_its_blocks_are_allocated_frees_the_prefill_
         d.stats(0).await.unwrap().waiting == 1
     })
     .await;
+    assert_eq!(
+        metric(&d, "vllm:num_requests_waiting_by_reason", "capacity").await,
+        1.0,
+        "not allocated yet: waiting for a batch slot"
+    );
     leg.abort();
     eventually("the prefill engine is told to free the blocks", || async {
         p.stats(0).await.unwrap().kv_holds == 0
@@ -618,4 +627,43 @@ async fn a_decode_leg_dropped_before_its_blocks_are_allocated_frees_the_prefill_
         0,
         "aborted on the decode side"
     );
+}
+
+#[tokio::test]
+async fn a_decode_leg_waiting_for_its_kv_counts_as_deferred_waiting() {
+    // A slow link: 10 simulated seconds per transfer, 200 ms of wall time at the tests' scale.
+    let p = role_fleet(Role::Prefill, |c| {
+        c.engines[0].engine.kv_transfer.link_latency_us = 10_000_000;
+    })
+    .await;
+    let d = role_fleet(Role::Decode, |_| {}).await;
+    let pv: Value = post(url(&p, "/v1/chat/completions"), &prefill_leg("xi"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let body = json!({
+        "messages": messages("xi"),
+        "max_tokens": 2,
+        "kv_transfer_params": pv["kv_transfer_params"],
+    });
+    let leg_url = url(&d, "/v1/chat/completions");
+    let leg = tokio::spawn(async move { post(leg_url, &body).await });
+    eventually("the decode leg is loading", || async {
+        d.stats(0).await.unwrap().waiting_for_remote_kv == 1
+    })
+    .await;
+    assert_eq!(metric(&d, "vllm:num_requests_waiting", "").await, 1.0);
+    assert_eq!(
+        metric(&d, "vllm:num_requests_waiting_by_reason", "deferred").await,
+        1.0
+    );
+    assert_eq!(
+        metric(&d, "vllm:num_requests_running", "").await,
+        0.0,
+        "no slot taken"
+    );
+    assert_eq!(leg.await.unwrap().status(), 200);
+    let s = d.stats(0).await.unwrap();
+    assert_eq!((s.waiting, s.waiting_for_remote_kv), (0, 0));
 }
