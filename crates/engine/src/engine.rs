@@ -675,6 +675,49 @@ impl Engine {
         self.inflight = Some(Step { end_us, sched });
     }
 
+    /// Fills `hit_buf` with the cached blocks of `id`'s first `max_blocks` prompt blocks, up to
+    /// the first miss (none with prefix caching off).
+    pub(super) fn lookup_prefix(&mut self, id: RequestId, max_blocks: usize) {
+        self.hit_buf.clear();
+        if !self.cfg.enable_prefix_caching {
+            return;
+        }
+        let r = &self.requests[&id];
+        for i in 0..max_blocks {
+            match self.pool.lookup(r.hash(i).key()) {
+                Some(b) => self.hit_buf.push(b),
+                None => break,
+            }
+        }
+    }
+
+    /// Gives `id` the hit blocks in `hit_buf` and `new_blocks` fresh ones (evictions published
+    /// as KV events); false, changing nothing, when the pool cannot.
+    pub(super) fn take_blocks(&mut self, id: RequestId, new_blocks: usize) -> bool {
+        // Hits on unreferenced blocks also consume free-queue entries.
+        let evictable_hits = self
+            .hit_buf
+            .iter()
+            .filter(|&&b| self.pool.ref_cnt(b) == 0)
+            .count();
+        if new_blocks + evictable_hits > self.pool.num_free() {
+            return false;
+        }
+        for &b in &self.hit_buf {
+            self.pool.touch(b);
+        }
+        let r = self.requests.get_mut(&id).expect("waiting request is live");
+        r.blocks.extend_from_slice(&self.hit_buf);
+        self.pool
+            .allocate(new_blocks, &mut r.blocks, &mut self.evicted_buf);
+        if self.kv_events_enabled {
+            push_removed(&mut self.step_events, &mut self.evicted_buf);
+        } else {
+            self.evicted_buf.clear();
+        }
+        true
+    }
+
     /// Tries to admit the waiting request `id` with up to `budget` new tokens: looks up its cached
     /// prefix, takes references on the hit blocks and allocates the rest. Nothing changes when
     /// the blocks are not available. A remote-prefill request gets blocks for its whole prompt
@@ -691,45 +734,19 @@ impl Engine {
             Remote::Local | Remote::Decode | Remote::PrefillLoading => {}
         }
         let bs = self.cfg.block_size;
-        let r = self.requests.get_mut(&id).expect("waiting request is live");
+        let r = &self.requests[&id];
         debug_assert_eq!(r.num_computed, 0);
         debug_assert!(r.blocks.is_empty());
         let num_tokens = r.tokens.len();
-        self.hit_buf.clear();
-        if self.cfg.enable_prefix_caching {
-            // Never the whole prompt: the last token must be computed to sample from it.
-            let max_hit_blocks = (num_tokens - 1) / bs;
-            for i in 0..max_hit_blocks {
-                match self.pool.lookup(r.hash(i).key()) {
-                    Some(b) => self.hit_buf.push(b),
-                    None => break,
-                }
-            }
-        }
+        // Never the whole prompt: the last token must be computed to sample from it.
+        self.lookup_prefix(id, (num_tokens - 1) / bs);
         let hit_blocks = self.hit_buf.len();
         let hit_tokens = hit_blocks * bs;
         let n = (num_tokens - hit_tokens).min(budget);
-        let new_blocks = (hit_tokens + n).div_ceil(bs) - hit_blocks;
-        // Hits on unreferenced blocks also consume free-queue entries.
-        let evictable_hits = self
-            .hit_buf
-            .iter()
-            .filter(|&&b| self.pool.ref_cnt(b) == 0)
-            .count();
-        if new_blocks + evictable_hits > self.pool.num_free() {
+        if !self.take_blocks(id, (hit_tokens + n).div_ceil(bs) - hit_blocks) {
             return Admit::Blocked;
         }
-        for &b in &self.hit_buf {
-            self.pool.touch(b);
-        }
-        r.blocks.extend_from_slice(&self.hit_buf);
-        self.pool
-            .allocate(new_blocks, &mut r.blocks, &mut self.evicted_buf);
-        if self.kv_events_enabled {
-            push_removed(&mut self.step_events, &mut self.evicted_buf);
-        } else {
-            self.evicted_buf.clear();
-        }
+        let r = self.requests.get_mut(&id).expect("waiting request is live");
         r.num_computed = hit_tokens;
         r.num_cached_blocks = hit_blocks;
         r.cached_tokens.get_or_insert(hit_tokens as u32);

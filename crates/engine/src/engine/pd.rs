@@ -2,7 +2,6 @@
 //! finished prefill's blocks for the decode engine, and loading a decode request's KV.
 
 use super::{Admit, Engine, Remote, Req};
-use crate::kv::push_removed;
 use crate::{
     EngineError, EngineRequest, FinishReason, KvHold, KvLoad, KvLoadFailurePolicy, Output,
     RequestId,
@@ -145,39 +144,14 @@ impl Engine {
     /// prefix cache only once the KV has arrived (vLLM's `delay_cache_blocks`).
     pub(super) fn admit_remote_prefill(&mut self, id: RequestId, now_us: u64) -> Admit {
         let bs = self.cfg.block_size;
-        let r = self.requests.get_mut(&id).expect("waiting request is live");
-        let prompt_len = r.prompt_len;
-        self.hit_buf.clear();
-        if self.cfg.enable_prefix_caching {
-            for i in 0..(prompt_len - 1) / bs {
-                match self.pool.lookup(r.hash(i).key()) {
-                    Some(b) => self.hit_buf.push(b),
-                    None => break,
-                }
-            }
-        }
+        let prompt_len = self.requests[&id].prompt_len;
+        self.lookup_prefix(id, (prompt_len - 1) / bs);
         let hit_blocks = self.hit_buf.len();
         let hit_tokens = hit_blocks * bs;
-        let new_blocks = prompt_len.div_ceil(bs) - hit_blocks;
-        let evictable_hits = self
-            .hit_buf
-            .iter()
-            .filter(|&&b| self.pool.ref_cnt(b) == 0)
-            .count();
-        if new_blocks + evictable_hits > self.pool.num_free() {
+        if !self.take_blocks(id, prompt_len.div_ceil(bs) - hit_blocks) {
             return Admit::Blocked;
         }
-        for &b in &self.hit_buf {
-            self.pool.touch(b);
-        }
-        r.blocks.extend_from_slice(&self.hit_buf);
-        self.pool
-            .allocate(new_blocks, &mut r.blocks, &mut self.evicted_buf);
-        if self.kv_events_enabled {
-            push_removed(&mut self.step_events, &mut self.evicted_buf);
-        } else {
-            self.evicted_buf.clear();
-        }
+        let r = self.requests.get_mut(&id).expect("waiting request is live");
         let load_tokens = prompt_len - hit_tokens;
         r.num_computed = hit_tokens;
         r.num_cached_blocks = hit_blocks;
