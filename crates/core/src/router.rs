@@ -125,6 +125,14 @@ struct BookedRequest {
     learns: bool,
 }
 
+/// Lists `id` among `class`'s endpoints that have served nothing (once).
+fn note_unserved(unserved: &mut HashMap<String, Vec<EndpointId>>, class: String, id: EndpointId) {
+    let ids = unserved.entry(class).or_default();
+    if !ids.contains(&id) {
+        ids.push(id);
+    }
+}
+
 /// kvgate's prediction for one request on one endpoint ([`Router::price`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Price {
@@ -218,13 +226,21 @@ struct Entry {
 impl Entry {
     /// A (possibly) new hardware class and prior: what was learnt is relative to the old one,
     /// so a change starts afresh from the class's fit.
-    fn set_prior(&mut self, class: &str, prior: HardwarePrior, class_fit: Option<&StepModel>) {
+    /// Returns whether it changed (and so has served nothing in its new class).
+    fn set_prior(
+        &mut self,
+        class: &str,
+        prior: HardwarePrior,
+        class_fit: Option<&StepModel>,
+    ) -> bool {
         if prior != self.prior || class != self.class {
             self.prior = prior;
             self.class = class.to_owned();
             self.model = StepModel::default();
             self.coeffs = class_fit.map_or(prior, |f| f.coefficients(&prior));
+            return true;
         }
+        false
     }
 }
 
@@ -312,6 +328,10 @@ pub struct Router {
     /// Step-time multipliers learnt from every endpoint of a hardware class (the prior each
     /// endpoint's own fit is anchored at; see [`crate::learn`]).
     class_fits: HashMap<String, StepModel>,
+    /// Per class, the endpoints that had served nothing when last seen (they price with the
+    /// class's fit, refreshed whenever it learns), pruned as they learn or leave: a finish
+    /// touches the class's unserved endpoints, not every endpoint ever added.
+    unserved: HashMap<String, Vec<EndpointId>>,
     /// Reused buffer for translated keys (no allocation per KV event).
     scratch_keys: Vec<u64>,
     rotation: u64,
@@ -367,6 +387,7 @@ impl Router {
             index,
             bookings: HashMap::new(),
             class_fits: HashMap::new(),
+            unserved: HashMap::new(),
             scratch_keys: Vec::new(),
             rotation: 0,
             clock_us: 0,
@@ -439,7 +460,9 @@ impl Router {
             if let Some(e) = self.slots.get_mut(id.0 as usize).and_then(Option::as_mut) {
                 e.spec = spec;
                 e.state = EndpointState::Ready;
-                e.set_prior(&class, prior, fit);
+                if e.set_prior(&class, prior, fit) {
+                    note_unserved(&mut self.unserved, class, id);
+                }
             }
             return id;
         }
@@ -466,8 +489,9 @@ impl Router {
             prior,
             coeffs,
             model: StepModel::default(),
-            class,
+            class: class.clone(),
         }));
+        self.unserved.entry(class).or_default().push(id);
         self.index.set_trusted(id, false);
         id
     }
@@ -484,7 +508,9 @@ impl Router {
             .filter(|e| e.state != EndpointState::Gone)
             .ok_or(CoreError::UnknownEndpoint { id })?;
         let old = std::mem::replace(&mut e.spec, spec);
-        e.set_prior(&class, prior, fit);
+        if e.set_prior(&class, prior, fit) {
+            note_unserved(&mut self.unserved, class, id);
+        }
         if old.address != e.spec.address {
             let new = e.spec.address.clone();
             self.by_address.remove(&old.address);
@@ -1404,11 +1430,19 @@ impl Router {
             .observe_in_class(&terms, ttft, &learn, Some(&class_theta));
         e.coeffs = e.model.coefficients(&e.prior);
         // Endpoints of the class that have served nothing yet price with the class's fit.
-        let (class, fit) = (e.class.clone(), &self.class_fits[&e.class]);
-        for other in self.slots.iter_mut().flatten() {
-            if other.class == class && other.model.observations() == 0 {
-                other.coeffs = fit.coefficients(&other.prior);
-            }
+        let class = e.class.clone();
+        let fit = &self.class_fits[&class];
+        let slots = &mut self.slots;
+        if let Some(ids) = self.unserved.get_mut(&class) {
+            ids.retain(
+                |id| match slots.get_mut(id.0 as usize).and_then(Option::as_mut) {
+                    Some(o) if o.class == class && o.model.observations() == 0 => {
+                        o.coeffs = fit.coefficients(&o.prior);
+                        true
+                    }
+                    _ => false,
+                },
+            );
         }
     }
 

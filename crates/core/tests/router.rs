@@ -1181,6 +1181,39 @@ fn a_pod_joining_a_learnt_class_is_priced_like_its_peers() {
     );
 }
 
+/// A pod that has served nothing follows its class's fit as the class learns, and stops
+/// following it once it has learnt for itself (the class's unserved list is pruned then).
+#[test]
+fn an_idle_pod_follows_its_class_fit_until_it_serves() {
+    let mut r = Router::new(RouterConfig::for_policy("kvgate").unwrap()).unwrap();
+    let a = r.add_endpoint(0, EndpointSpec::new("e000", "m"));
+    let b = r.add_endpoint(0, EndpointSpec::new("e001", "m"));
+    let mut t = 0;
+    for n in 0..30u64 {
+        t = serve_on(&mut r, a, n, 4 + (n * 7) % 60, 50.0, t + 10_000_000);
+    }
+    let coeffs = |r: &Router, id| {
+        r.endpoints()
+            .find(|v| v.id == id)
+            .unwrap()
+            .step_coefficients
+    };
+    let prior = HardwarePrior::H100_LLAMA31_8B;
+    let cb = coeffs(&r, b);
+    assert!(
+        cb.prefill_us_per_token > 20.0 * prior.prefill_us_per_token,
+        "the idle pod is priced with the class's fit: {cb:?}"
+    );
+    // b serves once at the prior's speed: from then on it is its own, and a's later learning
+    // no longer overwrites it.
+    t = serve_on(&mut r, b, 100, 40, 1.0, t + 10_000_000);
+    let own = coeffs(&r, b);
+    for n in 0..5u64 {
+        t = serve_on(&mut r, a, 200 + n, 30, 50.0, t + 10_000_000);
+    }
+    assert_eq!(coeffs(&r, b), own);
+}
+
 #[test]
 fn without_learning_the_speed_factor_calibrates_a_slower_endpoint() {
     let (r, _) = serve_mispriced_endpoint(false, [3.0, 3.0, 3.0]);
