@@ -193,6 +193,9 @@ pub struct FinishReport {
     pub reported_cached_tokens: Option<u32>,
     /// A change of the endpoint's cache contract, to be logged.
     pub contract_change: Option<ContractChange>,
+    /// The decode leg of a split request: its engine counts the transferred prompt as cached,
+    /// so its cached tokens are no evidence about the index (nothing was checked or learnt).
+    pub decode_leg: bool,
 }
 
 #[derive(Debug)]
@@ -1470,6 +1473,7 @@ impl Router {
             precise_cached_tokens: b.precise_cached_tokens,
             reported_cached_tokens: outcome.cached_tokens,
             contract_change: None,
+            decode_leg: !b.learns,
         };
         if let Some(e) = self.entry_mut(id) {
             e.consecutive_failures = 0;

@@ -168,6 +168,12 @@ async fn a_split_request_is_prefilled_on_one_pod_and_streamed_from_the_other() {
     ] {
         assert!(gm.contains(line), "{line} missing from\n{gm}");
     }
+    let decode_cached =
+        format!("kvgate_gateway_cached_tokens_reported_total{{endpoint=\"{decode}\"}}");
+    assert!(
+        !gm.contains(&decode_cached),
+        "a decode leg's cached tokens (the transferred prompt) are no evidence about the index: {gm}"
+    );
 
     // Non-streaming, the same prompt: the decode pod's KV events taught the index the
     // transferred blocks, so the cost decider keeps it whole there, and usage reports the real

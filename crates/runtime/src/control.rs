@@ -1397,6 +1397,10 @@ impl Control {
         let Some(address) = self.address_of(id) else {
             return;
         };
+        if report.decode_leg {
+            // Its cached tokens include the transferred prompt: no evidence about the index.
+            return;
+        }
         if outcome.prompt_tokens.is_some()
             && report.reported_cached_tokens.is_none()
             && let Some(member) = self.members_read().by_id.get(&id)
