@@ -3,6 +3,9 @@
 //! (a saturated prefill pool, where kvgate's decider must beat llm-d's threshold; long prompts
 //! over many running decodes, where disaggregation must beat the same GPUs aggregated).
 
+use clap::Parser;
+use kvgate_bench::BenchError;
+use kvgate_bench::cli::{BenchArgs, bench, bench_config, parse_pd_deciders};
 use kvgate_bench::des::{Arm, DesConfig, PolicyRun, run_arm};
 use kvgate_bench::report::{PdFigures, PolicyReport, Slo};
 use kvgate_bench::workload::{SharedPrefixConfig, Workload, shared_prefix};
@@ -190,4 +193,85 @@ fn disaggregation_beats_aggregated_on_long_prompts_over_running_decodes() {
     assert!(cost.pd.unwrap().split_fraction > 0.9);
     // What it pays: the prompt moves (21 ms at 50 GB/s) and waits on the prefill pods' queue.
     assert!(cost.ttft_ms.p50 > agg.ttft_ms.p50);
+}
+
+#[derive(Parser)]
+struct Cli {
+    #[command(flatten)]
+    bench: BenchArgs,
+}
+
+fn args(flags: &[&str]) -> BenchArgs {
+    let mut argv = vec!["bench"];
+    argv.extend_from_slice(flags);
+    Cli::try_parse_from(argv).expect("flags parse").bench
+}
+
+#[test]
+fn pd_flags_set_roles_link_and_rows() {
+    let a = args(&[
+        "--pd-fleet",
+        "1:2",
+        "--transfer-bandwidth-gbps",
+        "10",
+        "--transfer-latency-us",
+        "500",
+        "--pd-threshold-tokens",
+        "64",
+    ]);
+    let cfg = bench_config(&a).unwrap();
+    assert_eq!(cfg.roles, [Role::Prefill, Role::Decode, Role::Decode]);
+    assert_eq!(cfg.engines.len(), 3, "--pd-fleet replaces --engines");
+    for e in &cfg.engines {
+        assert_eq!(e.kv_transfer.link_bandwidth_bytes_per_s, 10e9);
+        assert_eq!(e.kv_transfer.link_latency_us, 500);
+    }
+    // The routers price transfers on the same link.
+    assert_eq!(cfg.pd.transfer_bandwidth_bytes_per_s, 10e9);
+    assert_eq!(cfg.pd.transfer_latency_us, 500);
+    assert_eq!(cfg.pd.threshold_tokens, 64);
+    let same = bench_config(&args(&["--prefill-engines", "1", "--decode-engines", "2"])).unwrap();
+    assert_eq!(same.roles, cfg.roles);
+
+    assert_eq!(
+        parse_pd_deciders("cost, threshold").unwrap(),
+        [PdDecider::Cost, PdDecider::Threshold]
+    );
+    assert!(parse_pd_deciders("cost,sometimes").is_err());
+    assert!(matches!(
+        bench_config(&args(&["--pd-fleet", "0:4"])),
+        Err(BenchError::InvalidArgument(_))
+    ));
+    assert!(bench_config(&args(&["--pd-fleet", "2-6"])).is_err());
+}
+
+#[test]
+fn pd_bench_reports_the_aggregated_baseline_and_each_decider() {
+    let report = bench(&args(&[
+        "--workload",
+        "long-prompt",
+        "--rate",
+        "2",
+        "--limit",
+        "12",
+        "--pd-fleet",
+        "1:1",
+        "--pd-deciders",
+        "threshold,cost",
+        "--quiet",
+    ]))
+    .unwrap();
+    let names: Vec<&str> = report.policies.iter().map(|p| p.policy.as_str()).collect();
+    assert_eq!(names, ["aggregated", "pd-threshold", "pd-cost"]);
+    assert!(report.policies[0].pd.is_none());
+    let t = report.policies[1].pd.as_ref().unwrap();
+    assert_eq!(t.split_fraction, 1.0, "8,000 uncached tokens are above 10");
+    assert!(report.policies.iter().all(|p| p.completed == 12));
+    let json = serde_json::to_value(&report).unwrap();
+    assert!(
+        json["policies"][1]["pd"]["transfer_ms"]["mean"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
 }
