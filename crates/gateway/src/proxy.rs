@@ -63,7 +63,7 @@ use tokio::time::Instant;
 use kvgate_runtime::config::{Limits, OBJECTIVE_HEADER, SESSION_HEADER, UpstreamProtocol};
 use kvgate_runtime::control::Control;
 use kvgate_runtime::decision_log::{Recorder, RequestInfo};
-use kvgate_runtime::meter::{ResponseMeter, USAGE_WINDOW_BYTES};
+use kvgate_runtime::meter::{ResponseMeter, USAGE_WINDOW_BYTES, find_byte};
 use kvgate_runtime::metrics::{DataPlaneMetrics, RequestLabels, RetryLabels};
 use kvgate_runtime::openai::{ApiError, ApiKind, ParsedRequest, parse_request};
 
@@ -437,8 +437,10 @@ async fn serve(
     let body = read_body(body, &parts.headers, &app.limits).await?;
     let parsed = parse_request(api, &body)?;
     let header_str = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok());
+    // The rarer paths' futures are boxed (here and for prefill/decode below): the handler's
+    // future is as large as its largest await, and every request moved all of it into its box.
     let engine_tokens = if app.control.tokenizes_remotely() {
-        app.control.engine_tokens(&parsed).await
+        Box::pin(app.control.engine_tokens(&parsed)).await
     } else {
         None
     };
@@ -483,12 +485,12 @@ async fn serve(
         && !parsed.include_usage
         && matches!(api, ApiKind::Chat | ApiKind::Completions);
     let upstream_body = if inject {
-        with_include_usage(&body).unwrap_or_else(|| body.clone())
+        with_include_usage(&body, &parsed).unwrap_or_else(|| body.clone())
     } else {
         body.clone()
     };
     if let Some((prefill, reason)) = pd {
-        return crate::pd::serve(
+        return Box::pin(crate::pd::serve(
             app,
             api,
             &parts.headers,
@@ -498,7 +500,7 @@ async fn serve(
             prefill,
             reason,
             inject,
-        )
+        ))
         .await;
     }
     forward(
@@ -604,7 +606,29 @@ pub(crate) async fn first_byte(
 }
 
 /// The request body with `stream_options.include_usage` set (other fields unchanged).
-fn with_include_usage(body: &[u8]) -> Option<Bytes> {
+fn with_include_usage(body: &[u8], parsed: &ParsedRequest) -> Option<Bytes> {
+    // A chat body with no `stream_options` (what SDKs send) gets the member written in front
+    // of its first one: the rest stays byte for byte, and the body is not parsed a second time
+    // and re-serialised (which cost as much as the rest of the request's parsing).
+    if let Some(chat) = &parsed.chat_body
+        && chat.get("stream_options").is_none()
+        && let Some(open) = body.iter().position(|b| !b.is_ascii_whitespace())
+        && body[open] == b'{'
+    {
+        const MEMBER: &[u8] = br#""stream_options":{"include_usage":true}"#;
+        let empty = body[open + 1..]
+            .iter()
+            .find(|b| !b.is_ascii_whitespace())
+            .is_some_and(|&b| b == b'}');
+        let mut out = Vec::with_capacity(body.len() + MEMBER.len() + 1);
+        out.extend_from_slice(&body[..=open]);
+        out.extend_from_slice(MEMBER);
+        if !empty {
+            out.push(b',');
+        }
+        out.extend_from_slice(&body[open + 1..]);
+        return Some(Bytes::from(out));
+    }
     let mut v: Value = serde_json::from_slice(body).ok()?;
     let obj = v.as_object_mut()?;
     let opts = obj
@@ -703,27 +727,45 @@ struct UsageStripper {
     pending: Vec<u8>,
 }
 
-/// End offsets (exclusive) of complete SSE events in `buf` (terminated by a blank line, `\n\n`
-/// or `\r\n\r\n`).
+/// End offset (exclusive) of the first complete SSE event in `buf` at or after `from` (an event
+/// ends with a blank line: `\n\n`, or `\n\r\n` as in `\r\n\r\n`). Line ends are found with
+/// `memchr`: this runs over every byte the relay streams.
+fn next_event_end(buf: &[u8], from: usize) -> Option<usize> {
+    let mut i = from;
+    loop {
+        let nl = i + find_byte(&buf[i..], b'\n')?;
+        match (buf.get(nl + 1), buf.get(nl + 2)) {
+            (Some(b'\n'), _) => return Some(nl + 2),
+            (Some(b'\r'), Some(b'\n')) => return Some(nl + 3),
+            (Some(_), _) => i = nl + 1,
+            (None, _) => return None,
+        }
+    }
+}
+
+/// End offsets (exclusive) of the complete SSE events in `buf`, in order.
 fn event_ends(buf: &[u8]) -> Vec<usize> {
     let mut ends = Vec::new();
-    let mut i = 0;
-    while i + 1 < buf.len() {
-        if buf[i] == b'\n' {
-            if buf[i + 1] == b'\n' {
-                ends.push(i + 2);
-                i += 2;
-                continue;
-            }
-            if buf[i + 1] == b'\r' && buf.get(i + 2) == Some(&b'\n') {
-                ends.push(i + 3);
-                i += 3;
-                continue;
-            }
-        }
-        i += 1;
+    while let Some(end) = next_event_end(buf, ends.last().copied().unwrap_or(0)) {
+        ends.push(end);
     }
     ends
+}
+
+/// Whether `buf` contains the key `"usage"` anywhere: only an event that does can be the usage
+/// chunk, so a frame without it is relayed as it is.
+fn mentions_usage(buf: &[u8]) -> bool {
+    const KEY: &[u8] = b"\"usage\"";
+    let mut from = 0;
+    // Anchored on `g`, rarer in JSON than the quote.
+    while let Some(g) = find_byte(&buf[from..], b'g') {
+        let at = from + g;
+        if at >= 4 && buf[at - 4..].starts_with(KEY) {
+            return true;
+        }
+        from = at + 1;
+    }
+    false
 }
 
 fn is_usage_event(event: &[u8]) -> bool {
@@ -745,7 +787,18 @@ fn is_usage_event(event: &[u8]) -> bool {
 }
 
 impl UsageStripper {
-    fn push(&mut self, data: &[u8]) -> Bytes {
+    fn push(&mut self, data: &Bytes) -> Bytes {
+        // The common frame: whole events, none of them the usage chunk, nothing held back.
+        // Relayed as the same buffer (what the general path below would copy out of `pending`).
+        if self.pending.is_empty() && !mentions_usage(data) {
+            let mut end = 0;
+            while let Some(next) = next_event_end(data, end) {
+                end = next;
+            }
+            if end == data.len() {
+                return data.clone();
+            }
+        }
         self.pending.extend_from_slice(data);
         let ends = event_ends(&self.pending);
         let Some(&complete) = ends.last() else {
@@ -915,29 +968,103 @@ mod tests {
             "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n",
             "data: [DONE]\n\n"
         );
+        let bytes = Bytes::from_static(stream.as_bytes());
         for split in 0..stream.len() {
             let mut s = UsageStripper::default();
-            let mut out = s.push(&stream.as_bytes()[..split]).to_vec();
-            out.extend_from_slice(&s.push(&stream.as_bytes()[split..]));
+            let mut out = s.push(&bytes.slice(..split)).to_vec();
+            out.extend_from_slice(&s.push(&bytes.slice(split..)));
             out.extend_from_slice(&s.flush());
             assert_eq!(String::from_utf8(out).unwrap(), want, "split at {split}");
         }
         let mut s = UsageStripper::default();
         assert!(
-            s.push(b"data: {\"choices\":[]").is_empty(),
+            s.push(&Bytes::from_static(b"data: {\"choices\":[]"))
+                .is_empty(),
             "incomplete event held back"
         );
-        let crlf = s.push(b",\"usage\":{}}\r\n\r\ndata: [DONE]\r\n\r\n");
+        let crlf = s.push(&Bytes::from_static(
+            b",\"usage\":{}}\r\n\r\ndata: [DONE]\r\n\r\n",
+        ));
         assert_eq!(&crlf[..], b"data: [DONE]\r\n\r\n");
     }
 
     #[test]
+    fn event_ends_are_found_as_a_byte_by_byte_scan_finds_them() {
+        fn reference(buf: &[u8]) -> Vec<usize> {
+            let mut ends = Vec::new();
+            let mut i = 0;
+            while i + 1 < buf.len() {
+                if buf[i] == b'\n' {
+                    if buf[i + 1] == b'\n' {
+                        ends.push(i + 2);
+                        i += 2;
+                        continue;
+                    }
+                    if buf[i + 1] == b'\r' && buf.get(i + 2) == Some(&b'\n') {
+                        ends.push(i + 3);
+                        i += 3;
+                        continue;
+                    }
+                }
+                i += 1;
+            }
+            ends
+        }
+        let text: &[u8] = b"data: a\n\n\ndata: b\r\n\r\n\n\r\rdata: c\nx\n\n\r\n\n";
+        for start in 0..text.len() {
+            for end in start..=text.len() {
+                let buf = &text[start..end];
+                assert_eq!(
+                    event_ends(buf),
+                    reference(buf),
+                    "{:?}",
+                    String::from_utf8_lossy(buf)
+                );
+            }
+        }
+        assert!(mentions_usage(br#"{"usage":{}}"#));
+        assert!(mentions_usage(br#"x"usage""#));
+        assert!(!mentions_usage(br#"{"usages":1,"usage_x":2,"usg":3}"#));
+        assert!(!mentions_usage(b"usage\"g"));
+    }
+
+    #[test]
+    fn a_frame_of_whole_events_without_usage_is_relayed_as_the_same_buffer() {
+        let frame = Bytes::from_static(b"data: {\"choices\":[{\"delta\":{}}]}\n\n");
+        let mut s = UsageStripper::default();
+        let out = s.push(&frame);
+        assert_eq!(out, frame);
+        assert_eq!(out.as_ptr(), frame.as_ptr(), "no copy");
+        // A frame ending mid-event still holds the tail back.
+        let out = s.push(&Bytes::from_static(b"data: {}\n\ndata: {"));
+        assert_eq!(&out[..], b"data: {}\n\n");
+        assert_eq!(&s.flush()[..], b"data: {");
+    }
+
+    #[test]
     fn include_usage_is_set_without_touching_the_rest() {
-        let b =
-            with_include_usage(br#"{"model":"m","stream":true,"stream_options":{"x":1}}"#).unwrap();
-        let v: Value = serde_json::from_slice(&b).unwrap();
-        assert_eq!(v["stream_options"]["include_usage"], true);
-        assert_eq!(v["stream_options"]["x"], 1);
-        assert_eq!(v["model"], "m");
+        let body = br#"{"model":"m","prompt":"p","messages":[{"role":"user","content":"hi"}],"stream":true,"stream_options":{"x":1}}"#;
+        for api in [ApiKind::Chat, ApiKind::Completions] {
+            let parsed = parse_request(api, body).unwrap();
+            let b = with_include_usage(body, &parsed).unwrap();
+            let v: Value = serde_json::from_slice(&b).unwrap();
+            assert_eq!(v["stream_options"]["include_usage"], true);
+            assert_eq!(v["stream_options"]["x"], 1);
+            assert_eq!(v["model"], "m");
+        }
+    }
+
+    #[test]
+    fn include_usage_is_written_into_a_chat_body_without_stream_options() {
+        let body = b" {\"model\":\"m\", \"messages\":[{\"role\":\"user\",\"content\":\"hi\"}],\"stream\":true}";
+        let parsed = parse_request(ApiKind::Chat, body).unwrap();
+        let b = with_include_usage(body, &parsed).unwrap();
+        assert_eq!(
+            &b[..],
+            &b" {\"stream_options\":{\"include_usage\":true},\"model\":\"m\", \"messages\":[{\"role\":\"user\",\"content\":\"hi\"}],\"stream\":true}"[..]
+        );
+        let mut want: Value = serde_json::from_slice(body).unwrap();
+        want["stream_options"] = serde_json::json!({"include_usage": true});
+        assert_eq!(serde_json::from_slice::<Value>(&b).unwrap(), want);
     }
 }

@@ -66,15 +66,30 @@ pub struct ResponseMeter {
     at_line_start: bool,
 }
 
+/// Offset of the first `byte` in `hay`. The relay scans every streamed frame for line ends, so
+/// this goes through std's `memchr` (the C library's vectorised one on Linux), which the
+/// standard library exposes only through `BufRead` on a byte slice: a byte-at-a-time loop was
+/// most of the gateway's CPU per relayed frame.
+pub fn find_byte(hay: &[u8], byte: u8) -> Option<usize> {
+    use std::io::BufRead;
+    let mut rest = hay;
+    // Reading a slice never fails; the count includes the delimiter when there is one.
+    let read = rest.skip_until(byte).unwrap_or(0);
+    (read > 0 && hay[read - 1] == byte).then(|| read - 1)
+}
+
 /// SSE `data:` events starting in `data`, given whether `data` begins at a line start.
 fn count_events(data: &[u8], at_line_start: &mut bool) -> u32 {
-    let mut n = 0;
-    for (i, &b) in data.iter().enumerate() {
-        if *at_line_start && data[i..].starts_with(b"data:") {
-            n += 1;
-        }
-        *at_line_start = b == b'\n';
+    let Some(&last) = data.last() else {
+        return 0;
+    };
+    let mut n = u32::from(*at_line_start && data.starts_with(b"data:"));
+    let mut from = 0;
+    while let Some(nl) = find_byte(&data[from..], b'\n') {
+        from += nl + 1;
+        n += u32::from(data[from..].starts_with(b"data:"));
     }
+    *at_line_start = last == b'\n';
     n
 }
 
@@ -186,6 +201,35 @@ impl ResponseMeter {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn events_are_counted_as_a_byte_by_byte_scan_counts_them_at_every_split() {
+        fn reference(data: &[u8], at_line_start: &mut bool) -> u32 {
+            let mut n = 0;
+            for (i, &b) in data.iter().enumerate() {
+                if *at_line_start && data[i..].starts_with(b"data:") {
+                    n += 1;
+                }
+                *at_line_start = b == b'\n';
+            }
+            n
+        }
+        let stream: &[u8] = b"data: {\"a\":1}\n\ndata:{}\r\n\r\n: comment\ndata: x\ndata: y\n\n\n\ndata: [DONE]\n\n";
+        for split in 0..=stream.len() {
+            for start in [true, false] {
+                let (mut a, mut b) = (start, start);
+                let got =
+                    count_events(&stream[..split], &mut a) + count_events(&stream[split..], &mut a);
+                let want =
+                    reference(&stream[..split], &mut b) + reference(&stream[split..], &mut b);
+                assert_eq!((got, a), (want, b), "split at {split}, start {start}");
+            }
+        }
+        assert_eq!(find_byte(b"", b'\n'), None);
+        assert_eq!(find_byte(b"ab", b'\n'), None);
+        assert_eq!(find_byte(b"a\nb\n", b'\n'), Some(1));
+        assert_eq!(find_byte(b"ab\n", b'\n'), Some(2));
+    }
 
     #[test]
     fn stream_with_usage_chunk_split_across_chunks() {
