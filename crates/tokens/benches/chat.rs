@@ -1,6 +1,9 @@
 //! Chat rendering + tokenisation cost per request with SmolLM2's template and tokenizer, for a
 //! short (~1k tokens) and a long (~32k tokens) multi-turn conversation: the work the router
-//! adds to every chat request to compute the engine's prefix keys.
+//! adds to every chat request to compute the engine's prefix keys. Whole (a conversation's
+//! first request) and next turn (its history's pieces cached), and a 220 KB completions prompt.
+//!
+//! `cargo bench -p kvgate-tokens --features hf --bench chat -- --warm-up-time 1 --measurement-time 3`
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use kvgate_tokens::{ChatInput, ModelTokenizer};
@@ -74,15 +77,44 @@ fn bench(c: &mut Criterion) {
     for (label, target) in [("1k", 1_000), ("32k", 32_000)] {
         let (input, len) = conversation(&model, target);
         group.throughput(Throughput::Elements(len as u64));
+        // The whole rendered text tokenised at once (no piece cache): a conversation's first
+        // request, or a model whose tokenizer the cache is off for.
         group.bench_with_input(
-            BenchmarkId::new("render+encode", label),
+            BenchmarkId::new("render+encode_whole", label),
             &input,
-            |b, input| b.iter(|| model.encode_chat(black_box(input)).unwrap()),
+            |b, input| b.iter(|| model.encode_chat_whole(black_box(input)).unwrap()),
+        );
+        // The next turn of a conversation whose history was seen: a new final user message
+        // each iteration (includes cloning the messages to build it).
+        let mut turn = 0u64;
+        group.bench_with_input(
+            BenchmarkId::new("render+encode_next_turn", label),
+            &input,
+            |b, input| {
+                b.iter(|| {
+                    turn += 1;
+                    let mut messages = input.messages.clone();
+                    messages.push(json!({"role": "assistant", "content": text(turn, 40)}));
+                    messages.push(json!({"role": "user", "content": text(turn + 1, 60)}));
+                    model
+                        .encode_chat(black_box(&ChatInput::new(messages)))
+                        .unwrap()
+                })
+            },
         );
         group.bench_with_input(BenchmarkId::new("render", label), &input, |b, input| {
             b.iter(|| model.render_chat(black_box(input)).unwrap())
         });
     }
+    // A 220 KB completions prompt (llm-d's long-prompt benchmark size): no template, no pieces.
+    let prompt = text(9, 220 * 1024 / 6);
+    let len = model.encode_prompt(&prompt).unwrap().len();
+    group.throughput(Throughput::Elements(len as u64));
+    group.bench_with_input(
+        BenchmarkId::new("encode_prompt", "220KB"),
+        &prompt,
+        |b, p| b.iter(|| model.encode_prompt(black_box(p)).unwrap()),
+    );
     group.finish();
 }
 

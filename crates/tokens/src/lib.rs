@@ -24,7 +24,7 @@ mod tokenizer;
 pub use chat::{ChatMessage, render_chat};
 pub use hash::{BlockHash, BlockHasher, ExtraKeys, hash_block, none_hash};
 #[cfg(feature = "hf")]
-pub use model::{ChatInput, ContentFormat, ModelTokenizer, python_repr};
+pub use model::{ChatInput, ContentFormat, ModelTokenizer, SEGMENT_CACHE_TOKENS, python_repr};
 #[cfg(feature = "hf")]
 pub use tokenizer::HfTokenizer;
 pub use tokenizer::{BuiltinTokenizer, Tokenizer, TokenizerError, piece_id};

@@ -249,3 +249,88 @@ fn multimodal_parts_are_refused() {
         "{err:?}"
     );
 }
+
+// ---------------------------------------------------------------- piece cache
+
+/// A conversation of `turns` turns whose messages are drawn from `texts`.
+fn conversation(texts: &[String]) -> ChatInput {
+    let mut messages = vec![serde_json::json!({"role": "system", "content": texts[0]})];
+    for (i, t) in texts[1..].iter().enumerate() {
+        let role = if i % 2 == 0 { "user" } else { "assistant" };
+        messages.push(serde_json::json!({"role": role, "content": t}));
+    }
+    if texts.len() % 2 == 1 {
+        messages.push(serde_json::json!({"role": "user", "content": "next"}));
+    }
+    ChatInput::new(messages)
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 48, ..Default::default() })]
+
+    /// Tokenising a rendered chat piece by piece, with pieces reused across turns, gives the ids
+    /// of tokenising it whole, for any message text (whitespace, unicode, text that looks like
+    /// markup), turn after turn.
+    #[test]
+    fn pieces_tokenise_as_the_whole_turn_after_turn(
+        texts in proptest::collection::vec("(\\PC| |\\n|<\\|im_|\\t){0,80}", 2..7),
+    ) {
+        let model = smollm2_shared();
+        for turn in 2..=texts.len() {
+            let input = conversation(&texts[..turn]);
+            let whole = model.encode_chat_whole(&input).unwrap();
+            proptest::prop_assert_eq!(model.encode_chat(&input).unwrap(), whole.clone());
+            // Again, now from the cache.
+            proptest::prop_assert_eq!(model.encode_chat(&input).unwrap(), whole);
+        }
+    }
+}
+
+fn smollm2_shared() -> &'static ModelTokenizer {
+    static MODEL: std::sync::OnceLock<ModelTokenizer> = std::sync::OnceLock::new();
+    MODEL.get_or_init(smollm2)
+}
+
+#[test]
+fn a_multi_turn_conversation_reuses_its_history() {
+    let model = smollm2();
+    assert!(
+        model.reuses_pieces(),
+        "SmolLM2's byte-level BPE tokenises pieces as the whole"
+    );
+    let long: Vec<String> = (0..12)
+        .map(|i| format!("message {i}: {}", "lorem ipsum dolor sit amet ".repeat(40)))
+        .collect();
+    let before = model.cached_piece_tokens();
+    model.encode_chat(&conversation(&long[..11])).unwrap();
+    let after_first = model.cached_piece_tokens();
+    assert!(after_first > before + 11 * 200, "{before} → {after_first}");
+    // The next turn adds only its new message's pieces (one message of twelve).
+    model.encode_chat(&conversation(&long)).unwrap();
+    let added = model.cached_piece_tokens() - after_first;
+    assert!(
+        added < (after_first - before) / 5,
+        "the history was tokenised again: {added} new cached tokens after {after_first}"
+    );
+}
+
+/// A SentencePiece-style pre-tokenizer that prepends `▁` only to the input's first piece
+/// (`prepend_scheme: first`, as Llama-2 and Mistral tokenizers have) tokenises a piece after a
+/// special token differently on its own: the cache must stay off for it.
+#[test]
+fn a_tokenizer_whose_pieces_differ_alone_keeps_the_cache_off() {
+    let tokenizer = r#"{
+      "version": "1.0", "truncation": null, "padding": null,
+      "added_tokens": [{"id": 0, "content": "<s>", "single_word": false, "lstrip": false,
+                        "rstrip": false, "normalized": false, "special": true}],
+      "normalizer": null,
+      "pre_tokenizer": {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first",
+                        "split": true},
+      "post_processor": null, "decoder": null,
+      "model": {"type": "WordLevel", "unk_token": "<unk>",
+                "vocab": {"<s>": 0, "<unk>": 1, "▁Hello,": 2, "Hello,": 3, "▁world!": 4}}
+    }"#;
+    let dir = model_dir("metaspace-first", &[("tokenizer.json", tokenizer)]);
+    let model = ModelTokenizer::from_dir(&dir).unwrap();
+    assert!(!model.reuses_pieces());
+}

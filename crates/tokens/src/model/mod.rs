@@ -27,7 +27,10 @@
 
 mod jinja;
 mod pyfmt;
+mod segments;
 mod vllm;
+
+pub use segments::SEGMENT_CACHE_TOKENS;
 
 pub use vllm::ContentFormat;
 
@@ -130,6 +133,9 @@ pub struct ModelTokenizer {
     templates: Templates,
     special_tokens: Vec<(String, String)>,
     dir: PathBuf,
+    /// Piece-wise tokenisation of rendered chats with a cache of pieces ([`segments`]), when
+    /// the tokenizer was found to tokenise pieces as it does the whole.
+    segments: Option<segments::Segmenter>,
 }
 
 impl std::fmt::Debug for ModelTokenizer {
@@ -302,12 +308,64 @@ impl ModelTokenizer {
 
         let mut env = jinja::environment();
         let templates = load_templates(&dir, &config_path, &config, &mut env)?;
-        Ok(ModelTokenizer {
+        let segmenter = segments::Segmenter::new(&tokenizer);
+        let mut model = ModelTokenizer {
             tokenizer,
             env,
             templates,
             special_tokens,
             dir,
+            segments: None,
+        };
+        model.segments = segmenter.filter(|s| model.pieces_tokenise_as_the_whole(s));
+        Ok(model)
+    }
+
+    /// Whether rendered chats are tokenised piece by piece with a cache of the pieces (the
+    /// probe at load found it exact for this tokenizer; see [`segments`]).
+    pub fn reuses_pieces(&self) -> bool {
+        self.segments.is_some()
+    }
+
+    /// Tokens held by the piece cache.
+    pub fn cached_piece_tokens(&self) -> usize {
+        self.segments.as_ref().map_or(0, |s| s.cached_tokens())
+    }
+
+    /// The load-time probe of [`segments`]: text around every special token cut at, and a
+    /// rendered probe conversation when the template renders one, tokenised both ways.
+    fn pieces_tokenise_as_the_whole(&self, seg: &segments::Segmenter) -> bool {
+        const FILLER: [&str; 8] = [
+            "Hello, world!",
+            "  two leading spaces",
+            "trailing space ",
+            "\n\nnew lines\n",
+            "ünïcödé 日本語 ✓ — done.",
+            "1234 5678.9",
+            "<not a token> <|",
+            "a",
+        ];
+        let mut synthetic = String::new();
+        for (i, t) in seg.token_texts(&self.tokenizer).iter().enumerate() {
+            synthetic.push_str(FILLER[i % FILLER.len()]);
+            synthetic.push_str(t);
+        }
+        synthetic.push_str(FILLER[0]);
+        let mut probes = vec![synthetic];
+        let conversation = ChatInput::new(vec![
+            serde_json::json!({"role": "system", "content": "You are a terse assistant.\n  Indented line."}),
+            serde_json::json!({"role": "user", "content": " leading space, then ünïcödé and 42 numbers "}),
+            serde_json::json!({"role": "assistant", "content": "Sure:\n\n- one\n- two"}),
+            serde_json::json!({"role": "user", "content": "And the rest?"}),
+        ]);
+        if let Ok(rendered) = self.render_chat(&conversation) {
+            probes.push(rendered);
+        }
+        probes.iter().all(|p| {
+            matches!(
+                (seg.encode(p, |s| self.encode(s, false)), self.encode(p, false)),
+                (Ok(a), Ok(b)) if a == b
+            )
         })
     }
 
@@ -498,6 +556,15 @@ impl ModelTokenizer {
     /// Token ids vLLM computes for a chat request (rendered, then encoded without special
     /// tokens: the template writes them).
     pub fn encode_chat(&self, input: &ChatInput) -> Result<Vec<u32>, E> {
+        let text = self.render_chat(input)?;
+        match &self.segments {
+            Some(seg) => seg.encode(&text, |s| self.encode(s, false)),
+            None => self.encode(&text, false),
+        }
+    }
+
+    /// [`ModelTokenizer::encode_chat`] without the piece cache: the whole rendered text at once.
+    pub fn encode_chat_whole(&self, input: &ChatInput) -> Result<Vec<u32>, E> {
         let text = self.render_chat(input)?;
         self.encode(&text, false)
     }
