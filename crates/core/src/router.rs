@@ -867,7 +867,7 @@ impl Router {
         let fallbacks = Self::fallbacks(&cands, &total, pick.index, self.tuning.max_fallbacks);
         let predicted_ttft_us = match (chosen.cost, chosen.oracle) {
             (Some(c), _) => Some((c.queue_wait_us + c.prefill_us) as u64),
-            (None, Some(o)) => Some(plugins::oracle_ttft_us(&ctx, chosen, &o) as u64),
+            (None, Some(o)) => Some(plugins::oracle_prediction_us(&ctx, chosen, &o) as u64),
             _ => None,
         };
         // The described match is the booking's when the profile asked for it; otherwise the

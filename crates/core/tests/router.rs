@@ -1286,3 +1286,28 @@ fn estimate_reconciles_with_samples_through_the_router() {
     r.book(31, &q, &d);
     assert_eq!(est(&r).waiting, 3);
 }
+
+/// The oracle's reported prediction is its bare TTFT on true state: the cliff penalty it
+/// routes with is no part of what a request is predicted to wait (review of issue 16).
+#[test]
+fn the_oracles_prediction_leaves_out_the_cliff_penalty() {
+    struct Full;
+    impl OracleView for Full {
+        fn true_load(&self, _: EndpointId, _: &RoutingRequest) -> TrueLoad {
+            TrueLoad {
+                queued_prefill_tokens: 0,
+                running: 0,
+                waiting: 0,
+                kv_usage: 0.99,
+                cached_prefix_tokens: 0,
+            }
+        }
+    }
+    let mut r = Router::new(RouterConfig::for_policy("oracle").unwrap()).unwrap();
+    r.add_endpoint(0, EndpointSpec::new("e000", "m"));
+    let q = req(1, (0..64).collect());
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    let d = r.pick(10, &q, &mut rng, Some(&Full)).unwrap();
+    let bare = HardwarePrior::H100_LLAMA31_8B.prefill_time_us(f64::from(q.prompt_tokens), 0.0);
+    assert_eq!(d.predicted_ttft_us, Some(bare as u64));
+}

@@ -53,7 +53,7 @@ pub use gie_default::{
 pub use kvgate::{KvgateCostScorer, SoftmaxPicker};
 pub use least_request::LeastRequestPicker;
 pub use llm_d::LlmdPicker;
-pub use oracle::{OracleScorer, oracle_routing_cost_us, oracle_ttft_us};
+pub use oracle::{OracleScorer, oracle_prediction_us, oracle_routing_cost_us, oracle_ttft_us};
 pub use power_of_two::PowerOfTwoPicker;
 pub use random::RandomPicker;
 pub use round_robin::RoundRobinPicker;

@@ -37,10 +37,7 @@ impl Scorer for OracleScorer {
 /// cached prefix, true KV use).
 pub fn oracle_ttft_us(ctx: &PickContext<'_>, c: &Candidate<'_>, t: &TrueLoad) -> f64 {
     let uncached = f64::from(ctx.req.prompt_tokens.saturating_sub(t.cached_prefix_tokens)).max(1.0);
-    let base = c.step.prefill_time_us(
-        t.queued_prefill_tokens as f64 + uncached,
-        f64::from(t.running),
-    );
+    let base = oracle_prediction_us(ctx, c, t);
     let cap = c.estimate.kv_capacity_blocks.max(1) as f64;
     let new_blocks = crate::cost::new_kv_blocks(
         uncached,
@@ -53,6 +50,17 @@ pub fn oracle_ttft_us(ctx: &PickContext<'_>, c: &Candidate<'_>, t: &TrueLoad) ->
     let over = ((kv_after - cliff) / (1.0 - cliff)).max(0.0);
     base * (1.0 + ctx.tuning.kv_cliff_steepness * over)
         + ctx.tuning.kv_cliff_preemption_cost_us as f64 * over
+}
+
+/// The bare TTFT the oracle predicts on true state: the queue and the request's own prefill,
+/// without the cliff's avoidance penalty (what a decision reports as its prediction, held
+/// against the measured TTFT, like kvgate's).
+pub fn oracle_prediction_us(ctx: &PickContext<'_>, c: &Candidate<'_>, t: &TrueLoad) -> f64 {
+    let uncached = f64::from(ctx.req.prompt_tokens.saturating_sub(t.cached_prefix_tokens)).max(1.0);
+    c.step.prefill_time_us(
+        t.queued_prefill_tokens as f64 + uncached,
+        f64::from(t.running),
+    )
 }
 
 /// The kvgate routing cost on true state: [`oracle_ttft_us`] plus the load-scaled charge for the
