@@ -864,7 +864,7 @@ fn bench_arms(args: &BenchArgs) -> Result<Vec<Arm>, BenchError> {
         .collect())
 }
 
-/// The fleet of `bench`: [`des_config`], and in a P/D comparison `P + D` engines with their
+/// The fleet of `bench`: the fleet flags' config, and in a P/D comparison `P + D` engines with their
 /// roles (prefill pods first), the link on every engine and the routers' transfer model set
 /// from the same flags.
 pub fn bench_config(args: &BenchArgs) -> Result<DesConfig, BenchError> {

@@ -28,6 +28,13 @@
 //! three speeds), and [`DesConfig::static_priors`] stops them learning. Each request records the
 //! TTFT its router predicted when booking it, so reports measure the prediction error.
 //!
+//! ## Prefill/decode fleets
+//! A run is an [`Arm`]: a routing policy on the engines aggregated, or a prefill/decode decider
+//! on the same engines given the roles of [`DesConfig::roles`], so every comparison is on the
+//! same GPUs. A split request's two legs run as vLLM's NixlConnector runs them (see
+//! [`run_arm`]); the engines do the bookkeeping of held and loaded blocks, the runner moves the
+//! KV over a timed link and tells both sides when it has arrived.
+//!
 //! Everything is driven by one event queue ordered by (time, insertion order), so a seed gives
 //! the same report bit for bit. Prompt tokens and block hashes are computed when a request
 //! arrives and dropped when it finishes, so memory follows the requests in flight, not the
