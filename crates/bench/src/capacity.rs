@@ -480,6 +480,10 @@ impl CapacityReport {
                         format!("{:.2}", f.transfer_ms.mean),
                         format!("{:.1}%", f.prefill_pod_share * 100.0),
                     ),
+                    // A P/D arm with no figures met the SLO at no rate.
+                    None if p.policy.starts_with("pd-") => {
+                        ("-".into(), "-".into(), "-".into(), "-".into())
+                    }
                     None => (
                         format!("0:{}", self.engines),
                         "-".into(),
