@@ -87,7 +87,8 @@ impl PdDecider {
 pub struct PdTuning {
     /// Which decider runs. `cost`.
     pub decider: PdDecider,
-    /// [`PdDecider::Threshold`]'s limit of uncached prompt tokens on the decode pod. 10, as in
+    /// [`PdDecider::Threshold`]'s limit of uncached prompt tokens on the decode pod: split at
+    /// this many or more, never with 0 (llm-d's `pd-profile-handler` `threshold`). 10, as in
     /// llm-d's published P/D configurations.
     pub threshold_tokens: u32,
     /// KV cache bytes per token moved by a transfer. 131,072: Llama-3.1-8B in bf16 (32 layers ×
@@ -136,6 +137,9 @@ impl PdTuning {
 pub enum PdReason {
     /// No prefill pod was eligible: served whole on the decode pod.
     NoPrefillEndpoint,
+    /// Only penalised or draining prefill pods were left, or the prefill pool was saturated
+    /// for a sheddable request: served whole on the decode pod.
+    PrefillUnavailable,
     /// The decider is [`PdDecider::Aggregated`].
     NeverSplit,
     /// The prefill profile chose the decode pod itself (an aggregated pod serves both legs).
@@ -159,6 +163,7 @@ impl PdReason {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::NoPrefillEndpoint => "no_prefill_endpoint",
+            Self::PrefillUnavailable => "prefill_unavailable",
             Self::NeverSplit => "never_split",
             Self::SamePod => "same_pod",
             Self::AlwaysSplit => "always_split",
@@ -210,11 +215,17 @@ impl PdDecision {
 
 impl RoutingRequest {
     /// The same request as the leg `phase` under request id `id` (each leg is booked under its
-    /// own id).
+    /// own id). A prefill leg generates one token, so it books (and is priced with) the KV of
+    /// its prompt and that token only.
     pub fn leg(&self, phase: Phase, id: u64) -> Self {
         Self {
             id,
             phase,
+            max_tokens: if phase == Phase::Prefill {
+                Some(1)
+            } else {
+                self.max_tokens
+            },
             ..self.clone()
         }
     }
@@ -264,8 +275,14 @@ impl Router {
             Err(RouteError::NoEndpoints { .. } | RouteError::UnknownModel { .. }) => {
                 return Ok(whole(PdReason::NoPrefillEndpoint));
             }
+            // A saturated prefill pool sheds nothing the decode pod can serve whole.
+            Err(RouteError::Shed { .. }) => return Ok(whole(PdReason::PrefillUnavailable)),
             Err(e) => return Err(e),
         };
+        // Only last resorts left (penalised, draining): every split would wait out a failure.
+        if !self.is_available(prefill.primary, now_us) {
+            return Ok(whole(PdReason::PrefillUnavailable));
+        }
         if prefill.primary == decode.primary {
             // An aggregated pod chosen for both legs: a transfer to itself gains nothing.
             return Ok(whole(PdReason::SamePod));
@@ -280,7 +297,11 @@ impl Router {
         let (is_split, reason) = match pd.decider {
             PdDecider::Aggregated => unreachable!("returned above"),
             PdDecider::Always => (true, PdReason::AlwaysSplit),
-            PdDecider::Threshold if d.uncached_tokens > f64::from(pd.threshold_tokens) => {
+            // llm-d: no split below the threshold, and none at all with a threshold of 0.
+            PdDecider::Threshold
+                if pd.threshold_tokens > 0
+                    && d.uncached_tokens >= f64::from(pd.threshold_tokens) =>
+            {
                 (true, PdReason::AboveThreshold)
             }
             PdDecider::Threshold => (false, PdReason::BelowThreshold),

@@ -804,6 +804,12 @@ impl Router {
         e.penalised_until_us > now_us || e.scrape_failures >= self.tuning.scrape_failure_limit
     }
 
+    /// Whether `id` is ready and not penalised at `now_us`: not a last resort.
+    pub fn is_available(&self, id: EndpointId, now_us: u64) -> bool {
+        self.entry(id)
+            .is_some_and(|e| e.state == EndpointState::Ready && !self.penalised(e, now_us))
+    }
+
     /// Chooses an endpoint for `req`. No side effects: call [`Router::book`] with the decision
     /// once the request is actually sent; the decision carries what booking needs
     /// ([`BookingPlan`]).
@@ -1516,6 +1522,17 @@ impl Router {
         }
         self.release(id, req_id, now_us);
         report
+    }
+
+    /// `req_id` is no longer the router's to account for, for no fault of its endpoint and with
+    /// nothing learnt (a prefill leg run where the data plane cannot watch it, or one dropped
+    /// because the request cannot be split): its booking is released, the endpoint's failure
+    /// record and cost model untouched.
+    pub fn forget(&mut self, req_id: u64, now_us: u64) {
+        self.tick(now_us);
+        if let Some(b) = self.bookings.remove(&req_id) {
+            self.release(b.ep, req_id, now_us);
+        }
     }
 
     /// `req_id` failed: releases its booking and penalises the endpoint (exponential backoff,

@@ -248,3 +248,44 @@ fn a_split_decode_leg_teaches_the_decode_pod_nothing_and_the_prefill_leg_teaches
     assert_eq!(observations(p), 1);
     assert_eq!(observations(d), 0);
 }
+
+#[test]
+fn a_penalised_prefill_pod_leaves_requests_whole() {
+    let mut f = fleet(PdDecider::Always, 1, 1);
+    let p = f.prefill[0];
+    // A prefill leg on it failed to connect: it is penalised for a while.
+    let req = request(1, &chain(50, 1));
+    let leg = req.leg(Phase::Prefill, 9);
+    let d = f
+        .router
+        .decision_for(10, &leg, p, kvgate_core::DecisionReason::LeastCost)
+        .unwrap();
+    f.router.book(10, &leg, &d);
+    f.router
+        .on_failure(9, 11, kvgate_core::FailureKind::Connect);
+    let dec = f.decide(&request(2, &chain(50, 2)));
+    assert_eq!(dec.reason, PdReason::PrefillUnavailable, "{dec:?}");
+    assert!(!dec.is_split());
+}
+
+#[test]
+fn a_threshold_of_zero_never_splits_and_the_prefill_leg_books_one_output_token() {
+    let mut cfg = RouterConfig::for_policy("kvgate").unwrap();
+    cfg.tuning.pd.decider = PdDecider::Threshold;
+    cfg.tuning.pd.threshold_tokens = 0;
+    let mut router = Router::new(cfg).unwrap();
+    for (i, role) in [Role::Prefill, Role::Decode].into_iter().enumerate() {
+        let mut spec = EndpointSpec::new(format!("10.0.0.{i}:8000"), "m");
+        spec.role = role;
+        router.add_endpoint(0, spec);
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let dec = router
+        .pick_pd(20, &request(1, &chain(200, 1)), &mut rng, None)
+        .unwrap();
+    assert_eq!(dec.reason, PdReason::BelowThreshold);
+    assert_eq!(
+        request(1, &chain(2, 1)).leg(Phase::Prefill, 2).max_tokens,
+        Some(1)
+    );
+}
