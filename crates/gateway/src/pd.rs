@@ -53,10 +53,38 @@ use tokio::time::Instant;
 
 use crate::proxy::{App, AttemptError, first_byte, forward, relay_plain, respond, send_to};
 
+/// Whether a mixed-protocol pairing was logged already (once per process: it is a
+/// configuration error, not a per-request event).
+static MIXED_PROTOCOLS_WARNED: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// Whether a request can be split: one prompt and one completion. vLLM's completion answer
+/// carries the transfer parameters of its first prompt only, and `n` completions of one
+/// prompt would each read blocks the prefill pod frees after the first read (SGLang's gateway
+/// refuses the same); such requests are served whole.
+fn splittable(body: &[u8]) -> bool {
+    let Ok(v) = serde_json::from_slice::<Value>(body) else {
+        return false;
+    };
+    let n_is_one = ["n", "best_of"].iter().all(|k| {
+        v.get(*k)
+            .is_none_or(|n| n.is_null() || n.as_u64() == Some(1))
+    });
+    let one_prompt = match v.get("prompt") {
+        Some(Value::Array(items)) => {
+            !matches!(items.first(), Some(Value::String(_) | Value::Array(_)))
+        }
+        _ => true,
+    };
+    n_is_one && one_prompt
+}
+
 /// What a prefill leg came to.
 enum Prefilled {
-    /// The prefill pod answered; for vllm-nixl, with these transfer parameters.
-    Ready(Option<Value>),
+    /// The prefill pod answered: for vllm-nixl, with these transfer parameters, or why there
+    /// are none (`no_transfer_params`, `prefill_stopped` when its one token ended the
+    /// generation, `prefill_answer_too_large`).
+    Ready(Result<Value, &'static str>),
     /// No prefill pod could do it (the cause, as in `retries{cause}`): serve whole.
     Failed(&'static str),
     /// The prefill pod rejected the request itself (4xx): the client gets that answer.
@@ -81,10 +109,30 @@ pub(crate) async fn serve(
         count_decision(app, "aggregated", reason.as_str());
         return forward(app, api, headers, upstream_body, parsed, decode, inject).await;
     };
-    let protocol = app
-        .control
-        .pd_protocol_of(decode.endpoint())
-        .map_or(PdProtocol::default(), |(p, _)| p);
+    let protocol_of = |b: &Booking| {
+        app.control
+            .pd_protocol_of(b.endpoint())
+            .map_or(PdProtocol::default(), |(p, _)| p)
+    };
+    let protocol = protocol_of(&decode);
+    let whole_reason = if !splittable(&upstream_body) {
+        Some("not_splittable")
+    } else if protocol_of(&prefill) != protocol {
+        if !MIXED_PROTOCOLS_WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            tracing::warn!(prefill = %prefill.address(), decode = %decode.address(), "a prefill pod and a decode pod of different pd_protocol were paired; such requests are served whole (configure one protocol per model)");
+        }
+        Some("protocol_mismatch")
+    } else {
+        None
+    };
+    if let Some(why) = whole_reason {
+        let mut decode = decode;
+        prefill.release();
+        decode.serve_whole();
+        count_decision(app, "aggregated", why);
+        return forward(app, api, headers, upstream_body, parsed, decode, inject).await;
+    }
+    count_decision(app, "disaggregated", reason.as_str());
     let mut run = Split {
         app,
         api,
@@ -93,7 +141,6 @@ pub(crate) async fn serve(
         parsed,
         inject,
         protocol,
-        reason,
     };
     run.serve(decode, prefill).await
 }
@@ -106,7 +153,6 @@ struct Split<'a> {
     parsed: &'a ParsedRequest,
     inject: bool,
     protocol: PdProtocol,
-    reason: PdReason,
 }
 
 impl Split<'_> {
@@ -128,8 +174,24 @@ impl Split<'_> {
             };
             let result = match sent {
                 Leg::Whole(cause) => return self.whole(decode, cause).await,
+                Leg::RetryPrefill(cause) => {
+                    if attempt < self.app.max_attempts {
+                        self.count_transfer(cause);
+                        self.app
+                            .metrics
+                            .pd
+                            .prefill_retries
+                            .get_or_create(&RetryLabels { cause })
+                            .inc();
+                        attempt += 1;
+                        continue;
+                    }
+                    return self.whole(decode, cause).await;
+                }
                 Leg::Rejected(resp, address) => {
-                    decode.fail("prefill_rejected", FailureKind::Cancelled);
+                    // The client gets the prefill pod's verdict; the decode pod did nothing wrong.
+                    decode.set_status(resp.status().as_u16());
+                    decode.release();
                     return Ok(relay_plain(resp, &address));
                 }
                 Leg::Decode(sent) => sent,
@@ -142,24 +204,34 @@ impl Split<'_> {
                         let m = &self.app.metrics.pd;
                         m.transfer_seconds.observe(handoff.elapsed().as_secs_f64());
                         self.count_transfer("ok");
-                        if attempt == 1 {
-                            count_decision(self.app, "disaggregated", self.reason.as_str());
-                        } else {
-                            count_decision(self.app, "disaggregated", "decode_retried");
-                        }
                         decode.set_status(resp.status().as_u16());
                         return Ok(respond(resp, first, decode, self.parsed, self.inject));
                     }
                     Some(failure) => (failure, Some(resp)),
                 },
-                Err(AttemptError::Connect) => (("connect", FailureKind::Connect), None),
-                Err(AttemptError::Timeout) => (("timeout", FailureKind::Timeout), None),
-                Err(AttemptError::FirstByte) => {
+                Err(DecodeError::Attempt(AttemptError::Connect)) => {
+                    (("connect", FailureKind::Connect), None)
+                }
+                Err(DecodeError::Attempt(AttemptError::Timeout)) => {
+                    (("timeout", FailureKind::Timeout), None)
+                }
+                Err(DecodeError::Attempt(AttemptError::FirstByte)) => {
                     (("first_byte_timeout", FailureKind::Timeout), None)
                 }
+                Err(DecodeError::ErrorEvent) => {
+                    // The decode pod answered: its KV load failed (the prefill pod died, the
+                    // link broke, the blocks expired). A fresh prefill for the same decode pod,
+                    // while attempts last; then the decode pod computes the prompt itself.
+                    if attempt < self.app.max_attempts {
+                        self.count_transfer("transfer_failed");
+                        attempt += 1;
+                        continue;
+                    }
+                    return self.whole(decode, "transfer_failed").await;
+                }
             };
-            self.count_transfer("decode");
             if attempt < self.app.max_attempts && decode.retry(cause, kind) {
+                self.count_transfer("decode_failed");
                 self.app
                     .metrics
                     .retries
@@ -169,6 +241,15 @@ impl Split<'_> {
                 attempt += 1;
                 continue;
             }
+            if refused
+                .as_ref()
+                .is_some_and(|r| r.status().is_server_error())
+            {
+                // No other decode pod: a 5xx after a split may be the KV load it failed (vLLM
+                // answers a failed load with 500). Last resort: the pod computes the prompt.
+                return self.whole(decode, "decode_failed").await;
+            }
+            self.count_transfer("decode_failed");
             if let Some(resp) = &refused {
                 decode.set_status(resp.status().as_u16());
             }
@@ -186,8 +267,9 @@ impl Split<'_> {
     /// The prefill leg failed everywhere: the decode pod serves the request whole.
     async fn whole(&self, mut decode: Booking, cause: &'static str) -> Result<Response, ApiError> {
         self.count_transfer(cause);
-        count_decision(self.app, "aggregated", "prefill_failed");
-        tracing::warn!(decode = %decode.address(), cause, "prefill leg failed; serving the request whole on its decode pod");
+        if cause != "prefill_stopped" {
+            tracing::warn!(decode = %decode.address(), cause, "prefill leg failed; serving the request whole on its decode pod");
+        }
         decode.serve_whole();
         forward(
             self.app,
@@ -229,8 +311,8 @@ impl Split<'_> {
             None => return Leg::Whole("prefill"),
         };
         let params = match run_prefill(self.app, self.api, self.headers, body, prefill).await {
-            Prefilled::Ready(Some(params)) => params,
-            Prefilled::Ready(None) => return Leg::Whole("no_transfer_params"),
+            Prefilled::Ready(Ok(params)) => params,
+            Prefilled::Ready(Err(why)) => return Leg::Whole(why),
             Prefilled::Failed(cause) => return Leg::Whole(cause),
             Prefilled::Rejected(resp, address) => return Leg::Rejected(resp, address),
         };
@@ -267,8 +349,17 @@ impl Split<'_> {
         let (Some(prefill_body), Some(decode_body)) = (
             rewrite(&self.upstream_body, |o| {
                 bootstrap(o);
+                // Its answer is read for usage only: not streamed, nothing echoed.
                 o.insert("stream".into(), Value::Bool(false));
-                o.remove("stream_options");
+                for k in [
+                    "stream_options",
+                    "echo",
+                    "logprobs",
+                    "top_logprobs",
+                    "prompt_logprobs",
+                ] {
+                    o.remove(k);
+                }
             }),
             rewrite(&self.upstream_body, bootstrap),
         ) else {
@@ -286,8 +377,11 @@ impl Split<'_> {
         tokio::pin!(decode_leg);
         tokio::select! {
             result = &mut decode_leg => {
-                // The decode pod answered (or failed): the prefill leg finishes on its own.
-                guard.detach();
+                // The decode pod produced its first token: the prefill leg finishes on its own.
+                // If it failed, the prefill leg's room has no reader: it is aborted (guard).
+                if result.is_ok() {
+                    guard.detach();
+                }
                 Leg::Decode((result, handoff))
             }
             prefilled = &mut task => {
@@ -295,39 +389,79 @@ impl Split<'_> {
                 match prefilled {
                     Ok(Prefilled::Ready(_)) => Leg::Decode((decode_leg.await, handoff)),
                     Ok(Prefilled::Rejected(resp, address)) => Leg::Rejected(resp, address),
-                    Ok(Prefilled::Failed(cause)) => Leg::Whole(cause),
-                    Err(_) => Leg::Whole("prefill"),
+                    // The decode leg waiting on this room is dropped; a new pair gets a new room.
+                    Ok(Prefilled::Failed(cause)) => Leg::RetryPrefill(cause),
+                    Err(_) => Leg::RetryPrefill("prefill"),
                 }
             }
         }
     }
 
-    /// Sends the decode leg to the booked decode pod, within the first-byte timeout.
-    async fn send_decode(
-        &self,
-        decode: &Booking,
-        body: Bytes,
-    ) -> Result<(hyper::Response<Incoming>, Option<hyper::body::Frame<Bytes>>), AttemptError> {
+    /// Sends the decode leg to the booked decode pod and waits for its first body frame
+    /// (within the first-byte timeout when one is set): engines send a stream's headers before
+    /// its first token, and a KV load that fails shows only in the body, as an error event
+    /// (vLLM's `kv_load_failure_policy: fail`), which is then a failure to retry, since nothing
+    /// has reached the client yet.
+    async fn send_decode(&self, decode: &Booking, body: Bytes) -> DecodeResult {
         let address = decode.address().clone();
-        let sent = send_to(
+        let sent = first_byte(send_to(
             self.app,
             &address,
             Method::POST,
             self.api.path(),
             self.headers,
             body,
-        );
-        match self.app.limits.first_byte_timeout_ms {
-            None => sent.await.map(|r| (r, None)),
-            Some(ms) => tokio::time::timeout(Duration::from_millis(ms), first_byte(sent))
+        ));
+        let (resp, first) = match self.app.limits.first_byte_timeout_ms {
+            None => sent.await,
+            Some(ms) => tokio::time::timeout(Duration::from_millis(ms), sent)
                 .await
                 .unwrap_or(Err(AttemptError::FirstByte)),
         }
+        .map_err(DecodeError::Attempt)?;
+        let failed = first
+            .as_ref()
+            .and_then(|f| f.data_ref())
+            .is_some_and(|d| is_error_frame(d));
+        if failed && resp.status().is_success() {
+            tracing::debug!(decode = %address, "the decode leg's first frame is an error event");
+            return Err(DecodeError::ErrorEvent);
+        }
+        Ok((resp, first))
     }
 }
 
 type DecodeResult =
-    Result<(hyper::Response<Incoming>, Option<hyper::body::Frame<Bytes>>), AttemptError>;
+    Result<(hyper::Response<Incoming>, Option<hyper::body::Frame<Bytes>>), DecodeError>;
+
+/// Why a decode leg produced no first token.
+enum DecodeError {
+    Attempt(AttemptError),
+    /// Its first body frame was an error event (a failed KV load).
+    ErrorEvent,
+}
+
+/// Whether a first body frame reports a failure instead of a token: an SSE error event
+/// (`data: {"error": …}`) or a choice finished with `error`, or a JSON body of either.
+fn is_error_frame(data: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(data);
+    let payloads: Vec<&str> = if text.trim_start().starts_with("data:") {
+        text.lines()
+            .filter_map(|l| l.strip_prefix("data:"))
+            .map(str::trim)
+            .collect()
+    } else {
+        vec![text.trim()]
+    };
+    payloads.iter().any(|p| {
+        serde_json::from_str::<Value>(p).is_ok_and(|v| {
+            v.get("error").is_some_and(|e| !e.is_null())
+                || v["choices"]
+                    .as_array()
+                    .is_some_and(|cs| cs.iter().any(|c| c["finish_reason"] == "error"))
+        })
+    })
+}
 
 /// What one try of the split plan came to.
 enum Leg {
@@ -335,6 +469,8 @@ enum Leg {
     Decode((DecodeResult, Instant)),
     /// The prefill could not be done (cause): serve whole.
     Whole(&'static str),
+    /// The prefill leg of a pair sent at once failed (cause): a new pair may be tried.
+    RetryPrefill(&'static str),
     /// The prefill pod rejected the request itself.
     Rejected(hyper::Response<Incoming>, Arc<str>),
 }
@@ -382,10 +518,26 @@ fn prefill_fields(o: &mut serde_json::Map<String, Value>) {
         }),
     );
     o.insert("stream".into(), Value::Bool(false));
-    o.remove("stream_options");
     o.insert("max_tokens".into(), json!(1));
     if o.contains_key("max_completion_tokens") {
         o.insert("max_completion_tokens".into(), json!(1));
+    }
+    if o.contains_key("n") {
+        o.insert("n".into(), json!(1));
+    }
+    // A minimum above one token is refused (400) with `max_tokens: 1`; echoed prompts and
+    // logprobs would make the answer as large as the prompt for nothing (vLLM's own proxy drops
+    // the minimums for the prefill leg too).
+    for k in [
+        "stream_options",
+        "min_tokens",
+        "min_completion_tokens",
+        "echo",
+        "logprobs",
+        "top_logprobs",
+        "prompt_logprobs",
+    ] {
+        o.remove(k);
     }
 }
 
@@ -484,18 +636,90 @@ async fn prefill_attempt(
     let read = Limited::new(resp.into_body(), USAGE_WINDOW_BYTES).collect();
     let bytes = match read.await {
         Ok(c) => c.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            // Not the pod's fault: it answered, at length.
+            booking.set_status(status.as_u16());
+            booking.release();
+            return Attempt::Done(Prefilled::Ready(Err("prefill_answer_too_large")));
+        }
         Err(_) => return Attempt::Failed("connect", FailureKind::Connect, Box::new(booking)),
     };
     let mut meter = ResponseMeter::new(false, api == ApiKind::Chat);
     meter.on_chunk(&bytes, Instant::now());
-    let params = serde_json::from_slice::<Value>(&bytes)
-        .ok()
-        .and_then(|mut v| v.get_mut("kv_transfer_params").map(Value::take))
-        .filter(Value::is_object);
+    let answer = serde_json::from_slice::<Value>(&bytes).unwrap_or(Value::Null);
+    let params = answer
+        .get("kv_transfer_params")
+        .filter(|p| p.is_object())
+        .cloned();
     booking.set_status(status.as_u16());
     booking.finish(&meter.finish());
-    if params.is_none() {
-        tracing::warn!(prefill = %address, "the prefill pod answered without kv_transfer_params; is it started with a KV connector (--kv-transfer-config)?");
-    }
+    let params = match params {
+        Some(p) => Ok(p),
+        // NixlConnector hands KV over only from a request cut at its length limit: a first
+        // token that ends the generation (EOS, a stop string) leaves nothing to transfer.
+        None if answer["choices"][0]["finish_reason"] == "stop" => Err("prefill_stopped"),
+        None => {
+            tracing::warn!(prefill = %address, "the prefill pod answered without kv_transfer_params; is it started with a KV connector (--kv-transfer-config)?");
+            Err("no_transfer_params")
+        }
+    };
     Attempt::Done(Prefilled::Ready(params))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_prefill_leg_asks_for_one_token_and_nothing_it_cannot_give() {
+        let body = br#"{"model":"m","messages":[],"stream":true,"stream_options":{"include_usage":true},
+            "max_tokens":64,"max_completion_tokens":64,"min_tokens":16,"min_completion_tokens":8,
+            "n":1,"logprobs":true,"top_logprobs":3,"echo":true,"prompt_logprobs":2,"temperature":0.5}"#;
+        let out: Value = serde_json::from_slice(&rewrite(body, prefill_fields).unwrap()).unwrap();
+        assert_eq!(out["max_tokens"], 1);
+        assert_eq!(out["max_completion_tokens"], 1);
+        assert_eq!(out["n"], 1);
+        assert_eq!(out["stream"], false);
+        assert_eq!(out["temperature"], 0.5);
+        assert_eq!(out["kv_transfer_params"]["do_remote_decode"], true);
+        for gone in [
+            "stream_options",
+            "min_tokens",
+            "min_completion_tokens",
+            "logprobs",
+            "top_logprobs",
+            "echo",
+            "prompt_logprobs",
+        ] {
+            assert!(out.get(gone).is_none(), "{gone} kept: {out}");
+        }
+    }
+
+    #[test]
+    fn several_completions_or_prompts_are_not_split() {
+        assert!(splittable(br#"{"model":"m","messages":[]}"#));
+        assert!(splittable(br#"{"model":"m","prompt":"x","n":1}"#));
+        assert!(splittable(br#"{"model":"m","prompt":[1,2,3]}"#));
+        assert!(!splittable(br#"{"model":"m","messages":[],"n":2}"#));
+        assert!(!splittable(br#"{"model":"m","prompt":"x","best_of":3}"#));
+        assert!(!splittable(br#"{"model":"m","prompt":["a","b"]}"#));
+        assert!(!splittable(br#"{"model":"m","prompt":[[1,2],[3]]}"#));
+    }
+
+    #[test]
+    fn an_error_event_or_an_error_finish_is_recognised_in_a_first_frame() {
+        assert!(is_error_frame(
+            b"data: {\"error\":{\"message\":\"KV load failed\",\"code\":500}}\n\n"
+        ));
+        assert!(is_error_frame(
+            b"data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"error\"}]}\n\n"
+        ));
+        assert!(is_error_frame(br#"{"error":{"message":"x"}}"#));
+        assert!(!is_error_frame(
+            b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hi\"},\"finish_reason\":null}]}\n\n"
+        ));
+        assert!(!is_error_frame(
+            br#"{"choices":[{"message":{"content":"ok"}}],"error":null}"#
+        ));
+    }
 }

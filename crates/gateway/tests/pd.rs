@@ -279,7 +279,7 @@ async fn a_dead_prefill_pod_leaves_the_request_whole_on_its_decode_pod() {
     assert_eq!(events(&body).last().map(String::as_str), Some("[DONE]"));
     let gm = gw.control.metrics.encode();
     for line in [
-        "kvgate_gateway_pd_decisions_total{phase=\"aggregated\",reason=\"prefill_failed\"} 1",
+        "kvgate_gateway_pd_decisions_total{phase=\"disaggregated\",reason=\"always_split\"} 1",
         "kvgate_gateway_pd_transfers_total{protocol=\"vllm-nixl\",outcome=\"connect\"} 1",
     ] {
         assert!(gm.contains(line), "{line} missing from\n{gm}");
@@ -354,7 +354,7 @@ async fn a_decode_pod_failing_before_its_first_byte_is_retried_elsewhere_with_a_
     let gm = gw.control.metrics.encode();
     let failed = metric_sum(
         &gm,
-        "kvgate_gateway_pd_transfers_total{protocol=\"vllm-nixl\",outcome=\"decode\"}",
+        "kvgate_gateway_pd_transfers_total{protocol=\"vllm-nixl\",outcome=\"decode_failed\"}",
     );
     assert!(
         failed >= 1.0,
@@ -410,4 +410,57 @@ async fn a_client_that_leaves_cancels_both_legs() {
             "{protocol:?}: {gm}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_transfer_is_retried_and_then_served_whole_before_the_client_sees_a_byte() {
+    // Every KV read from the prefill pod fails: vLLM's decode pod answers 200 and then an error
+    // event (kv_load_failure_policy: fail). The gateway must not pass that on.
+    let role = roles(1);
+    let f = fleet_with(2, 20.0, move |i, e| {
+        e.role = role(i);
+        if i == 0 {
+            e.faults.transfer_failure_rate = 1.0;
+        }
+    })
+    .await;
+    let gw = gateway(&f, 1, PdProtocol::VllmNixl, PdDecider::Always).await;
+    let url = format!("http://{}/v1/chat/completions", gw.api_addr);
+    for stream in [true, false] {
+        let r = client()
+            .post(&url)
+            .json(&chat(200, 50 + usize::from(stream), 4, stream))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let body = r.text().await.unwrap();
+        assert!(!body.contains("\"error\""), "{body}");
+        if stream {
+            assert_eq!(events(&body).last().map(String::as_str), Some("[DONE]"));
+        } else {
+            let v: Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(v["usage"]["completion_tokens"], 4, "{v}");
+        }
+    }
+    let gm = gw.control.metrics.encode();
+    // Each request: failed loads (an error event on a stream, a 500 otherwise) and fresh
+    // prefills until the attempts run out, then the decode pod computes the prompt itself.
+    let failed = metric_sum(
+        &gm,
+        "kvgate_gateway_pd_transfers_total{protocol=\"vllm-nixl\",outcome=\"transfer_failed\"}",
+    ) + metric_sum(
+        &gm,
+        "kvgate_gateway_pd_transfers_total{protocol=\"vllm-nixl\",outcome=\"decode_failed\"}",
+    );
+    assert!(failed >= 2.0, "{gm}");
+    assert_eq!(
+        metric_sum(
+            &gm,
+            "kvgate_gateway_pd_transfers_total{protocol=\"vllm-nixl\",outcome=\"ok\"}"
+        ),
+        0.0
+    );
+    let dm = metrics_of(f.engines[1].http_addr).await;
+    assert!(metric_sum(&dm, "vllm:prompt_tokens_total") > 400.0, "{dm}");
 }

@@ -190,11 +190,14 @@ impl Booking {
         }
         let measured = now.duration_since(self.started).as_secs_f64();
         let labels = self.endpoint_labels();
-        self.control
-            .metrics
-            .ttft_seconds
-            .get_or_create(&labels)
-            .observe(measured);
+        // A prefill leg's answer is not a first token the client saw.
+        if self.req.phase != Phase::Prefill {
+            self.control
+                .metrics
+                .ttft_seconds
+                .get_or_create(&labels)
+                .observe(measured);
+        }
         // The prediction is the primary's; a request moved elsewhere was not predicted there.
         if self.target.id == self.decision.primary
             && let Some(predicted_us) = self.decision.predicted_ttft_us
@@ -213,7 +216,20 @@ impl Booking {
     /// The response ended normally: records what was measured and reports the outcome.
     pub fn finish(mut self, measured: &Measured) {
         self.ended = true;
-        measured.observe(&self.control.metrics, &self.endpoint_labels());
+        let labels = self.endpoint_labels();
+        if self.req.phase == Phase::Decode {
+            // A split request's prompt was counted by its prefill leg; the decode pod's cached
+            // tokens are the transferred prompt, not cache hits.
+            if let Some(t) = measured.tpot_seconds {
+                self.control
+                    .metrics
+                    .tpot_seconds
+                    .get_or_create(&labels)
+                    .observe(t);
+            }
+        } else {
+            measured.observe(&self.control.metrics, &labels);
+        }
         self.control.on_finish(self.req.id, &measured.outcome);
         self.end_recording(Ending::Finished(measured));
     }
@@ -288,8 +304,8 @@ impl Booking {
     /// teaching it anything, and without counting a cancellation.
     pub fn release(mut self) {
         self.ended = true;
-        self.control
-            .on_finish(self.req.id, &kvgate_core::request::Outcome::default());
+        self.control.forget(self.req.id);
+        self.end_recording(Ending::Cancelled);
     }
 
     /// Moves the request to the next of the decision's fallbacks it has not tried yet (see
@@ -322,7 +338,10 @@ impl Booking {
 impl Drop for Booking {
     fn drop(&mut self) {
         if !self.ended {
-            self.control.metrics.client_cancellations.inc();
+            // A split request's two legs end together: one cancellation, counted by its decode leg.
+            if self.req.phase != Phase::Prefill {
+                self.control.metrics.client_cancellations.inc();
+            }
             self.control.on_failure(self.req.id, FailureKind::Cancelled);
             self.end_recording(Ending::Cancelled);
         }

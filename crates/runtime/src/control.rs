@@ -1451,6 +1451,13 @@ impl Control {
     }
 
     /// Reports a failed attempt (the core penalises the endpoint by `kind`).
+    /// Releases request `req_id` with nothing learnt and no fault found (see
+    /// [`Router::forget`]).
+    pub(crate) fn forget(&self, req_id: u64) {
+        let now = self.now_us();
+        self.lock().router.forget(req_id, now);
+    }
+
     pub(crate) fn on_failure(&self, req_id: u64, kind: FailureKind) {
         let now = self.now_us();
         self.lock().router.on_failure(req_id, now, kind);
