@@ -360,9 +360,12 @@ pub struct StreamState {
     api: Option<ApiKind>,
     body: Vec<u8>,
     booking: Option<Booking>,
-    /// The prefill leg of a disaggregated request, run by the decode pod's sidecar: released
-    /// when the decode pod answers (the picker never sees the prefill pod's answer).
-    prefill_leg: Option<Booking>,
+    /// The prefill leg of a disaggregated request, run by the decode pod's sidecar (the picker
+    /// never sees the prefill pod's answer): released, with nothing learnt and no fault found,
+    /// when the decode pod's response starts or at twice its predicted TTFT, whichever comes
+    /// first; a non-streaming response starts only when the whole generation is done, and the
+    /// prefill pod would carry a phantom queue until then.
+    prefill_leg: Option<PrefillLeg>,
     /// `(client's model, model sent upstream)` when the model was rewritten.
     rewrite: Option<(String, String)>,
     meter: Option<ResponseMeter>,
@@ -537,6 +540,39 @@ fn replace_all(hay: &[u8], old: &[u8], new: &[u8]) -> Vec<u8> {
     out
 }
 
+/// A prefill leg the picker books but cannot watch (see `StreamState::prefill_leg`).
+struct PrefillLeg(Arc<std::sync::Mutex<Option<Booking>>>);
+
+impl PrefillLeg {
+    /// Holds `leg` until released, or until twice its predicted TTFT (at least 100 ms, at most
+    /// a minute) has passed.
+    fn start(leg: Booking) -> Self {
+        let deadline_us = leg
+            .decision()
+            .predicted_ttft_us
+            .unwrap_or(1_000_000)
+            .saturating_mul(2)
+            .clamp(100_000, 60_000_000);
+        let slot = Arc::new(std::sync::Mutex::new(Some(leg)));
+        let timer = slot.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_micros(deadline_us)).await;
+            let leg = timer.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if let Some(leg) = leg {
+                leg.release();
+            }
+        });
+        Self(slot)
+    }
+
+    fn release(self) {
+        let leg = self.0.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(leg) = leg {
+            leg.release();
+        }
+    }
+}
+
 impl StreamState {
     fn new(shared: Arc<Shared>) -> Self {
         Self {
@@ -573,6 +609,9 @@ impl StreamState {
     /// released without a penalty and the stream goes on (see
     /// [`Picker::with_response_timeout_ms`]).
     pub fn response_overdue(&mut self) {
+        if let Some(p) = self.prefill_leg.take() {
+            p.release();
+        }
         if let Some(b) = self.booking.take() {
             tracing::warn!(
                 endpoint = %b.address(),
@@ -934,7 +973,7 @@ impl StreamState {
         }
         tracing::debug!(request_id = ?self.info.request_id, endpoint = %destination, reason = booking.decision().reason.as_str(), "routed");
         self.booking = Some(booking);
-        self.prefill_leg = prefill_leg;
+        self.prefill_leg = prefill_leg.map(PrefillLeg::start);
         self.phase = Phase::Routed;
         self.routed_at = Some(Instant::now());
         let mut responses =

@@ -149,8 +149,8 @@ pub struct PodView {
     pub ready: bool,
     /// Has a `deletionTimestamp`.
     pub terminating: bool,
-    /// Its role in a disaggregated pool, from llm-d's `llm-d.ai/role` label (`prefill`,
-    /// `decode`; anything else or none: both).
+    /// Its role in a disaggregated pool, from llm-d's `llm-d.ai/role` label: `prefill`, or
+    /// decode for `decode`, `both` and no label (llm-d's prefill and decode filters).
     pub role: Role,
 }
 
@@ -169,6 +169,8 @@ impl PodView {
                 .and_then(|s| s.conditions.as_ref())
                 .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True")),
             terminating: pod.metadata.deletion_timestamp.is_some(),
+            // llm-d's filters: only `prefill` pods prefill; `decode`, `both` and unlabelled pods
+            // decode (and serve whole requests), so a decode pod is never named as a prefiller.
             role: match pod
                 .metadata
                 .labels
@@ -177,8 +179,7 @@ impl PodView {
                 .map(String::as_str)
             {
                 Some("prefill") => Role::Prefill,
-                Some("decode") => Role::Decode,
-                _ => Role::Both,
+                _ => Role::Decode,
             },
         }
     }

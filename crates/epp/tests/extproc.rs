@@ -652,6 +652,14 @@ async fn a_disaggregated_pool_routes_to_the_decode_pod_and_names_the_prefill_pod
                 "a client-sent prefiller header must not reach the sidecar: {removed:?}"
             );
         }
+        // The prefill leg the sidecar runs is released by itself (no response has come): the
+        // prefill pod carries no phantom queue.
+        let control = epp.control.clone();
+        eventually("only the decode leg booked", Duration::from_secs(5), || {
+            let c = control.clone();
+            async move { c.in_flight() == 1 }
+        })
+        .await;
         let text = epp.metrics.encode();
         let (phase, reason) = if split {
             ("disaggregated", "always_split")

@@ -1375,7 +1375,11 @@ impl Control {
         let now = self.now_us();
         let mut st = self.lock();
         // The fallback's own matches and booking plan, priced by the core (not the primary's).
-        let d = st.router.decision_for(now, req, endpoint, prior.reason)?;
+        let mut d = st.router.decision_for(now, req, endpoint, prior.reason)?;
+        if req.phase == kvgate_core::Phase::Decode {
+            // A split request's decode leg computes its last prompt token only.
+            d.booking.uncached_tokens = 1f64.min(f64::from(req.prompt_tokens));
+        }
         st.router.book(now, req, &d);
         Some(target)
     }
