@@ -775,15 +775,7 @@ fn is_usage_event(event: &[u8]) -> bool {
     else {
         return false;
     };
-    if !json.windows(7).any(|w| w == b"\"usage\"") {
-        return false;
-    }
-    serde_json::from_slice::<Value>(json.trim_ascii()).is_ok_and(|v| {
-        v.get("choices")
-            .and_then(Value::as_array)
-            .is_some_and(Vec::is_empty)
-            && v.get("usage").is_some_and(Value::is_object)
-    })
+    mentions_usage(json) && kvgate_runtime::openai::is_usage_chunk(json.trim_ascii())
 }
 
 impl UsageStripper {

@@ -67,9 +67,9 @@ pub struct ResponseMeter {
 }
 
 /// Offset of the first `byte` in `hay`. The relay scans every streamed frame for line ends, so
-/// this goes through std's `memchr` (the C library's vectorised one on Linux), which the
-/// standard library exposes only through `BufRead` on a byte slice: a byte-at-a-time loop was
-/// most of the gateway's CPU per relayed frame.
+/// this goes through the standard library's word-at-a-time `memchr`, which it exposes only
+/// through `BufRead` on a byte slice: a byte-at-a-time loop was most of the gateway's own CPU
+/// per relayed frame.
 pub fn find_byte(hay: &[u8], byte: u8) -> Option<usize> {
     use std::io::BufRead;
     let mut rest = hay;

@@ -509,8 +509,8 @@ pub struct Usage {
 
 /// Reads `usage` from a JSON object (a full response or one stream chunk); `None` if it has none.
 pub fn usage_of(json: &[u8]) -> Option<Usage> {
-    let usage = serde_json::from_slice::<UsageField>(json).ok()?.0?;
-    let u = usage.as_object()?;
+    let [usage] = members(json, ["usage"])?;
+    let u = usage.as_ref()?.as_object()?;
     let num = |v: Option<&Value>| {
         v.and_then(Value::as_u64)
             .and_then(|n| u32::try_from(n).ok())
@@ -529,55 +529,78 @@ pub fn usage_of(json: &[u8]) -> Option<Usage> {
     })
 }
 
-/// The `usage` member of a JSON object, every other member skipped unbuilt: a non-streaming
-/// response's `choices` (content, logprobs) parsed into a [`Value`] only to be dropped cost a
-/// quarter of the gateway's CPU for a small request. Same answer as parsing the whole object
-/// into a `Value` and taking `usage` (the last one, if repeated); not an object is an error.
-struct UsageField(Option<Value>);
+/// Whether `json` is a stream's usage chunk: an object with `choices: []` and a `usage` object
+/// (what vLLM sends last when `stream_options.include_usage` is set).
+pub fn is_usage_chunk(json: &[u8]) -> bool {
+    let Some([choices, usage]) = members(json, ["choices", "usage"]) else {
+        return false;
+    };
+    choices
+        .as_ref()
+        .and_then(Value::as_array)
+        .is_some_and(Vec::is_empty)
+        && usage.as_ref().is_some_and(Value::is_object)
+}
 
-impl<'de> serde::Deserialize<'de> for UsageField {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Members;
-        impl<'de> serde::de::Visitor<'de> for Members {
-            type Value = UsageField;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a JSON object")
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(
-                self,
-                mut map: A,
-            ) -> Result<UsageField, A::Error> {
-                let mut usage = None;
-                while let Some(key) = map.next_key::<IsUsage>()? {
-                    if key.0 {
-                        usage = Some(map.next_value::<Value>()?);
-                    } else {
-                        map.next_value::<serde::de::IgnoredAny>()?;
-                    }
-                }
-                Ok(UsageField(usage))
-            }
-        }
-        d.deserialize_map(Members)
+/// The members named `keys` of the JSON object `json`, every other member skipped unbuilt: a
+/// non-streaming response's `choices` (content, logprobs) parsed into a [`Value`] only to be
+/// dropped cost a quarter of the gateway's CPU for a small request. Same answers as parsing
+/// the whole object into a `Value` and looking the keys up (the last of a repeated key); `None`
+/// if `json` is not one JSON object.
+fn members<const N: usize>(json: &[u8], keys: [&str; N]) -> Option<[Option<Value>; N]> {
+    use serde::de::DeserializeSeed;
+    let mut de = serde_json::Deserializer::from_slice(json);
+    let picked = Members(keys).deserialize(&mut de).ok()?;
+    de.end().ok()?;
+    Some(picked)
+}
+
+/// [`members`]' parse.
+struct Members<'k, const N: usize>([&'k str; N]);
+
+impl<'de, const N: usize> serde::de::DeserializeSeed<'de> for Members<'_, N> {
+    type Value = [Option<Value>; N];
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_map(self)
     }
 }
 
-/// Whether an object key is `usage` (read without allocating).
-struct IsUsage(bool);
-
-impl<'de> serde::Deserialize<'de> for IsUsage {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Key;
-        impl serde::de::Visitor<'_> for Key {
-            type Value = IsUsage;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("an object key")
-            }
-            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<IsUsage, E> {
-                Ok(IsUsage(v == "usage"))
+impl<'de, const N: usize> serde::de::Visitor<'de> for Members<'_, N> {
+    type Value = [Option<Value>; N];
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut picked = [const { None }; N];
+        while let Some(at) = map.next_key_seed(KeyIn(&self.0))? {
+            match at {
+                Some(i) => picked[i] = Some(map.next_value::<Value>()?),
+                None => {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
             }
         }
-        d.deserialize_str(Key)
+        Ok(picked)
+    }
+}
+
+/// Which of the keys an object key is, if any (read without allocating).
+struct KeyIn<'a, 'k>(&'a [&'k str]);
+
+impl<'de> serde::de::DeserializeSeed<'de> for KeyIn<'_, '_> {
+    type Value = Option<usize>;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Option<usize>, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl serde::de::Visitor<'_> for KeyIn<'_, '_> {
+    type Value = Option<usize>;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an object key")
+    }
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Option<usize>, E> {
+        Ok(self.0.iter().position(|k| *k == v))
     }
 }
 
@@ -731,6 +754,17 @@ mod tests {
         )
         .unwrap();
         assert_eq!(last.prompt_tokens, Some(2));
+        let chunk = |t: &str| is_usage_chunk(t.as_bytes());
+        assert!(chunk(
+            r#"{"id":"x","choices":[],"usage":{"prompt_tokens":1}}"#
+        ));
+        assert!(chunk(r#"{"choices":[1],"usage":{},"choices":[]}"#));
+        assert!(!chunk(r#"{"choices":[],"usage":{},"choices":[1]}"#));
+        assert!(!chunk(r#"{"choices":[],"usage":null}"#));
+        assert!(!chunk(r#"{"choices":{},"usage":{}}"#));
+        assert!(!chunk(r#"{"usage":{}}"#));
+        assert!(!chunk(r#"[{"choices":[],"usage":{}}]"#));
+        assert!(!chunk(r#"{"choices":[],"usage":{}"#));
         for none in [
             &br#"[{"usage":{"prompt_tokens":1}}]"#[..],
             br#"{"usage":{"prompt_tokens":1}"#,
