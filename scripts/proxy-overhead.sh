@@ -15,7 +15,8 @@
 # this machine) per small request and per relayed SSE frame (streams of 1 and 33 tokens at time
 # scale 1, so each token arrives as its own frame: the slope is the per-frame cost).
 # Medians over the rounds are printed per BIN. Defaults: 5 rounds of 5 s, 200 callgrind requests,
-# BIN = target/release/kvgate; -r 0 runs callgrind only. Each window's profile is kept
+# BIN = target/release/kvgate; -r 0 runs callgrind only, -n 0 skips it; GW_WORKERS=N runs the
+# gateways with N tokio worker threads (TOKIO_WORKER_THREADS; default: one per core). Each window's profile is kept
 # (callgrind_annotate WORK/cg.I.PID.N; parts: 2 idle, 4 small requests, 6 and 8 streams). Needs wrk, valgrind, curl (apt-get install wrk valgrind curl).
 set -euo pipefail
 
@@ -73,6 +74,8 @@ wait_http() { # url
 TIMEFORMAT='%U %S'
 # CPU seconds (user + system) of process $1 and its threads.
 cpu_s() { awk '{ printf "%.2f", ($14 + $15) / 100 }' "/proc/$1/stat"; }
+# Of those, system (kernel) seconds.
+sys_s() { awk '{ printf "%.2f", $15 / 100 }' "/proc/$1/stat"; }
 
 start_sim() { # bin time_scale
   "$1" sim --port $SIM_PORT --zmq-port 0 --time-scale "$2" >"$WORK/sim.log" 2>&1 &
@@ -85,7 +88,7 @@ stop_pid() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
 start_gw() { # bin [extra runner...]
   local bin=$1
   shift
-  "$@" "$bin" serve --host 127.0.0.1 --port $GW_PORT --admin-port $ADMIN_PORT \
+  env ${GW_WORKERS:+TOKIO_WORKER_THREADS=$GW_WORKERS} "$@" "$bin" serve --host 127.0.0.1 --port $GW_PORT --admin-port $ADMIN_PORT \
     --endpoint 127.0.0.1:$SIM_PORT --scrape-interval-ms "${SCRAPE_MS:-100}" \
     >"$WORK/gw.log" 2>&1 &
   GW_PID=$!
@@ -123,17 +126,18 @@ for round in $(seq 1 "$ROUNDS"); do
     read -r d50 d99 _ < <(run_wrk 1 "$DIRECT")
     read -r v50 v99 _ < <(run_wrk 1 "$VIA")
     read -r _ _ drps < <(run_wrk 64 "$DIRECT")
-    s0=$(cpu_s "$SIM_PID"); g0=$(cpu_s "$GW_PID")
+    s0=$(cpu_s "$SIM_PID"); g0=$(cpu_s "$GW_PID"); k0=$(sys_s "$GW_PID")
     { time run_wrk 64 "$VIA" >"$WORK/via64"; } 2>"$WORK/wrk.time"
     read -r _ _ vrps <"$WORK/via64"
-    s1=$(cpu_s "$SIM_PID"); g1=$(cpu_s "$GW_PID")
+    s1=$(cpu_s "$SIM_PID"); g1=$(cpu_s "$GW_PID"); k1=$(sys_s "$GW_PID")
     per_req() { awk -v a="$1" -v b="$2" -v r="$vrps" -v d="$DURATION" 'BEGIN { printf "%.1f", (b - a) * 1e6 / (r * d) }'; }
     cpu_engine=$(per_req "$s0" "$s1"); cpu_gw=$(per_req "$g0" "$g1")
     cpu_wrk=$(per_req 0 "$(awk '{ print $1 + $2 }' "$WORK/wrk.time")")
-    echo "$round $i $d50 $d99 $v50 $v99 $drps $vrps $cpu_engine $cpu_gw $cpu_wrk" >>"$WORK/rounds"
-    printf 'round %d bin %d: 1 conn direct p50 %sus p99 %sus, via p50 %sus p99 %sus | 64 conns direct %s req/s, via %s req/s (%.2fx) | CPU per request at 64 via: engine %sus gateway %sus wrk %sus\n' \
+    sys_gw=$(per_req "$k0" "$k1")
+    echo "$round $i $d50 $d99 $v50 $v99 $drps $vrps $cpu_engine $cpu_gw $cpu_wrk $sys_gw" >>"$WORK/rounds"
+    printf 'round %d bin %d: 1 conn direct p50 %sus p99 %sus, via p50 %sus p99 %sus | 64 conns direct %s req/s, via %s req/s (%.2fx) | CPU per request at 64 via: engine %sus gateway %sus (kernel %sus) wrk %sus\n' \
       "$round" "$i" "$d50" "$d99" "$v50" "$v99" "$drps" "$vrps" "$(awk -v a="$vrps" -v b="$drps" 'BEGIN { print a / b }')" \
-      "$cpu_engine" "$cpu_gw" "$cpu_wrk"
+      "$cpu_engine" "$cpu_gw" "$sys_gw" "$cpu_wrk"
     stop_pid "$GW_PID"
   done
 done
@@ -147,11 +151,12 @@ for i in "${!BINS[@]}"; do
   added50=$(awk -v i="$i" '$2 == i { print $5 - $3 }' "$WORK/rounds" | median)
   added99=$(awk -v i="$i" '$2 == i { print $6 - $4 }' "$WORK/rounds" | median)
   ratio=$(awk -v i="$i" '$2 == i { print $8 / $7 }' "$WORK/rounds" | median)
-  printf '%s: 1 conn p50 direct %s via %s (added %s us), p99 direct %s via %s (added %s us) | 64 conns direct %s via %s req/s, ratio %.2f | CPU/request at 64 via: engine %s us, gateway %s us, wrk %s us\n' \
-    "${BINS[$i]}" "$d50" "$v50" "$added50" "$d99" "$v99" "$added99" "$drps" "$vrps" "$ratio" "$(col 9)" "$(col 10)" "$(col 11)"
+  printf '%s: 1 conn p50 direct %s via %s (added %s us), p99 direct %s via %s (added %s us) | 64 conns direct %s via %s req/s, ratio %.2f | CPU/request at 64 via: engine %s us, gateway %s us (kernel %s us), wrk %s us\n' \
+    "${BINS[$i]}" "$d50" "$v50" "$added50" "$d99" "$v99" "$added99" "$drps" "$vrps" "$ratio" "$(col 9)" "$(col 10)" "$(col 12)" "$(col 11)"
 done
 
 # Callgrind: instructions per small request and per relayed SSE frame, in the gateway only.
+[ "$CG_REQUESTS" -gt 0 ] || exit 0
 stop_pid "$SIM_PID"
 start_sim "${BINS[0]}" 1
 cg_total() { # callgrind output file: total instructions
