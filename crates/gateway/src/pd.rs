@@ -84,7 +84,7 @@ enum Prefilled {
     /// The prefill pod answered: for vllm-nixl, with these transfer parameters, or why there
     /// are none (`no_transfer_params`, `prefill_stopped` when its one token ended the
     /// generation, `prefill_answer_too_large`).
-    Ready(Result<Value, &'static str>),
+    Ready(Result<(Value, Option<u32>), &'static str>),
     /// No prefill pod could do it (the cause, as in `retries{cause}`): serve whole.
     Failed(&'static str),
     /// The prefill pod rejected the request itself (4xx): the client gets that answer.
@@ -196,7 +196,7 @@ impl Split<'_> {
                 }
                 Leg::Decode(sent) => sent,
             };
-            let (result, handoff) = result;
+            let (result, handoff, prefill_cached) = result;
             let address = decode.address().clone();
             let ((cause, kind), refused) = match result {
                 Ok((resp, first)) => match status_failure(resp.status().as_u16()) {
@@ -205,7 +205,11 @@ impl Split<'_> {
                         m.transfer_seconds.observe(handoff.elapsed().as_secs_f64());
                         self.count_transfer("ok");
                         decode.set_status(resp.status().as_u16());
-                        return Ok(respond(resp, first, decode, self.parsed, self.inject));
+                        let resp = respond(resp, first, decode, self.parsed, self.inject);
+                        return Ok(match prefill_cached {
+                            Some(cached) => with_cached_tokens(resp, cached),
+                            None => resp,
+                        });
                     }
                     Some(failure) => (failure, Some(resp)),
                 },
@@ -311,11 +315,12 @@ impl Split<'_> {
             None => return Leg::Whole("prefill"),
         };
         let params = match run_prefill(self.app, self.api, self.headers, body, prefill).await {
-            Prefilled::Ready(Ok(params)) => params,
+            Prefilled::Ready(Ok(ready)) => ready,
             Prefilled::Ready(Err(why)) => return Leg::Whole(why),
             Prefilled::Failed(cause) => return Leg::Whole(cause),
             Prefilled::Rejected(resp, address) => return Leg::Rejected(resp, address),
         };
+        let (params, cached) = params;
         let handoff = Instant::now();
         let Some(body) = rewrite(&self.upstream_body, |o| {
             o.insert("kv_transfer_params".into(), params.clone());
@@ -323,7 +328,7 @@ impl Split<'_> {
             return Leg::Whole("prefill");
         };
         let result = self.send_decode(decode, body).await;
-        Leg::Decode((result, handoff))
+        Leg::Decode((result, handoff, cached))
     }
 
     /// sglang-bootstrap: both legs at once, with the same bootstrap room.
@@ -382,12 +387,12 @@ impl Split<'_> {
                 if result.is_ok() {
                     guard.detach();
                 }
-                Leg::Decode((result, handoff))
+                Leg::Decode((result, handoff, None))
             }
             prefilled = &mut task => {
                 guard.detach();
                 match prefilled {
-                    Ok(Prefilled::Ready(_)) => Leg::Decode((decode_leg.await, handoff)),
+                    Ok(Prefilled::Ready(_)) => Leg::Decode((decode_leg.await, handoff, None)),
                     Ok(Prefilled::Rejected(resp, address)) => Leg::Rejected(resp, address),
                     // The decode leg waiting on this room is dropped; a new pair gets a new room.
                     Ok(Prefilled::Failed(cause)) => Leg::RetryPrefill(cause),
@@ -441,6 +446,109 @@ enum DecodeError {
     ErrorEvent,
 }
 
+/// The decode pod's response with `usage.prompt_tokens_details.cached_tokens` set to what the
+/// prefill pod reported: vLLM's decode pod counts the transferred prompt as cached, but what
+/// the client is owed is how much of its prompt a cache really served (llm-d's sidecar
+/// rewrites it the same way). The length may change, so `content-length` goes.
+fn with_cached_tokens(resp: Response, cached: u32) -> Response {
+    let (mut parts, body) = resp.into_parts();
+    parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+    Response::from_parts(
+        parts,
+        axum::body::Body::new(CachedRewrite {
+            inner: body,
+            value: cached.to_string().into_bytes(),
+            held: Vec::new(),
+        }),
+    )
+}
+
+/// Rewrites the number after every `"cached_tokens":` in a body relayed frame by frame. Only
+/// a tail that may be an unfinished key or number is held back until the next frame, so a
+/// stream is not buffered.
+struct CachedRewrite {
+    inner: axum::body::Body,
+    value: Vec<u8>,
+    held: Vec<u8>,
+}
+
+const CACHED_KEY: &[u8] = b"\"cached_tokens\":";
+
+impl CachedRewrite {
+    /// Rewrites `buf` and splits off what must wait for more bytes (unless `last`).
+    fn rewrite(&self, buf: &[u8], last: bool) -> (Vec<u8>, Vec<u8>) {
+        let mut out = Vec::with_capacity(buf.len());
+        let mut i = 0;
+        while let Some(at) = find(&buf[i..], CACHED_KEY).map(|k| k + i) {
+            let mut j = at + CACHED_KEY.len();
+            while j < buf.len() && buf[j] == b' ' {
+                j += 1;
+            }
+            let digits = buf[j..].iter().take_while(|b| b.is_ascii_digit()).count();
+            if j + digits == buf.len() && !last {
+                // The number may go on in the next frame.
+                out.extend_from_slice(&buf[i..at]);
+                return (out, buf[at..].to_vec());
+            }
+            out.extend_from_slice(&buf[i..j]);
+            if digits > 0 {
+                out.extend_from_slice(&self.value);
+            }
+            i = j + digits;
+        }
+        // A partial key at the very end waits for the next frame.
+        let keep = if last {
+            0
+        } else {
+            (1..CACHED_KEY.len())
+                .rev()
+                .find(|&n| buf.len() - i >= n && buf.ends_with(&CACHED_KEY[..n]))
+                .unwrap_or(0)
+        };
+        out.extend_from_slice(&buf[i..buf.len() - keep]);
+        (out, buf[buf.len() - keep..].to_vec())
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+impl hyper::body::Body for CachedRewrite {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        use std::task::Poll;
+        loop {
+            let this = &mut *self;
+            match std::pin::Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => {
+                        let mut buf = std::mem::take(&mut this.held);
+                        buf.extend_from_slice(&data);
+                        let (out, held) = this.rewrite(&buf, false);
+                        this.held = held;
+                        if !out.is_empty() {
+                            return Poll::Ready(Some(Ok(hyper::body::Frame::data(out.into()))));
+                        }
+                    }
+                    Err(frame) => return Poll::Ready(Some(Ok(frame))),
+                },
+                Poll::Ready(None) if !this.held.is_empty() => {
+                    let buf = std::mem::take(&mut this.held);
+                    let (out, _) = this.rewrite(&buf, true);
+                    return Poll::Ready(Some(Ok(hyper::body::Frame::data(out.into()))));
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
 /// Whether a first body frame reports a failure instead of a token: an SSE error event
 /// (`data: {"error": …}`) or a choice finished with `error`, or a JSON body of either.
 fn is_error_frame(data: &[u8]) -> bool {
@@ -466,7 +574,9 @@ fn is_error_frame(data: &[u8]) -> bool {
 /// What one try of the split plan came to.
 enum Leg {
     /// The decode leg's answer, and when the handoff to it began.
-    Decode((DecodeResult, Instant)),
+    /// With the prefill pod's cached prompt tokens, when known (vllm-nixl), for the client's
+    /// usage.
+    Decode((DecodeResult, Instant, Option<u32>)),
     /// The prefill could not be done (cause): serve whole.
     Whole(&'static str),
     /// The prefill leg of a pair sent at once failed (cause): a new pair may be tried.
@@ -652,9 +762,10 @@ async fn prefill_attempt(
         .filter(|p| p.is_object())
         .cloned();
     booking.set_status(status.as_u16());
-    booking.finish(&meter.finish());
+    let measured = meter.finish();
+    booking.finish(&measured);
     let params = match params {
-        Some(p) => Ok(p),
+        Some(p) => Ok((p, measured.usage.cached_tokens)),
         // NixlConnector hands KV over only from a request cut at its length limit: a first
         // token that ends the generation (EOS, a stop string) leaves nothing to transfer.
         None if answer["choices"][0]["finish_reason"] == "stop" => Err("prefill_stopped"),
@@ -693,6 +804,35 @@ mod tests {
         ] {
             assert!(out.get(gone).is_none(), "{gone} kept: {out}");
         }
+    }
+
+    #[test]
+    fn cached_tokens_are_rewritten_whatever_the_frame_boundaries() {
+        let body = br#"data: {"choices":[],"usage":{"prompt_tokens":900,"prompt_tokens_details":{"cached_tokens":899}}}
+
+data: [DONE]
+
+"#;
+        let want = String::from_utf8_lossy(body).replace("899", "32");
+        let r = CachedRewrite {
+            inner: axum::body::Body::empty(),
+            value: b"32".to_vec(),
+            held: Vec::new(),
+        };
+        for cut in 0..body.len() {
+            let (mut out, held) = r.rewrite(&body[..cut], false);
+            let mut rest = held;
+            rest.extend_from_slice(&body[cut..]);
+            let (tail, _) = r.rewrite(&rest, true);
+            out.extend_from_slice(&tail);
+            assert_eq!(String::from_utf8_lossy(&out), want, "cut at {cut}");
+        }
+        // No usage details: nothing to rewrite.
+        let (out, held) = r.rewrite(br#"{"prompt_tokens_details":null}"#, false);
+        assert_eq!(
+            (out.as_slice(), held.len()),
+            (&br#"{"prompt_tokens_details":null}"#[..], 0)
+        );
     }
 
     #[test]

@@ -168,6 +168,23 @@ async fn a_split_request_is_prefilled_on_one_pod_and_streamed_from_the_other() {
     ] {
         assert!(gm.contains(line), "{line} missing from\n{gm}");
     }
+    // Non-streaming and split, a fresh prompt: the client's usage says how much of its prompt
+    // a cache served (the prefill pod's figure), not the transferred prompt the decode pod
+    // counts as cached.
+    let r = client()
+        .post(&url)
+        .json(&chat(300, 2, 4, false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert!(v["usage"]["prompt_tokens"].as_u64().unwrap() > 300, "{v}");
+    assert_eq!(
+        v["usage"]["prompt_tokens_details"]["cached_tokens"], 0,
+        "{v}"
+    );
+    let gm = gw.control.metrics.encode();
     let decode_cached =
         format!("kvgate_gateway_cached_tokens_reported_total{{endpoint=\"{decode}\"}}");
     assert!(
