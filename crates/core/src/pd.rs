@@ -17,8 +17,12 @@
 //! the phase's profile (prefix index and load estimate, so `D` is the pod whose cache and queue
 //! make it best, and `P` likewise among prefill pods), and [`Router::price`] the cost model's
 //! view of a pod:
-//! - aggregated on `D`: `routing cost on D + interference_weight × running(D) × own prefill
-//!   compute on D`, the second term the delay its prefill adds to every sequence `D` decodes;
+//! - aggregated on `D`: `routing cost on D + interference_weight × (running + waiting on D) ×
+//!   own prefill compute on D`, the second term the delay its prefill adds to every sequence
+//!   `D` decodes now or will have started decoding while it computes (its queue, and decode
+//!   legs waiting for their KV: counting only the running ones kept 5–18% of long prompts whole
+//!   on idle-looking decode pods in the DES, each a ~144 ms stall for the legs that then
+//!   arrived);
 //! - disaggregated: `max(TTFT on P + transfer, queue wait on D) + one decode step on D`, plus
 //!   what the plan costs others on `P` (the routing cost's externality and cliff terms there)
 //!   and the cliff term on `D`. The transfer is `latency + tokens × kv_bytes_per_token /
@@ -255,7 +259,7 @@ impl Router {
         let aggregated = PlanEstimate {
             ttft_us: d.cost.queue_wait_us + d.cost.prefill_us,
             cost_us: d.cost.routing_cost_us
-                + pd.interference_weight * f64::from(d.running) * d.interference_us,
+                + pd.interference_weight * f64::from(d.running + d.waiting) * d.interference_us,
         };
         let whole = |reason| PdDecision {
             decode: decode.clone(),

@@ -144,6 +144,9 @@ pub struct Price {
     pub cost: CostBreakdown,
     /// Sequences it is estimated to be decoding.
     pub running: u32,
+    /// Requests it is estimated to have waiting (queued prefills, and decode legs waiting for
+    /// their KV): they decode soon, beside anything it computes now.
+    pub waiting: u32,
     /// One decode step with the request added, µs (learnt coefficients, decode speed factor).
     pub decode_step_us: f64,
     /// What computing the request's own prefill there adds to the steps of each sequence it is
@@ -1287,6 +1290,7 @@ impl Router {
             uncached_tokens: uncached,
             cost,
             running: estimate.running,
+            waiting: estimate.waiting,
             decode_step_us: e.coeffs.decode_step_us(running + 1.0)
                 * e.load.decode_speed.at(now_us, calibration),
             interference_us: e.coeffs.prefill_us_per_token * uncached * prefill_speed,
