@@ -152,6 +152,9 @@ pub struct Price {
     /// What computing the request's own prefill there adds to the steps of each sequence it is
     /// decoding, µs: the per-token prefill cost of the uncached tokens.
     pub interference_us: f64,
+    /// The longest gap between two tokens its decoding sequences would see while it computes
+    /// the request's prefill, µs: one engine step carrying as much of it as a step takes.
+    pub stall_us: f64,
 }
 
 /// Which prefix tracking an endpoint is matched with, and why.
@@ -1294,6 +1297,10 @@ impl Router {
             decode_step_us: e.coeffs.decode_step_us(running + 1.0)
                 * e.load.decode_speed.at(now_us, calibration),
             interference_us: e.coeffs.prefill_us_per_token * uncached * prefill_speed,
+            stall_us: e.coeffs.prefill_time_us(
+                uncached.min(f64::from(e.coeffs.max_batched_tokens)),
+                running,
+            ) * prefill_speed,
         })
     }
 

@@ -289,3 +289,47 @@ fn a_threshold_of_zero_never_splits_and_the_prefill_leg_books_one_output_token()
         Some(1)
     );
 }
+
+#[test]
+fn with_a_stall_bound_a_long_prompt_is_split_to_spare_an_idle_decode_pod_unless_the_split_blows_the_ttft()
+ {
+    // 8,000 tokens on an idle H100 decode pod: ~145 ms whole, cheaper than the split by more
+    // than the margin, but one 145 ms step for whatever decodes there meanwhile.
+    let with_bound = |bound: u64| {
+        let mut cfg = RouterConfig::for_policy("kvgate").unwrap();
+        cfg.tuning.pd.decider = PdDecider::Cost;
+        cfg.tuning.pd.max_decode_stall_us = bound;
+        let mut router = Router::new(cfg).unwrap();
+        let mut ids = Vec::new();
+        for (i, role) in [Role::Prefill, Role::Decode].into_iter().enumerate() {
+            let mut spec = EndpointSpec::new(format!("10.0.0.{i}:8000"), "m");
+            spec.role = role;
+            ids.push(router.add_endpoint(0, spec));
+        }
+        Fleet {
+            router,
+            prefill: vec![ids[0]],
+            decode: vec![ids[1]],
+        }
+    };
+    for (bound, prefill_waiting, want) in [
+        // Off by default: the costs decide, and whole is cheaper.
+        (0, 0, PdReason::AggregatedCheaper),
+        (50_000, 0, PdReason::AvoidsStall),
+        // ~2.6 s of prompts queued on the prefill pod: the split's TTFT is past 2 s.
+        (50_000, 150, PdReason::AggregatedCheaper),
+    ] {
+        let mut f = with_bound(bound);
+        let (p, d) = (f.prefill[0], f.decode[0]);
+        f.load(d, 0, 0);
+        f.load(p, 1, prefill_waiting);
+        let dec = f.decide(&request(1, &chain(500, 1)));
+        assert_eq!(
+            dec.reason, want,
+            "bound {bound}, waiting {prefill_waiting}: {dec:?}"
+        );
+        if bound == 0 {
+            assert!(dec.aggregated.cost_us + 25_000.0 < dec.split.unwrap().cost_us);
+        }
+    }
+}
