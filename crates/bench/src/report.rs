@@ -512,10 +512,6 @@ fn chart_err(path: &Path, e: impl std::fmt::Display) -> BenchError {
 /// Draws the five charts (TTFT CDF, TTFT over time, per-endpoint load, queue herding over time,
 /// TTFT prediction error over time) as SVG and PNG into `dir`, returning the files written.
 pub fn write_charts(dir: &Path, runs: &[PolicyRun]) -> Result<Vec<PathBuf>, BenchError> {
-    std::fs::create_dir_all(dir).map_err(|source| BenchError::Write {
-        path: dir.to_path_buf(),
-        source,
-    })?;
     let mut written = Vec::new();
     for name in [
         "ttft_cdf",
@@ -524,25 +520,60 @@ pub fn write_charts(dir: &Path, runs: &[PolicyRun]) -> Result<Vec<PathBuf>, Benc
         "queue_herding",
         "prediction_error",
     ] {
-        let svg = dir.join(format!("{name}.svg"));
-        {
-            let root = SVGBackend::new(&svg, (1000, 600)).into_drawing_area();
-            draw_named(name, &root, runs).map_err(|e| chart_err(&svg, e))?;
-            root.present().map_err(|e| chart_err(&svg, e))?;
-        }
-        written.push(svg);
-        let png = dir.join(format!("{name}.png"));
-        {
-            let root = BitMapBackend::new(&png, (1000, 600)).into_drawing_area();
-            draw_named(name, &root, runs).map_err(|e| chart_err(&png, e))?;
-            root.present().map_err(|e| chart_err(&png, e))?;
-        }
-        written.push(png);
+        written.extend(write_svg_png(dir, name, (1000, 600), &Named(name, runs))?);
     }
     Ok(written)
 }
 
 type DrawResult = Result<(), Box<dyn std::error::Error>>;
+
+/// A chart drawn on any plotters backend, so the SVG and the PNG come from one drawing.
+trait Chart {
+    fn draw<DB: DrawingBackend>(
+        &self,
+        root: &DrawingArea<DB, plotters::coord::Shift>,
+    ) -> DrawResult
+    where
+        DB::ErrorType: 'static;
+}
+
+/// Writes `chart` as `{name}.svg` and `{name}.png`, `size` pixels, into `dir`.
+fn write_svg_png(
+    dir: &Path,
+    name: &str,
+    size: (u32, u32),
+    chart: &impl Chart,
+) -> Result<Vec<PathBuf>, BenchError> {
+    std::fs::create_dir_all(dir).map_err(|source| BenchError::Write {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let svg = dir.join(format!("{name}.svg"));
+    {
+        let root = SVGBackend::new(&svg, size).into_drawing_area();
+        chart.draw(&root).map_err(|e| chart_err(&svg, e))?;
+        root.present().map_err(|e| chart_err(&svg, e))?;
+    }
+    let png = dir.join(format!("{name}.png"));
+    {
+        let root = BitMapBackend::new(&png, size).into_drawing_area();
+        chart.draw(&root).map_err(|e| chart_err(&png, e))?;
+        root.present().map_err(|e| chart_err(&png, e))?;
+    }
+    Ok(vec![svg, png])
+}
+
+/// One of [`write_charts`]'s charts, by name.
+struct Named<'a>(&'a str, &'a [PolicyRun]);
+
+impl Chart for Named<'_> {
+    fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, plotters::coord::Shift>) -> DrawResult
+    where
+        DB::ErrorType: 'static,
+    {
+        draw_named(self.0, root, self.1)
+    }
+}
 
 fn draw_named<DB: DrawingBackend>(
     name: &str,
@@ -942,23 +973,20 @@ pub fn write_rate_chart(
     slo_ttft_p90_ms: f64,
     rate_label: &str,
 ) -> Result<Vec<PathBuf>, BenchError> {
-    std::fs::create_dir_all(dir).map_err(|source| BenchError::Write {
-        path: dir.to_path_buf(),
-        source,
-    })?;
-    let svg = dir.join("ttft_p90_vs_rate.svg");
-    {
-        let root = SVGBackend::new(&svg, (1000, 600)).into_drawing_area();
-        draw_rate(&root, curves, slo_ttft_p90_ms, rate_label).map_err(|e| chart_err(&svg, e))?;
-        root.present().map_err(|e| chart_err(&svg, e))?;
+    struct Rate<'a>(&'a [RateCurve], f64, &'a str);
+    impl Chart for Rate<'_> {
+        fn draw<DB: DrawingBackend>(
+            &self,
+            root: &DrawingArea<DB, plotters::coord::Shift>,
+        ) -> DrawResult
+        where
+            DB::ErrorType: 'static,
+        {
+            draw_rate(root, self.0, self.1, self.2)
+        }
     }
-    let png = dir.join("ttft_p90_vs_rate.png");
-    {
-        let root = BitMapBackend::new(&png, (1000, 600)).into_drawing_area();
-        draw_rate(&root, curves, slo_ttft_p90_ms, rate_label).map_err(|e| chart_err(&png, e))?;
-        root.present().map_err(|e| chart_err(&png, e))?;
-    }
-    Ok(vec![svg, png])
+    let chart = Rate(curves, slo_ttft_p90_ms, rate_label);
+    write_svg_png(dir, "ttft_p90_vs_rate", (1000, 600), &chart)
 }
 
 fn draw_rate<DB: DrawingBackend>(
@@ -1061,23 +1089,19 @@ pub fn write_pd_chart(
     slo: Slo,
     rate_label: &str,
 ) -> Result<Vec<PathBuf>, BenchError> {
-    std::fs::create_dir_all(dir).map_err(|source| BenchError::Write {
-        path: dir.to_path_buf(),
-        source,
-    })?;
-    let svg = dir.join("pd_vs_rate.svg");
-    {
-        let root = SVGBackend::new(&svg, (1400, 900)).into_drawing_area();
-        draw_pd(&root, curves, slo, rate_label).map_err(|e| chart_err(&svg, e))?;
-        root.present().map_err(|e| chart_err(&svg, e))?;
+    struct Pd<'a>(&'a [PdCurve], Slo, &'a str);
+    impl Chart for Pd<'_> {
+        fn draw<DB: DrawingBackend>(
+            &self,
+            root: &DrawingArea<DB, plotters::coord::Shift>,
+        ) -> DrawResult
+        where
+            DB::ErrorType: 'static,
+        {
+            draw_pd(root, self.0, self.1, self.2)
+        }
     }
-    let png = dir.join("pd_vs_rate.png");
-    {
-        let root = BitMapBackend::new(&png, (1400, 900)).into_drawing_area();
-        draw_pd(&root, curves, slo, rate_label).map_err(|e| chart_err(&png, e))?;
-        root.present().map_err(|e| chart_err(&png, e))?;
-    }
-    Ok(vec![svg, png])
+    write_svg_png(dir, "pd_vs_rate", (1400, 900), &Pd(curves, slo, rate_label))
 }
 
 type PdPick = fn(&PdPoint) -> f64;
