@@ -33,7 +33,7 @@
 //! the plan it was served with; `pd_transfers_total{protocol,outcome}` and
 //! `pd_transfer_seconds` the split ones.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use axum::http::{HeaderMap, Method};
@@ -206,10 +206,7 @@ impl Split<'_> {
                         self.count_transfer("ok");
                         decode.set_status(resp.status().as_u16());
                         let resp = respond(resp, first, decode, self.parsed, self.inject);
-                        return Ok(match prefill_cached {
-                            Some(cached) => with_cached_tokens(resp, cached),
-                            None => resp,
-                        });
+                        return Ok(with_cached_tokens(resp, prefill_cached));
                     }
                     Some(failure) => (failure, Some(resp)),
                 },
@@ -321,6 +318,10 @@ impl Split<'_> {
             Prefilled::Rejected(resp, address) => return Leg::Rejected(resp, address),
         };
         let (params, cached) = params;
+        let prefill_cached = Arc::new(OnceLock::new());
+        if let Some(c) = cached {
+            let _ = prefill_cached.set(c);
+        }
         let handoff = Instant::now();
         let Some(body) = rewrite(&self.upstream_body, |o| {
             o.insert("kv_transfer_params".into(), params.clone());
@@ -328,7 +329,7 @@ impl Split<'_> {
             return Leg::Whole("prefill");
         };
         let result = self.send_decode(decode, body).await;
-        Leg::Decode((result, handoff, cached))
+        Leg::Decode((result, handoff, prefill_cached))
     }
 
     /// sglang-bootstrap: both legs at once, with the same bootstrap room.
@@ -373,9 +374,17 @@ impl Split<'_> {
         let handoff = Instant::now();
         let app = self.app.clone();
         let (api, headers) = (self.api, self.headers.clone());
+        // The prefill pod's cached tokens, for the client's usage, once its answer is in (by
+        // the time the decode leg's usage comes, at its end).
+        let prefill_cached = Arc::new(OnceLock::new());
+        let cell = prefill_cached.clone();
         let mut task = tokio::spawn(async move {
             // One prefill pod per room: a retry would need a new room for the decode leg too.
-            run_prefill_once(&app, api, &headers, prefill_body, prefill).await
+            let done = run_prefill_once(&app, api, &headers, prefill_body, prefill).await;
+            if let Prefilled::Ready(Ok((_, Some(c)))) = &done {
+                let _ = cell.set(*c);
+            }
+            done
         });
         let mut guard = AbortOnDrop(Some(task.abort_handle()));
         let decode_leg = self.send_decode(decode, decode_body);
@@ -387,12 +396,14 @@ impl Split<'_> {
                 if result.is_ok() {
                     guard.detach();
                 }
-                Leg::Decode((result, handoff, None))
+                Leg::Decode((result, handoff, prefill_cached))
             }
             prefilled = &mut task => {
                 guard.detach();
                 match prefilled {
-                    Ok(Prefilled::Ready(_)) => Leg::Decode((decode_leg.await, handoff, None)),
+                    Ok(Prefilled::Ready(_)) => {
+                        Leg::Decode((decode_leg.await, handoff, prefill_cached))
+                    }
                     Ok(Prefilled::Rejected(resp, address)) => Leg::Rejected(resp, address),
                     // The decode leg waiting on this room is dropped; a new pair gets a new room.
                     Ok(Prefilled::Failed(cause)) => Leg::RetryPrefill(cause),
@@ -447,17 +458,18 @@ enum DecodeError {
 }
 
 /// The decode pod's response with `usage.prompt_tokens_details.cached_tokens` set to what the
-/// prefill pod reported: vLLM's decode pod counts the transferred prompt as cached, but what
-/// the client is owed is how much of its prompt a cache really served (llm-d's sidecar
-/// rewrites it the same way). The length may change, so `content-length` goes.
-fn with_cached_tokens(resp: Response, cached: u32) -> Response {
+/// prefill pod reported (once `cached` holds it; a body relayed before then is left as is):
+/// vLLM's decode pod counts the transferred prompt as cached, but what the client is owed is
+/// how much of its prompt a cache really served (llm-d's sidecar rewrites it the same way). The
+/// length may change, so `content-length` goes.
+fn with_cached_tokens(resp: Response, cached: Arc<OnceLock<u32>>) -> Response {
     let (mut parts, body) = resp.into_parts();
     parts.headers.remove(axum::http::header::CONTENT_LENGTH);
     Response::from_parts(
         parts,
         axum::body::Body::new(CachedRewrite {
             inner: body,
-            value: cached.to_string().into_bytes(),
+            value: cached,
             held: Vec::new(),
         }),
     )
@@ -468,7 +480,7 @@ fn with_cached_tokens(resp: Response, cached: u32) -> Response {
 /// stream is not buffered.
 struct CachedRewrite {
     inner: axum::body::Body,
-    value: Vec<u8>,
+    value: Arc<OnceLock<u32>>,
     held: Vec<u8>,
 }
 
@@ -477,6 +489,10 @@ const CACHED_KEY: &[u8] = b"\"cached_tokens\":";
 impl CachedRewrite {
     /// Rewrites `buf` and splits off what must wait for more bytes (unless `last`).
     fn rewrite(&self, buf: &[u8], last: bool) -> (Vec<u8>, Vec<u8>) {
+        let Some(value) = self.value.get() else {
+            return (buf.to_vec(), Vec::new());
+        };
+        let value = value.to_string();
         let mut out = Vec::with_capacity(buf.len());
         let mut i = 0;
         while let Some(at) = find(&buf[i..], CACHED_KEY).map(|k| k + i) {
@@ -492,7 +508,7 @@ impl CachedRewrite {
             }
             out.extend_from_slice(&buf[i..j]);
             if digits > 0 {
-                out.extend_from_slice(&self.value);
+                out.extend_from_slice(value.as_bytes());
             }
             i = j + digits;
         }
@@ -576,7 +592,7 @@ enum Leg {
     /// The decode leg's answer, and when the handoff to it began.
     /// With the prefill pod's cached prompt tokens, when known (vllm-nixl), for the client's
     /// usage.
-    Decode((DecodeResult, Instant, Option<u32>)),
+    Decode((DecodeResult, Instant, Arc<OnceLock<u32>>)),
     /// The prefill could not be done (cause): serve whole.
     Whole(&'static str),
     /// The prefill leg of a pair sent at once failed (cause): a new pair may be tried.
@@ -661,13 +677,14 @@ async fn run_prefill(
 ) -> Prefilled {
     let mut attempt = 1;
     loop {
-        let (cause, kind) = match prefill_attempt(app, api, headers, body.clone(), booking).await {
-            Attempt::Done(p) => return p,
-            Attempt::Failed(cause, kind, b) => {
-                booking = *b;
-                (cause, kind)
-            }
-        };
+        let (cause, kind) =
+            match prefill_attempt(app, api, headers, body.clone(), booking, true).await {
+                Attempt::Done(p) => return p,
+                Attempt::Failed(cause, kind, b) => {
+                    booking = *b;
+                    (cause, kind)
+                }
+            };
         if attempt < app.max_attempts && booking.retry(cause, kind) {
             app.metrics
                 .pd
@@ -690,7 +707,7 @@ async fn run_prefill_once(
     body: Bytes,
     booking: Booking,
 ) -> Prefilled {
-    match prefill_attempt(app, api, headers, body, booking).await {
+    match prefill_attempt(app, api, headers, body, booking, false).await {
         Attempt::Done(p) => p,
         Attempt::Failed(cause, kind, booking) => {
             booking.fail(cause, kind);
@@ -713,6 +730,7 @@ async fn prefill_attempt(
     headers: &HeaderMap,
     body: Bytes,
     mut booking: Booking,
+    expect_params: bool,
 ) -> Attempt {
     let address = booking.address().clone();
     let sent = send_to(app, &address, Method::POST, api.path(), headers, body);
@@ -764,8 +782,11 @@ async fn prefill_attempt(
     booking.set_status(status.as_u16());
     let measured = meter.finish();
     booking.finish(&measured);
+    let cached = measured.usage.cached_tokens;
     let params = match params {
-        Some(p) => Ok((p, measured.usage.cached_tokens)),
+        Some(p) => Ok((p, cached)),
+        // SGLang's prefill pod pushes the KV itself: its answer carries nothing to forward.
+        None if !expect_params => Ok((Value::Null, cached)),
         // NixlConnector hands KV over only from a request cut at its length limit: a first
         // token that ends the generation (EOS, a stop string) leaves nothing to transfer.
         None if answer["choices"][0]["finish_reason"] == "stop" => Err("prefill_stopped"),
@@ -816,7 +837,7 @@ data: [DONE]
         let want = String::from_utf8_lossy(body).replace("899", "32");
         let r = CachedRewrite {
             inner: axum::body::Body::empty(),
-            value: b"32".to_vec(),
+            value: Arc::new(OnceLock::from(32)),
             held: Vec::new(),
         };
         for cut in 0..body.len() {

@@ -261,6 +261,11 @@ async fn sglang_bootstrap_sends_both_legs_at_once_and_the_client_gets_the_decode
         } else {
             let v: Value = serde_json::from_str(&body).unwrap();
             assert_eq!(v["usage"]["completion_tokens"], 6, "{v}");
+            // A fresh prompt: no cache served any of it, whatever the decode pod counts.
+            assert_eq!(
+                v["usage"]["prompt_tokens_details"]["cached_tokens"], 0,
+                "{v}"
+            );
         }
     }
     let (pm, dm) = (metrics_of(prefill).await, metrics_of(decode).await);
