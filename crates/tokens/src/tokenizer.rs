@@ -275,7 +275,12 @@ impl HfTokenizer {
     /// Parses a `tokenizer.json` (the caller reads the file: this crate does no I/O).
     pub fn from_bytes(json: &[u8]) -> Result<Self, TokenizerError> {
         tokenizers::Tokenizer::from_bytes(json)
-            .map(|inner| Self { inner })
+            .map(|mut inner| {
+                // As transformers does on every call unless asked: no truncation, no padding.
+                inner.with_padding(None);
+                let _ = inner.with_truncation(None);
+                Self { inner }
+            })
             .map_err(|e| TokenizerError::InvalidHfTokenizer {
                 message: e.to_string(),
             })

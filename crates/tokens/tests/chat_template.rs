@@ -273,7 +273,10 @@ proptest::proptest! {
     /// markup), turn after turn.
     #[test]
     fn pieces_tokenise_as_the_whole_turn_after_turn(
-        texts in proptest::collection::vec("(\\PC| |\\n|<\\|im_|\\t){0,80}", 2..7),
+        texts in proptest::collection::vec(
+            "(\\PC| |\\n|<\\|im_|\\t|<\\|im_start\\|>|<\\|im_end\\|>){0,80}",
+            2..7,
+        ),
     ) {
         let model = smollm2_shared();
         for turn in 2..=texts.len() {
@@ -333,4 +336,25 @@ fn a_tokenizer_whose_pieces_differ_alone_keeps_the_cache_off() {
     let dir = model_dir("metaspace-first", &[("tokenizer.json", tokenizer)]);
     let model = ModelTokenizer::from_dir(&dir).unwrap();
     assert!(!model.reuses_pieces());
+}
+
+/// A `tokenizer.json` that ships truncation or padding is used without them, as transformers
+/// (and so vLLM) calls it: a prompt is never cut, whole or piece by piece.
+#[test]
+fn the_files_truncation_and_padding_are_not_applied() {
+    let json = std::fs::read_to_string(fixtures().join("smollm2/tokenizer.json")).unwrap();
+    let mut v: Json = serde_json::from_str(&json).unwrap();
+    v["truncation"] = serde_json::json!({"direction": "Right", "max_length": 8,
+        "strategy": "LongestFirst", "stride": 0});
+    v["padding"] = serde_json::json!({"strategy": {"Fixed": 64}, "direction": "Right",
+        "pad_to_multiple_of": null, "pad_id": 0, "pad_type_id": 0, "pad_token": "<|endoftext|>"});
+    let dir = model_dir(
+        "truncating",
+        &[("tokenizer.json", &serde_json::to_string(&v).unwrap())],
+    );
+    let model = ModelTokenizer::from_dir(&dir).unwrap();
+    let text = "one two three four five six seven eight nine ten eleven twelve";
+    let ids = model.encode_prompt(text).unwrap();
+    assert_eq!(ids, smollm2().encode_prompt(text).unwrap());
+    assert!(ids.len() > 8 && ids.len() < 64, "{}", ids.len());
 }

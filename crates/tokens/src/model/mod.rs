@@ -294,12 +294,16 @@ impl ModelTokenizer {
             path: tok_path.clone(),
             source,
         })?;
-        let tokenizer = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|source| {
+        let mut tokenizer = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|source| {
             E::InvalidTokenizerFile {
                 path: tok_path.clone(),
                 source,
             }
         })?;
+        // transformers clears the file's truncation and padding on every call unless asked
+        // (`set_truncation_and_padding`), so vLLM never truncates or pads a prompt.
+        tokenizer.with_padding(None);
+        let _ = tokenizer.with_truncation(None);
 
         let config_path = dir.join("tokenizer_config.json");
         let config = read_json_object(&config_path)?.unwrap_or_default();

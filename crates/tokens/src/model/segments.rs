@@ -17,21 +17,29 @@
 //! model (logged by the caller). Only special tokens that HuggingFace matches on the raw text
 //! exactly (`normalized: false`, no `lstrip`/`rstrip`/`single_word`) are cut at.
 //!
-//! **Bound.** Pieces are keyed by a 128-bit hash of their text and kept in two generations:
-//! lookups promote from the old one, inserts go to the current one, and when the current one
-//! holds half of [`SEGMENT_CACHE_TOKENS`] it becomes the old one (the previous old one is
-//! dropped). That is an approximate LRU in O(1) per piece with at most the budget held; hand
-//! written because none of the chosen crates provides a bounded cache, and it is 40 lines.
+//! **Bound.** Pieces are keyed by a 128-bit hash of their text (seeded per process, so no
+//! client can aim a collision at another's piece) and kept in two generations: lookups promote
+//! from the old one, inserts go to the current one, and when the current one holds half of
+//! [`SEGMENT_CACHE_TOKENS`] it becomes the old one (the previous old one is dropped, outside
+//! the lock). Each entry is charged its tokens plus [`ENTRY_OVERHEAD_TOKENS`] (its map slot and
+//! allocation), so pieces that tokenise to nothing still fill the budget; pieces over a tenth
+//! of the budget are not cached. That is an approximate LRU in O(1) per piece; hand written
+//! because none of the chosen crates provides a bounded cache, and it is 40 lines.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use aho_corasick::{AhoCorasick, MatchKind};
-use xxhash_rust::xxh3::xxh3_128;
+use xxhash_rust::xxh3::xxh3_128_with_seed;
 
-/// Token ids held by the piece cache of one model, at most (4 bytes each: 8 MiB). Two million
-/// tokens are the histories of ~60 live 32k-token conversations, or ~500 of 4k.
+/// Token ids (with each entry's overhead in token units) held by the piece cache of one model,
+/// at most: ~8 MiB of ids plus up to as much again in entry overhead for short pieces. Two
+/// million tokens are the histories of ~60 live 32k-token conversations, or ~500 of 4k.
 pub const SEGMENT_CACHE_TOKENS: usize = 2_000_000;
+
+/// What a cache entry costs besides its ids (hash-map slot, `Arc` header, key), in 4-byte
+/// token units.
+const ENTRY_OVERHEAD_TOKENS: usize = 16;
 
 /// Pieces this short are tokenised directly: a lookup costs about as much.
 const MIN_CACHED_BYTES: usize = 32;
@@ -41,6 +49,7 @@ pub(crate) struct Segmenter {
     matcher: AhoCorasick,
     ids: Vec<u32>,
     cache: Mutex<Generations>,
+    seed: u64,
 }
 
 #[derive(Default)]
@@ -56,17 +65,26 @@ impl Generations {
             return Some(t.clone());
         }
         let t = self.previous.remove(&key)?;
-        self.insert(key, t.clone());
+        // A promotion retires a generation rarely; dropping it here is the caller's lock time.
+        drop(self.insert(key, t.clone()));
         Some(t)
     }
 
-    fn insert(&mut self, key: u128, tokens: Arc<[u32]>) {
-        if self.current_tokens + tokens.len() > SEGMENT_CACHE_TOKENS / 2 {
-            self.previous = std::mem::take(&mut self.current);
+    /// Inserts; returns the generation that was retired, for the caller to drop after
+    /// unlocking.
+    fn insert(&mut self, key: u128, tokens: Arc<[u32]>) -> Option<HashMap<u128, Arc<[u32]>>> {
+        let charge = tokens.len() + ENTRY_OVERHEAD_TOKENS;
+        let mut retired = None;
+        if self.current_tokens + charge > SEGMENT_CACHE_TOKENS / 2 {
+            retired = Some(std::mem::replace(
+                &mut self.previous,
+                std::mem::take(&mut self.current),
+            ));
             self.current_tokens = 0;
         }
-        self.current_tokens += tokens.len();
+        self.current_tokens += charge;
         self.current.insert(key, tokens);
+        retired
     }
 }
 
@@ -99,6 +117,11 @@ impl Segmenter {
             matcher,
             ids: tokens.iter().map(|(id, _)| *id).collect(),
             cache: Mutex::new(Generations::default()),
+            // A per-process random seed (std's hasher keys are drawn from the OS).
+            seed: std::hash::BuildHasher::hash_one(
+                &std::collections::hash_map::RandomState::new(),
+                0u64,
+            ),
         })
     }
 
@@ -126,14 +149,17 @@ impl Segmenter {
                 out.extend(encode(s)?);
                 return Ok(());
             }
-            let key = xxh3_128(s.as_bytes());
+            let key = xxh3_128_with_seed(s.as_bytes(), self.seed);
             let hit = self.lock().get(key);
             match hit {
                 Some(t) => out.extend_from_slice(&t),
                 None => {
                     let t: Arc<[u32]> = encode(s)?.into();
                     out.extend_from_slice(&t);
-                    self.lock().insert(key, t);
+                    if t.len() + ENTRY_OVERHEAD_TOKENS <= SEGMENT_CACHE_TOKENS / 10 {
+                        let retired = self.lock().insert(key, t);
+                        drop(retired);
+                    }
                 }
             }
             Ok(())
@@ -163,17 +189,38 @@ impl Segmenter {
 mod tests {
     use super::*;
 
+    /// Pieces that tokenise to nothing (characters a vocabulary drops) still cost their entry:
+    /// a client sending endless distinct such pieces cannot grow the cache without bound.
+    #[test]
+    fn empty_pieces_are_charged_their_entry() {
+        let mut g = Generations::default();
+        let empty: Arc<[u32]> = Vec::new().into();
+        for k in 0..1_000_000u128 {
+            drop(g.insert(k, empty.clone()));
+        }
+        assert!(
+            g.current.len() + g.previous.len()
+                <= 2 * SEGMENT_CACHE_TOKENS / ENTRY_OVERHEAD_TOKENS / 2 + 1,
+            "{} entries",
+            g.current.len() + g.previous.len()
+        );
+    }
+
     #[test]
     fn generations_stay_within_the_budget_and_promote_what_is_used() {
         let mut g = Generations::default();
         let piece: Arc<[u32]> = vec![7; 1000].into();
         g.insert(0, piece.clone());
         for k in 1..5_000u128 {
-            g.insert(k, piece.clone());
+            drop(g.insert(k, piece.clone()));
             // Key 0 is used all along: it survives every turnover.
             assert!(g.get(0).is_some(), "after {k} inserts");
         }
-        let held = g.current_tokens + g.previous.values().map(|t| t.len()).sum::<usize>();
+        let held = g.current_tokens
+            + g.previous
+                .values()
+                .map(|t| t.len() + ENTRY_OVERHEAD_TOKENS)
+                .sum::<usize>();
         assert!(held <= SEGMENT_CACHE_TOKENS + 1000, "{held}");
         assert!(g.get(1).is_none(), "an old, unused piece was dropped");
     }
