@@ -319,6 +319,12 @@ impl Router {
         let Some(p) = self.price(now_us, &prefill_req, prefill.primary) else {
             return Ok(whole(PdReason::NoPrefillEndpoint));
         };
+        // Profiles that do not price (llm-d's, round-robin) leave no prediction; the prefill
+        // leg's is the cost model's, which a data plane that cannot watch the leg times it by.
+        let mut prefill = prefill;
+        prefill
+            .predicted_ttft_us
+            .get_or_insert((p.cost.queue_wait_us + p.cost.prefill_us) as u64);
         let held = (d.matched_blocks.saturating_mul(req.keys.block_size)).min(req.prompt_tokens);
         let transfer_tokens = req.prompt_tokens.saturating_sub(held).saturating_sub(1);
         let transfer_us = pd.transfer_us(transfer_tokens);

@@ -540,8 +540,12 @@ fn replace_all(hay: &[u8], old: &[u8], new: &[u8]) -> Vec<u8> {
     out
 }
 
-/// A prefill leg the picker books but cannot watch (see `StreamState::prefill_leg`).
-struct PrefillLeg(Arc<std::sync::Mutex<Option<Booking>>>);
+/// A prefill leg the picker books but cannot watch (see `StreamState::prefill_leg`): released
+/// at the decode pod's response, at its deadline, or when the stream goes away.
+struct PrefillLeg {
+    slot: Arc<std::sync::Mutex<Option<Booking>>>,
+    timer: tokio::task::AbortHandle,
+}
 
 impl PrefillLeg {
     /// Holds `leg` until released, or until twice its predicted TTFT (at least 100 ms, at most
@@ -554,22 +558,31 @@ impl PrefillLeg {
             .saturating_mul(2)
             .clamp(100_000, 60_000_000);
         let slot = Arc::new(std::sync::Mutex::new(Some(leg)));
-        let timer = slot.clone();
-        tokio::spawn(async move {
+        let held = slot.clone();
+        let timer = tokio::spawn(async move {
             tokio::time::sleep(std::time::Duration::from_micros(deadline_us)).await;
-            let leg = timer.lock().unwrap_or_else(|p| p.into_inner()).take();
-            if let Some(leg) = leg {
-                leg.release();
-            }
-        });
-        Self(slot)
+            Self::take(&held);
+        })
+        .abort_handle();
+        Self { slot, timer }
     }
 
-    fn release(self) {
-        let leg = self.0.lock().unwrap_or_else(|p| p.into_inner()).take();
+    fn take(slot: &std::sync::Mutex<Option<Booking>>) {
+        let leg = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(leg) = leg {
             leg.release();
         }
+    }
+
+    fn release(self) {
+        drop(self);
+    }
+}
+
+impl Drop for PrefillLeg {
+    fn drop(&mut self) {
+        self.timer.abort();
+        Self::take(&self.slot);
     }
 }
 

@@ -84,6 +84,9 @@ impl PromptTokenizer {
             }
             let m = ModelTokenizer::from_dir(dir).map_err(RuntimeError::Tokenizer)?;
             tracing::info!(dir = %dir.display(), "rendering prompts with the model's tokenizer and chat template");
+            if !m.reuses_pieces() {
+                tracing::warn!(dir = %dir.display(), "this tokenizer does not tokenise the text between special tokens as it does the whole chat (or has no special tokens): every request's history is tokenised again (slower, still exact)");
+            }
             return Ok(Self::Model(Box::new(m)));
         }
         Ok(Self::Basic(match &cfg.hf_tokenizer_json {
