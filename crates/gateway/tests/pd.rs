@@ -356,7 +356,11 @@ async fn a_decode_pod_failing_before_its_first_byte_is_retried_elsewhere_with_a_
         }
     })
     .await;
-    let gw = gateway(&f, 1, PdProtocol::VllmNixl, PdDecider::Always).await;
+    // The healthy pod is declared dearer, so ties go to the failing one and the first request
+    // meets the failure whatever the timing (the core's tie-break toward cheaper hardware).
+    let mut cfg = gateway_config(&f, 1, PdProtocol::VllmNixl, PdDecider::Always);
+    cfg.endpoints[2].relative_cost = 2.0;
+    let gw = start(cfg, f.engines.len()).await;
     let url = format!("http://{}/v1/chat/completions", gw.api_addr);
     let n = 6;
     for i in 0..n {
