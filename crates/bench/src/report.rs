@@ -527,6 +527,43 @@ pub fn write_charts(dir: &Path, runs: &[PolicyRun]) -> Result<Vec<PathBuf>, Benc
 
 type DrawResult = Result<(), Box<dyn std::error::Error>>;
 
+/// The legend box of every chart: series labels on a translucent white box at `position`.
+fn draw_legend<'a, DB: DrawingBackend + 'a, CT: plotters::coord::CoordTranslate>(
+    chart: &mut ChartContext<'a, DB, CT>,
+    position: SeriesLabelPosition,
+) -> DrawResult
+where
+    DB::ErrorType: 'static,
+{
+    chart
+        .configure_series_labels()
+        .position(position)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()?;
+    Ok(())
+}
+
+/// A dashed black horizontal line at `y` across `x_range`: an SLO bound.
+fn draw_level<'a, DB: DrawingBackend + 'a, X, Y>(
+    chart: &mut ChartContext<'a, DB, Cartesian2d<X, Y>>,
+    x_range: &std::ops::Range<f64>,
+    y: f64,
+) -> DrawResult
+where
+    DB::ErrorType: 'static,
+    X: Ranged<ValueType = f64>,
+    Y: Ranged<ValueType = f64>,
+{
+    chart.draw_series(DashedLineSeries::new(
+        vec![(x_range.start, y), (x_range.end, y)],
+        8,
+        6,
+        BLACK.stroke_width(2),
+    ))?;
+    Ok(())
+}
+
 /// A chart drawn on any plotters backend, so the SVG and the PNG come from one drawing.
 trait Chart {
     fn draw<DB: DrawingBackend>(
@@ -663,12 +700,7 @@ where
                 PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
             });
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()?;
+    draw_legend(&mut chart, SeriesLabelPosition::LowerRight)?;
     Ok(())
 }
 
@@ -727,12 +759,7 @@ where
                 PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
             });
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()?;
+    draw_legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
     Ok(())
 }
 
@@ -790,12 +817,7 @@ where
             .label(run.policy.clone())
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 15, y + 5)], color.filled()));
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()?;
+    draw_legend(&mut chart, SeriesLabelPosition::UpperRight)?;
     Ok(())
 }
 
@@ -862,12 +884,7 @@ where
                 PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
             });
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()?;
+    draw_legend(&mut chart, SeriesLabelPosition::UpperRight)?;
     Ok(())
 }
 
@@ -947,12 +964,7 @@ where
         6,
         BLACK.stroke_width(2),
     ))?;
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()?;
+    draw_legend(&mut chart, SeriesLabelPosition::UpperRight)?;
     Ok(())
 }
 
@@ -1040,18 +1052,8 @@ where
                 PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
             });
     }
-    chart.draw_series(DashedLineSeries::new(
-        vec![(x_range.start, slo_ms), (x_range.end, slo_ms)],
-        8,
-        6,
-        BLACK.stroke_width(2),
-    ))?;
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()?;
+    draw_level(&mut chart, &x_range, slo_ms)?;
+    draw_legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
     Ok(())
 }
 
@@ -1210,19 +1212,9 @@ where
                 .draw()?;
             pd_lines(&mut chart, curves, pick, y_lo)?;
             if let Some(l) = line {
-                chart.draw_series(DashedLineSeries::new(
-                    vec![(x_range.start, l), (x_range.end, l)],
-                    8,
-                    6,
-                    BLACK.stroke_width(2),
-                ))?;
+                draw_level(&mut chart, &x_range, l)?;
             }
-            chart
-                .configure_series_labels()
-                .position(SeriesLabelPosition::UpperLeft)
-                .background_style(WHITE.mix(0.8))
-                .border_style(BLACK)
-                .draw()?;
+            draw_legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
         } else {
             let mut chart = ChartBuilder::on(panel)
                 .caption(title, ("sans-serif", 20))
@@ -1236,12 +1228,7 @@ where
                 .y_desc(y_desc)
                 .draw()?;
             pd_lines(&mut chart, curves, pick, f64::MIN)?;
-            chart
-                .configure_series_labels()
-                .position(SeriesLabelPosition::UpperLeft)
-                .background_style(WHITE.mix(0.8))
-                .border_style(BLACK)
-                .draw()?;
+            draw_legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
         }
     }
     Ok(())

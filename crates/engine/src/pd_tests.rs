@@ -3,40 +3,9 @@
 
 use proptest::prelude::*;
 
+use crate::tests::{prompt, req, small_cfg as cfg};
 use crate::*;
 
-fn cfg(num_gpu_blocks: usize) -> EngineConfig {
-    EngineConfig {
-        block_size: 16,
-        num_gpu_blocks,
-        max_num_seqs: 8,
-        max_num_batched_tokens: 256,
-        max_model_len: 4096,
-        step: StepModel {
-            beta0_us: 1000.0,
-            beta1_us_per_prefill_token: 10.0,
-            beta2_us_per_decode_token: 5.0,
-        },
-        ..EngineConfig::h100()
-    }
-}
-
-fn req(id: RequestId, prompt: Vec<u32>, max_tokens: u32) -> EngineRequest {
-    EngineRequest {
-        id,
-        prompt_tokens: prompt,
-        max_tokens,
-        lora_name: None,
-        cache_salt: None,
-        block_hashes: None,
-    }
-}
-
-fn prompt(seed: u32, len: usize) -> Vec<u32> {
-    (0..len as u32).map(|i| 7 + seed * 100_000 + i).collect()
-}
-
-/// Runs until nothing is due (idle, holds aside), checking invariants; returns the outputs.
 fn run_until_idle(e: &mut Engine, now: &mut u64) -> Vec<Output> {
     let mut out = Vec::new();
     e.advance(*now, &mut out);

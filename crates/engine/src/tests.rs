@@ -8,7 +8,8 @@ use proptest::prelude::*;
 
 use crate::*;
 
-fn small_cfg(num_gpu_blocks: usize) -> EngineConfig {
+/// A small engine with round step-time coefficients (shared with the P/D tests).
+pub(crate) fn small_cfg(num_gpu_blocks: usize) -> EngineConfig {
     EngineConfig {
         block_size: 16,
         num_gpu_blocks,
@@ -24,7 +25,7 @@ fn small_cfg(num_gpu_blocks: usize) -> EngineConfig {
     }
 }
 
-fn req(id: RequestId, prompt: Vec<u32>, max_tokens: u32) -> EngineRequest {
+pub(crate) fn req(id: RequestId, prompt: Vec<u32>, max_tokens: u32) -> EngineRequest {
     EngineRequest {
         id,
         prompt_tokens: prompt,
@@ -35,7 +36,7 @@ fn req(id: RequestId, prompt: Vec<u32>, max_tokens: u32) -> EngineRequest {
     }
 }
 
-fn prompt(seed: u32, len: usize) -> Vec<u32> {
+pub(crate) fn prompt(seed: u32, len: usize) -> Vec<u32> {
     (0..len as u32).map(|i| 1000 + seed * 100_000 + i).collect()
 }
 
