@@ -4,11 +4,13 @@
 
 use std::time::Duration;
 
-use kvgate_core::PdDecider;
+#[path = "common/fleet.rs"]
+mod common;
+
+use common::{base_config, endpoints_of, start_gateway};
+use kvgate_core::{PdDecider, Role};
 use kvgate_gateway::Gateway;
-use kvgate_runtime::config::{
-    DataPlaneConfig, EndpointConfig, Overrides, PdProtocol, PolicyChoice,
-};
+use kvgate_runtime::config::{DataPlaneConfig, EndpointConfig, PdProtocol, PolicyChoice};
 use kvgate_sim::Fleet;
 use kvgate_sim::Role as SimRole;
 use kvgate_testkit::{MODEL, client, eventually, fleet_with, metric_sum};
@@ -30,23 +32,20 @@ async fn pd_fleet(prefill: usize, decode: usize) -> Fleet {
     fleet_with(prefill + decode, 20.0, move |i, e| e.role = role(i)).await
 }
 
+/// The fleet's engines, the first `prefill` as prefill pods and the rest as decode pods, all
+/// speaking `protocol`.
 fn endpoints(f: &Fleet, prefill: usize, protocol: PdProtocol) -> Vec<EndpointConfig> {
-    f.engines
-        .iter()
+    endpoints_of(f, true)
+        .into_iter()
+        .zip(&f.engines)
         .enumerate()
-        .map(|(i, e)| {
-            let role = if i < prefill { "prefill" } else { "decode" };
-            let yaml = format!(
-                "endpoints: [{{url: 'http://{}', role: {role}, pd_protocol: {}}}]",
-                e.http_addr,
-                protocol.as_str()
-            );
-            let mut ep = DataPlaneConfig::from_yaml(&yaml)
-                .unwrap()
-                .endpoints
-                .remove(0);
-            ep.kv_events = Some(e.kv_pub_endpoint.clone());
-            ep.kv_replay = Some(e.kv_replay_endpoint.clone());
+        .map(|(i, (mut ep, e))| {
+            ep.role = if i < prefill {
+                Role::Prefill
+            } else {
+                Role::Decode
+            };
+            ep.pd_protocol = protocol;
             ep.bootstrap_port = e.kv_side_channel.map(|a| a.port());
             ep
         })
@@ -54,7 +53,7 @@ fn endpoints(f: &Fleet, prefill: usize, protocol: PdProtocol) -> Vec<EndpointCon
 }
 
 async fn gateway(f: &Fleet, prefill: usize, protocol: PdProtocol, decider: PdDecider) -> Gateway {
-    start(
+    start_gateway(
         gateway_config(f, prefill, protocol, decider),
         f.engines.len(),
     )
@@ -68,27 +67,9 @@ fn gateway_config(
     decider: PdDecider,
 ) -> DataPlaneConfig {
     DataPlaneConfig {
-        host: "127.0.0.1".into(),
-        port: 0,
-        admin_port: 0,
-        endpoints: endpoints(f, prefill, protocol),
-        scrape_interval_ms: 50,
         pd_decider: Some(decider),
-        ..DataPlaneConfig::default()
+        ..base_config(endpoints(f, prefill, protocol))
     }
-}
-
-async fn start(cfg: DataPlaneConfig, n: usize) -> Gateway {
-    let gw = Gateway::start(cfg, Overrides::default())
-        .await
-        .expect("gateway starts");
-    let control = gw.control.clone();
-    eventually("endpoints discovered", Duration::from_secs(10), || {
-        let c = control.clone();
-        async move { c.ready_endpoints() >= n }
-    })
-    .await;
-    gw
 }
 
 /// A chat request with a prompt of about `words` words.
@@ -132,7 +113,7 @@ async fn a_split_request_is_prefilled_on_one_pod_and_streamed_from_the_other() {
     let mut by_cost = gateway_config(&f, 1, PdProtocol::VllmNixl, PdDecider::Cost);
     by_cost.policy =
         PolicyChoice::Yaml("policy: kvgate\ntuning:\n  pd:\n    whole_margin_us: 0\n".into());
-    let by_cost = start(by_cost, f.engines.len()).await;
+    let by_cost = start_gateway(by_cost, f.engines.len()).await;
     let (prefill, decode) = (f.engines[0].http_addr, f.engines[1].http_addr);
     let url = format!("http://{}/v1/chat/completions", gw.api_addr);
     let r = client()
@@ -360,7 +341,7 @@ async fn a_decode_pod_failing_before_its_first_byte_is_retried_elsewhere_with_a_
     // meets the failure whatever the timing (the core's tie-break toward cheaper hardware).
     let mut cfg = gateway_config(&f, 1, PdProtocol::VllmNixl, PdDecider::Always);
     cfg.endpoints[2].relative_cost = 2.0;
-    let gw = start(cfg, f.engines.len()).await;
+    let gw = start_gateway(cfg, f.engines.len()).await;
     let url = format!("http://{}/v1/chat/completions", gw.api_addr);
     let n = 6;
     for i in 0..n {

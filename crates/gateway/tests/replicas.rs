@@ -9,51 +9,21 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+#[path = "common/fleet.rs"]
+mod common;
+
+use common::{base_config, endpoints_of, start_gateway};
 use kvgate_gateway::Gateway;
-use kvgate_runtime::config::{DataPlaneConfig, EndpointConfig, Overrides};
 use kvgate_sim::Fleet;
-use kvgate_testkit::{MODEL, client, eventually, fleet};
+use kvgate_testkit::{MODEL, client, fleet};
 use serde_json::{Value, json};
 
 const ENGINES: usize = 4;
 const CONVERSATIONS: usize = 16;
 const TURNS: usize = 4;
 
-fn endpoints_of(f: &Fleet) -> Vec<EndpointConfig> {
-    f.engines
-        .iter()
-        .map(|e| {
-            let yaml = format!("endpoints: [{{url: 'http://{}'}}]", e.http_addr);
-            let mut ep = DataPlaneConfig::from_yaml(&yaml)
-                .unwrap()
-                .endpoints
-                .remove(0);
-            ep.kv_events = Some(e.kv_pub_endpoint.clone());
-            ep.kv_replay = Some(e.kv_replay_endpoint.clone());
-            ep
-        })
-        .collect()
-}
-
 async fn replica(f: &Fleet) -> Gateway {
-    let cfg = DataPlaneConfig {
-        host: "127.0.0.1".into(),
-        port: 0,
-        admin_port: 0,
-        endpoints: endpoints_of(f),
-        scrape_interval_ms: 50,
-        ..DataPlaneConfig::default()
-    };
-    let gw = Gateway::start(cfg, Overrides::default())
-        .await
-        .expect("replica starts");
-    let control = gw.control.clone();
-    eventually("endpoints discovered", Duration::from_secs(10), || {
-        let c = control.clone();
-        async move { c.ready_endpoints() >= ENGINES }
-    })
-    .await;
-    gw
+    start_gateway(base_config(endpoints_of(f, true)), ENGINES).await
 }
 
 /// The messages of turn `turn` (0-based) of conversation `conv`: a long system prompt of its

@@ -3,57 +3,21 @@
 
 use std::time::Duration;
 
+#[path = "common/fleet.rs"]
+mod common;
+
+use common::{base_config, endpoint, endpoints_of, start_gateway};
 use kvgate_engine::EngineConfig;
 use kvgate_gateway::Gateway;
-use kvgate_runtime::config::{DataPlaneConfig, EndpointConfig, Limits, Overrides};
+use kvgate_runtime::config::{DataPlaneConfig, Limits, Overrides};
 use kvgate_sim::{FaultConfig, Fleet, FleetConfig, start_fleet};
 use kvgate_testkit::{MODEL, chat, client, eventually, fleet, fleet_with, metric_sum};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-fn endpoint(address: String) -> EndpointConfig {
-    let mut cfg =
-        DataPlaneConfig::from_yaml(&format!("endpoints: [{{url: 'http://{address}'}}]")).unwrap();
-    cfg.endpoints.remove(0)
-}
-
-fn endpoints_of(f: &Fleet, kv_events: bool) -> Vec<EndpointConfig> {
-    f.engines
-        .iter()
-        .map(|e| {
-            let mut ep = endpoint(e.http_addr.to_string());
-            if kv_events {
-                ep.kv_events = Some(e.kv_pub_endpoint.clone());
-                ep.kv_replay = Some(e.kv_replay_endpoint.clone());
-            }
-            ep
-        })
-        .collect()
-}
-
-fn base_config(endpoints: Vec<EndpointConfig>) -> DataPlaneConfig {
-    DataPlaneConfig {
-        host: "127.0.0.1".into(),
-        port: 0,
-        admin_port: 0,
-        endpoints,
-        scrape_interval_ms: 50,
-        ..DataPlaneConfig::default()
-    }
-}
-
 async fn gateway(cfg: DataPlaneConfig) -> Gateway {
     let want = cfg.endpoints.iter().filter(|e| e.models.is_empty()).count();
-    let gw = Gateway::start(cfg, Overrides::default())
-        .await
-        .expect("gateway starts");
-    let control = gw.control.clone();
-    eventually("endpoints discovered", Duration::from_secs(10), || {
-        let c = control.clone();
-        async move { c.ready_endpoints() >= want }
-    })
-    .await;
-    gw
+    start_gateway(cfg, want).await
 }
 
 fn url(gw: &Gateway, path: &str) -> String {
