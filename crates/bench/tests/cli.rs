@@ -2,26 +2,17 @@
 //! invalid request is one rejection rather than the end of the benchmark, and a live run in
 //! which nothing succeeded is a failure.
 
-use clap::Parser;
+#[path = "common/args.rs"]
+mod common;
+
+use common::args;
 use kvgate_bench::BenchError;
-use kvgate_bench::cli::{BenchArgs, bench};
+use kvgate_bench::cli::bench;
 use kvgate_bench::des::{DesConfig, run_policy};
 use kvgate_bench::report::{PolicyReport, Slo};
 use kvgate_bench::workload::{Segment, Workload, WorkloadRequest};
 use kvgate_core::Policy;
 use kvgate_engine::EngineConfig;
-
-#[derive(Parser)]
-struct Cli {
-    #[command(flatten)]
-    bench: BenchArgs,
-}
-
-fn args(flags: &[&str]) -> BenchArgs {
-    let mut argv = vec!["bench"];
-    argv.extend_from_slice(flags);
-    Cli::try_parse_from(argv).expect("flags parse").bench
-}
 
 /// Regression (10.13): `--policies kvgate,foo` ran kvgate to the end before rejecting `foo`.
 /// With no engines the run itself would fail (`NoEngines`); the policy error comes first.

@@ -3,9 +3,12 @@
 //! (a saturated prefill pool, where kvgate's decider must beat llm-d's threshold; long prompts
 //! over many running decodes, where disaggregation must beat the same GPUs aggregated).
 
-use clap::Parser;
+#[path = "common/args.rs"]
+mod common;
+
+use common::args;
 use kvgate_bench::BenchError;
-use kvgate_bench::cli::{BenchArgs, bench, bench_config, parse_pd_deciders};
+use kvgate_bench::cli::{bench, bench_config, parse_pd_deciders};
 use kvgate_bench::des::{Arm, DesConfig, PolicyRun, run_arm};
 use kvgate_bench::report::{PdFigures, PolicyReport, Slo};
 use kvgate_bench::workload::{SharedPrefixConfig, Workload, shared_prefix};
@@ -193,18 +196,6 @@ fn disaggregation_beats_aggregated_on_long_prompts_over_running_decodes() {
     assert!(cost.pd.unwrap().split_fraction > 0.9);
     // What it pays: the prompt moves (21 ms at 50 GB/s) and waits on the prefill pods' queue.
     assert!(cost.ttft_ms.p50 > agg.ttft_ms.p50);
-}
-
-#[derive(Parser)]
-struct Cli {
-    #[command(flatten)]
-    bench: BenchArgs,
-}
-
-fn args(flags: &[&str]) -> BenchArgs {
-    let mut argv = vec!["bench"];
-    argv.extend_from_slice(flags);
-    Cli::try_parse_from(argv).expect("flags parse").bench
 }
 
 #[test]
