@@ -62,10 +62,7 @@ static MIXED_PROTOCOLS_WARNED: std::sync::atomic::AtomicBool =
 /// carries the transfer parameters of its first prompt only, and `n` completions of one
 /// prompt would each read blocks the prefill pod frees after the first read (SGLang's gateway
 /// refuses the same); such requests are served whole.
-fn splittable(body: &[u8]) -> bool {
-    let Ok(v) = serde_json::from_slice::<Value>(body) else {
-        return false;
-    };
+fn splittable(v: &Value) -> bool {
     let n_is_one = ["n", "best_of"].iter().all(|k| {
         v.get(*k)
             .is_none_or(|n| n.is_null() || n.as_u64() == Some(1))
@@ -115,7 +112,9 @@ pub(crate) async fn serve(
             .map_or(PdProtocol::default(), |(p, _)| p)
     };
     let protocol = protocol_of(&decode);
-    let whole_reason = if !splittable(&upstream_body) {
+    // Parsed once here; each leg's body is this object, edited and serialised.
+    let request: Value = serde_json::from_slice(&upstream_body).unwrap_or(Value::Null);
+    let whole_reason = if !request.is_object() || !splittable(&request) {
         Some("not_splittable")
     } else if protocol_of(&prefill) != protocol {
         if !MIXED_PROTOCOLS_WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
@@ -138,6 +137,7 @@ pub(crate) async fn serve(
         api,
         headers,
         upstream_body,
+        request,
         parsed,
         inject,
         protocol,
@@ -150,6 +150,8 @@ struct Split<'a> {
     api: ApiKind,
     headers: &'a HeaderMap,
     upstream_body: Bytes,
+    /// `upstream_body` parsed, for the legs' edited bodies.
+    request: Value,
     parsed: &'a ParsedRequest,
     inject: bool,
     protocol: PdProtocol,
@@ -307,7 +309,7 @@ impl Split<'_> {
 
     /// vllm-nixl: the prefill leg, then the decode leg with its transfer parameters.
     async fn nixl(&self, decode: &Booking, prefill: Booking) -> Leg {
-        let body = match rewrite(&self.upstream_body, prefill_fields) {
+        let body = match rewrite(&self.request, prefill_fields) {
             Some(b) => b,
             None => return Leg::Whole("prefill"),
         };
@@ -323,7 +325,7 @@ impl Split<'_> {
             let _ = prefill_cached.set(c);
         }
         let handoff = Instant::now();
-        let Some(body) = rewrite(&self.upstream_body, |o| {
+        let Some(body) = rewrite(&self.request, |o| {
             o.insert("kv_transfer_params".into(), params.clone());
         }) else {
             return Leg::Whole("prefill");
@@ -353,7 +355,7 @@ impl Split<'_> {
             o.insert("bootstrap_room".into(), json!(room));
         };
         let (Some(prefill_body), Some(decode_body)) = (
-            rewrite(&self.upstream_body, |o| {
+            rewrite(&self.request, |o| {
                 bootstrap(o);
                 // Its answer is read for usage only: not streamed, nothing echoed.
                 o.insert("stream".into(), Value::Bool(false));
@@ -367,7 +369,7 @@ impl Split<'_> {
                     o.remove(k);
                 }
             }),
-            rewrite(&self.upstream_body, bootstrap),
+            rewrite(&self.request, bootstrap),
         ) else {
             return Leg::Whole("prefill");
         };
@@ -622,9 +624,9 @@ fn count_decision(app: &App, phase: &'static str, reason: &'static str) {
     app.metrics.pd.count_decision(phase, reason);
 }
 
-/// The client's JSON body with `edit` applied to its top-level object.
-fn rewrite(body: &[u8], edit: impl FnOnce(&mut serde_json::Map<String, Value>)) -> Option<Bytes> {
-    let mut v: Value = serde_json::from_slice(body).ok()?;
+/// The client's parsed body with `edit` applied to its top-level object, serialised.
+fn rewrite(body: &Value, edit: impl FnOnce(&mut serde_json::Map<String, Value>)) -> Option<Bytes> {
+    let mut v = body.clone();
     edit(v.as_object_mut()?);
     serde_json::to_vec(&v).ok().map(Bytes::from)
 }
@@ -807,7 +809,8 @@ mod tests {
         let body = br#"{"model":"m","messages":[],"stream":true,"stream_options":{"include_usage":true},
             "max_tokens":64,"max_completion_tokens":64,"min_tokens":16,"min_completion_tokens":8,
             "n":1,"logprobs":true,"top_logprobs":3,"echo":true,"prompt_logprobs":2,"temperature":0.5}"#;
-        let out: Value = serde_json::from_slice(&rewrite(body, prefill_fields).unwrap()).unwrap();
+        let body: Value = serde_json::from_slice(body).unwrap();
+        let out: Value = serde_json::from_slice(&rewrite(&body, prefill_fields).unwrap()).unwrap();
         assert_eq!(out["max_tokens"], 1);
         assert_eq!(out["max_completion_tokens"], 1);
         assert_eq!(out["n"], 1);
@@ -856,15 +859,21 @@ data: [DONE]
         );
     }
 
+    fn json(body: &[u8]) -> Value {
+        serde_json::from_slice(body).unwrap()
+    }
+
     #[test]
     fn several_completions_or_prompts_are_not_split() {
-        assert!(splittable(br#"{"model":"m","messages":[]}"#));
-        assert!(splittable(br#"{"model":"m","prompt":"x","n":1}"#));
-        assert!(splittable(br#"{"model":"m","prompt":[1,2,3]}"#));
-        assert!(!splittable(br#"{"model":"m","messages":[],"n":2}"#));
-        assert!(!splittable(br#"{"model":"m","prompt":"x","best_of":3}"#));
-        assert!(!splittable(br#"{"model":"m","prompt":["a","b"]}"#));
-        assert!(!splittable(br#"{"model":"m","prompt":[[1,2],[3]]}"#));
+        assert!(splittable(&json(br#"{"model":"m","messages":[]}"#)));
+        assert!(splittable(&json(br#"{"model":"m","prompt":"x","n":1}"#)));
+        assert!(splittable(&json(br#"{"model":"m","prompt":[1,2,3]}"#)));
+        assert!(!splittable(&json(br#"{"model":"m","messages":[],"n":2}"#)));
+        assert!(!splittable(&json(
+            br#"{"model":"m","prompt":"x","best_of":3}"#
+        )));
+        assert!(!splittable(&json(br#"{"model":"m","prompt":["a","b"]}"#)));
+        assert!(!splittable(&json(br#"{"model":"m","prompt":[[1,2],[3]]}"#)));
     }
 
     #[test]
