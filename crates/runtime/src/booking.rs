@@ -63,8 +63,6 @@ pub struct PdBooking {
     pub prefill: Option<Booking>,
     /// Why the decider split the request or kept it whole.
     pub reason: kvgate_core::PdReason,
-    /// Prompt tokens the split plan moves to the decode pod.
-    pub transfer_tokens: u32,
 }
 
 /// A request booked on one endpoint (see the module docs).
@@ -295,8 +293,10 @@ impl Booking {
         self.req.phase = Phase::Aggregated;
         // The split plan's prediction is not this plan's.
         self.decision.predicted_ttft_us = None;
-        self.control
-            .rebook(&self.req, &self.decision, self.target.id);
+        // Booked again on its own pod, planned afresh as a whole request.
+        let _ = self
+            .control
+            .book_fallback(&self.req, &self.decision, self.target.id);
     }
 
     /// The leg ended where the data plane could not watch it (the prefill leg of a request an

@@ -1350,21 +1350,12 @@ impl Control {
             decode,
             prefill,
             reason: decision.reason,
-            transfer_tokens: decision.transfer_tokens,
         })
     }
 
-    /// Books `req` again on `endpoint` under its own id, planned afresh (a decode leg served
-    /// whole after its prefill failed).
-    pub(crate) fn rebook(&self, req: &RoutingRequest, prior: &Decision, endpoint: EndpointId) {
-        let now = self.now_us();
-        let mut st = self.lock();
-        if let Some(d) = st.router.decision_for(now, req, endpoint, prior.reason) {
-            st.router.book(now, req, &d);
-        }
-    }
-
-    /// Books `req` (under a fresh id) on a fallback endpoint after an earlier attempt failed.
+    /// Books `req` on `endpoint` with the plan the core makes for it there: a fallback after an
+    /// earlier attempt failed (under a fresh id), or the same request planned afresh (a decode
+    /// leg served whole after its prefill failed).
     pub(crate) fn book_fallback(
         &self,
         req: &RoutingRequest,
