@@ -797,9 +797,14 @@ fn start_fleet() -> Fleet {
     }
 }
 
+/// How long an engine may take to answer `/v1/models` after it is spawned. Two engines starting
+/// together on a cold 2-core CI machine took ~400 s (CI, 2026-11-27; a warm run here takes far
+/// less), so the limit leaves room above that instead of failing on a slow start.
+const ENGINE_START_LIMIT: Duration = Duration::from_secs(900);
+
 async fn scenarios(fleet: &mut Fleet) {
     for e in &mut fleet.engines {
-        e.wait_ready(Duration::from_secs(400)).await;
+        e.wait_ready(ENGINE_START_LIMIT).await;
     }
     eprintln!("two vLLM engines ready in {:.0?}", fleet.started.elapsed());
 
@@ -1075,9 +1080,7 @@ async fn scenarios(fleet: &mut Fleet) {
     );
     fleet.engines[victim].stop();
     fleet.engines[victim].spawn();
-    fleet.engines[victim]
-        .wait_ready(Duration::from_secs(400))
-        .await;
+    fleet.engines[victim].wait_ready(ENGINE_START_LIMIT).await;
     // The new process publishes from sequence 0 with its first cached block.
     let other = system_prompt(300, 420);
     let t = chat(
