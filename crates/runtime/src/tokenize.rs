@@ -86,6 +86,8 @@ impl PromptTokenizer {
             tracing::info!(dir = %dir.display(), "rendering prompts with the model's tokenizer and chat template");
             if !m.reuses_pieces() {
                 tracing::warn!(dir = %dir.display(), "this tokenizer does not tokenise the text between special tokens as it does the whole chat (or has no special tokens): every request's history is tokenised again (slower, still exact)");
+            } else if !m.cuts_long_pieces() {
+                tracing::warn!(dir = %dir.display(), "this tokenizer does not tokenise text cut between words as it does the whole: a long message is tokenised again whenever any of it changes (slower, still exact)");
             }
             return Ok(Self::Model(Box::new(m)));
         }

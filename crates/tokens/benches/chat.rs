@@ -1,7 +1,8 @@
 //! Chat rendering + tokenisation cost per request with SmolLM2's template and tokenizer, for a
 //! short (~1k tokens) and a long (~32k tokens) multi-turn conversation: the work the router
 //! adds to every chat request to compute the engine's prefix keys. Whole (a conversation's
-//! first request) and next turn (its history's pieces cached), and a 220 KB completions prompt.
+//! first request) and next turn (its history's pieces cached), and a 220 KB document (whole,
+//! unseen, and again with a new question: its chunks cached).
 //!
 //! `cargo bench -p kvgate-tokens --features hf --bench chat -- --warm-up-time 1 --measurement-time 3`
 
@@ -106,15 +107,56 @@ fn bench(c: &mut Criterion) {
             b.iter(|| model.render_chat(black_box(input)).unwrap())
         });
     }
-    // A 220 KB completions prompt (llm-d's long-prompt benchmark size): no template, no pieces.
-    let prompt = text(9, 220 * 1024 / 6);
-    let len = model.encode_prompt(&prompt).unwrap().len();
+    // A 220 KB completions prompt (llm-d's long-prompt benchmark size), tokenised whole: the
+    // cost without the piece cache, and the cost of a document never seen before.
+    let doc = text(9, 220 * 1024 / 6);
+    let len = model.encode_prompt_whole(&doc).unwrap().len();
     group.throughput(Throughput::Elements(len as u64));
     group.bench_with_input(
-        BenchmarkId::new("encode_prompt", "220KB"),
-        &prompt,
-        |b, p| b.iter(|| model.encode_prompt(black_box(p)).unwrap()),
+        BenchmarkId::new("encode_prompt_whole", "220KB"),
+        &doc,
+        |b, p| b.iter(|| model.encode_prompt_whole(black_box(p)).unwrap()),
     );
+    // The same document with a new question each time (long-document Q&A): its chunks come
+    // from the cache.
+    let mut q = 0u64;
+    group.bench_with_input(
+        BenchmarkId::new("encode_prompt_new_question", "220KB"),
+        &doc,
+        |b, d| {
+            b.iter(|| {
+                q += 1;
+                let prompt = format!("{d}\nQuestion {q}: {}", text(q, 12));
+                model.encode_prompt(black_box(&prompt)).unwrap()
+            })
+        },
+    );
+    // And as a chat: the document in the user's message, a new question after it.
+    group.bench_with_input(
+        BenchmarkId::new("render+encode_new_question", "220KB"),
+        &doc,
+        |b, d| {
+            b.iter(|| {
+                q += 1;
+                let content = format!("{d}\nQuestion {q}: {}", text(q, 12));
+                let input = ChatInput::new(vec![json!({"role": "user", "content": content})]);
+                model.encode_chat(black_box(&input)).unwrap()
+            })
+        },
+    );
+    // A fresh document every time: nothing is found, so this is whole tokenisation plus the
+    // cost of cutting and caching.
+    let mut seed = 100u64;
+    group.bench_function(BenchmarkId::new("encode_prompt_unseen", "220KB"), |b| {
+        b.iter_batched(
+            || {
+                seed += 1;
+                text(seed, 220 * 1024 / 6)
+            },
+            |p| model.encode_prompt(black_box(&p)).unwrap(),
+            criterion::BatchSize::LargeInput,
+        )
+    });
     group.finish();
 }
 

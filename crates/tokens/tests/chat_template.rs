@@ -289,6 +289,95 @@ proptest::proptest! {
     }
 }
 
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 32, ..Default::default() })]
+
+    /// Long pieces cut at word cuts tokenise as the whole, for chats and completions prompts,
+    /// first from scratch and then from the cache, on text mixing words, punctuation,
+    /// contractions, digits, unicode and whitespace runs.
+    #[test]
+    fn long_pieces_cut_at_words_tokenise_as_the_whole(
+        parts in proptest::collection::vec(
+            "([a-zA-Z]{1,9}|[ ]{1,3}|\\n|\\t|'s|n't|[0-9]{1,5}|[.,;:!?()\\[\\]{}\"/-]|\\PC|<\\|im_end\\|>)",
+            300..900,
+        ),
+        question in "[a-z ?]{0,40}",
+    ) {
+        let model = smollm2_shared();
+        let doc: String = parts.concat();
+        let prompt = format!("{doc}{question}");
+        let whole = model.encode_prompt_whole(&prompt).unwrap();
+        proptest::prop_assert_eq!(model.encode_prompt(&prompt).unwrap(), whole.clone());
+        proptest::prop_assert_eq!(model.encode_prompt(&prompt).unwrap(), whole);
+        let chat = conversation(&["sys".to_string(), doc.clone(), question.clone()]);
+        let whole = model.encode_chat_whole(&chat).unwrap();
+        proptest::prop_assert_eq!(model.encode_chat(&chat).unwrap(), whole.clone());
+        proptest::prop_assert_eq!(model.encode_chat(&chat).unwrap(), whole);
+    }
+}
+
+/// A long document asked about again with another question, after another introduction, is
+/// looked up chunk by chunk: only the chunks around the changes are tokenised again (llm-d's
+/// long-prompt case, where one 220 KB message is a single piece).
+#[test]
+fn a_long_document_with_a_new_question_reuses_its_chunks() {
+    let model = smollm2();
+    assert!(
+        model.cuts_long_pieces(),
+        "SmolLM2's byte-level BPE never crosses a word cut"
+    );
+    let words = [
+        "alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel",
+    ];
+    let mut x = 7u64;
+    let doc: String = (0..20_000)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            let w = words[(x >> 33) as usize % words.len()];
+            if x >> 60 == 0 {
+                format!("{w}. ")
+            } else {
+                format!("{w} ")
+            }
+        })
+        .collect();
+    let ask = |intro: &str, question: &str| {
+        ChatInput::new(vec![
+            serde_json::json!({"role": "user", "content": format!("{intro}\n\n{doc}\n\nQuestion: {question}")}),
+        ])
+    };
+    let first = ask("Read this.", "what comes after golf?");
+    let before = model.cached_piece_tokens();
+    assert_eq!(
+        model.encode_chat(&first).unwrap(),
+        model.encode_chat_whole(&first).unwrap()
+    );
+    let after_first = model.cached_piece_tokens();
+    assert!(after_first - before > 20_000, "{before} → {after_first}");
+    let second = ask(
+        "Please read the following text carefully.",
+        "how many deltas are there?",
+    );
+    assert_eq!(
+        model.encode_chat(&second).unwrap(),
+        model.encode_chat_whole(&second).unwrap()
+    );
+    let added = model.cached_piece_tokens() - after_first;
+    assert!(
+        added < (after_first - before) / 10,
+        "the document was tokenised again: {added} new cached tokens after {}",
+        after_first - before
+    );
+    // The same for a completions prompt, whose text is cut the same way.
+    let prompt = format!("Summarise:\n{doc}\nSummary:");
+    let whole = model.encode_prompt_whole(&prompt).unwrap();
+    let cached = model.cached_piece_tokens();
+    assert_eq!(model.encode_prompt(&prompt).unwrap(), whole);
+    assert!(model.cached_piece_tokens() - cached < whole.len() / 10);
+}
+
 fn smollm2_shared() -> &'static ModelTokenizer {
     static MODEL: std::sync::OnceLock<ModelTokenizer> = std::sync::OnceLock::new();
     MODEL.get_or_init(smollm2)
@@ -336,6 +425,7 @@ fn a_tokenizer_whose_pieces_differ_alone_keeps_the_cache_off() {
     let dir = model_dir("metaspace-first", &[("tokenizer.json", tokenizer)]);
     let model = ModelTokenizer::from_dir(&dir).unwrap();
     assert!(!model.reuses_pieces());
+    assert!(!model.cuts_long_pieces());
 }
 
 /// A `tokenizer.json` that ships truncation or padding is used without them, as transformers

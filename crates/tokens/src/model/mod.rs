@@ -136,6 +136,10 @@ pub struct ModelTokenizer {
     /// Piece-wise tokenisation of rendered chats with a cache of pieces ([`segments`]), when
     /// the tokenizer was found to tokenise pieces as it does the whole.
     segments: Option<segments::Segmenter>,
+    /// What `add_special_tokens=True` puts before and after a completions prompt's own ids
+    /// (a BOS, say), when the probe at load found it the same for every text; completions
+    /// prompts then use the piece cache too.
+    prompt_affixes: Option<(Vec<u32>, Vec<u32>)>,
 }
 
 impl std::fmt::Debug for ModelTokenizer {
@@ -320,9 +324,24 @@ impl ModelTokenizer {
             special_tokens,
             dir,
             segments: None,
+            prompt_affixes: None,
         };
-        model.segments = segmenter.filter(|s| model.pieces_tokenise_as_the_whole(s));
+        model.segments = segmenter
+            .filter(|s| model.pieces_tokenise_as_the_whole(s))
+            .map(|mut s| {
+                s.cut_words = model.words_tokenise_as_the_whole();
+                s
+            });
+        if model.segments.is_some() {
+            model.prompt_affixes = model.prompt_affixes();
+        }
         Ok(model)
+    }
+
+    /// Whether long pieces are also cut at word cuts (the probe at load found it exact for
+    /// this tokenizer; see [`segments`]).
+    pub fn cuts_long_pieces(&self) -> bool {
+        self.segments.as_ref().is_some_and(|s| s.cut_words)
     }
 
     /// Whether rendered chats are tokenised piece by piece with a cache of the pieces (the
@@ -371,6 +390,58 @@ impl ModelTokenizer {
                 (Ok(a), Ok(b)) if a == b
             )
         })
+    }
+
+    /// The load-time probe of word cuts ([`segments`]): varied text cut at every word cut,
+    /// tokenised both ways.
+    fn words_tokenise_as_the_whole(&self) -> bool {
+        const PROBE: &str = "It's a plain   sentence, isn't it? Don't stop: we'll see.\n\
+            The quick brown fox jumps over the lazy dog; dogs' bones and cats' toys.\n\n\
+            \tIndented with a tab and   three spaces, then CamelCase WordsLike ThisOne.\n\
+            Numbers 12345 and 3.14159 sit beside words like v2 and x86 64bit data.\n\
+            fn main() { let answer = compute(42); println!(\"{answer}\"); } // code here\n\
+            Visit https://example.com/a b?c=d or mail someone@example.org soon.\n\
+            ünïcödé wörds, naïve café résumé, 日本語 テキスト, Ελληνικά λέξεις, emoji ✓ done.\n\
+            UPPER lower Mixed aB cD eF gh ij kl mn op qr st uv wx yz A B C a b c.\n\
+            trailing letters then spaces   \n  leading spaces before words here";
+        let cuts: Vec<usize> = segments::word_cuts(PROBE).collect();
+        let mut parts = Vec::new();
+        let mut last = 0;
+        for &c in cuts.iter().chain(std::iter::once(&PROBE.len())) {
+            match self.encode(&PROBE[last..c], false) {
+                Ok(ids) => parts.extend(ids),
+                Err(_) => return false,
+            }
+            last = c;
+        }
+        cuts.len() > 50 && self.encode(PROBE, false).is_ok_and(|whole| whole == parts)
+    }
+
+    /// The ids `add_special_tokens=True` adds around a prompt's own, if they are the same
+    /// around every probe text (the probes of [`Self::words_tokenise_as_the_whole`] and some
+    /// short ones).
+    fn prompt_affixes(&self) -> Option<(Vec<u32>, Vec<u32>)> {
+        let probes = [
+            "Hello, world!",
+            " leading space",
+            "a",
+            "1234 ünïcödé\n",
+            "x y z",
+        ];
+        let mut found: Option<(Vec<u32>, Vec<u32>)> = None;
+        for p in probes {
+            let bare = self.encode(p, false).ok()?;
+            let full = self.encode(p, true).ok()?;
+            let extra = full.len().checked_sub(bare.len())?;
+            let at = (0..=extra).find(|&a| full[a..a + bare.len()] == bare[..])?;
+            let affixes = (full[..at].to_vec(), full[at + bare.len()..].to_vec());
+            match &found {
+                Some(f) if *f != affixes => return None,
+                Some(_) => {}
+                None => found = Some(affixes),
+            }
+        }
+        found
     }
 
     /// The special tokens templates see, in transformers' order (name, text).
@@ -576,6 +647,17 @@ impl ModelTokenizer {
     /// Token ids vLLM computes for a completions prompt (special tokens added, as its
     /// `add_special_tokens=True` default).
     pub fn encode_prompt(&self, prompt: &str) -> Result<Vec<u32>, E> {
+        match (&self.segments, &self.prompt_affixes) {
+            (Some(seg), Some((before, after))) => {
+                let ids = seg.encode(prompt, |s| self.encode(s, false))?;
+                Ok([before.as_slice(), &ids, after.as_slice()].concat())
+            }
+            _ => self.encode(prompt, true),
+        }
+    }
+
+    /// [`ModelTokenizer::encode_prompt`] without the piece cache: the whole prompt at once.
+    pub fn encode_prompt_whole(&self, prompt: &str) -> Result<Vec<u32>, E> {
         self.encode(prompt, true)
     }
 
