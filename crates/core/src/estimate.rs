@@ -121,7 +121,7 @@ impl LoadEstimate {
 #[derive(Clone, Debug)]
 pub(crate) struct EndpointLoad {
     sample: Option<(MetricsSample, u64)>,
-    pub in_flight: HashMap<u64, Booking>,
+    in_flight: HashMap<u64, Booking>,
     own_unstarted: u32,
     own_unstarted_tokens: u64,
     own_started: u32,
@@ -130,12 +130,19 @@ pub(crate) struct EndpointLoad {
     at_sample_started: u32,
     at_sample_blocks: u64,
     recent_finished: VecDeque<Finished>,
-    pub mean_prompt_tokens: f64,
+    mean_prompt_tokens: f64,
     /// Bookings made so far: each booking's arrival order (bookings in one burst often share a
     /// timestamp).
     booked: u64,
     pub prefill_speed: SpeedFactor,
     pub decode_speed: SpeedFactor,
+    /// KV capacity assumed when the sample reports none (the hardware prior's).
+    default_capacity_blocks: u64,
+    /// [`EndpointLoad::estimate`] without its age (`sample_age_us: None`), recomputed by every
+    /// method that changes what it is computed from. Nothing but the age depends on the time of
+    /// the question, so a pick reads each endpoint's estimate instead of recomputing it (see
+    /// the router's module docs).
+    current: LoadEstimate,
 }
 
 /// EWMA, clamp and ageing settings of calibration.
@@ -215,8 +222,8 @@ impl SpeedFactor {
 }
 
 impl EndpointLoad {
-    pub fn new(default_prompt_tokens: f64) -> Self {
-        Self {
+    pub fn new(default_prompt_tokens: f64, default_capacity_blocks: u64) -> Self {
+        let mut l = Self {
             sample: None,
             in_flight: HashMap::new(),
             own_unstarted: 0,
@@ -231,7 +238,27 @@ impl EndpointLoad {
             booked: 0,
             prefill_speed: SpeedFactor::PRIOR,
             decode_speed: SpeedFactor::PRIOR,
-        }
+            default_capacity_blocks,
+            current: LoadEstimate::default(),
+        };
+        l.refresh();
+        l
+    }
+
+    /// The requests in flight there, by request id.
+    pub fn in_flight(&self) -> &HashMap<u64, Booking> {
+        &self.in_flight
+    }
+
+    /// The KV capacity to assume when samples report none (a new hardware prior).
+    pub fn set_default_capacity(&mut self, blocks: u64) {
+        self.default_capacity_blocks = blocks;
+        self.refresh();
+    }
+
+    /// Recomputes [`Self::current`] after a change.
+    fn refresh(&mut self) {
+        self.current = self.compute(None, self.default_capacity_blocks);
     }
 
     /// This router's own queued prefill tokens and active KV blocks on the endpoint.
@@ -269,6 +296,7 @@ impl EndpointLoad {
         self.at_sample_started = started;
         self.at_sample_blocks = blocks;
         self.sample = Some((sample.clone(), t));
+        self.refresh();
         true
     }
 
@@ -283,6 +311,7 @@ impl EndpointLoad {
             // A reused id: forget the old booking's contribution.
             self.unaccount(&old);
         }
+        self.refresh();
     }
 
     fn unaccount(&mut self, b: &Booking) {
@@ -320,6 +349,7 @@ impl EndpointLoad {
         self.own_unstarted = self.own_unstarted.saturating_sub(1);
         self.own_unstarted_tokens = self.own_unstarted_tokens.saturating_sub(tokens);
         self.own_started += 1;
+        self.refresh();
         Some((obs, booked))
     }
 
@@ -338,6 +368,7 @@ impl EndpointLoad {
         if self.recent_finished.len() > RECENT_FINISHED_CAP {
             self.recent_finished.pop_front();
         }
+        self.refresh();
         Some(b)
     }
 
@@ -359,7 +390,29 @@ impl EndpointLoad {
         }
     }
 
+    /// The estimate at `now_us`, with `default_capacity_blocks` when the sample reports no
+    /// capacity: the kept estimate with its age when the capacity is the kept one.
     pub fn estimate(&self, now_us: u64, default_capacity_blocks: u64) -> LoadEstimate {
+        #[cfg(test)]
+        if crate::router::reference() {
+            return self.compute(Some(now_us), default_capacity_blocks);
+        }
+        if default_capacity_blocks != self.default_capacity_blocks {
+            return self.compute(Some(now_us), default_capacity_blocks);
+        }
+        let e = LoadEstimate {
+            sample_age_us: self.sample.as_ref().map(|(_, t)| now_us.saturating_sub(*t)),
+            ..self.current
+        };
+        debug_assert!(
+            same_estimate(&e, &self.compute(Some(now_us), default_capacity_blocks)),
+            "the kept estimate is stale: {e:?}"
+        );
+        e
+    }
+
+    /// The estimate from scratch; without `now_us` its age is `None`.
+    fn compute(&self, now_us: Option<u64>, default_capacity_blocks: u64) -> LoadEstimate {
         let (
             foreign_waiting,
             foreign_running,
@@ -389,7 +442,7 @@ impl EndpointLoad {
                     foreign_total - foreign_waiting,
                     used.saturating_sub(self.at_sample_blocks),
                     cap,
-                    Some(now_us.saturating_sub(*t)),
+                    now_us.map(|now| now.saturating_sub(*t)),
                     s.waiting,
                     s.kv_usage,
                 )
@@ -409,6 +462,18 @@ impl EndpointLoad {
             scraped_kv_usage: scraped_kv,
         }
     }
+}
+
+/// Equality of estimates with the raw scraped KV usage compared bit for bit (a NaN from a
+/// broken exporter equals itself).
+fn same_estimate(a: &LoadEstimate, b: &LoadEstimate) -> bool {
+    LoadEstimate {
+        scraped_kv_usage: None,
+        ..*a
+    } == LoadEstimate {
+        scraped_kv_usage: None,
+        ..*b
+    } && a.scraped_kv_usage.map(f64::to_bits) == b.scraped_kv_usage.map(f64::to_bits)
 }
 
 #[cfg(test)]
@@ -442,7 +507,7 @@ mod tests {
 
     #[test]
     fn bookings_count_at_once_and_are_not_double_counted() {
-        let mut l = EndpointLoad::new(100.0);
+        let mut l = EndpointLoad::new(100.0, 1000);
         l.book(1, booking(10, 500, 40), 0.0);
         l.book(2, booking(20, 300, 20), 0.0);
         let e = l.estimate(25, 1000);
@@ -537,7 +602,7 @@ mod tests {
         #[test]
         fn reconciliation_counts_own_work_once(ops in proptest::collection::vec(op(), 1..120)) {
             const CAP: u64 = 1 << 20;
-            let mut l = EndpointLoad::new(100.0);
+            let mut l = EndpointLoad::new(100.0, 1000);
             let mut now = 0u64;
             let mut next_id = 0u64;
             // id -> (started, blocks)

@@ -41,12 +41,44 @@
 //! error is one false prefix hit, which the engine's real cache absorbs as a miss. Membership
 //! removal releases bookings lazily (finished or failed requests on a removed endpoint still
 //! reconcile), and the slot is freed when the last one is released.
+//!
+//! ## Decision speed, and why every shortcut is exact
+//! A pick must decide exactly as the straightforward pipeline would (same primary, fallbacks,
+//! reason, prediction, booking plan, random numbers consumed), so the speed comes from doing
+//! the same arithmetic with less around it, never from approximating it:
+//! * **Kept estimates.** An endpoint's load estimate depends on the time of the question only
+//!   through its age; everything else changes only when an observation arrives (a sample, a
+//!   booking, a first token, a release) or its hardware prior changes. The estimator
+//!   ([`crate::estimate`]) recomputes it, with the same function, at each of those and a pick
+//!   adds the age. Debug builds recompute it on every read and assert equality.
+//! * **kvgate's pipeline without [`Candidate`]s** ([`Router::pick_kvgate`]): a profile that is
+//!   exactly the adapter filter, kvgate's cost scorer and the softmax picker (known from the
+//!   config's kinds; custom plugins never qualify), for a request without an adapter and not
+//!   explained, is scored on small per-pick records holding only what the scorer, the picker
+//!   ([`crate::policies::kvgate::softmax_pick`], the one implementation both paths call),
+//!   shedding and booking read. Uncached tokens and new KV blocks, a pure function of the
+//!   match, are computed once per distinct match.
+//! * **Fallbacks in one pass** keeping the best `max_fallbacks` in (score, address) order,
+//!   instead of one scan per fallback; the cost model rounds up without a library call
+//!   ([`crate::cost`]); address order is kept as a slice, not walked in the map.
+//!
+//! Not done, and why: scoring only prefix holders and the least loaded. The softmax draw is
+//! `u · Σ wᵢ` scanned in address order, so every candidate whose weight is above the `e⁻⁴⁰`
+//! cutoff moves the sum's low bits and must be scored exactly; only candidates whose cost
+//! exceeds the best by more than `40 ·` temperature `·` best (3× the best at the base
+//! temperature 0.05, 81× at the stale maximum) could be skipped. In the benchmark fleet every
+//! one of a thousand endpoints is within that bound, so a bound-and-skip pass would only add
+//! work there.
+//!
+//! Test-only, `reference()` switches a thread to the straightforward path (estimates from
+//! scratch, library rounding, the map's order, fallbacks by scans, every profile through
+//! [`Candidate`]s); a property test holds the two equal decision by decision on random fleets.
 
 use std::collections::{BTreeMap, HashMap};
 
 use rand::RngCore;
 
-use crate::config::{RouterConfig, ScorerKind, Tuning};
+use crate::config::{FilterKind, PickerKind, RouterConfig, ScorerKind, Tuning};
 use crate::contract::{CacheContract, ContractChange, cacheable_tokens};
 use crate::cost::{self, CostBreakdown, HardwarePrior};
 use crate::endpoint::{EndpointId, EndpointSpec, EndpointState};
@@ -66,6 +98,21 @@ use crate::request::{
     BookingPlan, CandidateReport, Decision, DecisionReason, FailureKind, OracleView, Outcome,
     Phase, RoutingRequest,
 };
+
+#[cfg(test)]
+thread_local! {
+    /// Test-only switch to the straightforward pick that the optimised one must match
+    /// decision for decision (see the module docs): every estimate computed from scratch,
+    /// library rounding in the cost model, address order read from the map, and fallbacks by
+    /// one scan each.
+    static REFERENCE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether this thread runs the reference pick (tests only).
+#[cfg(test)]
+pub(crate) fn reference() -> bool {
+    REFERENCE.with(std::cell::Cell::get)
+}
 
 /// Result of checking a KV event batch's sequence number.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -244,6 +291,7 @@ impl Entry {
     ) -> bool {
         if prior != self.prior || class != self.class {
             self.prior = prior;
+            self.load.set_default_capacity(prior.kv_capacity_blocks);
             self.class = class.to_owned();
             self.model = StepModel::default();
             self.coeffs = class_fit.map_or(prior, |f| f.coefficients(&prior));
@@ -260,6 +308,11 @@ struct Profile {
     picker: Box<dyn Picker>,
     needs: Needs,
     oracle: bool,
+    /// The weight of kvgate's cost scorer when the profile is exactly kvgate's pipeline (at
+    /// most the adapter filter, the cost scorer, the softmax picker), built from the config's
+    /// kinds: such picks take [`Router::pick_kvgate`]. `None` for every other profile,
+    /// custom plugins included.
+    kvgate_weight: Option<f64>,
 }
 
 impl std::fmt::Debug for Profile {
@@ -332,6 +385,8 @@ pub struct Router {
     by_address: HashMap<String, EndpointId>,
     /// Live endpoints in address order.
     order: BTreeMap<String, EndpointId>,
+    /// `order`'s ids as a slice, rebuilt when membership changes: what every pick iterates.
+    order_ids: Vec<EndpointId>,
     index: PrefixIndex,
     bookings: HashMap<u64, BookedRequest>,
     /// Step-time multipliers learnt from every endpoint of a hardware class (the prior each
@@ -370,9 +425,18 @@ impl Router {
                 for (s, _) in &scorers {
                     needs = needs.union(s.needs());
                 }
+                let kvgate_weight = match (&p.scorers[..], &p.picker) {
+                    ([(ScorerKind::KvgateCost, w)], PickerKind::Softmax)
+                        if p.filters.iter().all(|f| *f == FilterKind::LoraAffinity) =>
+                    {
+                        Some(*w)
+                    }
+                    _ => None,
+                };
                 Profile {
                     name: p.name.clone(),
                     oracle: p.scorers.iter().any(|(k, _)| *k == ScorerKind::Oracle),
+                    kvgate_weight,
                     filters,
                     scorers,
                     picker,
@@ -393,6 +457,7 @@ impl Router {
             slots: Vec::new(),
             by_address: HashMap::new(),
             order: BTreeMap::new(),
+            order_ids: Vec::new(),
             index,
             bookings: HashMap::new(),
             class_fits: HashMap::new(),
@@ -427,6 +492,7 @@ impl Router {
             picker,
             needs,
             oracle: false,
+            kvgate_weight: None,
         };
         match self.profiles.iter_mut().find(|p| p.name == name) {
             Some(p) => *p = profile,
@@ -482,11 +548,15 @@ impl Router {
             .map_or(prior, |f| f.coefficients(&prior));
         self.by_address.insert(spec.address.clone(), id);
         self.order.insert(spec.address.clone(), id);
+        self.order_ids = self.order.values().copied().collect();
         self.slots.push(Some(Entry {
             spec,
             state: EndpointState::Ready,
             added_at_us: now_us,
-            load: EndpointLoad::new(f64::from(self.tuning.default_prompt_tokens)),
+            load: EndpointLoad::new(
+                f64::from(self.tuning.default_prompt_tokens),
+                prior.kv_capacity_blocks,
+            ),
             kv: KvStream::default(),
             engine_keys: EngineKeys::default(),
             contract: CacheContract::default(),
@@ -526,6 +596,7 @@ impl Router {
             self.order.remove(&old.address);
             self.by_address.insert(new.clone(), id);
             self.order.insert(new, id);
+            self.order_ids = self.order.values().copied().collect();
         }
         Ok(())
     }
@@ -549,9 +620,10 @@ impl Router {
             .ok_or(CoreError::UnknownEndpoint { id })?;
         e.state = EndpointState::Gone;
         let address = e.spec.address.clone();
-        let idle = e.load.in_flight.is_empty();
+        let idle = e.load.in_flight().is_empty();
         self.by_address.remove(&address);
         self.order.remove(&address);
+        self.order_ids = self.order.values().copied().collect();
         self.index.remove_endpoint(id);
         if idle {
             self.slots[id.0 as usize] = None;
@@ -837,6 +909,17 @@ impl Router {
             return Err(RouteError::NoOracle);
         }
         let (eligible, all_draining) = self.eligible_candidates(now_us, req)?;
+        #[cfg(test)]
+        let lean = !reference();
+        #[cfg(not(test))]
+        let lean = true;
+        if let Some(weight) = profile.kvgate_weight
+            && lean
+            && req.lora.is_none()
+            && !req.explain
+        {
+            return self.pick_kvgate(now_us, req, rng, profile, weight, &eligible, all_draining);
+        }
         let described = self.describe_candidates(now_us, req, profile.needs, &eligible, oracle);
         let mut reports = if req.explain {
             self.candidate_reports(
@@ -876,7 +959,12 @@ impl Router {
                 .position(|c| c.id == r.endpoint)
                 .map(|i| total[i]);
         }
-        let fallbacks = Self::fallbacks(&cands, &total, pick.index, self.tuning.max_fallbacks);
+        let fallbacks = Self::fallbacks(
+            |i| cands[i].id,
+            &total,
+            pick.index,
+            self.tuning.max_fallbacks,
+        );
         let predicted_ttft_us = match (chosen.cost, chosen.oracle) {
             (Some(c), _) => Some((c.queue_wait_us + c.prefill_us) as u64),
             (None, Some(o)) => Some(plugins::oracle_prediction_us(&ctx, chosen, &o) as u64),
@@ -901,6 +989,171 @@ impl Router {
             predicted_ttft_us,
             booking,
             candidates: reports,
+        })
+    }
+
+    /// [`Router::pick`] for kvgate's own pipeline (see the module docs): the same stages on
+    /// per-pick records of only what the cost scorer, the softmax picker, shedding and booking
+    /// read, instead of a full [`Candidate`] each. Every quantity is computed by the same code
+    /// in the same order as the general path, so the decision is the same to the bit.
+    #[allow(clippy::too_many_arguments)]
+    fn pick_kvgate(
+        &self,
+        now_us: u64,
+        req: &RoutingRequest,
+        rng: &mut dyn RngCore,
+        profile: &Profile,
+        weight: f64,
+        eligible: &[(EndpointId, &Entry)],
+        all_draining: bool,
+    ) -> Result<Decision, RouteError> {
+        /// What the pick reads of one candidate.
+        struct Scored<'a> {
+            id: EndpointId,
+            entry: &'a Entry,
+            running: u32,
+            prefill_speed: f64,
+            matched_blocks: u32,
+            matched_gpu_blocks: u32,
+            queue_wait_us: f64,
+            prefill_us: f64,
+        }
+        let t = &self.tuning;
+        let calibration = self.calibration();
+        let prefix = self.index.longest_prefixes(&PrefixQuery {
+            chain: &req.keys.keys,
+            precise: req.keys.precise,
+            now_us,
+            source: PrefixSource::Best,
+        });
+        let mut max_age = 0u64;
+        let mut saturated = true;
+        let mut cands: Vec<Scored<'_>> = Vec::with_capacity(eligible.len());
+        let mut costs: Vec<f64> = Vec::with_capacity(eligible.len());
+        let mut last_match = (None, (0.0, 0));
+        for &(id, e) in eligible {
+            let estimate = e.load.estimate(now_us, e.prior.kv_capacity_blocks);
+            let age = estimate
+                .sample_age_us
+                .unwrap_or(now_us.saturating_sub(e.added_at_us));
+            max_age = max_age.max(age);
+            saturated &= estimate.waiting >= t.shed_queue_threshold
+                || estimate.kv_usage() >= t.kv_cliff_fraction;
+            let prefill_speed = e.load.prefill_speed.at(now_us, calibration);
+            let (matched_blocks, matched_gpu_blocks) = (prefix.blocks(id), prefix.gpu_blocks(id));
+            // A pure function of the match: most candidates share theirs (none, or the whole
+            // shared prefix), so it is computed once per distinct match.
+            if last_match.0 != Some((matched_blocks, matched_gpu_blocks)) {
+                let uncached = cost::uncached_tokens(
+                    req.prompt_tokens,
+                    req.keys.block_size,
+                    matched_blocks,
+                    matched_gpu_blocks,
+                    t,
+                );
+                let new_blocks =
+                    cost::new_kv_blocks(uncached, req.max_tokens, req.keys.block_size, t);
+                last_match = (
+                    Some((matched_blocks, matched_gpu_blocks)),
+                    (uncached, new_blocks),
+                );
+            }
+            let (uncached, new_blocks) = last_match.1;
+            let c = cost::kvgate_cost(
+                &e.coeffs,
+                &estimate,
+                prefill_speed,
+                uncached,
+                new_blocks,
+                e.spec.relative_cost,
+                t,
+            );
+            costs.push(c.routing_cost_us);
+            cands.push(Scored {
+                id,
+                entry: e,
+                running: estimate.running,
+                prefill_speed,
+                matched_blocks,
+                matched_gpu_blocks,
+                queue_wait_us: c.queue_wait_us,
+                prefill_us: c.prefill_us,
+            });
+        }
+        if req.priority < 0 && saturated {
+            return Err(RouteError::Shed {
+                priority: req.priority,
+            });
+        }
+        // The host's weighted sum of one scorer: `0 + w · score`, score as the cost scorer
+        // writes it; a non-finite one names the first candidate in address order.
+        let mut total = costs;
+        for (i, v) in total.iter_mut().enumerate() {
+            let score = -*v / 1000.0;
+            if !score.is_finite() {
+                return Err(RouteError::NonFiniteScore {
+                    scorer: profile.scorers[0].0.name().to_string(),
+                    endpoint: cands[i].id,
+                });
+            }
+            let mut sum = 0.0;
+            sum += weight * score;
+            *v = sum;
+        }
+        let ctx = PickContext {
+            now_us,
+            req,
+            tuning: t,
+            max_signal_age_us: max_age,
+            rotation: self.rotation,
+        };
+        let pick = plugins::kvgate::softmax_pick(
+            &ctx,
+            &plugins::kvgate::SoftmaxInputs {
+                len: cands.len(),
+                matched_blocks: |i: usize| cands[i].matched_blocks,
+                queue_wait_us: |i: usize| Some(cands[i].queue_wait_us),
+                recompute_us: |i: usize, missing: f64| {
+                    let c = &cands[i];
+                    c.entry
+                        .coeffs
+                        .prefill_time_us(missing, f64::from(c.running))
+                        * c.prefill_speed
+                },
+            },
+            &total,
+            rng,
+        );
+        let chosen = &cands[pick.index];
+        let reason = if all_draining {
+            DecisionReason::DrainingOnly
+        } else if cands.len() == 1 {
+            DecisionReason::OnlyCandidate
+        } else {
+            pick.reason
+        };
+        let fallbacks = Self::fallbacks(|i| cands[i].id, &total, pick.index, t.max_fallbacks);
+        let e = chosen.entry;
+        let estimate = e.load.estimate(now_us, e.prior.kv_capacity_blocks);
+        let booking = self.booking_plan(
+            now_us,
+            req,
+            chosen.id,
+            &estimate,
+            Some((chosen.matched_blocks, chosen.matched_gpu_blocks)),
+        );
+        Ok(Decision {
+            primary: chosen.id,
+            fallbacks,
+            reason,
+            matched_blocks: chosen.matched_blocks,
+            precise_matched_blocks: req
+                .keys
+                .precise
+                .then(|| self.index.precise_prefix(chosen.id, &req.keys.keys)),
+            predicted_ttft_us: Some((chosen.queue_wait_us + chosen.prefill_us) as u64),
+            booking,
+            candidates: Vec::new(),
         })
     }
 
@@ -966,8 +1219,15 @@ impl Router {
         req: &RoutingRequest,
     ) -> Result<Eligible<'_>, RouteError> {
         let mut model_known = false;
-        let mut ids: Vec<(EndpointId, &Entry)> = Vec::new();
-        for &id in self.order.values() {
+        let mut ids: Vec<(EndpointId, &Entry)> = Vec::with_capacity(self.order_ids.len());
+        #[cfg(test)]
+        if reference() {
+            assert_eq!(
+                self.order_ids,
+                self.order.values().copied().collect::<Vec<_>>()
+            );
+        }
+        for &id in &self.order_ids {
             let Some(e) = self.entry(id) else { continue };
             if !e.spec.models.contains(&req.model) {
                 continue;
@@ -1157,17 +1417,47 @@ impl Router {
     }
 
     /// Stage 4, fallbacks: the top `max` candidates by total score after the pick (address
-    /// order among equals). A partial selection, as sorting a thousand candidates would cost
-    /// more than the rest of the pick.
+    /// order among equals). One pass keeping the best `max` so far in that order (a candidate
+    /// goes after every kept one scoring at least as much, as it comes later in address order):
+    /// sorting a thousand candidates, or one scan per fallback, would cost more than the rest
+    /// of the pick. Totals are finite (the host rejected any other), so the order is total.
     fn fallbacks(
-        cands: &[Candidate<'_>],
+        id: impl Fn(usize) -> EndpointId,
+        total: &[f64],
+        picked: usize,
+        max: usize,
+    ) -> Vec<EndpointId> {
+        #[cfg(test)]
+        if reference() {
+            return Self::fallbacks_by_scans(id, total, picked, max);
+        }
+        let mut top: Vec<usize> = Vec::with_capacity(max.min(total.len()) + 1);
+        if max == 0 {
+            return Vec::new();
+        }
+        for (i, &t) in total.iter().enumerate() {
+            if i == picked || (top.len() == max && t <= total[top[max - 1]]) {
+                continue;
+            }
+            let at = top.iter().position(|&b| total[b] < t).unwrap_or(top.len());
+            top.insert(at, i);
+            top.truncate(max);
+        }
+        top.into_iter().map(id).collect()
+    }
+
+    /// [`Router::fallbacks`] as first written, one scan per fallback: the reference the
+    /// one-pass selection is tested against.
+    #[cfg(test)]
+    fn fallbacks_by_scans(
+        id: impl Fn(usize) -> EndpointId,
         total: &[f64],
         picked: usize,
         max: usize,
     ) -> Vec<EndpointId> {
         let mut rest: Vec<usize> = Vec::with_capacity(max);
         for _ in 0..max {
-            let next = (0..cands.len())
+            let next = (0..total.len())
                 .filter(|&i| i != picked && !rest.contains(&i))
                 .fold(None, |best: Option<usize>, i| match best {
                     Some(b) if total[b] >= total[i] => Some(b),
@@ -1178,7 +1468,7 @@ impl Router {
                 None => break,
             }
         }
-        rest.into_iter().map(|i| cands[i].id).collect()
+        rest.into_iter().map(id).collect()
     }
 
     /// What booking `req` on `id` adds: its uncached tokens (the prompt minus the prefix the
@@ -1469,7 +1759,7 @@ impl Router {
     fn release(&mut self, id: EndpointId, req_id: u64, now_us: u64) -> Option<Booking> {
         let e = self.slots.get_mut(id.0 as usize).and_then(Option::as_mut)?;
         let b = e.load.release(req_id, now_us);
-        if e.state == EndpointState::Gone && e.load.in_flight.is_empty() {
+        if e.state == EndpointState::Gone && e.load.in_flight().is_empty() {
             self.slots[id.0 as usize] = None;
         }
         b
@@ -1525,7 +1815,7 @@ impl Router {
         // Learnt before the release, which drops a drained endpoint's slot with its last booking.
         let booking = self
             .entry(id)
-            .and_then(|e| e.load.in_flight.get(&req_id).cloned());
+            .and_then(|e| e.load.in_flight().get(&req_id).cloned());
         if let Some(booking) = booking
             && b.learns
         {
@@ -1560,7 +1850,7 @@ impl Router {
         if kind != FailureKind::Cancelled
             && let Some(e) = self.entry_mut(id)
         {
-            let booked_at_us = e.load.in_flight.get(&req_id).map(|b| b.booked_at_us);
+            let booked_at_us = e.load.in_flight().get(&req_id).map(|b| b.booked_at_us);
             let same_incident = matches!(
                 (booked_at_us, e.last_failure_at_us),
                 (Some(booked), Some(failed)) if booked <= failed
@@ -1884,6 +2174,225 @@ mod tests {
         assert_eq!(d2.primary, holder);
         assert_eq!(d2.precise_matched_blocks, Some(0));
         assert_eq!(d2.matched_blocks, 8);
+    }
+
+    /// One endpoint of a random fleet for [`optimised_pick_decides_as_the_reference`].
+    #[derive(Clone, Debug)]
+    struct FleetEp {
+        address: u16,
+        other_model: bool,
+        role: u8,
+        hardware: bool,
+        relative_cost: u8,
+        /// `(waiting, running, kv usage ‰, capacity reported, taken at µs)`.
+        sample: Option<(u32, u32, u16, bool, u64)>,
+        /// Label chain stored in GPU (0) / CPU (1) tier by KV events, if any.
+        held: Option<(u8, u8)>,
+        draining: bool,
+        failed: bool,
+        scrape_failures: u8,
+    }
+
+    fn fleet_ep() -> impl proptest::strategy::Strategy<Value = FleetEp> {
+        use proptest::prelude::*;
+        (
+            (
+                any::<u16>(),
+                prop::bool::weighted(0.1),
+                0u8..4,
+                any::<bool>(),
+                0u8..3,
+            ),
+            prop::option::weighted(
+                0.8,
+                (
+                    0u32..12,
+                    0u32..64,
+                    0u16..1100,
+                    any::<bool>(),
+                    0u64..3_000_000,
+                ),
+            ),
+            prop::option::weighted(0.5, (1u8..24, 0u8..2)),
+            (
+                prop::bool::weighted(0.15),
+                prop::bool::weighted(0.15),
+                0u8..4,
+            ),
+        )
+            .prop_map(
+                |((address, other_model, role, hardware, relative_cost), sample, held, flags)| {
+                    FleetEp {
+                        address,
+                        other_model,
+                        role,
+                        hardware,
+                        relative_cost,
+                        sample,
+                        held,
+                        draining: flags.0,
+                        failed: flags.1,
+                        scrape_failures: flags.2,
+                    }
+                },
+            )
+    }
+
+    /// One request: `(shared labels, own labels, priority, phase, subset mask, max tokens,
+    /// id, booked, first token, finished, picked at µs)`.
+    type FleetReq = (u8, u8, i8, u8, u16, Option<u16>, bool, bool, bool, u32);
+
+    fn fleet_req() -> impl proptest::strategy::Strategy<Value = FleetReq> {
+        use proptest::prelude::*;
+        (
+            0u8..24,
+            0u8..40,
+            -1i8..2,
+            0u8..4,
+            any::<u16>(),
+            prop::option::of(1u16..2048),
+            prop::bool::weighted(0.7),
+            any::<bool>(),
+            any::<bool>(),
+            0u32..4_000_000,
+        )
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig {
+            cases: 96,
+            ..proptest::prelude::ProptestConfig::default()
+        })]
+        /// The optimised pick (kept estimates, fast rounding, the address-order slice, one-pass
+        /// fallbacks) decides exactly as the straightforward reference on random fleets:
+        /// random samples, bookings in flight (some started, some finished), prefix holders
+        /// in GPU and CPU tiers, draining, penalised and unscraped endpoints, subsets, phases,
+        /// sheddable requests and random times, for every policy; primary, fallbacks (in
+        /// order), reason, predicted TTFT, booking plan, every explained candidate, the error
+        /// if any, and the random numbers consumed.
+        #[test]
+        fn optimised_pick_decides_as_the_reference(
+            eps in proptest::collection::vec(fleet_ep(), 1..14),
+            reqs in proptest::collection::vec(fleet_req(), 1..24),
+            seed in proptest::prelude::any::<u64>(),
+        ) {
+            use rand::SeedableRng;
+            let shared: Vec<u64> = (1_000..1_024).collect();
+            for policy in crate::policies::Policy::ALL {
+                if policy == crate::policies::Policy::Oracle {
+                    continue;
+                }
+                let mut r = Router::new(RouterConfig::for_policy(policy.as_str()).unwrap()).unwrap();
+                let mut ids = Vec::new();
+                for (i, d) in eps.iter().enumerate() {
+                    let mut spec = EndpointSpec::new(
+                        format!("10.{}.{}:{i}", d.address / 256, d.address % 256),
+                        if d.other_model { "other" } else { "m" },
+                    );
+                    spec.role = match d.role {
+                        0 => crate::endpoint::Role::Prefill,
+                        1 => crate::endpoint::Role::Decode,
+                        _ => crate::endpoint::Role::Both,
+                    };
+                    if d.hardware {
+                        spec.hardware_class = "a100".into();
+                    }
+                    spec.relative_cost = f64::from(d.relative_cost);
+                    let id = r.add_endpoint(0, spec);
+                    if let Some((waiting, running, kv, cap, at)) = d.sample {
+                        r.observe_metrics(id, at, &MetricsSample {
+                            waiting,
+                            running,
+                            kv_usage: Some(f64::from(kv) / 1000.0),
+                            kv_capacity_blocks: cap.then_some(2_000),
+                            ..Default::default()
+                        });
+                    }
+                    if let Some((n, tier)) = d.held {
+                        let tier = if tier == 0 { Tier::Gpu } else { Tier::Cpu };
+                        r.observe_kv_batch(id, 500, &stored(0, &shared[..n as usize], tier));
+                    }
+                    for _ in 0..d.scrape_failures {
+                        r.observe_scrape_failure(id, 600);
+                    }
+                    ids.push(id);
+                }
+                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+                let mut now = 1_000u64;
+                for (k, q) in reqs.iter().enumerate() {
+                    let (shared_n, own, priority, phase, mask, max_tokens, book, first, finish, dt) = *q;
+                    now += u64::from(dt);
+                    let mut labels: Vec<u64> = shared[..shared_n as usize].to_vec();
+                    labels.extend((0..u64::from(own)).map(|j| 10_000 + (k as u64 % 3) * 100 + j));
+                    let mut req = RoutingRequest::new(
+                        k as u64,
+                        "m",
+                        labels.len() as u32 * 16 + 1 + u32::from(own % 15),
+                        label_keys(&labels, 16),
+                    );
+                    req.priority = i32::from(priority);
+                    req.max_tokens = max_tokens.map(u32::from);
+                    req.phase = match phase {
+                        0 => Phase::Prefill,
+                        1 => Phase::Decode,
+                        _ => Phase::Aggregated,
+                    };
+                    if mask % 5 == 0 {
+                        req.subset = Some(
+                            ids.iter()
+                                .enumerate()
+                                .filter(|(i, _)| mask >> (i % 16) & 1 == 1)
+                                .map(|(_, id)| *id)
+                                .collect(),
+                        );
+                    }
+                    req.explain = mask % 3 == 0;
+                    let mut reference_rng = rng.clone();
+                    let fast = r.pick(now, &req, &mut rng, None);
+                    REFERENCE.with(|f| f.set(true));
+                    let slow = r.pick(now, &req, &mut reference_rng, None);
+                    REFERENCE.with(|f| f.set(false));
+                    proptest::prop_assert_eq!(&fast, &slow, "{} request {}", policy, k);
+                    proptest::prop_assert_eq!(
+                        rand::RngCore::next_u64(&mut rng),
+                        rand::RngCore::next_u64(&mut reference_rng),
+                        "{} request {}: random numbers consumed", policy, k
+                    );
+                    let Ok(d) = fast else { continue };
+                    if book {
+                        r.book(now, &req, &d);
+                        if first {
+                            r.on_first_token(req.id, now + u64::from(dt % 200_000));
+                        }
+                        if finish {
+                            let out = Outcome {
+                                cached_tokens: Some(u32::from(own) * 8),
+                                tpot_us: Some(u64::from(dt % 50_000)),
+                                ..Default::default()
+                            };
+                            r.on_finish(req.id, now + u64::from(dt % 300_000), &out);
+                        }
+                    }
+                    // Failures and drains mid-run, so later picks meet penalties and last
+                    // resorts.
+                    if let Some(i) = eps.iter().position(|e| e.draining)
+                        && k == 2
+                    {
+                        r.drain_endpoint(now, ids[i]).unwrap();
+                    }
+                    if k == 4
+                        && let Some(d) = eps.iter().position(|e| e.failed)
+                    {
+                        let mut q = req.clone();
+                        q.id = 1_000_000;
+                        if let Some(dec) = r.decision_for(now, &q, ids[d], DecisionReason::LeastCost) {
+                            r.book(now, &q, &dec);
+                            r.on_failure(q.id, now + 1, FailureKind::ServerError);
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -26,8 +26,7 @@ use rand::{Rng, RngCore};
 use crate::config::Tuning;
 use crate::error::RouteError;
 use crate::policies::{
-    Candidate, Needs, Pick, PickContext, Picker, Scorer, argmax_random_ties, prefix_or_cost,
-    sample_weighted,
+    Candidate, Needs, Pick, PickContext, Picker, Scorer, argmax_random_ties, sample_weighted,
 };
 use crate::request::DecisionReason;
 
@@ -82,74 +81,120 @@ impl Picker for SoftmaxPicker {
         scores: &[f64],
         rng: &mut dyn RngCore,
     ) -> Result<Pick, RouteError> {
-        let t = ctx.tuning;
-        let reason_of = |i: usize| prefix_or_cost(&cands[i]);
-        // Hot-prefix rule.
-        // The best holder: most matched blocks, best score among equals.
-        let holder = (0..cands.len()).fold(None, |best: Option<usize>, i| match best {
-            Some(b)
-                if (cands[b].matched_blocks, scores[b]) >= (cands[i].matched_blocks, scores[i]) =>
-            {
-                Some(b)
-            }
-            _ => Some(i),
-        });
-        if let Some(h) = holder {
-            let held = cands[h].matched_blocks;
-            let wait = cands[h].cost.map_or(0.0, |c| c.queue_wait_us);
-            if held > 0
-                && wait > t.hot_prefix_wait_us as f64
-                && cands.iter().any(|c| c.matched_blocks < held)
-                && rng.random::<f64>() < t.hot_prefix_spill_fraction
-            {
-                // Only to endpoints with clearly shorter queues (under uniform overload a spill
-                // would just add a recompute to an equally long queue), and only where that
-                // recompute is small against the wait it relieves.
-                let max_wait = wait * t.hot_prefix_target_wait_fraction;
-                let block = f64::from(ctx.req.keys.block_size);
-                let recompute = |c: &Candidate<'_>| {
-                    let missing = f64::from(held.saturating_sub(c.matched_blocks)) * block;
+        Ok(softmax_pick(
+            ctx,
+            &SoftmaxInputs {
+                len: cands.len(),
+                matched_blocks: |i: usize| cands[i].matched_blocks,
+                queue_wait_us: |i: usize| cands[i].cost.map(|c| c.queue_wait_us),
+                recompute_us: |i: usize, missing: f64| {
+                    let c = &cands[i];
                     c.step
                         .prefill_time_us(missing, f64::from(c.estimate.running))
                         * c.prefill_speed
+                },
+            },
+            scores,
+            rng,
+        ))
+    }
+}
+
+/// What [`softmax_pick`] reads of candidate `i`: the host's [`Candidate`]s, or the router's
+/// leaner per-pick records for the same quantities (one picker, whichever the host holds).
+pub(crate) struct SoftmaxInputs<M, W, R> {
+    /// Number of candidates.
+    pub len: usize,
+    /// Matched prefix blocks, best source.
+    pub matched_blocks: M,
+    /// The cost model's predicted queue wait, µs, when the cost was computed.
+    pub queue_wait_us: W,
+    /// Time to recompute `missing` prefix tokens there (its coefficients, running sequences
+    /// and prefill speed), µs.
+    pub recompute_us: R,
+}
+
+/// [`SoftmaxPicker`]'s choice among `inputs.len` candidates with total `scores`.
+pub(crate) fn softmax_pick<M, W, R>(
+    ctx: &PickContext<'_>,
+    inputs: &SoftmaxInputs<M, W, R>,
+    scores: &[f64],
+    rng: &mut dyn RngCore,
+) -> Pick
+where
+    M: Fn(usize) -> u32,
+    W: Fn(usize) -> Option<f64>,
+    R: Fn(usize, f64) -> f64,
+{
+    let t = ctx.tuning;
+    let n = inputs.len;
+    let matched = &inputs.matched_blocks;
+    let reason_of = |i: usize| {
+        if matched(i) > 0 {
+            DecisionReason::PrefixHit
+        } else {
+            DecisionReason::LeastCost
+        }
+    };
+    // Hot-prefix rule.
+    // The best holder: most matched blocks, best score among equals.
+    let holder = (0..n).fold(None, |best: Option<usize>, i| match best {
+        Some(b) if (matched(b), scores[b]) >= (matched(i), scores[i]) => Some(b),
+        _ => Some(i),
+    });
+    if let Some(h) = holder {
+        let held = matched(h);
+        let wait = (inputs.queue_wait_us)(h).unwrap_or(0.0);
+        if held > 0
+            && wait > t.hot_prefix_wait_us as f64
+            && (0..n).any(|i| matched(i) < held)
+            && rng.random::<f64>() < t.hot_prefix_spill_fraction
+        {
+            // Only to endpoints with clearly shorter queues (under uniform overload a spill
+            // would just add a recompute to an equally long queue), and only where that
+            // recompute is small against the wait it relieves.
+            let max_wait = wait * t.hot_prefix_target_wait_fraction;
+            let block = f64::from(ctx.req.keys.block_size);
+            let recompute = |i: usize| {
+                let missing = f64::from(held.saturating_sub(matched(i))) * block;
+                (inputs.recompute_us)(i, missing)
+            };
+            let others = (0..n).filter(|&i| {
+                matched(i) < held
+                    && (inputs.queue_wait_us)(i).is_some_and(|w| w < max_wait)
+                    && recompute(i) * t.hot_prefix_recompute_ratio <= wait
+            });
+            if let Some(index) = argmax_random_ties(others, |i| scores[i], rng) {
+                return Pick {
+                    index,
+                    reason: DecisionReason::HotPrefixSpill,
                 };
-                let others = (0..cands.len()).filter(|&i| {
-                    cands[i].matched_blocks < held
-                        && cands[i].cost.is_some_and(|c| c.queue_wait_us < max_wait)
-                        && recompute(&cands[i]) * t.hot_prefix_recompute_ratio <= wait
-                });
-                if let Some(index) = argmax_random_ties(others, |i| scores[i], rng) {
-                    return Ok(Pick {
-                        index,
-                        reason: DecisionReason::HotPrefixSpill,
-                    });
-                }
             }
         }
-        let best = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        let temp = Self::temperature(t, ctx.max_signal_age_us);
-        if temp <= 0.0 || cands.len() == 1 {
-            let index = argmax_random_ties(0..cands.len(), |i| scores[i], rng).unwrap_or(0);
-            return Ok(Pick {
-                index,
-                reason: reason_of(index),
-            });
-        }
-        // Gaps relative to the best score; 1 ms floor keeps near-zero costs from exploding.
-        let scale = best.abs().max(1.0) * temp;
-        // Weights below e⁻⁴⁰ are zero for any practical purpose; skipping their `exp` keeps a
-        // thousand-candidate pick cheap.
-        let w: Vec<f64> = scores
-            .iter()
-            .map(|s| {
-                let x = (s - best) / scale;
-                if x < -40.0 { 0.0 } else { x.exp() }
-            })
-            .collect();
-        let index = sample_weighted(&w, rng);
-        Ok(Pick {
+    }
+    let best = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let temp = SoftmaxPicker::temperature(t, ctx.max_signal_age_us);
+    if temp <= 0.0 || n == 1 {
+        let index = argmax_random_ties(0..n, |i| scores[i], rng).unwrap_or(0);
+        return Pick {
             index,
             reason: reason_of(index),
+        };
+    }
+    // Gaps relative to the best score; 1 ms floor keeps near-zero costs from exploding.
+    let scale = best.abs().max(1.0) * temp;
+    // Weights below e⁻⁴⁰ are zero for any practical purpose; skipping their `exp` keeps a
+    // thousand-candidate pick cheap.
+    let w: Vec<f64> = scores
+        .iter()
+        .map(|s| {
+            let x = (s - best) / scale;
+            if x < -40.0 { 0.0 } else { x.exp() }
         })
+        .collect();
+    let index = sample_weighted(&w, rng);
+    Pick {
+        index,
+        reason: reason_of(index),
     }
 }

@@ -1,0 +1,91 @@
+//! A fixed-count driver of `Router::pick` on the bench's fleet (`benches/route.rs`), for
+//! repeatable instruction counts on a noisy machine:
+//!
+//! `cargo build --release -p kvgate-core --example pick_profile && valgrind --tool=callgrind
+//! --collect-atstart=no --toggle-collect='*pick_loop*' target/release/examples/pick_profile
+//! 1000 1024 200`
+//!
+//! Arguments: endpoints, prompt tokens, picks. Instructions per pick = the callgrind total
+//! divided by the number of picks.
+
+use std::hint::black_box;
+
+use kvgate_core::testing::{label_keys, label_stored};
+use kvgate_core::{
+    EndpointSpec, KvEventBatch, MetricsSample, Router, RouterConfig, RoutingRequest, Tier,
+};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+const BLOCK: u32 = 16;
+
+/// The bench's fleet: `n` endpoints with a scraped sample and 20 private 100-block
+/// conversations each, and a 1,024-block shared chain on every tenth.
+fn fleet(n: usize) -> (Router, Vec<u64>) {
+    let mut rng = ChaCha8Rng::seed_from_u64(42);
+    let mut r = Router::new(RouterConfig::for_policy("kvgate").unwrap()).unwrap();
+    let shared: Vec<u64> = (0..1024).map(|_| rng.random()).collect();
+    let stored = |seq, labels: Vec<u64>| KvEventBatch {
+        seq,
+        ts: 0.0,
+        events: vec![label_stored(&labels, BLOCK, Tier::Gpu)],
+        data_parallel_rank: None,
+    };
+    for i in 0..n {
+        let id = r.add_endpoint(
+            0,
+            EndpointSpec::new(format!("10.0.{}.{}:8000", i / 256, i % 256), "m"),
+        );
+        r.observe_metrics(
+            id,
+            1_000,
+            &MetricsSample {
+                waiting: rng.random_range(0..4),
+                running: rng.random_range(0..32),
+                kv_usage: Some(rng.random_range(0.1..0.8)),
+                ..Default::default()
+            },
+        );
+        let mut seq = 0;
+        if i % 10 == 0 {
+            r.observe_kv_batch(id, 1_000, &stored(seq, shared.clone()));
+            seq += 1;
+        }
+        for _ in 0..20 {
+            let conv: Vec<u64> = (0..100).map(|_| rng.random()).collect();
+            r.observe_kv_batch(id, 1_000, &stored(seq, conv));
+            seq += 1;
+        }
+    }
+    (r, shared)
+}
+
+#[inline(never)]
+fn pick_loop(r: &Router, req: &RoutingRequest, picks: usize, rng: &mut ChaCha8Rng) -> u64 {
+    let mut sum = 0u64;
+    for _ in 0..picks {
+        let d = black_box(r.pick(2_000, req, rng, None).unwrap());
+        sum = sum.wrapping_add(u64::from(d.primary.0));
+    }
+    sum
+}
+
+fn main() {
+    let args: Vec<usize> = std::env::args()
+        .skip(1)
+        .map(|a| a.parse().expect("endpoints tokens picks"))
+        .collect();
+    let (n, tokens, picks) = match args[..] {
+        [n, t, p] => (n, t as u32, p),
+        _ => (1000, 1024, 200),
+    };
+    let (r, shared) = fleet(n);
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let blocks = (tokens / BLOCK) as usize;
+    let mut labels: Vec<u64> = shared[..(blocks / 2).min(shared.len())].to_vec();
+    while labels.len() < blocks {
+        labels.push(rng.random());
+    }
+    let req = RoutingRequest::new(1, "m", tokens, label_keys(&labels, BLOCK));
+    println!("{}", pick_loop(&r, &req, picks, &mut rng));
+}
