@@ -531,6 +531,13 @@ impl PrefixMatches {
     }
 }
 
+/// Per endpoint, the run of precise blocks a [`PrefixIndex::longest_prefixes_with_precise`]
+/// walk followed; read through [`PrefixIndex::precise_prefix_with`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PreciseRuns {
+    runs: Vec<u32>,
+}
+
 /// Tuning of the index.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct IndexConfig {
@@ -921,9 +928,15 @@ impl PrefixIndex {
         chain: &[u64],
         blocks: &mut [u32],
         gpu: &mut [u32],
+        precise: &mut [u32],
         accept: impl Fn(&Holder) -> Option<bool>,
     ) {
-        let flush = |run: &mut Option<(View<'_>, u32)>, blocks: &mut [u32], gpu: &mut [u32]| {
+        // `precise` (empty, or one per endpoint) counts, like `gpu`, the run from the start of
+        // blocks accepted as precise entries.
+        let flush = |run: &mut Option<(View<'_>, u32)>,
+                     blocks: &mut [u32],
+                     gpu: &mut [u32],
+                     precise: &mut [u32]| {
             if let Some((prev, pending)) = run.take()
                 && pending > 0
             {
@@ -931,6 +944,12 @@ impl PrefixIndex {
                     let e = h.ep as usize;
                     if let Some(on_gpu) = accept(&h) {
                         let kept = gpu[e] == blocks[e];
+                        if let Some(p) = precise.get_mut(e)
+                            && *p == blocks[e]
+                            && h.flags & TIERS != 0
+                        {
+                            *p += pending;
+                        }
                         blocks[e] += pending;
                         if on_gpu && kept {
                             gpu[e] += pending;
@@ -951,7 +970,7 @@ impl PrefixIndex {
                 *pending += 1;
                 continue;
             }
-            flush(&mut run, blocks, gpu);
+            flush(&mut run, blocks, gpu, precise);
             let mut advanced = 0usize;
             for h in hs.iter() {
                 let e = h.ep as usize;
@@ -963,6 +982,12 @@ impl PrefixIndex {
                     if on_gpu && gpu[e] == i {
                         gpu[e] = i + 1;
                     }
+                    if let Some(p) = precise.get_mut(e)
+                        && *p == i
+                        && h.flags & TIERS != 0
+                    {
+                        *p = i + 1;
+                    }
                     advanced += 1;
                 }
             }
@@ -973,7 +998,7 @@ impl PrefixIndex {
                 run = Some((hs, 0));
             }
         }
-        flush(&mut run, blocks, gpu);
+        flush(&mut run, blocks, gpu, precise);
     }
 
     /// Consecutive blocks of `chain`, from the start, that `id` holds as precise entries in any
@@ -1030,17 +1055,79 @@ impl PrefixIndex {
         let trusted = |ep: u32| trust.get(ep as usize).copied().unwrap_or(false);
         let approx_any = |h: &Holder| self.approx_fresh(h, now, ttl).then_some(true);
         if q.source == PrefixSource::ApproxOnly || !q.precise {
-            self.walk(q.chain, &mut out.blocks, &mut out.gpu_blocks, approx_any);
+            self.walk(
+                q.chain,
+                &mut out.blocks,
+                &mut out.gpu_blocks,
+                &mut [],
+                approx_any,
+            );
             return out;
         }
-        self.walk(q.chain, &mut out.blocks, &mut out.gpu_blocks, |h| {
-            if trusted(h.ep) && h.flags & TIERS != 0 {
-                Some(h.flags & GPU != 0)
-            } else {
-                approx_any(h)
-            }
-        });
+        self.walk(
+            q.chain,
+            &mut out.blocks,
+            &mut out.gpu_blocks,
+            &mut [],
+            |h| {
+                if trusted(h.ep) && h.flags & TIERS != 0 {
+                    Some(h.flags & GPU != 0)
+                } else {
+                    approx_any(h)
+                }
+            },
+        );
         out
+    }
+
+    /// [`PrefixIndex::longest_prefixes`], and from the same walk what
+    /// [`PrefixIndex::precise_prefix`] answers for the endpoints trusted now: a pick needs both
+    /// for its chosen endpoint, and for a long shared prefix the second walk cost as much as
+    /// the first. A trusted endpoint's precise entries are always accepted by a `Best` query
+    /// over a precise chain, so its run of precise blocks from the start is followed to its
+    /// end; read it through [`PrefixIndex::precise_prefix_with`], which walks afresh for
+    /// the endpoints (untrusted) or queries (approximate) where it is not.
+    pub fn longest_prefixes_with_precise(
+        &self,
+        q: &PrefixQuery<'_>,
+    ) -> (PrefixMatches, PreciseRuns) {
+        if q.source != PrefixSource::Best || !q.precise {
+            return (self.longest_prefixes(q), PreciseRuns::default());
+        }
+        let n = self.eps.len();
+        let mut out = PrefixMatches {
+            blocks: vec![0; n],
+            gpu_blocks: vec![0; n],
+        };
+        let mut runs = vec![0; n];
+        let now = q.now_us;
+        let ttl = self.cfg.approx_ttl_us;
+        let trust = &self.trust;
+        let trusted = |ep: u32| trust.get(ep as usize).copied().unwrap_or(false);
+        self.walk(
+            q.chain,
+            &mut out.blocks,
+            &mut out.gpu_blocks,
+            &mut runs,
+            |h| {
+                if trusted(h.ep) && h.flags & TIERS != 0 {
+                    Some(h.flags & GPU != 0)
+                } else {
+                    self.approx_fresh(h, now, ttl).then_some(true)
+                }
+            },
+        );
+        (out, PreciseRuns { runs })
+    }
+
+    /// [`PrefixIndex::precise_prefix`] of `id` over `chain`, taken from `runs` (of a
+    /// [`PrefixIndex::longest_prefixes_with_precise`] query of `chain` on this index, unchanged
+    /// since) when `id` is trusted, walked afresh otherwise.
+    pub fn precise_prefix_with(&self, runs: &PreciseRuns, id: EndpointId, chain: &[u64]) -> u32 {
+        match runs.runs.get(id.0 as usize) {
+            Some(&n) if self.is_trusted(id) => n,
+            _ => self.precise_prefix(id, chain),
+        }
     }
 
     /// Counts keys, holder entries and heap bytes. Heap bytes are the capacities of every
@@ -1237,6 +1324,21 @@ mod tests {
                 for ep in 0..4u32 {
                     let id = EndpointId(ep);
                     prop_assert_eq!(idx.longest_prefix_of(id, &q), (all.blocks(id), all.gpu_blocks(id)));
+                }
+            }
+            // The walk that also follows precise runs matches as the plain one, and answers
+            // `precise_prefix` for every endpoint, for every source.
+            for source in [PrefixSource::Best, PrefixSource::ApproxOnly] {
+                let q = PrefixQuery { chain: &chain, precise, now_us: now, source };
+                let (all, runs) = idx.longest_prefixes_with_precise(&q);
+                prop_assert_eq!(&all, &idx.longest_prefixes(&q));
+                for ep in 0..4u32 {
+                    let id = EndpointId(ep);
+                    prop_assert_eq!(
+                        idx.precise_prefix_with(&runs, id, &chain),
+                        idx.precise_prefix(id, &chain),
+                        "endpoint {}", ep
+                    );
                 }
             }
             // Approx-only source ignores precise entries and trust.

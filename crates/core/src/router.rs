@@ -1020,7 +1020,7 @@ impl Router {
         }
         let t = &self.tuning;
         let calibration = self.calibration();
-        let prefix = self.index.longest_prefixes(&PrefixQuery {
+        let (prefix, precise_runs) = self.index.longest_prefixes_with_precise(&PrefixQuery {
             chain: &req.keys.keys,
             precise: req.keys.precise,
             now_us,
@@ -1147,10 +1147,10 @@ impl Router {
             fallbacks,
             reason,
             matched_blocks: chosen.matched_blocks,
-            precise_matched_blocks: req
-                .keys
-                .precise
-                .then(|| self.index.precise_prefix(chosen.id, &req.keys.keys)),
+            precise_matched_blocks: req.keys.precise.then(|| {
+                self.index
+                    .precise_prefix_with(&precise_runs, chosen.id, &req.keys.keys)
+            }),
             predicted_ttft_us: Some((chosen.queue_wait_us + chosen.prefill_us) as u64),
             booking,
             candidates: Vec::new(),
