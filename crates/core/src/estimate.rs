@@ -392,6 +392,7 @@ impl EndpointLoad {
 
     /// The estimate at `now_us`, with `default_capacity_blocks` when the sample reports no
     /// capacity: the kept estimate with its age when the capacity is the kept one.
+    #[inline]
     pub fn estimate(&self, now_us: u64, default_capacity_blocks: u64) -> LoadEstimate {
         #[cfg(test)]
         if crate::router::reference() {

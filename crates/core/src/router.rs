@@ -86,7 +86,8 @@ use crate::engine_keys::EngineKeys;
 use crate::error::{CoreError, RouteError};
 use crate::estimate::{Booking, CalibrationParams, EndpointLoad, LoadEstimate};
 use crate::index::{
-    ApplyOutcome, IndexConfig, IndexMemory, PrefixIndex, PrefixQuery, PrefixSource, tier_bit,
+    ApplyOutcome, IndexConfig, IndexMemory, PreciseRuns, PrefixIndex, PrefixQuery, PrefixSource,
+    tier_bit,
 };
 use crate::kv_seq::{KvSequence, SeqOutcome};
 use crate::learn::StepModel;
@@ -333,6 +334,8 @@ type Eligible<'a> = (Vec<(EndpointId, &'a Entry)>, bool);
 /// The candidates of one pick as its plugins see them.
 struct Described<'a> {
     cands: Vec<Candidate<'a>>,
+    /// Precise runs from the prefix walk, when the profile asked for prefixes.
+    precise_runs: PreciseRuns,
     /// Oldest signal age among them, µs.
     max_signal_age_us: u64,
 }
@@ -934,6 +937,7 @@ impl Router {
             Vec::new()
         };
         let mut cands = described.cands;
+        let precise_runs = described.precise_runs;
         let ctx = PickContext {
             now_us,
             req,
@@ -982,10 +986,10 @@ impl Router {
             fallbacks,
             reason,
             matched_blocks: chosen.matched_blocks.max(chosen.approx_matched_blocks),
-            precise_matched_blocks: req
-                .keys
-                .precise
-                .then(|| self.index.precise_prefix(chosen.id, &req.keys.keys)),
+            precise_matched_blocks: req.keys.precise.then(|| {
+                self.index
+                    .precise_prefix_with(&precise_runs, chosen.id, &req.keys.keys)
+            }),
             predicted_ttft_us,
             booking,
             candidates: reports,
@@ -1037,8 +1041,11 @@ impl Router {
                 .sample_age_us
                 .unwrap_or(now_us.saturating_sub(e.added_at_us));
             max_age = max_age.max(age);
-            saturated &= estimate.waiting >= t.shed_queue_threshold
-                || estimate.kv_usage() >= t.kv_cliff_fraction;
+            // Only a sheddable request asks (as the host's shedding stage does).
+            if req.priority < 0 {
+                saturated &= estimate.waiting >= t.shed_queue_threshold
+                    || estimate.kv_usage() >= t.kv_cliff_fraction;
+            }
             let prefill_speed = e.load.prefill_speed.at(now_us, calibration);
             let (matched_blocks, matched_gpu_blocks) = (prefix.blocks(id), prefix.gpu_blocks(id));
             // A pure function of the match: most candidates share theirs (none, or the whole
@@ -1227,6 +1234,13 @@ impl Router {
                 self.order.values().copied().collect::<Vec<_>>()
             );
         }
+        let class = |e: &Entry| match (e.state, self.penalised(e, now_us)) {
+            (EndpointState::Ready, false) => 0,
+            (EndpointState::Ready, true) => 1,
+            _ => 2,
+        };
+        // Endpoints per class, so the narrowing below is skipped when all share one.
+        let mut per_class = [0usize; 3];
         for &id in &self.order_ids {
             let Some(e) = self.entry(id) else { continue };
             if !e.spec.models.contains(&req.model) {
@@ -1234,6 +1248,7 @@ impl Router {
             }
             model_known = true;
             if self.eligible(e, id, req) {
+                per_class[class(e)] += 1;
                 ids.push((id, e));
             }
         }
@@ -1247,13 +1262,10 @@ impl Router {
                 model: req.model.clone(),
             });
         }
-        let class = |e: &Entry| match (e.state, self.penalised(e, now_us)) {
-            (EndpointState::Ready, false) => 0,
-            (EndpointState::Ready, true) => 1,
-            _ => 2,
-        };
-        let best_class = ids.iter().map(|(_, e)| class(e)).min().unwrap_or(0);
-        ids.retain(|(_, e)| class(e) == best_class);
+        let best_class = per_class.iter().position(|n| *n > 0).unwrap_or(0);
+        if per_class[best_class] < ids.len() {
+            ids.retain(|(_, e)| class(e) == best_class);
+        }
         Ok((ids, best_class == 2))
     }
 
@@ -1272,13 +1284,16 @@ impl Router {
     ) -> Described<'a> {
         let t = &self.tuning;
         let calibration = self.calibration();
+        let mut precise_runs = PreciseRuns::default();
         let prefix = needs.prefix.then(|| {
-            self.index.longest_prefixes(&PrefixQuery {
+            let (matches, runs) = self.index.longest_prefixes_with_precise(&PrefixQuery {
                 chain: &req.keys.keys,
                 precise: req.keys.precise,
                 now_us,
                 source: PrefixSource::Best,
-            })
+            });
+            precise_runs = runs;
+            matches
         });
         let approx_prefix = needs.approx_prefix.then(|| {
             self.index.longest_prefixes(&PrefixQuery {
@@ -1346,6 +1361,7 @@ impl Router {
         }
         Described {
             cands,
+            precise_runs,
             max_signal_age_us: max_age,
         }
     }
