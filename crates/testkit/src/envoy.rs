@@ -384,6 +384,11 @@ impl Envoy {
         self.proc.tail()
     }
 
+    /// The Envoy process id (benchmarks read its CPU time from `/proc/<pid>/stat`).
+    pub fn pid(&self) -> u32 {
+        self.proc.id()
+    }
+
     /// Where the config lives.
     pub fn dir(&self) -> &Path {
         self.proc.dir().expect("envoy owns its config dir")
