@@ -51,13 +51,20 @@
 //!   booking, a first token, a release) or its hardware prior changes. The estimator
 //!   ([`crate::estimate`]) recomputes it, with the same function, at each of those and a pick
 //!   adds the age. Debug builds recompute it on every read and assert equality.
-//! * **kvgate's pipeline without [`Candidate`]s** ([`Router::pick_kvgate`]): a profile that is
+//! * **kvgate's pipeline without [`Candidate`]s** (`Router::pick_kvgate`): a profile that is
 //!   exactly the adapter filter, kvgate's cost scorer and the softmax picker (known from the
 //!   config's kinds; custom plugins never qualify), for a request without an adapter and not
 //!   explained, is scored on small per-pick records holding only what the scorer, the picker
-//!   ([`crate::policies::kvgate::softmax_pick`], the one implementation both paths call),
+//!   (`policies::kvgate::softmax_pick`, the one implementation both paths call),
 //!   shedding and booking read. Uncached tokens and new KV blocks, a pure function of the
 //!   match, are computed once per distinct match.
+//! * **One index walk.** The chosen endpoint's precise prefix (for the cache contract) is
+//!   read from the pick's own walk for trusted endpoints
+//!   ([`PrefixIndex::longest_prefixes_with_precise`]) instead of a second walk of the chain.
+//! * **Cheaper eligibility.** An endpoint serving one model keeps its name's interned number
+//!   (numbers are equal exactly when names are), so a pick compares numbers instead of
+//!   chasing two pointers to a string per endpoint; classes are counted as candidates are
+//!   collected and the narrowing runs only when they differ.
 //! * **Fallbacks in one pass** keeping the best `max_fallbacks` in (score, address) order,
 //!   instead of one scan per fallback; the cost model rounds up without a library call
 //!   ([`crate::cost`]); address order is kept as a slice, not walked in the map.
@@ -71,8 +78,16 @@
 //! work there.
 //!
 //! Test-only, `reference()` switches a thread to the straightforward path (estimates from
-//! scratch, library rounding, the map's order, fallbacks by scans, every profile through
-//! [`Candidate`]s); a property test holds the two equal decision by decision on random fleets.
+//! scratch, library rounding, the map's order, model names compared as strings, a separate
+//! walk for the precise prefix, fallbacks by scans, every profile through [`Candidate`]s); a
+//! property test holds the two equal decision by decision on random fleets.
+//!
+//! What remains is linear in the endpoints (measured with callgrind on the benchmark fleet,
+//! ~460 instructions per endpoint for a 1k-token prompt): the cost model (~90, divisions and
+//! integer conversions), `exp` for the softmax weight (~50), the softmax and fallback passes,
+//! reading the kept estimate, and eligibility; and, in wall time, the cache misses of touching
+//! each endpoint's record. Long prompts add the index walk of their shared prefix, one table
+//! probe per block.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -278,6 +293,10 @@ struct Entry {
     model: StepModel,
     /// Its resolved hardware class (the key of the class fit it is anchored at).
     class: String,
+    /// The interned id of its model when it serves exactly one ([`Router::model_ids`]), so
+    /// eligibility compares a number instead of chasing two pointers to a string; `None`
+    /// when it serves several (checked by name).
+    single_model: Option<u32>,
 }
 
 impl Entry {
@@ -399,6 +418,9 @@ pub struct Router {
     /// class's fit, refreshed whenever it learns), pruned as they learn or leave: a finish
     /// touches the class's unserved endpoints, not every endpoint ever added.
     unserved: HashMap<String, Vec<EndpointId>>,
+    /// Every model name an endpoint was ever declared with, numbered in order of appearance
+    /// (bounded by the configuration's distinct names; never shrinks).
+    model_ids: HashMap<String, u32>,
     /// Reused buffer for translated keys (no allocation per KV event).
     scratch_keys: Vec<u64>,
     rotation: u64,
@@ -465,6 +487,7 @@ impl Router {
             bookings: HashMap::new(),
             class_fits: HashMap::new(),
             unserved: HashMap::new(),
+            model_ids: HashMap::new(),
             scratch_keys: Vec::new(),
             rotation: 0,
             clock_us: 0,
@@ -517,6 +540,28 @@ impl Router {
         self.clock_us = self.clock_us.max(now_us);
     }
 
+    /// Interns `spec`'s model if it serves exactly one ([`Entry::single_model`]).
+    fn single_model(&mut self, spec: &EndpointSpec) -> Option<u32> {
+        let [model] = &spec.models[..] else {
+            return None;
+        };
+        let next = self.model_ids.len() as u32;
+        Some(*self.model_ids.entry(model.clone()).or_insert(next))
+    }
+
+    /// Whether `e` serves `model`, whose interned id (if any endpoint was ever declared with
+    /// it alone) is `interned`: ids are equal exactly when names are.
+    fn serves_model(e: &Entry, model: &str, interned: Option<u32>) -> bool {
+        #[cfg(test)]
+        if reference() {
+            return e.spec.models.iter().any(|m| m == model);
+        }
+        match e.single_model {
+            Some(id) => interned == Some(id),
+            None => e.spec.models.iter().any(|m| m == model),
+        }
+    }
+
     fn entry(&self, id: EndpointId) -> Option<&Entry> {
         self.slots.get(id.0 as usize).and_then(Option::as_ref)
     }
@@ -531,12 +576,14 @@ impl Router {
     /// ready again and returns its existing id (membership sources may repeat themselves).
     pub fn add_endpoint(&mut self, now_us: u64, spec: EndpointSpec) -> EndpointId {
         self.tick(now_us);
+        let single_model = self.single_model(&spec);
         let class = self.tuning.resolve_class(&spec.hardware_class).to_owned();
         let prior = self.tuning.prior(&class);
         if let Some(&id) = self.by_address.get(&spec.address) {
             let fit = self.class_fits.get(&class);
             if let Some(e) = self.slots.get_mut(id.0 as usize).and_then(Option::as_mut) {
                 e.spec = spec;
+                e.single_model = single_model;
                 e.state = EndpointState::Ready;
                 if e.set_prior(&class, prior, fit) {
                     note_unserved(&mut self.unserved, class, id);
@@ -553,6 +600,7 @@ impl Router {
         self.order.insert(spec.address.clone(), id);
         self.order_ids = self.order.values().copied().collect();
         self.slots.push(Some(Entry {
+            single_model,
             spec,
             state: EndpointState::Ready,
             added_at_us: now_us,
@@ -580,6 +628,7 @@ impl Router {
 
     /// Replaces an endpoint's spec (address changes are re-keyed).
     pub fn update_endpoint(&mut self, id: EndpointId, spec: EndpointSpec) -> Result<(), CoreError> {
+        let single_model = self.single_model(&spec);
         let class = self.tuning.resolve_class(&spec.hardware_class).to_owned();
         let prior = self.tuning.prior(&class);
         let fit = self.class_fits.get(&class);
@@ -590,6 +639,7 @@ impl Router {
             .filter(|e| e.state != EndpointState::Gone)
             .ok_or(CoreError::UnknownEndpoint { id })?;
         let old = std::mem::replace(&mut e.spec, spec);
+        e.single_model = single_model;
         if e.set_prior(&class, prior, fit) {
             note_unserved(&mut self.unserved, class, id);
         }
@@ -1241,9 +1291,10 @@ impl Router {
         };
         // Endpoints per class, so the narrowing below is skipped when all share one.
         let mut per_class = [0usize; 3];
+        let interned = self.model_ids.get(&req.model).copied();
         for &id in &self.order_ids {
             let Some(e) = self.entry(id) else { continue };
-            if !e.spec.models.contains(&req.model) {
+            if !Self::serves_model(e, &req.model, interned) {
                 continue;
             }
             model_known = true;
@@ -2314,6 +2365,9 @@ mod tests {
                         spec.hardware_class = "a100".into();
                     }
                     spec.relative_cost = f64::from(d.relative_cost);
+                    if d.relative_cost == 2 {
+                        spec.models.push("x".into());
+                    }
                     let id = r.add_endpoint(0, spec);
                     if let Some((waiting, running, kv, cap, at)) = d.sample {
                         r.observe_metrics(id, at, &MetricsSample {
@@ -2342,7 +2396,7 @@ mod tests {
                     labels.extend((0..u64::from(own)).map(|j| 10_000 + (k as u64 % 3) * 100 + j));
                     let mut req = RoutingRequest::new(
                         k as u64,
-                        "m",
+                        ["m", "m", "m", "m", "x", "other", "unknown"][k % 7],
                         labels.len() as u32 * 16 + 1 + u32::from(own % 15),
                         label_keys(&labels, 16),
                     );
