@@ -923,7 +923,7 @@ impl PrefixIndex {
     /// block's (fingerprint compare) and every holder advanced there, every holder advances here
     /// too, so the walk only counts the run and applies it once when the holders change: O(1)
     /// per block instead of one visit per holder per block.
-    fn walk(
+    fn walk<const PRECISE: bool>(
         &self,
         chain: &[u64],
         blocks: &mut [u32],
@@ -931,8 +931,8 @@ impl PrefixIndex {
         precise: &mut [u32],
         accept: impl Fn(&Holder) -> Option<bool>,
     ) {
-        // `precise` (empty, or one per endpoint) counts, like `gpu`, the run from the start of
-        // blocks accepted as precise entries.
+        // With `PRECISE`, `precise` (one per endpoint) counts, like `gpu`, the run from the
+        // start of blocks accepted as precise entries; without, the walk is the plain one.
         let flush = |run: &mut Option<(View<'_>, u32)>,
                      blocks: &mut [u32],
                      gpu: &mut [u32],
@@ -944,7 +944,8 @@ impl PrefixIndex {
                     let e = h.ep as usize;
                     if let Some(on_gpu) = accept(&h) {
                         let kept = gpu[e] == blocks[e];
-                        if let Some(p) = precise.get_mut(e)
+                        if PRECISE
+                            && let Some(p) = precise.get_mut(e)
                             && *p == blocks[e]
                             && h.flags & TIERS != 0
                         {
@@ -982,7 +983,8 @@ impl PrefixIndex {
                     if on_gpu && gpu[e] == i {
                         gpu[e] = i + 1;
                     }
-                    if let Some(p) = precise.get_mut(e)
+                    if PRECISE
+                        && let Some(p) = precise.get_mut(e)
                         && *p == i
                         && h.flags & TIERS != 0
                     {
@@ -1055,7 +1057,7 @@ impl PrefixIndex {
         let trusted = |ep: u32| trust.get(ep as usize).copied().unwrap_or(false);
         let approx_any = |h: &Holder| self.approx_fresh(h, now, ttl).then_some(true);
         if q.source == PrefixSource::ApproxOnly || !q.precise {
-            self.walk(
+            self.walk::<false>(
                 q.chain,
                 &mut out.blocks,
                 &mut out.gpu_blocks,
@@ -1064,7 +1066,7 @@ impl PrefixIndex {
             );
             return out;
         }
-        self.walk(
+        self.walk::<false>(
             q.chain,
             &mut out.blocks,
             &mut out.gpu_blocks,
@@ -1104,7 +1106,7 @@ impl PrefixIndex {
         let ttl = self.cfg.approx_ttl_us;
         let trust = &self.trust;
         let trusted = |ep: u32| trust.get(ep as usize).copied().unwrap_or(false);
-        self.walk(
+        self.walk::<true>(
             q.chain,
             &mut out.blocks,
             &mut out.gpu_blocks,
