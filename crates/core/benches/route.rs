@@ -5,6 +5,9 @@
 //!
 //! Index memory per entry, fresh and after churn, has its own deterministic report:
 //! `cargo run --release -p kvgate-core --example index_memory`.
+//!
+//! Instruction counts of `Router::pick` on the same fleet, repeatable where wall time is not:
+//! `examples/pick_profile.rs` under callgrind (the command is in its docs).
 
 use std::hint::black_box;
 
