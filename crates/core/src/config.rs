@@ -136,12 +136,15 @@ pub struct ProfileConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Tuning {
-    /// KV use after admission above which the cost model penalises an endpoint. 0.9: vLLM
-    /// starts preempting when free blocks run out, and the published cliff is at ~85–90%; the
-    /// estimate already includes the request's own blocks, so 0.9 leaves one request's worth.
+    /// KV use above which the cost model charges a request for the blocks it adds (the part
+    /// of its blocks past this line; see [`crate::cost`]). 0.9: vLLM starts preempting when
+    /// free blocks run out, and the published cliff is at ~85–90%; the estimate already
+    /// includes the request's own blocks, so 0.9 leaves one request's worth.
     pub kv_cliff_fraction: f64,
-    /// TTFT multiplier slope past the cliff (×(1 + 10·over)). 10: at the halfway point between
-    /// the cliff and full, an endpoint needs a 6× shorter queue to win, i.e. steep, not absolute.
+    /// TTFT multiplier slope per unit of overshoot (×(1 + 10·over), `over` being the request's
+    /// own share of the room between the cliff and full). 10: a request that alone would take a
+    /// pod from the cliff halfway to full needs a 6× shorter queue there to win, i.e. steep,
+    /// not absolute.
     pub kv_cliff_steepness: f64,
     /// Additive cost at full overshoot, µs. 1 s: order of a preempted request's recompute.
     pub kv_cliff_preemption_cost_us: u64,

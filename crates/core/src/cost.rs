@@ -18,11 +18,19 @@
 //! TTFT-greedy and free to add holders of a prefix, and under load it keeps requests on their
 //! caches (see [`crate::Tuning::prefill_work_weight`]).
 //!
-//! The KV cliff: if the endpoint's estimated KV use after admitting this request would exceed
-//! `kv_cliff_fraction`, the TTFT is multiplied by `1 + kv_cliff_steepness · over` and
-//! `kv_cliff_preemption_cost_us · over` is added, with `over = (use − cliff) / (1 − cliff)`.
-//! Steep, so a pod about to preempt is avoided while any other pod has room, but finite, so a
-//! fleet that is uniformly full still routes by the rest of the cost.
+//! The KV cliff: with `past(use) = max(0, (use − cliff) / (1 − cliff))` (`cliff` is
+//! `kv_cliff_fraction`), the request is charged for the part of the way past the cliff that
+//! *it* adds, `over = past(use after admitting it) − past(use before)`: the TTFT is multiplied
+//! by `1 + kv_cliff_steepness · over` and `kv_cliff_preemption_cost_us · over` is added. Steep,
+//! so a request that would push a pod into preemption goes where it fits, but finite, and
+//! marginal: a pod already past the cliff preempts whether or not this request goes there, and
+//! what decides how much worse it gets is how many blocks the request adds. A prefix hit adds
+//! its few uncached blocks; the same request sent elsewhere as a miss adds the whole prompt.
+//! Charging the level instead (`past(use after)`) sent hits away from holders whose caches
+//! were full onto other pods as misses, which filled those pods in turn: in `kvgate demo`'s
+//! scenario (8 mixed H100/A100 pods of 8,000 blocks, 4 router replicas, 8k-token shared
+//! prompts) that lost a fifth of the prefix hits and collapsed at 1.19× the workload's rate,
+//! where the marginal charge sustains 1.76× (Dynamo's cost, which ignores KV use: 1.61×).
 
 use serde::{Deserialize, Serialize};
 
@@ -141,6 +149,16 @@ pub(crate) fn ceil(x: f64) -> f64 {
     }
 }
 
+/// How much further past the KV cliff admitting a request takes an endpoint, from KV use
+/// `before` to `after` (fractions of capacity), in units of the room between the cliff and full
+/// (see the module docs).
+#[inline]
+pub fn cliff_overshoot(before: f64, after: f64, tuning: &Tuning) -> f64 {
+    let cliff = tuning.kv_cliff_fraction;
+    let past = |u: f64| ((u - cliff) / (1.0 - cliff)).max(0.0);
+    past(after) - past(before)
+}
+
 /// Uncached prompt tokens given a match (`blocks` any tier, `gpu_blocks` on GPU).
 pub fn uncached_tokens(
     prompt_tokens: u32,
@@ -208,8 +226,7 @@ pub fn kvgate_cost(
     let queue_raw = prior.prefill_time_us(queued, running);
     let cap = est.kv_capacity_blocks.max(1) as f64;
     let kv_after = (est.kv_blocks + new_blocks) as f64 / cap;
-    let cliff = tuning.kv_cliff_fraction;
-    let over = ((kv_after - cliff) / (1.0 - cliff)).max(0.0);
+    let over = cliff_overshoot(est.kv_blocks as f64 / cap, kv_after, tuning);
     let base = total_raw * speed;
     let cliff_penalty_us =
         base * tuning.kv_cliff_steepness * over + tuning.kv_cliff_preemption_cost_us as f64 * over;
@@ -283,9 +300,37 @@ mod tests {
         };
         let calm = kvgate_cost(&p, &est, 1.0, 1000.0, 10, 0.0, &t);
         assert_eq!(calm.cliff_penalty_us, 0.0);
-        est.kv_blocks = 950;
-        let full = kvgate_cost(&p, &est, 1.0, 1000.0, 10, 0.0, &t);
+        // A request that takes the pod from below the cliff to nearly full.
+        est.kv_blocks = 850;
+        let full = kvgate_cost(&p, &est, 1.0, 1000.0, 140, 0.0, &t);
         assert!(full.ttft_us > 5.0 * calm.ttft_us && full.ttft_us.is_finite());
+    }
+
+    /// The cliff charges what the request adds past it, not where the pod already is: on a pod
+    /// past the cliff, a prefix hit adding a few blocks costs far less than a miss adding the
+    /// whole prompt on a pod just below it (charging the level sent hits away from full holders
+    /// as misses elsewhere, which then filled those pods).
+    #[test]
+    fn the_cliff_charges_what_the_request_adds() {
+        let t = Tuning::default();
+        let p = HardwarePrior::H100_LLAMA31_8B;
+        let est = |kv_blocks| LoadEstimate {
+            kv_capacity_blocks: 8000,
+            kv_blocks,
+            ..Default::default()
+        };
+        let hit_on_full_holder = kvgate_cost(&p, &est(7600), 1.0, 400.0, 38, 0.0, &t);
+        let miss_elsewhere = kvgate_cost(&p, &est(6900), 1.0, 8400.0, 538, 0.0, &t);
+        assert!(hit_on_full_holder.cliff_penalty_us > 0.0);
+        assert!(
+            hit_on_full_holder.routing_cost_us < miss_elsewhere.routing_cost_us,
+            "{hit_on_full_holder:?} vs {miss_elsewhere:?}"
+        );
+        assert!(
+            (cliff_overshoot(0.95, 0.95 + 38.0 / 8000.0, &t) - 38.0 / 800.0).abs() < 1e-9,
+            "the overshoot is the request's own share of the room past the cliff"
+        );
+        assert_eq!(cliff_overshoot(0.5, 0.8, &t), 0.0);
     }
 
     #[test]

@@ -46,8 +46,7 @@ pub fn oracle_ttft_us(ctx: &PickContext<'_>, c: &Candidate<'_>, t: &TrueLoad) ->
         ctx.tuning,
     );
     let kv_after = t.kv_usage + new_blocks as f64 / cap;
-    let cliff = ctx.tuning.kv_cliff_fraction;
-    let over = ((kv_after - cliff) / (1.0 - cliff)).max(0.0);
+    let over = crate::cost::cliff_overshoot(t.kv_usage, kv_after, ctx.tuning);
     base * (1.0 + ctx.tuning.kv_cliff_steepness * over)
         + ctx.tuning.kv_cliff_preemption_cost_us as f64 * over
 }
