@@ -378,6 +378,84 @@ fn a_long_document_with_a_new_question_reuses_its_chunks() {
     assert!(model.cached_piece_tokens() - cached < whole.len() / 10);
 }
 
+/// SmolLM2's `tokenizer.json` with `edit` applied, in a scratch model directory.
+fn smollm2_edited(name: &str, edit: impl FnOnce(&mut Json)) -> ModelTokenizer {
+    let json = std::fs::read_to_string(fixtures().join("smollm2/tokenizer.json")).unwrap();
+    let mut v: Json = serde_json::from_str(&json).unwrap();
+    edit(&mut v);
+    let dir = model_dir(
+        name,
+        &[("tokenizer.json", &serde_json::to_string(&v).unwrap())],
+    );
+    ModelTokenizer::from_dir(&dir).unwrap()
+}
+
+/// A normaliser that prepends to its input applies to every piece between special tokens (so
+/// pieces still tokenise as the whole) but would apply to every chunk of a cut piece: the
+/// probe keeps long pieces whole.
+#[test]
+fn a_tokenizer_that_changes_each_chunk_alone_keeps_long_pieces_whole() {
+    let model = smollm2_edited("prepend", |v| {
+        v["normalizer"] = serde_json::json!({"type": "Prepend", "prepend": "x"});
+    });
+    assert!(model.reuses_pieces());
+    assert!(!model.cuts_long_pieces());
+    let long = "alpha bravo charlie delta ".repeat(200);
+    assert_eq!(
+        model.encode_prompt(&long).unwrap(),
+        model.encode_prompt_whole(&long).unwrap()
+    );
+}
+
+/// An added token holding a word cut (`of the`, matched by HuggingFace inside whatever text
+/// it is given) would be split by a cut: long pieces stay whole for such a vocabulary.
+#[test]
+fn an_added_token_spanning_a_word_cut_keeps_long_pieces_whole() {
+    let model = smollm2_edited("added-span", |v| {
+        v["added_tokens"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!({
+            "id": 49152, "content": "of the", "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": false}));
+    });
+    assert!(model.reuses_pieces());
+    assert!(!model.cuts_long_pieces());
+}
+
+/// A tokenizer that adds a BOS to completions prompts (Llama-3's post-processor): the cached
+/// path adds the same ids around the prompt as tokenising it whole, also when the prompt
+/// holds the BOS's own text.
+#[test]
+fn completions_prompts_keep_their_bos_through_the_cache() {
+    let model = smollm2_edited("bos", |v| {
+        v["post_processor"] = serde_json::json!({
+            "type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}},
+                       {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"Sequence": {"id": "A", "type_id": 0}},
+                     {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {"<|endoftext|>": {"id": "<|endoftext|>", "ids": [0],
+                                                 "tokens": ["<|endoftext|>"]}}});
+    });
+    assert!(model.cuts_long_pieces());
+    let doc = "the kettle boils water slowly today and ".repeat(120);
+    for prompt in [
+        format!("{doc}what boils?"),
+        format!("<|endoftext|>{doc}<|endoftext|> again"),
+        "short".to_string(),
+    ] {
+        let whole = model.encode_prompt_whole(&prompt).unwrap();
+        assert_eq!(whole[0], 0, "the post-processor adds the BOS");
+        assert_eq!(model.encode_prompt(&prompt).unwrap(), whole);
+        assert_eq!(
+            model.encode_prompt(&prompt).unwrap(),
+            whole,
+            "from the cache"
+        );
+    }
+}
+
 fn smollm2_shared() -> &'static ModelTokenizer {
     static MODEL: std::sync::OnceLock<ModelTokenizer> = std::sync::OnceLock::new();
     MODEL.get_or_init(smollm2)

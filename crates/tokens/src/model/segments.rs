@@ -29,17 +29,19 @@
 //! ## Long pieces are cut at words
 //! One long message (a 220 KB document with a question after it, llm-d's long-prompt case)
 //! is a single piece, and a new question makes it a new piece: cached whole, it would never be
-//! hit again. Pieces of at least [`CHUNK_MIN_BYTES`] are therefore cut further, at *word
+//! hit again. Pieces of at least twice [`CHUNK_MIN_BYTES`] are therefore cut further, at *word
 //! cuts*: an ASCII space with an ASCII letter on both sides (`…word| next…`). Tokens never
 //! cross a word cut in the byte-level BPE tokenizers vLLM's models ship: their pre-tokenizer
 //! regexes (GPT-2's, Llama-3's, Qwen's) have no look-behind, end a letter run at the space,
 //! and begin the next match with ` next`; normalisers such as NFC never compose across an
 //! ASCII space. Which word cuts are used depends only on the text around them (a hash of
-//! the eight bytes before the cut selects about one in [`CHUNK_SELECT`], at least
+//! the [`WINDOW`] bytes before the cut selects about one in [`CHUNK_SELECT`], at least
 //! [`CHUNK_MIN_BYTES`] after the previous cut), so the same document yields the same chunks
 //! after any prefix or before any question, and each chunk is cached like a piece. As with
-//! special tokens nothing is assumed: the load-time probe tokenises varied text cut at *every*
-//! word cut against the whole, and a tokenizer that differs keeps the long pieces whole. A
+//! special tokens nothing is assumed: at load, a vocabulary with a token spanning a word cut,
+//! or an added token that could (one the cache does not cut at that strips spaces or holds
+//! one), keeps long pieces whole, and so does a tokenizer that tokenises varied text cut at
+//! *every* word cut differently from the whole. A
 //! wrong cut could only cost prefix-cache hits (the keys would not match the engine's), never
 //! a wrong answer: the engine tokenises the request itself.
 
@@ -217,6 +219,11 @@ impl Segmenter {
                 0u64,
             ),
         })
+    }
+
+    /// The ids of the special tokens cut at.
+    pub(crate) fn token_ids(&self) -> &[u32] {
+        &self.ids
     }
 
     /// The special tokens cut at, as text (for probes).
