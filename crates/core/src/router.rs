@@ -419,7 +419,8 @@ pub struct Router {
     /// touches the class's unserved endpoints, not every endpoint ever added.
     unserved: HashMap<String, Vec<EndpointId>>,
     /// Every model name an endpoint was ever declared with, numbered in order of appearance
-    /// (bounded by the configuration's distinct names; never shrinks).
+    /// (one entry per distinct model name an endpoint was ever given, from configuration or
+    /// discovery; never shrinks, a few dozen bytes per name).
     model_ids: HashMap<String, u32>,
     /// Reused buffer for translated keys (no allocation per KV event).
     scratch_keys: Vec<u64>,
@@ -628,6 +629,12 @@ impl Router {
 
     /// Replaces an endpoint's spec (address changes are re-keyed).
     pub fn update_endpoint(&mut self, id: EndpointId, spec: EndpointSpec) -> Result<(), CoreError> {
+        // An unknown id interns nothing.
+        self.slots
+            .get(id.0 as usize)
+            .and_then(Option::as_ref)
+            .filter(|e| e.state != EndpointState::Gone)
+            .ok_or(CoreError::UnknownEndpoint { id })?;
         let single_model = self.single_model(&spec);
         let class = self.tuning.resolve_class(&spec.hardware_class).to_owned();
         let prior = self.tuning.prior(&class);
