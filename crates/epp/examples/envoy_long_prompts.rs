@@ -8,7 +8,11 @@
 //! FULL_DUPLEX_STREAMED config), "direct" has ext_proc disabled and routes by the
 //! `x-gateway-destination-endpoint` header that the client sets itself, round-robin over the
 //! engines. Same Envoy, same engines, same client: the difference between the arms is the
-//! picker (the body's round trip through ext_proc, parsing, tokenising, hashing, deciding).
+//! picker (the body's round trip through ext_proc, parsing, tokenising, hashing, deciding) and
+//! what its routing changes: the picked arm sends shared documents to the engines that hold
+//! them, so with `shared` prompts its engines prefill less than the direct arm's round-robin
+//! does (the report gives each arm's cached-token share), and the added TTFT understates the
+//! picker's own cost by that much.
 //!
 //! The client runs `--streams` closed-loop workers, each sending streaming chat completions
 //! whose user message is `--prompt-kb` KB of English-like text. `shared` prompts (the default:
@@ -1137,11 +1141,28 @@ async fn run(args: Args) -> bool {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    // Ctrl-C returns from main, so the children are killed as their guards drop.
+    // Ctrl-C, SIGTERM (`timeout`) and SIGHUP return from main, so the children are killed as
+    // their guards drop.
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
+    ) else {
+        eprintln!("cannot install signal handlers");
+        return std::process::ExitCode::FAILURE;
+    };
     let ok = tokio::select! {
         ok = run(args) => ok,
         _ = tokio::signal::ctrl_c() => {
             eprintln!("interrupted");
+            false
+        }
+        _ = term.recv() => {
+            eprintln!("terminated");
+            false
+        }
+        _ = hup.recv() => {
+            eprintln!("hung up");
             false
         }
     };
