@@ -638,6 +638,22 @@ fn axis_number(v: &f64) -> String {
     }
 }
 
+/// The values 1, 2, 5, 10, 20, 50, … (and below 1: 0.1, 0.2, 0.5) within `[lo, hi]`.
+fn one_two_five(lo: f64, hi: f64) -> Vec<f64> {
+    let mut out = Vec::new();
+    let mut decade = 10f64.powi(lo.max(1e-3).log10().floor() as i32);
+    while decade <= hi {
+        for m in [1.0, 2.0, 5.0] {
+            let v = decade * m;
+            if v >= lo && v <= hi {
+                out.push(v);
+            }
+        }
+        decade *= 10.0;
+    }
+    out
+}
+
 fn ttfts_ms(run: &PolicyRun) -> Vec<f64> {
     let mut v: Vec<f64> = run
         .requests
@@ -668,19 +684,23 @@ where
         .filter_map(|v| v.first().copied())
         .fold(f64::INFINITY, f64::min)
         .clamp(0.1, x_max / 2.0);
+    // Labelled ticks at 1-2-5 steps, so the region where policies differ (often tens of ms)
+    // is read off the axis, not guessed: plotters' own log axis labels only whole decades.
     let mut chart = ChartBuilder::on(root)
         .caption("TTFT CDF per policy (log x)", ("sans-serif", 24))
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(50)
-        .build_cartesian_2d((x_min..x_max).log_scale(), 0.0..1.0)?;
-    // Enough labelled ticks that the region where policies differ (often tens of ms) is read
-    // off the axis, not guessed: plotters' default log axis labels only a few decades.
+        .build_cartesian_2d(
+            (x_min..x_max)
+                .log_scale()
+                .with_key_points(one_two_five(x_min, x_max)),
+            0.0..1.0,
+        )?;
     chart
         .configure_mesh()
         .x_desc("time to first token (ms, log scale)")
         .y_desc("fraction of requests with TTFT at most x")
-        .x_labels(24)
         .x_label_formatter(&axis_number)
         .draw()?;
     for (i, (run, v)) in runs.iter().zip(&all).enumerate() {
@@ -1232,4 +1252,21 @@ where
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The CDF's x ticks follow 1-2-5 steps inside the range, down to tenths: the tens of
+    /// milliseconds where policies usually differ get labels.
+    #[test]
+    fn ticks_step_one_two_five_inside_the_range() {
+        assert_eq!(
+            one_two_five(12.0, 900.0),
+            vec![20.0, 50.0, 100.0, 200.0, 500.0]
+        );
+        assert_eq!(one_two_five(0.1, 1.0), vec![0.1, 0.2, 0.5, 1.0]);
+        assert!(one_two_five(3.0, 4.0).is_empty());
+    }
 }
