@@ -13,60 +13,19 @@ use std::hint::black_box;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use kvgate_core::index::{IndexConfig, PrefixIndex, PrefixQuery, PrefixSource};
-use kvgate_core::testing::{label_keys, label_removed, label_stored};
+use kvgate_core::testing::{bench_fleet, label_keys, label_removed, label_stored};
 use kvgate_core::{
-    EndpointId, EndpointSpec, KeyScope, KvEventBatch, MetricsSample, PromptKeys, Router,
-    RouterConfig, RoutingRequest, Tier,
+    EndpointId, EndpointSpec, KeyScope, KvEventBatch, PromptKeys, Router, RouterConfig,
+    RoutingRequest, Tier,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 const BLOCK: u32 = 16;
 
-/// A batch storing the label chain `labels` ([`kvgate_core::testing`]) from its root.
-fn stored(seq: u64, labels: Vec<u64>) -> KvEventBatch {
-    KvEventBatch {
-        seq,
-        ts: 0.0,
-        events: vec![label_stored(&labels, BLOCK, Tier::Gpu)],
-        data_parallel_rank: None,
-    }
-}
-
-/// A fleet of `n` endpoints, each with a scraped sample and ~2,000 cached blocks (20 private
-/// 100-block conversations), and a shared "system prompt" chain of `shared_blocks` blocks held
-/// by every tenth endpoint. Returns the router and the shared chain.
+/// The bench fleet ([`kvgate_core::testing::bench_fleet`]).
 fn fleet(policy: &str, n: usize, shared_blocks: usize) -> (Router, Vec<u64>) {
-    let mut rng = ChaCha8Rng::seed_from_u64(42);
-    let mut r = Router::new(RouterConfig::for_policy(policy).unwrap()).unwrap();
-    let shared: Vec<u64> = (0..shared_blocks).map(|_| rng.random()).collect();
-    for i in 0..n {
-        let id = r.add_endpoint(
-            0,
-            EndpointSpec::new(format!("10.0.{}.{}:8000", i / 256, i % 256), "m"),
-        );
-        r.observe_metrics(
-            id,
-            1_000,
-            &MetricsSample {
-                waiting: rng.random_range(0..4),
-                running: rng.random_range(0..32),
-                kv_usage: Some(rng.random_range(0.1..0.8)),
-                ..Default::default()
-            },
-        );
-        let mut seq = 0;
-        if i % 10 == 0 {
-            r.observe_kv_batch(id, 1_000, &stored(seq, shared.clone()));
-            seq += 1;
-        }
-        for _ in 0..20 {
-            let conv: Vec<u64> = (0..100).map(|_| rng.random()).collect();
-            r.observe_kv_batch(id, 1_000, &stored(seq, conv));
-            seq += 1;
-        }
-    }
-    (r, shared)
+    bench_fleet(policy, n, shared_blocks, BLOCK)
 }
 
 fn request(tokens: u32, shared: &[u64], rng: &mut ChaCha8Rng) -> RoutingRequest {

@@ -11,54 +11,16 @@
 
 use std::hint::black_box;
 
-use kvgate_core::testing::{label_keys, label_stored};
-use kvgate_core::{
-    EndpointSpec, KvEventBatch, MetricsSample, Router, RouterConfig, RoutingRequest, Tier,
-};
+use kvgate_core::testing::{bench_fleet, label_keys};
+use kvgate_core::{Router, RoutingRequest};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 const BLOCK: u32 = 16;
 
-/// The bench's fleet: `n` endpoints with a scraped sample and 20 private 100-block
-/// conversations each, and a 1,024-block shared chain on every tenth.
+/// The bench's fleet ([`kvgate_core::testing::bench_fleet`]) with its 1,024-block shared chain.
 fn fleet(n: usize) -> (Router, Vec<u64>) {
-    let mut rng = ChaCha8Rng::seed_from_u64(42);
-    let mut r = Router::new(RouterConfig::for_policy("kvgate").unwrap()).unwrap();
-    let shared: Vec<u64> = (0..1024).map(|_| rng.random()).collect();
-    let stored = |seq, labels: Vec<u64>| KvEventBatch {
-        seq,
-        ts: 0.0,
-        events: vec![label_stored(&labels, BLOCK, Tier::Gpu)],
-        data_parallel_rank: None,
-    };
-    for i in 0..n {
-        let id = r.add_endpoint(
-            0,
-            EndpointSpec::new(format!("10.0.{}.{}:8000", i / 256, i % 256), "m"),
-        );
-        r.observe_metrics(
-            id,
-            1_000,
-            &MetricsSample {
-                waiting: rng.random_range(0..4),
-                running: rng.random_range(0..32),
-                kv_usage: Some(rng.random_range(0.1..0.8)),
-                ..Default::default()
-            },
-        );
-        let mut seq = 0;
-        if i % 10 == 0 {
-            r.observe_kv_batch(id, 1_000, &stored(seq, shared.clone()));
-            seq += 1;
-        }
-        for _ in 0..20 {
-            let conv: Vec<u64> = (0..100).map(|_| rng.random()).collect();
-            r.observe_kv_batch(id, 1_000, &stored(seq, conv));
-            seq += 1;
-        }
-    }
-    (r, shared)
+    bench_fleet("kvgate", n, 1024, BLOCK)
 }
 
 #[inline(never)]

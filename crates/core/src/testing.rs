@@ -81,3 +81,55 @@ pub fn label_removed(labels: &[u64], n: usize, block_size: u32, tier: Tier) -> K
         tier,
     }
 }
+
+/// The routing benchmarks' fleet (`benches/route.rs`, `examples/pick_profile.rs`): `n`
+/// endpoints of `policy`'s router, each with a scraped sample (waiting 0-3, running 0-31, KV use
+/// 0.1-0.8) and ~2,000 cached blocks (20 private 100-block conversations), and a shared "system
+/// prompt" chain of `shared_blocks` blocks held by every tenth endpoint, all of `block_size`
+/// tokens; seeded, so every caller gets the same fleet. Returns the router and the shared chain.
+pub fn bench_fleet(
+    policy: &str,
+    n: usize,
+    shared_blocks: usize,
+    block_size: u32,
+) -> (crate::Router, Vec<u64>) {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(42);
+    let mut r =
+        crate::Router::new(crate::RouterConfig::for_policy(policy).expect("a known policy"))
+            .expect("a valid config");
+    let shared: Vec<u64> = (0..shared_blocks).map(|_| rng.random()).collect();
+    let stored = |seq, labels: &[u64]| crate::KvEventBatch {
+        seq,
+        ts: 0.0,
+        events: vec![label_stored(labels, block_size, Tier::Gpu)],
+        data_parallel_rank: None,
+    };
+    for i in 0..n {
+        let id = r.add_endpoint(
+            0,
+            crate::EndpointSpec::new(format!("10.0.{}.{}:8000", i / 256, i % 256), "m"),
+        );
+        r.observe_metrics(
+            id,
+            1_000,
+            &crate::MetricsSample {
+                waiting: rng.random_range(0..4),
+                running: rng.random_range(0..32),
+                kv_usage: Some(rng.random_range(0.1..0.8)),
+                ..Default::default()
+            },
+        );
+        let mut seq = 0;
+        if i % 10 == 0 {
+            r.observe_kv_batch(id, 1_000, &stored(seq, &shared));
+            seq += 1;
+        }
+        for _ in 0..20 {
+            let conv: Vec<u64> = (0..100).map(|_| rng.random()).collect();
+            r.observe_kv_batch(id, 1_000, &stored(seq, &conv));
+            seq += 1;
+        }
+    }
+    (r, shared)
+}
