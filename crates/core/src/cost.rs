@@ -179,6 +179,23 @@ pub fn uncached_tokens(
     (prompt - gpu - other + other * tuning.offload_hit_cost_fraction).max(prompt.min(1.0))
 }
 
+/// What serving `req` on an endpoint holding `blocks` of its prefix (`gpu_blocks` of them on
+/// GPU) adds there: its uncached prompt tokens ([`uncached_tokens`]) and the KV blocks it takes
+/// ([`new_kv_blocks`]).
+pub fn request_work(
+    req: &crate::RoutingRequest,
+    blocks: u32,
+    gpu_blocks: u32,
+    tuning: &Tuning,
+) -> (f64, u64) {
+    let bs = req.keys.block_size;
+    let uncached = uncached_tokens(req.prompt_tokens, bs, blocks, gpu_blocks, tuning);
+    (
+        uncached,
+        new_kv_blocks(uncached, req.max_tokens, bs, tuning),
+    )
+}
+
 /// KV blocks a request adds when admitted: its uncached prompt plus its expected output.
 pub fn new_kv_blocks(
     uncached_tokens: f64,

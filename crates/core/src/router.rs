@@ -1108,18 +1108,9 @@ impl Router {
             // A pure function of the match: most candidates share theirs (none, or the whole
             // shared prefix), so it is computed once per distinct match.
             if last_match.0 != Some((matched_blocks, matched_gpu_blocks)) {
-                let uncached = cost::uncached_tokens(
-                    req.prompt_tokens,
-                    req.keys.block_size,
-                    matched_blocks,
-                    matched_gpu_blocks,
-                    t,
-                );
-                let new_blocks =
-                    cost::new_kv_blocks(uncached, req.max_tokens, req.keys.block_size, t);
                 last_match = (
                     Some((matched_blocks, matched_gpu_blocks)),
-                    (uncached, new_blocks),
+                    cost::request_work(req, matched_blocks, matched_gpu_blocks, t),
                 );
             }
             let (uncached, new_blocks) = last_match.1;
@@ -1375,15 +1366,8 @@ impl Router {
                 .as_ref()
                 .map_or((0, 0), |p| (p.blocks(id), p.gpu_blocks(id)));
             let cost = needs.cost.then(|| {
-                let uncached = cost::uncached_tokens(
-                    req.prompt_tokens,
-                    req.keys.block_size,
-                    matched_blocks,
-                    matched_gpu_blocks,
-                    t,
-                );
-                let new_blocks =
-                    cost::new_kv_blocks(uncached, req.max_tokens, req.keys.block_size, t);
+                let (uncached, new_blocks) =
+                    cost::request_work(req, matched_blocks, matched_gpu_blocks, t);
                 cost::kvgate_cost(
                     &e.coeffs,
                     &estimate,
@@ -1570,14 +1554,7 @@ impl Router {
                 },
             )
         });
-        let uncached = cost::uncached_tokens(
-            req.prompt_tokens,
-            req.keys.block_size,
-            blocks,
-            gpu_blocks,
-            t,
-        );
-        let new_kv_blocks = cost::new_kv_blocks(uncached, req.max_tokens, req.keys.block_size, t);
+        let (uncached, new_kv_blocks) = cost::request_work(req, blocks, gpu_blocks, t);
         BookingPlan {
             endpoint: id,
             uncached_tokens: uncached,
@@ -1638,9 +1615,7 @@ impl Router {
                 source: PrefixSource::Best,
             },
         );
-        let bs = req.keys.block_size;
-        let uncached = cost::uncached_tokens(req.prompt_tokens, bs, matched_blocks, gpu_blocks, t);
-        let new_blocks = cost::new_kv_blocks(uncached, req.max_tokens, bs, t);
+        let (uncached, new_blocks) = cost::request_work(req, matched_blocks, gpu_blocks, t);
         let prefill_speed = e.load.prefill_speed.at(now_us, calibration);
         let cost = cost::kvgate_cost(
             &e.coeffs,
