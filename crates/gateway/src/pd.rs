@@ -46,7 +46,7 @@ use kvgate_core::request::{FailureKind, Phase};
 use kvgate_runtime::booking::{Booking, status_failure};
 use kvgate_runtime::config::{DEFAULT_BOOTSTRAP_PORT, PdProtocol};
 use kvgate_runtime::meter::{ResponseMeter, USAGE_WINDOW_BYTES};
-use kvgate_runtime::metrics::{PdTransferLabels, RetryLabels};
+use kvgate_runtime::metrics::PdTransferLabels;
 use kvgate_runtime::openai::{ApiError, ApiKind, ParsedRequest};
 use serde_json::{Value, json};
 use tokio::time::Instant;
@@ -179,12 +179,7 @@ impl Split<'_> {
                 Leg::RetryPrefill(cause) => {
                     if attempt < self.app.max_attempts {
                         self.count_transfer(cause);
-                        self.app
-                            .metrics
-                            .pd
-                            .prefill_retries
-                            .get_or_create(&RetryLabels { cause })
-                            .inc();
+                        self.app.metrics.pd.count_prefill_retry(cause);
                         attempt += 1;
                         continue;
                     }
@@ -235,11 +230,7 @@ impl Split<'_> {
             };
             if attempt < self.app.max_attempts && decode.retry(cause, kind) {
                 self.count_transfer("decode_failed");
-                self.app
-                    .metrics
-                    .retries
-                    .get_or_create(&RetryLabels { cause })
-                    .inc();
+                self.app.metrics.count_retry(cause);
                 tracing::debug!(from = %address, to = %decode.address(), cause, "decode leg failed; retrying with a fresh prefill");
                 attempt += 1;
                 continue;
@@ -688,11 +679,7 @@ async fn run_prefill(
                 }
             };
         if attempt < app.max_attempts && booking.retry(cause, kind) {
-            app.metrics
-                .pd
-                .prefill_retries
-                .get_or_create(&RetryLabels { cause })
-                .inc();
+            app.metrics.pd.count_prefill_retry(cause);
             attempt += 1;
             continue;
         }

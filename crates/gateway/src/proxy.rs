@@ -64,7 +64,7 @@ use kvgate_runtime::config::{Limits, OBJECTIVE_HEADER, SESSION_HEADER, UpstreamP
 use kvgate_runtime::control::Control;
 use kvgate_runtime::decision_log::{Recorder, RequestInfo};
 use kvgate_runtime::meter::{ResponseMeter, USAGE_WINDOW_BYTES, find_byte};
-use kvgate_runtime::metrics::{DataPlaneMetrics, RequestLabels, RetryLabels};
+use kvgate_runtime::metrics::{DataPlaneMetrics, RequestLabels};
 use kvgate_runtime::openai::{ApiError, ApiKind, ParsedRequest, parse_request};
 
 /// Budget for one endpoint's `/v1/models` during aggregation: the list is served from memory,
@@ -553,10 +553,7 @@ pub(crate) async fn forward(
             }
         };
         if attempt < app.max_attempts && booking.retry(cause, kind) {
-            app.metrics
-                .retries
-                .get_or_create(&RetryLabels { cause })
-                .inc();
+            app.metrics.count_retry(cause);
             tracing::debug!(from = %address, to = %booking.address(), cause, "retrying on another endpoint");
             attempt += 1;
             continue;

@@ -241,6 +241,13 @@ impl PdMetrics {
         }
     }
 
+    /// Counts one prefill leg retried because of `cause`.
+    pub fn count_prefill_retry(&self, cause: &'static str) {
+        self.prefill_retries
+            .get_or_create(&RetryLabels { cause })
+            .inc();
+    }
+
     /// Counts one request served with plan `phase` (`disaggregated` or `aggregated`) for
     /// `reason`.
     pub fn count_decision(&self, phase: &'static str, reason: &'static str) {
@@ -465,6 +472,11 @@ impl DataPlaneMetrics {
             speed_factor,
             pd,
         }
+    }
+
+    /// Counts one request retried on another endpoint because of `cause`.
+    pub fn count_retry(&self, cause: &'static str) {
+        self.retries.get_or_create(&RetryLabels { cause }).inc();
     }
 
     /// Counts usage figures into the hit-ratio metrics.
