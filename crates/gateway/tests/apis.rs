@@ -7,6 +7,9 @@
 //! vLLM answers on those routes and keeps every request it got, so a test can check what the
 //! gateway forwarded, byte for byte.
 
+#[path = "common/fleet.rs"]
+mod common;
+
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -44,24 +47,7 @@ fn sim_endpoints(f: &Fleet) -> Vec<EndpointConfig> {
 
 async fn gateway(endpoints: Vec<EndpointConfig>) -> Gateway {
     let want = endpoints.len();
-    let cfg = DataPlaneConfig {
-        host: "127.0.0.1".into(),
-        port: 0,
-        admin_port: 0,
-        endpoints,
-        scrape_interval_ms: 50,
-        ..DataPlaneConfig::default()
-    };
-    let gw = Gateway::start(cfg, Overrides::default())
-        .await
-        .expect("gateway starts");
-    let control = gw.control.clone();
-    eventually("endpoints known", WAIT, || {
-        let c = control.clone();
-        async move { c.ready_endpoints() >= want }
-    })
-    .await;
-    gw
+    common::start_gateway(common::base_config(endpoints), want).await
 }
 
 fn url(gw: &Gateway, path: &str) -> String {
