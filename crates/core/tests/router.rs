@@ -365,6 +365,50 @@ fn bookings_count_at_once_so_a_burst_spreads() {
     assert!(counts.values().all(|c| (5..=15).contains(c)), "{counts:?}");
 }
 
+/// A burst sharing a new 640-token system prompt on two idle pods: the second request finds the
+/// first holder still computing the prompt and the other pod idle. Greedy TTFT sends it to the
+/// idle pod as a cold prefill (a second copy of the prompt, slightly sooner for itself); with
+/// the duplicate charge it joins the holder. Softmax off so each outcome is certain.
+#[test]
+fn a_burst_joins_the_holder_instead_of_copying_its_prefix() {
+    let route_second = |duplicate_weight: f64| {
+        let mut cfg = RouterConfig::for_policy("kvgate").unwrap();
+        cfg.tuning.softmax_base_temperature = 0.0;
+        cfg.tuning.duplicate_prefix_weight = duplicate_weight;
+        let mut r = Router::new(cfg).unwrap();
+        let ids: Vec<EndpointId> = (0..2)
+            .map(|i| r.add_endpoint(0, EndpointSpec::new(format!("e{i}"), "m")))
+            .collect();
+        for id in &ids {
+            r.observe_metrics(*id, 0, &MetricsSample::default());
+        }
+        let system: Vec<u64> = (0..36).collect();
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let turn = |n: u64| {
+            let mut labels = system.clone();
+            labels.extend((0..4).map(|k| 1000 * (n + 1) + k));
+            req(n, labels)
+        };
+        let first = turn(0);
+        let d = r.pick(1, &first, &mut rng, None).unwrap();
+        r.book(1, &first, &d);
+        let second = turn(1);
+        let d2 = r.pick(2, &second, &mut rng, None).unwrap();
+        (d.primary, d2.primary, d2.matched_blocks)
+    };
+    let (holder, chosen, matched) = route_second(1.0);
+    assert_eq!(
+        (chosen, matched),
+        (holder, 36),
+        "the second request joins the pod computing its prefix"
+    );
+    let (holder, chosen, _) = route_second(0.0);
+    assert_ne!(
+        chosen, holder,
+        "without the charge greedy TTFT copies the prefix onto the idle pod"
+    );
+}
+
 #[test]
 fn hot_prefix_spills_to_a_second_holder_when_the_holder_is_saturated() {
     let (mut r, ids) = fleet("kvgate", 3);

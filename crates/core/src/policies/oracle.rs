@@ -24,9 +24,14 @@ impl Scorer for OracleScorer {
         }
     }
     fn score(&self, ctx: &PickContext<'_>, cands: &[Candidate<'_>], out: &mut [f64]) {
+        let best_cached = cands
+            .iter()
+            .filter_map(|c| c.oracle.map(|t| t.cached_prefix_tokens))
+            .max()
+            .unwrap_or(0);
         for (c, o) in cands.iter().zip(out) {
             *o = match c.oracle {
-                Some(t) => -oracle_routing_cost_us(ctx, c, &t) / 1000.0,
+                Some(t) => -oracle_routing_cost_us(ctx, c, &t, best_cached) / 1000.0,
                 None => f64::NAN,
             };
         }
@@ -63,14 +68,32 @@ pub fn oracle_prediction_us(ctx: &PickContext<'_>, c: &Candidate<'_>, t: &TrueLo
 }
 
 /// The kvgate routing cost on true state: [`oracle_ttft_us`] plus the load-scaled charge for the
-/// request's own prefill work (see [`crate::cost`]), so the oracle differs from kvgate only in
-/// what it knows, not in what it optimises.
-pub fn oracle_routing_cost_us(ctx: &PickContext<'_>, c: &Candidate<'_>, t: &TrueLoad) -> f64 {
-    let uncached = f64::from(ctx.req.prompt_tokens.saturating_sub(t.cached_prefix_tokens)).max(1.0);
+/// request's own prefill work and the charge for recomputing prefix another candidate truly
+/// holds (`best_cached_tokens`, the most any candidate has cached; see [`crate::cost`]), so the
+/// oracle differs from kvgate only in what it knows, not in what it optimises.
+pub fn oracle_routing_cost_us(
+    ctx: &PickContext<'_>,
+    c: &Candidate<'_>,
+    t: &TrueLoad,
+    best_cached_tokens: u32,
+) -> f64 {
+    let prompt = ctx.req.prompt_tokens;
+    let uncached = f64::from(prompt.saturating_sub(t.cached_prefix_tokens)).max(1.0);
     let queued = t.queued_prefill_tokens as f64;
     let running = f64::from(t.running);
     let own = c.step.prefill_time_us(queued + uncached, running)
         - c.step.prefill_time_us(queued, running);
+    let duplicate = f64::from(
+        best_cached_tokens
+            .min(prompt)
+            .saturating_sub(t.cached_prefix_tokens.min(prompt)),
+    );
+    let share = if ctx.tuning.duplicate_prefix_weight > 0.0 && duplicate > 0.0 {
+        (duplicate / uncached).min(1.0)
+    } else {
+        0.0
+    };
     oracle_ttft_us(ctx, c, t)
         + crate::cost::externality_weight_for_queue(t.waiting, ctx.tuning) * own
+        + ctx.tuning.duplicate_prefix_weight * own * share
 }
