@@ -115,6 +115,10 @@ use crate::request::{
     Phase, RoutingRequest,
 };
 
+/// What a [`RouteError::NonFiniteScore`] names as its scorer when every score was finite but their
+/// weighted sum was not.
+pub const WEIGHTED_TOTAL: &str = "weighted total";
+
 #[cfg(test)]
 thread_local! {
     /// Test-only switch to the straightforward pick that the optimised one must match
@@ -1165,6 +1169,12 @@ impl Router {
             }
             let mut sum = 0.0;
             sum += weight * score;
+            if !sum.is_finite() {
+                return Err(RouteError::NonFiniteScore {
+                    scorer: WEIGHTED_TOTAL.to_string(),
+                    endpoint: cands[i].id,
+                });
+            }
             *v = sum;
         }
         let ctx = PickContext {
@@ -1487,6 +1497,14 @@ impl Router {
                 }
                 total[i] += w * v;
             }
+        }
+        // Finite scores can still sum past the largest float with large weights: the picker and
+        // the fallbacks order totals, which needs them finite.
+        if let Some(i) = total.iter().position(|t| !t.is_finite()) {
+            return Err(RouteError::NonFiniteScore {
+                scorer: WEIGHTED_TOTAL.to_string(),
+                endpoint: cands[i].id,
+            });
         }
         let pick = profile.picker.pick(ctx, cands, &total, rng)?;
         if pick.index >= cands.len() {

@@ -1019,6 +1019,27 @@ fn non_finite_scores_from_custom_plugins_are_rejected() {
     }
 }
 
+/// Finite scores whose weighted sum overflows are rejected like a non-finite score: the picker
+/// and the fallbacks order totals (review: `run_profile` checked each score, not the sum).
+#[test]
+fn a_weighted_total_past_the_largest_float_is_rejected() {
+    let (mut r, ids) = fleet("kvgate", 3);
+    r.set_custom_profile(
+        "default",
+        vec![],
+        vec![(Box::new(Bad(1e308)), 1.0), (Box::new(Bad(1e308)), 1.0)],
+        Box::new(MaxScorePicker),
+    );
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    match r.pick(0, &req(1, vec![]), &mut rng, None) {
+        Err(RouteError::NonFiniteScore { scorer, endpoint }) => {
+            assert_eq!(scorer, kvgate_core::router::WEIGHTED_TOTAL);
+            assert_eq!(endpoint, ids[2]);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
 #[test]
 fn membership_changes() {
     let (mut r, ids) = fleet("least-request", 2);
