@@ -12,4 +12,7 @@ cargo test --workspace --all-targets "$@"
 # with, then the scenarios of crates/epp/tests/real_vllm.rs.
 scripts/setup-vllm.sh >/dev/null
 scripts/setup-peer-routers.sh >/dev/null
+# The comparison with SGLang's gateway runs `kvgate serve` as deployed: the release binary in its
+# own process, as SGLang's gateway runs.
+cargo build --release --bin kvgate
 cargo test -p kvgate-epp --test real_vllm -- --ignored --nocapture

@@ -472,6 +472,95 @@ impl Fleet {
     }
 }
 
+/// `kvgate serve` as it is deployed, for the comparison with SGLang's gateway: the release
+/// binary (`scripts/test.sh` builds it before this tier) in its own process, as SGLang's gateway
+/// runs, with the model's tokenizer and the fleet's KV events and replay sockets. The gateway the
+/// other scenarios embed is this test's debug build on this test's runtime, sharing the two
+/// cores the engines keep busy with the test's clients: in the same comparison (4 rounds) it
+/// had a mean TTFT 22% above SGLang's gateway's (1,200 vs 983 ms), the release binary 14%
+/// (1,139 vs 995 ms), both with 12 cold prefills against 12.
+struct ServeProcess {
+    child: Child,
+    api: std::net::SocketAddr,
+    admin: std::net::SocketAddr,
+}
+
+impl ServeProcess {
+    async fn start(fleet: &Fleet) -> ServeProcess {
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map_or_else(|| repo_root().join("target"), PathBuf::from);
+        let bin = target.join("release/kvgate");
+        assert!(
+            bin.exists(),
+            "{} missing: build it with `cargo build --release --bin kvgate` (scripts/test.sh does)",
+            bin.display()
+        );
+        let (port, admin) = (free_port(), free_port());
+        let mut cmd = Command::new(bin);
+        cmd.args(["serve", "--host", "127.0.0.1"])
+            .args(["--port", &port.to_string()])
+            .args(["--admin-port", &admin.to_string()])
+            .args(["--scrape-interval-ms", "100"])
+            .arg("--tokenizer")
+            .arg(model_dir())
+            .args(["--kv-events-listen", &fleet.listen]);
+        for e in &fleet.engines {
+            cmd.args(["--endpoint", &format!("http://{}", e.address())])
+                .args(["--kv-replay", &e.replay]);
+        }
+        cmd.stdout(Stdio::null()).stderr(
+            std::fs::File::create(std::env::temp_dir().join(format!("kvgate-serve-{port}.log")))
+                .expect("kvgate serve log file"),
+        );
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        let api = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let admin = std::net::SocketAddr::from(([127, 0, 0, 1], admin));
+        // The KV socket a previous gateway listened on may still be closing: this one then
+        // exits at start and is started again.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let child = cmd.spawn().expect("start kvgate serve");
+            let mut serve = ServeProcess { child, api, admin };
+            loop {
+                let ready = client()
+                    .get(format!("http://{admin}/ready"))
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().is_success());
+                if ready {
+                    break;
+                }
+                let exited = serve.child.try_wait().expect("kvgate serve's status");
+                assert!(
+                    Instant::now() < deadline,
+                    "kvgate serve not ready within 60 s (exited: {exited:?}); log in {}",
+                    std::env::temp_dir().display()
+                );
+                if exited.is_some() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            if serve
+                .child
+                .try_wait()
+                .expect("kvgate serve's status")
+                .is_none()
+            {
+                break serve;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+}
+
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// SGLang's gateway (PyPI sglang-router, `scripts/setup-peer-routers.sh`) with its
 /// `cache_aware` policy in front of the fleet, in its own process group.
 struct SglangRouter {
@@ -574,17 +663,24 @@ fn prediction_error(m: &str, fleet: &Fleet) -> Vec<(f64, f64)> {
 /// prompts, after a warm-up on other prompts (which is where kvgate learns what these CPU engines
 /// cost; SGLang's tree fills too). Alternating order over rounds, fresh caches before each run.
 ///
+/// kvgate runs as [`ServeProcess`] (the release binary in its own process, like SGLang's
+/// gateway).
+///
 /// The goal is no more cold prefills than SGLang's gateway, a lower mean TTFT and a TTFT
-/// MAPE <= 15% after warm-up. Measured on this 2-core machine (2 rounds x 32 requests): cold
-/// prefills 6 vs 6, 8 vs 6 and 9 vs 6 in three clean-clone CI runs (SGLang's gateway reaches the
-/// minimum, one per system prompt per round; kvgate sometimes adds a second holder of a prompt
-/// during the concurrent first turns); mean TTFT +3%, +8%, +12% and +23% in four runs (-3% with
-/// the release binary in a manual A/B on the same engines); MAPE 25-31% (one engine's TTFT for
-/// the same 35-token request ranges 0.17-1.4 s while other work shares the cores). So the goal
-/// is not met, and the test holds the line that was measured: at most three cold prefills more
-/// than SGLang's gateway and a mean TTFT within 25%, and that learning engaged (the learnt
-/// per-token cost is far from the H100 prior's and the MAPE far below the prior's 97%); the
-/// printed figures are the comparison.
+/// MAPE <= 15% after warm-up. Before the duplicate charge (`duplicate_prefix_weight`, see
+/// `kvgate_core::cost`), kvgate had 6, 8, 9 and 7 cold prefills against 6 in four runs: during
+/// the concurrent first turns it sent a system prompt's second request to the idle engine while
+/// the first holder was still computing the prompt. With it, five runs (18 rounds) had the
+/// minimum, one per system prompt per round, every time (12 vs 12, 6 vs 6, 12 vs 12, 12 vs 12, 6
+/// vs 7); the test allows one more than SGLang's gateway for a rare race. Mean TTFT is not
+/// lower: +10% and +14% with the release binary (+22% with the debug build in process); which
+/// engine the third system prompt's conversations land on during the first turn is a tie at
+/// that moment, and when the two three-conversation groups share an engine (6 conversations
+/// against 2) they stay there. MAPE 24-29% (one engine's TTFT for the same 35-token request
+/// ranges 0.17-1.4 s while other work shares the cores). So the test holds the line that was
+/// measured: at most one cold prefill more than SGLang's gateway and a mean TTFT within 25%, and
+/// that learning engaged (the learnt per-token cost is far from the H100 prior's and the MAPE far
+/// below the prior's 97%); the printed figures are the comparison.
 async fn versus_sglang(fleet: &Fleet) {
     const ROUNDS: u32 = 2;
     let (mut kv, mut sg) = (Figures::default(), Figures::default());
@@ -606,14 +702,14 @@ async fn versus_sglang(fleet: &Fleet) {
         for kvgate_turn in [round % 2 == 1, round % 2 == 0] {
             fleet.reset_caches().await;
             if kvgate_turn {
-                let gw = fleet.gateway("kvgate", Some(model_dir())).await;
-                let base = format!("http://{}", gw.api_addr);
-                wait_precise(gw.admin_addr, fleet).await;
+                let gw = ServeProcess::start(fleet).await;
+                let base = format!("http://{}", gw.api);
+                wait_precise(gw.admin, fleet).await;
                 workload(&base, &tag, warm, 3, 8, 3, Pace::ConcurrentFixedReplies).await;
-                let before = prediction_error(&admin_metrics(gw.admin_addr).await, fleet);
+                let before = prediction_error(&admin_metrics(gw.admin).await, fleet);
                 let f =
                     workload(&base, &tag, measured, 3, 8, 4, Pace::ConcurrentFixedReplies).await;
-                let m = admin_metrics(gw.admin_addr).await;
+                let m = admin_metrics(gw.admin).await;
                 for e in &fleet.engines {
                     let per_token = metric(
                         &m,
@@ -701,8 +797,8 @@ async fn versus_sglang(fleet: &Fleet) {
         100.0 * mape
     );
     assert!(
-        kv.cold <= sg.cold + 3,
-        "kvgate has at most three cold prefills more than SGLang's gateway: {} vs {}",
+        kv.cold <= sg.cold + 1,
+        "kvgate has at most one cold prefill more than SGLang's gateway: {} vs {}",
         kv.cold,
         sg.cold
     );
