@@ -28,6 +28,9 @@ use serde_json::{Value, json};
 
 const BIN: &str = env!("CARGO_BIN_EXE_kvgate");
 const MODEL: &str = "meta-llama/Llama-3.1-8B-Instruct";
+
+/// A LoRA adapter only the failing engine serves (see the test).
+const FAULTY_ADAPTER: &str = "faulty-lora";
 const MONITORING_HINT: &str = "run scripts/setup-monitoring-deps.sh (installs the Debian package prometheus: prometheus and promtool)";
 /// What `$__rate_interval` becomes: Grafana's value for a 1 s scrape interval and a short time
 /// range is 4 s; 15 s keeps enough samples that every rate window holds traffic.
@@ -279,6 +282,14 @@ async fn traffic(client: reqwest::Client, bases: Vec<String>, stop: Arc<AtomicBo
                 let _ = r.bytes().await;
                 sent += 1;
             }
+            if n.is_multiple_of(5) {
+                let mut body = chat(&systems[n % 3], &format!("question {n}"), false);
+                body["model"] = json!(FAULTY_ADAPTER);
+                if let Ok(r) = client.post(&url).json(&body).send().await {
+                    let _ = r.bytes().await;
+                    sent += 1;
+                }
+            }
             if n.is_multiple_of(10) {
                 for bad in [
                     r#"{"model": "#.to_owned(),
@@ -354,8 +365,22 @@ async fn every_dashboard_query_and_alert_signal_returns_data_from_real_kvgate() 
         .unwrap();
     let (_sim, healthy) = sim(2, &[]);
     // One engine fails half of its requests with 500 before any byte: upstream errors, retries
-    // and client-visible 5xx are real series, and the 5xx alert has something to detect.
-    let (_faulty_sim, faulty) = sim(1, &["--error-rate", "0.5", "--error-status", "500"]);
+    // and client-visible 5xx are real series, and the 5xx alert has something to detect. It
+    // alone serves the adapter `traffic` asks for now and then, so some requests have no other
+    // engine to be retried on or routed to: client-visible 5xx through both the gateway and
+    // the picker whichever engines the picker's policy keeps the base model's prompts on (it
+    // kept them off the failing engine for all 45 s in a CI run).
+    let (_faulty_sim, faulty) = sim(
+        1,
+        &[
+            "--error-rate",
+            "0.5",
+            "--error-status",
+            "500",
+            "--lora-adapters",
+            FAULTY_ADAPTER,
+        ],
+    );
     let fleet: Vec<&SimEngine> = healthy.iter().chain(faulty.iter()).collect();
     let faulty_endpoint = faulty[0].http.clone();
 
