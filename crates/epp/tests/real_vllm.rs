@@ -22,7 +22,7 @@ use kvgate_gateway::Gateway;
 use kvgate_runtime::config::RoutingFlags;
 use kvgate_runtime::config::{DataPlaneConfig, EndpointConfig, Overrides, PolicyChoice};
 use kvgate_testkit::envoy::{Envoy, envoy_binary};
-use kvgate_testkit::process::free_port;
+use kvgate_testkit::process::{Proc, free_port, kvgate};
 use serde_json::{Value, json};
 
 const MODEL: &str = "smollm2";
@@ -480,7 +480,8 @@ impl Fleet {
 /// had a mean TTFT 22% above SGLang's gateway's (1,200 vs 983 ms), the release binary 14%
 /// (1,139 vs 995 ms), both with 12 cold prefills against 12.
 struct ServeProcess {
-    child: Child,
+    /// Killed and reaped on drop; its output is kept for a failure's message.
+    _proc: Proc,
     api: std::net::SocketAddr,
     admin: std::net::SocketAddr,
 }
@@ -495,69 +496,54 @@ impl ServeProcess {
             "{} missing: build it with `cargo build --release --bin kvgate` (scripts/test.sh does)",
             bin.display()
         );
-        let (port, admin) = (free_port(), free_port());
-        let mut cmd = Command::new(bin);
-        cmd.args(["serve", "--host", "127.0.0.1"])
-            .args(["--port", &port.to_string()])
-            .args(["--admin-port", &admin.to_string()])
-            .args(["--scrape-interval-ms", "100"])
-            .arg("--tokenizer")
-            .arg(model_dir())
-            .args(["--kv-events-listen", &fleet.listen]);
-        for e in &fleet.engines {
-            cmd.args(["--endpoint", &format!("http://{}", e.address())])
-                .args(["--kv-replay", &e.replay]);
-        }
-        cmd.stdout(Stdio::null()).stderr(
-            std::fs::File::create(std::env::temp_dir().join(format!("kvgate-serve-{port}.log")))
-                .expect("kvgate serve log file"),
-        );
-        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-        let api = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-        let admin = std::net::SocketAddr::from(([127, 0, 0, 1], admin));
         // The KV socket a previous gateway listened on may still be closing: this one then
         // exits at start and is started again.
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let child = cmd.spawn().expect("start kvgate serve");
-            let mut serve = ServeProcess { child, api, admin };
+            let mut cmd = kvgate(&bin);
+            cmd.args([
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--admin-port",
+                "0",
+            ])
+            .args(["--scrape-interval-ms", "100"])
+            .arg("--tokenizer")
+            .arg(model_dir())
+            .args(["--kv-events-listen", &fleet.listen]);
+            for e in &fleet.engines {
+                cmd.args(["--endpoint", &format!("http://{}", e.address())])
+                    .args(["--kv-replay", &e.replay]);
+            }
+            let mut proc = Proc::spawn("kvgate serve", cmd);
             loop {
-                let ready = client()
-                    .get(format!("http://{admin}/ready"))
-                    .send()
-                    .await
-                    .is_ok_and(|r| r.status().is_success());
-                if ready {
-                    break;
+                const LISTENING: &str = "kvgate gateway listening";
+                if let (Some(api), Some(admin)) = (
+                    proc.log_field(LISTENING, "api_addr"),
+                    proc.log_field(LISTENING, "admin_addr"),
+                ) {
+                    return ServeProcess {
+                        api: api.parse().expect("api_addr"),
+                        admin: admin.parse().expect("admin_addr"),
+                        _proc: proc,
+                    };
                 }
-                let exited = serve.child.try_wait().expect("kvgate serve's status");
+                let exited = proc.try_wait();
                 assert!(
                     Instant::now() < deadline,
-                    "kvgate serve not ready within 60 s (exited: {exited:?}); log in {}",
-                    std::env::temp_dir().display()
+                    "kvgate serve not listening within 60 s (exited: {exited:?})\n{}",
+                    proc.tail()
                 );
                 if exited.is_some() {
                     break;
                 }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            if serve
-                .child
-                .try_wait()
-                .expect("kvgate serve's status")
-                .is_none()
-            {
-                break serve;
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
-    }
-}
-
-impl Drop for ServeProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
