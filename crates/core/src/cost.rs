@@ -164,33 +164,40 @@ impl CostBreakdown {
     /// of the own prefill, added to the routing cost (see the module docs, "Duplicates").
     #[inline]
     pub fn charge_duplicate(&mut self, uncached: f64, duplicate_tokens: f64, tuning: &Tuning) {
-        if duplicate_tokens > 0.0 && uncached > 0.0 && tuning.duplicate_prefix_weight > 0.0 {
-            let share = (duplicate_tokens / uncached).min(1.0);
+        let share = duplicate_share(duplicate_tokens, uncached, tuning);
+        if share > 0.0 {
             self.duplicate_us = tuning.duplicate_prefix_weight * self.prefill_us * share;
             self.routing_cost_us += self.duplicate_us;
         }
     }
 }
 
-/// Prompt tokens of `req` that an endpoint matching `blocks` of its prefix would recompute
-/// although another candidate holds them (`best_blocks`, the most any candidate matches); 0
-/// below `duplicate_min_tokens` (see the module docs, "Duplicates").
+/// The share of an own prefill of `uncached` tokens charged as duplicate work for
+/// `duplicate_tokens` another candidate holds: 0 with the charge off or below
+/// `duplicate_min_tokens`, else their fraction of the prefill (at most all of it). Shared by
+/// [`CostBreakdown::charge_duplicate`] and the oracle.
 #[inline]
-pub fn duplicate_tokens(
-    req: &crate::RoutingRequest,
-    blocks: u32,
-    best_blocks: u32,
-    tuning: &Tuning,
-) -> f64 {
+pub fn duplicate_share(duplicate_tokens: f64, uncached: f64, tuning: &Tuning) -> f64 {
+    if tuning.duplicate_prefix_weight > 0.0
+        && uncached > 0.0
+        && duplicate_tokens > 0.0
+        && duplicate_tokens >= f64::from(tuning.duplicate_min_tokens)
+    {
+        (duplicate_tokens / uncached).min(1.0)
+    } else {
+        0.0
+    }
+}
+
+/// Prompt tokens of `req` that an endpoint matching `blocks` of its prefix would recompute
+/// although another candidate holds them (`best_blocks`, the most any candidate matches; see
+/// the module docs, "Duplicates").
+#[inline]
+pub fn duplicate_tokens(req: &crate::RoutingRequest, blocks: u32, best_blocks: u32) -> f64 {
     let bs = f64::from(req.keys.block_size);
     let prompt = f64::from(req.prompt_tokens);
     let held = (f64::from(best_blocks) * bs).min(prompt);
-    let duplicate = (held - (f64::from(blocks) * bs).min(prompt)).max(0.0);
-    if duplicate < f64::from(tuning.duplicate_min_tokens) {
-        0.0
-    } else {
-        duplicate
-    }
+    (held - (f64::from(blocks) * bs).min(prompt)).max(0.0)
 }
 
 /// `x.ceil()`, bit for bit, without the library call: the default x86-64 target has no

@@ -1124,7 +1124,7 @@ impl Router {
                     (
                         uncached,
                         new_blocks,
-                        cost::duplicate_tokens(req, matched_blocks, best_blocks, t),
+                        cost::duplicate_tokens(req, matched_blocks, best_blocks),
                     ),
                 );
             }
@@ -1408,7 +1408,7 @@ impl Router {
                 );
                 c.charge_duplicate(
                     uncached,
-                    cost::duplicate_tokens(req, matched_blocks, best_blocks, t),
+                    cost::duplicate_tokens(req, matched_blocks, best_blocks),
                     t,
                 );
                 c

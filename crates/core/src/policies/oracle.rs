@@ -88,14 +88,7 @@ pub fn oracle_routing_cost_us(
             .min(prompt)
             .saturating_sub(t.cached_prefix_tokens.min(prompt)),
     );
-    let share = if ctx.tuning.duplicate_prefix_weight > 0.0
-        && duplicate > 0.0
-        && duplicate >= f64::from(ctx.tuning.duplicate_min_tokens)
-    {
-        (duplicate / uncached).min(1.0)
-    } else {
-        0.0
-    };
+    let share = crate::cost::duplicate_share(duplicate, uncached, ctx.tuning);
     oracle_ttft_us(ctx, c, t)
         + crate::cost::externality_weight_for_queue(t.waiting, ctx.tuning) * own
         + ctx.tuning.duplicate_prefix_weight * own * share
