@@ -71,6 +71,7 @@ pub const CPU_LIKE: StepModel = StepModel {
     beta0_us: StepModel::H100_LLAMA31_8B.beta0_us,
     beta1_us_per_prefill_token: StepModel::H100_LLAMA31_8B.beta1_us_per_prefill_token * 7.5,
     beta2_us_per_decode_token: StepModel::H100_LLAMA31_8B.beta2_us_per_decode_token * 1.5,
+    beta3_us_per_attention_pair: 0.0,
 };
 
 /// Speeds of the `three-speeds` fleet relative to an H100 (every coefficient divided by the
@@ -83,6 +84,7 @@ fn scaled(step: StepModel, speed: f64) -> StepModel {
         beta0_us: step.beta0_us / speed,
         beta1_us_per_prefill_token: step.beta1_us_per_prefill_token / speed,
         beta2_us_per_decode_token: step.beta2_us_per_decode_token / speed,
+        beta3_us_per_attention_pair: step.beta3_us_per_attention_pair / speed,
     }
 }
 

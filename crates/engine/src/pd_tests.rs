@@ -195,7 +195,7 @@ fn remote_prefill_waits_for_its_kv_without_a_slot_then_recomputes_only_the_last_
     assert!(e.remote_kv_ready(5_000, 9));
     assert!(!e.remote_kv_ready(5_000, 9), "ready once");
     // One prefill token in the first step, then decodes.
-    let t1 = 5_000 + m.step_us(1, 0);
+    let t1 = 5_000 + m.step_us(1, 0, 0.0);
     assert_eq!(e.next_wakeup_us(), Some(t1));
     let mut now = 5_000;
     let out = run_until_idle(&mut e, &mut now);
@@ -329,7 +329,7 @@ fn a_failed_load_is_prefilled_locally_under_the_recompute_policy() {
         40,
         "the whole prompt is computed here now"
     );
-    assert_eq!(e.next_wakeup_us(), Some(700 + m.step_us(40, 0)));
+    assert_eq!(e.next_wakeup_us(), Some(700 + m.step_us(40, 0, 0.0)));
     let mut now = 700;
     let out = run_until_idle(&mut e, &mut now);
     let (_, reason, usage) = finished(&out, 3).unwrap();
@@ -366,7 +366,7 @@ fn a_request_blocked_by_held_blocks_waits_idle_and_runs_once_they_are_freed() {
     e.check_invariants().unwrap();
     now += 50;
     assert!(e.release_kv_hold(now, 1));
-    assert_eq!(e.next_wakeup_us(), Some(now + m.step_us(60, 0)));
+    assert_eq!(e.next_wakeup_us(), Some(now + m.step_us(60, 0, 0.0)));
     let out = run_until_idle(&mut e, &mut now);
     assert_eq!(finished(&out, 2).unwrap().1, FinishReason::Length);
     assert_eq!(e.free_blocks(), 9);

@@ -20,6 +20,7 @@ pub(crate) fn small_cfg(num_gpu_blocks: usize) -> EngineConfig {
             beta0_us: 1000.0,
             beta1_us_per_prefill_token: 10.0,
             beta2_us_per_decode_token: 5.0,
+            beta3_us_per_attention_pair: 0.0,
         },
         ..EngineConfig::h100()
     }
@@ -106,6 +107,14 @@ fn config_presets_and_validation() {
         ("max_model_len", Box::new(|c| c.max_model_len = 1)),
         ("step.beta0_us", Box::new(|c| c.step.beta0_us = f64::NAN)),
         (
+            "step.beta3_us_per_attention_pair",
+            Box::new(|c| c.step.beta3_us_per_attention_pair = -1e-9),
+        ),
+        (
+            "step.beta3_us_per_attention_pair",
+            Box::new(|c| c.step.beta3_us_per_attention_pair = f64::INFINITY),
+        ),
+        (
             "step.beta2_us_per_decode_token",
             Box::new(|c| c.step.beta2_us_per_decode_token = -1.0),
         ),
@@ -124,15 +133,145 @@ fn config_presets_and_validation() {
 #[test]
 fn step_model_is_linear_and_rounded() {
     let m = StepModel::H100_LLAMA31_8B;
-    assert_eq!(m.step_us(0, 0), 5753);
-    assert_eq!(m.step_us(1000, 0), (5752.7f64 + 17_250.0).round() as u64);
-    assert_eq!(m.step_us(0, 100), (5752.7f64 + 600.0).round() as u64);
+    assert_eq!(m.step_us(0, 0, 0.0), 5753);
+    assert_eq!(
+        m.step_us(1000, 0, 0.0),
+        (5752.7f64 + 17_250.0).round() as u64
+    );
+    assert_eq!(m.step_us(0, 100, 0.0), (5752.7f64 + 600.0).round() as u64);
     let zero = StepModel {
         beta0_us: 0.0,
         beta1_us_per_prefill_token: 0.0,
         beta2_us_per_decode_token: 0.0,
+        beta3_us_per_attention_pair: 0.0,
     };
-    assert_eq!(zero.step_us(0, 0), 1, "a step always takes time");
+    assert_eq!(zero.step_us(0, 0, 0.0), 1, "a step always takes time");
+}
+
+#[test]
+fn step_model_without_beta3_ignores_attention_pairs_bit_for_bit() {
+    for m in [StepModel::H100_LLAMA31_8B, StepModel::A100_LLAMA31_8B] {
+        assert_eq!(
+            m.beta3_us_per_attention_pair, 0.0,
+            "the BLIS fits are linear"
+        );
+        for (p, d) in [
+            (0u64, 0u64),
+            (1, 0),
+            (8192, 0),
+            (4000, 255),
+            (0, 256),
+            (17, 3),
+        ] {
+            let linear = m.beta0_us
+                + m.beta1_us_per_prefill_token * p as f64
+                + m.beta2_us_per_decode_token * d as f64;
+            let linear = (linear.round() as u64).max(1);
+            for pairs in [0.0, 0.5, attention_pairs(100_000, p), 3.3e9] {
+                assert_eq!(m.step_us(p, d, pairs), linear, "p={p} d={d} pairs={pairs}");
+            }
+        }
+    }
+}
+
+#[test]
+fn step_model_adds_beta3_per_attention_pair() {
+    assert_eq!(attention_pairs(0, 0), 0.0);
+    assert_eq!(attention_pairs(0, 1), 0.5);
+    assert_eq!(attention_pairs(512, 100), 100.0 * 512.0 + 5000.0);
+    assert_eq!(attention_pairs(7, 0), 0.0, "no new tokens, no pairs");
+    let m = StepModel {
+        beta0_us: 1000.0,
+        beta1_us_per_prefill_token: 10.0,
+        beta2_us_per_decode_token: 5.0,
+        beta3_us_per_attention_pair: 0.25,
+    };
+    assert_eq!(m.step_us(100, 2, 56_200.0), 1000 + 1000 + 10 + 14_050);
+    // Rounded once, after the sum: 0.5 pair at 0.25 µs is 0.125 µs.
+    assert_eq!(m.step_us(1, 0, 0.5), 1010);
+}
+
+/// [`small_cfg`] with an attention term of a quarter microsecond per pair (exact in binary, so
+/// the expected step times below are integers) and a budget that takes a whole 612-token prompt.
+fn attention_cfg(max_num_batched_tokens: usize) -> EngineConfig {
+    let mut cfg = small_cfg(256);
+    cfg.max_num_batched_tokens = max_num_batched_tokens;
+    cfg.step.beta3_us_per_attention_pair = 0.25;
+    cfg
+}
+
+#[test]
+fn a_cached_prefix_makes_the_same_new_tokens_dearer_by_the_attention_pairs() {
+    let cfg = attention_cfg(4096);
+    let shared = prompt(0, 512);
+    let mut e = Engine::new(cfg.clone()).unwrap();
+    e.add_request(0, req(1, shared.clone(), 1)).unwrap();
+    drain(&mut e);
+    // 512 cached tokens (32 full blocks), then 100 new ones.
+    let at = 100_000_000;
+    let mut warm_prompt = shared;
+    warm_prompt.extend(prompt(1, 100));
+    e.add_request(at, req(2, warm_prompt, 1)).unwrap();
+    assert_eq!(e.queued_prefill_tokens(), 100);
+    assert_eq!(e.queued_prefill_pairs(), 100 * 512 + 100 * 100 / 2);
+    let out = drain(&mut e);
+    assert_eq!(finished(&out, 2).2.cached_tokens, 512);
+    let warm_ttft = first_token_at(&out, 2) - at;
+
+    let mut cold = Engine::new(cfg).unwrap();
+    cold.add_request(0, req(3, prompt(2, 100), 1)).unwrap();
+    assert_eq!(cold.queued_prefill_pairs(), 100 * 100 / 2);
+    let cold_ttft = first_token_at(&drain(&mut cold), 3);
+
+    // β0 + β1·100 + β3·100²/2 cold; the warm step adds β3·100·512.
+    assert_eq!(cold_ttft, 1000 + 1000 + 1250);
+    assert_eq!(warm_ttft - cold_ttft, 100 * 512 / 4);
+}
+
+#[test]
+fn chunked_prefill_of_one_prompt_costs_its_closed_form_attention() {
+    // Budget 256: chunks of 256, 256 and 88 tokens after 0, 256 and 512 computed ones.
+    let cfg = attention_cfg(256);
+    let m = cfg.step;
+    let mut e = Engine::new(cfg).unwrap();
+    e.add_request(0, req(1, prompt(0, 600), 1)).unwrap();
+    assert_eq!(e.queued_prefill_pairs(), 600 * 600 / 2);
+    let t1 = m.step_us(256, 0, attention_pairs(0, 256));
+    let mut out = Vec::new();
+    e.advance(t1, &mut out);
+    assert_eq!(e.queued_prefill_pairs(), attention_pairs(256, 344) as u64);
+    let out = drain(&mut e);
+    assert_eq!(e.queued_prefill_pairs(), 0);
+    // The chunks' pairs sum to the whole prompt's, 600²/2, whatever the chunking.
+    assert_eq!(
+        attention_pairs(0, 256) + attention_pairs(256, 256) + attention_pairs(512, 88),
+        attention_pairs(0, 600)
+    );
+    let closed_form = 3 * 1000 + 10 * 600 + 600 * 600 / 2 / 4;
+    assert_eq!(first_token_at(&out, 1), closed_form);
+}
+
+#[test]
+fn queued_prefill_pairs_follow_a_preempted_request_through_its_recompute() {
+    // Two 160-token prompts (10 blocks each) that grow to 15 blocks each in a 24-block cache:
+    // the newer one is preempted and recomputes, its pairs counted again from where it restarts.
+    let mut cfg = attention_cfg(4096);
+    cfg.num_gpu_blocks = 25;
+    let mut e = Engine::new(cfg).unwrap();
+    e.add_request(0, req(1, prompt(0, 160), 80)).unwrap();
+    e.add_request(0, req(2, prompt(1, 160), 80)).unwrap();
+    assert_eq!(e.queued_prefill_pairs(), 2 * 160 * 160 / 2);
+    let mut out = Vec::new();
+    let mut saw_recompute = false;
+    while let Some(t) = e.next_wakeup_us() {
+        e.advance(t, &mut out);
+        e.check_invariants().unwrap();
+        saw_recompute |= e.queued_prefill_tokens() > 0 && e.stats().preemptions_total > 0;
+    }
+    assert!(e.stats().preemptions_total > 0, "the scenario preempts");
+    assert!(saw_recompute, "the preempted request queued a recompute");
+    assert_eq!(e.queued_prefill_pairs(), 0);
+    assert_eq!(e.stats().finished_length, 2);
 }
 
 #[test]
@@ -210,14 +349,14 @@ fn single_request_timeline() {
     let mut e = Engine::new(cfg).unwrap();
     e.add_request(1_000, req(7, prompt(0, 100), 3)).unwrap();
     assert_eq!(e.num_running(), 1);
-    let t1 = 1_000 + m.step_us(100, 0);
+    let t1 = 1_000 + m.step_us(100, 0, 0.0);
     assert_eq!(e.next_wakeup_us(), Some(t1));
     let mut out = Vec::new();
     e.advance(t1 - 1, &mut out);
     assert!(out.is_empty(), "nothing before the step ends");
     let out = drain(&mut e);
-    let t2 = t1 + m.step_us(0, 1);
-    let t3 = t2 + m.step_us(0, 1);
+    let t2 = t1 + m.step_us(0, 1, 0.0);
+    let t3 = t2 + m.step_us(0, 1, 0.0);
     let vocab = &e.config().output_vocab;
     let tokens: Vec<(u64, u32)> = out
         .iter()
@@ -264,12 +403,12 @@ fn long_prompt_is_prefilled_in_budget_sized_chunks() {
     e.add_request(0, req(1, prompt(0, 600), 1)).unwrap();
     assert_eq!(e.queued_prefill_tokens(), 600);
     let mut out = Vec::new();
-    let t1 = m.step_us(256, 0);
+    let t1 = m.step_us(256, 0, 0.0);
     e.advance(t1, &mut out);
     assert!(out.is_empty());
     assert_eq!(e.queued_prefill_tokens(), 344);
-    let t2 = t1 + m.step_us(256, 0);
-    let t3 = t2 + m.step_us(88, 0);
+    let t2 = t1 + m.step_us(256, 0, 0.0);
+    let t3 = t2 + m.step_us(88, 0, 0.0);
     let out = drain(&mut e);
     assert_eq!(first_token_at(&out, 1), t3);
     assert_eq!(e.queued_prefill_tokens(), 0);
@@ -281,14 +420,14 @@ fn decodes_share_the_step_with_a_prefill_chunk() {
     let m = cfg.step;
     let mut e = Engine::new(cfg).unwrap();
     e.add_request(0, req(1, prompt(0, 10), 50)).unwrap();
-    let t1 = m.step_us(10, 0);
+    let t1 = m.step_us(10, 0, 0.0);
     let mut out = Vec::new();
     e.advance(t1, &mut out); // first token of 1; the next step has started
     e.add_request(t1 + 1, req(2, prompt(1, 300), 1)).unwrap();
     // The step in flight (decode of 1) ends at t1 + step(0,1); the next one decodes 1 and
     // prefills 255 tokens of 2 (budget 256).
-    let t2 = t1 + m.step_us(0, 1);
-    let t3 = t2 + m.step_us(255, 1);
+    let t2 = t1 + m.step_us(0, 1, 0.0);
+    let t3 = t2 + m.step_us(255, 1, 0.0);
     e.advance(t2, &mut out);
     assert_eq!(e.next_wakeup_us(), Some(t3));
     assert_eq!(e.queued_prefill_tokens(), 300);
@@ -362,7 +501,7 @@ fn stored_events_form_the_hash_chain_and_wait_for_the_step_end() {
         "published at the end of the step"
     );
     let mut out = Vec::new();
-    e.advance(m.step_us(40, 0), &mut out);
+    e.advance(m.step_us(40, 0, 0.0), &mut out);
     let keys = small_cfg(64).block_hasher().keys(
         &prompt(0, 40),
         small_cfg(64).extra_keys(Some("sql"), Some("s1")),
@@ -753,6 +892,10 @@ fn config_deserializes_partially_over_the_h100_preset() {
             .unwrap();
     assert_eq!(c.num_gpu_blocks, 1000);
     assert_eq!(c.step.beta2_us_per_decode_token, 3.0);
+    assert_eq!(
+        c.step.beta3_us_per_attention_pair, 0.0,
+        "a model without beta3 is linear"
+    );
     assert_eq!(c.block_size, 16);
     assert_eq!(c.output_vocab, default_output_vocab());
     let back: EngineConfig = serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();

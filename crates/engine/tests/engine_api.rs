@@ -157,8 +157,8 @@ fn a_slower_gpu_gives_a_slower_first_token() {
     let h = ttft(EngineConfig::h100());
     let a = ttft(EngineConfig::a100());
     // 3000 tokens fit one 8192-token step: TTFT is exactly one prefill step.
-    assert_eq!(h, StepModel::H100_LLAMA31_8B.step_us(3000, 0));
-    assert_eq!(a, StepModel::A100_LLAMA31_8B.step_us(3000, 0));
+    assert_eq!(h, StepModel::H100_LLAMA31_8B.step_us(3000, 0, 0.0));
+    assert_eq!(a, StepModel::A100_LLAMA31_8B.step_us(3000, 0, 0.0));
     assert!(a > 2 * h);
 }
 

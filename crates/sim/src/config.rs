@@ -670,6 +670,8 @@ impl SimArgs {
                 beta0_us: b0,
                 beta1_us_per_prefill_token: b1,
                 beta2_us_per_decode_token: b2,
+                // Three betas are BLIS's linear fit: no attention term.
+                beta3_us_per_attention_pair: 0.0,
             };
         }
         let t = &mut c.kv_transfer;

@@ -112,6 +112,7 @@ impl Engine {
                 let r = self.requests.remove(&id).expect("loading request is live");
                 self.pool.free_reversed(&r.blocks);
                 self.queued_prefill -= r.prefill_remaining();
+                self.queued_pairs_x2 -= r.prefill_pairs_x2();
                 self.finished_error += 1;
                 self.pending.push(Output::Finished {
                     id,
@@ -123,6 +124,7 @@ impl Engine {
             KvLoadFailurePolicy::Recompute => {
                 let r = self.requests.get_mut(&id).expect("loading request is live");
                 self.queued_prefill -= r.prefill_remaining();
+                self.queued_pairs_x2 -= r.prefill_pairs_x2();
                 self.pool.free_reversed(&r.blocks);
                 r.blocks.clear();
                 r.num_computed = 0;
@@ -132,6 +134,7 @@ impl Engine {
                 r.remote = Remote::Local;
                 r.prefill_end = r.tokens.len();
                 self.queued_prefill += r.prefill_remaining();
+                self.queued_pairs_x2 += r.prefill_pairs_x2();
                 self.push_waiting_front(id);
             }
         }
