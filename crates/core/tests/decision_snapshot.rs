@@ -31,6 +31,7 @@ impl OracleView for Oracle {
     fn true_load(&self, id: EndpointId, req: &RoutingRequest) -> TrueLoad {
         TrueLoad {
             queued_prefill_tokens: u64::from(id.0 % 3) * 700 + u64::from(req.prompt_tokens % 5),
+            queued_prefill_pairs: u64::from(id.0 % 3) * 245_000,
             running: id.0 % 5,
             waiting: id.0 % 2,
             kv_usage: 0.1 * f64::from(id.0 % 9),

@@ -25,6 +25,7 @@ impl OracleView for FakeOracle {
     fn true_load(&self, id: EndpointId, _: &RoutingRequest) -> TrueLoad {
         TrueLoad {
             queued_prefill_tokens: u64::from(id.0 % 3) * 1000,
+            queued_prefill_pairs: u64::from(id.0 % 3) * 500_000,
             running: id.0 % 5,
             waiting: id.0 % 2,
             kv_usage: 0.1,
@@ -453,6 +454,7 @@ fn hot_prefix_does_not_spill_where_recompute_costs_about_the_wait() {
             step_base_us: 30_000.0,
             prefill_us_per_token: 2_500.0,
             decode_us_per_token: 400.0,
+            attention_us_per_pair: 0.0,
             kv_capacity_blocks: 8_000,
             max_batched_tokens: 2048,
         },
@@ -1076,13 +1078,14 @@ fn membership_changes() {
 /// prompt ends, so requests sharing a step get their first tokens together. Returns the router
 /// and the relative prediction errors of the last round.
 fn serve_mispriced_endpoint(learn: bool, truth: [f64; 3]) -> (Router, Vec<f64>) {
+    let truth = [truth[0], truth[1], truth[2], 0.0];
     let mut cfg = RouterConfig::for_policy("kvgate").unwrap();
     cfg.tuning.learn_step_model = learn;
     let mut r = Router::new(cfg).unwrap();
     r.add_endpoint(0, EndpointSpec::new("e000", "m"));
     let prior = HardwarePrior::H100_LLAMA31_8B;
     let true_ttft = |tokens: f64| {
-        let z = prior.prefill_features(tokens, 0.0);
+        let z = prior.prefill_features(tokens, 0.0, 0.0);
         truth.iter().zip(z).map(|(t, z)| t * z).sum::<f64>()
     };
     let step = f64::from(prior.max_batched_tokens);
@@ -1182,7 +1185,7 @@ fn serve_on(r: &mut Router, id: EndpointId, n: u64, blocks: u64, slow: f64, t0: 
         .unwrap();
     r.book(t0, &q, &d);
     let ttft =
-        slow * HardwarePrior::H100_LLAMA31_8B.prefill_time_us(f64::from(q.prompt_tokens), 0.0);
+        slow * HardwarePrior::H100_LLAMA31_8B.prefill_time_us(f64::from(q.prompt_tokens), 0.0, 0.0);
     let first = t0 + ttft as u64;
     r.on_first_token(n, first);
     r.on_finish(
@@ -1237,7 +1240,7 @@ fn a_pod_joining_a_learnt_class_is_priced_like_its_peers() {
         .decision_for(t + 10_000_000, &q, b, DecisionReason::LeastCost)
         .unwrap();
     r.book(t + 10_000_000, &q, &d);
-    let ttft = 50.0 * prior.prefill_time_us(f64::from(q.prompt_tokens), 0.0);
+    let ttft = 50.0 * prior.prefill_time_us(f64::from(q.prompt_tokens), 0.0, 0.0);
     r.on_first_token(99, t + 10_000_000 + ttft as u64);
     let speed = r.endpoints().find(|v| v.id == b).unwrap().prefill_speed;
     assert!(
@@ -1361,6 +1364,7 @@ fn the_oracles_prediction_leaves_out_the_cliff_penalty() {
         fn true_load(&self, _: EndpointId, _: &RoutingRequest) -> TrueLoad {
             TrueLoad {
                 queued_prefill_tokens: 0,
+                queued_prefill_pairs: 0,
                 running: 0,
                 waiting: 0,
                 kv_usage: 0.99,
@@ -1373,6 +1377,6 @@ fn the_oracles_prediction_leaves_out_the_cliff_penalty() {
     let q = req(1, (0..64).collect());
     let mut rng = ChaCha8Rng::seed_from_u64(1);
     let d = r.pick(10, &q, &mut rng, Some(&Full)).unwrap();
-    let bare = HardwarePrior::H100_LLAMA31_8B.prefill_time_us(f64::from(q.prompt_tokens), 0.0);
+    let bare = HardwarePrior::H100_LLAMA31_8B.prefill_time_us(f64::from(q.prompt_tokens), 0.0, 0.0);
     assert_eq!(d.predicted_ttft_us, Some(bare as u64));
 }

@@ -87,10 +87,10 @@ impl Picker for SoftmaxPicker {
                 len: cands.len(),
                 matched_blocks: |i: usize| cands[i].matched_blocks,
                 queue_wait_us: |i: usize| cands[i].cost.map(|c| c.queue_wait_us),
-                recompute_us: |i: usize, missing: f64| {
+                recompute_us: |i: usize, missing: f64, pairs: f64| {
                     let c = &cands[i];
                     c.step
-                        .prefill_time_us(missing, f64::from(c.estimate.running))
+                        .prefill_time_us(missing, pairs, f64::from(c.estimate.running))
                         * c.prefill_speed
                 },
             },
@@ -109,8 +109,8 @@ pub(crate) struct SoftmaxInputs<M, W, R> {
     pub matched_blocks: M,
     /// The cost model's predicted queue wait, µs, when the cost was computed.
     pub queue_wait_us: W,
-    /// Time to recompute `missing` prefix tokens there (its coefficients, running sequences
-    /// and prefill speed), µs.
+    /// Time to recompute `missing` prefix tokens with `pairs` attention pairs there (its
+    /// coefficients, running sequences and prefill speed), µs.
     pub recompute_us: R,
 }
 
@@ -124,7 +124,7 @@ pub(crate) fn softmax_pick<M, W, R>(
 where
     M: Fn(usize) -> u32,
     W: Fn(usize) -> Option<f64>,
-    R: Fn(usize, f64) -> f64,
+    R: Fn(usize, f64, f64) -> f64,
 {
     let t = ctx.tuning;
     let n = inputs.len;
@@ -157,7 +157,8 @@ where
             let block = f64::from(ctx.req.keys.block_size);
             let recompute = |i: usize| {
                 let missing = f64::from(held.saturating_sub(matched(i))) * block;
-                (inputs.recompute_us)(i, missing)
+                let context = f64::from(matched(i)) * block;
+                (inputs.recompute_us)(i, missing, crate::cost::attention_pairs(context, missing))
             };
             let others = (0..n).filter(|&i| {
                 matched(i) < held

@@ -56,6 +56,11 @@ pub fn oracle_ttft_us(ctx: &PickContext<'_>, c: &Candidate<'_>, t: &TrueLoad) ->
         + ctx.tuning.kv_cliff_preemption_cost_us as f64 * over
 }
 
+/// Attention pairs of computing the `uncached` last tokens of the request's prompt.
+fn own_pairs(ctx: &PickContext<'_>, uncached: f64) -> f64 {
+    crate::cost::attention_pairs(f64::from(ctx.req.prompt_tokens) - uncached, uncached)
+}
+
 /// The bare TTFT the oracle predicts on true state: the queue and the request's own prefill,
 /// without the cliff's avoidance penalty (what a decision reports as its prediction, held
 /// against the measured TTFT, like kvgate's).
@@ -63,6 +68,7 @@ pub fn oracle_prediction_us(ctx: &PickContext<'_>, c: &Candidate<'_>, t: &TrueLo
     let uncached = f64::from(ctx.req.prompt_tokens.saturating_sub(t.cached_prefix_tokens)).max(1.0);
     c.step.prefill_time_us(
         t.queued_prefill_tokens as f64 + uncached,
+        t.queued_prefill_pairs as f64 + own_pairs(ctx, uncached),
         f64::from(t.running),
     )
 }
@@ -80,9 +86,13 @@ pub fn oracle_routing_cost_us(
     let prompt = ctx.req.prompt_tokens;
     let uncached = f64::from(prompt.saturating_sub(t.cached_prefix_tokens)).max(1.0);
     let queued = t.queued_prefill_tokens as f64;
+    let queued_pairs = t.queued_prefill_pairs as f64;
     let running = f64::from(t.running);
-    let own = c.step.prefill_time_us(queued + uncached, running)
-        - c.step.prefill_time_us(queued, running);
+    let own = c.step.prefill_time_us(
+        queued + uncached,
+        queued_pairs + own_pairs(ctx, uncached),
+        running,
+    ) - c.step.prefill_time_us(queued, queued_pairs, running);
     let duplicate = f64::from(
         best_cached_tokens
             .min(prompt)
