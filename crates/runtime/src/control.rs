@@ -929,6 +929,7 @@ impl Control {
                 ("step_base", g.step.step_base_us),
                 ("prefill_token", g.step.prefill_us_per_token),
                 ("decode_sequence", g.step.decode_us_per_token),
+                ("attention_pair", g.step.attention_us_per_pair),
             ] {
                 self.metrics
                     .step_coefficient_seconds

@@ -334,7 +334,7 @@ impl DataPlaneMetrics {
         let speed_factor = Family::<SpeedLabels, Gauge<f64, AtomicU64>>::default();
         registry.register(
             "step_coefficient_seconds",
-            "Step-time coefficients the cost model prices each endpoint with, learnt online from its first tokens (the hardware prior until then): step_base per engine step, prefill_token per prefill token, decode_sequence per running sequence in a step",
+            "Step-time coefficients the cost model prices each endpoint with, learnt online from its first tokens (the hardware prior until then): step_base per engine step, prefill_token per prefill token, decode_sequence per running sequence in a step, attention_pair per pair of a prefill token and an earlier token of its sequence",
             step_coefficient_seconds.clone(),
         );
         registry.register(
