@@ -340,6 +340,8 @@ pub struct StepFit {
     pub prefill_us_per_token: f64,
     /// β2, µs per running sequence per step.
     pub decode_us_per_token: f64,
+    /// β3, µs per attention pair of a prefill token and an earlier token of its sequence.
+    pub attention_us_per_pair: f64,
     /// First tokens they were learnt from (0: the declared prior).
     pub observations: u64,
     /// The prefill speed factor on top (1 = as learnt).
@@ -412,6 +414,7 @@ impl OracleView for Fleet<'_> {
         let stats = e.stats();
         TrueLoad {
             queued_prefill_tokens: e.queued_prefill_tokens(),
+            queued_prefill_pairs: e.queued_prefill_pairs(),
             running: e.num_running() as u32,
             waiting: e.num_waiting() as u32,
             kv_usage: stats.kv_usage,
@@ -1050,6 +1053,7 @@ pub fn run_arm(
                 step_base_us: c.step_base_us,
                 prefill_us_per_token: c.prefill_us_per_token,
                 decode_us_per_token: c.decode_us_per_token,
+                attention_us_per_pair: c.attention_us_per_pair,
                 observations: view.step_observations,
                 prefill_speed: view.prefill_speed,
             };

@@ -124,6 +124,7 @@ pub fn prior_of(step: StepModel) -> HardwarePrior {
         step_base_us: step.beta0_us,
         prefill_us_per_token: step.beta1_us_per_prefill_token,
         decode_us_per_token: step.beta2_us_per_decode_token,
+        attention_us_per_pair: step.beta3_us_per_attention_pair,
         ..HardwarePrior::H100_LLAMA31_8B
     }
 }
