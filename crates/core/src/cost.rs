@@ -383,7 +383,11 @@ pub fn externality_weight_for_queue(waiting: u32, tuning: &Tuning) -> f64 {
 
 /// The kvgate cost of sending a request that adds `work` to an endpoint with estimate `est`,
 /// hardware `prior` and calibrated `speed`.
-#[inline]
+///
+/// Always inlined: it is most of a pick's per-candidate work, and out of line (as the compiler
+/// chose once the attention term made it longer) a thousand-endpoint pick took 16% more
+/// instructions (callgrind, `examples/pick_profile.rs`).
+#[inline(always)]
 pub fn kvgate_cost(
     prior: &HardwarePrior,
     est: &LoadEstimate,
@@ -394,7 +398,7 @@ pub fn kvgate_cost(
 ) -> CostBreakdown {
     let running = f64::from(est.running);
     let queued = est.queued_prefill_tokens as f64;
-    let queued_pairs = est.queued_prefill_pairs as f64;
+    let queued_pairs = est.queued_prefill_pairs;
     let total_raw = prior.prefill_time_us(
         queued + work.uncached_tokens,
         queued_pairs + work.attention_pairs,

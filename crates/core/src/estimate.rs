@@ -121,8 +121,9 @@ pub struct LoadEstimate {
     pub running: u32,
     /// Prefill tokens queued ahead of a new request.
     pub queued_prefill_tokens: u64,
-    /// Their attention pairs ([`crate::cost::attention_pairs`]).
-    pub queued_prefill_pairs: u64,
+    /// Their attention pairs ([`crate::cost::attention_pairs`]); a float, read per candidate
+    /// by the cost model (a `u64` conversion there is a dozen instructions on x86-64).
+    pub queued_prefill_pairs: f64,
     /// KV blocks in use.
     pub kv_blocks: u64,
     /// KV capacity in blocks (sample, else hardware prior).
@@ -501,9 +502,8 @@ impl EndpointLoad {
             running: self.own_started + foreign_running,
             queued_prefill_tokens: self.own_unstarted_tokens
                 + (f64::from(foreign_waiting) * self.mean_prompt_tokens) as u64,
-            queued_prefill_pairs: self
-                .own_unstarted_pairs
-                .saturating_add((f64::from(foreign_waiting) * self.mean_prompt_pairs) as u64),
+            queued_prefill_pairs: self.own_unstarted_pairs as f64
+                + f64::from(foreign_waiting) * self.mean_prompt_pairs,
             kv_blocks: self.own_blocks + foreign_blocks,
             kv_capacity_blocks: cap,
             own_in_flight: self.in_flight.len() as u32,

@@ -1598,7 +1598,7 @@ impl Router {
             attention_pairs: work.attention_pairs,
             new_kv_blocks: work.new_kv_blocks,
             queued_prefill_tokens: estimate.queued_prefill_tokens as f64,
-            queued_prefill_pairs: estimate.queued_prefill_pairs as f64,
+            queued_prefill_pairs: estimate.queued_prefill_pairs,
             running: f64::from(estimate.running),
         }
     }
