@@ -663,7 +663,12 @@ fn prediction_error(m: &str, fleet: &Fleet) -> Vec<(f64, f64)> {
 /// engine the third system prompt's conversations land on during the first turn is a tie at
 /// that moment, and when the two three-conversation groups share an engine (6 conversations
 /// against 2) they stay there. MAPE 24-29% (one engine's TTFT for the same 35-token request
-/// ranges 0.17-1.4 s while other work shares the cores). So the test holds the line that was
+/// ranges 0.17-1.4 s while other work shares the cores); with the attention term
+/// (`kvgate_core::cost`, "Attention over the context") 24.5% and 27.4% in two runs, mean TTFT
+/// +4% and +14%. The decision logs of those runs show what is left: each turn's requests reach
+/// an engine within 1-3 ms of each other, the first is computed alone and the rest in one
+/// step after it, so all but the last of them are predicted short by the work of those
+/// booked after them, which no router knows at dispatch. So the test holds the line that was
 /// measured: at most one cold prefill more than SGLang's gateway and a mean TTFT within 25%, and
 /// that learning engaged (the learnt per-token cost is far from the H100 prior's and the MAPE far
 /// below the prior's 97%); the printed figures are the comparison.
