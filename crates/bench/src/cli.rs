@@ -172,6 +172,11 @@ pub struct BenchArgs {
     /// Write charts (SVG and PNG) into this directory.
     #[arg(long)]
     pub charts: Option<PathBuf>,
+    /// Write one JSON line per request and policy here: arrival, measured and predicted TTFT,
+    /// prompt and cached tokens, engine, router replica (for looking into a prediction error
+    /// or a tail request by request).
+    #[arg(long)]
+    pub requests_out: Option<PathBuf>,
     /// Capacity at SLO: per policy, bisect the arrival rate (trace speed-up from `--speedup`,
     /// or synthetic rate from `--rate`) for the highest one meeting the SLO.
     #[arg(long, conflicts_with_all = ["live", "rates"])]
@@ -411,7 +416,7 @@ pub fn bench(args: &BenchArgs) -> Result<Report, BenchError> {
     // run: the policy names (unused in live mode, where the gateway's policy routes) and the
     // JSON path.
     let arms = bench_arms(args)?;
-    if let Some(path) = &args.json {
+    for path in [&args.json, &args.requests_out].into_iter().flatten() {
         check_writable(path)?;
     }
     let opts = ReplayOptions {
@@ -470,6 +475,10 @@ pub fn bench(args: &BenchArgs) -> Result<Report, BenchError> {
         report.write_json(path)?;
         println!("JSON report: {}", path.display());
     }
+    if let Some(path) = &args.requests_out {
+        write_requests(path, &runs)?;
+        println!("requests: {}", path.display());
+    }
     if let Some(dir) = &args.charts {
         let files = write_charts(dir, &runs)?;
         println!(
@@ -482,6 +491,60 @@ pub fn bench(args: &BenchArgs) -> Result<Report, BenchError> {
         );
     }
     Ok(report)
+}
+
+/// One request of one policy's run, as `--requests-out` writes it.
+#[derive(serde::Serialize)]
+struct RequestLine<'a> {
+    policy: &'a str,
+    arrival_ms: f64,
+    /// `None`: no first token (rejected or invalid).
+    ttft_ms: Option<f64>,
+    /// `None`: the policy does not predict.
+    predicted_ttft_ms: Option<f64>,
+    prompt_tokens: u32,
+    cached_tokens: u32,
+    output_tokens: u32,
+    /// `None`: rejected.
+    engine: Option<u32>,
+    replica: u32,
+    rejected: bool,
+    invalid: bool,
+}
+
+/// Writes every run's requests to `path`, one JSON line each, policy by policy in arrival
+/// order.
+fn write_requests(path: &std::path::Path, runs: &[PolicyRun]) -> Result<(), BenchError> {
+    use std::io::Write;
+    let write_err = |source| BenchError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path).map_err(write_err)?);
+    for run in runs {
+        let mut requests: Vec<_> = run.requests.iter().collect();
+        requests.sort_by_key(|r| r.arrival_us);
+        for r in requests {
+            let line = RequestLine {
+                policy: &run.policy,
+                arrival_ms: r.arrival_us as f64 / 1e3,
+                ttft_ms: (r.first_token_us > 0)
+                    .then(|| r.first_token_us.saturating_sub(r.arrival_us) as f64 / 1e3),
+                predicted_ttft_ms: r.predicted_ttft_us.map(|p| p as f64 / 1e3),
+                prompt_tokens: r.prompt_tokens,
+                cached_tokens: r.cached_tokens,
+                output_tokens: r.output_tokens,
+                engine: (r.engine != u32::MAX).then_some(r.engine),
+                replica: r.replica,
+                rejected: r.rejected,
+                invalid: r.invalid,
+            };
+            serde_json::to_writer(&mut out, &line)
+                .map_err(|e| write_err(std::io::Error::other(e)))?;
+            out.write_all(b"\n").map_err(write_err)?;
+        }
+    }
+    out.flush().map_err(write_err)
 }
 
 /// The built-in synthetic workload `kind` (shared-prefix when `None`) at `rate`.

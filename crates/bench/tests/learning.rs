@@ -120,6 +120,7 @@ fn bench_cli_reports_ttft_mape_for_predicting_policies_and_draws_the_learning_cu
     std::fs::create_dir_all(&dir).unwrap();
     let json = dir.join("report.json");
     let charts = dir.join("charts");
+    let requests = dir.join("requests.jsonl");
     let a = args(&[
         "--workload",
         "shared-prefix",
@@ -140,6 +141,8 @@ fn bench_cli_reports_ttft_mape_for_predicting_policies_and_draws_the_learning_cu
         json.to_str().unwrap(),
         "--charts",
         charts.to_str().unwrap(),
+        "--requests-out",
+        requests.to_str().unwrap(),
     ]);
     kvgate_bench::cli::bench(&a).unwrap();
     let v: serde_json::Value =
@@ -147,6 +150,41 @@ fn bench_cli_reports_ttft_mape_for_predicting_policies_and_draws_the_learning_cu
     let policies = v["policies"].as_array().unwrap();
     assert!(policies[0]["ttft_mape"].as_f64().unwrap() >= 0.0);
     assert!(policies[1]["ttft_mape"].is_null());
+    // The per-request lines: every request of both policies, in arrival order per policy, and
+    // the report's MAPE recomputed from them (after the first 10% of arrivals).
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&requests)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 120);
+    for (policy, part) in ["kvgate", "round-robin"].iter().zip(lines.chunks(60)) {
+        assert!(part.iter().all(|l| l["policy"] == *policy));
+        let arrivals: Vec<f64> = part
+            .iter()
+            .map(|l| l["arrival_ms"].as_f64().unwrap())
+            .collect();
+        assert!(arrivals.windows(2).all(|w| w[0] <= w[1]));
+        assert!(part.iter().all(|l| l["ttft_ms"].as_f64().unwrap() > 0.0));
+        assert!(part.iter().all(|l| l["engine"].as_u64().unwrap() < 2));
+    }
+    assert!(lines[60..].iter().all(|l| l["predicted_ttft_ms"].is_null()));
+    let errors: Vec<f64> = lines[6..60]
+        .iter()
+        .map(|l| {
+            let (p, m) = (
+                l["predicted_ttft_ms"].as_f64().unwrap(),
+                l["ttft_ms"].as_f64().unwrap(),
+            );
+            (p - m).abs() / m
+        })
+        .collect();
+    let mape = errors.iter().sum::<f64>() / errors.len() as f64;
+    let reported = policies[0]["ttft_mape"].as_f64().unwrap();
+    assert!(
+        (mape - reported).abs() < 1e-3 * reported.max(1e-3),
+        "{mape} vs {reported}"
+    );
     assert!(charts.join("prediction_error.svg").exists());
     assert!(charts.join("prediction_error.png").exists());
     let _ = std::fs::remove_dir_all(&dir);
