@@ -123,16 +123,24 @@ def main():
             for n in news:
                 t = first_token_ms(a.url, a.model, prefix + tokens(n))
                 samples.setdefault((c, n), []).append(t)
+    def steps(n):
+        """Engine steps of a prefill of n tokens: β0 is paid once per step."""
+        return -(-n // a.max_batched_tokens)
+
     rows = []
     for (c, n), ts in samples.items():
         for t in ts:
-            rows.append(([1.0, float(n), n * (c + n / 2.0)], t))
+            rows.append(([float(steps(n)), float(n), n * (c + n / 2.0)], t))
     (b0, b1, b3), with_attention = fit(rows, [0, 1, 2])
     (l0, l1, _), linear = fit(rows, [0, 1])
+    if b3 < 0:
+        # No attention cost measurable: the linear fit, not a clipped joint one.
+        (b0, b1, b3), with_attention = (l0, l1, 0.0), linear
     print("cached  new  median first token ms  (attention fit, linear fit)")
     for (c, n), ts in sorted(samples.items()):
         print(f"{c:6d} {n:5d} {statistics.median(ts):10.1f}   "
-              f"({b0 + b1 * n + b3 * n * (c + n / 2):.1f}, {l0 + l1 * n:.1f})")
+              f"({b0 * steps(n) + b1 * n + b3 * n * (c + n / 2):.1f}, "
+              f"{l0 * steps(n) + l1 * n:.1f})")
     print(f"fit: step base {b0:.3f} ms, {b1 * 1000:.2f} us per prefill token, "
           f"{b3 * 1e6:.3f} ns per attention pair; mean abs error {100 * with_attention:.1f}% "
           f"(linear, no attention term: {100 * linear:.1f}%)")

@@ -745,6 +745,13 @@ impl RouterConfig {
                 1e12,
                 ">= 0",
             )?;
+            check(
+                "hardware.attention_us_per_pair",
+                prior.attention_us_per_pair,
+                0.0,
+                1e9,
+                ">= 0",
+            )?;
         }
         for p in &self.profiles {
             for (s, w) in &p.scorers {
@@ -1278,5 +1285,31 @@ schedulingProfiles:
         let cfg =
             RouterConfig::from_yaml("policy: gie-default\ntuning:\n  max_fallbacks: 1\n").unwrap();
         assert_eq!(cfg.tuning.approx_ttl_us, None);
+    }
+
+    /// A hardware prior written before the attention term still loads (without one); a
+    /// negative or non-finite attention cost is refused by name.
+    #[test]
+    fn hardware_priors_load_without_an_attention_term_and_refuse_a_bad_one() {
+        let entry = "tuning:\n  hardware:\n    l4: {step_base_us: 9000, prefill_us_per_token: 30, \
+                     decode_us_per_token: 10, kv_capacity_blocks: 1000, max_batched_tokens: 2048";
+        let cfg = RouterConfig::from_yaml(&format!("{entry}}}\n")).unwrap();
+        assert_eq!(cfg.tuning.prior("l4").attention_us_per_pair, 0.0);
+        assert_eq!(cfg.tuning.prior("l4").prefill_us_per_token, 30.0);
+        let cfg =
+            RouterConfig::from_yaml(&format!("{entry}, attention_us_per_pair: 0.5}}\n")).unwrap();
+        assert_eq!(cfg.tuning.prior("l4").attention_us_per_pair, 0.5);
+        for bad in ["-1", ".nan"] {
+            assert!(
+                matches!(
+                    RouterConfig::from_yaml(&format!("{entry}, attention_us_per_pair: {bad}}}\n")),
+                    Err(CoreError::OutOfRange {
+                        field: "hardware.attention_us_per_pair",
+                        ..
+                    })
+                ),
+                "{bad}"
+            );
+        }
     }
 }

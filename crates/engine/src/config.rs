@@ -97,7 +97,8 @@ pub struct StepModel {
 /// Attention pairs of prefilling `tokens` new tokens of a sequence after `context` of its tokens
 /// already in KV: each new token attends to the context and to the new tokens before it,
 /// `n·c + n²/2`. Exact in `f64` (a multiple of ½ far below 2⁵³ for any real context), so sums of
-/// chunks are exact and chunking a prompt does not change its total.
+/// chunks are exact and chunking a prompt does not change its total. The router's cost model
+/// prices the same count (`kvgate_core::cost::attention_pairs`).
 #[inline]
 pub fn attention_pairs(context: u64, tokens: u64) -> f64 {
     let (c, n) = (context as f64, tokens as f64);
