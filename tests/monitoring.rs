@@ -23,7 +23,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use kvgate_testkit::envoy::{Envoy, EnvoyOptions};
-use kvgate_testkit::process::{Proc, SimEngine, TempDir, field, free_port, kvgate, spawn_sim};
+use kvgate_testkit::process::{
+    GATEWAY_LISTENING, Proc, SimEngine, TempDir, field, free_port, kvgate, kvgate_serve, spawn_sim,
+};
 use serde_json::{Value, json};
 
 const BIN: &str = env!("CARGO_BIN_EXE_kvgate");
@@ -384,26 +386,17 @@ async fn every_dashboard_query_and_alert_signal_returns_data_from_real_kvgate() 
     let fleet: Vec<&SimEngine> = healthy.iter().chain(faulty.iter()).collect();
     let faulty_endpoint = faulty[0].http.clone();
 
-    let mut cmd = kvgate(BIN);
-    cmd.args([
-        "serve",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--admin-port",
-        "0",
-    ])
-    .args(["--scrape-interval-ms", "100"])
-    // Round-robin, so the failing engine is certain to get a third of serve's requests (and
-    // the 5xx, retry and upstream-error series exist). Under kvgate's policy this sequential
-    // traffic of three system prompts stays on whichever engines first cached them, which
-    // left the failing engine without a single request in about a third of runs. The picker
-    // keeps kvgate's default policy, so its series cover that one.
-    .args(["--policy", "round-robin"]);
+    let mut cmd = kvgate_serve(BIN);
+    cmd.args(["--scrape-interval-ms", "100"])
+        // Round-robin, so the failing engine is certain to get a third of serve's requests (and
+        // the 5xx, retry and upstream-error series exist). Under kvgate's policy this sequential
+        // traffic of three system prompts stays on whichever engines first cached them, which
+        // left the failing engine without a single request in about a third of runs. The picker
+        // keeps kvgate's default policy, so its series cover that one.
+        .args(["--policy", "round-robin"]);
     endpoint_flags(&fleet, &mut cmd);
     let mut serve = Proc::spawn("kvgate serve", cmd);
-    let line = serve.wait_line("kvgate gateway listening", Duration::from_secs(20));
+    let line = serve.wait_line(GATEWAY_LISTENING, Duration::from_secs(20));
     let (serve_api, serve_admin): (SocketAddr, SocketAddr) =
         (field(&line, "api_addr"), field(&line, "admin_addr"));
 

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kvgate_testkit::eventually_sync;
-use kvgate_testkit::process::{Proc, kvgate};
+use kvgate_testkit::process::{Proc, kvgate_serve};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
@@ -124,14 +124,8 @@ async fn status_of(client: &reqwest::Client, url: &str) -> Option<u16> {
 async fn sigterm_or_ctrl_c_drains_a_stream_in_flight_and_exits_0(signal: &str) {
     let release = Arc::new(Notify::new());
     let engine = holding_engine(release.clone()).await;
-    let mut cmd = kvgate(env!("CARGO_BIN_EXE_kvgate"));
-    cmd.arg("serve").args([
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--admin-port",
-        "0",
+    let mut cmd = kvgate_serve(env!("CARGO_BIN_EXE_kvgate"));
+    cmd.args([
         "--endpoint",
         &engine,
         "--scrape-interval-ms",
@@ -144,9 +138,7 @@ async fn sigterm_or_ctrl_c_drains_a_stream_in_flight_and_exits_0(signal: &str) {
     let mut serve = Proc::spawn("kvgate serve", cmd);
     let mut addrs = None;
     eventually_sync("the listening log line", Duration::from_secs(30), || {
-        addrs = serve
-            .log_field("kvgate gateway listening", "api_addr")
-            .zip(serve.log_field("kvgate gateway listening", "admin_addr"));
+        addrs = serve.gateway_addrs();
         addrs.is_some()
     })
     .await;

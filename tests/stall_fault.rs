@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use kvgate_testkit::process::{Proc, field, free_port, kvgate};
+use kvgate_testkit::process::{GATEWAY_LISTENING, Proc, field, free_port, kvgate, kvgate_serve};
 
 const MODEL: &str = "meta-llama/Llama-3.1-8B-Instruct";
 /// Concurrent clients: enough to keep three engines busy, few enough for two cores.
@@ -113,24 +113,15 @@ fn share(served: &[(f64, String)], endpoint: &str, from: f64, to: f64) -> (f64, 
 }
 
 async fn run(policy: &str, engines: &[Engine], stall: Duration) -> BTreeMap<String, f64> {
-    let mut cmd = kvgate(BIN);
-    cmd.args([
-        "serve",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--admin-port",
-        "0",
-    ])
-    .args(["--policy", policy])
-    .args(["--scrape-interval-ms", &SCRAPE_INTERVAL_MS.to_string()])
-    .args(["--shutdown-grace-ms", "0", "--drain-timeout-ms", "1000"]);
+    let mut cmd = kvgate_serve(BIN);
+    cmd.args(["--policy", policy])
+        .args(["--scrape-interval-ms", &SCRAPE_INTERVAL_MS.to_string()])
+        .args(["--shutdown-grace-ms", "0", "--drain-timeout-ms", "1000"]);
     for e in engines {
         cmd.args(["--endpoint", &e.address]);
     }
     let mut serve = Proc::spawn("kvgate serve", cmd);
-    let line = serve.wait_line("kvgate gateway listening", Duration::from_secs(30));
+    let line = serve.wait_line(GATEWAY_LISTENING, Duration::from_secs(30));
     let api: SocketAddr = field(&line, "api_addr");
     // /ready is served on the API port too; it needs one reachable engine, so give the
     // others a few scrapes more.

@@ -440,6 +440,20 @@ mod tests {
             / obs.len() as f64
     }
 
+    /// [`mape`] of a model that is never shown the attention feature (it predicts from the
+    /// other three terms).
+    fn mape_without_attention(m: &StepModel, obs: &[([f64; 4], f64)], truth: [f64; 4]) -> f64 {
+        obs.iter()
+            .map(|(z, _)| {
+                let t = dot(&truth, z);
+                let mut z = *z;
+                z[ATTENTION] = 0.0;
+                (m.predict(&z) - t).abs() / t
+            })
+            .sum::<f64>()
+            / obs.len() as f64
+    }
+
     #[test]
     fn starts_at_the_prior_and_changes_nothing_until_it_learns() {
         let m = StepModel::default();
@@ -602,16 +616,7 @@ mod tests {
             z[ATTENTION] = 0.0;
             linear.observe(&z, &H100, y, &params());
         }
-        let without = test
-            .iter()
-            .map(|(z, _)| {
-                let t = dot(&VLLM_CPU, z);
-                let mut z = *z;
-                z[ATTENTION] = 0.0;
-                (linear.predict(&z) - t).abs() / t
-            })
-            .sum::<f64>()
-            / test.len() as f64;
+        let without = mape_without_attention(&linear, &test, VLLM_CPU);
         assert!(without > 0.15, "without the attention term: MAPE {without}");
     }
 
@@ -671,18 +676,10 @@ mod tests {
             linear.observe(&z, &H100, *y, &params());
         }
         assert_eq!(m.multipliers()[ATTENTION], 0.0);
-        let without_feature = |m: &StepModel| {
-            test.iter()
-                .map(|(z, _)| {
-                    let t = dot(&truth, z);
-                    let mut z = *z;
-                    z[ATTENTION] = 0.0;
-                    (m.predict(&z) - t).abs() / t
-                })
-                .sum::<f64>()
-                / test.len() as f64
-        };
-        let (held, never) = (without_feature(&m), without_feature(&linear));
+        let (held, never) = (
+            mape_without_attention(&m, &test, truth),
+            mape_without_attention(&linear, &test, truth),
+        );
         assert!(
             held <= never + 0.01,
             "held at 0: {held}, never fitted: {never}"

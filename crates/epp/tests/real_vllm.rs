@@ -22,7 +22,7 @@ use kvgate_gateway::Gateway;
 use kvgate_runtime::config::RoutingFlags;
 use kvgate_runtime::config::{DataPlaneConfig, EndpointConfig, Overrides, PolicyChoice};
 use kvgate_testkit::envoy::{Envoy, envoy_binary};
-use kvgate_testkit::process::{Proc, free_port, kvgate};
+use kvgate_testkit::process::{Proc, free_port, kvgate_serve};
 use serde_json::{Value, json};
 
 const MODEL: &str = "smollm2";
@@ -500,34 +500,21 @@ impl ServeProcess {
         // exits at start and is started again.
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let mut cmd = kvgate(&bin);
-            cmd.args([
-                "serve",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--admin-port",
-                "0",
-            ])
-            .args(["--scrape-interval-ms", "100"])
-            .arg("--tokenizer")
-            .arg(model_dir())
-            .args(["--kv-events-listen", &fleet.listen]);
+            let mut cmd = kvgate_serve(&bin);
+            cmd.args(["--scrape-interval-ms", "100"])
+                .arg("--tokenizer")
+                .arg(model_dir())
+                .args(["--kv-events-listen", &fleet.listen]);
             for e in &fleet.engines {
                 cmd.args(["--endpoint", &format!("http://{}", e.address())])
                     .args(["--kv-replay", &e.replay]);
             }
             let mut proc = Proc::spawn("kvgate serve", cmd);
             loop {
-                const LISTENING: &str = "kvgate gateway listening";
-                if let (Some(api), Some(admin)) = (
-                    proc.log_field(LISTENING, "api_addr"),
-                    proc.log_field(LISTENING, "admin_addr"),
-                ) {
+                if let Some((api, admin)) = proc.gateway_addrs() {
                     return ServeProcess {
-                        api: api.parse().expect("api_addr"),
-                        admin: admin.parse().expect("admin_addr"),
+                        api,
+                        admin,
                         _proc: proc,
                     };
                 }

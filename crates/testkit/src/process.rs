@@ -12,6 +12,7 @@
 
 use std::ffi::OsStr;
 use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::str::FromStr;
@@ -108,6 +109,26 @@ impl Drop for TempDir {
 pub fn kvgate(bin: impl AsRef<OsStr>) -> Command {
     let mut cmd = Command::new(bin);
     cmd.env("RUST_LOG", "info");
+    cmd
+}
+
+/// The log line `kvgate serve` prints once both its listeners are bound (with `api_addr=` and
+/// `admin_addr=`).
+pub const GATEWAY_LISTENING: &str = "kvgate gateway listening";
+
+/// `kvgate serve` on loopback with both listeners on ephemeral ports, logging at `info` ([`kvgate`]);
+/// read the ports with [`Proc::gateway_addrs`] or from the [`GATEWAY_LISTENING`] line.
+pub fn kvgate_serve(bin: impl AsRef<OsStr>) -> Command {
+    let mut cmd = kvgate(bin);
+    cmd.args([
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--admin-port",
+        "0",
+    ]);
     cmd
 }
 
@@ -253,6 +274,13 @@ impl Proc {
         let log = self.log.lock().unwrap();
         let line = log.iter().find(|l| l.contains(message))?;
         try_field(line, key).map(str::to_owned)
+    }
+
+    /// The API and admin addresses of a `kvgate serve` ([`kvgate_serve`]), once its
+    /// [`GATEWAY_LISTENING`] line is out.
+    pub fn gateway_addrs(&self) -> Option<(SocketAddr, SocketAddr)> {
+        let addr = |key| self.log_field(GATEWAY_LISTENING, key)?.parse().ok();
+        addr("api_addr").zip(addr("admin_addr"))
     }
 
     /// Waits (blocking this thread) for a line containing `marker` and returns it; panics with
