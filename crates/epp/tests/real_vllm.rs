@@ -451,7 +451,9 @@ impl Fleet {
             policy: PolicyChoice::Preset(policy.parse().expect("a known policy")),
             ..DataPlaneConfig::default()
         };
-        let deadline = Instant::now() + Duration::from_secs(10);
+        // The KV socket the previous scenario's gateway listened on may still be closing (a
+        // clean-clone CI run at 1934364 waited out 10 s here): as long as `ServeProcess` waits.
+        let deadline = Instant::now() + Duration::from_secs(60);
         let gw = loop {
             match Gateway::start(cfg.clone(), Overrides::default()).await {
                 Ok(gw) => break gw,
