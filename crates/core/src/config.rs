@@ -167,17 +167,23 @@ pub struct Tuning {
     /// TTFT). Above 1 the router also charges the delay that recomputing a prefix imposes on
     /// the requests queued after it, which greedy TTFT ignores: under load, greedy TTFT trades
     /// cache hits for short-term balance, every miss adds work, queues grow, and more requests
-    /// miss. 3: the
-    /// request pays for its prefill once and, on a busy endpoint, roughly two later arrivals pay
-    /// for it again. In the discrete-event demo (2 H100s, 64 req/s of 6k-token shared prompts)
-    /// plain TTFT (1.0) gave a 113 ms mean TTFT against 57 ms for SGLang's cache_aware; 3.0
-    /// gave 57–59 ms with no loss on lighter or mixed fleets (see `prefill_work_full_queue`).
+    /// miss. 9, reached at `prefill_work_full_queue` = 8 waiting: each waiting request stands
+    /// for one later arrival that the new work delays (a queue that long persists for about
+    /// as many arrivals), up to eight. The earlier 3 (reached at 4 waiting) let a burst on a
+    /// stale view tip the fleet into that spiral: on the synthetic mix (8 H100s, production
+    /// signal delays) at 600 req/s with four router replicas, and at 640 req/s with one, the
+    /// hit ratio fell from 0.90 to 0.82-0.85 and TTFT grew to tens of seconds, where Dynamo's
+    /// cost held 0.89; with 9 at 8 both hold 0.90 and a 26-34 ms mean TTFT. 17 at 16
+    /// over-concentrated (mean 136 ms at 600 req/s, four replicas) and 5 at 4 still spiralled:
+    /// the reach matters more than the slope. In the discrete-event demo (2 H100s, 64 req/s of
+    /// 6k-token shared prompts) plain TTFT (1.0) gave a 113 ms mean TTFT against 57 ms for
+    /// SGLang's cache_aware.
     pub prefill_work_weight: f64,
     /// Waiting requests at which the full `prefill_work_weight` applies (linear from 1 at an
-    /// empty queue). 4: an idle endpoint's recompute delays nobody, so at light load
-    /// the router is plain TTFT-greedy (free to add prefix holders); from four queued requests on
-    /// every token of new work is charged in full. A constant weight instead cost 7% mean TTFT
-    /// on a light hot-prefix load and doubled p99 on a mixed H100/A100 fleet.
+    /// empty queue). 8: an idle endpoint's recompute delays nobody, so at light load the
+    /// router is plain TTFT-greedy (free to add prefix holders); from eight queued requests on
+    /// every token of new work is charged at the full weight. A constant weight instead cost 7%
+    /// mean TTFT on a light hot-prefix load and doubled p99 on a mixed H100/A100 fleet.
     pub prefill_work_full_queue: u32,
     /// Weight of the recompute of prefix another candidate already holds, in the routing cost
     /// (see `crate::cost`'s module docs, "Duplicates"); 0 turns the charge off.
@@ -304,8 +310,8 @@ impl Default for Tuning {
             softmax_temperature_per_s: 0.5,
             softmax_max_temperature: 2.0,
             signal_fresh_us: 200_000,
-            prefill_work_weight: 3.0,
-            prefill_work_full_queue: 4,
+            prefill_work_weight: 9.0,
+            prefill_work_full_queue: 8,
             duplicate_prefix_weight: 1.0,
             duplicate_min_tokens: 256,
             hot_prefix_target_wait_fraction: 0.5,
