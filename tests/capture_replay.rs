@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use kvgate_testkit::process::{Proc, TempDir, kvgate, spawn_sim};
+use kvgate_testkit::process::{GATEWAY_LISTENING, Proc, TempDir, kvgate, spawn_sim};
 use serde_json::{Value, json};
 
 const BIN: &str = env!("CARGO_BIN_EXE_kvgate");
@@ -88,7 +88,7 @@ async fn twenty_streamed_requests_give_twenty_receipts_and_a_trace_bench_replays
         cmd.args(e.flags());
     }
     let mut serve = Proc::spawn("kvgate serve", cmd);
-    let line = serve.wait_line("kvgate gateway listening", Duration::from_secs(20));
+    let line = serve.wait_line(GATEWAY_LISTENING, Duration::from_secs(20));
     let v: Value = serde_json::from_str(&line).expect("--log-format json");
     let api = v["fields"]["api_addr"]
         .as_str()

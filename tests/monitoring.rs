@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use kvgate_testkit::envoy::{Envoy, EnvoyOptions};
 use kvgate_testkit::process::{
-    GATEWAY_LISTENING, Proc, SimEngine, TempDir, field, free_port, kvgate, kvgate_serve, spawn_sim,
+    Proc, SimEngine, TempDir, field, free_port, kvgate, kvgate_serve, spawn_sim,
 };
 use serde_json::{Value, json};
 
@@ -396,9 +396,7 @@ async fn every_dashboard_query_and_alert_signal_returns_data_from_real_kvgate() 
         .args(["--policy", "round-robin"]);
     endpoint_flags(&fleet, &mut cmd);
     let mut serve = Proc::spawn("kvgate serve", cmd);
-    let line = serve.wait_line(GATEWAY_LISTENING, Duration::from_secs(20));
-    let (serve_api, serve_admin): (SocketAddr, SocketAddr) =
-        (field(&line, "api_addr"), field(&line, "admin_addr"));
+    let (serve_api, serve_admin) = serve.wait_gateway_addrs(Duration::from_secs(20));
 
     let mut cmd = kvgate(BIN);
     cmd.args(["epp", "--host", "127.0.0.1", "--grpc-port", "0"])

@@ -8,11 +8,10 @@
 //! Prints the shares per window (run with `--nocapture` to see them).
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use kvgate_testkit::process::{GATEWAY_LISTENING, Proc, field, free_port, kvgate, kvgate_serve};
+use kvgate_testkit::process::{Proc, free_port, kvgate, kvgate_serve};
 
 const MODEL: &str = "meta-llama/Llama-3.1-8B-Instruct";
 /// Concurrent clients: enough to keep three engines busy, few enough for two cores.
@@ -121,8 +120,7 @@ async fn run(policy: &str, engines: &[Engine], stall: Duration) -> BTreeMap<Stri
         cmd.args(["--endpoint", &e.address]);
     }
     let mut serve = Proc::spawn("kvgate serve", cmd);
-    let line = serve.wait_line(GATEWAY_LISTENING, Duration::from_secs(30));
-    let api: SocketAddr = field(&line, "api_addr");
+    let (api, _) = serve.wait_gateway_addrs(Duration::from_secs(30));
     // /ready is served on the API port too; it needs one reachable engine, so give the
     // others a few scrapes more.
     let probe = reqwest::Client::builder().no_proxy().build().unwrap();

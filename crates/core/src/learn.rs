@@ -430,28 +430,35 @@ mod tests {
             .collect()
     }
 
-    fn mape(m: &StepModel, obs: &[([f64; 4], f64)], truth: [f64; 4]) -> f64 {
+    /// Mean |prediction − truth| / truth over `obs`, the model predicting from `seen(z)` (what
+    /// it is shown of each observation's features).
+    fn mape_seeing(
+        m: &StepModel,
+        obs: &[([f64; 4], f64)],
+        truth: [f64; 4],
+        seen: impl Fn(&[f64; 4]) -> [f64; 4],
+    ) -> f64 {
         obs.iter()
             .map(|(z, _)| {
                 let t = dot(&truth, z);
-                (m.predict(z) - t).abs() / t
+                (m.predict(&seen(z)) - t).abs() / t
             })
             .sum::<f64>()
             / obs.len() as f64
     }
 
+    fn mape(m: &StepModel, obs: &[([f64; 4], f64)], truth: [f64; 4]) -> f64 {
+        mape_seeing(m, obs, truth, |z| *z)
+    }
+
     /// [`mape`] of a model that is never shown the attention feature (it predicts from the
     /// other three terms).
     fn mape_without_attention(m: &StepModel, obs: &[([f64; 4], f64)], truth: [f64; 4]) -> f64 {
-        obs.iter()
-            .map(|(z, _)| {
-                let t = dot(&truth, z);
-                let mut z = *z;
-                z[ATTENTION] = 0.0;
-                (m.predict(&z) - t).abs() / t
-            })
-            .sum::<f64>()
-            / obs.len() as f64
+        mape_seeing(m, obs, truth, |z| {
+            let mut z = *z;
+            z[ATTENTION] = 0.0;
+            z
+        })
     }
 
     #[test]

@@ -25,6 +25,10 @@ use kvgate_testkit::envoy::{Envoy, envoy_binary};
 use kvgate_testkit::process::{Proc, free_port, kvgate_serve};
 use serde_json::{Value, json};
 
+/// How long a gateway waits for the KV socket a previous scenario's gateway listened on to be
+/// released, embedded in this test or in its own process.
+const KV_SOCKET_RELEASE_LIMIT: Duration = Duration::from_secs(60);
+
 const MODEL: &str = "smollm2";
 
 fn cache_dir() -> PathBuf {
@@ -452,8 +456,8 @@ impl Fleet {
             ..DataPlaneConfig::default()
         };
         // The KV socket the previous scenario's gateway listened on may still be closing (a
-        // clean-clone CI run at 1934364 waited out 10 s here): as long as `ServeProcess` waits.
-        let deadline = Instant::now() + Duration::from_secs(60);
+        // clean-clone CI run at 1934364 waited out 10 s here).
+        let deadline = Instant::now() + KV_SOCKET_RELEASE_LIMIT;
         let gw = loop {
             match Gateway::start(cfg.clone(), Overrides::default()).await {
                 Ok(gw) => break gw,
@@ -500,7 +504,7 @@ impl ServeProcess {
         );
         // The KV socket a previous gateway listened on may still be closing: this one then
         // exits at start and is started again.
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + KV_SOCKET_RELEASE_LIMIT;
         loop {
             let mut cmd = kvgate_serve(&bin);
             cmd.args(["--scrape-interval-ms", "100"])
@@ -523,7 +527,7 @@ impl ServeProcess {
                 let exited = proc.try_wait();
                 assert!(
                     Instant::now() < deadline,
-                    "kvgate serve not listening within 60 s (exited: {exited:?})\n{}",
+                    "kvgate serve not listening within {KV_SOCKET_RELEASE_LIMIT:?} (exited: {exited:?})\n{}",
                     proc.tail()
                 );
                 if exited.is_some() {

@@ -283,6 +283,13 @@ impl Proc {
         addr("api_addr").zip(addr("admin_addr"))
     }
 
+    /// Waits (blocking this thread) for a `kvgate serve`'s [`GATEWAY_LISTENING`] line and returns
+    /// its API and admin addresses; panics as [`Proc::wait_line`] does.
+    pub fn wait_gateway_addrs(&mut self, within: Duration) -> (SocketAddr, SocketAddr) {
+        let line = self.wait_line(GATEWAY_LISTENING, within);
+        (field(&line, "api_addr"), field(&line, "admin_addr"))
+    }
+
     /// Waits (blocking this thread) for a line containing `marker` and returns it; panics with
     /// the log's tail if the process exits first or nothing comes within `within`.
     pub fn wait_line(&mut self, marker: &str, within: Duration) -> String {
