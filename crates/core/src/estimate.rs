@@ -178,10 +178,9 @@ pub(crate) struct EndpointLoad {
     at_sample_started: u32,
     at_sample_blocks: u64,
     recent_finished: VecDeque<Finished>,
-    /// Uncached tokens a foreign waiting request is priced at, and its attention pairs (see
-    /// the module docs).
+    /// Uncached tokens a foreign waiting request is priced at, as a cold prompt (see the
+    /// module docs).
     foreign_prompt_tokens: f64,
-    foreign_prompt_pairs: f64,
     /// Bookings made so far: each booking's arrival order (bookings in one burst often share a
     /// timestamp).
     booked: u64,
@@ -287,7 +286,6 @@ impl EndpointLoad {
             at_sample_blocks: 0,
             recent_finished: VecDeque::new(),
             foreign_prompt_tokens: default_prompt_tokens,
-            foreign_prompt_pairs: crate::cost::attention_pairs(0.0, default_prompt_tokens),
             booked: 0,
             prefill_speed: SpeedFactor::PRIOR,
             decode_speed: SpeedFactor::PRIOR,
@@ -518,7 +516,8 @@ impl EndpointLoad {
             queued_prefill_tokens: self.own_unstarted_tokens
                 + (f64::from(foreign_waiting) * self.foreign_prompt_tokens) as u64,
             queued_prefill_pairs: self.own_unstarted_pairs as f64
-                + f64::from(foreign_waiting) * self.foreign_prompt_pairs,
+                + f64::from(foreign_waiting)
+                    * crate::cost::attention_pairs(0.0, self.foreign_prompt_tokens),
             kv_blocks: self.own_blocks + foreign_blocks,
             kv_capacity_blocks: cap,
             own_in_flight: self.in_flight.len() as u32,
