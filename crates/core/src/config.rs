@@ -229,9 +229,7 @@ pub struct Tuning {
     /// A candidate is saturated when its estimated waiting queue reaches this. 5: the GIE
     /// saturation detector's `queueDepthThreshold`.
     pub shed_queue_threshold: u32,
-    /// Uncached prompt tokens a foreign waiting request (another router's, or a direct
-    /// client's, seen only as a count in a scraped sample) is priced at, as a cold prompt of
-    /// this size; the same on every endpoint (see [`crate::estimate`]'s module docs). 1,024.
+    /// Mean prompt tokens assumed for foreign waiting requests before any are seen. 1,024.
     pub default_prompt_tokens: u32,
     /// Output tokens assumed when `max_tokens` is absent; also caps expected output at 4×. 256.
     pub default_output_tokens: u32,

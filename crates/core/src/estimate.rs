@@ -18,23 +18,8 @@
 //! much of the waiting queue as they can (foreign waiting = what they cannot). Totals are exact;
 //! only the waiting/running split of foreign work is a guess.
 //!
-//! Foreign waiting requests are priced as cold prompts of
-//! [`crate::Tuning::default_prompt_tokens`] (1,024) each, their attention over themselves
-//! included: the same on every endpoint. The router knows nothing of another router's
-//! requests, and its own are no sample of them: it sends its hits to their holders, so the mean
-//! of its own requests on an endpoint is small where it routes hits and large where it routes
-//! misses, and that mean priced the other routers' queue there. It did so until this was
-//! measured: with four router replicas on the synthetic mix (8 H100 engines, 640 req/s, signals
-//! 50-160 ms old) the own mean (an EWMA of uncached tokens and attention pairs) made holders'
-//! foreign queues look cheap or dear by where this router's hits went, and, through an
-//! attention coefficient learnt from those guessed queues (0.003-0.008 µs per pair on engines
-//! that have none), charged tens of ms per foreign request on some endpoints; the fleet tipped
-//! into trading hits for balance (hit ratio 0.90 to 0.82, mean TTFT 18-20 s on three seeds).
-//! Priced as a fixed cold prompt, the same runs kept their hits (0.90) at 73-127 ms mean TTFT.
-//! With one router the DES has no foreign work and nothing changes. Not a tuned optimum: a
-//! fixed 2,000-token cold prompt tipped the same run, 600 did not (the learnt attention term
-//! multiplies the square of the size); what matters is that it is the same on every endpoint
-//! and not inflated by this router's hits' long contexts.
+//! Foreign waiting requests are converted to prefill tokens with the mean prompt length this
+//! router has seen on the endpoint (prior [`crate::Tuning::default_prompt_tokens`]).
 //!
 //! ## Calibration
 //! The cost model (see [`crate::cost`]) predicts TTFT from each endpoint's step-time
@@ -178,9 +163,8 @@ pub(crate) struct EndpointLoad {
     at_sample_started: u32,
     at_sample_blocks: u64,
     recent_finished: VecDeque<Finished>,
-    /// Uncached tokens a foreign waiting request is priced at, as a cold prompt (see the
-    /// module docs).
-    foreign_prompt_tokens: f64,
+    mean_prompt_tokens: f64,
+    mean_prompt_pairs: f64,
     /// Bookings made so far: each booking's arrival order (bookings in one burst often share a
     /// timestamp).
     booked: u64,
@@ -285,7 +269,8 @@ impl EndpointLoad {
             at_sample_started: 0,
             at_sample_blocks: 0,
             recent_finished: VecDeque::new(),
-            foreign_prompt_tokens: default_prompt_tokens,
+            mean_prompt_tokens: default_prompt_tokens,
+            mean_prompt_pairs: crate::cost::attention_pairs(0.0, default_prompt_tokens),
             booked: 0,
             prefill_speed: SpeedFactor::PRIOR,
             decode_speed: SpeedFactor::PRIOR,
@@ -351,13 +336,15 @@ impl EndpointLoad {
         true
     }
 
-    pub fn book(&mut self, req_id: u64, mut b: Booking) {
+    pub fn book(&mut self, req_id: u64, mut b: Booking, alpha: f64) {
         self.booked += 1;
         b.order = self.booked;
         self.own_unstarted += 1;
         self.own_unstarted_tokens += u64::from(b.uncached_tokens);
         self.own_unstarted_pairs = self.own_unstarted_pairs.saturating_add(b.prefill_pairs);
         self.own_blocks += b.kv_blocks;
+        self.mean_prompt_tokens += alpha * (f64::from(b.uncached_tokens) - self.mean_prompt_tokens);
+        self.mean_prompt_pairs += alpha * (b.prefill_pairs as f64 - self.mean_prompt_pairs);
         if let Some(old) = self.in_flight.insert(req_id, b) {
             // A reused id: forget the old booking's contribution.
             self.unaccount(&old);
@@ -514,10 +501,9 @@ impl EndpointLoad {
             waiting: self.own_unstarted + foreign_waiting,
             running: self.own_started + foreign_running,
             queued_prefill_tokens: self.own_unstarted_tokens
-                + (f64::from(foreign_waiting) * self.foreign_prompt_tokens) as u64,
+                + (f64::from(foreign_waiting) * self.mean_prompt_tokens) as u64,
             queued_prefill_pairs: self.own_unstarted_pairs as f64
-                + f64::from(foreign_waiting)
-                    * crate::cost::attention_pairs(0.0, self.foreign_prompt_tokens),
+                + f64::from(foreign_waiting) * self.mean_prompt_pairs,
             kv_blocks: self.own_blocks + foreign_blocks,
             kv_capacity_blocks: cap,
             own_in_flight: self.in_flight.len() as u32,
@@ -575,8 +561,8 @@ mod tests {
     #[test]
     fn bookings_count_at_once_and_are_not_double_counted() {
         let mut l = EndpointLoad::new(100.0, 1000);
-        l.book(1, booking(10, 500, 40));
-        l.book(2, booking(20, 300, 20));
+        l.book(1, booking(10, 500, 40), 0.0);
+        l.book(2, booking(20, 300, 20), 0.0);
         let e = l.estimate(25, 1000);
         assert_eq!(
             (e.waiting, e.running, e.queued_prefill_tokens, e.kv_blocks),
@@ -596,12 +582,12 @@ mod tests {
         assert_eq!(
             e.queued_prefill_tokens,
             300 + 100,
-            "foreign priced at the default prompt"
+            "foreign converted at the mean prompt"
         );
         assert_eq!(e.kv_blocks, 160);
         assert_eq!(e.sample_age_us, Some(5));
         // A booking after the sample adds on top; finishing an old one subtracts.
-        l.book(3, booking(41, 200, 10));
+        l.book(3, booking(41, 200, 10), 0.0);
         l.release(1, 42);
         let e = l.estimate(43, 1000);
         assert_eq!((e.waiting, e.running, e.kv_blocks), (3, 0, 130));
@@ -682,7 +668,7 @@ mod tests {
                     Op::Book(tokens, blocks) => {
                         let mut b = booking(now, tokens, u64::from(blocks));
                         b.booked_at_us = now;
-                        l.book(next_id, b);
+                        l.book(next_id, b, 0.1);
                         live.insert(next_id, (false, u64::from(blocks)));
                         next_id += 1;
                     }

@@ -1724,9 +1724,10 @@ impl Router {
             behind_pairs: 0.0,
             order: 0,
         };
+        let alpha = t.calibration_alpha;
         let max_blocks = t.max_booked_blocks;
         match self.entry_mut(id) {
-            Some(e) if e.state != EndpointState::Gone => e.load.book(req.id, booking),
+            Some(e) if e.state != EndpointState::Gone => e.load.book(req.id, booking, alpha),
             _ => return,
         }
         let bs = req.keys.block_size;
