@@ -436,6 +436,7 @@ fn sample_of(e: &Engine) -> MetricsSample {
         kv_capacity_blocks: Some(s.num_gpu_blocks),
         prefix_cache_queries_tokens: Some(s.prefix_cache_queries_tokens as f64),
         prefix_cache_hits_tokens: Some(s.prefix_cache_hits_tokens as f64),
+        first_tokens_total: Some(s.ttft.count as f64),
         preemptions_total: Some(s.preemptions_total as f64),
         prompt_tokens_total: Some(s.prompt_tokens_total as f64),
         generation_tokens_total: Some(s.generation_tokens_total as f64),

@@ -229,7 +229,8 @@ pub struct Tuning {
     /// A candidate is saturated when its estimated waiting queue reaches this. 5: the GIE
     /// saturation detector's `queueDepthThreshold`.
     pub shed_queue_threshold: u32,
-    /// Mean prompt tokens assumed for foreign waiting requests before any are seen. 1,024.
+    /// Uncached prompt tokens assumed per foreign waiting request until the engine's counters (or,
+    /// for engines without them, this router's own requests there) say otherwise. 1,024.
     pub default_prompt_tokens: u32,
     /// Output tokens assumed when `max_tokens` is absent; also caps expected output at 4×. 256.
     pub default_output_tokens: u32,

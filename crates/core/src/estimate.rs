@@ -18,8 +18,21 @@
 //! much of the waiting queue as they can (foreign waiting = what they cannot). Totals are exact;
 //! only the waiting/running split of foreign work is a guess.
 //!
-//! Foreign waiting requests are converted to prefill tokens with the mean prompt length this
-//! router has seen on the endpoint (prior [`crate::Tuning::default_prompt_tokens`]).
+//! Foreign waiting requests are converted to prefill tokens with what the endpoint itself
+//! reports it computes per request ([`EngineTraffic`]): its prefix-cache query and hit counters
+//! and its first-token count, differenced between samples and averaged over its recent
+//! requests from every router and client. Engines that export no such counters fall back to
+//! the mean uncached prompt of this router's own requests there (prior
+//! [`crate::Tuning::default_prompt_tokens`]). That fallback is no sample of the other routers'
+//! requests: it moves with this router's own bookings (a miss booked on an endpoint makes every
+//! foreign request waiting there look dearer at once, a hit cheaper), so each replica's own
+//! decisions swing its price of the others' work. In the benchmark's `mix` workload with four
+//! replicas at 640 req/s that fed back into a collapse (mean TTFT ~19-20 s on three seeds);
+//! priced from the engine's counters the same runs serve every request (mean TTFT 60-170 ms).
+//! A fleet-wide mean of this router's own requests collapsed too, and so did the larger of the
+//! two prices. A constant price (1,024 tokens) served and scored a little higher in the demo,
+//! but it is wrong by whatever factor separates the deployment's real requests from it (3× in
+//! that workload, whose requests compute 345 uncached tokens each on average).
 //!
 //! ## Calibration
 //! The cost model (see [`crate::cost`]) predicts TTFT from each endpoint's step-time
@@ -53,6 +66,54 @@ use crate::observe::MetricsSample;
 /// completions at thousands per second; past it the oldest are dropped (at worst a few finished
 /// requests count as foreign load until the next sample).
 const RECENT_FINISHED_CAP: usize = 65_536;
+
+/// What an endpoint computes per request for all its clients, from its own counters (see the
+/// module docs): the uncached and cached prompt tokens of its recent requests, each request's
+/// weight decaying by `1 − alpha` per newer request (the calibration EWMA's gain), so the mean
+/// follows the traffic as it shifts.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(crate) struct EngineTraffic {
+    /// The counters of the last sample that had all three: queries, hits, first tokens.
+    last: Option<(f64, f64, f64)>,
+    uncached: f64,
+    cached: f64,
+    requests: f64,
+}
+
+impl EngineTraffic {
+    /// Folds in a sample's counters. A counter that went backwards (an engine restart) starts
+    /// the differences afresh and keeps the mean; an interval with first tokens but no queries
+    /// (prefix caching off, so nothing is counted) carries no information.
+    fn observe(&mut self, s: &MetricsSample, alpha: f64) {
+        let (Some(q), Some(h), Some(n)) = (
+            s.prefix_cache_queries_tokens,
+            s.prefix_cache_hits_tokens,
+            s.first_tokens_total,
+        ) else {
+            return;
+        };
+        if let Some((q0, h0, n0)) = self.last.replace((q, h, n)) {
+            let (dq, dh, dn) = (q - q0, h - h0, n - n0);
+            if dq < 0.0 || dh < 0.0 || dn < 0.0 || dh > dq || dq == 0.0 {
+                return;
+            }
+            let keep = (1.0 - alpha.clamp(0.0, 1.0)).powf(dn);
+            self.uncached = self.uncached * keep + (dq - dh);
+            self.cached = self.cached * keep + dh;
+            self.requests = self.requests * keep + dn;
+        }
+    }
+
+    /// Mean uncached prompt tokens per request and their attention pairs, once at least one
+    /// request's worth of evidence is in.
+    fn per_request(&self) -> Option<(f64, f64)> {
+        (self.requests >= 1.0).then(|| {
+            let uncached = self.uncached / self.requests;
+            let cached = self.cached / self.requests;
+            (uncached, crate::cost::attention_pairs(cached, uncached))
+        })
+    }
+}
 
 /// One booked request, as the estimator tracks it.
 #[derive(Clone, Debug, PartialEq)]
@@ -165,6 +226,7 @@ pub(crate) struct EndpointLoad {
     recent_finished: VecDeque<Finished>,
     mean_prompt_tokens: f64,
     mean_prompt_pairs: f64,
+    traffic: EngineTraffic,
     /// Bookings made so far: each booking's arrival order (bookings in one burst often share a
     /// timestamp).
     booked: u64,
@@ -271,6 +333,7 @@ impl EndpointLoad {
             recent_finished: VecDeque::new(),
             mean_prompt_tokens: default_prompt_tokens,
             mean_prompt_pairs: crate::cost::attention_pairs(0.0, default_prompt_tokens),
+            traffic: EngineTraffic::default(),
             booked: 0,
             prefill_speed: SpeedFactor::PRIOR,
             decode_speed: SpeedFactor::PRIOR,
@@ -307,10 +370,12 @@ impl EndpointLoad {
     }
 
     /// Takes a fresher sample; older or equal-time samples are ignored (returns false).
-    pub fn observe(&mut self, taken_at_us: u64, sample: &MetricsSample) -> bool {
+    /// `alpha` is the per-request gain of the endpoint's traffic mean ([`EngineTraffic`]).
+    pub fn observe(&mut self, taken_at_us: u64, sample: &MetricsSample, alpha: f64) -> bool {
         if self.sample.as_ref().is_some_and(|(_, t)| *t >= taken_at_us) {
             return false;
         }
+        self.traffic.observe(sample, alpha);
         let t = taken_at_us;
         let (mut unstarted, mut started, mut blocks) = (0u32, 0u32, 0u64);
         for b in self.in_flight.values().filter(|b| b.booked_at_us <= t) {
@@ -497,13 +562,17 @@ impl EndpointLoad {
             }
             None => (0, 0, 0, default_capacity_blocks, None, 0, None),
         };
+        let (per_tokens, per_pairs) = self
+            .traffic
+            .per_request()
+            .unwrap_or((self.mean_prompt_tokens, self.mean_prompt_pairs));
         LoadEstimate {
             waiting: self.own_unstarted + foreign_waiting,
             running: self.own_started + foreign_running,
             queued_prefill_tokens: self.own_unstarted_tokens
-                + (f64::from(foreign_waiting) * self.mean_prompt_tokens) as u64,
+                + (f64::from(foreign_waiting) * per_tokens) as u64,
             queued_prefill_pairs: self.own_unstarted_pairs as f64
-                + f64::from(foreign_waiting) * self.mean_prompt_pairs,
+                + f64::from(foreign_waiting) * per_pairs,
             kv_blocks: self.own_blocks + foreign_blocks,
             kv_capacity_blocks: cap,
             own_in_flight: self.in_flight.len() as u32,
@@ -572,7 +641,7 @@ mod tests {
         // Request 1 starts at 30; a sample taken at 35 sees it running, 2 waiting, plus one
         // foreign waiting request and 100 foreign blocks.
         l.first_token(1, 30);
-        assert!(l.observe(35, &sample(2, 1, 0.16)));
+        assert!(l.observe(35, &sample(2, 1, 0.16), 0.1));
         let e = l.estimate(40, 1000);
         assert_eq!(
             (e.waiting, e.running),
@@ -593,12 +662,55 @@ mod tests {
         assert_eq!((e.waiting, e.running, e.kv_blocks), (3, 0, 130));
         // A fresher sample that still shows request 1 (taken before its finish) is reconciled
         // against the remembered finish: request 1 is not counted as foreign.
-        assert!(l.observe(41, &sample(3, 1, 0.17)));
+        assert!(l.observe(41, &sample(3, 1, 0.17), 0.1));
         let e = l.estimate(44, 1000);
         assert_eq!((e.waiting, e.running), (3, 0));
         assert_eq!(e.kv_blocks, 130);
         // Stale samples are ignored.
-        assert!(!l.observe(40, &sample(50, 50, 0.9)));
+        assert!(!l.observe(40, &sample(50, 50, 0.9), 0.1));
+    }
+
+    /// A sample with the engine's cumulative prefix-cache and first-token counters.
+    fn counted(waiting: u32, queries: f64, hits: f64, first_tokens: f64) -> MetricsSample {
+        MetricsSample {
+            prefix_cache_queries_tokens: Some(queries),
+            prefix_cache_hits_tokens: Some(hits),
+            first_tokens_total: Some(first_tokens),
+            ..sample(waiting, 0, 0.0)
+        }
+    }
+
+    #[test]
+    fn foreign_waiting_is_priced_at_what_the_engine_computes_per_request() {
+        let mut l = EndpointLoad::new(100.0, 1000);
+        // This router booked one 5,000-token cold prompt there: with no engine counters the
+        // foreign request is priced at its own mean (EWMA from the 100-token prior).
+        l.book(1, booking(0, 5_000, 10), 0.5);
+        l.first_token(1, 5);
+        l.release(1, 6);
+        assert!(l.observe(10, &sample(1, 0, 0.0), 0.5));
+        assert_eq!(l.estimate(10, 1000).queued_prefill_tokens, 2_550);
+        // The engine's counters: the first sample is a baseline only; then 4 requests queried
+        // 10,000 tokens and hit 8,000 (500 uncached and 2,000 cached each).
+        assert!(l.observe(20, &counted(1, 50_000.0, 30_000.0, 100.0), 0.0));
+        assert_eq!(l.estimate(20, 1000).queued_prefill_tokens, 2_550);
+        assert!(l.observe(30, &counted(2, 60_000.0, 38_000.0, 104.0), 0.0));
+        let e = l.estimate(30, 1000);
+        assert_eq!(e.queued_prefill_tokens, 2 * 500);
+        let pairs = crate::cost::attention_pairs(2_000.0, 500.0);
+        assert!((e.queued_prefill_pairs - 2.0 * pairs).abs() < 1e-6);
+        // With a gain, older requests fade: 1 new request of 100 uncached, no hits, at gain
+        // 0.5 (weights 4·0.5 = 2 and 1): (1,000 + 100) / 3 per request.
+        assert!(l.observe(40, &counted(1, 60_100.0, 38_000.0, 105.0), 0.5));
+        assert_eq!(l.estimate(40, 1000).queued_prefill_tokens, 366);
+        // An engine restart (counters back to small values) restarts the differences and
+        // keeps the mean; an interval with first tokens but no queries says nothing.
+        assert!(l.observe(50, &counted(1, 10.0, 0.0, 1.0), 0.5));
+        assert!(l.observe(60, &counted(1, 10.0, 0.0, 9.0), 0.5));
+        assert_eq!(l.estimate(60, 1000).queued_prefill_tokens, 366);
+        assert!(l.observe(70, &counted(1, 1_010.0, 0.0, 10.0), 0.5));
+        // The older requests halve (1.5 requests, 550 tokens), plus one of 1,000: 1,550 / 2.5.
+        assert_eq!(l.estimate(70, 1000).queued_prefill_tokens, 620);
     }
 
     #[derive(Clone, Debug)]
@@ -702,7 +814,7 @@ mod tests {
                     }
                     Op::Deliver => {
                         if let Some((t, s, f)) = pending.pop_front() {
-                            proptest::prop_assert!(l.observe(t, &s));
+                            proptest::prop_assert!(l.observe(t, &s, 0.1));
                             foreign = Some((f.0 + f.1, f.2));
                         }
                     }

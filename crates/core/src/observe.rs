@@ -31,6 +31,10 @@ pub struct MetricsSample {
     pub prefix_cache_queries_tokens: Option<f64>,
     /// Cumulative prefix-cache hits, in tokens.
     pub prefix_cache_hits_tokens: Option<f64>,
+    /// Cumulative requests that got their first token (the count of
+    /// `vllm:time_to_first_token_seconds`): with the two prefix-cache counters, how many
+    /// uncached tokens the engine computes per request, for every router and client.
+    pub first_tokens_total: Option<f64>,
     /// Cumulative preemptions.
     pub preemptions_total: Option<f64>,
     /// Cumulative prompt tokens processed.

