@@ -94,7 +94,10 @@ impl EngineTraffic {
         };
         if let Some((q0, h0, n0)) = self.last.replace((q, h, n)) {
             let (dq, dh, dn) = (q - q0, h - h0, n - n0);
-            if dq < 0.0 || dh < 0.0 || dn < 0.0 || dh > dq || dq == 0.0 {
+            // Written so that a NaN or infinite counter (which adapters reject, but a sample
+            // can be built by hand) is skipped too.
+            let usable = dq > 0.0 && dh >= 0.0 && dn >= 0.0 && dh <= dq;
+            if !usable || !(dq + dn).is_finite() {
                 return;
             }
             let keep = (1.0 - alpha.clamp(0.0, 1.0)).powf(dn);
@@ -711,6 +714,10 @@ mod tests {
         assert!(l.observe(70, &counted(1, 1_010.0, 0.0, 10.0), 0.5));
         // The older requests halve (1.5 requests, 550 tokens), plus one of 1,000: 1,550 / 2.5.
         assert_eq!(l.estimate(70, 1000).queued_prefill_tokens, 620);
+        // Counters that are not numbers change nothing.
+        assert!(l.observe(80, &counted(1, f64::NAN, 0.0, 11.0), 0.5));
+        assert!(l.observe(90, &counted(1, f64::INFINITY, 0.0, 12.0), 0.5));
+        assert_eq!(l.estimate(90, 1000).queued_prefill_tokens, 620);
     }
 
     #[derive(Clone, Debug)]
