@@ -21,7 +21,7 @@ use http_body_util::{BodyExt, Full};
 use kvgate_gateway::Gateway;
 use kvgate_runtime::config::{DataPlaneConfig, EndpointConfig, Overrides, UpstreamProtocol};
 use kvgate_sim::Fleet;
-use kvgate_testkit::{MODEL, chat, client, eventually, fleet};
+use kvgate_testkit::{MODEL, chat, client, eventually, fleet, get_text};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -561,14 +561,7 @@ async fn messages_streaming_and_not_are_relayed_byte_for_byte() {
         .unwrap();
     assert_eq!(v["type"], "message");
     assert_eq!(v["usage"]["output_tokens"], 2);
-    let m = c
-        .get(format!("http://{}/metrics", gw.admin_addr))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = get_text(&c, &format!("http://{}/metrics", gw.admin_addr)).await;
     assert!(
         m.contains(r#"kvgate_gateway_requests_total{api="messages",status="200"} 2"#),
         "{m}"

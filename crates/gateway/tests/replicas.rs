@@ -15,7 +15,7 @@ mod common;
 use common::{base_config, endpoints_of, start_gateway};
 use kvgate_gateway::Gateway;
 use kvgate_sim::Fleet;
-use kvgate_testkit::{MODEL, client, fleet};
+use kvgate_testkit::{MODEL, client, fleet, get_text};
 use serde_json::{Value, json};
 
 const ENGINES: usize = 4;
@@ -100,14 +100,7 @@ async fn two_replicas_keep_conversations_on_their_holders_without_coordination()
     eprintln!("first turns per engine: {holders:?}; later turns moved off their holder: {moved}");
     // What each replica believed of each engine at the end (shown when an assertion fails).
     for (i, gw) in replicas.iter().enumerate() {
-        let text = c
-            .get(format!("http://{}/metrics", gw.admin_addr))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = get_text(&c, &format!("http://{}/metrics", gw.admin_addr)).await;
         for line in text.lines().filter(|l| {
             !l.starts_with('#')
                 && [

@@ -84,6 +84,11 @@ pub fn chat(content: &str, max_tokens: u32, stream: bool) -> Value {
     })
 }
 
+/// The body of a GET of `url`, as text (a test's view of `/metrics` and the like).
+pub async fn get_text(c: &reqwest::Client, url: &str) -> String {
+    c.get(url).send().await.unwrap().text().await.unwrap()
+}
+
 /// Sum of the values of every Prometheus text line starting with `prefix` (a metric name, or a
 /// name with the start of its labels).
 pub fn metric_sum(text: &str, prefix: &str) -> f64 {
