@@ -387,7 +387,9 @@ const SGLANG_FAMILIES: &[&str] = &[
     "sglang:token_usage",
     "sglang:cache_hit_rate",
     "sglang:prompt_tokens_total",
+    "sglang:cached_tokens_total",
     "sglang:generation_tokens_total",
+    "sglang:time_to_first_token_seconds",
 ];
 
 /// TensorRT-LLM's gauges under both spellings: `trtllm_` as its own Prometheus exporter names
@@ -658,11 +660,18 @@ fn parse_sglang(e: &Exposition) -> Result<MetricsSample, MetricsError> {
     // field for (it carries cumulative token counters). It is still validated, so a broken
     // value surfaces as a scrape error rather than being silently accepted.
     e.fraction("sglang:cache_hit_rate")?;
+    // Every prompt token is looked up in the radix cache, so the prompt-token counter is the
+    // query counter; `cached_tokens_total` (one series per cache source: device, host,
+    // storage) the hits. With the first-token count they price other routers' requests.
+    let prompt_tokens_total = e.sum("sglang:prompt_tokens_total")?;
     Ok(MetricsSample {
         running,
         waiting,
         kv_usage,
-        prompt_tokens_total: e.sum("sglang:prompt_tokens_total")?,
+        prefix_cache_queries_tokens: prompt_tokens_total,
+        prefix_cache_hits_tokens: e.sum("sglang:cached_tokens_total")?,
+        first_tokens_total: e.histogram_count("sglang:time_to_first_token_seconds")?,
+        prompt_tokens_total,
         generation_tokens_total: e.sum("sglang:generation_tokens_total")?,
         ..MetricsSample::default()
     })

@@ -125,6 +125,34 @@ fn sglang_fixture() {
     assert_eq!(s.kv_usage, Some((0.55 + 0.25) / 2.0));
     assert_eq!(s.prompt_tokens_total, Some(123456.0));
     assert_eq!(s.generation_tokens_total, Some(65432.0));
+    // Its prompt tokens are its prefix-cache queries; this version exports no cached-token
+    // counter, so there are no hits to difference (the foreign-request price falls back).
+    assert_eq!(s.prefix_cache_queries_tokens, Some(123456.0));
+    assert_eq!(s.prefix_cache_hits_tokens, None);
+    assert_eq!(s.first_tokens_total, Some(1.0));
+}
+
+#[test]
+fn sglang_cached_tokens_by_source_are_the_hits() {
+    // Newer SGLang: `cached_tokens_total` per cache source, the TTFT histogram per streaming
+    // mode.
+    let body = "sglang:num_running_reqs 1\nsglang:num_queue_reqs 2\n\
+                # TYPE sglang:prompt_tokens_total counter\n\
+                sglang:prompt_tokens_total{model_name=\"m\"} 4096\n\
+                # TYPE sglang:cached_tokens_total counter\n\
+                sglang:cached_tokens_total{model_name=\"m\",cache_source=\"device\"} 3000\n\
+                sglang:cached_tokens_total{model_name=\"m\",cache_source=\"host\"} 168\n\
+                # TYPE sglang:time_to_first_token_seconds histogram\n\
+                sglang:time_to_first_token_seconds_bucket{is_streaming=\"true\",le=\"+Inf\"} 3\n\
+                sglang:time_to_first_token_seconds_sum{is_streaming=\"true\"} 0.3\n\
+                sglang:time_to_first_token_seconds_count{is_streaming=\"true\"} 3\n\
+                sglang:time_to_first_token_seconds_bucket{is_streaming=\"false\",le=\"+Inf\"} 2\n\
+                sglang:time_to_first_token_seconds_sum{is_streaming=\"false\"} 0.2\n\
+                sglang:time_to_first_token_seconds_count{is_streaming=\"false\"} 2\n";
+    let s = parse_metrics(EngineKind::Sglang, body).unwrap();
+    assert_eq!(s.prefix_cache_queries_tokens, Some(4096.0));
+    assert_eq!(s.prefix_cache_hits_tokens, Some(3168.0));
+    assert_eq!(s.first_tokens_total, Some(5.0));
 }
 
 #[test]
