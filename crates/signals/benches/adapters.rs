@@ -21,6 +21,8 @@ fn metrics(c: &mut Criterion) {
     for (name, kind) in [
         ("vllm.txt", EngineKind::Vllm),
         ("vllm_dp2.txt", EngineKind::Vllm),
+        // A real vLLM 0.32 body: every family, histograms included.
+        ("vllm032/sha256/metrics.txt", EngineKind::Vllm),
         ("sglang.txt", EngineKind::Sglang),
         ("llamacpp.txt", EngineKind::LlamaCpp),
     ] {
