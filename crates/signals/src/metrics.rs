@@ -656,13 +656,13 @@ fn parse_sglang(e: &Exposition) -> Result<MetricsSample, MetricsError> {
     let running = e.count("sglang:num_running_reqs")?;
     let waiting = e.count("sglang:num_queue_reqs")?;
     let kv_usage = e.fraction("sglang:token_usage")?;
-    // SGLang reports its prefix-cache hit rate only as a ratio, which `MetricsSample` has no
-    // field for (it carries cumulative token counters). It is still validated, so a broken
-    // value surfaces as a scrape error rather than being silently accepted.
+    // The hit-rate gauge is a ratio, which `MetricsSample` has no field for (it carries
+    // cumulative token counters, read below). It is still validated, so a broken value
+    // surfaces as a scrape error rather than being silently accepted.
     e.fraction("sglang:cache_hit_rate")?;
     // Every prompt token is looked up in the radix cache, so the prompt-token counter is the
-    // query counter; `cached_tokens_total` (one series per cache source: device, host,
-    // storage) the hits. With the first-token count they price other routers' requests.
+    // query counter; `cached_tokens_total` (newer SGLang; one series per cache source: device,
+    // host, storage) the hits. With the first-token count they price other routers' requests.
     let prompt_tokens_total = e.sum("sglang:prompt_tokens_total")?;
     Ok(MetricsSample {
         running,
