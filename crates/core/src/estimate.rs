@@ -18,21 +18,41 @@
 //! much of the waiting queue as they can (foreign waiting = what they cannot). Totals are exact;
 //! only the waiting/running split of foreign work is a guess.
 //!
-//! Foreign waiting requests are converted to prefill tokens with what the endpoint itself
-//! reports it computes per request ([`EngineTraffic`]): its prefix-cache query and hit counters
-//! and its first-token count, differenced between samples and averaged over its recent
-//! requests from every router and client. Engines that export no such counters fall back to
-//! the mean uncached prompt of this router's own requests there (prior
-//! [`crate::Tuning::default_prompt_tokens`]). That fallback is no sample of the other routers'
-//! requests: it moves with this router's own bookings (a miss booked on an endpoint makes every
+//! Foreign waiting requests are converted to prefill tokens with what the endpoints report
+//! they compute per request (`TrafficPrice`): each endpoint's prefix-cache query and hit
+//! counters and its first-token count, differenced between its samples (`EngineCounters`),
+//! summed over its *pool* — the endpoints serving the same traffic (one role, one set of
+//! models; kept by the router) — and averaged over the pool's last ~`FOREIGN_PRICE_WINDOW`
+//! requests from every router and client. An endpoint's estimate takes its pool's price at
+//! each change to it (a sample, a booking, a first token, a finish; `EndpointLoad::set_price`),
+//! so it is at most one scrape interval old and a pick reads it for nothing: priced at every
+//! read instead, `pick` took 12-16% longer at 100 and 1,000 endpoints. Pools whose engines
+//! export no such counters fall back to the mean uncached prompt of this router's own requests
+//! on the endpoint (prior [`crate::Tuning::default_prompt_tokens`]).
+//!
+//! Why the engines' counters: the own-request mean is no sample of the other routers'
+//! requests. It moves with this router's own bookings (a miss booked on an endpoint makes every
 //! foreign request waiting there look dearer at once, a hit cheaper), so each replica's own
 //! decisions swing its price of the others' work. In the benchmark's `mix` workload with four
-//! replicas at 640 req/s that fed back into a collapse (mean TTFT ~19-20 s on three seeds);
-//! priced from the engine's counters the same runs serve every request (mean TTFT 60-170 ms).
-//! A fleet-wide mean of this router's own requests collapsed too, and so did the larger of the
-//! two prices. A constant price (1,024 tokens) served and scored a little higher in the demo,
-//! but it is wrong by whatever factor separates the deployment's real requests from it (3× in
-//! that workload, whose requests compute 345 uncached tokens each on average).
+//! replicas at 640 req/s that fed back into a collapse (mean TTFT ~19-20 s on three seeds). A
+//! fleet-wide mean of this router's own requests collapsed too, and so did the larger of the
+//! two prices. Why the pool and not each endpoint's own counters: an endpoint's recent requests
+//! are few (a dozen per second per engine in those runs) and skewed by where the routers just
+//! sent long or cached prompts, so its price jumped with the last few placements, and one
+//! replica's view of which endpoint is cheap moved with it. One price per pool, over ~80
+//! requests, is what a foreign request costs *wherever* it waits (routers choose where it
+//! waits, not what it is), and it is as stale as the slowest sample rather than as noisy as
+//! one endpoint's last interval. Measured in one session (DES, 8 H100s, four replicas at
+//! production delays, capacity at the SLO): on the Mooncake conversation trace per-endpoint
+//! counters reached speed-up 23.45 and the pool price 25.03; on the mix, level within one step
+//! of the search (seeds 0/2/3: 647.0/647.0/640.0 req/s against 661.1/633.1/647.0). One router
+//! is unaffected (it has almost no foreign work). At 640 req/s, the edge of the mix's
+//! capacity, the pool price collapses on seed 2 (per-endpoint counters served it at 169 ms
+//! mean TTFT) and serves seeds 1 and 3 at 29 and 119 ms (129 and 61). The window is not
+//! sensitive: 20, 80 and 640 requests gave the same served/collapsed outcome on each seed.
+//! A constant price (1,024 tokens) scored a little higher in the demo, but it is wrong by
+//! whatever factor separates the deployment's real requests from it (3× in the mix, whose
+//! requests compute 345 uncached tokens each on average).
 //!
 //! ## Calibration
 //! The cost model (see [`crate::cost`]) predicts TTFT from each endpoint's step-time
@@ -67,55 +87,92 @@ use crate::observe::MetricsSample;
 /// requests count as foreign load until the next sample).
 const RECENT_FINISHED_CAP: usize = 65_536;
 
-/// What an endpoint computes per request for all its clients, from its own counters (see the
-/// module docs): the uncached and cached prompt tokens of its recent requests, each request's
-/// weight decaying by `1 − alpha` per newer request (the calibration EWMA's gain), so the mean
-/// follows the traffic as it shifts.
+/// Requests over which [`TrafficPrice`] averages: each request's weight decays by
+/// `1 - 1/FOREIGN_PRICE_WINDOW` per newer one in its pool.
+pub(crate) const FOREIGN_PRICE_WINDOW: f64 = 80.0;
+
+/// The prefix-cache and first-token counters of an endpoint's last sample that had all three.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub(crate) struct EngineTraffic {
-    /// The counters of the last sample that had all three: queries, hits, first tokens.
+pub(crate) struct EngineCounters {
     last: Option<(f64, f64, f64)>,
-    uncached: f64,
-    cached: f64,
-    requests: f64,
 }
 
-impl EngineTraffic {
-    /// Folds in a sample's counters. A counter that went backwards (an engine restart) starts
-    /// the differences afresh and keeps the mean; an interval with first tokens but no queries
-    /// (prefix caching off, so nothing is counted) carries no information.
-    fn observe(&mut self, s: &MetricsSample, alpha: f64) {
+/// Prefill work an endpoint did for all its clients between two of its samples, from its
+/// counters.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct TrafficDelta {
+    /// Prompt tokens computed (queried and not hit).
+    pub uncached: f64,
+    /// Prompt tokens served from the prefix cache.
+    pub cached: f64,
+    /// Requests that got their first token.
+    pub requests: f64,
+}
+
+impl EngineCounters {
+    /// The work since the previous sample with counters. A counter that went backwards (an
+    /// engine restart) starts the differences afresh; an interval with first tokens but no
+    /// queries (prefix caching off, so nothing is counted) carries no information.
+    fn delta(&mut self, s: &MetricsSample) -> Option<TrafficDelta> {
         let (Some(q), Some(h), Some(n)) = (
             s.prefix_cache_queries_tokens,
             s.prefix_cache_hits_tokens,
             s.first_tokens_total,
         ) else {
-            return;
+            return None;
         };
-        if let Some((q0, h0, n0)) = self.last.replace((q, h, n)) {
-            let (dq, dh, dn) = (q - q0, h - h0, n - n0);
-            // Written so that a NaN or infinite counter (which adapters reject, but a sample
-            // can be built by hand) is skipped too.
-            let usable = dq > 0.0 && dh >= 0.0 && dn >= 0.0 && dh <= dq;
-            if !usable || !(dq + dn).is_finite() {
-                return;
-            }
-            let keep = (1.0 - alpha.clamp(0.0, 1.0)).powf(dn);
-            self.uncached = self.uncached * keep + (dq - dh);
-            self.cached = self.cached * keep + dh;
-            self.requests = self.requests * keep + dn;
-        }
+        let (q0, h0, n0) = self.last.replace((q, h, n))?;
+        let (dq, dh, dn) = (q - q0, h - h0, n - n0);
+        // Written so that a NaN or infinite counter (which adapters reject, but a sample can be
+        // built by hand) is skipped too.
+        let usable = dq > 0.0 && dh >= 0.0 && dn >= 0.0 && dh <= dq;
+        (usable && (dq + dn).is_finite()).then_some(TrafficDelta {
+            uncached: dq - dh,
+            cached: dh,
+            requests: dn,
+        })
     }
+}
 
+/// What the endpoints of one pool compute per request for all their clients (see the module
+/// docs): the uncached and cached prompt tokens of the pool's recent requests, each request's
+/// weight decaying by `1 - gain` per newer one, so the mean follows the traffic as it shifts.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub(crate) struct TrafficPrice {
+    uncached: f64,
+    cached: f64,
+    requests: f64,
     /// Mean uncached prompt tokens per request and their attention pairs, once at least one
-    /// request's worth of evidence is in.
-    fn per_request(&self) -> Option<(f64, f64)> {
-        (self.requests >= 1.0).then(|| {
+    /// request's worth of evidence is in (kept: read per candidate).
+    per_request: Option<(f64, f64)>,
+}
+
+impl TrafficPrice {
+    /// Folds in one endpoint's work between two of its samples.
+    pub fn fold(&mut self, d: TrafficDelta, gain: f64) {
+        let keep = (1.0 - gain.clamp(0.0, 1.0)).powf(d.requests);
+        self.uncached = self.uncached * keep + d.uncached;
+        self.cached = self.cached * keep + d.cached;
+        self.requests = self.requests * keep + d.requests;
+        self.per_request = (self.requests >= 1.0).then(|| {
             let uncached = self.uncached / self.requests;
             let cached = self.cached / self.requests;
             (uncached, crate::cost::attention_pairs(cached, uncached))
-        })
+        });
     }
+
+    /// The price of one foreign waiting request: prefill tokens and their attention pairs.
+    #[inline]
+    pub fn per_request(&self) -> Option<(f64, f64)> {
+        self.per_request
+    }
+}
+
+/// What a fresh sample brought ([`EndpointLoad::observe`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct Fresh {
+    /// The endpoint's work since its previous sample, for its pool's [`TrafficPrice`].
+    pub traffic: Option<TrafficDelta>,
 }
 
 /// One booked request, as the estimator tracks it.
@@ -229,7 +286,11 @@ pub(crate) struct EndpointLoad {
     recent_finished: VecDeque<Finished>,
     mean_prompt_tokens: f64,
     mean_prompt_pairs: f64,
-    traffic: EngineTraffic,
+    counters: EngineCounters,
+    /// The price of a foreign waiting request (prefill tokens, attention pairs): its pool's
+    /// [`TrafficPrice`] as of the last change to this estimate ([`Self::set_price`]); `None`
+    /// for the mean of this router's own requests here.
+    price: Option<(f64, f64)>,
     /// Bookings made so far: each booking's arrival order (bookings in one burst often share a
     /// timestamp).
     booked: u64,
@@ -336,7 +397,8 @@ impl EndpointLoad {
             recent_finished: VecDeque::new(),
             mean_prompt_tokens: default_prompt_tokens,
             mean_prompt_pairs: crate::cost::attention_pairs(0.0, default_prompt_tokens),
-            traffic: EngineTraffic::default(),
+            counters: EngineCounters::default(),
+            price: None,
             booked: 0,
             prefill_speed: SpeedFactor::PRIOR,
             decode_speed: SpeedFactor::PRIOR,
@@ -363,6 +425,17 @@ impl EndpointLoad {
         self.current = self.compute(None, self.default_capacity_blocks);
     }
 
+    /// The price of a foreign waiting request from now on (see [`Self::price`]); the router
+    /// sets its pool's before every change to the endpoint's load, so an estimate is priced as
+    /// of its last change (a sample, a booking, a first token, a finish) and reading it costs
+    /// nothing extra.
+    pub fn set_price(&mut self, price: Option<(f64, f64)>) {
+        if price != self.price {
+            self.price = price;
+            self.refresh();
+        }
+    }
+
     /// This router's own queued prefill tokens and active KV blocks on the endpoint.
     pub fn own(&self) -> (u64, u64) {
         (self.own_unstarted_tokens, self.own_blocks)
@@ -372,13 +445,12 @@ impl EndpointLoad {
         self.sample.as_ref()
     }
 
-    /// Takes a fresher sample; older or equal-time samples are ignored (returns false).
-    /// `alpha` is the per-request gain of the endpoint's traffic mean ([`EngineTraffic`]).
-    pub fn observe(&mut self, taken_at_us: u64, sample: &MetricsSample, alpha: f64) -> bool {
+    /// Takes a fresher sample; older or equal-time samples are ignored (returns `None`).
+    pub fn observe(&mut self, taken_at_us: u64, sample: &MetricsSample) -> Option<Fresh> {
         if self.sample.as_ref().is_some_and(|(_, t)| *t >= taken_at_us) {
-            return false;
+            return None;
         }
-        self.traffic.observe(sample, alpha);
+        let traffic = self.counters.delta(sample);
         let t = taken_at_us;
         let (mut unstarted, mut started, mut blocks) = (0u32, 0u32, 0u64);
         for b in self.in_flight.values().filter(|b| b.booked_at_us <= t) {
@@ -401,7 +473,7 @@ impl EndpointLoad {
         self.at_sample_blocks = blocks;
         self.sample = Some((sample.clone(), t));
         self.refresh();
-        true
+        Some(Fresh { traffic })
     }
 
     pub fn book(&mut self, req_id: u64, mut b: Booking, alpha: f64) {
@@ -566,8 +638,7 @@ impl EndpointLoad {
             None => (0, 0, 0, default_capacity_blocks, None, 0, None),
         };
         let (per_tokens, per_pairs) = self
-            .traffic
-            .per_request()
+            .price
             .unwrap_or((self.mean_prompt_tokens, self.mean_prompt_pairs));
         LoadEstimate {
             waiting: self.own_unstarted + foreign_waiting,
@@ -644,7 +715,7 @@ mod tests {
         // Request 1 starts at 30; a sample taken at 35 sees it running, 2 waiting, plus one
         // foreign waiting request and 100 foreign blocks.
         l.first_token(1, 30);
-        assert!(l.observe(35, &sample(2, 1, 0.16), 0.1));
+        assert!(l.observe(35, &sample(2, 1, 0.16)).is_some());
         let e = l.estimate(40, 1000);
         assert_eq!(
             (e.waiting, e.running),
@@ -665,12 +736,12 @@ mod tests {
         assert_eq!((e.waiting, e.running, e.kv_blocks), (3, 0, 130));
         // A fresher sample that still shows request 1 (taken before its finish) is reconciled
         // against the remembered finish: request 1 is not counted as foreign.
-        assert!(l.observe(41, &sample(3, 1, 0.17), 0.1));
+        assert!(l.observe(41, &sample(3, 1, 0.17)).is_some());
         let e = l.estimate(44, 1000);
         assert_eq!((e.waiting, e.running), (3, 0));
         assert_eq!(e.kv_blocks, 130);
         // Stale samples are ignored.
-        assert!(!l.observe(40, &sample(50, 50, 0.9), 0.1));
+        assert!(l.observe(40, &sample(50, 50, 0.9)).is_none());
     }
 
     /// A sample with the engine's cumulative prefix-cache and first-token counters.
@@ -684,40 +755,80 @@ mod tests {
     }
 
     #[test]
-    fn foreign_waiting_is_priced_at_what_the_engine_computes_per_request() {
+    fn foreign_waiting_is_priced_at_the_given_price_else_at_the_own_mean() {
         let mut l = EndpointLoad::new(100.0, 1000);
-        // This router booked one 5,000-token cold prompt there: with no engine counters the
-        // foreign request is priced at its own mean (EWMA from the 100-token prior).
+        // This router booked one 5,000-token cold prompt there: without a price the foreign
+        // request costs its own mean (EWMA from the 100-token prior).
         l.book(1, booking(0, 5_000, 10), 0.5);
         l.first_token(1, 5);
         l.release(1, 6);
-        assert!(l.observe(10, &sample(1, 0, 0.0), 0.5));
+        assert!(l.observe(10, &sample(1, 0, 0.0)).is_some());
         assert_eq!(l.estimate(10, 1000).queued_prefill_tokens, 2_550);
-        // The engine's counters: the first sample is a baseline only; then 4 requests queried
-        // 10,000 tokens and hit 8,000 (500 uncached and 2,000 cached each).
-        assert!(l.observe(20, &counted(1, 50_000.0, 30_000.0, 100.0), 0.0));
-        assert_eq!(l.estimate(20, 1000).queued_prefill_tokens, 2_550);
-        assert!(l.observe(30, &counted(2, 60_000.0, 38_000.0, 104.0), 0.0));
-        let e = l.estimate(30, 1000);
-        assert_eq!(e.queued_prefill_tokens, 2 * 500);
-        let pairs = crate::cost::attention_pairs(2_000.0, 500.0);
-        assert!((e.queued_prefill_pairs - 2.0 * pairs).abs() < 1e-6);
-        // With a gain, older requests fade: 1 new request of 100 uncached, no hits, at gain
-        // 0.5 (weights 4·0.5 = 2 and 1): (1,000 + 100) / 3 per request.
-        assert!(l.observe(40, &counted(1, 60_100.0, 38_000.0, 105.0), 0.5));
-        assert_eq!(l.estimate(40, 1000).queued_prefill_tokens, 366);
+        // Two foreign waiting requests at the pool's price: 500 tokens and 7 pairs each, on
+        // top of this router's own 300 (booked after the sample).
+        assert!(l.observe(20, &sample(2, 0, 0.0)).is_some());
+        l.set_price(Some((500.0, 7.0)));
+        l.book(2, booking(21, 300, 10), 0.5);
+        let e = l.estimate(22, 1000);
+        assert_eq!(e.queued_prefill_tokens, 300 + 2 * 500);
+        let own = crate::cost::attention_pairs(0.0, 300.0);
+        assert!((e.queued_prefill_pairs - (own + 14.0)).abs() < 1e-6);
+        // Another capacity than the kept one computes from scratch, at the same price.
+        assert_eq!(l.estimate(22, 2000).queued_prefill_tokens, 1_300);
+    }
+
+    #[test]
+    fn the_price_is_what_the_engines_compute_per_request() {
+        /// One sample of an endpoint's counters (queries, hits, first tokens) into `p`.
+        fn feed(c: &mut EngineCounters, p: &mut TrafficPrice, qhn: (f64, f64, f64), gain: f64) {
+            if let Some(d) = c.delta(&counted(0, qhn.0, qhn.1, qhn.2)) {
+                p.fold(d, gain);
+            }
+        }
+        let (mut c, mut price) = (EngineCounters::default(), TrafficPrice::default());
+        // The first sample is a baseline only; then 4 requests queried 10,000 tokens and hit
+        // 8,000 (500 uncached and 2,000 cached each).
+        feed(&mut c, &mut price, (50_000.0, 30_000.0, 100.0), 0.0);
+        assert_eq!(price.per_request(), None);
+        feed(&mut c, &mut price, (60_000.0, 38_000.0, 104.0), 0.0);
+        let (tokens, pairs) = price.per_request().unwrap();
+        assert_eq!(tokens, 500.0);
+        assert!((pairs - crate::cost::attention_pairs(2_000.0, 500.0)).abs() < 1e-6);
+        // Another endpoint of the pool (its own counters) adds its requests: with a gain,
+        // older requests fade: 1 new request of 100 uncached, no hits, at gain 0.5 (weights
+        // 4·0.5 = 2 and 1): (1,000 + 100) / 3 per request.
+        let mut other = EngineCounters::default();
+        feed(&mut other, &mut price, (7.0, 0.0, 3.0), 0.5);
+        feed(&mut other, &mut price, (107.0, 0.0, 4.0), 0.5);
+        assert!((price.per_request().unwrap().0 - 1_100.0 / 3.0).abs() < 1e-9);
         // An engine restart (counters back to small values) restarts the differences and
         // keeps the mean; an interval with first tokens but no queries says nothing.
-        assert!(l.observe(50, &counted(1, 10.0, 0.0, 1.0), 0.5));
-        assert!(l.observe(60, &counted(1, 10.0, 0.0, 9.0), 0.5));
-        assert_eq!(l.estimate(60, 1000).queued_prefill_tokens, 366);
-        assert!(l.observe(70, &counted(1, 1_010.0, 0.0, 10.0), 0.5));
+        feed(&mut c, &mut price, (10.0, 0.0, 1.0), 0.5);
+        feed(&mut c, &mut price, (10.0, 0.0, 9.0), 0.5);
+        assert!((price.per_request().unwrap().0 - 1_100.0 / 3.0).abs() < 1e-9);
         // The older requests halve (1.5 requests, 550 tokens), plus one of 1,000: 1,550 / 2.5.
-        assert_eq!(l.estimate(70, 1000).queued_prefill_tokens, 620);
+        feed(&mut c, &mut price, (1_010.0, 0.0, 10.0), 0.5);
+        assert!((price.per_request().unwrap().0 - 620.0).abs() < 1e-9);
         // Counters that are not numbers change nothing.
-        assert!(l.observe(80, &counted(1, f64::NAN, 0.0, 11.0), 0.5));
-        assert!(l.observe(90, &counted(1, f64::INFINITY, 0.0, 12.0), 0.5));
-        assert_eq!(l.estimate(90, 1000).queued_prefill_tokens, 620);
+        feed(&mut c, &mut price, (f64::NAN, 0.0, 11.0), 0.5);
+        feed(&mut c, &mut price, (f64::INFINITY, 0.0, 12.0), 0.5);
+        assert!((price.per_request().unwrap().0 - 620.0).abs() < 1e-9);
+        // A fresh sample hands its endpoint's delta to the caller; a stale one nothing.
+        let mut l = EndpointLoad::new(100.0, 1000);
+        assert_eq!(
+            l.observe(10, &counted(0, 10.0, 0.0, 1.0)).unwrap().traffic,
+            None
+        );
+        let fresh = l.observe(20, &counted(0, 30.0, 5.0, 2.0)).unwrap();
+        assert_eq!(
+            fresh.traffic,
+            Some(TrafficDelta {
+                uncached: 15.0,
+                cached: 5.0,
+                requests: 1.0
+            })
+        );
+        assert!(l.observe(15, &counted(0, 99.0, 0.0, 9.0)).is_none());
     }
 
     #[derive(Clone, Debug)]
@@ -821,7 +932,7 @@ mod tests {
                     }
                     Op::Deliver => {
                         if let Some((t, s, f)) = pending.pop_front() {
-                            proptest::prop_assert!(l.observe(t, &s, 0.1));
+                            proptest::prop_assert!(l.observe(t, &s).is_some());
                             foreign = Some((f.0 + f.1, f.2));
                         }
                     }

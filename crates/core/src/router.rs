@@ -96,10 +96,12 @@ use rand::RngCore;
 use crate::config::{FilterKind, PickerKind, RouterConfig, ScorerKind, Tuning};
 use crate::contract::{CacheContract, ContractChange, cacheable_tokens};
 use crate::cost::{self, CostBreakdown, HardwarePrior};
-use crate::endpoint::{EndpointId, EndpointSpec, EndpointState};
+use crate::endpoint::{EndpointId, EndpointSpec, EndpointState, Role};
 use crate::engine_keys::EngineKeys;
 use crate::error::{CoreError, RouteError};
-use crate::estimate::{Booking, CalibrationParams, EndpointLoad, LoadEstimate};
+use crate::estimate::{
+    Booking, CalibrationParams, EndpointLoad, FOREIGN_PRICE_WINDOW, LoadEstimate, TrafficPrice,
+};
 use crate::index::{
     ApplyOutcome, IndexConfig, IndexMemory, PreciseRuns, PrefixIndex, PrefixQuery, PrefixSource,
     tier_bit,
@@ -302,6 +304,9 @@ struct Entry {
     /// eligibility compares a number instead of chasing two pointers to a string; `None`
     /// when it serves several (checked by name).
     single_model: Option<u32>,
+    /// Its pool ([`Router::pool_ids`]): the endpoints whose counters price its foreign
+    /// waiting requests.
+    pool: u32,
 }
 
 impl Entry {
@@ -427,6 +432,12 @@ pub struct Router {
     /// (one entry per distinct model name an endpoint was ever given, from configuration or
     /// discovery; never shrinks, a few dozen bytes per name).
     model_ids: HashMap<String, u32>,
+    /// Pools of endpoints that serve the same traffic (one role, one set of models), numbered
+    /// in order of appearance (never shrinks, like `model_ids`): each endpoint's counters feed
+    /// its pool's price of a foreign waiting request (see [`crate::estimate`]).
+    pool_ids: HashMap<(Role, Vec<String>), u32>,
+    /// Those prices, by pool number.
+    pool_prices: Vec<TrafficPrice>,
     /// Reused buffer for translated keys (no allocation per KV event).
     scratch_keys: Vec<u64>,
     rotation: u64,
@@ -494,6 +505,8 @@ impl Router {
             class_fits: HashMap::new(),
             unserved: HashMap::new(),
             model_ids: HashMap::new(),
+            pool_ids: HashMap::new(),
+            pool_prices: Vec::new(),
             scratch_keys: Vec::new(),
             rotation: 0,
             clock_us: 0,
@@ -555,6 +568,19 @@ impl Router {
         Some(*self.model_ids.entry(model.clone()).or_insert(next))
     }
 
+    /// The pool of endpoints serving what `spec` serves ([`Router::pool_ids`]).
+    fn pool(&mut self, spec: &EndpointSpec) -> u32 {
+        let mut models = spec.models.clone();
+        models.sort_unstable();
+        models.dedup();
+        let next = self.pool_ids.len() as u32;
+        let id = *self.pool_ids.entry((spec.role, models)).or_insert(next);
+        if id == next {
+            self.pool_prices.push(TrafficPrice::default());
+        }
+        id
+    }
+
     /// Whether `e` serves `model`, whose interned id (if any endpoint was ever declared with
     /// it alone) is `interned`: ids are equal exactly when names are.
     fn serves_model(e: &Entry, model: &str, interned: Option<u32>) -> bool {
@@ -576,6 +602,16 @@ impl Router {
         self.slots.get_mut(id.0 as usize).and_then(Option::as_mut)
     }
 
+    /// `id`'s entry with its load's price of a foreign waiting request brought up to its
+    /// pool's ([`EndpointLoad::set_price`]): what every change to an endpoint's load goes
+    /// through, so the kept estimate is priced as of its last change.
+    fn entry_priced(&mut self, id: EndpointId) -> Option<&mut Entry> {
+        let e = self.slots.get_mut(id.0 as usize).and_then(Option::as_mut)?;
+        let price = self.pool_prices.get(e.pool as usize);
+        e.load.set_price(price.and_then(TrafficPrice::per_request));
+        Some(e)
+    }
+
     // ------------------------------------------------------------ membership
 
     /// Adds an endpoint. Adding an address that is already present updates its spec, makes it
@@ -583,6 +619,7 @@ impl Router {
     pub fn add_endpoint(&mut self, now_us: u64, spec: EndpointSpec) -> EndpointId {
         self.tick(now_us);
         let single_model = self.single_model(&spec);
+        let pool = self.pool(&spec);
         let class = self.tuning.resolve_class(&spec.hardware_class).to_owned();
         let prior = self.tuning.prior(&class);
         if let Some(&id) = self.by_address.get(&spec.address) {
@@ -590,6 +627,9 @@ impl Router {
             if let Some(e) = self.slots.get_mut(id.0 as usize).and_then(Option::as_mut) {
                 e.spec = spec;
                 e.single_model = single_model;
+                e.pool = pool;
+                e.load
+                    .set_price(self.pool_prices[pool as usize].per_request());
                 e.state = EndpointState::Ready;
                 if e.set_prior(&class, prior, fit) {
                     note_unserved(&mut self.unserved, class, id);
@@ -607,6 +647,7 @@ impl Router {
         self.order_ids = self.order.values().copied().collect();
         self.slots.push(Some(Entry {
             single_model,
+            pool,
             spec,
             state: EndpointState::Ready,
             added_at_us: now_us,
@@ -641,6 +682,7 @@ impl Router {
             .filter(|e| e.state != EndpointState::Gone)
             .ok_or(CoreError::UnknownEndpoint { id })?;
         let single_model = self.single_model(&spec);
+        let pool = self.pool(&spec);
         let class = self.tuning.resolve_class(&spec.hardware_class).to_owned();
         let prior = self.tuning.prior(&class);
         let fit = self.class_fits.get(&class);
@@ -652,6 +694,9 @@ impl Router {
             .ok_or(CoreError::UnknownEndpoint { id })?;
         let old = std::mem::replace(&mut e.spec, spec);
         e.single_model = single_model;
+        e.pool = pool;
+        e.load
+            .set_price(self.pool_prices[pool as usize].per_request());
         if e.set_prior(&class, prior, fit) {
             note_unserved(&mut self.unserved, class, id);
         }
@@ -706,10 +751,16 @@ impl Router {
     /// A metrics sample taken at `taken_at_us`. Older samples than the current one are ignored.
     pub fn observe_metrics(&mut self, id: EndpointId, taken_at_us: u64, sample: &MetricsSample) {
         self.tick(taken_at_us);
-        let alpha = self.tuning.calibration_alpha;
-        if let Some(e) = self.entry_mut(id)
-            && e.load.observe(taken_at_us, sample, alpha)
-        {
+        let Some(e) = self.slots.get_mut(id.0 as usize).and_then(Option::as_mut) else {
+            return;
+        };
+        if let Some(fresh) = e.load.observe(taken_at_us, sample) {
+            if let Some(price) = self.pool_prices.get_mut(e.pool as usize) {
+                if let Some(d) = fresh.traffic {
+                    price.fold(d, 1.0 / FOREIGN_PRICE_WINDOW);
+                }
+                e.load.set_price(price.per_request());
+            }
             // Reachable again after failed scrapes: the engine restarted or its network came
             // back. The request-failure penalty was earned by the outage, so it ends with it;
             // a restarted engine is used at once rather than after the backoff cap.
@@ -1727,7 +1778,7 @@ impl Router {
         };
         let alpha = t.calibration_alpha;
         let max_blocks = t.max_booked_blocks;
-        match self.entry_mut(id) {
+        match self.entry_priced(id) {
             Some(e) if e.state != EndpointState::Gone => e.load.book(req.id, booking, alpha),
             _ => return,
         }
@@ -1777,7 +1828,7 @@ impl Router {
             return;
         };
         let learns = self.bookings.get(&req_id).is_some_and(|b| b.learns);
-        if let Some(e) = self.entry_mut(id)
+        if let Some(e) = self.entry_priced(id)
             && let Some((obs, b)) = e.load.first_token(req_id, now_us)
             && learns
         {
@@ -1864,7 +1915,7 @@ impl Router {
     }
 
     fn release(&mut self, id: EndpointId, req_id: u64, now_us: u64) -> Option<Booking> {
-        let e = self.slots.get_mut(id.0 as usize).and_then(Option::as_mut)?;
+        let e = self.entry_priced(id)?;
         let b = e.load.release(req_id, now_us);
         if e.state == EndpointState::Gone && e.load.in_flight().is_empty() {
             self.slots[id.0 as usize] = None;
@@ -2060,6 +2111,76 @@ mod tests {
             .map(|i| r.add_endpoint(0, EndpointSpec::new(format!("e{i}"), "m")))
             .collect();
         (r, ids)
+    }
+
+    /// Foreign waiting requests are priced from the counters of every endpoint serving the
+    /// same traffic (one role, one set of models), not from this router's own requests, and
+    /// not from another model's pool.
+    #[test]
+    fn foreign_waiting_is_priced_from_the_pools_counters() {
+        let mut r = Router::new(RouterConfig::for_policy("kvgate").unwrap()).unwrap();
+        let a = r.add_endpoint(0, EndpointSpec::new("a", "m"));
+        let b = r.add_endpoint(0, EndpointSpec::new("b", "m"));
+        let big = r.add_endpoint(0, EndpointSpec::new("c", "big"));
+        let counted = |waiting, queries: f64, hits: f64, first_tokens: f64| MetricsSample {
+            waiting,
+            prefix_cache_queries_tokens: Some(queries),
+            prefix_cache_hits_tokens: Some(hits),
+            first_tokens_total: Some(first_tokens),
+            ..MetricsSample::default()
+        };
+        // `b` computed 3 requests of 2,000 uncached tokens (and 1,000 cached) each; `a` has no
+        // counters and two waiting requests this router did not send, and so has `c`.
+        r.observe_metrics(b, 10, &counted(0, 1_000.0, 0.0, 10.0));
+        r.observe_metrics(b, 20, &counted(0, 10_000.0, 3_000.0, 13.0));
+        r.observe_metrics(
+            a,
+            30,
+            &MetricsSample {
+                waiting: 2,
+                ..MetricsSample::default()
+            },
+        );
+        r.observe_metrics(
+            big,
+            30,
+            &MetricsSample {
+                waiting: 2,
+                ..MetricsSample::default()
+            },
+        );
+        let queued = |r: &Router, id| {
+            r.endpoints()
+                .find(|v| v.id == id)
+                .unwrap()
+                .estimate
+                .queued_prefill_tokens
+        };
+        assert_eq!(queued(&r, a), 2 * 2_000, "the pool's price");
+        let default = u64::from(r.tuning().default_prompt_tokens);
+        assert_eq!(
+            queued(&r, big),
+            2 * default,
+            "another pool: no evidence yet"
+        );
+        // A new model set on `c` moves it into `a` and `b`'s pool.
+        r.update_endpoint(big, EndpointSpec::new("c", "m")).unwrap();
+        assert_eq!(queued(&r, big), 2 * 2_000);
+        // A dearer request on `b` moves the price; `a`'s estimate takes it at its next change
+        // (here its next sample), not at every read.
+        r.observe_metrics(b, 40, &counted(0, 20_000.0, 3_000.0, 14.0));
+        assert_eq!(queued(&r, a), 2 * 2_000);
+        r.observe_metrics(
+            a,
+            50,
+            &MetricsSample {
+                waiting: 2,
+                ..MetricsSample::default()
+            },
+        );
+        let keep = 1.0 - 1.0 / FOREIGN_PRICE_WINDOW;
+        let per = (6_000.0 * keep + 10_000.0) / (3.0 * keep + 1.0);
+        assert_eq!(queued(&r, a), (2.0 * per) as u64);
     }
 
     /// Regression: a restarted publisher only untrusted the endpoint, so once the new stream's
