@@ -2133,29 +2133,12 @@ mod tests {
         // counters and two waiting requests this router did not send, and so has `c`.
         r.observe_metrics(b, 10, &counted(0, 1_000.0, 0.0, 10.0));
         r.observe_metrics(b, 20, &counted(0, 10_000.0, 3_000.0, 13.0));
-        r.observe_metrics(
-            a,
-            30,
-            &MetricsSample {
-                waiting: 2,
-                ..MetricsSample::default()
-            },
-        );
-        r.observe_metrics(
-            big,
-            30,
-            &MetricsSample {
-                waiting: 2,
-                ..MetricsSample::default()
-            },
-        );
-        let queued = |r: &Router, id| {
-            r.endpoints()
-                .find(|v| v.id == id)
-                .unwrap()
-                .estimate
-                .queued_prefill_tokens
+        let two_waiting = MetricsSample {
+            waiting: 2,
+            ..MetricsSample::default()
         };
+        r.observe_metrics(a, 30, &two_waiting);
+        r.observe_metrics(big, 30, &two_waiting);
         assert_eq!(queued(&r, a), 2 * 2_000, "the pool's price");
         let default = u64::from(r.tuning().default_prompt_tokens);
         assert_eq!(
@@ -2170,14 +2153,7 @@ mod tests {
         // (here its next sample), not at every read.
         r.observe_metrics(b, 40, &counted(0, 20_000.0, 3_000.0, 14.0));
         assert_eq!(queued(&r, a), 2 * 2_000);
-        r.observe_metrics(
-            a,
-            50,
-            &MetricsSample {
-                waiting: 2,
-                ..MetricsSample::default()
-            },
-        );
+        r.observe_metrics(a, 50, &two_waiting);
         let keep = 1.0 - 1.0 / FOREIGN_PRICE_WINDOW;
         let per = (6_000.0 * keep + 10_000.0) / (3.0 * keep + 1.0);
         assert_eq!(queued(&r, a), (2.0 * per) as u64);
@@ -2255,6 +2231,15 @@ mod tests {
         assert_eq!(r.endpoints().count(), 1);
     }
 
+    /// The prefill tokens `r` believes are queued on `id`.
+    fn queued(r: &Router, id: EndpointId) -> u64 {
+        r.endpoints()
+            .find(|v| v.id == id)
+            .unwrap()
+            .estimate
+            .queued_prefill_tokens
+    }
+
     fn routed(id: u64, labels: &[u64]) -> RoutingRequest {
         RoutingRequest::new(
             id,
@@ -2282,13 +2267,6 @@ mod tests {
         );
         d.booking.uncached_tokens = 12_345.0;
         r.book(2, &q, &d);
-        let queued = |r: &Router, id| {
-            r.endpoints()
-                .find(|v| v.id == id)
-                .unwrap()
-                .estimate
-                .queued_prefill_tokens
-        };
         assert_eq!(
             queued(&r, ids[0]),
             12_345,
