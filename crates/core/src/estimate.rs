@@ -41,16 +41,16 @@
 //! sent long or cached prompts, so its price jumped with the last few placements, and one
 //! replica's view of which endpoint is cheap moved with it. One price per pool, over ~80
 //! requests, is what a foreign request costs *wherever* it waits (routers choose where it
-//! waits, not what it is), and it is as stale as the slowest sample rather than as noisy as
-//! one endpoint's last interval. Measured in one session (DES, 8 H100s, four replicas at
-//! production delays, capacity at the SLO): on the Mooncake conversation trace per-endpoint
-//! counters reached speed-up 23.45 and the pool price 25.03; on the mix, level within one step
-//! of the search (seeds 0/2/3: 647.0/647.0/640.0 req/s against 661.1/633.1/647.0). One router
-//! is unaffected (it has almost no foreign work). At 640 req/s, the edge of the mix's
-//! capacity, the pool price collapses on seed 2 (per-endpoint counters served it at 169 ms
-//! mean TTFT) and serves seeds 1 and 3 at 29 and 119 ms (129 and 61). The window is not
-//! sensitive: 20, 80 and 640 requests gave the same served/collapsed outcome on each seed.
-//! A constant price (1,024 tokens) scored a little higher in the demo, but it is wrong by
+//! waits, not what it is). Measured in one session (DES, 8 H100s, four replicas at production
+//! delays, capacity at the SLO): on the Mooncake conversation trace per-endpoint counters
+//! reached speed-up 23.45 and the pool price 25.03; on the mix, level within a step of the
+//! search (seeds 0/2/3: 647.0/647.0/640.0 req/s against 633.1/654.0/647.0), and at 640 req/s
+//! both serve seeds 1/2/3 (mean TTFT 129/169/61 ms against 121/164/64). One router is
+//! unaffected (it has almost no foreign work). Priced at every read instead (the same price,
+//! never older than the question) Mooncake gave the same 25.03, the mix 661.1/633.1/647.0,
+//! and at 640 req/s seed 2 collapsed; with that variant the window was not sensitive: 20, 80
+//! and 640 requests gave the same served/collapsed outcome on each of those three seeds. A
+//! constant price (1,024 tokens) scored a little higher in the demo, but it is wrong by
 //! whatever factor separates the deployment's real requests from it (3× in the mix, whose
 //! requests compute 345 uncached tokens each on average).
 //!
