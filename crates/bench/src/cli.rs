@@ -502,7 +502,11 @@ struct RequestLine<'a> {
     ttft_ms: Option<f64>,
     /// `None`: the policy does not predict.
     predicted_ttft_ms: Option<f64>,
+    /// Why the router chose the engine (`None`: not routed).
+    reason: Option<&'static str>,
     prompt_tokens: u32,
+    /// Prompt tokens the router's index matched on the engine (`None`: not routed).
+    matched_tokens: Option<u32>,
     cached_tokens: u32,
     output_tokens: u32,
     /// `None`: rejected.
@@ -531,7 +535,9 @@ fn write_requests(path: &std::path::Path, runs: &[PolicyRun]) -> Result<(), Benc
                 ttft_ms: (r.first_token_us > 0)
                     .then(|| r.first_token_us.saturating_sub(r.arrival_us) as f64 / 1e3),
                 predicted_ttft_ms: r.predicted_ttft_us.map(|p| p as f64 / 1e3),
+                reason: r.reason.map(|r| r.as_str()),
                 prompt_tokens: r.prompt_tokens,
+                matched_tokens: r.matched_tokens,
                 cached_tokens: r.cached_tokens,
                 output_tokens: r.output_tokens,
                 engine: (r.engine != u32::MAX).then_some(r.engine),

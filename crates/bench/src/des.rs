@@ -48,7 +48,7 @@ use std::sync::Arc;
 use kvgate_core::cost::HardwarePrior;
 use kvgate_core::endpoint::{EndpointId, EndpointSpec, Role};
 use kvgate_core::observe::{KvEvent as CoreKvEvent, KvEventBatch, MetricsSample};
-use kvgate_core::request::{Decision, Phase};
+use kvgate_core::request::{Decision, DecisionReason, Phase};
 use kvgate_core::{
     OracleView, Outcome, PdDecider, PdTuning, Policy, Router, RouterConfig, RoutingRequest,
     TrueLoad,
@@ -268,6 +268,13 @@ pub struct RequestRecord {
     /// The TTFT the deciding router predicted when it booked the request, µs
     /// (`Decision::predicted_ttft_us`; `None` for policies that do not predict).
     pub predicted_ttft_us: Option<u64>,
+    /// Why the deciding router chose its engine (`None`: not routed, or a live run, whose
+    /// gateway decides out of the benchmark's sight).
+    pub reason: Option<DecisionReason>,
+    /// Prompt tokens the deciding router's index matched on the chosen engine
+    /// (`Decision::matched_blocks` × its block size, at most the prompt; `None` as for
+    /// `reason`): against `cached_tokens`, what it expected the engine to hold.
+    pub matched_tokens: Option<u32>,
     /// Split by the P/D decider: prefilled on `prefill_engine`, its KV moved to `engine`.
     pub split: bool,
     /// Engine that prefilled a split request (`u32::MAX` otherwise).
@@ -743,7 +750,15 @@ pub fn run_arm(
                         );
                         if admitted.is_ok() {
                             run.requests[i].engine = e as u32;
-                            run.requests[i].predicted_ttft_us = decision.predicted_ttft_us;
+                            let rec = &mut run.requests[i];
+                            rec.predicted_ttft_us = decision.predicted_ttft_us;
+                            rec.reason = Some(decision.reason);
+                            rec.matched_tokens = Some(
+                                decision
+                                    .matched_blocks
+                                    .saturating_mul(router_block_size)
+                                    .min(rec.prompt_tokens),
+                            );
                             run.requests_per_engine[e] += 1;
                             inflight.insert(
                                 req_id,
@@ -784,6 +799,13 @@ pub fn run_arm(
                             rec.prefill_engine = p as u32;
                             rec.split = true;
                             rec.predicted_ttft_us = decode.predicted_ttft_us;
+                            rec.reason = Some(decode.reason);
+                            rec.matched_tokens = Some(
+                                decode
+                                    .matched_blocks
+                                    .saturating_mul(router_block_size)
+                                    .min(rec.prompt_tokens),
+                            );
                             run.requests_per_engine[p] += 1;
                             inflight.insert(
                                 prefill_id,

@@ -169,6 +169,21 @@ fn bench_cli_reports_ttft_mape_for_predicting_policies_and_draws_the_learning_cu
         assert!(part.iter().all(|l| l["engine"].as_u64().unwrap() < 2));
     }
     assert!(lines[60..].iter().all(|l| l["predicted_ttft_ms"].is_null()));
+    // Why each was routed where, and what the router expected the engine to hold.
+    for l in &lines {
+        let reason = l["reason"].as_str().unwrap();
+        let matched = l["matched_tokens"].as_u64().unwrap();
+        assert!(matched <= l["prompt_tokens"].as_u64().unwrap(), "{l}");
+        if l["policy"] == "round-robin" {
+            assert_eq!(reason, "round_robin");
+        }
+    }
+    assert!(
+        lines[..60]
+            .iter()
+            .any(|l| l["reason"] == "prefix_hit" && l["matched_tokens"].as_u64().unwrap() > 0),
+        "some kvgate request was routed to a prefix it matched"
+    );
     let errors: Vec<f64> = lines[6..60]
         .iter()
         .map(|l| {
