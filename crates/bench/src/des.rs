@@ -288,6 +288,21 @@ pub struct RequestRecord {
     pub max_itl_us: u64,
 }
 
+impl RequestRecord {
+    /// Records what the deciding router said about the engine it chose: its predicted TTFT,
+    /// its reason and how much of the prompt its index matched there (`block_size`: the
+    /// router's).
+    fn note_decision(&mut self, d: &Decision, block_size: u32) {
+        self.predicted_ttft_us = d.predicted_ttft_us;
+        self.reason = Some(d.reason);
+        self.matched_tokens = Some(
+            d.matched_blocks
+                .saturating_mul(block_size)
+                .min(self.prompt_tokens),
+        );
+    }
+}
+
 /// The true waiting queue of every engine at one instant.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct QueueSample {
@@ -750,15 +765,7 @@ pub fn run_arm(
                         );
                         if admitted.is_ok() {
                             run.requests[i].engine = e as u32;
-                            let rec = &mut run.requests[i];
-                            rec.predicted_ttft_us = decision.predicted_ttft_us;
-                            rec.reason = Some(decision.reason);
-                            rec.matched_tokens = Some(
-                                decision
-                                    .matched_blocks
-                                    .saturating_mul(router_block_size)
-                                    .min(rec.prompt_tokens),
-                            );
+                            run.requests[i].note_decision(&decision, router_block_size);
                             run.requests_per_engine[e] += 1;
                             inflight.insert(
                                 req_id,
@@ -798,14 +805,7 @@ pub fn run_arm(
                             rec.engine = d as u32;
                             rec.prefill_engine = p as u32;
                             rec.split = true;
-                            rec.predicted_ttft_us = decode.predicted_ttft_us;
-                            rec.reason = Some(decode.reason);
-                            rec.matched_tokens = Some(
-                                decode
-                                    .matched_blocks
-                                    .saturating_mul(router_block_size)
-                                    .min(rec.prompt_tokens),
-                            );
+                            rec.note_decision(&decode, router_block_size);
                             run.requests_per_engine[p] += 1;
                             inflight.insert(
                                 prefill_id,
