@@ -22,6 +22,7 @@
 use serde::Serialize;
 
 use crate::BenchError;
+use crate::ceiling::WorkCeiling;
 use crate::des::{Arm, DesConfig, PolicyRun, run_arm};
 use crate::report::{Goodput, Herding, PdCurve, PdFigures, PdPoint, PolicyReport, RateCurve, Slo};
 use crate::stats::Summary;
@@ -153,6 +154,10 @@ pub struct CapacityReport {
     pub options: Option<CapacityOptions>,
     /// One entry per policy, in the order given.
     pub policies: Vec<PolicyCapacity>,
+    /// The most any router could sustain on this workload and fleet
+    /// ([`crate::ceiling`]); `None` on a prefill/decode fleet, or when not computed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ceiling: Option<WorkCeiling>,
 }
 
 /// Signal settings of a run, for the record.
@@ -496,6 +501,31 @@ impl CapacityReport {
                     p.policy, pd, split, xfer, share, p.tpot_ms.p50, p.max_itl_ms.p99
                 ));
             }
+        }
+        if let Some(c) = &self.ceiling {
+            let share = |rps: f64| {
+                if c.rps > 0.0 {
+                    format!("{:.0}%", rps / c.rps * 100.0)
+                } else {
+                    "-".to_string()
+                }
+            };
+            let kvgate = self
+                .policies
+                .iter()
+                .find(|p| p.policy == "kvgate")
+                .map(|p| format!(", kvgate {}", share(p.capacity_rps)))
+                .unwrap_or_default();
+            s.push_str(&format!(
+                "work ceiling: {:.2} req/s ({} {:.3}): the fleet busy all the time with every prefix cached where needed (hit {:.3}), work split perfectly and every step full ({:.0}% of it prefill); best baseline at {}{}\n",
+                c.rps,
+                self.rate_kind,
+                c.rate,
+                c.ideal_hit_ratio,
+                c.prefill_share * 100.0,
+                share(baseline_best),
+                kvgate,
+            ));
         }
         s.push_str("vs best: capacity (req/s) relative to the best baseline (every policy but kvgate, pd-cost and oracle); mape: TTFT prediction error at capacity after warm-up\n");
         s

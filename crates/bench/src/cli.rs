@@ -820,6 +820,9 @@ fn capacity(args: &BenchArgs, arms: &[Arm]) -> Result<(), BenchError> {
         slo: search.slo,
         options: Some(search.opts),
         policies: found,
+        ceiling: (!is_pd(args))
+            .then(|| crate::ceiling::work_ceiling(&cfg.engines, &make, start_rate))
+            .flatten(),
     };
     println!("{}", report.table());
     if let Some(path) = &args.json {
@@ -1271,6 +1274,7 @@ pub fn demo(args: &DemoArgs) -> Result<Report, BenchError> {
         slo: search.slo,
         options: Some(search.opts),
         policies: found,
+        ceiling: crate::ceiling::work_ceiling(&cfg.engines, &make, 1.0),
     };
     println!("{}", capacity.table());
     let rate_files = write_rate_chart(

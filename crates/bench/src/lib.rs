@@ -9,6 +9,7 @@
 #![deny(missing_docs)]
 
 pub mod capacity;
+pub mod ceiling;
 pub mod cli;
 pub mod des;
 pub mod live;

@@ -1,6 +1,7 @@
 //! Capacity at SLO and router replicas (issue 11.1, 11.2): the search is deterministic and
 //! brackets the boundary it reports; replicas decide their own share and only see their own
-//! streams; herding is measured as documented; the CLI writes the JSON contract.
+//! streams; herding is measured as documented; the CLI writes the JSON contract, with the
+//! work ceiling.
 
 use clap::Parser;
 use kvgate_bench::capacity::{
@@ -224,6 +225,29 @@ fn capacity_cli_writes_capacity_speedup_and_rps_per_policy() {
         assert!(p["ttft_ms"]["p90"].as_f64().unwrap() <= 300.0, "{p}");
         assert_eq!(p["invalid"], 1, "{p}");
     }
+    // The work ceiling: every request after the first finds the two shared 512-token blocks
+    // cached (the one too long for the engines is left out), and the two H100s are exactly
+    // busy over the arrival span (4 s at speed-up 1): 20,064 prefill tokens, 360 decode tokens
+    // in full steps (the token budget binds: 20,424 / 8,192 steps), split over two engines.
+    let ceiling = &v["ceiling"];
+    let hit = ceiling["ideal_hit_ratio"].as_f64().unwrap();
+    assert!(
+        (hit - 39.0 * 1024.0 / (40.0 * 1500.0)).abs() < 1e-12,
+        "{ceiling}"
+    );
+    let (prefill, decode) = (1500.0 + 39.0 * 476.0, 40.0 * 9.0);
+    let one_engine_us = 17.25 * prefill + 6.0 * decode + 5752.7 * (prefill + decode) / 8192.0;
+    let speedup = 4e6 / (one_engine_us / 2.0);
+    let rate = ceiling["rate"].as_f64().unwrap();
+    assert!(
+        (rate / speedup - 1.0).abs() < 2e-3,
+        "{ceiling} vs {speedup}"
+    );
+    let rps = ceiling["rps"].as_f64().unwrap();
+    assert!(
+        (rps / (41.0 / 4.0 * speedup) - 1.0).abs() < 2e-3,
+        "{ceiling}"
+    );
     assert!(dir.join("charts").join("ttft_p90_vs_rate.svg").exists());
     let _ = std::fs::remove_dir_all(&dir);
 }
