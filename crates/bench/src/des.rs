@@ -286,6 +286,10 @@ pub struct RequestRecord {
     /// The longest wait between two of its output tokens, µs: a decode stalled by a prefill
     /// sharing its engine's steps shows here, where the mean TPOT dilutes it.
     pub max_itl_us: u64,
+    /// Where in its engine's step cycle it arrived, `(wait, step)` µs
+    /// ([`kvgate_engine::Engine::arrival_phase_us`]), read at its first token; `None` without
+    /// one.
+    pub arrival_phase_us: Option<(u64, u64)>,
 }
 
 impl RequestRecord {
@@ -922,6 +926,7 @@ pub fn run_arm(
                         if index == 0 {
                             if f.leg != Leg::Prefill {
                                 rec.first_token_us = at_us;
+                                rec.arrival_phase_us = engines[f.engine].arrival_phase_us(id);
                             }
                             routers[f.replica].on_first_token(id, at_us);
                         } else {

@@ -3,7 +3,9 @@
 //! and one speed factor cannot (issue 16.2 and 16.3).
 
 use kvgate_bench::des::{DesConfig, run_policy};
-use kvgate_bench::report::{PolicyReport, Slo, prediction_error_series, ttft_mape};
+use kvgate_bench::report::{
+    PolicyReport, Slo, prediction_error_series, ttft_mape, ttft_mape_floor,
+};
 use kvgate_bench::truth::{HardwareTruth, Priors, apply};
 use kvgate_bench::workload::{SharedPrefixConfig, Workload, shared_prefix};
 use kvgate_core::Policy;
@@ -63,6 +65,17 @@ fn kvgate_learns_a_cpu_like_engine_to_within_ten_percent_where_static_priors_can
         learnt_mape <= 0.10,
         "learning: MAPE {learnt_mape:.3} after warm-up"
     );
+    // Every served request knows where in its engine's step it arrived: a wait no longer than
+    // that step nor than its TTFT; the least error any router could have is below kvgate's.
+    for r in learnt.requests.iter().filter(|r| r.first_token_us > 0) {
+        let (wait, step) = r.arrival_phase_us.expect("a served request has a phase");
+        assert!(
+            wait <= step && wait <= r.first_token_us - r.arrival_us,
+            "{r:?}"
+        );
+    }
+    let floor = ttft_mape_floor(&learnt).expect("kvgate predicts");
+    assert!(floor < learnt_mape, "floor {floor:.3} vs {learnt_mape:.3}");
     assert!(
         fixed_mape >= 3.0 * learnt_mape && fixed_mape >= 0.3,
         "static priors should be far off a CPU-like engine: {fixed_mape:.3} vs {learnt_mape:.3}"
@@ -150,6 +163,9 @@ fn bench_cli_reports_ttft_mape_for_predicting_policies_and_draws_the_learning_cu
     let policies = v["policies"].as_array().unwrap();
     assert!(policies[0]["ttft_mape"].as_f64().unwrap() >= 0.0);
     assert!(policies[1]["ttft_mape"].is_null());
+    let floor = policies[0]["ttft_mape_floor"].as_f64().unwrap();
+    assert!(floor >= 0.0 && floor <= policies[0]["ttft_mape"].as_f64().unwrap());
+    assert!(policies[1]["ttft_mape_floor"].is_null());
     // The per-request lines: every request of both policies, in arrival order per policy, and
     // the report's MAPE recomputed from them (after the first 10% of arrivals).
     let lines: Vec<serde_json::Value> = std::fs::read_to_string(&requests)

@@ -65,6 +65,9 @@ struct Req {
     prefill_end: usize,
     generated: u32,
     arrival_us: u64,
+    /// The step in flight when it arrived, `(start, end)` µs: it can be admitted at that
+    /// step's end at the earliest.
+    step_at_arrival_us: Option<(u64, u64)>,
     first_token_us: Option<u64>,
     last_token_us: u64,
     cached_tokens: Option<u32>,
@@ -128,6 +131,7 @@ struct Sched {
 
 #[derive(Debug)]
 struct Step {
+    start_us: u64,
     end_us: u64,
     sched: Vec<Sched>,
 }
@@ -366,6 +370,7 @@ impl Engine {
                 prefill_end: prompt_len,
                 generated: 0,
                 arrival_us: now_us,
+                step_at_arrival_us: self.inflight.as_ref().map(|s| (s.start_us, s.end_us)),
                 first_token_us: None,
                 last_token_us: now_us,
                 cached_tokens: None,
@@ -425,6 +430,21 @@ impl Engine {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
+    }
+
+    /// Where in the engine's step cycle live request `id` arrived: `(wait, step)` µs, the time
+    /// from its arrival to the end of the step then in flight (it cannot be admitted sooner:
+    /// requests join steps only at their start) and that step's length; `(0, 0)` if the
+    /// engine was idle. `None` for an unknown or finished request.
+    ///
+    /// No router can know the wait: engines do not publish when their steps start. Given the
+    /// step's length, a request arriving at a random moment waits a uniform share of it, which
+    /// bounds how well any router can predict TTFT (the benchmark's `ttft_mape_floor`).
+    pub fn arrival_phase_us(&self, id: RequestId) -> Option<(u64, u64)> {
+        let r = self.requests.get(&id)?;
+        Some(r.step_at_arrival_us.map_or((0, 0), |(start, end)| {
+            (end.saturating_sub(r.arrival_us), end.saturating_sub(start))
+        }))
     }
 
     /// Whether outputs produced outside `advance` (aborts) are waiting to be collected by the
@@ -709,7 +729,11 @@ impl Engine {
             decode_tokens,
             prefill_pairs,
         ));
-        self.inflight = Some(Step { end_us, sched });
+        self.inflight = Some(Step {
+            start_us,
+            end_us,
+            sched,
+        });
     }
 
     /// Fills `hit_buf` with the cached blocks of `id`'s first `max_blocks` prompt blocks, up to

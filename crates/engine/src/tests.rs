@@ -1118,3 +1118,25 @@ proptest! {
         prop_assert_eq!(s.finished_length, n);
     }
 }
+
+/// Where in the step cycle a request arrived: nothing to wait for on an idle engine; the rest
+/// of the step in flight otherwise, and that step's length, until the request finishes.
+#[test]
+fn arrival_phase_is_the_rest_of_the_step_in_flight() {
+    let mut e = Engine::new(small_cfg(64)).unwrap();
+    e.add_request(1_000, req(1, prompt(1, 100), 3)).unwrap();
+    // Idle: its step starts at once. 100 prefill tokens: 1000 + 10·100 µs.
+    assert_eq!(e.arrival_phase_us(1), Some((0, 0)));
+    // Arrives 300 µs into that 2,000 µs step: admitted at its end, 1,700 µs later.
+    e.add_request(1_300, req(2, prompt(2, 50), 3)).unwrap();
+    assert_eq!(e.arrival_phase_us(2), Some((1_700, 2_000)));
+    assert_eq!(e.arrival_phase_us(99), None);
+    let out = drain(&mut e);
+    // Its first token ends the step that starts when the first one's ends.
+    assert!(first_token_at(&out, 2) > 3_000);
+    assert_eq!(
+        e.arrival_phase_us(2),
+        None,
+        "finished requests are forgotten"
+    );
+}
