@@ -199,14 +199,19 @@ impl Signals {
 
 /// Requests per second offered by `w` (requests ÷ arrival span).
 pub fn offered_rps(w: &Workload) -> f64 {
-    let first = w.requests.first().map_or(0, |r| r.arrival_us);
-    let last = w.requests.last().map_or(0, |r| r.arrival_us);
-    let span_s = last.saturating_sub(first) as f64 / 1e6;
+    let span_s = arrival_span_us(w) as f64 / 1e6;
     if span_s > 0.0 {
         w.requests.len() as f64 / span_s
     } else {
         0.0
     }
+}
+
+/// From the first arrival of `w` to its last, µs.
+pub fn arrival_span_us(w: &Workload) -> u64 {
+    let first = w.requests.first().map_or(0, |r| r.arrival_us);
+    let last = w.requests.last().map_or(0, |r| r.arrival_us);
+    last.saturating_sub(first)
 }
 
 /// Served ÷ servable requests of a run.

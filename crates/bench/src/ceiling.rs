@@ -37,7 +37,7 @@ use std::collections::HashMap;
 use kvgate_engine::{EngineConfig, attention_pairs};
 use serde::Serialize;
 
-use crate::capacity::offered_rps;
+use crate::capacity::{arrival_span_us, offered_rps};
 use crate::workload::{Segment, Workload};
 
 /// The ceiling of a workload on a fleet (see the module docs).
@@ -166,13 +166,6 @@ fn fleet_time_us(engines: &[EngineConfig], work: &IdealWork) -> (f64, f64) {
     (1.0 / rate, prefill_share)
 }
 
-/// Arrival span of `w`, µs.
-fn span_us(w: &Workload) -> f64 {
-    let first = w.requests.first().map_or(0, |r| r.arrival_us);
-    let last = w.requests.last().map_or(0, |r| r.arrival_us);
-    last.saturating_sub(first) as f64
-}
-
 /// The ceiling of the workload `make(rate)` on `engines`, searched from `start_rate` (see the
 /// module docs); `None` when the workload is empty or has no arrival span.
 pub fn work_ceiling(
@@ -189,7 +182,7 @@ pub fn work_ceiling(
     for _ in 0..8 {
         let w = make(rate);
         let (busy_us, _) = fleet_time_us(engines, &ideal_work(&w, block_size, max_model_len));
-        let span = span_us(&w);
+        let span = arrival_span_us(&w) as f64;
         if busy_us <= 0.0 || span <= 0.0 {
             return None;
         }
@@ -333,7 +326,7 @@ mod tests {
         let work = ideal_work(&make(1.0), 16, u64::MAX);
         let (busy, _) = fleet_time_us(&engines, &work);
         // At the ceiling the span equals the busy time.
-        let span = span_us(&make(c.rate));
+        let span = arrival_span_us(&make(c.rate)) as f64;
         assert!((span / busy - 1.0).abs() < 2e-3, "span {span} busy {busy}");
         assert_eq!(c.ideal_hit_ratio, 0.0);
         assert!(c.prefill_share > 0.5 && c.prefill_share < 1.0);

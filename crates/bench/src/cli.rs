@@ -1136,8 +1136,29 @@ pub fn scale_arrivals(workload: &Workload, speedup: f64) -> Workload {
     w
 }
 
-/// The demo's closing sentence: who sustains how much more traffic at the SLO, and why.
-pub fn demo_conclusion(found: &[crate::capacity::PolicyCapacity]) -> String {
+/// The demo's closing sentence: who sustains how much more traffic at the SLO, and why; and,
+/// with the work ceiling ([`crate::ceiling`]), how much of what the fleet could serve kvgate
+/// reaches.
+pub fn demo_conclusion(
+    found: &[crate::capacity::PolicyCapacity],
+    ceiling: Option<&crate::ceiling::WorkCeiling>,
+) -> String {
+    let mut s = demo_comparison(found);
+    if let (Some(c), Some(k)) = (
+        ceiling.filter(|c| c.rps > 0.0),
+        found.iter().find(|p| p.policy == Policy::Kvgate.as_str()),
+    ) {
+        s.push_str(&format!(
+            " With every prefix cached wherever needed and the work split perfectly, the engines could compute {:.1} req/s (KV memory aside); kvgate reaches {:.0}% of it.",
+            c.rps,
+            k.capacity_rps / c.rps * 100.0
+        ));
+    }
+    s
+}
+
+/// Who sustains how much more traffic at the SLO, and why.
+fn demo_comparison(found: &[crate::capacity::PolicyCapacity]) -> String {
     let Some(k) = found.iter().find(|p| p.policy == Policy::Kvgate.as_str()) else {
         return "kvgate was not run.".to_string();
     };
@@ -1283,7 +1304,7 @@ pub fn demo(args: &DemoArgs) -> Result<Report, BenchError> {
         search.slo.ttft_p90_ms,
         "load (x the demo workload's arrival rate)",
     )?;
-    let conclusion = demo_conclusion(&capacity.policies);
+    let conclusion = demo_conclusion(&capacity.policies, capacity.ceiling.as_ref());
     let json = args.out.join("report.json");
     let fleet = serde_json::json!({
         "engines": cfg.engines.len(),

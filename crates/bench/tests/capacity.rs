@@ -276,12 +276,25 @@ fn demo_conclusion_names_who_sustains_more_and_by_how_much() {
         capacity_rps: rps,
         ..Default::default()
     };
-    let s = demo_conclusion(&[cap("kvgate", 30.0), cap("llm-d", 20.0), cap("dynamo", 10.0)]);
+    let found = [cap("kvgate", 30.0), cap("llm-d", 20.0), cap("dynamo", 10.0)];
+    let s = demo_conclusion(&found, None);
     assert!(
         s.contains("kvgate sustains 30.0 req/s, 1.50x the best baseline (llm-d at 20.0"),
         "{s}"
     );
-    let s = demo_conclusion(&[cap("kvgate", 15.0), cap("llm-d", 20.0)]);
+    let ceiling = kvgate_bench::ceiling::WorkCeiling {
+        rps: 120.0,
+        ..Default::default()
+    };
+    let with = demo_conclusion(&found, Some(&ceiling));
+    assert!(
+        with.starts_with(&s)
+            && with.ends_with(
+                "could compute 120.0 req/s (KV memory aside); kvgate reaches 25% of it."
+            ),
+        "{with}"
+    );
+    let s = demo_conclusion(&[cap("kvgate", 15.0), cap("llm-d", 20.0)], None);
     assert!(
         s.starts_with("At the SLO llm-d sustains 20.0 req/s, more than kvgate's 15.0"),
         "{s}"
