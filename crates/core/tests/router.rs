@@ -327,6 +327,47 @@ fn a_fixed_seed_gives_a_fixed_sequence() {
     }
 }
 
+/// The oracle books the true queue and running set it predicted from (so it learns from what it
+/// predicts with); every other policy books its estimate's.
+#[test]
+fn the_oracle_books_the_true_load_it_predicted_from() {
+    /// Every endpoint busy: a queue and running sequences that differ by endpoint.
+    struct Busy;
+    impl OracleView for Busy {
+        fn true_load(&self, id: EndpointId, _: &RoutingRequest) -> TrueLoad {
+            TrueLoad {
+                queued_prefill_tokens: 500 + u64::from(id.0) * 100,
+                queued_prefill_pairs: 70_000 + u64::from(id.0),
+                running: 2 + id.0,
+                waiting: 1,
+                kv_usage: 0.1,
+                cached_prefix_tokens: 0,
+            }
+        }
+    }
+    for policy in ["oracle", "kvgate"] {
+        let (r, _) = fleet(policy, 6);
+        let q = req(1, vec![1, 2, 3]);
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let d = r.pick(100, &q, &mut rng, Some(&Busy)).unwrap();
+        let truth = Busy.true_load(d.primary, &q);
+        let booked = (d.booking.queued_prefill_tokens, d.booking.running);
+        if policy == "oracle" {
+            assert_eq!(
+                booked,
+                (truth.queued_prefill_tokens as f64, f64::from(truth.running))
+            );
+            assert_eq!(
+                d.booking.queued_prefill_pairs,
+                truth.queued_prefill_pairs as f64
+            );
+        } else {
+            // Nothing scraped or booked: the estimate is empty.
+            assert_eq!(booked, (0.0, 0.0), "{policy}");
+        }
+    }
+}
+
 #[test]
 fn kvgate_follows_the_prefix_when_loads_are_equal() {
     let (mut r, ids) = fleet("kvgate", 4);
