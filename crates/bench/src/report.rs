@@ -41,10 +41,15 @@ pub const MAPE_WARMUP_FRACTION: f64 = 0.1;
 /// requests that have both, leaving out the first [`MAPE_WARMUP_FRACTION`] of all requests by
 /// arrival. `None` if no request after warm-up has a prediction.
 pub fn ttft_mape(run: &PolicyRun) -> Option<f64> {
+    mean(after_warmup(run).into_iter().filter_map(relative_error))
+}
+
+/// The run's requests by arrival, less the first [`MAPE_WARMUP_FRACTION`] of them.
+fn after_warmup(run: &PolicyRun) -> Vec<&crate::des::RequestRecord> {
     let mut by_arrival: Vec<&crate::des::RequestRecord> = run.requests.iter().collect();
     by_arrival.sort_by_key(|r| r.arrival_us);
     let warmup = (by_arrival.len() as f64 * MAPE_WARMUP_FRACTION).floor() as usize;
-    mean_error(by_arrival[warmup..].iter().copied())
+    by_arrival.split_off(warmup)
 }
 
 /// The lowest TTFT prediction error any router could have had on this run, over the requests
@@ -61,34 +66,32 @@ pub fn ttft_mape(run: &PolicyRun) -> Option<f64> {
 /// 12-15% (most TTFTs there are one or two steps long): a prediction goal below it cannot be
 /// met by any router.
 pub fn ttft_mape_floor(run: &PolicyRun) -> Option<f64> {
-    let mut by_arrival: Vec<&crate::des::RequestRecord> = run.requests.iter().collect();
-    by_arrival.sort_by_key(|r| r.arrival_us);
-    let warmup = (by_arrival.len() as f64 * MAPE_WARMUP_FRACTION).floor() as usize;
-    let (sum, n) = by_arrival[warmup..]
-        .iter()
-        .filter(|r| relative_error(r).is_some())
-        .filter_map(|r| {
-            let measured = r.first_token_us.checked_sub(r.arrival_us)? as f64;
-            let (wait, step) = r.arrival_phase_us?;
-            let known = (measured - wait as f64).max(0.0);
-            let best = (known * (known + step as f64)).sqrt();
-            Some((best - measured).abs() / measured)
-        })
-        .fold((0.0, 0usize), |(s, n), e| (s + e, n + 1));
-    (n > 0).then(|| sum / n as f64)
+    mean(after_warmup(run).into_iter().filter_map(|r| {
+        relative_error(r)?;
+        let measured = measured_ttft_us(r)?;
+        let (wait, step) = r.arrival_phase_us?;
+        let known = (measured - wait as f64).max(0.0);
+        let best = (known * (known + step as f64)).sqrt();
+        Some((best - measured).abs() / measured)
+    }))
+}
+
+/// Measured TTFT of a request that got its first token, µs.
+fn measured_ttft_us(r: &crate::des::RequestRecord) -> Option<f64> {
+    let measured = r.first_token_us.checked_sub(r.arrival_us)? as f64;
+    (r.first_token_us > 0 && measured > 0.0).then_some(measured)
 }
 
 /// |predicted − measured| ÷ measured TTFT of one request, if it has both.
 fn relative_error(r: &crate::des::RequestRecord) -> Option<f64> {
     let predicted = r.predicted_ttft_us? as f64;
-    let measured = r.first_token_us.checked_sub(r.arrival_us)? as f64;
-    (r.first_token_us > 0 && measured > 0.0).then(|| (predicted - measured).abs() / measured)
+    let measured = measured_ttft_us(r)?;
+    Some((predicted - measured).abs() / measured)
 }
 
-fn mean_error<'a>(requests: impl Iterator<Item = &'a crate::des::RequestRecord>) -> Option<f64> {
-    let (sum, n) = requests
-        .filter_map(relative_error)
-        .fold((0.0, 0usize), |(s, n), e| (s + e, n + 1));
+/// Mean of `errors`; `None` if there are none.
+fn mean(errors: impl Iterator<Item = f64>) -> Option<f64> {
+    let (sum, n) = errors.fold((0.0, 0usize), |(s, n), e| (s + e, n + 1));
     (n > 0).then(|| sum / n as f64)
 }
 
@@ -304,6 +307,7 @@ pub struct Report {
 impl PolicyReport {
     /// Computes the figures of one run.
     pub fn from_run(run: &PolicyRun, slo: Slo) -> Self {
+        let mape = ttft_mape(run);
         let done: Vec<_> = run.requests.iter().filter(|r| r.finish_us > 0).collect();
         let ms = |us: u64| us as f64 / 1000.0;
         let ttft: Vec<f64> = done
@@ -366,9 +370,9 @@ impl PolicyReport {
             },
             herding: Herding::of(&run.queue_samples),
             invalid: run.requests.iter().filter(|r| r.invalid).count(),
-            ttft_mape: ttft_mape(run),
+            ttft_mape: mape,
             ttft_mape_floor: ttft_mape_floor(run),
-            step_models: if ttft_mape(run).is_some() {
+            step_models: if mape.is_some() {
                 run.step_models.clone()
             } else {
                 Vec::new()
@@ -961,7 +965,7 @@ pub fn prediction_error_series(run: &PolicyRun) -> Vec<(f64, f64)> {
         .iter()
         .enumerate()
         .filter_map(|(w, rs)| {
-            mean_error(rs.iter().copied())
+            mean(rs.iter().copied().filter_map(relative_error))
                 .map(|e| ((w as f64 + 0.5) * width_us as f64 / 1e6, e * 100.0))
         })
         .collect()
