@@ -515,16 +515,13 @@ impl CapacityReport {
         }
         if let Some(c) = &self.ceiling {
             let share = |rps: f64| {
-                if c.rps > 0.0 {
-                    format!("{:.0}%", rps / c.rps * 100.0)
-                } else {
-                    "-".to_string()
-                }
+                c.share(rps)
+                    .map_or("-".to_string(), |f| format!("{:.0}%", f * 100.0))
             };
             let kvgate = self
                 .policies
                 .iter()
-                .find(|p| p.policy == "kvgate")
+                .find(|p| p.policy == kvgate_core::Policy::Kvgate.as_str())
                 .map(|p| format!(", kvgate {}", share(p.capacity_rps)))
                 .unwrap_or_default();
             s.push_str(&format!(

@@ -54,6 +54,13 @@ pub struct WorkCeiling {
     pub prefill_share: f64,
 }
 
+impl WorkCeiling {
+    /// `rps` as a share of the ceiling's rate; `None` for a zero ceiling.
+    pub fn share(&self, rps: f64) -> Option<f64> {
+        (self.rps > 0.0).then(|| rps / self.rps)
+    }
+}
+
 /// Token counts of the workload's servable requests under the ideal cache.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 struct IdealWork {

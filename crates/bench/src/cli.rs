@@ -1144,14 +1144,14 @@ pub fn demo_conclusion(
     ceiling: Option<&crate::ceiling::WorkCeiling>,
 ) -> String {
     let mut s = demo_comparison(found);
-    if let (Some(c), Some(k)) = (
-        ceiling.filter(|c| c.rps > 0.0),
-        found.iter().find(|p| p.policy == Policy::Kvgate.as_str()),
-    ) {
+    if let Some(c) = ceiling
+        && let Some(k) = found.iter().find(|p| p.policy == Policy::Kvgate.as_str())
+        && let Some(share) = c.share(k.capacity_rps)
+    {
         s.push_str(&format!(
             " With every prefix cached wherever needed and the work split perfectly, the engines could compute {:.1} req/s (KV memory aside); kvgate reaches {:.0}% of it.",
             c.rps,
-            k.capacity_rps / c.rps * 100.0
+            share * 100.0
         ));
     }
     s
