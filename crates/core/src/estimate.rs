@@ -142,9 +142,6 @@ pub(crate) struct TrafficPrice {
     uncached: f64,
     cached: f64,
     requests: f64,
-    /// Mean uncached prompt tokens per request and their attention pairs, once at least one
-    /// request's worth of evidence is in (kept: read per candidate).
-    per_request: Option<(f64, f64)>,
 }
 
 impl TrafficPrice {
@@ -154,17 +151,17 @@ impl TrafficPrice {
         self.uncached = self.uncached * keep + d.uncached;
         self.cached = self.cached * keep + d.cached;
         self.requests = self.requests * keep + d.requests;
-        self.per_request = (self.requests >= 1.0).then(|| {
+    }
+
+    /// The price of one foreign waiting request: mean uncached prompt tokens per request and
+    /// their attention pairs, once at least one request's worth of evidence is in. Read at
+    /// each change to an endpoint's load, never per candidate.
+    pub fn per_request(&self) -> Option<(f64, f64)> {
+        (self.requests >= 1.0).then(|| {
             let uncached = self.uncached / self.requests;
             let cached = self.cached / self.requests;
             (uncached, crate::cost::attention_pairs(cached, uncached))
-        });
-    }
-
-    /// The price of one foreign waiting request: prefill tokens and their attention pairs.
-    #[inline]
-    pub fn per_request(&self) -> Option<(f64, f64)> {
-        self.per_request
+        })
     }
 }
 

@@ -310,6 +310,16 @@ struct Entry {
 }
 
 impl Entry {
+    /// Brings its load's price of a foreign waiting request up to its pool's
+    /// ([`EndpointLoad::set_price`]).
+    fn take_pool_price(&mut self, prices: &[TrafficPrice]) {
+        self.load.set_price(
+            prices
+                .get(self.pool as usize)
+                .and_then(TrafficPrice::per_request),
+        );
+    }
+
     /// A (possibly) new hardware class and prior: what was learnt is relative to the old one,
     /// so a change starts afresh from the class's fit.
     /// Returns whether it changed (and so has served nothing in its new class).
@@ -607,8 +617,7 @@ impl Router {
     /// through, so the kept estimate is priced as of its last change.
     fn entry_priced(&mut self, id: EndpointId) -> Option<&mut Entry> {
         let e = self.slots.get_mut(id.0 as usize).and_then(Option::as_mut)?;
-        let price = self.pool_prices.get(e.pool as usize);
-        e.load.set_price(price.and_then(TrafficPrice::per_request));
+        e.take_pool_price(&self.pool_prices);
         Some(e)
     }
 
@@ -628,8 +637,7 @@ impl Router {
                 e.spec = spec;
                 e.single_model = single_model;
                 e.pool = pool;
-                e.load
-                    .set_price(self.pool_prices[pool as usize].per_request());
+                e.take_pool_price(&self.pool_prices);
                 e.state = EndpointState::Ready;
                 if e.set_prior(&class, prior, fit) {
                     note_unserved(&mut self.unserved, class, id);
@@ -695,8 +703,7 @@ impl Router {
         let old = std::mem::replace(&mut e.spec, spec);
         e.single_model = single_model;
         e.pool = pool;
-        e.load
-            .set_price(self.pool_prices[pool as usize].per_request());
+        e.take_pool_price(&self.pool_prices);
         if e.set_prior(&class, prior, fit) {
             note_unserved(&mut self.unserved, class, id);
         }
@@ -755,12 +762,12 @@ impl Router {
             return;
         };
         if let Some(fresh) = e.load.observe(taken_at_us, sample) {
-            if let Some(price) = self.pool_prices.get_mut(e.pool as usize) {
-                if let Some(d) = fresh.traffic {
-                    price.fold(d, 1.0 / FOREIGN_PRICE_WINDOW);
-                }
-                e.load.set_price(price.per_request());
+            if let (Some(price), Some(d)) =
+                (self.pool_prices.get_mut(e.pool as usize), fresh.traffic)
+            {
+                price.fold(d, 1.0 / FOREIGN_PRICE_WINDOW);
             }
+            e.take_pool_price(&self.pool_prices);
             // Reachable again after failed scrapes: the engine restarted or its network came
             // back. The request-failure penalty was earned by the outage, so it ends with it;
             // a restarted engine is used at once rather than after the backoff cap.
