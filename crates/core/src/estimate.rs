@@ -250,6 +250,9 @@ pub struct LoadEstimate {
     pub own_in_flight: u32,
     /// Age of the scraped part, µs; `None` if never scraped.
     pub sample_age_us: Option<u64>,
+    /// Requests of the last sample that were not this router's (other routers, direct
+    /// clients): the part of the estimate that dead reckoning cannot keep current.
+    pub foreign_requests: u32,
     /// Raw scraped waiting count (GIE's queue scorer reads this, not the estimate).
     pub scraped_waiting: u32,
     /// Raw scraped KV usage, if any.
@@ -648,6 +651,7 @@ impl EndpointLoad {
             kv_capacity_blocks: cap,
             own_in_flight: self.in_flight.len() as u32,
             sample_age_us: age,
+            foreign_requests: foreign_waiting + foreign_running,
             scraped_waiting,
             scraped_kv_usage: scraped_kv,
         }

@@ -806,6 +806,84 @@ async fn kv_events_steer_requests_to_a_pod_warmed_behind_the_gateways_back() {
     }
 }
 
+/// Scrapes slow down while an engine holds only this gateway's requests, and come back to the
+/// base interval as soon as a sample shows work the gateway did not send (a client talking to
+/// the engine directly), counted at the engine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scrapes_slow_down_while_the_gateway_sent_everything_and_not_otherwise() {
+    let f = fleet(1, 1.0).await;
+    let engine = 0;
+    let mut cfg = base_config(endpoints_of(&f, false));
+    cfg.scrape_max_interval_ms = 800;
+    let gw = gateway(cfg).await;
+    let c = client();
+    let interval = async |gw: &Gateway| {
+        metric_sum(
+            &admin_metrics(gw).await,
+            "kvgate_gateway_scrape_interval_seconds",
+        )
+    };
+    // This gateway's own traffic, one short request after another, all along.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let own = {
+        let (c, u, stop) = (c.clone(), url(&gw, "/v1/chat/completions"), stop.clone());
+        tokio::spawn(async move {
+            let mut n = 0u32;
+            while !stop.is_cancelled() {
+                let r = c.post(&u).json(&chat(&format!("own {n}"), 2, false)).send();
+                assert_eq!(r.await.unwrap().status(), 200);
+                n += 1;
+            }
+            n
+        })
+    };
+    eventually("scrapes slowed to 800 ms", Duration::from_secs(10), || {
+        let gw = &gw;
+        async move { (interval(gw).await - 0.8).abs() < 1e-9 }
+    })
+    .await;
+    let before = f.metrics_requests(engine).unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let slow = f.metrics_requests(engine).unwrap() - before;
+    assert!(
+        slow <= 6,
+        "{slow} scrapes in 2 s at an 800 ms interval (40 at the 50 ms base)"
+    );
+    // Another client's long request, straight to the engine.
+    let foreign = {
+        let (c, addr) = (c.clone(), f.engines[engine].http_addr);
+        tokio::spawn(async move {
+            let r = c
+                .post(format!("http://{addr}/v1/chat/completions"))
+                .json(&chat("foreign", 800, true))
+                .send()
+                .await
+                .unwrap();
+            r.bytes().await.unwrap();
+        })
+    };
+    eventually("scrapes back at 50 ms", Duration::from_secs(5), || {
+        let gw = &gw;
+        async move { (interval(gw).await - 0.05).abs() < 1e-9 }
+    })
+    .await;
+    let before = f.metrics_requests(engine).unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let fast = f.metrics_requests(engine).unwrap() - before;
+    assert!(
+        fast >= 10,
+        "{fast} scrapes in 1 s while another client's request runs (20 at the 50 ms base)"
+    );
+    foreign.await.unwrap();
+    eventually("scrapes slowed again", Duration::from_secs(10), || {
+        let gw = &gw;
+        async move { (interval(gw).await - 0.8).abs() < 1e-9 }
+    })
+    .await;
+    stop.cancel();
+    assert!(own.await.unwrap() > 0);
+}
+
 /// `--tokenizer engine`: with no local tokenizer, each prompt's tokens come from an engine's
 /// `/tokenize`, and they key to the blocks the engines publish: a prefix warmed on one engine
 /// behind the gateway's back is found there (a lucky guess passes all rounds with p < 4%).

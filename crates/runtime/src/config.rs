@@ -11,7 +11,7 @@
 //!     kv_events: tcp://10.0.0.7:5557     # optional: precise prefix tracking
 //!     kv_replay: tcp://10.0.0.7:5558     # optional: fill sequence gaps
 //!     models: [meta-llama/Llama-3.1-8B-Instruct]   # optional: otherwise learned from /v1/models
-//! scrape: { interval_ms: 100, timeout_ms: 1000 }
+//! scrape: { interval_ms: 100, max_interval_ms: 1000, timeout_ms: 1000 }
 //! kv_events: { block_size: 16, listen: tcp://0.0.0.0:5557 }
 //! limits: { max_body_bytes: 33554432, header_read_timeout_ms: 10000, body_read_timeout_ms: 30000,
 //!           idle_timeout_ms: 60000, upstream_connect_timeout_ms: 2000,
@@ -231,6 +231,7 @@ struct RawEndpoint {
 #[serde(deny_unknown_fields)]
 struct RawScrape {
     interval_ms: Option<u64>,
+    max_interval_ms: Option<u64>,
     timeout_ms: Option<u64>,
 }
 
@@ -457,6 +458,10 @@ pub struct DataPlaneConfig {
     pub endpoints: Vec<EndpointConfig>,
     /// Metrics scrape period, ms.
     pub scrape_interval_ms: u64,
+    /// Longest scrape period, ms, reached while an endpoint's samples hold only this gateway's
+    /// requests (see [`kvgate_signals::ScrapePace`]); at or below `scrape_interval_ms` the
+    /// period stays fixed.
+    pub scrape_max_interval_ms: u64,
     /// Budget of one scrape, ms.
     pub scrape_timeout_ms: u64,
     /// Block size used for prompt keys until engines report theirs.
@@ -499,6 +504,7 @@ impl Default for DataPlaneConfig {
             policy: PolicyChoice::Preset(DEFAULT_POLICY),
             endpoints: Vec::new(),
             scrape_interval_ms: kvgate_signals::scrape::DEFAULT_SCRAPE_INTERVAL_MS,
+            scrape_max_interval_ms: kvgate_signals::scrape::DEFAULT_SCRAPE_MAX_INTERVAL_MS,
             scrape_timeout_ms: kvgate_signals::scrape::DEFAULT_SCRAPE_TIMEOUT_MS,
             block_size: DEFAULT_BLOCK_SIZE,
             kv_events_listen: None,
@@ -541,6 +547,8 @@ pub struct Overrides {
     pub policy: Option<String>,
     /// `--scrape-interval-ms`.
     pub scrape_interval_ms: Option<u64>,
+    /// `--scrape-max-interval-ms`.
+    pub scrape_max_interval_ms: Option<u64>,
     /// `--max-body-bytes`.
     pub max_body_bytes: Option<usize>,
     /// `--shutdown-grace-ms`.
@@ -607,6 +615,12 @@ pub struct RoutingFlags {
     /// Metrics scrape interval per endpoint, ms [default: 100].
     #[arg(long)]
     pub scrape_interval_ms: Option<u64>,
+    /// Longest scrape interval, ms: an endpoint whose samples hold only this gateway's requests
+    /// is scraped half as often after each such sample, up to this; any other work there (or a
+    /// failed scrape) restores --scrape-interval-ms. At or below it: never slowed
+    /// [default: 1000].
+    #[arg(long)]
+    pub scrape_max_interval_ms: Option<u64>,
     /// Largest request body accepted, bytes [default: 33554432].
     #[arg(long)]
     pub max_body_bytes: Option<usize>,
@@ -685,6 +699,7 @@ impl RoutingFlags {
             models: self.models.clone(),
             policy: self.policy.clone(),
             scrape_interval_ms: self.scrape_interval_ms,
+            scrape_max_interval_ms: self.scrape_max_interval_ms,
             max_body_bytes: self.max_body_bytes,
             shutdown_accept_grace_ms: self.shutdown_accept_grace_ms,
             drain_timeout_ms: self.drain_timeout_ms,
@@ -971,6 +986,10 @@ impl DataPlaneConfig {
         if scrape_interval_ms == 0 {
             return Err(invalid("scrape.interval_ms", "must be positive"));
         }
+        let scrape_max_interval_ms = flags
+            .scrape_max_interval_ms
+            .or(raw.scrape.max_interval_ms)
+            .unwrap_or(d.scrape_max_interval_ms);
         let scrape_timeout_ms = raw.scrape.timeout_ms.unwrap_or(d.scrape_timeout_ms);
         if scrape_timeout_ms == 0 {
             return Err(invalid("scrape.timeout_ms", "must be positive"));
@@ -1045,6 +1064,7 @@ impl DataPlaneConfig {
             policy,
             endpoints,
             scrape_interval_ms,
+            scrape_max_interval_ms,
             scrape_timeout_ms,
             block_size,
             kv_events_listen,
@@ -1134,7 +1154,7 @@ endpoints:
   - url: 127.0.0.1:8001
     models: [m]
     engine: sglang
-scrape: { interval_ms: 50 }
+scrape: { interval_ms: 50, max_interval_ms: 800 }
 retry: { max_attempts: 2 }
 priority: { objectives: { batch: -1 } }
 "#,
@@ -1149,6 +1169,7 @@ priority: { objectives: { batch: -1 } }
         assert_eq!(c.endpoints[1].engine, Some(EngineKind::Sglang));
         assert_eq!(c.endpoints[0].engine, None, "not configured: detected");
         assert_eq!(c.scrape_interval_ms, 50);
+        assert_eq!(c.scrape_max_interval_ms, 800);
         assert_eq!(c.objectives["batch"], -1);
         assert_eq!(c.policy, PolicyChoice::Preset(Policy::RoundRobin));
     }

@@ -54,7 +54,7 @@ use kvgate_core::{ContractChange, KeyScope, Phase, RouteError, Router, RouterCon
 use kvgate_signals::clock::{Clock, MonotonicClock};
 use kvgate_signals::discover::{DISCOVER_TIMEOUT_MS, DiscoverError, EndpointFacts, discover};
 use kvgate_signals::observation::Observation;
-use kvgate_signals::scrape::{ScrapeConfig, ScrapeError, spawn_scraper};
+use kvgate_signals::scrape::{ScrapeConfig, ScrapeError, ScrapePace, spawn_paced_scraper};
 use kvgate_signals::subscribe::{
     DEFAULT_REPLAY_TIMEOUT_MS, KvListener, KvSubscribeConfig, KvSubscriber, spawn_kv_subscriber,
 };
@@ -170,6 +170,9 @@ pub struct Member {
     /// Whether it was removed from the config and is finishing in-flight work.
     pub draining: bool,
     tasks: Vec<AbortHandle>,
+    /// How often its scraper runs: slowed while its samples hold only this gateway's requests
+    /// ([`Router::sample_accounted`]), set in [`Control::apply`].
+    scrape_pace: ScrapePace,
     /// Its KV-event subscriber (owns the socket or the listener registration).
     kv: Option<KvSubscriber>,
     /// Block size and hash algorithm its `cache_config_info` last reported (a change is
@@ -262,6 +265,19 @@ impl Member {
 }
 
 impl Member {
+    /// The next scrape interval after a sample the router did (`accounted`) or did not account
+    /// for, or a failed scrape; a change is logged at debug.
+    fn pace_scrapes(&self, accounted: bool) {
+        if let Some(ms) = self.scrape_pace.after_sample(accounted) {
+            tracing::debug!(
+                endpoint = %self.address,
+                interval_ms = ms,
+                accounted,
+                "scrape interval changed"
+            );
+        }
+    }
+
     /// Logs a change of the engine's reported block size or hash algorithm.
     fn note_cache_config(&self, sample: &kvgate_core::MetricsSample) {
         let address = &*self.address;
@@ -359,6 +375,7 @@ pub struct Control {
     kv_listener: Option<KvListener>,
     objectives: BTreeMap<String, i32>,
     scrape_interval_ms: u64,
+    scrape_max_interval_ms: u64,
     scrape_timeout_ms: u64,
     obs_tx: mpsc::Sender<Observation>,
     next_request_id: AtomicU64,
@@ -427,6 +444,7 @@ impl Control {
             kv_listener,
             objectives: cfg.objectives.clone(),
             scrape_interval_ms: cfg.scrape_interval_ms,
+            scrape_max_interval_ms: cfg.scrape_max_interval_ms,
             scrape_timeout_ms: cfg.scrape_timeout_ms,
             obs_tx,
             next_request_id: AtomicU64::new(1),
@@ -493,7 +511,8 @@ impl Control {
                     for t in member.tasks.drain(..) {
                         t.abort();
                     }
-                    member.tasks = self.spawn_signals(cfg);
+                    member.scrape_pace = self.scrape_pace();
+                    member.tasks = self.spawn_signals(cfg, &member.scrape_pace);
                     member.tasks.extend(discovery);
                     if let Some(old) = member.kv.take() {
                         old.abort();
@@ -509,13 +528,14 @@ impl Control {
                 facts: None,
                 draining: false,
                 tasks: Vec::new(),
+                scrape_pace: self.scrape_pace(),
                 kv: None,
                 cache_config: Mutex::new(None),
                 warned_no_cached_tokens: std::sync::atomic::AtomicBool::new(false),
                 reachability: std::sync::atomic::AtomicU8::new(Reachability::Unknown as u8),
             };
             member.id = st.router.add_endpoint(now, member.spec());
-            member.tasks = self.spawn_signals(cfg);
+            member.tasks = self.spawn_signals(cfg, &member.scrape_pace);
             member.kv = self.spawn_kv(cfg);
             member.tasks.push(
                 tokio::spawn(Self::discover_loop(
@@ -541,14 +561,19 @@ impl Control {
         m.rebuild_served();
     }
 
-    fn spawn_signals(&self, cfg: &EndpointConfig) -> Vec<AbortHandle> {
+    fn scrape_pace(&self) -> ScrapePace {
+        ScrapePace::new(self.scrape_interval_ms, self.scrape_max_interval_ms)
+    }
+
+    fn spawn_signals(&self, cfg: &EndpointConfig, pace: &ScrapePace) -> Vec<AbortHandle> {
         let clock: Arc<dyn Clock> = self.clock.clone();
         let mut scrape = ScrapeConfig::new(format!("{}/metrics", cfg.base_url()), cfg.engine);
         scrape.interval_ms = self.scrape_interval_ms;
         scrape.timeout_ms = self.scrape_timeout_ms;
         let tasks = vec![
-            spawn_scraper(
+            spawn_paced_scraper(
                 scrape,
+                pace,
                 cfg.address.clone(),
                 clock.clone(),
                 self.obs_tx.clone(),
@@ -801,13 +826,15 @@ impl Control {
                 self.learn_block_size(sample.block_size);
             }
         }
-        let mut resolved: Vec<(EndpointId, &Observation)> = Vec::with_capacity(observations.len());
+        // Each with, for a sample, whether the router accounted for all of it.
+        let mut resolved: Vec<(EndpointId, &Observation, bool)> =
+            Vec::with_capacity(observations.len());
         let mut st = self.lock();
         for o in observations {
             let Some(id) = st.router.endpoint_id(o.endpoint()) else {
                 continue;
             };
-            resolved.push((id, o));
+            let mut accounted = false;
             match o {
                 Observation::Metrics {
                     taken_at_us,
@@ -815,6 +842,7 @@ impl Control {
                     ..
                 } => {
                     st.router.observe_metrics(id, *taken_at_us, sample);
+                    accounted = st.router.sample_accounted(id);
                 }
                 Observation::ScrapeFailed { at_us, .. } => {
                     st.router.observe_scrape_failure(id, *at_us)
@@ -843,11 +871,12 @@ impl Control {
                     st.router.kv_publisher_restarted(id, *at_us)
                 }
             }
+            resolved.push((id, o, accounted));
         }
         // Lock order is members → router: the router lock is released before members are read.
         drop(st);
         let m = self.members_read();
-        for (id, o) in resolved {
+        for (id, o, accounted) in resolved {
             let Some(member) = m.by_id.get(&id) else {
                 continue;
             };
@@ -855,8 +884,10 @@ impl Control {
                 Observation::Metrics { sample, .. } => {
                     member.note_cache_config(sample);
                     member.note_reachability(Reachability::Reachable, None);
+                    member.pace_scrapes(accounted);
                 }
                 Observation::ScrapeFailed { error, .. } => {
+                    member.pace_scrapes(false);
                     // Refused, reset or silent: unreachable. Any HTTP answer (an error status, a
                     // page we cannot parse) means the server is up.
                     let silent = matches!(
@@ -957,6 +988,14 @@ impl Control {
             if let Some(mode) = g.mode {
                 index.push((g.endpoint, mode, g.precise, g.approx));
             }
+        }
+        for member in self.members_read().by_id.values() {
+            self.metrics
+                .scrape_interval_seconds
+                .get_or_create(&EndpointLabels {
+                    endpoint: member.address.to_string(),
+                })
+                .set(member.scrape_pace.interval_ms() as f64 / 1e3);
         }
         for (endpoint, mode, precise, approx) in index {
             for (source, n) in [("precise", precise), ("approximate", approx)] {

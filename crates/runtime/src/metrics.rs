@@ -170,6 +170,9 @@ pub struct DataPlaneMetrics {
     pub signal_age_seconds: Family<SignalLabels, Gauge<f64, AtomicU64>>,
     /// Requests in flight per endpoint.
     pub in_flight: Family<EndpointLabels, Gauge>,
+    /// Current interval between metrics scrapes per endpoint, seconds (see
+    /// [`kvgate_signals::ScrapePace`]).
+    pub scrape_interval_seconds: Family<EndpointLabels, Gauge<f64, AtomicU64>>,
     /// Client disconnects that cancelled an upstream request.
     pub client_cancellations: Counter,
     /// 1 for each endpoint's current prefix-tracking mode, 0 for the other.
@@ -323,6 +326,7 @@ impl DataPlaneMetrics {
         let upstream_errors = Family::<UpstreamErrorLabels, Counter>::default();
         let signal_age_seconds = Family::<SignalLabels, Gauge<f64, AtomicU64>>::default();
         let in_flight = Family::<EndpointLabels, Gauge>::default();
+        let scrape_interval_seconds = Family::<EndpointLabels, Gauge<f64, AtomicU64>>::default();
         let client_cancellations = Counter::default();
         let kv_index_mode = Family::<ModeLabels, Gauge>::default();
         let cached_tokens_predicted = Family::<EndpointLabels, Counter>::default();
@@ -442,6 +446,12 @@ impl DataPlaneMetrics {
             in_flight.clone(),
         );
         registry.register(
+            "scrape_interval_seconds",
+            "Current interval between metrics scrapes per endpoint (longer while its samples \
+             hold only this gateway's requests)",
+            scrape_interval_seconds.clone(),
+        );
+        registry.register(
             "client_cancellations",
             "Client disconnects that cancelled an upstream request",
             client_cancellations.clone(),
@@ -460,6 +470,7 @@ impl DataPlaneMetrics {
             upstream_errors,
             signal_age_seconds,
             in_flight,
+            scrape_interval_seconds,
             client_cancellations,
             kv_index_mode,
             kv_index_blocks,

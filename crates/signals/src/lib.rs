@@ -32,7 +32,7 @@ pub use kv_events::{KvDecodeError, decode_event_batch, decode_frames};
 pub use kvgate_core::kv_seq::{KvSequence, SeqOutcome};
 pub use metrics::{MetricsError, detect_engine, parse_metrics, parse_metrics_detected};
 pub use observation::{EndpointKey, Observation};
-pub use scrape::{ScrapeConfig, ScrapeError, spawn_scraper};
+pub use scrape::{ScrapeConfig, ScrapeError, ScrapePace, spawn_paced_scraper, spawn_scraper};
 pub use subscribe::{
     KvListener, KvListenerStats, KvSubscribeConfig, KvSubscriber, KvSubscriberStats,
     spawn_kv_subscriber, topic_endpoint,

@@ -7,7 +7,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kvgate_core::endpoint::EngineKind;
-use kvgate_signals::{MonotonicClock, Observation, ScrapeConfig, ScrapeError, spawn_scraper};
+use kvgate_signals::{
+    MonotonicClock, Observation, ScrapeConfig, ScrapeError, ScrapePace, spawn_paced_scraper,
+    spawn_scraper,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -447,4 +450,44 @@ async fn discovery_does_not_follow_an_engine_redirect_to_another_address() {
         0,
         "the redirect was followed"
     );
+}
+
+/// A paced scraper waits the interval its pace says, and a change of pace wakes it: slowed to
+/// 5 s after its first scrape it stays silent, and back at the base it scrapes at once instead
+/// of sleeping out the slow interval.
+#[tokio::test]
+async fn a_paced_scraper_slows_down_and_a_reset_wakes_it() {
+    let (url, hits) = server_counting(Behaviour::Serve(vllm_fixture())).await;
+    let pace = ScrapePace::new(20, 5_000);
+    while pace.after_sample(true).is_some() {}
+    assert_eq!(pace.interval_ms(), 5_000);
+    let (tx, mut rx) = mpsc::channel(16);
+    let handle = spawn_paced_scraper(
+        config(url, 1_000),
+        &pace,
+        "10.0.0.7:8000".into(),
+        Arc::new(MonotonicClock::new()),
+        tx,
+    );
+    assert!(matches!(next(&mut rx).await, Observation::Metrics { .. }));
+    assert!(
+        tokio::time::timeout(Duration::from_secs(1), rx.recv())
+            .await
+            .is_err(),
+        "a second scrape within 1 s at a 5 s pace"
+    );
+    assert_eq!(hits.load(Ordering::SeqCst), 1);
+    let reset = std::time::Instant::now();
+    assert_eq!(pace.after_sample(false), Some(20));
+    assert!(matches!(next(&mut rx).await, Observation::Metrics { .. }));
+    assert!(
+        reset.elapsed() < Duration::from_millis(2_500),
+        "the reset woke the scraper ({:?} after it; the slow interval had ~4 s left)",
+        reset.elapsed()
+    );
+    // Back at the base pace.
+    for _ in 0..3 {
+        assert!(matches!(next(&mut rx).await, Observation::Metrics { .. }));
+    }
+    handle.abort();
 }

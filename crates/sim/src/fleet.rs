@@ -128,6 +128,15 @@ impl Fleet {
             .ok_or(SimError::EngineDown { index: i })
     }
 
+    /// How many `GET /metrics` requests engine `i` has had.
+    pub fn metrics_requests(&self, i: usize) -> Result<u64, SimError> {
+        Ok(self
+            .handle(i)?
+            .shared
+            .metrics_requests
+            .load(std::sync::atomic::Ordering::Relaxed))
+    }
+
     /// Every engine's addresses as one JSON object (what `kvgate sim --print-json` prints):
     /// `{"engines": [{"index", "http", "kv_pub", "kv_pub_mode", "kv_replay", "kv_topic",
     /// "model", "role", "kv_side_channel"}, ...]}`, `kv_pub_mode` being `"bind"` or
@@ -308,6 +317,7 @@ async fn start_engine(
         cmd: cmd_tx,
         next_id: AtomicU64::new(0),
         requests_seen: AtomicU64::new(0),
+        metrics_requests: AtomicU64::new(0),
         started: Instant::now(),
         created_unix_s: SystemTime::now()
             .duration_since(UNIX_EPOCH)

@@ -76,6 +76,8 @@ pub(crate) struct EngineShared {
     pub cmd: mpsc::UnboundedSender<Command>,
     pub next_id: AtomicU64,
     pub requests_seen: AtomicU64,
+    /// `GET /metrics` requests answered or refused (what scraping costs an engine).
+    pub metrics_requests: AtomicU64,
     pub started: Instant,
     pub created_unix_s: u64,
     pub crash: CancellationToken,
@@ -960,6 +962,7 @@ async fn health(State(s): State<Shared>) -> Response {
 }
 
 async fn metrics_handler(State(s): State<Shared>) -> ApiResult<Response> {
+    s.metrics_requests.fetch_add(1, Ordering::Relaxed);
     if s.faults.metrics_delay_ms > 0 {
         tokio::time::sleep(Duration::from_millis(s.faults.metrics_delay_ms)).await;
     }

@@ -29,6 +29,12 @@ impl Scorer for QueueScorer {
     fn name(&self) -> &str {
         "queue-scorer"
     }
+    fn needs(&self) -> Needs {
+        Needs {
+            raw_metrics: true,
+            ..Needs::default()
+        }
+    }
     fn score(&self, _: &PickContext<'_>, cands: &[Candidate<'_>], out: &mut [f64]) {
         let q = |c: &Candidate<'_>| f64::from(c.estimate.scraped_waiting);
         let min = cands.iter().map(q).fold(f64::INFINITY, f64::min);
@@ -49,6 +55,12 @@ pub struct KvCacheUtilizationScorer;
 impl Scorer for KvCacheUtilizationScorer {
     fn name(&self) -> &str {
         "kv-cache-utilization-scorer"
+    }
+    fn needs(&self) -> Needs {
+        Needs {
+            raw_metrics: true,
+            ..Needs::default()
+        }
     }
     fn score(&self, _: &PickContext<'_>, cands: &[Candidate<'_>], out: &mut [f64]) {
         for (c, o) in cands.iter().zip(out) {

@@ -180,6 +180,10 @@ pub struct Needs {
     pub cost: bool,
     /// True state from an oracle.
     pub oracle: bool,
+    /// The last metrics sample's raw values (e.g. [`crate::LoadEstimate::scraped_waiting`]),
+    /// which dead reckoning does not keep current: the data plane then scrapes at its base
+    /// interval (see [`crate::Router::sample_accounted`]). A plugin that reads them must say so.
+    pub raw_metrics: bool,
 }
 
 impl Needs {
@@ -190,6 +194,7 @@ impl Needs {
             approx_prefix: self.approx_prefix || o.approx_prefix,
             cost: self.cost || o.cost,
             oracle: self.oracle || o.oracle,
+            raw_metrics: self.raw_metrics || o.raw_metrics,
         }
     }
 }
@@ -241,8 +246,9 @@ pub struct PickContext<'a> {
     pub req: &'a RoutingRequest,
     /// Tuning.
     pub tuning: &'a Tuning,
-    /// Oldest signal age among candidates, µs (never-scraped endpoints count from their
-    /// addition).
+    /// Oldest signal age among candidates, µs: the age of each one's last metrics sample, 0 for
+    /// one whose last sample held only this router's requests (dead reckoning keeps it current),
+    /// and never-scraped endpoints count from their addition.
     pub max_signal_age_us: u64,
     /// Bookings so far (round-robin position).
     pub rotation: u64,
