@@ -806,6 +806,19 @@ async fn kv_events_steer_requests_to_a_pod_warmed_behind_the_gateways_back() {
     }
 }
 
+/// Waits until the gateway's one endpoint is scraped every `seconds`.
+async fn scrape_interval_reaches(gw: &Gateway, seconds: f64, within: Duration) {
+    eventually(
+        &format!("a {seconds} s scrape interval"),
+        within,
+        || async {
+            let m = admin_metrics(gw).await;
+            (metric_sum(&m, "kvgate_gateway_scrape_interval_seconds") - seconds).abs() < 1e-9
+        },
+    )
+    .await;
+}
+
 /// Scrapes slow down while an engine holds only this gateway's requests, and come back to the
 /// base interval as soon as a sample shows work the gateway did not send (a client talking to
 /// the engine directly), counted at the engine.
@@ -817,12 +830,6 @@ async fn scrapes_slow_down_while_the_gateway_sent_everything_and_not_otherwise()
     cfg.scrape_max_interval_ms = 800;
     let gw = gateway(cfg).await;
     let c = client();
-    let interval = async |gw: &Gateway| {
-        metric_sum(
-            &admin_metrics(gw).await,
-            "kvgate_gateway_scrape_interval_seconds",
-        )
-    };
     // This gateway's own traffic, one short request after another, all along.
     let stop = tokio_util::sync::CancellationToken::new();
     let own = {
@@ -837,11 +844,7 @@ async fn scrapes_slow_down_while_the_gateway_sent_everything_and_not_otherwise()
             n
         })
     };
-    eventually("scrapes slowed to 800 ms", Duration::from_secs(10), || {
-        let gw = &gw;
-        async move { (interval(gw).await - 0.8).abs() < 1e-9 }
-    })
-    .await;
+    scrape_interval_reaches(&gw, 0.8, Duration::from_secs(10)).await;
     let before = f.metrics_requests(engine).unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let slow = f.metrics_requests(engine).unwrap() - before;
@@ -862,11 +865,7 @@ async fn scrapes_slow_down_while_the_gateway_sent_everything_and_not_otherwise()
             r.bytes().await.unwrap();
         })
     };
-    eventually("scrapes back at 50 ms", Duration::from_secs(5), || {
-        let gw = &gw;
-        async move { (interval(gw).await - 0.05).abs() < 1e-9 }
-    })
-    .await;
+    scrape_interval_reaches(&gw, 0.05, Duration::from_secs(5)).await;
     let before = f.metrics_requests(engine).unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let fast = f.metrics_requests(engine).unwrap() - before;
@@ -875,11 +874,7 @@ async fn scrapes_slow_down_while_the_gateway_sent_everything_and_not_otherwise()
         "{fast} scrapes in 1 s while another client's request runs (20 at the 50 ms base)"
     );
     foreign.await.unwrap();
-    eventually("scrapes slowed again", Duration::from_secs(10), || {
-        let gw = &gw;
-        async move { (interval(gw).await - 0.8).abs() < 1e-9 }
-    })
-    .await;
+    scrape_interval_reaches(&gw, 0.8, Duration::from_secs(10)).await;
     stop.cancel();
     assert!(own.await.unwrap() > 0);
 }

@@ -568,7 +568,6 @@ impl Control {
     fn spawn_signals(&self, cfg: &EndpointConfig, pace: &ScrapePace) -> Vec<AbortHandle> {
         let clock: Arc<dyn Clock> = self.clock.clone();
         let mut scrape = ScrapeConfig::new(format!("{}/metrics", cfg.base_url()), cfg.engine);
-        scrape.interval_ms = self.scrape_interval_ms;
         scrape.timeout_ms = self.scrape_timeout_ms;
         let tasks = vec![
             spawn_paced_scraper(
