@@ -383,10 +383,19 @@ async fn pool_pods_join_drain_and_leave() {
         control.reachable_endpoints() == 2
     })
     .await;
+    // Held in flight until all are routed, so that each one's booking makes its endpoint
+    // dearer for the next: one request at a time, every one would find the first endpoint
+    // holding the chat template's first block and idle again, and a fresh sample (the ages
+    // that widen the softmax count 0 for an endpoint that holds only this picker's requests)
+    // lets that small prefix hit decide, as it should.
     let mut seen = std::collections::HashSet::new();
+    let mut streams = Vec::new();
     for i in 0..8 {
         let (s, r) = route(&epp, &format!("hello {i}")).await;
         seen.insert(r.expect("routed"));
+        streams.push(s);
+    }
+    for s in streams {
         finish(s).await;
     }
     assert_eq!(
