@@ -737,22 +737,14 @@ async fn versus_sglang(fleet: &Fleet) {
                 // A real vLLM's samples, once it holds only this gateway's requests, are
                 // recognised as accounted for: its scrapes slow to the 1 s cap
                 // (`--scrape-max-interval-ms`), sparing its API server ~4.6 ms of CPU each.
-                for e in &fleet.engines {
-                    let label = format!("endpoint=\"{}\"", e.address());
-                    eventually(
-                        &format!("{}: scrapes slowed to 1 s", e.name),
-                        Duration::from_secs(10),
-                        || {
-                            let label = label.clone();
-                            async move {
-                                let m = admin_metrics(gw.admin).await;
-                                metric(&m, "kvgate_gateway_scrape_interval_seconds{", &[&label])
-                                    == 1.0
-                            }
-                        },
-                    )
-                    .await;
-                }
+                each_engine_reaches(
+                    gw.admin,
+                    fleet,
+                    "scrapes slowed to 1 s",
+                    ("kvgate_gateway_scrape_interval_seconds{", None),
+                    Duration::from_secs(10),
+                )
+                .await;
             } else {
                 let router = SglangRouter::start(fleet).await;
                 workload(
@@ -827,23 +819,34 @@ async fn versus_sglang(fleet: &Fleet) {
 }
 
 async fn wait_precise(admin: std::net::SocketAddr, fleet: &Fleet) {
+    each_engine_reaches(
+        admin,
+        fleet,
+        "on precise tracking",
+        ("kvgate_gateway_kv_index_mode{", Some("mode=\"precise\"")),
+        Duration::from_secs(20),
+    )
+    .await;
+}
+
+/// Waits until the gateway's metric `name` (with `label`, if any) reads 1 for every engine.
+async fn each_engine_reaches(
+    admin: std::net::SocketAddr,
+    fleet: &Fleet,
+    what: &str,
+    (name, label): (&str, Option<&str>),
+    within: Duration,
+) {
     for e in &fleet.engines {
-        let label = format!("endpoint=\"{}\"", e.address());
-        eventually(
-            &format!("{} on precise tracking", e.name),
-            Duration::from_secs(20),
-            || {
-                let label = label.clone();
-                async move {
-                    let m = admin_metrics(admin).await;
-                    metric(
-                        &m,
-                        "kvgate_gateway_kv_index_mode{",
-                        &[&label, "mode=\"precise\""],
-                    ) == 1.0
-                }
-            },
-        )
+        let endpoint = format!("endpoint=\"{}\"", e.address());
+        eventually(&format!("{} {what}", e.name), within, || {
+            let endpoint = endpoint.clone();
+            async move {
+                let m = admin_metrics(admin).await;
+                let labels: Vec<&str> = std::iter::once(endpoint.as_str()).chain(label).collect();
+                metric(&m, name, &labels) == 1.0
+            }
+        })
         .await;
     }
 }
