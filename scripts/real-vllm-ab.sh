@@ -10,8 +10,9 @@
 # For each seed the routers run in turn, the order rotated from seed to seed so that no router
 # always runs first; each run is scripts/real_vllm_conversations.py (8 concurrent 4-turn
 # conversations over 3 system prompts, ROUNDS rounds, caches reset between rounds). Prints one
-# line per run: engine split, mean and median TTFT, and the CPU ticks the engines' API servers
-# (the processes that render /metrics and stream tokens) spent. Defaults: seeds "1 2 3 4 5 6",
+# line per run: engine split, mean and median TTFT, the CPU ticks the engines' API servers
+# (the processes that render /metrics and stream tokens) and the router spent, and for kvgate
+# its TTFT prediction MAPE over the run (learning from its H100 prior included). Defaults: seeds "1 2 3 4 5 6",
 # 4 rounds. Needs scripts/setup-vllm.sh and scripts/setup-peer-routers.sh; ~2 GB per engine.
 set -euo pipefail
 
@@ -93,6 +94,23 @@ start_router() { # spec
   fi
   PIDS+=("$ROUTER_PID")
 }
+# CPU ticks of the router's process group (SGLang's gateway runs under a Python launcher).
+router_ticks() {
+  local t=0 p
+  for p in $(pgrep -g "$ROUTER_PID" || true); do
+    t=$((t + $(awk '{ print $14 + $15 }' "/proc/$p/stat" 2>/dev/null || echo 0)))
+  done
+  echo "$t"
+}
+# kvgate's TTFT prediction error over the run (every request, learning included), from its admin
+# metrics; nothing for SGLang's gateway, which does not predict.
+prediction_mape() { # spec
+  [ "$1" = sglang ] && return 0
+  curl -sf "http://127.0.0.1:$ADMIN_PORT/metrics" | awk '
+    /^kvgate_gateway_ttft_prediction_error_ratio_sum\{/ { s += $NF }
+    /^kvgate_gateway_ttft_prediction_error_ratio_count\{/ { n += $NF }
+    END { if (n > 0) printf "; TTFT prediction MAPE %.1f%% over %d", 100 * s / n, n }'
+}
 stop_router() { kill -- "-$ROUTER_PID" 2>/dev/null || kill "$ROUTER_PID" 2>/dev/null || true; wait "$ROUTER_PID" 2>/dev/null || true; sleep 1; }
 
 echo "# real vLLM A/B: seeds $SEEDS, $ROUNDS rounds, routers: ${ROUTERS[*]} (logs in $WORK)"
@@ -103,10 +121,13 @@ for seed in $SEEDS; do
     spec=${ROUTERS[$(((j + k) % n))]}
     start_router "$spec"
     t0=$(api_ticks)
+    r0=$(router_ticks)
     out=$("$VLLM_PY" "$HERE/real_vllm_conversations.py" "http://127.0.0.1:$ROUTER_PORT" "$ENGINES" "$ROUNDS" "$seed")
     t1=$(api_ticks)
+    r1=$(router_ticks)
+    mape=$(prediction_mape "$spec")
     stop_router
-    echo "$spec seed $seed: $out; API servers $((t1 - t0)) CPU ticks"
+    echo "$spec seed $seed: $out; API servers $((t1 - t0)) CPU ticks, router $((r1 - r0))$mape"
   done
   k=$((k + 1))
 done

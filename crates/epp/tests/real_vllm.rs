@@ -745,6 +745,19 @@ async fn versus_sglang(fleet: &Fleet) {
                     Duration::from_secs(10),
                 )
                 .await;
+                // And each scrape asks a real vLLM for only the samples the router reads
+                // (`/metrics/?name[]=…`, `kvgate_signals::metrics::narrowed_metrics_url`): a
+                // page of ~5 KB instead of ~51 KB, a third of the API server's CPU.
+                let m = admin_metrics(gw.admin).await;
+                for e in &fleet.engines {
+                    let ep = format!("endpoint=\"{}\"", e.address());
+                    let bytes = metric(&m, "kvgate_gateway_scrape_body_bytes{", &[&ep]);
+                    assert!(
+                        bytes > 0.0 && bytes < 10_000.0,
+                        "{}: the metrics page read was {bytes} bytes (narrowed ~5 KB, whole ~51 KB)\n{m}",
+                        e.name
+                    );
+                }
             } else {
                 let router = SglangRouter::start(fleet).await;
                 workload(

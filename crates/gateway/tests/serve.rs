@@ -875,6 +875,24 @@ async fn scrapes_slow_down_while_the_gateway_sent_everything_and_not_otherwise()
     );
     foreign.await.unwrap();
     scrape_interval_reaches(&gw, 0.8, Duration::from_secs(10)).await;
+    // Each scrape asked the (vLLM-speaking) engine for only the samples the router reads.
+    let whole = c
+        .get(format!("http://{}/metrics", f.engines[engine].http_addr))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap()
+        .len() as f64;
+    let read = metric_sum(
+        &admin_metrics(&gw).await,
+        "kvgate_gateway_scrape_body_bytes",
+    );
+    assert!(
+        read > 0.0 && read * 3.0 < whole,
+        "the page read was {read} bytes, the whole page {whole}"
+    );
     stop.cancel();
     assert!(own.await.unwrap() > 0);
 }

@@ -880,10 +880,18 @@ impl Control {
                 continue;
             };
             match o {
-                Observation::Metrics { sample, .. } => {
+                Observation::Metrics {
+                    sample, body_bytes, ..
+                } => {
                     member.note_cache_config(sample);
                     member.note_reachability(Reachability::Reachable, None);
                     member.pace_scrapes(accounted);
+                    self.metrics
+                        .scrape_body_bytes
+                        .get_or_create(&EndpointLabels {
+                            endpoint: member.address.to_string(),
+                        })
+                        .set(i64::try_from(*body_bytes).unwrap_or(i64::MAX));
                 }
                 Observation::ScrapeFailed { error, .. } => {
                     member.pace_scrapes(false);

@@ -173,6 +173,9 @@ pub struct DataPlaneMetrics {
     /// Current interval between metrics scrapes per endpoint, seconds (see
     /// [`kvgate_signals::ScrapePace`]).
     pub scrape_interval_seconds: Family<EndpointLabels, Gauge<f64, AtomicU64>>,
+    /// Size of the latest metrics page read per endpoint, bytes (a vLLM's is narrowed to the
+    /// samples the router reads; see [`kvgate_signals::metrics::narrowed_metrics_url`]).
+    pub scrape_body_bytes: Family<EndpointLabels, Gauge>,
     /// Client disconnects that cancelled an upstream request.
     pub client_cancellations: Counter,
     /// 1 for each endpoint's current prefix-tracking mode, 0 for the other.
@@ -327,6 +330,7 @@ impl DataPlaneMetrics {
         let signal_age_seconds = Family::<SignalLabels, Gauge<f64, AtomicU64>>::default();
         let in_flight = Family::<EndpointLabels, Gauge>::default();
         let scrape_interval_seconds = Family::<EndpointLabels, Gauge<f64, AtomicU64>>::default();
+        let scrape_body_bytes = Family::<EndpointLabels, Gauge>::default();
         let client_cancellations = Counter::default();
         let kv_index_mode = Family::<ModeLabels, Gauge>::default();
         let cached_tokens_predicted = Family::<EndpointLabels, Counter>::default();
@@ -452,6 +456,12 @@ impl DataPlaneMetrics {
             scrape_interval_seconds.clone(),
         );
         registry.register(
+            "scrape_body_bytes",
+            "Size of the latest metrics page read per endpoint (a vLLM's is narrowed to the \
+             samples the router reads)",
+            scrape_body_bytes.clone(),
+        );
+        registry.register(
             "client_cancellations",
             "Client disconnects that cancelled an upstream request",
             client_cancellations.clone(),
@@ -471,6 +481,7 @@ impl DataPlaneMetrics {
             signal_age_seconds,
             in_flight,
             scrape_interval_seconds,
+            scrape_body_bytes,
             client_cancellations,
             kv_index_mode,
             kv_index_blocks,

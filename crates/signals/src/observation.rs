@@ -21,6 +21,8 @@ pub enum Observation {
         taken_at_us: u64,
         /// The normalised sample.
         sample: MetricsSample,
+        /// Size of the page it was read from, bytes.
+        body_bytes: usize,
     },
     /// A metrics scrape failed; the previous sample keeps ageing.
     ScrapeFailed {

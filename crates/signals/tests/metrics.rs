@@ -324,3 +324,30 @@ proptest! {
         }
     }
 }
+
+/// The real vLLM 0.32 page narrowed as `prometheus_client` narrows it for `?name[]=` (the
+/// simulator's copy of that rule) to what a scrape asks for reads exactly as the whole page.
+#[test]
+fn vllm_032_narrowed_to_the_asked_samples_reads_as_the_whole_page() {
+    let full = fixture("vllm032/sha256/metrics.txt");
+    let url =
+        kvgate_signals::metrics::narrowed_metrics_url("http://e:8000/metrics", EngineKind::Vllm)
+            .unwrap();
+    let names: Vec<String> = reqwest::Url::parse(&url)
+        .unwrap()
+        .query_pairs()
+        .map(|(_, v)| v.into_owned())
+        .collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let narrowed = kvgate_sim::restrict_metrics(&full, &names);
+    assert!(
+        narrowed.len() * 5 < full.len(),
+        "{} of {} bytes",
+        narrowed.len(),
+        full.len()
+    );
+    assert_eq!(
+        parse_metrics(EngineKind::Vllm, &narrowed).unwrap(),
+        parse_metrics(EngineKind::Vllm, &full).unwrap()
+    );
+}

@@ -30,6 +30,9 @@ enum Behaviour {
     Redirect(String),
     /// 200 with whatever body the test has put there.
     Switch(Arc<Mutex<&'static str>>),
+    /// 200 with this body at `/metrics`; anything else (the narrowed page) answered with this
+    /// status and body.
+    WholePageOnly(&'static str, u16, &'static str),
 }
 
 /// Starts a one-behaviour HTTP server; returns its `/metrics` URL.
@@ -40,6 +43,17 @@ async fn server(behaviour: Behaviour) -> String {
 /// Starts a one-behaviour HTTP server; returns its `/metrics` URL and how many requests it
 /// has read.
 async fn server_counting(behaviour: Behaviour) -> (String, Arc<AtomicUsize>) {
+    let (url, hits, _) = server_recording(behaviour).await;
+    (url, hits)
+}
+
+/// Starts a one-behaviour HTTP server; returns its `/metrics` URL, how many requests it has
+/// read and their paths (with query).
+async fn server_recording(
+    behaviour: Behaviour,
+) -> (String, Arc<AtomicUsize>, Arc<Mutex<Vec<String>>>) {
+    let paths = Arc::new(Mutex::new(Vec::new()));
+    let recorded = Arc::clone(&paths);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let hits = Arc::new(AtomicUsize::new(0));
@@ -51,6 +65,7 @@ async fn server_counting(behaviour: Behaviour) -> (String, Arc<AtomicUsize>) {
             };
             let behaviour = behaviour.clone();
             let counter = Arc::clone(&counter);
+            let recorded = Arc::clone(&recorded);
             tokio::spawn(async move {
                 // Read until the end of the request head.
                 let mut head = Vec::new();
@@ -62,6 +77,12 @@ async fn server_counting(behaviour: Behaviour) -> (String, Arc<AtomicUsize>) {
                     }
                 }
                 counter.fetch_add(1, Ordering::SeqCst);
+                let path = String::from_utf8_lossy(&head)
+                    .split(' ')
+                    .nth(1)
+                    .unwrap_or_default()
+                    .to_owned();
+                recorded.lock().unwrap().push(path.clone());
                 let mut location = String::new();
                 let (status, body) = match behaviour {
                     Behaviour::Serve(body) => (200, body),
@@ -71,6 +92,8 @@ async fn server_counting(behaviour: Behaviour) -> (String, Arc<AtomicUsize>) {
                         (302, "")
                     }
                     Behaviour::Switch(body) => (200, *body.lock().unwrap()),
+                    Behaviour::WholePageOnly(body, _, _) if path == "/metrics" => (200, body),
+                    Behaviour::WholePageOnly(_, status, other) => (status, other),
                     Behaviour::Hang => {
                         tokio::time::sleep(Duration::from_secs(3600)).await;
                         return;
@@ -85,7 +108,7 @@ async fn server_counting(behaviour: Behaviour) -> (String, Arc<AtomicUsize>) {
             });
         }
     });
-    (format!("http://{addr}/metrics"), hits)
+    (format!("http://{addr}/metrics"), hits, paths)
 }
 
 async fn next(rx: &mut mpsc::Receiver<Observation>) -> Observation {
@@ -133,6 +156,7 @@ async fn serves_samples_repeatedly_with_increasing_timestamps() {
                 endpoint,
                 taken_at_us,
                 sample,
+                ..
             } => {
                 assert_eq!(endpoint, "10.0.0.7:8000");
                 assert_eq!((sample.running, sample.waiting), (7, 3));
@@ -490,4 +514,63 @@ async fn a_paced_scraper_slows_down_and_a_reset_wakes_it() {
         assert!(matches!(next(&mut rx).await, Observation::Metrics { .. }));
     }
     handle.abort();
+}
+
+/// A vLLM is asked for only the samples the router reads (`/metrics/?name[]=…`) once its kind
+/// is known: detected from the first (whole) page here.
+#[tokio::test]
+async fn a_vllm_is_asked_for_the_samples_the_router_reads() {
+    let (url, _, paths) = server_recording(Behaviour::Serve(vllm_fixture())).await;
+    let (tx, mut rx) = mpsc::channel(16);
+    let cfg = ScrapeConfig {
+        interval_ms: 20,
+        ..ScrapeConfig::new(url.clone(), None)
+    };
+    let handle = spawn_scraper(cfg, "e".into(), Arc::new(MonotonicClock::new()), tx);
+    for _ in 0..3 {
+        assert!(matches!(next(&mut rx).await, Observation::Metrics { .. }));
+    }
+    handle.abort();
+    let paths = paths.lock().unwrap().clone();
+    let narrowed = kvgate_signals::metrics::narrowed_metrics_url(&url, EngineKind::Vllm).unwrap();
+    let narrowed_path = &narrowed[narrowed.find("/metrics/").unwrap()..];
+    assert_eq!(paths[0], "/metrics", "{paths:?}");
+    assert!(paths.len() >= 3);
+    for p in &paths[1..] {
+        assert_eq!(p, narrowed_path);
+    }
+}
+
+/// A server that does not narrow (a proxy, a build without prometheus_client's app below
+/// `/metrics/`) answers the narrowed page with an error or with something else: that scrape
+/// still yields a sample, from the whole page, and the narrowed page is not asked for again.
+#[tokio::test]
+async fn a_server_that_does_not_narrow_is_scraped_whole_without_losing_a_sample() {
+    for (status, other) in [(404, "not found\n"), (200, "<html>proxy</html>\n")] {
+        let (url, _, paths) =
+            server_recording(Behaviour::WholePageOnly(vllm_fixture(), status, other)).await;
+        let (tx, mut rx) = mpsc::channel(16);
+        let handle = spawn_scraper(
+            config(url, 1_000),
+            "e".into(),
+            Arc::new(MonotonicClock::new()),
+            tx,
+        );
+        for _ in 0..4 {
+            match next(&mut rx).await {
+                Observation::Metrics {
+                    sample, body_bytes, ..
+                } => {
+                    assert_eq!((sample.running, sample.waiting), (7, 3));
+                    assert_eq!(body_bytes, vllm_fixture().len());
+                }
+                other => panic!("{status}: expected a sample, got {other:?}"),
+            }
+        }
+        handle.abort();
+        let paths = paths.lock().unwrap().clone();
+        let narrowed = paths.iter().filter(|p| *p != "/metrics").count();
+        assert_eq!(narrowed, 1, "{status}: {paths:?}");
+        assert!(paths[0].starts_with("/metrics/?name%5B%5D="), "{paths:?}");
+    }
 }

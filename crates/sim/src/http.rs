@@ -128,6 +128,8 @@ pub(crate) fn router(shared: Shared) -> Router {
         .route("/health", get(health))
         .route("/reset_prefix_cache", post(reset_prefix_cache))
         .route("/metrics", get(metrics_handler))
+        // vLLM serves prometheus_client's own app below `/metrics/`, which honours `name[]`.
+        .route("/metrics/", get(narrowed_metrics_handler))
         .with_state(shared)
 }
 
@@ -962,6 +964,25 @@ async fn health(State(s): State<Shared>) -> Response {
 }
 
 async fn metrics_handler(State(s): State<Shared>) -> ApiResult<Response> {
+    metrics_page(&s, &[]).await
+}
+
+/// `/metrics/?name[]=…`: the page restricted to the named samples, as vLLM's
+/// `prometheus_client` app restricts it (all of it when no name is given).
+async fn narrowed_metrics_handler(
+    State(s): State<Shared>,
+    axum::extract::Query(params): axum::extract::Query<Vec<(String, String)>>,
+) -> ApiResult<Response> {
+    let names: Vec<&str> = params
+        .iter()
+        .filter(|(k, _)| k == "name[]")
+        .map(|(_, v)| v.as_str())
+        .collect();
+    metrics_page(&s, &names).await
+}
+
+/// The metrics page, restricted to `names` unless empty.
+async fn metrics_page(s: &Shared, names: &[&str]) -> ApiResult<Response> {
     s.metrics_requests.fetch_add(1, Ordering::Relaxed);
     if s.faults.metrics_delay_ms > 0 {
         tokio::time::sleep(Duration::from_millis(s.faults.metrics_delay_ms)).await;
@@ -978,7 +999,10 @@ async fn metrics_handler(State(s): State<Shared>) -> ApiResult<Response> {
             "the engine is not running",
         ));
     };
-    let text = metrics::render(&s, &snap);
+    let mut text = metrics::render(s, &snap);
+    if !names.is_empty() {
+        text = metrics::restrict(&text, names);
+    }
     let mut r = Response::new(Body::from(text));
     r.headers_mut().insert(
         header::CONTENT_TYPE,

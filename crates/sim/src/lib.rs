@@ -98,6 +98,7 @@ pub use fleet::{EngineInfo, Fleet, start_fleet};
 pub use http::{DEFAULT_CHAT_MAX_TOKENS, DEFAULT_COMPLETION_MAX_TOKENS};
 pub use kv::{KvEncoding, ReplayFormat, SocketRole, publisher_binds};
 pub use kvgate_engine::{EngineStats, HashAlgo};
+pub use metrics::restrict as restrict_metrics;
 
 /// Why the simulator could not start or answer.
 #[derive(Debug, thiserror::Error)]

@@ -95,6 +95,43 @@ impl Writer {
     }
 }
 
+/// `text` restricted to the samples named in `names`, as `prometheus_client` restricts a page
+/// asked for with `?name[]=…` (its `RestrictedRegistry`, which vLLM serves below `/metrics/`):
+/// a family keeps its `# HELP`/`# TYPE` lines and those of its samples whose name is listed,
+/// and a family with none left is left out.
+pub fn restrict(text: &str, names: &[&str]) -> String {
+    let mut out = String::new();
+    // The comment lines of the family being read, written before its first kept sample.
+    let mut header = String::new();
+    let mut header_written = false;
+    for line in text.lines() {
+        if line.starts_with("# HELP ") {
+            header.clear();
+            header_written = false;
+        }
+        if line.starts_with('#') {
+            let to = if header_written {
+                &mut out
+            } else {
+                &mut header
+            };
+            to.push_str(line);
+            to.push('\n');
+            continue;
+        }
+        let name = line.split(['{', ' ']).next().unwrap_or_default();
+        if names.contains(&name) {
+            if !header_written {
+                out.push_str(&header);
+                header_written = true;
+            }
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
 /// Renders one engine's metrics.
 pub(crate) fn render(s: &EngineShared, snap: &Snapshot) -> String {
     let st = &snap.stats;
