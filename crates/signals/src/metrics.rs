@@ -377,28 +377,11 @@ const VLLM_FAMILIES: &[&str] = &[
     "vllm:lora_requests_info",
 ];
 
-/// The samples [`parse_metrics`] reads from a vLLM body, as `prometheus_client` names them
-/// (a histogram's `_bucket`, `_count` and `_sum`, since the parser rejects a histogram without
-/// its buckets): what a scrape asks a vLLM for ([`narrowed_metrics_url`]). Every family of
-/// `VLLM_FAMILIES` is here (a unit test holds the two together).
-const VLLM_SAMPLES: &[&str] = &[
-    "vllm:num_requests_running",
-    "vllm:num_requests_waiting",
-    "vllm:kv_cache_usage_perc",
-    "vllm:gpu_cache_usage_perc",
-    "vllm:prefix_cache_queries_total",
-    "vllm:gpu_prefix_cache_queries_total",
-    "vllm:prefix_cache_hits_total",
-    "vllm:gpu_prefix_cache_hits_total",
-    "vllm:num_preemptions_total",
-    "vllm:prompt_tokens_total",
-    "vllm:generation_tokens_total",
-    "vllm:time_to_first_token_seconds_bucket",
-    "vllm:time_to_first_token_seconds_count",
-    "vllm:time_to_first_token_seconds_sum",
-    "vllm:cache_config_info",
-    "vllm:lora_requests_info",
-];
+/// The families of `VLLM_FAMILIES` that are histograms: a narrowed scrape
+/// ([`narrowed_metrics_url`]) asks for their `_bucket`, `_count` and `_sum` samples, since the
+/// parser rejects a histogram without its buckets; every other family is one sample of its own
+/// name (`prometheus_client` declares counters under their `_total` name, as read here).
+const VLLM_HISTOGRAMS: &[&str] = &["vllm:time_to_first_token_seconds"];
 
 /// The address that serves only the samples the router reads from an engine of `kind` whose
 /// full page is at `url`, or `None` where no narrower page is known.
@@ -415,8 +398,8 @@ const VLLM_SAMPLES: &[&str] = &[
 /// front, a build without the mount) is detected by the scraper, which then keeps the full
 /// page (see [`crate::scrape`]).
 pub fn narrowed_metrics_url(url: &str, kind: EngineKind) -> Option<String> {
-    let samples = match kind {
-        EngineKind::Vllm => VLLM_SAMPLES,
+    let (families, histograms) = match kind {
+        EngineKind::Vllm => (VLLM_FAMILIES, VLLM_HISTOGRAMS),
         EngineKind::Sglang | EngineKind::TrtLlm | EngineKind::LlamaCpp => return None,
     };
     let mut narrowed = reqwest::Url::parse(url).ok()?;
@@ -427,8 +410,14 @@ pub fn narrowed_metrics_url(url: &str, kind: EngineKind) -> Option<String> {
     narrowed.set_path("/metrics/");
     {
         let mut query = narrowed.query_pairs_mut();
-        for name in samples {
-            query.append_pair("name[]", name);
+        for family in families {
+            if histograms.contains(family) {
+                for suffix in ["_bucket", "_count", "_sum"] {
+                    query.append_pair("name[]", &format!("{family}{suffix}"));
+                }
+            } else {
+                query.append_pair("name[]", family);
+            }
         }
     }
     Some(narrowed.into())
@@ -771,28 +760,6 @@ mod tests {
     use std::borrow::Cow;
 
     #[test]
-    fn the_narrowed_samples_cover_every_family_read() {
-        for family in VLLM_FAMILIES {
-            let histogram = *family == "vllm:time_to_first_token_seconds";
-            let needed: Vec<String> = if histogram {
-                ["_bucket", "_count", "_sum"]
-                    .iter()
-                    .map(|s| format!("{family}{s}"))
-                    .collect()
-            } else {
-                vec![(*family).to_owned()]
-            };
-            for name in needed {
-                assert!(
-                    VLLM_SAMPLES.contains(&name.as_str()),
-                    "{name} is not asked for"
-                );
-            }
-        }
-        assert_eq!(VLLM_SAMPLES.len(), VLLM_FAMILIES.len() + 2);
-    }
-
-    #[test]
     fn only_a_vllm_metrics_path_is_narrowed() {
         let url = narrowed_metrics_url("http://10.0.0.7:8000/metrics", EngineKind::Vllm).unwrap();
         let parsed = reqwest::Url::parse(&url).unwrap();
@@ -804,7 +771,19 @@ mod tests {
                 v.into_owned()
             })
             .collect();
-        assert_eq!(names, VLLM_SAMPLES);
+        // Every family read, the histogram as its three samples: 16 names.
+        assert_eq!(names.len(), VLLM_FAMILIES.len() + 2);
+        for family in VLLM_FAMILIES {
+            let histogram = VLLM_HISTOGRAMS.contains(family);
+            for suffix in if histogram {
+                &["_bucket", "_count", "_sum"][..]
+            } else {
+                &[""][..]
+            } {
+                let name = format!("{family}{suffix}");
+                assert!(names.contains(&name), "{name} is not asked for");
+            }
+        }
         assert!(url.starts_with(
             "http://10.0.0.7:8000/metrics/?name%5B%5D=vllm%3Anum_requests_running&name%5B%5D="
         ));
