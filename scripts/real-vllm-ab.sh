@@ -13,7 +13,9 @@
 # line per run: engine split, mean and median TTFT, the CPU ticks the engines' API servers
 # (the processes that render /metrics and stream tokens) and the router spent, and for kvgate
 # its TTFT prediction MAPE over the run (learning from its H100 prior included). Defaults: seeds "1 2 3 4 5 6",
-# 4 rounds. Needs scripts/setup-vllm.sh and scripts/setup-peer-routers.sh; ~2 GB per engine.
+# 4 rounds. With KVGATE_DECISION_LOG_DIR set, each kvgate run writes its decision log there
+# (BIN-INDEX-seedSEED.jsonl; scripts/ttft-prediction-errors.py reads them). Needs
+# scripts/setup-vllm.sh and scripts/setup-peer-routers.sh; ~2 GB per engine.
 set -euo pipefail
 
 SEEDS="1 2 3 4 5 6"
@@ -71,7 +73,7 @@ for p in "${ENGINE_PORTS[@]}"; do wait_http "http://127.0.0.1:$p/v1/models" 900;
 # The API server is the process vllm_engine.py runs in (the engine core is its child).
 api_ticks() { local t=0; for p in "${API_PIDS[@]}"; do t=$((t + $(awk '{ print $14 + $15 }' "/proc/$p/stat"))); done; echo "$t"; }
 
-start_router() { # spec
+start_router() { # spec, index of the router in the list, seed
   if [ "$1" = sglang ]; then
     setsid "$ROUTERS_PY" -m sglang_router.launch_router --host 127.0.0.1 --port $ROUTER_PORT \
       --policy cache_aware --log-level warn --cache-threshold 0.3 --balance-abs-threshold 64 \
@@ -81,10 +83,13 @@ start_router() { # spec
     ROUTER_PID=$!
     wait_http "http://127.0.0.1:$ROUTER_PORT/v1/models" 60
   else
-    local bin=${1%@*} max=()
+    local bin=${1%@*} max=() log=()
     [ "$bin" = "$1" ] || max=(--scrape-max-interval-ms "${1#*@}")
+    # The run's decision log, for scripts/ttft-prediction-errors.py.
+    [ -z "${KVGATE_DECISION_LOG_DIR:-}" ] ||
+      log=(--decision-log "$KVGATE_DECISION_LOG_DIR/$(basename "$bin")-$2-seed$3.jsonl")
     setsid "$bin" serve --host 127.0.0.1 --port $ROUTER_PORT --admin-port $ADMIN_PORT \
-      --scrape-interval-ms 100 "${max[@]}" --tokenizer "$MODEL_DIR" --kv-events-listen "$KV_LISTEN" \
+      --scrape-interval-ms 100 "${max[@]}" "${log[@]}" --tokenizer "$MODEL_DIR" --kv-events-listen "$KV_LISTEN" \
       --endpoint "http://127.0.0.1:${ENGINE_PORTS[0]}" --kv-replay tcp://127.0.0.1:18601 \
       --endpoint "http://127.0.0.1:${ENGINE_PORTS[1]}" --kv-replay tcp://127.0.0.1:18602 \
       >"$WORK/router.log" 2>&1 &
@@ -118,8 +123,9 @@ n=${#ROUTERS[@]}
 k=0
 for seed in $SEEDS; do
   for j in $(seq 0 $((n - 1))); do
-    spec=${ROUTERS[$(((j + k) % n))]}
-    start_router "$spec"
+    i=$(((j + k) % n))
+    spec=${ROUTERS[$i]}
+    start_router "$spec" "$i" "$seed"
     t0=$(api_ticks)
     r0=$(router_ticks)
     out=$("$VLLM_PY" "$HERE/real_vllm_conversations.py" "http://127.0.0.1:$ROUTER_PORT" "$ENGINES" "$ROUNDS" "$seed")
