@@ -12,10 +12,10 @@
 # conversations over 3 system prompts, ROUNDS rounds, caches reset between rounds). Prints one
 # line per run: engine split, mean and median TTFT, the CPU ticks the engines' API servers
 # (the processes that render /metrics and stream tokens) and the router spent, and for kvgate
-# its TTFT prediction MAPE over the run (learning from its H100 prior included). Defaults: seeds "1 2 3 4 5 6",
-# 4 rounds. With KVGATE_DECISION_LOG_DIR set, each kvgate run writes its decision log there
-# (BIN-INDEX-seedSEED.jsonl; scripts/ttft-prediction-errors.py reads them). Needs
-# scripts/setup-vllm.sh and scripts/setup-peer-routers.sh; ~2 GB per engine.
+# its TTFT prediction MAPE over the run (learning from its H100 prior included). Defaults:
+# seeds "1 2 3 4 5 6", 4 rounds. With KVGATE_DECISION_LOG_DIR set, each kvgate run writes its
+# decision log there (BIN-INDEX-seedSEED.jsonl; scripts/ttft-prediction-errors.py reads them).
+# Needs scripts/setup-vllm.sh and scripts/setup-peer-routers.sh; ~2 GB per engine.
 set -euo pipefail
 
 SEEDS="1 2 3 4 5 6"
@@ -114,7 +114,7 @@ prediction_mape() { # spec
   curl -sf "http://127.0.0.1:$ADMIN_PORT/metrics" | awk '
     /^kvgate_gateway_ttft_prediction_error_ratio_sum\{/ { s += $NF }
     /^kvgate_gateway_ttft_prediction_error_ratio_count\{/ { n += $NF }
-    END { if (n > 0) printf "; TTFT prediction MAPE %.1f%% over %d", 100 * s / n, n }'
+    END { if (n > 0) printf "; TTFT prediction MAPE %.1f%% over %d", 100 * s / n, n }' || true
 }
 stop_router() { kill -- "-$ROUTER_PID" 2>/dev/null || kill "$ROUTER_PID" 2>/dev/null || true; wait "$ROUTER_PID" 2>/dev/null || true; sleep 1; }
 
