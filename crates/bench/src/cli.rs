@@ -150,6 +150,12 @@ pub struct BenchArgs {
     /// Divide trace inter-arrival times by X (raises the load).
     #[arg(long, default_value_t = 1.0)]
     pub speedup: f64,
+    /// Spread each trace arrival over the MS milliseconds after its timestamp (trace time,
+    /// before `--speedup`; uniform, seeded by `--seed`). For traces with bucketed timestamps:
+    /// the Mooncake conversation trace stamps ~10 requests at each 3-second mark, which
+    /// replayed as written reach the router at one instant (`--spread-arrivals-ms 3000`).
+    #[arg(long, default_value_t = 0.0, value_name = "MS")]
+    pub spread_arrivals_ms: f64,
     /// Arrival rate for synthetic workloads, requests (or sessions) per second.
     #[arg(long, default_value_t = 20.0)]
     pub rate: f64,
@@ -412,6 +418,11 @@ pub fn bench(args: &BenchArgs) -> Result<Report, BenchError> {
     if !(args.rate.is_finite() && args.rate > 0.0) {
         return Err(BenchError::InvalidArgument("--rate must be positive"));
     }
+    if !(args.spread_arrivals_ms.is_finite() && args.spread_arrivals_ms >= 0.0) {
+        return Err(BenchError::InvalidArgument(
+            "--spread-arrivals-ms must be zero or positive",
+        ));
+    }
     // Everything that can be checked before the run is checked here, so a typo never costs a
     // run: the policy names (unused in live mode, where the gateway's policy routes) and the
     // JSON path.
@@ -423,6 +434,8 @@ pub fn bench(args: &BenchArgs) -> Result<Report, BenchError> {
         speedup: args.speedup,
         limit: args.limit,
         max_seconds: args.max_seconds,
+        spread_ms: args.spread_arrivals_ms,
+        spread_seed: args.fleet.seed,
     };
     if !args.rates.is_empty() {
         return sweep(args);
@@ -509,6 +522,10 @@ struct RequestLine<'a> {
     matched_tokens: Option<u32>,
     cached_tokens: u32,
     output_tokens: u32,
+    /// Mean time per output token after the first (`None`: not finished, or one token).
+    tpot_ms: Option<f64>,
+    /// The longest wait between two of its output tokens (`None` as for `tpot_ms`).
+    max_itl_ms: Option<f64>,
     /// `None`: rejected.
     engine: Option<u32>,
     replica: u32,
@@ -540,6 +557,13 @@ fn write_requests(path: &std::path::Path, runs: &[PolicyRun]) -> Result<(), Benc
                 matched_tokens: r.matched_tokens,
                 cached_tokens: r.cached_tokens,
                 output_tokens: r.output_tokens,
+                tpot_ms: (r.finish_us > 0 && r.output_tokens > 1).then(|| {
+                    r.finish_us.saturating_sub(r.first_token_us) as f64
+                        / 1e3
+                        / f64::from(r.output_tokens - 1)
+                }),
+                max_itl_ms: (r.finish_us > 0 && r.output_tokens > 1)
+                    .then(|| r.max_itl_us as f64 / 1e3),
                 engine: (r.engine != u32::MAX).then_some(r.engine),
                 replica: r.replica,
                 rejected: r.rejected,
@@ -759,8 +783,13 @@ fn capacity(args: &BenchArgs, arms: &[Arm]) -> Result<(), BenchError> {
         .as_ref()
         .map(|p| p.display().to_string())
         .unwrap_or_default();
-    let (limit, max_seconds, kind, seed) =
-        (args.limit, args.max_seconds, args.workload, args.fleet.seed);
+    let (limit, max_seconds, kind, seed, spread_ms) = (
+        args.limit,
+        args.max_seconds,
+        args.workload,
+        args.fleet.seed,
+        args.spread_arrivals_ms,
+    );
     let make = |rate: f64| -> Workload {
         match &records {
             Some(recs) => from_trace(
@@ -770,6 +799,8 @@ fn capacity(args: &BenchArgs, arms: &[Arm]) -> Result<(), BenchError> {
                     speedup: rate,
                     limit,
                     max_seconds,
+                    spread_ms,
+                    spread_seed: seed,
                 },
             ),
             None => {

@@ -145,6 +145,15 @@ pub struct ReplayOptions {
     pub limit: Option<usize>,
     /// Keep only requests arriving in the first T seconds of the trace (before speed-up).
     pub max_seconds: Option<f64>,
+    /// Move each arrival later by a uniform random share of this many milliseconds of trace
+    /// time (before speed-up), drawn from a generator seeded with `spread_seed`, and replay in
+    /// the new order; 0 keeps the timestamps. For traces whose timestamps are coarse buckets:
+    /// the published Mooncake conversation trace stamps its requests at 3-second marks (about
+    /// ten per mark), and replayed as written they reach the router at one instant, which no
+    /// production fleet sees.
+    pub spread_ms: f64,
+    /// Seed of the spread.
+    pub spread_seed: u64,
 }
 
 impl Default for ReplayOptions {
@@ -153,6 +162,8 @@ impl Default for ReplayOptions {
             speedup: 1.0,
             limit: None,
             max_seconds: None,
+            spread_ms: 0.0,
+            spread_seed: 0,
         }
     }
 }
@@ -165,6 +176,8 @@ pub fn from_trace(name: &str, records: &[TraceRecord], opts: ReplayOptions) -> W
         1.0
     };
     let mut requests = Vec::with_capacity(records.len());
+    let spread = opts.spread_ms.is_finite() && opts.spread_ms > 0.0;
+    let mut rng = ChaCha8Rng::seed_from_u64(opts.spread_seed);
     for r in records {
         if opts.limit.is_some_and(|n| requests.len() >= n) {
             break;
@@ -192,12 +205,26 @@ pub fn from_trace(name: &str, records: &[TraceRecord], opts: ReplayOptions) -> W
                 tokens: left,
             });
         }
+        let offset_ms = if spread {
+            rng.random::<f64>() * opts.spread_ms
+        } else {
+            0.0
+        };
         requests.push(WorkloadRequest {
-            arrival_us: (r.timestamp as f64 * 1000.0 / speedup).round() as u64,
+            arrival_us: ((r.timestamp as f64 + offset_ms) * 1000.0 / speedup).round() as u64,
             segments,
             output_tokens: r.output_length,
             session: None,
         });
+    }
+    if spread {
+        // Stable: requests drawn at the same microsecond keep the trace's order.
+        requests.sort_by_key(|r| r.arrival_us);
+        let name = format!(
+            "{name}, arrivals spread over {} ms (seed {})",
+            opts.spread_ms, opts.spread_seed
+        );
+        return Workload::new(&name, requests);
     }
     Workload::new(name, requests)
 }
@@ -391,7 +418,7 @@ mod tests {
         let opts = ReplayOptions {
             speedup: 2.0,
             limit: Some(4),
-            max_seconds: None,
+            ..ReplayOptions::default()
         };
         let w = from_trace("t", &recs, opts);
         assert_eq!(w.requests.len(), 4);
@@ -401,6 +428,43 @@ mod tests {
             ..ReplayOptions::default()
         };
         assert_eq!(from_trace("t", &recs, opts).requests.len(), 5);
+    }
+
+    /// Bucketed timestamps spread over the window after each mark, in arrival order, the same
+    /// way for the same seed and differently for another; the prompts are the trace's.
+    #[test]
+    fn spread_moves_arrivals_within_the_window_after_their_mark() {
+        let recs: Vec<_> = (0..40).map(|i| rec(i / 10 * 3000, 10, &[i])).collect();
+        let opts = |seed| ReplayOptions {
+            speedup: 2.0,
+            spread_ms: 3000.0,
+            spread_seed: seed,
+            ..ReplayOptions::default()
+        };
+        let w = from_trace("t", &recs, opts(7));
+        assert_eq!(w.requests.len(), 40);
+        assert!(
+            w.requests
+                .windows(2)
+                .all(|p| p[0].arrival_us <= p[1].arrival_us)
+        );
+        let mut ids: Vec<u64> = w.requests.iter().map(|r| r.segments[0].id).collect();
+        for r in &w.requests {
+            let mark_us = r.segments[0].id / 10 * 3000 * 1000 / 2;
+            assert!(
+                (mark_us..mark_us + 1_500_000).contains(&r.arrival_us),
+                "block {} at {} µs",
+                r.segments[0].id,
+                r.arrival_us
+            );
+        }
+        let instants: std::collections::HashSet<u64> =
+            w.requests.iter().map(|r| r.arrival_us).collect();
+        assert_eq!(instants.len(), 40, "no two requests at one instant");
+        assert_eq!(from_trace("t", &recs, opts(7)).requests, w.requests);
+        assert_ne!(from_trace("t", &recs, opts(8)).requests, w.requests);
+        ids.sort_unstable();
+        assert_eq!(ids, (0..40).collect::<Vec<u64>>());
     }
 
     #[test]
