@@ -427,6 +427,32 @@ pub fn kvgate_cost(
     }
 }
 
+/// The TTFT predicted for a request adding `work` to an endpoint whose [`kvgate_cost`] is
+/// `cost`: its queue wait and own prefill, with the queue less what the engine's KV events show
+/// it has already computed of it ([`LoadEstimate::prefill_done_tokens`]). The routing cost
+/// counts that work whole (see the estimator's module docs, "Prefill in progress").
+#[inline]
+pub fn predicted_ttft_us(
+    prior: &HardwarePrior,
+    est: &LoadEstimate,
+    speed: f64,
+    work: &RequestWork,
+    cost: &CostBreakdown,
+) -> f64 {
+    if est.prefill_done_tokens == 0 {
+        return cost.queue_wait_us + cost.prefill_us;
+    }
+    let queued = est
+        .queued_prefill_tokens
+        .saturating_sub(est.prefill_done_tokens) as f64;
+    let pairs = (est.queued_prefill_pairs - est.prefill_done_pairs).max(0.0);
+    prior.prefill_time_us(
+        queued + work.uncached_tokens,
+        pairs + work.attention_pairs,
+        f64::from(est.running),
+    ) * speed
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

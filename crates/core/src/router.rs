@@ -912,6 +912,7 @@ impl Router {
                     tier_bit(*tier),
                     &mut keys,
                 );
+                e.load.blocks_stored(&keys);
                 if self.index.store(id, &keys, *tier) == ApplyOutcome::Overflowed {
                     // The index dropped the endpoint's precise view; the aliases go with it.
                     e.engine_keys.clear();
@@ -1133,7 +1134,21 @@ impl Router {
             self.tuning.max_fallbacks,
         );
         let predicted_ttft_us = match (chosen.cost, chosen.oracle) {
-            (Some(c), _) => Some((c.queue_wait_us + c.prefill_us) as u64),
+            (Some(c), _) => {
+                let work = cost::request_work(
+                    req,
+                    chosen.matched_blocks,
+                    chosen.matched_gpu_blocks,
+                    &self.tuning,
+                );
+                Some(cost::predicted_ttft_us(
+                    chosen.step,
+                    &chosen.estimate,
+                    chosen.prefill_speed,
+                    &work,
+                    &c,
+                ) as u64)
+            }
             (None, Some(o)) => Some(plugins::oracle_prediction_us(&ctx, chosen, &o) as u64),
             _ => None,
         };
@@ -1316,6 +1331,17 @@ impl Router {
         let fallbacks = Self::fallbacks(|i| cands[i].id, &total, pick.index, t.max_fallbacks);
         let e = chosen.entry;
         let estimate = e.load.estimate(now_us, e.prior.kv_capacity_blocks);
+        let predicted_ttft_us = if estimate.prefill_done_tokens == 0 {
+            chosen.queue_wait_us + chosen.prefill_us
+        } else {
+            let work = cost::request_work(req, chosen.matched_blocks, chosen.matched_gpu_blocks, t);
+            let c = CostBreakdown {
+                queue_wait_us: chosen.queue_wait_us,
+                prefill_us: chosen.prefill_us,
+                ..CostBreakdown::default()
+            };
+            cost::predicted_ttft_us(&e.coeffs, &estimate, chosen.prefill_speed, &work, &c)
+        };
         let booking = self.booking_plan(
             now_us,
             req,
@@ -1332,7 +1358,7 @@ impl Router {
                 self.index
                     .precise_prefix_with(&precise_runs, chosen.id, &req.keys.keys)
             }),
-            predicted_ttft_us: Some((chosen.queue_wait_us + chosen.prefill_us) as u64),
+            predicted_ttft_us: Some(predicted_ttft_us as u64),
             booking,
             candidates: Vec::new(),
         })
@@ -1366,6 +1392,10 @@ impl Router {
             .iter()
             .map(|c| {
                 let cost = c.cost.unwrap_or_default();
+                let work =
+                    cost::request_work(req, c.matched_blocks, c.matched_gpu_blocks, &self.tuning);
+                let predicted =
+                    cost::predicted_ttft_us(c.step, &c.estimate, c.prefill_speed, &work, &cost);
                 CandidateReport {
                     endpoint: c.id,
                     matched_blocks: c.matched_blocks,
@@ -1381,7 +1411,7 @@ impl Router {
                         .entry(c.id)
                         .and_then(|e| e.kv.last_event_at_us)
                         .map(|t| now_us.saturating_sub(t)),
-                    predicted_ttft_us: (cost.queue_wait_us + cost.prefill_us) as u64,
+                    predicted_ttft_us: predicted as u64,
                     cost_us: cost.routing_cost_us,
                     score: None,
                 }
@@ -1702,8 +1732,14 @@ impl Router {
             uncached_tokens: work.uncached_tokens,
             attention_pairs: work.attention_pairs,
             new_kv_blocks: work.new_kv_blocks,
-            queued_prefill_tokens: estimate.queued_prefill_tokens as f64,
-            queued_prefill_pairs: estimate.queued_prefill_pairs,
+            // What the engine still has to compute ahead of it: the prediction's queue, and
+            // what the first token's fit learns from.
+            queued_prefill_tokens: estimate
+                .queued_prefill_tokens
+                .saturating_sub(estimate.prefill_done_tokens)
+                as f64,
+            queued_prefill_pairs: (estimate.queued_prefill_pairs - estimate.prefill_done_pairs)
+                .max(0.0),
             running: f64::from(estimate.running),
         }
     }
@@ -1827,11 +1863,26 @@ impl Router {
             behind_tokens: 0.0,
             behind_pairs: 0.0,
             order: 0,
+            done_tokens: 0,
+            done_pairs: 0,
+            context_tokens: 0.0,
+            progress_keys: Vec::new(),
         };
         let alpha = t.calibration_alpha;
         let max_blocks = t.max_booked_blocks;
         match self.entry_priced(id) {
-            Some(e) if e.state != EndpointState::Gone => e.load.book(req.id, booking, alpha),
+            Some(e) if e.state != EndpointState::Gone => {
+                e.load.book(req.id, booking, alpha);
+                // Only a chain over the engine's token ids meets the keys of its KV events.
+                if req.keys.precise {
+                    e.load.watch_prefill(
+                        req.id,
+                        &req.keys.keys,
+                        decision.matched_blocks as usize,
+                        req.keys.block_size,
+                    );
+                }
+            }
             _ => return,
         }
         let bs = req.keys.block_size;
@@ -2336,6 +2387,49 @@ mod tests {
         assert_eq!(planned.uncached_tokens, f64::from(q2.prompt_tokens));
         r.book(3, &q2, &moved);
         assert_eq!(queued(&r, ids[1]), u64::from(q2.prompt_tokens));
+    }
+
+    /// A long prompt's blocks stored while it waits for its first token: the next request's
+    /// predicted TTFT and booked queue drop by what the engine has computed, its routing cost
+    /// does not, and the first token ends it.
+    #[test]
+    fn stored_blocks_of_a_waiting_prompt_shorten_the_predicted_queue() {
+        let (mut r, ids) = router_with(1);
+        let e = ids[0];
+        let long: Vec<u64> = (1..=600).collect();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let q1 = routed(1, &long);
+        let d1 = r.pick(1, &q1, &mut rng, None).unwrap();
+        r.book(1, &q1, &d1);
+        let mut q2 = routed(2, &[9_001, 9_002]);
+        q2.explain = true;
+        let before = r.pick(2, &q2, &mut rng, None).unwrap();
+        assert_eq!(before.booking.queued_prefill_tokens, 9_601.0);
+        // Its first 400 blocks (6,400 tokens) are computed and stored.
+        r.observe_kv_batch(e, 3, &stored(0, &long[..400], Tier::Gpu));
+        let after = r.pick(4, &q2, &mut rng, None).unwrap();
+        let (p0, p1) = (
+            before.predicted_ttft_us.unwrap(),
+            after.predicted_ttft_us.unwrap(),
+        );
+        assert!(p1 < p0, "predicted {p1} µs after, {p0} before");
+        assert_eq!(after.candidates[0].predicted_ttft_us, p1);
+        assert!(
+            (after.booking.queued_prefill_tokens - (9_601.0 - 6_400.0)).abs() <= 150.0,
+            "{} tokens ahead",
+            after.booking.queued_prefill_tokens
+        );
+        assert_eq!(after.candidates[0].cost_us, before.candidates[0].cost_us);
+        assert_eq!(queued(&r, e), 9_601, "routing counts it whole");
+        // The same through kvgate's own pipeline (unexplained).
+        q2.explain = false;
+        assert_eq!(
+            r.pick(4, &q2, &mut rng, None).unwrap().predicted_ttft_us,
+            Some(p1)
+        );
+        r.on_first_token(1, 5);
+        let done = r.pick(6, &q2, &mut rng, None).unwrap();
+        assert_eq!(done.booking.queued_prefill_tokens, 0.0);
     }
 
     /// The index is keyed by the router's chain; engine hashes are only aliases learnt from
