@@ -2,7 +2,7 @@
 # What `kvgate serve` adds over a direct connection to an engine, in one command, so a change to
 # the request path can be compared before/after (issue 15.3):
 #
-#   scripts/proxy-overhead.sh [-r ROUNDS] [-d SECONDS] [-n CALLGRIND_REQUESTS] [BIN ...]
+#   scripts/proxy-overhead.sh [-r ROUNDS] [-d SECONDS] [-n CALLGRIND_REQUESTS] [-e] [BIN ...]
 #
 # One simulated engine (`kvgate sim`, time scale 1000: a 1-token answer takes microseconds of
 # simulated time) is started from the first BIN. Then, for each round and each BIN in turn
@@ -14,6 +14,9 @@
 # and, once per BIN, callgrind counts the gateway's instructions (deterministic, unlike time on
 # this machine) per small request and per relayed SSE frame (streams of 1 and 33 tokens at time
 # scale 1, so each token arrives as its own frame: the slope is the per-frame cost).
+# With -e, each round also measures the same two figures through a plain Envoy HTTP proxy in
+# front of the engine (no ext_proc, no routing; one worker thread, as the gateways get with
+# GW_WORKERS=1; Envoy from scripts/setup-envoy.sh): what any proxy hop costs on this machine.
 # Medians over the rounds are printed per BIN. Defaults: 5 rounds of 5 s, 200 callgrind requests,
 # BIN = target/release/kvgate; -r 0 runs callgrind only, -n 0 skips it; GW_WORKERS=N runs the
 # gateways with N tokio worker threads (TOKIO_WORKER_THREADS; default: one per core). Each window's profile is kept
@@ -23,12 +26,14 @@ set -euo pipefail
 ROUNDS=5
 DURATION=5
 CG_REQUESTS=200
-while getopts "r:d:n:" opt; do
+WITH_ENVOY=0
+while getopts "r:d:n:e" opt; do
   case $opt in
     r) ROUNDS=$OPTARG ;;
     d) DURATION=$OPTARG ;;
     n) CG_REQUESTS=$OPTARG ;;
-    *) echo "usage: $0 [-r ROUNDS] [-d SECONDS] [-n CALLGRIND_REQUESTS] [BIN ...]" >&2; exit 2 ;;
+    e) WITH_ENVOY=1 ;;
+    *) echo "usage: $0 [-r ROUNDS] [-d SECONDS] [-n CALLGRIND_REQUESTS] [-e] [BIN ...]" >&2; exit 2 ;;
   esac
 done
 shift $((OPTIND - 1))
@@ -115,6 +120,35 @@ median() { sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]
 
 DIRECT=http://127.0.0.1:$SIM_PORT/v1/chat/completions
 VIA=http://127.0.0.1:$GW_PORT/v1/chat/completions
+ENVOY_PORT=18090
+ENVOY_URL=http://127.0.0.1:$ENVOY_PORT/v1/chat/completions
+
+if [ "$WITH_ENVOY" = 1 ]; then
+  ENVOY_BIN=$("$(dirname "$0")/setup-envoy.sh" | tail -1)
+  cat >"$WORK/envoy.yaml" <<EOF
+static_resources:
+  listeners:
+  - address: {socket_address: {address: 127.0.0.1, port_value: $ENVOY_PORT}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: plain
+          route_config:
+            virtual_hosts:
+            - {name: all, domains: ["*"], routes: [{match: {prefix: "/"}, route: {cluster: engine}}]}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}
+  clusters:
+  - name: engine
+    type: STATIC
+    load_assignment:
+      cluster_name: engine
+      endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: $SIM_PORT}}}}]}]
+EOF
+fi
 
 echo "# proxy overhead: ${ROUNDS} rounds x ${DURATION}s, bins: ${BINS[*]} (files in $WORK)"
 start_sim "${BINS[0]}" 1000
@@ -140,6 +174,21 @@ for round in $(seq 1 "$ROUNDS"); do
       "$cpu_engine" "$cpu_gw" "$sys_gw" "$cpu_wrk"
     stop_pid "$GW_PID"
   done
+  if [ "$WITH_ENVOY" = 1 ]; then
+    "$ENVOY_BIN" -c "$WORK/envoy.yaml" --concurrency 1 -l error --base-id $((RANDOM + 1000)) >"$WORK/envoy.log" 2>&1 &
+    ENVOY_PID=$!
+    PIDS+=("$ENVOY_PID")
+    wait_http "http://127.0.0.1:$ENVOY_PORT/health"
+    wrk -t1 -c8 -d1s -s "$WORK/post.lua" "$ENVOY_URL" >/dev/null
+    read -r d50 d99 _ < <(run_wrk 1 "$DIRECT")
+    read -r v50 v99 _ < <(run_wrk 1 "$ENVOY_URL")
+    read -r _ _ drps < <(run_wrk 64 "$DIRECT")
+    read -r _ _ vrps < <(run_wrk 64 "$ENVOY_URL")
+    echo "$round envoy $d50 $d99 $v50 $v99 $drps $vrps" >>"$WORK/rounds"
+    printf 'round %d envoy: 1 conn direct p50 %sus p99 %sus, via p50 %sus p99 %sus | 64 conns direct %s req/s, via %s req/s (%.2fx)\n' \
+      "$round" "$d50" "$d99" "$v50" "$v99" "$drps" "$vrps" "$(awk -v a="$vrps" -v b="$drps" 'BEGIN { print a / b }')"
+    stop_pid "$ENVOY_PID"
+  fi
 done
 
 echo
@@ -154,6 +203,13 @@ for i in "${!BINS[@]}"; do
   printf '%s: 1 conn p50 direct %s via %s (added %s us), p99 direct %s via %s (added %s us) | 64 conns direct %s via %s req/s, ratio %.2f | CPU/request at 64 via: engine %s us, gateway %s us (kernel %s us), wrk %s us\n' \
     "${BINS[$i]}" "$d50" "$v50" "$added50" "$d99" "$v99" "$added99" "$drps" "$vrps" "$ratio" "$(col 9)" "$(col 10)" "$(col 12)" "$(col 11)"
 done
+if [ "$ROUNDS" -gt 0 ] && [ "$WITH_ENVOY" = 1 ]; then
+  col() { awk -v c="$1" '$2 == "envoy" { print $c }' "$WORK/rounds" | median; }
+  printf 'envoy (plain proxy, no routing): 1 conn p50 direct %s via %s (added %s us), p99 direct %s via %s (added %s us) | 64 conns direct %s via %s req/s, ratio %.2f\n' \
+    "$(col 3)" "$(col 5)" "$(awk '$2 == "envoy" { print $5 - $3 }' "$WORK/rounds" | median)" \
+    "$(col 4)" "$(col 6)" "$(awk '$2 == "envoy" { print $6 - $4 }' "$WORK/rounds" | median)" \
+    "$(col 7)" "$(col 8)" "$(awk '$2 == "envoy" { print $8 / $7 }' "$WORK/rounds" | median)"
+fi
 
 # Callgrind: instructions per small request and per relayed SSE frame, in the gateway only.
 [ "$CG_REQUESTS" -gt 0 ] || exit 0
