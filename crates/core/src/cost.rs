@@ -427,12 +427,16 @@ pub fn kvgate_cost(
     }
 }
 
-/// The TTFT predicted for a request adding `work` to an endpoint whose [`kvgate_cost`] is
-/// `cost`: its queue wait and own prefill, with the queue less what the engine's KV events show
-/// it has already computed of it ([`LoadEstimate::prefill_done_tokens`]). The routing cost
-/// counts that work whole (see the estimator's module docs, "Prefill in progress").
+/// The TTFT predicted at `now_us` for a request adding `work` to an endpoint whose
+/// [`kvgate_cost`] is `cost`: its queue wait and own prefill, with the queue less what the
+/// engine's KV events show it has already computed of it
+/// ([`LoadEstimate::prefill_done_tokens`]) and less the share of the next chunk (at most
+/// `max_batched_tokens` of what is left) that the step running since the last such event has
+/// computed by now at the endpoint's step time. The routing cost counts that work whole (see
+/// the estimator's module docs, "Prefill in progress").
 #[inline]
 pub fn predicted_ttft_us(
+    now_us: u64,
     prior: &HardwarePrior,
     est: &LoadEstimate,
     speed: f64,
@@ -442,10 +446,24 @@ pub fn predicted_ttft_us(
     if est.prefill_done_tokens == 0 {
         return cost.queue_wait_us + cost.prefill_us;
     }
-    let queued = est
+    let mut queued = est
         .queued_prefill_tokens
         .saturating_sub(est.prefill_done_tokens) as f64;
-    let pairs = (est.queued_prefill_pairs - est.prefill_done_pairs).max(0.0);
+    let mut pairs = (est.queued_prefill_pairs - est.prefill_done_pairs).max(0.0);
+    // The step under way since the last progress: its chunk is taken as computed in
+    // proportion to the time it has run, up to the whole chunk (a later chunk's start is not
+    // seen until its events arrive).
+    if let Some(at) = est.prefill_progress_at_us {
+        let running = f64::from(est.running);
+        let chunk = queued.min(f64::from(prior.max_batched_tokens.max(1)));
+        if chunk > 0.0 {
+            let share = chunk / queued;
+            let step = prior.prefill_time_us(chunk, pairs * share, running) * speed;
+            let f = (now_us.saturating_sub(at) as f64 / step).min(1.0);
+            queued -= f * chunk;
+            pairs -= f * pairs * share;
+        }
+    }
     prior.prefill_time_us(
         queued + work.uncached_tokens,
         pairs + work.attention_pairs,
@@ -483,6 +501,36 @@ mod tests {
         let hit = cpu.prefill_time_us(128.0, attention_pairs(2048.0, 128.0), 0.0);
         let cold = cpu.prefill_time_us(128.0, attention_pairs(0.0, 128.0), 0.0);
         assert!((hit - cold - 1.03 * 128.0 * 2048.0).abs() < 1e-6);
+    }
+
+    /// The queue of a prediction leaves out what KV events showed done and, from the last
+    /// progress on, the share of the running chunk its step has had time to compute.
+    #[test]
+    fn the_prediction_leaves_out_prefill_done_and_the_running_chunk() {
+        let p = HardwarePrior::H100_LLAMA31_8B;
+        let work = work(100.0, 7);
+        let mut est = LoadEstimate {
+            queued_prefill_tokens: 20_000,
+            kv_capacity_blocks: 1_000,
+            ..LoadEstimate::default()
+        };
+        let c = kvgate_cost(&p, &est, 1.0, &work, 0.0, &Tuning::default());
+        let whole = predicted_ttft_us(0, &p, &est, 1.0, &work, &c);
+        assert_eq!(whole, c.queue_wait_us + c.prefill_us);
+        est.prefill_done_tokens = 8_192;
+        est.prefill_progress_at_us = Some(1_000);
+        let at = |now| predicted_ttft_us(now, &p, &est, 1.0, &work, &c);
+        let left = p.prefill_time_us(20_000.0 - 8_192.0 + 100.0, 0.0, 0.0);
+        assert!((at(1_000) - left).abs() < 1e-6, "{} vs {left}", at(1_000));
+        // Half a full chunk's step later, half of the next chunk (8,192 of the 11,808 left).
+        let step = p.prefill_time_us(8_192.0, 0.0, 0.0);
+        let half = at(1_000 + (step / 2.0) as u64);
+        let expect = p.prefill_time_us(20_000.0 - 8_192.0 - 4_096.0 + 100.0, 0.0, 0.0);
+        assert!((half - expect).abs() < 50.0, "{half} vs {expect}");
+        // Never more than that chunk, however late the next events are.
+        let full = p.prefill_time_us(20_000.0 - 2.0 * 8_192.0 + 100.0, 0.0, 0.0);
+        assert!((at(10_000_000) - full).abs() < 1e-6);
+        assert!(at(10_000_000) < half && half < at(1_000) && at(1_000) < whole);
     }
 
     /// The features are the terms of the prefill time, the attention one at its reference

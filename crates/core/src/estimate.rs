@@ -64,10 +64,13 @@
 //! computes them (`BlockStored`, after the step), so the router sees the progress instead of
 //! guessing it: each pending booking of a chain over the engine's tokens watches up to
 //! [`PROGRESS_KEYS_PER_BOOKING`] evenly spaced keys of its uncached blocks, and a stored one
-//! moves its computed tokens (and their attention pairs) into `prefill_done_tokens`. A request
-//! that waits for a sequence slot instead (an engine at `max_num_seqs`) stores nothing and
-//! shows no progress, which a drain at the engine's predicted compute rate (tried before this)
-//! got wrong.
+//! moves its computed tokens (and their attention pairs) into `prefill_done_tokens`; the time
+//! of that event marks a step boundary, from which the prediction also counts the running
+//! chunk as computed in proportion to its step's time ([`crate::cost::predicted_ttft_us`]:
+//! speed-up 8, MAPE 18.5% → 17.3%; spread over the trace's 3-second marks 12.5% → 10.8%). A
+//! request that waits for a sequence slot instead (an engine at `max_num_seqs`) stores nothing
+//! and shows no progress, which a drain at the engine's predicted compute rate (tried before
+//! this) got wrong.
 //!
 //! What reads it: the decision's predicted TTFT ([`crate::cost::predicted_ttft_us`]) and the
 //! queue a booking records for the learner ([`crate::learn`] fits each first token to the work
@@ -295,6 +298,9 @@ pub struct LoadEstimate {
     pub prefill_done_tokens: u64,
     /// Their attention pairs.
     pub prefill_done_pairs: f64,
+    /// When the KV events last showed one of those requests' prefill moving on (`None` when
+    /// `prefill_done_tokens` is 0): the engine was then between two of its chunks.
+    pub prefill_progress_at_us: Option<u64>,
     /// KV blocks in use.
     pub kv_blocks: u64,
     /// KV capacity in blocks (sample, else hardware prior).
@@ -358,6 +364,8 @@ pub(crate) struct EndpointLoad {
     /// Of `own_unstarted_tokens` (and pairs), what KV events show computed.
     own_done_tokens: u64,
     own_done_pairs: u64,
+    /// When [`Self::blocks_stored`] last moved a booking on.
+    progress_at_us: Option<u64>,
     /// [`EndpointLoad::estimate`] without its age (`sample_age_us: None`), recomputed by every
     /// method that changes what it is computed from. Nothing but the age depends on the time of
     /// the question, so a pick reads each endpoint's estimate instead of recomputing it (see
@@ -451,6 +459,7 @@ impl EndpointLoad {
             progress: HashMap::new(),
             own_done_tokens: 0,
             own_done_pairs: 0,
+            progress_at_us: None,
             own_unstarted_pairs: 0,
             own_started: 0,
             own_blocks: 0,
@@ -640,7 +649,7 @@ impl EndpointLoad {
 
     /// The engine stored blocks with `keys` (router keys): the pending bookings watching any
     /// of them have computed that far. Returns whether the estimate changed.
-    pub fn blocks_stored(&mut self, keys: &[u64]) -> bool {
+    pub fn blocks_stored(&mut self, now_us: u64, keys: &[u64]) -> bool {
         if self.progress.is_empty() {
             return false;
         }
@@ -665,6 +674,7 @@ impl EndpointLoad {
             changed = true;
         }
         if changed {
+            self.progress_at_us = Some(now_us);
             self.refresh();
         }
         changed
@@ -791,6 +801,7 @@ impl EndpointLoad {
                 + f64::from(foreign_waiting) * per_pairs,
             prefill_done_tokens: self.own_done_tokens,
             prefill_done_pairs: self.own_done_pairs as f64,
+            prefill_progress_at_us: self.progress_at_us.filter(|_| self.own_done_tokens > 0),
             kv_blocks: self.own_blocks + foreign_blocks,
             kv_capacity_blocks: cap,
             own_in_flight: self.in_flight.len() as u32,
@@ -913,11 +924,11 @@ mod tests {
         assert_eq!((e.queued_prefill_tokens, e.prefill_done_tokens), (8_300, 0));
         // Keys of nothing watched, and unwatched blocks between two watched ones, change
         // nothing.
-        assert!(!l.blocks_stored(&[1, 2, 3]));
-        assert!(!l.blocks_stored(&keys[2..8]));
+        assert!(!l.blocks_stored(0, &[1, 2, 3]));
+        assert!(!l.blocks_stored(0, &keys[2..8]));
         // The first chunk of 4,096 tokens (256 blocks) is stored: progress to the last watched
         // block in it (block 256 of the uncached ones is the 32nd watched: 32 × 8 × 16).
-        assert!(l.blocks_stored(&keys[2..258]));
+        assert!(l.blocks_stored(0, &keys[2..258]));
         let e = l.estimate(13, 1000);
         assert_eq!(
             e.queued_prefill_tokens, 8_300,
@@ -927,9 +938,9 @@ mod tests {
         let pairs = crate::cost::attention_pairs(32.0, 4_096.0);
         assert!((e.prefill_done_pairs - pairs).abs() < 1.0);
         // Stored again (a replay) or out of order: no step back.
-        assert!(!l.blocks_stored(&keys[2..100]));
+        assert!(!l.blocks_stored(0, &keys[2..100]));
         // The rest, past the last full block, is its tail and the other booking's.
-        assert!(l.blocks_stored(&keys[258..]));
+        assert!(l.blocks_stored(0, &keys[258..]));
         assert_eq!(l.estimate(14, 1000).prefill_done_tokens, 8_000);
         // Its first token: nothing of it is queued or done any more, and no key is watched.
         l.first_token(1, 15);
@@ -939,7 +950,7 @@ mod tests {
         assert!(l.in_flight()[&1].progress_keys.is_empty());
         assert_eq!(l.progress.len(), 2, "request 2's keys only");
         // Released before its first token: the same.
-        assert!(l.blocks_stored(&[9_000]));
+        assert!(l.blocks_stored(0, &[9_000]));
         assert_eq!(l.estimate(17, 1000).prefill_done_tokens, 16);
         l.release(2, 18);
         assert_eq!(l.estimate(19, 1000).prefill_done_tokens, 0);
@@ -957,13 +968,13 @@ mod tests {
         l.book(2, booking(11, 160, 10), 0.0);
         l.watch_prefill(2, &keys, 0, 16);
         assert!(l.in_flight()[&2].progress_keys.is_empty());
-        assert!(l.blocks_stored(&keys[..5]));
+        assert!(l.blocks_stored(0, &keys[..5]));
         assert_eq!(l.estimate(12, 1000).prefill_done_tokens, 80);
         // Request 1 booked again: its old booking and its progress go.
         l.book(1, booking(13, 160, 10), 0.0);
         assert_eq!(l.estimate(14, 1000).prefill_done_tokens, 0);
         assert!(l.progress.is_empty());
-        assert!(!l.blocks_stored(&keys));
+        assert!(!l.blocks_stored(0, &keys));
     }
 
     /// A sample with the engine's cumulative prefix-cache and first-token counters.

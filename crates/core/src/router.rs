@@ -880,14 +880,14 @@ impl Router {
         self.index.set_trusted(id, trusted);
         e.kv.last_event_at_us = Some(now_us);
         for ev in &batch.events {
-            self.apply_kv_event(id, ev);
+            self.apply_kv_event(id, now_us, ev);
         }
         check
     }
 
     /// Applies one KV event of `id` to the index, translating the engine's block hashes into
     /// the router's keys ([`crate::engine_keys`]); the sequence check is the caller's.
-    fn apply_kv_event(&mut self, id: EndpointId, ev: &KvEvent) {
+    fn apply_kv_event(&mut self, id: EndpointId, now_us: u64, ev: &KvEvent) {
         let Some(e) = self.slots.get_mut(id.0 as usize).and_then(Option::as_mut) else {
             return;
         };
@@ -912,7 +912,7 @@ impl Router {
                     tier_bit(*tier),
                     &mut keys,
                 );
-                e.load.blocks_stored(&keys);
+                e.load.blocks_stored(now_us, &keys);
                 if self.index.store(id, &keys, *tier) == ApplyOutcome::Overflowed {
                     // The index dropped the endpoint's precise view; the aliases go with it.
                     e.engine_keys.clear();
@@ -1015,7 +1015,7 @@ impl Router {
     /// A new engine process behind `id`: its cache is empty and old disagreements say nothing
     /// about it. Drops every precise entry (as `AllBlocksCleared`) and resets the contract.
     fn forget_publisher(&mut self, id: EndpointId) {
-        self.apply_kv_event(id, &KvEvent::AllBlocksCleared);
+        self.apply_kv_event(id, self.clock_us, &KvEvent::AllBlocksCleared);
         if let Some(e) = self.entry_mut(id) {
             e.contract.reset();
         }
@@ -1142,6 +1142,7 @@ impl Router {
                     &self.tuning,
                 );
                 Some(cost::predicted_ttft_us(
+                    now_us,
                     chosen.step,
                     &chosen.estimate,
                     chosen.prefill_speed,
@@ -1340,7 +1341,14 @@ impl Router {
                 prefill_us: chosen.prefill_us,
                 ..CostBreakdown::default()
             };
-            cost::predicted_ttft_us(&e.coeffs, &estimate, chosen.prefill_speed, &work, &c)
+            cost::predicted_ttft_us(
+                now_us,
+                &e.coeffs,
+                &estimate,
+                chosen.prefill_speed,
+                &work,
+                &c,
+            )
         };
         let booking = self.booking_plan(
             now_us,
@@ -1394,8 +1402,14 @@ impl Router {
                 let cost = c.cost.unwrap_or_default();
                 let work =
                     cost::request_work(req, c.matched_blocks, c.matched_gpu_blocks, &self.tuning);
-                let predicted =
-                    cost::predicted_ttft_us(c.step, &c.estimate, c.prefill_speed, &work, &cost);
+                let predicted = cost::predicted_ttft_us(
+                    now_us,
+                    c.step,
+                    &c.estimate,
+                    c.prefill_speed,
+                    &work,
+                    &cost,
+                );
                 CandidateReport {
                     endpoint: c.id,
                     matched_blocks: c.matched_blocks,
