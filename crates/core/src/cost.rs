@@ -450,11 +450,11 @@ pub fn predicted_ttft_us(
         .queued_prefill_tokens
         .saturating_sub(est.prefill_done_tokens) as f64;
     let mut pairs = (est.queued_prefill_pairs - est.prefill_done_pairs).max(0.0);
+    let running = f64::from(est.running);
     // The step under way since the last progress: its chunk is taken as computed in
     // proportion to the time it has run, up to the whole chunk (a later chunk's start is not
     // seen until its events arrive).
     if let Some(at) = est.prefill_progress_at_us {
-        let running = f64::from(est.running);
         let chunk = queued.min(f64::from(prior.max_batched_tokens.max(1)));
         if chunk > 0.0 {
             let share = chunk / queued;
@@ -467,7 +467,7 @@ pub fn predicted_ttft_us(
     prior.prefill_time_us(
         queued + work.uncached_tokens,
         pairs + work.attention_pairs,
-        f64::from(est.running),
+        running,
     ) * speed
 }
 
