@@ -429,11 +429,13 @@ pub fn kvgate_cost(
 
 /// The TTFT predicted at `now_us` for a request adding `work` to an endpoint whose
 /// [`kvgate_cost`] is `cost`: its queue wait and own prefill, with the queue less what the
-/// engine's KV events show it has already computed of it
-/// ([`LoadEstimate::prefill_done_tokens`]) and less the share of the next chunk (at most
-/// `max_batched_tokens` of what is left) that the step running since the last such event has
-/// computed by now at the endpoint's step time. The routing cost counts that work whole (see
-/// the estimator's module docs, "Prefill in progress").
+/// engine's KV events show it has already computed of it ([`LoadEstimate::prefill_done_tokens`]).
+/// Where the estimate knows when the engine's current step began
+/// ([`LoadEstimate::step_started_at_us`]), that step is priced apart: it holds the next chunk of
+/// the queue (at most `max_batched_tokens`), and the request waits for what is left of it, then
+/// takes the rest of the queue and its own tokens in steps of their own, as an engine admits
+/// new work only when a step starts. The routing cost counts the queue whole (see the
+/// estimator's module docs, "Prefill in progress").
 #[inline]
 pub fn predicted_ttft_us(
     now_us: u64,
@@ -443,7 +445,7 @@ pub fn predicted_ttft_us(
     work: &RequestWork,
     cost: &CostBreakdown,
 ) -> f64 {
-    if est.prefill_done_tokens == 0 {
+    if est.prefill_done_tokens == 0 && est.step_started_at_us.is_none() {
         return cost.queue_wait_us + cost.prefill_us;
     }
     let mut queued = est
@@ -451,24 +453,23 @@ pub fn predicted_ttft_us(
         .saturating_sub(est.prefill_done_tokens) as f64;
     let mut pairs = (est.queued_prefill_pairs - est.prefill_done_pairs).max(0.0);
     let running = f64::from(est.running);
-    // The step under way since the last progress: its chunk is taken as computed in
-    // proportion to the time it has run, up to the whole chunk (a later chunk's start is not
-    // seen until its events arrive).
-    if let Some(at) = est.prefill_progress_at_us {
+    let mut step_left = 0.0;
+    if let Some(at) = est.step_started_at_us {
         let chunk = queued.min(f64::from(prior.max_batched_tokens.max(1)));
         if chunk > 0.0 {
-            let share = chunk / queued;
-            let step = prior.prefill_time_us(chunk, pairs * share, running) * speed;
-            let f = (now_us.saturating_sub(at) as f64 / step).min(1.0);
-            queued -= f * chunk;
-            pairs -= f * pairs * share;
+            let chunk_pairs = pairs * (chunk / queued);
+            let step = prior.prefill_time_us(chunk, chunk_pairs, running) * speed;
+            step_left = (step - now_us.saturating_sub(at) as f64).max(0.0);
+            queued -= chunk;
+            pairs -= chunk_pairs;
         }
     }
-    prior.prefill_time_us(
-        queued + work.uncached_tokens,
-        pairs + work.attention_pairs,
-        running,
-    ) * speed
+    step_left
+        + prior.prefill_time_us(
+            queued + work.uncached_tokens,
+            pairs + work.attention_pairs,
+            running,
+        ) * speed
 }
 
 #[cfg(test)]
@@ -503,10 +504,11 @@ mod tests {
         assert!((hit - cold - 1.03 * 128.0 * 2048.0).abs() < 1e-6);
     }
 
-    /// The queue of a prediction leaves out what KV events showed done and, from the last
-    /// progress on, the share of the running chunk its step has had time to compute.
+    /// The queue of a prediction leaves out what KV events showed done; with the start of the
+    /// engine's current step known, that step's chunk is waited for apart, for what is left of
+    /// it, and the rest of the queue and the request's own tokens take steps of their own.
     #[test]
-    fn the_prediction_leaves_out_prefill_done_and_the_running_chunk() {
+    fn the_prediction_prices_the_step_under_way_apart() {
         let p = HardwarePrior::H100_LLAMA31_8B;
         let work = work(100.0, 7);
         let mut est = LoadEstimate {
@@ -518,19 +520,24 @@ mod tests {
         let whole = predicted_ttft_us(0, &p, &est, 1.0, &work, &c);
         assert_eq!(whole, c.queue_wait_us + c.prefill_us);
         est.prefill_done_tokens = 8_192;
-        est.prefill_progress_at_us = Some(1_000);
-        let at = |now| predicted_ttft_us(now, &p, &est, 1.0, &work, &c);
+        let done = predicted_ttft_us(0, &p, &est, 1.0, &work, &c);
         let left = p.prefill_time_us(20_000.0 - 8_192.0 + 100.0, 0.0, 0.0);
-        assert!((at(1_000) - left).abs() < 1e-6, "{} vs {left}", at(1_000));
-        // Half a full chunk's step later, half of the next chunk (8,192 of the 11,808 left).
+        assert!((done - left).abs() < 1e-6, "{done} vs {left}");
+        est.step_started_at_us = Some(1_000);
+        let at = |est: &LoadEstimate, now| predicted_ttft_us(now, &p, est, 1.0, &work, &c);
         let step = p.prefill_time_us(8_192.0, 0.0, 0.0);
-        let half = at(1_000 + (step / 2.0) as u64);
-        let expect = p.prefill_time_us(20_000.0 - 8_192.0 - 4_096.0 + 100.0, 0.0, 0.0);
-        assert!((half - expect).abs() < 50.0, "{half} vs {expect}");
-        // Never more than that chunk, however late the next events are.
-        let full = p.prefill_time_us(20_000.0 - 2.0 * 8_192.0 + 100.0, 0.0, 0.0);
-        assert!((at(10_000_000) - full).abs() < 1e-6);
-        assert!(at(10_000_000) < half && half < at(1_000) && at(1_000) < whole);
+        let rest = p.prefill_time_us(20_000.0 - 2.0 * 8_192.0 + 100.0, 0.0, 0.0);
+        assert!((at(&est, 1_000) - (step + rest)).abs() < 1e-6);
+        let half = at(&est, 1_000 + (step / 2.0) as u64);
+        assert!((half - (step / 2.0 + rest)).abs() < 1.0);
+        // However late the next events are, never less than the rest.
+        assert!((at(&est, 10_000_000) - rest).abs() < 1e-6);
+        // A short queue: the request waits for its step, then takes its own.
+        est.queued_prefill_tokens = 300;
+        est.prefill_done_tokens = 0;
+        let own = p.prefill_time_us(100.0, 0.0, 0.0);
+        let short = p.prefill_time_us(300.0, 0.0, 0.0);
+        assert!((at(&est, 1_000) - (short + own)).abs() < 1e-6);
     }
 
     /// The features are the terms of the prefill time, the attention one at its reference

@@ -1332,7 +1332,9 @@ impl Router {
         let fallbacks = Self::fallbacks(|i| cands[i].id, &total, pick.index, t.max_fallbacks);
         let e = chosen.entry;
         let estimate = e.load.estimate(now_us, e.prior.kv_capacity_blocks);
-        let predicted_ttft_us = if estimate.prefill_done_tokens == 0 {
+        let predicted_ttft_us = if estimate.prefill_done_tokens == 0
+            && estimate.step_started_at_us.is_none()
+        {
             chosen.queue_wait_us + chosen.prefill_us
         } else {
             let work = cost::request_work(req, chosen.matched_blocks, chosen.matched_gpu_blocks, t);
