@@ -372,7 +372,8 @@ pub(crate) struct EndpointLoad {
     default_capacity_blocks: u64,
     /// Keys of pending bookings' uncached prompt blocks ([`Self::watch_prefill`]) → the
     /// booking (request id, booking order) and how many of its uncached tokens are computed
-    /// once the engine stores that block.
+    /// once the engine stores that block. At most [`PROGRESS_KEYS_PER_BOOKING`] per booking
+    /// without a first token; a booking's keys leave with its first token or its release.
     progress: HashMap<u64, (u64, u64, u32)>,
     /// Of `own_unstarted_tokens` (and pairs), what KV events show computed.
     own_done_tokens: u64,
@@ -960,7 +961,7 @@ mod tests {
         assert!((e.prefill_done_pairs - pairs).abs() < 1.0);
         // Stored again (a replay) or out of order: no step back.
         assert!(!l.blocks_stored(0, &keys[2..100]));
-        // The rest, past the last full block, is its tail and the other booking's.
+        // The rest of its blocks: all its uncached tokens.
         assert!(l.blocks_stored(0, &keys[258..]));
         assert_eq!(l.estimate(14, 1000).prefill_done_tokens, 8_000);
         // Its first token: nothing of it is queued or done any more, and no key is watched.
