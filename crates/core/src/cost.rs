@@ -445,13 +445,10 @@ pub fn predicted_ttft_us(
     work: &RequestWork,
     cost: &CostBreakdown,
 ) -> f64 {
-    if est.prefill_done_tokens == 0 && est.step_started_at_us.is_none() {
+    if !est.progress_seen() {
         return cost.queue_wait_us + cost.prefill_us;
     }
-    let mut queued = est
-        .queued_prefill_tokens
-        .saturating_sub(est.prefill_done_tokens) as f64;
-    let mut pairs = (est.queued_prefill_pairs - est.prefill_done_pairs).max(0.0);
+    let (mut queued, mut pairs) = est.queue_left();
     let running = f64::from(est.running);
     let mut step_left = 0.0;
     if let Some(at) = est.step_started_at_us {

@@ -332,6 +332,23 @@ pub struct LoadEstimate {
 }
 
 impl LoadEstimate {
+    /// The prefill queue the engine still has to compute, tokens and attention pairs: the
+    /// queue less what its KV events show done (see the module docs, "Prefill in progress").
+    pub fn queue_left(&self) -> (f64, f64) {
+        (
+            self.queued_prefill_tokens
+                .saturating_sub(self.prefill_done_tokens) as f64,
+            (self.queued_prefill_pairs - self.prefill_done_pairs).max(0.0),
+        )
+    }
+
+    /// Whether the router saw anything of the engine's progress through its queue (computed
+    /// prefill, or the start of the step under way): only then does the predicted TTFT differ
+    /// from the routing cost's ([`crate::cost::predicted_ttft_us`]).
+    pub fn progress_seen(&self) -> bool {
+        self.prefill_done_tokens > 0 || self.step_started_at_us.is_some()
+    }
+
     /// KV usage in `[0, ∞)` (can exceed 1 when bookings overshoot).
     pub fn kv_usage(&self) -> f64 {
         if self.kv_capacity_blocks == 0 {

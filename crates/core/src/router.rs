@@ -1332,9 +1332,7 @@ impl Router {
         let fallbacks = Self::fallbacks(|i| cands[i].id, &total, pick.index, t.max_fallbacks);
         let e = chosen.entry;
         let estimate = e.load.estimate(now_us, e.prior.kv_capacity_blocks);
-        let predicted_ttft_us = if estimate.prefill_done_tokens == 0
-            && estimate.step_started_at_us.is_none()
-        {
+        let predicted_ttft_us = if !estimate.progress_seen() {
             chosen.queue_wait_us + chosen.prefill_us
         } else {
             let work = cost::request_work(req, chosen.matched_blocks, chosen.matched_gpu_blocks, t);
@@ -1743,6 +1741,7 @@ impl Router {
             )
         });
         let work = cost::request_work(req, blocks, gpu_blocks, t);
+        let (queued, queued_pairs) = estimate.queue_left();
         BookingPlan {
             endpoint: id,
             uncached_tokens: work.uncached_tokens,
@@ -1750,12 +1749,8 @@ impl Router {
             new_kv_blocks: work.new_kv_blocks,
             // What the engine still has to compute ahead of it: the prediction's queue, and
             // what the first token's fit learns from.
-            queued_prefill_tokens: estimate
-                .queued_prefill_tokens
-                .saturating_sub(estimate.prefill_done_tokens)
-                as f64,
-            queued_prefill_pairs: (estimate.queued_prefill_pairs - estimate.prefill_done_pairs)
-                .max(0.0),
+            queued_prefill_tokens: queued,
+            queued_prefill_pairs: queued_pairs,
             running: f64::from(estimate.running),
         }
     }
