@@ -117,7 +117,7 @@
 //! * the step that ended began at the last step boundary the router saw (the same boundaries
 //!   as the step under way's); the work booked behind the request before then was waiting and
 //!   counts (as much as fits in the step, [`Booking::work_before_first_token`]);
-//! * first tokens less than half a step apart (half the endpoint's step base, at least 1 ms)
+//! * first tokens less than half a step apart (half the endpoint's step base, 1-20 ms)
 //!   ended the same step, so step-mates booked behind it count too, whichever of them reaches
 //!   the router first: that catches work an engine admitted before it started a step the
 //!   router took to start at booking (a decode step under way is not seen);
@@ -125,7 +125,8 @@
 //!
 //! A step's first tokens reach the router one by one, and each shows more of the work the step
 //! held, so the prefill speed factor is recomputed from its value before the step with each of
-//! them ([`EndpointLoad::calibrate_prefill`]): a stall still shows at the first one.
+//! them ([`EndpointLoad::calibrate_prefill`]): a stall still shows at the first one. (The
+//! first 32 of a step; in a wider step the rest calibrate as they come, which bounds the work.)
 //! Measured (TTFT MAPE, `kvgate bench --trace ../shared/traces/mooncake_conversation.jsonl
 //! --max-seconds 600 --engines 8 --policies kvgate`, one router), before → after: speed-up 8
 //! 17.4 → 16.9%, with `--spread-arrivals-ms 3000` 9.4 → 7.3%; speed-up 4 13.7 → 13.7%, spread
@@ -409,6 +410,11 @@ impl LoadEstimate {
     }
 }
 
+/// First tokens of one step whose prefill calibration is recomputed as step-mates come in
+/// ([`EndpointLoad::calibrate_prefill`]): the recomputation is quadratic in them, and a step
+/// wider than this has its later first tokens calibrated as they come.
+const STEP_CALIBRATION_FIRST_TOKENS: usize = 32;
+
 /// Per-endpoint estimator state.
 #[derive(Clone, Debug)]
 pub(crate) struct EndpointLoad {
@@ -456,8 +462,8 @@ pub(crate) struct EndpointLoad {
     /// The prefill factor as it was before the last step seen ended, and that step's first
     /// tokens so far: the factor is that base with them applied, and is recomputed so as each
     /// step-mate's first token shows more of the work the step held
-    /// ([`Self::calibrate_prefill`]). Cleared at each new step, so bounded by what one step
-    /// holds.
+    /// ([`Self::calibrate_prefill`]). Cleared at each new step; at most
+    /// [`STEP_CALIBRATION_FIRST_TOKENS`].
     step_calibration: (SpeedFactor, Vec<StepFirstToken>),
     /// [`EndpointLoad::estimate`] without its age (`sample_age_us: None`), recomputed by every
     /// method that changes what it is computed from. Nothing but the age depends on the time of
@@ -774,6 +780,24 @@ impl EndpointLoad {
         if new_step {
             *base = self.prefill_speed;
             firsts.clear();
+        }
+        if firsts.len() == STEP_CALIBRATION_FIRST_TOKENS {
+            // A step this wide: later first tokens calibrate as they come, without recomputing
+            // the step's (the work per pick stays bounded).
+            if learns
+                && let Some(b) = self.in_flight.get(&req_id)
+                && let Some(at_us) = b.first_token_at_us
+            {
+                let (tokens, pairs) = b.work_before_first_token(
+                    prior,
+                    f64::from(b.uncached_tokens),
+                    b.prefill_pairs as f64,
+                );
+                let predicted = coeffs.prefill_time_us(tokens, pairs, b.running);
+                let ttft = at_us.saturating_sub(b.booked_at_us) as f64;
+                self.prefill_speed.observe(at_us, ttft, predicted, p);
+            }
+            return;
         }
         if learns
             && let Some(b) = self.in_flight.get(&req_id)
@@ -1235,6 +1259,38 @@ mod tests {
         l.book(2, booking(20, 200, 5), 0.0);
         assert_eq!(l.first_token(1, 100, 5), Some(true));
         assert_eq!(behind(&l, 1), 200.0);
+    }
+
+    /// A step's first tokens are recomputed together up to a bound; past it, each calibrates
+    /// as it comes.
+    #[test]
+    fn a_wide_steps_first_tokens_calibrate_within_a_bound() {
+        let prior = crate::cost::HardwarePrior::H100_LLAMA31_8B;
+        let p = CalibrationParams {
+            alpha: 0.1,
+            min_factor: 0.2,
+            max_factor: 5.0,
+            hold_us: 1_000_000,
+            half_life_us: None,
+            refresh_after_silence: false,
+        };
+        let mut l = EndpointLoad::new(100.0, 1000);
+        let n = STEP_CALIBRATION_FIRST_TOKENS as u64 + 8;
+        for id in 0..n {
+            let mut b = booking(10, 100, 5);
+            b.queued_prefill_tokens = 100.0 * id as f64;
+            l.book(id, b, 0.0);
+        }
+        // Twice as slow as the prior, all in one step.
+        let step = 2.0 * prior.prefill_time_us(100.0 * n as f64, 0.0, 0.0);
+        for id in 0..n {
+            let new_step = l.first_token(id, 10 + step as u64, 5).unwrap();
+            assert_eq!(new_step, id == 0);
+            l.calibrate_prefill(id, new_step, true, &prior, &prior, p);
+        }
+        assert_eq!(l.step_calibration.1.len(), STEP_CALIBRATION_FIRST_TOKENS);
+        let factor = l.prefill_speed.at(10 + step as u64, p);
+        assert!(factor > 1.5 && factor < 2.1, "{factor}");
     }
 
     /// Booked twice, the same prompt's keys stay with the first booking; a reused request id

@@ -1948,8 +1948,9 @@ impl Router {
         let Some(e) = self.entry_priced(id) else {
             return;
         };
-        // First tokens less than half a step apart ended the same step.
-        let same_step_us = ((e.coeffs.step_base_us / 2.0) as u64).max(1_000);
+        // First tokens less than half a step apart ended the same step (1-20 ms: a learnt
+        // base can be far off while it converges).
+        let same_step_us = ((e.coeffs.step_base_us / 2.0) as u64).clamp(1_000, 20_000);
         if let Some(new_step) = e.load.first_token(req_id, now_us, same_step_us) {
             // Against the coefficients it is priced with (its own fit, or its class's while it
             // has served nothing): measured against its own untrained fit, a new pod in a
