@@ -131,8 +131,10 @@
 //! --max-seconds 600 --engines 8 --policies kvgate`, one router), before → after: speed-up 8
 //! 17.4 → 16.9%, with `--spread-arrivals-ms 3000` 9.4 → 7.3%; speed-up 4 13.7 → 13.7%, spread
 //! 3.8 → 4.1%; `--workload mix --engines 8 --seed 1` at 560 req/s 20.1 → 19.6%, at 200 req/s
-//! 16.0 → 15.8%. On the real engines (`scripts/real-vllm-ab.sh`, 4 seeds) the MAPE over the same
-//! 352 requests was 32.2% before and 32.8% after, within those engines' run-to-run spread.
+//! 16.0 → 15.8%. On the two real engines (`scripts/real-vllm-ab.sh -s "1 2 3 4 5 6" OLD NEW
+//! sglang`, 528 requests each after each run's first 40; `scripts/ttft-prediction-errors.py`):
+//! MAPE 40.3% → 30.8% (per run 26-65% → 26-38%), bias +12.0% → −1.8%; mean TTFT 527 → 531 ms
+//! (SGLang's gateway 533 ms), level.
 //! Routing reads the learnt coefficients and the factor, so capacity at the SLO moved too,
 //! within this trace's seed-to-seed noise (`kvgate bench --capacity`, req/s): one router,
 //! seeds 0-3, 26.4/26.7/26.4/25.3 → 26.1/26.4/26.4/26.1; four replicas on stale signals, seeds
