@@ -428,7 +428,8 @@ pub fn kvgate_cost(
 }
 
 /// The TTFT predicted at `now_us` for a request adding `work` to an endpoint whose
-/// [`kvgate_cost`] is `cost`: its queue wait and own prefill, with the queue less what the
+/// [`kvgate_cost`] puts its queue wait and own prefill at `cost_ttft_us`: those, with the
+/// queue less what the
 /// engine's KV events show it has already computed of it ([`LoadEstimate::prefill_done_tokens`]).
 /// Where the estimate knows when the engine's current step began
 /// ([`LoadEstimate::step_started_at_us`]), that step is priced apart: it holds the next chunk of
@@ -443,10 +444,10 @@ pub fn predicted_ttft_us(
     est: &LoadEstimate,
     speed: f64,
     work: &RequestWork,
-    cost: &CostBreakdown,
+    cost_ttft_us: f64,
 ) -> f64 {
     if !est.progress_seen() {
-        return cost.queue_wait_us + cost.prefill_us;
+        return cost_ttft_us;
     }
     let (mut queued, mut pairs) = est.queue_left();
     let running = f64::from(est.running);
@@ -514,14 +515,15 @@ mod tests {
             ..LoadEstimate::default()
         };
         let c = kvgate_cost(&p, &est, 1.0, &work, 0.0, &Tuning::default());
-        let whole = predicted_ttft_us(0, &p, &est, 1.0, &work, &c);
+        let whole_cost = c.queue_wait_us + c.prefill_us;
+        let whole = predicted_ttft_us(0, &p, &est, 1.0, &work, whole_cost);
         assert_eq!(whole, c.queue_wait_us + c.prefill_us);
         est.prefill_done_tokens = 8_192;
-        let done = predicted_ttft_us(0, &p, &est, 1.0, &work, &c);
+        let done = predicted_ttft_us(0, &p, &est, 1.0, &work, whole_cost);
         let left = p.prefill_time_us(20_000.0 - 8_192.0 + 100.0, 0.0, 0.0);
         assert!((done - left).abs() < 1e-6, "{done} vs {left}");
         est.step_started_at_us = Some(1_000);
-        let at = |est: &LoadEstimate, now| predicted_ttft_us(now, &p, est, 1.0, &work, &c);
+        let at = |est: &LoadEstimate, now| predicted_ttft_us(now, &p, est, 1.0, &work, whole_cost);
         let step = p.prefill_time_us(8_192.0, 0.0, 0.0);
         let rest = p.prefill_time_us(20_000.0 - 2.0 * 8_192.0 + 100.0, 0.0, 0.0);
         assert!((at(&est, 1_000) - (step + rest)).abs() < 1e-6);

@@ -1147,7 +1147,7 @@ impl Router {
                     &chosen.estimate,
                     chosen.prefill_speed,
                     &work,
-                    &c,
+                    c.queue_wait_us + c.prefill_us,
                 ) as u64)
             }
             (None, Some(o)) => Some(plugins::oracle_prediction_us(&ctx, chosen, &o) as u64),
@@ -1332,24 +1332,14 @@ impl Router {
         let fallbacks = Self::fallbacks(|i| cands[i].id, &total, pick.index, t.max_fallbacks);
         let e = chosen.entry;
         let estimate = e.load.estimate(now_us, e.prior.kv_capacity_blocks);
-        let predicted_ttft_us = if !estimate.progress_seen() {
-            chosen.queue_wait_us + chosen.prefill_us
-        } else {
-            let work = cost::request_work(req, chosen.matched_blocks, chosen.matched_gpu_blocks, t);
-            let c = CostBreakdown {
-                queue_wait_us: chosen.queue_wait_us,
-                prefill_us: chosen.prefill_us,
-                ..CostBreakdown::default()
-            };
-            cost::predicted_ttft_us(
-                now_us,
-                &e.coeffs,
-                &estimate,
-                chosen.prefill_speed,
-                &work,
-                &c,
-            )
-        };
+        let predicted_ttft_us = cost::predicted_ttft_us(
+            now_us,
+            &e.coeffs,
+            &estimate,
+            chosen.prefill_speed,
+            &cost::request_work(req, chosen.matched_blocks, chosen.matched_gpu_blocks, t),
+            chosen.queue_wait_us + chosen.prefill_us,
+        );
         let booking = self.booking_plan(
             now_us,
             req,
@@ -1408,7 +1398,7 @@ impl Router {
                     &c.estimate,
                     c.prefill_speed,
                     &work,
-                    &cost,
+                    cost.queue_wait_us + cost.prefill_us,
                 );
                 CandidateReport {
                     endpoint: c.id,
