@@ -698,14 +698,20 @@ impl EndpointLoad {
         if b.first_token_at_us.is_some() {
             self.own_started = self.own_started.saturating_sub(1);
         } else {
-            self.own_unstarted = self.own_unstarted.saturating_sub(1);
-            self.own_unstarted_tokens = self
-                .own_unstarted_tokens
-                .saturating_sub(u64::from(b.uncached_tokens));
-            self.own_unstarted_pairs = self.own_unstarted_pairs.saturating_sub(b.prefill_pairs);
-            self.unwatch(b.order, &b.progress_keys, b.done_tokens, b.done_pairs);
+            self.leave_unstarted(b);
         }
         self.own_blocks = self.own_blocks.saturating_sub(b.kv_blocks);
+    }
+
+    /// `b` (its progress keys as booked) no longer waits for its first token: its prefill and
+    /// progress leave the queue.
+    fn leave_unstarted(&mut self, b: &Booking) {
+        self.own_unstarted = self.own_unstarted.saturating_sub(1);
+        self.own_unstarted_tokens = self
+            .own_unstarted_tokens
+            .saturating_sub(u64::from(b.uncached_tokens));
+        self.own_unstarted_pairs = self.own_unstarted_pairs.saturating_sub(b.prefill_pairs);
+        self.unwatch(b.order, &b.progress_keys, b.done_tokens, b.done_pairs);
     }
 
     /// Marks the first token of `req_id`, booked here: a step of the engine ended. First tokens
@@ -763,16 +769,11 @@ impl EndpointLoad {
         b.behind_pairs = behind_pairs;
         b.step_start_us = step_start;
         let keys = std::mem::take(&mut b.progress_keys);
-        let (tokens, prefill_pairs, done_tokens, done_pairs) = (
-            b.uncached_tokens,
-            b.prefill_pairs,
-            b.done_tokens,
-            b.done_pairs,
-        );
-        self.own_unstarted = self.own_unstarted.saturating_sub(1);
-        self.own_unstarted_tokens = self.own_unstarted_tokens.saturating_sub(u64::from(tokens));
-        self.own_unstarted_pairs = self.own_unstarted_pairs.saturating_sub(prefill_pairs);
-        self.unwatch(order, &keys, done_tokens, done_pairs);
+        let left = Booking {
+            progress_keys: keys,
+            ..b.clone()
+        };
+        self.leave_unstarted(&left);
         self.own_started += 1;
         // A step just ended; the engine's next one, with what still waits, started when that
         // step's first first token came.
@@ -798,36 +799,35 @@ impl EndpointLoad {
         coeffs: &crate::cost::HardwarePrior,
         p: CalibrationParams,
     ) {
+        let first = self
+            .in_flight
+            .get(&req_id)
+            .filter(|_| learns)
+            .and_then(|b| {
+                let at_us = b.first_token_at_us?;
+                Some(StepFirstToken {
+                    req_id,
+                    at_us,
+                    ttft_us: at_us.saturating_sub(b.booked_at_us) as f64,
+                    predicted_us: b.speed_one_ttft_us(prior, coeffs),
+                })
+            });
         let (base, firsts) = &mut self.step_calibration;
         if new_step {
             *base = self.prefill_speed;
             firsts.clear();
         }
-        if firsts.len() == STEP_CALIBRATION_FIRST_TOKENS {
+        match first {
             // A step this wide: later first tokens calibrate as they come, without recomputing
             // the step's (the work per pick stays bounded).
-            if learns
-                && let Some(b) = self.in_flight.get(&req_id)
-                && let Some(at_us) = b.first_token_at_us
-            {
-                let ttft = at_us.saturating_sub(b.booked_at_us) as f64;
-                let predicted = b.speed_one_ttft_us(prior, coeffs);
-                self.prefill_speed.observe(at_us, ttft, predicted, p);
+            Some(f) if firsts.len() == STEP_CALIBRATION_FIRST_TOKENS => {
+                self.prefill_speed
+                    .observe(f.at_us, f.ttft_us, f.predicted_us, p);
+                return;
             }
-            return;
-        }
-        if learns
-            && let Some(b) = self.in_flight.get(&req_id)
-            && let Some(at_us) = b.first_token_at_us
-        {
-            firsts.push(StepFirstToken {
-                req_id,
-                at_us,
-                ttft_us: at_us.saturating_sub(b.booked_at_us) as f64,
-                predicted_us: 0.0,
-            });
-        } else if !new_step {
-            return;
+            Some(f) => firsts.push(f),
+            // Nothing to learn (a new step leaves the factor as it was).
+            None => return,
         }
         let mut factor = *base;
         for f in firsts.iter_mut() {
