@@ -410,6 +410,17 @@ fn slo(f: &FleetArgs) -> Slo {
     }
 }
 
+/// How `args` replays a trace (at `--speedup`).
+fn replay_options(args: &BenchArgs) -> ReplayOptions {
+    ReplayOptions {
+        speedup: args.speedup,
+        limit: args.limit,
+        max_seconds: args.max_seconds,
+        spread_ms: args.spread_arrivals_ms,
+        spread_seed: args.fleet.seed,
+    }
+}
+
 /// `kvgate bench`.
 pub fn bench(args: &BenchArgs) -> Result<Report, BenchError> {
     if !(args.speedup.is_finite() && args.speedup > 0.0) {
@@ -430,13 +441,7 @@ pub fn bench(args: &BenchArgs) -> Result<Report, BenchError> {
     for path in [&args.json, &args.requests_out].into_iter().flatten() {
         check_writable(path)?;
     }
-    let opts = ReplayOptions {
-        speedup: args.speedup,
-        limit: args.limit,
-        max_seconds: args.max_seconds,
-        spread_ms: args.spread_arrivals_ms,
-        spread_seed: args.fleet.seed,
-    };
+    let opts = replay_options(args);
     if !args.rates.is_empty() {
         return sweep(args);
     }
@@ -546,6 +551,8 @@ fn write_requests(path: &std::path::Path, runs: &[PolicyRun]) -> Result<(), Benc
         let mut requests: Vec<_> = run.requests.iter().collect();
         requests.sort_by_key(|r| r.arrival_us);
         for r in requests {
+            // Finished with more than one token: a TPOT and gaps between tokens exist.
+            let decoded = r.finish_us > 0 && r.output_tokens > 1;
             let line = RequestLine {
                 policy: &run.policy,
                 arrival_ms: r.arrival_us as f64 / 1e3,
@@ -557,13 +564,12 @@ fn write_requests(path: &std::path::Path, runs: &[PolicyRun]) -> Result<(), Benc
                 matched_tokens: r.matched_tokens,
                 cached_tokens: r.cached_tokens,
                 output_tokens: r.output_tokens,
-                tpot_ms: (r.finish_us > 0 && r.output_tokens > 1).then(|| {
+                tpot_ms: decoded.then(|| {
                     r.finish_us.saturating_sub(r.first_token_us) as f64
                         / 1e3
                         / f64::from(r.output_tokens - 1)
                 }),
-                max_itl_ms: (r.finish_us > 0 && r.output_tokens > 1)
-                    .then(|| r.max_itl_us as f64 / 1e3),
+                max_itl_ms: decoded.then(|| r.max_itl_us as f64 / 1e3),
                 engine: (r.engine != u32::MAX).then_some(r.engine),
                 replica: r.replica,
                 rejected: r.rejected,
@@ -783,13 +789,7 @@ fn capacity(args: &BenchArgs, arms: &[Arm]) -> Result<(), BenchError> {
         .as_ref()
         .map(|p| p.display().to_string())
         .unwrap_or_default();
-    let (limit, max_seconds, kind, seed, spread_ms) = (
-        args.limit,
-        args.max_seconds,
-        args.workload,
-        args.fleet.seed,
-        args.spread_arrivals_ms,
-    );
+    let (kind, seed, replay) = (args.workload, args.fleet.seed, replay_options(args));
     let make = |rate: f64| -> Workload {
         match &records {
             Some(recs) => from_trace(
@@ -797,15 +797,12 @@ fn capacity(args: &BenchArgs, arms: &[Arm]) -> Result<(), BenchError> {
                 recs,
                 ReplayOptions {
                     speedup: rate,
-                    limit,
-                    max_seconds,
-                    spread_ms,
-                    spread_seed: seed,
+                    ..replay
                 },
             ),
             None => {
                 let mut w = synthetic(kind, rate, seed);
-                if let Some(n) = limit {
+                if let Some(n) = replay.limit {
                     w.requests.truncate(n);
                 }
                 w
