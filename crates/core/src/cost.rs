@@ -232,7 +232,13 @@ impl CostBreakdown {
     /// of the own prefill, added to the routing cost (see the module docs, "Duplicates").
     #[inline]
     pub fn charge_duplicate(&mut self, uncached: f64, duplicate_tokens: f64, tuning: &Tuning) {
-        let share = duplicate_share(duplicate_tokens, uncached, tuning);
+        self.charge_duplicate_share(duplicate_share(duplicate_tokens, uncached, tuning), tuning);
+    }
+
+    /// [`Self::charge_duplicate`] with the [`duplicate_share`] computed (a pure function of
+    /// the request's match, so a pick computes it once per distinct match).
+    #[inline]
+    pub fn charge_duplicate_share(&mut self, share: f64, tuning: &Tuning) {
         if share > 0.0 {
             self.duplicate_us = tuning.duplicate_prefix_weight * self.prefill_us * share;
             self.routing_cost_us += self.duplicate_us;
@@ -270,18 +276,22 @@ pub fn duplicate_tokens(req: &crate::RoutingRequest, blocks: u32, best_blocks: u
 
 /// `x.ceil()`, bit for bit, without the library call: the default x86-64 target has no
 /// rounding instruction, so `f64::ceil` is a ~40-instruction software routine, and the cost
-/// model rounds up three times per candidate (a third of a thousand-endpoint pick's scoring).
-/// For `0 < x < 2⁵²` truncation through `i64` (two instructions; `u64` is emulated) is exact and `t + 1` is representable; every
-/// other value (zero and its sign, negatives, huge, NaN, ∞) takes `f64::ceil`.
+/// model rounds up once per candidate. For `0 < x < 2⁵²`, `(x + 2⁵²) − 2⁵²` is `x` rounded to
+/// the nearest integer (the sum lies where the spacing of doubles is 1, so it is rounded there
+/// once, and the difference is exact), and the ceiling is that integer, or the next when it is
+/// below `x`. Four instructions; a conversion through `i64` needs Rust's saturating cast around
+/// it (twice as many). Every other value (zero and its sign, negatives, huge, NaN, ∞) takes
+/// `f64::ceil`.
 #[inline]
 pub(crate) fn ceil(x: f64) -> f64 {
     #[cfg(test)]
     if crate::router::reference() {
         return x.ceil();
     }
-    if x > 0.0 && x < 4_503_599_627_370_496.0 {
-        let t = x as i64 as f64;
-        if t < x { t + 1.0 } else { t }
+    const TWO_52: f64 = 4_503_599_627_370_496.0;
+    if x > 0.0 && x < TWO_52 {
+        let r = (x + TWO_52) - TWO_52;
+        if r < x { r + 1.0 } else { r }
     } else {
         x.ceil()
     }
@@ -292,9 +302,7 @@ pub(crate) fn ceil(x: f64) -> f64 {
 /// (see the module docs).
 #[inline]
 pub fn cliff_overshoot(before: f64, after: f64, tuning: &Tuning) -> f64 {
-    let cliff = tuning.kv_cliff_fraction;
-    let past = |u: f64| ((u - cliff) / (1.0 - cliff)).max(0.0);
-    past(after) - past(before)
+    past_cliff(after, tuning.kv_cliff_fraction) - past_cliff(before, tuning.kv_cliff_fraction)
 }
 
 /// Uncached prompt tokens given a match (`blocks` any tier, `gpu_blocks` on GPU).
@@ -374,21 +382,28 @@ pub fn externality_weight(est: &LoadEstimate, tuning: &Tuning) -> f64 {
 
 /// [`externality_weight`] for a given waiting-queue length.
 pub fn externality_weight_for_queue(waiting: u32, tuning: &Tuning) -> f64 {
-    let busy = if tuning.prefill_work_full_queue == 0 {
+    externality(
+        waiting,
+        tuning.prefill_work_weight,
+        tuning.prefill_work_full_queue,
+    )
+}
+
+/// [`externality_weight_for_queue`] from the two tuning fields it reads.
+#[inline]
+fn externality(waiting: u32, prefill_work_weight: f64, full_queue: u32) -> f64 {
+    let busy = if full_queue == 0 {
         1.0
     } else {
-        (f64::from(waiting) / f64::from(tuning.prefill_work_full_queue)).min(1.0)
+        (f64::from(waiting) / f64::from(full_queue)).min(1.0)
     };
-    (tuning.prefill_work_weight - 1.0).max(0.0) * busy
+    (prefill_work_weight - 1.0).max(0.0) * busy
 }
 
 /// The kvgate cost of sending a request that adds `work` to an endpoint with estimate `est`,
-/// hardware `prior` and calibrated `speed`.
-///
-/// Always inlined: it is most of a pick's per-candidate work, and out of line (as the compiler
-/// chose once the attention term made it longer) a thousand-endpoint pick took 16% more
-/// instructions (callgrind, `examples/pick_profile.rs`).
-#[inline(always)]
+/// hardware `prior` and calibrated `speed`: [`KeptCost::cost`] of the endpoint's
+/// [`KeptCost`], computed here from scratch.
+#[inline]
 pub fn kvgate_cost(
     prior: &HardwarePrior,
     est: &LoadEstimate,
@@ -397,34 +412,148 @@ pub fn kvgate_cost(
     relative_cost: f64,
     tuning: &Tuning,
 ) -> CostBreakdown {
-    let running = f64::from(est.running);
-    let queued = est.queued_prefill_tokens as f64;
-    let queued_pairs = est.queued_prefill_pairs;
-    let total_raw = prior.prefill_time_us(
-        queued + work.uncached_tokens,
-        queued_pairs + work.attention_pairs,
-        running,
-    );
-    let queue_raw = prior.prefill_time_us(queued, queued_pairs, running);
-    let cap = est.kv_capacity_blocks.max(1) as f64;
-    let kv_after = (est.kv_blocks + work.new_kv_blocks) as f64 / cap;
-    let over = cliff_overshoot(est.kv_blocks as f64 / cap, kv_after, tuning);
-    let base = total_raw * speed;
-    let cliff_penalty_us =
-        base * tuning.kv_cliff_steepness * over + tuning.kv_cliff_preemption_cost_us as f64 * over;
-    let tiebreak = relative_cost.max(0.0) * tuning.relative_cost_tiebreak_us as f64;
-    CostBreakdown {
-        queue_wait_us: queue_raw * speed,
-        prefill_us: (total_raw - queue_raw) * speed,
-        kv_after,
-        cliff_penalty_us,
-        ttft_us: base + cliff_penalty_us + tiebreak,
-        routing_cost_us: base
-            + cliff_penalty_us
-            + tiebreak
-            + externality_weight(est, tuning) * (total_raw - queue_raw) * speed,
-        duplicate_us: 0.0,
+    KeptCost::new(&Pricing::new(*prior, relative_cost, tuning), est).cost(speed, work, tuning)
+}
+
+/// What [`KeptCost`] reads besides the load estimate: the endpoint's step-time coefficients and
+/// relative cost, and the tuning that prices its load.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Pricing {
+    /// The coefficients the cost model prices with (learnt, or the prior).
+    pub coeffs: HardwarePrior,
+    /// [`crate::EndpointSpec::relative_cost`].
+    pub relative_cost: f64,
+    /// [`Tuning::kv_cliff_fraction`].
+    pub kv_cliff_fraction: f64,
+    /// [`Tuning::prefill_work_weight`].
+    pub prefill_work_weight: f64,
+    /// [`Tuning::prefill_work_full_queue`].
+    pub prefill_work_full_queue: u32,
+    /// [`Tuning::relative_cost_tiebreak_us`].
+    pub relative_cost_tiebreak_us: u64,
+}
+
+impl Pricing {
+    /// An endpoint's pricing under `tuning`.
+    pub fn new(coeffs: HardwarePrior, relative_cost: f64, tuning: &Tuning) -> Self {
+        Self {
+            coeffs,
+            relative_cost,
+            kv_cliff_fraction: tuning.kv_cliff_fraction,
+            prefill_work_weight: tuning.prefill_work_weight,
+            prefill_work_full_queue: tuning.prefill_work_full_queue,
+            relative_cost_tiebreak_us: tuning.relative_cost_tiebreak_us,
+        }
     }
+}
+
+/// The part of an endpoint's [`kvgate_cost`] that does not depend on the request: its queue's
+/// prefill time, each step's fixed cost with its decodes riding along, its KV use before the
+/// request and how far past the cliff that is, its externality weight and tie-break. They
+/// change only when the endpoint's load estimate or pricing does, so the estimator keeps them
+/// with the estimate ([`crate::estimate::EndpointLoad::kept_cost`]) and a pick computes only
+/// the request's part ([`Self::cost`]). Every quantity is the same arithmetic in the same order
+/// as computing the cost whole, so the result is the same to the bit.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct KeptCost {
+    coeffs: HardwarePrior,
+    queued: f64,
+    queued_pairs: f64,
+    /// `β0 + β2 · running`: one step's fixed cost with the running decodes.
+    step_fixed_us: f64,
+    /// The queue's prefill time at speed 1.
+    queue_raw_us: f64,
+    kv_blocks: u64,
+    kv_capacity: f64,
+    past_cliff_before: f64,
+    kv_cliff_fraction: f64,
+    tiebreak_us: f64,
+    externality: f64,
+}
+
+impl KeptCost {
+    /// The request-independent part of the cost of an endpoint with estimate `est`.
+    pub fn new(p: &Pricing, est: &LoadEstimate) -> Self {
+        let prior = &p.coeffs;
+        let running = f64::from(est.running);
+        let queued = est.queued_prefill_tokens as f64;
+        let queued_pairs = est.queued_prefill_pairs;
+        let kv_capacity = est.kv_capacity_blocks.max(1) as f64;
+        Self {
+            coeffs: *prior,
+            queued,
+            queued_pairs,
+            step_fixed_us: prior.step_base_us + prior.decode_us_per_token * running,
+            queue_raw_us: prior.prefill_time_us(queued, queued_pairs, running),
+            kv_blocks: est.kv_blocks,
+            kv_capacity,
+            past_cliff_before: past_cliff(est.kv_blocks as f64 / kv_capacity, p.kv_cliff_fraction),
+            kv_cliff_fraction: p.kv_cliff_fraction,
+            tiebreak_us: p.relative_cost.max(0.0) * p.relative_cost_tiebreak_us as f64,
+            externality: externality(
+                est.waiting,
+                p.prefill_work_weight,
+                p.prefill_work_full_queue,
+            ),
+        }
+    }
+
+    /// The cost of sending a request that adds `work` at calibrated `speed`.
+    ///
+    /// Always inlined: it is most of a pick's per-candidate work, and out of line (as the
+    /// compiler chose once the attention term made it longer) a thousand-endpoint pick took
+    /// 16% more instructions (callgrind, `examples/pick_profile.rs`).
+    #[inline(always)]
+    pub fn cost(&self, speed: f64, work: &RequestWork, tuning: &Tuning) -> CostBreakdown {
+        let prior = &self.coeffs;
+        // `prior.prefill_time_us(queued + uncached, …)` with the step's fixed cost kept.
+        let tokens = self.queued + work.uncached_tokens;
+        let total_raw = if tokens <= 0.0 {
+            0.0
+        } else {
+            let steps = ceil(tokens / f64::from(prior.max_batched_tokens.max(1))).max(1.0);
+            steps * self.step_fixed_us
+                + prior.prefill_us_per_token * tokens
+                + prior.attention_us_per_pair * (self.queued_pairs + work.attention_pairs)
+        };
+        let queue_raw = self.queue_raw_us;
+        let kv_after = u64_to_f64(self.kv_blocks + work.new_kv_blocks) / self.kv_capacity;
+        let over = past_cliff(kv_after, self.kv_cliff_fraction) - self.past_cliff_before;
+        let base = total_raw * speed;
+        let cliff_penalty_us = base * tuning.kv_cliff_steepness * over
+            + tuning.kv_cliff_preemption_cost_us as f64 * over;
+        let tiebreak = self.tiebreak_us;
+        CostBreakdown {
+            queue_wait_us: queue_raw * speed,
+            prefill_us: (total_raw - queue_raw) * speed,
+            kv_after,
+            cliff_penalty_us,
+            ttft_us: base + cliff_penalty_us + tiebreak,
+            routing_cost_us: base
+                + cliff_penalty_us
+                + tiebreak
+                + self.externality * (total_raw - queue_raw) * speed,
+            duplicate_us: 0.0,
+        }
+    }
+}
+
+/// `x as f64`, bit for bit, through the signed conversion where it is exact (every `x` below
+/// 2⁶³: both round the same integer to nearest): the default x86-64 target has no unsigned
+/// conversion instruction, and the emulated one is most of a ten-instruction sequence per
+/// candidate.
+#[inline]
+fn u64_to_f64(x: u64) -> f64 {
+    match i64::try_from(x) {
+        Ok(i) => i as f64,
+        Err(_) => x as f64,
+    }
+}
+
+/// How far KV use `u` is past the cliff, in units of the room between the cliff and full.
+#[inline]
+fn past_cliff(u: f64, cliff: f64) -> f64 {
+    ((u - cliff) / (1.0 - cliff)).max(0.0)
 }
 
 /// The TTFT predicted at `now_us` for a request adding `work` to an endpoint whose
@@ -580,7 +709,10 @@ mod tests {
             1.0,
             1.0 + f64::EPSILON,
             f64::MIN_POSITIVE,
+            2.5,
+            3.5,
             4_503_599_627_370_495.5,
+            4_503_599_627_370_494.5,
             4_503_599_627_370_496.0,
             9_007_199_254_740_993.0,
             f64::MAX,
@@ -592,7 +724,17 @@ mod tests {
         let mut x = 1e-9_f64;
         let mut cases = edges.to_vec();
         while x < 1e18 {
-            cases.extend([x, x.next_up(), x.next_down(), x.floor(), -x]);
+            // Halves too: where rounding to nearest (ties to even) meets the ceiling.
+            cases.extend([
+                x,
+                x.next_up(),
+                x.next_down(),
+                x.floor(),
+                x.floor() + 0.5,
+                (x.floor() + 0.5).next_up(),
+                (x.floor() + 0.5).next_down(),
+                -x,
+            ]);
             x *= 1.37;
         }
         for x in cases {

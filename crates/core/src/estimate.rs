@@ -171,6 +171,7 @@
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 
+use crate::cost::{KeptCost, Pricing};
 use crate::endpoint::EndpointId;
 use crate::observe::MetricsSample;
 
@@ -492,6 +493,11 @@ pub(crate) struct EndpointLoad {
     /// the question, so a pick reads each endpoint's estimate instead of recomputing it (see
     /// the router's module docs).
     current: LoadEstimate,
+    /// What prices this endpoint's load ([`Self::set_pricing`]), and the request-independent
+    /// part of its kvgate cost computed from it and [`Self::current`], kept with it (see the
+    /// router's module docs and [`KeptCost`]).
+    pricing: Option<Pricing>,
+    kept_cost: Option<KeptCost>,
 }
 
 /// EWMA, clamp and ageing settings of calibration.
@@ -601,6 +607,8 @@ impl EndpointLoad {
             decode_speed: SpeedFactor::PRIOR,
             default_capacity_blocks,
             current: LoadEstimate::default(),
+            pricing: None,
+            kept_cost: None,
         };
         l.refresh();
         l
@@ -620,6 +628,73 @@ impl EndpointLoad {
     /// Recomputes [`Self::current`] after a change.
     fn refresh(&mut self) {
         self.current = self.compute(None, self.default_capacity_blocks);
+        self.kept_cost = self.pricing.map(|p| KeptCost::new(&p, &self.current));
+    }
+
+    /// What prices this endpoint's load from now on: the router sets it whenever the
+    /// endpoint's coefficients or relative cost change, so [`Self::kept_cost`] is kept with
+    /// the estimate.
+    pub fn set_pricing(&mut self, pricing: Pricing) {
+        if self.pricing != Some(pricing) {
+            self.pricing = Some(pricing);
+            self.refresh();
+        }
+    }
+
+    /// What a pick reads of the estimate at `now_us` besides [`Self::kept_cost`], without
+    /// copying it: its sample's age and its foreign requests (the signal's staleness).
+    #[inline]
+    pub fn signal_age(&self, now_us: u64, default_capacity_blocks: u64) -> (Option<u64>, u32) {
+        #[cfg(test)]
+        if crate::router::reference() {
+            let e = self.compute(Some(now_us), default_capacity_blocks);
+            return (e.sample_age_us, e.foreign_requests);
+        }
+        if default_capacity_blocks != self.default_capacity_blocks {
+            let e = self.compute(Some(now_us), default_capacity_blocks);
+            return (e.sample_age_us, e.foreign_requests);
+        }
+        (
+            self.sample.as_ref().map(|(_, t)| now_us.saturating_sub(*t)),
+            self.current.foreign_requests,
+        )
+    }
+
+    /// The request-independent part of the endpoint's kvgate cost under `pricing` (its
+    /// current coefficients and relative cost, which the router keeps here with
+    /// [`Self::set_pricing`]) with `default_capacity_blocks` assumed: the kept one, or computed
+    /// afresh when it was kept under other assumptions. Debug builds recompute it on every read
+    /// and assert equality.
+    #[inline]
+    pub fn kept_cost(
+        &self,
+        pricing: impl FnOnce() -> Pricing,
+        default_capacity_blocks: u64,
+    ) -> KeptCost {
+        match self.kept_cost_ref(default_capacity_blocks) {
+            Some(k) => {
+                debug_assert_eq!(
+                    *k,
+                    KeptCost::new(&pricing(), &self.compute(None, default_capacity_blocks)),
+                    "the kept cost is stale"
+                );
+                *k
+            }
+            None => KeptCost::new(&pricing(), &self.compute(None, default_capacity_blocks)),
+        }
+    }
+
+    /// The kept [`Self::kept_cost`] when it was kept under `default_capacity_blocks` (and,
+    /// in tests, not on the reference path), for a caller that computes it otherwise itself.
+    #[inline]
+    pub fn kept_cost_ref(&self, default_capacity_blocks: u64) -> Option<&KeptCost> {
+        #[cfg(test)]
+        if crate::router::reference() {
+            return None;
+        }
+        self.kept_cost
+            .as_ref()
+            .filter(|_| default_capacity_blocks == self.default_capacity_blocks)
     }
 
     /// The price of a foreign waiting request from now on (see [`Self::price`]); the router

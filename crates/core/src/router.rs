@@ -51,13 +51,22 @@
 //!   booking, a first token, a release) or its hardware prior changes. The estimator
 //!   ([`crate::estimate`]) recomputes it, with the same function, at each of those and a pick
 //!   adds the age. Debug builds recompute it on every read and assert equality.
+//! * **Kept costs.** The part of kvgate's cost that does not depend on the request (the queue's
+//!   prefill time, a step's fixed cost with its decodes, KV use before the request and how far
+//!   past the cliff that is, the externality weight, the tie-break: [`cost::KeptCost`]) is kept
+//!   with the estimate and recomputed at the same changes, and at changes of the endpoint's
+//!   learnt coefficients or relative cost ([`EndpointLoad::set_pricing`], called wherever either
+//!   changes; debug builds assert it is never stale). The pick computes only the request's
+//!   part, with the same operations in the same order.
 //! * **kvgate's pipeline without [`Candidate`]s** (`Router::pick_kvgate`): a profile that is
 //!   exactly the adapter filter, kvgate's cost scorer and the softmax picker (known from the
 //!   config's kinds; custom plugins never qualify), for a request without an adapter and not
 //!   explained, is scored on small per-pick records holding only what the scorer, the picker
 //!   (`policies::kvgate::softmax_pick`, the one implementation both paths call),
-//!   shedding and booking read. Uncached tokens and new KV blocks, a pure function of the
-//!   match, are computed once per distinct match.
+//!   shedding and booking read. Uncached tokens, new KV blocks and the duplicate share, pure
+//!   functions of the match, are computed once per distinct match; what only the chosen
+//!   endpoint's prediction needs (its own prefill, running requests, prefill speed) is computed
+//!   again for it alone.
 //! * **One index walk.** The chosen endpoint's precise prefix (for the cache contract) is
 //!   read from the pick's own walk for trusted endpoints
 //!   ([`PrefixIndex::longest_prefixes_with_precise`]) instead of a second walk of the chain.
@@ -95,7 +104,7 @@ use rand::RngCore;
 
 use crate::config::{FilterKind, PickerKind, RouterConfig, ScorerKind, Tuning};
 use crate::contract::{CacheContract, ContractChange, cacheable_tokens};
-use crate::cost::{self, CostBreakdown, HardwarePrior};
+use crate::cost::{self, CostBreakdown, HardwarePrior, KeptCost, Pricing};
 use crate::endpoint::{EndpointId, EndpointSpec, EndpointState, Role};
 use crate::engine_keys::EngineKeys;
 use crate::error::{CoreError, RouteError};
@@ -310,6 +319,22 @@ struct Entry {
 }
 
 impl Entry {
+    /// Keeps its load's pricing up to date with its coefficients and relative cost
+    /// ([`EndpointLoad::set_pricing`]): called wherever either changes.
+    fn reprice(&mut self, tuning: &Tuning) {
+        self.load
+            .set_pricing(Pricing::new(self.coeffs, self.spec.relative_cost, tuning));
+    }
+
+    /// The request-independent part of its kvgate cost ([`EndpointLoad::kept_cost`]).
+    #[inline]
+    fn kept_cost(&self, tuning: &Tuning) -> KeptCost {
+        self.load.kept_cost(
+            || Pricing::new(self.coeffs, self.spec.relative_cost, tuning),
+            self.prior.kv_capacity_blocks,
+        )
+    }
+
     /// Brings its load's price of a foreign waiting request up to its pool's
     /// ([`EndpointLoad::set_price`]).
     fn take_pool_price(&mut self, prices: &[TrafficPrice]) {
@@ -384,8 +409,19 @@ type Eligible<'a> = (Vec<(EndpointId, &'a Entry)>, bool);
 /// workload sent directly to them from 248-261 ms to 270-337 ms.
 #[inline]
 fn staleness_us(estimate: &LoadEstimate, now_us: u64, added_at_us: u64) -> u64 {
-    match estimate.sample_age_us {
-        Some(_) if estimate.foreign_requests == 0 => 0,
+    staleness_of(
+        estimate.sample_age_us,
+        estimate.foreign_requests,
+        now_us,
+        added_at_us,
+    )
+}
+
+/// [`staleness_us`] from the two fields of the estimate it reads.
+#[inline]
+fn staleness_of(sample_age_us: Option<u64>, foreign: u32, now_us: u64, added_at_us: u64) -> u64 {
+    match sample_age_us {
+        Some(_) if foreign == 0 => 0,
         Some(age) => age,
         None => now_us.saturating_sub(added_at_us),
     }
@@ -660,7 +696,9 @@ impl Router {
                 e.pool = pool;
                 e.take_pool_price(&self.pool_prices);
                 e.state = EndpointState::Ready;
-                if e.set_prior(&class, prior, fit) {
+                let changed = e.set_prior(&class, prior, fit);
+                e.reprice(&self.tuning);
+                if changed {
                     note_unserved(&mut self.unserved, class, id);
                 }
             }
@@ -697,6 +735,9 @@ impl Router {
             model: StepModel::default(),
             class: class.clone(),
         }));
+        if let Some(e) = self.slots.last_mut().and_then(Option::as_mut) {
+            e.reprice(&self.tuning);
+        }
         self.unserved.entry(class).or_default().push(id);
         self.index.set_trusted(id, false);
         id
@@ -1200,15 +1241,15 @@ impl Router {
         all_draining: bool,
     ) -> Result<Decision, RouteError> {
         /// What the pick reads of one candidate.
+        /// (What the chosen one's prediction and the hot-prefix rule's recompute read besides,
+        /// its running requests, prefill speed and own prefill, is computed again for the few
+        /// that need it, by the same functions from the same state.)
         struct Scored<'a> {
             id: EndpointId,
-            entry: &'a Entry,
-            running: u32,
-            prefill_speed: f64,
             matched_blocks: u32,
             matched_gpu_blocks: u32,
+            entry: &'a Entry,
             queue_wait_us: f64,
-            prefill_us: f64,
         }
         let t = &self.tuning;
         let calibration = self.calibration();
@@ -1221,7 +1262,11 @@ impl Router {
         let mut max_age = 0u64;
         let mut saturated = true;
         let mut cands: Vec<Scored<'_>> = Vec::with_capacity(eligible.len());
-        let mut costs: Vec<f64> = Vec::with_capacity(eligible.len());
+        // The host's weighted sum of one scorer, `0 + w · score`, score as the cost scorer
+        // writes it, computed with the cost; a non-finite one names the first candidate in
+        // address order, reported after shedding as the host's stages would.
+        let mut total: Vec<f64> = Vec::with_capacity(eligible.len());
+        let mut non_finite: Option<(usize, bool)> = None;
         let mut last_match = (None, (cost::RequestWork::default(), 0.0));
         let best_blocks = eligible
             .iter()
@@ -1229,10 +1274,11 @@ impl Router {
             .max()
             .unwrap_or(0);
         for &(id, e) in eligible {
-            let estimate = e.load.estimate(now_us, e.prior.kv_capacity_blocks);
-            max_age = max_age.max(staleness_us(&estimate, now_us, e.added_at_us));
+            let (age, foreign) = e.load.signal_age(now_us, e.prior.kv_capacity_blocks);
+            max_age = max_age.max(staleness_of(age, foreign, now_us, e.added_at_us));
             // Only a sheddable request asks (as the host's shedding stage does).
             if req.priority < 0 {
+                let estimate = e.load.estimate(now_us, e.prior.kv_capacity_blocks);
                 saturated &= estimate.waiting >= t.shed_queue_threshold
                     || estimate.kv_usage() >= t.kv_cliff_fraction;
             }
@@ -1241,34 +1287,42 @@ impl Router {
             // A pure function of the match: most candidates share theirs (none, or the whole
             // shared prefix), so it is computed once per distinct match.
             if last_match.0 != Some((matched_blocks, matched_gpu_blocks)) {
+                let work = cost::request_work(req, matched_blocks, matched_gpu_blocks, t);
+                let duplicate = cost::duplicate_tokens(req, matched_blocks, best_blocks);
                 last_match = (
                     Some((matched_blocks, matched_gpu_blocks)),
                     (
-                        cost::request_work(req, matched_blocks, matched_gpu_blocks, t),
-                        cost::duplicate_tokens(req, matched_blocks, best_blocks),
+                        work,
+                        cost::duplicate_share(duplicate, work.uncached_tokens, t),
                     ),
                 );
             }
-            let (work, duplicate) = last_match.1;
-            let mut c = cost::kvgate_cost(
-                &e.coeffs,
-                &estimate,
-                prefill_speed,
-                &work,
-                e.spec.relative_cost,
-                t,
-            );
-            c.charge_duplicate(work.uncached_tokens, duplicate, t);
-            costs.push(c.routing_cost_us);
+            let (work, share) = last_match.1;
+            let fresh;
+            let kept = match e.load.kept_cost_ref(e.prior.kv_capacity_blocks) {
+                Some(k) => {
+                    debug_assert_eq!(*k, e.kept_cost(t), "the kept cost is stale");
+                    k
+                }
+                None => {
+                    fresh = e.kept_cost(t);
+                    &fresh
+                }
+            };
+            let mut c = kept.cost(prefill_speed, &work, t);
+            c.charge_duplicate_share(share, t);
+            let score = -c.routing_cost_us / 1000.0;
+            let sum = 0.0 + weight * score;
+            if non_finite.is_none() && !sum.is_finite() {
+                non_finite = Some((cands.len(), score.is_finite()));
+            }
+            total.push(sum);
             cands.push(Scored {
                 id,
-                entry: e,
-                running: estimate.running,
-                prefill_speed,
                 matched_blocks,
                 matched_gpu_blocks,
+                entry: e,
                 queue_wait_us: c.queue_wait_us,
-                prefill_us: c.prefill_us,
             });
         }
         if req.priority < 0 && saturated {
@@ -1276,26 +1330,15 @@ impl Router {
                 priority: req.priority,
             });
         }
-        // The host's weighted sum of one scorer: `0 + w · score`, score as the cost scorer
-        // writes it; a non-finite one names the first candidate in address order.
-        let mut total = costs;
-        for (i, v) in total.iter_mut().enumerate() {
-            let score = -*v / 1000.0;
-            if !score.is_finite() {
-                return Err(RouteError::NonFiniteScore {
-                    scorer: profile.scorers[0].0.name().to_string(),
-                    endpoint: cands[i].id,
-                });
-            }
-            let mut sum = 0.0;
-            sum += weight * score;
-            if !sum.is_finite() {
-                return Err(RouteError::NonFiniteScore {
-                    scorer: WEIGHTED_TOTAL.to_string(),
-                    endpoint: cands[i].id,
-                });
-            }
-            *v = sum;
+        if let Some((i, score_finite)) = non_finite {
+            return Err(RouteError::NonFiniteScore {
+                scorer: if score_finite {
+                    WEIGHTED_TOTAL.to_string()
+                } else {
+                    profile.scorers[0].0.name().to_string()
+                },
+                endpoint: cands[i].id,
+            });
         }
         let ctx = PickContext {
             now_us,
@@ -1311,11 +1354,10 @@ impl Router {
                 matched_blocks: |i: usize| cands[i].matched_blocks,
                 queue_wait_us: |i: usize| Some(cands[i].queue_wait_us),
                 recompute_us: |i: usize, missing: f64, pairs: f64| {
-                    let c = &cands[i];
-                    c.entry
-                        .coeffs
-                        .prefill_time_us(missing, pairs, f64::from(c.running))
-                        * c.prefill_speed
+                    let e = cands[i].entry;
+                    let running = e.load.estimate(now_us, e.prior.kv_capacity_blocks).running;
+                    e.coeffs.prefill_time_us(missing, pairs, f64::from(running))
+                        * e.load.prefill_speed.at(now_us, calibration)
                 },
             },
             &total,
@@ -1332,13 +1374,16 @@ impl Router {
         let fallbacks = Self::fallbacks(|i| cands[i].id, &total, pick.index, t.max_fallbacks);
         let e = chosen.entry;
         let estimate = e.load.estimate(now_us, e.prior.kv_capacity_blocks);
+        let prefill_speed = e.load.prefill_speed.at(now_us, calibration);
+        let work = cost::request_work(req, chosen.matched_blocks, chosen.matched_gpu_blocks, t);
+        let c = e.kept_cost(t).cost(prefill_speed, &work, t);
         let predicted_ttft_us = cost::predicted_ttft_us(
             now_us,
             &e.coeffs,
             &estimate,
-            chosen.prefill_speed,
-            &cost::request_work(req, chosen.matched_blocks, chosen.matched_gpu_blocks, t),
-            chosen.queue_wait_us + chosen.prefill_us,
+            prefill_speed,
+            &work,
+            c.queue_wait_us + c.prefill_us,
         );
         let booking = self.booking_plan(
             now_us,
@@ -1531,14 +1576,7 @@ impl Router {
                 .map_or((0, 0), |p| (p.blocks(id), p.gpu_blocks(id)));
             let cost = needs.cost.then(|| {
                 let work = cost::request_work(req, matched_blocks, matched_gpu_blocks, t);
-                let mut c = cost::kvgate_cost(
-                    &e.coeffs,
-                    &estimate,
-                    prefill_speed,
-                    &work,
-                    e.spec.relative_cost,
-                    t,
-                );
+                let mut c = e.kept_cost(t).cost(prefill_speed, &work, t);
                 c.charge_duplicate(
                     work.uncached_tokens,
                     cost::duplicate_tokens(req, matched_blocks, best_blocks),
@@ -1799,14 +1837,7 @@ impl Router {
         let work = cost::request_work(req, matched_blocks, gpu_blocks, t);
         let uncached = work.uncached_tokens;
         let prefill_speed = e.load.prefill_speed.at(now_us, calibration);
-        let cost = cost::kvgate_cost(
-            &e.coeffs,
-            &estimate,
-            prefill_speed,
-            &work,
-            e.spec.relative_cost,
-            t,
-        );
+        let cost = e.kept_cost(t).cost(prefill_speed, &work, t);
         let running = f64::from(estimate.running);
         Some(Price {
             matched_blocks,
@@ -2003,15 +2034,18 @@ impl Router {
         e.model
             .observe_in_class(&terms, &shape, ttft, &learn, Some(&class_theta));
         e.coeffs = e.model.coefficients(&e.prior);
+        e.reprice(&self.tuning);
         // Endpoints of the class that have served nothing yet price with the class's fit.
         let class = e.class.clone();
         let fit = &self.class_fits[&class];
         let slots = &mut self.slots;
+        let tuning = &self.tuning;
         if let Some(ids) = self.unserved.get_mut(&class) {
             ids.retain(
                 |id| match slots.get_mut(id.0 as usize).and_then(Option::as_mut) {
                     Some(o) if o.class == class && o.model.observations() == 0 => {
                         o.coeffs = fit.coefficients(&o.prior);
+                        o.reprice(tuning);
                         true
                     }
                     _ => false,
