@@ -73,7 +73,7 @@
 //!   and it is marked untrusted until a resync (rather than evicting arbitrary blocks and
 //!   silently keeping a wrong view).
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, Hasher};
 
 use crate::endpoint::{EndpointId, Tier};
@@ -356,10 +356,29 @@ enum Spilled {
 
 /// The spilled holder sets, indexed from the table, with a free list so churn reuses arena
 /// slots instead of growing the arena.
+///
+/// Packed sets with a fingerprint (more than [`PACKED_EXACT`] holders: a block cached on many
+/// engines, such as a system prompt's) are shared: every block with the same holders has the
+/// same table value, counted in `shared`. So a prefix cached on a hundred engines stores its
+/// holders once instead of once per block, and the walk tells that the next block has the same
+/// holders by comparing two table values, without reading the set. Smaller sets are not shared:
+/// their exact compare is as cheap, and a set of two holders shared by nobody would pay its
+/// map entry (~20 bytes) out of an 8-byte saving, over the index's 32-byte budget per entry.
+/// Two different sets with the same fingerprint (probability 2⁻⁶⁴ per pair) are both kept,
+/// the second unshared.
 #[derive(Clone, Debug, Default)]
 struct Arena {
     sets: Vec<Spilled>,
     free: Vec<u32>,
+    /// Shared packed sets: fingerprint → (slot, table values pointing at it).
+    shared: HashMap<u64, (u32, u32), KeyHasherBuilder>,
+}
+
+/// The fingerprint a shared packed set is found by (its two leading words); `None` for sets
+/// too small to carry one.
+#[inline]
+fn packed_fingerprint(p: &[u32]) -> Option<u64> {
+    (p.len() > PACKED_EXACT).then(|| u64::from(p[0]) | (u64::from(p[1]) << 32))
 }
 
 impl Arena {
@@ -382,27 +401,87 @@ impl Arena {
     }
     /// Takes the holders a table value stands for, as a working [`Holders`] (leaving an arena
     /// slot to refill or release).
+    ///
+    /// A packed set is copied out and its slot left alone (it may be shared): the
+    /// [`Self::encode`] that follows releases this key's reference to it.
     fn decode(&mut self, v: u32) -> Holders {
         if v & SPILLED == 0 {
             return Holders::One(decode_inline(v));
         }
-        let slot = &mut self.sets[(v & !SPILLED) as usize];
-        match std::mem::replace(slot, Spilled::One(EMPTY_HOLDER)) {
-            Spilled::One(h) => Holders::One(h),
-            Spilled::Many(v) => Holders::Many(v),
+        match &mut self.sets[(v & !SPILLED) as usize] {
+            Spilled::One(h) => Holders::One(*h),
+            Spilled::Many(v) => Holders::Many(std::mem::take(v)),
             Spilled::Packed(p) => {
                 let mut v = Vec::with_capacity(p.len() + 2);
                 v.push(HEADER);
-                v.extend(packed_holders(&p).iter().map(|&x| decode_inline(x)));
+                v.extend(packed_holders(p).iter().map(|&x| decode_inline(x)));
                 Holders::Many(v)
             }
         }
     }
+
+    /// Drops one table value's reference to the packed set in slot `i`, freeing the slot with
+    /// the last.
+    fn release_packed(&mut self, i: u32) {
+        if let Spilled::Packed(p) = &self.sets[i as usize]
+            && let Some(fp) = packed_fingerprint(p)
+            && let Some((slot, refs)) = self.shared.get_mut(&fp)
+            && *slot == i
+        {
+            *refs -= 1;
+            if *refs > 0 {
+                return;
+            }
+            self.shared.remove(&fp);
+        }
+        self.sets[i as usize] = Spilled::One(EMPTY_HOLDER);
+        self.free.push(i);
+    }
+
+    /// The table value of packed set `p`: the shared slot of an equal set if there is one,
+    /// else `reuse` (a slot this key's old set left free) or a new slot.
+    fn store_packed(&mut self, p: Box<[u32]>, reuse: Option<u32>) -> u32 {
+        let fp = packed_fingerprint(&p);
+        if let Some(fp) = fp
+            && let Some((slot, refs)) = self.shared.get_mut(&fp)
+            && matches!(&self.sets[*slot as usize], Spilled::Packed(q) if *q == p)
+        {
+            *refs += 1;
+            let slot = *slot;
+            if let Some(i) = reuse {
+                self.free.push(i);
+            }
+            return slot | SPILLED;
+        }
+        let i = match reuse {
+            Some(i) => {
+                self.sets[i as usize] = Spilled::Packed(p);
+                i
+            }
+            None => self.alloc(Spilled::Packed(p)),
+        };
+        if let Some(fp) = fp {
+            self.shared.entry(fp).or_insert((i, 1));
+        }
+        i | SPILLED
+    }
     /// The table value for `hs` (0 when no holder is left) in its one canonical form, given
     /// the key's previous value: reuses its arena slot when `hs` still spills, releases it
     /// when not.
-    fn encode(&mut self, old: Option<u32>, mut hs: Holders) -> u32 {
+    fn encode(&mut self, old: Option<u32>, hs: Holders) -> u32 {
         let spilled = old.filter(|v| v & SPILLED != 0).map(|v| v & !SPILLED);
+        // An old packed set stays in its slot (see `decode`): this key's reference to it is
+        // released once the new value holds its own, so an unchanged set keeps its slot.
+        let packed = spilled.filter(|&i| matches!(self.sets[i as usize], Spilled::Packed(_)));
+        let v = self.encode_into(if packed.is_some() { None } else { spilled }, hs);
+        if let Some(i) = packed {
+            self.release_packed(i);
+        }
+        v
+    }
+
+    /// [`Self::encode`] with `spilled` the arena slot the key's old set left free, if any.
+    fn encode_into(&mut self, spilled: Option<u32>, mut hs: Holders) -> u32 {
         if !hs.prune() {
             if let Some(i) = spilled {
                 self.free.push(i);
@@ -425,7 +504,7 @@ impl Arena {
                     .map(encode_holder)
                     .collect::<Option<Vec<u32>>>()
                 {
-                    Some(packed) => Spilled::Packed(pack(packed)),
+                    Some(packed) => return self.store_packed(pack(packed), spilled),
                     None => {
                         v.shrink_to_fit();
                         Spilled::Many(v)
@@ -453,8 +532,11 @@ impl Arena {
         }
     }
     fn heap_bytes(&self) -> usize {
+        // hashbrown: a bucket per 7/8 of capacity, each an entry and a control byte.
+        let shared_buckets = self.shared.capacity() * 8 / 7;
         let mut n = self.sets.capacity() * std::mem::size_of::<Spilled>()
-            + self.free.capacity() * std::mem::size_of::<u32>();
+            + self.free.capacity() * std::mem::size_of::<u32>()
+            + shared_buckets * (std::mem::size_of::<(u64, (u32, u32))>() + 1);
         for set in &self.sets {
             n += match set {
                 Spilled::One(_) => 0,
@@ -960,11 +1042,23 @@ impl PrefixIndex {
             }
         };
         let mut run: Option<(View<'_>, u32)> = None;
+        // The table value of the run's first block: an equal value is the same holders (an
+        // inline value is the holder itself; a spilled one, the same set), so such a run
+        // extends without decoding its blocks' holders (a conversation's history is mostly
+        // held by one endpoint, as one inline value). Table values are never 0.
+        let mut run_value = 0u32;
         for (i, &key) in chain.iter().enumerate() {
             let i = i as u32;
-            let Some(hs) = self.view(key) else {
+            let Some(v) = self.blocks.get(key) else {
                 break;
             };
+            if v == run_value
+                && let Some((_, pending)) = &mut run
+            {
+                *pending += 1;
+                continue;
+            }
+            let hs = self.arena.view(v);
             if let Some((prev, pending)) = &mut run
                 && prev.same_holders(&hs)
             {
@@ -972,6 +1066,7 @@ impl PrefixIndex {
                 continue;
             }
             flush(&mut run, blocks, gpu, precise);
+            run_value = 0;
             let mut advanced = 0usize;
             for h in hs.iter() {
                 let e = h.ep as usize;
@@ -998,6 +1093,7 @@ impl PrefixIndex {
             }
             if advanced == hs.len() {
                 run = Some((hs, 0));
+                run_value = v;
             }
         }
         flush(&mut run, blocks, gpu, precise);
@@ -1246,125 +1342,204 @@ mod tests {
         }
     }
 
-    fn op() -> impl Strategy<Value = Op> {
-        // Keys from a tiny alphabet so chains overlap often.
-        let keys = prop::collection::vec(0u64..12, 1..6);
+    /// Endpoints of the brute-force comparison: more than [`PACKED_EXACT`] + 1, so blocks get
+    /// fingerprinted packed sets, which the arena shares between blocks.
+    const EPS: u32 = 7;
+
+    /// Operations on keys from `0..alphabet` in the first `tiers` tiers, with approximate
+    /// touches weighted `touches` (a tiny alphabet, so chains overlap often; a tinier one,
+    /// fewer tiers and touches, so many endpoints hold the same keys precisely in the same
+    /// tiers).
+    fn op(alphabet: u64, tiers: u8, touches: u32) -> impl Strategy<Value = Op> {
+        let keys = prop::collection::vec(0u64..alphabet, 1..6);
         prop_oneof![
-            4 => (0u32..4, keys.clone(), 0u8..3).prop_map(|(e, k, t)| Op::Store(e, k, t)),
-            2 => (0u32..4, keys.clone(), 0u8..3).prop_map(|(e, k, t)| Op::Remove(e, k, t)),
-            1 => (0u32..4).prop_map(Op::Clear),
-            3 => (0u32..4, keys).prop_map(|(e, k)| Op::Touch(e, k)),
-            1 => (0u32..4, any::<bool>()).prop_map(|(e, t)| Op::Trust(e, t)),
+            4 => (0u32..EPS, keys.clone(), 0u8..tiers).prop_map(|(e, k, t)| Op::Store(e, k, t)),
+            2 => (0u32..EPS, keys.clone(), 0u8..tiers).prop_map(|(e, k, t)| Op::Remove(e, k, t)),
+            1 => (0u32..EPS).prop_map(Op::Clear),
+            touches => (0u32..EPS, keys).prop_map(|(e, k)| Op::Touch(e, k)),
+            1 => (0u32..EPS, any::<bool>()).prop_map(|(e, t)| Op::Trust(e, t)),
             2 => (0u64..400).prop_map(Op::Advance),
         ]
     }
 
     proptest! {
         #[test]
-        fn index_matches_brute_force(ops in prop::collection::vec(op(), 1..60),
+        fn index_matches_brute_force(ops in prop::collection::vec(op(12, 3, 3), 1..60),
                                      chain in prop::collection::vec(0u64..12, 0..8),
                                      precise in any::<bool>()) {
-            let c = cfg();
-            let mut idx = PrefixIndex::new(c);
-            let mut r = Reference::default();
-            let mut now = 0u64;
-            for e in 0..4 {
-                idx.set_trusted(EndpointId(e), false);
-            }
-            for op in ops {
-                match op {
-                    Op::Store(e, k, t) => {
-                        idx.store(EndpointId(e), &k, tier_of(t));
-                        for key in k { r.precise.insert((key, e, 1 << t)); }
-                    }
-                    Op::Remove(e, k, t) => {
-                        idx.remove(EndpointId(e), &k, tier_of(t));
-                        for key in k {
-                            let had = [1u8, 2, 4].iter().any(|b| r.precise.contains(&(key, e, *b)));
-                            r.precise.remove(&(key, e, 1 << t));
-                            let has = [1u8, 2, 4].iter().any(|b| r.precise.contains(&(key, e, *b)));
-                            // The engine evicted it: the approximate guess goes too.
-                            if had && !has { r.approx.remove(&(key, e)); }
-                        }
-                    }
-                    Op::Clear(e) => {
-                        idx.clear_precise(EndpointId(e));
-                        r.precise.retain(|x| x.1 != e);
-                    }
-                    Op::Touch(e, k) => {
-                        idx.touch_approx(EndpointId(e), &k, now);
-                        // Stamps are strictly increasing per endpoint (same rule as the index).
-                        let last = r.last_stamp.entry(e).or_insert(0);
-                        let stamp = now.max(*last + 1);
-                        *last = stamp;
-                        for key in k { r.approx.insert((key, e), stamp); }
-                    }
-                    Op::Trust(e, t) => {
-                        idx.set_trusted(EndpointId(e), t);
-                        if t { r.trusted.insert(e); } else { r.trusted.remove(&e); }
-                    }
-                    Op::Advance(d) => {
-                        now += d;
-                        for e in 0..4 { idx.expire_approx(EndpointId(e), now); }
-                    }
-                }
-            }
-            let got = idx.longest_prefixes(&PrefixQuery {
-                chain: &chain, precise, now_us: now, source: PrefixSource::Best,
-            });
-            // A chain not over the engines' tokens matches the router's own entries only.
-            let ar = Reference { approx: r.approx.clone(), ..Default::default() };
-            for ep in 0..4u32 {
-                let want = if precise {
-                    r.matches(&chain, 4, now, &c)[ep as usize]
-                } else {
-                    ar.matches(&chain, 4, now, &c)[ep as usize]
-                };
-                prop_assert_eq!((got.blocks(EndpointId(ep)), got.gpu_blocks(EndpointId(ep))), want,
-                    "endpoint {}", ep);
-            }
-            // The one-endpoint query agrees with the all-endpoint walk, for every source.
-            for source in [PrefixSource::Best, PrefixSource::ApproxOnly] {
-                let q = PrefixQuery { chain: &chain, precise, now_us: now, source };
-                let all = idx.longest_prefixes(&q);
-                for ep in 0..4u32 {
-                    let id = EndpointId(ep);
-                    prop_assert_eq!(idx.longest_prefix_of(id, &q), (all.blocks(id), all.gpu_blocks(id)));
-                }
-            }
-            // The walk that also follows precise runs matches as the plain one, and answers
-            // `precise_prefix` for every endpoint, for every source.
-            for source in [PrefixSource::Best, PrefixSource::ApproxOnly] {
-                let q = PrefixQuery { chain: &chain, precise, now_us: now, source };
-                let (all, runs) = idx.longest_prefixes_with_precise(&q);
-                prop_assert_eq!(&all, &idx.longest_prefixes(&q));
-                for ep in 0..4u32 {
-                    let id = EndpointId(ep);
-                    prop_assert_eq!(
-                        idx.precise_prefix_with(&runs, id, &chain),
-                        idx.precise_prefix(id, &chain),
-                        "endpoint {}", ep
-                    );
-                }
-            }
-            // Approx-only source ignores precise entries and trust.
-            let got = idx.longest_prefixes(&PrefixQuery {
-                chain: &chain, precise: true, now_us: now, source: PrefixSource::ApproxOnly,
-            });
-            for ep in 0..4u32 {
-                prop_assert_eq!(got.blocks(EndpointId(ep)), ar.matches(&chain, 4, now, &c)[ep as usize].0);
-            }
-            // Precise-entry counts agree with the reference.
-            for ep in 0..4u32 {
-                let want = r.precise.iter().filter(|x| x.1 == ep).map(|x| x.0).collect::<BTreeSet<_>>().len();
-                prop_assert_eq!(idx.precise_entries(EndpointId(ep)), want);
-            }
+            check_against_brute_force(ops, &chain, precise)?;
+        }
+
+        /// The same on three keys with more operations: blocks held by five or more
+        /// endpoints in the same tiers, whose sets the arena shares, come and go.
+        #[test]
+        fn index_with_shared_sets_matches_brute_force(
+            ops in prop::collection::vec(op(3, 2, 1), 1..120),
+            chain in prop::collection::vec(0u64..3, 0..8),
+            precise in any::<bool>(),
+        ) {
+            check_against_brute_force(ops, &chain, precise)?;
         }
     }
 
+    fn check_against_brute_force(
+        ops: Vec<Op>,
+        chain: &[u64],
+        precise: bool,
+    ) -> Result<(), proptest::test_runner::TestCaseError> {
+        let c = cfg();
+        let mut idx = PrefixIndex::new(c);
+        let mut r = Reference::default();
+        let mut now = 0u64;
+        for e in 0..EPS {
+            idx.set_trusted(EndpointId(e), false);
+        }
+        for op in ops {
+            match op {
+                Op::Store(e, k, t) => {
+                    idx.store(EndpointId(e), &k, tier_of(t));
+                    for key in k {
+                        r.precise.insert((key, e, 1 << t));
+                    }
+                }
+                Op::Remove(e, k, t) => {
+                    idx.remove(EndpointId(e), &k, tier_of(t));
+                    for key in k {
+                        let had = [1u8, 2, 4]
+                            .iter()
+                            .any(|b| r.precise.contains(&(key, e, *b)));
+                        r.precise.remove(&(key, e, 1 << t));
+                        let has = [1u8, 2, 4]
+                            .iter()
+                            .any(|b| r.precise.contains(&(key, e, *b)));
+                        // The engine evicted it: the approximate guess goes too.
+                        if had && !has {
+                            r.approx.remove(&(key, e));
+                        }
+                    }
+                }
+                Op::Clear(e) => {
+                    idx.clear_precise(EndpointId(e));
+                    r.precise.retain(|x| x.1 != e);
+                }
+                Op::Touch(e, k) => {
+                    idx.touch_approx(EndpointId(e), &k, now);
+                    // Stamps are strictly increasing per endpoint (same rule as the index).
+                    let last = r.last_stamp.entry(e).or_insert(0);
+                    let stamp = now.max(*last + 1);
+                    *last = stamp;
+                    for key in k {
+                        r.approx.insert((key, e), stamp);
+                    }
+                }
+                Op::Trust(e, t) => {
+                    idx.set_trusted(EndpointId(e), t);
+                    if t {
+                        r.trusted.insert(e);
+                    } else {
+                        r.trusted.remove(&e);
+                    }
+                }
+                Op::Advance(d) => {
+                    now += d;
+                    for e in 0..EPS {
+                        idx.expire_approx(EndpointId(e), now);
+                    }
+                }
+            }
+        }
+        let got = idx.longest_prefixes(&PrefixQuery {
+            chain,
+            precise,
+            now_us: now,
+            source: PrefixSource::Best,
+        });
+        // A chain not over the engines' tokens matches the router's own entries only.
+        let ar = Reference {
+            approx: r.approx.clone(),
+            ..Default::default()
+        };
+        for ep in 0..EPS {
+            let want = if precise {
+                r.matches(chain, EPS, now, &c)[ep as usize]
+            } else {
+                ar.matches(chain, EPS, now, &c)[ep as usize]
+            };
+            prop_assert_eq!(
+                (got.blocks(EndpointId(ep)), got.gpu_blocks(EndpointId(ep))),
+                want,
+                "endpoint {}",
+                ep
+            );
+        }
+        // The one-endpoint query agrees with the all-endpoint walk, for every source.
+        for source in [PrefixSource::Best, PrefixSource::ApproxOnly] {
+            let q = PrefixQuery {
+                chain,
+                precise,
+                now_us: now,
+                source,
+            };
+            let all = idx.longest_prefixes(&q);
+            for ep in 0..EPS {
+                let id = EndpointId(ep);
+                prop_assert_eq!(
+                    idx.longest_prefix_of(id, &q),
+                    (all.blocks(id), all.gpu_blocks(id))
+                );
+            }
+        }
+        // The walk that also follows precise runs matches as the plain one, and answers
+        // `precise_prefix` for every endpoint, for every source.
+        for source in [PrefixSource::Best, PrefixSource::ApproxOnly] {
+            let q = PrefixQuery {
+                chain,
+                precise,
+                now_us: now,
+                source,
+            };
+            let (all, runs) = idx.longest_prefixes_with_precise(&q);
+            prop_assert_eq!(&all, &idx.longest_prefixes(&q));
+            for ep in 0..EPS {
+                let id = EndpointId(ep);
+                prop_assert_eq!(
+                    idx.precise_prefix_with(&runs, id, chain),
+                    idx.precise_prefix(id, chain),
+                    "endpoint {}",
+                    ep
+                );
+            }
+        }
+        // Approx-only source ignores precise entries and trust.
+        let got = idx.longest_prefixes(&PrefixQuery {
+            chain,
+            precise: true,
+            now_us: now,
+            source: PrefixSource::ApproxOnly,
+        });
+        for ep in 0..EPS {
+            prop_assert_eq!(
+                got.blocks(EndpointId(ep)),
+                ar.matches(chain, EPS, now, &c)[ep as usize].0
+            );
+        }
+        // Precise-entry counts agree with the reference.
+        for ep in 0..EPS {
+            let want = r
+                .precise
+                .iter()
+                .filter(|x| x.1 == ep)
+                .map(|x| x.0)
+                .collect::<BTreeSet<_>>()
+                .len();
+            prop_assert_eq!(idx.precise_entries(EndpointId(ep)), want);
+        }
+        Ok(())
+    }
+
     /// Holder sets above `PACKED_EXACT` are compared by fingerprint in the walk's run
-    /// skipping (the brute-force property test has too few endpoints to reach them): the walk
-    /// must still see where one engine's copy of a long chain has a hole.
+    /// skipping: the walk must still see where one engine's copy of a long chain has a hole
+    /// that leaves as many holders as its neighbours.
     #[test]
     fn run_skipping_over_fingerprinted_sets_sees_a_hole() {
         let mut idx = PrefixIndex::new(cfg());
@@ -1403,6 +1578,56 @@ mod tests {
         assert_eq!(all.gpu_blocks(EndpointId(8)), 0);
         assert_eq!(all.blocks(EndpointId(8)), 40);
         assert_eq!(all.blocks(EndpointId(9)), 0);
+    }
+
+    /// Blocks with the same fingerprinted holders share one arena slot (one table value), a
+    /// changed block leaves it for a slot of its own and comes back to it when its holders do,
+    /// and the last block to leave frees it.
+    #[test]
+    fn blocks_with_the_same_many_holders_share_one_set() {
+        let mut idx = PrefixIndex::new(cfg());
+        let chain: Vec<u64> = (100..140).collect();
+        for e in 0..6 {
+            idx.set_trusted(EndpointId(e), true);
+            idx.store(EndpointId(e), &chain, Tier::Gpu);
+        }
+        let value = |idx: &PrefixIndex, k: u64| idx.blocks.get(k).unwrap();
+        let shared = value(&idx, 100);
+        assert!(chain.iter().all(|&k| value(&idx, k) == shared));
+        assert_eq!(
+            idx.arena.shared.get(&{
+                let Spilled::Packed(p) = &idx.arena.sets[(shared & !SPILLED) as usize] else {
+                    panic!("a packed set")
+                };
+                packed_fingerprint(p).unwrap()
+            }),
+            Some(&(shared & !SPILLED, 40))
+        );
+        // Endpoint 5 evicts block 120 and stores it again: a set of its own, then back.
+        idx.remove(EndpointId(5), &[120], Tier::Gpu);
+        assert_ne!(value(&idx, 120), shared);
+        assert_eq!(value(&idx, 121), shared);
+        let q = PrefixQuery {
+            chain: &chain,
+            precise: true,
+            now_us: 0,
+            source: PrefixSource::Best,
+        };
+        assert_eq!(idx.longest_prefixes(&q).blocks(EndpointId(5)), 20);
+        assert_eq!(idx.longest_prefixes(&q).blocks(EndpointId(4)), 40);
+        idx.store(EndpointId(5), &[120], Tier::Gpu);
+        assert_eq!(value(&idx, 120), shared);
+        assert_eq!(idx.longest_prefixes(&q).blocks(EndpointId(5)), 40);
+        // A tier change is a different set.
+        idx.store(EndpointId(0), &[130], Tier::Cpu);
+        assert_ne!(value(&idx, 130), shared);
+        // Everyone leaves: nothing is left shared, every slot is free.
+        for e in 0..6 {
+            idx.clear_endpoint(EndpointId(e));
+        }
+        assert!(idx.arena.shared.is_empty());
+        assert_eq!(idx.blocks.len(), 0);
+        assert_eq!(idx.arena.free.len(), idx.arena.sets.len());
     }
 
     #[test]
