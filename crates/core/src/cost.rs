@@ -463,8 +463,14 @@ pub struct KeptCost {
     step_fixed_us: f64,
     /// The queue's prefill time at speed 1.
     queue_raw_us: f64,
+    /// `1 / max_batched_tokens` when that is a power of two: then multiplying by it is
+    /// dividing, exactly (divisions are the slowest step of the cost's chain).
+    step_tokens_reciprocal: Option<f64>,
     kv_blocks: u64,
     kv_capacity: f64,
+    /// KV blocks below which use is below the cliff for certain, rounding included (−∞ for a
+    /// cliff outside `[0, 1)`).
+    kv_blocks_clearly_below_cliff: f64,
     past_cliff_before: f64,
     kv_cliff_fraction: f64,
     tiebreak_us: f64,
@@ -485,8 +491,19 @@ impl KeptCost {
             queued_pairs,
             step_fixed_us: prior.step_base_us + prior.decode_us_per_token * running,
             queue_raw_us: prior.prefill_time_us(queued, queued_pairs, running),
+            step_tokens_reciprocal: prior
+                .max_batched_tokens
+                .max(1)
+                .is_power_of_two()
+                .then(|| 1.0 / f64::from(prior.max_batched_tokens.max(1))),
             kv_blocks: est.kv_blocks,
             kv_capacity,
+            kv_blocks_clearly_below_cliff: if (0.0..1.0).contains(&p.kv_cliff_fraction) {
+                // A relative margin far above the division's and product's rounding (2⁻⁵³).
+                p.kv_cliff_fraction * kv_capacity * (1.0 - 1e-9)
+            } else {
+                f64::NEG_INFINITY
+            },
             past_cliff_before: past_cliff(est.kv_blocks as f64 / kv_capacity, p.kv_cliff_fraction),
             kv_cliff_fraction: p.kv_cliff_fraction,
             tiebreak_us: p.relative_cost.max(0.0) * p.relative_cost_tiebreak_us as f64,
@@ -511,14 +528,25 @@ impl KeptCost {
         let total_raw = if tokens <= 0.0 {
             0.0
         } else {
-            let steps = ceil(tokens / f64::from(prior.max_batched_tokens.max(1))).max(1.0);
+            let steps = ceil(match self.step_tokens_reciprocal {
+                Some(r) => tokens * r,
+                None => tokens / f64::from(prior.max_batched_tokens.max(1)),
+            })
+            .max(1.0);
             steps * self.step_fixed_us
                 + prior.prefill_us_per_token * tokens
                 + prior.attention_us_per_pair * (self.queued_pairs + work.attention_pairs)
         };
         let queue_raw = self.queue_raw_us;
-        let kv_after = u64_to_f64(self.kv_blocks + work.new_kv_blocks) / self.kv_capacity;
-        let over = past_cliff(kv_after, self.kv_cliff_fraction) - self.past_cliff_before;
+        let kv_after_blocks = u64_to_f64(self.kv_blocks + work.new_kv_blocks);
+        let kv_after = kv_after_blocks / self.kv_capacity;
+        // Clearly below the cliff after the request, `past_cliff` is `+0` without dividing
+        // (an explanation still reads `kv_after`; a pick does not, and skips its division).
+        let over = if kv_after_blocks < self.kv_blocks_clearly_below_cliff {
+            0.0 - self.past_cliff_before
+        } else {
+            past_cliff(kv_after, self.kv_cliff_fraction) - self.past_cliff_before
+        };
         let base = total_raw * speed;
         let cliff_penalty_us = base * tuning.kv_cliff_steepness * over
             + tuning.kv_cliff_preemption_cost_us as f64 * over;
@@ -551,8 +579,13 @@ fn u64_to_f64(x: u64) -> f64 {
 }
 
 /// How far KV use `u` is past the cliff, in units of the room between the cliff and full.
+/// Below the cliff the quotient is negative (not zero: `u − cliff` is exact and nonzero for
+/// `u ≠ cliff`), so the answer is `+0` without dividing.
 #[inline]
 fn past_cliff(u: f64, cliff: f64) -> f64 {
+    if u < cliff && cliff < 1.0 {
+        return 0.0;
+    }
     ((u - cliff) / (1.0 - cliff)).max(0.0)
 }
 
