@@ -439,8 +439,21 @@ impl LoadEstimate {
 const STEP_CALIBRATION_FIRST_TOKENS: usize = 32;
 
 /// Per-endpoint estimator state.
+///
+/// `repr(C)`, what a pick reads first (see the router's module docs, "Decision speed"): the
+/// kept cost, the prefill factor, the assumed capacity and the sample's time, together in a
+/// few cache lines instead of spread over the whole record.
 #[derive(Clone, Debug)]
+#[repr(C)]
 pub(crate) struct EndpointLoad {
+    /// The request-independent part of its kvgate cost, computed from [`Self::pricing`] and
+    /// [`Self::current`] and kept with them (see the router's module docs and [`KeptCost`]).
+    kept_cost: Option<KeptCost>,
+    pub prefill_speed: SpeedFactor,
+    /// KV capacity assumed when the sample reports none (the hardware prior's).
+    default_capacity_blocks: u64,
+    /// When the last sample was taken (the time in [`Self::sample`]).
+    sample_at_us: Option<u64>,
     sample: Option<(MetricsSample, u64)>,
     in_flight: HashMap<u64, Booking>,
     own_unstarted: u32,
@@ -462,10 +475,7 @@ pub(crate) struct EndpointLoad {
     /// Bookings made so far: each booking's arrival order (bookings in one burst often share a
     /// timestamp).
     booked: u64,
-    pub prefill_speed: SpeedFactor,
     pub decode_speed: SpeedFactor,
-    /// KV capacity assumed when the sample reports none (the hardware prior's).
-    default_capacity_blocks: u64,
     /// Keys of pending bookings' uncached prompt blocks ([`Self::watch_prefill`]) → the
     /// booking (request id, booking order) and how many of its uncached tokens are computed
     /// once the engine stores that block. At most [`PROGRESS_KEYS_PER_BOOKING`] per booking
@@ -493,11 +503,8 @@ pub(crate) struct EndpointLoad {
     /// the question, so a pick reads each endpoint's estimate instead of recomputing it (see
     /// the router's module docs).
     current: LoadEstimate,
-    /// What prices this endpoint's load ([`Self::set_pricing`]), and the request-independent
-    /// part of its kvgate cost computed from it and [`Self::current`], kept with it (see the
-    /// router's module docs and [`KeptCost`]).
+    /// What prices this endpoint's load ([`Self::set_pricing`]).
     pricing: Option<Pricing>,
-    kept_cost: Option<KeptCost>,
 }
 
 /// EWMA, clamp and ageing settings of calibration.
@@ -580,6 +587,7 @@ impl EndpointLoad {
     pub fn new(default_prompt_tokens: f64, default_capacity_blocks: u64) -> Self {
         let mut l = Self {
             sample: None,
+            sample_at_us: None,
             in_flight: HashMap::new(),
             own_unstarted: 0,
             own_unstarted_tokens: 0,
@@ -655,7 +663,7 @@ impl EndpointLoad {
             return (e.sample_age_us, e.foreign_requests);
         }
         (
-            self.sample.as_ref().map(|(_, t)| now_us.saturating_sub(*t)),
+            self.sample_at_us.map(|t| now_us.saturating_sub(t)),
             self.current.foreign_requests,
         )
     }
@@ -744,6 +752,7 @@ impl EndpointLoad {
         self.at_sample_started = started;
         self.at_sample_blocks = blocks;
         self.sample = Some((sample.clone(), t));
+        self.sample_at_us = Some(t);
         self.refresh();
         Some(Fresh { traffic })
     }
