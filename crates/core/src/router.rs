@@ -91,12 +91,18 @@
 //! walk for the precise prefix, fallbacks by scans, every profile through [`Candidate`]s); a
 //! property test holds the two equal decision by decision on random fleets.
 //!
-//! What remains is linear in the endpoints (measured with callgrind on the benchmark fleet,
-//! ~460 instructions per endpoint for a 1k-token prompt): the cost model (~90, divisions and
-//! integer conversions), `exp` for the softmax weight (~50), the softmax and fallback passes,
-//! reading the kept estimate, and eligibility; and, in wall time, the cache misses of touching
-//! each endpoint's record. Long prompts add the index walk of their shared prefix, one table
-//! probe per block.
+//! What remains is linear in the endpoints (callgrind on the benchmark fleet,
+//! `examples/pick_profile.rs`: ~415 instructions per endpoint for a 1k-token prompt, from
+//! ~520 before the kept costs): the request's part of the cost (its step count, KV use after
+//! it, the externality and duplicate charges), `exp` for the softmax weight (~50, glibc's, whose
+//! result a faster approximation would not reproduce bit for bit), the score's and the
+//! softmax's divisions (not exact as multiplications), the softmax and fallback passes, and
+//! eligibility. Time follows the divisions more than the instruction count (perf: the cost's
+//! chain waited on the divider), which is why the step count multiplies by a power-of-two
+//! budget's reciprocal and a candidate clearly below the KV cliff skips that division. Long
+//! prompts add the index walk of their shared prefix, one table probe per block
+//! ([`crate::index`]: a run of blocks with the same holders costs a probe and a compare of
+//! table values each).
 
 use std::collections::{BTreeMap, HashMap};
 
