@@ -351,24 +351,27 @@ impl Entry {
         );
     }
 
-    /// A (possibly) new hardware class and prior: what was learnt is relative to the old one,
-    /// so a change starts afresh from the class's fit.
+    /// A (possibly) new hardware class and prior, after its spec was set: what was learnt is
+    /// relative to the old one, so a change starts afresh from the class's fit. Either way the
+    /// load is repriced (the spec's relative cost may have changed too).
     /// Returns whether it changed (and so has served nothing in its new class).
     fn set_prior(
         &mut self,
         class: &str,
         prior: HardwarePrior,
         class_fit: Option<&StepModel>,
+        tuning: &Tuning,
     ) -> bool {
-        if prior != self.prior || class != self.class {
+        let changed = prior != self.prior || class != self.class;
+        if changed {
             self.prior = prior;
             self.load.set_default_capacity(prior.kv_capacity_blocks);
             self.class = class.to_owned();
             self.model = StepModel::default();
             self.coeffs = class_fit.map_or(prior, |f| f.coefficients(&prior));
-            return true;
         }
-        false
+        self.reprice(tuning);
+        changed
     }
 }
 
@@ -702,9 +705,7 @@ impl Router {
                 e.pool = pool;
                 e.take_pool_price(&self.pool_prices);
                 e.state = EndpointState::Ready;
-                let changed = e.set_prior(&class, prior, fit);
-                e.reprice(&self.tuning);
-                if changed {
+                if e.set_prior(&class, prior, fit, &self.tuning) {
                     note_unserved(&mut self.unserved, class, id);
                 }
             }
@@ -772,7 +773,7 @@ impl Router {
         e.single_model = single_model;
         e.pool = pool;
         e.take_pool_price(&self.pool_prices);
-        if e.set_prior(&class, prior, fit) {
+        if e.set_prior(&class, prior, fit, &self.tuning) {
             note_unserved(&mut self.unserved, class, id);
         }
         if old.address != e.spec.address {
@@ -2303,6 +2304,58 @@ mod tests {
         let keep = 1.0 - 1.0 / FOREIGN_PRICE_WINDOW;
         let per = (6_000.0 * keep + 10_000.0) / (3.0 * keep + 1.0);
         assert_eq!(queued(&r, a), (2.0 * per) as u64);
+    }
+
+    /// Regression: replacing an endpoint's spec (its relative cost, its hardware class) through
+    /// `update_endpoint` left its kept cost priced as before; now a pick prices it as a router
+    /// that had the new spec from the start.
+    #[test]
+    fn an_updated_spec_reprices_the_kept_cost() {
+        let sample = MetricsSample {
+            waiting: 2,
+            running: 3,
+            kv_usage: Some(0.5),
+            ..Default::default()
+        };
+        let mut dearer = EndpointSpec::new("b", "m");
+        dearer.relative_cost = 3.0;
+        let mut a100 = EndpointSpec::new("b", "m");
+        a100.hardware_class = "a100".into();
+        let fleet = |b_spec: EndpointSpec, update: Option<EndpointSpec>| {
+            let mut r = Router::new(RouterConfig::for_policy("kvgate").unwrap()).unwrap();
+            let a = r.add_endpoint(0, EndpointSpec::new("a", "m"));
+            let b = r.add_endpoint(0, b_spec);
+            if let Some(spec) = update {
+                r.update_endpoint(b, spec).unwrap();
+            }
+            for id in [a, b] {
+                r.observe_metrics(id, 10, &sample);
+            }
+            r
+        };
+        for new_spec in [dearer, a100] {
+            let updated = fleet(EndpointSpec::new("b", "m"), Some(new_spec.clone()));
+            let fresh = fleet(new_spec, None);
+            let mut req = RoutingRequest::new(1, "m", 1_000, label_keys(&[1, 2, 3], 16));
+            req.explain = true;
+            let costs = |r: &Router, req: &RoutingRequest| {
+                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+                let d = r.pick(1_000, req, &mut rng, None).unwrap();
+                d.candidates
+                    .iter()
+                    .map(|c| (c.endpoint, c.cost_us, c.predicted_ttft_us))
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(costs(&updated, &req), costs(&fresh, &req));
+            // And unexplained, through the lean path.
+            req.explain = false;
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+            let mut again = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+            assert_eq!(
+                updated.pick(1_000, &req, &mut rng, None).unwrap(),
+                fresh.pick(1_000, &req, &mut again, None).unwrap()
+            );
+        }
     }
 
     /// Regression: a restarted publisher only untrusted the endpoint, so once the new stream's
