@@ -1472,7 +1472,9 @@ mod tests {
                 ep
             );
         }
-        // The one-endpoint query agrees with the all-endpoint walk, for every source.
+        // For every source: the one-endpoint query agrees with the all-endpoint walk, and the
+        // walk that also follows precise runs matches as the plain one and answers
+        // `precise_prefix` for every endpoint.
         for source in [PrefixSource::Best, PrefixSource::ApproxOnly] {
             let q = PrefixQuery {
                 chain,
@@ -1488,18 +1490,8 @@ mod tests {
                     (all.blocks(id), all.gpu_blocks(id))
                 );
             }
-        }
-        // The walk that also follows precise runs matches as the plain one, and answers
-        // `precise_prefix` for every endpoint, for every source.
-        for source in [PrefixSource::Best, PrefixSource::ApproxOnly] {
-            let q = PrefixQuery {
-                chain,
-                precise,
-                now_us: now,
-                source,
-            };
-            let (all, runs) = idx.longest_prefixes_with_precise(&q);
-            prop_assert_eq!(&all, &idx.longest_prefixes(&q));
+            let (with_runs, runs) = idx.longest_prefixes_with_precise(&q);
+            prop_assert_eq!(&with_runs, &all);
             for ep in 0..EPS {
                 let id = EndpointId(ep);
                 prop_assert_eq!(
