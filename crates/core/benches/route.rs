@@ -13,7 +13,9 @@ use std::hint::black_box;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use kvgate_core::index::{IndexConfig, PrefixIndex, PrefixQuery, PrefixSource};
-use kvgate_core::testing::{bench_fleet, label_keys, label_removed, label_stored};
+use kvgate_core::testing::{
+    bench_fleet, bench_fleet_served, label_keys, label_removed, label_stored,
+};
 use kvgate_core::{
     EndpointId, EndpointSpec, KeyScope, KvEventBatch, PromptKeys, Router, RouterConfig,
     RoutingRequest, Tier,
@@ -26,6 +28,23 @@ const BLOCK: u32 = 16;
 /// The bench fleet ([`kvgate_core::testing::bench_fleet`]).
 fn fleet(policy: &str, n: usize, shared_blocks: usize) -> (Router, Vec<u64>) {
     bench_fleet(policy, n, shared_blocks, BLOCK)
+}
+
+/// When the served fleet's picks are timed: 200 ms after its last request.
+const SERVED_UNTIL_US: u64 = 2_000 + 2_000 * 400 + 200_000;
+
+/// The bench fleet after two requests per endpoint (at most 2,000, one every 0.4 ms), picked at
+/// [`SERVED_UNTIL_US`] ([`kvgate_core::testing::bench_fleet_served`]).
+fn served(n: usize) -> (Router, Vec<u64>) {
+    bench_fleet_served(
+        "kvgate",
+        n,
+        1024,
+        BLOCK,
+        (2 * n).min(2_000),
+        400,
+        SERVED_UNTIL_US,
+    )
 }
 
 fn request(tokens: u32, shared: &[u64], rng: &mut ChaCha8Rng) -> RoutingRequest {
@@ -52,6 +71,20 @@ fn bench_pick(c: &mut Criterion) {
                 |b, req| b.iter(|| black_box(r.pick(2_000, req, &mut rng, None).unwrap())),
             );
         }
+    }
+    g.finish();
+
+    // The same picks on a fleet that has served traffic (`bench_fleet_served`): calibrated
+    // prefill factors, most of them decaying at the pick's time, and learnt coefficients.
+    let mut g = c.benchmark_group("pick_kvgate_served");
+    g.throughput(Throughput::Elements(1));
+    for &n in &[100usize, 1000] {
+        let (r, shared) = served(n);
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        let req = request(1024, &shared, &mut rng);
+        g.bench_with_input(BenchmarkId::new(format!("{n}ep"), 1024), &req, |b, req| {
+            b.iter(|| black_box(r.pick(SERVED_UNTIL_US, req, &mut rng, None).unwrap()))
+        });
     }
     g.finish();
 

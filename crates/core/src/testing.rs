@@ -133,3 +133,85 @@ pub fn bench_fleet(
     }
     (r, shared)
 }
+
+/// [`bench_fleet`] after it has served traffic, as a running fleet has: `requests` 1k-token
+/// requests (half of them on the shared chain), one every `every_us` from 2 ms on, each picked
+/// by the router, booked, given its first token 20-80 ms later and finished 10 ms after that.
+/// So endpoints carry prefill factors calibrated at different times and learnt step
+/// coefficients, and a pick timed well after the last of them (`until_us`) decays the factors
+/// whose evidence is older than `calibration_hold_us`, as a pick in a large fleet does for
+/// most endpoints. Every event up to `until_us` is delivered in time order.
+pub fn bench_fleet_served(
+    policy: &str,
+    n: usize,
+    shared_blocks: usize,
+    block_size: u32,
+    requests: usize,
+    every_us: u64,
+    until_us: u64,
+) -> (crate::Router, Vec<u64>) {
+    use rand::{Rng, SeedableRng};
+    use std::collections::BTreeMap;
+    enum Next {
+        FirstToken,
+        Finish(u32),
+    }
+    let (mut r, shared) = bench_fleet(policy, n, shared_blocks, block_size);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(43);
+    let mut pending: BTreeMap<(u64, u64), Next> = BTreeMap::new();
+    let deliver = |r: &mut crate::Router, pending: &mut BTreeMap<(u64, u64), Next>, to: u64| {
+        while let Some(entry) = pending.first_entry() {
+            let (t, id) = *entry.key();
+            if t > to {
+                break;
+            }
+            match entry.remove() {
+                Next::FirstToken => r.on_first_token(id, t),
+                Next::Finish(cached) => {
+                    r.on_finish(
+                        id,
+                        t,
+                        &crate::Outcome {
+                            output_tokens: 16,
+                            cached_tokens: Some(cached),
+                            tpot_us: Some(6_000),
+                            ..Default::default()
+                        },
+                    );
+                }
+            }
+        }
+    };
+    let blocks = (1024 / block_size.max(1)) as usize;
+    for k in 0..requests {
+        let now = 2_000 + k as u64 * every_us;
+        deliver(&mut r, &mut pending, now);
+        let mut labels: Vec<u64> = if k % 2 == 0 {
+            shared[..(blocks / 2).min(shared.len())].to_vec()
+        } else {
+            Vec::new()
+        };
+        while labels.len() < blocks {
+            labels.push(rng.random());
+        }
+        let id = 1_000_000 + k as u64;
+        let req = crate::RoutingRequest::new(
+            id,
+            "m",
+            labels.len() as u32 * block_size,
+            label_keys(&labels, block_size),
+        );
+        let Ok(d) = r.pick(now, &req, &mut rng, None) else {
+            continue;
+        };
+        r.book(now, &req, &d);
+        let first = now + rng.random_range(20_000..80_000);
+        pending.insert((first, id), Next::FirstToken);
+        pending.insert(
+            (first + 10_000, id),
+            Next::Finish(d.matched_blocks * block_size),
+        );
+    }
+    deliver(&mut r, &mut pending, until_us);
+    (r, shared)
+}
