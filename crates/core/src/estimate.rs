@@ -671,38 +671,42 @@ impl EndpointLoad {
     /// The request-independent part of the endpoint's kvgate cost under `pricing` (its
     /// current coefficients and relative cost, which the router keeps here with
     /// [`Self::set_pricing`]) with `default_capacity_blocks` assumed: the kept one, or computed
-    /// afresh when it was kept under other assumptions. Debug builds recompute it on every read
-    /// and assert equality.
+    /// afresh when it was kept under other assumptions.
     #[inline]
     pub fn kept_cost(
         &self,
-        pricing: impl FnOnce() -> Pricing,
+        pricing: impl Fn() -> Pricing,
         default_capacity_blocks: u64,
     ) -> KeptCost {
-        match self.kept_cost_ref(default_capacity_blocks) {
-            Some(k) => {
-                debug_assert_eq!(
-                    *k,
-                    KeptCost::new(&pricing(), &self.compute(None, default_capacity_blocks)),
-                    "the kept cost is stale"
-                );
-                *k
-            }
+        match self.kept_cost_ref(&pricing, default_capacity_blocks) {
+            Some(k) => *k,
             None => KeptCost::new(&pricing(), &self.compute(None, default_capacity_blocks)),
         }
     }
 
-    /// The kept [`Self::kept_cost`] when it was kept under `default_capacity_blocks` (and,
-    /// in tests, not on the reference path), for a caller that computes it otherwise itself.
+    /// The kept [`Self::kept_cost`], when it was kept under `default_capacity_blocks` (and, in
+    /// tests, not on the reference path), for a caller that computes it otherwise itself.
+    /// Debug builds recompute it under `pricing` on every read and assert equality.
     #[inline]
-    pub fn kept_cost_ref(&self, default_capacity_blocks: u64) -> Option<&KeptCost> {
+    pub fn kept_cost_ref(
+        &self,
+        pricing: impl Fn() -> Pricing,
+        default_capacity_blocks: u64,
+    ) -> Option<&KeptCost> {
         #[cfg(test)]
         if crate::router::reference() {
             return None;
         }
-        self.kept_cost
+        let k = self
+            .kept_cost
             .as_ref()
-            .filter(|_| default_capacity_blocks == self.default_capacity_blocks)
+            .filter(|_| default_capacity_blocks == self.default_capacity_blocks)?;
+        debug_assert_eq!(
+            *k,
+            KeptCost::new(&pricing(), &self.compute(None, default_capacity_blocks)),
+            "the kept cost is stale"
+        );
+        Some(k)
     }
 
     /// The price of a foreign waiting request from now on (see [`Self::price`]); the router

@@ -341,6 +341,15 @@ impl Entry {
         )
     }
 
+    /// Its kept cost without a copy, when it is kept ([`EndpointLoad::kept_cost_ref`]).
+    #[inline]
+    fn kept_cost_ref(&self, tuning: &Tuning) -> Option<&KeptCost> {
+        self.load.kept_cost_ref(
+            || Pricing::new(self.coeffs, self.spec.relative_cost, tuning),
+            self.prior.kv_capacity_blocks,
+        )
+    }
+
     /// Brings its load's price of a foreign waiting request up to its pool's
     /// ([`EndpointLoad::set_price`]).
     fn take_pool_price(&mut self, prices: &[TrafficPrice]) {
@@ -1306,11 +1315,8 @@ impl Router {
             }
             let (work, share) = last_match.1;
             let fresh;
-            let kept = match e.load.kept_cost_ref(e.prior.kv_capacity_blocks) {
-                Some(k) => {
-                    debug_assert_eq!(*k, e.kept_cost(t), "the kept cost is stale");
-                    k
-                }
+            let kept = match e.kept_cost_ref(t) {
+                Some(k) => k,
                 None => {
                     fresh = e.kept_cost(t);
                     &fresh
