@@ -2833,6 +2833,18 @@ mod tests {
                     {
                         r.drain_endpoint(now, ids[i]).unwrap();
                     }
+                    // A spec replaced mid-run (another relative cost and hardware class), so
+                    // later picks meet a repriced kept cost.
+                    if k == 3 {
+                        let i = (seed % eps.len() as u64) as usize;
+                        if let Some(e) = r.entry(ids[i]) {
+                            let mut spec = e.spec.clone();
+                            spec.relative_cost += 1.0;
+                            spec.hardware_class =
+                                if spec.hardware_class == "a100" { "h100" } else { "a100" }.into();
+                            let _ = r.update_endpoint(ids[i], spec);
+                        }
+                    }
                     if k == 4
                         && let Some(d) = eps.iter().position(|e| e.failed)
                     {
