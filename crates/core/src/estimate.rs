@@ -452,9 +452,9 @@ pub(crate) struct EndpointLoad {
     pub prefill_speed: SpeedFactor,
     /// KV capacity assumed when the sample reports none (the hardware prior's).
     default_capacity_blocks: u64,
-    /// When the last sample was taken (the time in [`Self::sample`]).
-    sample_at_us: Option<u64>,
-    sample: Option<(MetricsSample, u64)>,
+    /// The last sample, with when it was taken (first, so a pick reads the time beside the
+    /// kept cost).
+    sample: Option<Sampled>,
     in_flight: HashMap<u64, Booking>,
     own_unstarted: u32,
     own_unstarted_tokens: u64,
@@ -505,6 +505,14 @@ pub(crate) struct EndpointLoad {
     current: LoadEstimate,
     /// What prices this endpoint's load ([`Self::set_pricing`]).
     pricing: Option<Pricing>,
+}
+
+/// A metrics sample and when it was taken, the time first ([`EndpointLoad`]'s layout).
+#[derive(Clone, Debug)]
+#[repr(C)]
+struct Sampled {
+    at_us: u64,
+    sample: MetricsSample,
 }
 
 /// EWMA, clamp and ageing settings of calibration.
@@ -587,7 +595,6 @@ impl EndpointLoad {
     pub fn new(default_prompt_tokens: f64, default_capacity_blocks: u64) -> Self {
         let mut l = Self {
             sample: None,
-            sample_at_us: None,
             in_flight: HashMap::new(),
             own_unstarted: 0,
             own_unstarted_tokens: 0,
@@ -663,7 +670,7 @@ impl EndpointLoad {
             return (e.sample_age_us, e.foreign_requests);
         }
         (
-            self.sample_at_us.map(|t| now_us.saturating_sub(t)),
+            self.sample.as_ref().map(|s| now_us.saturating_sub(s.at_us)),
             self.current.foreign_requests,
         )
     }
@@ -725,13 +732,14 @@ impl EndpointLoad {
         (self.own_unstarted_tokens, self.own_blocks)
     }
 
-    pub fn sample(&self) -> Option<&(MetricsSample, u64)> {
-        self.sample.as_ref()
+    /// The last sample and when it was taken.
+    pub fn sample(&self) -> Option<(&MetricsSample, u64)> {
+        self.sample.as_ref().map(|s| (&s.sample, s.at_us))
     }
 
     /// Takes a fresher sample; older or equal-time samples are ignored (returns `None`).
     pub fn observe(&mut self, taken_at_us: u64, sample: &MetricsSample) -> Option<Fresh> {
-        if self.sample.as_ref().is_some_and(|(_, t)| *t >= taken_at_us) {
+        if self.sample.as_ref().is_some_and(|s| s.at_us >= taken_at_us) {
             return None;
         }
         let traffic = self.counters.delta(sample);
@@ -755,8 +763,10 @@ impl EndpointLoad {
         self.at_sample_unstarted = unstarted;
         self.at_sample_started = started;
         self.at_sample_blocks = blocks;
-        self.sample = Some((sample.clone(), t));
-        self.sample_at_us = Some(t);
+        self.sample = Some(Sampled {
+            at_us: t,
+            sample: sample.clone(),
+        });
         self.refresh();
         Some(Fresh { traffic })
     }
@@ -1053,7 +1063,7 @@ impl EndpointLoad {
             return self.compute(Some(now_us), default_capacity_blocks);
         }
         let e = LoadEstimate {
-            sample_age_us: self.sample.as_ref().map(|(_, t)| now_us.saturating_sub(*t)),
+            sample_age_us: self.sample.as_ref().map(|s| now_us.saturating_sub(s.at_us)),
             ..self.current
         };
         debug_assert!(
@@ -1073,7 +1083,7 @@ impl EndpointLoad {
             age,
             scraped_waiting,
             scraped_kv,
-        ) = match &self.sample {
+        ) = match self.sample() {
             Some((s, t)) => {
                 let cap = s
                     .kv_capacity_blocks
@@ -1094,7 +1104,7 @@ impl EndpointLoad {
                     foreign_total - foreign_waiting,
                     used.saturating_sub(self.at_sample_blocks),
                     cap,
-                    now_us.map(|now| now.saturating_sub(*t)),
+                    now_us.map(|now| now.saturating_sub(t)),
                     s.waiting,
                     s.kv_usage,
                 )

@@ -2190,7 +2190,7 @@ impl Router {
                 address: &e.spec.address,
                 spec: &e.spec,
                 state: e.state,
-                sample_taken_at_us: e.load.sample().map(|(_, t)| *t),
+                sample_taken_at_us: e.load.sample().map(|(_, t)| t),
                 last_kv_event_at_us: e.kv.last_event_at_us,
                 events_trusted: self.index.is_trusted(id),
                 estimate: e.load.estimate(now, e.prior.kv_capacity_blocks),
