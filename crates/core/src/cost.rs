@@ -373,14 +373,9 @@ pub fn new_kv_blocks(
 }
 
 /// Extra weight on a request's own prefill work: `(prefill_work_weight − 1)` scaled by how
-/// busy the endpoint is (its estimated waiting queue relative to
+/// busy the endpoint is (its estimated `waiting` queue relative to
 /// `prefill_work_full_queue`). An idle endpoint's new work delays nobody; a queued one's delays
 /// every request that arrives while it is computed.
-pub fn externality_weight(est: &LoadEstimate, tuning: &Tuning) -> f64 {
-    externality_weight_for_queue(est.waiting, tuning)
-}
-
-/// [`externality_weight`] for a given waiting-queue length.
 pub fn externality_weight_for_queue(waiting: u32, tuning: &Tuning) -> f64 {
     externality(
         waiting,
@@ -468,9 +463,6 @@ pub struct KeptCost {
     step_tokens_reciprocal: Option<f64>,
     kv_blocks: u64,
     kv_capacity: f64,
-    /// KV blocks below which use is below the cliff for certain, rounding included (−∞ for a
-    /// cliff outside `[0, 1)`).
-    kv_blocks_clearly_below_cliff: f64,
     past_cliff_before: f64,
     kv_cliff_fraction: f64,
     tiebreak_us: f64,
@@ -498,12 +490,6 @@ impl KeptCost {
                 .then(|| 1.0 / f64::from(prior.max_batched_tokens.max(1))),
             kv_blocks: est.kv_blocks,
             kv_capacity,
-            kv_blocks_clearly_below_cliff: if (0.0..1.0).contains(&p.kv_cliff_fraction) {
-                // A relative margin far above the division's and product's rounding (2⁻⁵³).
-                p.kv_cliff_fraction * kv_capacity * (1.0 - 1e-9)
-            } else {
-                f64::NEG_INFINITY
-            },
             past_cliff_before: past_cliff(est.kv_blocks as f64 / kv_capacity, p.kv_cliff_fraction),
             kv_cliff_fraction: p.kv_cliff_fraction,
             tiebreak_us: p.relative_cost.max(0.0) * p.relative_cost_tiebreak_us as f64,
@@ -538,15 +524,8 @@ impl KeptCost {
                 + prior.attention_us_per_pair * (self.queued_pairs + work.attention_pairs)
         };
         let queue_raw = self.queue_raw_us;
-        let kv_after_blocks = u64_to_f64(self.kv_blocks + work.new_kv_blocks);
-        let kv_after = kv_after_blocks / self.kv_capacity;
-        // Clearly below the cliff after the request, `past_cliff` is `+0` without dividing
-        // (an explanation still reads `kv_after`; a pick does not, and skips its division).
-        let over = if kv_after_blocks < self.kv_blocks_clearly_below_cliff {
-            0.0 - self.past_cliff_before
-        } else {
-            past_cliff(kv_after, self.kv_cliff_fraction) - self.past_cliff_before
-        };
+        let kv_after = u64_to_f64(self.kv_blocks + work.new_kv_blocks) / self.kv_capacity;
+        let over = past_cliff(kv_after, self.kv_cliff_fraction) - self.past_cliff_before;
         let base = total_raw * speed;
         let cliff_penalty_us = base * tuning.kv_cliff_steepness * over
             + tuning.kv_cliff_preemption_cost_us as f64 * over;
