@@ -99,7 +99,7 @@
 //! softmax's divisions (not exact as multiplications), the softmax and fallback passes, and
 //! eligibility. Time follows the divisions more than the instruction count (perf: the cost's
 //! chain waited on the divider), which is why the step count multiplies by a power-of-two
-//! budget's reciprocal and a candidate clearly below the KV cliff skips that division. Long
+//! budget's reciprocal and a candidate below the KV cliff skips the cliff's division. Long
 //! prompts add the index walk of their shared prefix, one table probe per block
 //! ([`crate::index`]: a run of blocks with the same holders costs a probe and a compare of
 //! table values each).
