@@ -80,7 +80,10 @@ impl EngineKeys {
             None => None,
             Some(p) => self.map.get(&p).map(|&(k, _)| k),
         };
-        let mut buf = Vec::with_capacity(bs * 4);
+        // Sized from the tokens received, never from the event's `block_size` alone: that is
+        // the publisher's word, and a 21-byte event naming a block of 2³² tokens would
+        // otherwise reserve 16 GiB here before any token is read.
+        let mut buf = Vec::with_capacity(bs.min(token_ids.len()) * 4);
         for (i, &h) in engine_hashes.iter().enumerate() {
             // Already known (a store in another tier, or a re-publication): reuse the alias.
             if let Some(entry) = self.map.get_mut(&h) {
