@@ -819,11 +819,22 @@ impl PrefixIndex {
         let ep = self.ep_mut(id);
         ep.precise_entries += added;
         if ep.precise_entries > cap {
-            self.clear_precise(id);
-            self.set_trusted(id, false);
+            self.drop_precise_view(id);
             return ApplyOutcome::Overflowed;
         }
         ApplyOutcome::Applied
+    }
+
+    /// Precise entries per endpoint above which its event view is declared broken.
+    pub fn precise_capacity_blocks(&self) -> usize {
+        self.cfg.precise_capacity_blocks
+    }
+
+    /// Declares `id`'s event view broken: its precise entries are dropped and it is untrusted
+    /// until a resync (what an overflow of [`IndexConfig::precise_capacity_blocks`] does).
+    pub fn drop_precise_view(&mut self, id: EndpointId) {
+        self.clear_precise(id);
+        self.set_trusted(id, false);
     }
 
     /// Records that `id` evicted `keys` from `tier` (a `BlockRemoved`).
@@ -858,6 +869,11 @@ impl PrefixIndex {
     /// Drops every precise entry of `id` (an `AllBlocksCleared`, or a broken view). A full scan:
     /// clears are rare (engine reset), and a per-endpoint key list would double the memory.
     pub fn clear_precise(&mut self, id: EndpointId) {
+        // Nothing to drop (the count is exact): no scan. A publisher can send thousands of
+        // clears in one batch; only the first of them costs a scan.
+        if self.ep(id.0).is_none_or(|e| e.precise_entries == 0) {
+            return;
+        }
         self.update_all(|hs| {
             if let Some(h) = hs.find_mut(id.0) {
                 h.flags &= !TIERS;
@@ -869,11 +885,18 @@ impl PrefixIndex {
     /// Drops every entry of `id`, precise and approximate (its engine's cache is empty: an
     /// `AllBlocksCleared` or a restart), keeping its trust. A full scan, as [`Self::clear_precise`].
     pub fn clear_endpoint(&mut self, id: EndpointId) {
-        self.update_all(|hs| {
-            if let Some(h) = hs.find_mut(id.0) {
-                h.flags = 0;
-            }
-        });
+        // As in `clear_precise`: with no entry of either kind (both counts are exact) there is
+        // nothing for the scan to find.
+        let holds = self
+            .ep(id.0)
+            .is_some_and(|e| e.precise_entries > 0 || e.approx_live > 0);
+        if holds {
+            self.update_all(|hs| {
+                if let Some(h) = hs.find_mut(id.0) {
+                    h.flags = 0;
+                }
+            });
+        }
         let ep = self.ep_mut(id);
         ep.precise_entries = 0;
         ep.approx_live = 0;
@@ -1329,6 +1352,7 @@ mod tests {
         Store(u32, Vec<u64>, u8),
         Remove(u32, Vec<u64>, u8),
         Clear(u32),
+        ClearAll(u32),
         Touch(u32, Vec<u64>),
         Trust(u32, bool),
         Advance(u64),
@@ -1356,6 +1380,7 @@ mod tests {
             4 => (0u32..EPS, keys.clone(), 0u8..tiers).prop_map(|(e, k, t)| Op::Store(e, k, t)),
             2 => (0u32..EPS, keys.clone(), 0u8..tiers).prop_map(|(e, k, t)| Op::Remove(e, k, t)),
             1 => (0u32..EPS).prop_map(Op::Clear),
+            1 => (0u32..EPS).prop_map(Op::ClearAll),
             touches => (0u32..EPS, keys).prop_map(|(e, k)| Op::Touch(e, k)),
             1 => (0u32..EPS, any::<bool>()).prop_map(|(e, t)| Op::Trust(e, t)),
             2 => (0u64..400).prop_map(Op::Advance),
@@ -1421,6 +1446,11 @@ mod tests {
                 Op::Clear(e) => {
                     idx.clear_precise(EndpointId(e));
                     r.precise.retain(|x| x.1 != e);
+                }
+                Op::ClearAll(e) => {
+                    idx.clear_endpoint(EndpointId(e));
+                    r.precise.retain(|x| x.1 != e);
+                    r.approx.retain(|&(_, ep), _| ep != e);
                 }
                 Op::Touch(e, k) => {
                     idx.touch_approx(EndpointId(e), &k, now);

@@ -124,6 +124,15 @@ impl KvSequence {
         self.missing = None;
     }
 
+    /// The numbers before `seq` are given up (lost for good, and the facts learnt before them
+    /// dropped): the stream continues at `seq`, with nothing missing.
+    pub fn resume_at(&mut self, seq: u64) {
+        *self = Self {
+            expected: Some(seq),
+            ..Self::default()
+        };
+    }
+
     /// A replay delivered batch `seq` ahead of the live stream: the expectation moves past it
     /// (never back), and a live copy of it is a duplicate.
     pub fn replayed(&mut self, seq: u64) {
@@ -178,7 +187,11 @@ impl KvSequence {
             return SeqOutcome::Gap { expected, got: seq };
         }
         let restart = if live {
-            if self.replay_high.is_some_and(|h| seq <= h) {
+            // A live copy of a batch the replay delivered is a duplicate, unless the connection
+            // dropped since: a publisher never sends a number twice, so after a reconnect a
+            // number going back is a new process (an idle engine may restart long before its
+            // live numbers pass what the start-up replay delivered).
+            if !reconnected && self.replay_high.is_some_and(|h| seq <= h) {
                 return SeqOutcome::Stale { expected, got: seq };
             }
             true
@@ -204,6 +217,39 @@ impl KvSequence {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// After a start-up replay, live copies of replayed batches are duplicates, but once the
+    /// connection has dropped a number going back is a new process, even before the live
+    /// stream passed what the replay delivered (an idle engine that restarts).
+    #[test]
+    fn a_reconnect_makes_a_replayed_number_a_restart() {
+        let mut s = KvSequence::new();
+        for seq in 0..5 {
+            s.replayed(seq);
+        }
+        assert!(matches!(s.observe_live(2), SeqOutcome::Stale { .. }));
+        s.note_reconnect();
+        assert_eq!(
+            s.observe_live(0),
+            SeqOutcome::Restart {
+                expected: 5,
+                got: 0
+            }
+        );
+        assert_eq!(s.observe_live(1), SeqOutcome::InOrder);
+    }
+
+    #[test]
+    fn resuming_after_a_loss_expects_the_next_batch_with_nothing_missing() {
+        let mut s = KvSequence::new();
+        s.observe(0, false);
+        s.observe(5, true);
+        assert_eq!(s.missing(), Some((1, 5)));
+        s.resume_at(9);
+        assert_eq!((s.expected(), s.missing()), (Some(9), None));
+        assert_eq!(s.observe(9, true), SeqOutcome::InOrder);
+        assert!(matches!(s.observe(3, true), SeqOutcome::Stale { .. }));
+    }
 
     #[test]
     fn first_batch_starts_a_stream_unless_facts_may_have_been_missed() {

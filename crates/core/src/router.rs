@@ -970,7 +970,15 @@ impl Router {
                     &mut keys,
                 );
                 e.load.blocks_stored(now_us, &keys);
-                if self.index.store(id, &keys, *tier) == ApplyOutcome::Overflowed {
+                let overflowed = self.index.store(id, &keys, *tier) == ApplyOutcome::Overflowed;
+                // More aliases than the engine may hold blocks is no engine's cache either:
+                // the index counts distinct keys, and a publisher naming the same block under
+                // ever new hashes would grow the aliases alone without bound.
+                let aliases_overflowed = e.engine_keys.len() > self.index.precise_capacity_blocks();
+                if aliases_overflowed && !overflowed {
+                    self.index.drop_precise_view(id);
+                }
+                if overflowed || aliases_overflowed {
                     // The index dropped the endpoint's precise view; the aliases go with it.
                     e.engine_keys.clear();
                     e.kv.events_ok = false;
@@ -1049,6 +1057,32 @@ impl Router {
     pub fn engine_key_stats(&self, id: EndpointId) -> Option<(usize, u64)> {
         self.entry(id)
             .map(|e| (e.engine_keys.len(), e.engine_keys.orphans()))
+    }
+
+    /// Batches of `id` before `got` were lost for good (no replay filled them; `got` is the next
+    /// batch to come). A lost `BlockRemoved` would leave a block in the view that the
+    /// engine no longer holds, so the precise view is dropped (aliases included) and the stream
+    /// goes on from `got` as a new one: what the router learns from there on is sound, as for a
+    /// router that joins a running engine, and the endpoint is trusted again at once (it was
+    /// untrusted until a replay that never came; a later gap's successful replay then trusted
+    /// it with this gap's facts still missing). Approximate entries are kept.
+    pub fn kv_events_lost(&mut self, id: EndpointId, now_us: u64, got: u64) {
+        self.tick(now_us);
+        let Some(e) = self.slots.get_mut(id.0 as usize).and_then(Option::as_mut) else {
+            return;
+        };
+        if e.state == EndpointState::Gone {
+            return;
+        }
+        // A gap report older than what was already applied changes nothing.
+        if e.kv.seq.expected().is_some_and(|next| next > got) {
+            return;
+        }
+        e.engine_keys.clear();
+        e.kv.seq.resume_at(got);
+        e.kv.events_ok = true;
+        self.index.clear_precise(id);
+        self.sync_trust(id);
     }
 
     /// The KV event publisher of `id` restarted (its sequence numbers went back to 0): the engine
@@ -2550,6 +2584,90 @@ mod tests {
         assert_eq!(matched(&r, &conv, e), 4);
         assert_eq!(r.engine_key_stats(e), Some((4, 0)));
         assert_eq!(r.kv_index_mode(e), Some(IndexMode::Precise));
+    }
+
+    /// A publisher naming one block under ever new hashes (same tokens, no parent) adds
+    /// aliases but no index entries: the aliases are bounded by the same capacity as the
+    /// index, and overflowing it declares the view broken like an index overflow.
+    #[test]
+    fn aliases_of_one_block_are_bounded_like_the_index() {
+        let mut config = RouterConfig::for_policy("kvgate").unwrap();
+        config.tuning.precise_capacity_blocks = 8;
+        let mut r = Router::new(config).unwrap();
+        let e = r.add_endpoint(0, EndpointSpec::new("e0", "m"));
+        let batch = |seq: u64, hash: u64| KvEventBatch {
+            seq,
+            ts: 0.0,
+            events: vec![KvEvent::BlockStored {
+                block_hashes: vec![hash],
+                parent: None,
+                token_ids: vec![7; 16],
+                block_size: 16,
+                lora_name: None,
+                extra_keys: Vec::new(),
+                tier: Tier::Gpu,
+            }],
+            data_parallel_rank: None,
+        };
+        for seq in 0..8 {
+            r.observe_kv_batch(e, seq + 1, &batch(seq, 1000 + seq));
+        }
+        assert_eq!(r.engine_key_stats(e), Some((8, 0)));
+        assert_eq!(r.index.precise_entries(e), 1, "one block, eight names");
+        assert_eq!(r.kv_index_mode(e), Some(IndexMode::Precise));
+        r.observe_kv_batch(e, 9, &batch(8, 2000));
+        assert_eq!(
+            r.engine_key_stats(e),
+            Some((0, 0)),
+            "the aliases are dropped"
+        );
+        assert_eq!(r.index.precise_entries(e), 0);
+        assert_ne!(r.kv_index_mode(e), Some(IndexMode::Precise));
+    }
+
+    /// Batches lost for good (the subscriber's replay could not fill them, or there is none):
+    /// the view learnt before them is dropped, since a lost removal would keep a block the
+    /// engine evicted, and the stream goes on, trusted, from the next batch.
+    #[test]
+    fn events_lost_for_good_restart_the_view_from_the_next_batch() {
+        let (mut r, ids) = router_with(1);
+        let e = ids[0];
+        let (old, new): (Vec<u64>, Vec<u64>) = ((1..=4).collect(), (11..=14).collect());
+        r.observe_kv_batch(e, 1, &stored(0, &old, Tier::Gpu));
+        assert_eq!(r.kv_index_mode(e), Some(IndexMode::Precise));
+        // Batches 1 and 2 are lost; the subscriber says so before it forwards batch 3.
+        r.kv_events_lost(e, 2, 3);
+        r.observe_kv_batch(e, 3, &stored(3, &new, Tier::Gpu));
+        assert_eq!(r.kv_index_mode(e), Some(IndexMode::Precise));
+        assert_eq!(
+            r.index.precise_entries(e),
+            4,
+            "only what came after the loss"
+        );
+        assert_eq!(r.engine_key_stats(e), Some((4, 0)));
+        // A stale report (batch 3 is already applied) changes nothing.
+        r.kv_events_lost(e, 4, 2);
+        assert_eq!(r.index.precise_entries(e), 4);
+    }
+
+    /// A batch of clears costs one scan: the rest find nothing to drop, and change nothing.
+    #[test]
+    fn repeated_clears_leave_other_endpoints_whole() {
+        let (mut r, ids) = router_with(2);
+        let conv: Vec<u64> = (1..=6).collect();
+        r.observe_kv_batch(ids[0], 1, &stored(0, &conv, Tier::Gpu));
+        r.observe_kv_batch(ids[1], 1, &stored(0, &conv, Tier::Gpu));
+        let clears = KvEventBatch {
+            seq: 1,
+            ts: 0.0,
+            events: vec![KvEvent::AllBlocksCleared; 1000],
+            data_parallel_rank: None,
+        };
+        r.observe_kv_batch(ids[0], 2, &clears);
+        assert_eq!(matched(&r, &conv, ids[0]), 0);
+        assert_eq!(matched(&r, &conv, ids[1]), 6);
+        assert_eq!(r.index.precise_entries(ids[0]), 0);
+        assert_eq!(r.index.precise_entries(ids[1]), 6);
     }
 
     /// The cache contract: persistent over-prediction puts the endpoint on approximate
