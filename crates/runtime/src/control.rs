@@ -379,6 +379,8 @@ pub struct Control {
     scrape_timeout_ms: u64,
     obs_tx: mpsc::Sender<Observation>,
     next_request_id: AtomicU64,
+    /// Pooled connections to the engines' `/tokenize` (`--tokenizer engine`).
+    tokenize_client: crate::tokenize::TokenizeClient,
     /// Set by [`Control::begin_shutdown`].
     shutting_down: std::sync::atomic::AtomicBool,
     /// The gateway's metrics.
@@ -390,6 +392,40 @@ impl std::fmt::Debug for Control {
         f.debug_struct("Control").finish_non_exhaustive()
     }
 }
+
+/// The host of `host:port` (an IPv6 host in brackets), or the whole text when it has no port
+/// (a bare IPv4 or IPv6 address, or a name).
+fn host_of(address: &str) -> &str {
+    let a = address.trim();
+    if let Some(rest) = a.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match a.rsplit_once(':') {
+        Some((host, port)) if !host.contains(':') && port.parse::<u16>().is_ok() => host,
+        _ => a,
+    }
+}
+
+/// [`Control::subset_addresses`] over the endpoints at `known`.
+fn expand_subset(hint: &[String], known: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for h in hint {
+        let h = h.trim();
+        if known.iter().any(|k| k == h) {
+            out.push(h.to_owned());
+            continue;
+        }
+        let host = host_of(h);
+        out.extend(known.iter().filter(|k| host_of(k) == host).cloned());
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Prompt text from which tokenising leaves the runtime's worker ([`Control::tokenize`]): ~8k
+/// tokens, a few milliseconds; below it handing the worker's tasks over costs more than it saves.
+const OFF_WORKER_TOKENIZE_BYTES: usize = 32 * 1024;
 
 fn router_config(policy: &PolicyChoice) -> Result<RouterConfig, RuntimeError> {
     match policy {
@@ -448,6 +484,7 @@ impl Control {
             scrape_timeout_ms: cfg.scrape_timeout_ms,
             obs_tx,
             next_request_id: AtomicU64::new(1),
+            tokenize_client: crate::tokenize::tokenize_client(),
             shutting_down: std::sync::atomic::AtomicBool::new(false),
             metrics,
         });
@@ -857,10 +894,11 @@ impl Control {
                         tracing::debug!(endpoint = ?id, expected, got, "KV events lost; approximate until resync");
                     }
                 }
-                // Lost for good: the core already untrusted the endpoint when the next batch
-                // jumped the sequence; it stays on approximate matching until a resync.
+                // Lost for good: the core drops the endpoint's precise view and follows the
+                // stream afresh from the next batch.
                 Observation::KvGap { expected, got, .. } => {
-                    tracing::info!(endpoint = ?id, expected, got, "KV events lost; approximate prefix tracking for this endpoint");
+                    tracing::info!(endpoint = ?id, expected, got, "KV events lost for good; the endpoint's precise view is dropped and rebuilt from the next batch");
+                    st.router.kv_events_lost(id, now, *got);
                 }
                 Observation::KvResynced { .. } => st.router.kv_resynced(id, now),
                 Observation::KvDisconnected { at_us, .. } => st.router.kv_disconnected(id, *at_us),
@@ -1087,6 +1125,45 @@ impl Control {
         v
     }
 
+    /// Where a request that is not routed by its prompt goes (no body, or a path that is no
+    /// inference API): the endpoints not draining that know their models and answered their
+    /// last scrape; if there are none, every endpoint not draining.
+    pub fn passthrough_addresses(&self) -> Vec<String> {
+        let m = self.members_read();
+        let live: Vec<String> = m
+            .by_id
+            .values()
+            .filter(|m| {
+                !m.draining
+                    && m.reachability() != Reachability::Unreachable
+                    && !m.spec().models.is_empty()
+            })
+            .map(|m| m.config.address.clone())
+            .collect();
+        if !live.is_empty() {
+            return live;
+        }
+        m.by_id
+            .values()
+            .filter(|m| !m.draining)
+            .map(|m| m.config.address.clone())
+            .collect()
+    }
+
+    /// The endpoint addresses a subset hint names (`x-gateway-destination-endpoint-subset`):
+    /// an entry naming an endpoint's `host:port` names that endpoint; any other entry (a bare
+    /// IP, or another port) names every endpoint on its host, as the reference picker matches
+    /// pods by IP alone.
+    pub fn subset_addresses(&self, hint: &[String]) -> Vec<String> {
+        let known: Vec<String> = self
+            .members_read()
+            .by_id
+            .values()
+            .map(|m| m.config.address.clone())
+            .collect();
+        expand_subset(hint, &known)
+    }
+
     /// Base URLs of every endpoint not draining (for `/v1/models` aggregation).
     pub fn endpoint_addresses(&self) -> Vec<String> {
         self.members_read()
@@ -1126,6 +1203,20 @@ impl Control {
     /// Token ids of a request's prompt as the engines will see them (see [`crate::tokenize`]);
     /// `None` if they cannot be computed.
     pub fn tokenize(&self, parsed: &ParsedRequest) -> Option<Vec<u32>> {
+        // A long prompt takes milliseconds to render and tokenise (tens for an unseen 220 KB
+        // one), which on a runtime worker would stall every connection that worker serves
+        // (Envoy's health checks of the picker included). The worker hands its other tasks to
+        // the runtime for that time (on the multi-thread runtime both binaries run).
+        let text_bytes = match &parsed.prompt {
+            Prompt::Text(t) => t.len(),
+            Prompt::Messages(m) => m.iter().map(|m| m.content.len()).sum(),
+            Prompt::Tokens(_) => 0,
+        };
+        let multi_thread = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        if text_bytes >= OFF_WORKER_TOKENIZE_BYTES && multi_thread {
+            return tokio::task::block_in_place(|| self.tokenizer.tokenize(parsed));
+        }
         self.tokenizer.tokenize(parsed)
     }
 
@@ -1143,22 +1234,32 @@ impl Control {
         }
         let (model, _) = self.resolve_model(&parsed.model)?;
         let body = crate::tokenize::tokenize_body(parsed, &parsed.model)?;
-        let candidates: Vec<String> = {
+        // Endpoints whose last scrape got an answer first (one that does not answer would
+        // cost every request it is asked for a timeout), the rest only if none did.
+        let (mut candidates, unreachable): (Vec<(String, bool)>, Vec<_>) = {
             let m = self.members_read();
             m.by_id
                 .values()
                 .filter(|mb| !mb.draining && mb.spec().models.contains(&model))
-                .map(|mb| mb.config.address.clone())
-                .collect()
+                .map(|mb| {
+                    let reachable = mb.reachability() != Reachability::Unreachable;
+                    (mb.config.address.clone(), reachable)
+                })
+                .partition(|(_, reachable)| *reachable)
         };
+        if candidates.is_empty() {
+            candidates = unreachable;
+        }
         if candidates.is_empty() {
             return None;
         }
         let start = self.next_request_id() as usize % candidates.len();
         for i in 0..candidates.len() {
-            let address = &candidates[(start + i) % candidates.len()];
-            if let Some(tokens) = crate::tokenize::engine_tokenize(address, &body).await {
-                return Some(tokens);
+            let (address, _) = &candidates[(start + i) % candidates.len()];
+            let tokens =
+                crate::tokenize::prompt_tokens(&self.tokenize_client, address, &body).await;
+            if tokens.is_some() {
+                return tokens;
             }
         }
         None
@@ -1509,6 +1610,81 @@ impl Control {
 #[cfg(test)]
 mod log_tests {
     use super::*;
+
+    /// Tokenising a long prompt lets the runtime's other tasks run meanwhile: with one worker
+    /// thread, a ticking task advances while a 4 MB prompt is tokenised (it could not before:
+    /// the tokenising task held the only worker until it was done).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn long_prompts_are_tokenised_off_the_worker() {
+        let cfg = DataPlaneConfig::from_yaml(
+            "policy: round-robin\nendpoints:\n  - {url: 'http://127.0.0.1:9', models: [m]}\n",
+        )
+        .unwrap();
+        let control =
+            Control::start(&cfg, Arc::new(crate::metrics::DataPlaneMetrics::new())).unwrap();
+        let ticks = Arc::new(AtomicU64::new(0));
+        let t = ticks.clone();
+        let ticker = tokio::spawn(async move {
+            loop {
+                t.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let words: String = (0..600_000).map(|i| format!("w{} ", i % 9973)).collect();
+        let body = serde_json::json!({"model": "m", "prompt": words}).to_string();
+        let parsed =
+            crate::openai::parse_request(crate::openai::ApiKind::Completions, body.as_bytes())
+                .unwrap();
+        // On the worker, as a data plane's request task runs (the test's own body does not).
+        let t = ticks.clone();
+        let (tokens, during) = tokio::spawn(async move {
+            let before = t.load(Ordering::Relaxed);
+            let tokens = control.tokenize(&parsed).expect("tokens");
+            (tokens, t.load(Ordering::Relaxed) - before)
+        })
+        .await
+        .unwrap();
+        ticker.abort();
+        assert!(tokens.len() > 100_000);
+        assert!(
+            during > 0,
+            "nothing else ran while the prompt was tokenised"
+        );
+    }
+
+    /// Subset hints name endpoints by `host:port`, or by IP alone as the reference picker
+    /// matches them (a bare IP, or a port other than the endpoint's).
+    #[test]
+    fn subset_hints_match_by_address_else_by_host() {
+        let known: Vec<String> = [
+            "10.0.0.1:8000",
+            "10.0.0.2:8000",
+            "127.0.0.1:9",
+            "127.0.0.1:10",
+            "[::1]:8000",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let v = |hint: &[&str]| {
+            let hint: Vec<String> = hint.iter().map(|s| s.to_string()).collect();
+            expand_subset(&hint, &known)
+        };
+        assert_eq!(v(&["127.0.0.1:9"]), ["127.0.0.1:9"]);
+        assert_eq!(v(&["10.0.0.2"]), ["10.0.0.2:8000"]);
+        assert_eq!(
+            v(&["10.0.0.1:9999", " 10.0.0.2:8000"]),
+            ["10.0.0.1:8000", "10.0.0.2:8000"]
+        );
+        assert_eq!(v(&["127.0.0.1"]), ["127.0.0.1:10", "127.0.0.1:9"]);
+        assert_eq!(v(&["::1"]), ["[::1]:8000"]);
+        assert_eq!(v(&["[::1]:1"]), ["[::1]:8000"]);
+        assert!(v(&["10.9.9.9"]).is_empty());
+        assert_eq!(host_of("[::1]:8000"), "::1");
+        assert_eq!(host_of("pod.ns.svc:8000"), "pod.ns.svc");
+        assert_eq!(host_of("10.0.0.7"), "10.0.0.7");
+    }
 
     #[test]
     fn a_20k_model_list_made_a_1_3_mb_info_line() {

@@ -35,8 +35,25 @@ pub const ENGINE_MODE: &str = "engine";
 /// in well under a second).
 const PROBE_TIMEOUT_MS: u64 = 5_000;
 
-/// Largest `/tokenize` answer read: the probe is a few hundred tokens.
+/// Largest `/tokenize` answer read for the probe: a few hundred tokens.
 const PROBE_BODY_LIMIT_BYTES: usize = 1024 * 1024;
+
+/// Largest `/tokenize` answer read for a request's prompt (`--tokenizer engine`): two million
+/// token ids at up to eight bytes each in JSON. (It was the probe's 1 MiB, so a prompt of more
+/// than ~150k tokens lost its engine tokens and was keyed approximately.)
+const PROMPT_BODY_LIMIT_BYTES: usize = 16 * 1024 * 1024;
+
+/// The HTTP client of engines' `/tokenize` calls.
+pub type TokenizeClient = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    http_body_util::Full<bytes::Bytes>,
+>;
+
+/// A client for [`engine_tokenize`]: keep one per data plane, so connections to the engines
+/// are pooled (one per request left a socket in TIME_WAIT per request).
+pub fn tokenize_client() -> TokenizeClient {
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http()
+}
 
 /// Tokens shown on each side of the first difference in a mismatch warning.
 const MISMATCH_WINDOW: usize = 8;
@@ -207,7 +224,8 @@ pub async fn probe(
 ) -> Option<ProbeResult> {
     let ours = tokenizer.probe_tokens()?.ok()?;
     let body = json!({"model": model, "messages": probe_messages(), "add_generation_prompt": true});
-    let engine = engine_tokenize(address, &body).await?;
+    let engine =
+        engine_tokenize(&tokenize_client(), address, &body, PROBE_BODY_LIMIT_BYTES).await?;
     let position = ours
         .iter()
         .zip(&engine)
@@ -264,11 +282,24 @@ pub fn tokenize_body(parsed: &ParsedRequest, model: &str) -> Option<Value> {
     }
 }
 
-/// POSTs `body` to `http://address/tokenize` and returns its `tokens`.
-pub async fn engine_tokenize(address: &str, body: &Value) -> Option<Vec<u32>> {
+/// A request's prompt tokens from `http://address/tokenize` (`body`: [`tokenize_body`]).
+pub async fn prompt_tokens(
+    client: &TokenizeClient,
+    address: &str,
+    body: &Value,
+) -> Option<Vec<u32>> {
+    engine_tokenize(client, address, body, PROMPT_BODY_LIMIT_BYTES).await
+}
+
+/// POSTs `body` to `http://address/tokenize` and returns its `tokens`, reading at most
+/// `limit` bytes of the answer.
+async fn engine_tokenize(
+    client: &TokenizeClient,
+    address: &str,
+    body: &Value,
+    limit: usize,
+) -> Option<Vec<u32>> {
     use http_body_util::{BodyExt, Full, Limited};
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<Full<bytes::Bytes>>();
     let req = hyper::Request::post(format!("http://{address}/tokenize"))
         .header(hyper::header::CONTENT_TYPE, "application/json")
         .body(Full::new(bytes::Bytes::from(body.to_string())))
@@ -279,10 +310,7 @@ pub async fn engine_tokenize(address: &str, body: &Value) -> Option<Vec<u32>> {
             tracing::debug!(%address, status = %resp.status(), "engine /tokenize refused the probe");
             return None;
         }
-        Limited::new(resp.into_body(), PROBE_BODY_LIMIT_BYTES)
-            .collect()
-            .await
-            .ok()
+        Limited::new(resp.into_body(), limit).collect().await.ok()
     };
     let bytes = tokio::time::timeout(Duration::from_millis(PROBE_TIMEOUT_MS), fetch)
         .await
