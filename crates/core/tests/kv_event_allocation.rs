@@ -48,7 +48,10 @@ fn a_claimed_block_size_allocates_nothing_the_event_did_not_carry() {
         let base = ALLOCATOR.allocated();
         r.observe_kv_batch(e, 2 + i as u64, batch);
         let grown = ALLOCATOR.allocated().saturating_sub(base);
-        assert!(grown <= 1 << 20, "batch {i}: the heap grew by {grown} bytes");
+        assert!(
+            grown <= 1 << 20,
+            "batch {i}: the heap grew by {grown} bytes"
+        );
     }
     // The unplaceable block is counted, the carried one stored.
     assert_eq!(r.engine_key_stats(e), Some((2, 1)));

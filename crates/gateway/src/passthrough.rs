@@ -88,6 +88,7 @@ async fn pass(State(app): State<Arc<App>>, kind: Kind, req: Request) -> Response
 
 /// `model` of a JSON object body, if it names one.
 fn model_of(body: &[u8]) -> Result<Option<String>, ApiError> {
+    kvgate_runtime::openai::check_json_values(body)?;
     let v: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}")))?;
     let Value::Object(obj) = v else {
@@ -181,10 +182,22 @@ async fn forward(app: &Arc<App>, req: Request) -> Result<Response, ApiError> {
     ))
 }
 
-async fn model_card(State(app): State<Arc<App>>, Path(id): Path<String>) -> Response {
-    let resp = match card(&app, &id).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
+async fn model_card(
+    State(app): State<Arc<App>>,
+    id: Result<Path<String>, axum::extract::rejection::PathRejection>,
+) -> Response {
+    // A path that is no model id (not UTF-8 once percent-decoded) is refused in the OpenAI
+    // shape and counted, like every other answer, rather than by axum's plain-text rejection.
+    let resp = match id {
+        Ok(Path(id)) => match card(&app, &id).await {
+            Ok(r) => r,
+            Err(e) => e.into_response(),
+        },
+        Err(rejection) => ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("invalid model id in the path: {}", rejection.body_text()),
+        )
+        .into_response(),
     };
     count(&app.metrics, "model", resp.status());
     resp

@@ -479,6 +479,11 @@ struct CachedRewrite {
 
 const CACHED_KEY: &[u8] = b"\"cached_tokens\":";
 
+/// Most bytes held back for a key and its number: the key, some spaces and a 10-digit count
+/// fit many times over; a decode pod sending an endless run of digits or spaces after the key
+/// must not make the relay buffer it all (and copy it again with every frame).
+const MAX_HELD_BYTES: usize = 256;
+
 impl CachedRewrite {
     /// Rewrites `buf` and splits off what must wait for more bytes (unless `last`).
     fn rewrite(&self, buf: &[u8], last: bool) -> (Vec<u8>, Vec<u8>) {
@@ -494,8 +499,9 @@ impl CachedRewrite {
                 j += 1;
             }
             let digits = buf[j..].iter().take_while(|b| b.is_ascii_digit()).count();
-            if j + digits == buf.len() && !last {
-                // The number may go on in the next frame.
+            if j + digits == buf.len() && !last && buf.len() - at <= MAX_HELD_BYTES {
+                // The number may go on in the next frame. (Past the bound it is no count a
+                // server writes, and is relayed rather than held, whatever follows.)
                 out.extend_from_slice(&buf[i..at]);
                 return (out, buf[at..].to_vec());
             }
@@ -838,6 +844,14 @@ data: [DONE]
             out.extend_from_slice(&tail);
             assert_eq!(String::from_utf8_lossy(&out), want, "cut at {cut}");
         }
+        // A key followed by an endless run of spaces: held only up to the bound, then relayed.
+        let mut endless = CACHED_KEY.to_vec();
+        endless.extend_from_slice(&[b' '; 64]);
+        let (out, held) = r.rewrite(&endless, false);
+        assert_eq!((out.len(), held.len()), (0, endless.len()));
+        endless.extend_from_slice(&[b' '; MAX_HELD_BYTES]);
+        let (out, held) = r.rewrite(&endless, false);
+        assert_eq!((out.len(), held.len()), (endless.len(), 0));
         // No usage details: nothing to rewrite.
         let (out, held) = r.rewrite(br#"{"prompt_tokens_details":null}"#, false);
         assert_eq!(

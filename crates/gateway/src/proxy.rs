@@ -416,15 +416,27 @@ pub(crate) async fn send_to(
         .body(Full::new(body))
         .map_err(|_| AttemptError::Connect)?;
     app.client_for(address).request(req).await.map_err(|e| {
-        let timeout = std::error::Error::source(&e)
-            .and_then(|s| s.downcast_ref::<std::io::Error>())
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut);
-        if timeout {
+        if timed_out(&e) {
             AttemptError::Timeout
         } else {
             AttemptError::Connect
         }
     })
+}
+
+/// Whether an error was caused by a timeout anywhere down its chain of sources: the client's
+/// error wraps a connect error, which wraps the `TimedOut` I/O error of a connect timeout.
+fn timed_out(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(e);
+    while let Some(s) = source {
+        if s.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+        {
+            return true;
+        }
+        source = s.source();
+    }
+    false
 }
 
 async fn serve(
@@ -684,9 +696,16 @@ pub(crate) fn respond(
         first,
         booking: Some(booking),
         sse,
-        meter: ResponseMeter::new(sse, parsed.api == ApiKind::Chat),
+        meter: ResponseMeter::new(sse, parsed.api == ApiKind::Chat)
+            .with_sequences(parsed.sequences),
         ended: false,
-        strip: (injected_usage && sse && parts.status.is_success()).then(UsageStripper::default),
+        strip: sse.then(|| {
+            if injected_usage && parts.status.is_success() {
+                UsageStripper::default()
+            } else {
+                UsageStripper::events_only()
+            }
+        }),
         anthropic: parsed.api == ApiKind::Messages,
     };
     head.body(Body::new(metered))
@@ -704,7 +723,8 @@ struct Metered {
     meter: ResponseMeter,
     /// The body is over (upstream finished, or a mid-stream error event was sent).
     ended: bool,
-    /// Set when the gateway injected `include_usage`: removes the usage chunk again.
+    /// For an SSE body: relays whole events only, and removes the usage chunk again when the
+    /// gateway injected `include_usage`.
     strip: Option<UsageStripper>,
     /// An Anthropic Messages stream: a mid-stream error is an `event: error`, with no `[DONE]`.
     anthropic: bool,
@@ -715,13 +735,23 @@ struct Metered {
 /// know it and is relayed as is rather than buffered.
 const MAX_PENDING_EVENT_BYTES: usize = 64 * 1024;
 
-/// Removes the final usage chunk (`choices: []` with a `usage` object) from a stream whose client
-/// did not ask for it. Only complete events are relayed; the incomplete tail of a frame is held
-/// until its event completes, which delays nothing a client could use (an SSE parser acts only
-/// on complete events).
+/// Relays an SSE stream as whole events, and removes the final usage chunk (`choices: []` with
+/// a `usage` object) from a stream whose client did not ask for it. The incomplete tail of a
+/// frame is held until its event completes, which delays nothing a client could use (an SSE
+/// parser acts only on complete events) and means a mid-stream error event always starts on an
+/// event boundary: glued to half an event, it was one malformed event that clients' JSON
+/// parsers reject, losing the error. (A tail of over [`MAX_PENDING_EVENT_BYTES`] is relayed
+/// as it is.)
 #[derive(Debug, Default)]
 struct UsageStripper {
     pending: Vec<u8>,
+    /// Relay usage chunks too (the client asked for them, or the gateway did not inject them).
+    keep_usage: bool,
+}
+
+/// Whether `data` ends an SSE event (with a blank line).
+fn ends_an_event(data: &[u8]) -> bool {
+    data.ends_with(b"\n\n") || data.ends_with(b"\n\r\n")
 }
 
 /// End offset (exclusive) of the first complete SSE event in `buf` at or after `from` (an event
@@ -776,10 +806,21 @@ fn is_usage_event(event: &[u8]) -> bool {
 }
 
 impl UsageStripper {
+    /// Whole events only, usage chunks included.
+    fn events_only() -> Self {
+        Self {
+            pending: Vec::new(),
+            keep_usage: true,
+        }
+    }
+
     fn push(&mut self, data: &Bytes) -> Bytes {
         // The common frame: whole events, none of them the usage chunk, nothing held back.
         // Relayed as the same buffer (what the general path below would copy out of `pending`).
-        if self.pending.is_empty() && !mentions_usage(data) {
+        if self.pending.is_empty() && self.keep_usage && ends_an_event(data) {
+            return data.clone();
+        }
+        if self.pending.is_empty() && !self.keep_usage && !mentions_usage(data) {
             let mut end = 0;
             while let Some(next) = next_event_end(data, end) {
                 end = next;
@@ -800,7 +841,7 @@ impl UsageStripper {
         let mut start = 0;
         for end in ends {
             let event = &self.pending[start..end];
-            if !is_usage_event(event) {
+            if self.keep_usage || !is_usage_event(event) {
                 out.extend_from_slice(event);
             }
             start = end;
@@ -945,6 +986,54 @@ impl hyper::body::Body for Metered {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A connect timeout is two sources down (client error → connect error → I/O error).
+    #[test]
+    fn a_timeout_is_found_down_the_error_chain() {
+        #[derive(Debug)]
+        struct Wrap(Box<dyn std::error::Error + Send + Sync>);
+        impl std::fmt::Display for Wrap {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "wrapped")
+            }
+        }
+        impl std::error::Error for Wrap {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&*self.0)
+            }
+        }
+        let io = |kind| std::io::Error::new(kind, "x");
+        let deep = Wrap(Box::new(Wrap(Box::new(io(std::io::ErrorKind::TimedOut)))));
+        assert!(timed_out(&deep));
+        let refused = Wrap(Box::new(Wrap(Box::new(io(
+            std::io::ErrorKind::ConnectionRefused,
+        )))));
+        assert!(!timed_out(&refused));
+    }
+
+    /// Without stripping, whole events pass as they come (the usage chunk included) and an
+    /// incomplete tail waits for the rest of its event.
+    #[test]
+    fn only_whole_events_are_relayed() {
+        let stream = concat!(
+            "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n",
+            "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":1}}\n\n",
+            "data: [DONE]\n\n",
+        );
+        let bytes = Bytes::from_static(stream.as_bytes());
+        for split in 0..stream.len() {
+            let mut s = UsageStripper::events_only();
+            let first = s.push(&bytes.slice(..split));
+            assert!(
+                first.is_empty() || ends_an_event(&first),
+                "split at {split}"
+            );
+            let mut out = first.to_vec();
+            out.extend_from_slice(&s.push(&bytes.slice(split..)));
+            assert!(s.flush().is_empty());
+            assert_eq!(String::from_utf8(out).unwrap(), stream, "split at {split}");
+        }
+    }
 
     #[test]
     fn usage_chunk_is_stripped_across_frame_boundaries() {

@@ -391,6 +391,17 @@ async fn pass_through_routes_reach_an_engine_serving_the_model() {
     assert_eq!(r.status(), 404);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["error"]["param"], "model", "{v}");
+    // A model id that is not UTF-8 once decoded: refused in the OpenAI shape (it was axum's
+    // plain-text rejection).
+    let r = c.get(url(&gw, "/v1/models/%FF")).send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("model id")),
+        "{v}"
+    );
     // Both engines list rec-model in their /v1/models (learned besides the configured ones).
     let r = c
         .get(url(&gw, "/v1/models/rec-model"))

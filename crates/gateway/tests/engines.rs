@@ -506,3 +506,81 @@ async fn method_not_allowed_had_an_empty_body() {
         );
     }
 }
+
+/// An engine whose stream breaks in the middle of an event (the connection closes short of
+/// its response's `content-length`): the client gets the whole events before it, then the
+/// error event on a boundary of its own, never the half event glued to it, which no client
+/// can parse.
+#[tokio::test]
+async fn a_stream_broken_mid_event_ends_with_a_parseable_error_event() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const WHOLE: &str =
+        "data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\"}}]}\n\n";
+    const HALF: &str = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hel";
+    // A raw HTTP/1.1 server: hyper will not send a body shorter than its content-length.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if sock.read(&mut byte).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let head = String::from_utf8_lossy(&head).to_lowercase();
+                let length = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse::<usize>().ok())
+                    .unwrap_or(0);
+                let mut body = vec![0u8; length];
+                let _ = sock.read_exact(&mut body).await;
+                let answer = if head.starts_with("post /v1/chat/completions") {
+                    format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: 100000\r\n\r\n{WHOLE}{HALF}"
+                    )
+                } else {
+                    "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                        .to_owned()
+                };
+                let _ = sock.write_all(answer.as_bytes()).await;
+                let _ = sock.shutdown().await;
+            });
+        }
+    });
+    let gw = gateway_for(&[&address], |cfg| {
+        cfg.endpoints[0].models = vec![MODEL.into()];
+    })
+    .await;
+    let r = client()
+        .post(format!("http://{}/v1/chat/completions", gw.api_addr))
+        // The client asks for usage itself, so nothing is stripped: the stream was relayed
+        // frame by frame as it came.
+        .json(
+            &json!({"model": MODEL, "stream": true, "stream_options": {"include_usage": true},
+                      "messages": [{"role": "user", "content": "hello"}]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let text = String::from_utf8(r.bytes().await.unwrap().to_vec()).unwrap();
+    assert!(text.starts_with(WHOLE), "{text}");
+    assert!(!text.contains("Hel"), "the half event was relayed: {text}");
+    let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
+    for e in &events {
+        let data = e.strip_prefix("data: ").expect("a data event");
+        if data != "[DONE]" {
+            serde_json::from_str::<Value>(data).expect("every event parses");
+        }
+    }
+    assert!(events.iter().any(|e| e.contains("\"error\"")), "{text}");
+    assert_eq!(events.last(), Some(&"data: [DONE]"));
+}

@@ -58,6 +58,7 @@ impl Measured {
 pub struct ResponseMeter {
     sse: bool,
     chat: bool,
+    sequences: u32,
     first_at: Option<Instant>,
     last_at: Option<Instant>,
     events: u32,
@@ -100,6 +101,7 @@ impl ResponseMeter {
         Self {
             sse,
             chat,
+            sequences: 1,
             first_at: None,
             last_at: None,
             events: 0,
@@ -107,6 +109,15 @@ impl ResponseMeter {
             window_overflow: false,
             at_line_start: true,
         }
+    }
+
+    /// The response generates `sequences` sequences side by side (`n`, a batch of prompts):
+    /// usage and the stream's events count the tokens of all of them, while each token's
+    /// time is that of one sequence, so TPOT divides by the tokens per sequence.
+    #[must_use]
+    pub fn with_sequences(mut self, sequences: u32) -> Self {
+        self.sequences = sequences.max(1);
+        self
     }
 
     /// Accounts one body chunk received at `now`; returns true when it is the first token of a
@@ -173,14 +184,18 @@ impl ResponseMeter {
             usage_of(&self.window)
         }
         .unwrap_or_default();
-        // Events that carry no generated token: `[DONE]`, the chat role chunk, the usage chunk.
-        let overhead = 1 + u32::from(self.chat) + u32::from(usage.completion_tokens.is_some());
+        // Events that carry no generated token: `[DONE]`, the chat role chunk (one per
+        // choice), the usage chunk.
+        let overhead = 1
+            + u32::from(self.chat).saturating_mul(self.sequences)
+            + u32::from(usage.completion_tokens.is_some());
         let output_tokens = usage
             .completion_tokens
             .unwrap_or_else(|| self.events.saturating_sub(overhead));
+        let per_sequence = output_tokens.div_ceil(self.sequences);
         let per = match (self.sse, self.first_at, self.last_at) {
-            (true, Some(first), Some(last)) if output_tokens > 1 => {
-                Some(last.duration_since(first) / (output_tokens - 1))
+            (true, Some(first), Some(last)) if per_sequence > 1 => {
+                Some(last.duration_since(first) / (per_sequence - 1))
             }
             _ => None,
         };
@@ -254,6 +269,28 @@ mod tests {
         let r = m.finish();
         assert_eq!(r.outcome.output_tokens, 2);
         assert_eq!(r.outcome.cached_tokens, Some(8));
+        assert_eq!(r.outcome.tpot_us, Some(10_000));
+    }
+
+    /// `n: 2`: two choices of three tokens each stream side by side over 20 ms; usage counts
+    /// six tokens, and a token took 10 ms (not 4 ms, as six tokens in a row would).
+    #[test]
+    fn side_by_side_sequences_are_timed_per_sequence() {
+        let mut m = ResponseMeter::new(true, true).with_sequences(2);
+        let t = Instant::now();
+        for (k, at) in [0u64, 0, 10, 10, 20, 20].into_iter().enumerate() {
+            let event = format!(
+                "data: {{\"choices\":[{{\"index\":{},\"delta\":{{\"content\":\"x\"}}}}]}}\n\n",
+                k % 2
+            );
+            m.on_chunk(event.as_bytes(), t + Duration::from_millis(at));
+        }
+        m.on_chunk(
+            b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":6}}\n\ndata: [DONE]\n\n",
+            t + Duration::from_millis(20),
+        );
+        let r = m.finish();
+        assert_eq!(r.outcome.output_tokens, 6);
         assert_eq!(r.outcome.tpot_us, Some(10_000));
     }
 

@@ -105,6 +105,10 @@ pub struct ParsedRequest {
     pub include_usage: bool,
     /// vLLM's `cache_salt` (isolates prefix-cache entries; part of the first block's hash).
     pub cache_salt: Option<String>,
+    /// Sequences generated side by side: `n` (chat, completions) times the prompts of a
+    /// completions batch. Usage counts the tokens of all of them, so a token's time is measured
+    /// per sequence ([`crate::meter::ResponseMeter::with_sequences`]).
+    pub sequences: u32,
     /// The whole body of a chat request, for rendering with the model's own template
     /// (`messages` as sent, `tools`, `chat_template_kwargs`, …); for a Messages request, the
     /// chat body vLLM converts it to.
@@ -368,8 +372,62 @@ fn text_or_tokens(v: &Value, param: &'static str) -> Result<Prompt, ApiError> {
     }
 }
 
+/// Most JSON values a request body may hold: a prompt of a million token ids, or any real
+/// chat request. The body's byte limit does not bound its parsed size: each value is a 72-byte
+/// `serde_json::Value` here (`preserve_order`), so 32 MiB of `0,` would take over a gigabyte
+/// (and twice that while its array grows) before anything was checked.
+pub const MAX_JSON_VALUES: usize = 1 << 20;
+
+/// Refuses a body with more than [`MAX_JSON_VALUES`] JSON values, before it is parsed.
+///
+/// Hand-written because serde_json has no limit on the values it builds. A body of `n` bytes
+/// holds at most about `n / 2` values (one byte and a separator each), so only bodies of more
+/// than twice the limit in bytes are scanned; the scan counts, outside strings, the bytes that
+/// precede every value but the first (`,`, `[`, `:`), an upper bound of the values.
+pub fn check_json_values(body: &[u8]) -> Result<(), ApiError> {
+    if body.len() <= 2 * MAX_JSON_VALUES {
+        return Ok(());
+    }
+    let mut values = 1usize;
+    let (mut in_string, mut escaped) = (false, false);
+    for &b in body {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b',' | b'[' | b':' => values += 1,
+            _ => {}
+        }
+    }
+    if values > MAX_JSON_VALUES {
+        tracing::debug!(
+            bytes = body.len(),
+            values,
+            limit = MAX_JSON_VALUES,
+            "request body refused: too many JSON values"
+        );
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "request body holds about {values} JSON values, more than the limit of \
+                 {MAX_JSON_VALUES}"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Parses and validates the body of a request to `api`.
 pub fn parse_request(api: ApiKind, body: &[u8]) -> Result<ParsedRequest, ApiError> {
+    check_json_values(body)?;
     let v: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}")))?;
     let Value::Object(obj) = &v else {
@@ -481,6 +539,27 @@ pub fn parse_request(api: ApiKind, body: &[u8]) -> Result<ParsedRequest, ApiErro
             ));
         }
     };
+    let sequences = match api {
+        ApiKind::Chat | ApiKind::Completions => {
+            // A malformed `n` is the engine's to refuse; here it only scales a measurement.
+            let n = obj
+                .get("n")
+                .and_then(Value::as_u64)
+                .map_or(1, |n| u32::try_from(n).unwrap_or(u32::MAX));
+            let prompts = match obj.get("prompt") {
+                Some(Value::Array(items)) if api == ApiKind::Completions => {
+                    if items.iter().all(Value::is_number) {
+                        1
+                    } else {
+                        u32::try_from(items.len()).unwrap_or(u32::MAX)
+                    }
+                }
+                _ => 1,
+            };
+            n.saturating_mul(prompts).max(1)
+        }
+        _ => 1,
+    };
     if api == ApiKind::Chat {
         chat_body = Some(std::sync::Arc::new(v));
     }
@@ -492,6 +571,7 @@ pub fn parse_request(api: ApiKind, body: &[u8]) -> Result<ParsedRequest, ApiErro
         stream,
         include_usage,
         cache_salt,
+        sequences,
         chat_body,
     })
 }
@@ -610,6 +690,40 @@ mod tests {
 
     fn err(api: ApiKind, body: &str) -> ApiError {
         parse_request(api, body.as_bytes()).unwrap_err()
+    }
+
+    /// A body of many tiny values is refused before it is parsed (it would take ~70× its
+    /// size), with the OpenAI shape; commas inside strings are text, not values; a prompt of
+    /// a million token ids passes.
+    #[test]
+    fn bodies_of_too_many_json_values_are_refused_unparsed() {
+        let ids = |n: usize| vec!["7"; n].join(",");
+        let body = format!(r#"{{"model":"m","prompt":[{}]}}"#, ids(MAX_JSON_VALUES + 1));
+        let e = err(ApiKind::Completions, &body);
+        assert_eq!(e.status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert!(e.message.contains("JSON values"), "{}", e.message);
+        let body = format!(r#"{{"model":"m","prompt":[{}]}}"#, ids(MAX_JSON_VALUES - 8));
+        let p = parse_request(ApiKind::Completions, body.as_bytes()).unwrap();
+        assert!(matches!(p.prompt, Prompt::Tokens(t) if t.len() == MAX_JSON_VALUES - 8));
+        let text = format!(r#"{{"model":"m","prompt":"{}\" ,,"}}"#, ",".repeat(3 << 20));
+        assert!(parse_request(ApiKind::Completions, text.as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn sequences_count_choices_and_batched_prompts() {
+        let seq = |api, body: &str| parse_request(api, body.as_bytes()).unwrap().sequences;
+        let chat = r#"{"model":"m","messages":[{"role":"user","content":"hi"}]"#;
+        assert_eq!(seq(ApiKind::Chat, &format!("{chat}}}")), 1);
+        assert_eq!(seq(ApiKind::Chat, &format!(r#"{chat},"n":3}}"#)), 3);
+        assert_eq!(seq(ApiKind::Chat, &format!(r#"{chat},"n":"x"}}"#)), 1);
+        let c = |prompt: &str, n: &str| format!(r#"{{"model":"m","prompt":{prompt}{n}}}"#);
+        assert_eq!(seq(ApiKind::Completions, &c(r#""a""#, "")), 1);
+        assert_eq!(seq(ApiKind::Completions, &c("[1,2,3]", "")), 1);
+        assert_eq!(
+            seq(ApiKind::Completions, &c(r#"["a","b"]"#, r#","n":2"#)),
+            4
+        );
+        assert_eq!(seq(ApiKind::Completions, &c("[[1],[2],[3]]", "")), 3);
     }
 
     #[test]
