@@ -315,6 +315,14 @@ pub struct Step {
     pub tokenize: Option<ParsedRequest>,
 }
 
+/// The answer to the request's trailers (passed on unchanged).
+fn trailers_response() -> ProcessingResponse {
+    ProcessingResponse {
+        response: Some(Resp::RequestTrailers(TrailersResponse::default())),
+        ..ProcessingResponse::default()
+    }
+}
+
 impl Step {
     fn none() -> Self {
         Self::default()
@@ -358,6 +366,9 @@ pub struct StreamState {
     t0: Instant,
     info: RequestInfo,
     api: Option<ApiKind>,
+    /// Sequences the request generates side by side (`n`, a batch of prompts; see
+    /// [`kvgate_runtime::meter::ResponseMeter::with_sequences`]).
+    sequences: u32,
     body: Vec<u8>,
     booking: Option<Booking>,
     /// The prefill leg of a disaggregated request, run by the decode pod's sidecar (the picker
@@ -368,12 +379,18 @@ pub struct StreamState {
     prefill_leg: Option<PrefillLeg>,
     /// `(client's model, model sent upstream)` when the model was rewritten.
     rewrite: Option<(String, String)>,
+    /// The end of the last response chunk that may begin a `"model":"…"` to rewrite back,
+    /// held until the next chunk shows whether it does (Envoy cuts the body anywhere).
+    rewrite_held: Vec<u8>,
     meter: Option<ResponseMeter>,
     status: u16,
     /// Engine-side tokenization: `Some` once the tokens were asked for (`Some(None)`: no engine
     /// answered), and the end-of-stream flag of the body that is waiting.
     engine_tokens: Option<Option<Vec<u32>>>,
     waiting_eos: bool,
+    /// The request's trailers arrived while its tokens were asked for: their answer follows
+    /// the routed body once [`Self::resume_with_tokens`] routes.
+    waiting_trailers: bool,
     /// When the request was routed (its booking starts waiting for the response phase).
     routed_at: Option<Instant>,
 }
@@ -522,6 +539,23 @@ fn rewrite_model_back(chunk: &[u8], from: &str, to: &str) -> Vec<u8> {
     out
 }
 
+/// Length of the longest end of `out` that is the start, not the whole, of a
+/// `"model":"from"` (either spacing): those bytes may be completed by the next chunk.
+fn model_prefix_at_end(out: &[u8], from: &str) -> usize {
+    [":", ": "]
+        .iter()
+        .map(|sep| {
+            let pattern = format!("\"model\"{sep}\"{from}\"");
+            let p = pattern.as_bytes();
+            (1..p.len().min(out.len() + 1))
+                .rev()
+                .find(|&n| out.ends_with(&p[..n]))
+                .unwrap_or(0)
+        })
+        .max()
+        .unwrap_or(0)
+}
+
 fn replace_all(hay: &[u8], old: &[u8], new: &[u8]) -> Vec<u8> {
     if old.is_empty() || hay.len() < old.len() {
         return hay.to_vec();
@@ -603,6 +637,9 @@ impl StreamState {
             status: 0,
             engine_tokens: None,
             waiting_eos: false,
+            rewrite_held: Vec::new(),
+            waiting_trailers: false,
+            sequences: 1,
             routed_at: None,
         }
     }
@@ -648,7 +685,11 @@ impl StreamState {
     /// Continues a request that waited for its engine-side tokens (see [`Step::tokenize`]).
     pub fn resume_with_tokens(&mut self, tokens: Option<Vec<u32>>) -> Step {
         self.engine_tokens = Some(tokens);
-        self.route(self.waiting_eos)
+        let mut step = self.route(self.waiting_eos);
+        if std::mem::take(&mut self.waiting_trailers) && !step.close {
+            step.responses.push(trailers_response());
+        }
+        step
     }
 
     fn api_label(&self) -> &'static str {
@@ -754,11 +795,12 @@ impl StreamState {
             Phase::Routed => Step::none(),
             _ => return Err(self.out_of_order("request trailers")),
         };
-        if !step.close {
-            step.responses.push(ProcessingResponse {
-                response: Some(Resp::RequestTrailers(TrailersResponse::default())),
-                ..ProcessingResponse::default()
-            });
+        if step.tokenize.is_some() {
+            // Routing waits for an engine's tokens; the driver replaces this step with the
+            // routed one, which must still end with the trailers' answer (Envoy waits for it).
+            self.waiting_trailers = true;
+        } else if !step.close {
+            step.responses.push(trailers_response());
         }
         Ok(step)
     }
@@ -866,9 +908,10 @@ impl StreamState {
     /// Routes a request the core has no use for (no body, or not an inference API) to a ready
     /// endpoint, round-robin within the subset hint; `body` is re-sent as is.
     fn route_without_body(&mut self, body: Option<Vec<u8>>, eos: bool) -> Step {
-        let mut addrs = self.shared.control.endpoint_addresses();
+        let mut addrs = self.shared.control.passthrough_addresses();
         if let Some(subset) = &self.info.subset {
-            addrs.retain(|a| subset.contains(a));
+            let named = self.shared.control.subset_addresses(subset);
+            addrs.retain(|a| named.contains(a));
         }
         if addrs.is_empty() {
             return self.immediate(&ApiError::new(
@@ -901,9 +944,15 @@ impl StreamState {
             Ok(p) => p,
             Err(e) => return self.immediate(&e),
         };
+        self.sequences = parsed.sequences;
         if self.engine_tokens.is_none() && self.shared.control.tokenizes_remotely() {
             self.body = body;
             self.waiting_eos = eos;
+            // The engines are asked under the model they serve: the rewrite's target when the
+            // request names an alias (`x-gateway-model-name-rewrite`), which no engine lists.
+            if let Some(to) = &self.info.model_rewrite {
+                parsed.model.clone_from(to);
+            }
             return Step {
                 tokenize: Some(parsed),
                 ..Step::none()
@@ -930,7 +979,8 @@ impl StreamState {
             Err(e) => return self.immediate(&e),
         };
         if let Some(subset) = &self.info.subset {
-            rr.subset = Some(control.endpoint_ids(subset.iter().map(String::as_str)));
+            let named = control.subset_addresses(subset);
+            rr.subset = Some(control.endpoint_ids(named.iter().map(String::as_str)));
         }
         if let Some(r) = &self.shared.recorder {
             r.prepare(&mut rr);
@@ -1043,7 +1093,10 @@ impl StreamState {
                 }
             }
             None if self.booking.is_some() => {
-                self.meter = Some(ResponseMeter::new(sse, self.api == Some(ApiKind::Chat)));
+                self.meter = Some(
+                    ResponseMeter::new(sse, self.api == Some(ApiKind::Chat))
+                        .with_sequences(self.sequences),
+                );
             }
             None => {}
         }
@@ -1065,7 +1118,16 @@ impl StreamState {
             booking.first_token(now);
         }
         let body = match &self.rewrite {
-            Some((client, upstream)) => rewrite_model_back(&b.body, upstream, client),
+            Some((client, upstream)) => {
+                let mut data = std::mem::take(&mut self.rewrite_held);
+                data.extend_from_slice(&b.body);
+                let mut out = rewrite_model_back(&data, upstream, client);
+                if !b.end_of_stream {
+                    let keep = model_prefix_at_end(&out, upstream);
+                    self.rewrite_held = out.split_off(out.len() - keep);
+                }
+                out
+            }
             None => b.body,
         };
         if b.end_of_stream {
@@ -1079,10 +1141,22 @@ impl StreamState {
 
     fn on_response_trailers(&mut self) -> Step {
         self.finish();
-        Step::one(ProcessingResponse {
+        // Trailers end the body: what was held for the model rewrite goes out before their
+        // answer (as the request's body does before the request trailers' answer).
+        let held = std::mem::take(&mut self.rewrite_held);
+        let mut responses = if held.is_empty() {
+            Vec::new()
+        } else {
+            body_chunks(&held, false, false)
+        };
+        responses.push(ProcessingResponse {
             response: Some(Resp::ResponseTrailers(TrailersResponse::default())),
             ..ProcessingResponse::default()
-        })
+        });
+        Step {
+            responses,
+            ..Step::default()
+        }
     }
 
     /// The response is complete: report the outcome to the core and the metrics.

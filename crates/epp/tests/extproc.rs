@@ -671,3 +671,141 @@ async fn a_disaggregated_pool_routes_to_the_decode_pod_and_names_the_prefill_pod
         assert!(text.contains(&line), "{line} missing from\n{text}");
     }
 }
+
+/// An engine's `/tokenize` for `--tokenizer engine`: answers three tokens and records the
+/// model each request named.
+async fn tokenize_server() -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    let asked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = asked.clone();
+    let app = axum::Router::new().route(
+        "/tokenize",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            let seen = seen.clone();
+            async move {
+                let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+                seen.lock()
+                    .unwrap()
+                    .push(v["model"].as_str().unwrap_or("").to_string());
+                axum::Json(serde_json::json!({"tokens": [1, 2, 3], "count": 3}))
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (addr, asked)
+}
+
+/// `--tokenizer engine` with trailers after the body: routing waits for the engine's tokens,
+/// and the routed answer still ends with the trailers' answer (Envoy waits for it; it was
+/// dropped, and the request hung until Envoy's timeout).
+#[tokio::test]
+async fn trailers_are_answered_when_routing_waits_for_engine_tokens() {
+    let (engine, asked) = tokenize_server().await;
+    let epp = epp(&[engine.as_str()], |a| {
+        a.routing.tokenizer = Some(kvgate_runtime::tokenize::ENGINE_MODE.into());
+    })
+    .await;
+    let mut s = Stream::open(&epp).await;
+    s.send(chat_headers(), None).await;
+    s.send(body(&chat_body("t"), false), None).await;
+    s.send(Req::RequestTrailers(HttpTrailers::default()), None)
+        .await;
+    let Resp::RequestHeaders(_) = s.recv().await else {
+        panic!("expected the routing answer")
+    };
+    let Resp::RequestBody(_) = s.recv().await else {
+        panic!("expected the body")
+    };
+    assert!(matches!(s.recv().await, Resp::RequestTrailers(_)));
+    assert_eq!(*asked.lock().unwrap(), ["m"]);
+}
+
+/// `--tokenizer engine` with `x-gateway-model-name-rewrite`: the engine is asked for the
+/// tokens under the model it serves (the rewrite's target), not the client's alias.
+#[tokio::test]
+async fn engine_tokens_are_asked_for_under_the_rewritten_model() {
+    let (engine, asked) = tokenize_server().await;
+    let epp = epp(&[engine.as_str()], |a| {
+        a.routing.tokenizer = Some(kvgate_runtime::tokenize::ENGINE_MODE.into());
+        a.routing.models = vec!["m2".into()];
+    })
+    .await;
+    let mut s = Stream::open(&epp).await;
+    s.send(
+        headers(
+            &[
+                (":path", "/v1/chat/completions"),
+                ("x-gateway-model-name-rewrite", "m2"),
+            ],
+            false,
+        ),
+        None,
+    )
+    .await;
+    s.send(body(&chat_body("hi"), true), None).await;
+    let (dest, chunks, _) = routed(&mut s).await;
+    assert_eq!(dest, engine);
+    let sent: serde_json::Value = serde_json::from_slice(&chunks.concat()).unwrap();
+    assert_eq!(sent["model"], "m2");
+    assert_eq!(*asked.lock().unwrap(), ["m2"]);
+}
+
+/// The response's `"model":"m2"` cut between two chunks (Envoy cuts bodies anywhere) is still
+/// rewritten back to the client's name: the chunk's end that may start it is held until the
+/// next chunk.
+#[tokio::test]
+async fn model_rewrite_back_survives_a_chunk_boundary() {
+    let epp = epp(&EP[..1], |_| {}).await;
+    let mut s = Stream::open(&epp).await;
+    s.send(
+        headers(
+            &[
+                (":path", "/v1/chat/completions"),
+                ("x-gateway-model-name-rewrite", "m2"),
+            ],
+            false,
+        ),
+        None,
+    )
+    .await;
+    s.send(body(&chat_body("hi"), true), None).await;
+    routed(&mut s).await;
+    s.send(
+        Req::ResponseHeaders(HttpHeaders {
+            headers: Some(HeaderMap {
+                headers: vec![HeaderValue {
+                    key: ":status".into(),
+                    raw_value: b"200".to_vec(),
+                    ..HeaderValue::default()
+                }],
+            }),
+            ..HttpHeaders::default()
+        }),
+        None,
+    )
+    .await;
+    s.recv().await;
+    let mut client_saw = Vec::new();
+    for (part, eos) in [
+        (&br#"{"id":"x","mod"#[..], false),
+        (br#"el":"m2","choices":[]}"#, true),
+    ] {
+        s.send(resp_body(part, eos), None).await;
+        let Resp::ResponseBody(b) = s.recv().await else {
+            panic!()
+        };
+        let Some(body_mutation::Mutation::StreamedResponse(sr)) = b
+            .response
+            .and_then(|c| c.body_mutation)
+            .and_then(|m| m.mutation)
+        else {
+            panic!()
+        };
+        client_saw.extend_from_slice(&sr.body);
+    }
+    assert_eq!(
+        String::from_utf8(client_saw).unwrap(),
+        r#"{"id":"x","model":"m","choices":[]}"#
+    );
+}
