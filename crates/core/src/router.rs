@@ -26,7 +26,9 @@
 //! endpoint (it is matched on approximate entries, which the router keeps for every endpoint
 //! anyway) and records the missing range; batches later delivered in that range by the
 //! engine's replay are applied ([`SeqCheck::Replayed`]); duplicates are ignored.
-//! [`Router::kv_resynced`] restores trust once the caller's replay covered the gap.
+//! [`Router::kv_resynced`] restores trust once the caller's replay covered the gap; a gap no
+//! replay covers ([`Router::kv_events_lost`]) drops the endpoint's precise view and resumes
+//! its stream, trusted, at the next batch.
 //! A publisher restart ([`Router::kv_publisher_restarted`], or a batch 0 after progress,
 //! [`SeqCheck::Restarted`]: the engine process restarted and its cache is empty) is a
 //! disconnect plus an implied `AllBlocksCleared`: the endpoint's precise entries in every tier
