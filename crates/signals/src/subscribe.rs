@@ -52,7 +52,8 @@ use crate::clock::Clock;
 use crate::kv_events::{KvDecodeError, decode_event_batch, decode_frames, decode_seq};
 use crate::observation::{EndpointKey, Observation};
 use crate::transport::{
-    KvTransport, RawMessage, SocketHandle, SubEvent, TopicRoute, replay_blocking,
+    KvTransport, RawMessage, SocketHandle, SubEvent, TopicRoute, WorkerInbox, WorkerQueue,
+    replay_blocking, worker_queue,
 };
 
 /// Default bound on one replay exchange (connect, request, all replies). vLLM answers from memory
@@ -146,7 +147,7 @@ pub fn spawn_kv_subscriber(
     clock: Arc<dyn Clock>,
     tx: mpsc::Sender<Observation>,
 ) -> KvSubscriber {
-    let (events_tx, events_rx) = mpsc::channel(WORKER_QUEUE);
+    let (events_tx, events_rx) = worker_queue(WORKER_QUEUE);
     let socket = transport.connect(&cfg.pub_endpoint, &cfg.topic_filter, events_tx);
     let mut sub = spawn_worker(transport, cfg, endpoint, clock, tx, events_rx);
     sub._socket = Some(socket);
@@ -159,7 +160,7 @@ fn spawn_worker(
     endpoint: EndpointKey,
     clock: Arc<dyn Clock>,
     tx: mpsc::Sender<Observation>,
-    events: mpsc::Receiver<SubEvent>,
+    events: WorkerInbox,
 ) -> KvSubscriber {
     let stats = Arc::new(KvSubscriberStats::default());
     let worker = Worker {
@@ -192,7 +193,7 @@ pub struct KvListenerStats {
 }
 
 struct Router {
-    table: RwLock<HashMap<String, mpsc::Sender<SubEvent>>>,
+    table: RwLock<HashMap<String, WorkerQueue>>,
     stats: Arc<KvListenerStats>,
     last_warn: std::sync::Mutex<Option<Instant>>,
     address: String,
@@ -209,7 +210,7 @@ pub fn topic_endpoint(topic: &str) -> &str {
 }
 
 impl Router {
-    fn lookup(&self, topic: &str) -> Option<mpsc::Sender<SubEvent>> {
+    fn lookup(&self, topic: &str) -> Option<WorkerQueue> {
         let name = topic_endpoint(topic);
         let table = self.table.read().unwrap_or_else(|p| p.into_inner());
         if let Some(tx) = table.get(name) {
@@ -258,7 +259,7 @@ impl TopicRoute for Router {
         let topic = topic.to_owned();
         match self.lookup(&topic) {
             Some(tx) => {
-                if tx.try_send(SubEvent::Message(message)).is_err() {
+                if !tx.offer(message) {
                     self.stats.dropped_full.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -343,7 +344,7 @@ impl KvListener {
         clock: Arc<dyn Clock>,
         tx: mpsc::Sender<Observation>,
     ) -> KvSubscriber {
-        let (events_tx, events_rx) = mpsc::channel(WORKER_QUEUE);
+        let (events_tx, events_rx) = worker_queue(WORKER_QUEUE);
         self.router
             .table
             .write()
@@ -379,7 +380,7 @@ struct Worker {
 }
 
 impl Worker {
-    async fn run(mut self, mut events: mpsc::Receiver<SubEvent>) {
+    async fn run(mut self, mut events: WorkerInbox) {
         if self.startup_replay(&mut events).await.is_err() {
             return;
         }
@@ -412,10 +413,7 @@ impl Worker {
     }
 
     /// Loads the engine's replay buffer before following the live stream (see the module docs).
-    async fn startup_replay(
-        &mut self,
-        events: &mut mpsc::Receiver<SubEvent>,
-    ) -> Result<(), Closed> {
+    async fn startup_replay(&mut self, events: &mut WorkerInbox) -> Result<(), Closed> {
         let Some(endpoint) = self.cfg.replay_endpoint.clone() else {
             return Ok(());
         };

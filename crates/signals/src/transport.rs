@@ -26,8 +26,8 @@
 //!
 //! **Why one thread.** libzmq sockets are blocking and not `Sync`. One reactor thread polls all
 //! of them (`zmq_poll`, 100 ms timeout, so commands and shutdown are seen promptly) and hands
-//! each message, as raw frames, to the per-endpoint worker over a bounded channel with
-//! `try_send`: a slow worker loses messages (its sequence numbers then show the gap, and replay
+//! each message, as raw frames, to the per-endpoint worker over a queue bounded in messages
+//! and in bytes ([`WorkerQueue`]), without waiting: a slow worker loses messages (its sequence numbers then show the gap, and replay
 //! refills it) but can never stall the other endpoints or the socket. Replay exchanges are
 //! short-lived DEALER sockets run on tokio's blocking pool by the workers.
 //!
@@ -36,7 +36,7 @@
 //! connect to (listen mode, endpoints told apart by topic) or connects one SUB per engine that
 //! binds (connect mode).
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -69,6 +69,84 @@ const MAX_MESSAGES_PER_ROUND: usize = 256;
 /// One received ZeroMQ message, as frames.
 pub type RawMessage = Vec<Vec<u8>>;
 
+/// Bytes of messages queued for one endpoint's worker, besides the queue's bound in messages:
+/// thousands of messages of up to the message limit each would otherwise let one peer make the
+/// router hold hundreds of GiB while its worker is busy (a replay).
+pub const WORKER_QUEUE_BYTES: usize = 64 * 1024 * 1024;
+
+/// The sending half of one endpoint worker's queue, bounded in messages (the channel) and in
+/// bytes ([`WORKER_QUEUE_BYTES`]). A full queue drops (the sequence numbers show the loss,
+/// and replay refills it): a slow worker can never stall the socket or other endpoints.
+#[derive(Clone, Debug)]
+pub struct WorkerQueue {
+    tx: mpsc::Sender<SubEvent>,
+    queued: Arc<AtomicUsize>,
+}
+
+/// The receiving half of a [`WorkerQueue`].
+#[derive(Debug)]
+pub struct WorkerInbox {
+    rx: mpsc::Receiver<SubEvent>,
+    queued: Arc<AtomicUsize>,
+}
+
+/// A worker's queue of at most `messages` messages and [`WORKER_QUEUE_BYTES`] bytes.
+pub fn worker_queue(messages: usize) -> (WorkerQueue, WorkerInbox) {
+    let (tx, rx) = mpsc::channel(messages);
+    let queued = Arc::new(AtomicUsize::new(0));
+    (
+        WorkerQueue {
+            tx,
+            queued: Arc::clone(&queued),
+        },
+        WorkerInbox { rx, queued },
+    )
+}
+
+fn message_bytes(m: &RawMessage) -> usize {
+    m.iter().map(Vec::len).sum()
+}
+
+impl WorkerQueue {
+    /// Queues `message`; false when it was dropped because the queue is full (in messages, or
+    /// in bytes unless the queue is empty: one message of up to the message limit always fits).
+    pub fn offer(&self, message: RawMessage) -> bool {
+        let size = message_bytes(&message);
+        let before = self.queued.fetch_add(size, Ordering::AcqRel);
+        if before > 0 && before + size > WORKER_QUEUE_BYTES {
+            self.queued.fetch_sub(size, Ordering::AcqRel);
+            return false;
+        }
+        if self.tx.try_send(SubEvent::Message(message)).is_err() {
+            self.queued.fetch_sub(size, Ordering::AcqRel);
+            return false;
+        }
+        true
+    }
+
+    /// Tells the worker its publisher's connection dropped (dropped itself if the queue is full:
+    /// the next batch's number then shows what was missed).
+    pub fn disconnected(&self) {
+        let _ = self.tx.try_send(SubEvent::Disconnected);
+    }
+}
+
+impl WorkerInbox {
+    /// The next event; `None` once every sender is gone.
+    pub async fn recv(&mut self) -> Option<SubEvent> {
+        let event = self.rx.recv().await;
+        if let Some(SubEvent::Message(m)) = &event {
+            self.queued.fetch_sub(message_bytes(m), Ordering::AcqRel);
+        }
+        event
+    }
+
+    /// Whether nothing is queued.
+    pub fn is_empty(&self) -> bool {
+        self.rx.is_empty()
+    }
+}
+
 /// Something a SUB socket reports to its consumer.
 #[derive(Debug)]
 pub enum SubEvent {
@@ -89,7 +167,7 @@ enum Cmd {
         id: u64,
         address: String,
         topic_filter: String,
-        tx: mpsc::Sender<SubEvent>,
+        tx: WorkerQueue,
     },
     Bind {
         id: u64,
@@ -227,12 +305,7 @@ impl KvTransport {
 
     /// Connects a SUB socket to a publisher that binds, subscribed to topics starting with
     /// `topic_filter` (`""`: all); its messages and disconnects go to `tx`.
-    pub fn connect(
-        &self,
-        address: &str,
-        topic_filter: &str,
-        tx: mpsc::Sender<SubEvent>,
-    ) -> SocketHandle {
+    pub fn connect(&self, address: &str, topic_filter: &str, tx: WorkerQueue) -> SocketHandle {
         let id = self.id();
         self.send(Cmd::Connect {
             id,
@@ -271,7 +344,7 @@ impl KvTransport {
 }
 
 enum Consumer {
-    Connected(mpsc::Sender<SubEvent>),
+    Connected(WorkerQueue),
     Bound(Arc<dyn TopicRoute>),
 }
 
@@ -502,7 +575,7 @@ impl Reactor {
                             Some(EVENT_DISCONNECTED) => {
                                 self.stats.peer_disconnects.fetch_add(1, Ordering::Relaxed);
                                 if let Consumer::Connected(tx) = &s.consumer {
-                                    let _ = tx.try_send(SubEvent::Disconnected);
+                                    tx.disconnected();
                                 }
                                 if let Some(r) = s.redial.as_mut() {
                                     r.due = Some(Instant::now() + r.backoff);
@@ -532,7 +605,7 @@ impl Reactor {
                     }
                     match &s.consumer {
                         Consumer::Connected(tx) => {
-                            if tx.try_send(SubEvent::Message(frames)).is_err() {
+                            if !tx.offer(frames) {
                                 let n = self.stats.dropped_full.fetch_add(1, Ordering::Relaxed) + 1;
                                 if last_full_warning
                                     .is_none_or(|t| t.elapsed() > Duration::from_secs(10))
@@ -647,5 +720,31 @@ pub fn replay_blocking(
             continue;
         }
         out.push(Replayed { seq, payload });
+    }
+}
+
+#[cfg(test)]
+mod queue_tests {
+    use super::*;
+
+    /// The queue holds what its worker has not read up to its byte bound (one message of any
+    /// size when it is empty), and takes more once the worker has read.
+    #[tokio::test]
+    async fn a_worker_queue_is_bounded_in_bytes() {
+        let (q, mut inbox) = worker_queue(4_096);
+        let big = || vec![vec![0u8; 30 << 20]];
+        assert!(q.offer(big()));
+        assert!(q.offer(big()));
+        assert!(!q.offer(big()), "a third 30 MiB message exceeds 64 MiB");
+        assert!(q.offer(vec![vec![0u8; 1 << 20]]), "a small one still fits");
+        assert!(matches!(inbox.recv().await, Some(SubEvent::Message(_))));
+        assert!(q.offer(big()));
+        while !inbox.is_empty() {
+            inbox.recv().await;
+        }
+        assert!(
+            q.offer(vec![vec![0u8; 80 << 20]]),
+            "an empty queue takes any one message"
+        );
     }
 }
