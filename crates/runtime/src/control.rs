@@ -554,6 +554,10 @@ impl Control {
                     if let Some(old) = member.kv.take() {
                         old.abort();
                     }
+                    // Another event source (or engine): what the old one taught is dropped and
+                    // its sequence forgotten, so the new stream is followed from its first
+                    // batch (its numbers below the old expectation were taken for duplicates).
+                    st.router.kv_publisher_restarted(member.id, now);
                     member.kv = self.spawn_kv(cfg);
                 }
                 continue;
