@@ -82,7 +82,7 @@ use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
 use futures::Stream;
 use kvgate_core::request::FailureKind;
 use kvgate_runtime::booking::{Booking, status_failure};
-use kvgate_runtime::config::{OBJECTIVE_HEADER, SESSION_HEADER};
+use kvgate_runtime::config::{LLMD_OBJECTIVE_HEADER, OBJECTIVE_HEADER, SESSION_HEADER};
 use kvgate_runtime::decision_log::Recorder;
 use kvgate_runtime::meter::ResponseMeter;
 use kvgate_runtime::metrics::RequestLabels;
@@ -115,6 +115,9 @@ pub const SUBSET_KEY: &str = "x-gateway-destination-endpoint-subset";
 pub const SERVED_ENDPOINT: &str = "x-gateway-destination-endpoint-served";
 /// Header asking the picker to send the request under another model name.
 pub const MODEL_REWRITE_HEADER: &str = "x-gateway-model-name-rewrite";
+
+/// llm-d's twin of [`MODEL_REWRITE_HEADER`] (both spellings are accepted).
+pub const LLMD_MODEL_REWRITE_HEADER: &str = "x-llm-d-model-name-rewrite";
 /// The prefill pod of a disaggregated request, `host:port`, for the sidecar on the decode pod
 /// (llm-d's P/D protocol).
 pub const PREFILLER_HEADER: &str = "x-prefiller-host-port";
@@ -750,12 +753,19 @@ impl StreamState {
                     continue;
                 }
                 "x-request-id" => &mut self.info.request_id,
-                k if k == OBJECTIVE_HEADER => &mut self.info.objective,
+                k if k == OBJECTIVE_HEADER || k == LLMD_OBJECTIVE_HEADER => {
+                    &mut self.info.objective
+                }
                 k if k == SESSION_HEADER => &mut self.info.session,
-                k if k == MODEL_REWRITE_HEADER => &mut self.info.model_rewrite,
+                k if k == MODEL_REWRITE_HEADER || k == LLMD_MODEL_REWRITE_HEADER => {
+                    &mut self.info.model_rewrite
+                }
                 _ => continue,
             };
-            *slot = Some(header_value(hv)).filter(|v| !v.trim().is_empty());
+            // Either spelling: the first one given wins.
+            if slot.is_none() {
+                *slot = Some(header_value(hv)).filter(|v| !v.trim().is_empty());
+            }
         }
         self.info.subset = subset_hint(md);
         self.api = ApiKind::from_path(&self.info.path);

@@ -809,3 +809,25 @@ async fn model_rewrite_back_survives_a_chunk_boundary() {
         r#"{"id":"x","model":"m","choices":[]}"#
     );
 }
+
+/// llm-d's spelling of the rewrite header (`x-llm-d-model-name-rewrite`) rewrites as well.
+#[tokio::test]
+async fn the_llm_d_rewrite_header_is_read_too() {
+    let epp = epp(&EP[..1], |_| {}).await;
+    let mut s = Stream::open(&epp).await;
+    s.send(
+        headers(
+            &[
+                (":path", "/v1/chat/completions"),
+                ("x-llm-d-model-name-rewrite", "m2"),
+            ],
+            false,
+        ),
+        None,
+    )
+    .await;
+    s.send(body(&chat_body("hi"), true), None).await;
+    let (_, chunks, _) = routed(&mut s).await;
+    let sent: serde_json::Value = serde_json::from_slice(&chunks.concat()).unwrap();
+    assert_eq!(sent["model"], "m2");
+}

@@ -60,7 +60,9 @@ use kvgate_runtime::booking::{Booking, status_failure};
 use serde_json::Value;
 use tokio::time::Instant;
 
-use kvgate_runtime::config::{Limits, OBJECTIVE_HEADER, SESSION_HEADER, UpstreamProtocol};
+use kvgate_runtime::config::{
+    LLMD_OBJECTIVE_HEADER, Limits, OBJECTIVE_HEADER, SESSION_HEADER, UpstreamProtocol,
+};
 use kvgate_runtime::control::Control;
 use kvgate_runtime::decision_log::{Recorder, RequestInfo};
 use kvgate_runtime::meter::{ResponseMeter, USAGE_WINDOW_BYTES, find_byte};
@@ -459,7 +461,7 @@ async fn serve(
     let mut rr = app.control.routing_request(
         &parsed,
         engine_tokens,
-        header_str(OBJECTIVE_HEADER),
+        header_str(OBJECTIVE_HEADER).or_else(|| header_str(LLMD_OBJECTIVE_HEADER)),
         header_str(SESSION_HEADER),
     )?;
     if let Some(r) = &app.recorder {

@@ -612,10 +612,15 @@ async fn sheddable_requests_get_429_when_the_pool_is_saturated() {
         },
     )
     .await;
-    for objective in ["batch", "-1"] {
+    // llm-d's twin of the header is read as well.
+    for (header, objective) in [
+        ("x-gateway-inference-objective", "batch"),
+        ("x-gateway-inference-objective", "-1"),
+        ("x-llm-d-inference-objective", "-1"),
+    ] {
         let resp = c
             .post(url(&gw, "/v1/chat/completions"))
-            .header("x-gateway-inference-objective", objective)
+            .header(header, objective)
             .json(&chat("can wait", 2, false))
             .send()
             .await

@@ -116,6 +116,10 @@ fn live_policy_parser() -> clap::builder::PossibleValuesParser {
 /// Inference Extension.
 pub const OBJECTIVE_HEADER: &str = "x-gateway-inference-objective";
 
+/// llm-d's twin of [`OBJECTIVE_HEADER`]; both spellings are accepted (the first one wins when a
+/// request carries both).
+pub const LLMD_OBJECTIVE_HEADER: &str = "x-llm-d-inference-objective";
+
 /// Header carrying a conversation id; a tie-breaker for routing, never an override.
 pub const SESSION_HEADER: &str = "x-session-id";
 
