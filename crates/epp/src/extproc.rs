@@ -1105,7 +1105,8 @@ impl StreamState {
             None if self.booking.is_some() => {
                 self.meter = Some(
                     ResponseMeter::new(sse, self.api == Some(ApiKind::Chat))
-                        .with_sequences(self.sequences),
+                        .with_sequences(self.sequences)
+                        .responses(self.api == Some(ApiKind::Responses)),
                 );
             }
             None => {}

@@ -301,7 +301,7 @@ async fn an_anthropic_messages_stream_is_routed_and_measured_like_chat() {
         resp_body(first, false),
         t0 + Duration::from_millis(120),
     );
-    let last = b"event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"input_tokens\":9,\"output_tokens\":3,\"cache_read_input_tokens\":4}}\n\nevent: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
+    let last = b"event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"input_tokens\":5,\"output_tokens\":3,\"cache_read_input_tokens\":4}}\n\nevent: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
     handle(
         &mut s,
         resp_body(last, true),

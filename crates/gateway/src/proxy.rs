@@ -699,7 +699,8 @@ pub(crate) fn respond(
         booking: Some(booking),
         sse,
         meter: ResponseMeter::new(sse, parsed.api == ApiKind::Chat)
-            .with_sequences(parsed.sequences),
+            .with_sequences(parsed.sequences)
+            .responses(parsed.api == ApiKind::Responses),
         ended: false,
         strip: sse.then(|| {
             if injected_usage && parts.status.is_success() {

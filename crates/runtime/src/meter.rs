@@ -59,12 +59,37 @@ pub struct ResponseMeter {
     sse: bool,
     chat: bool,
     sequences: u32,
+    /// A Responses API stream (see [`Self::responses`]).
+    responses: bool,
     first_at: Option<Instant>,
     last_at: Option<Instant>,
     events: u32,
     window: Vec<u8>,
     window_overflow: bool,
     at_line_start: bool,
+}
+
+/// Whether a Responses stream chunk holds an event other than the two vLLM sends before any
+/// token (`response.created`, `response.in_progress`), named by its `event:` line.
+fn carries_output_event(data: &[u8]) -> bool {
+    const EVENT: &[u8] = b"event:";
+    let mut from = 0;
+    let mut saw_event = false;
+    while let Some(at) = data[from..]
+        .windows(EVENT.len())
+        .position(|w| w == EVENT)
+        .map(|i| from + i + EVENT.len())
+    {
+        saw_event = true;
+        let end = find_byte(&data[at..], b'\n').map_or(data.len(), |n| at + n);
+        let name = data[at..end].trim_ascii();
+        if name != b"response.created" && name != b"response.in_progress" {
+            return true;
+        }
+        from = end;
+    }
+    // A server that names no events: any data is taken as output.
+    !saw_event
 }
 
 /// Offset of the first `byte` in `hay`. The relay scans every streamed frame for line ends, so
@@ -102,6 +127,7 @@ impl ResponseMeter {
             sse,
             chat,
             sequences: 1,
+            responses: false,
             first_at: None,
             last_at: None,
             events: 0,
@@ -120,10 +146,22 @@ impl ResponseMeter {
         self
     }
 
+    /// A Responses API stream (`responses`): vLLM sends `response.created` and
+    /// `response.in_progress` as soon as the request is accepted, before any token, so the
+    /// first token is the first other event; and its usage comes nested in the final
+    /// `response.completed` event (the whole response, often longer than the tail kept).
+    #[must_use]
+    pub fn responses(mut self, responses: bool) -> Self {
+        self.responses = responses;
+        self
+    }
+
     /// Accounts one body chunk received at `now`; returns true when it is the first token of a
     /// stream (the caller reports TTFT then).
     pub fn on_chunk(&mut self, data: &[u8], now: Instant) -> bool {
-        let first = self.first_at.is_none() && !data.is_empty();
+        let first = self.first_at.is_none()
+            && !data.is_empty()
+            && (!self.responses || !self.sse || carries_output_event(data));
         if first {
             self.first_at = Some(now);
         }
@@ -177,7 +215,11 @@ impl ResponseMeter {
     /// The measurement of the finished response.
     pub fn finish(&self) -> Measured {
         let usage = if self.sse {
-            self.stream_usage()
+            self.stream_usage().or_else(|| {
+                self.responses
+                    .then(|| crate::openai::usage_in_tail(&self.window))
+                    .flatten()
+            })
         } else if self.window_overflow {
             None
         } else {
@@ -291,6 +333,38 @@ mod tests {
         );
         let r = m.finish();
         assert_eq!(r.outcome.output_tokens, 6);
+        assert_eq!(r.outcome.tpot_us, Some(10_000));
+    }
+
+    /// A Responses stream: the two events sent on acceptance are not the first token, and
+    /// the usage nested in `response.completed` (cut off at its start in the tail) is read.
+    #[test]
+    fn responses_streams_start_at_their_first_output_event() {
+        let mut m = ResponseMeter::new(true, false).responses(true);
+        let t = Instant::now();
+        let accepted = b"event: response.created\ndata: {\"type\":\"response.created\"}\n\nevent: response.in_progress\ndata: {\"type\":\"response.in_progress\"}\n\n";
+        assert!(!m.on_chunk(accepted, t));
+        let delta = |k: u64| {
+            format!(
+                "event: response.output_text.delta\ndata: {{\"type\":\"response.output_text.delta\",\"delta\":\"t{k}\"}}\n\n"
+            )
+        };
+        assert!(m.on_chunk(delta(0).as_bytes(), t + Duration::from_millis(300)));
+        assert!(!m.on_chunk(delta(1).as_bytes(), t + Duration::from_millis(310)));
+        let long_output = "x".repeat(3 * STREAM_TAIL_BYTES);
+        let completed = format!(
+            "event: response.completed\ndata: {{\"type\":\"response.completed\",\"response\":{{\"output\":[{{\"text\":\"{long_output}\"}}],\"usage\":{{\"input_tokens\":40,\"input_tokens_details\":{{\"cached_tokens\":32}},\"output_tokens\":3}},\"user\":null}}}}\n\n"
+        );
+        m.on_chunk(completed.as_bytes(), t + Duration::from_millis(320));
+        let r = m.finish();
+        assert_eq!(
+            (
+                r.outcome.prompt_tokens,
+                r.outcome.cached_tokens,
+                r.outcome.output_tokens
+            ),
+            (Some(40), Some(32), 3)
+        );
         assert_eq!(r.outcome.tpot_us, Some(10_000));
     }
 

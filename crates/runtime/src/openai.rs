@@ -590,17 +590,56 @@ pub struct Usage {
 /// Reads `usage` from a JSON object (a full response or one stream chunk); `None` if it has none.
 pub fn usage_of(json: &[u8]) -> Option<Usage> {
     let [usage] = members(json, ["usage"])?;
-    let u = usage.as_ref()?.as_object()?;
+    usage_from(usage.as_ref()?.as_object()?)
+}
+
+/// The last `"usage":{…}` object in `tail`, the end of a stream whose final event may be too
+/// long to keep whole: a Responses stream ends with `response.completed`, which carries the
+/// whole response, its `usage` near the end. Occurrences inside JSON strings (after a `\`)
+/// are skipped.
+pub fn usage_in_tail(tail: &[u8]) -> Option<Usage> {
+    const KEY: &[u8] = b"\"usage\":";
+    let mut end = tail.len();
+    while let Some(at) = tail[..end].windows(KEY.len()).rposition(|w| w == KEY) {
+        end = at;
+        if at > 0 && tail[at - 1] == b'\\' {
+            continue;
+        }
+        let rest = &tail[at + KEY.len()..];
+        let mut values = serde_json::Deserializer::from_slice(rest).into_iter::<Value>();
+        if let Some(Ok(Value::Object(u))) = values.next()
+            && let Some(usage) = usage_from(&u)
+        {
+            return Some(usage);
+        }
+    }
+    None
+}
+
+/// [`Usage`] from a `usage` object of any of the APIs.
+fn usage_from(u: &serde_json::Map<String, Value>) -> Option<Usage> {
     let num = |v: Option<&Value>| {
         v.and_then(Value::as_u64)
             .and_then(|n| u32::try_from(n).ok())
     };
+    // Anthropic Messages usage counts only the uncached part as `input_tokens`, beside
+    // `cache_read_input_tokens` and `cache_creation_input_tokens` (vLLM's
+    // `_build_anthropic_usage` too); the Responses API's `input_tokens` is the whole prompt,
+    // its cached part in `input_tokens_details`.
+    let anthropic_cache = ["cache_read_input_tokens", "cache_creation_input_tokens"]
+        .iter()
+        .filter_map(|k| num(u.get(*k)))
+        .reduce(u32::saturating_add);
+    let prompt_tokens = match (num(u.get("prompt_tokens")), num(u.get("input_tokens"))) {
+        (Some(p), _) => Some(p),
+        (None, Some(input)) => Some(input.saturating_add(anthropic_cache.unwrap_or(0))),
+        (None, None) => None,
+    };
     Some(Usage {
-        prompt_tokens: num(u.get("prompt_tokens").or_else(|| u.get("input_tokens"))),
+        prompt_tokens,
         completion_tokens: num(u
             .get("completion_tokens")
             .or_else(|| u.get("output_tokens"))),
-        // Anthropic Messages usage reports cache hits as `cache_read_input_tokens`.
         cached_tokens: num(u
             .get("prompt_tokens_details")
             .or_else(|| u.get("input_tokens_details"))
@@ -893,8 +932,10 @@ mod tests {
                 String::from_utf8_lossy(none)
             );
         }
+        // Anthropic's input_tokens is the uncached part (vLLM's `_build_anthropic_usage`:
+        // prompt − cache read − cache creation): the prompt is their sum.
         let anthropic = usage_of(
-            br#"{"type":"message_delta","usage":{"input_tokens":12,"output_tokens":2,"cache_read_input_tokens":8}}"#,
+            br#"{"type":"message_delta","usage":{"input_tokens":4,"output_tokens":2,"cache_read_input_tokens":8}}"#,
         )
         .unwrap();
         assert_eq!(
@@ -904,6 +945,20 @@ mod tests {
                 anthropic.cached_tokens
             ),
             (Some(12), Some(2), Some(8))
+        );
+        let created = usage_of(
+            br#"{"usage":{"input_tokens":4,"output_tokens":2,"cache_read_input_tokens":0,"cache_creation_input_tokens":5}}"#,
+        )
+        .unwrap();
+        assert_eq!(created.prompt_tokens, Some(9));
+        // The Responses API's input_tokens is the whole prompt.
+        let responses = usage_of(
+            br#"{"usage":{"input_tokens":12,"output_tokens":2,"input_tokens_details":{"cached_tokens":8}}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (responses.prompt_tokens, responses.cached_tokens),
+            (Some(12), Some(8))
         );
     }
 }
