@@ -397,6 +397,9 @@ impl Reactor {
 
     fn sub_socket(&self, topic_filter: &str) -> Result<zmq::Socket, zmq::Error> {
         let s = self.ctx.socket(zmq::SUB)?;
+        // IPv6 as well as IPv4: without it libzmq cannot resolve `tcp://[fd00::5]:5557` (what
+        // discovery builds for an IPv6 pod), and retries such a connect forever, silently.
+        s.set_ipv6(true)?;
         s.set_maxmsgsize(self.max_message_bytes)?;
         s.set_rcvhwm(RCV_HWM)?;
         s.set_linger(0)?;
@@ -678,6 +681,7 @@ pub fn replay_blocking(
 ) -> Result<Vec<Replayed>, ReplayError> {
     let deadline = Instant::now() + timeout;
     let dealer = ctx.socket(zmq::DEALER)?;
+    dealer.set_ipv6(true)?;
     dealer.set_linger(0)?;
     dealer.set_maxmsgsize(max_message_bytes)?;
     dealer.connect(endpoint)?;

@@ -102,25 +102,29 @@ def main():
     ap.add_argument("--topic", default="kv@127.0.0.1:8000@test-model")
     ap.add_argument("--gap-s", type=float, default=0.02)
     ap.add_argument("--linger-s", type=float, default=30.0)
+    ap.add_argument("--host", default="127.0.0.1", help="address to bind; [::1] for IPv6")
     args = ap.parse_args()
+    host = args.host
 
     ctx = zmq.Context.instance()
     xpub = ctx.socket(zmq.XPUB)
     xpub.setsockopt(zmq.LINGER, 0)
-    port = xpub.bind_to_random_port("tcp://127.0.0.1")
+    xpub.setsockopt(zmq.IPV6, 1)
+    port = xpub.bind_to_random_port(f"tcp://{host}")
     router = None
     replay = None
     if not args.no_replay:
         router = ctx.socket(zmq.ROUTER)
         router.setsockopt(zmq.LINGER, 0)
-        rport = router.bind_to_random_port("tcp://127.0.0.1")
-        replay = f"tcp://127.0.0.1:{rport}"
+        router.setsockopt(zmq.IPV6, 1)
+        rport = router.bind_to_random_port(f"tcp://{host}")
+        replay = f"tcp://{host}:{rport}"
     topic = args.topic.encode()
     buffer = []
     # Batches published before anyone subscribed: lost on PUB, still in the replay buffer.
     # Done before the endpoints are printed, so no subscriber can be connected yet.
     publish_run(xpub, router, topic, range(args.preroll), 0, set(), set(), 0, buffer)
-    print(json.dumps({"pub": f"tcp://127.0.0.1:{port}", "replay": replay}), flush=True)
+    print(json.dumps({"pub": f"tcp://{host}:{port}", "replay": replay}), flush=True)
     wait_for_subscriber(xpub, 15)
     publish_run(xpub, router, topic, range(args.preroll, args.preroll + args.count), 0,
                 set(args.drop), set(args.garbage), args.gap_s, buffer)
@@ -130,9 +134,10 @@ def main():
         time.sleep(0.2)
         xpub = ctx.socket(zmq.XPUB)
         xpub.setsockopt(zmq.LINGER, 0)
+        xpub.setsockopt(zmq.IPV6, 1)
         for _ in range(50):
             try:
-                xpub.bind(f"tcp://127.0.0.1:{port}")
+                xpub.bind(f"tcp://{host}:{port}")
                 break
             except zmq.ZMQError:
                 time.sleep(0.1)
