@@ -756,11 +756,17 @@ impl Control {
                 .filter(|mb| mb.draining && !busy.contains(&mb.id))
                 .map(|mb| mb.id)
                 .collect();
+            if done.is_empty() {
+                // Nothing left: the model map is as it was (rebuilding it holds every request
+                // out for as long, twice a second, with thousands of adapters).
+                continue;
+            }
             for id in done {
                 if let Some(member) = m.by_id.remove(&id) {
                     if let Err(e) = control.lock().router.remove_endpoint(id) {
                         tracing::warn!(endpoint = %member.address, error = %e, "cannot remove endpoint");
                     }
+                    control.metrics.forget_endpoint(member.address.as_ref());
                     tracing::info!(endpoint = %member.address, "endpoint removed");
                 }
             }
@@ -1614,6 +1620,53 @@ impl Control {
 #[cfg(test)]
 mod log_tests {
     use super::*;
+
+    /// An endpoint that left takes its state gauges with it: frozen, they kept alerts firing
+    /// for an address that no longer exists.
+    #[tokio::test]
+    async fn a_removed_endpoint_leaves_no_state_series() {
+        let cfg = DataPlaneConfig::from_yaml(
+            "policy: round-robin\nendpoints:\n  - {url: 'http://127.0.0.1:9', models: [m]}\n  - {url: 'http://127.0.0.1:10', models: [m]}\n",
+        )
+        .unwrap();
+        let control =
+            Control::start(&cfg, Arc::new(crate::metrics::DataPlaneMetrics::new())).unwrap();
+        control.set_endpoints(&cfg.endpoints);
+        control.refresh_gauges();
+        let page = control.metrics.encode();
+        assert!(
+            page.contains("in_flight{endpoint=\"127.0.0.1:10\"}"),
+            "{page}"
+        );
+        control.set_endpoints(&cfg.endpoints[..1]);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            control.refresh_gauges();
+            let page = control.metrics.encode();
+            if !page.contains("endpoint=\"127.0.0.1:10\"") || std::time::Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let page = control.metrics.encode();
+        for line in page
+            .lines()
+            .filter(|l| l.contains("endpoint=\"127.0.0.1:10\""))
+        {
+            assert!(
+                ["_total", "_bucket", "_sum", "_count"].iter().any(|s| line
+                    .split('{')
+                    .next()
+                    .unwrap_or("")
+                    .ends_with(s)),
+                "a state series of the removed endpoint is left: {line}"
+            );
+        }
+        assert!(
+            page.contains("in_flight{endpoint=\"127.0.0.1:9\"}"),
+            "{page}"
+        );
+    }
 
     /// Tokenising a long prompt lets the runtime's other tasks run meanwhile: with one worker
     /// thread, a ticking task advances while a 4 MB prompt is tokenised (it could not before:

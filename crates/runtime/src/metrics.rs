@@ -299,6 +299,60 @@ impl Default for DataPlaneMetrics {
 }
 
 impl DataPlaneMetrics {
+    /// Removes the series that describe `endpoint`'s current state (gauges: signal ages, in
+    /// flight, scrape interval, index blocks and mode, tokenizer probe, learnt coefficients,
+    /// speed factors) once it has left: frozen at their last values they kept alerts such as
+    /// "signal older than 30 s" firing for an endpoint that no longer exists, and their number
+    /// grew with every pod address ever seen. Counters and histograms (requests, decisions,
+    /// TTFT, …) stay: what happened is still true, and `rate()` ends with them.
+    pub fn forget_endpoint(&self, endpoint: &str) {
+        let e = || endpoint.to_owned();
+        for signal in ["metrics", "kv_events"] {
+            self.signal_age_seconds.remove(&SignalLabels {
+                endpoint: e(),
+                signal,
+            });
+        }
+        let labels = EndpointLabels { endpoint: e() };
+        self.in_flight.remove(&labels);
+        self.scrape_interval_seconds.remove(&labels);
+        self.scrape_body_bytes.remove(&labels);
+        self.step_model_observations.remove(&labels);
+        for mode in ["precise", "approximate"] {
+            self.kv_index_mode.remove(&ModeLabels {
+                endpoint: e(),
+                mode,
+            });
+            self.kv_index_blocks.remove(&IndexLabels {
+                endpoint: e(),
+                source: mode,
+            });
+        }
+        for result in ["agree", "mismatch"] {
+            self.tokenizer_probe.remove(&ProbeLabels {
+                endpoint: e(),
+                result,
+            });
+        }
+        for term in [
+            "step_base",
+            "prefill_token",
+            "decode_sequence",
+            "attention_pair",
+        ] {
+            self.step_coefficient_seconds.remove(&StepTermLabels {
+                endpoint: e(),
+                term,
+            });
+        }
+        for phase in ["prefill", "decode"] {
+            self.speed_factor.remove(&SpeedLabels {
+                endpoint: e(),
+                phase,
+            });
+        }
+    }
+
     /// Every metric registered under the `kvgate_gateway` prefix.
     pub fn new() -> Self {
         Self::with_extra(|_| {})
