@@ -209,10 +209,10 @@ pub fn wanted_endpoints(
             out.push(EndpointConfig {
                 address: format!("{host}:{port}"),
                 kv_events: template.kv_events_port.map(|p| format!("tcp://{host}:{p}")),
-                kv_replay: template
-                    .kv_events_port
-                    .and(template.kv_replay_port)
-                    .map(|p| format!("tcp://{host}:{p}")),
+                // With --kv-events-listen the pods' events arrive on the picker's socket, and
+                // their replay sockets still serve gaps (checked at start-up: a replay port
+                // needs one of the two).
+                kv_replay: template.kv_replay_port.map(|p| format!("tcp://{host}:{p}")),
                 models: template.models.clone(),
                 lora_adapters: Vec::new(),
                 role: pod.role,
@@ -312,15 +312,29 @@ pub async fn run_discovery(
             synced.send_replace(true);
         }
     };
+    // Whether the pool's current (re)list showed it: a list without it (a relist after the
+    // watch was down, when its Delete was never seen) means it is gone.
+    let mut listed = false;
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
             ev = pool_events.next() => {
                 let Some(ev) = ev else { return };
                 let obj = match ev {
-                    Ok(Event::Apply(o) | Event::InitApply(o)) => Some(o),
+                    Ok(Event::InitApply(o)) => {
+                        listed = true;
+                        Some(o)
+                    }
+                    Ok(Event::Apply(o)) => Some(o),
                     Ok(Event::Delete(_)) => None,
-                    Ok(Event::Init) => continue,
+                    Ok(Event::Init) => {
+                        listed = false;
+                        continue;
+                    }
+                    Ok(Event::InitDone) if !listed && st.spec.is_some() => {
+                        tracing::warn!(pool = %pool.name, namespace = %pool.namespace, "InferencePool no longer listed (deleted while the watch was down)");
+                        None
+                    }
                     Ok(Event::InitDone) => {
                         if st.spec.is_none() {
                             tracing::warn!(pool = %pool.name, namespace = %pool.namespace, "InferencePool not found; no endpoints until it exists");

@@ -259,6 +259,17 @@ impl Epp {
     /// serves until dropped or shut down.
     pub async fn start(args: &EppArgs) -> Result<Self, EppError> {
         let cfg = args.load_config()?;
+        // A pod's replay socket serves its KV events, read from its publisher or from engines
+        // that connect to --kv-events-listen; with neither it would be silently unused (as the
+        // static config's kv_replay without kv_events is refused).
+        if args.pod_kv_replay_port.is_some()
+            && args.pod_kv_events_port.is_none()
+            && cfg.kv_events_listen.is_none()
+        {
+            return Err(EppError::Flags(
+                "--pod-kv-replay-port needs --pod-kv-events-port or --kv-events-listen",
+            ));
+        }
         let pool = match (&args.pool_name, cfg.endpoints.is_empty()) {
             (Some(_), false) => {
                 return Err(EppError::Flags(

@@ -109,3 +109,23 @@ async fn static_endpoints_and_a_pool_are_exclusive_and_bad_files_are_errors() {
         EppError::Config(_)
     ));
 }
+
+/// A pod replay port with no way to receive the pods' events is refused at start-up (it was
+/// silently unused).
+#[tokio::test]
+async fn a_pod_replay_port_without_events_is_refused() {
+    let args = EppArgs {
+        host: Some("127.0.0.1".into()),
+        grpc_port: 0,
+        grpc_health_port: 0,
+        metrics_port: 0,
+        pool_name: Some("pool".into()),
+        pod_kv_replay_port: Some(5558),
+        ..EppArgs::default()
+    };
+    match Epp::start(&args).await {
+        Err(EppError::Flags(why)) => assert!(why.contains("--pod-kv-replay-port"), "{why}"),
+        Err(other) => panic!("unexpected error {other}"),
+        Ok(_) => panic!("started with a replay port and no KV events"),
+    }
+}

@@ -45,6 +45,8 @@ struct Collection {
     log: Vec<(u64, String)>,
     live: broadcast::Sender<(u64, String)>,
     queries: Vec<String>,
+    /// Watches from a resourceVersion below this are answered 410 Gone (compacted history).
+    expired_below: u64,
 }
 
 impl Collection {
@@ -57,6 +59,7 @@ impl Collection {
             log: Vec::new(),
             live: broadcast::channel(256).0,
             queries: Vec::new(),
+            expired_below: 0,
         }
     }
 
@@ -80,6 +83,17 @@ impl Collection {
             obj["metadata"]["resourceVersion"] = json!(self.rv.to_string());
             self.emit("DELETED", obj);
         }
+    }
+
+    /// `name` is deleted while every watch is down: open watches end, the delete is never
+    /// sent, and the history before it is compacted (a watcher resuming gets 410 Gone and
+    /// must list again).
+    fn vanish(&mut self, name: &str) {
+        self.rv += 1;
+        self.objects.remove(name);
+        self.expired_below = self.rv;
+        self.log.clear();
+        self.live = broadcast::channel(256).0;
     }
 
     fn emit(&mut self, kind: &str, obj: Value) {
@@ -115,6 +129,16 @@ async fn serve(c: Arc<Mutex<Collection>>, q: BTreeMap<String, String>, raw: Stri
         .get("resourceVersion")
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
+    if from < col.expired_below {
+        let gone = json!({"type": "ERROR", "object": {
+            "apiVersion": "v1", "kind": "Status", "status": "Failure",
+            "message": "too old resource version", "reason": "Expired", "code": 410,
+        }});
+        return Response::builder()
+            .header("content-type", "application/json")
+            .body(Body::from(format!("{gone}\n")))
+            .unwrap();
+    }
     let backlog: Vec<String> = col
         .log
         .iter()
@@ -491,4 +515,52 @@ async fn pool_pods_join_drain_and_leave() {
     })
     .await;
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A pool deleted while the picker's watch was down (its delete never seen, the history
+/// compacted): the relist does not show it, and the endpoint set empties as for a delete
+/// (the picker kept routing to the old selector's pods before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_deleted_while_the_watch_was_down_empties_the_set() {
+    let (fake, api) = start_fake().await;
+    fake.pools.lock().unwrap().put(pool(&[9, 10]));
+    fake.pods.lock().unwrap().put(pod("sim-0", true, false));
+    let dir = std::env::temp_dir().join(format!("kvgate-epp-k8s-vanish-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster: {{server: 'http://{api}'}}\n\
+             users:\n- name: u\n  user: {{}}\ncontexts:\n- name: c\n  context: {{cluster: fake, user: u, namespace: {NS}}}\n\
+             current-context: c\n"
+        ),
+    )
+    .unwrap();
+    let epp = Epp::start(&EppArgs {
+        host: Some("127.0.0.1".into()),
+        grpc_port: 0,
+        grpc_health_port: 0,
+        metrics_port: 0,
+        pool_name: Some("sim-pool".into()),
+        pool_namespace: Some(NS.into()),
+        kubeconfig: Some(kubeconfig),
+        routing: RoutingFlags {
+            models: vec![MODEL.into()],
+            ..RoutingFlags::default()
+        },
+        ..EppArgs::default()
+    })
+    .await
+    .expect("picker starts");
+    let control = epp.control.clone();
+    eventually_sync("the pool's endpoints", Duration::from_secs(10), || {
+        control.endpoint_addresses().len() == 2
+    })
+    .await;
+    fake.pools.lock().unwrap().vanish("sim-pool");
+    eventually_sync("the set emptied", Duration::from_secs(20), || {
+        control.endpoint_addresses().is_empty()
+    })
+    .await;
 }
