@@ -62,8 +62,8 @@ struct Block {
     next: u32,
 }
 
-/// The block pool. Block 0 is vLLM's reserved null block: never allocated, never freed, counted
-/// as used (so an idle engine reports `1 / num_gpu_blocks` usage, as vLLM does).
+/// The block pool. Block 0 is vLLM's reserved null block: never allocated, never freed, and left
+/// out of the usage (an idle engine reports 0, as vLLM does).
 #[derive(Debug)]
 pub(crate) struct BlockPool {
     blocks: Vec<Block>,
@@ -71,6 +71,8 @@ pub(crate) struct BlockPool {
     tail: u32,
     num_free: usize,
     index: FoldMap<u64, u32>,
+    /// Reused by `free_reversed`.
+    scratch: Vec<u32>,
 }
 
 impl BlockPool {
@@ -97,6 +99,7 @@ impl BlockPool {
             tail,
             num_free: num_blocks - 1,
             index: FoldMap::with_capacity_and_hasher(num_blocks, Default::default()),
+            scratch: Vec::new(),
         }
     }
 
@@ -111,9 +114,14 @@ impl BlockPool {
         self.blocks.len()
     }
 
-    /// Fraction of blocks referenced by some request (vLLM's `get_usage`).
+    /// Fraction of blocks referenced by some request, the null block left out of both counts
+    /// (vLLM's `get_usage`: an idle engine reports 0).
     pub(crate) fn usage(&self) -> f64 {
-        (self.blocks.len() - self.num_free) as f64 / self.blocks.len() as f64
+        let usable = self.blocks.len().saturating_sub(1);
+        if usable == 0 {
+            return 0.0;
+        }
+        1.0 - self.num_free as f64 / usable as f64
     }
 
     /// The cached block holding `key`, if any.
@@ -146,6 +154,18 @@ impl BlockPool {
         self.blocks[b as usize].prev = NIL;
         self.blocks[b as usize].next = NIL;
         self.num_free -= 1;
+    }
+
+    fn push_head(&mut self, b: u32) {
+        self.blocks[b as usize].prev = NIL;
+        self.blocks[b as usize].next = self.head;
+        if self.head == NIL {
+            self.tail = b;
+        } else {
+            self.blocks[self.head as usize].prev = b;
+        }
+        self.head = b;
+        self.num_free += 1;
     }
 
     fn push_tail(&mut self, b: u32) {
@@ -189,16 +209,33 @@ impl BlockPool {
     }
 
     /// Drops one reference from each block, in reverse order so a request's tail blocks (the
-    /// least likely to be shared) reach the free queue first and are evicted first.
+    /// least likely to be shared) reach the free queue first and are evicted first. As vLLM
+    /// 0.32's `BlockPool.free_blocks` (PR #42656): a freed block with a hash joins the tail
+    /// (LRU among cached blocks), one without (a partial last block, nothing a request can
+    /// hit) the front, in that same order, to be reused before any cached block is evicted.
+    /// Appending those too evicted cached prefixes a request earlier than the engine does (a
+    /// real vLLM's capture, `crates/signals/tests/fixtures/vllm032`, evicts first at filler 15;
+    /// appending, at filler 14).
     pub(crate) fn free_reversed(&mut self, blocks: &[u32]) {
+        let mut unhashed = std::mem::take(&mut self.scratch);
         for &b in blocks.iter().rev() {
             let blk = &mut self.blocks[b as usize];
             debug_assert!(blk.ref_cnt > 0);
             blk.ref_cnt -= 1;
             if blk.ref_cnt == 0 {
-                self.push_tail(b);
+                if blk.hash.is_some() {
+                    self.push_tail(b);
+                } else {
+                    unhashed.push(b);
+                }
             }
         }
+        // The first of them ends up at the head.
+        for &b in unhashed.iter().rev() {
+            self.push_head(b);
+        }
+        unhashed.clear();
+        self.scratch = unhashed;
     }
 
     /// Registers a full, computed block under `key`. Returns false, leaving the block unindexed,
@@ -310,6 +347,38 @@ mod tests {
         p.touch(1);
         assert_eq!(p.ref_cnt(1), 1);
         assert_eq!(p.num_free(), 1);
+        p.check().unwrap();
+    }
+
+    /// vLLM 0.32's `free_blocks`: freed blocks without a hash (a request's partial last
+    /// block) go to the front of the queue, in eviction order, and are reused before any
+    /// cached block is evicted; hashed ones join the tail.
+    #[test]
+    fn unhashed_blocks_are_reused_before_cached_ones_are_evicted() {
+        let mut p = BlockPool::new(6); // 5 usable
+        let (mut a, mut ev) = (Vec::new(), Vec::new());
+        p.allocate(4, &mut a, &mut ev);
+        assert_eq!(a, vec![1, 2, 3, 4]);
+        // Blocks 1 and 2 full and cached; 3 and 4 (the partial tail) never hashed.
+        assert!(p.cache(1, 11) && p.cache(2, 22));
+        p.free_reversed(&a);
+        p.check().unwrap();
+        let mut b = Vec::new();
+        p.allocate(3, &mut b, &mut ev);
+        assert_eq!(
+            b,
+            vec![4, 3, 5],
+            "the unhashed tail first, then the never-used block"
+        );
+        assert!(ev.is_empty(), "nothing cached evicted");
+        assert_eq!((p.lookup(11), p.lookup(22)), (Some(1), Some(2)));
+        b.clear();
+        p.allocate(1, &mut b, &mut ev);
+        assert_eq!(
+            (b, ev),
+            (vec![2], vec![22]),
+            "then the LRU cached block, the tail's first"
+        );
         p.check().unwrap();
     }
 

@@ -676,7 +676,10 @@ struct StreamState {
     a: Admitted,
     include_usage: bool,
     first: bool,
+    /// The token whose chunk is being written (with the finish reason if its step ended).
     pending: Option<u32>,
+    /// An output taken from the engine ahead of its turn.
+    held: Option<Output>,
     done: bool,
 }
 
@@ -686,18 +689,33 @@ async fn next_sse(mut st: StreamState) -> Option<(Result<Bytes, std::io::Error>,
     }
     let mut buf = Vec::new();
     loop {
-        match st.a.rx.recv().await {
+        let next = match st.held.take() {
+            Some(o) => Some(o),
+            None => st.a.rx.recv().await,
+        };
+        match next {
             Some(Output::Token { token, .. }) => {
                 if st.first && st.job.api == Api::Chat {
                     sse(&st.job.role_chunk(), &mut buf);
                 }
                 st.first = false;
-                if let Some(prev) = st.pending.replace(token) {
-                    sse(&st.job.content_chunk(st.job.word(prev), None), &mut buf);
+                // vLLM sends each token's text as soon as it exists, the finish reason on the
+                // last one's chunk (both known in the same step). The engine hands a step's
+                // outputs over together, so a finish of this step is already queued; holding
+                // every token back for the next one (as this did) delayed a completion's first
+                // text by a decode step. (Taken by the next turn of this loop.)
+                st.pending = Some(token);
+                if let Ok(next) = st.a.rx.try_recv() {
+                    let finished = matches!(next, Output::Finished { .. });
+                    st.held = Some(next);
+                    if finished {
+                        continue;
+                    }
                 }
-                if !buf.is_empty() {
-                    return Some((Ok(Bytes::from(buf)), st));
+                if let Some(t) = st.pending.take() {
+                    sse(&st.job.content_chunk(st.job.word(t), None), &mut buf);
                 }
+                return Some((Ok(Bytes::from(buf)), st));
             }
             Some(Output::Finished { reason, usage, .. }) => {
                 st.a.guard.done = true;
@@ -745,6 +763,7 @@ fn respond_stream(job: Job, a: Admitted, include_usage: bool) -> Response {
         include_usage,
         first: true,
         pending: None,
+        held: None,
         done: false,
     };
     let body = Body::from_stream(futures::stream::unfold(st, next_sse));
