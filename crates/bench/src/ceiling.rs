@@ -297,7 +297,7 @@ mod tests {
             decode_tokens: 256e3,
         };
         let (one, prefill) = engine_time_us(&e, &work);
-        let steps = 256e3 / 256.0;
+        let steps = 256e3 / e.max_num_seqs as f64;
         let expected_prefill = 17.25 * 1e5;
         assert!((prefill - expected_prefill).abs() < 1e-6);
         assert!((one - (expected_prefill + 6.0 * 256e3 + 5752.7 * steps)).abs() < 1e-6);

@@ -124,14 +124,14 @@ impl HardwarePrior {
     };
 
     /// The same model on A100-80GB (BLIS coefficients); KV capacity assumed as on H100 (same
-    /// memory size).
+    /// memory size); vLLM's default 2,048-token step budget on the A100.
     pub const A100_LLAMA31_8B: Self = Self {
         step_base_us: 16441.5,
         prefill_us_per_token: 47.84,
         decode_us_per_token: 18.21,
         attention_us_per_pair: 0.0,
         kv_capacity_blocks: 29_205,
-        max_batched_tokens: 8192,
+        max_batched_tokens: 2048,
     };
 
     /// Of `behind` tokens queued after work of `ahead` tokens, those that fit in the room left

@@ -187,10 +187,17 @@ pub const H100_NUM_GPU_BLOCKS: usize = 29_205;
 /// H100-80GB and the model's weights and activation peak are the same, so the KV pool left at
 /// `gpu_memory_utilization` 0.9 is the same size; only the speed (the step model) differs.
 pub const A100_NUM_GPU_BLOCKS: usize = 29_205;
-/// vLLM's default `--max-num-seqs` for online serving on datacenter GPUs.
+/// vLLM's default `--max-num-seqs` for online serving on GPUs under 70 GiB and on the A100
+/// (`EngineArgs.get_batch_defaults`, vLLM 0.32).
 pub const DEFAULT_MAX_NUM_SEQS: usize = 256;
-/// vLLM V1's default `--max-num-batched-tokens` for online serving on H100/A100.
+/// vLLM's default `--max-num-seqs` for online serving on GPUs of 70 GiB or more other than the
+/// A100 (the H100 and H200).
+pub const H100_MAX_NUM_SEQS: usize = 1024;
+/// vLLM's default `--max-num-batched-tokens` for online serving on the H100 and H200.
 pub const DEFAULT_MAX_NUM_BATCHED_TOKENS: usize = 8192;
+/// vLLM's default `--max-num-batched-tokens` for online serving on the A100 (and GPUs under
+/// 70 GiB): larger chunks lowered its throughput (vLLM PR #17885).
+pub const A100_MAX_NUM_BATCHED_TOKENS: usize = 2048;
 /// Llama-3.1's context length.
 pub const DEFAULT_MAX_MODEL_LEN: usize = 131_072;
 /// Number of words in [`default_output_words`]: enough variety that generated text does not look
@@ -203,7 +210,7 @@ impl EngineConfig {
         Self {
             block_size: DEFAULT_BLOCK_SIZE,
             num_gpu_blocks: H100_NUM_GPU_BLOCKS,
-            max_num_seqs: DEFAULT_MAX_NUM_SEQS,
+            max_num_seqs: H100_MAX_NUM_SEQS,
             max_num_batched_tokens: DEFAULT_MAX_NUM_BATCHED_TOKENS,
             max_model_len: DEFAULT_MAX_MODEL_LEN,
             step: StepModel::H100_LLAMA31_8B,
@@ -223,6 +230,8 @@ impl EngineConfig {
         Self {
             num_gpu_blocks: A100_NUM_GPU_BLOCKS,
             step: StepModel::A100_LLAMA31_8B,
+            max_num_seqs: DEFAULT_MAX_NUM_SEQS,
+            max_num_batched_tokens: A100_MAX_NUM_BATCHED_TOKENS,
             ..Self::h100()
         }
     }

@@ -121,9 +121,10 @@ mod stats;
 mod transfer;
 
 pub use config::{
-    A100_NUM_GPU_BLOCKS, DEFAULT_BLOCK_SIZE, DEFAULT_MAX_MODEL_LEN, DEFAULT_MAX_NUM_BATCHED_TOKENS,
-    DEFAULT_MAX_NUM_SEQS, DEFAULT_OUTPUT_VOCAB_LEN, EngineConfig, H100_NUM_GPU_BLOCKS, HashAlgo,
-    StepModel, attention_pairs, default_output_vocab, default_output_words,
+    A100_MAX_NUM_BATCHED_TOKENS, A100_NUM_GPU_BLOCKS, DEFAULT_BLOCK_SIZE, DEFAULT_MAX_MODEL_LEN,
+    DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS, DEFAULT_OUTPUT_VOCAB_LEN, EngineConfig,
+    H100_MAX_NUM_SEQS, H100_NUM_GPU_BLOCKS, HashAlgo, StepModel, attention_pairs,
+    default_output_vocab, default_output_words,
 };
 pub use engine::Engine;
 pub use error::EngineError;

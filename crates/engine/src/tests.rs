@@ -87,13 +87,17 @@ fn first_token_at(out: &[Output], id: RequestId) -> u64 {
 fn config_presets_and_validation() {
     let h = EngineConfig::default();
     assert_eq!(h, EngineConfig::h100());
+    // vLLM 0.32's online-serving defaults (EngineArgs.get_batch_defaults): 1,024 sequences
+    // and 8,192-token steps on the H100; 256 and 2,048 on the A100.
     assert_eq!(
         (h.block_size, h.num_gpu_blocks, h.max_num_seqs),
-        (16, 29_205, 256)
+        (16, 29_205, 1024)
     );
     assert_eq!(h.max_num_batched_tokens, 8192);
     assert_eq!(h.step, StepModel::H100_LLAMA31_8B);
-    assert_eq!(EngineConfig::a100().step, StepModel::A100_LLAMA31_8B);
+    let a = EngineConfig::a100();
+    assert_eq!(a.step, StepModel::A100_LLAMA31_8B);
+    assert_eq!((a.max_num_seqs, a.max_num_batched_tokens), (256, 2048));
     h.validate().unwrap();
     type Mutation = Box<dyn Fn(&mut EngineConfig)>;
     let cases: Vec<(&str, Mutation)> = vec![
