@@ -584,3 +584,54 @@ async fn a_stream_broken_mid_event_ends_with_a_parseable_error_event() {
     assert!(events.iter().any(|e| e.contains("\"error\"")), "{text}");
     assert_eq!(events.last(), Some(&"data: [DONE]"));
 }
+
+/// An adapter loaded after the engine was discovered (vLLM's `/v1/load_lora_adapter`, a LoRA
+/// syncer) is served once `/v1/models` lists it, and one unloaded stops being routed: the
+/// model list was read once, at discovery, so such an adapter was answered 404 until restart.
+#[tokio::test]
+async fn adapters_loaded_later_are_served() {
+    let loaded = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let l = loaded.clone();
+    let handler: Handler = Arc::new(move |_, path| match path {
+        "/v1/models" => {
+            let mut data = vec![json!({"id": MODEL, "object": "model", "parent": null})];
+            if l.load(Ordering::SeqCst) {
+                data.push(json!({"id": "late-adapter", "object": "model", "parent": MODEL}));
+            }
+            json_answer(json!({"object": "list", "data": data}))
+        }
+        "/metrics" => Some((StatusCode::OK, vec![], VLLM_METRICS.to_owned())),
+        "/v1/chat/completions" => json_answer(chat_completion()),
+        _ => Some((StatusCode::NOT_FOUND, vec![], String::new())),
+    });
+    let engine = FakeEngine::start(handler).await;
+    let gw = gateway_for(&[&engine.address], |_| {}).await;
+    let ask = |model: &'static str| {
+        let api = gw.api_addr;
+        async move {
+            client()
+                .post(format!("http://{api}/v1/chat/completions"))
+                .json(&json!({"model": model, "messages": [{"role": "user", "content": "hi"}]}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    eventually("the engine discovered", Duration::from_secs(10), || async {
+        ask(MODEL).await == 200
+    })
+    .await;
+    assert_eq!(ask("late-adapter").await, 404);
+    loaded.store(true, Ordering::SeqCst);
+    eventually("the adapter served", Duration::from_secs(30), || async {
+        ask("late-adapter").await == 200
+    })
+    .await;
+    loaded.store(false, Ordering::SeqCst);
+    eventually("the adapter gone", Duration::from_secs(30), || async {
+        ask("late-adapter").await == 404
+    })
+    .await;
+}

@@ -94,6 +94,11 @@ const DISCOVERY_BACKOFF_MAX_MS: u64 = 5_000;
 /// minutes catches a redeployed engine long before an operator would, for one small request.
 const TOKENIZER_PROBE_INTERVAL_MS: u64 = 600_000;
 
+/// How often each discovered endpoint's `/v1/models` is read again, ms: adapters are loaded
+/// and unloaded at run time (`/v1/load_lora_adapter`, a LoRA syncer), and an address can come
+/// back serving another model; one small request per endpoint every ten seconds.
+const MODEL_REFRESH_INTERVAL_MS: u64 = 10_000;
+
 /// How often drained endpoints are checked for their last in-flight request to finish, ms.
 const DRAIN_REAP_INTERVAL_MS: u64 = 500;
 
@@ -663,17 +668,31 @@ impl Control {
                     let tokenizer = Arc::clone(&control.tokenizer);
                     let metrics = Arc::clone(&control.metrics);
                     drop(control);
-                    let Some(model) = model else { return };
-                    // At join, then periodically: an engine can be redeployed with another
-                    // model revision under the same address. This task ends with the member.
+                    let Some(mut model) = model else { return };
+                    // The tokenizer at join, then periodically: an engine can be redeployed
+                    // with another model revision under the same address. The model list more
+                    // often (see MODEL_REFRESH_INTERVAL_MS). This task ends with the member.
                     let mut first = true;
+                    let mut probed_at = tokio::time::Instant::now();
                     loop {
-                        Self::probe_tokenizer(&tokenizer, &metrics, &address, &model, first).await;
-                        first = false;
-                        tokio::time::sleep(Duration::from_millis(TOKENIZER_PROBE_INTERVAL_MS))
-                            .await;
-                        if weak.upgrade().is_none() {
+                        if first
+                            || probed_at.elapsed()
+                                >= Duration::from_millis(TOKENIZER_PROBE_INTERVAL_MS)
+                        {
+                            Self::probe_tokenizer(&tokenizer, &metrics, &address, &model, first)
+                                .await;
+                            probed_at = tokio::time::Instant::now();
+                            first = false;
+                        }
+                        tokio::time::sleep(Duration::from_millis(MODEL_REFRESH_INTERVAL_MS)).await;
+                        let fresh = models_only(&address).await;
+                        let Some(control) = weak.upgrade() else {
                             return;
+                        };
+                        if let Some(fresh) = fresh
+                            && let Some(m) = control.refresh_models(id, fresh)
+                        {
+                            model = m;
                         }
                     }
                 }
@@ -728,6 +747,40 @@ impl Control {
             "endpoint discovered"
         );
         tracing::debug!(endpoint = %address, models = ?spec.models, adapters = ?spec.lora_adapters, "endpoint's full model list");
+        let model = spec.models.first().cloned();
+        if let Err(e) = self.lock().router.update_endpoint(id, spec) {
+            tracing::warn!(endpoint = %address, error = %e, "cannot update endpoint");
+        }
+        model
+    }
+
+    /// Adopts `fresh`'s models and adapters (a later `/v1/models`) for `id` when they differ
+    /// from what it was known to serve; returns its first model then.
+    fn refresh_models(&self, id: EndpointId, fresh: EndpointFacts) -> Option<String> {
+        let mut m = self.members_write();
+        let member = m.by_id.get_mut(&id)?;
+        let facts = member.facts.as_mut()?;
+        if fresh.models.is_empty()
+            || (facts.models == fresh.models && facts.lora_adapters == fresh.lora_adapters)
+        {
+            return None;
+        }
+        let (models_before, adapters_before) = (facts.models.len(), facts.lora_adapters.len());
+        facts.models = fresh.models;
+        facts.lora_adapters = fresh.lora_adapters;
+        let spec = member.spec();
+        let address = Arc::clone(&member.address);
+        m.rebuild_served();
+        drop(m);
+        tracing::info!(
+            endpoint = %address,
+            models = spec.models.len(),
+            adapters = spec.lora_adapters.len(),
+            models_before,
+            adapters_before,
+            listed = %summarize(spec.models.iter().chain(&spec.lora_adapters)),
+            "endpoint's models changed"
+        );
         let model = spec.models.first().cloned();
         if let Err(e) = self.lock().router.update_endpoint(id, spec) {
             tracing::warn!(endpoint = %address, error = %e, "cannot update endpoint");
