@@ -303,8 +303,19 @@ pub fn parse_messages(obj: &Map<String, Value>) -> Result<MessagesPrompt, ApiErr
     if items.is_empty() {
         return Err(bad("messages", "`messages` must not be empty"));
     }
-    let mut system = system_text(obj.get("system").unwrap_or(&Value::Null), "system")?;
-    let mut rest = Vec::with_capacity(items.len());
+    let system = system_text(obj.get("system").unwrap_or(&Value::Null), "system")?;
+    let mut chat = Vec::with_capacity(items.len() + 1);
+    let mut messages = Vec::with_capacity(items.len() + 1);
+    let push_system = |text: String, chat: &mut Vec<Value>, messages: &mut Vec<Message>| {
+        chat.push(json!({"role": "system", "content": text}));
+        messages.push(Message {
+            role: "system".into(),
+            content: text,
+        });
+    };
+    if !system.is_empty() {
+        push_system(system, &mut chat, &mut messages);
+    }
     for m in items {
         let Value::Object(o) = m else {
             return Err(bad("messages", "each message must be an object"));
@@ -314,22 +325,20 @@ pub fn parse_messages(obj: &Map<String, Value>) -> Result<MessagesPrompt, ApiErr
         };
         let content = o.get("content").unwrap_or(&Value::Null);
         if role == "system" {
-            system.push_str(&system_text(content, "messages")?);
+            // In place, as vLLM converts it (`_convert_messages`) when the template accepts a
+            // system message after the first turn; where it does not, the tokenizer merges
+            // them into the leading one as vLLM then does (`merge_inline_system`). A billing
+            // header as the whole string is dropped (`_extract_system_text`).
+            let text = match content {
+                Value::String(t) if t.starts_with(BILLING_HEADER_PREFIX) => String::new(),
+                _ => system_text(content, "messages")?,
+            };
+            if !text.is_empty() {
+                push_system(text, &mut chat, &mut messages);
+            }
         } else {
-            rest.push((role.as_str(), content));
+            convert_message(role, content, &mut chat, &mut messages)?;
         }
-    }
-    let mut chat = Vec::with_capacity(rest.len() + 1);
-    let mut messages = Vec::with_capacity(rest.len() + 1);
-    if !system.is_empty() {
-        chat.push(json!({"role": "system", "content": system}));
-        messages.push(Message {
-            role: "system".into(),
-            content: system,
-        });
-    }
-    for (role, content) in rest {
-        convert_message(role, content, &mut chat, &mut messages)?;
     }
     let mut body = Map::new();
     body.insert("messages".into(), Value::Array(chat));
@@ -372,6 +381,29 @@ pub fn parse_messages(obj: &Map<String, Value>) -> Result<MessagesPrompt, ApiErr
     })
 }
 
+/// A Messages request's chat body (from [`parse_messages`]) with every system message merged,
+/// in order, into one leading system message, as vLLM converts the request when the model's
+/// chat template refuses a system message after the first turn
+/// (`ModelTokenizer::requires_system_first`); `None` when there is nothing to merge.
+pub fn merge_inline_system(chat_body: &Value) -> Option<Value> {
+    let messages = chat_body.get("messages")?.as_array()?;
+    let is_system = |m: &Value| m.get("role").and_then(Value::as_str) == Some("system");
+    let inline = messages.iter().skip(1).any(is_system);
+    if !inline {
+        return None;
+    }
+    let system: String = messages
+        .iter()
+        .filter(|m| is_system(m))
+        .filter_map(|m| m.get("content").and_then(Value::as_str))
+        .collect();
+    let mut merged = vec![json!({"role": "system", "content": system})];
+    merged.extend(messages.iter().filter(|m| !is_system(m)).cloned());
+    let mut body = chat_body.clone();
+    body["messages"] = Value::Array(merged);
+    Some(body)
+}
+
 /// `err` in Anthropic's error shape, with vLLM's `type` (the OpenAI type of its status).
 pub fn error_body(err: &ApiError) -> Value {
     json!({"type": "error", "error": {"type": err.error_type(), "message": err.message}})
@@ -388,6 +420,49 @@ pub fn error_event(err: &ApiError) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A system message inside `messages` stays in place (vLLM's conversion when the template
+    /// accepts it), a billing-header string is dropped, and `merge_inline_system` gives vLLM's
+    /// merged form for templates that refuse it.
+    #[test]
+    fn inline_system_messages_stay_in_place_unless_merged() {
+        let body = json!({
+            "system": "lead. ",
+            "messages": [
+                {"role": "user", "content": "a"},
+                {"role": "assistant", "content": "b"},
+                {"role": "system", "content": "reminder"},
+                {"role": "system", "content": "x-anthropic-billing-header: cc=1"},
+                {"role": "user", "content": "c"},
+            ],
+        });
+        let p = parse_messages(body.as_object().unwrap()).unwrap();
+        let roles: Vec<&str> = p.chat_body["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["role"].as_str().unwrap())
+            .collect();
+        assert_eq!(roles, ["system", "user", "assistant", "system", "user"]);
+        assert_eq!(p.chat_body["messages"][3]["content"], "reminder");
+        let merged = merge_inline_system(&p.chat_body).unwrap();
+        assert_eq!(
+            merged["messages"],
+            json!([
+                {"role": "system", "content": "lead. reminder"},
+                {"role": "user", "content": "a"},
+                {"role": "assistant", "content": "b"},
+                {"role": "user", "content": "c"},
+            ])
+        );
+        let plain = parse_messages(
+            json!({"messages": [{"role": "user", "content": "a"}]})
+                .as_object()
+                .unwrap(),
+        )
+        .unwrap();
+        assert!(merge_inline_system(&plain.chat_body).is_none());
+    }
 
     fn parse(v: Value) -> Result<MessagesPrompt, ApiError> {
         parse_messages(v.as_object().unwrap())

@@ -141,8 +141,19 @@ impl PromptTokenizer {
                 tok.encode(&render_chat(&chat))
             }
             (Prompt::Messages(msgs), Self::Model(m)) => {
-                let input = match &parsed.chat_body {
-                    Some(body) => match ChatInput::deserialize(body.as_ref()) {
+                // A Messages request's inline system messages are merged where vLLM merges
+                // them (see `anthropic::merge_inline_system`).
+                let merged = (parsed.api == crate::openai::ApiKind::Messages
+                    && m.requires_system_first())
+                .then(|| {
+                    parsed
+                        .chat_body
+                        .as_deref()
+                        .and_then(crate::anthropic::merge_inline_system)
+                })
+                .flatten();
+                let input = match merged.as_ref().or(parsed.chat_body.as_deref()) {
+                    Some(body) => match ChatInput::deserialize(body) {
                         Ok(i) => i,
                         Err(error) => {
                             tracing::debug!(%error, "chat body does not fit the template's inputs; keying its text approximately");

@@ -526,3 +526,21 @@ fn the_files_truncation_and_padding_are_not_applied() {
     assert_eq!(ids, smollm2().encode_prompt(text).unwrap());
     assert!(ids.len() > 8 && ids.len() < 64, "{}", ids.len());
 }
+
+/// vLLM's Anthropic Messages API merges inline system messages into the leading one only when
+/// the template refuses a system message after the first turn (`_detect_merge_inline_system`
+/// renders `[system, user, system, user]`): SmolLM2's ChatML template accepts it; a template
+/// with Qwen's `loop.first` guard refuses it.
+#[test]
+fn templates_that_refuse_a_later_system_message_are_detected() {
+    assert!(!smollm2().requires_system_first());
+    let guarded = "{% for m in messages %}{% if m.role == 'system' and not loop.first %}\
+        {{ raise_exception('System message must be at the beginning.') }}{% endif %}\
+        {{ m.role }}: {{ m.content }}\n{% endfor %}";
+    let model = ModelTokenizer::from_dir(model_dir(
+        "system-first",
+        &[("chat_template.jinja", guarded)],
+    ))
+    .unwrap();
+    assert!(model.requires_system_first());
+}

@@ -140,6 +140,8 @@ pub struct ModelTokenizer {
     /// (a BOS, say), when the probe at load found it the same for every text; completions
     /// prompts then use the piece cache too.
     prompt_affixes: Option<(Vec<u32>, Vec<u32>)>,
+    /// Whether a template rejects a system message after the first turn (measured at load).
+    system_first: bool,
 }
 
 impl std::fmt::Debug for ModelTokenizer {
@@ -325,7 +327,9 @@ impl ModelTokenizer {
             dir,
             segments: None,
             prompt_affixes: None,
+            system_first: false,
         };
+        model.system_first = model.rejects_inline_system();
         model.segments = segmenter
             .filter(|s| model.pieces_tokenise_as_the_whole(s))
             .map(|mut s| {
@@ -336,6 +340,30 @@ impl ModelTokenizer {
             model.prompt_affixes = model.prompt_affixes();
         }
         Ok(model)
+    }
+
+    /// Whether the chat template (with or without tools) refuses a system message after the
+    /// first turn, as vLLM's Anthropic Messages API finds out (`_detect_merge_inline_system`:
+    /// it renders `[system, user, system, user]`): vLLM then merges a Messages request's inline
+    /// system messages into its leading system prompt, and keeps them in place otherwise.
+    pub fn requires_system_first(&self) -> bool {
+        self.system_first
+    }
+
+    fn rejects_inline_system(&self) -> bool {
+        let probe: Vec<Json> = ["system", "user", "system", "user"]
+            .iter()
+            .map(|role| serde_json::json!({"role": role, "content": "t"}))
+            .collect();
+        [None, Some(Vec::new())].into_iter().any(|tools| {
+            let input = ChatInput {
+                tools,
+                add_generation_prompt: false,
+                ..ChatInput::new(probe.clone())
+            };
+            // No template at all is a merge for vLLM too (`if not chat_template: return True`).
+            self.render_chat(&input).is_err()
+        })
     }
 
     /// Whether long pieces are also cut at word cuts (the probe at load found it exact for
