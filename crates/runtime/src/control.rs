@@ -559,10 +559,9 @@ impl Control {
                     if let Some(old) = member.kv.take() {
                         old.abort();
                     }
-                    // Another event source (or engine): what the old one taught is dropped and
-                    // its sequence forgotten, so the new stream is followed from its first
-                    // batch (its numbers below the old expectation were taken for duplicates).
-                    st.router.kv_publisher_restarted(member.id, now);
+                    // Another event source (or engine): the new subscriber's first message
+                    // (`KvSubscribed`) makes the router drop what the old one taught and forget
+                    // its sequence, after anything the old one still had queued.
                     member.kv = self.spawn_kv(cfg);
                 }
                 continue;
@@ -964,6 +963,8 @@ impl Control {
                     st.router.kv_events_lost(id, now, *got);
                 }
                 Observation::KvResynced { .. } => st.router.kv_resynced(id, now),
+                // A (new) subscriber starts: an earlier source's facts and numbers are void.
+                Observation::KvSubscribed { .. } => st.router.kv_publisher_restarted(id, now),
                 Observation::KvDisconnected { at_us, .. } => st.router.kv_disconnected(id, *at_us),
                 // The engine restarted with an empty cache: the core forgets its blocks and
                 // restarts the sequence at 0.

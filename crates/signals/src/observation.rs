@@ -66,6 +66,13 @@ pub enum Observation {
         /// When the drop was noticed.
         at_us: u64,
     },
+    /// A new KV-event subscriber for the endpoint starts (its first message, before any batch
+    /// of its source): what an earlier source taught is void from here, whatever of it was
+    /// still queued before this (see `Router::kv_publisher_restarted`).
+    KvSubscribed {
+        /// Which endpoint.
+        endpoint: EndpointKey,
+    },
     /// The publisher restarted, so the engine's cache is empty: forget every block it held.
     KvPublisherRestarted {
         /// Which endpoint.
@@ -84,6 +91,7 @@ impl Observation {
             | Self::KvBatch { endpoint, .. }
             | Self::KvGap { endpoint, .. }
             | Self::KvResynced { endpoint }
+            | Self::KvSubscribed { endpoint }
             | Self::KvDisconnected { endpoint, .. }
             | Self::KvPublisherRestarted { endpoint, .. } => endpoint,
         }

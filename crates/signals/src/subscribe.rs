@@ -381,6 +381,14 @@ struct Worker {
 
 impl Worker {
     async fn run(mut self, mut events: WorkerInbox) {
+        // First, so that the router forgets an earlier source of this endpoint after whatever
+        // that source's worker still had queued.
+        let hello = Observation::KvSubscribed {
+            endpoint: self.endpoint.clone(),
+        };
+        if self.send(hello).await.is_err() {
+            return;
+        }
         if self.startup_replay(&mut events).await.is_err() {
             return;
         }

@@ -68,11 +68,17 @@ fn publisher(args: &[&str]) -> Publisher {
     }
 }
 
+/// The next observation after the subscriber's `KvSubscribed` hello.
 async fn next(rx: &mut mpsc::Receiver<Observation>) -> Observation {
-    tokio::time::timeout(RECV_TIMEOUT, rx.recv())
-        .await
-        .expect("no observation within the timeout")
-        .expect("subscriber stopped")
+    loop {
+        let o = tokio::time::timeout(RECV_TIMEOUT, rx.recv())
+            .await
+            .expect("no observation within the timeout")
+            .expect("subscriber stopped");
+        if !matches!(o, Observation::KvSubscribed { .. }) {
+            return o;
+        }
+    }
 }
 
 /// `(seq, block hash)` of a batch observation, or panics with what arrived instead.
@@ -255,6 +261,8 @@ async fn subscriber_waits_for_a_publisher_that_is_not_up_yet() {
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(!sub.handle.is_finished());
+    // Its hello only: nothing from a publisher that is not there.
+    assert!(matches!(rx.try_recv(), Ok(Observation::KvSubscribed { .. })));
     assert!(rx.try_recv().is_err());
     sub.abort();
 }

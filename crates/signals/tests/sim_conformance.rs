@@ -133,6 +133,7 @@ async fn run(encoding: KvEncoding) {
                 }
             }
             Observation::KvResynced { .. } => resynced += 1,
+            Observation::KvSubscribed { .. } => {}
             Observation::KvGap { expected, got, .. } => {
                 panic!("gap {expected}..{got} although replay is available")
             }
