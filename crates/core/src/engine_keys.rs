@@ -23,11 +23,56 @@ use crate::index::KeyHasherBuilder;
 use crate::keys::{KeyScope, chain_mix, chain_next, chain_root};
 use crate::observe::BlockExtra;
 
-/// The aliases of one endpoint: engine hash → (own key, tiers holding it).
+/// The aliases of one endpoint: engine hash → (own key, tiers holding it, copies per tier).
+///
+/// Copies: vLLM's block pool does not de-duplicate (`BlockHashToBlockMap` keeps every block
+/// computed with the same hash, as when two requests compute the same content at once, or a
+/// full-prompt hit recomputes its last block); each copy is stored and, when evicted, removed
+/// with its own event. The block stays cached while one copy does, so a `BlockRemoved` drops
+/// the router's entry only with the tier's last copy (counts saturate at 255).
 #[derive(Clone, Debug, Default)]
 pub struct EngineKeys {
-    map: HashMap<u64, (u64, u8), KeyHasherBuilder>,
+    map: HashMap<u64, Alias, KeyHasherBuilder>,
     orphans: u64,
+}
+
+/// One engine hash's alias (16 bytes, the size `(u64, u8)` had with its padding).
+#[derive(Clone, Copy, Debug)]
+struct Alias {
+    key: u64,
+    tiers: u8,
+    /// Copies per tier (GPU, CPU, disk: the tier bit's position).
+    copies: [u8; 3],
+}
+
+impl Alias {
+    fn new(key: u64, tier_bit: u8) -> Self {
+        let mut a = Self {
+            key,
+            tiers: 0,
+            copies: [0; 3],
+        };
+        a.add(tier_bit);
+        a
+    }
+
+    fn add(&mut self, tier_bit: u8) {
+        self.tiers |= tier_bit;
+        let c = &mut self.copies[tier_bit.trailing_zeros() as usize % 3];
+        *c = c.saturating_add(1);
+    }
+
+    /// One copy of `tier_bit` removed; whether it was the tier's last.
+    fn remove(&mut self, tier_bit: u8) -> bool {
+        let c = &mut self.copies[tier_bit.trailing_zeros() as usize % 3];
+        *c = c.saturating_sub(1);
+        if *c == 0 {
+            self.tiers &= !tier_bit;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 impl EngineKeys {
@@ -48,7 +93,7 @@ impl EngineKeys {
 
     /// Heap bytes of the alias table (same accounting as [`crate::index::PrefixIndex::memory`]).
     pub fn heap_bytes(&self) -> usize {
-        crate::index::table_bytes(self.map.capacity(), std::mem::size_of::<(u64, (u64, u8))>())
+        crate::index::table_bytes(self.map.capacity(), std::mem::size_of::<(u64, Alias)>())
     }
 
     /// Forgets every alias (the engine's cache is empty or the view is void).
@@ -78,7 +123,7 @@ impl EngineKeys {
         let have_tokens = bs > 0 && token_ids.len() >= engine_hashes.len() * bs;
         let mut prev: Option<u64> = match parent {
             None => None,
-            Some(p) => self.map.get(&p).map(|&(k, _)| k),
+            Some(p) => self.map.get(&p).map(|a| a.key),
         };
         // Sized from the tokens received, never from the event's `block_size` alone: that is
         // the publisher's word, and a 21-byte event naming a block of 2³² tokens would
@@ -87,9 +132,9 @@ impl EngineKeys {
         for (i, &h) in engine_hashes.iter().enumerate() {
             // Already known (a store in another tier, or a re-publication): reuse the alias.
             if let Some(entry) = self.map.get_mut(&h) {
-                entry.1 |= tier_bit;
-                prev = Some(entry.0);
-                out.push(entry.0);
+                entry.add(tier_bit);
+                prev = Some(entry.key);
+                out.push(entry.key);
                 continue;
             }
             if !have_tokens {
@@ -115,23 +160,25 @@ impl EngineKeys {
             if ex.opaque != 0 {
                 key = chain_mix(key, ex.opaque);
             }
-            self.map.insert(h, (key, tier_bit));
+            self.map.insert(h, Alias::new(key, tier_bit));
             prev = Some(key);
             out.push(key);
         }
     }
 
     /// Resolves a `BlockRemoved` from tier bit `tier_bit`: the own keys of the known hashes
-    /// (unknown ones are ignored). An alias no tier holds any more is forgotten.
+    /// whose last copy in that tier it removes (unknown ones are ignored; see [`EngineKeys`] on
+    /// copies). An alias no tier holds any more is forgotten.
     pub fn remove(&mut self, engine_hashes: &[u64], tier_bit: u8, out: &mut Vec<u64>) {
         out.clear();
         for h in engine_hashes {
             let Some(entry) = self.map.get_mut(h) else {
                 continue;
             };
-            out.push(entry.0);
-            entry.1 &= !tier_bit;
-            if entry.1 == 0 {
+            if entry.remove(tier_bit) {
+                out.push(entry.key);
+            }
+            if entry.tiers == 0 {
                 self.map.remove(h);
             }
         }
@@ -238,5 +285,27 @@ mod tests {
         assert_eq!(ek.len(), 1, "still held on CPU");
         ek.remove(&[1], 2, &mut out);
         assert!(ek.is_empty());
+    }
+
+    /// vLLM stores and removes each copy of a block computed twice (its pool does not
+    /// de-duplicate): the block stays while a copy does.
+    #[test]
+    fn a_block_stays_until_its_last_copy_is_removed() {
+        let toks: Vec<u32> = (0..16).collect();
+        let mut ek = EngineKeys::default();
+        let mut out = Vec::new();
+        for _ in 0..2 {
+            ek.store(&[3], None, &toks, 16, None, &extra_none(1), 1, &mut out);
+        }
+        let k = out[0];
+        ek.remove(&[3], 1, &mut out);
+        assert!(out.is_empty(), "a copy is still cached");
+        assert_eq!(ek.len(), 1);
+        ek.remove(&[3], 1, &mut out);
+        assert_eq!(out, vec![k]);
+        assert!(ek.is_empty());
+        // A removal of an unknown hash, or one too many, changes nothing.
+        ek.remove(&[3], 1, &mut out);
+        assert!(out.is_empty());
     }
 }

@@ -71,6 +71,11 @@ pub(crate) struct BlockPool {
     tail: u32,
     num_free: usize,
     index: FoldMap<u64, u32>,
+    /// Further blocks holding a key `index` maps to another block: vLLM's block pool does not
+    /// de-duplicate (two requests computing the same content at once, a full-prompt hit
+    /// recomputing its last block), so each copy is cached, hit through the index's one, and
+    /// removed with its own `BlockRemoved` when evicted (rare, so kept apart).
+    dups: FoldMap<u64, Vec<u32>>,
     /// Reused by `free_reversed`.
     scratch: Vec<u32>,
 }
@@ -99,6 +104,7 @@ impl BlockPool {
             tail,
             num_free: num_blocks - 1,
             index: FoldMap::with_capacity_and_hasher(num_blocks, Default::default()),
+            dups: FoldMap::default(),
             scratch: Vec::new(),
         }
     }
@@ -130,9 +136,9 @@ impl BlockPool {
         self.index.get(&key).copied()
     }
 
-    /// Number of cached (indexed) blocks.
+    /// Number of cached blocks (copies of a key included).
     pub(crate) fn num_cached(&self) -> usize {
-        self.index.len()
+        self.index.len() + self.dups.values().map(Vec::len).sum::<usize>()
     }
 
     pub(crate) fn ref_cnt(&self, block: u32) -> u32 {
@@ -200,8 +206,7 @@ impl BlockPool {
             let blk = &mut self.blocks[b as usize];
             blk.ref_cnt = 1;
             if let Some(key) = blk.hash.take() {
-                // Only the indexed block of a key is ever given the hash (see `cache`).
-                self.index.remove(&key);
+                self.unindex(b, key);
                 evicted.push(key);
             }
             out.push(b);
@@ -238,21 +243,49 @@ impl BlockPool {
         self.scratch = unhashed;
     }
 
-    /// Registers a full, computed block under `key`. Returns false, leaving the block unindexed,
-    /// when another block already holds the key (two requests computed the same content): the
-    /// index keeps one block per key so that the event stream stays a consistent set (one
-    /// `BlockRemoved` per key ever stored).
-    pub(crate) fn cache(&mut self, b: u32, key: u64) -> bool {
-        if self.index.contains_key(&key) {
-            return false;
+    /// Registers a full, computed block under `key`; a copy when another block already holds
+    /// the key (see `dups`). Every registered block is published stored, and removed when
+    /// evicted, as vLLM's pool does.
+    pub(crate) fn cache(&mut self, b: u32, key: u64) {
+        match self.index.entry(key) {
+            std::collections::hash_map::Entry::Occupied(_) => {
+                self.dups.entry(key).or_default().push(b);
+            }
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(b);
+            }
         }
-        self.index.insert(key, b);
         self.blocks[b as usize].hash = Some(key);
-        true
+    }
+
+    /// Block `b`, holding `key`, is evicted: another copy, if any, becomes the one hits use.
+    fn unindex(&mut self, b: u32, key: u64) {
+        if self.index.get(&key) == Some(&b) {
+            match self.dups.get_mut(&key).and_then(Vec::pop) {
+                Some(other) => {
+                    self.index.insert(key, other);
+                }
+                None => {
+                    self.index.remove(&key);
+                }
+            }
+        } else if let Some(copies) = self.dups.get_mut(&key)
+            && let Some(at) = copies.iter().position(|&c| c == b)
+        {
+            copies.swap_remove(at);
+        }
+        if self.dups.get(&key).is_some_and(Vec::is_empty) {
+            self.dups.remove(&key);
+        }
     }
 
     /// Forgets every cached hash (used and free blocks alike).
     pub(crate) fn clear_index(&mut self) {
+        for (_, copies) in self.dups.drain() {
+            for b in copies {
+                self.blocks[b as usize].hash = None;
+            }
+        }
         for (_, b) in self.index.drain() {
             self.blocks[b as usize].hash = None;
         }
@@ -298,11 +331,22 @@ impl BlockPool {
                 return Err(format!("index {k} -> {b} but block hash differs"));
             }
         }
+        for (&k, copies) in &self.dups {
+            if !self.index.contains_key(&k) || copies.is_empty() {
+                return Err(format!("copies of {k} without an indexed block"));
+            }
+            if copies
+                .iter()
+                .any(|&b| self.blocks[b as usize].hash != Some(k))
+            {
+                return Err(format!("a copy of {k} holds another hash"));
+            }
+        }
         let hashed = self.blocks.iter().filter(|b| b.hash.is_some()).count();
-        if hashed != self.index.len() {
+        if hashed != self.num_cached() {
             return Err(format!(
-                "{hashed} hashed blocks, {} indexed",
-                self.index.len()
+                "{hashed} hashed blocks, {} cached",
+                self.num_cached()
             ));
         }
         Ok(())
@@ -329,7 +373,9 @@ mod tests {
         let (mut a, mut ev) = (Vec::new(), Vec::new());
         p.allocate(3, &mut a, &mut ev);
         assert_eq!(a, vec![1, 2, 3]);
-        assert!(p.cache(1, 11) && p.cache(2, 22) && p.cache(3, 33));
+        for (b, k) in [(1, 11), (2, 22), (3, 33)] {
+            p.cache(b, k);
+        }
         // Freed in reverse: 3, 2, 1 join the tail after never-used block 4.
         p.free_reversed(&a);
         p.check().unwrap();
@@ -360,7 +406,8 @@ mod tests {
         p.allocate(4, &mut a, &mut ev);
         assert_eq!(a, vec![1, 2, 3, 4]);
         // Blocks 1 and 2 full and cached; 3 and 4 (the partial tail) never hashed.
-        assert!(p.cache(1, 11) && p.cache(2, 22));
+        p.cache(1, 11);
+        p.cache(2, 22);
         p.free_reversed(&a);
         p.check().unwrap();
         let mut b = Vec::new();
@@ -382,14 +429,31 @@ mod tests {
         p.check().unwrap();
     }
 
+    /// Two blocks computed with the same key are both cached (vLLM's pool does not
+    /// de-duplicate), each evicted with its own removal, and the key stays hit while a copy
+    /// does.
     #[test]
-    fn duplicate_key_is_not_indexed_twice() {
+    fn copies_of_a_key_are_cached_and_evicted_each() {
         let mut p = BlockPool::new(3);
         let (mut a, mut ev) = (Vec::new(), Vec::new());
         p.allocate(2, &mut a, &mut ev);
-        assert!(p.cache(1, 7));
-        assert!(!p.cache(2, 7));
+        p.cache(1, 7);
+        p.cache(2, 7);
+        assert_eq!(p.num_cached(), 2);
         p.check().unwrap();
+        p.free_reversed(&a);
+        // Freed in reverse: block 2 first in the queue, so evicted first; 1 still hits.
+        let mut b = Vec::new();
+        p.allocate(1, &mut b, &mut ev);
+        assert_eq!((b.clone(), ev.clone()), (vec![2], vec![7]));
+        assert_eq!(p.lookup(7), Some(1));
+        p.check().unwrap();
+        p.allocate(1, &mut b, &mut ev);
+        assert_eq!(ev, vec![7, 7], "one removal per copy");
+        assert_eq!(p.lookup(7), None);
+        p.check().unwrap();
+        p.cache(1, 9);
+        p.cache(2, 9);
         p.clear_index();
         assert_eq!(p.num_cached(), 0);
         p.check().unwrap();

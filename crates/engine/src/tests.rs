@@ -1055,17 +1055,24 @@ proptest! {
             prop_assert!(done.contains(id), "request {} never finished", id);
         }
         prop_assert_eq!(stats.finished_length + stats.finished_abort, added.len() as u64);
-        // The event stream is a consistent set: a key is removed only while stored.
-        let mut stored = std::collections::HashSet::new();
+        // The event stream is a consistent multiset (a key stored once per cached copy, as
+        // vLLM's pool keeps copies): a key is removed only while a copy is stored.
+        let mut stored = std::collections::HashMap::<u64, u32>::new();
         for ev in &events {
             match ev {
                 KvEvent::BlockStored { block_hashes, token_ids, .. } => {
                     prop_assert_eq!(token_ids.len(), block_hashes.len() * 16);
-                    stored.extend(block_hashes.iter().copied());
+                    for k in block_hashes {
+                        *stored.entry(*k).or_default() += 1;
+                    }
                 }
                 KvEvent::BlockRemoved { block_hashes } => {
                     for k in block_hashes {
-                        prop_assert!(stored.remove(k), "removed a key never stored");
+                        let n = stored.get_mut(k);
+                        prop_assert!(n.as_ref().is_some_and(|n| **n > 0), "removed a key never stored");
+                        if let Some(n) = n {
+                            *n -= 1;
+                        }
                     }
                 }
                 KvEvent::AllBlocksCleared => stored.clear(),

@@ -262,7 +262,10 @@ async fn subscriber_waits_for_a_publisher_that_is_not_up_yet() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(!sub.handle.is_finished());
     // Its hello only: nothing from a publisher that is not there.
-    assert!(matches!(rx.try_recv(), Ok(Observation::KvSubscribed { .. })));
+    assert!(matches!(
+        rx.try_recv(),
+        Ok(Observation::KvSubscribed { .. })
+    ));
     assert!(rx.try_recv().is_err());
     sub.abort();
 }
