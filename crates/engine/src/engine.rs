@@ -811,10 +811,13 @@ impl Engine {
         self.queued_pairs_x2 -= r.prefill_pairs_x2();
         r.num_computed = hit_tokens;
         r.num_cached_blocks = hit_blocks;
+        // A re-admission after a preemption is recorded apart by vLLM (`PrefixCacheStats`'s
+        // `preempted_*`, not exported): the `prefix_cache_*` counters count first admissions.
+        let first_admission = r.cached_tokens.is_none();
         r.cached_tokens.get_or_insert(hit_tokens as u32);
         self.queued_prefill -= hit_tokens as u64;
         self.queued_pairs_x2 += r.prefill_pairs_x2();
-        if self.cfg.enable_prefix_caching {
+        if self.cfg.enable_prefix_caching && first_admission {
             self.prefix_queries += num_tokens as u64;
             self.prefix_hits += hit_tokens as u64;
         }

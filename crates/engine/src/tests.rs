@@ -636,13 +636,13 @@ fn cache_pressure_preempts_the_newest_running_request() {
         assert_eq!(idx, (0..40).collect::<Vec<_>>());
     }
     assert_eq!(s.ttft.count, 2, "TTFT is recorded once per request");
-    assert!(
-        s.prefix_cache_queries_tokens > 80,
-        "re-admission is queried again"
+    // vLLM records a preempted request's re-admission apart (`preempted_*`, not exported):
+    // the counters hold the two first admissions, and the prompts are distinct, so no hit
+    // (request 2's finding the blocks it left cached when preempted is not counted).
+    assert_eq!(
+        (s.prefix_cache_queries_tokens, s.prefix_cache_hits_tokens),
+        (80, 0)
     );
-    // The prompts are distinct, so every hit is request 2 finding full blocks it left cached
-    // when it was preempted.
-    assert!(s.prefix_cache_hits_tokens > 0);
 }
 
 #[test]
