@@ -153,6 +153,15 @@ impl TraceEncoder {
 /// prompt's key chain: 8 bytes per 16 tokens, so at most ~64 MiB for 32k-token prompts).
 const MAX_HELD_RECORDS: usize = 4_096;
 
+/// A captured trace is rotated (`FILE.1` newest … `FILE.5` oldest) when the next line would
+/// take it past this many bytes: a line is ~0.1-0.5 KB (a 32k-token prompt's 64 hash ids), so
+/// a file holds millions of requests, and the capture can never fill a disk (it grew without
+/// bound). Concatenated oldest first, the files are one trace (timestamps run on).
+pub const CAPTURE_MAX_BYTES: u64 = 1 << 30;
+
+/// Rotated capture files kept besides the live one: at most 6 GiB on disk.
+pub const CAPTURE_FILES: u32 = 5;
+
 /// The capture of one data plane (see the module docs).
 pub(crate) struct TraceCapture {
     epoch: Instant,
@@ -164,7 +173,12 @@ pub(crate) struct TraceCapture {
 impl TraceCapture {
     /// Opens `path` (appending) and starts its writer.
     pub(crate) fn start(path: &Path, metrics: Arc<DataPlaneMetrics>) -> Result<Self, RuntimeError> {
-        let mut file = RotatingFile::open(path, None, 0, "logs.capture_trace")?;
+        let mut file = RotatingFile::open(
+            path,
+            Some(CAPTURE_MAX_BYTES),
+            CAPTURE_FILES,
+            "logs.capture_trace",
+        )?;
         tracing::info!(path = %path.display(), "capturing traffic as a Mooncake trace");
         let open: Arc<Mutex<BTreeSet<Slot>>> = Arc::default();
         let watermark = open.clone();
