@@ -1,6 +1,5 @@
 //! Black-box tests of the public API, as the simulator and the benchmark runner use it.
 
-
 use kvgate_engine::{Engine, EngineConfig, EngineRequest, KvEvent, Output, StepModel};
 use proptest::prelude::*;
 

@@ -93,6 +93,53 @@ impl Stream {
     }
 }
 
+/// Opens a stream and sends a chat request whose model is rewritten to `m2` by `header`.
+async fn rewritten_chat(epp: &Epp, header: &str) -> Stream {
+    let s = Stream::open(epp).await;
+    s.send(
+        headers(&[(":path", "/v1/chat/completions"), (header, "m2")], false),
+        None,
+    )
+    .await;
+    s.send(body(&chat_body("hi"), true), None).await;
+    s
+}
+
+/// Sends the upstream's `200` response headers and reads their answer.
+async fn respond_200(s: &mut Stream) {
+    s.send(
+        Req::ResponseHeaders(HttpHeaders {
+            headers: Some(HeaderMap {
+                headers: vec![HeaderValue {
+                    key: ":status".into(),
+                    raw_value: b"200".to_vec(),
+                    ..HeaderValue::default()
+                }],
+            }),
+            ..HttpHeaders::default()
+        }),
+        None,
+    )
+    .await;
+    s.recv().await;
+}
+
+/// Sends one chunk of the upstream's response body; returns what the client gets for it.
+async fn relay_response_chunk(s: &mut Stream, part: &[u8], eos: bool) -> Vec<u8> {
+    s.send(resp_body(part, eos), None).await;
+    let Resp::ResponseBody(b) = s.recv().await else {
+        panic!("expected a response body answer")
+    };
+    let Some(body_mutation::Mutation::StreamedResponse(sr)) = b
+        .response
+        .and_then(|c| c.body_mutation)
+        .and_then(|m| m.mutation)
+    else {
+        panic!("expected a streamed body")
+    };
+    sr.body
+}
+
 /// Reads the routing answer: the destination header value and the re-sent body chunks.
 async fn routed(s: &mut Stream) -> (String, Vec<Vec<u8>>, bool) {
     let first = s.recv_full().await;
@@ -366,50 +413,13 @@ async fn subset_hint_restricts_the_pick() {
 #[tokio::test]
 async fn model_rewrite_changes_the_body_and_is_undone_in_the_response() {
     let epp = epp(&EP[..1], |_| {}).await;
-    let mut s = Stream::open(&epp).await;
-    s.send(
-        headers(
-            &[
-                (":path", "/v1/chat/completions"),
-                ("x-gateway-model-name-rewrite", "m2"),
-            ],
-            false,
-        ),
-        None,
-    )
-    .await;
-    s.send(body(&chat_body("hi"), true), None).await;
+    let mut s = rewritten_chat(&epp, "x-gateway-model-name-rewrite").await;
     let (_, chunks, _) = routed(&mut s).await;
     let sent: serde_json::Value = serde_json::from_slice(&chunks.concat()).unwrap();
     assert_eq!(sent["model"], "m2");
-    s.send(
-        Req::ResponseHeaders(HttpHeaders {
-            headers: Some(HeaderMap {
-                headers: vec![HeaderValue {
-                    key: ":status".into(),
-                    raw_value: b"200".to_vec(),
-                    ..HeaderValue::default()
-                }],
-            }),
-            ..HttpHeaders::default()
-        }),
-        None,
-    )
-    .await;
-    s.recv().await;
-    s.send(resp_body(br#"{"model":"m2","choices":[]}"#, true), None)
-        .await;
-    let Resp::ResponseBody(b) = s.recv().await else {
-        panic!()
-    };
-    let Some(body_mutation::Mutation::StreamedResponse(sr)) = b
-        .response
-        .and_then(|c| c.body_mutation)
-        .and_then(|m| m.mutation)
-    else {
-        panic!()
-    };
-    assert_eq!(&sr.body[..], br#"{"model":"m","choices":[]}"#);
+    respond_200(&mut s).await;
+    let got = relay_response_chunk(&mut s, br#"{"model":"m2","choices":[]}"#, true).await;
+    assert_eq!(&got[..], br#"{"model":"m","choices":[]}"#);
 }
 
 #[tokio::test]
@@ -731,19 +741,7 @@ async fn engine_tokens_are_asked_for_under_the_rewritten_model() {
         a.routing.models = vec!["m2".into()];
     })
     .await;
-    let mut s = Stream::open(&epp).await;
-    s.send(
-        headers(
-            &[
-                (":path", "/v1/chat/completions"),
-                ("x-gateway-model-name-rewrite", "m2"),
-            ],
-            false,
-        ),
-        None,
-    )
-    .await;
-    s.send(body(&chat_body("hi"), true), None).await;
+    let mut s = rewritten_chat(&epp, "x-gateway-model-name-rewrite").await;
     let (dest, chunks, _) = routed(&mut s).await;
     assert_eq!(dest, engine);
     let sent: serde_json::Value = serde_json::from_slice(&chunks.concat()).unwrap();
@@ -757,52 +755,15 @@ async fn engine_tokens_are_asked_for_under_the_rewritten_model() {
 #[tokio::test]
 async fn model_rewrite_back_survives_a_chunk_boundary() {
     let epp = epp(&EP[..1], |_| {}).await;
-    let mut s = Stream::open(&epp).await;
-    s.send(
-        headers(
-            &[
-                (":path", "/v1/chat/completions"),
-                ("x-gateway-model-name-rewrite", "m2"),
-            ],
-            false,
-        ),
-        None,
-    )
-    .await;
-    s.send(body(&chat_body("hi"), true), None).await;
+    let mut s = rewritten_chat(&epp, "x-gateway-model-name-rewrite").await;
     routed(&mut s).await;
-    s.send(
-        Req::ResponseHeaders(HttpHeaders {
-            headers: Some(HeaderMap {
-                headers: vec![HeaderValue {
-                    key: ":status".into(),
-                    raw_value: b"200".to_vec(),
-                    ..HeaderValue::default()
-                }],
-            }),
-            ..HttpHeaders::default()
-        }),
-        None,
-    )
-    .await;
-    s.recv().await;
+    respond_200(&mut s).await;
     let mut client_saw = Vec::new();
     for (part, eos) in [
         (&br#"{"id":"x","mod"#[..], false),
         (br#"el":"m2","choices":[]}"#, true),
     ] {
-        s.send(resp_body(part, eos), None).await;
-        let Resp::ResponseBody(b) = s.recv().await else {
-            panic!()
-        };
-        let Some(body_mutation::Mutation::StreamedResponse(sr)) = b
-            .response
-            .and_then(|c| c.body_mutation)
-            .and_then(|m| m.mutation)
-        else {
-            panic!()
-        };
-        client_saw.extend_from_slice(&sr.body);
+        client_saw.extend(relay_response_chunk(&mut s, part, eos).await);
     }
     assert_eq!(
         String::from_utf8(client_saw).unwrap(),
@@ -814,19 +775,7 @@ async fn model_rewrite_back_survives_a_chunk_boundary() {
 #[tokio::test]
 async fn the_llm_d_rewrite_header_is_read_too() {
     let epp = epp(&EP[..1], |_| {}).await;
-    let mut s = Stream::open(&epp).await;
-    s.send(
-        headers(
-            &[
-                (":path", "/v1/chat/completions"),
-                ("x-llm-d-model-name-rewrite", "m2"),
-            ],
-            false,
-        ),
-        None,
-    )
-    .await;
-    s.send(body(&chat_body("hi"), true), None).await;
+    let mut s = rewritten_chat(&epp, "x-llm-d-model-name-rewrite").await;
     let (_, chunks, _) = routed(&mut s).await;
     let sent: serde_json::Value = serde_json::from_slice(&chunks.concat()).unwrap();
     assert_eq!(sent["model"], "m2");

@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -201,6 +202,37 @@ async fn start_fake() -> (Fake, SocketAddr) {
     (fake, addr)
 }
 
+/// `kvgate epp` discovering the pool `sim-pool` through the fake API server at `api`, and the
+/// temporary directory (named after `name`) holding its kubeconfig.
+async fn pool_picker(api: SocketAddr, name: &str, routing: RoutingFlags) -> (Epp, PathBuf) {
+    let dir = std::env::temp_dir().join(format!("kvgate-epp-k8s-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster: {{server: 'http://{api}'}}\n\
+             users:\n- name: u\n  user: {{}}\ncontexts:\n- name: c\n  context: {{cluster: fake, user: u, namespace: {NS}}}\n\
+             current-context: c\n"
+        ),
+    )
+    .unwrap();
+    let epp = Epp::start(&EppArgs {
+        host: Some("127.0.0.1".into()),
+        grpc_port: 0,
+        grpc_health_port: 0,
+        metrics_port: 0,
+        pool_name: Some("sim-pool".into()),
+        pool_namespace: Some(NS.into()),
+        kubeconfig: Some(kubeconfig),
+        routing,
+        ..EppArgs::default()
+    })
+    .await
+    .expect("picker starts");
+    (epp, dir)
+}
+
 fn pool(ports: &[u16]) -> Value {
     json!({
         "metadata": {"name": "sim-pool", "namespace": NS},
@@ -365,34 +397,15 @@ async fn pool_pods_join_drain_and_leave() {
     // resurrect the endpoint when sim-0 terminates either).
     fake.pods.lock().unwrap().put(pod("sim-1", false, false));
 
-    let dir = std::env::temp_dir().join(format!("kvgate-epp-k8s-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let kubeconfig = dir.join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster: {{server: 'http://{api}'}}\n\
-             users:\n- name: u\n  user: {{}}\ncontexts:\n- name: c\n  context: {{cluster: fake, user: u, namespace: {NS}}}\n\
-             current-context: c\n"
-        ),
-    )
-    .unwrap();
-    let epp = Epp::start(&EppArgs {
-        host: Some("127.0.0.1".into()),
-        grpc_port: 0,
-        grpc_health_port: 0,
-        metrics_port: 0,
-        pool_name: Some("sim-pool".into()),
-        pool_namespace: Some(NS.into()),
-        kubeconfig: Some(kubeconfig),
-        routing: RoutingFlags {
+    let (epp, dir) = pool_picker(
+        api,
+        "join",
+        RoutingFlags {
             scrape_interval_ms: Some(50),
             ..RoutingFlags::default()
         },
-        ..EppArgs::default()
-    })
-    .await
-    .expect("picker starts");
+    )
+    .await;
 
     // Ready pod × two target ports = two endpoints; health turns SERVING once synced.
     let control = epp.control.clone();
@@ -525,34 +538,15 @@ async fn a_pool_deleted_while_the_watch_was_down_empties_the_set() {
     let (fake, api) = start_fake().await;
     fake.pools.lock().unwrap().put(pool(&[9, 10]));
     fake.pods.lock().unwrap().put(pod("sim-0", true, false));
-    let dir = std::env::temp_dir().join(format!("kvgate-epp-k8s-vanish-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let kubeconfig = dir.join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster: {{server: 'http://{api}'}}\n\
-             users:\n- name: u\n  user: {{}}\ncontexts:\n- name: c\n  context: {{cluster: fake, user: u, namespace: {NS}}}\n\
-             current-context: c\n"
-        ),
-    )
-    .unwrap();
-    let epp = Epp::start(&EppArgs {
-        host: Some("127.0.0.1".into()),
-        grpc_port: 0,
-        grpc_health_port: 0,
-        metrics_port: 0,
-        pool_name: Some("sim-pool".into()),
-        pool_namespace: Some(NS.into()),
-        kubeconfig: Some(kubeconfig),
-        routing: RoutingFlags {
+    let (epp, dir) = pool_picker(
+        api,
+        "vanish",
+        RoutingFlags {
             models: vec![MODEL.into()],
             ..RoutingFlags::default()
         },
-        ..EppArgs::default()
-    })
-    .await
-    .expect("picker starts");
+    )
+    .await;
     let control = epp.control.clone();
     eventually_sync("the pool's endpoints", Duration::from_secs(10), || {
         control.endpoint_addresses().len() == 2
@@ -563,4 +557,5 @@ async fn a_pool_deleted_while_the_watch_was_down_empties_the_set() {
         control.endpoint_addresses().is_empty()
     })
     .await;
+    let _ = std::fs::remove_dir_all(&dir);
 }
