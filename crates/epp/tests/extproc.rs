@@ -105,22 +105,23 @@ async fn rewritten_chat(epp: &Epp, header: &str) -> Stream {
     s
 }
 
+/// The upstream's response headers: `:status 200`.
+fn status_200() -> Req {
+    Req::ResponseHeaders(HttpHeaders {
+        headers: Some(HeaderMap {
+            headers: vec![HeaderValue {
+                key: ":status".into(),
+                raw_value: b"200".to_vec(),
+                ..HeaderValue::default()
+            }],
+        }),
+        ..HttpHeaders::default()
+    })
+}
+
 /// Sends the upstream's `200` response headers and reads their answer.
 async fn respond_200(s: &mut Stream) {
-    s.send(
-        Req::ResponseHeaders(HttpHeaders {
-            headers: Some(HeaderMap {
-                headers: vec![HeaderValue {
-                    key: ":status".into(),
-                    raw_value: b"200".to_vec(),
-                    ..HeaderValue::default()
-                }],
-            }),
-            ..HttpHeaders::default()
-        }),
-        None,
-    )
-    .await;
+    s.send(status_200(), None).await;
     s.recv().await;
 }
 
@@ -565,20 +566,7 @@ async fn served_endpoint_metadata_moves_the_booking_to_the_fallback() {
         filter_metadata: [("envoy.lb".to_string(), lb)].into(),
         ..Metadata::default()
     };
-    s.send(
-        Req::ResponseHeaders(HttpHeaders {
-            headers: Some(HeaderMap {
-                headers: vec![HeaderValue {
-                    key: ":status".into(),
-                    raw_value: b"200".to_vec(),
-                    ..HeaderValue::default()
-                }],
-            }),
-            ..HttpHeaders::default()
-        }),
-        Some(md),
-    )
-    .await;
+    s.send(status_200(), Some(md)).await;
     assert!(matches!(s.recv().await, Resp::ResponseHeaders(_)));
     assert_eq!(in_flight(&parts[0]), "0");
     assert_eq!(in_flight(&parts[1]), "1");
