@@ -160,6 +160,14 @@ pub struct Tuning {
     pub softmax_temperature_per_s: f64,
     /// Cap of the temperature. 2.0: even with very stale signals the cost still orders choices.
     pub softmax_max_temperature: f64,
+    /// Candidates the softmax samples among: the `softmax_top_k` best by score (ties to the
+    /// earlier address); 0 samples among all. 16: a softmax over a large fleet puts most of
+    /// its mass on the many middling candidates (at 1,000 endpoints the best 16 drew under
+    /// half of the picks), and near-best choice for anti-herding needs a handful, not a
+    /// thousand. Fleets of at most 16 eligible endpoints are unaffected. It also lets a pick
+    /// score in full only the endpoints that can be among the best
+    /// ([`crate::router`], "Decision speed").
+    pub softmax_top_k: usize,
     /// Signal age treated as fresh, µs. 200 ms: two default scrape intervals (100 ms) of delay
     /// are normal operation, not staleness.
     pub signal_fresh_us: u64,
@@ -310,6 +318,7 @@ impl Default for Tuning {
             softmax_base_temperature: 0.05,
             softmax_temperature_per_s: 0.5,
             softmax_max_temperature: 2.0,
+            softmax_top_k: 16,
             signal_fresh_us: 200_000,
             prefill_work_weight: 9.0,
             prefill_work_full_queue: 8,

@@ -11,6 +11,16 @@
 //! instead of every router replica piling onto the one that last looked idle (power-of-d and
 //! softmax selection as in Dynamo's `router_temperature`, with the temperature driven by age).
 //!
+//! ## The pool
+//! The softmax, and the hot-prefix rule's choice of where to spill, range over the
+//! `softmax_top_k` best-scoring candidates (16; ties to the earlier address), not the whole
+//! fleet: [`top_k`]. Near-best choice needs a handful of candidates; over a thousand, a
+//! softmax put most of its mass on the middling many (on the routing benchmark's fleet of
+//! 1,000 endpoints with fresh signals, the best 16 drew 46% of the picks, the other 984 the
+//! rest). Fleets of at most 16 eligible endpoints are unaffected, and `softmax_top_k: 0`
+//! samples among all. The pool also lets the router prove most endpoints out of it without
+//! scoring them (`Router::pick_kvgate`).
+//!
 //! ## Hot prefixes
 //! If the best prefix holder's predicted queue wait exceeds `hot_prefix_wait_us`, a
 //! `hot_prefix_spill_fraction` of requests go to the best-scoring endpoint holding less of the
@@ -136,6 +146,12 @@ where
             DecisionReason::LeastCost
         }
     };
+    // The pool sampled from: the `softmax_top_k` best scores (see "The pool").
+    let narrowed = top_k(scores, t.softmax_top_k);
+    let pool = Pool {
+        narrowed: narrowed.as_deref(),
+        n,
+    };
     // Hot-prefix rule.
     // The best holder: most matched blocks, best score among equals.
     let holder = (0..n).fold(None, |best: Option<usize>, i| match best {
@@ -147,7 +163,7 @@ where
         let wait = (inputs.queue_wait_us)(h).unwrap_or(0.0);
         if held > 0
             && wait > t.hot_prefix_wait_us as f64
-            && (0..n).any(|i| matched(i) < held)
+            && pool.iter().any(|i| matched(i) < held)
             && rng.random::<f64>() < t.hot_prefix_spill_fraction
         {
             // Only to endpoints with clearly shorter queues (under uniform overload a spill
@@ -160,7 +176,7 @@ where
                 let context = f64::from(matched(i)) * block;
                 (inputs.recompute_us)(i, missing, crate::cost::attention_pairs(context, missing))
             };
-            let others = (0..n).filter(|&i| {
+            let others = pool.iter().filter(|&i| {
                 matched(i) < held
                     && (inputs.queue_wait_us)(i).is_some_and(|w| w < max_wait)
                     && recompute(i) * t.hot_prefix_recompute_ratio <= wait
@@ -175,8 +191,8 @@ where
     }
     let best = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     let temp = SoftmaxPicker::temperature(t, ctx.max_signal_age_us);
-    if temp <= 0.0 || n == 1 {
-        let index = argmax_random_ties(0..n, |i| scores[i], rng).unwrap_or(0);
+    if temp <= 0.0 || pool.len() == 1 {
+        let index = argmax_random_ties(pool.iter(), |i| scores[i], rng).unwrap_or(0);
         return Pick {
             index,
             reason: reason_of(index),
@@ -185,17 +201,97 @@ where
     // Gaps relative to the best score; 1 ms floor keeps near-zero costs from exploding.
     let scale = best.abs().max(1.0) * temp;
     // Weights below e⁻⁴⁰ are zero for any practical purpose; skipping their `exp` keeps a
-    // thousand-candidate pick cheap.
-    let w: Vec<f64> = scores
+    // wide pool cheap.
+    let w: Vec<f64> = pool
         .iter()
-        .map(|s| {
-            let x = (s - best) / scale;
+        .map(|i| {
+            let x = (scores[i] - best) / scale;
             if x < -40.0 { 0.0 } else { x.exp() }
         })
         .collect();
-    let index = sample_weighted(&w, rng);
+    let index = pool.get(sample_weighted(&w, rng));
     Pick {
         index,
         reason: reason_of(index),
+    }
+}
+
+/// The candidates [`softmax_pick`] samples among: the first `n`, or those `narrowed` to.
+#[derive(Clone, Copy)]
+struct Pool<'a> {
+    narrowed: Option<&'a [usize]>,
+    n: usize,
+}
+
+impl Pool<'_> {
+    fn len(&self) -> usize {
+        self.narrowed.map_or(self.n, <[usize]>::len)
+    }
+
+    /// The `j`th candidate of the pool.
+    fn get(&self, j: usize) -> usize {
+        self.narrowed.map_or(j, |p| p[j])
+    }
+
+    fn iter(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.len()).map(|j| self.get(j))
+    }
+}
+
+/// The indices of the `k` best `scores` in ascending order, `None` meaning all of them (when
+/// `k` is 0 or there are at most `k`); among equal scores the lower index (the earlier
+/// address) is preferred. The set depends only on the scores of the `k` best and of those tied with the
+/// worst of them, so a host that omits candidates it has proven strictly worse than the `k`th
+/// best gets the same set (`Router::pick_kvgate` relies on this).
+pub(crate) fn top_k(scores: &[f64], k: usize) -> Option<Vec<usize>> {
+    if k == 0 || scores.len() <= k {
+        return None;
+    }
+    let order = |a: &f64, b: &f64| b.partial_cmp(a).unwrap_or(std::cmp::Ordering::Equal);
+    // The `k`th best score; the pool is every better one and, of those equal to it, the
+    // earliest, as many as there is room for.
+    let mut sorted = scores.to_vec();
+    let (_, kth, _) = sorted.select_nth_unstable_by(k - 1, order);
+    let kth = *kth;
+    let mut room = k - scores.iter().filter(|s| order(s, &kth).is_lt()).count();
+    let mut pool = Vec::with_capacity(k);
+    for (i, s) in scores.iter().enumerate() {
+        match order(s, &kth) {
+            std::cmp::Ordering::Less => pool.push(i),
+            std::cmp::Ordering::Equal if room > 0 => {
+                room -= 1;
+                pool.push(i);
+            }
+            _ => {}
+        }
+    }
+    Some(pool)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::top_k;
+
+    proptest::proptest! {
+        /// The pool is the `k` best scores with ties to the lower index, as a sort by (score
+        /// descending, index ascending) would take them; scores from a small set, so ties at
+        /// the boundary are common.
+        #[test]
+        fn top_k_takes_the_best_with_ties_to_the_earlier(
+            scores in proptest::collection::vec(0u8..6, 0..40),
+            k in 0usize..12,
+        ) {
+            let scores: Vec<f64> = scores.into_iter().map(|s| -f64::from(s)).collect();
+            let mut sorted: Vec<usize> = (0..scores.len()).collect();
+            sorted.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+            let mut want: Vec<usize> = if k == 0 {
+                sorted
+            } else {
+                sorted.into_iter().take(k).collect()
+            };
+            want.sort_unstable();
+            let got = top_k(&scores, k).unwrap_or_else(|| (0..scores.len()).collect());
+            proptest::prop_assert_eq!(got, want);
+        }
     }
 }
