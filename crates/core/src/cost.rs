@@ -467,6 +467,9 @@ pub struct KeptCost {
     kv_cliff_fraction: f64,
     tiebreak_us: f64,
     externality: f64,
+    /// Whether every term of the cost is finite and not negative, so that
+    /// [`Self::floor_terms`] bound it and it cannot be non-finite.
+    bounded: bool,
 }
 
 impl KeptCost {
@@ -477,7 +480,7 @@ impl KeptCost {
         let queued = est.queued_prefill_tokens as f64;
         let queued_pairs = est.queued_prefill_pairs;
         let kv_capacity = est.kv_capacity_blocks.max(1) as f64;
-        Self {
+        let mut k = Self {
             coeffs: *prior,
             queued,
             queued_pairs,
@@ -498,7 +501,48 @@ impl KeptCost {
                 p.prefill_work_weight,
                 p.prefill_work_full_queue,
             ),
+            bounded: false,
+        };
+        // Sums and products of finite non-negative terms below 2⁵⁰ or so (counts of tokens
+        // and blocks, coefficients in µs) stay finite.
+        k.bounded = [
+            prior.step_base_us,
+            prior.prefill_us_per_token,
+            prior.decode_us_per_token,
+            prior.attention_us_per_pair,
+            k.queued,
+            k.queued_pairs,
+            k.step_fixed_us,
+            k.queue_raw_us,
+            k.kv_capacity,
+            k.past_cliff_before,
+            k.tiebreak_us,
+            k.externality,
+        ]
+        .iter()
+        .all(|v| v.is_finite() && *v >= 0.0 && *v < 1e15);
+        k
+    }
+
+    /// The terms of a lower bound of [`Self::cost`]'s `routing_cost_us` at any speed at or
+    /// above `speed_floor` ([`CostFloor`]); `None` when the cost is not bounded (some term
+    /// non-finite or negative), so that no bound is claimed for it.
+    pub fn floor_terms(&self, speed_floor: f64) -> Option<CostFloor> {
+        if !(self.bounded && speed_floor.is_finite() && speed_floor >= 0.0) {
+            return None;
         }
+        Some(CostFloor {
+            fixed: speed_floor * self.queue_raw_us + self.tiebreak_us,
+            speed: speed_floor,
+            charged: speed_floor * (1.0 + self.externality),
+            empty_queue_step: if self.queued <= 0.0 {
+                self.step_fixed_us
+            } else {
+                0.0
+            },
+            per_token: self.coeffs.prefill_us_per_token,
+            per_pair: self.coeffs.attention_us_per_pair,
+        })
     }
 
     /// The cost of sending a request that adds `work` at calibrated `speed`.
@@ -542,6 +586,44 @@ impl KeptCost {
                 + self.externality * (total_raw - queue_raw) * speed,
             duplicate_us: 0.0,
         }
+    }
+}
+
+/// A lower bound of an endpoint's [`KeptCost::cost`] (its `routing_cost_us`, with any
+/// duplicate charge) for any request, at any speed at or above a floor: what a pick reads of
+/// an endpoint to prove it cannot be among the best without scoring it
+/// (`Router::pick_kvgate`). It keeps the queue's prefill time, the request's per-token and
+/// attention time, the step an empty queue's engine must take for it, and the charges on
+/// them (externality and duplicate share), and drops what only adds (further steps' fixed
+/// cost, the KV cliff). Every term is non-negative, so the cost computed in floating point is
+/// at least this less a relative 10⁻⁹ (far above the rounding of either computation).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CostFloor {
+    /// `speed · queue prefill time + tie-break`.
+    fixed: f64,
+    /// The speed floor.
+    speed: f64,
+    /// `speed · (1 + externality)`: the request's own prefill with its externality charge.
+    charged: f64,
+    /// A step's fixed cost when the queue is empty (the request's own step), else 0.
+    empty_queue_step: f64,
+    per_token: f64,
+    per_pair: f64,
+}
+
+impl CostFloor {
+    /// The bound for `work` with a duplicate charge of `duplicate` (the tuning's weight times
+    /// the share, 0 when none is charged; never negative).
+    #[inline(always)]
+    pub fn routing_cost_us(&self, work: &RequestWork, duplicate: f64) -> f64 {
+        let step = if work.uncached_tokens > 0.0 {
+            self.empty_queue_step
+        } else {
+            0.0
+        };
+        let own =
+            step + self.per_token * work.uncached_tokens + self.per_pair * work.attention_pairs;
+        (self.fixed + (self.charged + self.speed * duplicate) * own) * (1.0 - 1e-9)
     }
 }
 

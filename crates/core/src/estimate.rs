@@ -562,6 +562,12 @@ impl SpeedFactor {
         }
     }
 
+    /// The least [`Self::at`] can be at any time: evidence pulls the factor from the prior (1)
+    /// toward its value, so it lies between the two.
+    pub fn floor(&self) -> f64 {
+        self.value.min(1.0)
+    }
+
     /// The factor to route with at `now_us`.
     pub fn at(&self, now_us: u64, p: CalibrationParams) -> f64 {
         let k = self.freshness(now_us, p);
@@ -656,23 +662,23 @@ impl EndpointLoad {
         }
     }
 
-    /// What a pick reads of the estimate at `now_us` besides [`Self::kept_cost`], without
-    /// copying it: its sample's age and its foreign requests (the signal's staleness).
-    #[inline]
-    pub fn signal_age(&self, now_us: u64, default_capacity_blocks: u64) -> (Option<u64>, u32) {
-        #[cfg(test)]
-        if crate::router::reference() {
-            let e = self.compute(Some(now_us), default_capacity_blocks);
-            return (e.sample_age_us, e.foreign_requests);
-        }
-        if default_capacity_blocks != self.default_capacity_blocks {
-            let e = self.compute(Some(now_us), default_capacity_blocks);
-            return (e.sample_age_us, e.foreign_requests);
-        }
-        (
-            self.sample.as_ref().map(|s| now_us.saturating_sub(s.at_us)),
-            self.current.foreign_requests,
-        )
+    /// What [`Self::signal_age`] is measured from: the sample's time, if any, and the foreign
+    /// requests it holds (a sample without them is fresh at any age).
+    pub fn signal_source(&self, default_capacity_blocks: u64) -> (Option<u64>, u32) {
+        let foreign = if default_capacity_blocks == self.default_capacity_blocks {
+            self.current.foreign_requests
+        } else {
+            self.compute(None, default_capacity_blocks).foreign_requests
+        };
+        (self.sample.as_ref().map(|s| s.at_us), foreign)
+    }
+
+    /// The kept cost as kept, when it was kept under `default_capacity_blocks` (in every mode,
+    /// unlike [`Self::kept_cost_ref`]): what the router's pick rows mirror.
+    pub(crate) fn kept_cost_as_kept(&self, default_capacity_blocks: u64) -> Option<&KeptCost> {
+        self.kept_cost
+            .as_ref()
+            .filter(|_| default_capacity_blocks == self.default_capacity_blocks)
     }
 
     /// The request-independent part of the endpoint's kvgate cost under `pricing` (its
@@ -967,6 +973,12 @@ impl EndpointLoad {
         }
         b.context_tokens = matched as f64 * f64::from(block_size);
         b.progress_keys = watched;
+    }
+
+    /// Whether it watches the KV events of any prefill ([`Self::blocks_stored`] has nothing
+    /// to do otherwise).
+    pub fn watches_prefills(&self) -> bool {
+        !self.progress.is_empty()
     }
 
     /// The engine stored blocks with `keys` (router keys): the pending bookings watching any

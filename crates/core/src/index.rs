@@ -611,6 +611,14 @@ impl PrefixMatches {
     pub fn gpu_blocks(&self, id: EndpointId) -> u32 {
         self.gpu_blocks.get(id.0 as usize).copied().unwrap_or(0)
     }
+    /// The endpoints with a match and their matched blocks, in id order.
+    pub fn holders(&self) -> impl Iterator<Item = (EndpointId, u32)> + '_ {
+        self.blocks
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| **b > 0)
+            .map(|(i, b)| (EndpointId(i as u32), *b))
+    }
 }
 
 /// Per endpoint, the run of precise blocks a [`PrefixIndex::longest_prefixes_with_precise`]

@@ -76,35 +76,57 @@
 //!   (numbers are equal exactly when names are), so a pick compares numbers instead of
 //!   chasing two pointers to a string per endpoint; classes are counted as candidates are
 //!   collected and the narrowing runs only when they differ.
+//! * **Pick rows.** What kvgate's pick reads of an endpoint it does not score (whether it is
+//!   an ordinary candidate: its model, the phases its role serves, from when it is ready and
+//!   unpenalised; its signal's staleness; its cost's floor) is mirrored into one array beside
+//!   the entries (`PickRow`, ~80 B each) so a thousand-endpoint pick reads about a cache line
+//!   per endpoint, not the entry's half-dozen. One owner: an entry is changed only through a
+//!   guard (`EntryMut`) that rewrites its row when dropped, or through a loan of the parts no
+//!   row reads (`KvParts`: what KV events change), and debug builds check every row a pick
+//!   reads against its entry. When no endpoint is an ordinary candidate (only
+//!   penalised or draining ones, or none), the stage's own narrowing runs on the entries.
+//! * **Bound and skip.** The softmax samples among the `softmax_top_k` best candidates (16),
+//!   not all of them ([`plugins::kvgate`]). Once `k` candidates are scored, one whose cost
+//!   cannot be below the `k`th best so far cannot be in that pool, nor a fallback (fewer than
+//!   `k`, or nothing is skipped), so it is not scored; a holder of the most blocks is scored
+//!   while it could be the hot-prefix rule's best holder. The proof is a floor of the cost
+//!   ([`cost::CostFloor`]: the queue's and the request's prefill time at the endpoint's lowest
+//!   possible prefill factor, with the charges on it, less 10⁻⁹ for rounding), kept in the
+//!   row, so a skipped endpoint costs a dozen multiply-adds and a compare. On the benchmark's
+//!   thousand endpoints about 80 are scored.
 //! * **Fallbacks in one pass** keeping the best `max_fallbacks` in (score, address) order,
 //!   instead of one scan per fallback; the cost model rounds up without a library call
 //!   ([`crate::cost`]); address order is kept as a slice, not walked in the map.
 //!
-//! Not done, and why: scoring only prefix holders and the least loaded. The softmax draw is
-//! `u · Σ wᵢ` scanned in address order, so every candidate whose weight is above the `e⁻⁴⁰`
-//! cutoff moves the sum's low bits and must be scored exactly; only candidates whose cost
-//! exceeds the best by more than `40 ·` temperature `·` best (3× the best at the base
-//! temperature 0.05, 81× at the stale maximum) could be skipped. In the benchmark fleet every
-//! one of a thousand endpoints is within that bound, so a bound-and-skip pass would only add
-//! work there.
+//! The pool is a policy decision, not a shortcut, and it is the one place where decisions
+//! changed for speed: on fleets of at most `softmax_top_k` eligible endpoints (every fleet the
+//! simulator and the decision snapshot use) nothing changed; on larger ones a softmax over all
+//! of them put most of its mass on the many middling candidates (on the benchmark's thousand
+//! endpoints the best 16 drew 46% of the picks), and near-best choice against herding needs
+//! a handful. With `softmax_top_k: 0` the pool is every candidate and no candidate is skipped,
+//! as before.
 //!
 //! Test-only, `reference()` switches a thread to the straightforward path (estimates from
-//! scratch, library rounding, the map's order, model names compared as strings, a separate
-//! walk for the precise prefix, fallbacks by scans, every profile through [`Candidate`]s); a
-//! property test holds the two equal decision by decision on random fleets.
+//! scratch, library rounding, the map's order, model names compared as strings, eligibility
+//! from the entries, a separate walk for the precise prefix, fallbacks by scans, every
+//! profile through [`Candidate`]s, every candidate scored); property tests hold the two equal
+//! decision by decision on random fleets (with pools narrower than the fleet) and on the
+//! benchmark's fleets.
 //!
-//! What remains is linear in the endpoints (callgrind on the benchmark fleet,
-//! `examples/pick_profile.rs`: ~415 instructions per endpoint for a 1k-token prompt, from
-//! ~520 before the kept costs): the request's part of the cost (its step count, KV use after
-//! it, the externality and duplicate charges), `exp` for the softmax weight (~50, glibc's, whose
-//! result a faster approximation would not reproduce bit for bit), the score's and the
-//! softmax's divisions (not exact as multiplications), the softmax and fallback passes, and
-//! eligibility. Time follows the divisions more than the instruction count (perf: the cost's
-//! chain waited on the divider), which is why the step count multiplies by a power-of-two
-//! budget's reciprocal and a candidate below the KV cliff skips the cliff's division. Long
-//! prompts add the index walk of their shared prefix, one table probe per block
-//! ([`crate::index`]: a run of blocks with the same holders costs a probe and a compare of
-//! table values each).
+//! What remains (callgrind on the benchmark fleet, `examples/pick_profile.rs`, a 1k-token
+//! prompt): ~170 instructions per endpoint at a thousand endpoints, from ~415 before the rows
+//! and the bound, and ~360 at a hundred, where the ~40 scored candidates and the per-pick work
+//! weigh more. Per endpoint: its row's eligibility, staleness and floor, and its match. Per
+//! scored candidate: the request's part of the cost (its step count, KV use after it, the
+//! externality and duplicate charges), the score's division (not exact as a multiplication),
+//! and the pool's, holder's and fallbacks' passes. Per pick: the index walk (one table probe
+//! per block of the matched prefix; [`crate::index`]: a run of blocks with the same holders
+//! costs a probe and a compare of table values each), the pool's selection, `exp` for the
+//! pool's weights (~50 instructions each, glibc's, whose result a faster approximation would
+//! not reproduce bit for bit), and the chosen endpoint's prediction and booking plan. Time
+//! follows the divisions more than the instruction count (perf: the cost's chain waited on the
+//! divider), which is why the step count multiplies by a power-of-two budget's reciprocal and
+//! a candidate below the KV cliff skips the cliff's division.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -120,8 +142,8 @@ use crate::estimate::{
     Booking, CalibrationParams, EndpointLoad, FOREIGN_PRICE_WINDOW, LoadEstimate, TrafficPrice,
 };
 use crate::index::{
-    ApplyOutcome, IndexConfig, IndexMemory, PreciseRuns, PrefixIndex, PrefixQuery, PrefixSource,
-    tier_bit,
+    ApplyOutcome, IndexConfig, IndexMemory, PreciseRuns, PrefixIndex, PrefixMatches, PrefixQuery,
+    PrefixSource, tier_bit,
 };
 use crate::kv_seq::{KvSequence, SeqOutcome};
 use crate::learn::StepModel;
@@ -138,6 +160,68 @@ use crate::request::{
 /// weighted sum was not.
 pub const WEIGHTED_TOTAL: &str = "weighted total";
 
+/// What [`Router::pick_kvgate`] reads of one scored candidate. (What the chosen one's
+/// prediction and the hot-prefix rule's recompute read besides, its running requests, prefill
+/// speed and own prefill, is computed again for the few that need it, by the same functions
+/// from the same state.)
+struct Scored<'a> {
+    id: EndpointId,
+    matched_blocks: u32,
+    matched_gpu_blocks: u32,
+    entry: &'a Entry,
+    queue_wait_us: f64,
+}
+
+/// What [`Router::kvgate_scan`] found: the scored candidates (address order) with their
+/// weighted totals, the oldest signal age and, for a sheddable request, whether every
+/// candidate is saturated, and the first non-finite total (its position, and whether the
+/// score itself was finite).
+struct KvgateScan<'a> {
+    cands: Vec<Scored<'a>>,
+    total: Vec<f64>,
+    max_age: u64,
+    saturated: bool,
+    non_finite: Option<(usize, bool)>,
+}
+
+/// The `k`th best of the scores offered so far, kept for [`Router::pick_kvgate`]'s bound: a
+/// handful of values with their minimum (`k` is small, so a scan beats a heap).
+struct KBest {
+    k: usize,
+    best: Vec<f64>,
+    /// The `k`th best once `k` have been offered; −∞ before (and always with `k` 0), so
+    /// that nothing scores below it.
+    kth: f64,
+}
+
+impl KBest {
+    fn new(k: usize) -> Self {
+        Self {
+            k,
+            best: Vec::with_capacity(k),
+            kth: f64::NEG_INFINITY,
+        }
+    }
+
+    #[inline]
+    fn offer(&mut self, score: f64) {
+        if self.k == 0 {
+            return;
+        }
+        if self.best.len() < self.k {
+            self.best.push(score);
+            if self.best.len() == self.k {
+                self.kth = self.best.iter().copied().fold(f64::INFINITY, f64::min);
+            }
+        } else if score > self.kth {
+            if let Some(worst) = self.best.iter_mut().find(|v| **v == self.kth) {
+                *worst = score;
+            }
+            self.kth = self.best.iter().copied().fold(f64::INFINITY, f64::min);
+        }
+    }
+}
+
 #[cfg(test)]
 thread_local! {
     /// Test-only switch to the straightforward pick that the optimised one must match
@@ -145,6 +229,9 @@ thread_local! {
     /// library rounding in the cost model, address order read from the map, and fallbacks by
     /// one scan each.
     static REFERENCE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// Candidates `Router::pick_kvgate` skipped by its bound on this thread (tests only: so a
+    /// test of the bound can show it was exercised).
+    static SKIPPED: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
 /// Whether this thread runs the reference pick (tests only).
@@ -415,6 +502,178 @@ impl std::fmt::Debug for Profile {
 /// left.
 type Eligible<'a> = (Vec<(EndpointId, &'a Entry)>, bool);
 
+/// What [`Router::pick_kvgate`] reads of an endpoint it does not score, mirrored from its
+/// [`Entry`] into one array ([`Slots`]) so that a pick over a thousand endpoints reads about a
+/// cache line for each of those, instead of the half-dozen scattered lines of the entry (its
+/// spec, state, penalty, sample, kept cost and prefill factor): whether it is an ordinary
+/// candidate (eligibility's first class), its signal's age, and its cost's floor.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct PickRow {
+    /// The interned number of its one model ([`Entry::single_model`]), or [`PickRow::MULTI`]
+    /// when it serves several (then the entry says which).
+    model: u32,
+    /// Bit `1 << phase` for each [`Phase`] its role serves.
+    phases: u8,
+    /// From when it is ready and not penalised, µs: when its penalty ends; `u64::MAX` when it
+    /// is draining or gone or its scrapes have failed `scrape_failure_limit` times.
+    ready_from_us: u64,
+    /// Its signal's staleness at `now` is `now − stale_since` (saturating): the sample's time
+    /// when the sample holds foreign requests, the time it was added when it has none, and
+    /// `u64::MAX` (always 0) when the sample held only this router's requests
+    /// ([`staleness_us`]).
+    stale_since: u64,
+    /// Its kept cost's floor at its prefill factor's floor; `None` when the cost is not kept
+    /// or not bounded (then it is always scored).
+    floor: Option<cost::CostFloor>,
+}
+
+impl PickRow {
+    /// [`PickRow::model`] of an endpoint serving several models.
+    const MULTI: u32 = u32::MAX;
+
+    fn of(e: &Entry, scrape_failure_limit: u32) -> Self {
+        let cap = e.prior.kv_capacity_blocks;
+        let stale_since = match e.load.signal_source(cap) {
+            (Some(_), 0) => u64::MAX,
+            (Some(at), _) => at,
+            (None, _) => e.added_at_us,
+        };
+        let phases = [Phase::Aggregated, Phase::Prefill, Phase::Decode]
+            .into_iter()
+            .filter(|&p| plugins::role_serves(e.spec.role, p))
+            .fold(0u8, |bits, p| bits | Self::phase_bit(p));
+        Self {
+            model: e.single_model.unwrap_or(Self::MULTI),
+            phases,
+            ready_from_us: if e.state == EndpointState::Ready
+                && e.scrape_failures < scrape_failure_limit
+            {
+                e.penalised_until_us
+            } else {
+                u64::MAX
+            },
+            stale_since,
+            floor: e
+                .load
+                .kept_cost_as_kept(cap)
+                .and_then(|k| k.floor_terms(e.load.prefill_speed.floor())),
+        }
+    }
+
+    #[inline]
+    fn phase_bit(phase: Phase) -> u8 {
+        1 << phase as u8
+    }
+}
+
+/// The endpoints by id, each with its [`PickRow`]. The rows cannot go stale: an entry is
+/// changed only through an [`EntryMut`], which rewrites its row when dropped, or through
+/// [`KvParts`], which lends only what no row reads; debug builds check every row a pick reads
+/// against its entry.
+#[derive(Debug)]
+struct Slots {
+    entries: Vec<Option<Entry>>,
+    rows: Vec<Option<PickRow>>,
+    /// [`Tuning::scrape_failure_limit`], which the rows' readiness reads.
+    scrape_failure_limit: u32,
+}
+
+impl Slots {
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    #[inline]
+    fn get(&self, i: usize) -> Option<&Entry> {
+        self.entries.get(i).and_then(Option::as_ref)
+    }
+
+    #[inline]
+    fn row(&self, i: usize) -> Option<&PickRow> {
+        let row = self.rows.get(i).and_then(Option::as_ref);
+        debug_assert_eq!(
+            row.copied(),
+            self.get(i)
+                .map(|e| PickRow::of(e, self.scrape_failure_limit)),
+            "stale row {i}"
+        );
+        row
+    }
+
+    fn get_mut(&mut self, i: usize) -> Option<EntryMut<'_>> {
+        let entry = self.entries.get_mut(i).and_then(Option::as_mut)?;
+        let row = &mut self.rows[i];
+        Some(EntryMut {
+            entry,
+            row,
+            scrape_failure_limit: self.scrape_failure_limit,
+        })
+    }
+
+    /// The parts of entry `i` that no row reads, to change without rewriting its row: KV
+    /// events arrive by the thousand, and rewriting the row reads lines of the entry they
+    /// never touch (the criterion ingest benchmark took 20% longer with it).
+    fn kv_parts(&mut self, i: usize) -> Option<KvParts<'_>> {
+        let e = self.entries.get_mut(i).and_then(Option::as_mut)?;
+        Some(KvParts {
+            state: e.state,
+            kv: &mut e.kv,
+            engine_keys: &mut e.engine_keys,
+            contract: &e.contract,
+        })
+    }
+
+    fn push(&mut self, e: Entry) {
+        self.rows
+            .push(Some(PickRow::of(&e, self.scrape_failure_limit)));
+        self.entries.push(Some(e));
+    }
+
+    fn clear(&mut self, i: usize) {
+        self.entries[i] = None;
+        self.rows[i] = None;
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Option<Entry>> {
+        self.entries.iter()
+    }
+}
+
+/// What [`Slots::kv_parts`] lends: an entry's KV stream and engine-key aliases to change, its
+/// state and cache contract to read.
+struct KvParts<'a> {
+    state: EndpointState,
+    kv: &'a mut KvStream,
+    engine_keys: &'a mut EngineKeys,
+    contract: &'a CacheContract,
+}
+
+/// A mutable borrow of an [`Entry`] that rewrites its [`PickRow`] when dropped.
+struct EntryMut<'a> {
+    entry: &'a mut Entry,
+    row: &'a mut Option<PickRow>,
+    scrape_failure_limit: u32,
+}
+
+impl std::ops::Deref for EntryMut<'_> {
+    type Target = Entry;
+    fn deref(&self) -> &Entry {
+        self.entry
+    }
+}
+
+impl std::ops::DerefMut for EntryMut<'_> {
+    fn deref_mut(&mut self) -> &mut Entry {
+        self.entry
+    }
+}
+
+impl Drop for EntryMut<'_> {
+    fn drop(&mut self) {
+        *self.row = Some(PickRow::of(self.entry, self.scrape_failure_limit));
+    }
+}
+
 /// How stale an endpoint's view is, for the softmax temperature (see
 /// [`PickContext::max_signal_age_us`]): the age of its last metrics sample, or the time since it
 /// was added when it has none; 0 when that sample held only this router's requests.
@@ -500,7 +759,7 @@ pub struct Router {
     policy: String,
     tuning: Tuning,
     profiles: Vec<Profile>,
-    slots: Vec<Option<Entry>>,
+    slots: Slots,
     by_address: HashMap<String, EndpointId>,
     /// Live endpoints in address order.
     order: BTreeMap<String, EndpointId>,
@@ -579,11 +838,16 @@ impl Router {
             approx_ttl_us: t.approx_ttl_us,
             precise_capacity_blocks: t.precise_capacity_blocks,
         });
+        let scrape_failure_limit = cfg.tuning.scrape_failure_limit;
         Ok(Self {
             policy: cfg.policy,
             tuning: cfg.tuning,
             profiles,
-            slots: Vec::new(),
+            slots: Slots {
+                entries: Vec::new(),
+                rows: Vec::new(),
+                scrape_failure_limit,
+            },
             by_address: HashMap::new(),
             order: BTreeMap::new(),
             order_ids: Vec::new(),
@@ -682,18 +946,18 @@ impl Router {
     }
 
     fn entry(&self, id: EndpointId) -> Option<&Entry> {
-        self.slots.get(id.0 as usize).and_then(Option::as_ref)
+        self.slots.get(id.0 as usize)
     }
 
-    fn entry_mut(&mut self, id: EndpointId) -> Option<&mut Entry> {
-        self.slots.get_mut(id.0 as usize).and_then(Option::as_mut)
+    fn entry_mut(&mut self, id: EndpointId) -> Option<EntryMut<'_>> {
+        self.slots.get_mut(id.0 as usize)
     }
 
     /// `id`'s entry with its load's price of a foreign waiting request brought up to its
     /// pool's ([`EndpointLoad::set_price`]): what every change to an endpoint's load goes
     /// through, so the kept estimate is priced as of its last change.
-    fn entry_priced(&mut self, id: EndpointId) -> Option<&mut Entry> {
-        let e = self.slots.get_mut(id.0 as usize).and_then(Option::as_mut)?;
+    fn entry_priced(&mut self, id: EndpointId) -> Option<EntryMut<'_>> {
+        let mut e = self.slots.get_mut(id.0 as usize)?;
         e.take_pool_price(&self.pool_prices);
         Some(e)
     }
@@ -710,7 +974,7 @@ impl Router {
         let prior = self.tuning.prior(&class);
         if let Some(&id) = self.by_address.get(&spec.address) {
             let fit = self.class_fits.get(&class);
-            if let Some(e) = self.slots.get_mut(id.0 as usize).and_then(Option::as_mut) {
+            if let Some(mut e) = self.slots.get_mut(id.0 as usize) {
                 e.spec = spec;
                 e.single_model = single_model;
                 e.pool = pool;
@@ -730,7 +994,7 @@ impl Router {
         self.by_address.insert(spec.address.clone(), id);
         self.order.insert(spec.address.clone(), id);
         self.order_ids = self.order.values().copied().collect();
-        self.slots.push(Some(Entry {
+        self.slots.push(Entry {
             single_model,
             pool,
             spec,
@@ -752,8 +1016,8 @@ impl Router {
             coeffs,
             model: StepModel::default(),
             class: class.clone(),
-        }));
-        if let Some(e) = self.slots.last_mut().and_then(Option::as_mut) {
+        });
+        if let Some(mut e) = self.slots.get_mut(id.0 as usize) {
             e.reprice(&self.tuning);
         }
         self.unserved.entry(class).or_default().push(id);
@@ -766,7 +1030,6 @@ impl Router {
         // An unknown id interns nothing.
         self.slots
             .get(id.0 as usize)
-            .and_then(Option::as_ref)
             .filter(|e| e.state != EndpointState::Gone)
             .ok_or(CoreError::UnknownEndpoint { id })?;
         let single_model = self.single_model(&spec);
@@ -774,10 +1037,9 @@ impl Router {
         let class = self.tuning.resolve_class(&spec.hardware_class).to_owned();
         let prior = self.tuning.prior(&class);
         let fit = self.class_fits.get(&class);
-        let e = self
+        let mut e = self
             .slots
             .get_mut(id.0 as usize)
-            .and_then(Option::as_mut)
             .filter(|e| e.state != EndpointState::Gone)
             .ok_or(CoreError::UnknownEndpoint { id })?;
         let old = std::mem::replace(&mut e.spec, spec);
@@ -787,8 +1049,9 @@ impl Router {
         if e.set_prior(&class, prior, fit, &self.tuning) {
             note_unserved(&mut self.unserved, class, id);
         }
-        if old.address != e.spec.address {
-            let new = e.spec.address.clone();
+        let new = e.spec.address.clone();
+        drop(e);
+        if old.address != new {
             self.by_address.remove(&old.address);
             self.order.remove(&old.address);
             self.by_address.insert(new.clone(), id);
@@ -801,7 +1064,7 @@ impl Router {
     /// Starts draining: the endpoint gets new requests only as a last resort.
     pub fn drain_endpoint(&mut self, now_us: u64, id: EndpointId) -> Result<(), CoreError> {
         self.tick(now_us);
-        let e = self
+        let mut e = self
             .entry_mut(id)
             .filter(|e| e.state != EndpointState::Gone)
             .ok_or(CoreError::UnknownEndpoint { id })?;
@@ -811,19 +1074,20 @@ impl Router {
 
     /// Removes an endpoint: it is never picked again; its bookings are released as they finish.
     pub fn remove_endpoint(&mut self, id: EndpointId) -> Result<(), CoreError> {
-        let e = self
+        let mut e = self
             .entry_mut(id)
             .filter(|e| e.state != EndpointState::Gone)
             .ok_or(CoreError::UnknownEndpoint { id })?;
         e.state = EndpointState::Gone;
         let address = e.spec.address.clone();
         let idle = e.load.in_flight().is_empty();
+        drop(e);
         self.by_address.remove(&address);
         self.order.remove(&address);
         self.order_ids = self.order.values().copied().collect();
         self.index.remove_endpoint(id);
         if idle {
-            self.slots[id.0 as usize] = None;
+            self.slots.clear(id.0 as usize);
         }
         Ok(())
     }
@@ -838,7 +1102,7 @@ impl Router {
     /// A metrics sample taken at `taken_at_us`. Older samples than the current one are ignored.
     pub fn observe_metrics(&mut self, id: EndpointId, taken_at_us: u64, sample: &MetricsSample) {
         self.tick(taken_at_us);
-        let Some(e) = self.slots.get_mut(id.0 as usize).and_then(Option::as_mut) else {
+        let Some(mut e) = self.slots.get_mut(id.0 as usize) else {
             return;
         };
         if let Some(fresh) = e.load.observe(taken_at_us, sample) {
@@ -884,7 +1148,7 @@ impl Router {
     /// A scrape of `id` failed at `now_us`.
     pub fn observe_scrape_failure(&mut self, id: EndpointId, now_us: u64) {
         self.tick(now_us);
-        if let Some(e) = self.entry_mut(id) {
+        if let Some(mut e) = self.entry_mut(id) {
             e.scrape_failures = e.scrape_failures.saturating_add(1);
             e.last_scrape_failure_at_us = Some(now_us);
         }
@@ -898,7 +1162,7 @@ impl Router {
         batch: &KvEventBatch,
     ) -> SeqCheck {
         self.tick(now_us);
-        let Some(e) = self.slots.get_mut(id.0 as usize).and_then(Option::as_mut) else {
+        let Some(e) = self.slots.kv_parts(id.0 as usize) else {
             return SeqCheck::Stale;
         };
         if e.state == EndpointState::Gone {
@@ -928,11 +1192,13 @@ impl Router {
                 // A new process: sound only if its stream is seen from 0 (after a disconnect
                 // a higher number can go back too, and the numbers below it were missed).
                 e.kv.events_ok = got == 0;
-                self.forget_publisher(id);
                 SeqCheck::Restarted
             }
         };
-        let Some(e) = self.slots.get_mut(id.0 as usize).and_then(Option::as_mut) else {
+        if check == SeqCheck::Restarted {
+            self.forget_publisher(id);
+        }
+        let Some(e) = self.slots.kv_parts(id.0 as usize) else {
             return SeqCheck::Stale;
         };
         let trusted = e.kv.sound() && !e.contract.is_mismatch();
@@ -947,7 +1213,7 @@ impl Router {
     /// Applies one KV event of `id` to the index, translating the engine's block hashes into
     /// the router's keys ([`crate::engine_keys`]); the sequence check is the caller's.
     fn apply_kv_event(&mut self, id: EndpointId, now_us: u64, ev: &KvEvent) {
-        let Some(e) = self.slots.get_mut(id.0 as usize).and_then(Option::as_mut) else {
+        let Some(e) = self.slots.kv_parts(id.0 as usize) else {
             return;
         };
         let mut keys = std::mem::take(&mut self.scratch_keys);
@@ -971,7 +1237,6 @@ impl Router {
                     tier_bit(*tier),
                     &mut keys,
                 );
-                e.load.blocks_stored(now_us, &keys);
                 let overflowed = self.index.store(id, &keys, *tier) == ApplyOutcome::Overflowed;
                 // More aliases than the engine may hold blocks is no engine's cache either:
                 // the index counts distinct keys, and a publisher naming the same block under
@@ -984,6 +1249,15 @@ impl Router {
                     // The index dropped the endpoint's precise view; the aliases go with it.
                     e.engine_keys.clear();
                     e.kv.events_ok = false;
+                }
+                // Progress of prefills it watches (the load, which its row reads: changed
+                // through the entry only when it watches any).
+                if let Some(mut e) = self
+                    .slots
+                    .get_mut(id.0 as usize)
+                    .filter(|e| e.load.watches_prefills())
+                {
+                    e.load.blocks_stored(now_us, &keys);
                 }
             }
             KvEvent::BlockRemoved { block_hashes, tier } => {
@@ -1001,7 +1275,7 @@ impl Router {
 
     /// Sets the index's trust of `id` from its stream state and its cache contract.
     fn sync_trust(&mut self, id: EndpointId) {
-        if let Some(e) = self.slots.get(id.0 as usize).and_then(Option::as_ref) {
+        if let Some(e) = self.slots.get(id.0 as usize) {
             let ok = e.kv.sound() && !e.contract.is_mismatch();
             self.index.set_trusted(id, ok);
         }
@@ -1010,11 +1284,11 @@ impl Router {
     /// Replay after a gap succeeded: `id`'s events are trusted again.
     pub fn kv_resynced(&mut self, id: EndpointId, now_us: u64) {
         self.tick(now_us);
-        if let Some(e) = self.entry_mut(id) {
+        if let Some(mut e) = self.entry_mut(id) {
             e.kv.seq.resynced();
             e.kv.events_ok = true;
-            self.sync_trust(id);
         }
+        self.sync_trust(id);
     }
 
     /// The subscriber's connection to `id`'s publisher dropped (it reconnects by itself).
@@ -1025,22 +1299,22 @@ impl Router {
     /// which starts a new sequence.
     pub fn kv_disconnected(&mut self, id: EndpointId, now_us: u64) {
         self.tick(now_us);
-        if let Some(e) = self.entry_mut(id) {
+        if let Some(mut e) = self.entry_mut(id) {
             e.kv.disconnected = true;
             e.kv.seq.note_reconnect();
-            self.sync_trust(id);
         }
+        self.sync_trust(id);
     }
 
     /// The KV event stream of `id` broke for good: untrusted until resync; the next batch
     /// starts a new sequence.
     pub fn kv_stream_lost(&mut self, id: EndpointId, now_us: u64) {
         self.tick(now_us);
-        if let Some(e) = self.entry_mut(id) {
+        if let Some(mut e) = self.entry_mut(id) {
             e.kv.seq.reset();
             e.kv.events_ok = false;
-            self.sync_trust(id);
         }
+        self.sync_trust(id);
     }
 
     /// Which prefix tracking `id` is matched with now, if it is known.
@@ -1070,7 +1344,7 @@ impl Router {
     /// it with this gap's facts still missing). Approximate entries are kept.
     pub fn kv_events_lost(&mut self, id: EndpointId, now_us: u64, got: u64) {
         self.tick(now_us);
-        let Some(e) = self.slots.get_mut(id.0 as usize).and_then(Option::as_mut) else {
+        let Some(mut e) = self.slots.get_mut(id.0 as usize) else {
             return;
         };
         if e.state == EndpointState::Gone {
@@ -1083,6 +1357,7 @@ impl Router {
         e.engine_keys.clear();
         e.kv.seq.resume_at(got);
         e.kv.events_ok = true;
+        drop(e);
         self.index.clear_precise(id);
         self.sync_trust(id);
     }
@@ -1109,7 +1384,7 @@ impl Router {
     /// about it. Drops every precise entry (as `AllBlocksCleared`) and resets the contract.
     fn forget_publisher(&mut self, id: EndpointId) {
         self.apply_kv_event(id, self.clock_us, &KvEvent::AllBlocksCleared);
-        if let Some(e) = self.entry_mut(id) {
+        if let Some(mut e) = self.entry_mut(id) {
             e.contract.reset();
         }
     }
@@ -1168,7 +1443,6 @@ impl Router {
         if profile.needs.oracle && oracle.is_none() {
             return Err(RouteError::NoOracle);
         }
-        let (eligible, all_draining) = self.eligible_candidates(now_us, req)?;
         #[cfg(test)]
         let lean = !reference();
         #[cfg(not(test))]
@@ -1178,8 +1452,9 @@ impl Router {
             && req.lora.is_none()
             && !req.explain
         {
-            return self.pick_kvgate(now_us, req, rng, profile, weight, &eligible, all_draining);
+            return self.pick_kvgate(now_us, req, rng, profile, weight);
         }
+        let (eligible, all_draining) = self.eligible_candidates(now_us, req)?;
         let described = self.describe_candidates(now_us, req, profile.needs, &eligible, oracle);
         let mut reports = if req.explain {
             self.candidate_reports(
@@ -1277,79 +1552,96 @@ impl Router {
         })
     }
 
-    /// [`Router::pick`] for kvgate's own pipeline (see the module docs): the same stages on
-    /// per-pick records of only what the cost scorer, the softmax picker, shedding and booking
-    /// read, instead of a full [`Candidate`] each. Every quantity is computed by the same code
-    /// in the same order as the general path, so the decision is the same to the bit.
-    #[allow(clippy::too_many_arguments)]
-    fn pick_kvgate(
-        &self,
+    /// The scoring stage of [`Router::pick_kvgate`] over `candidates` (address order), whose
+    /// most matched blocks are `best_blocks`: each one's signal age and, for a sheddable
+    /// request, saturation; and the kvgate cost of each that its bound does not rule out.
+    ///
+    /// Bound and skip (see the module docs): once `k` candidates are scored, one whose cost's
+    /// floor already scores below the `k`th best so far cannot be among the softmax's pool,
+    /// nor a fallback (fewer than `k`), so it is not scored, unless the hot-prefix rule may
+    /// want it as the best holder: one holding the most blocks that could score as well as
+    /// the best such holder so far.
+    fn kvgate_scan<'a>(
+        &'a self,
         now_us: u64,
         req: &RoutingRequest,
-        rng: &mut dyn RngCore,
-        profile: &Profile,
         weight: f64,
-        eligible: &[(EndpointId, &Entry)],
-        all_draining: bool,
-    ) -> Result<Decision, RouteError> {
-        /// What the pick reads of one candidate.
-        /// (What the chosen one's prediction and the hot-prefix rule's recompute read besides,
-        /// its running requests, prefill speed and own prefill, is computed again for the few
-        /// that need it, by the same functions from the same state.)
-        struct Scored<'a> {
-            id: EndpointId,
-            matched_blocks: u32,
-            matched_gpu_blocks: u32,
-            entry: &'a Entry,
-            queue_wait_us: f64,
-        }
+        prefix: &PrefixMatches,
+        best_blocks: u32,
+        candidates: impl Iterator<Item = (EndpointId, &'a PickRow)>,
+    ) -> KvgateScan<'a> {
         let t = &self.tuning;
         let calibration = self.calibration();
-        let (prefix, precise_runs) = self.index.longest_prefixes_with_precise(&PrefixQuery {
-            chain: &req.keys.keys,
-            precise: req.keys.precise,
-            now_us,
-            source: PrefixSource::Best,
-        });
         let mut max_age = 0u64;
         let mut saturated = true;
-        let mut cands: Vec<Scored<'_>> = Vec::with_capacity(eligible.len());
+        // Sized for every endpoint: growing them cost more than the allocation.
+        let mut cands: Vec<Scored<'_>> = Vec::with_capacity(self.order_ids.len());
         // The host's weighted sum of one scorer, `0 + w · score`, score as the cost scorer
         // writes it, computed with the cost; a non-finite one names the first candidate in
         // address order, reported after shedding as the host's stages would.
-        let mut total: Vec<f64> = Vec::with_capacity(eligible.len());
+        let mut total: Vec<f64> = Vec::with_capacity(self.order_ids.len());
         let mut non_finite: Option<(usize, bool)> = None;
-        let mut last_match = (None, (cost::RequestWork::default(), 0.0));
-        let best_blocks = eligible
-            .iter()
-            .map(|&(id, _)| prefix.blocks(id))
-            .max()
-            .unwrap_or(0);
-        for &(id, e) in eligible {
-            let (age, foreign) = e.load.signal_age(now_us, e.prior.kv_capacity_blocks);
-            max_age = max_age.max(staleness_of(age, foreign, now_us, e.added_at_us));
+        // What the cost reads of a match, a pure function of it: the request's work, its
+        // duplicate share, and the duplicate charge as the floor counts it (what
+        // `charge_duplicate_share` adds per µs of own prefill). Most candidates share theirs
+        // (none, or the whole shared prefix), so it is computed once for no match and once
+        // per run of another.
+        let match_terms = |blocks: u32, gpu_blocks: u32| {
+            let work = cost::request_work(req, blocks, gpu_blocks, t);
+            let duplicate = cost::duplicate_tokens(req, blocks, best_blocks);
+            let share = cost::duplicate_share(duplicate, work.uncached_tokens, t);
+            let charged = if share > 0.0 {
+                t.duplicate_prefix_weight * share
+            } else {
+                0.0
+            };
+            (work, share, charged)
+        };
+        let unmatched = match_terms(0, 0);
+        let mut last_match = ((0, 0), unmatched);
+        let k = t.softmax_top_k;
+        let prune = k > 0
+            && self.order_ids.len() > k
+            && t.max_fallbacks < k
+            && weight > 0.0
+            && weight.is_finite();
+        let mut best_k = KBest::new(if prune { k } else { 0 });
+        let mut best_holder = f64::NEG_INFINITY;
+        for (id, row) in candidates {
+            max_age = max_age.max(now_us.saturating_sub(row.stale_since));
             // Only a sheddable request asks (as the host's shedding stage does).
-            if req.priority < 0 {
+            if req.priority < 0
+                && let Some(e) = self.entry(id)
+            {
                 let estimate = e.load.estimate(now_us, e.prior.kv_capacity_blocks);
                 saturated &= estimate.waiting >= t.shed_queue_threshold
                     || estimate.kv_usage() >= t.kv_cliff_fraction;
             }
-            let prefill_speed = e.load.prefill_speed.at(now_us, calibration);
             let (matched_blocks, matched_gpu_blocks) = (prefix.blocks(id), prefix.gpu_blocks(id));
-            // A pure function of the match: most candidates share theirs (none, or the whole
-            // shared prefix), so it is computed once per distinct match.
-            if last_match.0 != Some((matched_blocks, matched_gpu_blocks)) {
-                let work = cost::request_work(req, matched_blocks, matched_gpu_blocks, t);
-                let duplicate = cost::duplicate_tokens(req, matched_blocks, best_blocks);
-                last_match = (
-                    Some((matched_blocks, matched_gpu_blocks)),
-                    (
-                        work,
-                        cost::duplicate_share(duplicate, work.uncached_tokens, t),
-                    ),
-                );
+            let (work, share, charged) = if matched_blocks == 0 {
+                unmatched
+            } else {
+                if last_match.0 != (matched_blocks, matched_gpu_blocks) {
+                    last_match = (
+                        (matched_blocks, matched_gpu_blocks),
+                        match_terms(matched_blocks, matched_gpu_blocks),
+                    );
+                }
+                last_match.1
+            };
+            if let Some(floor) = &row.floor
+                && let ceiling = 0.0 + weight * (-floor.routing_cost_us(&work, charged) / 1000.0)
+                && ceiling < best_k.kth
+                && (matched_blocks < best_blocks || best_blocks == 0 || ceiling < best_holder)
+            {
+                #[cfg(test)]
+                SKIPPED.with(|n| n.set(n.get() + 1));
+                continue;
             }
-            let (work, share) = last_match.1;
+            // Eligible endpoints have entries (rows come from the slot).
+            let Some(e) = self.entry(id) else {
+                continue;
+            };
             let fresh;
             let kept = match e.kept_cost_ref(t) {
                 Some(k) => k,
@@ -1358,10 +1650,15 @@ impl Router {
                     &fresh
                 }
             };
+            let prefill_speed = e.load.prefill_speed.at(now_us, calibration);
             let mut c = kept.cost(prefill_speed, &work, t);
             c.charge_duplicate_share(share, t);
             let score = -c.routing_cost_us / 1000.0;
             let sum = 0.0 + weight * score;
+            best_k.offer(sum);
+            if matched_blocks == best_blocks {
+                best_holder = best_holder.max(sum);
+            }
             if non_finite.is_none() && !sum.is_finite() {
                 non_finite = Some((cands.len(), score.is_finite()));
             }
@@ -1374,6 +1671,109 @@ impl Router {
                 queue_wait_us: c.queue_wait_us,
             });
         }
+        KvgateScan {
+            cands,
+            total,
+            max_age,
+            saturated,
+            non_finite,
+        }
+    }
+
+    /// [`Router::pick`] for kvgate's own pipeline (see the module docs): the same stages on
+    /// per-pick records of only what the cost scorer, the softmax picker, shedding and booking
+    /// read, instead of a full [`Candidate`] each. Every quantity is computed by the same code
+    /// in the same order as the general path, so the decision is the same to the bit.
+    ///
+    /// Eligibility is read from the rows in the same pass as the scoring when any endpoint is
+    /// ready and not penalised (then those are exactly the candidates); otherwise the stage's
+    /// own narrowing ([`Router::eligible_candidates`]) finds the last resorts, or the error.
+    fn pick_kvgate(
+        &self,
+        now_us: u64,
+        req: &RoutingRequest,
+        rng: &mut dyn RngCore,
+        profile: &Profile,
+        weight: f64,
+    ) -> Result<Decision, RouteError> {
+        let t = &self.tuning;
+        let calibration = self.calibration();
+        let (prefix, precise_runs) = self.index.longest_prefixes_with_precise(&PrefixQuery {
+            chain: &req.keys.keys,
+            precise: req.keys.precise,
+            now_us,
+            source: PrefixSource::Best,
+        });
+        // The ordinary candidates, read from the rows: ready, not penalised endpoints of the
+        // request's model and phase (eligibility's first class; see `eligible_candidates`).
+        let model = self.model_ids.get(&req.model).copied();
+        let phase = PickRow::phase_bit(req.phase);
+        let ordinary = |id: EndpointId, row: &PickRow| {
+            (row.model == PickRow::MULTI || Some(row.model) == model)
+                && row.phases & phase != 0
+                && now_us >= row.ready_from_us
+                && row.ready_from_us != u64::MAX
+                && req.subset.as_ref().is_none_or(|s| s.contains(&id))
+                && (row.model != PickRow::MULTI
+                    || self
+                        .entry(id)
+                        .is_some_and(|e| e.spec.models.contains(&req.model)))
+        };
+        // The most blocks an ordinary candidate holds: holders are the few with a match.
+        let best_ordinary = prefix
+            .holders()
+            .filter(|&(id, _)| {
+                self.slots
+                    .row(id.0 as usize)
+                    .is_some_and(|row| ordinary(id, row))
+            })
+            .map(|(_, blocks)| blocks)
+            .max()
+            .unwrap_or(0);
+        let mut found = 0usize;
+        let scan = self.kvgate_scan(
+            now_us,
+            req,
+            weight,
+            &prefix,
+            best_ordinary,
+            self.order_ids.iter().filter_map(|&id| {
+                let row = self.slots.row(id.0 as usize)?;
+                ordinary(id, row).then(|| {
+                    found += 1;
+                    (id, row)
+                })
+            }),
+        );
+        // None: the stage's own narrowing finds the last resorts, or the error.
+        let (scan, candidates, all_draining) = if found > 0 {
+            (scan, found, false)
+        } else {
+            let (eligible, all_draining) = self.eligible_candidates(now_us, req)?;
+            let best_blocks = eligible
+                .iter()
+                .map(|&(id, _)| prefix.blocks(id))
+                .max()
+                .unwrap_or(0);
+            let scan = self.kvgate_scan(
+                now_us,
+                req,
+                weight,
+                &prefix,
+                best_blocks,
+                eligible
+                    .iter()
+                    .filter_map(|&(id, _)| Some((id, self.slots.row(id.0 as usize)?))),
+            );
+            (scan, eligible.len(), all_draining)
+        };
+        let KvgateScan {
+            cands,
+            total,
+            max_age,
+            saturated,
+            non_finite,
+        } = scan;
         if req.priority < 0 && saturated {
             return Err(RouteError::Shed {
                 priority: req.priority,
@@ -1415,7 +1815,7 @@ impl Router {
         let chosen = &cands[pick.index];
         let reason = if all_draining {
             DecisionReason::DrainingOnly
-        } else if cands.len() == 1 {
+        } else if candidates == 1 {
             DecisionReason::OnlyCandidate
         } else {
             pick.reason
@@ -1953,7 +2353,7 @@ impl Router {
         let alpha = t.calibration_alpha;
         let max_blocks = t.max_booked_blocks;
         match self.entry_priced(id) {
-            Some(e) if e.state != EndpointState::Gone => {
+            Some(mut e) if e.state != EndpointState::Gone => {
                 e.load.book(req.id, booking, alpha);
                 // Only a chain over the engine's token ids meets the keys of its KV events.
                 if req.keys.precise {
@@ -2015,7 +2415,7 @@ impl Router {
             return;
         };
         let learns = self.bookings.get(&req_id).is_some_and(|b| b.learns);
-        let Some(e) = self.entry_priced(id) else {
+        let Some(mut e) = self.entry_priced(id) else {
             return;
         };
         // First tokens less than half a step apart ended the same step (1-20 ms: a learnt
@@ -2025,6 +2425,7 @@ impl Router {
             // Against the coefficients it is priced with (its own fit, or its class's while it
             // has served nothing): measured against its own untrained fit, a new pod in a
             // learnt CPU class read ~100× slow and was starved until its first finish (review).
+            let e = &mut *e;
             e.load
                 .calibrate_prefill(req_id, new_step, learns, &e.prior, &e.coeffs, p);
         }
@@ -2050,7 +2451,7 @@ impl Router {
             return;
         };
         let learn = self.tuning.learn_params();
-        let Some(e) = self.slots.get_mut(id.0 as usize).and_then(Option::as_mut) else {
+        let Some(mut e) = self.slots.get_mut(id.0 as usize) else {
             return;
         };
         let (uncached, pairs) = match outcome.cached_tokens {
@@ -2086,28 +2487,29 @@ impl Router {
         e.reprice(&self.tuning);
         // Endpoints of the class that have served nothing yet price with the class's fit.
         let class = e.class.clone();
+        drop(e);
         let fit = &self.class_fits[&class];
         let slots = &mut self.slots;
         let tuning = &self.tuning;
         if let Some(ids) = self.unserved.get_mut(&class) {
-            ids.retain(
-                |id| match slots.get_mut(id.0 as usize).and_then(Option::as_mut) {
-                    Some(o) if o.class == class && o.model.observations() == 0 => {
-                        o.coeffs = fit.coefficients(&o.prior);
-                        o.reprice(tuning);
-                        true
-                    }
-                    _ => false,
-                },
-            );
+            ids.retain(|id| match slots.get_mut(id.0 as usize) {
+                Some(mut o) if o.class == class && o.model.observations() == 0 => {
+                    o.coeffs = fit.coefficients(&o.prior);
+                    o.reprice(tuning);
+                    true
+                }
+                _ => false,
+            });
         }
     }
 
     fn release(&mut self, id: EndpointId, req_id: u64, now_us: u64) -> Option<Booking> {
-        let e = self.entry_priced(id)?;
+        let mut e = self.entry_priced(id)?;
         let b = e.load.release(req_id, now_us);
-        if e.state == EndpointState::Gone && e.load.in_flight().is_empty() {
-            self.slots[id.0 as usize] = None;
+        let gone = e.state == EndpointState::Gone && e.load.in_flight().is_empty();
+        drop(e);
+        if gone {
+            self.slots.clear(id.0 as usize);
         }
         b
     }
@@ -2129,7 +2531,7 @@ impl Router {
             contract_change: None,
             decode_leg: !b.learns,
         };
-        if let Some(e) = self.entry_mut(id) {
+        if let Some(mut e) = self.entry_mut(id) {
             e.consecutive_failures = 0;
             e.last_failure_at_us = None;
             if let Some(tpot) = outcome.tpot_us {
@@ -2195,7 +2597,7 @@ impl Router {
             self.tuning.max_failure_penalty_us,
         );
         if kind != FailureKind::Cancelled
-            && let Some(e) = self.entry_mut(id)
+            && let Some(mut e) = self.entry_mut(id)
         {
             let booked_at_us = e.load.in_flight().get(&req_id).map(|b| b.booked_at_us);
             let same_incident = matches!(
@@ -2842,7 +3244,7 @@ mod tests {
         /// if any, and the random numbers consumed.
         #[test]
         fn optimised_pick_decides_as_the_reference(
-            eps in proptest::collection::vec(fleet_ep(), 1..14),
+            eps in proptest::collection::vec(fleet_ep(), 1..40),
             reqs in proptest::collection::vec(fleet_req(), 1..24),
             seed in proptest::prelude::any::<u64>(),
         ) {
@@ -2852,7 +3254,12 @@ mod tests {
                 if policy == crate::policies::Policy::Oracle {
                     continue;
                 }
-                let mut r = Router::new(RouterConfig::for_policy(policy.as_str()).unwrap()).unwrap();
+                let mut cfg = RouterConfig::for_policy(policy.as_str()).unwrap();
+                // Pools narrower than the fleet and fallbacks of every size, so the bound
+                // that skips candidates (and the fallbacks it must keep) is exercised.
+                cfg.tuning.softmax_top_k = [0, 1, 2, 3, 5, 16][(seed % 6) as usize];
+                cfg.tuning.max_fallbacks = [0, 1, 2, 4][(seed / 6 % 4) as usize];
+                let mut r = Router::new(cfg).unwrap();
                 let mut ids = Vec::new();
                 for (i, d) in eps.iter().enumerate() {
                     let mut spec = EndpointSpec::new(
@@ -2977,6 +3384,51 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// On the benchmarks' fleets, scaled down, the pick that skips the candidates its bound
+    /// proves out of the softmax's pool decides as the reference that scores every one: fresh
+    /// and served fleets (prefill factors calibrated and decaying, learnt coefficients),
+    /// prompts on the shared prefix or not, short and long.
+    #[test]
+    fn the_bounded_pick_decides_as_the_reference_on_the_benchmark_fleets() {
+        use rand::{Rng, SeedableRng};
+        const N: usize = 300;
+        const UNTIL: u64 = 2_000 + 600 * 400 + 200_000;
+        for served in [false, true] {
+            let (r, shared) = if served {
+                crate::testing::bench_fleet_served("kvgate", N, 64, 16, 600, 400, UNTIL)
+            } else {
+                crate::testing::bench_fleet("kvgate", N, 64, 16)
+            };
+            let now = if served { UNTIL } else { 2_000 };
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+            let skipped = SKIPPED.with(std::cell::Cell::get);
+            for k in 0..200u64 {
+                let blocks = if k % 3 == 0 { 128 } else { 64 };
+                let mut labels: Vec<u64> = if k % 2 == 0 {
+                    shared[..32].to_vec()
+                } else {
+                    Vec::new()
+                };
+                while labels.len() < blocks {
+                    labels.push(rng.random());
+                }
+                let req = RoutingRequest::new(k, "m", blocks as u32 * 16, label_keys(&labels, 16));
+                let mut reference_rng = rng.clone();
+                let fast = r.pick(now + k, &req, &mut rng, None);
+                REFERENCE.with(|f| f.set(true));
+                let slow = r.pick(now + k, &req, &mut reference_rng, None);
+                REFERENCE.with(|f| f.set(false));
+                assert_eq!(fast, slow, "served {served}, request {k}");
+                assert_eq!(rng.next_u64(), reference_rng.next_u64());
+            }
+            let skipped = SKIPPED.with(std::cell::Cell::get) - skipped;
+            assert!(
+                skipped > 200 * (N as u64 / 2),
+                "served {served}: the bound skipped only {skipped} candidates"
+            );
         }
     }
 
