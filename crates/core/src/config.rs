@@ -160,9 +160,9 @@ pub struct Tuning {
     pub softmax_temperature_per_s: f64,
     /// Cap of the temperature. 2.0: even with very stale signals the cost still orders choices.
     pub softmax_max_temperature: f64,
-    /// Candidates the softmax samples among: the `softmax_top_k` best by score (ties to the
-    /// earlier address); 0 samples among all. 16: a softmax over a large fleet puts most of
-    /// its mass on the many middling candidates (at 1,000 endpoints the best 16 drew under
+    /// Candidates the softmax samples among: the `softmax_top_k` best by score (and any tied
+    /// with the last of them); 0 samples among all. 16: a softmax over a large fleet puts most
+    /// of its mass on the many middling candidates (at 1,000 endpoints the best 16 drew under
     /// half of the picks), and near-best choice for anti-herding needs a handful, not a
     /// thousand. Fleets of at most 16 eligible endpoints are unaffected. It also lets a pick
     /// score in full only the endpoints that can be among the best

@@ -85,8 +85,8 @@
 //!   row reads (`KvParts`: what KV events change), and debug builds check every row a pick
 //!   reads against its entry. When no endpoint is an ordinary candidate (only
 //!   penalised or draining ones, or none), the stage's own narrowing runs on the entries.
-//! * **Bound and skip.** The softmax samples among the `softmax_top_k` best candidates (16),
-//!   not all of them ([`plugins::kvgate`]). Once `k` candidates are scored, one whose cost
+//! * **Bound and skip.** The softmax samples among the `softmax_top_k` best candidates (16,
+//!   and any tied with the 16th), not all of them ([`plugins::kvgate`]). Once `k` candidates are scored, one whose cost
 //!   cannot be below the `k`th best so far cannot be in that pool, nor a fallback (fewer than
 //!   `k`, or nothing is skipped), so it is not scored; a holder of the most blocks is scored
 //!   while it could be the hot-prefix rule's best holder. The proof is a floor of the cost

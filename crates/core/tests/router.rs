@@ -530,6 +530,68 @@ fn hot_prefix_does_not_spill_where_recompute_costs_about_the_wait() {
     }
 }
 
+/// A fleet larger than the softmax's pool of 16: the pool is the best 16 (a clearly better
+/// endpoint is chosen nearly always), but identical idle endpoints are all in it, so router
+/// replicas that cannot see each other's bookings spread a burst over all of them instead
+/// of the first 16 addresses.
+#[test]
+fn the_softmax_pool_is_the_best_sixteen_and_their_ties() {
+    let (r, _) = fleet("kvgate", 40);
+    let mut rng = ChaCha8Rng::seed_from_u64(8);
+    let mut seen = std::collections::BTreeSet::new();
+    for n in 0..400u64 {
+        let d = r
+            .pick(
+                1_000,
+                &req(n, (0..4).map(|k| k + 1_000 * n).collect()),
+                &mut rng,
+                None,
+            )
+            .unwrap();
+        seen.insert(d.primary);
+    }
+    assert!(
+        seen.len() > 30,
+        "only {} of 40 tied endpoints chosen",
+        seen.len()
+    );
+
+    // Now 20 of them have a queue: the 20 idle ones are the best, all tied.
+    let (mut r, ids) = fleet("kvgate", 40);
+    for (i, &id) in ids.iter().enumerate() {
+        let waiting = if i % 2 == 0 { 0 } else { 6 };
+        r.observe_metrics(
+            id,
+            900,
+            &MetricsSample {
+                waiting,
+                ..Default::default()
+            },
+        );
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for n in 0..400u64 {
+        let d = r
+            .pick(
+                1_000,
+                &req(n, (0..4).map(|k| k + 1_000 * n).collect()),
+                &mut rng,
+                None,
+            )
+            .unwrap();
+        seen.insert(ids.iter().position(|&id| id == d.primary).unwrap());
+    }
+    assert!(
+        seen.iter().all(|i| i % 2 == 0),
+        "a queued endpoint was chosen: {seen:?}"
+    );
+    assert!(
+        seen.len() > 16,
+        "only {} of 20 tied idle endpoints chosen",
+        seen.len()
+    );
+}
+
 #[test]
 fn stale_signals_widen_the_choice() {
     let pick_counts = |age_us: u64| {

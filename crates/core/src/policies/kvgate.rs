@@ -13,13 +13,19 @@
 //!
 //! ## The pool
 //! The softmax, and the hot-prefix rule's choice of where to spill, range over the
-//! `softmax_top_k` best-scoring candidates (16; ties to the earlier address), not the whole
+//! `softmax_top_k` best-scoring candidates (16, and any tied with the 16th), not the whole
 //! fleet: [`top_k`]. Near-best choice needs a handful of candidates; over a thousand, a
 //! softmax put most of its mass on the middling many (on the routing benchmark's fleet of
 //! 1,000 endpoints with fresh signals, the best 16 drew 46% of the picks, the other 984 the
 //! rest). Fleets of at most 16 eligible endpoints are unaffected, and `softmax_top_k: 0`
 //! samples among all. The pool also lets the router prove most endpoints out of it without
 //! scoring them (`Router::pick_kvgate`).
+//!
+//! A consequence, accepted: when 16 or more endpoints hold the whole of a hot prefix and
+//! score best, the pool holds no endpoint to spill to and the hot-prefix rule does not
+//! fire. A spill target relieves a wait above `hot_prefix_wait_us` with a recompute of at
+//! most a quarter of it (at the default ratio), so it usually scores better than such holders
+//! and is in the pool; when none does, sixteen holders already share the prefix.
 //!
 //! ## Hot prefixes
 //! If the best prefix holder's predicted queue wait exceeds `hot_prefix_wait_us`, a
@@ -238,34 +244,26 @@ impl Pool<'_> {
     }
 }
 
-/// The indices of the `k` best `scores` in ascending order, `None` meaning all of them (when
-/// `k` is 0 or there are at most `k`); among equal scores the lower index (the earlier
-/// address) is preferred. The set depends only on the scores of the `k` best and of those tied with the
-/// worst of them, so a host that omits candidates it has proven strictly worse than the `k`th
-/// best gets the same set (`Router::pick_kvgate` relies on this).
+/// The indices, in ascending order, of the `k` best `scores` and of every other one equal to
+/// the `k`th best; `None` meaning all of them (when `k` is 0 or there are at most `k`). Ties
+/// at the edge are all kept: a fleet of identical idle endpoints would otherwise send every
+/// router replica to the same first `k` addresses. The set depends only on the scores at or
+/// above the `k`th best, so a host that omits candidates it has proven strictly worse than
+/// the `k`th best gets the same set (`Router::pick_kvgate` relies on this).
 pub(crate) fn top_k(scores: &[f64], k: usize) -> Option<Vec<usize>> {
     if k == 0 || scores.len() <= k {
         return None;
     }
     let order = |a: &f64, b: &f64| b.partial_cmp(a).unwrap_or(std::cmp::Ordering::Equal);
-    // The `k`th best score; the pool is every better one and, of those equal to it, the
-    // earliest, as many as there is room for.
+    // The `k`th best score; the pool is every one at least as good.
     let mut sorted = scores.to_vec();
     let (_, kth, _) = sorted.select_nth_unstable_by(k - 1, order);
     let kth = *kth;
-    let mut room = k - scores.iter().filter(|s| order(s, &kth).is_lt()).count();
-    let mut pool = Vec::with_capacity(k);
-    for (i, s) in scores.iter().enumerate() {
-        match order(s, &kth) {
-            std::cmp::Ordering::Less => pool.push(i),
-            std::cmp::Ordering::Equal if room > 0 => {
-                room -= 1;
-                pool.push(i);
-            }
-            _ => {}
-        }
-    }
-    Some(pool)
+    Some(
+        (0..scores.len())
+            .filter(|&i| order(&scores[i], &kth).is_le())
+            .collect(),
+    )
 }
 
 #[cfg(test)]
@@ -273,23 +271,23 @@ mod tests {
     use super::top_k;
 
     proptest::proptest! {
-        /// The pool is the `k` best scores with ties to the lower index, as a sort by (score
-        /// descending, index ascending) would take them; scores from a small set, so ties at
-        /// the boundary are common.
+        /// The pool is the `k` best scores and every other one equal to the `k`th, in index
+        /// order, as a sort would find them; scores from a small set, so ties at the edge are
+        /// common.
         #[test]
-        fn top_k_takes_the_best_with_ties_to_the_earlier(
+        fn top_k_takes_the_best_and_their_ties(
             scores in proptest::collection::vec(0u8..6, 0..40),
             k in 0usize..12,
         ) {
             let scores: Vec<f64> = scores.into_iter().map(|s| -f64::from(s)).collect();
-            let mut sorted: Vec<usize> = (0..scores.len()).collect();
-            sorted.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
-            let mut want: Vec<usize> = if k == 0 {
-                sorted
-            } else {
-                sorted.into_iter().take(k).collect()
+            let mut sorted = scores.clone();
+            sorted.sort_by(|a, b| b.total_cmp(a));
+            let want: Vec<usize> = match sorted.get(k.wrapping_sub(1)) {
+                Some(&kth) if k > 0 => {
+                    (0..scores.len()).filter(|&i| scores[i] >= kth).collect()
+                }
+                _ => (0..scores.len()).collect(),
             };
-            want.sort_unstable();
             let got = top_k(&scores, k).unwrap_or_else(|| (0..scores.len()).collect());
             proptest::prop_assert_eq!(got, want);
         }
