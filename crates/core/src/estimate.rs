@@ -662,8 +662,9 @@ impl EndpointLoad {
         }
     }
 
-    /// What [`Self::signal_age`] is measured from: the sample's time, if any, and the foreign
-    /// requests it holds (a sample without them is fresh at any age).
+    /// What a pick measures the signal's staleness from (the router's `staleness_us`): the
+    /// sample's time, if any, and the foreign requests it holds (a sample without them is
+    /// fresh at any age).
     pub fn signal_source(&self, default_capacity_blocks: u64) -> (Option<u64>, u32) {
         let foreign = if default_capacity_blocks == self.default_capacity_blocks {
             self.current.foreign_requests

@@ -114,8 +114,8 @@
 //! benchmark's fleets.
 //!
 //! What remains (callgrind on the benchmark fleet, `examples/pick_profile.rs`, a 1k-token
-//! prompt): ~170 instructions per endpoint at a thousand endpoints, from ~415 before the rows
-//! and the bound, and ~360 at a hundred, where the ~40 scored candidates and the per-pick work
+//! prompt): ~185 instructions per endpoint at a thousand endpoints, from ~420 before the rows
+//! and the bound, and ~400 at a hundred, where the ~40 scored candidates and the per-pick work
 //! weigh more. Per endpoint: its row's eligibility, staleness and floor, and its match. Per
 //! scored candidate: the request's part of the cost (its step count, KV use after it, the
 //! externality and duplicate charges), the score's division (not exact as a multiplication),
