@@ -536,20 +536,18 @@ fn hot_prefix_does_not_spill_where_recompute_costs_about_the_wait() {
 /// of the first 16 addresses.
 #[test]
 fn the_softmax_pool_is_the_best_sixteen_and_their_ties() {
-    let (r, _) = fleet("kvgate", 40);
+    // The endpoints 400 picks of fresh prompts choose.
+    let chosen = |r: &Router, rng: &mut ChaCha8Rng| {
+        (0..400u64)
+            .map(|n| {
+                let prompt = (0..4).map(|k| k + 1_000 * n).collect();
+                r.pick(1_000, &req(n, prompt), rng, None).unwrap().primary
+            })
+            .collect::<std::collections::BTreeSet<_>>()
+    };
     let mut rng = ChaCha8Rng::seed_from_u64(8);
-    let mut seen = std::collections::BTreeSet::new();
-    for n in 0..400u64 {
-        let d = r
-            .pick(
-                1_000,
-                &req(n, (0..4).map(|k| k + 1_000 * n).collect()),
-                &mut rng,
-                None,
-            )
-            .unwrap();
-        seen.insert(d.primary);
-    }
+    let (r, _) = fleet("kvgate", 40);
+    let seen = chosen(&r, &mut rng);
     assert!(
         seen.len() > 30,
         "only {} of 40 tied endpoints chosen",
@@ -569,18 +567,10 @@ fn the_softmax_pool_is_the_best_sixteen_and_their_ties() {
             },
         );
     }
-    let mut seen = std::collections::BTreeSet::new();
-    for n in 0..400u64 {
-        let d = r
-            .pick(
-                1_000,
-                &req(n, (0..4).map(|k| k + 1_000 * n).collect()),
-                &mut rng,
-                None,
-            )
-            .unwrap();
-        seen.insert(ids.iter().position(|&id| id == d.primary).unwrap());
-    }
+    let seen: Vec<usize> = chosen(&r, &mut rng)
+        .into_iter()
+        .map(|p| ids.iter().position(|&id| id == p).unwrap())
+        .collect();
     assert!(
         seen.iter().all(|i| i % 2 == 0),
         "a queued endpoint was chosen: {seen:?}"
