@@ -467,9 +467,6 @@ pub struct KeptCost {
     kv_cliff_fraction: f64,
     tiebreak_us: f64,
     externality: f64,
-    /// Whether every term of the cost is finite and not negative, so that
-    /// [`Self::floor_terms`] bound it and it cannot be non-finite.
-    bounded: bool,
 }
 
 impl KeptCost {
@@ -480,7 +477,7 @@ impl KeptCost {
         let queued = est.queued_prefill_tokens as f64;
         let queued_pairs = est.queued_prefill_pairs;
         let kv_capacity = est.kv_capacity_blocks.max(1) as f64;
-        let mut k = Self {
+        Self {
             coeffs: *prior,
             queued,
             queued_pairs,
@@ -501,34 +498,34 @@ impl KeptCost {
                 p.prefill_work_weight,
                 p.prefill_work_full_queue,
             ),
-            bounded: false,
-        };
-        // Sums and products of finite non-negative terms below 2⁵⁰ or so (counts of tokens
-        // and blocks, coefficients in µs) stay finite.
-        k.bounded = [
+        }
+    }
+
+    /// The terms of a lower bound of [`Self::cost`]'s `routing_cost_us` at any speed at or
+    /// above `speed_floor` ([`CostFloor`]); `None` unless every term of the cost is finite and
+    /// not negative, so that no bound is claimed for a cost that could be non-finite or fall.
+    pub fn floor_terms(&self, speed_floor: f64) -> Option<CostFloor> {
+        let prior = &self.coeffs;
+        // Sums and products of finite non-negative terms below 10¹⁵ (counts of tokens and
+        // blocks, coefficients in µs) stay finite.
+        let bounded = [
             prior.step_base_us,
             prior.prefill_us_per_token,
             prior.decode_us_per_token,
             prior.attention_us_per_pair,
-            k.queued,
-            k.queued_pairs,
-            k.step_fixed_us,
-            k.queue_raw_us,
-            k.kv_capacity,
-            k.past_cliff_before,
-            k.tiebreak_us,
-            k.externality,
+            self.queued,
+            self.queued_pairs,
+            self.step_fixed_us,
+            self.queue_raw_us,
+            self.kv_capacity,
+            self.past_cliff_before,
+            self.tiebreak_us,
+            self.externality,
+            speed_floor,
         ]
         .iter()
         .all(|v| v.is_finite() && *v >= 0.0 && *v < 1e15);
-        k
-    }
-
-    /// The terms of a lower bound of [`Self::cost`]'s `routing_cost_us` at any speed at or
-    /// above `speed_floor` ([`CostFloor`]); `None` when the cost is not bounded (some term
-    /// non-finite or negative), so that no bound is claimed for it.
-    pub fn floor_terms(&self, speed_floor: f64) -> Option<CostFloor> {
-        if !(self.bounded && speed_floor.is_finite() && speed_floor >= 0.0) {
+        if !bounded {
             return None;
         }
         Some(CostFloor {

@@ -1284,7 +1284,7 @@ impl Router {
     /// Replay after a gap succeeded: `id`'s events are trusted again.
     pub fn kv_resynced(&mut self, id: EndpointId, now_us: u64) {
         self.tick(now_us);
-        if let Some(mut e) = self.entry_mut(id) {
+        if let Some(e) = self.slots.kv_parts(id.0 as usize) {
             e.kv.seq.resynced();
             e.kv.events_ok = true;
         }
@@ -1299,7 +1299,7 @@ impl Router {
     /// which starts a new sequence.
     pub fn kv_disconnected(&mut self, id: EndpointId, now_us: u64) {
         self.tick(now_us);
-        if let Some(mut e) = self.entry_mut(id) {
+        if let Some(e) = self.slots.kv_parts(id.0 as usize) {
             e.kv.disconnected = true;
             e.kv.seq.note_reconnect();
         }
@@ -1310,7 +1310,7 @@ impl Router {
     /// starts a new sequence.
     pub fn kv_stream_lost(&mut self, id: EndpointId, now_us: u64) {
         self.tick(now_us);
-        if let Some(mut e) = self.entry_mut(id) {
+        if let Some(e) = self.slots.kv_parts(id.0 as usize) {
             e.kv.seq.reset();
             e.kv.events_ok = false;
         }
@@ -1344,7 +1344,7 @@ impl Router {
     /// it with this gap's facts still missing). Approximate entries are kept.
     pub fn kv_events_lost(&mut self, id: EndpointId, now_us: u64, got: u64) {
         self.tick(now_us);
-        let Some(mut e) = self.slots.get_mut(id.0 as usize) else {
+        let Some(e) = self.slots.kv_parts(id.0 as usize) else {
             return;
         };
         if e.state == EndpointState::Gone {
@@ -1357,7 +1357,6 @@ impl Router {
         e.engine_keys.clear();
         e.kv.seq.resume_at(got);
         e.kv.events_ok = true;
-        drop(e);
         self.index.clear_precise(id);
         self.sync_trust(id);
     }
